@@ -1,5 +1,12 @@
-"""Chunked selective scan (Mamba-1 / S6). `reference.py` holds the plain-jnp reference."""
+"""Chunked selective scan (Mamba-1 / S6) in Pallas: `selective_scan` (forward and backward kernels behind a
+`jax.custom_vjp`) and the plain-jnp `selective_scan_reference` that fixes its semantics.
 
+Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel), `backward.py` (backward kernel), `ops.py`
+(shape checks and the custom VJP), `reference.py` (sequential `lax.scan`).
+"""
+
+from pallas_kernels.selective_scan.block_sizes import BlockSizes
+from pallas_kernels.selective_scan.ops import check_shapes, selective_scan
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 
-__all__ = ["selective_scan_reference"]
+__all__ = ["BlockSizes", "check_shapes", "selective_scan", "selective_scan_reference"]

@@ -1,0 +1,42 @@
+"""Tile sizes of the chunked selective scan.
+
+Each program owns `block_e` channels of one batch row and walks the whole sequence; its state tile is
+[block_e, N] fp32 in registers. Time is cut into chunks of `chunk` tokens whose steps are unrolled, so the
+loads of one chunk are all in flight together (and the next chunk's are prefetched while this one computes).
+The forward saves the state every `chunk_bwd` tokens; the backward recomputes each such sub-chunk's states from
+that checkpoint, keeps them in registers, and walks them in reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_e: int = 8          # channels per forward program (power of 2)
+  chunk: int = 16           # tokens per unrolled forward step group
+  num_warps: int = 1        # warps per forward program
+  block_e_bwd: int = 8      # channels per backward program (power of 2)
+  chunk_bwd: int = 16       # tokens between saved states; unrolled backward group (divides `chunk`)
+  num_warps_bwd: int = 1    # warps per backward program
+  num_stages: int = 1       # Triton software-pipelining depth (the kernels prefetch by hand)
+
+  def __post_init__(self):
+    for name in ("block_e", "chunk", "num_warps", "block_e_bwd", "chunk_bwd", "num_warps_bwd", "num_stages"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"BlockSizes.{name} must be >= 1, got {self}")
+    if self.chunk % self.chunk_bwd:
+      raise ValueError(f"BlockSizes: chunk={self.chunk} must be a multiple of chunk_bwd={self.chunk_bwd}")
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    return cls()
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two that divides `n` and is <= `cap`."""
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b

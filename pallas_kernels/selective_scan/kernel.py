@@ -1,0 +1,144 @@
+"""Forward Pallas kernel of the chunked selective scan (Mamba-1 / S6).
+
+Shapes as the kernel sees them (legend in `bmojo_jax/typing.py`; the wrapper in `ops.py` prepares them):
+u, delta, z [B, T, E] (T padded to a multiple of the chunk; padded steps have dt = 0); a2 [E, N] fp32 = A·log2(e);
+bm, cm [B, T, G, N] (G = 1 when B/C are shared by all channels); d, bias [E] fp32; h0 [B, E, N] fp32.
+Outputs: y [B, T, E] in u's dtype, h_last [B, E, N] fp32 and, when saving for the backward, hc [B, K, E, N] fp32:
+the state *before* each of the K = T / chunk_bwd sub-chunks.
+
+Grid (B, E / block_e). Each program holds its [block_e, N] state in registers and walks time sequentially:
+a `fori_loop` over chunks, each chunk's `chunk` steps unrolled. The rows of chunk c+1 are loaded while chunk c
+computes (they ride in the loop carry), so load latency hides behind arithmetic rather than stalling each step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+LOG2E = math.log2(math.e)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler params under either name jax has used for them."""
+  cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def softplus(x):
+  """softplus as `jax.nn.softplus` computes it: max(x, 0) + log1p(exp(-|x|)). fp32."""
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def discretize_row(delta, bias, valid, softplus_on: bool):
+  """dt for one token row [E_blk]: softplus(delta + bias), zero on padded tokens. Also returns the pre-activation."""
+  x = delta.astype(jnp.float32)
+  if bias is not None:
+    x = x + bias
+  dt = softplus(x) if softplus_on else x
+  if valid is not None:
+    dt = jnp.where(valid, dt, 0.0)
+  return dt, x
+
+
+def load_rows(refs, t0, chunk: int):
+  """Rows t0 .. t0+chunk-1 of each [T, ...] ref in `refs` (None entries stay None): list over steps of tuples."""
+  return [tuple(None if r is None else r[t0 + i] for r in refs) for i in range(chunk)]
+
+
+def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, softplus_on: bool,
+                has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool):
+  """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
+  h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
+  refs = list(refs)
+  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
+  del refs[:5]
+  d_ref = refs.pop(0) if has_d else None
+  z_ref = refs.pop(0) if has_z else None
+  bias_ref = refs.pop(0) if has_bias else None
+  h0_ref = refs.pop(0) if has_h0 else None
+  y_ref, hlast_ref = refs[:2]
+  hc_ref = refs[2] if save else None
+
+  a2 = a_ref[...].astype(jnp.float32)                                  # [E_blk, N]
+  d = d_ref[...].astype(jnp.float32) if has_d else None                # [E_blk]
+  bias = bias_ref[...].astype(jnp.float32) if has_bias else None
+  h = h0_ref[...].astype(jnp.float32) if has_h0 else jnp.zeros(a2.shape, jnp.float32)
+  num_chunks = t_pad // chunk
+  row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref)
+
+  def body(c, carry):
+    h, cur = carry
+    nxt = load_rows(row_refs, jnp.minimum(c + 1, num_chunks - 1) * chunk, chunk)   # prefetch chunk c+1
+    t0 = c * chunk
+    for i in range(chunk):
+      if save and i % save_every == 0:
+        hc_ref[c * (chunk // save_every) + i // save_every] = h
+      u, delta, bt, ct, z = cur[i]
+      valid = (t0 + i) < seq_len if t_pad != seq_len else None
+      dt, _ = discretize_row(delta, bias, valid, softplus_on)          # [E_blk]
+      uf = u.astype(jnp.float32)
+      da = jnp.exp2(dt[:, None] * a2)                                  # [E_blk, N]
+      h = da * h + (dt * uf)[:, None] * bt.astype(jnp.float32)[None, :]
+      y = jnp.sum(h * ct.astype(jnp.float32)[None, :], axis=1)         # [E_blk]
+      if has_d:
+        y = y + d * uf
+      if has_z:
+        zf = z.astype(jnp.float32)
+        y = y * (zf * sigmoid(zf))
+      y_ref[t0 + i] = y.astype(y_ref.dtype)
+    return h, nxt
+
+  h, _ = jax.lax.fori_loop(0, num_chunks, body, (h, load_rows(row_refs, 0, chunk)))
+  hlast_ref[...] = h
+
+
+def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_len: int, softplus_on: bool,
+             block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int, save: bool,
+             interpret: bool = False):
+  """Runs the forward kernel on prepared inputs (see module docstring). Returns (y, h_last, hc or None)."""
+  batch, t_pad, d_inner = u.shape
+  groups, d_state = bm.shape[2], bm.shape[3]
+  if t_pad % chunk or chunk % save_every:
+    raise ValueError(f"scan_fwd: T={t_pad} must be a multiple of chunk={chunk}, itself a multiple of {save_every}")
+  per_group = d_inner // groups
+  if d_inner % block_e or per_group % block_e:
+    raise ValueError(f"scan_fwd: block_e={block_e} must divide E={d_inner} and E/G={per_group}")
+  grid = (batch, d_inner // block_e)
+  num_saves = t_pad // save_every
+
+  row = pl.BlockSpec((None, t_pad, block_e), lambda b, j: (b, 0, j))
+  bc = pl.BlockSpec((None, t_pad, None, d_state), lambda b, j: (b, 0, (j * block_e) // per_group, 0))
+  vec = pl.BlockSpec((block_e,), lambda b, j: (j,))
+  state = pl.BlockSpec((None, block_e, d_state), lambda b, j: (b, j, 0))
+
+  args = [u, delta, a2, bm, cm]
+  in_specs = [row, row, pl.BlockSpec((block_e, d_state), lambda b, j: (j, 0)), bc, bc]
+  for x, spec in ((d, vec), (z, row), (bias, vec), (h0, state)):
+    if x is not None:
+      args.append(x)
+      in_specs.append(spec)
+  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, d_inner), u.dtype),
+               jax.ShapeDtypeStruct((batch, d_inner, d_state), jnp.float32)]
+  out_specs = [row, state]
+  if save:
+    out_shape.append(jax.ShapeDtypeStruct((batch, num_saves, d_inner, d_state), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, num_saves, block_e, d_state), lambda b, j: (b, 0, j, 0)))
+
+  kernel = functools.partial(
+      _fwd_kernel, seq_len=seq_len, t_pad=t_pad, chunk=chunk, save_every=save_every, softplus_on=softplus_on,
+      has_d=d is not None, has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None, save=save)
+  outs = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
+      name="selective_scan_fwd")(*args)
+  return outs[0], outs[1], (outs[2] if save else None)

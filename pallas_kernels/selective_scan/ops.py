@@ -1,0 +1,141 @@
+"""Public selective-scan op: shape checks, input preparation and the `jax.custom_vjp` that ties the forward
+(`kernel.py`) and backward (`backward.py`) Pallas kernels together.
+
+Shapes (legend in `bmojo_jax/typing.py`): u, delta, z [B, T, E]; A [E, N]; Bm, Cm [B, T, N] or grouped
+[B, T, G, N]; D, delta_bias [E]; h0 [B, E, N]. Semantics are exactly `selective_scan_reference`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.selective_scan.backward import scan_bwd
+from pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
+from pallas_kernels.selective_scan.kernel import LOG2E, scan_fwd
+
+
+def _shape_error(msg, **arrays):
+  shapes = ", ".join(f"{k}={None if v is None else tuple(v.shape)}" for k, v in arrays.items())
+  return ValueError(f"selective_scan: {msg}; got {shapes}")
+
+
+def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None):
+  """Raises ValueError (printing every shape) unless the inputs fit the legend in the module docstring."""
+  arrays = dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=delta_bias, h0=h0)
+  if u.ndim != 3:
+    raise _shape_error("u must be [B, T, E]", **arrays)
+  batch, t, d_inner = u.shape
+  if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+    raise _shape_error("delta and z must have u's shape [B, T, E]", **arrays)
+  if A.ndim != 2 or A.shape[0] != d_inner:
+    raise _shape_error("A must be [E, N]", **arrays)
+  d_state = A.shape[1]
+  if Bm.shape != Cm.shape or Bm.ndim not in (3, 4) or Bm.shape[:2] != (batch, t) or Bm.shape[-1] != d_state:
+    raise _shape_error("Bm and Cm must both be [B, T, N] or [B, T, G, N]", **arrays)
+  if Bm.ndim == 4 and d_inner % Bm.shape[2]:
+    raise _shape_error("grouped Bm/Cm: E must be a multiple of G", **arrays)
+  for name, x in (("D", D), ("delta_bias", delta_bias)):
+    if x is not None and x.shape != (d_inner,):
+      raise _shape_error(f"{name} must be [E]", **arrays)
+  if h0 is not None and h0.shape != (batch, d_inner, d_state):
+    raise _shape_error("h0 must be [B, E, N]", **arrays)
+  if t < 1:
+    raise _shape_error("T must be >= 1", **arrays)
+
+
+def _plan(u, Bm, A, bs: BlockSizes):
+  """Static tiling for these shapes: (t_pad, n_pad, chunk, block_e fwd, block_e bwd)."""
+  _, t, d_inner = u.shape
+  groups = Bm.shape[2] if Bm.ndim == 4 else 1
+  n_pad = pl.next_power_of_2(A.shape[1])
+  chunk = min(bs.chunk, bs.chunk_bwd * pl.cdiv(t, bs.chunk_bwd))
+  t_pad = pl.cdiv(t, chunk) * chunk
+  per_group = d_inner // groups
+  return (t_pad, n_pad, chunk, largest_pow2_divisor(per_group, bs.block_e),
+          largest_pow2_divisor(per_group, bs.block_e_bwd))
+
+
+def _pad(x, axis, size):
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad):
+  """Pads T to t_pad (padded steps get dt = 0 inside the kernels) and N to a power of two, makes B/C grouped."""
+  bm = Bm if Bm.ndim == 4 else Bm[:, :, None, :]
+  cm = Cm if Cm.ndim == 4 else Cm[:, :, None, :]
+  u, delta, z, bm, cm = (_pad(x, 1, t_pad) for x in (u, delta, z, bm, cm))
+  bm, cm = _pad(bm, 3, n_pad), _pad(cm, 3, n_pad)
+  a2 = _pad(A.astype(jnp.float32) * LOG2E, 1, n_pad)
+  h0 = None if h0 is None else _pad(h0.astype(jnp.float32), 2, n_pad)
+  d = None if D is None else D.astype(jnp.float32)
+  bias = None if delta_bias is None else delta_bias.astype(jnp.float32)
+  return u, delta, a2, bm, cm, d, z, bias, h0
+
+
+def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save):
+  t = u.shape[1]
+  t_pad, n_pad, chunk, be, _ = _plan(u, Bm, A, bs)
+  args = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad)
+  y, h_last, hc = scan_fwd(*args, seq_len=t, softplus_on=softplus_on, block_e=be, chunk=chunk,
+                           save_every=bs.chunk_bwd, num_warps=bs.num_warps, num_stages=bs.num_stages,
+                           save=save, interpret=interpret)
+  return y[:, :t], h_last[..., :A.shape[1]], hc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret):
+  y, h_last, _ = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save=False)
+  return y, h_last
+
+
+def _scan_fwd(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret):
+  y, h_last, hc = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save=True)
+  return (y, h_last), (u, delta, A, Bm, Cm, D, z, delta_bias, h0, hc)
+
+
+def _scan_bwd(softplus_on, bs, interpret, res, cts):
+  u, delta, A, Bm, Cm, D, z, delta_bias, h0, hc = res
+  gy, gh_last = cts
+  batch, t, d_inner = u.shape
+  d_state = A.shape[1]
+  t_pad, n_pad, _, _, be = _plan(u, Bm, A, bs)
+  u_p, delta_p, a2, bm, cm, d, z_p, bias, _ = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, None, t_pad, n_pad)
+  gy = _pad(gy.astype(u.dtype), 1, t_pad)
+  gh_last = _pad(gh_last.astype(jnp.float32), 2, n_pad)
+  gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
+      u_p, delta_p, a2, bm, cm, d, z_p, bias, hc, gy, gh_last, seq_len=t, softplus_on=softplus_on, block_e=be,
+      chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, interpret=interpret)
+  groups = bm.shape[2]
+
+  def fold(g, like):  # [B, T_pad, E/be, N_pad] partials -> like's shape: sum each group's blocks
+    g = g.reshape(batch, t_pad, groups, -1, n_pad).sum(3)[:, :t, :, :d_state]
+    return (g if like.ndim == 4 else g[:, :, 0]).astype(like.dtype)
+
+  return (gu[:, :t], gdelta[:, :t], ga.sum(0)[:, :d_state].astype(A.dtype), fold(gb, Bm), fold(gc, Cm),
+          None if D is None else gd.sum(0).astype(D.dtype),
+          None if z is None else gz[:, :t],
+          None if delta_bias is None else gbias.sum(0).astype(delta_bias.dtype),
+          None if h0 is None else gh0[..., :d_state].astype(h0.dtype))
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus: bool = True,
+                   h0=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """Chunked Pallas selective scan. Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
+
+  Same semantics as `selective_scan_reference`; differentiable in every array argument through Pallas
+  backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU).
+  """
+  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0)
+  bs = block_sizes or BlockSizes.get_default()
+  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, bool(delta_softplus), bs, bool(interpret))
