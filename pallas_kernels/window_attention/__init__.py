@@ -1,5 +1,12 @@
-"""Memory attention: sliding window + per-chunk memory tokens. `reference.py` holds the plain-jnp reference."""
+"""Memory attention: sliding window + per-chunk memory tokens.
 
+`memory_attention` is the Pallas kernel (GPU through Triton, CPU with interpret=True) behind a custom VJP;
+`memory_attention_reference` in `reference.py` is the plain-jnp reference that fixes the semantics.
+Files: `blocks.py` (tile sizes, block ranges), `forward.py`, `backward.py`, `ops.py` (public op).
+"""
+
+from pallas_kernels.window_attention.blocks import BlockSizes
+from pallas_kernels.window_attention.ops import memory_attention
 from pallas_kernels.window_attention.reference import memory_attention_reference
 
-__all__ = ["memory_attention_reference"]
+__all__ = ["BlockSizes", "memory_attention", "memory_attention_reference"]

@@ -1,0 +1,203 @@
+"""Backward kernels (FlashAttention-2 style): probabilities are rebuilt from the saved logsumexp.
+
+Shapes as in `forward.py` (padded): q, do [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v [B, C, M, K, P];
+mem_valid [B, C, M] int32; lse, delta [B, H, T] fp32 with delta_t = Σ_P o·do.
+
+Three kernels, none with atomics:
+  * dq:      one program per (query block, batch, head); loops over the window's key blocks, adds the
+             memory term; dq [B, T, H, P].
+  * dk, dv:  one program per (key block, batch, kv head); loops over the G query heads of its group and the
+             query blocks whose window holds the key block; dk, dv [B, T, K, P].
+  * memory:  one program per (chunk, batch, kv head); loops over the G heads and the chunk's query blocks;
+             dmem_k, dmem_v [B, C, M, K, P].
+With p = exp2(s - lse), dp = do·vᵀ, ds = p ⊙ (dp - delta): dv = pᵀ·do, dk = scale · dsᵀ·q, dq = scale · ds·k.
+A masked logit is NEG_INF, so its p, and hence every gradient through it, is exactly zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, key_blocks_for_query_block,
+                                                    query_blocks_for_key_block, visible)
+from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision,
+                                                     memory_logits)
+
+
+def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int | None, block_q: int,
+              block_k: int, n_k: int):
+  """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), do [bq, P], lse, delta [bq];
+  out dq [bq, P]."""
+  if has_mem:
+    q_ref, k_ref, v_ref, mk_ref, mv_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+  precision = dot_precision(q.dtype)
+  q_start = pl.program_id(0) * block_q
+  q_pos = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+  k_iota = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  if has_mem:
+    mk, mv = mk_ref[...], mv_ref[...]
+    p = jnp.exp2(memory_logits(q, mk_ref, valid_ref, qk_scale, precision) - lse)
+    ds = p * (dot_nt(do, mv, precision) - delta)
+    dq = dot_nn(ds.astype(mk.dtype), mk, precision)
+
+  def body(j, dq, masked):
+    k_slice = pl.ds(j * block_k, block_k)
+    k, v = k_ref[k_slice, :], v_ref[k_slice, :]
+    s = dot_nt(q, k, precision) * qk_scale
+    if masked:
+      s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
+    p = jnp.exp2(s - lse)
+    ds = p * (dot_nt(do, v, precision) - delta)
+    return dq + dot_nn(ds.astype(k.dtype), k, precision)
+
+  lo, x, y, hi = key_blocks_for_query_block(q_start, block_q, block_k, window, n_k)
+  dq = lax.fori_loop(lo, x, functools.partial(body, masked=True), dq)
+  dq = lax.fori_loop(x, y, functools.partial(body, masked=False), dq)
+  dq = lax.fori_loop(y, hi, functools.partial(body, masked=True), dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, qk_scale: float,
+                scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int):
+  """Refs: q, do [T, G, P]; k, v [bk, P]; lse, delta [G, T]; out dk, dv [bk, P]. Works transposed
+  (keys on rows) so that dk and dv accumulate as [bk, P] without transposing the probabilities."""
+  k, v = k_ref[...], v_ref[...]
+  precision = dot_precision(k.dtype)
+  k_start = pl.program_id(0) * block_k
+  k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)[:, None]
+  q_iota = jnp.arange(block_q, dtype=jnp.int32)[None, :]
+  lo, x, y, hi = query_blocks_for_key_block(k_start, block_q, block_k, window, n_q)
+
+  def body(i, carry, g, masked):
+    dk, dv = carry
+    q_slice = pl.ds(i * block_q, block_q)
+    q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+    lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
+    s = dot_nt(k, q, precision) * qk_scale                          # [bk, bq]
+    if masked:
+      s = jnp.where(visible(i * block_q + q_iota, k_pos, window), s, NEG_INF)
+    p = jnp.exp2(s - lse)
+    dv = dv + dot_nn(p.astype(do.dtype), do, precision)
+    ds = p * (dot_nt(v, do, precision) - delta)
+    dk = dk + dot_nn(ds.astype(q.dtype), q, precision)
+    return dk, dv
+
+  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  for g in range(groups):   # static: G is small, and a static head index keeps the loads plain
+    carry = lax.fori_loop(lo, x, functools.partial(body, g=g, masked=True), carry)
+    carry = lax.fori_loop(x, y, functools.partial(body, g=g, masked=False), carry)
+    carry = lax.fori_loop(y, hi, functools.partial(body, g=g, masked=True), carry)
+  dk, dv = carry
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dmk_ref, dmv_ref, *,
+                qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int):
+  """Refs: q, do [T, G, P]; lse, delta [G, T]; mem_k, mem_v [M, P]; mem_valid [M]; out dmem_k, dmem_v
+  [M, P]. Transposed like `dkdv_kernel`."""
+  mk, mv = mk_ref[...], mv_ref[...]
+  precision = dot_precision(mk.dtype)
+  valid = (valid_ref[...] != 0)[:, None]
+  lo = pl.program_id(0) * (chunk // block_q)
+  hi = jnp.minimum(lo + chunk // block_q, n_q)
+
+  def body(i, carry, g):
+    dmk, dmv = carry
+    q_slice = pl.ds(i * block_q, block_q)
+    q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
+    lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
+    s = jnp.where(valid, dot_nt(mk, q, precision) * qk_scale, NEG_INF)   # [M, bq]
+    p = jnp.exp2(s - lse)
+    dmv = dmv + dot_nn(p.astype(do.dtype), do, precision)
+    ds = p * (dot_nt(mv, do, precision) - delta)
+    dmk = dmk + dot_nn(ds.astype(q.dtype), q, precision)
+    return dmk, dmv
+
+  carry = (jnp.zeros(mk.shape, jnp.float32), jnp.zeros(mv.shape, jnp.float32))
+  for g in range(groups):
+    carry = lax.fori_loop(lo, hi, functools.partial(body, g=g), carry)
+  dmk, dmv = carry
+  dmk_ref[...] = (dmk * scale).astype(dmk_ref.dtype)
+  dmv_ref[...] = dmv.astype(dmv_ref.dtype)
+
+
+def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_scale: float,
+             window: int | None, chunk: int, blocks: BlockSizes, interpret: bool):
+  """Padded inputs and residuals -> (dq, dk, dv, dmem_k, dmem_v); the memory ones None without memory."""
+  b, t, h, p = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  has_mem = mem_k is not None
+  delta = jnp.einsum("BTHP,BTHP->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
+  params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
+  common = dict(qk_scale=qk_scale, scale=scale)
+
+  # dq: grid (query block, batch, head).
+  bq, bk = blocks.block_q_dq, blocks.block_k_dq
+  q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  if has_mem:
+    n_chunks, m = mem_k.shape[1], mem_k.shape[2]
+    mem_map = lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0, hi // g, 0)
+    in_specs += [pl.BlockSpec((None, None, m, None, p), mem_map),
+                 pl.BlockSpec((None, None, m, None, p), mem_map),
+                 pl.BlockSpec((None, None, m),
+                              lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0))]
+    args += [mem_k, mem_v, mem_valid]
+  dq = pl.pallas_call(
+      functools.partial(dq_kernel, has_mem=has_mem, window=window, block_q=bq, block_k=bk,
+                        n_k=t // bk, **common),
+      grid=(t // bq, b, h),
+      in_specs=in_specs + [q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=interpret, name="memory_attention_dq",
+  )(*args, do, lse, delta)
+
+  # dk, dv: grid (key block, batch, kv head); each program reads its group's G query heads.
+  bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+  group_spec = pl.BlockSpec((None, t, g, p), lambda j, bi, ki: (bi, 0, ki, 0))
+  group_rows = pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0))
+  key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(dkdv_kernel, window=window, block_q=bq, block_k=bk, n_q=t // bq, groups=g,
+                        **common),
+      grid=(t // bk, b, kh),
+      in_specs=[group_spec, key_spec, key_spec, group_spec, group_rows, group_rows],
+      out_specs=[key_spec, key_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
+  )(q, k, v, do, lse, delta)
+
+  if not has_mem:
+    return dq, dk, dv, None, None
+
+  # Memory dk, dv: grid (chunk, batch, kv head).
+  bq = blocks.block_q_dq
+  mem_spec = pl.BlockSpec((None, None, m, None, p), lambda c, bi, ki: (bi, c, 0, ki, 0))
+  dmk, dmv = pl.pallas_call(
+      functools.partial(dmem_kernel, block_q=bq, chunk=chunk, n_q=t // bq, groups=g, **common),
+      grid=(n_chunks, b, kh),
+      in_specs=[group_spec, group_spec, group_rows, group_rows, mem_spec, mem_spec,
+                pl.BlockSpec((None, None, m), lambda c, bi, ki: (bi, c, 0))],
+      out_specs=[mem_spec, mem_spec],
+      out_shape=[jax.ShapeDtypeStruct(mem_k.shape, mem_k.dtype),
+                 jax.ShapeDtypeStruct(mem_v.shape, mem_v.dtype)],
+      compiler_params=params, interpret=interpret, name="memory_attention_dmem",
+  )(q, do, lse, delta, mem_k, mem_v, mem_valid)
+  return dq, dk, dv, dmk, dmv

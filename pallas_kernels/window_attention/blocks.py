@@ -1,0 +1,120 @@
+"""Tile sizes and block-range arithmetic shared by the forward and backward kernels.
+
+A query block covers rows [i·bq, (i+1)·bq); a key block covers [j·bk, (j+1)·bk). Query t sees key s when
+t - window < s <= t. Every kernel loops over the blocks that intersect a band of that shape, split into
+three runs: masked, unmasked (every pair visible, so no mask arithmetic), masked. See `split_range`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -1e30     # finite mask value: exp2(NEG_INF - m) is exactly 0 for any real m, and no inf - inf NaNs.
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tiles and Triton launch parameters of the three kernels (powers of two; >= 16 on GPU).
+
+  block_q, block_k:         forward query / key tile.
+  block_q_dkv, block_k_dkv: dk/dv kernel (one program per key block, loop over query blocks).
+  block_q_dq, block_k_dq:   dq kernel (one program per query block, loop over key blocks); block_q_dq is
+                            also the query tile of the memory dk/dv kernel.
+  num_warps_*, num_stages_*: Triton's warps per program and software-pipelining depth.
+
+  block_q and block_q_dq are shrunk (halved) until they divide the chunk length, because a query block
+  reads the memory of one chunk. Every block is shrunk to at most next_pow2(T).
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 128
+  block_q_dq: int = 128
+  block_k_dq: int = 64
+  num_warps_fwd: int = 8
+  num_stages_fwd: int = 3
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 3
+
+  @classmethod
+  def get_default(cls, head_dim: int = 128) -> "BlockSizes":
+    if head_dim <= 64:
+      return cls(num_warps_fwd=4, num_warps_bwd=4)
+    return cls()
+
+  def fitted(self, seq_len: int, chunk: int) -> "BlockSizes":
+    """Blocks no larger than next_pow2(seq_len); query blocks that read memory divide `chunk`."""
+    cap = 1 << max(0, (seq_len - 1).bit_length())
+
+    def fit(b, divide_chunk):
+      b = min(b, cap)
+      while divide_chunk and chunk % b:
+        b //= 2
+      return max(b, 1)
+
+    return dataclasses.replace(
+        self, block_q=fit(self.block_q, True), block_k=fit(self.block_k, False),
+        block_q_dkv=fit(self.block_q_dkv, False), block_k_dkv=fit(self.block_k_dkv, False),
+        block_q_dq=fit(self.block_q_dq, True), block_k_dq=fit(self.block_k_dq, False))
+
+  @property
+  def pad_multiple(self) -> int:
+    return max(self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv, self.block_q_dq,
+               self.block_k_dq)
+
+
+def cdiv(x, n: int):
+  """ceil(x / n) for a non-negative traced int."""
+  return lax.div(x + (n - 1), n)
+
+
+def split_range(lo, hi, full_lo, full_hi):
+  """[lo, hi) -> (lo, x, y, hi): masked [lo, x), unmasked [x, y), masked [y, hi).
+
+  [full_lo, full_hi) is the run of blocks that need no mask; it may be empty or reversed.
+  """
+  x = jnp.clip(full_lo, lo, hi)
+  y = jnp.clip(full_hi, x, hi)
+  return x, y
+
+
+def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
+  """Key blocks seen by query rows [q_start, q_start + block_q): (lo, x, y, hi) for `split_range`."""
+  q_last = q_start + block_q - 1
+  hi = jnp.minimum(lax.div(q_last, block_k) + 1, n_k)
+  full_hi = lax.div(q_start + 1, block_k)                      # every key <= q_start
+  if window is None:
+    lo = jnp.int32(0)
+    full_lo = lo
+  else:
+    lo = lax.div(jnp.maximum(q_start - window + 1, 0), block_k)
+    full_lo = cdiv(jnp.maximum(q_last - window + 1, 0), block_k)  # every key > q_last - window
+  x, y = split_range(lo, hi, full_lo, full_hi)
+  return lo, x, y, hi
+
+
+def query_blocks_for_key_block(k_start, block_q: int, block_k: int, window: int | None, n_q: int):
+  """Query blocks that see key rows [k_start, k_start + block_k): (lo, x, y, hi) for `split_range`."""
+  k_last = k_start + block_k - 1
+  lo = lax.div(k_start, block_q)
+  full_lo = cdiv(k_last, block_q)                              # every query >= k_last
+  if window is None:
+    hi = jnp.int32(n_q)
+    full_hi = hi
+  else:
+    hi = jnp.minimum(lax.div(k_last + window - 1, block_q) + 1, n_q)
+    full_hi = lax.div(k_start + window, block_q)               # every query < k_start + window
+  x, y = split_range(lo, hi, full_lo, full_hi)
+  return lo, x, y, hi
+
+
+def visible(q_pos, k_pos, window: int | None):
+  """Broadcast bool mask: key k_pos visible from query q_pos."""
+  vis = k_pos <= q_pos
+  if window is not None:
+    vis = vis & (k_pos > q_pos - window)
+  return vis

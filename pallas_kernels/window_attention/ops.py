@@ -1,0 +1,87 @@
+"""Public op: `memory_attention`, the Pallas kernels behind a `jax.custom_vjp` that saves only the logsumexp.
+
+Semantics are exactly `memory_attention_reference` (see `reference.py`). Shapes (legend in
+`bmojo_jax/typing.py`): q [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v [B, C, M, K, P]; mem_valid [B, C, M]
+with C = ceil(T / L). Returns o [B, T, H, P] in q.dtype.
+
+Here the inputs are brought to the kernels' layout: T padded to a multiple of every block (padding keys
+sit after every real query, so causality hides them; padding queries are sliced off and get a zero
+cotangent), M padded to a power of two >= 16 with invalid slots, P padded to a power of two >= 16 with
+zeros (zero q/k columns add nothing to the logits). Padding is skipped when a size already fits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.window_attention.backward import backward
+from pallas_kernels.window_attention.blocks import LOG2E, BlockSizes
+from pallas_kernels.window_attention.forward import forward
+from pallas_kernels.window_attention.reference import check_shapes
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+  return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _attention(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret):
+  return _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret)[0]
+
+
+def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret):
+  o, lse = forward(q, k, v, mem_k, mem_v, mem_valid, qk_scale=scale * LOG2E, window=window, chunk=chunk,
+                   blocks=blocks, interpret=interpret)
+  return o, (q, k, v, mem_k, mem_v, mem_valid, o, lse)
+
+
+def _attention_bwd(scale, window, chunk, blocks, interpret, res, do):
+  q, k, v, mem_k, mem_v, mem_valid, o, lse = res
+  dq, dk, dv, dmk, dmv = backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, scale=scale,
+                                  qk_scale=scale * LOG2E, window=window, chunk=chunk, blocks=blocks,
+                                  interpret=interpret)
+  return dq, dk, dv, dmk, dmv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
+                     scale: float | None = None, block_sizes: BlockSizes | None = None,
+                     interpret: bool = False):
+  """Sliding-window (window None: full causal) attention plus per-chunk memory; o [B, T, H, P] in q.dtype.
+
+  Query t in chunk t // chunk sees keys t - window < t' <= t and the valid memory slots of its chunk.
+  Gradients flow to q, k, v, mem_k and mem_v. `interpret=True` runs the kernels on CPU.
+  """
+  if (mem_k is None) != (mem_v is None) or (mem_k is None) != (mem_valid is None):
+    raise ValueError("mem_k, mem_v and mem_valid must be given together; got "
+                     f"{None if mem_k is None else mem_k.shape}, {None if mem_v is None else mem_v.shape}, "
+                     f"{None if mem_valid is None else mem_valid.shape}")
+  n_chunks, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk)
+  b, t, h, p = q.shape
+  if k.dtype != q.dtype or v.dtype != q.dtype or (n_mem and (mem_k.dtype != q.dtype or mem_v.dtype != q.dtype)):
+    raise ValueError(f"q, k, v, mem_k, mem_v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+                     + (f", {mem_k.dtype}, {mem_v.dtype}" if n_mem else ""))
+  scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
+  blocks = (block_sizes or BlockSizes.get_default(p)).fitted(t, chunk)
+
+  t_pad = -(-t // blocks.pad_multiple) * blocks.pad_multiple
+  p_pad = _pow2_at_least(p, 16)
+  seq_pad = ((0, 0), (0, t_pad - t), (0, 0), (0, p_pad - p))
+  if seq_pad != ((0, 0),) * 4:
+    q, k, v = (jnp.pad(x, seq_pad) for x in (q, k, v))
+  if mem_k is None or n_mem == 0:
+    mem_k = mem_v = mem_valid = None
+  else:
+    m_pad = _pow2_at_least(n_mem, 16)
+    mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
+    if m_pad != n_mem or p_pad != p:
+      mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)
+    mem_valid = jnp.pad(mem_valid.astype(jnp.int32), mem_pad[:3])
+  o = _attention(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret)
+  return o[:, :t, :, :p]

@@ -1,0 +1,156 @@
+"""Pallas memory attention vs its plain-jnp reference: outputs, gradients and exact masks.
+
+On CPU the kernels run in interpret mode. On a GPU, `WINDOW_ATTENTION_INTERPRET=0 pytest ...` (or
+`benchmarks/window_attention_bench.py`, which calls `run_case`) reruns the same cases compiled through
+Triton. Every case keeps blocks, chunks and head dims >= 16 after padding so that both modes accept it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.window_attention import BlockSizes, memory_attention, memory_attention_reference
+
+jax.config.update("jax_default_matmul_precision", "highest")   # fp32 reference matmuls stay fp32 on GPU
+
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  b: int
+  t: int
+  h: int
+  kh: int
+  p: int
+  window: int | None
+  chunk: int
+  m: int
+  dtype: object
+  blocks: BlockSizes
+
+
+CASES = (
+    # T not a multiple of any block; GQA; window < key block (every block masked); memory with random
+    # validity, chunk 0 empty; padding query blocks past the last chunk.
+    Case("gqa_mem_ragged", 1, 72, 4, 2, 16, 16, 16, 3, jnp.float32,
+         BlockSizes(16, 32, 32, 16, 16, 32, 4, 1, 4, 1)),
+    # Full causal, no memory, head_dim 64, batch 2.
+    Case("causal_d64", 2, 48, 2, 2, 64, None, 16, 0, jnp.float32,
+         BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1)),
+    # bf16, 4 query heads per kv head, head_dim 64, memory.
+    Case("bf16_mqa_mem", 1, 64, 4, 1, 64, 32, 16, 5, jnp.bfloat16,
+         BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1)),
+    # Tiny head dim (12, padded to 16 inside), window spanning 3 chunks, unmasked middle blocks.
+    Case("tiny_head_wide_window", 1, 80, 2, 1, 12, 48, 16, 4, jnp.float32,
+         BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1)),
+)
+
+
+def make_inputs(case: Case, seed: int = 0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q = jax.random.normal(ks[0], (case.b, case.t, case.h, case.p), case.dtype)
+  k = jax.random.normal(ks[1], (case.b, case.t, case.kh, case.p), case.dtype)
+  v = jax.random.normal(ks[2], (case.b, case.t, case.kh, case.p), case.dtype)
+  if not case.m:
+    return (q, k, v, None, None, None), ks[6]
+  c = -(-case.t // case.chunk)
+  mem_k = jax.random.normal(ks[3], (case.b, c, case.m, case.kh, case.p), case.dtype)
+  mem_v = jax.random.normal(ks[4], (case.b, c, case.m, case.kh, case.p), case.dtype)
+  mem_valid = jax.random.bernoulli(ks[5], 0.6, (case.b, c, case.m)).at[:, 0].set(False)
+  return (q, k, v, mem_k, mem_v, mem_valid), ks[6]
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_vjp(case: Case, use_kernel: bool, interpret: bool):
+  """jit(inputs, cotangent) -> (o, grads of q, k, v[, mem_k, mem_v]); one compile per case."""
+  if use_kernel:
+    attn = functools.partial(memory_attention, window=case.window, chunk=case.chunk,
+                             block_sizes=case.blocks, interpret=interpret)
+  else:
+    attn = functools.partial(memory_attention_reference, window=case.window, chunk=case.chunk)
+
+  @jax.jit
+  def fn(inputs, ct):
+    q, k, v, mem_k, mem_v, mem_valid = inputs
+    if mem_k is None:
+      o, pull = jax.vjp(lambda q, k, v: attn(q, k, v), q, k, v)
+    else:
+      o, pull = jax.vjp(lambda q, k, v, mk, mv: attn(q, k, v, mk, mv, mem_valid), q, k, v, mem_k, mem_v)
+    return o, pull(ct.astype(o.dtype))
+
+  return fn
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_case(case: Case, interpret: bool, seed: int = 0) -> dict[str, float]:
+  """Relative errors of o and each gradient: kernel (inputs in case.dtype) vs the fp32 reference."""
+  inputs, key = make_inputs(case, seed)
+  ct = jax.random.normal(key, (case.b, case.t, case.h, case.p), jnp.float32)
+  o, grads = _value_and_vjp(case, True, interpret)(inputs, ct)
+  up = jax.tree.map(lambda x: x if x.dtype == jnp.bool_ else x.astype(jnp.float32), inputs)
+  o_ref, grads_ref = _value_and_vjp(case, False, False)(up, ct)
+  assert o.dtype == case.dtype and o.shape == o_ref.shape
+  names = ("o", "dq", "dk", "dv", "dmem_k", "dmem_v")
+  errs = [rel_err(o, o_ref)] + [rel_err(g, r) for g, r in zip(grads, grads_ref)]
+  return dict(zip(names, errs))
+
+
+def exact_mask_check(case: Case, interpret: bool) -> None:
+  """Cotangent on the last query only: every key outside its window, and the memory of every other
+  chunk (and its invalid slots), must get exactly zero gradient."""
+  inputs, key = make_inputs(case)
+  t_last = case.t - 1
+  ct = jnp.zeros((case.b, case.t, case.h, case.p)).at[:, t_last].set(
+      jax.random.normal(key, (case.b, case.h, case.p)))
+  _, grads = _value_and_vjp(case, True, interpret)(inputs, ct)
+  dk, dv = np.asarray(grads[1], np.float32), np.asarray(grads[2], np.float32)
+  first_seen = 0 if case.window is None else t_last - case.window + 1
+  assert not np.any(dk[:, :first_seen]) and not np.any(dv[:, :first_seen])
+  assert np.all(np.any(dv[:, first_seen:] != 0, axis=(2, 3)))     # the window itself does get gradient
+  assert not np.any(np.asarray(grads[0], np.float32)[:, :t_last])
+  if case.m:
+    c_last = t_last // case.chunk
+    valid = np.asarray(inputs[5])
+    for g in (np.asarray(grads[3], np.float32), np.asarray(grads[4], np.float32)):
+      assert not np.any(g[:, :c_last]) and not np.any(g[~valid])
+      assert np.all(np.any(g[:, c_last] != 0, axis=(2, 3)) == valid[:, c_last])
+
+
+class TestMemoryAttention:
+  INTERPRET = os.environ.get("WINDOW_ATTENTION_INTERPRET", "1") != "0"
+
+  @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+  def test_matches_reference(self, case):
+    errs = run_case(case, self.INTERPRET)
+    tol = TOL[case.dtype]
+    assert all(e <= tol for e in errs.values()), (case.name, errs)
+
+  @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.name)
+  def test_exact_mask(self, case):
+    exact_mask_check(case, self.INTERPRET)
+
+  def test_shape_errors_print_shapes(self):
+    q = jnp.zeros((1, 32, 2, 16))
+    k = jnp.zeros((1, 32, 3, 16))
+    with pytest.raises(ValueError, match=r"\(1, 32, 2, 16\)|multiple of kv heads"):
+      memory_attention(q, k, k, window=16, chunk=16, interpret=True)
+    with pytest.raises(ValueError, match="must be given together"):
+      memory_attention(q, q, q, q, window=16, chunk=16, interpret=True)
+
+  def test_block_sizes_fit_chunk(self):
+    b = BlockSizes.get_default(128).fitted(seq_len=1000, chunk=32)
+    assert b.block_q == 32 and b.block_q_dq == 32 and b.block_k == 64
+    assert BlockSizes.get_default(64).fitted(seq_len=20, chunk=512).block_q == 32
