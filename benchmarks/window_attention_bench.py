@@ -1,0 +1,226 @@
+"""Memory attention on a GPU: correctness of the compiled Pallas kernels, then timings against cuDNN.
+
+  PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep]
+
+1. The test cases of `tests/test_window_attention.py` without interpret mode, plus model-sized checks
+   (bf16 and fp32, window 512 with 64 memory tokens) against the fp32 reference.
+2. Timings (bf16, B=2 H=16 P=128, median of >= 20 samples, each the mean of a few back-to-back calls
+   after warm-up): pallas vs cuDNN (`jax.nn.dot_product_attention(implementation="cudnn",
+   local_window_size=(w - 1, 0))`) at T=8192 for window 512 and 2048, window 512 with M=64 memory slots
+   per 512-token chunk (pallas only: cuDNN has no memory keys), full causal, and T = 2k … 64k at window 512.
+3. Optional block-size sweep at window 512 (--sweep), time-boxed by --budget seconds overall.
+Writes `window_attention_<device>.json` (a list of records, one per implementation and shape) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+  import pytest  # noqa: F401 -- the test module's decorators need it; the GPU image may lack it
+except ImportError:
+  import types
+  _stub = types.ModuleType("pytest")
+  _stub.mark = types.SimpleNamespace(parametrize=lambda *a, **k: (lambda f: f))
+  _stub.raises = None
+  sys.modules["pytest"] = _stub
+
+from pallas_kernels.window_attention import BlockSizes, memory_attention
+from tests import test_window_attention as twa
+
+SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
+
+T0 = time.time()
+
+
+def elapsed() -> float:
+  return time.time() - T0
+
+
+def device_slug() -> str:
+  kind = jax.devices()[0].device_kind.lower()
+  for name in ("h200", "h100", "a100", "l4", "cpu"):
+    if name in kind:
+      return name
+  return kind.replace(" ", "_")
+
+
+def median_ms(fn, *args, samples: int = 25, inner: int = 4) -> float:
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(samples):
+    t = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t) / inner * 1e3)
+  return statistics.median(times)
+
+
+def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q = jax.random.normal(ks[0], (b, t, h, p), dtype)
+  k = jax.random.normal(ks[1], (b, t, kh, p), dtype)
+  v = jax.random.normal(ks[2], (b, t, kh, p), dtype)
+  ct = jax.random.normal(ks[6], (b, t, h, p), dtype)
+  if not m:
+    return (q, k, v), ct
+  c = -(-t // chunk)
+  mem = (jax.random.normal(ks[3], (b, c, m, kh, p), dtype), jax.random.normal(ks[4], (b, c, m, kh, p), dtype),
+         jax.random.bernoulli(ks[5], 0.8, (b, c, m)).at[:, 0].set(False))
+  return (q, k, v) + mem, ct
+
+
+def fwd_and_fwdbwd(attn, n_diff):
+  """attn(*args) -> o; returns jitted (fwd, fwd+bwd) taking (args, ct)."""
+  fwd = jax.jit(lambda args, ct: attn(*args))
+
+  @jax.jit
+  def fwdbwd(args, ct):
+    o, pull = jax.vjp(lambda *d: attn(*d, *args[n_diff:]), *args[:n_diff])
+    return pull(ct)
+
+  return fwd, fwdbwd
+
+
+def pallas_fn(window, chunk, blocks=None):
+  return lambda *a: memory_attention(*a, window=window, chunk=chunk, block_sizes=blocks, interpret=SMOKE)
+
+
+def cudnn_fn(window):
+  lws = None if window is None else (window - 1, 0)
+  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                                      local_window_size=lws)
+
+
+def correctness() -> list[str]:
+  lines = []
+  for case in twa.CASES[:1] if SMOKE else twa.CASES:
+    errs = twa.run_case(case, interpret=SMOKE, seed=1)
+    ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
+    lines.append(f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    try:
+      twa.exact_mask_check(case, interpret=SMOKE)
+      lines.append(f"PASS exact-mask {case.name}")
+    except AssertionError as e:
+      lines.append(f"FAIL exact-mask {case.name} {e!r}")
+    print(lines[-2], "\n" + lines[-1], flush=True)
+  big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16, BlockSizes.get_default()),
+         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32, BlockSizes.get_default(64)),
+         twa.Case("model_bf16_causal", 1, 2048, 2, 2, 128, None, 512, 0, jnp.bfloat16, BlockSizes.get_default()))
+  for case in () if SMOKE else big:
+    errs = twa.run_case(case, interpret=False, seed=2)
+    ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
+    lines.append(f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    print(lines[-1], flush=True)
+  return lines
+
+
+def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk=512):
+  if SMOKE:
+    if impl == "cudnn":
+      return None
+    window, t, b, h, p, chunk, m = (None if window is None else 64), 256, 1, 2, 64, 64, min(m, 16)
+  args, ct = inputs(b, t, h, h, p, m, chunk)
+  if impl.startswith("pallas"):
+    attn, n_diff = pallas_fn(window, chunk, blocks), (5 if m else 3)
+  else:
+    attn, n_diff = cudnn_fn(window), 3
+  fwd, fwdbwd = fwd_and_fwdbwd(attn, n_diff)
+  try:
+    f = median_ms(fwd, args, ct)
+    fb = median_ms(fwdbwd, args, ct)
+  except Exception as e:  # noqa: BLE001 -- record and go on: one failing peer must not lose the run
+    print(f"ERROR {impl} w={window} m={m} t={t}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return None
+  rec = dict(op="memory_attention", impl=impl,
+             shape=dict(B=b, T=t, H=h, K=h, P=p, window=window, chunk=chunk, M=m),
+             dtype="bfloat16", fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4),
+             device=jax.devices()[0].device_kind, jax=jax.__version__)
+  if blocks is not None:
+    rec["blocks"] = dataclasses.asdict(blocks)
+  records.append(rec)
+  print(f"{impl:7s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
+        flush=True)
+  return rec
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+  parser.add_argument("--budget", type=float, default=380.0)
+  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--skip-correctness", action="store_true")
+  parser.add_argument("--smoke", action="store_true")
+  args = parser.parse_args()
+  global SMOKE
+  SMOKE = args.smoke
+  print("jax", jax.__version__, jax.devices(), flush=True)
+  path = os.path.join(args.out, f"window_attention_{device_slug()}.json")
+  records: list[dict] = []
+
+  def save():
+    with open(path, "w") as f:
+      json.dump(records, f, indent=1)
+
+  check = [] if args.skip_correctness else correctness()
+
+  main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)]
+  for window, m in main_shapes:
+    time_shape(records, "pallas", window, m, 8192)
+    if not m:
+      time_shape(records, "cudnn", window, m, 8192)
+    save()
+  for t in (2048, 4096, 16384, 32768, 65536)[:1 if SMOKE else 5]:
+    if elapsed() > args.budget - 40:
+      print("budget: skipping the rest of the T sweep", flush=True)
+      break
+    time_shape(records, "pallas", 512, 0, t)
+    time_shape(records, "cudnn", 512, 0, t)
+    save()
+
+  if args.sweep:
+    fwd_cfgs = [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]
+    bwd_cfgs = [(32, 128, 128, 32, 4, 3), (64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 8, 2),
+                (32, 64, 64, 32, 4, 2), (128, 64, 64, 128, 8, 3)]
+    base = BlockSizes.get_default()
+    if SMOKE:
+      fwd_cfgs, bwd_cfgs = fwd_cfgs[:1], bwd_cfgs[:1]
+    for bq, bk, nw, ns in fwd_cfgs:
+      if elapsed() > args.budget - 20:
+        break
+      time_shape(records, "pallas-sweep", 512, 0, 8192, dataclasses.replace(
+          base, block_q=bq, block_k=bk, num_warps_fwd=nw, num_stages_fwd=ns))
+    for a, b_, c, d, nw, ns in bwd_cfgs:
+      if elapsed() > args.budget - 20:
+        break
+      time_shape(records, "pallas-sweep", 512, 0, 8192, dataclasses.replace(
+          base, block_q_dkv=a, block_k_dkv=b_, block_q_dq=c, block_k_dq=d, num_warps_bwd=nw,
+          num_stages_bwd=ns))
+    save()
+
+  print("\n".join(check))
+  print(f"\n{'impl':13s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
+  for r in records:
+    s = r["shape"]
+    blk = "" if "blocks" not in r else "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | " \
+        "{block_q_dkv},{block_k_dkv},{block_q_dq},{block_k_dq},w{num_warps_bwd}s{num_stages_bwd}".format(**r["blocks"])
+    print(f"{r['impl']:13s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
+  print(f"wrote {path}  total {elapsed():.0f}s")
+
+
+if __name__ == "__main__":
+  main()
