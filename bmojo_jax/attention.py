@@ -1,0 +1,185 @@
+"""Attention: full causal, sliding window, and the B'MOJO memory attention (window + fading + eidetic).
+
+Query t in chunk c = t // L attends to (SPEC.md "Memory attention")
+  1. window keys t - w < t' <= t (RoPE on queries and window keys; all t' <= t when window is None);
+  2. the fading tokens of chunk c: the projected mixer outputs at the last M_f positions of chunk c-1;
+  3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE).
+Chunk 0 has no memory. The parallel pass calls one attention function chosen by `cfg.attn_impl`; the decode
+step attends over a ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bmojo_jax import memory
+from bmojo_jax import typing as tp
+from bmojo_jax.config import AttnImpl, ModelConfig
+from bmojo_jax.layers import einsum_layer, rope
+from bmojo_jax.memory import Store
+from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_reference
+
+
+def _pallas_attention(*args, **kwargs):
+  from pallas_kernels.window_attention import memory_attention  # imported lazily: the kernel is optional
+  return memory_attention(*args, interpret=jax.default_backend() == "cpu", **kwargs)
+
+
+def get_attention_fn(impl: AttnImpl | str):
+  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk) -> o (the only place the choice is made)."""
+  return memory_attention_reference if AttnImpl(impl) == AttnImpl.REFERENCE else _pallas_attention
+
+
+class AttnState(NamedTuple):
+  """Decode cache of one attention sublayer. Sizes: S ring slots, M_f fading, M_e store, k_e candidates."""
+  k: jax.Array                  # [B, S, K, P] ring of the last S keys (RoPE applied); slot = position % S
+  v: jax.Array                  # [B, S, K, P]
+  fading_k: jax.Array           # [B, M_f, K, P] the current chunk's fading tokens
+  fading_v: jax.Array
+  next_fading_k: jax.Array      # [B, M_f, K, P] projections of the last M_f mixer outputs
+  next_fading_v: jax.Array
+  store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
+  cand: Store                   # [B, k_e, …] the current chunk's selections so far
+  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs
+  pos: jax.Array                # [] int32, tokens seen
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query attention with optional window and memory tokens."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, kh, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
+    self.cfg = cfg
+    self.wq = einsum_layer("BTD,DHP->BTHP", (d, h, p), (tp.EMBED, tp.HEADS, tp.HEAD_DIM), cfg, rngs, cfg.init_std)
+    self.wk = einsum_layer("BTD,DKP->BTKP", (d, kh, p), (tp.EMBED, tp.KV_HEADS, tp.HEAD_DIM), cfg, rngs,
+                           cfg.init_std)
+    self.wv = einsum_layer("BTD,DKP->BTKP", (d, kh, p), (tp.EMBED, tp.KV_HEADS, tp.HEAD_DIM), cfg, rngs,
+                           cfg.init_std)
+    self.wo = einsum_layer("BTHP,HPD->BTD", (h, p, d), (tp.HEADS, tp.HEAD_DIM, tp.EMBED), cfg, rngs,
+                           cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
+
+  def __call__(self, a: jax.Array, f: jax.Array | None = None, *,
+               cache_size: int | None = None) -> tuple[jax.Array, AttnState | None]:
+    """Parallel pass from position 0.
+
+    a [B, T, D] attention input; f [B, T, D] fading source (the normed mixer output; B'MOJO-F / B'MOJO).
+    With cache_size (ring slots; the window, or the maximum length for full attention) also returns the
+    decode state after the last token.
+    """
+    cfg = self.cfg
+    b, t, _ = a.shape
+    chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
+    positions = jnp.arange(t)
+    k_raw, v = self.wk(a), self.wv(a)
+    q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
+
+    mem_k, mem_v, mem_valid = [], [], []
+    n_chunks = -(-t // chunk)
+    if m_f:
+      fk, fv = self.wk(f), self.wv(f)
+      fading_k, fading_v, fading_valid = memory.fading_per_chunk(fk, fv, chunk, m_f)
+      mem_k.append(fading_k)
+      mem_v.append(fading_v)
+      mem_valid.append(jnp.broadcast_to(fading_valid[None, :, None], (b, n_chunks, m_f)))
+    if m_e:
+      scores, history = memory.innovation_scores(a)
+      selected = memory.select_per_chunk(scores, k_raw, v, chunk, cfg.eidetic_per_chunk)
+      stores = memory.stores_before_chunks(selected, m_e, cfg.store_policy)
+      mem_k.append(stores.k)
+      mem_v.append(stores.v)
+      mem_valid.append(stores.valid)
+    cat = lambda xs: jnp.concatenate(xs, axis=2) if xs else None
+    attend = get_attention_fn(cfg.attn_impl)
+    o = attend(q, k, v, cat(mem_k), cat(mem_v), cat(mem_valid), window=cfg.window, chunk=chunk)
+    y = self.wo(o)
+    if cache_size is None:
+      return y, None
+
+    state = self.init_state(b, cache_size)
+    slot_pos = (t - 1) - jnp.mod(t - 1 - jnp.arange(cache_size), cache_size)        # latest position per slot
+    ring = lambda x: jnp.where((slot_pos >= 0)[None, :, None, None],
+                               jnp.take(x, jnp.clip(slot_pos, 0, t - 1), axis=1), 0).astype(x.dtype)
+    state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32))
+    if m_f:
+      last = lambda x: jnp.pad(x, ((0, 0), (max(0, m_f - t), 0), (0, 0), (0, 0)))[:, -m_f:]
+      state = state._replace(fading_k=fading_k[:, -1], fading_v=fading_v[:, -1],
+                             next_fading_k=last(fk), next_fading_v=last(fv))
+    if m_e:
+      state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
+                             cand=jax.tree.map(lambda x: x[:, -1], selected), history=history)
+    return y, state
+
+  def step(self, a: jax.Array, f: jax.Array | None, state: AttnState) -> tuple[jax.Array, AttnState]:
+    """One token at position state.pos. a, f [B, 1, D] -> (y [B, 1, D], new state)."""
+    cfg = self.cfg
+    t = state.pos
+    chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
+    boundary = (t % chunk == 0) & (t > 0)
+    pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(boundary, n, o), new, old)
+    if m_e:
+      empty = memory.empty_store(*state.cand.k.shape, state.cand.k.dtype)
+      state = state._replace(store=pick(memory.merge(state.store, state.cand, cfg.store_policy), state.store),
+                             cand=pick(empty, state.cand))
+    if m_f:
+      state = state._replace(fading_k=pick(state.next_fading_k, state.fading_k),
+                             fading_v=pick(state.next_fading_v, state.fading_v))
+
+    k_raw, v = self.wk(a), self.wv(a)                                                # [B, 1, K, P]
+    q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
+    size = state.k.shape[1]
+    slot = t % size
+    ring_k = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), slot, axis=1)
+    ring_v = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), slot, axis=1)
+    state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
+    ring_valid = (t - jnp.mod(t - jnp.arange(size), size)) >= 0                     # [S]
+    if cfg.window is not None:
+      ring_valid &= (t - jnp.mod(t - jnp.arange(size), size)) > t - cfg.window
+
+    b = a.shape[0]
+    keys, values, valid = [ring_k], [ring_v], [jnp.broadcast_to(ring_valid, (b, size))]
+    if m_f:
+      keys.append(state.fading_k)
+      values.append(state.fading_v)
+      valid.append(jnp.broadcast_to(t >= chunk, (b, m_f)))
+      fk, fv = self.wk(f), self.wv(f)
+      state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
+                             next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
+    if m_e:
+      keys.append(state.store.k)
+      values.append(state.store.v)
+      valid.append(state.store.valid)
+      score, history = memory.innovation_scores(a, state.history)
+      state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t),
+                             history=history)
+    o = decode_attention(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
+                         jnp.concatenate(valid, 1))
+    return self.wo(o[:, None]), state
+
+  def init_state(self, batch: int, cache_size: int) -> AttnState:
+    cfg = self.cfg
+    kh, p, dt = cfg.kv_heads, cfg.head_size, cfg.compute_dtype
+    zeros = lambda n: jnp.zeros((batch, n, kh, p), dt)
+    return AttnState(k=zeros(cache_size), v=zeros(cache_size),
+                     fading_k=zeros(cfg.fading), fading_v=zeros(cfg.fading),
+                     next_fading_k=zeros(cfg.fading), next_fading_v=zeros(cfg.fading),
+                     store=memory.empty_store(batch, cfg.eidetic, kh, p, dt),
+                     cand=memory.empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
+                     history=jnp.zeros((batch, memory.PREDICTOR_TAPS, cfg.d_model), jnp.float32),
+                     pos=jnp.zeros((), jnp.int32))
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+  """One query per row. q [B, H, P]; k, v [B, S, K, P]; valid [B, S] -> o [B, H, P] (fp32 softmax)."""
+  b, h, p = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, kh, h // kh, p)
+  logits = jnp.einsum("BKGP,BSKP->BKGS", qg, k, preferred_element_type=jnp.float32) / math.sqrt(p)
+  logits = jnp.where(valid[:, None, None, :], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  o = jnp.einsum("BKGS,BSKP->BKGP", probs, v.astype(jnp.float32))
+  return o.reshape(b, h, p).astype(q.dtype)

@@ -1,0 +1,258 @@
+"""Model configuration: one frozen dataclass for all five families, implementation enums, presets.
+
+The five families share one skeleton (embed -> n_blocks residual blocks -> RMSNorm -> logits). Each block has
+two pre-norm residual sublayers; the family picks them (`ModelConfig.sublayers`):
+
+    transformer  (attention, mlp)       full causal attention by default (window=None), RoPE, SwiGLU MLP
+    mamba        (mamba, mamba)         no attention, no MLP
+    hybrid       (mamba, attention)     sliding-window attention, no memory tokens
+    bmojo_f      (mamba, attention)     + fading memory tokens (n_fading > 0)
+    bmojo        (mamba, attention)     + fading and eidetic memory tokens (n_eidetic > 0)
+
+`n_layers` counts sublayers the way the Mamba paper counts layers (a Mamba + attention pair is two layers), so
+`n_blocks = n_layers // 2` for every family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class Family(enum.StrEnum):
+  TRANSFORMER = "transformer"
+  MAMBA = "mamba"
+  HYBRID = "hybrid"
+  BMOJO_F = "bmojo_f"
+  BMOJO = "bmojo"
+
+
+class ScanImpl(enum.StrEnum):
+  """Selective-scan implementation (resolved in `bmojo_jax.scan.get_scan_fn`)."""
+  SEQUENTIAL = "sequential"    # lax.scan over tokens: the reference
+  ASSOCIATIVE = "associative"  # lax.associative_scan within chunks, lax.scan across chunks
+  PALLAS = "pallas"            # fused chunked Pallas kernel (GPU; interpret mode on CPU)
+
+
+class AttnImpl(enum.StrEnum):
+  """Attention implementation (resolved in `bmojo_jax.attention.get_attention_fn`)."""
+  REFERENCE = "reference"      # blockwise jnp, O(T·(w + L + M)) memory when a window is set
+  PALLAS = "pallas"            # flash-style Pallas kernel (GPU; interpret mode on CPU)
+
+
+class StorePolicy(enum.StrEnum):
+  """What the eidetic store keeps (SPEC.md "Innovation selection")."""
+  FIFO = "fifo"    # the selections of the last n_eidetic // eidetic_per_chunk chunks
+  SCORE = "score"  # the n_eidetic highest-scoring selections seen so far (ties: earliest)
+
+
+class ConfigError(ValueError):
+  """A model configuration that cannot work; the message names the field(s) and values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every field of every family. Defaults are a small B'MOJO for MQAR."""
+  family: Family = Family.BMOJO
+  vocab_size: int = 8192
+  d_model: int = 128
+  n_layers: int = 4                  # sublayers, Mamba-paper counting; n_blocks = n_layers // 2
+  # Attention.
+  n_heads: int = 2
+  n_kv_heads: int | None = None      # None: n_heads (no grouping)
+  head_dim: int | None = None        # None: d_model // n_heads
+  window: int | None = 32            # sliding window w; None: full causal (Transformer)
+  rope_theta: float = 10_000.0
+  # Memory tokens (B'MOJO-F / B'MOJO).
+  chunk_size: int | None = None      # chunk length L; None: window (or 64 without a window)
+  n_fading: int = 4                  # M_f fading tokens per chunk
+  n_eidetic: int = 8                 # M_e eidetic store capacity
+  eidetic_per_chunk: int = 4         # k_e tokens selected per chunk
+  store_policy: StorePolicy = StorePolicy.FIFO
+  # Mamba mixer (S6).
+  d_state: int = 16                  # N
+  d_conv: int = 4                    # W
+  expand: int = 2                    # d_inner = expand * d_model
+  dt_rank: int | None = None         # None: ceil(d_model / 16)
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dt_init_floor: float = 1e-4
+  # MLP (Transformer).
+  d_ff: int | None = None            # None: 8/3 d_model rounded up to a multiple of 64
+  # Numerics and implementations.
+  scan_impl: ScanImpl = ScanImpl.ASSOCIATIVE
+  scan_chunk: int = 128              # tokens per associative-scan chunk
+  attn_impl: AttnImpl = AttnImpl.REFERENCE
+  dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
+  param_dtype: str = "float32"
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  remat: bool = False                # rematerialize each block in the backward pass
+
+  def __post_init__(self):
+    for name, enum_cls in (("family", Family), ("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
+                           ("store_policy", StorePolicy)):
+      value = getattr(self, name)
+      try:
+        object.__setattr__(self, name, enum_cls(value))
+      except ValueError:
+        raise ConfigError(f"{name}={value!r} is unknown; choose one of {[e.value for e in enum_cls]}") from None
+    self.validate()
+
+  # Derived sizes.
+  @property
+  def n_blocks(self) -> int:
+    return self.n_layers // 2
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def chunk(self) -> int:
+    if self.chunk_size is not None:
+      return self.chunk_size
+    return self.window if self.window is not None else 64
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.d_model
+
+  @property
+  def rank(self) -> int:
+    return math.ceil(self.d_model / 16) if self.dt_rank is None else self.dt_rank
+
+  @property
+  def ff_size(self) -> int:
+    return self.d_ff if self.d_ff is not None else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+  @property
+  def sublayers(self) -> tuple[str, str]:
+    return {Family.TRANSFORMER: ("attention", "mlp"), Family.MAMBA: ("mamba", "mamba")}.get(
+        self.family, ("mamba", "attention"))
+
+  @property
+  def has_attention(self) -> bool:
+    return "attention" in self.sublayers
+
+  @property
+  def fading(self) -> int:
+    """M_f, the fading tokens per chunk this family uses (0 unless B'MOJO-F / B'MOJO)."""
+    return self.n_fading if self.family in (Family.BMOJO_F, Family.BMOJO) else 0
+
+  @property
+  def eidetic(self) -> int:
+    """M_e, the eidetic store capacity this family uses (0 unless B'MOJO)."""
+    return self.n_eidetic if self.family == Family.BMOJO else 0
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def validate(self) -> None:
+    """Raise ConfigError naming the field and values of the first thing that cannot work."""
+    def need(cond: bool, msg: str):
+      if not cond:
+        raise ConfigError(f"{self.family.value}: {msg}")
+
+    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk"):
+      need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+    need(self.n_layers % 2 == 0, f"n_layers={self.n_layers} must be even (each block holds two sublayers)")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from None
+    need(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min ({self.dt_min}) <= dt_max ({self.dt_max})")
+    if self.has_attention:
+      need(self.n_heads > 0, f"n_heads={self.n_heads} must be positive")
+      need(self.head_dim is not None or self.d_model % self.n_heads == 0,
+           f"n_heads={self.n_heads} does not divide d_model={self.d_model} (or set head_dim)")
+      need(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+           f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+      need(self.head_size % 2 == 0, f"head_dim={self.head_size} must be even for RoPE")
+      need(self.chunk > 0, f"chunk_size={self.chunk} must be positive")
+      if self.window is not None:
+        need(self.window > 0, f"window={self.window} must be positive or None")
+        need(self.window % self.chunk == 0,
+             f"chunk_size={self.chunk} must divide window={self.window}")
+    if self.family in (Family.HYBRID, Family.BMOJO_F, Family.BMOJO):
+      need(self.window is not None, "window=None: this family uses sliding-window attention; set window")
+    if self.family in (Family.BMOJO_F, Family.BMOJO):
+      need(0 < self.n_fading <= self.chunk,
+           f"n_fading={self.n_fading} must be in 1..chunk_size={self.chunk}")
+    if self.family == Family.BMOJO:
+      need(self.n_eidetic > 0 and 0 < self.eidetic_per_chunk <= self.chunk,
+           f"need n_eidetic > 0 and 0 < eidetic_per_chunk <= chunk_size; got n_eidetic={self.n_eidetic}, "
+           f"eidetic_per_chunk={self.eidetic_per_chunk}, chunk_size={self.chunk}")
+      need(self.n_eidetic % self.eidetic_per_chunk == 0,
+           f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk}")
+
+
+# Presets. Paper sizes follow the Mamba paper (layers counted as sublayers); vocab 50280 is GPT-NeoX's padded.
+PAPER_SIZES = {
+    "130m": dict(d_model=768, n_layers=24),
+    "370m": dict(d_model=1024, n_layers=48),
+    "790m": dict(d_model=1536, n_layers=48),
+    "1.4b": dict(d_model=2048, n_layers=48),
+}
+FAMILY_DEFAULTS = {
+    Family.TRANSFORMER: dict(window=None, chunk_size=128),
+    Family.MAMBA: dict(),
+    Family.HYBRID: dict(),
+    Family.BMOJO_F: dict(),
+    Family.BMOJO: dict(),
+}
+
+
+def paper_config(family: str | Family, size: str, **overrides: Any) -> ModelConfig:
+  """A paper-size model: window 512 at 2k context, head_dim 64, M_f 16, M_e 64 (k_e 16) — ours."""
+  family = Family(family)
+  if size not in PAPER_SIZES:
+    raise ConfigError(f"size={size!r} is unknown; choose one of {list(PAPER_SIZES)}")
+  d = PAPER_SIZES[size]["d_model"]
+  kw = dict(family=family, vocab_size=50280, n_heads=d // 64, window=512, chunk_size=512,
+            n_fading=16, n_eidetic=64, eidetic_per_chunk=16, **PAPER_SIZES[size])
+  kw.update(FAMILY_DEFAULTS[family])
+  kw.update(overrides)
+  return ModelConfig(**kw)
+
+
+def mqar_config(family: str | Family, d_model: int = 128, **overrides: Any) -> ModelConfig:
+  """An MQAR-sized model (Zoology): 2 blocks, window 32, chunk 32 (B'MOJO setting)."""
+  family = Family(family)
+  kw = dict(family=family, vocab_size=8192, d_model=d_model, n_layers=4, n_heads=2, window=32,
+            chunk_size=32, n_fading=4, n_eidetic=32, eidetic_per_chunk=8)
+  kw.update(FAMILY_DEFAULTS[family])
+  kw.update(overrides)
+  return ModelConfig(**kw)
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """`<family>-<size>` with size in PAPER_SIZES (e.g. 'bmojo-1.4b') or 'mqar' (e.g. 'hybrid-mqar')."""
+  family, _, size = name.rpartition("-")
+  if family not in {f.value for f in Family}:
+    raise ConfigError(f"preset {name!r}: family {family!r} is unknown; use <family>-<size> with family in "
+                      f"{[f.value for f in Family]} and size in {['mqar', *PAPER_SIZES]}")
+  if size == "mqar":
+    return mqar_config(family, **overrides)
+  return paper_config(family, size, **overrides)
+
+
+PRESET_NAMES = tuple(f"{f.value}-{s}" for f in Family for s in ("mqar", *PAPER_SIZES))

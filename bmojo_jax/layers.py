@@ -1,0 +1,89 @@
+"""Basic layers: parameters with logical axes, RMSNorm, RoPE, SwiGLU MLP, causal depthwise conv.
+
+Shape letters are those of `bmojo_jax/typing.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bmojo_jax import typing as tp
+from bmojo_jax.config import ModelConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype) -> nnx.Param:
+  """A parameter carrying its logical axis names (`nnx.get_partition_spec` reads them)."""
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+def einsum_layer(spec: str, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
+                 rngs: nnx.Rngs, std: float) -> nnx.Einsum:
+  """An `nnx.Einsum` projection (no bias) whose kernel carries logical axes; spec documents the shapes."""
+  return nnx.Einsum(spec, tuple(shape), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                    kernel_init=nnx.initializers.normal(std), rngs=rngs,
+                    kernel_metadata={"sharding_names": tuple(axes), "eager_sharding": False})
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) · scale, computed in fp32, returned in the compute dtype. x [..., D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+    self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), (tp.EMBED,), cfg.weight_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form). x [B, T, H, P]; positions [T] or [B, T] int."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)                   # [P/2]
+  angle = positions.astype(jnp.float32)[..., None] * freq                          # [(B,) T, P/2]
+  if angle.ndim == 2:
+    angle = angle[None]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]         # [B|1, T, 1, P/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """out = (SiLU(x W_gate) ⊙ x W_up) W_down. x [B, T, D] -> [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.ff_size
+    out_std = cfg.init_std / (2 * cfg.n_blocks) ** 0.5
+    self.gate = einsum_layer("BTD,DF->BTF", (d, f), (tp.EMBED, tp.MLP), cfg, rngs, cfg.init_std)
+    self.up = einsum_layer("BTD,DF->BTF", (d, f), (tp.EMBED, tp.MLP), cfg, rngs, cfg.init_std)
+    self.down = einsum_layer("BTF,FD->BTD", (f, d), (tp.MLP, tp.EMBED), cfg, rngs, out_std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, state: jax.Array):
+  """Causal depthwise conv with a carried state.
+
+  u [B, T, E]; weight [W, E] (weight[W-1] multiplies the current token); bias [E];
+  state [B, W-1, E], the W-1 inputs before u (zeros at the sequence start).
+  Returns (y [B, T, E], new_state [B, W-1, E]).
+  """
+  width = weight.shape[0]
+  t = u.shape[1]
+  xpad = jnp.concatenate([state.astype(u.dtype), u], axis=1)                       # [B, T+W-1, E]
+  y = bias.astype(u.dtype) + sum(xpad[:, j:j + t] * weight[j].astype(u.dtype) for j in range(width))
+  return y, xpad[:, t:]

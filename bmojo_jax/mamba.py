@@ -1,0 +1,92 @@
+"""The Mamba (S6) mixer, as in the Mamba paper (SPEC.md "Mamba mixer").
+
+    (u, z) = x W_in                         x [B, T, D] -> u, z [B, T, E]
+    u      = SiLU(causal_conv(u))           depthwise, kernel W = 4, carried state [B, W-1, E]
+    (dt_low, B_t, C_t) = u W_x              [B, T, R], [B, T, N], [B, T, N]
+    dt     = softplus(dt_low W_dt + dt_bias)  (fused into the scan)
+    h_t    = exp(dt_t·A) ⊙ h_{t-1} + (dt_t·u_t) ⊗ B_t,   A = -exp(A_log) [E, N]
+    y_t    = h_t·C_t + D ⊙ u_t
+    out    = (y ⊙ SiLU(z)) W_out            [B, T, D]
+
+The same `__call__` serves the parallel pass (any T, optional initial state) and the decode step (T = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bmojo_jax import typing as tp
+from bmojo_jax.config import ModelConfig, ScanImpl
+from bmojo_jax.layers import causal_conv, einsum_layer, param
+from bmojo_jax.scan import get_scan_fn
+
+
+class MambaState(NamedTuple):
+  conv: jax.Array  # [B, W-1, E] the last W-1 conv inputs
+  ssm: jax.Array   # [B, E, N] fp32
+
+
+def _a_log_init(key, shape, dtype):
+  """S4D-real: A_log[e, n] = log(n + 1)."""
+  del key
+  return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[1] + 1, dtype=jnp.float32)), shape).astype(dtype)
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
+  """dt ~ log-uniform[dt_min, dt_max] (clamped at floor); bias = softplus^{-1}(dt)."""
+  def init(key, shape, dtype):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+  return init
+
+
+class Mamba(nnx.Module):
+  """Mamba mixer. `__call__(x, state=None) -> (out, final_state)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, e, n, r, w = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank, cfg.d_conv
+    pdt = cfg.weight_dtype
+    self.cfg = cfg
+    self.in_proj = einsum_layer("BTD,DJE->BTJE", (d, 2, e), (tp.EMBED, None, tp.INNER), cfg, rngs, cfg.init_std)
+    bound = 1.0 / math.sqrt(w)
+    self.conv_weight = param(rngs, nnx.initializers.uniform(2 * bound), (w, e), (tp.CONV, tp.INNER), pdt)
+    self.conv_bias = param(rngs, nnx.initializers.zeros, (e,), (tp.INNER,), pdt)
+    self.x_proj = einsum_layer("BTE,EJ->BTJ", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
+    self.dt_proj = nnx.Einsum(
+        "BTR,RE->BTE", (r, e), dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
+        kernel_init=nnx.initializers.uniform(2 * r ** -0.5),
+        kernel_metadata={"sharding_names": (tp.RANK, tp.INNER), "eager_sharding": False})
+    self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (e,), (tp.INNER,),
+                         pdt)
+    self.A_log = param(rngs, _a_log_init, (e, n), (tp.INNER, tp.STATE), pdt)
+    self.D = param(rngs, nnx.initializers.ones, (e,), (tp.INNER,), pdt)
+    self.out_proj = einsum_layer("BTE,ED->BTD", (e, d), (tp.INNER, tp.EMBED), cfg, rngs,
+                                 cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
+
+  def __call__(self, x: jax.Array, state: MambaState | None = None) -> tuple[jax.Array, MambaState]:
+    """x [B, T, D] -> (out [B, T, D], state after the last token)."""
+    cfg = self.cfg
+    if state is None:
+      state = self.init_state(x.shape[0])
+    u, z = jnp.moveaxis(self.in_proj(x), 2, 0)                                        # [B, T, E] each
+    u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv)
+    u = jax.nn.silu(u)
+    dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
+    delta = self.dt_proj(dt_low)
+    a = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    impl = ScanImpl.SEQUENTIAL if x.shape[1] == 1 else cfg.scan_impl   # one decode step needs no chunking
+    scan = get_scan_fn(impl, chunk=cfg.scan_chunk)
+    y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm)
+    return self.out_proj(y.astype(cfg.compute_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
+
+  def init_state(self, batch: int) -> MambaState:
+    cfg = self.cfg
+    return MambaState(conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.d_inner), cfg.compute_dtype),
+                      ssm=jnp.zeros((batch, cfg.d_inner, cfg.d_state), jnp.float32))

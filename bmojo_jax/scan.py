@@ -1,0 +1,80 @@
+"""Selective scan (Mamba-1 / S6): the three implementations behind one entry point.
+
+All share the signature of `pallas_kernels.selective_scan.selective_scan_reference`:
+
+    fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus=True, h0=None)
+      -> (y [B, T, E] in u.dtype, h_T [B, E, N] fp32)
+
+`get_scan_fn(impl)` is the one place an implementation is chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from bmojo_jax.config import ScanImpl
+from pallas_kernels.selective_scan.reference import (discretize, expand_groups, selective_scan_reference,
+                                                      skip_and_gate)
+
+
+def _combine(left, right):
+  """Compose two affine maps h -> a·h + b (left first)."""
+  a_l, b_l = left
+  a_r, b_r = right
+  return a_r * a_l, a_r * b_l + b_r
+
+
+def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *,
+                               delta_softplus: bool = True, h0=None, chunk: int = 128):
+  """`lax.associative_scan` within chunks of `chunk` tokens, `lax.scan` carrying the state across chunks.
+
+  The largest temporary is [B, chunk, E, N]: no [B, T, E, N] tensor spans the sequence.
+  """
+  batch, t, d_inner = u.shape
+  d_state = A.shape[-1]
+  chunk = max(1, min(chunk, t))
+  n_chunks = -(-t // chunk)
+  t_pad = n_chunks * chunk
+
+  dt = discretize(delta, delta_bias, delta_softplus)                                 # [B, T, E] fp32
+  A = A.astype(jnp.float32)
+  Bm = expand_groups(Bm, d_inner).astype(jnp.float32)                                 # [B, T, E|1, N]
+  Cm = expand_groups(Cm, d_inner).astype(jnp.float32)
+  uf = u.astype(jnp.float32)
+
+  def to_chunks(x):  # [B, T, ...] -> [C, B, chunk, ...]; padding has dt = 0 (identity step)
+    x = jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch, n_chunks, chunk, *x.shape[2:]), 1, 0)
+
+  def chunk_step(h, xs):
+    dt_c, u_c, b_c, c_c = xs                                                          # [B, L, E], …, [B, L, E|1, N]
+    a = jnp.exp(dt_c[..., None] * A)                                                  # [B, L, E, N]
+    b = (dt_c * u_c)[..., None] * b_c
+    a_cum, b_cum = jax.lax.associative_scan(_combine, (a, b), axis=1)
+    hs = a_cum * h[:, None] + b_cum                                                   # [B, L, E, N]
+    return hs[:, -1], jnp.sum(hs * c_c, axis=-1)                                      # [B, E, N], [B, L, E]
+
+  if h0 is None:
+    h0 = jnp.zeros((batch, d_inner, d_state), jnp.float32)
+  h_last, y = jax.lax.scan(chunk_step, h0.astype(jnp.float32),
+                           tuple(to_chunks(x) for x in (dt, uf, Bm, Cm)))
+  y = jnp.moveaxis(y, 0, 1).reshape(batch, t_pad, d_inner)[:, :t]
+  return skip_and_gate(y, u, D, z).astype(u.dtype), h_last
+
+
+def _pallas_scan(*args, **kwargs):
+  from pallas_kernels.selective_scan import selective_scan  # imported lazily: the kernel is optional
+  return selective_scan(*args, interpret=jax.default_backend() == "cpu", **kwargs)
+
+
+def get_scan_fn(impl: ScanImpl | str, *, chunk: int = 128):
+  """The scan function for `impl` (the only place the choice is made)."""
+  impl = ScanImpl(impl)
+  if impl == ScanImpl.SEQUENTIAL:
+    return selective_scan_reference
+  if impl == ScanImpl.ASSOCIATIVE:
+    return functools.partial(selective_scan_associative, chunk=chunk)
+  return _pallas_scan
