@@ -1,0 +1,49 @@
+"""Language modeling on local text files (byte-level by default), one preset per family.
+
+    bmojo-train --config configs/lm.py:bmojo --config.data.paths=/path/to/texts --workdir runs/lm
+
+Presets: transformer, mamba, hybrid, bmojo_f, bmojo (default). Small (d_model 256, 4 layers) so a run is
+possible on one GPU or a CPU; scale with --config.model.d_model / n_layers or use `bmojo_jax.paper_config`
+sizes through the same fields. The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
+`data.tokenizer=<file>.model` (SentencePiece) set model.vocab_size to its size.
+"""
+
+import ml_collections
+
+from bmojo_jax import mqar_config
+from configs import common
+
+FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
+
+
+def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
+  preset = preset or "bmojo"
+  if preset not in FAMILIES:
+    raise ValueError(f"configs/lm.py preset {preset!r} is unknown; choose one of {FAMILIES}.")
+  c = common.base_config()
+  window = None if preset == "transformer" else 128
+  chunk = 128
+  c.model = common.model_fields(mqar_config(
+      preset, d_model=256, vocab_size=259, n_layers=4, n_heads=4, window=window, chunk_size=chunk,
+      n_fading=8, n_eidetic=32, eidetic_per_chunk=8))
+
+  c.data = d = ml_collections.ConfigDict()
+  d.kind = "text"                          # mqar | text
+  d.paths = "data/text"                    # comma-separated files / directories of training text
+  d.eval_paths = ""                        # comma-separated eval files; empty: hold out eval_fraction
+  d.eval_fraction = 0.05                   # last fraction of packed sequences held out when no eval_paths
+  d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
+  d.tokenizer = "byte"                     # byte | path to a SentencePiece .model file
+  d.seq_len = 512                          # tokens per training sequence
+
+  t = c.train
+  t.num_steps = 5000
+  t.batch_size = 32
+  t.eval_batch_size = 32
+  t.log_every = 50
+  t.eval_every = 500
+  t.checkpoint_every = 500
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 200
+  c.optim.end_lr_ratio = 0.1
+  return c

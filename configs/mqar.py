@@ -1,0 +1,50 @@
+"""MQAR (Zoology protocol, /work/shared/EVALS.md) for each model family.
+
+    bmojo-train --config configs/mqar.py --workdir runs/default            # the default: CPU-sized B'MOJO
+    bmojo-train --config configs/mqar.py:hybrid --workdir runs/hybrid      # presets: one per family
+    bmojo-train --config configs/mqar.py:bmojo_f --config.model.d_model=128 --workdir runs/x
+
+Presets: transformer, mamba, hybrid, bmojo_f, bmojo (the default). The model comes from
+`bmojo_jax.mqar_config(family, d_model)` with the CPU-sized settings below; `data.vocab_size` and
+`data.seq_len` follow `model.vocab_size` unless set explicitly.
+"""
+
+import ml_collections
+
+from bmojo_jax import mqar_config
+from configs import common
+
+FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
+
+
+def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
+  preset = preset or "bmojo"
+  if preset not in FAMILIES:
+    raise ValueError(f"configs/mqar.py preset {preset!r} is unknown; choose one of {FAMILIES}.")
+  c = common.base_config()
+  # CPU-sized default: window 16 at L=64 so part of the recall must come from memory beyond the window.
+  window = None if preset == "transformer" else 16
+  c.model = common.model_fields(mqar_config(
+      preset, d_model=64, vocab_size=256, window=window, chunk_size=16, n_fading=4, n_eidetic=16,
+      eidetic_per_chunk=4))
+
+  c.data = d = ml_collections.ConfigDict()
+  d.kind = "mqar"                          # mqar | text
+  d.vocab_size = c.model.get_ref("vocab_size")  # V: keys 1..V/2-1, values V/2..V-1 (must be > seq_len)
+  d.seq_len = 64                           # L, tokens per example
+  d.num_kv_pairs = 8                       # N key-value pairs per example (4N <= L)
+  d.power_a = 0.01                         # power-law exponent of the query positions
+  d.num_train = 100_000                    # training examples (Zoology: 100k)
+  d.num_test = 1_000                       # test examples (Zoology: 3k)
+  d.train_seed = 0                         # generator seed of the training set
+  d.test_seed = 1                          # generator seed of the test set (differs from train)
+
+  t = c.train
+  t.num_steps = 1500
+  t.batch_size = 64
+  t.eval_every = 250
+  t.checkpoint_every = 500
+  t.target_accuracy = 0.99                 # Zoology stops once test accuracy > 0.99
+  c.optim.learning_rate = 3e-3
+  c.optim.warmup_steps = 50
+  return c

@@ -1,0 +1,97 @@
+"""Console scripts: thin absl / ml_collections wrappers over `train.trainer` and `bmojo_jax.inference`.
+
+    bmojo-train --config configs/mqar.py[:<preset>] --workdir DIR [--config.train.num_steps=...]
+    bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
+    bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
+
+Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or on a
+cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, results.")
+
+
+def _maybe_initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("BMOJO_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
+def _train(argv):
+  del argv
+  from train import trainer  # pylint: disable=g-import-not-at-top
+  _maybe_initialize_distributed()
+  config = flags.FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/mqar.py:bmojo")
+  try:
+    results = trainer.train(config, _WORKDIR.value)
+  except trainer.NonFiniteLossError as e:
+    sys.exit(f"bmojo-train: {e}")
+  except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"bmojo-train: {type(e).__name__}: {e}")
+  print(json.dumps(results, indent=2))
+  if "test_accuracy" in results:
+    print(f"test accuracy {results['test_accuracy']:.4f} at step {results['step']} "
+          f"({results['wall_s']:.0f} s); results in {os.path.join(_WORKDIR.value, 'results.json')}")
+
+
+def _eval(argv):
+  del argv
+  from train import trainer  # pylint: disable=g-import-not-at-top
+  _maybe_initialize_distributed()
+  try:
+    result = trainer.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
+  except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
+  print(json.dumps(result, indent=2))
+
+
+def _generate(argv):
+  del argv
+  from train import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    text = gen_lib.generate_from_run(
+        _WORKDIR.value, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+        top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+  except (gen_lib.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    sys.exit(f"bmojo-generate: {type(e).__name__}: {e}")
+  print(text)
+
+
+def train_main():
+  config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/mqar.py:bmojo.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["workdir", "config"])
+  app.run(_train)
+
+
+def eval_main():
+  config_flags.DEFINE_config_file("config", None, "Optional config overriding the workdir's config.json.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["workdir"])
+  app.run(_eval)
+
+
+def generate_main():
+  flags.DEFINE_string("prompt", "", "Prompt text (token ids separated by spaces for runs without a tokenizer).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: greedy).")
+  flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
+  flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(_generate)
+
+
+if __name__ == "__main__":
+  {"train": train_main, "eval": eval_main, "generate": generate_main}[sys.argv.pop(1)]()

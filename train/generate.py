@@ -1,0 +1,55 @@
+"""Continuation of a prompt from a trained run: the latest checkpoint's parameters and the run's tokenizer."""
+
+import json
+import os
+
+from flax import nnx
+import numpy as np
+
+from train import checkpoint as ckpt_lib
+from train import tasks as tasks_lib
+from train import trainer
+
+
+def load_model(workdir: str):
+  """(model, tokenizer or None, step) of the latest checkpoint; clear errors when missing / incompatible."""
+  setup, params, step = trainer.load_run(workdir, with_task=False)
+  model = nnx.merge(setup.graphdef, params)
+  info_path = os.path.join(workdir, trainer.TOKENIZER_FILE)
+  info = {"kind": "none"}
+  if os.path.exists(info_path):
+    with open(info_path, encoding="utf-8") as f:
+      info = json.load(f)
+  return model, tasks_lib.load_tokenizer(info, workdir), step
+
+
+def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
+                      top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+  """Text of the continuation (or space-separated ids for runs without a tokenizer, e.g. MQAR)."""
+  from bmojo_jax import inference  # pylint: disable=g-import-not-at-top
+  model, tokenizer, _ = load_model(workdir)
+  vocab = model.cfg.vocab_size
+  if tokenizer is None:
+    try:
+      ids = [int(x) for x in prompt.split()]
+    except ValueError:
+      raise ValueError(f"This run has no tokenizer (token-id task): give the prompt as token ids separated "
+                       f"by spaces, got {prompt!r}.") from None
+  else:
+    ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
+  if not ids:
+    raise ValueError("The prompt is empty.")
+  bad = [i for i in ids if not 0 <= i < vocab]
+  if bad:
+    raise ValueError(f"Prompt token ids {bad[:5]} are outside the model vocabulary [0, {vocab}).")
+  out = inference.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)[0]
+  out = [int(i) for i in np.asarray(out).reshape(-1)]
+  # Accept either convention of `generate`: prompt + continuation, or the continuation alone.
+  new = out[len(ids):] if out[:len(ids)] == ids and len(out) > max_new_tokens else out
+  if tokenizer is None:
+    return " ".join(str(int(i)) for i in new)
+  return tokenizer.decode(new)
+
+
+__all__ = ["ckpt_lib", "generate_from_run", "load_model"]

@@ -1,0 +1,52 @@
+"""Loss and accuracy curves from a run's metrics.jsonl as a PNG (needs the optional matplotlib).
+
+    python -m train.plots runs/default            # writes runs/default/curves.png
+"""
+
+import os
+import sys
+
+from train import metrics as metrics_lib
+
+
+def plot_curves(workdir: str, out_path: str | None = None) -> str:
+  """Writes loss (train, eval) and accuracy (train, eval) against step; returns the PNG path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = metrics_lib.read_metrics(workdir)
+  out_path = out_path or os.path.join(workdir, "curves.png")
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  for split, style in (("train", "-"), ("eval", "o-")):
+    steps, loss = metrics_lib.series(records, split, "loss")
+    if steps:
+      ax_loss.plot(steps, loss, style, label=split, markersize=3)
+    steps, acc = metrics_lib.series(records, split, "accuracy")
+    if steps:
+      ax_acc.plot(steps, acc, style, label=split, markersize=3)
+  ax_loss.set(xlabel="step", ylabel="loss (per supervised token)", yscale="log", title="loss")
+  ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0.0, 1.0), title="accuracy (eval: per example)")
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+  return out_path
+
+
+def maybe_plot(workdir: str) -> str | None:
+  """`plot_curves` if matplotlib is importable and metrics exist; None otherwise."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return None
+  if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+    return None
+  return plot_curves(workdir)
+
+
+if __name__ == "__main__":
+  print(plot_curves(sys.argv[1]))

@@ -1,0 +1,107 @@
+"""Device mesh and logical-axis sharding: one table maps the model's logical axis names to mesh axes.
+
+Mesh axes: "data" (pure data parallel: parameters replicated), "fsdp" (data parallel with parameters and
+optimizer state sharded along "embed"), "tensor" (model parallel over heads / MLP / inner / vocab).
+Batches are split over ("data", "fsdp"). A logical axis whose size the mesh axis does not divide, or whose
+mesh axis an earlier dimension of the same array already uses, stays replicated.
+"""
+
+from typing import Any, Sequence
+
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (None: replicated). Names are those of bmojo_jax/typing.py.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "inner": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "state": None,
+    "rank": None,
+    "conv": None,
+    "head_dim": None,
+}
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with at most one -1 filled in; raises ValueError if it does not fit."""
+  sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes (data, fsdp, tensor)={tuple(sizes)}: each must be positive, at most one -1.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh (data, fsdp, tensor)={tuple(sizes)}: {num_devices} devices are not divisible "
+                       f"by {known}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {int(np.prod(sizes))} devices, "
+                     f"have {num_devices}.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """The ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """PartitionSpec of mesh axes for an array with logical axes `logical` and `shape`."""
+  used, out = set(), []
+  for name, size in zip(logical, shape):
+    axis = LOGICAL_RULES.get(name) if name is not None else None
+    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if axes and size % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+      used.update(axes)
+      out.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def param_shardings(logical_specs, abstract_params, mesh: Mesh):
+  """NamedShardings for a params tree from its tree of logical PartitionSpecs (same structure)."""
+  def one(spec, x):
+    return NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh))
+  return jax.tree.map(one, logical_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh: Mesh):
+  """Optimizer-state shardings: parameter-shaped leaves follow their parameter, the rest is replicated."""
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, params_shardings,
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ("data", "fsdp"), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded on the batch axes (works on one or many hosts)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,420 @@
+"""The training loop: `train(config, workdir)`, `evaluate(...)`, and `load_run(workdir)` for eval / generation.
+
+The train state is a dict of pure pytrees {"params", "opt_state", "step", "rng"}; the model's graph
+definition stays outside, and the train step is one `jax.jit` of a pure function over (state, batch) that
+donates the state. Parameters and optimizer state are placed by the logical-axis rules of
+`train/sharding.py`; batches are split over the ("data", "fsdp") mesh axes, each process feeding its own
+shard of the data (`shard_index = process_index`).
+
+Step s means "after s optimizer updates"; the loss logged at step s is the one computed by update s.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bmojo_jax import LanguageModel, ModelConfig
+from train import checkpoint as ckpt_lib
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import optim as optim_lib
+from train import sharding as shard_lib
+from train import tasks as tasks_lib
+
+IGNORE_INDEX = data_lib.IGNORE_INDEX
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """ModelConfig from `config.model` (raises bmojo_jax.ConfigError on impossible models)."""
+  return ModelConfig(**config.model.to_dict())
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Task, cfg: ModelConfig) -> None:
+  """Raises ValueError naming the first training setting that cannot work."""
+  t = config.train
+  dp, procs = shard_lib.batch_parallelism(mesh), jax.process_count()
+  for name in ("num_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
+               "checkpoint_every", "keep_checkpoints"):
+    if int(t[name]) < 1:
+      raise ValueError(f"train.{name}={t[name]} must be >= 1.")
+  if t.eval_every < 0:
+    raise ValueError(f"train.eval_every={t.eval_every} must be >= 0.")
+  if t.batch_size % t.grad_accum_steps:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
+                     f"{t.grad_accum_steps}.")
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % dp:
+    raise ValueError(f"train.batch_size={t.batch_size} (micro-batch {micro} with grad_accum_steps="
+                     f"{t.grad_accum_steps}) is not divisible by the data-parallel size {dp} "
+                     f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}).")
+  for name in ("batch_size", "eval_batch_size"):
+    if t[name] % procs or t[name] % dp:
+      raise ValueError(f"train.{name}={t[name]} is not divisible by the data-parallel size {dp} and the "
+                       f"process count {procs}.")
+  if not 0.0 <= t.target_accuracy <= 1.0:
+    raise ValueError(f"train.target_accuracy={t.target_accuracy} must be in [0, 1].")
+  optim_lib.validate(config.optim)
+  if task.vocab_size > cfg.vocab_size:
+    raise ValueError(f"The data has token ids up to {task.vocab_size - 1} but model.vocab_size="
+                     f"{cfg.vocab_size}; set --config.model.vocab_size>={task.vocab_size}.")
+  if len(task.train_source) // procs < t.batch_size // procs:
+    raise ValueError(f"The training set has {len(task.train_source)} examples, fewer than one batch "
+                     f"(train.batch_size={t.batch_size}).")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step."""
+  config: ml_collections.ConfigDict
+  cfg: ModelConfig
+  mesh: Any
+  task: tasks_lib.Task
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: Any
+  abstract_state: Any
+  init_state: Callable[[], Any]
+
+
+def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task | None = None) -> Setup:
+  cfg = model_config(config)
+  mesh = shard_lib.make_mesh(config.mesh, devices)
+  task = task or tasks_lib.make_task(config)
+  validate_config(config, mesh, task, cfg)
+  tx, schedule = optim_lib.make_optimizer(config.optim, int(config.train.num_steps))
+  seed = int(config.seed)
+
+  def init_state():
+    model = LanguageModel(cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed + 1))}
+
+  abstract_model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  abstract = jax.eval_shape(init_state)
+  p_sh = shard_lib.param_shardings(logical, abstract["params"], mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = {"params": p_sh,
+               "opt_state": shard_lib.opt_state_shardings(tx, abstract["opt_state"], p_sh, mesh),
+               "step": replicated, "rng": replicated}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return Setup(config, cfg, mesh, task, graphdef, tx, schedule, shardings, abstract,
+               jax.jit(init_state, out_shardings=shardings))
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def loss_sums(graphdef, params, batch):
+  """(sum of token cross-entropies, (supervised tokens [B], correct tokens [B], ce per example [B]))."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"])                                       # [B, T, V] fp32
+  targets = batch["targets"]
+  valid = targets != IGNORE_INDEX
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+  ce = jnp.where(valid, ce, 0.0)
+  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  per_ex_ce = ce.sum(axis=1)
+  return per_ex_ce.sum(), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
+
+
+def make_train_step(setup: Setup, accum: int):
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+
+  def grads_of(params, batch):
+    (loss, (n, c, _)), g = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
+    return g, loss, n.sum(), c.sum()
+
+  def train_step(state, batch):
+    params = state["params"]
+    batch = {"inputs": batch["inputs"], "targets": batch["targets"]}
+    if accum == 1:
+      g, loss, n, c = grads_of(params, batch)
+    else:
+      # Micro-batch i takes rows i, i+accum, ...: each device keeps its own rows (no resharding).
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                           batch)
+      def body(carry, mb):
+        out = grads_of(params, mb)
+        return jax.tree.map(jnp.add, carry, out), None
+      zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+              jnp.zeros((), jnp.int32))
+      (g, loss, n, c), _ = jax.lax.scan(body, zero, micro)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda x: x / denom, g)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": state["rng"]}
+    metrics = {"loss": loss / denom, "accuracy": c / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"])}
+    return new_state, metrics
+
+  batch_sh = shard_lib.batch_sharding(setup.mesh)
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(setup: Setup):
+  graphdef = setup.graphdef
+
+  def eval_step(params, batch):
+    _, (n, c, ce) = loss_sums(graphdef, params, batch)
+    mask = batch["mask"] & (n > 0)
+    per_ex_acc = c.astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32)
+    return {"acc_sum": jnp.sum(jnp.where(mask, per_ex_acc, 0.0)), "examples": jnp.sum(mask),
+            "ce_sum": jnp.sum(jnp.where(mask, ce, 0.0)), "tokens": jnp.sum(jnp.where(mask, n, 0))}
+
+  batch_sh = shard_lib.batch_sharding(setup.mesh)
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_sh))
+
+
+def evaluate(setup: Setup, params, eval_step=None) -> dict[str, float]:
+  """One pass over the test set: accuracy (per example, then averaged), loss per token, perplexity."""
+  eval_step = eval_step or make_eval_step(setup)
+  t = setup.config.train
+  it = data_lib.make_eval_iterator(setup.task.eval_source, batch_size=int(t.eval_batch_size) // jax.process_count(),
+                                   shard_index=jax.process_index(), shard_count=jax.process_count())
+  totals = {"acc_sum": 0.0, "examples": 0, "ce_sum": 0.0, "tokens": 0}
+  for batch in it:
+    batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
+    out = jax.device_get(eval_step(params, shard_lib.shard_batch(batch, setup.mesh)))
+    for k in totals:
+      totals[k] += out[k].item()
+  loss = totals["ce_sum"] / max(totals["tokens"], 1)
+  return {"accuracy": totals["acc_sum"] / max(totals["examples"], 1), "loss": loss,
+          "perplexity": float(np.exp(min(loss, 80.0))), "examples": totals["examples"]}
+
+
+# ----------------------------------------------------------------------------------------------- loop
+class StopRequest:
+  """Signal handler that asks the loop to checkpoint and stop after the current step."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def __call__(self, signum, frame=None):
+    del frame
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def _handle_signals(stop: StopRequest):
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _meta(setup: Setup) -> dict[str, Any]:
+  return {"model": ckpt_lib.model_config_dict(setup.cfg), "data": setup.config.data.to_dict()}
+
+
+def _write_run_files(setup: Setup, workdir: str) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(setup.config.to_json_best_effort(indent=2, sort_keys=True))
+  info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
+  with open(os.path.join(workdir, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+          step_callback: Callable[[int, dict[str, Any]], None] | None = None,
+          stop: StopRequest | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final metrics (also in results.json).
+
+  step_callback(step, state) is called after each update (tests use it to send signals).
+  """
+  start_wall = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  setup = build(config, devices)
+  t = config.train
+  lead = jax.process_index() == 0
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+                               async_save=bool(t.async_checkpointing))
+  local_batch = int(t.batch_size) // jax.process_count()
+  it = data_lib.make_train_iterator(setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
+                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                    worker_count=int(t.data_workers))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt.check_compatible(latest, _meta(setup)["model"])
+    state = ckpt.restore(latest, setup.abstract_state, it)
+  else:
+    state = setup.init_state()
+  start = int(jax.device_get(state["step"]))
+  last_saved = latest
+  if lead:
+    _write_run_files(setup, workdir)
+
+  # Out-of-range ids fail before any update: the first eval batch is checked here, every train batch below.
+  first_eval = next(iter(data_lib.make_eval_iterator(setup.task.eval_source, batch_size=1)))
+  tasks_lib.check_first_batch(first_eval, setup.cfg.vocab_size, "test data")
+
+  train_step = make_train_step(setup, int(t.grad_accum_steps))
+  eval_step = make_eval_step(setup)
+  num_steps = int(t.num_steps)
+  writer = metrics_lib.MetricWriter(workdir, total_steps=num_steps, initial_step=start, enabled=lead,
+                                    progress_bar=bool(t.progress_bar))
+  tokens_per_step = int(t.batch_size) * setup.task.seq_len
+  stop = stop or StopRequest()
+  pending: list[tuple[int, dict[str, Any]]] = []
+  last_eval: dict[str, float] | None = None
+  stopped_by, step = None, start
+  train_time, trained_steps, interval_start = 0.0, 0, time.time()
+
+  def flush():
+    """Pulls the pending step metrics, stops on a non-finite loss, logs the averages."""
+    nonlocal interval_start, train_time, trained_steps
+    if not pending:
+      return
+    values = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, values):
+      if not np.isfinite(m["loss"]):
+        where = (f"step {last_saved} in {ckpt.directory}" if last_saved is not None
+                 else f"none was written ({ckpt.directory})")
+        raise NonFiniteLossError(f"Training loss is {float(m['loss'])} at step {s}; stopping. The last good "
+                                 f"checkpoint is {where} and was left intact.")
+    elapsed = time.time() - interval_start
+    train_time += elapsed
+    trained_steps += len(pending)
+    avg = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "accuracy", "grad_norm")}
+    avg["learning_rate"] = float(values[-1]["learning_rate"])
+    avg["tokens_per_s"] = tokens_per_step * len(pending) / max(elapsed, 1e-9)
+    writer.write(pending[-1][0], avg, "train")
+    pending.clear()
+    interval_start = time.time()
+
+  def save(s):
+    nonlocal last_saved, interval_start
+    if last_saved != s:
+      ckpt.save(s, state, it, _meta(setup))
+      last_saved = s
+    interval_start = time.time()
+
+  try:
+    with _handle_signals(stop):
+      for step in range(start + 1, num_steps + 1):
+        batch = next(it)
+        tasks_lib.check_first_batch(batch, setup.cfg.vocab_size, f"training batch of step {step}")
+        state, m = train_step(state, shard_lib.shard_batch(
+            {"inputs": batch["inputs"], "targets": batch["targets"]}, setup.mesh))
+        pending.append((step, m))
+        if step_callback is not None:
+          step_callback(step, state)
+        writer.advance(step)
+        done = step == num_steps
+        if step % int(t.log_every) == 0 or done or stop.signum is not None:
+          flush()
+        if (t.eval_every and step % int(t.eval_every) == 0) or done:
+          flush()
+          last_eval = evaluate(setup, state["params"], eval_step)
+          writer.write(step, last_eval, "eval")
+          interval_start = time.time()
+          if t.target_accuracy and last_eval["accuracy"] >= t.target_accuracy:
+            writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
+                           f"{t.target_accuracy}; stopping early.")
+            stopped_by = "target_accuracy"
+        if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
+          flush()
+          save(step)
+        if stop.signum is not None:
+          stopped_by = signal.Signals(stop.signum).name
+          writer.message(f"{stopped_by} received: checkpoint of step {step} saved; rerun the same command "
+                         "to resume.")
+        if stopped_by:
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+
+  final_step = max(step, start)
+  if last_eval is None and stopped_by is None:
+    last_eval = evaluate(setup, state["params"], eval_step)
+  results = {"step": final_step, "stopped_by": stopped_by, "wall_s": time.time() - start_wall,
+             "tokens_per_s": tokens_per_step * trained_steps / max(train_time, 1e-9),
+             "family": setup.cfg.family.value, "task": setup.task.kind, "data": setup.task.info,
+             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+             "platform": jax.default_backend(), "jax_version": jax.__version__}
+  if last_eval is not None:
+    results.update({f"test_{k}": v for k, v in last_eval.items()})
+  if setup.task.kind == "mqar":
+    results["window"] = setup.cfg.window
+    if setup.cfg.window is not None:
+      results["data"]["fraction_beyond_window"] = data_lib.fraction_beyond_window(
+          setup.task.eval_source, setup.cfg.window)
+  if lead:
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    if t.plot:
+      from train import plots  # pylint: disable=g-import-not-at-top
+      plots.maybe_plot(workdir)
+  return results
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devices=None, with_task: bool = True):
+  """(setup, params, step) of the latest checkpoint in `workdir`; raises CheckpointError / FileNotFoundError."""
+  workdir = os.path.abspath(workdir)
+  config = config or load_config(workdir)
+  task = None if with_task else tasks_lib.Task("none", range(1 << 30), range(1), 1, 0)
+  if not with_task:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config.train.batch_size = config.train.eval_batch_size = jax.device_count()
+    config.train.grad_accum_steps = 1
+  setup = build(config, devices, task)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+                               async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"No checkpoint in {ckpt.directory}: train first (bmojo-train).")
+    ckpt.check_compatible(step, _meta(setup)["model"])
+    state = ckpt.restore(step, setup.abstract_state, None)
+  finally:
+    ckpt.close()
+  return setup, state["params"], step
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents."""
+  setup, params, step = load_run(workdir, config)
+  result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+  return result
