@@ -5,11 +5,12 @@
     bmojo-train --config configs/mqar.py:bmojo_f --config.model.d_model=128 --workdir runs/x
 
 Presets: transformer, mamba, hybrid, bmojo_f, bmojo (the default). The model comes from
-`bmojo_jax.mqar_config(family, d_model)` with the CPU-sized settings below; `data.vocab_size` and
-`data.seq_len` follow `model.vocab_size` unless set explicitly.
+`bmojo_jax.mqar_config(family, d_model)` with the CPU-sized settings below; `data.vocab_size`
+follows `model.vocab_size` unless set explicitly.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from bmojo_jax import mqar_config
 from configs import common
@@ -30,7 +31,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.kind = "mqar"                          # mqar | text
-  d.vocab_size = c.model.get_ref("vocab_size")  # V: keys 1..V/2-1, values V/2..V-1 (must be > seq_len)
+  d.vocab_size = config_dict.placeholder(int)  # V (unset: model.vocab_size); keys 1..V/2-1, values V/2..V-1
   d.seq_len = 64                           # L, tokens per example
   d.num_kv_pairs = 8                       # N key-value pairs per example (4N <= L)
   d.power_a = 0.01                         # power-law exponent of the query positions

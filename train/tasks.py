@@ -85,7 +85,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   """Builds the sources; missing paths and impossible task settings raise here, before any training."""
   d = config.data
   if d.kind == "mqar":
-    mq = data_lib.MQARConfig(vocab_size=int(d.vocab_size), seq_len=int(d.seq_len),
+    vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
+    mq = data_lib.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
                              num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))
     train = data_lib.MQARSource(mq, num_examples=int(d.num_train), seed=int(d.train_seed))
     test = data_lib.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))

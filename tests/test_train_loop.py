@@ -1,0 +1,250 @@
+"""End-to-end training runs on CPU: resume exactness, SIGTERM, bad checkpoints, NaN, early failures, CLI.
+
+All runs share one tiny Mamba config (d_model 16, 1 block, L 32) and a persistent compilation cache, so each
+program compiles once for the module.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bmojo_jax import ConfigError
+from configs import lm
+from configs import mqar
+from train import checkpoint as ckpt_lib
+from train import metrics as metrics_lib
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Reuses compiled programs across the module's runs (each train() builds fresh jitted closures)."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield cache
+  for n, v in old.items():
+    jax.config.update(n, v)
+
+
+def tiny_config(num_steps=8, **train):
+  c = mqar.get_config("mamba")
+  c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
+  c.data.update(seq_len=32, num_kv_pairs=4, num_train=256, num_test=12)
+  c.train.update(num_steps=num_steps, batch_size=4, eval_batch_size=8, log_every=1, eval_every=0,
+                 checkpoint_every=3, keep_checkpoints=10, progress_bar=False, plot=False,
+                 async_checkpointing=False, target_accuracy=0.0)
+  c.optim.warmup_steps = 2
+  c.train.update(train)
+  return c
+
+
+def losses(workdir):
+  steps, values = metrics_lib.series(metrics_lib.read_metrics(workdir), "train", "loss")
+  return dict(zip(steps, values))
+
+
+def snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  results = trainer.train(tiny_config(), workdir)
+  return workdir, results
+
+
+def test_full_run_writes_everything(full_run):
+  workdir, results = full_run
+  assert results["step"] == 8 and results["stopped_by"] is None
+  for name in ("config.json", "tokenizer.json", "metrics.jsonl", "results.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  for key in ("test_accuracy", "wall_s", "tokens_per_s", "device", "jax_version"):
+    assert key in saved
+  assert saved["data"]["L"] == 32 and saved["data"]["N"] == 4 and 0.0 <= saved["data"]["fraction_beyond_window"] <= 1
+  assert sorted(losses(workdir)) == list(range(1, 9))
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).all_steps() == [3, 6, 8]
+
+
+def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
+  """Stop at step 4 by a real SIGTERM (handler installed by train), rerun: losses equal the uninterrupted run."""
+  full_dir, _ = full_run
+  workdir = str(tmp_path)
+
+  def send_sigterm(step, state):
+    del state
+    if step == 4:
+      signal.raise_signal(signal.SIGTERM)
+
+  first = trainer.train(tiny_config(), workdir, step_callback=send_sigterm)
+  assert first["stopped_by"] == "SIGTERM" and first["step"] == 4
+  steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).all_steps()
+  assert steps == [3, 4]   # step 4 is the SIGTERM save (checkpoint_every is 3)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not isinstance(
+      signal.getsignal(signal.SIGTERM), trainer.StopRequest)   # handler restored
+  second = trainer.train(tiny_config(), workdir)
+  assert second["step"] == 8
+  expected, got = losses(full_dir), losses(workdir)
+  assert sorted(got) == list(range(1, 9))
+  for s in range(1, 9):
+    assert got[s] == expected[s], (s, got[s], expected[s])   # bit-exact, fp32 on CPU
+  assert second["test_loss"] == full_run[1]["test_loss"]
+
+
+def test_corrupt_checkpoint_is_refused_and_untouched(full_run, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  meta = os.path.join(workdir, "checkpoints", "8", "meta", "metadata")
+  assert os.path.exists(meta), os.listdir(os.path.dirname(meta))
+  with open(meta, "w") as f:
+    f.write("{not json")
+  before = snapshot(workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/8.*unreadable"):
+    trainer.train(tiny_config(), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_corrupt_state_files_are_refused_and_untouched(full_run, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "8", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  before = snapshot(workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/8.*could not be restored"):
+    trainer.train(tiny_config(), workdir)
+  assert snapshot(workdir) == before
+
+
+def test_incompatible_checkpoint_names_the_field(full_run, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  before = snapshot(workdir)
+  c = tiny_config()
+  c.model.d_model = 32
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"different model.*d_model: checkpoint 16, config 32"):
+    trainer.train(c, workdir)
+  assert snapshot(workdir) == before
+  with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
+    trainer.evaluate_run(workdir, c)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+  c = tiny_config(num_steps=6, checkpoint_every=1)
+  c.optim.update(learning_rate=1e30, warmup_steps=0, grad_clip_norm=0.0)
+  workdir = str(tmp_path)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+).*last good checkpoint is step") as e:
+    trainer.train(c, workdir)
+  bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10)
+  assert ckpt.latest_step() == bad_step - 1
+  assert f"last good checkpoint is step {bad_step - 1}" in str(e.value)
+  # The last good checkpoint restores, with finite parameters.
+  setup, params, step = trainer.load_run(workdir)
+  assert step == bad_step - 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_early_failures_before_training(tmp_path):
+  # Data ids beyond the model vocabulary.
+  c = tiny_config()
+  c.data.vocab_size = 512
+  with pytest.raises(ValueError, match=r"token ids up to 511 but model.vocab_size=256"):
+    trainer.train(c, str(tmp_path / "a"))
+  # Missing text path.
+  c = lm.get_config("mamba")
+  c.data.paths = str(tmp_path / "no_such_dir")
+  with pytest.raises(FileNotFoundError, match="no_such_dir"):
+    trainer.train(c, str(tmp_path / "b"))
+  # Impossible model and train configs.
+  c = tiny_config()
+  c.model.n_layers = 3
+  with pytest.raises(ConfigError, match="n_layers=3"):
+    trainer.train(c, str(tmp_path / "c"))
+  c = tiny_config(grad_accum_steps=3)
+  with pytest.raises(ValueError, match="batch_size=4 is not divisible by train.grad_accum_steps=3"):
+    trainer.train(c, str(tmp_path / "d"))
+  c = tiny_config()
+  c.mesh.tensor = 3
+  with pytest.raises(ValueError, match=r"needs 3 devices|not divisible by 3"):
+    trainer.train(c, str(tmp_path / "e"))
+  for name in "abcde":
+    assert not os.path.exists(tmp_path / name / "checkpoints")
+
+
+def test_out_of_range_token_ids_fail_before_training(tmp_path):
+  """A source yielding ids >= vocab_size is caught on the first batch, before any update."""
+  setup = trainer.build(tiny_config())
+  bad = {"inputs": np.full((2, 32), 300, np.int32), "targets": np.full((2, 32), -100, np.int32)}
+  from train import tasks
+  with pytest.raises(ValueError, match=r"'inputs' has token ids in \[300, 300\].*vocab_size=256"):
+    tasks.check_first_batch(bad, setup.cfg.vocab_size, "training batch of step 1")
+
+
+def _cli(*args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_cli_train_eval(tmp_path, compilation_cache):
+  workdir = str(tmp_path / "cli")
+  overrides = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.d_state=4",
+               "--config.data.seq_len=32", "--config.data.num_kv_pairs=4", "--config.data.num_train=64",
+               "--config.data.num_test=8", "--config.train.num_steps=3", "--config.train.batch_size=4",
+               "--config.train.eval_batch_size=8", "--config.train.progress_bar=false",
+               "--config.train.plot=false"]
+  env = {"JAX_COMPILATION_CACHE_DIR": compilation_cache}
+  r = _cli("train", "--config", "configs/mqar.py:mamba", "--workdir", workdir, *overrides, env_extra=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "test accuracy" in r.stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["step"] == 3
+  r = _cli("eval", "--workdir", workdir, env_extra=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    ev = json.load(f)
+  assert ev["step"] == 3 and ev["test_examples"] == 8 and 0.0 <= ev["test_accuracy"] <= 1.0
+  r = _cli("eval", "--workdir", str(tmp_path / "missing"), env_extra=env)
+  assert r.returncode != 0 and "No config.json" in r.stderr
+
+
+def test_generate_from_run(full_run, tmp_path):
+  from train import generate
+  out = generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4)
+  ids = [int(x) for x in out.split()]
+  assert len(ids) == 4 and all(0 <= i < 256 for i in ids)
+  with pytest.raises(ValueError, match="token ids separated by spaces"):
+    generate.generate_from_run(full_run[0], "hello", max_new_tokens=2)
+  with pytest.raises(FileNotFoundError, match="No config.json"):
+    generate.generate_from_run(str(tmp_path), "1", max_new_tokens=2)
