@@ -1,0 +1,132 @@
+"""Inference: sampling, a compiled decoder over a constant-size cache, and `generate`.
+
+Prefill runs the parallel pass and hands its final states to the step path (`LanguageModel.prefill`);
+`Decoder.step` is compiled once and reused for every token, with the cache donated. Prompts of different
+lengths are batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of
+its prompt while rows past their prompt sample, all in the same compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bmojo_jax.model import LanguageModel
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None) -> jax.Array:
+  """logits [B, V] -> tokens [B] int32. temperature 0 is greedy; top_k / top_p restrict the support."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0")
+  if top_k is not None and not 0 < top_k <= vocab_size:
+    raise ValueError(f"top_k={top_k} must be in 1..vocab_size={vocab_size}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+
+class Decoder:
+  """Compiled prefill and step functions for one model.
+
+  `prefill(tokens [B, T], max_len) -> (logits [B, T, V], cache)` compiles once per prompt shape;
+  `step(token [B], cache) -> (logits [B, V], cache)` compiles once and donates the cache.
+  """
+
+  def __init__(self, model: LanguageModel):
+    self.cfg = model.cfg
+    self.graphdef, self.state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
+  def _prefill(self, state, tokens, max_len):
+    return nnx.merge(self.graphdef, state).prefill(tokens, max_len)
+
+  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+  def _step(self, state, token, cache):
+    return nnx.merge(self.graphdef, state).step(token, cache)
+
+  def prefill(self, tokens: jax.Array, max_len: int | None = None):
+    return self._prefill(self.state, jnp.asarray(tokens, jnp.int32), max_len)
+
+  def step(self, token: jax.Array, cache):
+    return self._step(self.state, jnp.asarray(token, jnp.int32), cache)
+
+  @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9), donate_argnums=(3,))
+  def _forced_step(self, state, logits, cache, forced, use_forced, key, temperature, top_k, top_p):
+    """Sample from logits [B, V] (or take the forced token), then decode it. Returns (token, logits, cache)."""
+    token = jnp.where(use_forced, forced, sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p))
+    logits, cache = nnx.merge(self.graphdef, state).step(token, cache)
+    return token, logits, cache
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+  prompts = [list(map(int, p)) for p in prompts]
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  lo, hi = min(min(p) for p in prompts), max(max(p) for p in prompts)
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f"prompt token ids span [{lo}, {hi}] but the model's vocab_size is {vocab_size}")
+  return prompts
+
+
+def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+  """Continue each prompt by max_new_tokens tokens (cut after eos_id if given). Returns the new tokens."""
+  decoder = model if isinstance(model, Decoder) else Decoder(model)
+  cfg = decoder.cfg
+  prompts = _check_prompts(prompt_tokens, cfg.vocab_size)
+  validate_sampling(temperature, top_k, top_p, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  lengths = np.array([len(p) for p in prompts])
+  start, total = int(lengths.min()), int(lengths.max()) + max_new_tokens
+  padded = np.zeros((len(prompts), total), np.int32)
+  for i, p in enumerate(prompts):
+    padded[i, :len(p)] = p
+
+  logits, cache = decoder.prefill(padded[:, :start], total)
+  logits = logits[:, -1]
+  key = jax.random.key(seed)
+  tokens = []
+  for pos in range(start, total):
+    key, sub = jax.random.split(key)
+    token, logits, cache = decoder._forced_step(
+        decoder.state, logits, cache, jnp.asarray(padded[:, pos]), jnp.asarray(pos < lengths), sub,
+        float(temperature), top_k, top_p)
+    tokens.append(token)
+  out = np.asarray(jnp.stack(tokens, axis=1)) if tokens else np.zeros((len(prompts), 0), np.int32)
+  results = []
+  for i, n in enumerate(lengths):
+    new = out[i, n - start:n - start + max_new_tokens].tolist()
+    if eos_id is not None and eos_id in new:
+      new = new[:new.index(eos_id) + 1]
+    results.append(new)
+  return results
+
+
+def cache_bytes(model: LanguageModel, batch: int, context: int) -> int:
+  """Bytes of the decode cache after `context` tokens (shapes only; nothing is allocated)."""
+  shapes = jax.eval_shape(lambda: model.init_cache(batch, context))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -1,0 +1,100 @@
+"""Attention reference paths: blockwise = dense masked; no T×T scores with a window; exact masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmojo_jax.attention import Attention
+from pallas_kernels.window_attention.reference import memory_attention_reference
+from tests.conftest import tiny_config
+
+
+def dense_memory_attention(q, k, v, mem_k, mem_v, mem_valid, window, chunk):
+  """Dense [T, T] masked attention: the obvious implementation, for small T only."""
+  b, t, h, p = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, p)
+  pos = np.arange(t)
+  mask = pos[None, :] <= pos[:, None]
+  if window is not None:
+    mask &= pos[None, :] > pos[:, None] - window
+  logits = jnp.where(mask, jnp.einsum("BTKGP,BSKP->BKGTS", qg, k) / np.sqrt(p), -1e30)
+  parts_v = [v]
+  if mem_k is not None:
+    chunk_of = pos // chunk
+    mem_logits = jnp.einsum("BTKGP,BTMKP->BKGTM", qg, mem_k[:, chunk_of]) / np.sqrt(p)
+    logits = jnp.concatenate([logits, jnp.where(mem_valid[:, chunk_of][:, None, None], mem_logits, -1e30)], -1)
+  probs = jax.nn.softmax(logits, -1)
+  out = jnp.einsum("BKGTS,BSKP->BTKGP", probs[..., :t], v)
+  if mem_k is not None:
+    out += jnp.einsum("BKGTM,BTMKP->BTKGP", probs[..., t:], mem_v[:, pos // chunk])
+  return out.reshape(b, t, h, p)
+
+
+@pytest.mark.parametrize("t, window, chunk, m, heads", [
+    (37, 8, 4, 3, (4, 2)), (32, 16, 16, 0, (2, 2)), (21, None, 5, 0, (4, 1)), (50, 12, 4, 5, (2, 1)),
+])
+def test_reference_matches_dense(t, window, chunk, m, heads):
+  h, kh = heads
+  ks = jax.random.split(jax.random.key(t), 6)
+  q = jax.random.normal(ks[0], (2, t, h, 8))
+  k, v = (jax.random.normal(kk, (2, t, kh, 8)) for kk in ks[1:3])
+  c = -(-t // chunk)
+  mem = (jax.random.normal(ks[3], (2, c, m, kh, 8)), jax.random.normal(ks[4], (2, c, m, kh, 8)),
+         jax.random.bernoulli(ks[5], 0.6, (2, c, m))) if m else (None, None, None)
+  out = memory_attention_reference(q, k, v, *mem, window=window, chunk=chunk)
+  want = dense_memory_attention(q, k, v, *mem, window, chunk)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_quadratic_scores_with_a_window():
+  t, w, c = 512, 16, 16
+  q = jnp.zeros((1, t, 2, 8))
+  jaxpr = jax.make_jaxpr(lambda q: memory_attention_reference(q, q, q, window=w, chunk=c))(q)
+  for eqn in jaxpr.jaxpr.eqns:
+    for var in eqn.outvars:
+      assert np.prod(var.aval.shape) < t * t, (eqn.primitive, var.aval.shape)
+
+
+def test_keys_outside_window_get_exactly_zero_gradient():
+  t, w, c = 24, 8, 4
+  q, k, v = (jax.random.normal(key, (1, t, 2, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  query = 20
+  gk = jax.grad(lambda k: jnp.sum(memory_attention_reference(q, k, v, window=w, chunk=c)[:, query]))(k)
+  norms = jnp.abs(gk[0]).sum((-1, -2))
+  assert jnp.all(norms[:query - w + 1] == 0) and jnp.all(norms[query + 1:] == 0)
+  assert jnp.all(norms[query - w + 1:query + 1] > 0)
+
+
+def _grad_norms(family, wrt, planted=6):
+  """|d out[t_query] / d input[t']| per t' for the Attention module of `family` (a: input, f: fading source)."""
+  cfg = tiny_config(family, window=4, chunk_size=4, n_fading=2, n_eidetic=4, eidetic_per_chunk=1)
+  attn = Attention(cfg, rngs=nnx.Rngs(0))
+  ka, kf = jax.random.split(jax.random.key(1))
+  a = 0.1 * jax.random.normal(ka, (1, 24, cfg.d_model))
+  a = a.at[:, planted].set(5.0)                     # a planted, surprising token
+  f = jax.random.normal(kf, (1, 24, cfg.d_model))
+  query = 23                                       # end of chunk 5; its window is 20..23
+  def out(a, f):
+    return jnp.sum(attn(a, f if cfg.fading else None)[0][:, query])
+  g = jax.grad(out, argnums=(0, 1))(a, f)[0 if wrt == "a" else 1]
+  return jnp.abs(g[0]).sum(-1)
+
+
+def test_memory_reaches_beyond_the_window():
+  # Eidetic: the planted token at position 6 (chunk 1) is in the FIFO store of chunk 5 (chunks 1-4, k_e 1),
+  # so it reaches query 23 through its key and value; planted in chunk 0 it has been evicted.
+  assert _grad_norms("bmojo", "a", planted=6)[6] > 0
+  assert _grad_norms("bmojo", "a", planted=2)[2] == 0
+  # Fading: the last 2 mixer outputs of chunk 4 (positions 18, 19) are the fading tokens of chunk 5.
+  g = _grad_norms("bmojo_f", "f")
+  assert jnp.all(g[18:20] > 0) and jnp.all(g[:18] == 0) and jnp.all(g[20:] == 0)
+  # B'MOJO-F has no eidetic store: the planted token is beyond the window and unreachable.
+  assert jnp.all(_grad_norms("bmojo_f", "a")[:20] == 0)
+
+
+def test_hybrid_has_zero_gradient_beyond_the_window():
+  g = _grad_norms("hybrid", "a")
+  assert jnp.all(g[:20] == 0) and jnp.all(g[20:] > 0)

@@ -1,0 +1,83 @@
+"""Innovation selection and the eidetic store against plain-Python models of the policies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bmojo_jax import memory
+from bmojo_jax.config import StorePolicy
+
+
+def test_innovation_picks_planted_tokens():
+  b, t, d, chunk = 2, 32, 8, 8
+  a = 0.01 * jax.random.normal(jax.random.key(0), (b, t, d))
+  planted = [3, 12, 13, 30]
+  a = a.at[:, planted].add(3.0)
+  scores, _ = memory.innovation_scores(a)
+  k = jnp.arange(b * t * 4, dtype=jnp.float32).reshape(b, t, 2, 2)
+  sel = memory.select_per_chunk(scores, k, k, chunk, 2)
+  chosen = set(np.asarray(sel.pos[0][sel.valid[0]]).tolist())
+  assert set(planted) <= chosen
+  # Keys of the selected tokens are the tokens' own keys.
+  np.testing.assert_array_equal(sel.k[0, 0, 0], k[0, sel.pos[0, 0, 0]])
+
+
+def test_innovation_definition():
+  a = jax.random.normal(jax.random.key(1), (1, 9, 3))
+  scores, history = memory.innovation_scores(a)
+  padded = np.concatenate([np.zeros((4, 3)), np.asarray(a[0])])
+  want = [np.sum((padded[t + 4] - padded[t:t + 4].mean(0)) ** 2) for t in range(9)]
+  np.testing.assert_allclose(scores[0], want, rtol=1e-5)
+  np.testing.assert_array_equal(history[0], a[0, -4:])
+
+
+def python_policy(chunks, capacity, policy):
+  """The store before each chunk, as sorted lists of (position, score). chunks: list of [(pos, score)]."""
+  store, before = [], []
+  for sel in chunks:
+    before.append(sorted(store))
+    sel = sorted(sel)
+    if policy == "fifo":
+      store = (store + sel)[-capacity:]
+    else:
+      store = sorted(store + sel, key=lambda e: (-e[1], e[0]))[:capacity]
+  return before, sorted(store)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "score"])
+def test_store_policies_match_python_model(policy):
+  rng = np.random.default_rng(0)
+  b, chunk, k_e, capacity, n_chunks = 2, 8, 2, 6, 25
+  t = chunk * n_chunks - 3                                    # a partial last chunk
+  scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
+  k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)
+  sel = memory.select_per_chunk(jnp.asarray(scores), k, k, chunk, k_e)
+  stores = memory.stores_before_chunks(sel, capacity, StorePolicy(policy))
+  for row in range(b):
+    chunks = []
+    for c in range(n_chunks):
+      seg = [(c * chunk + i, scores[row, c * chunk + i]) for i in range(chunk) if c * chunk + i < t]
+      chunks.append(sorted(sorted(seg, key=lambda e: (-e[1], e[0]))[:k_e]))   # top-k_e, ties earliest
+    before, _ = python_policy(chunks, capacity, policy)
+    for c in range(n_chunks):
+      got = sorted((int(p), float(s)) for p, s, ok in zip(stores.pos[row, c], stores.score[row, c],
+                                                        stores.valid[row, c]) if ok)
+      assert got == [(p, float(s)) for p, s in before[c]], (policy, row, c)
+      for p, key in zip(stores.pos[row, c], stores.k[row, c]):
+        if p != memory.NO_POS:
+          np.testing.assert_array_equal(key, k[row, p])
+
+
+def test_streaming_candidates_equal_chunk_selection():
+  rng = np.random.default_rng(1)
+  b, chunk, k_e = 3, 16, 4
+  scores = jnp.asarray(rng.integers(0, 6, size=(b, chunk)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(b, chunk, 1, 2)), jnp.float32)
+  cand = memory.empty_store(b, k_e, 1, 2, jnp.float32)
+  for i in range(chunk):
+    cand = memory.insert_candidate(cand, scores[:, i], k[:, i], k[:, i], jnp.int32(i))
+  sel = jax.tree.map(lambda x: x[:, 0], memory.select_per_chunk(scores, k, k, chunk, k_e))
+  cand = memory.by_position(cand)
+  for x, y in zip(cand, sel):
+    np.testing.assert_array_equal(x, y)
