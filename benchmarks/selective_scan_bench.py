@@ -29,6 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference  # noqa: E402
 
 RECORDS = []
+START = time.perf_counter()
+BUDGET_S = [1e9]
+
+
+def log(*a):
+  print(f"[{time.perf_counter() - START:6.1f}s]", *a, flush=True)
+
+
+def over_budget():
+  return time.perf_counter() - START > BUDGET_S[0]
 
 
 def device_name():
@@ -76,12 +86,28 @@ def fwdbwd_fn(scan):
   return jax.jit(f)
 
 
-def temp_bytes(f, *args):
+def compiled(f, *args):
+  """AOT-compiles a jitted f for args (timed, logged); returns (executable, temp bytes or None)."""
+  t0 = time.perf_counter()
+  c = f.lower(*args).compile()
+  log(f"  compiled in {time.perf_counter() - t0:.1f}s")
   try:
-    m = f.lower(*args).compile().memory_analysis()
-    return int(m.temp_size_in_bytes)
+    temp = int(c.memory_analysis().temp_size_in_bytes)
   except Exception:  # noqa: BLE001
-    return None
+    temp = None
+  return c, temp
+
+
+def time_pair(fwd, fwdbwd, *args, **kw):
+  """fwd_ms, fwdbwd_ms, temp bytes of each (None for a function given as None)."""
+  out = []
+  for f in (fwd, fwdbwd):
+    if f is None:
+      out += [None, None]
+      continue
+    c, temp = compiled(f, *args)
+    out += [timeit(c, *args, **kw), temp]
+  return out[0], out[2], dict(temp_bytes_fwd=out[1], temp_bytes_fwdbwd=out[3])
 
 
 def rel(a, b):
@@ -93,16 +119,16 @@ def record(impl, shape, dtype, fwd_ms, fwdbwd_ms, **extra):
   r = dict(op="selective_scan", impl=impl, shape=shape, dtype=dtype, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
            device=jax.devices()[0].device_kind, jax=jax.__version__, **extra)
   RECORDS.append(r)
-  print("RECORD", json.dumps(r), flush=True)
+  log("RECORD", json.dumps(r))
 
 
 def pallas(bs):
   return lambda *a: selective_scan(*a, block_sizes=bs)
 
 
-def check_full_size(bs, B=2, T=4096, E=2048, N=16):
-  """Pallas vs the sequential reference at the main shape, fp32 and bf16, forward and all gradients."""
-  for dtype in (jnp.float32, jnp.bfloat16):
+def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bfloat16)):
+  """Pallas vs the sequential reference at the main shape, forward and all gradients."""
+  for dtype in dtypes:
     args = make_inputs(B, T, E, N, dtype, seed=3)
     yp, gp = fwd_fn(pallas(bs))(*args), fwdbwd_fn(pallas(bs))(*args)
     yr, gr = fwd_fn(selective_scan_reference)(*args), fwdbwd_fn(selective_scan_reference)(*args)
@@ -110,8 +136,8 @@ def check_full_size(bs, B=2, T=4096, E=2048, N=16):
     for name, a, b in zip(("u", "delta", "A", "Bm", "Cm", "D", "z", "bias"), gp, gr):
       errs["d" + name] = rel(a, b)
     finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*yp, *gp))
-    print(f"CHECK full size {jnp.dtype(dtype).name}: finite={finite} max rel err={max(errs.values()):.2e}",
-          {k: f"{v:.1e}" for k, v in errs.items()}, flush=True)
+    log(f"CHECK full size {jnp.dtype(dtype).name}: finite={finite} max rel err={max(errs.values()):.2e}",
+          {k: f"{v:.1e}" for k, v in errs.items()})
 
 
 def mixer_check():
@@ -132,8 +158,8 @@ def mixer_check():
     res[impl] = (out, jax.tree.leaves(g))
   errs = [rel(res["pallas"][0], res["sequential"][0])]
   errs += [rel(a, b) for a, b in zip(res["pallas"][1], res["sequential"][1])]
-  print(f"CHECK mamba mixer pallas vs sequential (fp32): out {errs[0]:.2e}, max grad {max(errs[1:]):.2e}"
-        f" over {len(errs) - 1} params -> {'OK' if max(errs) <= 1e-4 else 'FAIL'}", flush=True)
+  log(f"CHECK mamba mixer pallas vs sequential (fp32): out {errs[0]:.2e}, max grad {max(errs[1:]):.2e}"
+        f" over {len(errs) - 1} params -> {'OK' if max(errs) <= 1e-4 else 'FAIL'}")
 
 
 def main():
@@ -144,13 +170,24 @@ def main():
   p.add_argument("--mixer", action="store_true")
   p.add_argument("--check", action="store_true")
   p.add_argument("--seq", action="store_true", help="also time the sequential reference")
+  p.add_argument("--budget", type=float, default=1e9, help="seconds; later phases are skipped past it")
+  p.add_argument("--variants", default="", help="more block sizes to time, ';'-separated; the best is used after")
+  p.add_argument("--check-dtypes", default="float32,bfloat16")
   p.add_argument("--bs", default="", help="block sizes for the main runs, e.g. block_e=8,chunk=16")
   args = p.parse_args()
+  BUDGET_S[0] = args.budget
   os.makedirs(args.out, exist_ok=True)
   dev = device_name()
   path = os.path.join(args.out, f"selective_scan_{dev}.json")
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-  bs = BlockSizes(**{k: int(v) for k, v in (kv.split("=") for kv in args.bs.split(",") if kv)})
+  try:  # a recompile of the same kernels (the same HLO) then comes from disk
+    jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  except Exception:  # noqa: BLE001
+    traceback.print_exc()
+  parse = lambda spec: BlockSizes(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)})
+  bs = parse(args.bs)
   print("block sizes", bs, flush=True)
 
   def dump():
@@ -162,39 +199,48 @@ def main():
       mixer_check()
     except Exception:  # noqa: BLE001
       traceback.print_exc()
-  if args.check:
-    check_full_size(bs)
+  log("main timings")
 
   B, T, E, N, dtype = 2, 4096, 2048, 16, jnp.bfloat16
   shape = dict(B=B, T=T, E=E, N=N, D=True, z=True, delta_bias=True)
   a = make_inputs(B, T, E, N, dtype)
-  f, fb = fwd_fn(pallas(bs)), fwdbwd_fn(pallas(bs))
-  record("pallas", shape, "bfloat16", timeit(f, *a), timeit(fb, *a), block_sizes=dataclasses.asdict(bs),
-         temp_bytes_fwd=temp_bytes(f, *a), temp_bytes_fwdbwd=temp_bytes(fb, *a))
+  fw, fbw, mem = time_pair(fwd_fn(pallas(bs)), fwdbwd_fn(pallas(bs)), *a)
+  record("pallas", shape, "bfloat16", fw, fbw, block_sizes=dataclasses.asdict(bs), **mem)
   dump()
+  tried = [(bs, fw, fbw)]
   try:
     from bmojo_jax.scan import selective_scan_associative
-    f, fb = fwd_fn(selective_scan_associative), fwdbwd_fn(selective_scan_associative)
-    record("associative", shape, "bfloat16", timeit(f, *a), timeit(fb, *a),
-           temp_bytes_fwd=temp_bytes(f, *a), temp_bytes_fwdbwd=temp_bytes(fb, *a))
+    fw, fbw, mem = time_pair(fwd_fn(selective_scan_associative), fwdbwd_fn(selective_scan_associative), *a)
+    record("associative", shape, "bfloat16", fw, fbw, **mem)
   except Exception:  # noqa: BLE001
     traceback.print_exc()
   dump()
-  if args.seq:
-    f, fb = fwd_fn(selective_scan_reference), fwdbwd_fn(selective_scan_reference)
-    record("sequential", shape, "bfloat16", timeit(f, *a, inner=1), timeit(fb, *a, inner=1))
+  if args.seq and not over_budget():
+    fw, _, mem = time_pair(fwd_fn(selective_scan_reference), None, *a, inner=1)
+    _, fbw, mem2 = time_pair(None, fwdbwd_fn(selective_scan_reference), *a, reps=5, inner=1)
+    record("sequential", shape, "bfloat16", fw, fbw, note="fwd+bwd median of 5",
+           temp_bytes_fwd=mem["temp_bytes_fwd"], temp_bytes_fwdbwd=mem2["temp_bytes_fwdbwd"])
     dump()
 
-  if args.tscan:
-    for t in (1024, 4096, 16384, 65536):
-      at = make_inputs(B, t, E, N, dtype, seed=t)
-      f, fb = fwd_fn(pallas(bs)), fwdbwd_fn(pallas(bs))
-      g = fb(*at)
-      finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*f(*at), *g))
-      record("pallas", dict(shape, T=t), "bfloat16", timeit(f, *at, reps=20, inner=2),
-             timeit(fb, *at, reps=20, inner=2), block_sizes=dataclasses.asdict(bs), finite=finite,
-             temp_bytes_fwd=temp_bytes(f, *at), temp_bytes_fwdbwd=temp_bytes(fb, *at), tscan=True)
-      dump()
+  for spec in (v for v in args.variants.split(";") if v):
+    if over_budget():
+      break
+    v = parse(spec)
+    log("variant", v)
+    try:
+      fw, fbw, mem = time_pair(fwd_fn(pallas(v)), fwdbwd_fn(pallas(v)), *a)
+      record("pallas", shape, "bfloat16", fw, fbw, block_sizes=dataclasses.asdict(v), variant=True, **mem)
+      tried.append((v, fw, fbw))
+    except Exception as e:  # noqa: BLE001
+      print("VARIANT FAIL", spec, repr(e)[:300], flush=True)
+    dump()
+  if len(tried) > 1:  # forward fields from the fastest forward, backward fields from the fastest fwd+bwd
+    bf = min(tried, key=lambda r: r[1])[0]
+    bs = dataclasses.replace(min(tried, key=lambda r: r[2])[0], block_e=bf.block_e, chunk=bf.chunk,
+                             num_warps=bf.num_warps, prefetch=bf.prefetch)
+    log("best", bs)
+  if args.check:
+    check_full_size(bs, dtypes=tuple(jnp.dtype(d) for d in args.check_dtypes.split(",")))
 
   if args.sweep:
     fwd_cfgs = [dict(block_e=4), dict(block_e=16), dict(block_e=8, chunk=32), dict(block_e=16, num_warps=2),
@@ -202,15 +248,31 @@ def main():
     bwd_cfgs = [dict(block_e_bwd=4), dict(block_e_bwd=16), dict(block_e_bwd=8, chunk_bwd=8),
                 dict(block_e_bwd=16, num_warps_bwd=2)]
     for cfg in fwd_cfgs + bwd_cfgs:
+      if over_budget():
+        break
+      log("sweep", cfg)
       b2 = dataclasses.replace(bs, **cfg)
       try:
-        fw = timeit(fwd_fn(pallas(b2)), *a) if cfg in fwd_cfgs else None
-        fbw = timeit(fwdbwd_fn(pallas(b2)), *a) if cfg in bwd_cfgs else None
+        fw, fbw, _ = time_pair(fwd_fn(pallas(b2)) if cfg in fwd_cfgs else None,
+                               fwdbwd_fn(pallas(b2)) if cfg in bwd_cfgs else None, *a)
         record("pallas", shape, "bfloat16", fw, fbw, block_sizes=dataclasses.asdict(b2), sweep=True)
       except Exception as e:  # noqa: BLE001
         print("SWEEP FAIL", cfg, repr(e)[:300], flush=True)
       dump()
 
+  if args.tscan:
+    for t in (4096, 1024, 65536, 16384):
+      if over_budget():
+        break
+      at = make_inputs(B, t, E, N, dtype, seed=t)
+      (f, mf), (fb, mfb) = compiled(fwd_fn(pallas(bs)), *at), compiled(fwdbwd_fn(pallas(bs)), *at)
+      finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*f(*at), *fb(*at)))
+      record("pallas", dict(shape, T=t), "bfloat16", timeit(f, *at, inner=2), timeit(fb, *at, inner=2),
+             block_sizes=dataclasses.asdict(bs), finite=finite, tscan=True, temp_bytes_fwd=mf,
+             temp_bytes_fwdbwd=mfb)
+      dump()
+
+  log("done")
   print(f"\n{'impl':12s} {'T':>6s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'temp MB f/fb':>14s}  block sizes")
   for r in RECORDS:
     tb = "/".join("-" if r.get(k) is None else f"{r[k] / 2**20:.0f}" for k in ("temp_bytes_fwd", "temp_bytes_fwdbwd"))

@@ -16,6 +16,7 @@ from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,
 # a partial last chunk (odd T) and several channel blocks.
 SMALL_BLOCKS = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=4)
+NO_PREFETCH = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=8, prefetch=False, prefetch_bwd=False)
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias", "h0")
 
@@ -24,7 +25,7 @@ CASES = [
     dict(id="fp32_full", dtype=jnp.float32, B=2, T=37, E=16, N=8, G=0, D=True, z=True, bias=True, h0=True),
     # grouped B/C, N not a power of two, no optional inputs, no softplus
     dict(id="fp32_grouped_bare", dtype=jnp.float32, B=1, T=13, E=16, N=6, G=2, D=False, z=False, bias=False,
-         h0=False, softplus=False),
+         h0=False, softplus=False, blocks=NO_PREFETCH),
     # dt near 0 (softplus(-12) ~ 6e-6) and large (softplus(6) ~ 6) mixed per token and channel
     dict(id="fp32_dt_extremes", dtype=jnp.float32, B=1, T=21, E=8, N=16, G=0, D=True, z=True, bias=False,
          h0=True, dt="extreme"),
@@ -67,8 +68,8 @@ class TestSelectiveScan:
     if not self.INTERPRET and jax.default_backend() != "gpu":
       pytest.skip("compiled Pallas (Triton) kernels need a GPU; the interpret subclass covers CPU")
 
-  def scan(self, *args, **kwargs):
-    return selective_scan(*args, block_sizes=SMALL_BLOCKS, interpret=self.INTERPRET, **kwargs)
+  def scan(self, *args, block_sizes=SMALL_BLOCKS, **kwargs):
+    return selective_scan(*args, block_sizes=block_sizes, interpret=self.INTERPRET, **kwargs)
 
   @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
   def test_forward_and_gradients(self, case):
@@ -86,7 +87,7 @@ class TestSelectiveScan:
       return jax.jit(f)
 
     xs = [args[i] for i in present]
-    out, vjp = jax.vjp(wrap(self.scan), *xs)
+    out, vjp = jax.vjp(wrap(self.scan, block_sizes=case.get("blocks", SMALL_BLOCKS)), *xs)
     out_ref, vjp_ref = jax.vjp(wrap(selective_scan_reference), *xs)
     tol = TOL[case["dtype"]]
     assert out[0].dtype == out_ref[0].dtype and out[1].dtype == jnp.float32

@@ -32,7 +32,7 @@ from pallas_kernels.selective_scan.kernel import compiler_params, discretize_row
 
 
 def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool):
+                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
   bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]. Out-refs gu, gdelta, gz [T, E_blk];
   gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
@@ -64,9 +64,12 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
   def body(it, carry):
     gh, ga, gd, gbias, cur, h_start = carry
     k = num_chunks - 1 - it
-    k_next = jnp.maximum(k - 1, 0)
-    nxt = load_rows(row_refs, k_next * chunk, chunk)                   # prefetch the previous sub-chunk
-    h_next = hc_ref[k_next]
+    if prefetch:                                                       # the previous sub-chunk
+      k_next = jnp.maximum(k - 1, 0)
+      nxt, h_next = load_rows(row_refs, k_next * chunk, chunk), hc_ref[k_next]
+    else:
+      cur, h_start = load_rows(row_refs, k * chunk, chunk), hc_ref[k]
+      nxt, h_next = (), jnp.zeros((), jnp.float32)
     t0 = k * chunk
 
     # Recompute this sub-chunk's states from the saved one.
@@ -121,8 +124,9 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
     return gh, ga, gd, gbias, nxt, h_next
 
   k_last = num_chunks - 1
-  init = (ghlast_ref[...].astype(jnp.float32), jnp.zeros_like(a2), zeros_e, zeros_e,
-          load_rows(row_refs, k_last * chunk, chunk), hc_ref[k_last])
+  first = ((load_rows(row_refs, k_last * chunk, chunk), hc_ref[k_last]) if prefetch
+           else ((), jnp.zeros((), jnp.float32)))
+  init = (ghlast_ref[...].astype(jnp.float32), jnp.zeros_like(a2), zeros_e, zeros_e, *first)
   gh, ga, gd, gbias, _, _ = jax.lax.fori_loop(0, num_chunks, body, init)
   gh0_ref[...] = gh
   ga_ref[...] = ga
@@ -133,7 +137,8 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
 
 
 def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int, softplus_on: bool,
-             block_e: int, chunk: int, num_warps: int, num_stages: int, interpret: bool = False):
+             block_e: int, chunk: int, num_warps: int, num_stages: int, prefetch: bool = True,
+             interpret: bool = False):
   """Runs the backward kernel. Returns (gu, gdelta, gz|None, gb_part, gc_part, ga_part, gd_part|None,
   gbias_part|None, gh0); shapes in the module docstring."""
   batch, t_pad, d_inner = u.shape
@@ -181,7 +186,8 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
   out_specs.append(state)
 
   kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, chunk=chunk, softplus_on=softplus_on,
-                             has_d=d is not None, has_z=z is not None, has_bias=bias is not None)
+                             has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
+                             prefetch=prefetch)
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -21,6 +21,9 @@ class BlockSizes:
   chunk_bwd: int = 16       # tokens between saved states; unrolled backward group (divides `chunk`)
   num_warps_bwd: int = 1    # warps per backward program
   num_stages: int = 1       # Triton software-pipelining depth (the kernels prefetch by hand)
+  prefetch: bool = True     # forward: load chunk c+1's rows during chunk c (carried through the loop); else
+                            # load each chunk's rows at its start
+  prefetch_bwd: bool = True  # the same for the backward's sub-chunks
 
   def __post_init__(self):
     for name in ("block_e", "chunk", "num_warps", "block_e_bwd", "chunk_bwd", "num_warps_bwd", "num_stages"):

@@ -56,7 +56,7 @@ def load_rows(refs, t0, chunk: int):
 
 
 def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool):
+                has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool, prefetch: bool):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
   h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
   refs = list(refs)
@@ -78,7 +78,10 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, so
 
   def body(c, carry):
     h, cur = carry
-    nxt = load_rows(row_refs, jnp.minimum(c + 1, num_chunks - 1) * chunk, chunk)   # prefetch chunk c+1
+    if prefetch:
+      nxt = load_rows(row_refs, jnp.minimum(c + 1, num_chunks - 1) * chunk, chunk)   # chunk c+1
+    else:
+      cur, nxt = load_rows(row_refs, c * chunk, chunk), ()
     t0 = c * chunk
     for i in range(chunk):
       if save and i % save_every == 0:
@@ -98,13 +101,14 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, so
       y_ref[t0 + i] = y.astype(y_ref.dtype)
     return h, nxt
 
-  h, _ = jax.lax.fori_loop(0, num_chunks, body, (h, load_rows(row_refs, 0, chunk)))
+  first = load_rows(row_refs, 0, chunk) if prefetch else ()
+  h, _ = jax.lax.fori_loop(0, num_chunks, body, (h, first))
   hlast_ref[...] = h
 
 
 def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_len: int, softplus_on: bool,
              block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int, save: bool,
-             interpret: bool = False):
+             prefetch: bool = True, interpret: bool = False):
   """Runs the forward kernel on prepared inputs (see module docstring). Returns (y, h_last, hc or None)."""
   batch, t_pad, d_inner = u.shape
   groups, d_state = bm.shape[2], bm.shape[3]
@@ -136,7 +140,8 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
 
   kernel = functools.partial(
       _fwd_kernel, seq_len=seq_len, t_pad=t_pad, chunk=chunk, save_every=save_every, softplus_on=softplus_on,
-      has_d=d is not None, has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None, save=save)
+      has_d=d is not None, has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None, save=save,
+      prefetch=prefetch)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -86,7 +86,7 @@ def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpr
   args = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad)
   y, h_last, hc = scan_fwd(*args, seq_len=t, softplus_on=softplus_on, block_e=be, chunk=chunk,
                            save_every=bs.chunk_bwd, num_warps=bs.num_warps, num_stages=bs.num_stages,
-                           save=save, interpret=interpret)
+                           save=save, prefetch=bs.prefetch, interpret=interpret)
   return y[:, :t], h_last[..., :A.shape[1]], hc
 
 
@@ -112,7 +112,8 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
   gh_last = _pad(gh_last.astype(jnp.float32), 2, n_pad)
   gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
       u_p, delta_p, a2, bm, cm, d, z_p, bias, hc, gy, gh_last, seq_len=t, softplus_on=softplus_on, block_e=be,
-      chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, interpret=interpret)
+      chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
+      interpret=interpret)
   groups = bm.shape[2]
 
   def fold(g, like):  # [B, T_pad, E/be, N_pad] partials -> like's shape: sum each group's blocks
