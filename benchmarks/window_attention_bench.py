@@ -152,6 +152,8 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
              device=jax.devices()[0].device_kind, jax=jax.__version__)
   if blocks is not None:
     rec["blocks"] = dataclasses.asdict(blocks)
+  else:
+    rec["blocks"] = "default" if impl.startswith("pallas") else None
   records.append(rec)
   print(f"{impl:7s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
         flush=True)
@@ -178,13 +180,13 @@ def main():
 
   check = [] if args.skip_correctness else correctness()
 
-  main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)]
+  main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)][:2 if args.sweep else 4]
   for window, m in main_shapes:
     time_shape(records, "pallas", window, m, 8192)
     if not m:
       time_shape(records, "cudnn", window, m, 8192)
     save()
-  for t in (2048, 4096, 16384, 32768, 65536)[:1 if SMOKE else 5]:
+  for t in () if args.sweep else (2048, 4096, 16384, 32768, 65536)[:1 if SMOKE else 5]:
     if elapsed() > args.budget - 40:
       print("budget: skipping the rest of the T sweep", flush=True)
       break
@@ -193,31 +195,31 @@ def main():
     save()
 
   if args.sweep:
-    fwd_cfgs = [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]
-    bwd_cfgs = [(32, 128, 128, 32, 4, 3), (64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 8, 2),
-                (32, 64, 64, 32, 4, 2), (128, 64, 64, 128, 8, 3)]
     base = BlockSizes.get_default()
-    if SMOKE:
-      fwd_cfgs, bwd_cfgs = fwd_cfgs[:1], bwd_cfgs[:1]
-    for bq, bk, nw, ns in fwd_cfgs:
-      if elapsed() > args.budget - 20:
+    fwd_cfgs = [dict(split_masked=False), dict(num_stages_fwd=4), dict(num_stages_fwd=2),
+                dict(block_k=32), dict(block_k=128), dict(block_q=128, num_warps_fwd=8),
+                dict(block_q=128, num_warps_fwd=8, split_masked=False), dict(block_q=128, block_k=128,
+                num_warps_fwd=8, split_masked=False), dict(num_stages_fwd=4, split_masked=False)]
+    bwd_cfgs = [dict(num_stages_bwd=3), dict(block_k_dkv=128), dict(block_q_dkv=64), dict(block_q_dq=128),
+                dict(block_k_dq=64), dict(block_q_dkv=16, block_k_dq=16), dict(num_warps_bwd=8),
+                dict(block_k_dkv=128, block_q_dq=128, num_warps_bwd=8, num_stages_bwd=3)]
+    for cfg in fwd_cfgs + bwd_cfgs:
+      if elapsed() > args.budget - 15:
+        print("budget: sweep cut short", flush=True)
         break
-      time_shape(records, "pallas-sweep", 512, 0, 8192, dataclasses.replace(
-          base, block_q=bq, block_k=bk, num_warps_fwd=nw, num_stages_fwd=ns))
-    for a, b_, c, d, nw, ns in bwd_cfgs:
-      if elapsed() > args.budget - 20:
-        break
-      time_shape(records, "pallas-sweep", 512, 0, 8192, dataclasses.replace(
-          base, block_q_dkv=a, block_k_dkv=b_, block_q_dq=c, block_k_dq=d, num_warps_bwd=nw,
-          num_stages_bwd=ns))
+      time_shape(records, "pallas-sweep", 512, 0, 8192, dataclasses.replace(base, **cfg))
+    for cfg in (dict(split_masked=False), dict(block_q=128, num_warps_fwd=8)):
+      if elapsed() < args.budget - 15:
+        time_shape(records, "pallas-sweep", 2048, 0, 8192, dataclasses.replace(base, **cfg))
     save()
 
   print("\n".join(check))
   print(f"\n{'impl':13s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
   for r in records:
     s = r["shape"]
-    blk = "" if "blocks" not in r else "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | " \
-        "{block_q_dkv},{block_k_dkv},{block_q_dq},{block_k_dq},w{num_warps_bwd}s{num_stages_bwd}".format(**r["blocks"])
+    blk = "" if not isinstance(r.get("blocks"), dict) else \
+        "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | {block_q_dkv},{block_k_dkv},{block_q_dq}," \
+        "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked}".format(**r["blocks"])
     print(f"{r['impl']:13s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
   print(f"wrote {path}  total {elapsed():.0f}s")
 

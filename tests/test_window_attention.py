@@ -47,9 +47,9 @@ CASES = (
     # bf16, 4 query heads per kv head, head_dim 64, memory.
     Case("bf16_mqa_mem", 1, 64, 4, 1, 64, 32, 16, 5, jnp.bfloat16,
          BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1)),
-    # Tiny head dim (12, padded to 16 inside), window spanning 3 chunks, unmasked middle blocks.
+    # Tiny head dim (12, padded to 16 inside), window spanning 3 chunks, one masked loop per band.
     Case("tiny_head_wide_window", 1, 80, 2, 1, 12, 48, 16, 4, jnp.float32,
-         BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1)),
+         BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1, split_masked=False)),
 )
 
 
@@ -151,5 +151,6 @@ class TestMemoryAttention:
 
   def test_block_sizes_fit_chunk(self):
     b = BlockSizes.get_default(128).fitted(seq_len=1000, chunk=32)
-    assert b.block_q == 32 and b.block_q_dq == 32 and b.block_k == 64
+    assert b.block_q == 32 and b.block_q_dq == 32 and b.block_k == 64 and b.block_k_dkv == 64
     assert BlockSizes.get_default(64).fitted(seq_len=20, chunk=512).block_q == 32
+    assert BlockSizes(block_q=128).fitted(seq_len=5000, chunk=96).block_q == 32

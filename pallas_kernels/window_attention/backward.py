@@ -24,21 +24,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, key_blocks_for_query_block,
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
                                                     query_blocks_for_key_block, visible)
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision,
-                                                     memory_logits)
+                                                     memory_logits, prescale)
 
 
 def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int | None, block_q: int,
-              block_k: int, n_k: int):
+              block_k: int, n_k: int, split: bool):
   """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), do [bq, P], lse, delta [bq];
   out dq [bq, P]."""
   if has_mem:
     q_ref, k_ref, v_ref, mk_ref, mv_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  q, do = q_ref[...], do_ref[...]
+  q, do = prescale(q_ref[...], qk_scale), do_ref[...]   # q only enters the logits here
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
   precision = dot_precision(q.dtype)
   q_start = pl.program_id(0) * block_q
@@ -48,14 +48,14 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
   dq = jnp.zeros(q.shape, jnp.float32)
   if has_mem:
     mk, mv = mk_ref[...], mv_ref[...]
-    p = jnp.exp2(memory_logits(q, mk_ref, valid_ref, qk_scale, precision) - lse)
+    p = jnp.exp2(memory_logits(q, mk_ref, valid_ref, precision) - lse)
     ds = p * (dot_nt(do, mv, precision) - delta)
     dq = dot_nn(ds.astype(mk.dtype), mk, precision)
 
   def body(j, dq, masked):
     k_slice = pl.ds(j * block_k, block_k)
     k, v = k_ref[k_slice, :], v_ref[k_slice, :]
-    s = dot_nt(q, k, precision) * qk_scale
+    s = dot_nt(q, k, precision)
     if masked:
       s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
     p = jnp.exp2(s - lse)
@@ -63,17 +63,16 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
     return dq + dot_nn(ds.astype(k.dtype), k, precision)
 
   lo, x, y, hi = key_blocks_for_query_block(q_start, block_q, block_k, window, n_k)
-  dq = lax.fori_loop(lo, x, functools.partial(body, masked=True), dq)
-  dq = lax.fori_loop(x, y, functools.partial(body, masked=False), dq)
-  dq = lax.fori_loop(y, hi, functools.partial(body, masked=True), dq)
+  dq = band_loop(lo, x, y, hi, body, dq, split)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, qk_scale: float,
-                scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int):
+                scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int,
+                split: bool):
   """Refs: q, do [T, G, P]; k, v [bk, P]; lse, delta [G, T]; out dk, dv [bk, P]. Works transposed
   (keys on rows) so that dk and dv accumulate as [bk, P] without transposing the probabilities."""
-  k, v = k_ref[...], v_ref[...]
+  k, v = prescale(k_ref[...], qk_scale), v_ref[...]     # k only enters the logits here
   precision = dot_precision(k.dtype)
   k_start = pl.program_id(0) * block_k
   k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)[:, None]
@@ -85,7 +84,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     q_slice = pl.ds(i * block_q, block_q)
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
-    s = dot_nt(k, q, precision) * qk_scale                          # [bk, bq]
+    s = dot_nt(k, q, precision)                                     # [bk, bq]
     if masked:
       s = jnp.where(visible(i * block_q + q_iota, k_pos, window), s, NEG_INF)
     p = jnp.exp2(s - lse)
@@ -96,9 +95,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for g in range(groups):   # static: G is small, and a static head index keeps the loads plain
-    carry = lax.fori_loop(lo, x, functools.partial(body, g=g, masked=True), carry)
-    carry = lax.fori_loop(x, y, functools.partial(body, g=g, masked=False), carry)
-    carry = lax.fori_loop(y, hi, functools.partial(body, g=g, masked=True), carry)
+    carry = band_loop(lo, x, y, hi, functools.partial(body, g=g), carry, split)
   dk, dv = carry
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -108,7 +105,7 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dm
                 qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int):
   """Refs: q, do [T, G, P]; lse, delta [G, T]; mem_k, mem_v [M, P]; mem_valid [M]; out dmem_k, dmem_v
   [M, P]. Transposed like `dkdv_kernel`."""
-  mk, mv = mk_ref[...], mv_ref[...]
+  mk, mv = prescale(mk_ref[...], qk_scale), mv_ref[...]
   precision = dot_precision(mk.dtype)
   valid = (valid_ref[...] != 0)[:, None]
   lo = pl.program_id(0) * (chunk // block_q)
@@ -119,7 +116,7 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dm
     q_slice = pl.ds(i * block_q, block_q)
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
-    s = jnp.where(valid, dot_nt(mk, q, precision) * qk_scale, NEG_INF)   # [M, bq]
+    s = jnp.where(valid, dot_nt(mk, q, precision), NEG_INF)               # [M, bq]
     p = jnp.exp2(s - lse)
     dmv = dmv + dot_nn(p.astype(do.dtype), do, precision)
     ds = p * (dot_nt(mv, do, precision) - delta)
@@ -161,7 +158,7 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
     args += [mem_k, mem_v, mem_valid]
   dq = pl.pallas_call(
       functools.partial(dq_kernel, has_mem=has_mem, window=window, block_q=bq, block_k=bk,
-                        n_k=t // bk, **common),
+                        n_k=t // bk, split=blocks.split_masked, **common),
       grid=(t // bq, b, h),
       in_specs=in_specs + [q_spec, row_spec, row_spec],
       out_specs=q_spec,
@@ -176,7 +173,7 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
   dk, dv = pl.pallas_call(
       functools.partial(dkdv_kernel, window=window, block_q=bq, block_k=bk, n_q=t // bq, groups=g,
-                        **common),
+                        split=blocks.split_masked, **common),
       grid=(t // bk, b, kh),
       in_specs=[group_spec, key_spec, key_spec, group_spec, group_rows, group_rows],
       out_specs=[key_spec, key_spec],

@@ -8,6 +8,7 @@ three runs: masked, unmasked (every pair visible, so no mask arithmetic), masked
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from jax import lax
@@ -25,25 +26,27 @@ class BlockSizes:
   block_q_dq, block_k_dq:   dq kernel (one program per query block, loop over key blocks); block_q_dq is
                             also the query tile of the memory dk/dv kernel.
   num_warps_*, num_stages_*: Triton's warps per program and software-pipelining depth.
+  split_masked: loop over the band as masked / unmasked / masked runs (True) or as one masked loop
+                (False: one software pipeline, but mask arithmetic on every tile).
 
   block_q and block_q_dq are shrunk (halved) until they divide the chunk length, because a query block
   reads the memory of one chunk. Every block is shrunk to at most next_pow2(T).
   """
-  block_q: int = 128
+  block_q: int = 64
   block_k: int = 64
-  block_q_dkv: int = 64
-  block_k_dkv: int = 128
-  block_q_dq: int = 128
-  block_k_dq: int = 64
-  num_warps_fwd: int = 8
+  block_q_dkv: int = 32
+  block_k_dkv: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 32
+  num_warps_fwd: int = 4
   num_stages_fwd: int = 3
-  num_warps_bwd: int = 8
-  num_stages_bwd: int = 3
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+  split_masked: bool = True
 
   @classmethod
   def get_default(cls, head_dim: int = 128) -> "BlockSizes":
-    if head_dim <= 64:
-      return cls(num_warps_fwd=4, num_warps_bwd=4)
+    del head_dim  # the H100 sweep (docs/window_attention_notes.md) found 4 warps best at P=128 too
     return cls()
 
   def fitted(self, seq_len: int, chunk: int) -> "BlockSizes":
@@ -80,6 +83,15 @@ def split_range(lo, hi, full_lo, full_hi):
   x = jnp.clip(full_lo, lo, hi)
   y = jnp.clip(full_hi, x, hi)
   return x, y
+
+
+def band_loop(lo, x, y, hi, body, carry, split: bool):
+  """Runs body(j, carry, masked=...) over [lo, hi), split at x, y as `split_range` describes."""
+  if not split:
+    return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(lo, x, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(x, y, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(y, hi, functools.partial(body, masked=True), carry)
 
 
 def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int):

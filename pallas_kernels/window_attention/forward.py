@@ -20,7 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.window_attention.blocks import NEG_INF, BlockSizes, key_blocks_for_query_block, visible
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
+                                                    visible)
 
 
 def dot_precision(dtype):
@@ -40,27 +41,32 @@ def dot_nn(a, b, precision):
                          preferred_element_type=jnp.float32)
 
 
-def memory_logits(q, mk_ref, valid_ref, qk_scale, precision):
-  """[bq, M] base-2 logits of the query block against its chunk's memory; invalid slots NEG_INF."""
-  s = dot_nt(q, mk_ref[...], precision) * qk_scale
+def prescale(x, qk_scale):
+  """x · scale · log2(e) in x's dtype: one multiply per program instead of one per logit tile."""
+  return (x.astype(jnp.float32) * qk_scale).astype(x.dtype)
+
+
+def memory_logits(q_scaled, mk_ref, valid_ref, precision):
+  """[bq, M] base-2 logits of the (pre-scaled) query block against its chunk's memory; invalid NEG_INF."""
+  s = dot_nt(q_scaled, mk_ref[...], precision)
   return jnp.where((valid_ref[...] != 0)[None, :], s, NEG_INF)
 
 
 def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, block_q: int,
-                   block_k: int, n_k: int):
+                   block_k: int, n_k: int, split: bool):
   """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), o [bq, P], lse [bq]."""
   if has_mem:
     q_ref, k_ref, v_ref, mk_ref, mv_ref, valid_ref, o_ref, lse_ref = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-  q = q_ref[...]
+  q = prescale(q_ref[...], qk_scale)
   precision = dot_precision(q.dtype)
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   k_iota = jnp.arange(block_k, dtype=jnp.int32)[None, :]
 
   if has_mem:
-    s = memory_logits(q, mk_ref, valid_ref, qk_scale, precision)
+    s = memory_logits(q, mk_ref, valid_ref, precision)
     m = jnp.max(s, axis=1)
     p = jnp.exp2(s - m[:, None])
     l = jnp.sum(p, axis=1)
@@ -74,7 +80,7 @@ def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, bl
   def body(j, carry, masked):
     o, m, l = carry
     k_slice = pl.ds(j * block_k, block_k)
-    s = dot_nt(q, k_ref[k_slice, :], precision) * qk_scale
+    s = dot_nt(q, k_ref[k_slice, :], precision)
     if masked:
       s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -86,10 +92,7 @@ def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, bl
     return o, m_new, l
 
   lo, x, y, hi = key_blocks_for_query_block(q_start, block_q, block_k, window, n_k)
-  carry = (o, m, l)
-  carry = lax.fori_loop(lo, x, functools.partial(body, masked=True), carry)
-  carry = lax.fori_loop(x, y, functools.partial(body, masked=False), carry)
-  o, m, l = lax.fori_loop(y, hi, functools.partial(body, masked=True), carry)
+  o, m, l = band_loop(lo, x, y, hi, body, (o, m, l), split)
 
   o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
@@ -127,7 +130,7 @@ def forward(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window: int | 
     args += [mem_k, mem_v, mem_valid]
 
   kernel = functools.partial(forward_kernel, has_mem=has_mem, qk_scale=qk_scale, window=window,
-                             block_q=bq, block_k=bk, n_k=t // bk)
+                             block_q=bq, block_k=bk, n_k=t // bk, split=blocks.split_masked)
   return pl.pallas_call(
       kernel,
       grid=(n_q, b, h),
