@@ -17,8 +17,8 @@ class BlockSizes:
   block_e: int = 8          # channels per forward program (power of 2)
   chunk: int = 16           # tokens per unrolled forward step group
   num_warps: int = 1        # warps per forward program
-  block_e_bwd: int = 8      # channels per backward program (power of 2)
-  chunk_bwd: int = 16       # tokens between saved states; unrolled backward group (divides `chunk`)
+  block_e_bwd: int = 4      # channels per backward program (power of 2)
+  chunk_bwd: int = 8        # tokens between saved states; unrolled backward group (divides `chunk`)
   num_warps_bwd: int = 1    # warps per backward program
   num_stages: int = 1       # Triton software-pipelining depth (the kernels prefetch by hand)
   prefetch: bool = True     # forward: load chunk c+1's rows during chunk c (carried through the loop); else
@@ -34,6 +34,9 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
+    """The fastest measured on an H100 (docs/selective_scan_notes.md): forward block_e=8, chunk=16 with
+    prefetch (0.70 ms at B2 T4096 E2048 N16 bf16); backward block_e=4, chunk=8 with prefetch (16-token
+    backward chunks or 8+ channels spill registers)."""
     return cls()
 
 
