@@ -20,9 +20,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 
 
 def _maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when the environment describes a multi-process run."""
   import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("BMOJO_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address:
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif os.environ.get("BMOJO_DISTRIBUTED") == "1":
+    jax.distributed.initialize()  # auto-detected cluster (SLURM, TPU pods, ...)
 
 
 def _train(argv):
