@@ -119,8 +119,7 @@ def correctness() -> list[str]:
       lines.append(f"FAIL exact-mask {case.name} {e!r}")
     print(lines[-2], "\n" + lines[-1], flush=True)
   big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16, BlockSizes.get_default()),
-         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32, BlockSizes.get_default(64)),
-         twa.Case("model_bf16_causal", 1, 2048, 2, 2, 128, None, 512, 0, jnp.bfloat16, BlockSizes.get_default()))
+         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32, BlockSizes.get_default(64)))
   for case in () if SMOKE else big:
     errs = twa.run_case(case, interpret=False, seed=2)
     ok = all(e <= twa.TOL[case.dtype] for e in errs.values())

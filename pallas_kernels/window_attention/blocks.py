@@ -34,7 +34,7 @@ class BlockSizes:
   """
   block_q: int = 64
   block_k: int = 64
-  block_q_dkv: int = 32
+  block_q_dkv: int = 64
   block_k_dkv: int = 64
   block_q_dq: int = 64
   block_k_dq: int = 32
