@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -31,8 +32,15 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detected cluster (SLURM, TPU pods, ...)
 
 
+def _quiet_logs() -> None:
+  """Orbax logs every save at INFO; keep the console to the progress bar unless -v/--verbosity is given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def _train(argv):
   del argv
+  _quiet_logs()
   from train import trainer  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   config = flags.FLAGS.config
@@ -52,6 +60,7 @@ def _train(argv):
 
 def _eval(argv):
   del argv
+  _quiet_logs()
   from train import trainer  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   try:
@@ -63,6 +72,7 @@ def _eval(argv):
 
 def _generate(argv):
   del argv
+  _quiet_logs()
   from train import generate as gen_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
