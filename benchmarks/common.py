@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: timing, device description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return getattr(d, "device_kind", d.platform).replace(" ", "_")
+
+
+def device_tag() -> str:
+  """Short tag for result file names: h100, h200, cpu…"""
+  kind = device_name().lower()
+  for tag in ("h100", "h200", "a100"):
+    if tag in kind:
+      return tag
+  return jax.default_backend()
+
+
+def median_ms(fn, *args, warmup: int = 3, iters: int = 20) -> float:
+  """Median wall time of fn(*args) in ms, each run synchronized with block_until_ready."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(times))
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def write_results(records: list[dict], name: str, out_dir: str | None = None) -> str:
+  """Write records (each stamped with device and jax version) to <out_dir>/<name>_<device>.json."""
+  out_dir = out_dir or os.environ.get("OUT") or "benchmarks/results"
+  os.makedirs(out_dir, exist_ok=True)
+  for r in records:
+    r.setdefault("device", device_name())
+    r.setdefault("jax", jax.__version__)
+  path = os.path.join(out_dir, f"{name}_{device_tag()}.json")
+  with open(path, "w") as f:
+    json.dump(records, f, indent=1)
+  return path

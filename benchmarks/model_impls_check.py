@@ -1,0 +1,63 @@
+"""A whole B'MOJO model with the Pallas scan and the Pallas attention vs the reference paths (GPU check).
+
+    python benchmarks/model_impls_check.py            # writes model_impls_<device>.json
+
+Same parameters, same tokens; compares logits and every parameter gradient (fp32 and bf16) for
+(associative, reference) and (pallas, pallas) against (sequential, reference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmarks.common import rel_err, write_results
+from bmojo_jax import LanguageModel, ModelConfig
+
+
+def loss_and_grads(cfg: ModelConfig, tokens):
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))   # impl fields do not change the initialization
+
+  @nnx.jit
+  def run(model, tokens):
+    def loss_fn(model):
+      logits = model(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(), logits
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return logits, grads
+  logits, grads = run(model, tokens)
+  return logits, jax.tree.leaves(nnx.state(grads))
+
+
+def main(smoke: bool = False):
+  """smoke: a tiny model and sequence, to check the script on CPU (interpret mode)."""
+  records = []
+  size = dict(d_model=32, window=8, chunk_size=4, n_fading=2, n_eidetic=4, eidetic_per_chunk=2) if smoke else \
+      dict(d_model=256, window=128, chunk_size=64, n_fading=8, n_eidetic=32, eidetic_per_chunk=8)
+  t = 21 if smoke else 1001
+  for dtype in ("float32", "bfloat16"):
+    base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, dtype=dtype,
+                       scan_impl="sequential", attn_impl="reference", **size)
+    tokens = jax.random.randint(jax.random.key(0), (2, t), 0, base.vocab_size)
+    ref_logits, ref_grads = loss_and_grads(base, tokens)
+    for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
+      logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
+      rec = dict(op="bmojo_model", scan_impl=scan_impl, attn_impl=attn_impl, dtype=dtype,
+                 shape=dict(B=2, T=t - 1, **size),
+                 logits_rel_err=rel_err(logits, ref_logits),
+                 worst_grad_rel_err=max(rel_err(g, r) for g, r in zip(grads, ref_grads)))
+      tol = 1e-4 if dtype == "float32" else 2e-2
+      rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= (tol if dtype == "float32" else 5e-2)
+      records.append(rec)
+      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} logits {rec['logits_rel_err']:.2e} "
+            f"worst grad {rec['worst_grad_rel_err']:.2e} {'ok' if rec['pass'] else 'FAIL'}", flush=True)
+  if not smoke:
+    print(write_results(records, "model_impls"))
+  return records
+
+
+if __name__ == "__main__":
+  import sys
+  main(smoke="--smoke" in sys.argv)

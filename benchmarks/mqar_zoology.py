@@ -1,0 +1,79 @@
+"""MQAR under the Zoology protocol (EVALS.md) through the real trainer; writes mqar_<device>.json.
+
+    python benchmarks/mqar_zoology.py --workdir /tmp/mqar [--family bmojo] [--lr 1e-3] [--epochs 8]
+
+L=256, N=32, vocab 8192, window 32, d_model 128, batch 256, 100k train / 3k test examples, AdamW (wd 0.1),
+cosine decay, no warmup, early stop once test accuracy > 0.99. One learning rate per call (Zoology sweeps four
+and reports the best). Extra `--set key=value` items override config fields, e.g. model.eidetic_per_chunk=16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+from benchmarks.common import device_tag
+from configs import mqar
+from train import trainer
+
+
+def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):
+  c = mqar.get_config(family)
+  d = c.data
+  d.seq_len, d.num_kv_pairs, d.vocab_size, d.num_train, d.num_test = 256, 32, 8192, 100_000, 3_000
+  c.model.vocab_size, c.model.d_model = 8192, 128
+  if family != "transformer":
+    c.model.window, c.model.chunk_size = 32, 32
+  c.model.scan_impl = "pallas" if jax.default_backend() == "gpu" else "associative"
+  t = c.train
+  t.batch_size, t.eval_batch_size = 256, 500
+  steps_per_epoch = d.num_train // t.batch_size
+  t.num_steps = epochs * steps_per_epoch
+  t.eval_every = steps_per_epoch // 2
+  t.checkpoint_every = t.num_steps
+  t.target_accuracy = 0.99
+  t.progress_bar = False
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.weight_decay = lr, 0, 0.1
+  for item in overrides:
+    key, value = item.split("=", 1)
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
+  return c
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--family", default="bmojo")
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--epochs", type=int, default=8)
+  parser.add_argument("--set", action="append", default=[])
+  parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+  args = parser.parse_args()
+  config = zoology_config(args.family, args.lr, args.epochs, args.set)
+  result = trainer.train(config, args.workdir)
+  record = dict(op="mqar", impl=args.family, protocol="zoology", learning_rate=args.lr, overrides=args.set,
+                model={k: config.model[k] for k in ("d_model", "n_layers", "window", "chunk_size", "n_fading",
+                                                    "n_eidetic", "eidetic_per_chunk", "store_policy",
+                                                    "scan_impl", "attn_impl")},
+                **{k: result[k] for k in ("test_accuracy", "wall_s", "tokens_per_s", "step", "data", "device",
+                                          "jax_version")})
+  with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
+    record["curve"] = [json.loads(line) for line in f if '"eval"' in line]
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f"mqar_{device_tag()}.json")
+  previous = json.load(open(path)) if os.path.exists(path) else []
+  with open(path, "w") as f:
+    json.dump(previous + [record], f, indent=1)
+  print(f"{args.family} test accuracy {record['test_accuracy']:.4f} in {record['wall_s']:.0f} s "
+        f"({record['tokens_per_s']:.0f} tokens/s) -> {path}")
+
+
+if __name__ == "__main__":
+  main()
