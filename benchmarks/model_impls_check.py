@@ -41,15 +41,18 @@ def main(smoke: bool = False):
     base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, dtype=dtype,
                        scan_impl="sequential", attn_impl="reference", **size)
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, base.vocab_size)
-    ref_logits, ref_grads = loss_and_grads(base, tokens)
     for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
-      logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
+      # fp32 is compared at full matmul precision: XLA's default on GPUs is TF32 for fp32 dots.
+      with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        if scan_impl == "associative":
+          ref_logits, ref_grads = loss_and_grads(base, tokens)
+        logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
       rec = dict(op="bmojo_model", scan_impl=scan_impl, attn_impl=attn_impl, dtype=dtype,
                  shape=dict(B=2, T=t - 1, **size),
                  logits_rel_err=rel_err(logits, ref_logits),
                  worst_grad_rel_err=max(rel_err(g, r) for g, r in zip(grads, ref_grads)))
       tol = 1e-4 if dtype == "float32" else 2e-2
-      rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= (tol if dtype == "float32" else 5e-2)
+      rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= tol
       records.append(rec)
       print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} logits {rec['logits_rel_err']:.2e} "
             f"worst grad {rec['worst_grad_rel_err']:.2e} {'ok' if rec['pass'] else 'FAIL'}", flush=True)

@@ -30,20 +30,20 @@ def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):
   c.model.scan_impl = "pallas" if jax.default_backend() == "gpu" else "associative"
   t = c.train
   t.batch_size, t.eval_batch_size = 256, 500
-  steps_per_epoch = d.num_train // t.batch_size
-  t.num_steps = epochs * steps_per_epoch
-  t.eval_every = steps_per_epoch // 2
-  t.checkpoint_every = t.num_steps
   t.target_accuracy = 0.99
   t.progress_bar = False
   c.optim.learning_rate, c.optim.warmup_steps, c.optim.weight_decay = lr, 0, 0.1
-  for item in overrides:
+  for item in overrides:                      # before the derived step counts below
     key, value = item.split("=", 1)
     node = c
     *path, leaf = key.split(".")
     for p in path:
       node = node[p]
     node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
+  steps_per_epoch = d.num_train // t.batch_size
+  t.num_steps = epochs * steps_per_epoch
+  t.eval_every = max(1, steps_per_epoch // 2)
+  t.checkpoint_every = t.num_steps
   return c
 
 
@@ -62,8 +62,8 @@ def main():
                 model={k: config.model[k] for k in ("d_model", "n_layers", "window", "chunk_size", "n_fading",
                                                     "n_eidetic", "eidetic_per_chunk", "store_policy",
                                                     "scan_impl", "attn_impl")},
-                **{k: result[k] for k in ("test_accuracy", "wall_s", "tokens_per_s", "step", "data", "device",
-                                          "jax_version")})
+                **{k: result.get(k) for k in ("test_accuracy", "wall_s", "tokens_per_s", "step", "stopped_by",
+                                              "data", "device", "jax_version")})
   with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
     record["curve"] = [json.loads(line) for line in f if '"eval"' in line]
   os.makedirs(args.out, exist_ok=True)
@@ -71,8 +71,8 @@ def main():
   previous = json.load(open(path)) if os.path.exists(path) else []
   with open(path, "w") as f:
     json.dump(previous + [record], f, indent=1)
-  print(f"{args.family} test accuracy {record['test_accuracy']:.4f} in {record['wall_s']:.0f} s "
-        f"({record['tokens_per_s']:.0f} tokens/s) -> {path}")
+  print(f"{args.family} test accuracy {record['test_accuracy']} in {record['wall_s']:.0f} s "
+        f"({record['tokens_per_s']:.0f} tokens/s, stopped by {record['stopped_by']}) -> {path}")
 
 
 if __name__ == "__main__":
