@@ -40,3 +40,17 @@ def test_forward_backward_under_jit(family, dtype):
   leaves = jax.tree.leaves(grads)
   assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
   assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
+
+
+def test_remat_changes_nothing_but_memory():
+  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
+  results = []
+  for remat in (False, True):
+    model = LanguageModel(tiny_config("bmojo", remat=remat), rngs=nnx.Rngs(0))
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+    loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
+    results.append((loss, jax.tree.leaves(grads)))
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  for a, b in zip(grads_a, grads_b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
