@@ -17,13 +17,12 @@ from bmojo_jax.config import ModelConfig
 Initializer = Callable[..., jax.Array]
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
           dtype) -> nnx.Param:
   """A parameter carrying its logical axis names (`nnx.get_partition_spec` reads them)."""
   if len(shape) != len(axes):
     raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
-  key = rngs.params() if rngs is not None else jax.random.key(0)
-  return nnx.Param(init(key, tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
 
 
 def einsum_layer(spec: str, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,

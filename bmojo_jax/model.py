@@ -132,13 +132,4 @@ class LanguageModel(nnx.Module):
     return [(init(b.kinds[0], b.mixer1), init(b.kinds[1], b.mixer2)) for b in self.blocks]
 
 
-def cache_position(cache: list[BlockCache]) -> jax.Array | None:
-  """Tokens seen by a cache (None for a cache without attention)."""
-  for states in cache:
-    for state in states:
-      if isinstance(state, AttnState):
-        return state.pos
-  return None
-
-
-__all__ = ["Block", "LanguageModel", "MambaState", "AttnState", "cache_position"]
+__all__ = ["Block", "LanguageModel", "MambaState", "AttnState"]
