@@ -1,9 +1,10 @@
 """Inference: sampling, a compiled decoder over a constant-size cache, and `generate`.
 
 Prefill runs the parallel pass and hands its final states to the step path (`LanguageModel.prefill`);
-`Decoder.step` is compiled once and reused for every token, with the cache donated. Prompts of different
-lengths are batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of
-its prompt while rows past their prompt sample, all in the same compiled step.
+`Decoder.step` is compiled once and reused for every token, with the cache donated; `Decoder.decode` runs the
+same step in a `lax.scan` on device, so no Python dispatch sits between tokens. Prompts of different lengths are
+batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of its prompt
+while rows past their prompt sample, all in the same scanned step.
 """
 
 from __future__ import annotations
@@ -73,11 +74,33 @@ class Decoder:
     return self._step(self.state, jnp.asarray(token, jnp.int32), cache)
 
   @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9), donate_argnums=(3,))
-  def _forced_step(self, state, logits, cache, forced, use_forced, key, temperature, top_k, top_p):
-    """Sample from logits [B, V] (or take the forced token), then decode it. Returns (token, logits, cache)."""
-    token = jnp.where(use_forced, forced, sample(logits, key, temperature=temperature, top_k=top_k, top_p=top_p))
-    logits, cache = nnx.merge(self.graphdef, state).step(token, cache)
-    return token, logits, cache
+  def _decode_loop(self, state, logits, cache, forced, use_forced, key, temperature, top_k, top_p):
+    """Decode forced.shape[1] tokens on device (a lax.scan over the step).
+
+    logits [B, V] predict the first position; forced, use_forced [B, n]: where use_forced, the token is the
+    forced one (the rest of a prompt), else it is sampled. Returns (tokens [B, n], logits, cache).
+    """
+    model = nnx.merge(self.graphdef, state)
+
+    def body(carry, xs):
+      logits, cache = carry
+      forced_t, use_t, key_t = xs
+      token = jnp.where(use_t, forced_t, sample(logits, key_t, temperature=temperature, top_k=top_k,
+                                                  top_p=top_p))
+      logits, cache = model.step(token, cache)
+      return (logits, cache), token
+
+    keys = jax.random.split(key, forced.shape[1])
+    (logits, cache), tokens = jax.lax.scan(body, (logits, cache), (forced.T, use_forced.T, keys))
+    return tokens.T, logits, cache
+
+  def decode(self, logits, cache, n: int, *, key=None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None):
+    """Sample n tokens after `logits` [B, V] on device. Returns (tokens [B, n], logits, cache)."""
+    b = logits.shape[0]
+    key = jax.random.key(0) if key is None else key
+    return self._decode_loop(self.state, logits, cache, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool),
+                             key, float(temperature), top_k, top_p)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -107,16 +130,11 @@ def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[in
     padded[i, :len(p)] = p
 
   logits, cache = decoder.prefill(padded[:, :start], total)
-  logits = logits[:, -1]
-  key = jax.random.key(seed)
-  tokens = []
-  for pos in range(start, total):
-    key, sub = jax.random.split(key)
-    token, logits, cache = decoder._forced_step(
-        decoder.state, logits, cache, jnp.asarray(padded[:, pos]), jnp.asarray(pos < lengths), sub,
-        float(temperature), top_k, top_p)
-    tokens.append(token)
-  out = np.asarray(jnp.stack(tokens, axis=1)) if tokens else np.zeros((len(prompts), 0), np.int32)
+  positions = np.arange(start, total)
+  tokens, _, _ = decoder._decode_loop(decoder.state, logits[:, -1], cache, jnp.asarray(padded[:, start:]),
+                                      jnp.asarray(positions[None, :] < lengths[:, None]), jax.random.key(seed),
+                                      float(temperature), top_k, top_p)
+  out = np.asarray(tokens)
   results = []
   for i, n in enumerate(lengths):
     new = out[i, n - start:n - start + max_new_tokens].tolist()

@@ -99,3 +99,18 @@ def test_cache_is_constant_except_full_attention():
     assert cache_bytes(model, 1, 1_000) == cache_bytes(model, 1, 64_000)
   model = nnx.eval_shape(lambda: LanguageModel(tiny_config("transformer"), rngs=nnx.Rngs(0)))
   assert cache_bytes(model, 1, 64_000) > 50 * cache_bytes(model, 1, 1_000)
+
+
+def test_scanned_decode_equals_step_loop(decoders):
+  _, decoder = decoders["bmojo"]
+  prompt = jax.random.randint(jax.random.key(5), (2, 6), 0, 64)
+  logits, cache = decoder.prefill(prompt, 30)
+  tokens, last_logits, _ = decoder.decode(logits[:, -1], cache, 12)
+  logits, cache = decoder.prefill(prompt, 30)
+  logits, want = logits[:, -1], []
+  for _ in range(12):
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    want.append(token)
+    logits, cache = decoder.step(token, cache)
+  np.testing.assert_array_equal(tokens, jnp.stack(want, 1))
+  np.testing.assert_allclose(last_logits, logits, atol=1e-5)
