@@ -119,15 +119,18 @@ class Attention(nnx.Module):
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
-    boundary = (t % chunk == 0) & (t > 0)
-    pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(boundary, n, o), new, old)
-    if m_e:
-      empty = memory.empty_store(*state.cand.k.shape, state.cand.k.dtype)
-      state = state._replace(store=pick(memory.merge(state.store, state.cand, cfg.store_policy), state.store),
-                             cand=pick(empty, state.cand))
-    if m_f:
-      state = state._replace(fading_k=pick(state.next_fading_k, state.fading_k),
-                             fading_v=pick(state.next_fading_v, state.fading_v))
+
+    def start_chunk(state: AttnState) -> AttnState:
+      """At a chunk boundary: the candidates enter the store, the next fading tokens become current."""
+      if m_e:
+        state = state._replace(store=memory.merge(state.store, state.cand, cfg.store_policy),
+                               cand=memory.empty_store(*state.cand.k.shape, state.cand.k.dtype))
+      if m_f:
+        state = state._replace(fading_k=state.next_fading_k, fading_v=state.next_fading_v)
+      return state
+
+    if m_e or m_f:
+      state = jax.lax.cond((t % chunk == 0) & (t > 0), start_chunk, lambda s: s, state)
 
     k_raw, v = self.wk(a), self.wv(a)                                                # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
