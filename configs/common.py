@@ -8,7 +8,17 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from bmojo_jax import ModelConfig
+from bmojo_jax import Family, ModelConfig
+
+FAMILIES = tuple(f.value for f in Family)
+
+
+def family_preset(config_file: str, preset: str | None) -> str:
+  """The `:<preset>` of a config file names a model family; the default is B'MOJO."""
+  preset = preset or Family.BMOJO.value
+  if preset not in FAMILIES:
+    raise ValueError(f"{config_file} preset {preset!r} is unknown; choose one of {FAMILIES}.")
+  return preset
 
 
 def model_fields(cfg: ModelConfig) -> ml_collections.ConfigDict:

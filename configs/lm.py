@@ -10,21 +10,17 @@ sizes through the same fields. The byte tokenizer (vocab 259) needs model.vocab_
 
 import ml_collections
 
-from bmojo_jax import mqar_config
+from bmojo_jax import ModelConfig
 from configs import common
-
-FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 
 
 def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
-  preset = preset or "bmojo"
-  if preset not in FAMILIES:
-    raise ValueError(f"configs/lm.py preset {preset!r} is unknown; choose one of {FAMILIES}.")
+  preset = common.family_preset("configs/lm.py", preset)
   c = common.base_config()
   window = None if preset == "transformer" else 128
   chunk = 128
-  c.model = common.model_fields(mqar_config(
-      preset, d_model=256, vocab_size=259, n_layers=4, n_heads=4, window=window, chunk_size=chunk,
+  c.model = common.model_fields(ModelConfig(
+      family=preset, d_model=256, vocab_size=259, n_layers=4, n_heads=4, window=window, chunk_size=chunk,
       n_fading=8, n_eidetic=32, eidetic_per_chunk=8))
 
   c.data = d = ml_collections.ConfigDict()

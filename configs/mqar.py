@@ -15,13 +15,9 @@ from ml_collections import config_dict
 from bmojo_jax import mqar_config
 from configs import common
 
-FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
-
 
 def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
-  preset = preset or "bmojo"
-  if preset not in FAMILIES:
-    raise ValueError(f"configs/mqar.py preset {preset!r} is unknown; choose one of {FAMILIES}.")
+  preset = common.family_preset("configs/mqar.py", preset)
   c = common.base_config()
   # CPU-sized default: window 8 at L=64, N=8, so 92% of the queries' values lie beyond the window and recall
   # must come from memory. The eidetic store keeps k_e=8 tokens per 8-token chunk for the last 7 chunks (the
