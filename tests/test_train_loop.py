@@ -7,6 +7,7 @@ program compiles once for the module.
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def full_run(tmp_path_factory):
   return workdir, results
 
 
+@pytest.fixture
+def copied_run(full_run, tmp_path):
+  """A private copy of the finished run's workdir, for tests that damage or reuse it."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  return workdir
+
+
 def test_full_run_writes_everything(full_run):
   workdir, results = full_run
   assert results["step"] == 8 and results["stopped_by"] is None
@@ -115,10 +124,8 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
   assert second["test_loss"] == full_run[1]["test_loss"]
 
 
-def test_corrupt_checkpoint_is_refused_and_untouched(full_run, tmp_path):
-  import shutil
-  workdir = str(tmp_path / "run")
-  shutil.copytree(full_run[0], workdir)
+def test_corrupt_checkpoint_is_refused_and_untouched(copied_run):
+  workdir = copied_run
   meta = os.path.join(workdir, "checkpoints", "8", "meta", "metadata")
   assert os.path.exists(meta), os.listdir(os.path.dirname(meta))
   with open(meta, "w") as f:
@@ -129,10 +136,8 @@ def test_corrupt_checkpoint_is_refused_and_untouched(full_run, tmp_path):
   assert snapshot(workdir) == before
 
 
-def test_corrupt_state_files_are_refused_and_untouched(full_run, tmp_path):
-  import shutil
-  workdir = str(tmp_path / "run")
-  shutil.copytree(full_run[0], workdir)
+def test_corrupt_state_files_are_refused_and_untouched(copied_run):
+  workdir = copied_run
   state_dir = os.path.join(workdir, "checkpoints", "8", "state")
   for root, _, files in os.walk(state_dir):
     for name in files:
@@ -144,10 +149,8 @@ def test_corrupt_state_files_are_refused_and_untouched(full_run, tmp_path):
   assert snapshot(workdir) == before
 
 
-def test_incompatible_checkpoint_names_the_field(full_run, tmp_path):
-  import shutil
-  workdir = str(tmp_path / "run")
-  shutil.copytree(full_run[0], workdir)
+def test_incompatible_checkpoint_names_the_field(copied_run):
+  workdir = copied_run
   before = snapshot(workdir)
   c = tiny_config()
   c.model.d_model = 32
