@@ -24,15 +24,18 @@ def device_tag() -> str:
   return jax.default_backend()
 
 
-def median_ms(fn, *args, warmup: int = 3, iters: int = 20) -> float:
-  """Median wall time of fn(*args) in ms, each run synchronized with block_until_ready."""
+def median_ms(fn, *args, warmup: int = 3, iters: int = 20, inner: int = 1) -> float:
+  """Median wall time of fn(*args) in ms over `iters` samples, each the mean of `inner` back-to-back calls
+  (amortizing dispatch) synchronized with block_until_ready, after `warmup` calls."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) * 1e3 / inner)
   return float(np.median(times))
 
 

@@ -9,7 +9,6 @@ Same parameters, same tokens; compares logits and every parameter gradient (fp32
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 

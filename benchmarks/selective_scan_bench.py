@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import median_ms  # noqa: E402
 from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference  # noqa: E402
 
 RECORDS = []
@@ -62,17 +63,8 @@ def make_inputs(B, T, E, N, dtype, seed=0, with_dz=True):
   return (u, delta, A, Bm, Cm, D, z, bias)
 
 
-def timeit(f, *args, reps=20, inner=5, warmup=2):
-  for _ in range(warmup):
-    jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = f(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) * 1e3 / inner)
-  return statistics.median(times)
+# Median of 20 samples, each the mean of 5 back-to-back calls.
+timeit = functools.partial(median_ms, warmup=2, iters=20, inner=5)
 
 
 def fwd_fn(scan):
@@ -217,7 +209,7 @@ def main():
   dump()
   if args.seq and not over_budget():
     fw, _, mem = time_pair(fwd_fn(selective_scan_reference), None, *a, inner=1)
-    _, fbw, mem2 = time_pair(None, fwdbwd_fn(selective_scan_reference), *a, reps=5, inner=1)
+    _, fbw, mem2 = time_pair(None, fwdbwd_fn(selective_scan_reference), *a, iters=5, inner=1)
     record("sequential", shape, "bfloat16", fw, fbw, note="fwd+bwd median of 5",
            temp_bytes_fwd=mem["temp_bytes_fwd"], temp_bytes_fwdbwd=mem2["temp_bytes_fwdbwd"])
     dump()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 try:
   import pytest  # noqa: F401 -- the test module's decorators need it; the GPU image may lack it
@@ -37,6 +36,7 @@ except ImportError:
   _stub.raises = None
   sys.modules["pytest"] = _stub
 
+from benchmarks import common  # noqa: E402
 from pallas_kernels.window_attention import BlockSizes, memory_attention
 from tests import test_window_attention as twa
 
@@ -57,17 +57,8 @@ def device_slug() -> str:
   return kind.replace(" ", "_")
 
 
-def median_ms(fn, *args, samples: int = 25, inner: int = 4) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(samples):
-    t = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / inner * 1e3)
-  return statistics.median(times)
+# Median of 25 samples, each the mean of 4 back-to-back calls.
+median_ms = functools.partial(common.median_ms, warmup=2, iters=25, inner=4)
 
 
 def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):

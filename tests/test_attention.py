@@ -21,7 +21,6 @@ def dense_memory_attention(q, k, v, mem_k, mem_v, mem_valid, window, chunk):
   if window is not None:
     mask &= pos[None, :] > pos[:, None] - window
   logits = jnp.where(mask, jnp.einsum("BTKGP,BSKP->BKGTS", qg, k) / np.sqrt(p), -1e30)
-  parts_v = [v]
   if mem_k is not None:
     chunk_of = pos // chunk
     mem_logits = jnp.einsum("BTKGP,BTMKP->BKGTM", qg, mem_k[:, chunk_of]) / np.sqrt(p)
