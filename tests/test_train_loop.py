@@ -247,6 +247,8 @@ def test_generate_from_run(full_run, tmp_path):
   out = generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4)
   ids = [int(x) for x in out.split()]
   assert len(ids) == 4 and all(0 <= i < 256 for i in ids)
+  with pytest.raises(ValueError, match="vocab_size is 256"):
+    generate.generate_from_run(full_run[0], "3 999", max_new_tokens=2)
   with pytest.raises(ValueError, match="token ids separated by spaces"):
     generate.generate_from_run(full_run[0], "hello", max_new_tokens=2)
   with pytest.raises(FileNotFoundError, match="No config.json"):

@@ -4,7 +4,6 @@ import json
 import os
 
 from flax import nnx
-import numpy as np
 
 from train import checkpoint as ckpt_lib
 from train import tasks as tasks_lib
@@ -28,7 +27,6 @@ def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, tempera
   """Text of the continuation (or space-separated ids for runs without a tokenizer, e.g. MQAR)."""
   from bmojo_jax import inference  # pylint: disable=g-import-not-at-top
   model, tokenizer, _ = load_model(workdir)
-  vocab = model.cfg.vocab_size
   if tokenizer is None:
     try:
       ids = [int(x) for x in prompt.split()]
@@ -37,16 +35,9 @@ def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, tempera
                        f"by spaces, got {prompt!r}.") from None
   else:
     ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
-  if not ids:
-    raise ValueError("The prompt is empty.")
-  bad = [i for i in ids if not 0 <= i < vocab]
-  if bad:
-    raise ValueError(f"Prompt token ids {bad[:5]} are outside the model vocabulary [0, {vocab}).")
-  out = inference.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+  # `generate` checks the ids against the vocabulary and returns the continuation alone.
+  new = inference.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed)[0]
-  out = [int(i) for i in np.asarray(out).reshape(-1)]
-  # Accept either convention of `generate`: prompt + continuation, or the continuation alone.
-  new = out[len(ids):] if out[:len(ids)] == ids and len(out) > max_new_tokens else out
   if tokenizer is None:
     return " ".join(str(int(i)) for i in new)
   return tokenizer.decode(new)
