@@ -109,8 +109,10 @@ def correctness() -> list[str]:
     except AssertionError as e:
       lines.append(f"FAIL exact-mask {case.name} {e!r}")
     print(lines[-2], "\n" + lines[-1], flush=True)
-  big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16, BlockSizes.get_default()),
-         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32, BlockSizes.get_default(64)))
+  big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
+                  BlockSizes.get_default(128, True)),
+         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
+                  BlockSizes.get_default(64, True)))
   for case in () if SMOKE else big:
     errs = twa.run_case(case, interpret=False, seed=2)
     ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
@@ -157,6 +159,8 @@ def main():
   parser.add_argument("--sweep", action="store_true")
   parser.add_argument("--skip-correctness", action="store_true")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--mem-sweep", action="store_true",
+                      help="only W512 at T=8192: M=0 and M=64 with the default and larger query tiles")
   args = parser.parse_args()
   global SMOKE
   SMOKE = args.smoke
@@ -170,13 +174,25 @@ def main():
 
   check = [] if args.skip_correctness else correctness()
 
-  main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)][:2 if args.sweep else 4]
+  main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)][:1 if args.mem_sweep else 2 if args.sweep else 4]
   for window, m in main_shapes:
     time_shape(records, "pallas", window, m, 8192)
     if not m:
       time_shape(records, "cudnn", window, m, 8192)
     save()
-  for t in () if args.sweep else (2048, 4096, 16384, 32768, 65536)[:1 if SMOKE else 5]:
+  if args.mem_sweep:  # the memory prologue's cost per query row falls with the query tile
+    base = BlockSizes.get_default()
+    for cfg, ms in ((dict(), (64,)), (dict(block_q=128, num_warps_fwd=8), (0, 64)),
+                    (dict(block_q=128, num_warps_fwd=8, block_q_dq=128), (64,)),
+                    (dict(block_q=128, num_warps_fwd=8, block_q_dq=128, num_warps_bwd=8), (0, 64)),
+                    (dict(block_q_dq=128, block_k_dq=64, num_warps_bwd=8), (0, 64)),
+                    (dict(num_stages_fwd=2), (0, 64)), (dict(block_q=128, num_warps_fwd=8, num_stages_fwd=2), (0, 64)),
+                    (dict(block_q=128, num_warps_fwd=8, num_stages_bwd=1), (64,))):
+      for m in ms:
+        if elapsed() < args.budget - 15:
+          time_shape(records, "pallas-sweep", 512, m, 8192, dataclasses.replace(base, **cfg))
+      save()
+  for t in () if args.sweep or args.mem_sweep else (2048, 4096, 16384, 32768, 65536)[:1 if SMOKE else 5]:
     if elapsed() > args.budget - 40:
       print("budget: skipping the rest of the T sweep", flush=True)
       break

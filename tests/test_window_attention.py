@@ -154,3 +154,5 @@ class TestMemoryAttention:
     assert b.block_q == 32 and b.block_q_dq == 32 and b.block_k == 64 and b.block_k_dkv == 64
     assert BlockSizes.get_default(64).fitted(seq_len=20, chunk=512).block_q == 32
     assert BlockSizes(block_q=128).fitted(seq_len=5000, chunk=96).block_q == 32
+    assert BlockSizes.get_default(128, has_memory=True).num_stages_fwd == 2
+    assert BlockSizes.get_default(128).num_stages_fwd == 3

@@ -68,7 +68,7 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
     raise ValueError(f"q, k, v, mem_k, mem_v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
                      + (f", {mem_k.dtype}, {mem_v.dtype}" if n_mem else ""))
   scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
-  blocks = (block_sizes or BlockSizes.get_default(p)).fitted(t, chunk)
+  blocks = (block_sizes or BlockSizes.get_default(p, has_memory=bool(n_mem))).fitted(t, chunk)
 
   t_pad = -(-t // blocks.pad_multiple) * blocks.pad_multiple
   p_pad = _pow2_at_least(p, 16)
