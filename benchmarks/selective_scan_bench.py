@@ -229,7 +229,8 @@ def main():
   if len(tried) > 1:  # forward fields from the fastest forward, backward fields from the fastest fwd+bwd
     bf = min(tried, key=lambda r: r[1])[0]
     bs = dataclasses.replace(min(tried, key=lambda r: r[2])[0], block_e=bf.block_e, chunk=bf.chunk,
-                             num_warps=bf.num_warps, prefetch=bf.prefetch)
+                             num_warps=bf.num_warps, prefetch=bf.prefetch,
+                             channels_on_lanes=bf.channels_on_lanes)
     log("best", bs)
   if args.check:
     check_full_size(bs, dtypes=tuple(jnp.dtype(d) for d in args.check_dtypes.split(",")))

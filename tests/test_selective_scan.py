@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference
+from pallas_kernels.selective_scan.ops import _plan
 
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,
-# a partial last chunk (odd T) and several channel blocks.
-SMALL_BLOCKS = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=4)
-NO_PREFETCH = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=8, prefetch=False, prefetch_bwd=False)
+# a partial last chunk (odd T), several channel blocks and several time segments (T=37: 3 segments of 16).
+SMALL_BLOCKS = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=4, segment_len=16)
+NO_PREFETCH = BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=8, prefetch=False, prefetch_bwd=False,
+                         segment_len=0)
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias", "h0")
 
@@ -29,7 +31,17 @@ CASES = [
     # dt near 0 (softplus(-12) ~ 6e-6) and large (softplus(6) ~ 6) mixed per token and channel
     dict(id="fp32_dt_extremes", dtype=jnp.float32, B=1, T=21, E=8, N=16, G=0, D=True, z=True, bias=False,
          h0=True, dt="extreme"),
+    # one program per sequence (no time segments), no initial state
+    dict(id="fp32_one_segment", dtype=jnp.float32, B=2, T=37, E=16, N=8, G=0, D=True, z=True, bias=True,
+         h0=False, blocks=BlockSizes(block_e=8, chunk=8, chunk_bwd=4, block_e_bwd=4, segment_len=0)),
     dict(id="bf16_full", dtype=jnp.bfloat16, B=1, T=30, E=32, N=16, G=4, D=True, z=True, bias=True, h0=True),
+    # channels on lanes ([N, block_e] tiles) in every kernel
+    dict(id="fp32_lanes_e", dtype=jnp.float32, B=2, T=37, E=64, N=16, G=0, D=True, z=True, bias=True, h0=True,
+         blocks=BlockSizes(block_e=32, chunk=8, chunk_bwd=4, block_e_bwd=16, channels_on_lanes=True,
+                           channels_on_lanes_bwd=True, segment_len=16)),
+    dict(id="bf16_lanes_e_grouped", dtype=jnp.bfloat16, B=1, T=30, E=64, N=16, G=2, D=True, z=True, bias=True,
+         h0=False, blocks=BlockSizes(block_e=32, chunk=8, chunk_bwd=8, block_e_bwd=32, channels_on_lanes=True,
+                                     channels_on_lanes_bwd=True, segment_len=0)),
 ]
 
 
@@ -102,6 +114,19 @@ class TestSelectiveScan:
       assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, (NAMES[i], g.shape, g_ref.shape)
       assert np.all(np.isfinite(np.asarray(g, np.float32))), NAMES[i]
       assert rel_err(g, g_ref) <= tol, (NAMES[i], rel_err(g, g_ref))
+
+  def test_time_segments_plan(self):
+    u, delta, A, Bm, *_ = make_inputs(CASES[0])                       # T = 37
+    plan = lambda bs: _plan(u, Bm, A, bs)
+    assert (plan(SMALL_BLOCKS).segments, plan(SMALL_BLOCKS).seg_len, plan(SMALL_BLOCKS).t_pad) == (3, 16, 48)
+    assert (plan(NO_PREFETCH).segments, plan(NO_PREFETCH).t_pad) == (1, 40)
+    long = BlockSizes(chunk=16, chunk_bwd=8, segment_len=512)          # rounds to chunks, balances segments
+    assert plan(long).segments == 1
+    u4k = jnp.zeros((1, 4100, 16))
+    p = _plan(u4k, jnp.zeros((1, 4100, 8)), A, long)
+    assert (p.segments, p.seg_len, p.t_pad) == (9, 464, 4176)
+    with pytest.raises(ValueError, match="segment_len"):
+      BlockSizes(segment_len=-1)
 
   def test_checks_shapes(self):
     u, delta, A, Bm, Cm, D, z, bias, h0 = make_inputs(CASES[0])

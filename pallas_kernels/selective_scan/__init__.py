@@ -1,8 +1,9 @@
 """Chunked selective scan (Mamba-1 / S6) in Pallas: `selective_scan` (forward and backward kernels behind a
 `jax.custom_vjp`) and the plain-jnp `selective_scan_reference` that fixes its semantics.
 
-Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel), `backward.py` (backward kernel), `ops.py`
-(shape checks and the custom VJP), `reference.py` (sequential `lax.scan`).
+Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel, tile orientation), `backward.py` (backward
+kernel), `segments.py` (time segments: per-segment summaries and the carry between segments), `ops.py` (shape
+checks and the custom VJP), `reference.py` (sequential `lax.scan`).
 """
 
 from pallas_kernels.selective_scan.block_sizes import BlockSizes

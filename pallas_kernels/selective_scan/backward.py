@@ -1,7 +1,7 @@
 """Backward Pallas kernel of the chunked selective scan.
 
-Inputs as the forward kernel saw them (see `kernel.py`) plus hc [B, K, E, N] (the state before each of the
-K = T / chunk sub-chunks, saved by the forward), gy [B, T, E] and gh_last [B, E, N]. Outputs:
+Inputs as the forward kernel saw them (see `kernel.py`, also for time segments) plus hc [B, K, E, N] (the
+state before each of the K = T / chunk sub-chunks, saved by the forward), gy [B, T, E] and gh_last [B, E, N]. Outputs:
 gu, gdelta, gz [B, T, E] in their primals' dtypes; gb, gc [B, T, E / block_e, N] fp32 partial sums over each
 program's channels (the wrapper sums them per group); ga [B, E, N], gd, gbias [B, E] fp32 partial over
 batch; gh0 [B, E, N] fp32.
@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.kernel import compiler_params, discretize_row, load_rows, sigmoid
+from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows,
+                                                 segment_start, sigmoid)
 
 
-def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool):
+def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, softplus_on: bool,
+                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool, tile: Tile):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
   bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]. Out-refs gu, gdelta, gz [T, E_blk];
   gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
@@ -53,22 +54,23 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
   gbias_ref = refs.pop(0) if has_bias else None
   (gh0_ref,) = refs
 
-  a2 = a_ref[...].astype(jnp.float32)                                  # [E_blk, N], A·log2(e)
+  a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
   a = a2 * math.log(2.0)                                               # A
   d = d_ref[...].astype(jnp.float32) if has_d else None
   bias = bias_ref[...].astype(jnp.float32) if has_bias else None
   num_chunks = t_pad // chunk
+  base, padded = segment_start(segments, t_pad, seq_len)
   row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref, gy_ref)
-  zeros_e = jnp.zeros(a2.shape[:1], jnp.float32)
+  zeros_e = jnp.zeros(a_ref.shape[:1], jnp.float32)
 
   def body(it, carry):
     gh, ga, gd, gbias, cur, h_start = carry
     k = num_chunks - 1 - it
     if prefetch:                                                       # the previous sub-chunk
       k_next = jnp.maximum(k - 1, 0)
-      nxt, h_next = load_rows(row_refs, k_next * chunk, chunk), hc_ref[k_next]
+      nxt, h_next = load_rows(row_refs, k_next * chunk, chunk), tile.orient(hc_ref[k_next])
     else:
-      cur, h_start = load_rows(row_refs, k * chunk, chunk), hc_ref[k]
+      cur, h_start = load_rows(row_refs, k * chunk, chunk), tile.orient(hc_ref[k])
       nxt, h_next = (), jnp.zeros((), jnp.float32)
     t0 = k * chunk
 
@@ -77,10 +79,10 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
     h = h_start
     for i in range(chunk):
       u, delta, bt, _, _, _ = cur[i]
-      valid = (t0 + i) < seq_len if t_pad != seq_len else None
+      valid = (base + t0 + i) < seq_len if padded else None
       dt, x = discretize_row(delta, bias, valid, softplus_on)
-      da = jnp.exp2(dt[:, None] * a2)
-      h = da * h + (dt * u.astype(jnp.float32))[:, None] * bt.astype(jnp.float32)[None, :]
+      da = jnp.exp2(tile.e(dt) * a2)
+      h = da * h + tile.e(dt * u.astype(jnp.float32)) * tile.n(bt.astype(jnp.float32))
       hs.append(h)
       dts.append(dt)
       xs.append(x)
@@ -95,27 +97,27 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
       if has_z:
         zf = z.astype(jnp.float32)
         sz = sigmoid(zf)
-        out = jnp.sum(hs[i + 1] * ctf[None, :], axis=1)
+        out = tile.sum_n(hs[i + 1] * tile.n(ctf))
         if has_d:
           out = out + d * uf
         gz_ref[t] = (gyf * out * sz * (1.0 + zf * (1.0 - sz))).astype(gz_ref.dtype)
         gout = gyf * (zf * sz)
       else:
         gout = gyf
-      gh = gh + gout[:, None] * ctf[None, :]
-      gc_ref[t] = jnp.sum(gout[:, None] * hs[i + 1], axis=0)
+      gh = gh + tile.e(gout) * tile.n(ctf)
+      gc_ref[t] = tile.sum_e(tile.e(gout) * hs[i + 1])
       gx = gh * hs[i] * da
-      ga = ga + gx * dt[:, None]
-      ghb = jnp.sum(gh * btf[None, :], axis=1)                         # [E_blk]
-      gdt = jnp.sum(gx * a, axis=1) + uf * ghb
+      ga = ga + gx * tile.e(dt)
+      ghb = tile.sum_n(gh * tile.n(btf))                               # [E_blk]
+      gdt = tile.sum_n(gx * a) + uf * ghb
       gu = dt * ghb
       if has_d:
         gu = gu + gout * d
         gd = gd + gout * uf
-      gb_ref[t] = jnp.sum(gh * (dt * uf)[:, None], axis=0)
+      gb_ref[t] = tile.sum_e(gh * tile.e(dt * uf))
       gdelta = gdt * sigmoid(xs[i]) if softplus_on else gdt
-      if t_pad != seq_len:
-        gdelta = jnp.where(t < seq_len, gdelta, 0.0)
+      if padded:
+        gdelta = jnp.where(base + t < seq_len, gdelta, 0.0)
       if has_bias:
         gbias = gbias + gdelta
       gu_ref[t] = gu.astype(gu_ref.dtype)
@@ -124,12 +126,12 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
     return gh, ga, gd, gbias, nxt, h_next
 
   k_last = num_chunks - 1
-  first = ((load_rows(row_refs, k_last * chunk, chunk), hc_ref[k_last]) if prefetch
+  first = ((load_rows(row_refs, k_last * chunk, chunk), tile.orient(hc_ref[k_last])) if prefetch
            else ((), jnp.zeros((), jnp.float32)))
-  init = (ghlast_ref[...].astype(jnp.float32), jnp.zeros_like(a2), zeros_e, zeros_e, *first)
+  init = (tile.orient(ghlast_ref[...].astype(jnp.float32)), jnp.zeros_like(a2), zeros_e, zeros_e, *first)
   gh, ga, gd, gbias, _, _ = jax.lax.fori_loop(0, num_chunks, body, init)
-  gh0_ref[...] = gh
-  ga_ref[...] = ga
+  gh0_ref[...] = tile.orient(gh)
+  ga_ref[...] = tile.orient(ga)
   if has_d:
     gd_ref[...] = gd
   if has_bias:
@@ -137,8 +139,8 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, softplus_on: bool,
 
 
 def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int, softplus_on: bool,
-             block_e: int, chunk: int, num_warps: int, num_stages: int, prefetch: bool = True,
-             interpret: bool = False):
+             segments: int = 1, block_e: int, chunk: int, num_warps: int, num_stages: int,
+             prefetch: bool = True, lanes_e: bool = False, interpret: bool = False):
   """Runs the backward kernel. Returns (gu, gdelta, gz|None, gb_part, gc_part, ga_part, gd_part|None,
   gbias_part|None, gh0); shapes in the module docstring."""
   batch, t_pad, d_inner = u.shape
@@ -185,9 +187,9 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
   out_shape.append(jax.ShapeDtypeStruct((batch, d_inner, d_state), f32))
   out_specs.append(state)
 
-  kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, chunk=chunk, softplus_on=softplus_on,
-                             has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-                             prefetch=prefetch)
+  kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk,
+                             softplus_on=softplus_on, has_d=d is not None, has_z=z is not None,
+                             has_bias=bias is not None, prefetch=prefetch, tile=Tile(lanes_e))
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -1,8 +1,9 @@
 """Tile sizes of the chunked selective scan.
 
-Each program owns `block_e` channels of one batch row and walks the whole sequence; its state tile is
-[block_e, N] fp32 in registers. Time is cut into chunks of `chunk` tokens whose steps are unrolled, so the
-loads of one chunk are all in flight together (and the next chunk's are prefetched while this one computes).
+Each program owns `block_e` channels of one batch row and walks one time segment of `segment_len` tokens
+(`segments.py` finds each segment's entering state); its state tile is [block_e, N] fp32 in registers. Time
+is cut into chunks of `chunk` tokens whose steps are unrolled, so the loads of one chunk are all in flight
+together (and the next chunk's are prefetched while this one computes).
 The forward saves the state every `chunk_bwd` tokens; the backward recomputes each such sub-chunk's states from
 that checkpoint, keeps them in registers, and walks them in reverse.
 """
@@ -14,29 +15,36 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  block_e: int = 8          # channels per forward program (power of 2)
-  chunk: int = 16           # tokens per unrolled forward step group
+  block_e: int = 32         # channels per forward program (power of 2)
+  chunk: int = 4            # tokens per unrolled forward step group
   num_warps: int = 1        # warps per forward program
-  block_e_bwd: int = 4      # channels per backward program (power of 2)
-  chunk_bwd: int = 8        # tokens between saved states; unrolled backward group (divides `chunk`)
+  block_e_bwd: int = 32     # channels per backward program (power of 2)
+  chunk_bwd: int = 4        # tokens between saved states; unrolled backward group (divides `chunk`)
   num_warps_bwd: int = 1    # warps per backward program
   num_stages: int = 1       # Triton software-pipelining depth (the kernels prefetch by hand)
-  prefetch: bool = True     # forward: load chunk c+1's rows during chunk c (carried through the loop); else
+  prefetch: bool = False    # forward: load chunk c+1's rows during chunk c (carried through the loop); else
                             # load each chunk's rows at its start
-  prefetch_bwd: bool = True  # the same for the backward's sub-chunks
+  prefetch_bwd: bool = False  # the same for the backward's sub-chunks
+  channels_on_lanes: bool = True  # forward and segment passes: [N, block_e] tiles with the channels on lanes
+                                  # (kernel.Tile), block_e = 32 x num_warps; else [block_e, N], N on lanes
+  channels_on_lanes_bwd: bool = True  # the same for the backward kernel
+  segment_len: int = 256    # tokens per time segment walked by one program (segments.py), rounded up to a
+                            # multiple of `chunk`; 0 = the whole sequence in one program (no segment pass)
 
   def __post_init__(self):
     for name in ("block_e", "chunk", "num_warps", "block_e_bwd", "chunk_bwd", "num_warps_bwd", "num_stages"):
       if getattr(self, name) < 1:
         raise ValueError(f"BlockSizes.{name} must be >= 1, got {self}")
+    if self.segment_len < 0:
+      raise ValueError(f"BlockSizes.segment_len must be >= 0 (0 = no time segments), got {self}")
     if self.chunk % self.chunk_bwd:
       raise ValueError(f"BlockSizes: chunk={self.chunk} must be a multiple of chunk_bwd={self.chunk_bwd}")
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
-    """The fastest measured on an H100 (docs/selective_scan_notes.md): forward block_e=8, chunk=16 with
-    prefetch (0.70 ms at B2 T4096 E2048 N16 bf16); backward block_e=4, chunk=8 with prefetch (16-token
-    backward chunks or 8+ channels spill registers)."""
+    """The fastest measured on an H100 (docs/selective_scan_notes.md, B2 T4096 E2048 N16 bf16): channels on
+    lanes with 32 channels per one-warp program in both directions, 256-token time segments, chunks of 4
+    tokens in both directions without hand prefetch (fwd 0.39-0.40 ms, fwd+bwd 1.40 ms)."""
     return cls()
 
 

@@ -4,7 +4,8 @@ Shapes as the kernel sees them (legend in `bmojo_jax/typing.py`; the wrapper in 
 u, delta, z [B, T, E] (T padded to a multiple of the chunk; padded steps have dt = 0); a2 [E, N] fp32 = A·log2(e);
 bm, cm [B, T, G, N] (G = 1 when B/C are shared by all channels); d, bias [E] fp32; h0 [B, E, N] fp32.
 Outputs: y [B, T, E] in u's dtype, h_last [B, E, N] fp32 and, when saving for the backward, hc [B, K, E, N] fp32:
-the state *before* each of the K = T / chunk_bwd sub-chunks.
+the state *before* each of the K = T / chunk_bwd sub-chunks. With S time segments (`segments.py`), "B" is B·S
+rows of T/S tokens each (row b·S + s) and h0 holds each segment's entering state.
 
 Grid (B, E / block_e). Each program holds its [block_e, N] state in registers and walks time sequentially:
 a `fori_loop` over chunks, each chunk's `chunk` steps unrolled. The rows of chunk c+1 are loaded while chunk c
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +52,49 @@ def discretize_row(delta, bias, valid, softplus_on: bool):
   return dt, x
 
 
+def segment_start(segments: int, seg_len: int, seq_len: int):
+  """(global index of this program's first token, whether the sequence has padded tokens). Grid axis 0 is
+  b·S + s when the sequence is cut into S segments of seg_len tokens (`segments.py`)."""
+  base = (pl.program_id(0) % segments) * seg_len if segments > 1 else 0
+  return base, segments * seg_len != seq_len
+
+
+class Tile(NamedTuple):
+  """Orientation of a program's state tile in registers. The refs always hold [E_blk, N] states; in-kernel
+  the tile is [E_blk, N] (`lanes_e=False`: Triton puts N on a warp's lanes, so every Σ_n is a cross-lane
+  shuffle reduction) or [N, E_blk] (`lanes_e=True`: channels on lanes, each thread holds all N states of its
+  channel, so Σ_n stays in-thread and the per-channel rows (u, dt, z, y) are one value per thread)."""
+  lanes_e: bool
+
+  def orient(self, x):
+    """[E_blk, N] <-> tile orientation (a transpose is its own inverse)."""
+    return x.T if self.lanes_e else x
+
+  def e(self, v):
+    """[E_blk] per-channel vector -> broadcastable against the tile."""
+    return v[None, :] if self.lanes_e else v[:, None]
+
+  def n(self, v):
+    """[N] per-state vector -> broadcastable against the tile."""
+    return v[:, None] if self.lanes_e else v[None, :]
+
+  def sum_n(self, x):
+    """Σ over the N states of a tile -> [E_blk]."""
+    return jnp.sum(x, axis=0 if self.lanes_e else 1)
+
+  def sum_e(self, x):
+    """Σ over the E_blk channels of a tile -> [N]."""
+    return jnp.sum(x, axis=1 if self.lanes_e else 0)
+
+
 def load_rows(refs, t0, chunk: int):
   """Rows t0 .. t0+chunk-1 of each [T, ...] ref in `refs` (None entries stay None): list over steps of tuples."""
   return [tuple(None if r is None else r[t0 + i] for r in refs) for i in range(chunk)]
 
 
-def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool, prefetch: bool):
+def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save_every: int,
+                softplus_on: bool, has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool,
+                prefetch: bool, tile: Tile):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
   h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
   refs = list(refs)
@@ -69,11 +107,12 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, so
   y_ref, hlast_ref = refs[:2]
   hc_ref = refs[2] if save else None
 
-  a2 = a_ref[...].astype(jnp.float32)                                  # [E_blk, N]
+  a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
   d = d_ref[...].astype(jnp.float32) if has_d else None                # [E_blk]
   bias = bias_ref[...].astype(jnp.float32) if has_bias else None
-  h = h0_ref[...].astype(jnp.float32) if has_h0 else jnp.zeros(a2.shape, jnp.float32)
+  h = tile.orient(h0_ref[...].astype(jnp.float32)) if has_h0 else jnp.zeros(a2.shape, jnp.float32)
   num_chunks = t_pad // chunk
+  base, padded = segment_start(segments, t_pad, seq_len)
   row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref)
 
   def body(c, carry):
@@ -85,14 +124,14 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, so
     t0 = c * chunk
     for i in range(chunk):
       if save and i % save_every == 0:
-        hc_ref[c * (chunk // save_every) + i // save_every] = h
+        hc_ref[c * (chunk // save_every) + i // save_every] = tile.orient(h)
       u, delta, bt, ct, z = cur[i]
-      valid = (t0 + i) < seq_len if t_pad != seq_len else None
+      valid = (base + t0 + i) < seq_len if padded else None
       dt, _ = discretize_row(delta, bias, valid, softplus_on)          # [E_blk]
       uf = u.astype(jnp.float32)
-      da = jnp.exp2(dt[:, None] * a2)                                  # [E_blk, N]
-      h = da * h + (dt * uf)[:, None] * bt.astype(jnp.float32)[None, :]
-      y = jnp.sum(h * ct.astype(jnp.float32)[None, :], axis=1)         # [E_blk]
+      da = jnp.exp2(tile.e(dt) * a2)                                   # tile
+      h = da * h + tile.e(dt * uf) * tile.n(bt.astype(jnp.float32))
+      y = tile.sum_n(h * tile.n(ct.astype(jnp.float32)))               # [E_blk]
       if has_d:
         y = y + d * uf
       if has_z:
@@ -103,12 +142,12 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, chunk: int, save_every: int, so
 
   first = load_rows(row_refs, 0, chunk) if prefetch else ()
   h, _ = jax.lax.fori_loop(0, num_chunks, body, (h, first))
-  hlast_ref[...] = h
+  hlast_ref[...] = tile.orient(h)
 
 
 def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_len: int, softplus_on: bool,
-             block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int, save: bool,
-             prefetch: bool = True, interpret: bool = False):
+             segments: int = 1, block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int,
+             save: bool, prefetch: bool = True, lanes_e: bool = False, interpret: bool = False):
   """Runs the forward kernel on prepared inputs (see module docstring). Returns (y, h_last, hc or None)."""
   batch, t_pad, d_inner = u.shape
   groups, d_state = bm.shape[2], bm.shape[3]
@@ -139,9 +178,9 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
     out_specs.append(pl.BlockSpec((None, num_saves, block_e, d_state), lambda b, j: (b, 0, j, 0)))
 
   kernel = functools.partial(
-      _fwd_kernel, seq_len=seq_len, t_pad=t_pad, chunk=chunk, save_every=save_every, softplus_on=softplus_on,
-      has_d=d is not None, has_z=z is not None, has_bias=bias is not None, has_h0=h0 is not None, save=save,
-      prefetch=prefetch)
+      _fwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk, save_every=save_every,
+      softplus_on=softplus_on, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
+      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e))
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

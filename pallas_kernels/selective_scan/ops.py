@@ -8,6 +8,7 @@ Shapes (legend in `bmojo_jax/typing.py`): u, delta, z [B, T, E]; A [E, N]; Bm, C
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.selective_scan.backward import scan_bwd
 from pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
 from pallas_kernels.selective_scan.kernel import LOG2E, scan_fwd
+from pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
 
 
 def _shape_error(msg, **arrays):
@@ -47,16 +49,37 @@ def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None):
     raise _shape_error("T must be >= 1", **arrays)
 
 
-def _plan(u, Bm, A, bs: BlockSizes):
-  """Static tiling for these shapes: (t_pad, n_pad, chunk, block_e fwd, block_e bwd)."""
+class _Plan(NamedTuple):
+  t_pad: int        # padded sequence length = segments * seg_len
+  n_pad: int        # N padded to a power of two
+  chunk: int        # forward chunk (unrolled steps)
+  segments: int     # time segments S (segments.py); 1 = one program walks the whole sequence
+  seg_len: int      # tokens per segment, a multiple of chunk
+  block_e: int      # forward channels per program
+  block_e_bwd: int  # backward channels per program
+
+
+def _plan(u, Bm, A, bs: BlockSizes) -> _Plan:
+  """Static tiling for these shapes."""
   _, t, d_inner = u.shape
   groups = Bm.shape[2] if Bm.ndim == 4 else 1
   n_pad = pl.next_power_of_2(A.shape[1])
   chunk = min(bs.chunk, bs.chunk_bwd * pl.cdiv(t, bs.chunk_bwd))
-  t_pad = pl.cdiv(t, chunk) * chunk
+  segments = pl.cdiv(t, chunk * pl.cdiv(bs.segment_len, chunk)) if bs.segment_len else 1
+  seg_len = chunk * pl.cdiv(pl.cdiv(t, segments), chunk)      # balanced: pad less than one chunk per segment
   per_group = d_inner // groups
-  return (t_pad, n_pad, chunk, largest_pow2_divisor(per_group, bs.block_e),
-          largest_pow2_divisor(per_group, bs.block_e_bwd))
+  return _Plan(segments * seg_len, n_pad, chunk, segments, seg_len, largest_pow2_divisor(per_group, bs.block_e),
+               largest_pow2_divisor(per_group, bs.block_e_bwd))
+
+
+def _split(x, segments):
+  """[B, S·L, ...] -> [B·S, L, ...] (free: a reshape of contiguous rows); None stays None."""
+  return None if x is None else x.reshape(x.shape[0] * segments, x.shape[1] // segments, *x.shape[2:])
+
+
+def _join(x, segments):
+  """[B·S, L, ...] -> [B, S·L, ...]."""
+  return x.reshape(x.shape[0] // segments, x.shape[1] * segments, *x.shape[2:])
 
 
 def _pad(x, axis, size):
@@ -81,13 +104,24 @@ def _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad):
 
 
 def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save):
-  t = u.shape[1]
-  t_pad, n_pad, chunk, be, _ = _plan(u, Bm, A, bs)
-  args = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad)
-  y, h_last, hc = scan_fwd(*args, seq_len=t, softplus_on=softplus_on, block_e=be, chunk=chunk,
-                           save_every=bs.chunk_bwd, num_warps=bs.num_warps, num_stages=bs.num_stages,
-                           save=save, prefetch=bs.prefetch, interpret=interpret)
-  return y[:, :t], h_last[..., :A.shape[1]], hc
+  batch, t, d_inner = u.shape
+  p = _plan(u, Bm, A, bs)
+  u, delta, a2, bm, cm, d, z, bias, h0 = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, p.t_pad, p.n_pad)
+  S = p.segments
+  common = dict(seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e, chunk=p.chunk,
+                num_warps=bs.num_warps, num_stages=bs.num_stages, lanes_e=bs.channels_on_lanes,
+                interpret=interpret)
+  if S > 1:  # each segment's entering state from per-segment summaries
+    h_loc, dtsum = segment_summaries(_split(u, S), _split(delta, S), a2, _split(bm, S), bias, reverse=False,
+                                     **common)
+    h0 = h0 if h0 is not None else jnp.zeros((batch, d_inner, p.n_pad), jnp.float32)
+    h0 = carry_states(h_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, h0)
+    h0 = h0.reshape(batch * S, d_inner, -1)
+  y, h_last, hc = scan_fwd(*(_split(x, S) for x in (u, delta)), a2, *(_split(x, S) for x in (bm, cm)), d,
+                           _split(z, S), bias, h0, save_every=bs.chunk_bwd, save=save, prefetch=bs.prefetch,
+                           **common)
+  h_last = h_last.reshape(batch, S, d_inner, -1)[:, -1]
+  return _join(y, S)[:, :t], h_last[..., :A.shape[1]], (None if hc is None else _join(hc, S))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
@@ -106,23 +140,34 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
   gy, gh_last = cts
   batch, t, d_inner = u.shape
   d_state = A.shape[1]
-  t_pad, n_pad, _, _, be = _plan(u, Bm, A, bs)
-  u_p, delta_p, a2, bm, cm, d, z_p, bias, _ = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, None, t_pad, n_pad)
-  gy = _pad(gy.astype(u.dtype), 1, t_pad)
-  gh_last = _pad(gh_last.astype(jnp.float32), 2, n_pad)
+  p = _plan(u, Bm, A, bs)
+  S = p.segments
+  u_p, delta_p, a2, bm, cm, d, z_p, bias, _ = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, None, p.t_pad,
+                                                      p.n_pad)
+  u_p, delta_p, bm, cm, z_p = (_split(x, S) for x in (u_p, delta_p, bm, cm, z_p))
+  gy = _split(_pad(gy.astype(u.dtype), 1, p.t_pad), S)
+  gh_last = _pad(gh_last.astype(jnp.float32), 2, p.n_pad)
+  if S > 1:  # the adjoint entering each segment from its end, from per-segment summaries
+    g_loc, dtsum = segment_summaries(
+        gy, delta_p, a2, cm, bias, z_p, reverse=True, seq_len=t, segments=S, softplus_on=softplus_on,
+        block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, num_stages=bs.num_stages,
+        lanes_e=bs.channels_on_lanes, interpret=interpret)
+    gh_last = carry_adjoints(g_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, gh_last)
   gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
-      u_p, delta_p, a2, bm, cm, d, z_p, bias, hc, gy, gh_last, seq_len=t, softplus_on=softplus_on, block_e=be,
-      chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
-      interpret=interpret)
+      u_p, delta_p, a2, bm, cm, d, z_p, bias, _split(hc, S), gy, gh_last.reshape(batch * S, d_inner, -1),
+      seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd, chunk=bs.chunk_bwd,
+      num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
+      lanes_e=bs.channels_on_lanes_bwd, interpret=interpret)
   groups = bm.shape[2]
 
-  def fold(g, like):  # [B, T_pad, E/be, N_pad] partials -> like's shape: sum each group's blocks
-    g = g.reshape(batch, t_pad, groups, -1, n_pad).sum(3)[:, :t, :, :d_state]
+  def fold(g, like):  # [B·S, L, E/be, N_pad] partials -> like's shape: sum each group's blocks
+    g = _join(g, S).reshape(batch, p.t_pad, groups, -1, p.n_pad).sum(3)[:, :t, :, :d_state]
     return (g if like.ndim == 4 else g[:, :, 0]).astype(like.dtype)
 
-  return (gu[:, :t], gdelta[:, :t], ga.sum(0)[:, :d_state].astype(A.dtype), fold(gb, Bm), fold(gc, Cm),
-          None if D is None else gd.sum(0).astype(D.dtype),
-          None if z is None else gz[:, :t],
+  gh0 = gh0.reshape(batch, S, d_inner, -1)[:, 0]
+  return (_join(gu, S)[:, :t], _join(gdelta, S)[:, :t], ga.sum(0)[:, :d_state].astype(A.dtype), fold(gb, Bm),
+          fold(gc, Cm), None if D is None else gd.sum(0).astype(D.dtype),
+          None if z is None else _join(gz, S)[:, :t],
           None if delta_bias is None else gbias.sum(0).astype(delta_bias.dtype),
           None if h0 is None else gh0[..., :d_state].astype(h0.dtype))
 

@@ -1,0 +1,129 @@
+"""Time segments: the sequence is cut into S segments that the main kernels walk in parallel.
+
+One program walks its segment's L = T / S tokens sequentially, so the time of a scan is ~L steps of latency
+instead of T. The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t is linear in h, so the state entering
+segment s follows from two cheap per-segment summaries, computed here by a light kernel that starts each
+segment from zero:
+
+    h_end(s)  = decay(s) ⊙ h_in(s) + h_loc(s)        decay(s) = exp(A · Σ_{t in s} dt_t)
+
+and an associative scan over the S segments (`carry_states`). The backward's adjoint runs the same way in
+reverse time: g_{t-1} = exp(dt_t A) ⊙ (g_t + gout_t ⊗ C_t), so g_start(s) = decay(s) ⊙ g_end(s) + g_loc(s)
+(`carry_adjoints`). The main kernels then rerun every segment from its true entering state / adjoint.
+
+Shapes (legend in `bmojo_jax/typing.py`), segmented as the kernels see them (R = B·S rows of L tokens):
+u, delta, z, gy [R, L, E]; bm, cm [R, L, G, N]; a2 [E, N] = A·log2(e); bias [E]. Summaries: h_loc / g_loc
+[R, E, N] fp32, dtsum [R, E] fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows,
+                                                 segment_start, sigmoid)
+
+
+def _states_kernel(*refs, reverse: bool, seq_len: int, seg_len: int, segments: int, chunk: int,
+                   softplus_on: bool, has_bias: bool, has_z: bool, tile: Tile):
+  """Forward (reverse=False): in-refs u, delta [L, E_blk], a2 [E_blk, N], bm [L, N], bias; carries
+  h = da ⊙ h + (dt u) ⊗ B_t from 0. Reverse: in-refs gy, delta, a2, cm, bias, z; carries
+  g = da ⊙ (g + (gy SiLU(z)) ⊗ C_t) from 0 backwards in time. Out-refs state [E_blk, N], dtsum [E_blk]."""
+  refs = list(refs)
+  x_ref, delta_ref, a_ref, v_ref = refs[:4]
+  del refs[:4]
+  bias_ref = refs.pop(0) if has_bias else None
+  z_ref = refs.pop(0) if has_z else None
+  state_ref, dtsum_ref = refs
+
+  a2 = tile.orient(a_ref[...].astype(jnp.float32))
+  bias = bias_ref[...].astype(jnp.float32) if has_bias else None
+  base, padded = segment_start(segments, seg_len, seq_len)
+  num_chunks = seg_len // chunk
+  row_refs = (x_ref, delta_ref, v_ref, z_ref)
+
+  def chunk_index(it):
+    return num_chunks - 1 - it if reverse else it
+
+  def body(it, carry):
+    s, dtsum, cur = carry
+    k = chunk_index(it)
+    nxt = load_rows(row_refs, jnp.clip(chunk_index(it + 1), 0, num_chunks - 1) * chunk, chunk)
+    for i in (reversed(range(chunk)) if reverse else range(chunk)):
+      x, delta, vt, z = cur[i]
+      valid = (base + k * chunk + i) < seq_len if padded else None
+      dt, _ = discretize_row(delta, bias, valid, softplus_on)          # [E_blk]
+      da = jnp.exp2(tile.e(dt) * a2)
+      xf = x.astype(jnp.float32)
+      if reverse:
+        if z is not None:
+          zf = z.astype(jnp.float32)
+          xf = xf * (zf * sigmoid(zf))                                 # gout = gy ⊙ SiLU(z)
+        s = da * (s + tile.e(xf) * tile.n(vt.astype(jnp.float32)))
+      else:
+        s = da * s + tile.e(dt * xf) * tile.n(vt.astype(jnp.float32))
+      dtsum = dtsum + dt
+    return s, dtsum, nxt
+
+  first = load_rows(row_refs, chunk_index(0) * chunk, chunk)
+  init = (jnp.zeros(a2.shape, jnp.float32), jnp.zeros(a_ref.shape[:1], jnp.float32), first)
+  s, dtsum, _ = jax.lax.fori_loop(0, num_chunks, body, init)
+  state_ref[...] = tile.orient(s)
+  dtsum_ref[...] = dtsum
+
+
+def segment_summaries(x, delta, a2, v, bias=None, z=None, *, reverse: bool, seq_len: int, segments: int,
+                      softplus_on: bool, block_e: int, chunk: int, num_warps: int, num_stages: int,
+                      lanes_e: bool = False, interpret: bool = False):
+  """Per-segment (state from zero, Σ dt): forward x=u, v=bm; reverse x=gy, v=cm, z. Returns
+  ([R, E, N] fp32, [R, E] fp32)."""
+  rows, seg_len, d_inner = x.shape
+  groups, d_state = v.shape[2], v.shape[3]
+  per_group = d_inner // groups
+  row = pl.BlockSpec((None, seg_len, block_e), lambda r, j: (r, 0, j))
+  args = [x, delta, a2, v]
+  in_specs = [row, row, pl.BlockSpec((block_e, d_state), lambda r, j: (j, 0)),
+              pl.BlockSpec((None, seg_len, None, d_state), lambda r, j: (r, 0, (j * block_e) // per_group, 0))]
+  for arr, spec in ((bias, pl.BlockSpec((block_e,), lambda r, j: (j,))), (z, row)):
+    if arr is not None:
+      args.append(arr)
+      in_specs.append(spec)
+  kernel = functools.partial(
+      _states_kernel, reverse=reverse, seq_len=seq_len, seg_len=seg_len, segments=segments, chunk=chunk,
+      softplus_on=softplus_on, has_bias=bias is not None, has_z=z is not None, tile=Tile(lanes_e))
+  return pl.pallas_call(
+      kernel, grid=(rows, d_inner // block_e), in_specs=in_specs,
+      out_shape=[jax.ShapeDtypeStruct((rows, d_inner, d_state), jnp.float32),
+                 jax.ShapeDtypeStruct((rows, d_inner), jnp.float32)],
+      out_specs=[pl.BlockSpec((None, block_e, d_state), lambda r, j: (r, j, 0)),
+                 pl.BlockSpec((None, block_e), lambda r, j: (r, j))],
+      compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
+      name="selective_scan_segment_" + ("adjoints" if reverse else "states"))(*args)
+
+
+def _linear_scan(decay, x, init):
+  """out[:, s] = decay[:, s] ⊙ out[:, s-1] + x[:, s] with out[:, -1] = init. decay, x [B, S, E, N]."""
+  x = x.at[:, 0].add(decay[:, 0] * init)
+  _, out = jax.lax.associative_scan(lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (decay, x), axis=1)
+  return out
+
+
+def _decay(dtsum, a2):
+  """[B, S, E] Σ dt -> [B, S, E, N] exp(A Σ dt)."""
+  return jnp.exp2(dtsum[..., None] * a2)
+
+
+def carry_states(h_loc, dtsum, a2, h0):
+  """The state entering each segment: [B, S, E, N] (h_loc [B, S, E, N], dtsum [B, S, E], h0 [B, E, N])."""
+  h_end = _linear_scan(_decay(dtsum, a2), h_loc, h0)
+  return jnp.concatenate([h0[:, None], h_end[:, :-1]], axis=1)
+
+
+def carry_adjoints(g_loc, dtsum, a2, g_last):
+  """The adjoint dL/dh at the end of each segment: [B, S, E, N] (g_last [B, E, N] = dL/dh_T)."""
+  g_start = _linear_scan(_decay(dtsum, a2)[:, ::-1], g_loc[:, ::-1], g_last)[:, ::-1]
+  return jnp.concatenate([g_start[:, 1:], g_last[:, None]], axis=1)
