@@ -7,9 +7,10 @@ Outputs: y [B, T, E] in u's dtype, h_last [B, E, N] fp32 and, when saving for th
 the state *before* each of the K = T / chunk_bwd sub-chunks. With S time segments (`segments.py`), "B" is B·S
 rows of T/S tokens each (row b·S + s) and h0 holds each segment's entering state.
 
-Grid (B, E / block_e). Each program holds its [block_e, N] state in registers and walks time sequentially:
-a `fori_loop` over chunks, each chunk's `chunk` steps unrolled. The rows of chunk c+1 are loaded while chunk c
-computes (they ride in the loop carry), so load latency hides behind arithmetic rather than stalling each step.
+Grid (B·S, E / block_e). Each program holds its state tile in registers (oriented by `Tile`: channels on
+lanes by default) and walks its rows sequentially: a `fori_loop` over chunks, each chunk's `chunk` steps
+unrolled. With `prefetch`, the rows of chunk c+1 are loaded while chunk c computes (they ride in the loop
+carry); otherwise each chunk loads its rows at its start.
 """
 
 from __future__ import annotations
