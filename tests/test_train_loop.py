@@ -124,16 +124,21 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
   assert second["test_loss"] == full_run[1]["test_loss"]
 
 
+def assert_refused_untouched(workdir, match):
+  """Training into `workdir` fails with a CheckpointError matching `match` and changes no file there."""
+  before = snapshot(workdir)
+  with pytest.raises(ckpt_lib.CheckpointError, match=match):
+    trainer.train(tiny_config(), workdir)
+  assert snapshot(workdir) == before
+
+
 def test_corrupt_checkpoint_is_refused_and_untouched(copied_run):
   workdir = copied_run
   meta = os.path.join(workdir, "checkpoints", "8", "meta", "metadata")
   assert os.path.exists(meta), os.listdir(os.path.dirname(meta))
   with open(meta, "w") as f:
     f.write("{not json")
-  before = snapshot(workdir)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/8.*unreadable"):
-    trainer.train(tiny_config(), workdir)
-  assert snapshot(workdir) == before
+  assert_refused_untouched(workdir, r"checkpoints/8.*unreadable")
 
 
 def test_corrupt_state_files_are_refused_and_untouched(copied_run):
@@ -143,10 +148,7 @@ def test_corrupt_state_files_are_refused_and_untouched(copied_run):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  before = snapshot(workdir)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/8.*could not be restored"):
-    trainer.train(tiny_config(), workdir)
-  assert snapshot(workdir) == before
+  assert_refused_untouched(workdir, r"checkpoints/8.*could not be restored")
 
 
 def test_incompatible_checkpoint_names_the_field(copied_run):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows,
+from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows, pop_refs,
                                                  segment_start, sigmoid)
 
 
@@ -37,22 +37,10 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
   bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]. Out-refs gu, gdelta, gz [T, E_blk];
   gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
-  refs = list(refs)
-  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
-  del refs[:5]
-  d_ref = refs.pop(0) if has_d else None
-  z_ref = refs.pop(0) if has_z else None
-  bias_ref = refs.pop(0) if has_bias else None
-  hc_ref, gy_ref, ghlast_ref = refs[:3]
-  del refs[:3]
-  gu_ref, gdelta_ref = refs[:2]
-  del refs[:2]
-  gz_ref = refs.pop(0) if has_z else None
-  gb_ref, gc_ref, ga_ref = refs[:3]
-  del refs[:3]
-  gd_ref = refs.pop(0) if has_d else None
-  gbias_ref = refs.pop(0) if has_bias else None
-  (gh0_ref,) = refs
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, hc_ref, gy_ref, ghlast_ref,    # inputs
+   gu_ref, gdelta_ref, gz_ref, gb_ref, gc_ref, ga_ref, gd_ref, gbias_ref, gh0_ref) = pop_refs(      # outputs
+       refs, *[True] * 5, has_d, has_z, has_bias, True, True, True,
+       True, True, has_z, True, True, True, has_d, has_bias, True)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
   a = a2 * math.log(2.0)                                               # A

@@ -88,6 +88,15 @@ class Tile(NamedTuple):
     return jnp.sum(x, axis=1 if self.lanes_e else 0)
 
 
+def pop_refs(refs, *present):
+  """The kernel's refs in order, one per entry of `present`: the next ref where it is true, None where an
+  optional input or output is absent (pallas_call passes only the arrays given)."""
+  refs = list(refs)
+  out = [refs.pop(0) if p else None for p in present]
+  assert not refs, f"{len(refs)} refs left over"
+  return out
+
+
 def load_rows(refs, t0, chunk: int):
   """Rows t0 .. t0+chunk-1 of each [T, ...] ref in `refs` (None entries stay None): list over steps of tuples."""
   return [tuple(None if r is None else r[t0 + i] for r in refs) for i in range(chunk)]
@@ -98,15 +107,8 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
                 prefetch: bool, tile: Tile):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
   h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
-  refs = list(refs)
-  u_ref, delta_ref, a_ref, b_ref, c_ref = refs[:5]
-  del refs[:5]
-  d_ref = refs.pop(0) if has_d else None
-  z_ref = refs.pop(0) if has_z else None
-  bias_ref = refs.pop(0) if has_bias else None
-  h0_ref = refs.pop(0) if has_h0 else None
-  y_ref, hlast_ref = refs[:2]
-  hc_ref = refs[2] if save else None
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, y_ref, hlast_ref,
+   hc_ref) = pop_refs(refs, *[True] * 5, has_d, has_z, has_bias, has_h0, True, True, save)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
   d = d_ref[...].astype(jnp.float32) if has_d else None                # [E_blk]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows,
+from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows, pop_refs,
                                                  segment_start, sigmoid)
 
 
@@ -33,12 +33,8 @@ def _states_kernel(*refs, reverse: bool, seq_len: int, seg_len: int, segments: i
   """Forward (reverse=False): in-refs u, delta [L, E_blk], a2 [E_blk, N], bm [L, N], bias; carries
   h = da ⊙ h + (dt u) ⊗ B_t from 0. Reverse: in-refs gy, delta, a2, cm, bias, z; carries
   g = da ⊙ (g + (gy SiLU(z)) ⊗ C_t) from 0 backwards in time. Out-refs state [E_blk, N], dtsum [E_blk]."""
-  refs = list(refs)
-  x_ref, delta_ref, a_ref, v_ref = refs[:4]
-  del refs[:4]
-  bias_ref = refs.pop(0) if has_bias else None
-  z_ref = refs.pop(0) if has_z else None
-  state_ref, dtsum_ref = refs
+  x_ref, delta_ref, a_ref, v_ref, bias_ref, z_ref, state_ref, dtsum_ref = pop_refs(
+      refs, *[True] * 4, has_bias, has_z, True, True)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))
   bias = bias_ref[...].astype(jnp.float32) if has_bias else None

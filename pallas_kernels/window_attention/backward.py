@@ -67,6 +67,15 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
+def accumulate_kv_grads(dk, dv, s, v, q, do, lse, delta, precision):
+  """One query tile's share of the key/value gradients, transposed (keys on rows): s [Y, bq] base-2 logits
+  (masked ones NEG_INF), v [Y, P], q, do [bq, P], lse, delta [1, bq]. Returns dk (unscaled), dv [Y, P] fp32."""
+  p = jnp.exp2(s - lse)
+  dv = dv + dot_nn(p.astype(do.dtype), do, precision)
+  ds = p * (dot_nt(v, do, precision) - delta)
+  return dk + dot_nn(ds.astype(q.dtype), q, precision), dv
+
+
 def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, qk_scale: float,
                 scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int,
                 split: bool):
@@ -87,11 +96,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     s = dot_nt(k, q, precision)                                     # [bk, bq]
     if masked:
       s = jnp.where(visible(i * block_q + q_iota, k_pos, window), s, NEG_INF)
-    p = jnp.exp2(s - lse)
-    dv = dv + dot_nn(p.astype(do.dtype), do, precision)
-    ds = p * (dot_nt(v, do, precision) - delta)
-    dk = dk + dot_nn(ds.astype(q.dtype), q, precision)
-    return dk, dv
+    return accumulate_kv_grads(dk, dv, s, v, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for g in range(groups):   # static: G is small, and a static head index keeps the loads plain
@@ -117,11 +122,7 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dm
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
     s = jnp.where(valid, dot_nt(mk, q, precision), NEG_INF)               # [M, bq]
-    p = jnp.exp2(s - lse)
-    dmv = dmv + dot_nn(p.astype(do.dtype), do, precision)
-    ds = p * (dot_nt(mv, do, precision) - delta)
-    dmk = dmk + dot_nn(ds.astype(q.dtype), q, precision)
-    return dmk, dmv
+    return accumulate_kv_grads(dmk, dmv, s, mv, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(mk.shape, jnp.float32), jnp.zeros(mv.shape, jnp.float32))
   for g in range(groups):
