@@ -13,6 +13,7 @@ import pytest
 
 from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan.ops import _plan
+from pallas_kernels.selective_scan.segments import carry_adjoints, carry_reference, carry_states
 
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,
 # a partial last chunk (odd T), several channel blocks and several time segments (T=37: 3 segments of 16).
@@ -114,6 +115,19 @@ class TestSelectiveScan:
       assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, (NAMES[i], g.shape, g_ref.shape)
       assert np.all(np.isfinite(np.asarray(g, np.float32))), NAMES[i]
       assert rel_err(g, g_ref) <= tol, (NAMES[i], rel_err(g, g_ref))
+
+  @pytest.mark.parametrize("segments", [5, 16])                     # no unrolling / two unrolled groups of 8
+  def test_carry_over_segments(self, segments):
+    ks = jax.random.split(jax.random.PRNGKey(segments), 4)
+    loc = jax.random.normal(ks[0], (2, segments, 24, 8))
+    dtsum = jax.random.uniform(ks[1], (2, segments, 24), maxval=3.0)
+    a2 = -jnp.exp(jax.random.normal(ks[2], (24, 8)))
+    init = jax.random.normal(ks[3], (2, 24, 8))
+    for carry, reverse in ((carry_states, False), (carry_adjoints, True)):
+      out = carry(loc, dtsum, a2, init, fast_math=not self.INTERPRET, interpret=self.INTERPRET)
+      ref = carry_reference(loc, dtsum, a2, init, reverse=reverse)
+      assert out.shape == ref.shape and rel_err(out, ref) <= 1e-6, (reverse, rel_err(out, ref))
+      np.testing.assert_array_equal(out[:, -1 if reverse else 0], init)   # the first segment walked gets init
 
   def test_time_segments_plan(self):
     u, delta, A, Bm, *_ = make_inputs(CASES[0])                       # T = 37

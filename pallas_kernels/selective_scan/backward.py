@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.fast_math import FastMath
 from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows, pop_refs,
-                                                 segment_start, sigmoid)
+                                                 segment_start)
 
 
 def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool, tile: Tile):
+                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool, tile: Tile, fm: FastMath):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
   bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]. Out-refs gu, gdelta, gz [T, E_blk];
   gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
@@ -68,9 +69,9 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
     for i in range(chunk):
       u, delta, bt, _, _, _ = cur[i]
       valid = (base + t0 + i) < seq_len if padded else None
-      dt, x = discretize_row(delta, bias, valid, softplus_on)
-      da = jnp.exp2(tile.e(dt) * a2)
-      h = da * h + tile.e(dt * u.astype(jnp.float32)) * tile.n(bt.astype(jnp.float32))
+      dt, x = discretize_row(fm, delta, bias, valid, softplus_on)
+      da = fm.exp2(tile.e(dt) * a2)
+      h = fm.fma(da, h, tile.e(dt * u.astype(jnp.float32)) * tile.n(bt.astype(jnp.float32)))
       hs.append(h)
       dts.append(dt)
       xs.append(x)
@@ -84,7 +85,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
       dt, da = dts[i], das[i]
       if has_z:
         zf = z.astype(jnp.float32)
-        sz = sigmoid(zf)
+        sz = fm.sigmoid(zf)
         out = tile.sum_n(hs[i + 1] * tile.n(ctf))
         if has_d:
           out = out + d * uf
@@ -92,10 +93,10 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
         gout = gyf * (zf * sz)
       else:
         gout = gyf
-      gh = gh + tile.e(gout) * tile.n(ctf)
+      gh = fm.fma(tile.e(gout), tile.n(ctf), gh)
       gc_ref[t] = tile.sum_e(tile.e(gout) * hs[i + 1])
       gx = gh * hs[i] * da
-      ga = ga + gx * tile.e(dt)
+      ga = fm.fma(gx, tile.e(dt), ga)
       ghb = tile.sum_n(gh * tile.n(btf))                               # [E_blk]
       gdt = tile.sum_n(gx * a) + uf * ghb
       gu = dt * ghb
@@ -103,7 +104,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
         gu = gu + gout * d
         gd = gd + gout * uf
       gb_ref[t] = tile.sum_e(gh * tile.e(dt * uf))
-      gdelta = gdt * sigmoid(xs[i]) if softplus_on else gdt
+      gdelta = gdt * fm.sigmoid(xs[i]) if softplus_on else gdt
       if padded:
         gdelta = jnp.where(base + t < seq_len, gdelta, 0.0)
       if has_bias:
@@ -128,7 +129,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
 
 def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int, softplus_on: bool,
              segments: int = 1, block_e: int, chunk: int, num_warps: int, num_stages: int,
-             prefetch: bool = True, lanes_e: bool = False, interpret: bool = False):
+             prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False, interpret: bool = False):
   """Runs the backward kernel. Returns (gu, gdelta, gz|None, gb_part, gc_part, ga_part, gd_part|None,
   gbias_part|None, gh0); shapes in the module docstring."""
   batch, t_pad, d_inner = u.shape
@@ -177,7 +178,8 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
 
   kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk,
                              softplus_on=softplus_on, has_d=d is not None, has_z=z is not None,
-                             has_bias=bias is not None, prefetch=prefetch, tile=Tile(lanes_e))
+                             has_bias=bias is not None, prefetch=prefetch, tile=Tile(lanes_e),
+                             fm=FastMath(fast_math))
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -28,6 +28,8 @@ class BlockSizes:
   channels_on_lanes: bool = True  # forward and segment passes: [N, block_e] tiles with the channels on lanes
                                   # (kernel.Tile), block_e = 32 x num_warps; else [block_e, N], N on lanes
   channels_on_lanes_bwd: bool = True  # the same for the backward kernel
+  fast_math: bool = True    # compiled kernels: PTX ex2.approx.ftz and fma.rn for the per-state math
+                            # (pallas_kernels/fast_math.py); interpret mode always uses plain jnp
   segment_len: int = 256    # tokens per time segment walked by one program (segments.py), rounded up to a
                             # multiple of `chunk`; 0 = the whole sequence in one program (no segment pass)
 
@@ -44,7 +46,7 @@ class BlockSizes:
   def get_default(cls) -> "BlockSizes":
     """The fastest measured on an H100 (docs/selective_scan_notes.md, B2 T4096 E2048 N16 bf16): channels on
     lanes with 32 channels per one-warp program in both directions, 256-token time segments, chunks of 4
-    tokens in both directions without hand prefetch (fwd 0.39-0.40 ms, fwd+bwd 1.40 ms)."""
+    tokens in both directions without hand prefetch, fast-math PTX (fwd 0.280 ms, fwd+bwd 1.26 ms)."""
     return cls()
 
 

@@ -16,7 +16,6 @@ carry); otherwise each chunk loads its rows at its start.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -24,7 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-LOG2E = math.log2(math.e)
+from pallas_kernels.fast_math import FastMath
+
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -33,31 +33,22 @@ def compiler_params(num_warps: int, num_stages: int):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def softplus(x):
-  """softplus as `jax.nn.softplus` computes it: max(x, 0) + log1p(exp(-|x|)). fp32."""
-  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def sigmoid(x):
-  return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def discretize_row(delta, bias, valid, softplus_on: bool):
-  """dt for one token row [E_blk]: softplus(delta + bias), zero on padded tokens. Also returns the pre-activation."""
-  x = delta.astype(jnp.float32)
-  if bias is not None:
-    x = x + bias
-  dt = softplus(x) if softplus_on else x
-  if valid is not None:
-    dt = jnp.where(valid, dt, 0.0)
-  return dt, x
-
-
 def segment_start(segments: int, seg_len: int, seq_len: int):
   """(global index of this program's first token, whether the sequence has padded tokens). Grid axis 0 is
   b·S + s when the sequence is cut into S segments of seg_len tokens (`segments.py`)."""
   base = (pl.program_id(0) % segments) * seg_len if segments > 1 else 0
   return base, segments * seg_len != seq_len
+
+
+def discretize_row(fm: FastMath, delta, bias, valid, softplus_on: bool):
+  """dt for one token row [E_blk]: softplus(delta + bias), zero on padded tokens; also the pre-activation."""
+  x = delta.astype(jnp.float32)
+  if bias is not None:
+    x = x + bias
+  dt = fm.softplus(x) if softplus_on else x
+  if valid is not None:
+    dt = jnp.where(valid, dt, 0.0)
+  return dt, x
 
 
 class Tile(NamedTuple):
@@ -104,7 +95,7 @@ def load_rows(refs, t0, chunk: int):
 
 def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save_every: int,
                 softplus_on: bool, has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool,
-                prefetch: bool, tile: Tile):
+                prefetch: bool, tile: Tile, fm: FastMath):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
   h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
   (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, y_ref, hlast_ref,
@@ -130,16 +121,16 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
         hc_ref[c * (chunk // save_every) + i // save_every] = tile.orient(h)
       u, delta, bt, ct, z = cur[i]
       valid = (base + t0 + i) < seq_len if padded else None
-      dt, _ = discretize_row(delta, bias, valid, softplus_on)          # [E_blk]
+      dt, _ = discretize_row(fm, delta, bias, valid, softplus_on)       # [E_blk]
       uf = u.astype(jnp.float32)
-      da = jnp.exp2(tile.e(dt) * a2)                                   # tile
-      h = da * h + tile.e(dt * uf) * tile.n(bt.astype(jnp.float32))
+      da = fm.exp2(tile.e(dt) * a2)                                    # tile
+      h = fm.fma(da, h, tile.e(dt * uf) * tile.n(bt.astype(jnp.float32)))
       y = tile.sum_n(h * tile.n(ct.astype(jnp.float32)))               # [E_blk]
       if has_d:
         y = y + d * uf
       if has_z:
         zf = z.astype(jnp.float32)
-        y = y * (zf * sigmoid(zf))
+        y = y * (zf * fm.sigmoid(zf))
       y_ref[t0 + i] = y.astype(y_ref.dtype)
     return h, nxt
 
@@ -150,7 +141,8 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
 
 def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_len: int, softplus_on: bool,
              segments: int = 1, block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int,
-             save: bool, prefetch: bool = True, lanes_e: bool = False, interpret: bool = False):
+             save: bool, prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False,
+             interpret: bool = False):
   """Runs the forward kernel on prepared inputs (see module docstring). Returns (y, h_last, hc or None)."""
   batch, t_pad, d_inner = u.shape
   groups, d_state = bm.shape[2], bm.shape[3]
@@ -183,7 +175,7 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
   kernel = functools.partial(
       _fwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk, save_every=save_every,
       softplus_on=softplus_on, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e))
+      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e), fm=FastMath(fast_math))
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

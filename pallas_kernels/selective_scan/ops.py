@@ -16,7 +16,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.selective_scan.backward import scan_bwd
 from pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
-from pallas_kernels.selective_scan.kernel import LOG2E, scan_fwd
+from pallas_kernels.fast_math import LOG2E
+from pallas_kernels.selective_scan.kernel import scan_fwd
 from pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
 
 
@@ -108,14 +109,16 @@ def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpr
   p = _plan(u, Bm, A, bs)
   u, delta, a2, bm, cm, d, z, bias, h0 = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, p.t_pad, p.n_pad)
   S = p.segments
+  fast = bs.fast_math and not interpret
   common = dict(seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e, chunk=p.chunk,
                 num_warps=bs.num_warps, num_stages=bs.num_stages, lanes_e=bs.channels_on_lanes,
-                interpret=interpret)
+                fast_math=fast, interpret=interpret)
   if S > 1:  # each segment's entering state from per-segment summaries
     h_loc, dtsum = segment_summaries(_split(u, S), _split(delta, S), a2, _split(bm, S), bias, reverse=False,
                                      **common)
     h0 = h0 if h0 is not None else jnp.zeros((batch, d_inner, p.n_pad), jnp.float32)
-    h0 = carry_states(h_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, h0)
+    h0 = carry_states(h_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, h0,
+                      fast_math=fast, interpret=interpret)
     h0 = h0.reshape(batch * S, d_inner, -1)
   y, h_last, hc = scan_fwd(*(_split(x, S) for x in (u, delta)), a2, *(_split(x, S) for x in (bm, cm)), d,
                            _split(z, S), bias, h0, save_every=bs.chunk_bwd, save=save, prefetch=bs.prefetch,
@@ -142,6 +145,7 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
   d_state = A.shape[1]
   p = _plan(u, Bm, A, bs)
   S = p.segments
+  fast = bs.fast_math and not interpret
   u_p, delta_p, a2, bm, cm, d, z_p, bias, _ = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, None, p.t_pad,
                                                       p.n_pad)
   u_p, delta_p, bm, cm, z_p = (_split(x, S) for x in (u_p, delta_p, bm, cm, z_p))
@@ -151,13 +155,14 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
     g_loc, dtsum = segment_summaries(
         gy, delta_p, a2, cm, bias, z_p, reverse=True, seq_len=t, segments=S, softplus_on=softplus_on,
         block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, num_stages=bs.num_stages,
-        lanes_e=bs.channels_on_lanes, interpret=interpret)
-    gh_last = carry_adjoints(g_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, gh_last)
+        lanes_e=bs.channels_on_lanes, fast_math=fast, interpret=interpret)
+    gh_last = carry_adjoints(g_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, gh_last,
+                             fast_math=fast, interpret=interpret)
   gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
       u_p, delta_p, a2, bm, cm, d, z_p, bias, _split(hc, S), gy, gh_last.reshape(batch * S, d_inner, -1),
       seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd, chunk=bs.chunk_bwd,
       num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
-      lanes_e=bs.channels_on_lanes_bwd, interpret=interpret)
+      lanes_e=bs.channels_on_lanes_bwd, fast_math=fast, interpret=interpret)
   groups = bm.shape[2]
 
   def fold(g, like):  # [B·S, L, E/be, N_pad] partials -> like's shape: sum each group's blocks
