@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.fast_math import FastMath
 from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
                                                     query_blocks_for_key_block, visible)
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision,
@@ -31,7 +32,7 @@ from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, d
 
 
 def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int | None, block_q: int,
-              block_k: int, n_k: int, split: bool):
+              block_k: int, n_k: int, split: bool, fm: FastMath):
   """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), do [bq, P], lse, delta [bq];
   out dq [bq, P]."""
   if has_mem:
@@ -48,7 +49,7 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
   dq = jnp.zeros(q.shape, jnp.float32)
   if has_mem:
     mk, mv = mk_ref[...], mv_ref[...]
-    p = jnp.exp2(memory_logits(q, mk_ref, valid_ref, precision) - lse)
+    p = fm.exp2(memory_logits(q, mk_ref, valid_ref, precision) - lse)
     ds = p * (dot_nt(do, mv, precision) - delta)
     dq = dot_nn(ds.astype(mk.dtype), mk, precision)
 
@@ -58,7 +59,7 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
     s = dot_nt(q, k, precision)
     if masked:
       s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
-    p = jnp.exp2(s - lse)
+    p = fm.exp2(s - lse)
     ds = p * (dot_nt(do, v, precision) - delta)
     return dq + dot_nn(ds.astype(k.dtype), k, precision)
 
@@ -67,10 +68,10 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def accumulate_kv_grads(dk, dv, s, v, q, do, lse, delta, precision):
+def accumulate_kv_grads(fm: FastMath, dk, dv, s, v, q, do, lse, delta, precision):
   """One query tile's share of the key/value gradients, transposed (keys on rows): s [Y, bq] base-2 logits
   (masked ones NEG_INF), v [Y, P], q, do [bq, P], lse, delta [1, bq]. Returns dk (unscaled), dv [Y, P] fp32."""
-  p = jnp.exp2(s - lse)
+  p = fm.exp2(s - lse)
   dv = dv + dot_nn(p.astype(do.dtype), do, precision)
   ds = p * (dot_nt(v, do, precision) - delta)
   return dk + dot_nn(ds.astype(q.dtype), q, precision), dv
@@ -78,7 +79,7 @@ def accumulate_kv_grads(dk, dv, s, v, q, do, lse, delta, precision):
 
 def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, qk_scale: float,
                 scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int,
-                split: bool):
+                split: bool, fm: FastMath):
   """Refs: q, do [T, G, P]; k, v [bk, P]; lse, delta [G, T]; out dk, dv [bk, P]. Works transposed
   (keys on rows) so that dk and dv accumulate as [bk, P] without transposing the probabilities."""
   k, v = prescale(k_ref[...], qk_scale), v_ref[...]     # k only enters the logits here
@@ -96,7 +97,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     s = dot_nt(k, q, precision)                                     # [bk, bq]
     if masked:
       s = jnp.where(visible(i * block_q + q_iota, k_pos, window), s, NEG_INF)
-    return accumulate_kv_grads(dk, dv, s, v, q, do, lse, delta, precision)
+    return accumulate_kv_grads(fm, dk, dv, s, v, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   for g in range(groups):   # static: G is small, and a static head index keeps the loads plain
@@ -107,7 +108,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 
 def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dmk_ref, dmv_ref, *,
-                qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int):
+                qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int, fm: FastMath):
   """Refs: q, do [T, G, P]; lse, delta [G, T]; mem_k, mem_v [M, P]; mem_valid [M]; out dmem_k, dmem_v
   [M, P]. Transposed like `dkdv_kernel`."""
   mk, mv = prescale(mk_ref[...], qk_scale), mv_ref[...]
@@ -122,7 +123,7 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dm
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
     s = jnp.where(valid, dot_nt(mk, q, precision), NEG_INF)               # [M, bq]
-    return accumulate_kv_grads(dmk, dmv, s, mv, q, do, lse, delta, precision)
+    return accumulate_kv_grads(fm, dmk, dmv, s, mv, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(mk.shape, jnp.float32), jnp.zeros(mv.shape, jnp.float32))
   for g in range(groups):
@@ -141,7 +142,7 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   has_mem = mem_k is not None
   delta = jnp.einsum("BTHP,BTHP->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
   params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
-  common = dict(qk_scale=qk_scale, scale=scale)
+  common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath(blocks.fast_math and not interpret))
 
   # dq: grid (query block, batch, head).
   bq, bk = blocks.block_q_dq, blocks.block_k_dq

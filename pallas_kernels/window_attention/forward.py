@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.fast_math import FastMath
 from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
                                                     visible)
 
@@ -53,7 +54,7 @@ def memory_logits(q_scaled, mk_ref, valid_ref, precision):
 
 
 def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, block_q: int,
-                   block_k: int, n_k: int, split: bool):
+                   block_k: int, n_k: int, split: bool, fm: FastMath):
   """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), o [bq, P], lse [bq]."""
   if has_mem:
     q_ref, k_ref, v_ref, mk_ref, mv_ref, valid_ref, o_ref, lse_ref = refs
@@ -68,7 +69,7 @@ def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, bl
   if has_mem:
     s = memory_logits(q, mk_ref, valid_ref, precision)
     m = jnp.max(s, axis=1)
-    p = jnp.exp2(s - m[:, None])
+    p = fm.exp2(s - m[:, None])
     l = jnp.sum(p, axis=1)
     mv = mv_ref[...]
     o = dot_nn(p.astype(mv.dtype), mv, precision)
@@ -84,9 +85,9 @@ def forward_kernel(*refs, has_mem: bool, qk_scale: float, window: int | None, bl
     if masked:
       s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
+    alpha = fm.exp2(m - m_new)
+    p = fm.exp2(s - m_new[:, None])
+    l = fm.fma(l, alpha, jnp.sum(p, axis=1))
     v = v_ref[k_slice, :]
     o = o * alpha[:, None] + dot_nn(p.astype(v.dtype), v, precision)
     return o, m_new, l
@@ -130,7 +131,8 @@ def forward(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window: int | 
     args += [mem_k, mem_v, mem_valid]
 
   kernel = functools.partial(forward_kernel, has_mem=has_mem, qk_scale=qk_scale, window=window,
-                             block_q=bq, block_k=bk, n_k=t // bk, split=blocks.split_masked)
+                             block_q=bq, block_k=bk, n_k=t // bk, split=blocks.split_masked,
+                             fm=FastMath(blocks.fast_math and not interpret))
   return pl.pallas_call(
       kernel,
       grid=(n_q, b, h),

@@ -18,8 +18,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.window_attention.backward import backward
-from pallas_kernels.window_attention.blocks import LOG2E, BlockSizes
+from pallas_kernels.window_attention.blocks import BlockSizes
 from pallas_kernels.window_attention.forward import forward
 from pallas_kernels.window_attention.reference import check_shapes
 
