@@ -4,8 +4,9 @@ the sequential reference, a T sweep (1k..64k) for linearity, and a block-size sw
     PYTHONUNBUFFERED=1 python3 benchmarks/selective_scan_bench.py [--out DIR] [--sweep] [--tscan] [--mixer]
 
 Writes DIR/selective_scan_<device>.json (a list of records {"op", "impl", "shape", "dtype", "fwd_ms",
-"fwdbwd_ms", "device", "jax", ...}) and prints a table. Times are medians over >= 20 timed repetitions (each the
-mean of `inner` back-to-back calls, so host dispatch overlaps device work) after warm-up.
+"fwdbwd_ms", "device", "jax", ...}) and prints a table. Times are medians over >= 20 timed samples after warm-up,
+each the mean of enough back-to-back calls to last >= 20 ms, so host dispatch and the final synchronization
+are amortized (`benchmarks.common.median_ms`).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def make_inputs(B, T, E, N, dtype, seed=0, with_dz=True):
   return (u, delta, A, Bm, Cm, D, z, bias)
 
 
-# Median of 20 samples, each the mean of 5 back-to-back calls.
-timeit = functools.partial(median_ms, warmup=2, iters=20, inner=5)
+# Median of 20 samples, each the mean of >= 5 back-to-back calls lasting >= 20 ms together.
+timeit = functools.partial(median_ms, warmup=2, iters=20, inner=5, min_sample_ms=20.0)
 
 
 def fwd_fn(scan):
@@ -154,6 +155,54 @@ def mixer_check():
         f" over {len(errs) - 1} params -> {'OK' if max(errs) <= 1e-4 else 'FAIL'}")
 
 
+def breakdown(bs, a):
+  """Times each stage of the Pallas forward and backward on their own (records with a "stage" field): the
+  segment summaries, the carry over segments, the main kernel, and the same for the backward."""
+  from pallas_kernels.selective_scan import ops
+  from pallas_kernels.selective_scan.backward import scan_bwd
+  from pallas_kernels.selective_scan.kernel import scan_fwd
+  from pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
+  u, delta, A, Bm, Cm, D, z, bias = a
+  (B, T, E), N = u.shape, A.shape[1]
+  p = ops._plan(u, Bm, A, bs)
+  S = p.segments
+  u, delta, a2, bm, cm, d, z, bias, _ = ops._prepare(u, delta, A, Bm, Cm, D, z, bias, None, p.t_pad, p.n_pad)
+  u, delta, bm, cm, z = (ops._split(x, S) for x in (u, delta, bm, cm, z))
+  cpu = jax.default_backend() == "cpu"    # a smoke test of this function: interpret mode
+  common = dict(seq_len=T, softplus_on=True, segments=S, num_stages=bs.num_stages, fast_math=bs.fast_math and not cpu,
+                interpret=cpu)
+  fwd_kw = dict(common, block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, lanes_e=bs.channels_on_lanes)
+  stages = {}
+  summaries = jax.jit(lambda *x: segment_summaries(*x, reverse=False, **fwd_kw))
+  stages["fwd: segment summaries"] = (summaries, (u, delta, a2, bm, bias))
+  h_loc, dtsum = summaries(u, delta, a2, bm, bias)
+  h_loc, dtsum = h_loc.reshape(B, S, E, -1), dtsum.reshape(B, S, E)
+  h0 = jnp.zeros((B, E, p.n_pad), jnp.float32)
+  carry_kw = dict(fast_math=common["fast_math"], interpret=cpu)
+  states = jax.jit(functools.partial(carry_states, **carry_kw))
+  stages["fwd: carry over segments"] = (states, (h_loc, dtsum, a2, h0))
+  h_in = states(h_loc, dtsum, a2, h0).reshape(B * S, E, -1)
+  for save in (False, True):
+    f = jax.jit(functools.partial(scan_fwd, save_every=bs.chunk_bwd, save=save, prefetch=bs.prefetch, **fwd_kw))
+    stages[f"fwd: main kernel{' (saving states)' if save else ''}"] = (f, (u, delta, a2, bm, cm, d, z, bias, h_in))
+  y, _, hc = f(u, delta, a2, bm, cm, d, z, bias, h_in)
+  adj = jax.jit(lambda *x: segment_summaries(*x, reverse=True, **fwd_kw))
+  stages["bwd: segment summaries"] = (adj, (y, delta, a2, cm, bias, z))
+  g_loc, gsum = adj(y, delta, a2, cm, bias, z)
+  g_loc, gsum = g_loc.reshape(B, S, E, -1), gsum.reshape(B, S, E)
+  adjoints = jax.jit(functools.partial(carry_adjoints, **carry_kw))
+  stages["bwd: carry over segments"] = (adjoints, (g_loc, gsum, a2, h0))
+  g_end = adjoints(g_loc, gsum, a2, h0).reshape(B * S, E, -1)
+  bwd = jax.jit(functools.partial(
+      scan_bwd, block_e=p.block_e_bwd, chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, prefetch=bs.prefetch_bwd,
+      lanes_e=bs.channels_on_lanes_bwd, **common))
+  stages["bwd: main kernel"] = (bwd, (u, delta, a2, bm, cm, d, z, bias, hc, y, g_end))
+  shape = dict(B=B, T=T, E=E, N=N, D=True, z=True, delta_bias=True)
+  for name, (f, args) in stages.items():
+    record("pallas-stage", shape, "bfloat16", timeit(f, *args), None, stage=name,
+           block_sizes=dataclasses.asdict(bs))
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="benchmarks/results")
@@ -162,6 +211,7 @@ def main():
   p.add_argument("--mixer", action="store_true")
   p.add_argument("--check", action="store_true")
   p.add_argument("--seq", action="store_true", help="also time the sequential reference")
+  p.add_argument("--breakdown", action="store_true", help="time each stage of the Pallas forward and backward")
   p.add_argument("--budget", type=float, default=1e9, help="seconds; later phases are skipped past it")
   p.add_argument("--variants", default="", help="more block sizes to time, ';'-separated; the best is used after")
   p.add_argument("--check-dtypes", default="float32,bfloat16")
@@ -232,6 +282,8 @@ def main():
                              num_warps=bf.num_warps, prefetch=bf.prefetch,
                              channels_on_lanes=bf.channels_on_lanes)
     log("best", bs)
+  if args.breakdown:
+    breakdown(bs, a)
   if args.check:
     check_full_size(bs, dtypes=tuple(jnp.dtype(d) for d in args.check_dtypes.split(",")))
 
@@ -273,7 +325,7 @@ def main():
     fbw = "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.3f}"
     bsd = r.get("block_sizes")
     bss = "" if not bsd else ",".join(f"{k}={v}" for k, v in bsd.items() if v != getattr(BlockSizes(), k))
-    print(f"{r['impl']:12s} {r['shape']['T']:6d} {fw:>9s} {fbw:>11s} {tb:>14s}  {bss}")
+    print(f"{r['impl']:12s} {r['shape']['T']:6d} {fw:>9s} {fbw:>11s} {tb:>14s}  {r.get('stage', '')} {bss}")
   print("wrote", path)
 
 

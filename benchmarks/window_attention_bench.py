@@ -57,8 +57,8 @@ def device_slug() -> str:
   return kind.replace(" ", "_")
 
 
-# Median of 25 samples, each the mean of 4 back-to-back calls.
-median_ms = functools.partial(common.median_ms, warmup=2, iters=25, inner=4)
+# Median of 25 samples, each the mean of >= 4 back-to-back calls lasting >= 20 ms together.
+median_ms = functools.partial(common.median_ms, warmup=2, iters=25, inner=4, min_sample_ms=20.0)
 
 
 def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):
@@ -159,12 +159,15 @@ def main():
   parser.add_argument("--sweep", action="store_true")
   parser.add_argument("--skip-correctness", action="store_true")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--exact-math", action="store_true",
+                      help="also time windows 512 and 2048 with fast_math=False (libdevice exp2) for comparison")
   parser.add_argument("--mem-sweep", action="store_true",
                       help="only W512 at T=8192: M=0 and M=64 with the default and larger query tiles")
   args = parser.parse_args()
   global SMOKE
   SMOKE = args.smoke
   print("jax", jax.__version__, jax.devices(), flush=True)
+  os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"window_attention_{device_slug()}.json")
   records: list[dict] = []
 
@@ -179,6 +182,11 @@ def main():
     time_shape(records, "pallas", window, m, 8192)
     if not m:
       time_shape(records, "cudnn", window, m, 8192)
+    save()
+  if args.exact_math:
+    for window in (512, 2048):
+      time_shape(records, "pallas-sweep", window, 0, 8192,
+                 dataclasses.replace(BlockSizes.get_default(), fast_math=False))
     save()
   if args.mem_sweep:  # the memory prologue's cost per query row falls with the query tile
     base = BlockSizes.get_default()
@@ -225,7 +233,7 @@ def main():
     s = r["shape"]
     blk = "" if not isinstance(r.get("blocks"), dict) else \
         "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | {block_q_dkv},{block_k_dkv},{block_q_dq}," \
-        "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked}".format(**r["blocks"])
+        "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked} fast={fast_math}".format(**r["blocks"])
     print(f"{r['impl']:13s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
   print(f"wrote {path}  total {elapsed():.0f}s")
 
