@@ -169,8 +169,8 @@ def breakdown(bs, a):
   u, delta, a2, bm, cm, d, z, bias, _ = ops._prepare(u, delta, A, Bm, Cm, D, z, bias, None, p.t_pad, p.n_pad)
   u, delta, bm, cm, z = (ops._split(x, S) for x in (u, delta, bm, cm, z))
   cpu = jax.default_backend() == "cpu"    # a smoke test of this function: interpret mode
-  common = dict(seq_len=T, softplus_on=True, segments=S, num_stages=bs.num_stages, fast_math=bs.fast_math and not cpu,
-                interpret=cpu)
+  common = dict(seq_len=T, softplus_on=True, segments=S, num_stages=bs.num_stages,
+                fast_math=bs.fast_math and not cpu, interpret=cpu)
   fwd_kw = dict(common, block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, lanes_e=bs.channels_on_lanes)
   stages = {}
   summaries = jax.jit(lambda *x: segment_summaries(*x, reverse=False, **fwd_kw))

@@ -26,7 +26,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fast_math import FastMath
 
 
-
 def compiler_params(num_warps: int, num_stages: int):
   """Triton compiler params under either name jax has used for them."""
   cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
