@@ -169,16 +169,14 @@ def breakdown(bs, a):
   u, delta, a2, bm, cm, d, z, bias, _ = ops._prepare(u, delta, A, Bm, Cm, D, z, bias, None, p.t_pad, p.n_pad)
   u, delta, bm, cm, z = (ops._split(x, S) for x in (u, delta, bm, cm, z))
   cpu = jax.default_backend() == "cpu"    # a smoke test of this function: interpret mode
-  common = dict(seq_len=T, softplus_on=True, segments=S, num_stages=bs.num_stages,
-                fast_math=bs.fast_math and not cpu, interpret=cpu)
-  fwd_kw = dict(common, block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, lanes_e=bs.channels_on_lanes)
+  fwd_kw = ops._fwd_kwargs(p, bs, T, True, cpu)
   stages = {}
   summaries = jax.jit(lambda *x: segment_summaries(*x, reverse=False, **fwd_kw))
   stages["fwd: segment summaries"] = (summaries, (u, delta, a2, bm, bias))
   h_loc, dtsum = summaries(u, delta, a2, bm, bias)
   h_loc, dtsum = h_loc.reshape(B, S, E, -1), dtsum.reshape(B, S, E)
   h0 = jnp.zeros((B, E, p.n_pad), jnp.float32)
-  carry_kw = dict(fast_math=common["fast_math"], interpret=cpu)
+  carry_kw = dict(fast_math=bs.fast_math, interpret=cpu)
   states = jax.jit(functools.partial(carry_states, **carry_kw))
   stages["fwd: carry over segments"] = (states, (h_loc, dtsum, a2, h0))
   h_in = states(h_loc, dtsum, a2, h0).reshape(B * S, E, -1)
@@ -194,8 +192,9 @@ def breakdown(bs, a):
   stages["bwd: carry over segments"] = (adjoints, (g_loc, gsum, a2, h0))
   g_end = adjoints(g_loc, gsum, a2, h0).reshape(B * S, E, -1)
   bwd = jax.jit(functools.partial(
-      scan_bwd, block_e=p.block_e_bwd, chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, prefetch=bs.prefetch_bwd,
-      lanes_e=bs.channels_on_lanes_bwd, **common))
+      scan_bwd, seq_len=T, softplus_on=True, segments=S, block_e=p.block_e_bwd, chunk=bs.chunk_bwd,
+      num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
+      lanes_e=bs.channels_on_lanes_bwd, fast_math=bs.fast_math, interpret=cpu))
   stages["bwd: main kernel"] = (bwd, (u, delta, a2, bm, cm, d, z, bias, hc, y, g_end))
   shape = dict(B=B, T=T, E=E, N=N, D=True, z=True, delta_bias=True)
   for name, (f, args) in stages.items():

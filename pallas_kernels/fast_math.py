@@ -28,6 +28,11 @@ class FastMath(NamedTuple):
   """Elementwise fp32 math inside a kernel body; `approx` selects PTX (compiled) or jnp (interpret)."""
   approx: bool
 
+  @classmethod
+  def for_launch(cls, requested: bool, interpret: bool) -> "FastMath":
+    """What a `pallas_call` launcher gives its kernel: PTX when asked for and compiled, jnp in interpret mode."""
+    return cls(requested and not interpret)
+
   def exp2(self, x):
     """2^x."""
     if not self.approx:

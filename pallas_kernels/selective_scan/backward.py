@@ -179,7 +179,7 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
   kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk,
                              softplus_on=softplus_on, has_d=d is not None, has_z=z is not None,
                              has_bias=bias is not None, prefetch=prefetch, tile=Tile(lanes_e),
-                             fm=FastMath(fast_math))
+                             fm=FastMath.for_launch(fast_math, interpret))
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -174,7 +174,7 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
   kernel = functools.partial(
       _fwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk, save_every=save_every,
       softplus_on=softplus_on, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e), fm=FastMath(fast_math))
+      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e), fm=FastMath.for_launch(fast_math, interpret))
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -73,6 +73,13 @@ def _plan(u, Bm, A, bs: BlockSizes) -> _Plan:
                largest_pow2_divisor(per_group, bs.block_e_bwd))
 
 
+def _fwd_kwargs(p: _Plan, bs: BlockSizes, seq_len: int, softplus_on: bool, interpret: bool) -> dict:
+  """Keyword arguments shared by the forward kernel and both segment-summary passes."""
+  return dict(seq_len=seq_len, softplus_on=softplus_on, segments=p.segments, block_e=p.block_e, chunk=p.chunk,
+              num_warps=bs.num_warps, num_stages=bs.num_stages, lanes_e=bs.channels_on_lanes,
+              fast_math=bs.fast_math, interpret=interpret)
+
+
 def _split(x, segments):
   """[B, S·L, ...] -> [B·S, L, ...] (free: a reshape of contiguous rows); None stays None."""
   return None if x is None else x.reshape(x.shape[0] * segments, x.shape[1] // segments, *x.shape[2:])
@@ -109,16 +116,13 @@ def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpr
   p = _plan(u, Bm, A, bs)
   u, delta, a2, bm, cm, d, z, bias, h0 = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, p.t_pad, p.n_pad)
   S = p.segments
-  fast = bs.fast_math and not interpret
-  common = dict(seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e, chunk=p.chunk,
-                num_warps=bs.num_warps, num_stages=bs.num_stages, lanes_e=bs.channels_on_lanes,
-                fast_math=fast, interpret=interpret)
+  common = _fwd_kwargs(p, bs, t, softplus_on, interpret)
   if S > 1:  # each segment's entering state from per-segment summaries
     h_loc, dtsum = segment_summaries(_split(u, S), _split(delta, S), a2, _split(bm, S), bias, reverse=False,
                                      **common)
     h0 = h0 if h0 is not None else jnp.zeros((batch, d_inner, p.n_pad), jnp.float32)
     h0 = carry_states(h_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, h0,
-                      fast_math=fast, interpret=interpret)
+                      fast_math=bs.fast_math, interpret=interpret)
     h0 = h0.reshape(batch * S, d_inner, -1)
   y, h_last, hc = scan_fwd(*(_split(x, S) for x in (u, delta)), a2, *(_split(x, S) for x in (bm, cm)), d,
                            _split(z, S), bias, h0, save_every=bs.chunk_bwd, save=save, prefetch=bs.prefetch,
@@ -145,24 +149,21 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
   d_state = A.shape[1]
   p = _plan(u, Bm, A, bs)
   S = p.segments
-  fast = bs.fast_math and not interpret
   u_p, delta_p, a2, bm, cm, d, z_p, bias, _ = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, None, p.t_pad,
                                                       p.n_pad)
   u_p, delta_p, bm, cm, z_p = (_split(x, S) for x in (u_p, delta_p, bm, cm, z_p))
   gy = _split(_pad(gy.astype(u.dtype), 1, p.t_pad), S)
   gh_last = _pad(gh_last.astype(jnp.float32), 2, p.n_pad)
   if S > 1:  # the adjoint entering each segment from its end, from per-segment summaries
-    g_loc, dtsum = segment_summaries(
-        gy, delta_p, a2, cm, bias, z_p, reverse=True, seq_len=t, segments=S, softplus_on=softplus_on,
-        block_e=p.block_e, chunk=p.chunk, num_warps=bs.num_warps, num_stages=bs.num_stages,
-        lanes_e=bs.channels_on_lanes, fast_math=fast, interpret=interpret)
+    g_loc, dtsum = segment_summaries(gy, delta_p, a2, cm, bias, z_p, reverse=True,
+                                     **_fwd_kwargs(p, bs, t, softplus_on, interpret))
     gh_last = carry_adjoints(g_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, gh_last,
-                             fast_math=fast, interpret=interpret)
+                             fast_math=bs.fast_math, interpret=interpret)
   gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
       u_p, delta_p, a2, bm, cm, d, z_p, bias, _split(hc, S), gy, gh_last.reshape(batch * S, d_inner, -1),
       seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd, chunk=bs.chunk_bwd,
       num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
-      lanes_e=bs.channels_on_lanes_bwd, fast_math=fast, interpret=interpret)
+      lanes_e=bs.channels_on_lanes_bwd, fast_math=bs.fast_math, interpret=interpret)
   groups = bm.shape[2]
 
   def fold(g, like):  # [B·S, L, E/be, N_pad] partials -> like's shape: sum each group's blocks

@@ -95,7 +95,7 @@ def segment_summaries(x, delta, a2, v, bias=None, z=None, *, reverse: bool, seq_
   kernel = functools.partial(
       _states_kernel, reverse=reverse, seq_len=seq_len, seg_len=seg_len, segments=segments, chunk=chunk,
       softplus_on=softplus_on, has_bias=bias is not None, has_z=z is not None, tile=Tile(lanes_e),
-      fm=FastMath(fast_math))
+      fm=FastMath.for_launch(fast_math, interpret))
   return pl.pallas_call(
       kernel, grid=(rows, d_inner // block_e), in_specs=in_specs,
       out_shape=[jax.ShapeDtypeStruct((rows, d_inner, d_state), jnp.float32),
@@ -131,7 +131,7 @@ def _carry(loc, dtsum, a2, init, *, reverse: bool, fast_math: bool, interpret: b
   block = largest_pow2_divisor(d_inner, 16)
   tiles = pl.BlockSpec((None, segments, block, d_state), lambda b, j: (b, 0, j, 0))
   kernel = functools.partial(_carry_kernel, reverse=reverse, unroll=largest_pow2_divisor(segments, 8),
-                             fm=FastMath(fast_math))
+                             fm=FastMath.for_launch(fast_math, interpret))
   return pl.pallas_call(
       kernel, grid=(batch, d_inner // block), out_shape=jax.ShapeDtypeStruct(loc.shape, jnp.float32),
       in_specs=[tiles, pl.BlockSpec((None, segments, block), lambda b, j: (b, 0, j)),

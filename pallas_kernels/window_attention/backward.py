@@ -142,7 +142,7 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   has_mem = mem_k is not None
   delta = jnp.einsum("BTHP,BTHP->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
   params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
-  common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath(blocks.fast_math and not interpret))
+  common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath.for_launch(blocks.fast_math, interpret))
 
   # dq: grid (query block, batch, head).
   bq, bk = blocks.block_q_dq, blocks.block_k_dq

@@ -132,7 +132,7 @@ def forward(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window: int | 
 
   kernel = functools.partial(forward_kernel, has_mem=has_mem, qk_scale=qk_scale, window=window,
                              block_q=bq, block_k=bk, n_k=t // bk, split=blocks.split_masked,
-                             fm=FastMath(blocks.fast_math and not interpret))
+                             fm=FastMath.for_launch(blocks.fast_math, interpret))
   return pl.pallas_call(
       kernel,
       grid=(n_q, b, h),
