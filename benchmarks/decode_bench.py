@@ -3,8 +3,9 @@
     python benchmarks/decode_bench.py [--size 130m] [--steps 64]
 
 tokens/s = batch · steps / time of `steps` decode steps: `tokens_per_s` calls the compiled step once per token
-from Python (cache donated), `scanned_tokens_per_s` runs them in one `Decoder.decode` (lax.scan on device). A step's cost does not depend on what the cache holds, so the cache starts from
-`init_cache` with its position set to the context; cache bytes come from shapes alone (`jax.eval_shape`).
+from Python (cache donated), `scanned_tokens_per_s` runs them in one `Decoder.decode` (lax.scan on device).
+A step's cost does not depend on what the cache holds, so the cache starts from `init_cache` with its position
+set to the context; cache bytes come from shapes alone (`jax.eval_shape`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def at_position(cache, pos: int):
 def scanned_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, context: int, steps: int) -> float:
   """Throughput of `Decoder.decode`: the same step in a lax.scan on device, greedy sampling included."""
   logits = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
-  for timed in (False, True):                                    # the first pass compiles
+  for _ in range(2):                                             # the first pass compiles
     cache = at_position(model.init_cache(batch, context + steps + 1), context)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()

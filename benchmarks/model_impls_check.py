@@ -40,11 +40,12 @@ def main(smoke: bool = False):
     base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, dtype=dtype,
                        scan_impl="sequential", attn_impl="reference", **size)
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, base.vocab_size)
+    # fp32 is compared at full matmul precision: XLA's default on GPUs is TF32 for fp32 dots.
+    precision = "highest" if dtype == "float32" else "default"
+    with jax.default_matmul_precision(precision):
+      ref_logits, ref_grads = loss_and_grads(base, tokens)
     for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
-      # fp32 is compared at full matmul precision: XLA's default on GPUs is TF32 for fp32 dots.
-      with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
-        if scan_impl == "associative":
-          ref_logits, ref_grads = loss_and_grads(base, tokens)
+      with jax.default_matmul_precision(precision):
         logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
       rec = dict(op="bmojo_model", scan_impl=scan_impl, attn_impl=attn_impl, dtype=dtype,
                  shape=dict(B=2, T=t - 1, **size),

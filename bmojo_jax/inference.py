@@ -52,7 +52,9 @@ class Decoder:
   """Compiled prefill and step functions for one model.
 
   `prefill(tokens [B, T], max_len) -> (logits [B, T, V], cache)` compiles once per prompt shape;
-  `step(token [B], cache) -> (logits [B, V], cache)` compiles once and donates the cache.
+  `step(token [B], cache) -> (logits [B, V], cache)` compiles once and donates the cache;
+  `decode(logits [B, V], cache, n) -> (tokens [B, n], logits, cache)` runs n steps on device in one `lax.scan`
+  (sampling included) and compiles once per (B, n) and sampling settings.
   """
 
   def __init__(self, model: LanguageModel):
@@ -95,12 +97,14 @@ class Decoder:
     return tokens.T, logits, cache
 
   def decode(self, logits, cache, n: int, *, key=None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None):
-    """Sample n tokens after `logits` [B, V] on device. Returns (tokens [B, n], logits, cache)."""
+             top_p: float | None = None, forced=None, use_forced=None):
+    """Sample n tokens after `logits` [B, V] on device. Where `use_forced` [B, n] is set, the token is
+    `forced` [B, n] instead of a sample (the rest of a longer prompt). Returns (tokens [B, n], logits, cache)."""
     b = logits.shape[0]
     key = jax.random.key(0) if key is None else key
-    return self._decode_loop(self.state, logits, cache, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool),
-                             key, float(temperature), top_k, top_p)
+    forced = jnp.zeros((b, n), jnp.int32) if forced is None else jnp.asarray(forced, jnp.int32)
+    use_forced = jnp.zeros((b, n), bool) if use_forced is None else jnp.asarray(use_forced, bool)
+    return self._decode_loop(self.state, logits, cache, forced, use_forced, key, float(temperature), top_k, top_p)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -131,9 +135,9 @@ def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[in
 
   logits, cache = decoder.prefill(padded[:, :start], total)
   positions = np.arange(start, total)
-  tokens, _, _ = decoder._decode_loop(decoder.state, logits[:, -1], cache, jnp.asarray(padded[:, start:]),
-                                      jnp.asarray(positions[None, :] < lengths[:, None]), jax.random.key(seed),
-                                      float(temperature), top_k, top_p)
+  tokens, _, _ = decoder.decode(logits[:, -1], cache, total - start, key=jax.random.key(seed),
+                                temperature=temperature, top_k=top_k, top_p=top_p, forced=padded[:, start:],
+                                use_forced=positions[None, :] < lengths[:, None])
   out = np.asarray(tokens)
   results = []
   for i, n in enumerate(lengths):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from bmojo_jax import LanguageModel
 from bmojo_jax.inference import Decoder, cache_bytes, generate, sample
-from tests.conftest import tiny_config
+from tests.conftest import FAMILIES, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
 
@@ -16,14 +16,14 @@ T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many time
 @pytest.fixture(scope="module")
 def decoders():
   out = {}
-  for family in ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo"):
+  for family in FAMILIES:
     model = LanguageModel(tiny_config(family, init_std=0.1, n_layers=4), rngs=nnx.Rngs(0))
     out[family] = (model, Decoder(model))
   return out
 
 
 @pytest.mark.parametrize("prefill_len", [1, 5, 8, 13])
-@pytest.mark.parametrize("family", ["transformer", "mamba", "hybrid", "bmojo_f", "bmojo"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decode_matches_parallel(decoders, family, prefill_len):
   model, decoder = decoders[family]
   tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)

@@ -124,43 +124,38 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
   assert second["test_loss"] == full_run[1]["test_loss"]
 
 
-def assert_refused_untouched(workdir, match):
-  """Training into `workdir` fails with a CheckpointError matching `match` and changes no file there."""
+def assert_refused_untouched(workdir, match, config=None):
+  """Training `config` (default: the tiny one) into `workdir` fails with a CheckpointError matching `match` and
+  changes no file there."""
   before = snapshot(workdir)
   with pytest.raises(ckpt_lib.CheckpointError, match=match):
-    trainer.train(tiny_config(), workdir)
+    trainer.train(config or tiny_config(), workdir)
   assert snapshot(workdir) == before
 
 
 def test_corrupt_checkpoint_is_refused_and_untouched(copied_run):
-  workdir = copied_run
-  meta = os.path.join(workdir, "checkpoints", "8", "meta", "metadata")
+  meta = os.path.join(copied_run, "checkpoints", "8", "meta", "metadata")
   assert os.path.exists(meta), os.listdir(os.path.dirname(meta))
   with open(meta, "w") as f:
     f.write("{not json")
-  assert_refused_untouched(workdir, r"checkpoints/8.*unreadable")
+  assert_refused_untouched(copied_run, r"checkpoints/8.*unreadable")
 
 
 def test_corrupt_state_files_are_refused_and_untouched(copied_run):
-  workdir = copied_run
-  state_dir = os.path.join(workdir, "checkpoints", "8", "state")
+  state_dir = os.path.join(copied_run, "checkpoints", "8", "state")
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  assert_refused_untouched(workdir, r"checkpoints/8.*could not be restored")
+  assert_refused_untouched(copied_run, r"checkpoints/8.*could not be restored")
 
 
 def test_incompatible_checkpoint_names_the_field(copied_run):
-  workdir = copied_run
-  before = snapshot(workdir)
   c = tiny_config()
   c.model.d_model = 32
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"different model.*d_model: checkpoint 16, config 32"):
-    trainer.train(c, workdir)
-  assert snapshot(workdir) == before
+  assert_refused_untouched(copied_run, r"different model.*d_model: checkpoint 16, config 32", config=c)
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
-    trainer.evaluate_run(workdir, c)
+    trainer.evaluate_run(copied_run, c)
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
