@@ -2,7 +2,8 @@
 
 `memory_attention` is the Pallas kernel (GPU through Triton, CPU with interpret=True) behind a custom VJP;
 `memory_attention_reference` in `reference.py` is the plain-jnp reference that fixes the semantics.
-Files: `blocks.py` (tile sizes, block ranges), `forward.py`, `backward.py`, `ops.py` (public op).
+Files: `blocks.py` (tile sizes, block ranges), `forward.py` (Triton), `forward_mosaic.py` (Hopper, Mosaic GPU,
+warp-specialized; `BlockSizes.forward_impl`), `backward.py`, `ops.py` (public op).
 """
 
 from pallas_kernels.window_attention.blocks import BlockSizes

@@ -13,6 +13,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
+FORWARD_IMPLS = ("auto", "triton", "mosaic")
 NEG_INF = -1e30     # finite mask value: exp2(NEG_INF - m) is exactly 0 for any real m, and no inf - inf NaNs.
 
 
@@ -28,7 +29,13 @@ class BlockSizes:
   split_masked: loop over the band as masked / unmasked / masked runs (True) or as one masked loop
                 (False: one software pipeline, but mask arithmetic on every tile).
   fast_math:    the softmax's exp2 as one PTX `ex2.approx.ftz` (and its rescale as FMAs) instead of
-                libdevice's exact exp2f (pallas_kernels/fast_math.py); ignored in interpret mode.
+                libdevice's exact exp2f (pallas_kernels/fast_math.py; Mosaic: `approx_math`); ignored in
+                interpret mode.
+  forward_impl: "triton" (`forward.py`), "mosaic" (`forward_mosaic.py`, Hopper, warp-specialized) or
+                "auto": mosaic on a compute-capability-9 GPU when the shapes allow it, else triton
+                (`ops.resolve_forward_impl`). The backward kernels are Triton either way.
+  block_q_mosaic, block_k_mosaic, num_stages_mosaic: the Mosaic forward's rows per consumer warpgroup
+                (a CTA holds two), key tile and key/value shared-memory slots.
 
   block_q and block_q_dq are shrunk (halved) until they divide the chunk length, because a query block
   reads the memory of one chunk. Every block is shrunk to at most next_pow2(T).
@@ -46,6 +53,14 @@ class BlockSizes:
   split_masked: bool = True
   fast_math: bool = True    # compiled kernels: PTX ex2.approx.ftz / fma.rn for the softmax
                             # (pallas_kernels/fast_math.py); interpret mode always uses plain jnp
+  forward_impl: str = "auto"
+  block_q_mosaic: int = 64
+  block_k_mosaic: int = 128
+  num_stages_mosaic: int = 2
+
+  def __post_init__(self):
+    if self.forward_impl not in FORWARD_IMPLS:
+      raise ValueError(f"forward_impl {self.forward_impl!r} is not one of {FORWARD_IMPLS}")
 
   @classmethod
   def get_default(cls, head_dim: int = 128, has_memory: bool = False) -> "BlockSizes":
@@ -73,8 +88,11 @@ class BlockSizes:
 
   @property
   def pad_multiple(self) -> int:
+    """T is padded to a multiple of this (every block is a power of two); the Mosaic forward's CTA holds
+    two query blocks."""
+    mosaic = (2 * self.block_q_mosaic, self.block_k_mosaic) if self.forward_impl == "mosaic" else ()
     return max(self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv, self.block_q_dq,
-               self.block_k_dq)
+               self.block_k_dq, *mosaic)
 
 
 def cdiv(x, n: int):
@@ -101,18 +119,26 @@ def band_loop(lo, x, y, hi, body, carry, split: bool):
   return lax.fori_loop(y, hi, functools.partial(body, masked=True), carry)
 
 
-def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
-  """Key blocks seen by query rows [q_start, q_start + block_q): (lo, x, y, hi) for `split_range`."""
-  q_last = q_start + block_q - 1
-  hi = jnp.minimum(lax.div(q_last, block_k) + 1, n_k)
+def key_band(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
+  """Key blocks [lo, hi) that query rows [q_start, q_start + block_q) see at all."""
+  hi = jnp.minimum(lax.div(q_start + block_q - 1, block_k) + 1, n_k)
+  lo = jnp.int32(0) if window is None else lax.div(jnp.maximum(q_start - window + 1, 0), block_k)
+  return lo, hi
+
+
+def fully_visible_key_blocks(q_start, block_q: int, block_k: int, window: int | None):
+  """Key blocks [full_lo, full_hi) whose every key every row of [q_start, q_start + block_q) sees (may be
+  empty or reversed)."""
   full_hi = lax.div(q_start + 1, block_k)                      # every key <= q_start
   if window is None:
-    lo = jnp.int32(0)
-    full_lo = lo
-  else:
-    lo = lax.div(jnp.maximum(q_start - window + 1, 0), block_k)
-    full_lo = cdiv(jnp.maximum(q_last - window + 1, 0), block_k)  # every key > q_last - window
-  x, y = split_range(lo, hi, full_lo, full_hi)
+    return jnp.int32(0), full_hi
+  return cdiv(jnp.maximum(q_start + block_q - window, 0), block_k), full_hi  # every key > q_last - window
+
+
+def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
+  """Key blocks seen by query rows [q_start, q_start + block_q): (lo, x, y, hi) for `split_range`."""
+  lo, hi = key_band(q_start, block_q, block_k, window, n_k)
+  x, y = split_range(lo, hi, *fully_visible_key_blocks(q_start, block_q, block_k, window))
   return lo, x, y, hi
 
 

@@ -6,12 +6,13 @@ with C = ceil(T / L). Returns o [B, T, H, P] in q.dtype.
 
 Here the inputs are brought to the kernels' layout: T padded to a multiple of every block (padding keys
 sit after every real query, so causality hides them; padding queries are sliced off and get a zero
-cotangent), M padded to a power of two >= 16 with invalid slots, P padded to a power of two >= 16 with
+cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic forward) with invalid slots, P padded to a power of two >= 16 with
 zeros (zero q/k columns add nothing to the logits). Padding is skipped when a size already fits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -22,11 +23,33 @@ from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.window_attention.backward import backward
 from pallas_kernels.window_attention.blocks import BlockSizes
 from pallas_kernels.window_attention.forward import forward
+from pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
 from pallas_kernels.window_attention.reference import check_shapes
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
   return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def _on_hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def resolve_forward_impl(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: int,
+                         interpret: bool) -> BlockSizes:
+  """blocks with forward_impl "triton" or "mosaic" (padded head_dim; n_mem = M before padding).
+
+  "auto" takes the Mosaic forward on a compute-capability-9 GPU (not in interpret mode) when the shapes
+  allow it; an explicit "mosaic" that cannot run these shapes is an error naming the reason."""
+  impl = blocks.forward_impl
+  if impl != "triton":
+    why = mosaic_forward_unsupported(dtype, head_dim, chunk, _pow2_at_least(n_mem, 64) if n_mem else 0, blocks)
+    if impl == "mosaic" and why:
+      raise ValueError(f"forward_impl='mosaic' cannot run {why}; use forward_impl='triton' or 'auto'")
+    if impl == "auto":
+      impl = "mosaic" if why is None and not interpret and _on_hopper() else "triton"
+  return dataclasses.replace(blocks, forward_impl=impl)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -35,8 +58,9 @@ def _attention(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, i
 
 
 def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret):
-  o, lse = forward(q, k, v, mem_k, mem_v, mem_valid, qk_scale=scale * LOG2E, window=window, chunk=chunk,
-                   blocks=blocks, interpret=interpret)
+  fwd = forward_mosaic if blocks.forward_impl == "mosaic" else forward
+  o, lse = fwd(q, k, v, mem_k, mem_v, mem_valid, qk_scale=scale * LOG2E, window=window, chunk=chunk,
+               blocks=blocks, interpret=interpret)
   return o, (q, k, v, mem_k, mem_v, mem_valid, o, lse)
 
 
@@ -70,16 +94,17 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
                      + (f", {mem_k.dtype}, {mem_v.dtype}" if n_mem else ""))
   scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
   blocks = (block_sizes or BlockSizes.get_default(p, has_memory=bool(n_mem))).fitted(t, chunk)
+  p_pad = _pow2_at_least(p, 16)
+  blocks = resolve_forward_impl(blocks, q.dtype, p_pad, chunk, n_mem, interpret)
 
   t_pad = -(-t // blocks.pad_multiple) * blocks.pad_multiple
-  p_pad = _pow2_at_least(p, 16)
   seq_pad = ((0, 0), (0, t_pad - t), (0, 0), (0, p_pad - p))
   if seq_pad != ((0, 0),) * 4:
     q, k, v = (jnp.pad(x, seq_pad) for x in (q, k, v))
   if mem_k is None or n_mem == 0:
     mem_k = mem_v = mem_valid = None
   else:
-    m_pad = _pow2_at_least(n_mem, 16)
+    m_pad = _pow2_at_least(n_mem, 64 if blocks.forward_impl == "mosaic" else 16)
     mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
     if m_pad != n_mem or p_pad != p:
       mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)
