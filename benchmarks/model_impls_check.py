@@ -14,6 +14,8 @@ from flax import nnx
 
 from benchmarks.common import rel_err, write_results
 from bmojo_jax import LanguageModel, ModelConfig
+from pallas_kernels.window_attention import BlockSizes
+from pallas_kernels.window_attention.ops import resolve_forward_impl
 
 
 def loss_and_grads(cfg: ModelConfig, tokens):
@@ -34,7 +36,7 @@ def main(smoke: bool = False):
   """smoke: a tiny model and sequence, to check the script on CPU (interpret mode)."""
   records = []
   size = dict(d_model=32, window=8, chunk_size=4, n_fading=2, n_eidetic=4, eidetic_per_chunk=2) if smoke else \
-      dict(d_model=256, window=128, chunk_size=64, n_fading=8, n_eidetic=32, eidetic_per_chunk=8)
+      dict(d_model=256, window=256, chunk_size=128, n_fading=8, n_eidetic=32, eidetic_per_chunk=8)
   t = 21 if smoke else 1001
   for dtype in ("float32", "bfloat16"):
     base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, dtype=dtype,
@@ -47,14 +49,18 @@ def main(smoke: bool = False):
     for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
       with jax.default_matmul_precision(precision):
         logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
+      # chunk 128 and head_dim 64 let bf16 take the Mosaic forward on Hopper ("auto"); fp32 takes Triton
+      forward = resolve_forward_impl(BlockSizes.get_default(64, True), dtype, 64, size["chunk_size"],
+                                     size["n_fading"] + size["n_eidetic"], smoke).forward_impl
       rec = dict(op="bmojo_model", scan_impl=scan_impl, attn_impl=attn_impl, dtype=dtype,
+                 attention_forward=forward if attn_impl == "pallas" else None,
                  shape=dict(B=2, T=t - 1, **size),
                  logits_rel_err=rel_err(logits, ref_logits),
                  worst_grad_rel_err=max(rel_err(g, r) for g, r in zip(grads, ref_grads)))
       tol = 1e-4 if dtype == "float32" else 2e-2
       rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= tol
       records.append(rec)
-      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} logits {rec['logits_rel_err']:.2e} "
+      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} ({forward}) logits {rec['logits_rel_err']:.2e} "
             f"worst grad {rec['worst_grad_rel_err']:.2e} {'ok' if rec['pass'] else 'FAIL'}", flush=True)
   if not smoke:
     print(write_results(records, "model_impls"))

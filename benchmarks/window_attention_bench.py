@@ -38,6 +38,7 @@ except ImportError:
 
 from benchmarks import common  # noqa: E402
 from pallas_kernels.window_attention import BlockSizes, memory_attention
+from pallas_kernels.window_attention.ops import resolve_forward_impl
 from tests import test_window_attention as twa
 
 SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
@@ -142,12 +143,15 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
              shape=dict(B=b, T=t, H=h, K=h, P=p, window=window, chunk=chunk, M=m),
              dtype="bfloat16", fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4),
              device=jax.devices()[0].device_kind, jax=jax.__version__)
+  if impl.startswith("pallas"):
+    rec["forward_impl"] = resolve_forward_impl(blocks or BlockSizes.get_default(p, bool(m)), jnp.bfloat16, p,
+                                               chunk, m, SMOKE).forward_impl
   if blocks is not None:
     rec["blocks"] = dataclasses.asdict(blocks)
   else:
     rec["blocks"] = "default" if impl.startswith("pallas") else None
   records.append(rec)
-  print(f"{impl:7s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
+  print(f"{impl:7s} {rec.get('forward_impl', ''):6s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
         flush=True)
   return rec
 
@@ -161,6 +165,11 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--exact-math", action="store_true",
                       help="also time windows 512 and 2048 with fast_math=False (libdevice exp2) for comparison")
+  parser.add_argument("--compare-triton", action="store_true",
+                      help="also time the main shapes with forward_impl='triton' (the default 'auto' takes the "
+                           "Mosaic forward on Hopper)")
+  parser.add_argument("--mosaic-sweep", action="store_true",
+                      help="also time the Mosaic forward with 64-key tiles and 2-4 slots")
   parser.add_argument("--mem-sweep", action="store_true",
                       help="only W512 at T=8192: M=0 and M=64 with the default and larger query tiles")
   args = parser.parse_args()
@@ -180,6 +189,9 @@ def main():
   main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)][:1 if args.mem_sweep else 2 if args.sweep else 4]
   for window, m in main_shapes:
     time_shape(records, "pallas", window, m, 8192)
+    if args.compare_triton:
+      time_shape(records, "pallas-triton", window, m, 8192,
+                 dataclasses.replace(BlockSizes.get_default(128, bool(m)), forward_impl="triton"))
     if not m:
       time_shape(records, "cudnn", window, m, 8192)
     save()
@@ -187,6 +199,14 @@ def main():
     for window in (512, 2048):
       time_shape(records, "pallas-sweep", window, 0, 8192,
                  dataclasses.replace(BlockSizes.get_default(), fast_math=False))
+    save()
+  if args.mosaic_sweep:  # the Mosaic forward's key tile and shared-memory slots (P=128: 128 x 3 does not fit)
+    for cfg in (dict(block_k_mosaic=64), dict(block_k_mosaic=64, num_stages_mosaic=3),
+                dict(block_k_mosaic=64, num_stages_mosaic=4)):
+      for window, m in ((512, 0), (2048, 0), (512, 64)):
+        if elapsed() < args.budget - 15:
+          time_shape(records, "pallas-sweep", window, m, 8192,
+                     dataclasses.replace(BlockSizes.get_default(128, bool(m)), forward_impl="mosaic", **cfg))
     save()
   if args.mem_sweep:  # the memory prologue's cost per query row falls with the query tile
     base = BlockSizes.get_default()
@@ -228,13 +248,14 @@ def main():
     save()
 
   print("\n".join(check))
-  print(f"\n{'impl':13s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
+  print(f"\n{'impl':13s} {'fwd':6s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
   for r in records:
     s = r["shape"]
     blk = "" if not isinstance(r.get("blocks"), dict) else \
         "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | {block_q_dkv},{block_k_dkv},{block_q_dq}," \
-        "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked} fast={fast_math}".format(**r["blocks"])
-    print(f"{r['impl']:13s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
+        "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked} fast={fast_math} " \
+        "mosaic {block_k_mosaic}x{num_stages_mosaic}".format(**r["blocks"])
+    print(f"{r['impl']:13s} {r.get('forward_impl', ''):6s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
   print(f"wrote {path}  total {elapsed():.0f}s")
 
 
