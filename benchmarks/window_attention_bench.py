@@ -151,7 +151,8 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
   else:
     rec["blocks"] = "default" if impl.startswith("pallas") else None
   records.append(rec)
-  print(f"{impl:7s} {rec.get('forward_impl', ''):6s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
+  fwd_impl = rec.get("forward_impl", "")
+  print(f"{impl:7s} {fwd_impl:6s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
         flush=True)
   return rec
 
@@ -255,7 +256,8 @@ def main():
         "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | {block_q_dkv},{block_k_dkv},{block_q_dq}," \
         "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked} fast={fast_math} " \
         "mosaic {block_k_mosaic}x{num_stages_mosaic}".format(**r["blocks"])
-    print(f"{r['impl']:13s} {r.get('forward_impl', ''):6s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
+    print(f"{r['impl']:13s} {r.get('forward_impl', ''):6s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} "
+          f"{r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
   print(f"wrote {path}  total {elapsed():.0f}s")
 
 

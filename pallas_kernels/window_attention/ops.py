@@ -6,8 +6,9 @@ with C = ceil(T / L). Returns o [B, T, H, P] in q.dtype.
 
 Here the inputs are brought to the kernels' layout: T padded to a multiple of every block (padding keys
 sit after every real query, so causality hides them; padding queries are sliced off and get a zero
-cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic forward) with invalid slots, P padded to a power of two >= 16 with
-zeros (zero q/k columns add nothing to the logits). Padding is skipped when a size already fits.
+cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic forward) with invalid slots, P padded
+to a power of two >= 16 with zeros (zero q/k columns add nothing to the logits). Padding is skipped when a
+size already fits. The forward kernel is picked by `resolve_forward_impl`; the backward is Triton.
 """
 
 from __future__ import annotations
