@@ -60,7 +60,7 @@ def main(smoke: bool = False):
       tol = 1e-4 if dtype == "float32" else 2e-2
       rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= tol
       records.append(rec)
-      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} ({forward}) logits {rec['logits_rel_err']:.2e} "
+      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} ({rec['attention_forward'] or 'jnp'}) logits {rec['logits_rel_err']:.2e} "
             f"worst grad {rec['worst_grad_rel_err']:.2e} {'ok' if rec['pass'] else 'FAIL'}", flush=True)
   if not smoke:
     print(write_results(records, "model_impls"))

@@ -32,6 +32,11 @@ def _pow2_at_least(n: int, floor: int) -> int:
   return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
+def _memory_slots(n_mem: int, forward_impl: str) -> int:
+  """M after padding: a power of two >= 16, and >= 64 for the Mosaic forward's wgmma tiles (0 stays 0)."""
+  return _pow2_at_least(n_mem, 64 if forward_impl == "mosaic" else 16) if n_mem else 0
+
+
 def _on_hopper() -> bool:
   device = jax.devices()[0]
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
@@ -45,7 +50,7 @@ def resolve_forward_impl(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n
   allow it; an explicit "mosaic" that cannot run these shapes is an error naming the reason."""
   impl = blocks.forward_impl
   if impl != "triton":
-    why = mosaic_forward_unsupported(dtype, head_dim, chunk, _pow2_at_least(n_mem, 64) if n_mem else 0, blocks)
+    why = mosaic_forward_unsupported(dtype, head_dim, chunk, _memory_slots(n_mem, "mosaic"), blocks)
     if impl == "mosaic" and why:
       raise ValueError(f"forward_impl='mosaic' cannot run {why}; use forward_impl='triton' or 'auto'")
     if impl == "auto":
@@ -105,7 +110,7 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
   if mem_k is None or n_mem == 0:
     mem_k = mem_v = mem_valid = None
   else:
-    m_pad = _pow2_at_least(n_mem, 64 if blocks.forward_impl == "mosaic" else 16)
+    m_pad = _memory_slots(n_mem, blocks.forward_impl)
     mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
     if m_pad != n_mem or p_pad != p:
       mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)
