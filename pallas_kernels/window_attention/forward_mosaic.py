@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_key_blocks, key_band,
-                                                    split_range)
+                                                    split_range, visible)
 
 CONSUMERS = 2                    # compute warpgroups per CTA; wg index CONSUMERS is the producer
 SMEM_BYTES = 227 * 1024          # H100 / H200 shared memory per CTA
@@ -224,11 +224,7 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
         # error, up to ~1e22, and exp2 of that is inf.
         scale = qk_scale
         if masked:
-          q_pos = q0 + ops.iota((bq, bk), 0)
-          k_pos = j * bk + ops.iota((bq, bk), 1)
-          vis = k_pos <= q_pos
-          if window is not None:
-            vis = vis & (k_pos > q_pos - window)
+          vis = visible(q0 + ops.iota((bq, bk), 0), j * bk + ops.iota((bq, bk), 1), window)
           qk, scale = jnp.where(vis, qk * qk_scale, NEG_INF), 1.0
         m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
         alpha = jnp.exp2(m_i - m_new)
