@@ -15,7 +15,7 @@ from flax import nnx
 from benchmarks.common import rel_err, write_results
 from bmojo_jax import LanguageModel, ModelConfig
 from pallas_kernels.window_attention import BlockSizes
-from pallas_kernels.window_attention.ops import resolve_forward_impl
+from pallas_kernels.window_attention.ops import resolve_impls
 
 
 def loss_and_grads(cfg: ModelConfig, tokens):
@@ -49,19 +49,24 @@ def main(smoke: bool = False):
     for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
       with jax.default_matmul_precision(precision):
         logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
-      # chunk 128 and head_dim 64 let bf16 take the Mosaic forward on Hopper ("auto"); fp32 takes Triton
-      forward = resolve_forward_impl(BlockSizes.get_default(64, True), dtype, 64, size["chunk_size"],
-                                     size["n_fading"] + size["n_eidetic"], smoke).forward_impl
+      # chunk 128 and head_dim 64 let bf16 take the Mosaic kernels on Hopper ("auto"); fp32 takes Triton
+      chosen = resolve_impls(BlockSizes.get_default(64, True), dtype, 64, size["chunk_size"],
+                             size["n_fading"] + size["n_eidetic"], smoke)
+      kernels = "jnp" if attn_impl != "pallas" else \
+          f"{chosen.forward_impl} fwd, {chosen.dq_impl} dq, {chosen.dkdv_impl} dk/dv"
       rec = dict(op="bmojo_model", scan_impl=scan_impl, attn_impl=attn_impl, dtype=dtype,
-                 attention_forward=forward if attn_impl == "pallas" else None,
+                 attention_forward=chosen.forward_impl if attn_impl == "pallas" else None,
+                 attention_dq=chosen.dq_impl if attn_impl == "pallas" else None,
+                 attention_dkdv=chosen.dkdv_impl if attn_impl == "pallas" else None,
                  shape=dict(B=2, T=t - 1, **size),
                  logits_rel_err=rel_err(logits, ref_logits),
                  worst_grad_rel_err=max(rel_err(g, r) for g, r in zip(grads, ref_grads)))
       tol = 1e-4 if dtype == "float32" else 2e-2
       rec["pass"] = rec["logits_rel_err"] <= tol and rec["worst_grad_rel_err"] <= tol
       records.append(rec)
-      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} ({rec['attention_forward'] or 'jnp'}) logits {rec['logits_rel_err']:.2e} "
-            f"worst grad {rec['worst_grad_rel_err']:.2e} {'ok' if rec['pass'] else 'FAIL'}", flush=True)
+      print(f"{dtype:9s} scan={scan_impl:11s} attn={attn_impl:9s} ({kernels}) "
+            f"logits {rec['logits_rel_err']:.2e} worst grad {rec['worst_grad_rel_err']:.2e} "
+            f"{'ok' if rec['pass'] else 'FAIL'}", flush=True)
   if not smoke:
     print(write_results(records, "model_impls"))
   return records

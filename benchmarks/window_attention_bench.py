@@ -38,7 +38,7 @@ except ImportError:
 
 from benchmarks import common  # noqa: E402
 from pallas_kernels.window_attention import BlockSizes, memory_attention
-from pallas_kernels.window_attention.ops import resolve_forward_impl
+from pallas_kernels.window_attention.ops import resolve_impls
 from tests import test_window_attention as twa
 
 SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
@@ -144,16 +144,16 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
              dtype="bfloat16", fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4),
              device=jax.devices()[0].device_kind, jax=jax.__version__)
   if impl.startswith("pallas"):
-    rec["forward_impl"] = resolve_forward_impl(blocks or BlockSizes.get_default(p, bool(m)), jnp.bfloat16, p,
-                                               chunk, m, SMOKE).forward_impl
+    chosen = resolve_impls(blocks or BlockSizes.get_default(p, bool(m)), jnp.bfloat16, p, chunk, m, SMOKE)
+    rec["forward_impl"], rec["dq_impl"], rec["dkdv_impl"] = chosen.forward_impl, chosen.dq_impl, chosen.dkdv_impl
   if blocks is not None:
     rec["blocks"] = dataclasses.asdict(blocks)
   else:
     rec["blocks"] = "default" if impl.startswith("pallas") else None
   records.append(rec)
-  fwd_impl = rec.get("forward_impl", "")
-  print(f"{impl:7s} {fwd_impl:6s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]",
-        flush=True)
+  fwd_impl = "/".join(rec.get(f, "") for f in ("forward_impl", "dq_impl", "dkdv_impl")).strip("/")
+  print(f"{impl:7s} {fwd_impl:20s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  "
+        f"[{elapsed():.0f}s]", flush=True)
   return rec
 
 
@@ -167,8 +167,8 @@ def main():
   parser.add_argument("--exact-math", action="store_true",
                       help="also time windows 512 and 2048 with fast_math=False (libdevice exp2) for comparison")
   parser.add_argument("--compare-triton", action="store_true",
-                      help="also time the main shapes with forward_impl='triton' (the default 'auto' takes the "
-                           "Mosaic forward on Hopper)")
+                      help="also time the main shapes with the backward's kernels in Triton and with every kernel in "
+                           "Triton (the default 'auto' takes the Mosaic kernels on Hopper)")
   parser.add_argument("--mosaic-sweep", action="store_true",
                       help="also time the Mosaic forward with 64-key tiles and 2-4 slots")
   parser.add_argument("--mem-sweep", action="store_true",
@@ -191,8 +191,10 @@ def main():
   for window, m in main_shapes:
     time_shape(records, "pallas", window, m, 8192)
     if args.compare_triton:
-      time_shape(records, "pallas-triton", window, m, 8192,
-                 dataclasses.replace(BlockSizes.get_default(128, bool(m)), forward_impl="triton"))
+      for triton in (dict(dq_impl="triton", dkdv_impl="triton"),
+                     dict(forward_impl="triton", dq_impl="triton", dkdv_impl="triton")):
+        time_shape(records, "pallas-triton", window, m, 8192,
+                   dataclasses.replace(BlockSizes.get_default(128, bool(m)), **triton))
     if not m:
       time_shape(records, "cudnn", window, m, 8192)
     save()
@@ -249,14 +251,16 @@ def main():
     save()
 
   print("\n".join(check))
-  print(f"\n{'impl':13s} {'fwd':6s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
+  print(f"\n{'impl':13s} {'fwd/dq/dkdv':20s} {'window':>6s} {'M':>3s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd':>8s}  blocks")
   for r in records:
     s = r["shape"]
     blk = "" if not isinstance(r.get("blocks"), dict) else \
         "{block_q},{block_k},w{num_warps_fwd}s{num_stages_fwd} | {block_q_dkv},{block_k_dkv},{block_q_dq}," \
         "{block_k_dq},w{num_warps_bwd}s{num_stages_bwd} split={split_masked} fast={fast_math} " \
-        "mosaic {block_k_mosaic}x{num_stages_mosaic}".format(**r["blocks"])
-    print(f"{r['impl']:13s} {r.get('forward_impl', ''):6s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} "
+        "mosaic {block_k_mosaic}x{num_stages_mosaic} dq {block_k_dq_mosaic} dkdv {block_q_dkv_mosaic}" \
+        .format(**r["blocks"])
+    kernels = "/".join(r.get(f, "") for f in ("forward_impl", "dq_impl", "dkdv_impl")).strip("/")
+    print(f"{r['impl']:13s} {kernels:20s} {str(s['window']):>6s} {s['M']:3d} {s['T']:6d} "
           f"{r['fwd_ms']:8.3f} {r['fwdbwd_ms']:8.3f}  {blk}")
   print(f"wrote {path}  total {elapsed():.0f}s")
 

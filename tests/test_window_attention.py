@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.window_attention import BlockSizes, memory_attention, memory_attention_reference
-from pallas_kernels.window_attention.ops import resolve_forward_impl
+from pallas_kernels.window_attention.ops import resolve_impls
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
@@ -54,13 +54,18 @@ CASES = (
 )
 _MOSAIC = BlockSizes(16, 16, 16, 16, 16, 16, 4, 1, 4, 1, forward_impl="mosaic")
 MOSAIC_CASES = (
-    # The Mosaic GPU forward (forward_mosaic.py; backward stays Triton). T ragged (padded to 256: two CTAs
+    # The Mosaic GPU forward (forward_mosaic.py) and, through "auto", the Mosaic dq and dk/dv kernels
+    # (dq_mosaic.py, dkdv_mosaic.py); the memory's dk/dv stay Triton. T ragged (padded to 256: two CTAs
     # of 2 x 64 rows), GQA, window < key tile of 128, so every key tile of the first CTA is masked.
     Case("mosaic_gqa_window", 1, 200, 2, 1, 64, 96, 32, 0, jnp.bfloat16, _MOSAIC),
     # Memory (M = 20, padded to 64 slots) read once per CTA, random validity, chunk 0 empty.
     Case("mosaic_mem", 1, 256, 1, 1, 64, 128, 128, 20, jnp.bfloat16, _MOSAIC),
-    # Full causal, head_dim 128.
-    Case("mosaic_causal_d128", 1, 256, 2, 2, 128, None, 64, 0, jnp.bfloat16, _MOSAIC),
+    # Full causal, head_dim 128; the dq kernel's key tile 128 (the default is 64).
+    Case("mosaic_causal_d128", 1, 256, 2, 2, 128, None, 64, 0, jnp.bfloat16,
+         dataclasses.replace(_MOSAIC, block_k_dq_mosaic=128)),
+    # Memory at head_dim 128, GQA, window across chunks.
+    Case("mosaic_mem_d128", 1, 512, 4, 2, 128, 256, 128, 40, jnp.bfloat16,
+         dataclasses.replace(_MOSAIC, dq_impl="mosaic")),
 )
 # Compiled only (WINDOW_ATTENTION_INTERPRET=0 on a Hopper GPU). Under pytest the jax 0.10 Mosaic GPU
 # interpreter deadlocked on every one of these cases at least once (threads waiting on barriers), while
@@ -165,10 +170,11 @@ class TestMemoryAttention:
     assert all(e <= TOL[case.dtype] for e in errs.values()), (case.name, errs)
 
   @pytest.mark.timeout(900)
-  def test_mosaic_forward_exact_mask(self):
+  @pytest.mark.parametrize("case", [MOSAIC_CASES[1], MOSAIC_CASES[3]], ids=lambda c: c.name)
+  def test_mosaic_forward_exact_mask(self, case):
     if self.INTERPRET:
       pytest.skip(_MOSAIC_INTERPRET_SKIP)
-    exact_mask_check(MOSAIC_CASES[1], self.INTERPRET)
+    exact_mask_check(case, self.INTERPRET)
 
   def test_mosaic_forward_refuses_what_it_cannot_run(self):
     q = jnp.zeros((1, 256, 2, 64), jnp.float32)
@@ -180,9 +186,16 @@ class TestMemoryAttention:
                        block_sizes=_MOSAIC, interpret=True)
     with pytest.raises(ValueError, match="forward_impl 'cuda'"):
       BlockSizes(forward_impl="cuda")
-    # "auto" never takes the Mosaic forward in interpret mode or off Hopper
-    auto = BlockSizes.get_default(64)
-    assert resolve_forward_impl(auto, jnp.bfloat16, 64, 128, 0, interpret=True).forward_impl == "triton"
+    with pytest.raises(ValueError, match="dq_impl 'pallas'"):
+      BlockSizes(dq_impl="pallas")
+    with pytest.raises(ValueError, match="dq_impl='mosaic' cannot run in interpret mode"):
+      memory_attention(qb, qb, qb, window=128, chunk=128, interpret=True,
+                       block_sizes=BlockSizes(dq_impl="mosaic"))
+    with pytest.raises(ValueError, match="dq_impl='mosaic' cannot run .* shared memory at M=256"):
+      resolve_impls(BlockSizes(dq_impl="mosaic"), jnp.bfloat16, 128, 512, 200, interpret=False)
+    # "auto" never takes a Mosaic kernel in interpret mode or off Hopper
+    auto = resolve_impls(BlockSizes.get_default(64), jnp.bfloat16, 64, 128, 0, interpret=True)
+    assert (auto.forward_impl, auto.dq_impl, auto.dkdv_impl) == ("triton",) * 3
 
   def test_shape_errors_print_shapes(self):
     q = jnp.zeros((1, 32, 2, 16))

@@ -5,9 +5,10 @@ mem_valid [B, C, M] int32; lse, delta [B, H, T] fp32 with delta_t = Σ_P o·do.
 
 Three kernels, none with atomics:
   * dq:      one program per (query block, batch, head); loops over the window's key blocks, adds the
-             memory term; dq [B, T, H, P].
+             memory term; dq [B, T, H, P]. `BlockSizes.dq_impl` "mosaic" runs `dq_mosaic.py` instead.
   * dk, dv:  one program per (key block, batch, kv head); loops over the G query heads of its group and the
-             query blocks whose window holds the key block; dk, dv [B, T, K, P].
+             query blocks whose window holds the key block; dk, dv [B, T, K, P]. `BlockSizes.dkdv_impl`
+             "mosaic" runs `dkdv_mosaic.py` instead.
   * memory:  one program per (chunk, batch, kv head); loops over the G heads and the chunk's query blocks;
              dmem_k, dmem_v [B, C, M, K, P].
 With p = exp2(s - lse), dp = do·vᵀ, ds = p ⊙ (dp - delta): dv = pᵀ·do, dk = scale · dsᵀ·q, dq = scale · ds·k.
@@ -27,6 +28,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.fast_math import FastMath
 from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
                                                     query_blocks_for_key_block, visible)
+from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic
+from pallas_kernels.window_attention.dq_mosaic import dq_mosaic
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision,
                                                      memory_logits, prescale)
 
@@ -144,50 +147,38 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
   common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath.for_launch(blocks.fast_math, interpret))
 
-  # dq: grid (query block, batch, head).
-  bq, bk = blocks.block_q_dq, blocks.block_k_dq
-  q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
-  kv_spec = pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
-  if has_mem:
-    n_chunks, m = mem_k.shape[1], mem_k.shape[2]
-    mem_map = lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0, hi // g, 0)
-    in_specs += [pl.BlockSpec((None, None, m, None, p), mem_map),
-                 pl.BlockSpec((None, None, m, None, p), mem_map),
-                 pl.BlockSpec((None, None, m),
-                              lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0))]
-    args += [mem_k, mem_v, mem_valid]
-  dq = pl.pallas_call(
-      functools.partial(dq_kernel, has_mem=has_mem, window=window, block_q=bq, block_k=bk,
-                        n_k=t // bk, split=blocks.split_masked, **common),
-      grid=(t // bq, b, h),
-      in_specs=in_specs + [q_spec, row_spec, row_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params, interpret=interpret, name="memory_attention_dq",
-  )(*args, do, lse, delta)
+  if blocks.dq_impl == "mosaic":
+    dq = dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, scale=scale, qk_scale=qk_scale,
+                   window=window, chunk=chunk, blocks=blocks)
+  else:
+    dq = _dq_triton(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, window, chunk, blocks, params, common,
+                    interpret)
 
   # dk, dv: grid (key block, batch, kv head); each program reads its group's G query heads.
-  bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
   group_spec = pl.BlockSpec((None, t, g, p), lambda j, bi, ki: (bi, 0, ki, 0))
   group_rows = pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0))
-  key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(dkdv_kernel, window=window, block_q=bq, block_k=bk, n_q=t // bq, groups=g,
-                        split=blocks.split_masked, **common),
-      grid=(t // bk, b, kh),
-      in_specs=[group_spec, key_spec, key_spec, group_spec, group_rows, group_rows],
-      out_specs=[key_spec, key_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
-  )(q, k, v, do, lse, delta)
+  if blocks.dkdv_impl == "mosaic":
+    dk, dv = dkdv_mosaic(q, k, v, do, lse, delta, scale=scale, qk_scale=qk_scale, window=window,
+                         blocks=blocks)
+  else:
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(dkdv_kernel, window=window, block_q=bq, block_k=bk, n_q=t // bq, groups=g,
+                          split=blocks.split_masked, **common),
+        grid=(t // bk, b, kh),
+        in_specs=[group_spec, key_spec, key_spec, group_spec, group_rows, group_rows],
+        out_specs=[key_spec, key_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
+    )(q, k, v, do, lse, delta)
 
   if not has_mem:
     return dq, dk, dv, None, None
 
   # Memory dk, dv: grid (chunk, batch, kv head).
   bq = blocks.block_q_dq
+  n_chunks, m = mem_k.shape[1], mem_k.shape[2]
   mem_spec = pl.BlockSpec((None, None, m, None, p), lambda c, bi, ki: (bi, c, 0, ki, 0))
   dmk, dmv = pl.pallas_call(
       functools.partial(dmem_kernel, block_q=bq, chunk=chunk, n_q=t // bq, groups=g, **common),
@@ -200,3 +191,33 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
       compiler_params=params, interpret=interpret, name="memory_attention_dmem",
   )(q, do, lse, delta, mem_k, mem_v, mem_valid)
   return dq, dk, dv, dmk, dmv
+
+
+def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, window, chunk, blocks, params, common,
+               interpret):
+  """`dq_kernel` on a grid (query block, batch, head) -> dq [B, T, H, P]."""
+  b, t, h, p = q.shape
+  g = h // k.shape[2]
+  bq, bk = blocks.block_q_dq, blocks.block_k_dq
+  q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  has_mem = mem_k is not None
+  if has_mem:
+    n_chunks, m = mem_k.shape[1], mem_k.shape[2]
+    mem_map = lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0, hi // g, 0)
+    in_specs += [pl.BlockSpec((None, None, m, None, p), mem_map),
+                 pl.BlockSpec((None, None, m, None, p), mem_map),
+                 pl.BlockSpec((None, None, m),
+                              lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0))]
+    args += [mem_k, mem_v, mem_valid]
+  return pl.pallas_call(
+      functools.partial(dq_kernel, has_mem=has_mem, window=window, block_q=bq, block_k=bk,
+                        n_k=t // bk, split=blocks.split_masked, **common),
+      grid=(t // bq, b, h),
+      in_specs=in_specs + [q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=interpret, name="memory_attention_dq",
+  )(*args, do, lse, delta)

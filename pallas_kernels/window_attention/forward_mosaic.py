@@ -57,20 +57,65 @@ def smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2)
   return tiles + 4 * (n_mem + CONSUMERS * blocks.block_q_mosaic) + 4096
 
 
-def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes) -> str | None:
-  """Why the Mosaic forward cannot run these (padded) shapes, or None when it can."""
+def mosaic_layout_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
+                              block_k: int) -> str | None:
+  """What the Mosaic kernels (this forward, `dq_mosaic.py`, `dkdv_mosaic.py`) share: dtype, tiles, memory."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {jnp.dtype(dtype)} (the Mosaic forward takes bf16 or f16)"
+    return f"dtype {jnp.dtype(dtype)} (the Mosaic kernels take bf16 or f16)"
   if head_dim % 64:
-    return f"head_dim {head_dim} (the Mosaic forward needs a multiple of 64)"
-  if blocks.block_q_mosaic != 64 or blocks.block_k_mosaic % 64:
-    return (f"block_q_mosaic {blocks.block_q_mosaic} / block_k_mosaic {blocks.block_k_mosaic} (one wgmma "
-            "row block of 64 per consumer; key tiles a multiple of 64)")
+    return f"head_dim {head_dim} (the Mosaic kernels need a multiple of 64)"
+  if blocks.block_q_mosaic != 64 or block_k % 64:
+    return (f"block_q_mosaic {blocks.block_q_mosaic} / key tile {block_k} (one wgmma row block of 64 per "
+            "consumer; key tiles a multiple of 64)")
   if n_mem and chunk % (CONSUMERS * blocks.block_q_mosaic):
     return f"chunk {chunk} with memory (both consumers of a CTA must read one chunk: a multiple of 128)"
+  return None
+
+
+def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes) -> str | None:
+  """Why the Mosaic forward cannot run these (padded) shapes, or None when it can."""
+  if why := mosaic_layout_unsupported(dtype, head_dim, chunk, n_mem, blocks, blocks.block_k_mosaic):
+    return why
   if (need := smem_bytes(blocks, head_dim, n_mem)) > SMEM_BYTES:
     return f"{need} bytes of shared memory at M={n_mem}, P={head_dim} (the H100 has {SMEM_BYTES})"
   return None
+
+
+def smem_tiling(dtype) -> dict:
+  """The tiling and swizzle of every 16-bit wgmma operand tile in shared memory."""
+  return dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE_BYTES // jnp.dtype(dtype).itemsize)),
+                          plgpu.SwizzleTransform(_SWIZZLE_BYTES)))
+
+
+def load_vector(ref, layout):
+  """An fp32 vector from SMEM in a register layout (jax 0.10 takes the index positionally, 0.11 not)."""
+  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def produce_band(bi, kv_head, lo, n_steps, bk: int, stages: int, streams, memory=None):
+  """The producer warpgroup of the forward and the dq kernel.
+
+  memory = (mem_k, mem_v, bias refs, their SMEM tiles, a 3-barrier ref, chunk): the chunk's memory keys,
+  values ([B, C, M, K, P]) and bias ([B, C, M]), copied once. streams = ((src [B, T, K, P], slots [stages,
+  bk, P], ready, freed barriers), ...): key blocks [lo, lo + n_steps) of the band, each slot refilled once
+  both consumers have freed it."""
+  if memory is not None:
+    mk_ref, mv_ref, bias_ref, mk_smem, mv_smem, bias_smem, arrived, chunk = memory
+    for i, (src, dst) in enumerate(((mk_ref, mk_smem), (mv_ref, mv_smem))):
+      plgpu.copy_gmem_to_smem(src.at[bi, chunk, :, kv_head], dst, arrived.at[i])
+    plgpu.copy_gmem_to_smem(bias_ref.at[bi, chunk], bias_smem, arrived.at[2])
+
+  @pl.loop(0, n_steps)
+  def _stream(step):
+    slot = lax.rem(step, jnp.array(stages, step.dtype))
+    block = (bi, pl.ds((lo + step) * bk, bk), kv_head)
+    for src, dst, ready, freed in streams:
+      @pl.when(step >= stages)
+      def _wait_free():
+        plgpu.barrier_wait(freed.at[slot])
+      plgpu.copy_gmem_to_smem(src.at[block], dst.at[slot], ready.at[slot])
 
 
 class _Ops:
@@ -89,12 +134,7 @@ class _Ops:
 
   def load_columns(self, ref):
     """[N] fp32 vector from SMEM, laid out to broadcast along the rows of a [bq, N] wgmma tile."""
-    if self.interpret:
-      return ref[...]
-    layout = plgpu.Layout.WGMMA.reduce(0)
-    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
-      return plgpu.load(ref, (), layout=layout)            # jax 0.10: idx positional
-    return plgpu.load(ref, layout=layout)
+    return ref[...] if self.interpret else load_vector(ref, plgpu.Layout.WGMMA.reduce(0))
 
   def dot_nt(self, a_ref, b_ref, shape, while_running):
     """a_ref [X, P] · b_ref [Y, P]ᵀ -> [X, Y] fp32; while_running() is issued while the wgmma runs."""
@@ -169,21 +209,9 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
     def _producer():
       if not interpret:
         plgpu.set_max_registers(40, action="decrease")
-      if has_mem:
-        for src, dst, i in ((mk_ref, mk_smem, 0), (mv_ref, mv_smem, 1)):
-          plgpu.copy_gmem_to_smem(src.at[bi, mem_chunk, :, kv_head], dst, mem_arrived.at[i])
-        plgpu.copy_gmem_to_smem(bias_ref.at[bi, mem_chunk], bias_smem, mem_arrived.at[2])
-
-      @pl.loop(0, n_steps)
-      def _stream(step):
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
-        block = (bi, pl.ds((lo + step) * bk, bk), kv_head)
-        for src, dst, ready, freed in ((k_ref, k_smem, k_barriers, k_consumed),
-                                       (v_ref, v_smem, v_barriers, v_consumed)):
-          @pl.when(step >= stages)
-          def _wait_free():
-            plgpu.barrier_wait(freed.at[slot])
-          plgpu.copy_gmem_to_smem(src.at[block], dst.at[slot], ready.at[slot])
+      memory = (mk_ref, mv_ref, bias_ref, mk_smem, mv_smem, bias_smem, mem_arrived, mem_chunk) if has_mem else None
+      produce_band(bi, kv_head, lo, n_steps, bk, stages, ((k_ref, k_smem, k_barriers, k_consumed),
+                                                          (v_ref, v_smem, v_barriers, v_consumed)), memory)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -262,11 +290,7 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, head, pl.ds(q0, bq)])
       plgpu.wait_smem_to_gmem(0)
 
-  if interpret:
-    tiled = {}
-  else:
-    tiled = dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE_BYTES // dtype.itemsize)),
-                             plgpu.SwizzleTransform(_SWIZZLE_BYTES)))
+  tiled = {} if interpret else smem_tiling(dtype)
   smem = (
       plgpu.SMEM((CONSUMERS, bq, p), dtype, **tiled),                 # q, then o
       plgpu.SMEM((stages, bk, p), dtype, **tiled),                    # key slots

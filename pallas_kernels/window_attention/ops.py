@@ -6,9 +6,9 @@ with C = ceil(T / L). Returns o [B, T, H, P] in q.dtype.
 
 Here the inputs are brought to the kernels' layout: T padded to a multiple of every block (padding keys
 sit after every real query, so causality hides them; padding queries are sliced off and get a zero
-cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic forward) with invalid slots, P padded
+cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic kernels) with invalid slots, P padded
 to a power of two >= 16 with zeros (zero q/k columns add nothing to the logits). Padding is skipped when a
-size already fits. The forward kernel is picked by `resolve_forward_impl`; the backward is Triton.
+size already fits. The forward, dq and dk/dv kernels are picked by `resolve_impls`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.window_attention.backward import backward
 from pallas_kernels.window_attention.blocks import BlockSizes
+from pallas_kernels.window_attention.dkdv_mosaic import mosaic_dkdv_unsupported
+from pallas_kernels.window_attention.dq_mosaic import mosaic_dq_unsupported
 from pallas_kernels.window_attention.forward import forward
 from pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
 from pallas_kernels.window_attention.reference import check_shapes
@@ -32,9 +34,9 @@ def _pow2_at_least(n: int, floor: int) -> int:
   return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
-def _memory_slots(n_mem: int, forward_impl: str) -> int:
-  """M after padding: a power of two >= 16, and >= 64 for the Mosaic forward's wgmma tiles (0 stays 0)."""
-  return _pow2_at_least(n_mem, 64 if forward_impl == "mosaic" else 16) if n_mem else 0
+def _memory_slots(n_mem: int, mosaic: bool) -> int:
+  """M after padding: a power of two >= 16, and >= 64 for the Mosaic kernels' wgmma tiles (0 stays 0)."""
+  return _pow2_at_least(n_mem, 64 if mosaic else 16) if n_mem else 0
 
 
 def _on_hopper() -> bool:
@@ -42,20 +44,28 @@ def _on_hopper() -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def resolve_forward_impl(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: int,
-                         interpret: bool) -> BlockSizes:
-  """blocks with forward_impl "triton" or "mosaic" (padded head_dim; n_mem = M before padding).
+def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: int,
+                  interpret: bool) -> BlockSizes:
+  """blocks with forward_impl, dq_impl and dkdv_impl each "triton" or "mosaic" (padded head_dim; n_mem = M
+  before padding).
 
-  "auto" takes the Mosaic forward on a compute-capability-9 GPU (not in interpret mode) when the shapes
+  "auto" takes the Mosaic kernel on a compute-capability-9 GPU (not in interpret mode) when the shapes
   allow it; an explicit "mosaic" that cannot run these shapes is an error naming the reason."""
-  impl = blocks.forward_impl
-  if impl != "triton":
-    why = mosaic_forward_unsupported(dtype, head_dim, chunk, _memory_slots(n_mem, "mosaic"), blocks)
-    if impl == "mosaic" and why:
-      raise ValueError(f"forward_impl='mosaic' cannot run {why}; use forward_impl='triton' or 'auto'")
-    if impl == "auto":
-      impl = "mosaic" if why is None and not interpret and _on_hopper() else "triton"
-  return dataclasses.replace(blocks, forward_impl=impl)
+  m_pad = _memory_slots(n_mem, mosaic=True)
+  chosen = {}
+  for field, unsupported in (("forward_impl", mosaic_forward_unsupported), ("dq_impl", mosaic_dq_unsupported),
+                             ("dkdv_impl", mosaic_dkdv_unsupported)):
+    impl = getattr(blocks, field)
+    if impl != "triton":
+      why = unsupported(dtype, head_dim, chunk, m_pad, blocks)
+      if field != "forward_impl" and interpret:
+        why = why or "in interpret mode (the Mosaic backward kernels run compiled only)"
+      if impl == "mosaic" and why:
+        raise ValueError(f"{field}='mosaic' cannot run {why}; use {field}='triton' or 'auto'")
+      if impl == "auto":
+        impl = "mosaic" if why is None and not interpret and _on_hopper() else "triton"
+    chosen[field] = impl
+  return dataclasses.replace(blocks, **chosen)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -101,7 +111,7 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
   scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
   blocks = (block_sizes or BlockSizes.get_default(p, has_memory=bool(n_mem))).fitted(t, chunk)
   p_pad = _pow2_at_least(p, 16)
-  blocks = resolve_forward_impl(blocks, q.dtype, p_pad, chunk, n_mem, interpret)
+  blocks = resolve_impls(blocks, q.dtype, p_pad, chunk, n_mem, interpret)
 
   t_pad = -(-t // blocks.pad_multiple) * blocks.pad_multiple
   seq_pad = ((0, 0), (0, t_pad - t), (0, 0), (0, p_pad - p))
@@ -110,7 +120,7 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
   if mem_k is None or n_mem == 0:
     mem_k = mem_v = mem_valid = None
   else:
-    m_pad = _memory_slots(n_mem, blocks.forward_impl)
+    m_pad = _memory_slots(n_mem, mosaic="mosaic" in (blocks.forward_impl, blocks.dq_impl))   # dk/dv: no memory
     mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
     if m_pad != n_mem or p_pad != p:
       mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)

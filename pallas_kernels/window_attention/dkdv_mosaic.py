@@ -1,0 +1,173 @@
+"""dk/dv kernel for Hopper through Pallas' Mosaic GPU lowering: warp-specialized like `dq_mosaic.py`.
+
+Same contract as `backward.dkdv_kernel` (padded q, do [B, T, H, P], k, v [B, T, K, P], lse and delta [B, H, T]
+fp32 -> dk, dv [B, T, K, P]), chosen by `BlockSizes.dkdv_impl`. The memory's dk/dv stay in the Triton
+`dmem_kernel`. Works transposed (keys on rows), as the Triton kernel does.
+
+One CTA per (kv head, pair of key blocks, batch), three warpgroups:
+  - wg 2, the producer: for each of the group's G query heads, streams the query blocks whose window holds
+    the CTA's keys (q, do and the lse/delta rows) through `stages` shared-memory slots with TMA;
+  - wg 0 and 1, the consumers: block_q_mosaic keys each, with their k and v resident. Per query block,
+    sᵀ = k·qᵀ and dpᵀ = v·doᵀ (two wgmmas issued together), pᵀ = exp2(sᵀ·scale - lse), dsᵀ = pᵀ ⊙ (dpᵀ -
+    delta), then dv += pᵀ·do and dk += dsᵀ·q (two more). The consumers run unsynchronized, as in
+    `dq_mosaic.py`.
+A masked logit is NEG_INF, so pᵀ, dsᵀ and their shares of dk and dv are exactly 0.
+
+Limits (`mosaic_dkdv_unsupported`): bf16 or f16, P a multiple of 64; compiled only (see `dq_mosaic.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_query_blocks, query_band,
+                                                    split_range, visible)
+from pallas_kernels.window_attention.dq_mosaic import dots_nn_acc, dots_nt
+from pallas_kernels.window_attention.forward_mosaic import (CONSUMERS, SMEM_BYTES, load_vector,
+                                                            mosaic_layout_unsupported, smem_tiling)
+
+
+def dkdv_smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
+  """Shared memory of one CTA: k/dk and v/dv tiles, the q/do slots and the lse/delta rows."""
+  tiles = 2 * (CONSUMERS * blocks.block_q_mosaic + blocks.num_stages_bwd_mosaic * blocks.block_q_dkv_mosaic)
+  return tiles * head_dim * itemsize + 4 * 2 * blocks.num_stages_bwd_mosaic * blocks.block_q_dkv_mosaic + 4096
+
+
+def mosaic_dkdv_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes) -> str | None:
+  """Why the Mosaic dk/dv kernel cannot run these (padded) shapes, or None when it can (memory is not read)."""
+  del n_mem
+  if why := mosaic_layout_unsupported(dtype, head_dim, chunk, 0, blocks, blocks.block_q_dkv_mosaic):
+    return why
+  if (need := dkdv_smem_bytes(blocks, head_dim)) > SMEM_BYTES:
+    return f"{need} bytes of shared memory at P={head_dim} (the H100 has {SMEM_BYTES})"
+  return None
+
+
+def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, window: int | None,
+                blocks: BlockSizes):
+  """Padded inputs (T a multiple of blocks.pad_multiple), lse, delta [B, H, T] -> (dk, dv)."""
+  b, t, h, p = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  dtype = q.dtype
+  bk, bq, stages = blocks.block_q_mosaic, blocks.block_q_dkv_mosaic, blocks.num_stages_bwd_mosaic
+  if reason := mosaic_dkdv_unsupported(dtype, p, 1, 0, blocks):
+    raise ValueError(f"dkdv_impl='mosaic' cannot run {reason}")
+  rows = CONSUMERS * bk
+  if t % rows or t % bq:
+    raise ValueError(f"T={t} must be padded to a multiple of {rows} and {bq} (BlockSizes.pad_multiple)")
+  n_q = t // bq
+  wgmma_layout, col_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_ref, dv_ref, smem, own, arrived, consumed):
+    k_smem, v_smem, q_smem, do_smem, stats_smem = smem
+    q_arrived, do_arrived, stats_arrived = arrived
+    bi, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    cta_k = lax.axis_index("k_pairs") * rows
+    lo, hi = query_band(cta_k, rows, bq, window, n_q)     # the CTA's band; both consumers walk all of it
+    n_steps = hi - lo
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, g * n_steps)
+      def _stream(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        gi = lax.div(step, n_steps)
+        i = lo + step - gi * n_steps
+        head = kv_head * g + gi
+
+        @pl.when(step >= stages)
+        def _wait_free():
+          plgpu.barrier_wait(consumed.at[slot])
+        block = (bi, pl.ds(i * bq, bq), head)
+        plgpu.copy_gmem_to_smem(q_ref.at[block], q_smem.at[slot], q_arrived.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[block], do_smem.at[slot], do_arrived.at[slot])
+        plgpu.copy_gmem_to_smem(stats_ref.at[bi, head, :, pl.ds(i * bq, bq)], stats_smem.at[slot],
+                                stats_arrived.at[slot])
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+      k0 = cta_k + wg * bk
+      for i, (src, dst) in enumerate(((k_ref, k_tile), (v_ref, v_tile))):
+        plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(k0, bk), kv_head], dst, own.at[wg * 2 + i])
+      for i in range(2):
+        plgpu.barrier_wait(own.at[wg * 2 + i])
+      plgpu.barrier_wait(q_arrived.at[0])
+
+      def step_body(i, carry, gi: int, masked: bool):
+        dk, dv = carry
+        step = gi * n_steps + i - lo
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(do_arrived.at[slot])
+        s, dp = dots_nt(((k_tile, q_smem.at[slot]), (v_tile, do_smem.at[slot])), (bk, bq))   # [bk, bq]
+        plgpu.barrier_wait(stats_arrived.at[slot])
+        lse = lax.broadcast_in_dim(load_vector(stats_smem.at[slot, 0], col_layout), s.shape, [1])
+        delta = lax.broadcast_in_dim(load_vector(stats_smem.at[slot, 1], col_layout), s.shape, [1])
+        s = s * qk_scale
+        if masked:
+          iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (bk, bq), d, layout=wgmma_layout)
+          s = jnp.where(visible(i * bq + iota(1), k0 + iota(0), window), s, NEG_INF)
+        pr = jnp.exp2(s - lse)
+        ds = pr * (dp - delta)
+        pr, ds = pr.astype(dtype), ds.astype(dtype)
+
+        def wait_next_queries():
+          nxt = step + 1
+
+          @pl.when(nxt < g * n_steps)
+          def _():
+            plgpu.barrier_wait(q_arrived.at[lax.rem(nxt, jnp.array(stages, nxt.dtype))])
+        dv, dk = dots_nn_acc(((dv, pr, do_smem.at[slot]), (dk, ds, q_smem.at[slot])), wait_next_queries)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dk, dv
+
+      zeros = plgpu.layout_cast(jnp.zeros((bk, p), jnp.float32), wgmma_layout)
+      carry = (zeros, zeros)
+      x, y = split_range(lo, hi, *fully_visible_query_blocks(k0, bk, bq, window, n_q))
+      for gi in range(g):       # static: G is small
+        for start, stop, masked in ((lo, x, True), (x, y, False), (y, hi, True)):
+          carry = lax.fori_loop(start, stop, functools.partial(step_body, gi=gi, masked=masked), carry)
+      dk, dv = carry
+
+      k_tile[...] = (dk * scale).astype(dtype)
+      v_tile[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[bi, pl.ds(k0, bk), kv_head])
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[bi, pl.ds(k0, bk), kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+  tiled = smem_tiling(dtype)
+  smem = (
+      plgpu.SMEM((CONSUMERS, bk, p), dtype, **tiled),                 # k, then dk
+      plgpu.SMEM((CONSUMERS, bk, p), dtype, **tiled),                 # v, then dv
+      plgpu.SMEM((stages, bq, p), dtype, **tiled),                    # query slots
+      plgpu.SMEM((stages, bq, p), dtype, **tiled),                    # do slots
+      plgpu.SMEM((stages, 2, bq), jnp.float32),                       # lse, delta rows
+  )
+  scratch = (
+      smem,
+      plgpu.Barrier(num_barriers=CONSUMERS * 2),                      # k, v per consumer
+      tuple(plgpu.Barrier(num_barriers=stages) for _ in range(3)),    # q, do, rows arrived per slot
+      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),     # slot consumed by both consumers
+  )
+  stats = jnp.stack([lse, delta], axis=2)                           # [B, H, 2, T]
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+      scratch_types=scratch,
+      grid=(kh, t // rows, b),
+      grid_names=("kv_heads", "k_pairs", "batch"),
+      num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=blocks.fast_math),
+  )(q, k, v, do, stats)
