@@ -13,7 +13,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-FORWARD_IMPLS = ("auto", "triton", "mosaic")
+KERNEL_IMPLS = ("auto", "triton", "mosaic")
 NEG_INF = -1e30     # finite mask value: exp2(NEG_INF - m) is exactly 0 for any real m, and no inf - inf NaNs.
 
 
@@ -72,8 +72,8 @@ class BlockSizes:
 
   def __post_init__(self):
     for field in ("forward_impl", "dq_impl", "dkdv_impl"):
-      if getattr(self, field) not in FORWARD_IMPLS:
-        raise ValueError(f"{field} {getattr(self, field)!r} is not one of {FORWARD_IMPLS}")
+      if getattr(self, field) not in KERNEL_IMPLS:
+        raise ValueError(f"{field} {getattr(self, field)!r} is not one of {KERNEL_IMPLS}")
 
   @classmethod
   def get_default(cls, head_dim: int = 128, has_memory: bool = False) -> "BlockSizes":
