@@ -30,9 +30,28 @@ def _pallas_attention(*args, **kwargs):
   return memory_attention(*args, interpret=jax.default_backend() == "cpu", **kwargs)
 
 
+def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
+                          implementation: str | None = "cudnn"):
+  """Causal (window None) or sliding-window attention without memory through `jax.nn.dot_product_attention`.
+
+  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t.
+  implementation "cudnn" is the fused cuDNN kernel (GPU only); "xla" (or None) is XLA's, for tests on CPU.
+  """
+  del chunk  # no memory: the chunking only matters for memory tokens
+  if mem_k is not None:
+    raise ValueError("dot_product_attention has no memory tokens; use attn_impl='pallas' or 'reference'")
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"attn_impl='cudnn' needs a GPU, but the backend is {jax.default_backend()!r}; use "
+                     "attn_impl='reference' (or 'pallas' in interpret mode)")
+  local = None if window is None else (window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+                                      implementation=implementation)
+
+
 def get_attention_fn(impl: AttnImpl | str):
   """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk) -> o (the only place the choice is made)."""
-  return memory_attention_reference if AttnImpl(impl) == AttnImpl.REFERENCE else _pallas_attention
+  return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: _pallas_attention,
+          AttnImpl.CUDNN: dot_product_attention}[AttnImpl(impl)]
 
 
 class AttnState(NamedTuple):

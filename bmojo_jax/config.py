@@ -42,6 +42,7 @@ class AttnImpl(enum.StrEnum):
   """Attention implementation (resolved in `bmojo_jax.attention.get_attention_fn`)."""
   REFERENCE = "reference"      # blockwise jnp, O(T·(w + L + M)) memory when a window is set
   PALLAS = "pallas"            # flash-style Pallas kernel (GPU; interpret mode on CPU)
+  CUDNN = "cudnn"              # jax.nn.dot_product_attention's cuDNN kernel (GPU; no memory tokens)
 
 
 class StorePolicy(enum.StrEnum):
@@ -192,6 +193,9 @@ class ModelConfig:
         need(self.window > 0, f"window={self.window} must be positive or None")
         need(self.window % self.chunk == 0,
              f"chunk_size={self.chunk} must divide window={self.window}")
+      need(self.attn_impl != AttnImpl.CUDNN or not (self.fading or self.eidetic),
+           f"attn_impl='cudnn' has no memory tokens (n_fading={self.fading}, n_eidetic={self.eidetic}); "
+           "use attn_impl='pallas' or 'reference'")
     if self.family in (Family.HYBRID, Family.BMOJO_F, Family.BMOJO):
       need(self.window is not None, "window=None: this family uses sliding-window attention; set window")
     if self.family in (Family.BMOJO_F, Family.BMOJO):

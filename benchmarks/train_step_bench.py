@@ -1,0 +1,277 @@
+"""Times the trainer's own train step (`train.trainer.make_train_step`) for every family and size.
+
+    python -m benchmarks.train_step_bench                                   # the whole grid -> results JSON
+    python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
+    python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
+
+Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
+the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
+outputs not aliased to donated inputs), device, jax. Equal tokens per step: batch = max(1, tokens // T).
+MFU = `bmojo_jax.param_count.train_flops_per_token` x tokens/s over 989 TFLOP/s (H100/H200 dense bf16 spec):
+every matmul and attention's scores/values over the keys each query sees; the scan is not counted.
+
+The model is a paper preset in bf16 compute with fp32 parameters, AdamW, the Pallas scan and Pallas memory
+attention (the Transformer and Hybrid also with cuDNN attention). `--profile DIR` adds a jax.profiler trace of
+3 steps per configuration and the compiled HLO, and writes DIR/<name>_ops.json: GPU time per XLA op per step,
+each op labelled with the source line of its HLO metadata, so the step's time can be read by model part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.common import device_name, write_results
+from bmojo_jax import paper_config
+from bmojo_jax.param_count import count_params, train_flops_per_token
+from configs import common as config_common
+from train import sharding as shard_lib
+from train import tasks as tasks_lib
+from train import trainer
+
+PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM spec sheet
+DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "hybrid:pallas", "bmojo_f",
+                    "bmojo", "mamba")
+
+
+def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str, scan_impl: str = "pallas",
+                **model_overrides):
+  """A training config for the paper preset `family`-`size` in bf16 compute."""
+  c = config_common.base_config()
+  c.model = config_common.model_fields(paper_config(
+      family, size, dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **model_overrides))
+  c.train.batch_size = c.train.eval_batch_size = batch
+  c.train.progress_bar = False
+  return c
+
+
+def synthetic_task(seq_len: int, vocab: int) -> tasks_lib.Task:
+  return tasks_lib.Task("synthetic", range(1 << 30), range(1), seq_len, vocab)
+
+
+def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: int = 5):
+  """Median ms of one step over `samples` samples of back-to-back steps (each sample >= min_sample_s)."""
+  for _ in range(2):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  n = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+  times = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - t0) * 1e3 / n)
+  return float(np.median(times)), state, metrics
+
+
+def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, layers: int | None = None,
+            remat: bool | None = None, profile_dir: str | None = None, scan_impl: str = "pallas") -> dict:
+  batch = max(1, tokens // seq_len)
+  overrides = {} if layers is None else {"n_layers": layers}
+  if remat is not None:
+    overrides["remat"] = remat
+  config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, **overrides)
+  setup = trainer.build(config, task=synthetic_task(seq_len, config.model.vocab_size))
+  cfg = setup.cfg
+  step = trainer.make_train_step(setup, 1)
+  state = setup.init_state()
+  rng = np.random.default_rng(0)
+  data = rng.integers(0, cfg.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
+  batch_arrays = shard_lib.shard_batch({"inputs": data[:, :-1], "targets": data[:, 1:]}, setup.mesh)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes)
+  step_ms, state, metrics = time_steps(compiled, state, batch_arrays)
+  tokens_per_s = batch * seq_len / (step_ms / 1e3)
+  rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
+             size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
+             dtype=cfg.dtype, remat=cfg.remat, step_ms=step_ms, tokens_per_s=tokens_per_s,
+             mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / PEAK_FLOPS, compile_s=compile_s,
+             peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count())
+  if profile_dir:
+    name = f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}"
+    rec["profile"] = profile(compiled, state, batch_arrays, profile_dir, name)
+  return rec
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def profile(compiled, state, batch, out_dir: str, name: str, steps: int = 3) -> dict:
+  """Traces `steps` steps; writes <name>.hlo.txt.gz and <name>_ops.json (GPU ms per op per step)."""
+  trace_dir = os.path.join(out_dir, "trace_" + name)
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+  hlo = compiled.as_text()
+  with gzip.open(os.path.join(out_dir, name + ".hlo.txt.gz"), "wt") as f:
+    f.write(hlo)
+  traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not traces:
+    return {"error": f"no perfetto trace under {trace_dir}"}
+  ops = op_times(traces[0], steps)
+  labels = hlo_sources(hlo)
+  rows = [dict(op=op, ms=ms, calls=calls, source=labels.get(op, "")) for op, (ms, calls) in ops.items()]
+  rows.sort(key=lambda r: -r["ms"])
+  by_source = collections.defaultdict(float)
+  for r in rows:
+    by_source[r["source"].split(" [")[0] or r["op"].split(".")[0]] += r["ms"]
+  summary = {"gpu_ms_per_step": sum(r["ms"] for r in rows),
+             "by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1])), "ops": rows}
+  with open(os.path.join(out_dir, name + "_ops.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return {"gpu_ms_per_step": summary["gpu_ms_per_step"],
+          "top_sources": dict(list(summary["by_source"].items())[:25])}
+
+
+def op_times(trace_path: str, steps: int) -> dict[str, tuple[float, int]]:
+  """{HLO op: (ms per step, kernel launches per step)} from a perfetto trace.
+
+  On a GPU the kernels of the device's "Stream" lines are summed per `hlo_op`; on the CPU (to test this
+  script) the host threads' events that name an `hlo_op`."""
+  with gzip.open(trace_path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e["args"]["name"]
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+  gpu_pids = {pid for pid, n in procs.items() if "GPU" in n}
+
+  def counted(e):
+    if e.get("ph") != "X" or not e.get("args", {}).get("hlo_op"):
+      return False
+    if gpu_pids:
+      return e["pid"] in gpu_pids and threads.get((e["pid"], e.get("tid")), "").startswith("Stream")
+    return True
+
+  out = collections.defaultdict(lambda: [0.0, 0])
+  for e in filter(counted, events):
+    out[e["args"]["hlo_op"]][0] += float(e.get("dur", 0)) / 1e3 / steps
+    out[e["args"]["hlo_op"]][1] += 1
+  return {k: (v[0], v[1] // steps) for k, v in out.items()}
+
+
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(\d+)")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*metadata=\{([^}]*)\}")
+OUR_CODE = ("bmojo_jax/", "pallas_kernels/", "train/")
+
+
+def hlo_sources(hlo: str) -> dict[str, str]:
+  """{instruction: "file.py:line function"} for the innermost frame of our code in the instruction's stack
+  (HLO metadata `stack_frame_id` resolved through the module's FileNames / FunctionNames / FileLocations /
+  StackFrames tables), else its op_name. A fusion carries its root's metadata."""
+  tables, current = collections.defaultdict(dict), None
+  for line in hlo.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = line
+      continue
+    m = _TABLE_ROW.match(line) if current else None
+    if not m:
+      current = None
+      continue
+    body = m.group(2)
+    tables[current][int(m.group(1))] = (body.strip('"') if current in ("FileNames", "FunctionNames")
+                                        else {k: int(v) for k, v in _FIELD.findall(body)})
+
+  def frame_label(frame_id):
+    seen = set()
+    while frame_id and frame_id not in seen:
+      seen.add(frame_id)
+      frame = tables["StackFrames"].get(frame_id)
+      if frame is None:
+        return ""
+      loc = tables["FileLocations"].get(frame["file_location_id"], {})
+      path = tables["FileNames"].get(loc.get("file_name_id"), "")
+      hit = next((p for p in OUR_CODE if p in path), None)
+      if hit and "trainer.py" not in path:
+        func = tables["FunctionNames"].get(loc.get("function_name_id"), "")
+        return f"{path[path.index(hit):]}:{loc.get('line')} {func.split('.')[-1]}"
+      frame_id = frame.get("parent_frame_id")
+    return ""
+
+  out = {}
+  for line in hlo.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    meta = m.group(2)
+    frame = re.search(r"stack_frame_id=(\d+)", meta)
+    src = re.search(r'source_file="([^"]*)".*?source_line=(\d+)', meta)
+    op_name = re.search(r'op_name="([^"]*)"', meta)
+    label = frame_label(int(frame.group(1))) if frame else ""
+    if not label and src:
+      label = f"{os.path.basename(src.group(1))}:{src.group(2)}"
+    tail = op_name.group(1).split("/")[-1] if op_name else ""
+    out[m.group(1)] = f"{label} [{tail}]".strip()
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                  help="family[:attn_impl] list; attn_impl defaults to pallas")
+  ap.add_argument("--sizes", default="130m,370m,1.4b")
+  ap.add_argument("--seqs", default="2048,8192,32768")
+  ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // T, >= 1)")
+  ap.add_argument("--layers", type=int, default=None, help="override n_layers (profiling a few blocks)")
+  ap.add_argument("--remat", choices=("true", "false"), default=None)
+  ap.add_argument("--scan-impl", default="pallas", help="scan_impl of every model (CPU smoke: associative)")
+  ap.add_argument("--profile", default=None, help="directory for traces and per-op tables")
+  ap.add_argument("--name", default="train_step", help="result file stem (<name>_<device>.json)")
+  ap.add_argument("--tag", default="", help="free text stored in every record (which code version)")
+  args = ap.parse_args()
+  remat = None if args.remat is None else args.remat == "true"
+  if args.profile:
+    os.makedirs(args.profile, exist_ok=True)
+  records = []
+  for size in args.sizes.split(","):
+    for seq_len in map(int, args.seqs.split(",")):
+      for spec in args.families.split(","):
+        family, _, attn = spec.partition(":")
+        try:
+          rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
+                        args.scan_impl)
+        except Exception as e:  # keep the grid going; the record says what failed
+          rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len,
+                     error=f"{type(e).__name__}: {str(e)[:400]}")
+        rec["tag"] = args.tag
+        records.append(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
+        write_results(records, args.name)
+  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'ms':>8s} {'tok/s':>10s} {'MFU':>5s} "
+        f"{'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
+  for r in records:
+    if "error" in r:
+      print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
+      continue
+    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['step_ms']:8.2f} "
+          f"{r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
+          f"{(r['peak_bytes'] or 0) / 2**30:6.1f}")
+
+
+if __name__ == "__main__":
+  main()
