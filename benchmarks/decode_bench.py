@@ -28,7 +28,7 @@ greedy = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
 
 def at_position(cache, pos: int):
   """The cache with every attention position set to `pos` (ring contents are irrelevant to the cost)."""
-  return jax.tree.map(lambda s: s._replace(pos=jnp.asarray(pos, jnp.int32)) if isinstance(s, AttnState) else s,
+  return jax.tree.map(lambda s: s._replace(pos=jnp.full_like(s.pos, pos)) if isinstance(s, AttnState) else s,
                       cache, is_leaf=lambda s: isinstance(s, AttnState))
 
 

@@ -1,11 +1,11 @@
 """bmojo_jax: B'MOJO and its baselines (Transformer, Mamba, Hybrid, B'MOJO-F) on one Flax NNX skeleton."""
 
-from bmojo_jax.config import (AttnImpl, ConfigError, Family, ModelConfig, PRESET_NAMES, ScanImpl, StorePolicy,
-                              mqar_config, paper_config, preset)
+from bmojo_jax.config import (AttnImpl, ConfigError, Family, ModelConfig, PRESET_NAMES, RematPolicy, ScanImpl,
+                              StorePolicy, Sublayer, mqar_config, paper_config, preset)
 from bmojo_jax.model import LanguageModel
 from bmojo_jax.param_count import count_params
 
 __all__ = [
-    "AttnImpl", "ConfigError", "Family", "LanguageModel", "ModelConfig", "PRESET_NAMES", "ScanImpl",
-    "StorePolicy", "count_params", "mqar_config", "paper_config", "preset",
+    "AttnImpl", "ConfigError", "Family", "LanguageModel", "ModelConfig", "PRESET_NAMES", "RematPolicy",
+    "ScanImpl", "StorePolicy", "Sublayer", "count_params", "mqar_config", "paper_config", "preset",
 ]

@@ -82,14 +82,17 @@ class Attention(nnx.Module):
     self.wo = einsum_layer("BTHP,HPD->BTD", (h, p, d), (tp.HEADS, tp.HEAD_DIM, tp.EMBED), cfg, rngs,
                            cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
-  def __call__(self, a: jax.Array, f: jax.Array | None = None, *,
+  def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
                cache_size: int | None = None) -> tuple[jax.Array, AttnState | None]:
-    """Parallel pass from position 0.
+    """Parallel pass from position 0 (`state` must be None).
 
-    a [B, T, D] attention input; f [B, T, D] fading source (the normed mixer output; B'MOJO-F / B'MOJO).
-    With cache_size (ring slots; the window, or the maximum length for full attention) also returns the
-    decode state after the last token.
+    a [B, T, D] attention input; fading [B, T, D] fading source (the normed mixer output; B'MOJO-F /
+    B'MOJO). With cache_size (ring slots; the window, or the maximum length for full attention) also
+    returns the decode state after the last token.
     """
+    if state is not None:
+      raise NotImplementedError("Attention's parallel pass starts at position 0; continue with step()")
+    f = fading
     cfg = self.cfg
     b, t, _ = a.shape
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
@@ -133,8 +136,10 @@ class Attention(nnx.Module):
                              cand=jax.tree.map(lambda x: x[:, -1], selected), history=history)
     return y, state
 
-  def step(self, a: jax.Array, f: jax.Array | None, state: AttnState) -> tuple[jax.Array, AttnState]:
-    """One token at position state.pos. a, f [B, 1, D] -> (y [B, 1, D], new state)."""
+  def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
+           ) -> tuple[jax.Array, AttnState]:
+    """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state)."""
+    f = fading
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass for all five families, implementation enums, presets.
 
 The five families share one skeleton (embed -> n_blocks residual blocks -> RMSNorm -> logits). Each block has
-two pre-norm residual sublayers; the family picks them (`ModelConfig.sublayers`):
+two pre-norm residual sublayers of the kinds in `Sublayer`; the family picks them (`FAMILY_SUBLAYERS`):
 
     transformer  (attention, mlp)       full causal attention by default (window=None), RoPE, SwiGLU MLP
     mamba        (mamba, mamba)         no attention, no MLP
@@ -31,6 +31,30 @@ class Family(enum.StrEnum):
   BMOJO = "bmojo"
 
 
+class Sublayer(enum.StrEnum):
+  """What a residual sublayer mixes with; each kind is one module class with the mixer protocol
+  (`bmojo_jax.model.MIXERS`: `__call__`, `step`, `init_state`)."""
+  MAMBA = "mamba"
+  ATTENTION = "attention"
+  MLP = "mlp"
+
+
+FAMILY_SUBLAYERS: dict[Family, tuple[Sublayer, Sublayer]] = {
+    Family.TRANSFORMER: (Sublayer.ATTENTION, Sublayer.MLP),
+    Family.MAMBA: (Sublayer.MAMBA, Sublayer.MAMBA),
+    Family.HYBRID: (Sublayer.MAMBA, Sublayer.ATTENTION),
+    Family.BMOJO_F: (Sublayer.MAMBA, Sublayer.ATTENTION),
+    Family.BMOJO: (Sublayer.MAMBA, Sublayer.ATTENTION),
+}
+
+
+class RematPolicy(enum.StrEnum):
+  """What the backward pass recomputes of each block (resolved in `bmojo_jax.model.remat_policy`)."""
+  NONE = "none"    # keep every activation the backward needs
+  FULL = "full"    # keep only the block's input; recompute the block
+  DOTS = "dots"    # keep the matmul outputs, recompute the rest (norms, activations, the memory path)
+
+
 class ScanImpl(enum.StrEnum):
   """Selective-scan implementation (resolved in `bmojo_jax.scan.get_scan_fn`)."""
   SEQUENTIAL = "sequential"    # lax.scan over tokens: the reference
@@ -49,6 +73,11 @@ class StorePolicy(enum.StrEnum):
   """What the eidetic store keeps (SPEC.md "Innovation selection")."""
   FIFO = "fifo"    # the selections of the last n_eidetic // eidetic_per_chunk chunks
   SCORE = "score"  # the n_eidetic highest-scoring selections seen so far (ties: earliest)
+
+
+# Fields that choose how the model is computed, not what its parameters are: a checkpoint written under one
+# choice restores under another (scan_layers by converting the parameter layout, `bmojo_jax.stack_blocks`).
+COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers")
 
 
 class ConfigError(ValueError):
@@ -93,11 +122,14 @@ class ModelConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   init_std: float = 0.02
-  remat: bool = False                # rematerialize each block in the backward pass
+  remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
+  scan_layers: bool = True           # the identical blocks run as one lax.scan over stacked parameters
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):  # remat=True / False, as before the policies
+      object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
     for name, enum_cls in (("family", Family), ("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
-                           ("store_policy", StorePolicy)):
+                           ("store_policy", StorePolicy), ("remat", RematPolicy)):
       value = getattr(self, name)
       try:
         object.__setattr__(self, name, enum_cls(value))
@@ -137,13 +169,18 @@ class ModelConfig:
     return self.d_ff if self.d_ff is not None else 64 * math.ceil(8 * self.d_model / 3 / 64)
 
   @property
-  def sublayers(self) -> tuple[str, str]:
-    return {Family.TRANSFORMER: ("attention", "mlp"), Family.MAMBA: ("mamba", "mamba")}.get(
-        self.family, ("mamba", "attention"))
+  def sublayers(self) -> tuple[Sublayer, Sublayer]:
+    return FAMILY_SUBLAYERS[self.family]
 
   @property
   def has_attention(self) -> bool:
-    return "attention" in self.sublayers
+    return Sublayer.ATTENTION in self.sublayers
+
+  @property
+  def fading_source(self) -> bool:
+    """Whether the first sublayer's output (a Mamba mixer's: read-outs of the SSM state) is handed to the
+    second (the memory attention) as the source of its fading tokens."""
+    return self.fading > 0
 
   @property
   def fading(self) -> int:
@@ -199,6 +236,9 @@ class ModelConfig:
     if self.family in (Family.HYBRID, Family.BMOJO_F, Family.BMOJO):
       need(self.window is not None, "window=None: this family uses sliding-window attention; set window")
     if self.family in (Family.BMOJO_F, Family.BMOJO):
+      need(self.sublayers == (Sublayer.MAMBA, Sublayer.ATTENTION),
+           f"fading tokens are read out of a Mamba mixer into the attention after it; sublayers="
+           f"{tuple(k.value for k in self.sublayers)}")
       need(0 < self.n_fading <= self.chunk,
            f"n_fading={self.n_fading} must be in 1..chunk_size={self.chunk}")
     if self.family == Family.BMOJO:

@@ -8,7 +8,8 @@
     y_t    = h_t·C_t + D ⊙ u_t
     out    = (y ⊙ SiLU(z)) W_out            [B, T, D]
 
-The same `__call__` serves the parallel pass (any T, optional initial state) and the decode step (T = 1).
+The same `__call__` serves the parallel pass (any T, optional initial state) and the decode step (T = 1);
+the module follows the mixer protocol of `bmojo_jax.model` (`__call__`, `step`, `init_state`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Mamba(nnx.Module):
     bound = 1.0 / math.sqrt(w)
     self.conv_weight = param(rngs, nnx.initializers.uniform(2 * bound), (w, e), (tp.CONV, tp.INNER), pdt)
     self.conv_bias = param(rngs, nnx.initializers.zeros, (e,), (tp.INNER,), pdt)
-    self.x_proj = einsum_layer("BTE,EJ->BTJ", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
+    self.x_proj = einsum_layer("BTE,EX->BTX", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
     self.dt_proj = nnx.Einsum(
         "BTR,RE->BTE", (r, e), dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
         kernel_init=nnx.initializers.uniform(2 * r ** -0.5),
@@ -70,12 +71,16 @@ class Mamba(nnx.Module):
     self.out_proj = einsum_layer("BTE,ED->BTD", (e, d), (tp.INNER, tp.EMBED), cfg, rngs,
                                  cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
-  def __call__(self, x: jax.Array, state: MambaState | None = None) -> tuple[jax.Array, MambaState]:
-    """x [B, T, D] -> (out [B, T, D], state after the last token)."""
+  def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None,
+               cache_size: int | None = None) -> tuple[jax.Array, MambaState]:
+    """x [B, T, D] -> (out [B, T, D], state after the last token). `state` continues a sequence; fading and
+    cache_size are part of the mixer protocol and unused here."""
+    del fading, cache_size
     cfg = self.cfg
     if state is None:
       state = self.init_state(x.shape[0])
-    u, z = jnp.moveaxis(self.in_proj(x), 2, 0)                                        # [B, T, E] each
+    uz = self.in_proj(x)                                                               # [B, T, 2, E]
+    u, z = uz[:, :, 0], uz[:, :, 1]                                                    # slices, not a transpose
     u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv)
     u = jax.nn.silu(u)
     dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
@@ -86,7 +91,12 @@ class Mamba(nnx.Module):
     y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm)
     return self.out_proj(y.astype(cfg.compute_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
 
-  def init_state(self, batch: int) -> MambaState:
+  def step(self, x: jax.Array, state: MambaState, *, fading=None) -> tuple[jax.Array, MambaState]:
+    """One token per row: x [B, 1, D] -> (out [B, 1, D], state)."""
+    return self(x, state, fading=fading)
+
+  def init_state(self, batch: int, cache_size: int | None = None) -> MambaState:
+    del cache_size  # constant size: conv window and SSM state
     cfg = self.cfg
     return MambaState(conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.d_inner), cfg.compute_dtype),
                       ssm=jnp.zeros((batch, cfg.d_inner, cfg.d_state), jnp.float32))

@@ -1,11 +1,21 @@
 """One language-model skeleton for all five families: embed -> blocks -> RMSNorm -> logits.
 
-A block holds two pre-norm residual sublayers named by `cfg.sublayers`:
+A block holds two pre-norm residual sublayers of the kinds `cfg.sublayers` names (`Sublayer`):
 
-    s = mixer_1(norm_1(x));  h = x + s;  out = h + mixer_2(norm_2(h) [, fading source norm_2(s)])
+    s = mixer_1(norm_1(x));  h = x + s;  out = h + mixer_2(norm_2(h) [, fading = norm_2(s)])
 
-The fading source is passed only to a memory attention that follows a Mamba mixer (B'MOJO-F, B'MOJO): its
-fading tokens are read out of that mixer's output s, i.e. out of the SSM state.
+Every mixer class (`MIXERS`) follows one protocol, so `Block` runs its two sublayers without knowing their
+kinds:
+    __call__(x, state=None, *, fading=None, cache_size=None) -> (y, state)   parallel pass over [B, T, D]
+    step(x, state, *, fading=None) -> (y, state)                             one token, x [B, 1, D]
+    init_state(batch, cache_size) -> state                                    the decode state before any token
+With `cfg.fading_source` (B'MOJO-F, B'MOJO) the first sublayer's output s, a read-out of the SSM state, is
+handed to the second (the memory attention) as the source of its fading tokens.
+
+With `cfg.scan_layers` (the default) the n_blocks identical blocks are one `Block` whose parameters carry a
+leading "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth.
+Otherwise they are a list of blocks run by a Python loop. Both run the same block function (`_block_fn`),
+rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks` convert parameter trees between the two.
 
 `LanguageModel.__call__` is the parallel (training) pass; `prefill` runs the same pass and returns the decode
 cache; `step` decodes one token from the cache. See `bmojo_jax.inference` for sampling and generation.
@@ -21,46 +31,83 @@ from flax import nnx
 
 from bmojo_jax import typing as tp
 from bmojo_jax.attention import Attention, AttnState
-from bmojo_jax.config import ModelConfig
-from bmojo_jax.layers import RMSNorm, SwiGLU, param
+from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
+from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
-
-
-def _make_mixer(kind: str, cfg: ModelConfig, rngs: nnx.Rngs):
-  return {"attention": Attention, "mamba": Mamba, "mlp": SwiGLU}[kind](cfg, rngs=rngs)
+MIXERS = {Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
+REMAT_POLICIES = {RematPolicy.FULL: None, RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
   """Two pre-norm residual sublayers; which ones is the family's choice (`cfg.sublayers`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.kinds = cfg.sublayers
+    first, second = cfg.sublayers
+    self.fading_source = cfg.fading_source
     self.norm1 = RMSNorm(cfg, rngs=rngs)
-    self.mixer1 = _make_mixer(self.kinds[0], cfg, rngs)
+    self.mixer1 = MIXERS[first](cfg, rngs=rngs)
     self.norm2 = RMSNorm(cfg, rngs=rngs)
-    self.mixer2 = _make_mixer(self.kinds[1], cfg, rngs)
-
-  def _sublayer(self, kind: str, mixer, x, fading, state, cache_size, decode: bool):
-    if kind == "mlp":
-      return mixer(x), None
-    if kind == "mamba":
-      return mixer(x, state)
-    if decode:
-      return mixer.step(x, fading, state)
-    return mixer(x, fading, cache_size=cache_size)
+    self.mixer2 = MIXERS[second](cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, cache: BlockCache | None = None, *, cache_size: int | None = None,
                decode: bool = False) -> tuple[jax.Array, BlockCache]:
     """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`; else the parallel pass."""
     state1, state2 = cache if cache is not None else (None, None)
-    s, state1 = self._sublayer(self.kinds[0], self.mixer1, self.norm1(x), None, state1, cache_size, decode)
+
+    def run(mixer, inputs, state, fading):
+      if decode:
+        return mixer.step(inputs, state, fading=fading)
+      return mixer(inputs, state, fading=fading, cache_size=cache_size)
+
+    s, state1 = run(self.mixer1, self.norm1(x), state1, None)
     h = x + s
-    fading = self.norm2(s) if (self.kinds == ("mamba", "attention") and self.cfg.fading) else None
-    y, state2 = self._sublayer(self.kinds[1], self.mixer2, self.norm2(h), fading, state2, cache_size, decode)
+    y, state2 = run(self.mixer2, self.norm2(h), state2, self.norm2(s) if self.fading_source else None)
     return h + y, (state1, state2)
+
+  def init_state(self, batch: int, cache_size: int | None) -> BlockCache:
+    return self.mixer1.init_state(batch, cache_size), self.mixer2.init_state(batch, cache_size)
+
+
+def _block_fn(graphdef, cache_size: int | None, decode: bool, keep_cache: bool, remat: RematPolicy,
+              in_scan: bool):
+  """(x, (block params, cache)) -> (x, cache): one block, the body of both the scan and the loop."""
+  def body(x, xs):
+    params, cache = xs
+    y, cache = nnx.merge(graphdef, params)(x, cache, cache_size=cache_size, decode=decode)
+    return y, (cache if keep_cache else None)
+  if remat == RematPolicy.NONE or decode:
+    return body
+  # Inside lax.scan nothing can be CSE'd across iterations anyway (jax.checkpoint's documentation).
+  return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)
+
+
+def _stack_dict(blocks: dict) -> dict:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in sorted(blocks)))
+
+
+def _is_block_list(x) -> bool:
+  return isinstance(x, dict) and bool(x) and all(isinstance(k, int) for k in x)
+
+
+def stack_blocks(tree):
+  """A tree of pure dicts holding unscanned blocks ({"blocks": {0: {...}, 1: {...}}}, as params or as the
+  param-shaped parts of an optimizer state) -> the same with one stacked block ({"blocks": {...[n, ...]}})."""
+  def convert(x):
+    if isinstance(x, dict) and "blocks" in x and _is_block_list(x["blocks"]):
+      return {**x, "blocks": _stack_dict(x["blocks"])}
+    return x
+  return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
+
+
+def unstack_blocks(tree, n_blocks: int):
+  """The inverse of `stack_blocks`."""
+  def convert(x):
+    if isinstance(x, dict) and "blocks" in x and not _is_block_list(x["blocks"]):
+      return {**x, "blocks": {i: jax.tree.map(lambda a: a[i], x["blocks"]) for i in range(n_blocks)}}
+    return x
+  return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
 
 
 class LanguageModel(nnx.Module):
@@ -70,45 +117,64 @@ class LanguageModel(nnx.Module):
     self.cfg = cfg
     self.embed = param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                        (tp.VOCAB, tp.EMBED), cfg.weight_dtype)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_blocks)])
+    # Block i draws from its own key in both layouts, so scanned and unscanned models initialize alike.
+    keys = jax.random.split(rngs.params(), cfg.n_blocks)
+    if cfg.scan_layers:
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: tp.LAYERS})
+      def stacked(key):
+        return Block(cfg, rngs=nnx.Rngs(params=key))
+      self.blocks = stacked(keys)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=nnx.Rngs(params=key)) for key in keys])
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                            (tp.EMBED, tp.VOCAB), cfg.weight_dtype)
 
+  def block(self, i: int) -> Block:
+    """Block i as a module of its own (a view of the stacked parameters when scanned)."""
+    if not self.cfg.scan_layers:
+      return self.blocks[i]
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
-    if self.cfg.tie_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T                  # [V, D]
+    return logits_einsum(x, w.astype(x.dtype))
 
-  def _run(self, tokens, caches, cache_size, decode):
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)   # [B, T, D]
-    new_caches = []
-    for i, block in enumerate(self.blocks):
-      cache = caches[i] if caches is not None else None
-      if self.cfg.remat and not decode:
-        x, cache = nnx.remat(lambda blk, y, c: blk(y, c, cache_size=cache_size))(block, x, cache)
-      else:
-        x, cache = block(x, cache, cache_size=cache_size, decode=decode)
-      new_caches.append(cache)
-    return self._logits(x), new_caches
+  def _run(self, tokens, caches, cache_size, decode, keep_cache):
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)   # [B, T, D]
+    if cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+      body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True)
+      x, caches = jax.lax.scan(body, x, (params, caches))
+    else:
+      new_caches = []
+      for i, block in enumerate(self.blocks):
+        graphdef, params = nnx.split(block)
+        body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=False)
+        x, cache = body(x, (params, None if caches is None else caches[i]))
+        new_caches.append(cache)
+      caches = new_caches if keep_cache else None
+    return self._logits(x), caches
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Parallel forward pass. tokens [B, T] -> logits [B, T, V] fp32."""
-    return self._run(tokens, None, None, False)[0]
+    return self._run(tokens, None, None, False, False)[0]
 
-  def prefill(self, tokens: jax.Array, max_len: int | None = None) -> tuple[jax.Array, list[BlockCache]]:
+  def prefill(self, tokens: jax.Array, max_len: int | None = None):
     """Parallel pass over the prompt that also returns the decode cache.
 
     max_len bounds prompt + generated tokens; only full attention (the Transformer) needs it, to size its KV
     cache. Returns (logits [B, T, V], cache).
     """
-    return self._run(tokens, None, self.cache_size(tokens.shape[1], max_len), False)
+    return self._run(tokens, None, self.cache_size(tokens.shape[1], max_len), False, True)
 
-  def step(self, token: jax.Array, cache: list[BlockCache]) -> tuple[jax.Array, list[BlockCache]]:
+  def step(self, token: jax.Array, cache):
     """Decode one token per row. token [B] -> (logits [B, V], cache)."""
-    logits, cache = self._run(token[:, None], cache, None, True)
+    logits, cache = self._run(token[:, None], cache, None, True, True)
     return logits[:, 0], cache
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
@@ -122,14 +188,14 @@ class LanguageModel(nnx.Module):
                        f"KV cache; got max_len={max_len}")
     return max_len
 
-  def init_cache(self, batch: int, max_len: int | None = None) -> list[BlockCache]:
-    """The cache before any token (what `prefill` of an empty prompt would return)."""
+  def init_cache(self, batch: int, max_len: int | None = None):
+    """The cache before any token (what `prefill` of an empty prompt would return): a list of BlockCaches,
+    or with scan_layers one BlockCache whose leaves have a leading n_blocks axis."""
     size = self.cache_size(0, max_len)
-    def init(kind, mixer):
-      if kind == "mamba":
-        return mixer.init_state(batch)
-      return mixer.init_state(batch, size) if kind == "attention" else None
-    return [(init(b.kinds[0], b.mixer1), init(b.kinds[1], b.mixer2)) for b in self.blocks]
+    if not self.cfg.scan_layers:
+      return [block.init_state(batch, size) for block in self.blocks]
+    one = self.blocks.init_state(batch, size)   # the states' shapes come from the config alone
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_blocks, *x.shape)), one)
 
 
-__all__ = ["Block", "LanguageModel", "MambaState", "AttnState"]
+__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "stack_blocks", "unstack_blocks"]

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-from bmojo_jax.config import ModelConfig
+from bmojo_jax.config import ModelConfig, Sublayer
 
 
-def sublayer_params(kind: str, cfg: ModelConfig) -> int:
+def _mamba_params(cfg: ModelConfig) -> int:
+  d, e, n, r, w = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank, cfg.d_conv
+  return (d * 2 * e            # in_proj
+          + w * e + e          # depthwise conv + bias
+          + e * (r + 2 * n)    # x_proj
+          + r * e + e          # dt_proj + dt_bias
+          + e * n + e          # A_log, D
+          + e * d)             # out_proj
+
+
+SUBLAYER_PARAMS = {
+    Sublayer.MAMBA: _mamba_params,
+    Sublayer.ATTENTION: lambda cfg: cfg.d_model * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.kv_heads),
+    Sublayer.MLP: lambda cfg: 3 * cfg.d_model * cfg.ff_size,
+}
+
+
+def sublayer_params(kind: Sublayer, cfg: ModelConfig) -> int:
   """Parameters of one sublayer, its RMSNorm included."""
-  d = cfg.d_model
-  if kind == "mamba":
-    e, n, r, w = cfg.d_inner, cfg.d_state, cfg.rank, cfg.d_conv
-    return (d * 2 * e            # in_proj
-            + w * e + e          # depthwise conv + bias
-            + e * (r + 2 * n)    # x_proj
-            + r * e + e          # dt_proj + dt_bias
-            + e * n + e          # A_log, D
-            + e * d              # out_proj
-            + d)                 # norm
-  if kind == "attention":
-    h, kh, p = cfg.n_heads, cfg.kv_heads, cfg.head_size
-    return d * p * (2 * h + 2 * kh) + d
-  if kind == "mlp":
-    return 3 * d * cfg.ff_size + d
-  raise ValueError(f"unknown sublayer {kind!r}")
+  return SUBLAYER_PARAMS[Sublayer(kind)](cfg) + cfg.d_model
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -48,11 +50,10 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   per multiply-add, and attention's scores and weighted values, 4·H·P per attended key (`attended_keys`).
   Not counted: the selective scan, norms, activations, and recomputation (remat, flash backward).
   """
-  d, e, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.rank
-  h, kh, p = cfg.n_heads, cfg.kv_heads, cfg.head_size
-  matmul = {"mamba": d * 2 * e + e * (r + 2 * n) + r * e + e * d,
-            "attention": d * p * (2 * h + 2 * kh) + (2 * d * kh * p if cfg.fading else 0),
-            "mlp": 3 * d * cfg.ff_size}
-  per_block = sum(2 * matmul[k] + (4 * h * p * attended_keys(cfg, seq_len) if k == "attention" else 0)
-                  for k in cfg.sublayers)
+  d, e, h, kh, p = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.kv_heads, cfg.head_size
+  matmul = {Sublayer.MAMBA: _mamba_params(cfg) - e * (cfg.d_conv + 3 + cfg.d_state),   # no conv, biases, A, D
+            Sublayer.ATTENTION: SUBLAYER_PARAMS[Sublayer.ATTENTION](cfg) + (2 * d * kh * p if cfg.fading else 0),
+            Sublayer.MLP: SUBLAYER_PARAMS[Sublayer.MLP](cfg)}
+  attention = 4 * h * p * attended_keys(cfg, seq_len)
+  per_block = sum(2 * matmul[k] + (attention if k == Sublayer.ATTENTION else 0) for k in cfg.sublayers)
   return 3.0 * (cfg.n_blocks * per_block + 2 * d * cfg.vocab_size)

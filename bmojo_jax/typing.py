@@ -8,11 +8,13 @@ Every docstring, einsum string and logical sharding name in the package uses the
     W  conv kernel width (4)         H  query heads               K  key/value heads
     G  query heads per kv head       P  head dim                  C  chunks (ceil(T / L))
     L  chunk length                  M  memory slots (fading + eidetic)
+    J  the two halves of the Mamba in_proj (u, z)   X  x_proj's columns (dt rank R + 2N)
+    Y  blocks (layers of a scanned model's stacked parameters)
 
 Logical axis names carried by parameters (see `bmojo_jax.sharding_rules`):
 
     "vocab" V, "embed" D, "mlp" F, "inner" E, "state" N, "rank" R, "conv" W,
-    "heads" H, "kv_heads" K, "head_dim" P.
+    "heads" H, "kv_heads" K, "head_dim" P, "layers" Y (the stacked blocks of a scanned model).
 """
 
 from typing import Any
@@ -34,3 +36,4 @@ CONV = "conv"
 HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
+LAYERS = "layers"

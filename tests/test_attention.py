@@ -1,12 +1,15 @@
-"""Attention reference paths: blockwise = dense masked; no T×T scores with a window; exact masks."""
+"""Attention reference paths: blockwise = dense masked; no T×T scores with a window; exact masks; the
+jax.nn.dot_product_attention path (attn_impl='cudnn') = the reference."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from bmojo_jax.attention import Attention
+from bmojo_jax import ConfigError, LanguageModel
+from bmojo_jax.attention import Attention, dot_product_attention
 from pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config
 
@@ -77,7 +80,7 @@ def _grad_norms(family, wrt, planted=6):
   f = jax.random.normal(kf, (1, 24, cfg.d_model))
   query = 23                                       # end of chunk 5; its window is 20..23
   def out(a, f):
-    return jnp.sum(attn(a, f if cfg.fading else None)[0][:, query])
+    return jnp.sum(attn(a, fading=f if cfg.fading else None)[0][:, query])
   g = jax.grad(out, argnums=(0, 1))(a, f)[0 if wrt == "a" else 1]
   return jnp.abs(g[0]).sum(-1)
 
@@ -97,3 +100,24 @@ def test_memory_reaches_beyond_the_window():
 def test_hybrid_has_zero_gradient_beyond_the_window():
   g = _grad_norms("hybrid", "a")
   assert jnp.all(g[:20] == 0) and jnp.all(g[20:] > 0)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_dot_product_attention_matches_reference(window):
+  """attn_impl='cudnn' goes through jax.nn.dot_product_attention; its XLA implementation (the one a CPU runs)
+  gives the reference's output and gradients for full causal and sliding-window attention with GQA."""
+  q = jax.random.normal(jax.random.key(0), (2, 37, 4, 16))
+  k, v = (jax.random.normal(key, (2, 37, 2, 16)) for key in jax.random.split(jax.random.key(1)))
+  run = lambda fn, **kw: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, window=window, chunk=4, **kw)))
+  out = jax.value_and_grad(run(dot_product_attention, implementation="xla"), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.value_and_grad(run(memory_attention_reference), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_refuses_memory_and_cpu():
+  with pytest.raises(ConfigError, match="attn_impl='cudnn' has no memory tokens"):
+    tiny_config("bmojo", attn_impl="cudnn")
+  if jax.default_backend() != "gpu":
+    model = LanguageModel(tiny_config("hybrid", attn_impl="cudnn"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attn_impl='cudnn' needs a GPU, but the backend is 'cpu'"):
+      model(jnp.zeros((1, 8), jnp.int32))

@@ -1,5 +1,7 @@
-"""Every family: causal, trains under jit in fp32 and bf16 with finite loss and gradients."""
+"""Every family: causal, trains under jit in fp32 and bf16 with finite loss and gradients; scanned blocks equal
+the block loop; remat changes nothing; the logits' backward runs in the compute dtype."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel
+from bmojo_jax.layers import logits_einsum
+from bmojo_jax.model import stack_blocks, unstack_blocks
 from tests.conftest import tiny_config
 
 
@@ -42,15 +46,58 @@ def test_forward_backward_under_jit(family, dtype):
   assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
 
 
-def test_remat_changes_nothing_but_memory():
+def _loss_and_grads(model, tokens):
+  loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+  loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_nothing_but_memory(remat):
   tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
-  results = []
-  for remat in (False, True):
-    model = LanguageModel(tiny_config("bmojo", remat=remat), rngs=nnx.Rngs(0))
-    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(tokens[:, :-1]), tokens[:, 1:]).mean()
-    loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
-    results.append((loss, jax.tree.leaves(grads)))
-  (loss_a, grads_a), (loss_b, grads_b) = results
+  loss_a, grads_a = _loss_and_grads(LanguageModel(tiny_config("bmojo", n_layers=4), rngs=nnx.Rngs(0)), tokens)
+  loss_b, grads_b = _loss_and_grads(LanguageModel(tiny_config("bmojo", n_layers=4, remat=remat),
+                                                  rngs=nnx.Rngs(0)), tokens)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  for a, b in zip(grads_a, grads_b):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-5, atol=1e-7)
+
+
+def test_scanned_blocks_equal_the_block_loop(family):
+  """scan_layers=True runs the same blocks as the Python loop: same logits and gradients (fp32), and the
+  parameter trees convert both ways (stack_blocks / unstack_blocks)."""
+  loop_cfg = tiny_config(family, n_layers=6, scan_layers=False, init_std=0.1)
+  loop = LanguageModel(loop_cfg, rngs=nnx.Rngs(0))
+  scanned = nnx.eval_shape(lambda: LanguageModel(loop_cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+  loop_params = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+  graphdef, params = nnx.split(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(params, stack_blocks(loop_params))
+  scanned = nnx.merge(graphdef, params)
+  chex.assert_shape(scanned.blocks.norm1.scale[...], (3, loop_cfg.d_model))
+  chex.assert_trees_all_equal(unstack_blocks(stack_blocks(loop_params), 3), loop_params)
+
+  tokens = jax.random.randint(jax.random.key(3), (2, 21), 0, 64)
+  with jax.default_matmul_precision("highest"):
+    loss_a, grads_a = _loss_and_grads(loop, tokens)
+    loss_b, grads_b = _loss_and_grads(scanned, tokens)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  chex.assert_trees_all_close(stack_blocks(grads_a), grads_b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(scanned.block(2), nnx.Param)),
+                              nnx.to_pure_dict(nnx.state(loop.block(2), nnx.Param)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_backward_runs_in_the_compute_dtype(dtype):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16), dtype)
+  w = jax.random.normal(jax.random.key(1), (32, 16), dtype)
+  g = jax.random.normal(jax.random.key(2), (2, 5, 32), jnp.float32)
+  out, vjp = jax.vjp(logits_einsum, x, w)
+  assert out.dtype == jnp.float32
+  dx, dw = vjp(g)
+  assert dx.dtype == x.dtype and dw.dtype == w.dtype
+  # The reference: autodiff of the fp32 einsum with the cotangent rounded to the compute dtype.
+  ref = lambda x, w: jnp.einsum("BTD,VD->BTV", x.astype(jnp.float32), w.astype(jnp.float32))
+  with jax.default_matmul_precision("highest"):
+    ref_dx, ref_dw = jax.vjp(ref, x, w)[1](g.astype(dtype).astype(jnp.float32))
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(np.asarray(dx, np.float32), ref_dx, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dw, np.float32), ref_dw, rtol=tol, atol=tol)

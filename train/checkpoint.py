@@ -15,6 +15,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from bmojo_jax.config import COMPUTE_FIELDS
 from train import data as data_lib
 
 
@@ -66,9 +67,13 @@ class Checkpointer:
     return meta
 
   def check_compatible(self, step: int, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Raises CheckpointError listing the model fields that differ from the checkpoint's."""
+    """Raises CheckpointError listing the model fields that differ from the checkpoint's; fields that only
+    choose how the model is computed (`COMPUTE_FIELDS`) may differ. Returns the checkpoint's meta, whose
+    model["scan_layers"] tells its parameter layout (False for checkpoints written before the field)."""
     meta = self.read_meta(step)
-    diffs = _diff(meta["model"], model_config)
+    meta["model"] = {"scan_layers": False, **meta["model"]}
+    strip = lambda d: {k: v for k, v in d.items() if k not in COMPUTE_FIELDS}
+    diffs = _diff(strip(meta["model"]), strip(model_config))
     if diffs:
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} was written for a different model; "
                             f"differing fields: {'; '.join(diffs)}. Use the checkpoint's config (config.json "

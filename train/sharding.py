@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "rank": None,
     "conv": None,
     "head_dim": None,
+    "layers": None,          # the stacked blocks of a scanned model: every device holds every layer
 }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bmojo_jax import LanguageModel, ModelConfig
+from bmojo_jax.model import stack_blocks, unstack_blocks
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
@@ -124,16 +125,47 @@ def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task 
                jax.jit(init_state, out_shardings=shardings))
 
 
+def restore_state(ckpt: ckpt_lib.Checkpointer, step: int, setup: Setup, iterator) -> Any:
+  """The train state of checkpoint `step` (checked with `check_compatible`) in `setup`'s shardings.
+
+  A checkpoint written with the other block layout (scan_layers) is restored as written and converted, so
+  runs from before scanned blocks resume and evaluate as they are."""
+  meta = ckpt.check_compatible(step, ckpt_lib.model_config_dict(setup.cfg))
+  saved_scan = bool(meta["model"]["scan_layers"])
+  if saved_scan == setup.cfg.scan_layers:
+    return ckpt.restore(step, setup.abstract_state, iterator)
+  config = ml_collections.ConfigDict(setup.config.to_dict())
+  config.model.scan_layers = saved_scan
+  written = build(config, list(setup.mesh.devices.flat), setup.task)
+  state = ckpt.restore(step, written.abstract_state, iterator)
+  convert = stack_blocks if setup.cfg.scan_layers else (lambda t: unstack_blocks(t, setup.cfg.n_blocks))
+  state = {**state, "params": convert(state["params"]), "opt_state": convert(state["opt_state"])}
+  return jax.device_put(state, setup.state_shardings)
+
+
 # ----------------------------------------------------------------------------------------------- steps
+def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cross-entropy [B, T] fp32, correct [B, T] bool) of logits [B, T, V] fp32 against labels [B, T].
+
+  The loss and the accuracy share one max over the vocabulary: a token is correct when its label's logit is
+  the largest (a tie counts as correct, where argmax would pick the first). A separate argmax is one more
+  pass over the logits, ~0.75 ms per step at 16k tokens and vocab 50280 on an H200."""
+  top = jnp.max(logits, axis=-1)                                                        # [B, T]
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  shifted = logits - jax.lax.stop_gradient(top)[..., None]
+  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) + jax.lax.stop_gradient(top)
+  return lse - label_logit, label_logit >= top
+
+
 def loss_sums(graphdef, params, batch):
   """(sum of token cross-entropies, (supervised tokens [B], correct tokens [B], ce per example [B]))."""
   model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"])                                       # [B, T, V] fp32
   targets = batch["targets"]
   valid = targets != IGNORE_INDEX
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+  ce, correct = token_losses(logits, jnp.where(valid, targets, 0))
   ce = jnp.where(valid, ce, 0.0)
-  correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+  correct = correct & valid
   per_ex_ce = ce.sum(axis=1)
   return per_ex_ce.sum(), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
 
@@ -263,8 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                                     worker_count=int(t.data_workers))
   latest = ckpt.latest_step()
   if latest is not None:
-    ckpt.check_compatible(latest, _meta(setup)["model"])
-    state = ckpt.restore(latest, setup.abstract_state, it)
+    state = restore_state(ckpt, latest, setup, it)
   else:
     state = setup.init_state()
   start = int(jax.device_get(state["step"]))
@@ -403,8 +434,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
     step = ckpt.latest_step()
     if step is None:
       raise ckpt_lib.CheckpointError(f"No checkpoint in {ckpt.directory}: train first (bmojo-train).")
-    ckpt.check_compatible(step, _meta(setup)["model"])
-    state = ckpt.restore(step, setup.abstract_state, None)
+    state = restore_state(ckpt, step, setup, None)
   finally:
     ckpt.close()
   return setup, state["params"], step
