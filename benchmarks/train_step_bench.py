@@ -243,6 +243,8 @@ def main():
   ap.add_argument("--profile", default=None, help="directory for traces and per-op tables")
   ap.add_argument("--name", default="train_step", help="result file stem (<name>_<device>.json)")
   ap.add_argument("--tag", default="", help="free text stored in every record (which code version)")
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="start no new configuration after this many seconds (fits a run into a time limit)")
   args = ap.parse_args()
   remat = None if args.remat is None else args.remat == "true"
   if args.profile:
@@ -250,11 +252,14 @@ def main():
     # XLA runs a GPU step as CUDA graphs ("command buffers"), which the trace shows as one opaque op: turn
     # them off (before the backend starts) so every kernel is seen. Steps then run ~1-3% slower.
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-  records = []
+  records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
       for spec in args.families.split(","):
         family, _, attn = spec.partition(":")
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+          print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len}", flush=True)
+          continue
         try:
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
                         args.scan_impl)
