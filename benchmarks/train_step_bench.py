@@ -22,6 +22,7 @@ import argparse
 import collections
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
@@ -78,11 +79,14 @@ def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: in
 
 
 def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, layers: int | None = None,
-            remat: bool | None = None, profile_dir: str | None = None, scan_impl: str = "pallas") -> dict:
+            remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
+            scan_layers: bool | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
   if remat is not None:
     overrides["remat"] = remat
+  if scan_layers is not None:
+    overrides["scan_layers"] = scan_layers
   config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, **overrides)
   setup = trainer.build(config, task=synthetic_task(seq_len, config.model.vocab_size))
   cfg = setup.cfg
@@ -104,11 +108,12 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
   rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
-             dtype=cfg.dtype, remat=cfg.remat, step_ms=step_ms, tokens_per_s=tokens_per_s,
+             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms, tokens_per_s=tokens_per_s,
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / PEAK_FLOPS, compile_s=compile_s,
              peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count())
   if profile_dir:
-    name = f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}"
+    name = (f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_"
+            f"{'scan' if cfg.scan_layers else 'loop'}_{cfg.remat.value}")
     rec["profile"] = profile(compiled, state, batch_arrays, profile_dir, name)
   return rec
 
@@ -238,7 +243,8 @@ def main():
   ap.add_argument("--seqs", default="2048,8192,32768")
   ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens // T, >= 1)")
   ap.add_argument("--layers", type=int, default=None, help="override n_layers (profiling a few blocks)")
-  ap.add_argument("--remat", choices=("true", "false"), default=None)
+  ap.add_argument("--remat", default=None, help="remat policies to run, e.g. none,dots (default: the config's)")
+  ap.add_argument("--scan-layers", default=None, help="true, false or true,false (default: the config's)")
   ap.add_argument("--scan-impl", default="pallas", help="scan_impl of every model (CPU smoke: associative)")
   ap.add_argument("--profile", default=None, help="directory for traces and per-op tables")
   ap.add_argument("--name", default="train_step", help="result file stem (<name>_<device>.json)")
@@ -246,7 +252,8 @@ def main():
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new configuration after this many seconds (fits a run into a time limit)")
   args = ap.parse_args()
-  remat = None if args.remat is None else args.remat == "true"
+  remats = [None] if args.remat is None else args.remat.split(",")
+  layouts = [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")]
   if args.profile:
     os.makedirs(args.profile, exist_ok=True)
     # XLA runs a GPU step as CUDA graphs ("command buffers"), which the trace shows as one opaque op: turn
@@ -255,14 +262,14 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec in args.families.split(","):
+      for spec, remat, scan_layers in itertools.product(args.families.split(","), remats, layouts):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
           print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len}", flush=True)
           continue
         try:
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl)
+                        args.scan_impl, scan_layers)
         except Exception as e:  # keep the grid going; the record says what failed
           rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len,
                      error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -270,13 +277,14 @@ def main():
         records.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
         write_results(records, args.name)
-  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'ms':>8s} {'tok/s':>10s} {'MFU':>5s} "
-        f"{'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
+  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'layout':11s} {'ms':>8s} {'tok/s':>10s} "
+        f"{'MFU':>5s} {'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
   for r in records:
     if "error" in r:
       print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
       continue
-    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['step_ms']:8.2f} "
+    layout = f"{'scan' if r['scan_layers'] else 'loop'}/{r['remat']}"
+    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:11s} {r['step_ms']:8.2f} "
           f"{r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
           f"{(r['peak_bytes'] or 0) / 2**30:6.1f}")
 

@@ -53,6 +53,7 @@ class RematPolicy(enum.StrEnum):
   NONE = "none"    # keep every activation the backward needs
   FULL = "full"    # keep only the block's input; recompute the block
   DOTS = "dots"    # keep the matmul outputs, recompute the rest (norms, activations, the memory path)
+  DOTS_KERNELS = "dots_kernels"  # keep the matmul and attention / scan kernel outputs, recompute the rest
 
 
 class ScanImpl(enum.StrEnum):

@@ -37,7 +37,17 @@ from bmojo_jax.mamba import Mamba, MambaState
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
 MIXERS = {Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
-REMAT_POLICIES = {RematPolicy.FULL: None, RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _save_dots_and_kernels(prim, *avals, **params) -> bool:
+  """Saves what is costly to recompute: matmul outputs and the outputs of the Pallas kernels and of cuDNN
+  attention (the scan's state checkpoints and the attention's logsumexp included)."""
+  return (prim.name == "pallas_call" or "dot_product_attention" in prim.name
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
+REMAT_POLICIES = {RematPolicy.FULL: None, RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  RematPolicy.DOTS_KERNELS: _save_dots_and_kernels}
 
 
 class Block(nnx.Module):

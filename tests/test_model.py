@@ -52,12 +52,14 @@ def _loss_and_grads(model, tokens):
   return loss, nnx.to_pure_dict(grads)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_changes_nothing_but_memory(remat):
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_kernels"])
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_remat_changes_nothing_but_memory(remat, impl):
   tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
-  loss_a, grads_a = _loss_and_grads(LanguageModel(tiny_config("bmojo", n_layers=4), rngs=nnx.Rngs(0)), tokens)
-  loss_b, grads_b = _loss_and_grads(LanguageModel(tiny_config("bmojo", n_layers=4, remat=remat),
-                                                  rngs=nnx.Rngs(0)), tokens)
+  cfg = tiny_config("bmojo", n_layers=4, scan_impl="associative" if impl == "reference" else "pallas",
+                    attn_impl=impl)
+  loss_a, grads_a = _loss_and_grads(LanguageModel(cfg, rngs=nnx.Rngs(0)), tokens)
+  loss_b, grads_b = _loss_and_grads(LanguageModel(cfg.replace(remat=remat), rngs=nnx.Rngs(0)), tokens)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-5, atol=1e-7)
 
