@@ -124,7 +124,9 @@ class ModelConfig:
   norm_eps: float = 1e-5
   init_std: float = 0.02
   remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
-  scan_layers: bool = True           # the identical blocks run as one lax.scan over stacked parameters
+  scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
+                                     # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
+                                     # (docs/train_speed.md); False: a Python loop over the blocks
 
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies

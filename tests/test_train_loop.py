@@ -252,21 +252,23 @@ def test_generate_from_run(full_run, tmp_path):
     generate.generate_from_run(str(tmp_path), "1", max_new_tokens=2)
 
 
-def test_unscanned_checkpoint_resumes_with_scanned_blocks(full_run, tmp_path):
-  """A run written with the block loop (scan_layers=False, as every run before scanned blocks) resumes with
-  scanned blocks: parameters and optimizer state are converted on restore, and since both layouts initialize
-  alike, the losses follow the uninterrupted scanned run."""
+def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_path):
+  """A run written with the block loop (scan_layers=False, the default, and every run before scanned blocks)
+  resumes with scanned blocks: parameters and optimizer state are converted on restore, and since both layouts
+  initialize alike, the losses follow the uninterrupted run's; the scanned checkpoint evaluates with the loop."""
   workdir = str(tmp_path)
   stop_at_4 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 4 else None
-  loop = tiny_config()
-  loop.model.scan_layers = False
-  first = trainer.train(loop, workdir, step_callback=stop_at_4)
+  first = trainer.train(tiny_config(), workdir, step_callback=stop_at_4)
   assert first["step"] == 4
   meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(4)
   assert meta["model"]["scan_layers"] is False
-  second = trainer.train(tiny_config(), workdir)
+  scanned = tiny_config()
+  scanned.model.scan_layers = True
+  second = trainer.train(scanned, workdir)
   assert second["step"] == 8
+  meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(8)
+  assert meta["model"]["scan_layers"] is True
   expected, got = losses(full_run[0]), losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
-  # And back: the scanned run's latest checkpoint evaluates with the block loop.
-  np.testing.assert_allclose(trainer.evaluate_run(workdir, loop)["test_loss"], second["test_loss"], rtol=1e-5)
+  np.testing.assert_allclose(trainer.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],
+                             rtol=1e-5)

@@ -52,11 +52,11 @@ def test_weight_decay_mask_by_path():
   no_decay = sorted(k for k, v in flat.items() if not v)
   decay = sorted(k for k, v in flat.items() if v)
   # Norm scales, biases, A_log and D never decay; embeddings and projection kernels do.
-  assert "final_norm/scale" in no_decay and "blocks/norm1/scale" in no_decay
+  assert "final_norm/scale" in no_decay and "blocks/0/norm1/scale" in no_decay
   for name in ("A_log", "D", "conv_bias", "dt_bias"):
-    assert f"blocks/mixer1/{name}" in no_decay
+    assert f"blocks/0/mixer1/{name}" in no_decay
   assert "embed" in decay
-  assert "blocks/mixer1/in_proj/kernel" in decay and "blocks/mixer2/wq/kernel" in decay
+  assert "blocks/0/mixer1/in_proj/kernel" in decay and "blocks/0/mixer2/wq/kernel" in decay
   assert all(k.endswith(("scale", "bias", "A_log", "/D")) for k in no_decay)
 
 
