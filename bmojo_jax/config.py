@@ -49,7 +49,7 @@ FAMILY_SUBLAYERS: dict[Family, tuple[Sublayer, Sublayer]] = {
 
 
 class RematPolicy(enum.StrEnum):
-  """What the backward pass recomputes of each block (resolved in `bmojo_jax.model.remat_policy`)."""
+  """What the backward pass recomputes of each block (`bmojo_jax.model.REMAT_POLICIES`)."""
   NONE = "none"    # keep every activation the backward needs
   FULL = "full"    # keep only the block's input; recompute the block
   DOTS = "dots"    # keep the matmul outputs, recompute the rest (norms, activations, the memory path)
