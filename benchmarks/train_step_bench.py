@@ -108,7 +108,8 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
   rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
-             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms, tokens_per_s=tokens_per_s,
+             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms,
+             tokens_per_s=tokens_per_s,
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / PEAK_FLOPS, compile_s=compile_s,
              peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count())
   if profile_dir:

@@ -92,7 +92,6 @@ class Attention(nnx.Module):
     """
     if state is not None:
       raise NotImplementedError("Attention's parallel pass starts at position 0; continue with step()")
-    f = fading
     cfg = self.cfg
     b, t, _ = a.shape
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
@@ -103,7 +102,7 @@ class Attention(nnx.Module):
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
     if m_f:
-      fk, fv = self.wk(f), self.wv(f)
+      fk, fv = self.wk(fading), self.wv(fading)
       fading_k, fading_v, fading_valid = memory.fading_per_chunk(fk, fv, chunk, m_f)
       mem_k.append(fading_k)
       mem_v.append(fading_v)
@@ -139,7 +138,6 @@ class Attention(nnx.Module):
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:
     """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state)."""
-    f = fading
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
@@ -173,7 +171,7 @@ class Attention(nnx.Module):
       keys.append(state.fading_k)
       values.append(state.fading_v)
       valid.append(jnp.broadcast_to(t >= chunk, (b, m_f)))
-      fk, fv = self.wk(f), self.wv(f)
+      fk, fv = self.wk(fading), self.wv(fading)
       state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:

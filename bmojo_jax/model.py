@@ -14,8 +14,9 @@ handed to the second (the memory attention) as the source of its fading tokens.
 
 With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth. Otherwise (the
-default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run the same block function (`_block_fn`),
-rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks` convert parameter trees between the two.
+default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
+the same block function (`_block_fn`), rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks`
+convert parameter trees between the two layouts.
 
 `LanguageModel.__call__` is the parallel (training) pass; `prefill` runs the same pass and returns the decode
 cache; `step` decodes one token from the cache. See `bmojo_jax.inference` for sampling and generation.
