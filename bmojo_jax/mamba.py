@@ -48,6 +48,13 @@ def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
   return init
 
 
+def _symmetric_uniform(bound: float):
+  """U(-bound, bound): PyTorch's default for Conv1d / Linear weights (bound = fan_in^-1/2), as Mamba uses."""
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
 class Mamba(nnx.Module):
   """Mamba mixer. `__call__(x, state=None) -> (out, final_state)`."""
 
@@ -56,13 +63,13 @@ class Mamba(nnx.Module):
     pdt = cfg.weight_dtype
     self.cfg = cfg
     self.in_proj = einsum_layer("BTD,DJE->BTJE", (d, 2, e), (tp.EMBED, None, tp.INNER), cfg, rngs, cfg.init_std)
-    bound = 1.0 / math.sqrt(w)
-    self.conv_weight = param(rngs, nnx.initializers.uniform(2 * bound), (w, e), (tp.CONV, tp.INNER), pdt)
-    self.conv_bias = param(rngs, nnx.initializers.zeros, (e,), (tp.INNER,), pdt)
+    conv_init = _symmetric_uniform(1.0 / math.sqrt(w))           # depthwise: fan-in W (SPEC.md, Mamba's init)
+    self.conv_weight = param(rngs, conv_init, (w, e), (tp.CONV, tp.INNER), pdt)
+    self.conv_bias = param(rngs, conv_init, (e,), (tp.INNER,), pdt)
     self.x_proj = einsum_layer("BTE,EX->BTX", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
     self.dt_proj = nnx.Einsum(
         "BTR,RE->BTE", (r, e), dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
-        kernel_init=nnx.initializers.uniform(2 * r ** -0.5),
+        kernel_init=_symmetric_uniform(r ** -0.5),
         kernel_metadata={"sharding_names": (tp.RANK, tp.INNER), "eager_sharding": False})
     self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (e,), (tp.INNER,),
                          pdt)

@@ -103,3 +103,20 @@ def test_logits_backward_runs_in_the_compute_dtype(dtype):
   tol = 1e-6 if dtype == "float32" else 1e-2
   np.testing.assert_allclose(np.asarray(dx, np.float32), ref_dx, rtol=tol, atol=tol)
   np.testing.assert_allclose(np.asarray(dw, np.float32), ref_dw, rtol=tol, atol=tol)
+
+
+def test_mamba_initialization_follows_the_reference():
+  """Mamba's init (SPEC.md): conv weight and bias ~ U(-W^-1/2, W^-1/2), dt_proj ~ U(-R^-1/2, R^-1/2),
+  dt = softplus(dt_bias) log-uniform in [dt_min, dt_max], A_log = log(1..N), D = 1."""
+  cfg = tiny_config("mamba", d_model=256, d_state=8, dt_rank=16)
+  mixer = LanguageModel(cfg, rngs=nnx.Rngs(0)).block(0).mixer1
+  for x, bound in ((mixer.conv_weight[...], 0.5), (mixer.conv_bias[...], 0.5),
+                   (mixer.dt_proj.kernel[...], 0.25)):
+    x = np.asarray(x).ravel()
+    assert x.min() >= -bound and x.max() <= bound
+    # symmetric and spread over the whole interval: mean ~0, variance ~bound^2 / 3
+    assert abs(x.mean()) < 0.1 * bound and abs(x.var() / (bound ** 2 / 3) - 1) < 0.2, (x.mean(), x.var())
+  dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+  assert dt.min() >= cfg.dt_min * 0.99 and dt.max() <= cfg.dt_max * 1.01
+  np.testing.assert_allclose(np.asarray(mixer.A_log[...])[0], np.log(np.arange(1, 9)), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mixer.D[...]), 1.0)
