@@ -8,6 +8,7 @@ Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_
 cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -84,18 +85,87 @@ def _generate(argv):
   print(text)
 
 
+_CONFIG_HELP = """  --config FILE[:PRESET]: a config file (configs/mqar.py, configs/lm.py), optionally with a preset
+    (transformer, mamba, hybrid, bmojo_f, bmojo), e.g. --config configs/mqar.py:hybrid
+  --config.<section>.<field>=VALUE: overrides one field of the config, e.g. --config.train.num_steps=200;
+    `--help --config FILE[:PRESET]` lists every field with its value"""
+
+USAGE = {
+    "bmojo-train": ("bmojo-train --config FILE[:PRESET] --workdir DIR [--config.<section>.<field>=VALUE ...]\n\n"
+                    "Trains a model, or resumes the run in DIR from its latest checkpoint."),
+    "bmojo-eval": ("bmojo-eval --workdir DIR [--config FILE[:PRESET]]\n\n"
+                   "Evaluates the latest checkpoint of DIR (with its config.json unless --config is given) and "
+                   "writes DIR/eval.json."),
+    "bmojo-generate": ("bmojo-generate --workdir DIR --prompt TEXT [sampling flags]\n\n"
+                       "Continues a prompt with the latest checkpoint of DIR. Runs without a tokenizer (MQAR) "
+                       "take token ids separated by spaces, e.g. --prompt \"12 130 7\"."),
+}
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def config_fields(spec: str) -> list[str]:
+  """`--config.<path>=<value>` for every field of the config file `spec` (FILE[:PRESET])."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_bmojo_config", path)
+  if module_spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"--config {spec}: no such config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset) if preset else module.get_config()
+
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from walk(v, f"{prefix}{k}.")
+      else:
+        yield f"  --config.{prefix}{k}={v!r}"
+  return list(walk(config.to_dict(), ""))
+
+
+def _run(main, command: str, with_config: bool) -> None:
+  """app.run(main), except that -h / --help prints this command's usage and flags and exits 0."""
+  argv = sys.argv[1:]
+  if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
+    app.run(main)
+    return
+  print(f"usage: {USAGE[command]}\n\nflags:")
+  if with_config:
+    print(_CONFIG_HELP)
+  for name in ["workdir", *_GENERATE_FLAGS] if not with_config else ["workdir"]:
+    flag = flags.FLAGS[name]
+    default = "" if flag.default in (None, "") else f" (default {flag.default})"
+    print(f"  --{name}: {flag.help}{default}")
+  spec = _config_arg(argv)
+  if with_config and spec:
+    print(f"\nfields of {spec}:")
+    print("\n".join(config_fields(spec)))
+  print("\nabsl's own flags: --helpfull")
+  sys.exit(0)
+
+
 def train_main():
   config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/mqar.py:bmojo.",
                                   lock_config=True)
   flags.mark_flags_as_required(["workdir", "config"])
-  app.run(_train)
+  _run(_train, "bmojo-train", with_config=True)
 
 
 def eval_main():
   config_flags.DEFINE_config_file("config", None, "Optional config overriding the workdir's config.json.",
                                   lock_config=True)
   flags.mark_flags_as_required(["workdir"])
-  app.run(_eval)
+  _run(_eval, "bmojo-eval", with_config=True)
+
+
+_GENERATE_FLAGS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
 def generate_main():
@@ -106,7 +176,7 @@ def generate_main():
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(_generate)
+  _run(_generate, "bmojo-generate", with_config=False)
 
 
 if __name__ == "__main__":
