@@ -11,6 +11,7 @@ cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initial
 import importlib.util
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -130,11 +131,25 @@ def config_fields(spec: str) -> list[str]:
   return list(walk(config.to_dict(), ""))
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a config override that names no field (or cannot take its value) reported in
+  one line instead of a traceback: ml_collections raises those while the flags are parsed."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").strip("'\"").split())
+    guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
+    if guess:
+      message = f"no field {guess.group(2)!r}; did you mean {guess.group(1)!r}?"
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"{os.path.basename(argv[0])}: bad config override among {', '.join(overrides)}: {message}")
+
+
 def _run(main, command: str, with_config: bool) -> None:
   """app.run(main), except that -h / --help prints this command's usage and flags and exits 0."""
   argv = sys.argv[1:]
   if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
     return
   print(f"usage: {USAGE[command]}\n\nflags:")
   if with_config:

@@ -283,8 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   """
   start_wall = time.time()
   workdir = os.path.abspath(workdir)
+  setup = build(config, devices)        # validates everything first: a config that cannot work creates nothing
   os.makedirs(workdir, exist_ok=True)
-  setup = build(config, devices)
   t = config.train
   lead = jax.process_index() == 0
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
