@@ -272,3 +272,12 @@ def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
   np.testing.assert_allclose(trainer.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],
                              rtol=1e-5)
+
+
+def test_rerunning_a_finished_run_keeps_its_results(copied_run, capsys):
+  before = snapshot(copied_run)
+  with open(os.path.join(copied_run, "results.json")) as f:
+    saved = json.load(f)
+  again = trainer.train(tiny_config(), copied_run)
+  assert again == saved and snapshot(copied_run) == before
+  assert "already finished at step 8" in capsys.readouterr().out

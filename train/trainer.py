@@ -300,6 +300,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     state = setup.init_state()
   start = int(jax.device_get(state["step"]))
   last_saved = latest
+  results_path = os.path.join(workdir, "results.json")
+  if start >= int(t.num_steps) and os.path.exists(results_path):
+    ckpt.close()
+    print(f"{workdir} already finished at step {start} (train.num_steps={int(t.num_steps)}); its results are "
+          f"kept in {results_path}. Raise --config.train.num_steps to train further.")
+    with open(results_path, encoding="utf-8") as f:
+      return json.load(f)
   if lead:
     _write_run_files(setup, workdir)
 
@@ -400,7 +407,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       results["data"]["fraction_beyond_window"] = data_lib.fraction_beyond_window(
           setup.task.eval_source, setup.cfg.window)
   if lead:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    with open(results_path, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
     if t.plot:
       from train import plots  # pylint: disable=g-import-not-at-top
