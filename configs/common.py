@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.target_accuracy = 0.0              # stop early once eval accuracy >= this (0: never; Zoology 0.99)
   t.progress_bar = True                # tqdm bar on process 0
   t.data_workers = 0                   # grain worker processes for the training stream (0: threads)
-  t.plot = True                        # write curves.png at the end if matplotlib is importable
+  t.plot = True                        # write curves.png (loss and accuracy curves) at the end
 
   c.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 1e-3               # peak learning rate

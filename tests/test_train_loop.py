@@ -281,3 +281,13 @@ def test_rerunning_a_finished_run_keeps_its_results(copied_run, capsys):
   again = trainer.train(tiny_config(), copied_run)
   assert again == saved and snapshot(copied_run) == before
   assert "already finished at step 8" in capsys.readouterr().out
+
+
+def test_curves_png_and_the_plot_command(copied_run):
+  from train import plots  # pylint: disable=g-import-not-at-top
+  path = plots.maybe_plot(copied_run)
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  out = subprocess.run([sys.executable, "-m", "train.plots", "/no/such/run"], cwd=REPO, capture_output=True,
+                       text=True)
+  assert out.returncode != 0 and "usage: python -m train.plots WORKDIR" in out.stderr

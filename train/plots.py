@@ -1,4 +1,4 @@
-"""Loss and accuracy curves from a run's metrics.jsonl as a PNG (needs the optional matplotlib).
+"""Loss and accuracy curves from a run's metrics.jsonl as a PNG.
 
     python -m train.plots runs/default            # writes runs/default/curves.png
 """
@@ -38,15 +38,13 @@ def plot_curves(workdir: str, out_path: str | None = None) -> str:
 
 
 def maybe_plot(workdir: str) -> str | None:
-  """`plot_curves` if matplotlib is importable and metrics exist; None otherwise."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return None
+  """`plot_curves` if the run has metrics (a run stopped before its first log has none); None otherwise."""
   if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
     return None
   return plot_curves(workdir)
 
 
 if __name__ == "__main__":
+  if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], metrics_lib.METRICS_FILE)):
+    sys.exit(f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})")
   print(plot_curves(sys.argv[1]))
