@@ -291,3 +291,30 @@ def test_curves_png_and_the_plot_command(copied_run):
   out = subprocess.run([sys.executable, "-m", "train.plots", "/no/such/run"], cwd=REPO, capture_output=True,
                        text=True)
   assert out.returncode != 0 and "usage: python -m train.plots WORKDIR" in out.stderr
+
+
+def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compilation_cache):
+  """A real SIGTERM to bmojo-train: the step in flight finishes, a checkpoint is saved, the process exits with
+  75 (EX_TEMPFAIL) so schedulers can requeue, and results.json gives the step of its test figures."""
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "cli"
+  overrides = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.d_state=4",
+               "--config.data.seq_len=32", "--config.data.num_kv_pairs=4", "--config.data.num_train=64",
+               "--config.data.num_test=8", "--config.train.num_steps=100000", "--config.train.batch_size=4",
+               "--config.train.eval_batch_size=8", "--config.train.eval_every=5", "--config.train.log_every=5",
+               "--config.train.progress_bar=false", "--config.train.plot=false"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+  proc = subprocess.Popen([sys.executable, "-m", "train.cli", "train", "--config", "configs/mqar.py:mamba",
+                           "--workdir", str(workdir), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and '"eval"' in metrics.read_text()):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-3000:]
+  assert "stopped by SIGTERM" in stderr
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert results["stopped_by"] == "SIGTERM" and results["step"] < 100000
+  assert results["test_step"] % 5 == 0 and results["test_step"] <= results["step"]

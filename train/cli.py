@@ -4,6 +4,9 @@
     bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
     bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
 
+Exit status: 0 when training ends (num_steps or the target accuracy), 75 (EX_TEMPFAIL) when SIGTERM or SIGINT
+stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error.
+
 Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or on a
 cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
 """
@@ -19,6 +22,7 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; rerun to resume
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, results.")
 
 
@@ -56,8 +60,13 @@ def _train(argv):
     sys.exit(f"bmojo-train: {type(e).__name__}: {e}")
   print(json.dumps(results, indent=2))
   if "test_accuracy" in results:
-    print(f"test accuracy {results['test_accuracy']:.4f} at step {results['step']} "
+    print(f"test accuracy {results['test_accuracy']:.4f} at step {results['test_step']} "
           f"({results['wall_s']:.0f} s); results in {os.path.join(_WORKDIR.value, 'results.json')}")
+  if results.get("stopped_by") in ("SIGTERM", "SIGINT"):
+    print(f"bmojo-train: stopped by {results['stopped_by']} at step {results['step']} (checkpoint saved); "
+          f"exiting with status {EXIT_STOPPED} so a scheduler can requeue; rerun the same command to resume.",
+          file=sys.stderr)
+    sys.exit(EXIT_STOPPED)
 
 
 def _eval(argv):

@@ -9,6 +9,7 @@ shard of the data (`shard_index = process_index`).
 Step s means "after s optimizer updates"; the loss logged at step s is the one computed by update s.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -35,6 +36,7 @@ from train import sharding as shard_lib
 from train import tasks as tasks_lib
 
 IGNORE_INDEX = data_lib.IGNORE_INDEX
+MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -322,7 +324,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   tokens_per_step = int(t.batch_size) * setup.task.seq_len
   stop = stop or StopRequest()
   pending: list[tuple[int, dict[str, Any]]] = []
+  in_flight: collections.deque = collections.deque()
   last_eval: dict[str, float] | None = None
+  last_eval_step: int | None = None
   stopped_by, step = None, start
   train_time, trained_steps, interval_start = 0.0, 0, time.time()
 
@@ -345,6 +349,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     avg["learning_rate"] = float(values[-1]["learning_rate"])
     avg["tokens_per_s"] = tokens_per_step * len(pending) / max(elapsed, 1e-9)
     writer.write(pending[-1][0], avg, "train")
+    writer.advance(pending[-1][0])
+    in_flight.clear()
     pending.clear()
     interval_start = time.time()
 
@@ -365,13 +371,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
         pending.append((step, m))
         if step_callback is not None:
           step_callback(step, state)
-        writer.advance(step)
+        # At most MAX_IN_FLIGHT steps queued on the device: the bar shows finished steps, and a stop request
+        # is acted on after at most that many more steps rather than after everything queued.
+        in_flight.append((step, m["loss"]))
+        while len(in_flight) > MAX_IN_FLIGHT:
+          done_step, loss = in_flight.popleft()
+          loss.block_until_ready()
+          writer.advance(done_step)
         done = step == num_steps
         if step % int(t.log_every) == 0 or done or stop.signum is not None:
           flush()
         if (t.eval_every and step % int(t.eval_every) == 0) or done:
           flush()
-          last_eval = evaluate(setup, state["params"], eval_step)
+          last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), step
           writer.write(step, last_eval, "eval")
           interval_start = time.time()
           if t.target_accuracy and last_eval["accuracy"] >= t.target_accuracy:
@@ -393,14 +405,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
 
   final_step = max(step, start)
   if last_eval is None and stopped_by is None:
-    last_eval = evaluate(setup, state["params"], eval_step)
+    last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), final_step
   results = {"step": final_step, "stopped_by": stopped_by, "wall_s": time.time() - start_wall,
              "tokens_per_s": tokens_per_step * trained_steps / max(train_time, 1e-9),
              "family": setup.cfg.family.value, "task": setup.task.kind, "data": setup.task.info,
              "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
              "platform": jax.default_backend(), "jax_version": jax.__version__}
   if last_eval is not None:
-    results.update({f"test_{k}": v for k, v in last_eval.items()})
+    results.update({f"test_{k}": v for k, v in last_eval.items()}, test_step=last_eval_step)
   if setup.task.kind == "mqar":
     results["window"] = setup.cfg.window
     if setup.cfg.window is not None:
