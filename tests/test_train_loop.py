@@ -148,6 +148,15 @@ def test_corrupt_state_files_are_refused_and_untouched(copied_run):
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   assert_refused_untouched(copied_run, r"checkpoints/8.*could not be restored")
+  with pytest.raises(ckpt_lib.CheckpointError) as err:
+    trainer.train(tiny_config(), copied_run)
+  message = str(err.value)
+  assert len(message.splitlines()) <= 3 and len(message) < 1200, message
+  assert "Older checkpoints whose meta reads fine: 6, 3" in message
+  # The way out it offers: move the bad checkpoint aside and rerun; training resumes from step 6.
+  bad = os.path.join(copied_run, "checkpoints", "8")
+  shutil.move(bad, os.path.join(copied_run, "checkpoints_set_aside_8"))
+  assert trainer.train(tiny_config(), copied_run)["step"] == 8
 
 
 def test_incompatible_checkpoint_names_the_field(copied_run):

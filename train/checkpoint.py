@@ -19,6 +19,12 @@ from bmojo_jax.config import COMPUTE_FIELDS
 from train import data as data_lib
 
 
+def _brief(e: Exception, limit: int = 240) -> str:
+  """The exception's type and the first line of its message (TensorStore errors span dozens of lines)."""
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {first[:limit]}{'…' if len(first) > limit else ''}"
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into this run; the message names the path and the reason."""
 
@@ -59,8 +65,8 @@ class Checkpointer:
       meta = restored["meta"]
     except Exception as e:  # Orbax raises many types for missing / corrupt files.
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} is unreadable (corrupt or not written by "
-                            f"bmojo-train): reading its 'meta' item failed with {type(e).__name__}: {e}. "
-                            "It was left untouched; move it away or use another --workdir.") from e
+                            f"bmojo-train): reading its 'meta' item failed with {_brief(e)}.\n"
+                            f"{self._older(step)}") from e
     if not isinstance(meta, dict) or "model" not in meta:
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} has no model config in its 'meta' item; it "
                             "was left untouched; move it away or use another --workdir.")
@@ -88,10 +94,28 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise CheckpointError(f"Checkpoint {self.step_dir(step)} could not be restored ({type(e).__name__}: "
-                            f"{e}). It is corrupt or was written by an incompatible optimizer/model; it was "
-                            "left untouched; move it away or use another --workdir.") from e
+      raise CheckpointError(f"Checkpoint {self.step_dir(step)} could not be restored ({_brief(e)}): it is "
+                            "corrupt or was written by an incompatible optimizer/model.\n"
+                            f"{self._older(step)}") from e
     return restored["state"]
+
+  def _older(self, step: int) -> str:
+    """What to do about an unusable checkpoint `step`: which other checkpoints there are, and how to use one."""
+    older = sorted((s for s in self.all_steps() if s < step), reverse=True)
+    readable = [s for s in older if self._meta_readable(s)]
+    if not readable:
+      return (f"It was left untouched, and no older checkpoint with a readable meta exists: move "
+              f"{self.step_dir(step)} away to start over, or use another --workdir.")
+    return (f"It was left untouched. Older checkpoints whose meta reads fine: {', '.join(map(str, readable))}. "
+            f"To resume from step {readable[0]}, move this one aside (mv {self.step_dir(step)} "
+            f"{self.directory}_set_aside_{step}) and rerun the same command.")
+
+  def _meta_readable(self, step: int) -> bool:
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return True
+    except Exception:  # pylint: disable=broad-except
+      return False
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
