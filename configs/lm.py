@@ -1,10 +1,12 @@
 """Language modeling on local text files (byte-level by default), one preset per family.
 
     bmojo-train --config configs/lm.py:bmojo --config.data.paths=/path/to/texts --workdir runs/lm
+    bmojo-train --config configs/lm.py:bmojo,cpu --config.data.paths=/path/to/texts --workdir runs/lm_cpu
 
-Presets: transformer, mamba, hybrid, bmojo_f, bmojo (default). Small (d_model 256, 4 layers) so a run is
-possible on one GPU or a CPU; scale with --config.model.d_model / n_layers or use `bmojo_jax.paper_config`
-sizes through the same fields. The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
+Presets: transformer, mamba, hybrid, bmojo_f, bmojo (default), sized for one GPU (d_model 256, 4 layers, 32 x 512
+tokens per step; on a 2-core CPU that takes ~13 GB and 20-40 s a step). Add ",cpu" (e.g. `bmojo,cpu`) for a
+CPU-sized run: d_model 128, 8 x 256 tokens per step. `data.paths` has no default: name your text. Scale with
+--config.model.d_model / n_layers, or use `bmojo_jax.paper_config` sizes through the same fields. The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
 `data.tokenizer=<file>.model` (SentencePiece) set model.vocab_size to its size.
 """
 
@@ -15,6 +17,9 @@ from configs import common
 
 
 def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
+  preset, _, size = (preset or "bmojo").partition(",")
+  if size not in ("", "cpu"):
+    raise ValueError(f"configs/lm.py preset suffix {size!r} is unknown; the only one is ',cpu'.")
   preset = common.family_preset("configs/lm.py", preset)
   c = common.base_config()
   window = None if preset == "transformer" else 128
@@ -25,7 +30,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.kind = "text"                          # mqar | text
-  d.paths = "data/text"                    # comma-separated files / directories of training text
+  d.paths = ""                             # comma-separated files / directories of training text (required)
   d.eval_paths = ""                        # comma-separated eval files; empty: hold out eval_fraction
   d.eval_fraction = 0.05                   # last fraction of packed sequences held out when no eval_paths
   d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
@@ -42,4 +47,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 200
   c.optim.end_lr_ratio = 0.1
+  if size == "cpu":
+    c.model.d_model, d.seq_len, t.batch_size, t.eval_batch_size = 128, 256, 8, 8
+    c.model.n_heads = 2
   return c

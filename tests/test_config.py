@@ -65,3 +65,15 @@ def test_parameters_carry_logical_axes():
   names = {n for spec in specs for n in spec if n is not None}
   assert {"vocab", "embed", "inner", "state", "heads", "kv_heads", "head_dim", "conv", "rank"} <= names
   assert len(specs) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_lm_config_cpu_preset_and_required_paths():
+  from configs import lm  # pylint: disable=g-import-not-at-top
+  from train import tasks  # pylint: disable=g-import-not-at-top
+  cpu = lm.get_config("hybrid,cpu")
+  assert (cpu.model.family, cpu.model.d_model, cpu.data.seq_len, cpu.train.batch_size) == ("hybrid", 128, 256, 8)
+  ModelConfig(**cpu.model.to_dict())
+  with pytest.raises(ValueError, match="suffix 'tpu' is unknown"):
+    lm.get_config("bmojo,tpu")
+  with pytest.raises(ValueError, match="data.paths is empty"):
+    tasks.make_task(lm.get_config())
