@@ -1,4 +1,4 @@
-"""MQAR under the Zoology protocol (EVALS.md) through the real trainer; writes mqar_<device>.json.
+"""MQAR under the Zoology protocol (docs/evals.md) through the real trainer; writes mqar_<device>.json.
 
     python benchmarks/mqar_zoology.py --workdir /tmp/mqar [--family bmojo] [--lr 1e-3] [--epochs 8]
 

@@ -1,6 +1,6 @@
 """Attention: full causal, sliding window, and the B'MOJO memory attention (window + fading + eidetic).
 
-Query t in chunk c = t // L attends to (SPEC.md "Memory attention")
+Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
   1. window keys t - w < t' <= t (RoPE on queries and window keys; all t' <= t when window is None);
   2. the fading tokens of chunk c: the projected mixer outputs at the last M_f positions of chunk c-1;
   3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE).

@@ -71,7 +71,7 @@ class AttnImpl(enum.StrEnum):
 
 
 class StorePolicy(enum.StrEnum):
-  """What the eidetic store keeps (SPEC.md "Innovation selection")."""
+  """What the eidetic store keeps (docs/spec.md, "Innovation selection")."""
   FIFO = "fifo"    # the selections of the last n_eidetic // eidetic_per_chunk chunks
   SCORE = "score"  # the n_eidetic highest-scoring selections seen so far (ties: earliest)
 

@@ -1,4 +1,4 @@
-"""The Mamba (S6) mixer, as in the Mamba paper (SPEC.md "Mamba mixer").
+"""The Mamba (S6) mixer, as in the Mamba paper (docs/spec.md, "Mamba mixer").
 
     (u, z) = x W_in                         x [B, T, D] -> u, z [B, T, E]
     u      = SiLU(causal_conv(u))           depthwise, kernel W = 4, carried state [B, W-1, E]
@@ -63,7 +63,7 @@ class Mamba(nnx.Module):
     pdt = cfg.weight_dtype
     self.cfg = cfg
     self.in_proj = einsum_layer("BTD,DJE->BTJE", (d, 2, e), (tp.EMBED, None, tp.INNER), cfg, rngs, cfg.init_std)
-    conv_init = _symmetric_uniform(1.0 / math.sqrt(w))           # depthwise: fan-in W (SPEC.md, Mamba's init)
+    conv_init = _symmetric_uniform(1.0 / math.sqrt(w))           # depthwise: fan-in W (docs/spec.md)
     self.conv_weight = param(rngs, conv_init, (w, e), (tp.CONV, tp.INNER), pdt)
     self.conv_bias = param(rngs, conv_init, (e,), (tp.INNER,), pdt)
     self.x_proj = einsum_layer("BTE,EX->BTX", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)

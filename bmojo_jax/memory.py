@@ -1,6 +1,6 @@
 """Memory tokens: innovation scores, per-chunk selection, the eidetic store and the fading tokens.
 
-Innovation (SPEC.md): on the attention input a_t [B, T, D],
+Innovation (docs/spec.md): on the attention input a_t [B, T, D],
     â_t = (1/4) Σ_{j=1..4} a_{t-j}       (a_{<0} = 0),      e_t = ‖a_t − â_t‖²   (fp32, no gradient).
 At the end of each chunk the k_e positions with the largest e_t (ties: earliest) are selected; their keys
 (without RoPE) and values enter the store, which holds M_e entries under the FIFO or score policy.

@@ -1,4 +1,4 @@
-"""MQAR (Zoology protocol, /work/shared/EVALS.md) for each model family.
+"""MQAR (Zoology protocol, docs/evals.md) for each model family.
 
     bmojo-train --config configs/mqar.py --workdir runs/default            # the default: CPU-sized B'MOJO
     bmojo-train --config configs/mqar.py:hybrid --workdir runs/hybrid      # presets: one per family

@@ -1,4 +1,4 @@
-"""MQAR generator: the protocol of /work/shared/EVALS.md, checked example by example."""
+"""MQAR generator: the protocol of docs/evals.md, checked example by example."""
 
 import numpy as np
 import pytest
@@ -124,7 +124,7 @@ def test_query_value_distances():
 
 @pytest.mark.parametrize("n,within", [(16, 1 / 3), (32, 0.06), (64, 0.0)])
 def test_fraction_beyond_window_matches_evals(n, within):
-  # EVALS.md: L=256, window 32: about a third of queries in the window at N=16, ~6% at 32, none at 64.
+  # docs/evals.md: L=256, window 32: about a third of queries in the window at N=16, ~6% at 32, none at 64.
   config = mqar.MQARConfig(vocab_size=8192, seq_len=256, num_kv_pairs=n)
   beyond = mqar.fraction_beyond_window(config, window=32, num_examples=300)
   assert abs((1 - beyond) - within) < 0.04

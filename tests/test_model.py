@@ -106,7 +106,7 @@ def test_logits_backward_runs_in_the_compute_dtype(dtype):
 
 
 def test_mamba_initialization_follows_the_reference():
-  """Mamba's init (SPEC.md): conv weight and bias ~ U(-W^-1/2, W^-1/2), dt_proj ~ U(-R^-1/2, R^-1/2),
+  """Mamba's init (docs/spec.md): conv weight and bias ~ U(-W^-1/2, W^-1/2), dt_proj ~ U(-R^-1/2, R^-1/2),
   dt = softplus(dt_bias) log-uniform in [dt_min, dt_max], A_log = log(1..N), D = 1."""
   cfg = tiny_config("mamba", d_model=256, d_state=8, dt_rank=16)
   mixer = LanguageModel(cfg, rngs=nnx.Rngs(0)).block(0).mixer1

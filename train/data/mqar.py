@@ -1,4 +1,4 @@
-"""MQAR: multi-query associative recall, generated on the fly (Zoology's protocol, /work/shared/EVALS.md).
+"""MQAR: multi-query associative recall, generated on the fly (Zoology's protocol, docs/evals.md).
 
 Re-implemented from the protocol's description. One example of length T (= `seq_len`) with N
 (= `num_kv_pairs`) key-value pairs over a vocabulary of V tokens:
