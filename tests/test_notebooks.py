@@ -20,3 +20,6 @@ def test_notebook_runs(path, monkeypatch):
   for cell in cells:
     if cell["cell_type"] == "code":
       exec(compile("".join(cell["source"]), f"{path.name}", "exec"), namespace)
+  if path.name == "explore_memory.ipynb":   # the two store panels must show different stores
+    fifo, score = namespace["occupancies"].values()
+    assert (fifo != score).any() and fifo.sum() > 0
