@@ -2,11 +2,16 @@
 the sequential reference, a T sweep (1k..64k) for linearity, and a block-size sweep.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/selective_scan_bench.py [--out DIR] [--sweep] [--tscan] [--mixer]
+        [--segments]
 
 Writes DIR/selective_scan_<device>.json (a list of records {"op", "impl", "shape", "dtype", "fwd_ms",
-"fwdbwd_ms", "device", "jax", ...}) and prints a table. Times are medians over >= 20 timed samples after warm-up,
-each the mean of enough back-to-back calls to last >= 20 ms, so host dispatch and the final synchronization
-are amortized (`benchmarks.common.median_ms`).
+"fwdbwd_ms", "segments", "device", "jax", ...}) and prints a table. Times are medians over >= 20 timed samples
+after warm-up, each the mean of enough back-to-back calls to last >= 20 ms, so host dispatch and the final
+synchronization are amortized (`benchmarks.common.median_ms`).
+
+`--segments` also times the Pallas kernel on packed documents (a `reset` layout of random document lengths,
+mean ~T/8, fixed seed; records with "segments": true, all others false) at the main shape and, with --tscan,
+at the T sweep's, and checks it against the sequential reference at full size (--check-dtypes).
 """
 
 from __future__ import annotations
@@ -64,6 +69,19 @@ def make_inputs(B, T, E, N, dtype, seed=0, with_dz=True):
   return (u, delta, A, Bm, Cm, D, z, bias)
 
 
+def packed_reset(B, T, seed=0):
+  """[B, T] bool, True at the first token of each packed document (t = 0 included). Document lengths are
+  uniform in [1, T/4] (mean ~T/8), so resets fall anywhere: mid-chunk, on time-segment edges, close together."""
+  rng = np.random.default_rng(seed)
+  reset = np.zeros((B, T), bool)
+  for b in range(B):
+    t = 0
+    while t < T:
+      reset[b, t] = True
+      t += int(rng.integers(1, max(1, T // 4) + 1))
+  return jnp.asarray(reset)
+
+
 # Median of 20 samples, each the mean of >= 5 back-to-back calls lasting >= 20 ms together.
 timeit = functools.partial(median_ms, warmup=2, iters=20, inner=5, min_sample_ms=20.0)
 
@@ -108,28 +126,32 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def record(impl, shape, dtype, fwd_ms, fwdbwd_ms, **extra):
+def record(impl, shape, dtype, fwd_ms, fwdbwd_ms, segments=False, **extra):
   r = dict(op="selective_scan", impl=impl, shape=shape, dtype=dtype, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
-           device=jax.devices()[0].device_kind, jax=jax.__version__, **extra)
+           segments=segments, device=jax.devices()[0].device_kind, jax=jax.__version__, **extra)
   RECORDS.append(r)
   log("RECORD", json.dumps(r))
 
 
-def pallas(bs):
-  return lambda *a: selective_scan(*a, block_sizes=bs)
+def pallas(bs, reset=None):
+  return lambda *a: selective_scan(*a, block_sizes=bs, reset=reset)
 
 
-def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bfloat16)):
-  """Pallas vs the sequential reference at the main shape, forward and all gradients."""
+def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bfloat16), segments=False):
+  """Pallas vs the sequential reference at the main shape, forward and all gradients; with `segments`, on
+  packed documents (`packed_reset`)."""
+  reset = packed_reset(B, T, seed=3) if segments else None
+  reference = lambda *a: selective_scan_reference(*a, reset=reset)
   for dtype in dtypes:
     args = make_inputs(B, T, E, N, dtype, seed=3)
-    yp, gp = fwd_fn(pallas(bs))(*args), fwdbwd_fn(pallas(bs))(*args)
-    yr, gr = fwd_fn(selective_scan_reference)(*args), fwdbwd_fn(selective_scan_reference)(*args)
+    yp, gp = fwd_fn(pallas(bs, reset))(*args), fwdbwd_fn(pallas(bs, reset))(*args)
+    yr, gr = fwd_fn(reference)(*args), fwdbwd_fn(reference)(*args)
     errs = {"y": rel(yp[0], yr[0]), "h_last": rel(yp[1], yr[1])}
     for name, a, b in zip(("u", "delta", "A", "Bm", "Cm", "D", "z", "bias"), gp, gr):
       errs["d" + name] = rel(a, b)
     finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*yp, *gp))
-    log(f"CHECK full size {jnp.dtype(dtype).name}: finite={finite} max rel err={max(errs.values()):.2e}",
+    what = f" with resets ({int(reset.sum())} documents)" if segments else ""
+    log(f"CHECK full size{what} {jnp.dtype(dtype).name}: finite={finite} max rel err={max(errs.values()):.2e}",
           {k: f"{v:.1e}" for k, v in errs.items()})
 
 
@@ -215,6 +237,8 @@ def main():
   p.add_argument("--variants", default="", help="more block sizes to time, ';'-separated; the best is used after")
   p.add_argument("--check-dtypes", default="float32,bfloat16")
   p.add_argument("--bs", default="", help="block sizes for the main runs, e.g. block_e=8,chunk=16")
+  p.add_argument("--segments", action="store_true",
+                 help="also time and check the Pallas kernel on packed documents (reset, mean length T/8)")
   args = p.parse_args()
   BUDGET_S[0] = args.budget
   os.makedirs(args.out, exist_ok=True)
@@ -249,6 +273,12 @@ def main():
   record("pallas", shape, "bfloat16", fw, fbw, block_sizes=dataclasses.asdict(bs), **mem)
   dump()
   tried = [(bs, fw, fbw)]
+  if args.segments:
+    reset = packed_reset(B, T)
+    fw, fbw, mem = time_pair(fwd_fn(pallas(bs, reset)), fwdbwd_fn(pallas(bs, reset)), *a)
+    record("pallas", shape, "bfloat16", fw, fbw, segments=True, documents=int(reset.sum()),
+           block_sizes=dataclasses.asdict(bs), **mem)
+    dump()
   try:
     from bmojo_jax.scan import selective_scan_associative
     fw, fbw, mem = time_pair(fwd_fn(selective_scan_associative), fwdbwd_fn(selective_scan_associative), *a)
@@ -285,6 +315,8 @@ def main():
     breakdown(bs, a)
   if args.check:
     check_full_size(bs, dtypes=tuple(jnp.dtype(d) for d in args.check_dtypes.split(",")))
+  if args.segments:
+    check_full_size(bs, dtypes=tuple(jnp.dtype(d) for d in args.check_dtypes.split(",")), segments=True)
 
   if args.sweep:
     fwd_cfgs = [dict(block_e=4), dict(block_e=16), dict(block_e=8, chunk=32), dict(block_e=16, num_warps=2),
@@ -315,6 +347,15 @@ def main():
              block_sizes=dataclasses.asdict(bs), finite=finite, tscan=True, temp_bytes_fwd=mf,
              temp_bytes_fwdbwd=mfb)
       dump()
+      if args.segments and not over_budget():
+        reset = packed_reset(B, t, seed=t)
+        (f, mf), (fb, mfb) = (compiled(fwd_fn(pallas(bs, reset)), *at),
+                              compiled(fwdbwd_fn(pallas(bs, reset)), *at))
+        finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*f(*at), *fb(*at)))
+        record("pallas", dict(shape, T=t), "bfloat16", timeit(f, *at, inner=2), timeit(fb, *at, inner=2),
+               segments=True, documents=int(reset.sum()), block_sizes=dataclasses.asdict(bs), finite=finite,
+               tscan=True, temp_bytes_fwd=mf, temp_bytes_fwdbwd=mfb)
+        dump()
 
   log("done")
   print(f"\n{'impl':12s} {'T':>6s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'temp MB f/fb':>14s}  block sizes")
@@ -324,7 +365,8 @@ def main():
     fbw = "-" if r["fwdbwd_ms"] is None else f"{r['fwdbwd_ms']:.3f}"
     bsd = r.get("block_sizes")
     bss = "" if not bsd else ",".join(f"{k}={v}" for k, v in bsd.items() if v != getattr(BlockSizes(), k))
-    print(f"{r['impl']:12s} {r['shape']['T']:6d} {fw:>9s} {fbw:>11s} {tb:>14s}  {r.get('stage', '')} {bss}")
+    impl = r["impl"] + ("+reset" if r.get("segments") else "")
+    print(f"{impl:12s} {r['shape']['T']:6d} {fw:>9s} {fbw:>11s} {tb:>14s}  {r.get('stage', '')} {bss}")
   print("wrote", path)
 
 

@@ -2,8 +2,11 @@
 
 All share the signature of `pallas_kernels.selective_scan.selective_scan_reference`:
 
-    fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus=True, h0=None)
+    fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus=True, h0=None, reset=None)
       -> (y [B, T, E] in u.dtype, h_T [B, E, N] fp32)
+
+`reset` [B, T] (bool or int, nonzero = True) marks the first token of each packed document: the state is
+dropped before it (see the reference's docstring).
 
 `get_scan_fn(impl)` is the one place an implementation is chosen.
 """
@@ -16,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from bmojo_jax.config import ScanImpl
-from pallas_kernels.selective_scan.reference import (discretize, expand_groups, selective_scan_reference,
-                                                      skip_and_gate)
+from pallas_kernels.selective_scan.reference import (check_reset, discretize, expand_groups,
+                                                      selective_scan_reference, skip_and_gate)
 
 
 def _combine(left, right):
@@ -28,11 +31,14 @@ def _combine(left, right):
 
 
 def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *,
-                               delta_softplus: bool = True, h0=None, chunk: int = 128):
+                               delta_softplus: bool = True, h0=None, reset=None, chunk: int = 128):
   """`lax.associative_scan` within chunks of `chunk` tokens, `lax.scan` carrying the state across chunks.
 
-  The largest temporary is [B, chunk, E, N]: no [B, T, E, N] tensor spans the sequence.
+  The largest temporary is [B, chunk, E, N]: no [B, T, E, N] tensor spans the sequence. A reset makes its
+  step's multiplier a = 0, so every composed map from before it to after it (a_cum, and through a_cum the
+  carried state of earlier chunks) is 0 too.
   """
+  check_reset(reset, u)
   batch, t, d_inner = u.shape
   d_state = A.shape[-1]
   chunk = max(1, min(chunk, t))
@@ -50,8 +56,10 @@ def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=N
     return jnp.moveaxis(x.reshape(batch, n_chunks, chunk, *x.shape[2:]), 1, 0)
 
   def chunk_step(h, xs):
-    dt_c, u_c, b_c, c_c = xs                                                          # [B, L, E], …, [B, L, E|1, N]
+    dt_c, u_c, b_c, c_c, r_c = xs                                                     # [B, L, E], …, [B, L]|None
     a = jnp.exp(dt_c[..., None] * A)                                                  # [B, L, E, N]
+    if r_c is not None:
+      a = a * (1.0 - r_c[:, :, None, None])                                           # a new document: drop h
     b = (dt_c * u_c)[..., None] * b_c
     a_cum, b_cum = jax.lax.associative_scan(_combine, (a, b), axis=1)
     hs = a_cum * h[:, None] + b_cum                                                   # [B, L, E, N]
@@ -59,8 +67,9 @@ def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=N
 
   if h0 is None:
     h0 = jnp.zeros((batch, d_inner, d_state), jnp.float32)
+  r = None if reset is None else to_chunks((reset != 0).astype(jnp.float32))          # padded steps never reset
   h_last, y = jax.lax.scan(chunk_step, h0.astype(jnp.float32),
-                           tuple(to_chunks(x) for x in (dt, uf, Bm, Cm)))
+                           (*(to_chunks(x) for x in (dt, uf, Bm, Cm)), r))
   y = jnp.moveaxis(y, 0, 1).reshape(batch, t_pad, d_inner)[:, :t]
   return skip_and_gate(y, u, D, z).astype(u.dtype), h_last
 

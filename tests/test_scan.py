@@ -1,4 +1,6 @@
-"""Selective scan: the associative path equals the sequential reference."""
+"""Selective scan: the associative path equals the sequential reference, also with packed documents (reset)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,62 @@ def test_associative_gradients_match():
   g = jax.grad(lambda a: loss(lambda **k: selective_scan_associative(**k, chunk=8), a))(x)
   for name in x:
     assert rel_err(g[name], g_ref[name]) <= 1e-5, name
+
+
+# Tokens starting a document, one row each, T = 37 in chunks of 8: short documents several to a chunk, a reset at
+# t = 0 (dropping h0) and at the last token; resets on chunk edges and mid-chunk; random; none (reset all False).
+PACKED_STARTS = [[0, 3, 5, 6, 13, 36], [8, 16, 21, 24, 31], None, []]
+
+
+def packed_reset(t, seed=0):
+  """[len(PACKED_STARTS), t] bool (None: Bernoulli(0.2) per token)."""
+  rows = [jax.random.bernoulli(jax.random.key(seed), 0.2, (t,)) if starts is None
+          else jnp.isin(jnp.arange(t), jnp.array(starts, int)) for starts in PACKED_STARTS]
+  return jnp.stack(rows)
+
+
+def test_associative_packed_matches_sequential():
+  """Forward and every gradient with resets; the carry across chunks stops at a reset too."""
+  x = inputs(jax.random.key(6), len(PACKED_STARTS), 37, 8, 4)
+  reset = packed_reset(37)
+  def loss(fn, args):
+    y, h = fn(**args, reset=reset)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(h * h), (y, h)
+  (_, out_ref), g_ref = jax.jit(jax.value_and_grad(lambda a: loss(selective_scan_reference, a), has_aux=True))(x)
+  scan = get_scan_fn("associative", chunk=8)
+  (_, out), g = jax.jit(jax.value_and_grad(lambda a: loss(scan, a), has_aux=True))(x)
+  for name, a, b in (("y", out[0], out_ref[0]), ("h", out[1], out_ref[1]), *((k, g[k], g_ref[k]) for k in x)):
+    assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
+  assert jnp.all(g["h0"][0] == 0) and jnp.all(g_ref["h0"][0] == 0)   # row 0 resets at t = 0
+
+
+def test_reset_all_false_is_no_reset():
+  x = inputs(jax.random.key(7), 2, 37, 8, 4)
+  never = jnp.zeros((2, 37), jnp.int32)
+  for fn in (selective_scan_reference, functools.partial(selective_scan_associative, chunk=8)):
+    for a, b in zip(fn(**x, reset=never), fn(**x)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_reset_starts_a_fresh_sequence():
+  """A packed row equals its documents run alone (int reset: nonzero = True); also through get_scan_fn."""
+  x = inputs(jax.random.key(8), 1, 40, 8, 4)
+  reset = jnp.zeros((1, 40), jnp.int32).at[0, jnp.array([0, 17, 23])].set(2)
+  seq = {k: (v if k in ("A", "D", "delta_bias") else None) for k, v in x.items()}
+  for impl in ("sequential", "associative"):
+    y, h = get_scan_fn(impl, chunk=8)(**x, reset=reset)
+    for start, end in ((0, 17), (17, 23), (23, 40)):
+      doc = {k: (x[k][:, start:end] if k in ("u", "delta", "Bm", "Cm", "z") else v) for k, v in seq.items()}
+      y_doc, h_doc = selective_scan_reference(**doc)
+      np.testing.assert_allclose(y[:, start:end], y_doc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, h_doc, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_shape_is_checked():
+  x = inputs(jax.random.key(9), 2, 12, 8, 4)
+  for fn in (selective_scan_reference, selective_scan_associative):
+    with pytest.raises(ValueError, match=r"reset must be \[B, T\]"):
+      fn(**x, reset=jnp.zeros((2, 11), bool))
 
 
 def test_initial_state_continues_a_split_sequence():

@@ -1,10 +1,13 @@
-"""Pallas selective scan vs the sequential reference: forward and every gradient.
+"""Pallas selective scan vs the sequential reference: forward and every gradient, also with packed documents
+(`reset`), and the reference itself against running each packed document alone.
 
 `TestSelectiveScan` runs the kernels compiled (GPU: `python -m pytest tests/test_selective_scan.py` on a GPU
 machine); `TestSelectiveScanInterpret` reruns the same cases in Pallas' interpreter, which is what CI (CPU)
 exercises. Shapes are tiny so the interpreter finishes quickly; the tolerances are the issue's
 (rel err ||a - b|| / ||b||: fp32 <= 1e-4, bf16 <= 2e-2).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,8 @@ import pytest
 
 from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference
 from pallas_kernels.selective_scan.ops import _plan
-from pallas_kernels.selective_scan.segments import carry_adjoints, carry_reference, carry_states
+from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_reference, carry_states,
+                                                   segment_resets)
 
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,
 # a partial last chunk (odd T), several channel blocks and several time segments (T=37: 3 segments of 16).
@@ -47,6 +51,48 @@ CASES = [
          h0=False, blocks=BlockSizes(block_e=32, chunk=8, chunk_bwd=8, block_e_bwd=32, channels_on_lanes=True,
                                      channels_on_lanes_bwd=True, segment_len=0)),
 ]
+
+
+# Packed documents (issue 14): one batch row per layout, each listing the tokens that start a document. T = 37
+# cut as SMALL_BLOCKS cuts it: chunks of 8 (0, 8, ..., 32), saves every 4, time segments starting at 0, 16, 32.
+RESET_T = 37
+RESET_LAYOUTS = {
+    "short_docs": [0, 3, 5, 6, 10, 13, 19, 23, 26, 31, 36],  # shorter than a chunk, several per chunk; t = 0
+                                                              # drops a nonzero h0; a reset at the last token
+    "segment_edges": [8, 15, 16, 31, 32],                    # a chunk's first token, the last and first tokens
+                                                              # of time segments
+    "mid_chunk": [21],                                        # h0's document, then one from mid-chunk
+    "random": None,                                           # Bernoulli(0.2) per token, fixed seed
+    "one_doc": [],                                            # reset given but never set: continues h0
+    "t0_only": [0],                                           # a row that is one document, dropping h0
+}
+RESET_CASES = [
+    # N on lanes, hand prefetch, 3 time segments
+    dict(id="segments_prefetch", G=0, blocks=SMALL_BLOCKS),
+    # the defaults' paths (channels on lanes, no prefetch), 3 time segments, chunks of 4 and sub-chunks of 2,
+    # grouped B/C
+    dict(id="segments_lanes_e_grouped", G=2,
+         blocks=BlockSizes(block_e=32, chunk=4, chunk_bwd=2, block_e_bwd=16, segment_len=16)),
+    # one program per row (no segment pass, no carry)
+    dict(id="one_segment", G=0, blocks=NO_PREFETCH),
+]
+
+
+def make_reset(layouts, t, seed=0):
+  """[len(layouts), t] bool: row i is True where layout i starts a document (None: random)."""
+  rows = []
+  for i, starts in enumerate(layouts):
+    if starts is None:
+      rows.append(np.asarray(jax.random.bernoulli(jax.random.PRNGKey(seed + i), 0.2, (t,))))
+    else:
+      rows.append(np.isin(np.arange(t), starts))
+  return jnp.asarray(np.stack(rows))
+
+
+def doc_bounds(reset_row):
+  """[(start, end)] of the documents of one row (a reset [T]); the first starts at 0 whether or not it resets."""
+  starts = sorted({0, *np.flatnonzero(np.asarray(reset_row)).tolist()})
+  return list(zip(starts, starts[1:] + [len(reset_row)]))
 
 
 def rel_err(a, b):
@@ -87,37 +133,82 @@ class TestSelectiveScan:
   def scan(self, *args, block_sizes=SMALL_BLOCKS, **kwargs):
     return selective_scan(*args, block_sizes=block_sizes, interpret=self.INTERPRET, **kwargs)
 
-  @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-  def test_forward_and_gradients(self, case):
-    args = make_inputs(case)
-    softplus = case.get("softplus", True)
+  def outputs_and_grads(self, args, cts, blocks, softplus=True, reset=None, fn=None):
+    """((y, h_last), gradients of the arrays in args that are not None) for cotangents cts, in one jit."""
     present = [i for i, a in enumerate(args) if a is not None]
+    fn = fn or functools.partial(self.scan, block_sizes=blocks)
 
-    def wrap(fn, **kw):
+    @jax.jit
+    def run(xs, cts):
       def f(*xs):
         full = list(args)
         for i, x in zip(present, xs):
           full[i] = x
         *rest, h0 = full
-        return fn(*rest, delta_softplus=softplus, h0=h0, **kw)
-      return jax.jit(f)
+        return fn(*rest, delta_softplus=softplus, h0=h0, reset=reset)
+      out, vjp = jax.vjp(f, *xs)
+      return out, vjp(cts)
 
-    xs = [args[i] for i in present]
-    out, vjp = jax.vjp(wrap(self.scan, block_sizes=case.get("blocks", SMALL_BLOCKS)), *xs)
-    out_ref, vjp_ref = jax.vjp(wrap(selective_scan_reference), *xs)
-    tol = TOL[case["dtype"]]
+    return run([args[i] for i in present], cts)
+
+  def assert_matches_reference(self, args, tol, blocks, softplus=True, reset=None):
+    """Forward (y, h_last) and the gradient of every array in args, Pallas vs the reference."""
+    present = [i for i, a in enumerate(args) if a is not None]
+    u, h_shape = args[0], (args[0].shape[0], args[0].shape[2], args[2].shape[1])
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    ct = (jax.random.normal(ks[0], u.shape).astype(u.dtype), jax.random.normal(ks[1], h_shape))
+    out, grads = self.outputs_and_grads(args, ct, blocks, softplus, reset)
+    out_ref, grads_ref = self.outputs_and_grads(args, ct, blocks, softplus, reset, fn=selective_scan_reference)
     assert out[0].dtype == out_ref[0].dtype and out[1].dtype == jnp.float32
     for name, a, b in (("y", out[0], out_ref[0]), ("h_last", out[1], out_ref[1])):
       assert np.all(np.isfinite(np.asarray(a, np.float32))), name
       assert rel_err(a, b) <= tol, (name, rel_err(a, b))
-    ks = jax.random.split(jax.random.PRNGKey(1), 2)
-    ct = (jax.random.normal(ks[0], out_ref[0].shape).astype(out_ref[0].dtype),
-          jax.random.normal(ks[1], out_ref[1].shape))
-    grads, grads_ref = vjp(ct), vjp_ref(ct)
     for i, g, g_ref in zip(present, grads, grads_ref):
       assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, (NAMES[i], g.shape, g_ref.shape)
       assert np.all(np.isfinite(np.asarray(g, np.float32))), NAMES[i]
       assert rel_err(g, g_ref) <= tol, (NAMES[i], rel_err(g, g_ref))
+    return out, grads
+
+  @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+  def test_forward_and_gradients(self, case):
+    self.assert_matches_reference(make_inputs(case), TOL[case["dtype"]], case.get("blocks", SMALL_BLOCKS),
+                                  case.get("softplus", True))
+
+  @pytest.mark.parametrize("case", RESET_CASES, ids=[c["id"] for c in RESET_CASES])
+  def test_packed_documents(self, case):
+    """Every layout of RESET_LAYOUTS (one per row) with a nonzero h0: forward and every gradient."""
+    args = make_inputs(dict(dtype=jnp.float32, B=len(RESET_LAYOUTS), T=RESET_T, E=16, N=8, G=case["G"], D=True,
+                            z=True, bias=True, h0=True))
+    reset = make_reset(RESET_LAYOUTS.values(), RESET_T)
+    _, grads = self.assert_matches_reference(args, 1e-5, case["blocks"], reset=reset)
+    gh0 = np.asarray(grads[-1])
+    for row in range(len(reset)):  # a reset at t = 0 cuts h0 off: its gradient is exactly 0
+      assert np.all(gh0[row] == 0) if reset[row, 0] else np.all(gh0[row] != 0), row
+
+  def test_all_false_reset_is_no_reset(self):
+    """reset given but never set computes what reset=None does (the kernels without the reset input)."""
+    args = make_inputs(dict(dtype=jnp.float32, B=2, T=RESET_T, E=16, N=8, G=0, D=True, z=True, bias=True,
+                            h0=True), seed=2)
+    cts = (jax.random.normal(jax.random.PRNGKey(1), args[0].shape),
+           jax.random.normal(jax.random.PRNGKey(2), args[-1].shape))
+    results = [jax.tree.leaves(self.outputs_and_grads(args, cts, RESET_CASES[1]["blocks"], reset=reset))
+               for reset in (None, jnp.zeros((2, RESET_T), jnp.int32))]
+    for name, a, b in zip(("y", "h_last", *NAMES), *results):   # equal up to fp32 rounding (sums reassociate)
+      assert rel_err(a, b) <= 1e-6, (name, rel_err(a, b))
+
+  def test_packed_row_equals_documents_alone(self):
+    """One packed row (int reset, nonzero = True) gives each document's y as if run alone from h = 0, and the
+    last document's final state."""
+    case = dict(dtype=jnp.float32, B=1, T=RESET_T, E=16, N=8, G=0, D=True, z=True, bias=True, h0=True)
+    u, delta, A, Bm, Cm, D, z, bias, h0 = make_inputs(case, seed=3)
+    reset = jnp.zeros((1, RESET_T), jnp.int32).at[0, jnp.array([0, 16, 21])].set(3)   # docs of 16, 5, 16
+    scan = functools.partial(self.scan, block_sizes=RESET_CASES[1]["blocks"])
+    y, h_last = scan(u, delta, A, Bm, Cm, D, z, bias, h0=h0, reset=reset)
+    for start, end in doc_bounds(reset[0]):
+      cut = lambda x: x[:, start:end]
+      y_doc, h_doc = scan(*map(cut, (u, delta)), A, *map(cut, (Bm, Cm)), D, cut(z), bias)
+      np.testing.assert_allclose(y[:, start:end], y_doc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_last, h_doc, rtol=1e-5, atol=1e-6)
 
   @pytest.mark.parametrize("segments", [5, 16])                     # no unrolling / two unrolled groups of 8
   def test_carry_over_segments(self, segments):
@@ -126,11 +217,19 @@ class TestSelectiveScan:
     dtsum = jax.random.uniform(ks[1], (2, segments, 24), maxval=3.0)
     a2 = -jnp.exp(jax.random.normal(ks[2], (24, 8)))
     init = jax.random.normal(ks[3], (2, 24, 8))
+    seg_reset = jnp.zeros((2, segments)).at[0, 1].set(1.0).at[1, segments - 2].set(1.0)
     for carry, reverse in ((carry_states, False), (carry_adjoints, True)):
       out = carry(loc, dtsum, a2, init, fast_math=True, interpret=self.INTERPRET)
       ref = carry_reference(loc, dtsum, a2, init, reverse=reverse)
       assert out.shape == ref.shape and rel_err(out, ref) <= 1e-6, (reverse, rel_err(out, ref))
       np.testing.assert_array_equal(out[:, -1 if reverse else 0], init)   # the first segment walked gets init
+      # a segment holding a reset passes on only its own summary: the next segment walked gets exactly loc
+      out = carry(loc, dtsum, a2, init, seg_reset, fast_math=True, interpret=self.INTERPRET)
+      ref = carry_reference(loc, dtsum, a2, init, seg_reset, reverse=reverse)
+      assert rel_err(out, ref) <= 1e-6, (reverse, rel_err(out, ref))
+      step = -1 if reverse else 1
+      np.testing.assert_array_equal(ref[0, 1 + step], loc[0, 1])
+      np.testing.assert_array_equal(ref[1, segments - 2 + step], loc[1, segments - 2])
 
   def test_time_segments_plan(self):
     u, delta, A, Bm, *_ = make_inputs(CASES[0])                       # T = 37
@@ -155,7 +254,65 @@ class TestSelectiveScan:
       self.scan(u, delta, A, Bm, Cm, h0=h0[:, :, :4])
     with pytest.raises(ValueError, match="E must be a multiple of G"):
       self.scan(u, delta, A, jnp.zeros((2, 37, 3, 8)), jnp.zeros((2, 37, 3, 8)))
+    with pytest.raises(ValueError, match=r"reset must be \[B, T\].*reset=\(2, 36\)"):
+      self.scan(u, delta, A, Bm, Cm, reset=jnp.zeros((2, 36), bool))
+    with pytest.raises(ValueError, match=r"reset must be \[B, T\]"):
+      self.scan(u, delta, A, Bm, Cm, reset=jnp.zeros((2, 37, 1), bool))
 
 
 class TestSelectiveScanInterpret(TestSelectiveScan):
   INTERPRET = True
+
+
+def test_segment_resets():
+  reset = jnp.zeros((2, 12)).at[0, 4].set(1.0).at[1, 11].set(1.0)   # 3 segments of 4 tokens
+  np.testing.assert_array_equal(segment_resets(reset, 3), [[0, 1, 0], [0, 0, 1]])
+
+
+def test_reference_packed_equals_documents_alone():
+  """The reference with resets vs its definition, the plain recurrence run on each document alone from h = 0
+  (from h0 for a row's first document unless t = 0 resets): y, the final state and every gradient.
+
+  Each document gets a row of its own with u = 0 outside it, so its state is exactly 0 up to its first token and
+  nothing outside it reaches the loss (zero cotangents there): per-token gradients are read inside the document,
+  A, D and delta_bias sum over all documents, and h0's gradient comes from the documents that keep h0."""
+  case = dict(dtype=jnp.float32, B=len(RESET_LAYOUTS), T=RESET_T, E=8, N=4, G=2, D=True, z=True, bias=True,
+              h0=True)
+  args = make_inputs(case, seed=4)
+  reset = np.asarray(make_reset(RESET_LAYOUTS.values(), RESET_T, seed=4))
+  ks = jax.random.split(jax.random.PRNGKey(5), 2)
+  gy, gh = jax.random.normal(ks[0], args[0].shape), jax.random.normal(ks[1], args[-1].shape)
+
+  @jax.jit
+  def outputs_and_grads(args, cts, reset):
+    out, vjp = jax.vjp(lambda *a: selective_scan_reference(*a[:8], h0=a[8], reset=reset), *args)
+    return out, vjp(cts)
+
+  (y, h_last), grads = outputs_and_grads(args, (gy, gh), reset)
+
+  docs = [(b, start, end) for b in range(len(reset)) for start, end in doc_bounds(reset[b])]
+  rows = np.array([b for b, _, _ in docs])
+  inside = np.stack([(np.arange(RESET_T) >= start) & (np.arange(RESET_T) < end) for _, start, end in docs])
+  keeps_h0 = np.array([start == 0 and not reset[b, 0] for b, start, _ in docs])
+  last = np.array([end == RESET_T for _, _, end in docs])
+  doc_args = [x if NAMES[i] in ("A", "D", "delta_bias") else x[rows] for i, x in enumerate(args)]
+  doc_args[0] = doc_args[0] * inside[..., None]                          # u
+  doc_args[8] = doc_args[8] * keeps_h0[:, None, None]                    # h0
+  cts = (gy[rows] * inside[..., None], gh[rows] * last[:, None, None])
+  (y_docs, h_docs), g_docs = outputs_and_grads(doc_args, cts, None)
+
+  def per_row(x, mask):  # [docs, ...] -> [B, ...]: each row's sum over its documents, where mask is set
+    return np.stack([np.sum(np.where(mask[rows == b], x[rows == b], 0.0), axis=0) for b in range(len(reset))])
+
+  inside_ = inside[:, :, None]
+  np.testing.assert_allclose(y, per_row(y_docs, inside_), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(h_last, per_row(h_docs, last[:, None, None]), rtol=1e-5, atol=1e-6)
+  for name, g, g_doc in zip(NAMES, grads, g_docs):
+    if name in ("A", "D", "delta_bias"):
+      want = g_doc
+    elif name == "h0":
+      want = per_row(g_doc, keeps_h0[:, None, None])
+    else:
+      want = per_row(g_doc, inside_ if g_doc.ndim == 3 else inside_[..., None])
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5, err_msg=name)
+  assert np.all(np.asarray(grads[8])[reset[:, 0]] == 0)                 # a reset at t = 0 cuts h0 off

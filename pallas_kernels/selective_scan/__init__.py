@@ -1,5 +1,6 @@
 """Chunked selective scan (Mamba-1 / S6) in Pallas: `selective_scan` (forward and backward kernels behind a
-`jax.custom_vjp`) and the plain-jnp `selective_scan_reference` that fixes its semantics.
+`jax.custom_vjp`) and the plain-jnp `selective_scan_reference` that fixes its semantics, both with an optional
+`reset` [B, T] for packed documents (the state restarts from zero at each document's first token).
 
 Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel, tile orientation), `backward.py` (backward
 kernel), `segments.py` (time segments: per-segment summaries and the carry between segments), `ops.py` (shape

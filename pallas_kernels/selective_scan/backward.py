@@ -1,10 +1,10 @@
 """Backward Pallas kernel of the chunked selective scan.
 
-Inputs as the forward kernel saw them (see `kernel.py`, also for time segments) plus hc [B, K, E, N] (the
-state before each of the K = T / chunk sub-chunks, saved by the forward), gy [B, T, E] and gh_last [B, E, N]. Outputs:
-gu, gdelta, gz [B, T, E] in their primals' dtypes; gb, gc [B, T, E / block_e, N] fp32 partial sums over each
-program's channels (the wrapper sums them per group); ga [B, E, N], gd, gbias [B, E] fp32 partial over
-batch; gh0 [B, E, N] fp32.
+Inputs as the forward kernel saw them (see `kernel.py`, also for time segments and reset [B, T]) plus
+hc [B, K, E, N] (the state before each of the K = T / chunk sub-chunks, saved by the forward), gy [B, T, E] and
+gh_last [B, E, N]. Outputs: gu, gdelta, gz [B, T, E] in their primals' dtypes; gb, gc [B, T, E / block_e, N] fp32
+partial sums over each program's channels (the wrapper sums them per group); ga [B, E, N], gd, gbias [B, E]
+fp32 partial over batch; gh0 [B, E, N] fp32.
 
 Grid (B, E / block_e). Each program walks the sub-chunks in reverse. For a sub-chunk it recomputes the `chunk`
 states from the saved one, keeps them in registers (the steps are unrolled), then walks them backwards carrying
@@ -15,6 +15,11 @@ the adjoint state gh = dL/dh_t:
     gA   += gx ⊙ dt_t                          gdt_t = Σ_n gx A + u_t Σ_n gh B_t
     gu_t  = dt_t Σ_n gh B_t + gout_t D        gB_t = Σ_e gh (dt_t u_t),  gC_t = Σ_e gout_t h_t
     gh    = gh ⊙ exp(dt_t A)
+
+With packed documents every exp(dt_t A) above is da_t = exp(dt_t A) (1 - reset_t), the factor the forward used:
+h_t = da_t ⊙ h_{t-1} + (dt_t u_t) ⊗ B_t, so dL/dh_{t-1} = da_t ⊙ gh and dL/d(dt_t A) = gh ⊙ h_{t-1} ⊙ da_t
+(d da_t / d(dt_t A) = da_t). At a reset da_t = 0: no adjoint crosses it, and the decay term gives gA and gdt
+nothing (gx = 0); the input term (dt_t u_t) ⊗ B_t is untouched.
 
 No [B, T, E, N] tensor is formed: states live in registers one sub-chunk at a time.
 """
@@ -29,18 +34,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.fast_math import FastMath
-from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, discretize_row, load_rows, pop_refs,
-                                                 segment_start)
+from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row, load_rows,
+                                                 pop_refs, segment_start)
 
 
 def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, softplus_on: bool,
-                has_d: bool, has_z: bool, has_bias: bool, prefetch: bool, tile: Tile, fm: FastMath):
+                has_d: bool, has_z: bool, has_bias: bool, has_reset: bool, prefetch: bool, tile: Tile,
+                fm: FastMath):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
-  bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]. Out-refs gu, gdelta, gz [T, E_blk];
-  gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
-  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, hc_ref, gy_ref, ghlast_ref,    # inputs
-   gu_ref, gdelta_ref, gz_ref, gb_ref, gc_ref, ga_ref, gd_ref, gbias_ref, gh0_ref) = pop_refs(      # outputs
-       refs, *[True] * 5, has_d, has_z, has_bias, True, True, True,
+  bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]; reset [T]. Out-refs gu, gdelta, gz
+  [T, E_blk]; gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, hc_ref, gy_ref, ghlast_ref, r_ref,  # inputs
+   gu_ref, gdelta_ref, gz_ref, gb_ref, gc_ref, ga_ref, gd_ref, gbias_ref, gh0_ref) = pop_refs(          # outputs
+       refs, *[True] * 5, has_d, has_z, has_bias, True, True, True, has_reset,
        True, True, has_z, True, True, True, has_d, has_bias, True)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
@@ -49,7 +55,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
   bias = bias_ref[...].astype(jnp.float32) if has_bias else None
   num_chunks = t_pad // chunk
   base, padded = segment_start(segments, t_pad, seq_len)
-  row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref, gy_ref)
+  row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref, gy_ref, r_ref)
   zeros_e = jnp.zeros(a_ref.shape[:1], jnp.float32)
 
   def body(it, carry):
@@ -67,10 +73,10 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
     hs, dts, xs, das = [h_start], [], [], []
     h = h_start
     for i in range(chunk):
-      u, delta, bt, _, _, _ = cur[i]
+      u, delta, bt, _, _, _, r = cur[i]
       valid = (base + t0 + i) < seq_len if padded else None
       dt, x = discretize_row(fm, delta, bias, valid, softplus_on)
-      da = fm.exp2(tile.e(dt) * a2)
+      da = decay_tile(fm, tile, dt, a2, r)                             # 0 at a reset: see the module docstring
       h = fm.fma(da, h, tile.e(dt * u.astype(jnp.float32)) * tile.n(bt.astype(jnp.float32)))
       hs.append(h)
       dts.append(dt)
@@ -79,7 +85,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
 
     # Walk it backwards.
     for i in reversed(range(chunk)):
-      u, _, bt, ct, z, gy = cur[i]
+      u, _, bt, ct, z, gy, _ = cur[i]
       t = t0 + i
       uf, btf, ctf, gyf = (v.astype(jnp.float32) for v in (u, bt, ct, gy))
       dt, da = dts[i], das[i]
@@ -127,8 +133,8 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
     gbias_ref[...] = gbias
 
 
-def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int, softplus_on: bool,
-             segments: int = 1, block_e: int, chunk: int, num_warps: int, num_stages: int,
+def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, reset=None, *, seq_len: int,
+             softplus_on: bool, segments: int = 1, block_e: int, chunk: int, num_warps: int, num_stages: int,
              prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False, interpret: bool = False):
   """Runs the backward kernel. Returns (gu, gdelta, gz|None, gb_part, gc_part, ga_part, gd_part|None,
   gbias_part|None, gh0); shapes in the module docstring."""
@@ -158,6 +164,9 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
       in_specs.append(spec)
   args += [hc, gy, gh_last]
   in_specs += [pl.BlockSpec((None, num_saves, block_e, d_state), lambda b, j: (b, 0, j, 0)), row, state]
+  if reset is not None:
+    args.append(reset)
+    in_specs.append(pl.BlockSpec((None, t_pad), lambda b, j: (b, 0)))  # one value per token
 
   f32 = jnp.float32
   out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(delta.shape, delta.dtype)]
@@ -178,8 +187,8 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, *, seq_len: int,
 
   kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk,
                              softplus_on=softplus_on, has_d=d is not None, has_z=z is not None,
-                             has_bias=bias is not None, prefetch=prefetch, tile=Tile(lanes_e),
-                             fm=FastMath.for_launch(fast_math, interpret))
+                             has_bias=bias is not None, has_reset=reset is not None, prefetch=prefetch,
+                             tile=Tile(lanes_e), fm=FastMath.for_launch(fast_math, interpret))
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -2,7 +2,9 @@
 
 Shapes as the kernel sees them (legend in `bmojo_jax/typing.py`; the wrapper in `ops.py` prepares them):
 u, delta, z [B, T, E] (T padded to a multiple of the chunk; padded steps have dt = 0); a2 [E, N] fp32 = A·log2(e);
-bm, cm [B, T, G, N] (G = 1 when B/C are shared by all channels); d, bias [E] fp32; h0 [B, E, N] fp32.
+bm, cm [B, T, G, N] (G = 1 when B/C are shared by all channels); d, bias [E] fp32; h0 [B, E, N] fp32;
+reset [B, T] fp32 (1.0 where a packed document starts: that step's decay is multiplied by 1 - reset, so the state
+before it is dropped; 0.0 on padded steps).
 Outputs: y [B, T, E] in u's dtype, h_last [B, E, N] fp32 and, when saving for the backward, hc [B, K, E, N] fp32:
 the state *before* each of the K = T / chunk_bwd sub-chunks. With S time segments (`segments.py`), "B" is B·S
 rows of T/S tokens each (row b·S + s) and h0 holds each segment's entering state.
@@ -10,7 +12,8 @@ rows of T/S tokens each (row b·S + s) and h0 holds each segment's entering stat
 Grid (B·S, E / block_e). Each program holds its state tile in registers (oriented by `Tile`: channels on
 lanes by default) and walks its rows sequentially: a `fori_loop` over chunks, each chunk's `chunk` steps
 unrolled. With `prefetch`, the rows of chunk c+1 are loaded while chunk c computes (they ride in the loop
-carry); otherwise each chunk loads its rows at its start.
+carry); otherwise each chunk loads its rows at its start. Like d, z, bias and h0, reset is a static optional
+input: without it the kernel is traced exactly as before.
 """
 
 from __future__ import annotations
@@ -78,6 +81,13 @@ class Tile(NamedTuple):
     return jnp.sum(x, axis=1 if self.lanes_e else 0)
 
 
+def decay_tile(fm: FastMath, tile: Tile, dt, a2, reset):
+  """exp(dt A) for one token as a tile (dt [E_blk], a2 the tile of A·log2(e)), times 1 - reset where the row
+  has a reset (a scalar: 1.0 where a new document starts there), so the state before that token is dropped."""
+  da = fm.exp2(tile.e(dt) * a2)
+  return da if reset is None else da * (1.0 - reset)
+
+
 def pop_refs(refs, *present):
   """The kernel's refs in order, one per entry of `present`: the next ref where it is true, None where an
   optional input or output is absent (pallas_call passes only the arrays given)."""
@@ -93,12 +103,12 @@ def load_rows(refs, t0, chunk: int):
 
 
 def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save_every: int,
-                softplus_on: bool, has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, save: bool,
-                prefetch: bool, tile: Tile, fm: FastMath):
+                softplus_on: bool, has_d: bool, has_z: bool, has_bias: bool, has_h0: bool, has_reset: bool,
+                save: bool, prefetch: bool, tile: Tile, fm: FastMath):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d, bias [E_blk]; z [T, E_blk];
-  h0 [E_blk, N]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
-  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, y_ref, hlast_ref,
-   hc_ref) = pop_refs(refs, *[True] * 5, has_d, has_z, has_bias, has_h0, True, True, save)
+  h0 [E_blk, N]; reset [T]. Out-refs y [T, E_blk], h_last [E_blk, N], hc [K, E_blk, N]."""
+  (u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, z_ref, bias_ref, h0_ref, r_ref, y_ref, hlast_ref,
+   hc_ref) = pop_refs(refs, *[True] * 5, has_d, has_z, has_bias, has_h0, has_reset, True, True, save)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
   d = d_ref[...].astype(jnp.float32) if has_d else None                # [E_blk]
@@ -106,7 +116,7 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
   h = tile.orient(h0_ref[...].astype(jnp.float32)) if has_h0 else jnp.zeros(a2.shape, jnp.float32)
   num_chunks = t_pad // chunk
   base, padded = segment_start(segments, t_pad, seq_len)
-  row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref)
+  row_refs = (u_ref, delta_ref, b_ref, c_ref, z_ref, r_ref)
 
   def body(c, carry):
     h, cur = carry
@@ -118,11 +128,11 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
     for i in range(chunk):
       if save and i % save_every == 0:
         hc_ref[c * (chunk // save_every) + i // save_every] = tile.orient(h)
-      u, delta, bt, ct, z = cur[i]
+      u, delta, bt, ct, z, r = cur[i]
       valid = (base + t0 + i) < seq_len if padded else None
       dt, _ = discretize_row(fm, delta, bias, valid, softplus_on)       # [E_blk]
       uf = u.astype(jnp.float32)
-      da = fm.exp2(tile.e(dt) * a2)                                    # tile
+      da = decay_tile(fm, tile, dt, a2, r)                             # tile
       h = fm.fma(da, h, tile.e(dt * uf) * tile.n(bt.astype(jnp.float32)))
       y = tile.sum_n(h * tile.n(ct.astype(jnp.float32)))               # [E_blk]
       if has_d:
@@ -138,9 +148,9 @@ def _fwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, save
   hlast_ref[...] = tile.orient(h)
 
 
-def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_len: int, softplus_on: bool,
-             segments: int = 1, block_e: int, chunk: int, save_every: int, num_warps: int, num_stages: int,
-             save: bool, prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False,
+def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, reset=None, *, seq_len: int,
+             softplus_on: bool, segments: int = 1, block_e: int, chunk: int, save_every: int, num_warps: int,
+             num_stages: int, save: bool, prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False,
              interpret: bool = False):
   """Runs the forward kernel on prepared inputs (see module docstring). Returns (y, h_last, hc or None)."""
   batch, t_pad, d_inner = u.shape
@@ -157,10 +167,11 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
   bc = pl.BlockSpec((None, t_pad, None, d_state), lambda b, j: (b, 0, (j * block_e) // per_group, 0))
   vec = pl.BlockSpec((block_e,), lambda b, j: (j,))
   state = pl.BlockSpec((None, block_e, d_state), lambda b, j: (b, j, 0))
+  scalars = pl.BlockSpec((None, t_pad), lambda b, j: (b, 0))          # reset: one value per token
 
   args = [u, delta, a2, bm, cm]
   in_specs = [row, row, pl.BlockSpec((block_e, d_state), lambda b, j: (j, 0)), bc, bc]
-  for x, spec in ((d, vec), (z, row), (bias, vec), (h0, state)):
+  for x, spec in ((d, vec), (z, row), (bias, vec), (h0, state), (reset, scalars)):
     if x is not None:
       args.append(x)
       in_specs.append(spec)
@@ -174,7 +185,8 @@ def scan_fwd(u, delta, a2, bm, cm, d=None, z=None, bias=None, h0=None, *, seq_le
   kernel = functools.partial(
       _fwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk, save_every=save_every,
       softplus_on=softplus_on, has_d=d is not None, has_z=z is not None, has_bias=bias is not None,
-      has_h0=h0 is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e), fm=FastMath.for_launch(fast_math, interpret))
+      has_h0=h0 is not None, has_reset=reset is not None, save=save, prefetch=prefetch, tile=Tile(lanes_e),
+      fm=FastMath.for_launch(fast_math, interpret))
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

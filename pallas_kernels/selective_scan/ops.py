@@ -2,7 +2,12 @@
 (`kernel.py`) and backward (`backward.py`) Pallas kernels together.
 
 Shapes (legend in `bmojo_jax/typing.py`): u, delta, z [B, T, E]; A [E, N]; Bm, Cm [B, T, N] or grouped
-[B, T, G, N]; D, delta_bias [E]; h0 [B, E, N]. Semantics are exactly `selective_scan_reference`'s.
+[B, T, G, N]; D, delta_bias [E]; h0 [B, E, N]; reset [B, T] (bool or int, nonzero = a packed document starts
+at that token). Semantics are exactly `selective_scan_reference`'s.
+
+A reset enters every kernel as one fp32 value per token (1.0 = reset) that multiplies that step's decay by
+1 - reset, forward and backward; time segments holding a reset pass no state (forward) or adjoint (backward)
+across them (`segments.py`). It is a static optional input: with reset=None every kernel is traced as before.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pallas_kernels.selective_scan.backward import scan_bwd
 from pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
 from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.selective_scan.kernel import scan_fwd
-from pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
+from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_states, segment_resets,
+                                                   segment_summaries)
 
 
 def _shape_error(msg, **arrays):
@@ -26,9 +32,9 @@ def _shape_error(msg, **arrays):
   return ValueError(f"selective_scan: {msg}; got {shapes}")
 
 
-def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None):
+def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None, reset=None):
   """Raises ValueError (printing every shape) unless the inputs fit the legend in the module docstring."""
-  arrays = dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=delta_bias, h0=h0)
+  arrays = dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=delta_bias, h0=h0, reset=reset)
   if u.ndim != 3:
     raise _shape_error("u must be [B, T, E]", **arrays)
   batch, t, d_inner = u.shape
@@ -46,6 +52,8 @@ def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None):
       raise _shape_error(f"{name} must be [E]", **arrays)
   if h0 is not None and h0.shape != (batch, d_inner, d_state):
     raise _shape_error("h0 must be [B, E, N]", **arrays)
+  if reset is not None and reset.shape != (batch, t):
+    raise _shape_error("reset must be [B, T]", **arrays)
   if t < 1:
     raise _shape_error("T must be >= 1", **arrays)
 
@@ -111,39 +119,43 @@ def _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, t_pad, n_pad):
   return u, delta, a2, bm, cm, d, z, bias, h0
 
 
-def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save):
+def _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, softplus_on, bs, interpret, save):
   batch, t, d_inner = u.shape
   p = _plan(u, Bm, A, bs)
   u, delta, a2, bm, cm, d, z, bias, h0 = _prepare(u, delta, A, Bm, Cm, D, z, delta_bias, h0, p.t_pad, p.n_pad)
+  reset = _pad(reset, 1, p.t_pad)                                     # padded steps: 0, no reset
   S = p.segments
   common = _fwd_kwargs(p, bs, t, softplus_on, interpret)
   if S > 1:  # each segment's entering state from per-segment summaries
-    h_loc, dtsum = segment_summaries(_split(u, S), _split(delta, S), a2, _split(bm, S), bias, reverse=False,
-                                     **common)
+    h_loc, dtsum = segment_summaries(_split(u, S), _split(delta, S), a2, _split(bm, S), bias,
+                                     reset=_split(reset, S), reverse=False, **common)
     h0 = h0 if h0 is not None else jnp.zeros((batch, d_inner, p.n_pad), jnp.float32)
     h0 = carry_states(h_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, h0,
-                      fast_math=bs.fast_math, interpret=interpret)
+                      None if reset is None else segment_resets(reset, S), fast_math=bs.fast_math,
+                      interpret=interpret)
     h0 = h0.reshape(batch * S, d_inner, -1)
   y, h_last, hc = scan_fwd(*(_split(x, S) for x in (u, delta)), a2, *(_split(x, S) for x in (bm, cm)), d,
-                           _split(z, S), bias, h0, save_every=bs.chunk_bwd, save=save, prefetch=bs.prefetch,
-                           **common)
+                           _split(z, S), bias, h0, _split(reset, S), save_every=bs.chunk_bwd, save=save,
+                           prefetch=bs.prefetch, **common)
   h_last = h_last.reshape(batch, S, d_inner, -1)[:, -1]
   return _join(y, S)[:, :t], h_last[..., :A.shape[1]], (None if hc is None else _join(hc, S))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
-def _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret):
-  y, h_last, _ = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, softplus_on, bs, interpret):
+  y, h_last, _ = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, softplus_on, bs, interpret,
+                          save=False)
   return y, h_last
 
 
-def _scan_fwd(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret):
-  y, h_last, hc = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, softplus_on, bs, interpret, save=True)
-  return (y, h_last), (u, delta, A, Bm, Cm, D, z, delta_bias, h0, hc)
+def _scan_fwd(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, softplus_on, bs, interpret):
+  y, h_last, hc = _forward(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, softplus_on, bs, interpret,
+                           save=True)
+  return (y, h_last), (u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, hc)
 
 
 def _scan_bwd(softplus_on, bs, interpret, res, cts):
-  u, delta, A, Bm, Cm, D, z, delta_bias, h0, hc = res
+  u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, hc = res
   gy, gh_last = cts
   batch, t, d_inner = u.shape
   d_state = A.shape[1]
@@ -154,15 +166,17 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
   u_p, delta_p, bm, cm, z_p = (_split(x, S) for x in (u_p, delta_p, bm, cm, z_p))
   gy = _split(_pad(gy.astype(u.dtype), 1, p.t_pad), S)
   gh_last = _pad(gh_last.astype(jnp.float32), 2, p.n_pad)
+  reset_p = _pad(reset, 1, p.t_pad)
   if S > 1:  # the adjoint entering each segment from its end, from per-segment summaries
-    g_loc, dtsum = segment_summaries(gy, delta_p, a2, cm, bias, z_p, reverse=True,
+    g_loc, dtsum = segment_summaries(gy, delta_p, a2, cm, bias, z_p, _split(reset_p, S), reverse=True,
                                      **_fwd_kwargs(p, bs, t, softplus_on, interpret))
     gh_last = carry_adjoints(g_loc.reshape(batch, S, d_inner, -1), dtsum.reshape(batch, S, d_inner), a2, gh_last,
-                             fast_math=bs.fast_math, interpret=interpret)
+                             None if reset is None else segment_resets(reset_p, S), fast_math=bs.fast_math,
+                             interpret=interpret)
   gu, gdelta, gz, gb, gc, ga, gd, gbias, gh0 = scan_bwd(
       u_p, delta_p, a2, bm, cm, d, z_p, bias, _split(hc, S), gy, gh_last.reshape(batch * S, d_inner, -1),
-      seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd, chunk=bs.chunk_bwd,
-      num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
+      _split(reset_p, S), seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd,
+      chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
       lanes_e=bs.channels_on_lanes_bwd, fast_math=bs.fast_math, interpret=interpret)
   groups = bm.shape[2]
 
@@ -175,19 +189,21 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
           fold(gc, Cm), None if D is None else gd.sum(0).astype(D.dtype),
           None if z is None else _join(gz, S)[:, :t],
           None if delta_bias is None else gbias.sum(0).astype(delta_bias.dtype),
-          None if h0 is None else gh0[..., :d_state].astype(h0.dtype))
+          None if h0 is None else gh0[..., :d_state].astype(h0.dtype),
+          None)                                                         # reset: not differentiable
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def selective_scan(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus: bool = True,
-                   h0=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
+                   h0=None, reset=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Chunked Pallas selective scan. Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
 
-  Same semantics as `selective_scan_reference`; differentiable in every array argument through Pallas
-  backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU).
+  Same semantics as `selective_scan_reference`; differentiable in every array argument but reset through
+  Pallas backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU).
   """
-  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0)
+  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
   bs = block_sizes or BlockSizes.get_default()
-  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, bool(delta_softplus), bs, bool(interpret))
+  reset = None if reset is None else (reset != 0).astype(jnp.float32)                       # 1.0 = reset
+  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, bool(delta_softplus), bs, bool(interpret))
