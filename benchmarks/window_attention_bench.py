@@ -1,15 +1,20 @@
 """Memory attention on a GPU: correctness of the compiled Pallas kernels, then timings against cuDNN.
 
-  PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep]
+  PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep] [--segments]
 
-1. The test cases of `tests/test_window_attention.py` without interpret mode, plus model-sized checks
-   (bf16 and fp32, window 512 with 64 memory tokens) against the fp32 reference.
+1. The test cases of `tests/test_window_attention.py` without interpret mode (the packed-row ones, and on
+   Hopper the Mosaic ones, included), plus model-sized checks (bf16 and fp32, window 512 with 64 memory
+   tokens, unpacked and packed with spans) against the fp32 reference.
 2. Timings (bf16, B=2 H=16 P=128, median of >= 20 samples, each the mean of a few back-to-back calls
    after warm-up): pallas vs cuDNN (`jax.nn.dot_product_attention(implementation="cudnn",
    local_window_size=(w - 1, 0))`) at T=8192 for window 512 and 2048, window 512 with M=64 memory slots
    per 512-token chunk (pallas only: cuDNN has no memory keys), full causal, and T = 2k … 64k at window 512.
 3. Optional block-size sweep at window 512 (--sweep), time-boxed by --budget seconds overall.
-Writes `window_attention_<device>.json` (a list of records, one per implementation and shape) to --out.
+--correctness-only stops after 1; --segments replaces 2 and 3: packed rows (`packed_layout`: documents of random lengths, mean ~T/8, and with
+memory the model's spans) against the same shapes unpacked, at window 512 with M=0 and M=64 and full causal,
+T=8192, for the default kernels ("auto": Mosaic on Hopper), the Triton backward and all-Triton.
+Writes `window_attention_<device>.json` (a list of records, one per implementation and shape; "segments"
+says whether the rows were packed) to --out.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 try:
   import pytest  # noqa: F401 -- the test module's decorators need it; the GPU image may lack it
@@ -38,7 +44,7 @@ except ImportError:
 
 from benchmarks import common  # noqa: E402
 from pallas_kernels.window_attention import BlockSizes, memory_attention
-from pallas_kernels.window_attention.ops import resolve_impls
+from pallas_kernels.window_attention.ops import _on_hopper, resolve_impls
 from tests import test_window_attention as twa
 
 SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
@@ -76,6 +82,32 @@ def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):
   return (q, k, v) + mem, ct
 
 
+def packed_layout(b, t, chunk, m, seed=0):
+  """Packed rows like the model's: segment_ids [B, T] int32, documents of random lengths uniform in
+  [1, T/4] (mean ~T/8, fixed seed); with memory (m > 0) mem_span [B, C, 2, M] int32 with one boundary in each
+  chunk, its first document start (the chunk's end when none): the first half of the slots visible before
+  it, the second half from it on."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(b):
+    lengths = []
+    while sum(lengths) < t:
+      lengths.append(int(rng.integers(1, t // 4 + 1)))
+    rows.append(np.repeat(np.arange(len(lengths)), lengths)[:t])
+  ids = np.stack(rows).astype(np.int32)
+  if not m:
+    return jnp.asarray(ids), None
+  c = -(-t // chunk)
+  per_chunk = np.pad(ids, ((0, 0), (0, c * chunk - t)), mode="edge").reshape(b, c, chunk)
+  starts = per_chunk[:, :, 1:] != per_chunk[:, :, :-1]                       # [B, C, L - 1]
+  boundary = np.where(starts.any(-1), starts.argmax(-1) + 1, chunk)          # [B, C]
+  span = np.zeros((b, c, 2, m), np.int32)
+  span[:, :, 1, :m // 2] = boundary[..., None]
+  span[:, :, 0, m // 2:] = boundary[..., None]
+  span[:, :, 1, m // 2:] = chunk
+  return jnp.asarray(ids), jnp.asarray(span)
+
+
 def fwd_and_fwdbwd(attn, n_diff):
   """attn(*args) -> o; returns jitted (fwd, fwd+bwd) taking (args, ct)."""
   fwd = jax.jit(lambda args, ct: attn(*args))
@@ -89,7 +121,11 @@ def fwd_and_fwdbwd(attn, n_diff):
 
 
 def pallas_fn(window, chunk, blocks=None):
-  return lambda *a: memory_attention(*a, window=window, chunk=chunk, block_sizes=blocks, interpret=SMOKE)
+  """attn(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span), the last five optional."""
+  def attn(q, k, v, mem_k=None, mem_v=None, mem_valid=None, segment_ids=None, mem_span=None):
+    return memory_attention(q, k, v, mem_k, mem_v, mem_valid, window=window, chunk=chunk, segment_ids=segment_ids,
+                            mem_span=mem_span, block_sizes=blocks, interpret=SMOKE)
+  return attn
 
 
 def cudnn_fn(window):
@@ -98,36 +134,57 @@ def cudnn_fn(window):
                                                       local_window_size=lws)
 
 
-def correctness() -> list[str]:
-  lines = []
-  for case in twa.CASES[:1] if SMOKE else twa.CASES:
-    errs = twa.run_case(case, interpret=SMOKE, seed=1)
-    ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
-    lines.append(f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+def check_case(case, seed: int, exact_mask: bool) -> list[str]:
+  """PASS / FAIL / ERROR lines of one test case run compiled (interpreted with --smoke)."""
+  try:
+    errs = twa.run_case(case, interpret=SMOKE, seed=seed)
+  except Exception as e:  # noqa: BLE001 -- record and go on: one failing case must not lose the run
+    return [f"ERROR {case.name}: {type(e).__name__}: {str(e)[:300]}"]
+  ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
+  lines = [f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())]
+  if exact_mask:
     try:
       twa.exact_mask_check(case, interpret=SMOKE)
       lines.append(f"PASS exact-mask {case.name}")
     except AssertionError as e:
       lines.append(f"FAIL exact-mask {case.name} {e!r}")
-    print(lines[-2], "\n" + lines[-1], flush=True)
+  return lines
+
+
+def correctness() -> list[str]:
+  lines = []
+  cases = twa.CASES[:1] + twa.PACKED_CASES[:1] if SMOKE else twa.CASES + twa.PACKED_CASES
+  if not SMOKE and _on_hopper():
+    cases += twa.MOSAIC_CASES + twa.MOSAIC_PACKED_CASES
+  for case in cases:
+    lines += check_case(case, seed=1, exact_mask=True)
+    print("\n".join(lines[-2:]), flush=True)
   big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
                   BlockSizes.get_default(128, True)),
          twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
-                  BlockSizes.get_default(64, True)))
+                  BlockSizes.get_default(64, True)),
+         twa.Case("model_bf16_w512_m64_packed", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
+                  BlockSizes.get_default(128, True), segments=True, span=True),
+         twa.Case("model_fp32_w512_m64_packed", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
+                  BlockSizes.get_default(64, True), segments=True, span=True))
   for case in () if SMOKE else big:
-    errs = twa.run_case(case, interpret=False, seed=2)
-    ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
-    lines.append(f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    lines += check_case(case, seed=2, exact_mask=False)
     print(lines[-1], flush=True)
   return lines
 
 
-def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk=512):
+def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk=512, segments=False):
+  """Times fwd and fwd+bwd of one shape; segments: packed rows (`packed_layout`; pallas only)."""
   if SMOKE:
     if impl == "cudnn":
       return None
     window, t, b, h, p, chunk, m = (None if window is None else 64), 256, 1, 2, 64, 64, min(m, 16)
+  if segments and impl == "cudnn":
+    return None
   args, ct = inputs(b, t, h, h, p, m, chunk)
+  if segments:
+    seg, span = packed_layout(b, t, chunk, m)
+    args = args + ((None, None, None) if not m else ()) + (seg, span)
   if impl.startswith("pallas"):
     attn, n_diff = pallas_fn(window, chunk, blocks), (5 if m else 3)
   else:
@@ -140,11 +197,12 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
     print(f"ERROR {impl} w={window} m={m} t={t}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     return None
   rec = dict(op="memory_attention", impl=impl,
-             shape=dict(B=b, T=t, H=h, K=h, P=p, window=window, chunk=chunk, M=m),
+             shape=dict(B=b, T=t, H=h, K=h, P=p, window=window, chunk=chunk, M=m), segments=segments,
              dtype="bfloat16", fwd_ms=round(f, 4), fwdbwd_ms=round(fb, 4),
              device=jax.devices()[0].device_kind, jax=jax.__version__)
   if impl.startswith("pallas"):
-    chosen = resolve_impls(blocks or BlockSizes.get_default(p, bool(m)), jnp.bfloat16, p, chunk, m, SMOKE)
+    chosen = resolve_impls(blocks or BlockSizes.get_default(p, bool(m)), jnp.bfloat16, p, chunk, m, SMOKE,
+                           segments=segments, span=segments and bool(m))
     rec["forward_impl"], rec["dq_impl"], rec["dkdv_impl"] = chosen.forward_impl, chosen.dq_impl, chosen.dkdv_impl
   if blocks is not None:
     rec["blocks"] = dataclasses.asdict(blocks)
@@ -152,9 +210,31 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
     rec["blocks"] = "default" if impl.startswith("pallas") else None
   records.append(rec)
   fwd_impl = "/".join(rec.get(f, "") for f in ("forward_impl", "dq_impl", "dkdv_impl")).strip("/")
-  print(f"{impl:7s} {fwd_impl:20s} w={str(window):5s} M={m:3d} T={t:6d}  fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  "
-        f"[{elapsed():.0f}s]", flush=True)
+  print(f"{impl:7s} {fwd_impl:20s} w={str(window):5s} M={m:3d} T={t:6d} {'packed' if segments else '      '}  "
+        f"fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms  [{elapsed():.0f}s]", flush=True)
   return rec
+
+
+def time_segments(records, save, all_kernels: bool):
+  """Packed rows against the same shapes unpacked (T=8192: window 512 with M=0 and 64, full causal) for the
+  default kernels and, with all_kernels, the Triton backward and all-Triton; prints packed / unpacked per pair."""
+  kernels = (("pallas", None), ("pallas-triton", dict(dq_impl="triton", dkdv_impl="triton")),
+             ("pallas-triton", dict(forward_impl="triton", dq_impl="triton", dkdv_impl="triton")))
+  kernels = kernels if all_kernels else kernels[:1]
+  pairs = []
+  for window, m in ((512, 0), (512, 64), (None, 0)):
+    for impl, cfg in kernels:
+      blocks = None if cfg is None else dataclasses.replace(BlockSizes.get_default(128, bool(m)), **cfg)
+      pair = [time_shape(records, impl, window, m, 8192, blocks, segments=packed) for packed in (False, True)]
+      pairs.append(pair)
+      save()
+  print(f"\n{'kernels (fwd/dq/dkdv)':22s} {'window':>6s} {'M':>3s}  packed / unpacked: {'fwd':>6s} {'fwd+bwd':>8s}")
+  for plain, packed in pairs:
+    if plain and packed:
+      kernels_used = "/".join(plain.get(f, "") for f in ("forward_impl", "dq_impl", "dkdv_impl"))
+      s = plain["shape"]
+      print(f"{kernels_used:22s} {str(s['window']):>6s} {s['M']:3d}  {'':19s}{packed['fwd_ms'] / plain['fwd_ms']:6.3f} "
+            f"{packed['fwdbwd_ms'] / plain['fwdbwd_ms']:8.3f}")
 
 
 def main():
@@ -163,6 +243,7 @@ def main():
   parser.add_argument("--budget", type=float, default=380.0)
   parser.add_argument("--sweep", action="store_true")
   parser.add_argument("--skip-correctness", action="store_true")
+  parser.add_argument("--correctness-only", action="store_true", help="only section 1 (the compiled test cases)")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--exact-math", action="store_true",
                       help="also time windows 512 and 2048 with fast_math=False (libdevice exp2) for comparison")
@@ -173,6 +254,11 @@ def main():
                       help="also time the Mosaic forward with 64-key tiles and 2-4 slots")
   parser.add_argument("--mem-sweep", action="store_true",
                       help="only W512 at T=8192: M=0 and M=64 with the default and larger query tiles")
+  parser.add_argument("--segments", action="store_true",
+                      help="only packed rows against unpacked (W512 M=0 and M=64, full causal, T=8192; the default, "
+                           "Triton-backward and all-Triton kernels) after the correctness checks")
+  parser.add_argument("--segments-all-kernels", action="store_true",
+                      help="with --segments, also the Triton-backward and all-Triton kernels (default: 'auto' only)")
   args = parser.parse_args()
   global SMOKE
   SMOKE = args.smoke
@@ -186,6 +272,14 @@ def main():
       json.dump(records, f, indent=1)
 
   check = [] if args.skip_correctness else correctness()
+  if args.correctness_only:
+    print("\n".join(check))
+    return
+  if args.segments:
+    time_segments(records, save, args.segments_all_kernels)
+    print("\n".join(check))
+    print(f"wrote {path}  total {elapsed():.0f}s")
+    return
 
   main_shapes = [(512, 0), (2048, 0), (512, 64), (None, 0)][:1 if args.mem_sweep else 2 if args.sweep else 4]
   for window, m in main_shapes:

@@ -4,6 +4,8 @@
 `memory_attention_reference` in `reference.py` is the plain-jnp reference that fixes the semantics.
 Files: `blocks.py` (tile sizes, block ranges), `forward.py` (Triton), `forward_mosaic.py` (Hopper, Mosaic GPU,
 warp-specialized; `BlockSizes.forward_impl`), `backward.py`, `ops.py` (public op).
+Packed rows: `segment_ids` [B, T] keeps documents apart and `mem_span` [B, C, 2, M] limits each memory slot
+to a range of its chunk's queries; `ops.py` says what the kernels receive.
 """
 
 from pallas_kernels.window_attention.blocks import BlockSizes

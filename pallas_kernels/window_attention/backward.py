@@ -1,7 +1,9 @@
 """Backward kernels (FlashAttention-2 style): probabilities are rebuilt from the saved logsumexp.
 
 Shapes as in `forward.py` (padded): q, do [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v [B, C, M, K, P];
-mem_valid [B, C, M] int32; lse, delta [B, H, T] fp32 with delta_t = Σ_P o·do.
+mem_valid [B, C, M] int32 or mem_span [B, C, 2, M] int32; seg_lo, seg_hi [B, T] int32 or None (packed rows:
+the dq kernel masks with the query rows' seg_lo, the dk/dv kernel with the key rows' seg_hi, see
+`blocks.py`); lse, delta [B, H, T] fp32 with delta_t = Σ_P o·do.
 
 Three kernels, none with atomics:
   * dq:      one program per (query block, batch, head); loops over the window's key blocks, adds the
@@ -26,33 +28,35 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.fast_math import FastMath
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, key_blocks_for_query_block,
-                                                    query_blocks_for_key_block, visible)
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, in_span,
+                                                    key_blocks_for_query_block, query_blocks_for_key_block,
+                                                    visible)
 from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic
 from pallas_kernels.window_attention.dq_mosaic import dq_mosaic
-from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision,
-                                                     memory_logits, prescale)
+from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,
+                                                     memory_logits, memory_specs, prescale, split_refs)
 
 
-def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int | None, block_q: int,
-              block_k: int, n_k: int, split: bool, fm: FastMath):
-  """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M]), do [bq, P], lse, delta [bq];
-  out dq [bq, P]."""
-  if has_mem:
-    q_ref, k_ref, v_ref, mk_ref, mv_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  else:
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+def dq_kernel(*refs, has_mem: bool, has_span: bool, has_seg: bool, qk_scale: float, scale: float,
+              window: int | None, block_q: int, block_k: int, n_k: int, chunk: int, n_chunks: int, split: bool,
+              fm: FastMath):
+  """Refs: q [bq, P], k, v [T, P], (mem_k, mem_v [M, P], mem_valid [M] or mem_span [2, M]), (seg_lo [bq]),
+  do [bq, P], lse, delta [bq]; out dq [bq, P]."""
+  (q_ref, k_ref, v_ref, mk_ref, mv_ref, mask_ref, seg_ref, do_ref, lse_ref, delta_ref,
+   dq_ref) = split_refs(refs, has_mem, has_seg)
   q, do = prescale(q_ref[...], qk_scale), do_ref[...]   # q only enters the logits here
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
   precision = dot_precision(q.dtype)
   q_start = pl.program_id(0) * block_q
   q_pos = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
   k_iota = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+  q_seg_lo, seg_bounds = load_segments(seg_ref) if has_seg else (None, None)
 
   dq = jnp.zeros(q.shape, jnp.float32)
   if has_mem:
     mk, mv = mk_ref[...], mv_ref[...]
-    p = fm.exp2(memory_logits(q, mk_ref, valid_ref, precision) - lse)
+    q_offset = q_pos - chunk_of(pl.program_id(0), block_q, chunk, n_chunks) * chunk if has_span else None
+    p = fm.exp2(memory_logits(q, mk_ref, mask_ref, precision, q_offset) - lse)
     ds = p * (dot_nt(do, mv, precision) - delta)
     dq = dot_nn(ds.astype(mk.dtype), mk, precision)
 
@@ -61,12 +65,12 @@ def dq_kernel(*refs, has_mem: bool, qk_scale: float, scale: float, window: int |
     k, v = k_ref[k_slice, :], v_ref[k_slice, :]
     s = dot_nt(q, k, precision)
     if masked:
-      s = jnp.where(visible(q_pos, j * block_k + k_iota, window), s, NEG_INF)
+      s = jnp.where(visible(q_pos, j * block_k + k_iota, window, q_seg_lo=q_seg_lo), s, NEG_INF)
     p = fm.exp2(s - lse)
     ds = p * (dot_nt(do, v, precision) - delta)
     return dq + dot_nn(ds.astype(k.dtype), k, precision)
 
-  lo, x, y, hi = key_blocks_for_query_block(q_start, block_q, block_k, window, n_k)
+  lo, x, y, hi = key_blocks_for_query_block(q_start, block_q, block_k, window, n_k, seg_bounds)
   dq = band_loop(lo, x, y, hi, body, dq, split)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
@@ -80,17 +84,20 @@ def accumulate_kv_grads(fm: FastMath, dk, dv, s, v, q, do, lse, delta, precision
   return dk + dot_nn(ds.astype(q.dtype), q, precision), dv
 
 
-def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, qk_scale: float,
-                scale: float, window: int | None, block_q: int, block_k: int, n_q: int, groups: int,
-                split: bool, fm: FastMath):
-  """Refs: q, do [T, G, P]; k, v [bk, P]; lse, delta [G, T]; out dk, dv [bk, P]. Works transposed
-  (keys on rows) so that dk and dv accumulate as [bk, P] without transposing the probabilities."""
+def dkdv_kernel(*refs, has_seg: bool, qk_scale: float, scale: float, window: int | None, block_q: int,
+                block_k: int, n_q: int, groups: int, split: bool, fm: FastMath):
+  """Refs: q, do [T, G, P]; k, v [bk, P]; lse, delta [G, T]; (seg_hi [bk]); out dk, dv [bk, P]. Works
+  transposed (keys on rows) so that dk and dv accumulate as [bk, P] without transposing the probabilities."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
+  seg_ref = refs.pop(0) if has_seg else None
+  dk_ref, dv_ref = refs
   k, v = prescale(k_ref[...], qk_scale), v_ref[...]     # k only enters the logits here
   precision = dot_precision(k.dtype)
   k_start = pl.program_id(0) * block_k
   k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)[:, None]
   q_iota = jnp.arange(block_q, dtype=jnp.int32)[None, :]
-  lo, x, y, hi = query_blocks_for_key_block(k_start, block_q, block_k, window, n_q)
+  k_seg_hi, seg_bounds = load_segments(seg_ref) if has_seg else (None, None)
+  lo, x, y, hi = query_blocks_for_key_block(k_start, block_q, block_k, window, n_q, seg_bounds)
 
   def body(i, carry, g, masked):
     dk, dv = carry
@@ -99,7 +106,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
     s = dot_nt(k, q, precision)                                     # [bk, bq]
     if masked:
-      s = jnp.where(visible(i * block_q + q_iota, k_pos, window), s, NEG_INF)
+      s = jnp.where(visible(i * block_q + q_iota, k_pos, window, k_seg_hi=k_seg_hi), s, NEG_INF)
     return accumulate_kv_grads(fm, dk, dv, s, v, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -110,22 +117,28 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dmk_ref, dmv_ref, *,
-                qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int, fm: FastMath):
-  """Refs: q, do [T, G, P]; lse, delta [G, T]; mem_k, mem_v [M, P]; mem_valid [M]; out dmem_k, dmem_v
-  [M, P]. Transposed like `dkdv_kernel`."""
+def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, mask_ref, dmk_ref, dmv_ref, *,
+                has_span: bool, qk_scale: float, scale: float, block_q: int, chunk: int, n_q: int, groups: int,
+                fm: FastMath):
+  """Refs: q, do [T, G, P]; lse, delta [G, T]; mem_k, mem_v [M, P]; mem_valid [M] or mem_span [2, M]; out
+  dmem_k, dmem_v [M, P]. Transposed like `dkdv_kernel`."""
   mk, mv = prescale(mk_ref[...], qk_scale), mv_ref[...]
   precision = dot_precision(mk.dtype)
-  valid = (valid_ref[...] != 0)[:, None]
-  lo = pl.program_id(0) * (chunk // block_q)
+  valid = None if has_span else (mask_ref[...] != 0)[:, None]
+  c = pl.program_id(0)
+  lo = c * (chunk // block_q)
   hi = jnp.minimum(lo + chunk // block_q, n_q)
+  if has_span:   # slot m seen by the queries at chunk offsets [span[0, m], span[1, m])
+    span_lo, span_hi = mask_ref[0, :][:, None], mask_ref[1, :][:, None]
+    offset = jnp.arange(block_q, dtype=jnp.int32)[None, :] - c * chunk
 
   def body(i, carry, g):
     dmk, dmv = carry
     q_slice = pl.ds(i * block_q, block_q)
     q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
     lse, delta = lse_ref[g, q_slice][None, :], delta_ref[g, q_slice][None, :]
-    s = jnp.where(valid, dot_nt(mk, q, precision), NEG_INF)               # [M, bq]
+    vis = valid if valid is not None else in_span(span_lo, span_hi, i * block_q + offset)   # [M, 1] or [M, bq]
+    s = jnp.where(vis, dot_nt(mk, q, precision), NEG_INF)                 # [M, bq]
     return accumulate_kv_grads(fm, dmk, dmv, s, mv, q, do, lse, delta, precision)
 
   carry = (jnp.zeros(mk.shape, jnp.float32), jnp.zeros(mv.shape, jnp.float32))
@@ -136,8 +149,8 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, valid_ref, dm
   dmv_ref[...] = dmv.astype(dmv_ref.dtype)
 
 
-def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_scale: float,
-             window: int | None, chunk: int, blocks: BlockSizes, interpret: bool):
+def backward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse, do, *, scale: float,
+             qk_scale: float, window: int | None, chunk: int, blocks: BlockSizes, interpret: bool):
   """Padded inputs and residuals -> (dq, dk, dv, dmem_k, dmem_v); the memory ones None without memory."""
   b, t, h, p = q.shape
   kh = k.shape[2]
@@ -148,30 +161,34 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath.for_launch(blocks.fast_math, interpret))
 
   if blocks.dq_impl == "mosaic":
-    dq = dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, scale=scale, qk_scale=qk_scale,
-                   window=window, chunk=chunk, blocks=blocks)
+    dq = dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, scale=scale,
+                   qk_scale=qk_scale, window=window, chunk=chunk, blocks=blocks)
   else:
-    dq = _dq_triton(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, window, chunk, blocks, params, common,
-                    interpret)
+    dq = _dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window, chunk, blocks,
+                    params, common, interpret)
 
   # dk, dv: grid (key block, batch, kv head); each program reads its group's G query heads.
   group_spec = pl.BlockSpec((None, t, g, p), lambda j, bi, ki: (bi, 0, ki, 0))
   group_rows = pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0))
   if blocks.dkdv_impl == "mosaic":
-    dk, dv = dkdv_mosaic(q, k, v, do, lse, delta, scale=scale, qk_scale=qk_scale, window=window,
+    dk, dv = dkdv_mosaic(q, k, v, do, lse, delta, seg_hi, scale=scale, qk_scale=qk_scale, window=window,
                          blocks=blocks)
   else:
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
+    in_specs, args = [group_spec, key_spec, key_spec, group_spec, group_rows, group_rows], [q, k, v, do, lse, delta]
+    if seg_hi is not None:
+      in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j)))
+      args.append(seg_hi)
     dk, dv = pl.pallas_call(
-        functools.partial(dkdv_kernel, window=window, block_q=bq, block_k=bk, n_q=t // bq, groups=g,
-                          split=blocks.split_masked, **common),
+        functools.partial(dkdv_kernel, has_seg=seg_hi is not None, window=window, block_q=bq, block_k=bk,
+                          n_q=t // bq, groups=g, split=blocks.split_masked, **common),
         grid=(t // bk, b, kh),
-        in_specs=[group_spec, key_spec, key_spec, group_spec, group_rows, group_rows],
+        in_specs=in_specs,
         out_specs=[key_spec, key_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
-    )(q, k, v, do, lse, delta)
+    )(*args)
 
   if not has_mem:
     return dq, dk, dv, None, None
@@ -180,21 +197,25 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, *, scale: float, qk_s
   bq = blocks.block_q_dq
   n_chunks, m = mem_k.shape[1], mem_k.shape[2]
   mem_spec = pl.BlockSpec((None, None, m, None, p), lambda c, bi, ki: (bi, c, 0, ki, 0))
+  if mem_span is None:
+    mask_spec, mem_mask = pl.BlockSpec((None, None, m), lambda c, bi, ki: (bi, c, 0)), mem_valid
+  else:
+    mask_spec, mem_mask = pl.BlockSpec((None, None, 2, m), lambda c, bi, ki: (bi, c, 0, 0)), mem_span
   dmk, dmv = pl.pallas_call(
-      functools.partial(dmem_kernel, block_q=bq, chunk=chunk, n_q=t // bq, groups=g, **common),
+      functools.partial(dmem_kernel, has_span=mem_span is not None, block_q=bq, chunk=chunk, n_q=t // bq,
+                        groups=g, **common),
       grid=(n_chunks, b, kh),
-      in_specs=[group_spec, group_spec, group_rows, group_rows, mem_spec, mem_spec,
-                pl.BlockSpec((None, None, m), lambda c, bi, ki: (bi, c, 0))],
+      in_specs=[group_spec, group_spec, group_rows, group_rows, mem_spec, mem_spec, mask_spec],
       out_specs=[mem_spec, mem_spec],
       out_shape=[jax.ShapeDtypeStruct(mem_k.shape, mem_k.dtype),
                  jax.ShapeDtypeStruct(mem_v.shape, mem_v.dtype)],
       compiler_params=params, interpret=interpret, name="memory_attention_dmem",
-  )(q, do, lse, delta, mem_k, mem_v, mem_valid)
+  )(q, do, lse, delta, mem_k, mem_v, mem_mask)
   return dq, dk, dv, dmk, dmv
 
 
-def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, window, chunk, blocks, params, common,
-               interpret):
+def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window, chunk, blocks,
+               params, common, interpret):
   """`dq_kernel` on a grid (query block, batch, head) -> dq [B, T, H, P]."""
   b, t, h, p = q.shape
   g = h // k.shape[2]
@@ -205,16 +226,16 @@ def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, do, lse, delta, window, chunk, 
   in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
   has_mem = mem_k is not None
   if has_mem:
-    n_chunks, m = mem_k.shape[1], mem_k.shape[2]
-    mem_map = lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0, hi // g, 0)
-    in_specs += [pl.BlockSpec((None, None, m, None, p), mem_map),
-                 pl.BlockSpec((None, None, m, None, p), mem_map),
-                 pl.BlockSpec((None, None, m),
-                              lambda i, bi, hi: (bi, chunk_of(i, bq, chunk, n_chunks), 0))]
-    args += [mem_k, mem_v, mem_valid]
+    specs, mem_mask = memory_specs(mem_k, mem_valid, mem_span, bq, chunk, g)
+    in_specs += specs
+    args += [mem_k, mem_v, mem_mask]
+  if seg_lo is not None:
+    in_specs.append(pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)))
+    args.append(seg_lo)
   return pl.pallas_call(
-      functools.partial(dq_kernel, has_mem=has_mem, window=window, block_q=bq, block_k=bk,
-                        n_k=t // bk, split=blocks.split_masked, **common),
+      functools.partial(dq_kernel, has_mem=has_mem, has_span=mem_span is not None, has_seg=seg_lo is not None,
+                        window=window, block_q=bq, block_k=bk, n_k=t // bk, chunk=chunk,
+                        n_chunks=mem_k.shape[1] if has_mem else 1, split=blocks.split_masked, **common),
       grid=(t // bq, b, h),
       in_specs=in_specs + [q_spec, row_spec, row_spec],
       out_specs=q_spec,

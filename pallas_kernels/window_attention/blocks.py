@@ -3,6 +3,13 @@
 A query block covers rows [i·bq, (i+1)·bq); a key block covers [j·bk, (j+1)·bk). Query t sees key s when
 t - window < s <= t. Every kernel loops over the blocks that intersect a band of that shape, split into
 three runs: masked, unmasked (every pair visible, so no mask arithmetic), masked. See `split_range`.
+
+Packed rows (segment_ids): segments are contiguous runs, so with causality "same segment" is one bound per
+position: key s <= t is in query t's segment iff s >= seg_lo[t] (the first position of t's segment) iff
+t <= seg_hi[s] (the last position of s's segment); both are nondecreasing in the position (`ops.py` builds
+them). A block's band and its unmasked run then shrink by the bounds of its first and last rows: blocks
+before a query block's segments are skipped, and a block in one segment with every row of the query block
+still needs no mask.
 """
 
 from __future__ import annotations
@@ -136,56 +143,88 @@ def band_loop(lo, x, y, hi, body, carry, split: bool):
   return lax.fori_loop(y, hi, functools.partial(body, masked=True), carry)
 
 
-def key_band(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
-  """Key blocks [lo, hi) that query rows [q_start, q_start + block_q) see at all."""
+def key_band(q_start, block_q: int, block_k: int, window: int | None, n_k: int, seg_first=None):
+  """Key blocks [lo, hi) that query rows [q_start, q_start + block_q) see at all. Packed rows: seg_first =
+  seg_lo of the first row (every row's segment starts there or later)."""
   hi = jnp.minimum(lax.div(q_start + block_q - 1, block_k) + 1, n_k)
   lo = jnp.int32(0) if window is None else lax.div(jnp.maximum(q_start - window + 1, 0), block_k)
+  if seg_first is not None:
+    lo = jnp.maximum(lo, lax.div(seg_first, block_k))
   return lo, hi
 
 
-def fully_visible_key_blocks(q_start, block_q: int, block_k: int, window: int | None):
+def fully_visible_key_blocks(q_start, block_q: int, block_k: int, window: int | None, seg_last=None):
   """Key blocks [full_lo, full_hi) whose every key every row of [q_start, q_start + block_q) sees (may be
-  empty or reversed)."""
+  empty or reversed). Packed rows: seg_last = seg_lo of the last row (the largest of the block)."""
   full_hi = lax.div(q_start + 1, block_k)                      # every key <= q_start
-  if window is None:
-    return jnp.int32(0), full_hi
-  return cdiv(jnp.maximum(q_start + block_q - window, 0), block_k), full_hi  # every key > q_last - window
+  full_lo = jnp.int32(0)
+  if window is not None:
+    full_lo = cdiv(jnp.maximum(q_start + block_q - window, 0), block_k)  # every key > q_last - window
+  if seg_last is not None:
+    full_lo = jnp.maximum(full_lo, cdiv(seg_last, block_k))    # every key in every row's segment
+  return full_lo, full_hi
 
 
-def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int):
-  """Key blocks seen by query rows [q_start, q_start + block_q): (lo, x, y, hi) for `split_range`."""
-  lo, hi = key_band(q_start, block_q, block_k, window, n_k)
-  x, y = split_range(lo, hi, *fully_visible_key_blocks(q_start, block_q, block_k, window))
+def key_blocks_for_query_block(q_start, block_q: int, block_k: int, window: int | None, n_k: int,
+                               seg_lo=None):
+  """Key blocks seen by query rows [q_start, q_start + block_q): (lo, x, y, hi) for `split_range`.
+  Packed rows: seg_lo = (seg_lo of the first row, of the last row)."""
+  seg_first, seg_last = (None, None) if seg_lo is None else seg_lo
+  lo, hi = key_band(q_start, block_q, block_k, window, n_k, seg_first)
+  x, y = split_range(lo, hi, *fully_visible_key_blocks(q_start, block_q, block_k, window, seg_last))
   return lo, x, y, hi
 
 
-def query_band(k_start, block_k: int, block_q: int, window: int | None, n_q: int):
-  """Query blocks [lo, hi) that see any of key rows [k_start, k_start + block_k)."""
+def query_band(k_start, block_k: int, block_q: int, window: int | None, n_q: int, seg_last=None):
+  """Query blocks [lo, hi) that see any of key rows [k_start, k_start + block_k). Packed rows: seg_last =
+  seg_hi of the last key (every key's segment ends there or earlier)."""
   lo = lax.div(k_start, block_q)
-  if window is None:
-    return lo, jnp.int32(n_q)
-  return lo, jnp.minimum(lax.div(k_start + block_k - 1 + window - 1, block_q) + 1, n_q)
+  hi = jnp.int32(n_q)
+  if window is not None:
+    hi = jnp.minimum(lax.div(k_start + block_k - 1 + window - 1, block_q) + 1, n_q)
+  if seg_last is not None:
+    hi = jnp.minimum(hi, lax.div(seg_last, block_q) + 1)
+  return lo, hi
 
 
-def fully_visible_query_blocks(k_start, block_k: int, block_q: int, window: int | None, n_q: int):
+def fully_visible_query_blocks(k_start, block_k: int, block_q: int, window: int | None, n_q: int,
+                               seg_first=None):
   """Query blocks [full_lo, full_hi) every row of which sees every key of [k_start, k_start + block_k)
-  (may be empty or reversed)."""
+  (may be empty or reversed). Packed rows: seg_first = seg_hi of the first key (the smallest)."""
   full_lo = cdiv(k_start + block_k - 1, block_q)               # every query >= the last key
-  if window is None:
-    return full_lo, jnp.int32(n_q)
-  return full_lo, lax.div(k_start + window, block_q)           # every query < k_start + window
+  full_hi = jnp.int32(n_q)
+  if window is not None:
+    full_hi = lax.div(k_start + window, block_q)               # every query < k_start + window
+  if seg_first is not None:
+    full_hi = jnp.minimum(full_hi, lax.div(seg_first + 1, block_q))   # every query in every key's segment
+  return full_lo, full_hi
 
 
-def query_blocks_for_key_block(k_start, block_q: int, block_k: int, window: int | None, n_q: int):
-  """Query blocks that see key rows [k_start, k_start + block_k): (lo, x, y, hi) for `split_range`."""
-  lo, hi = query_band(k_start, block_k, block_q, window, n_q)
-  x, y = split_range(lo, hi, *fully_visible_query_blocks(k_start, block_k, block_q, window, n_q))
+def query_blocks_for_key_block(k_start, block_q: int, block_k: int, window: int | None, n_q: int,
+                               seg_hi=None):
+  """Query blocks that see key rows [k_start, k_start + block_k): (lo, x, y, hi) for `split_range`.
+  Packed rows: seg_hi = (seg_hi of the first key, of the last key)."""
+  seg_first, seg_last = (None, None) if seg_hi is None else seg_hi
+  lo, hi = query_band(k_start, block_k, block_q, window, n_q, seg_last)
+  x, y = split_range(lo, hi, *fully_visible_query_blocks(k_start, block_k, block_q, window, n_q, seg_first))
   return lo, x, y, hi
 
 
-def visible(q_pos, k_pos, window: int | None):
-  """Broadcast bool mask: key k_pos visible from query q_pos."""
+def visible(q_pos, k_pos, window: int | None, q_seg_lo=None, k_seg_hi=None):
+  """Broadcast bool mask: key k_pos visible from query q_pos. Packed rows: q_seg_lo (the query's segment
+  start, broadcast like q_pos) or k_seg_hi (the key's segment end, like k_pos); with causality either one
+  alone says "same segment"."""
   vis = k_pos <= q_pos
   if window is not None:
     vis = vis & (k_pos > q_pos - window)
+  if q_seg_lo is not None:
+    vis = vis & (k_pos >= q_seg_lo)
+  if k_seg_hi is not None:
+    vis = vis & (q_pos <= k_seg_hi)
   return vis
+
+
+def in_span(span_lo, span_hi, offset):
+  """Broadcast bool mask: a memory slot with span [span_lo, span_hi) visible from a query at `offset` in its
+  chunk."""
+  return (span_lo <= offset) & (offset < span_hi)

@@ -12,6 +12,9 @@ One CTA per (kv head, pair of key blocks, batch), three warpgroups:
     delta), then dv += pᵀ·do and dk += dsᵀ·q (two more). The consumers run unsynchronized, as in
     `dq_mosaic.py`.
 A masked logit is NEG_INF, so pᵀ, dsᵀ and their shares of dk and dv are exactly 0.
+Packed rows (seg_hi [B, T] int32, see `blocks.py`): the query band ends at the last key's segment end and
+each consumer's unmasked run at its first key's (scalar loads from global memory); each consumer copies its
+keys' seg_hi once and its masked body adds query <= seg_hi[key].
 
 Limits (`mosaic_dkdv_unsupported`): bf16 or f16, P a multiple of 64; compiled only (see `dq_mosaic.py`).
 """
@@ -33,31 +36,36 @@ from pallas_kernels.window_attention.forward_mosaic import (CONSUMERS, SMEM_BYTE
                                                             mosaic_layout_unsupported, smem_tiling)
 
 
-def dkdv_smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
-  """Shared memory of one CTA: k/dk and v/dv tiles, the q/do slots and the lse/delta rows."""
+def dkdv_smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2, segments: bool = False) -> int:
+  """Shared memory of one CTA: k/dk and v/dv tiles, the q/do slots and the lse/delta rows (and the keys'
+  seg_hi)."""
   tiles = 2 * (CONSUMERS * blocks.block_q_mosaic + blocks.num_stages_bwd_mosaic * blocks.block_q_dkv_mosaic)
-  return tiles * head_dim * itemsize + 4 * 2 * blocks.num_stages_bwd_mosaic * blocks.block_q_dkv_mosaic + 4096
+  return (tiles * head_dim * itemsize + 4 * 2 * blocks.num_stages_bwd_mosaic * blocks.block_q_dkv_mosaic + 4096
+          + 4 * CONSUMERS * blocks.block_q_mosaic * segments)
 
 
-def mosaic_dkdv_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes) -> str | None:
+def mosaic_dkdv_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
+                            segments: bool = False, span: bool = False) -> str | None:
   """Why the Mosaic dk/dv kernel cannot run these (padded) shapes, or None when it can (memory is not read)."""
-  del n_mem
+  del n_mem, span
   if why := mosaic_layout_unsupported(dtype, head_dim, chunk, 0, blocks, blocks.block_q_dkv_mosaic):
     return why
-  if (need := dkdv_smem_bytes(blocks, head_dim)) > SMEM_BYTES:
+  if (need := dkdv_smem_bytes(blocks, head_dim, segments=segments)) > SMEM_BYTES:
     return f"{need} bytes of shared memory at P={head_dim} (the H100 has {SMEM_BYTES})"
   return None
 
 
-def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, window: int | None,
+def dkdv_mosaic(q, k, v, do, lse, delta, seg_hi=None, *, scale: float, qk_scale: float, window: int | None,
                 blocks: BlockSizes):
-  """Padded inputs (T a multiple of blocks.pad_multiple), lse, delta [B, H, T] -> (dk, dv)."""
+  """Padded inputs (T a multiple of blocks.pad_multiple), lse, delta [B, H, T], seg_hi [B, T] or None ->
+  (dk, dv)."""
   b, t, h, p = q.shape
   kh = k.shape[2]
   g = h // kh
   dtype = q.dtype
   bk, bq, stages = blocks.block_q_mosaic, blocks.block_q_dkv_mosaic, blocks.num_stages_bwd_mosaic
-  if reason := mosaic_dkdv_unsupported(dtype, p, 1, 0, blocks):
+  has_seg = seg_hi is not None
+  if reason := mosaic_dkdv_unsupported(dtype, p, 1, 0, blocks, segments=has_seg):
     raise ValueError(f"dkdv_impl='mosaic' cannot run {reason}")
   rows = CONSUMERS * bk
   if t % rows or t % bq:
@@ -65,12 +73,18 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
   n_q = t // bq
   wgmma_layout, col_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(0)
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, dk_ref, dv_ref, smem, own, arrived, consumed):
-    k_smem, v_smem, q_smem, do_smem, stats_smem = smem
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, do_ref, stats_ref, *refs = refs
+    seg_ref = None
+    if has_seg:
+      seg_ref, *refs = refs
+    dk_ref, dv_ref, smem, own, arrived, consumed = refs
+    k_smem, v_smem, q_smem, do_smem, stats_smem, seg_smem = smem
     q_arrived, do_arrived, stats_arrived = arrived
     bi, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     cta_k = lax.axis_index("k_pairs") * rows
-    lo, hi = query_band(cta_k, rows, bq, window, n_q)     # the CTA's band; both consumers walk all of it
+    seg_last = seg_ref[bi, cta_k + rows - 1] if has_seg else None   # no query after it sees these keys
+    lo, hi = query_band(cta_k, rows, bq, window, n_q, seg_last)  # the CTA's band; both consumers walk all of it
     n_steps = hi - lo
 
     @pl.when(wg == CONSUMERS)
@@ -98,10 +112,14 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
       plgpu.set_max_registers(232, action="increase")
       k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
       k0 = cta_k + wg * bk
-      for i, (src, dst) in enumerate(((k_ref, k_tile), (v_ref, v_tile))):
-        plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(k0, bk), kv_head], dst, own.at[wg * 2 + i])
-      for i in range(2):
-        plgpu.barrier_wait(own.at[wg * 2 + i])
+      copies = ((k_ref.at[bi, pl.ds(k0, bk), kv_head], k_tile), (v_ref.at[bi, pl.ds(k0, bk), kv_head], v_tile))
+      if has_seg:
+        copies += ((seg_ref.at[bi, pl.ds(k0, bk)], seg_smem.at[wg]),)
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, own.at[wg * len(copies) + i])
+      for i in range(len(copies)):
+        plgpu.barrier_wait(own.at[wg * len(copies) + i])
+      k_seg_hi = load_vector(seg_smem.at[wg], wgmma_layout.reduce(1)) if has_seg else None   # [bk]: few registers
       plgpu.barrier_wait(q_arrived.at[0])
 
       def step_body(i, carry, gi: int, masked: bool):
@@ -116,7 +134,8 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
         s = s * qk_scale
         if masked:
           iota = lambda d: plgpu.broadcasted_iota(jnp.int32, (bk, bq), d, layout=wgmma_layout)
-          s = jnp.where(visible(i * bq + iota(1), k0 + iota(0), window), s, NEG_INF)
+          seg = None if k_seg_hi is None else lax.broadcast_in_dim(k_seg_hi, (bk, bq), [0])
+          s = jnp.where(visible(i * bq + iota(1), k0 + iota(0), window, k_seg_hi=seg), s, NEG_INF)
         pr = jnp.exp2(s - lse)
         ds = pr * (dp - delta)
         pr, ds = pr.astype(dtype), ds.astype(dtype)
@@ -133,7 +152,8 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
 
       zeros = plgpu.layout_cast(jnp.zeros((bk, p), jnp.float32), wgmma_layout)
       carry = (zeros, zeros)
-      x, y = split_range(lo, hi, *fully_visible_query_blocks(k0, bk, bq, window, n_q))
+      seg_first = seg_ref[bi, k0] if has_seg else None
+      x, y = split_range(lo, hi, *fully_visible_query_blocks(k0, bk, bq, window, n_q, seg_first))
       for gi in range(g):       # static: G is small
         for start, stop, masked in ((lo, x, True), (x, y, False), (y, hi, True)):
           carry = lax.fori_loop(start, stop, functools.partial(step_body, gi=gi, masked=masked), carry)
@@ -153,10 +173,11 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
       plgpu.SMEM((stages, bq, p), dtype, **tiled),                    # query slots
       plgpu.SMEM((stages, bq, p), dtype, **tiled),                    # do slots
       plgpu.SMEM((stages, 2, bq), jnp.float32),                       # lse, delta rows
+      plgpu.SMEM((CONSUMERS, bk), jnp.int32) if has_seg else None,    # the keys' seg_hi
   )
   scratch = (
       smem,
-      plgpu.Barrier(num_barriers=CONSUMERS * 2),                      # k, v per consumer
+      plgpu.Barrier(num_barriers=CONSUMERS * (3 if has_seg else 2)),  # k, v (seg_hi) per consumer
       tuple(plgpu.Barrier(num_barriers=stages) for _ in range(3)),    # q, do, rows arrived per slot
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),     # slot consumed by both consumers
   )
@@ -170,4 +191,4 @@ def dkdv_mosaic(q, k, v, do, lse, delta, *, scale: float, qk_scale: float, windo
       num_threads=CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=blocks.fast_math),
-  )(q, k, v, do, stats)
+  )(q, k, v, do, stats, *([seg_hi] if has_seg else []))

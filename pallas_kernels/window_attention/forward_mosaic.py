@@ -15,6 +15,12 @@ consumer's rows do not all fully see goes through the masked body (`fully_visibl
 memory logits open the online softmax and the diagonal block closes it, as in `forward.py`: a row whose
 memory is all invalid (p = 1 on NEG_INF logits) is repaired by the rescaling once it meets its own key.
 
+Packed rows (seg_lo [B, T] int32, see `blocks.py`): the band starts at the block of the CTA's first row's
+segment start and each consumer's unmasked run at its last row's (two scalar loads from global memory);
+each consumer copies its rows' seg_lo once and its masked body adds key >= seg_lo[row]. mem_span (in place
+of mem_valid, [B, C, 2, M] int32, validity folded in) replaces the per-slot bias: the memory prologue
+compares the rows' offsets in their chunk, from an iota in the wgmma layout, with the slots' spans.
+
 Limits (`mosaic_forward_unsupported` names the first one hit): bf16 or f16; P a multiple of 64; memory only
 when the CTA's 2·block_q rows lie in one chunk, with M a multiple of 64 (ops.py pads it) and the tiles in
 shared memory.
@@ -24,8 +30,13 @@ interpreter, with the two matmuls as jnp dots and no tiling/swizzle: the jax 0.1
 transposed wgmma operands nor `layout_cast`. Standalone, it ran the window and memory cases and matched
 the reference (bf16 rel. err. 1.9e-3), but it deadlocks nondeterministically on this kernel (threads
 waiting on barriers; under pytest on every test case at least once) while the compiled kernel passes on the
-H100, so the tests of this forward run compiled only (tests/test_window_attention.py, MOSAIC_CASES). The
-cause is not established.
+H100, so the tests of this forward run compiled only (tests/test_window_attention.py, MOSAIC_CASES).
+Cause (found with the packed-row work, jax 0.10.2): the interpreter runs each warpgroup as a thread that
+blocks in a host callback while it waits on a barrier, and XLA's CPU client executes at most NPROC
+(default: the core count) of them at once, so on a 2-core machine two waiting threads starve the ones they
+wait for. With NPROC=32 in the environment before jax starts it runs every time; it then refuses (ValueError
+"did not observe all phases") a CTA band of more than num_stages_mosaic key tiles, because the producer
+does not wait for its slots' last releases. `test_mosaic_forward_interpreted` runs such a case.
 """
 
 from __future__ import annotations
@@ -40,21 +51,30 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_key_blocks, key_band,
-                                                    split_range, visible)
+from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_key_blocks, in_span,
+                                                    key_band, split_range, visible)
 
 CONSUMERS = 2                    # compute warpgroups per CTA; wg index CONSUMERS is the producer
 SMEM_BYTES = 227 * 1024          # H100 / H200 shared memory per CTA
 _SWIZZLE_BYTES = 128
 
 
-def smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2) -> int:
-  """Shared memory of one CTA: q/o tiles, the key/value slots, the memory tiles and bias, the lse rows."""
+def smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2, segments: bool = False,
+               span: bool = False) -> int:
+  """Shared memory of one CTA: q/o tiles, the key/value slots, the memory tiles and bias (or spans), the lse
+  rows (and the rows' seg_lo)."""
   tiles = (CONSUMERS * blocks.block_q_mosaic + 2 * blocks.num_stages_mosaic * blocks.block_k_mosaic
            + 2 * n_mem) * head_dim * itemsize
   # + barriers and alignment: Mosaic asked for 233,584 bytes at M=128, P=128 where the tiles and vectors
   # come to 230,400 (H100, jax 0.11.2), so M=128 does not fit and takes the Triton forward
-  return tiles + 4 * (n_mem + CONSUMERS * blocks.block_q_mosaic) + 4096
+  return (tiles + 4 * (n_mem + CONSUMERS * blocks.block_q_mosaic) + 4096
+          + packed_smem_bytes(blocks, n_mem, segments, span))
+
+
+def packed_smem_bytes(blocks: BlockSizes, n_mem: int, segments: bool, span: bool) -> int:
+  """What segments (each consumer's seg_lo rows, int32) and spans (a second int32 per memory slot on top of
+  the bias's one) add to the forward's or the dq kernel's shared memory."""
+  return 4 * (CONSUMERS * blocks.block_q_mosaic * segments + n_mem * span)
 
 
 def mosaic_layout_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
@@ -72,13 +92,27 @@ def mosaic_layout_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, bloc
   return None
 
 
-def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes) -> str | None:
+def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
+                               segments: bool = False, span: bool = False) -> str | None:
   """Why the Mosaic forward cannot run these (padded) shapes, or None when it can."""
   if why := mosaic_layout_unsupported(dtype, head_dim, chunk, n_mem, blocks, blocks.block_k_mosaic):
     return why
-  if (need := smem_bytes(blocks, head_dim, n_mem)) > SMEM_BYTES:
+  if (need := smem_bytes(blocks, head_dim, n_mem, segments=segments, span=span)) > SMEM_BYTES:
     return f"{need} bytes of shared memory at M={n_mem}, P={head_dim} (the H100 has {SMEM_BYTES})"
   return None
+
+
+def memory_mask(mem_valid, mem_span):
+  """What the forward and the dq kernel read for the memory mask: the spans [B, C, 2, M] int32 as they are,
+  or mem_valid as a bias [B, C, M] fp32 (0 or NEG_INF, added to the scaled logits)."""
+  if mem_span is not None:
+    return mem_span
+  return jnp.where(mem_valid != 0, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def memory_mask_smem(n_mem: int, span: bool):
+  """The SMEM buffer `memory_mask` is copied into."""
+  return plgpu.SMEM((2, n_mem), jnp.int32) if span else plgpu.SMEM((n_mem,), jnp.float32)
 
 
 def smem_tiling(dtype) -> dict:
@@ -98,9 +132,9 @@ def produce_band(bi, kv_head, lo, n_steps, bk: int, stages: int, streams, memory
   """The producer warpgroup of the forward and the dq kernel.
 
   memory = (mem_k, mem_v, bias refs, their SMEM tiles, a 3-barrier ref, chunk): the chunk's memory keys,
-  values ([B, C, M, K, P]) and bias ([B, C, M]), copied once. streams = ((src [B, T, K, P], slots [stages,
-  bk, P], ready, freed barriers), ...): key blocks [lo, lo + n_steps) of the band, each slot refilled once
-  both consumers have freed it."""
+  values ([B, C, M, K, P]) and bias ([B, C, M]; or spans [B, C, 2, M]), copied once. streams = ((src
+  [B, T, K, P], slots [stages, bk, P], ready, freed barriers), ...): key blocks [lo, lo + n_steps) of the
+  band, each slot refilled once both consumers have freed it."""
   if memory is not None:
     mk_ref, mv_ref, bias_ref, mk_smem, mv_smem, bias_smem, arrived, chunk = memory
     for i, (src, dst) in enumerate(((mk_ref, mk_smem), (mv_ref, mv_smem))):
@@ -133,8 +167,12 @@ class _Ops:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
   def load_columns(self, ref):
-    """[N] fp32 vector from SMEM, laid out to broadcast along the rows of a [bq, N] wgmma tile."""
+    """[N] fp32 (or int32) vector from SMEM, laid out to broadcast along the rows of a [bq, N] wgmma tile."""
     return ref[...] if self.interpret else load_vector(ref, plgpu.Layout.WGMMA.reduce(0))
+
+  def load_rows(self, ref):
+    """[bq] vector from SMEM, laid out to broadcast along the columns of a [bq, N] wgmma tile."""
+    return ref[...] if self.interpret else load_vector(ref, plgpu.Layout.WGMMA.reduce(1))
 
   def dot_nt(self, a_ref, b_ref, shape, while_running):
     """a_ref [X, P] · b_ref [Y, P]ᵀ -> [X, Y] fp32; while_running() is issued while the wgmma runs."""
@@ -163,8 +201,8 @@ class _Ops:
     return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
-def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window: int | None, chunk: int,
-                   blocks: BlockSizes, interpret: bool):
+def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_scale: float, window: int | None,
+                   chunk: int, blocks: BlockSizes, interpret: bool):
   """Padded inputs (see `forward.py`; T a multiple of blocks.pad_multiple, M of 64) -> (o, lse)."""
   b, t, h, p = q.shape
   kh = k.shape[2]
@@ -172,8 +210,9 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
   dtype = q.dtype
   bq, bk, stages = blocks.block_q_mosaic, blocks.block_k_mosaic, blocks.num_stages_mosaic
   has_mem = mem_k is not None
+  has_seg, has_span = seg_lo is not None, mem_span is not None
   n_mem = mem_k.shape[2] if has_mem else 0
-  if reason := mosaic_forward_unsupported(dtype, p, chunk, n_mem, blocks):
+  if reason := mosaic_forward_unsupported(dtype, p, chunk, n_mem, blocks, segments=has_seg, span=has_span):
     raise ValueError(f"forward_impl='mosaic' cannot run {reason}")
   rows = CONSUMERS * bq
   if t % rows or t % bk:
@@ -185,18 +224,21 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
   row_layout = None if interpret else plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(*refs):
+    q_ref, k_ref, v_ref, *refs = refs
+    mk_ref = mv_ref = bias_ref = seg_ref = None     # bias_ref: the bias [B, C, M] or the spans [B, C, 2, M]
     if has_mem:
-      q_ref, k_ref, v_ref, mk_ref, mv_ref, bias_ref, o_ref, lse_ref = refs[:8]
-      scratch = refs[8:]
-    else:
-      q_ref, k_ref, v_ref, o_ref, lse_ref = refs[:5]
-      scratch = refs[5:]
-    (qo_smem, k_smem, v_smem, lse_smem, mk_smem, mv_smem, bias_smem), arrived, consumed, mem_arrived, sched = scratch
-    q_barriers, k_barriers, v_barriers = arrived
+      mk_ref, mv_ref, bias_ref, *refs = refs
+    if has_seg:
+      seg_ref, *refs = refs
+    o_ref, lse_ref, *scratch = refs
+    ((qo_smem, k_smem, v_smem, lse_smem, mk_smem, mv_smem, bias_smem, seg_smem), arrived, consumed, mem_arrived,
+     sched) = scratch
+    q_barriers, k_barriers, v_barriers, seg_barriers = arrived
     k_consumed, v_consumed = consumed
     bi, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     cta_q = lax.axis_index("q_pairs") * rows
-    lo, hi = key_band(cta_q, rows, bk, window, n_k)      # the CTA's band; both consumers walk all of it
+    seg_first = seg_ref[bi, cta_q] if has_seg else None  # keys before it are invisible to every row
+    lo, hi = key_band(cta_q, rows, bk, window, n_k, seg_first)   # the CTA's band; both consumers walk all of it
     n_steps = hi - lo
     kv_head = lax.div(head, jnp.array(g, head.dtype))
     mem_chunk = jnp.minimum(lax.div(cta_q, chunk), n_chunks - 1)
@@ -220,13 +262,20 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
       qo = qo_smem.at[wg]
       q0 = cta_q + wg * bq
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), head], qo, q_barriers.at[wg])
+      if has_seg:
+        plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(q0, bq)], seg_smem.at[wg], seg_barriers.at[wg])
       plgpu.barrier_wait(q_barriers.at[wg])
 
       if has_mem:
         for i in range(3):
           plgpu.barrier_wait(mem_arrived.at[i])
         s = ops.dot_nt(qo, mk_smem, (bq, n_mem), lambda: None)
-        s = s * qk_scale + lax.broadcast_in_dim(ops.load_columns(bias_smem), s.shape, [1])
+        if has_span:   # slot m visible from the rows whose chunk offset lies in [span[0, m], span[1, m])
+          offset = q0 - mem_chunk * chunk + ops.iota((bq, n_mem), 0)
+          span_lo, span_hi = (lax.broadcast_in_dim(ops.load_columns(bias_smem.at[i]), s.shape, [1]) for i in (0, 1))
+          s = jnp.where(in_span(span_lo, span_hi, offset), s * qk_scale, NEG_INF)
+        else:
+          s = s * qk_scale + lax.broadcast_in_dim(ops.load_columns(bias_smem), s.shape, [1])
         m_i = s.max(axis=1)
         pm = jnp.exp2(s - lax.broadcast_in_dim(m_i, s.shape, [0]))
         l_i = pm.sum(axis=1)
@@ -237,6 +286,10 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
         l_i = ops.layout(jnp.zeros((bq,), jnp.float32), row_layout)
         acc = ops.layout(jnp.zeros((bq, p), jnp.float32), wgmma_layout)
 
+      q_seg_lo = None
+      if has_seg:
+        plgpu.barrier_wait(seg_barriers.at[wg])
+        q_seg_lo = ops.load_rows(seg_smem.at[wg])            # [bq] in the row layout: a few registers
       plgpu.barrier_wait(k_barriers.at[0])
       pl.when(wg == 1)(schedule)                              # start half a step behind consumer 0
 
@@ -252,7 +305,8 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
         # error, up to ~1e22, and exp2 of that is inf.
         scale = qk_scale
         if masked:
-          vis = visible(q0 + ops.iota((bq, bk), 0), j * bk + ops.iota((bq, bk), 1), window)
+          seg = None if q_seg_lo is None else lax.broadcast_in_dim(q_seg_lo, (bq, bk), [0])
+          vis = visible(q0 + ops.iota((bq, bk), 0), j * bk + ops.iota((bq, bk), 1), window, q_seg_lo=seg)
           qk, scale = jnp.where(vis, qk * qk_scale, NEG_INF), 1.0
         m_new = jnp.maximum(m_i, qk.max(axis=1) * scale)
         alpha = jnp.exp2(m_i - m_new)
@@ -276,7 +330,8 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
-      x, y = split_range(lo, hi, *fully_visible_key_blocks(q0, bq, bk, window))
+      seg_last = seg_ref[bi, q0 + bq - 1] if has_seg else None
+      x, y = split_range(lo, hi, *fully_visible_key_blocks(q0, bq, bk, window, seg_last))
       carry = (acc, m_i, l_i)
       for start, stop, masked in ((lo, x, True), (x, y, False), (y, hi, True)):
         carry = lax.fori_loop(start, stop, functools.partial(step_body, masked=masked), carry)
@@ -298,20 +353,22 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, *, qk_scale: float, window:
       plgpu.SMEM((CONSUMERS, bq), jnp.float32),                       # lse rows
       plgpu.SMEM((n_mem, p), dtype, **tiled) if has_mem else None,    # chunk memory keys
       plgpu.SMEM((n_mem, p), dtype, **tiled) if has_mem else None,    # chunk memory values
-      plgpu.SMEM((n_mem,), jnp.float32) if has_mem else None,         # 0 / NEG_INF per memory slot
+      memory_mask_smem(n_mem, has_span) if has_mem else None,         # bias or spans per memory slot
+      plgpu.SMEM((CONSUMERS, bq), jnp.int32) if has_seg else None,    # seg_lo rows
   )
   scratch = (
       smem,
       (plgpu.Barrier(num_barriers=CONSUMERS), plgpu.Barrier(num_barriers=stages),
-       plgpu.Barrier(num_barriers=stages)),
+       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=CONSUMERS) if has_seg else None),
       (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),) * 2,
       plgpu.Barrier(num_barriers=3) if has_mem else None,
       plgpu.Barrier(num_arrivals=CONSUMERS),
   )
   args = [q, k, v]
   if has_mem:
-    bias = jnp.where(mem_valid != 0, 0.0, NEG_INF).astype(jnp.float32)   # [B, C, M]
-    args += [mem_k, mem_v, bias]
+    args += [mem_k, mem_v, memory_mask(mem_valid, mem_span)]
+  if has_seg:
+    args.append(seg_lo)
   kwargs = {}
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams

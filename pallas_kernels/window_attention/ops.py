@@ -2,13 +2,20 @@
 
 Semantics are exactly `memory_attention_reference` (see `reference.py`). Shapes (legend in
 `bmojo_jax/typing.py`): q [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v [B, C, M, K, P]; mem_valid [B, C, M]
-with C = ceil(T / L). Returns o [B, T, H, P] in q.dtype.
+with C = ceil(T / L); optional segment_ids [B, T] and mem_span [B, C, 2, M]. Returns o [B, T, H, P] in
+q.dtype.
 
 Here the inputs are brought to the kernels' layout: T padded to a multiple of every block (padding keys
 sit after every real query, so causality hides them; padding queries are sliced off and get a zero
 cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic kernels) with invalid slots, P padded
 to a power of two >= 16 with zeros (zero q/k columns add nothing to the logits). Padding is skipped when a
 size already fits. The forward, dq and dk/dv kernels are picked by `resolve_impls`.
+
+Packed rows: the kernels never compare segment ids. `segment_bounds` turns them into seg_lo [B, T] (the
+first position of each position's segment: the forward and dq kernels, queries on rows) and seg_hi [B, T]
+(the last: the dk/dv kernels, keys on rows); padding positions form one more segment. mem_span reaches the
+kernels as [B, C, 2, M] int32 with mem_valid folded in (an invalid or padding slot gets the empty span
+[0, 0)), in place of mem_valid. Without segment_ids / mem_span every kernel is traced exactly as before.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.window_attention.backward import backward
@@ -45,9 +53,9 @@ def _on_hopper() -> bool:
 
 
 def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: int,
-                  interpret: bool) -> BlockSizes:
+                  interpret: bool, segments: bool = False, span: bool = False) -> BlockSizes:
   """blocks with forward_impl, dq_impl and dkdv_impl each "triton" or "mosaic" (padded head_dim; n_mem = M
-  before padding).
+  before padding; segments / span: whether segment_ids / mem_span are given).
 
   "auto" takes the Mosaic kernel on a compute-capability-9 GPU (not in interpret mode) when the shapes
   allow it; an explicit "mosaic" that cannot run these shapes is an error naming the reason."""
@@ -57,7 +65,7 @@ def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: i
                              ("dkdv_impl", mosaic_dkdv_unsupported)):
     impl = getattr(blocks, field)
     if impl != "triton":
-      why = unsupported(dtype, head_dim, chunk, m_pad, blocks)
+      why = unsupported(dtype, head_dim, chunk, m_pad, blocks, segments=segments, span=span)
       if field != "forward_impl" and interpret:
         why = why or "in interpret mode (the Mosaic backward kernels run compiled only)"
       if impl == "mosaic" and why:
@@ -68,42 +76,63 @@ def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: i
   return dataclasses.replace(blocks, **chosen)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _attention(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret):
-  return _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret)[0]
+def segment_bounds(segment_ids, t_pad: int):
+  """segment_ids [B, T] -> (seg_lo, seg_hi) [B, t_pad] int32: the first and the last position of each
+  position's segment, positions T… (padding) one segment of their own.
+
+  Segments are contiguous runs, so for keys s <= t: same segment iff s >= seg_lo[t] iff t <= seg_hi[s]."""
+  b, t = segment_ids.shape
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  if t_pad > t:
+    starts = jnp.concatenate([starts, jnp.zeros((b, t_pad - t), bool).at[:, 0].set(True)], axis=1)
+  ends = jnp.concatenate([starts[:, 1:], jnp.ones((b, 1), bool)], axis=1)   # the next position starts one
+  pos = jnp.arange(t_pad, dtype=jnp.int32)
+  seg_lo = lax.cummax(jnp.where(starts, pos, 0), axis=1)
+  seg_hi = lax.cummin(jnp.where(ends, pos, t_pad - 1), axis=1, reverse=True)
+  return seg_lo, seg_hi
 
 
-def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13))
+def _attention(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale, window, chunk, blocks,
+               interpret):
+  return _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale, window, chunk,
+                        blocks, interpret)[0]
+
+
+def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale, window, chunk, blocks,
+                   interpret):
   fwd = forward_mosaic if blocks.forward_impl == "mosaic" else forward
-  o, lse = fwd(q, k, v, mem_k, mem_v, mem_valid, qk_scale=scale * LOG2E, window=window, chunk=chunk,
-               blocks=blocks, interpret=interpret)
-  return o, (q, k, v, mem_k, mem_v, mem_valid, o, lse)
+  o, lse = fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, qk_scale=scale * LOG2E, window=window,
+               chunk=chunk, blocks=blocks, interpret=interpret)
+  return o, (q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse)
 
 
 def _attention_bwd(scale, window, chunk, blocks, interpret, res, do):
-  q, k, v, mem_k, mem_v, mem_valid, o, lse = res
-  dq, dk, dv, dmk, dmv = backward(q, k, v, mem_k, mem_v, mem_valid, o, lse, do, scale=scale,
-                                  qk_scale=scale * LOG2E, window=window, chunk=chunk, blocks=blocks,
-                                  interpret=interpret)
-  return dq, dk, dv, dmk, dmv, None
+  q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse = res
+  dq, dk, dv, dmk, dmv = backward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse, do,
+                                  scale=scale, qk_scale=scale * LOG2E, window=window, chunk=chunk,
+                                  blocks=blocks, interpret=interpret)
+  return dq, dk, dv, dmk, dmv, None, None, None, None   # integer inputs: no cotangent
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                     scale: float | None = None, block_sizes: BlockSizes | None = None,
-                     interpret: bool = False):
+                     segment_ids=None, mem_span=None, scale: float | None = None,
+                     block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Sliding-window (window None: full causal) attention plus per-chunk memory; o [B, T, H, P] in q.dtype.
 
-  Query t in chunk t // chunk sees keys t - window < t' <= t and the valid memory slots of its chunk.
+  Query t in chunk c = t // chunk sees keys t - window < t' <= t (of its own segment, given segment_ids
+  [B, T] int: each segment one contiguous run) and the valid memory slots m of its chunk (given mem_span
+  [B, C, 2, M] int, only those with mem_span[b, c, 0, m] <= t - c·chunk < mem_span[b, c, 1, m]).
   Gradients flow to q, k, v, mem_k and mem_v. `interpret=True` runs the kernels on CPU.
   """
   if (mem_k is None) != (mem_v is None) or (mem_k is None) != (mem_valid is None):
     raise ValueError("mem_k, mem_v and mem_valid must be given together; got "
                      f"{None if mem_k is None else mem_k.shape}, {None if mem_v is None else mem_v.shape}, "
                      f"{None if mem_valid is None else mem_valid.shape}")
-  n_chunks, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk)
+  n_chunks, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk, segment_ids, mem_span)
   b, t, h, p = q.shape
   if k.dtype != q.dtype or v.dtype != q.dtype or (n_mem and (mem_k.dtype != q.dtype or mem_v.dtype != q.dtype)):
     raise ValueError(f"q, k, v, mem_k, mem_v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -111,19 +140,30 @@ def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window:
   scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
   blocks = (block_sizes or BlockSizes.get_default(p, has_memory=bool(n_mem))).fitted(t, chunk)
   p_pad = _pow2_at_least(p, 16)
-  blocks = resolve_impls(blocks, q.dtype, p_pad, chunk, n_mem, interpret)
+  has_span = mem_span is not None and n_mem > 0
+  blocks = resolve_impls(blocks, q.dtype, p_pad, chunk, n_mem, interpret, segments=segment_ids is not None,
+                         span=has_span)
 
   t_pad = -(-t // blocks.pad_multiple) * blocks.pad_multiple
   seq_pad = ((0, 0), (0, t_pad - t), (0, 0), (0, p_pad - p))
   if seq_pad != ((0, 0),) * 4:
     q, k, v = (jnp.pad(x, seq_pad) for x in (q, k, v))
+  seg_lo = seg_hi = None
+  if segment_ids is not None:
+    seg_lo, seg_hi = segment_bounds(segment_ids, t_pad)
   if mem_k is None or n_mem == 0:
-    mem_k = mem_v = mem_valid = None
+    mem_k = mem_v = mem_valid = mem_span = None
   else:
     m_pad = _memory_slots(n_mem, mosaic="mosaic" in (blocks.forward_impl, blocks.dq_impl))   # dk/dv: no memory
     mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
     if m_pad != n_mem or p_pad != p:
       mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)
-    mem_valid = jnp.pad(mem_valid.astype(jnp.int32), mem_pad[:3])
-  o = _attention(q, k, v, mem_k, mem_v, mem_valid, scale, window, chunk, blocks, interpret)
+    if has_span:   # one mask input: an invalid (or padding) slot has the empty span [0, 0)
+      mem_span = jnp.where(mem_valid[:, :, None, :] != 0, mem_span.astype(jnp.int32), 0)
+      mem_span = jnp.pad(mem_span, ((0, 0), (0, 0), (0, 0), (0, m_pad - n_mem)))
+      mem_valid = None
+    else:
+      mem_valid = jnp.pad(mem_valid.astype(jnp.int32), mem_pad[:3])
+  o = _attention(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale, window, chunk, blocks,
+                 interpret)
   return o[:, :t, :, :p]

@@ -1,11 +1,15 @@
 """Plain-jnp reference for memory attention: causal sliding-window attention plus per-chunk memory tokens.
 
 Shapes (legend in `bmojo_jax/typing.py`): q [B, T, H, P]; k, v [B, T, K, P] with H = K·G (grouped-query);
-mem_k, mem_v [B, C, M, K, P] and mem_valid [B, C, M] with C = ceil(T / L) for chunk length L.
+mem_k, mem_v [B, C, M, K, P] and mem_valid [B, C, M] with C = ceil(T / L) for chunk length L; optional
+segment_ids [B, T] (packed documents) and mem_span [B, C, 2, M] (needs memory).
 
-Query t in chunk t // L attends to
-  * keys t' with t - window < t' <= t (all t' <= t when window is None), and
-  * the valid memory slots of its chunk.
+Query t in chunk c = t // L attends to
+  * keys t' with t - window < t' <= t (all t' <= t when window is None) and, with segment_ids,
+    segment_ids[b, t'] == segment_ids[b, t] (the caller keeps each segment one contiguous run), and
+  * the valid memory slots m of its chunk with, given mem_span, mem_span[b, c, 0, m] <= t - c·L <
+    mem_span[b, c, 1, m] (without it the whole chunk). Memory ignores segment_ids: the span says which
+    queries of the chunk a slot belongs to.
 Work is done per query chunk against the (window // L + 1) key chunks it can see, so with a window the
 memory is O(T·(window + L + M)) and no [T, T] score matrix is built.
 """
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite so that fully masked padding rows stay NaN-free; exp() of it is exactly 0.
 
 
-def check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk):
+def check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk, segment_ids=None, mem_span=None):
   """Raise a ValueError naming the offending shapes; returns (C, M)."""
   b, t, h, p = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != p:
@@ -32,13 +36,22 @@ def check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk):
   if window is not None and (window <= 0 or window % chunk):
     raise ValueError(f"window ({window}) must be a positive multiple of chunk ({chunk})")
   n_chunks = -(-t // chunk)
+  if segment_ids is not None and (segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    raise ValueError(f"segment_ids must be integer [B, T] = {(b, t)} (q {q.shape}); got {segment_ids.dtype} "
+                     f"{segment_ids.shape}")
   if mem_k is None:
+    if mem_span is not None:
+      raise ValueError(f"mem_span {mem_span.shape} needs memory (mem_k, mem_v, mem_valid)")
     return n_chunks, 0
   m = mem_k.shape[2]
   want = (b, n_chunks, m, k.shape[2], p)
   if mem_k.shape != want or mem_v.shape != want or mem_valid.shape != want[:3]:
     raise ValueError(f"memory must be mem_k/mem_v {want} and mem_valid {want[:3]}; got "
                      f"{mem_k.shape}, {mem_v.shape}, {mem_valid.shape}")
+  span = (b, n_chunks, 2, m)
+  if mem_span is not None and (mem_span.shape != span or not jnp.issubdtype(mem_span.dtype, jnp.integer)):
+    raise ValueError(f"mem_span must be integer [B, C, 2, M] = {span} (mem_k {mem_k.shape}); got "
+                     f"{mem_span.dtype} {mem_span.shape}")
   return n_chunks, m
 
 
@@ -62,9 +75,10 @@ def window_mask(n_chunks: int, chunk: int, r: int, window: int):
 
 
 def memory_attention_reference(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *,
-                               window: int | None, chunk: int, scale: float | None = None):
+                               window: int | None, chunk: int, segment_ids=None, mem_span=None,
+                               scale: float | None = None):
   """Returns o [B, T, H, P] in q.dtype; logits, softmax and accumulation in fp32."""
-  n_chunks, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk)
+  n_chunks, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk, segment_ids, mem_span)
   b, t, h, p = q.shape
   kh = k.shape[2]
   g = h // kh
@@ -81,10 +95,21 @@ def memory_attention_reference(q, k, v, mem_k=None, mem_v=None, mem_valid=None, 
   f32 = jnp.float32
   logits = jnp.einsum("BCLKGP,BCSKP->BCKGLS", qc, kw, preferred_element_type=f32) * scale
   mask = window_mask(n_chunks, chunk, r, window)[None, :, None, None]  # [1, C, 1, 1, L, S]
+  if segment_ids is not None:
+    # padding queries are sliced off; padding keys come after every real query
+    seg = jnp.pad(segment_ids, ((0, 0), (0, t_pad - t)))
+    seg_q = seg.reshape(b, n_chunks, chunk)
+    seg_k = window_blocks(seg[:, :, None, None], n_chunks, chunk, r)[..., 0, 0]   # [B, C, S]
+    same = seg_q[:, :, :, None] == seg_k[:, :, None, :]                            # [B, C, L, S]
+    mask = mask & same[:, :, None, None]
   logits = jnp.where(mask, logits, NEG_INF)
   if n_mem:
     mem_logits = jnp.einsum("BCLKGP,BCMKP->BCKGLM", qc, mem_k, preferred_element_type=f32) * scale
     mem_mask = mem_valid[:, :, None, None, None, :]                     # [B, C, 1, 1, 1, M]
+    if mem_span is not None:
+      offset = jnp.arange(chunk)[:, None]                               # query offset in its chunk
+      span = (mem_span[:, :, 0, None, :] <= offset) & (offset < mem_span[:, :, 1, None, :])   # [B, C, L, M]
+      mem_mask = mem_mask & span[:, :, None, None]
     logits = jnp.concatenate([logits, jnp.where(mem_mask, mem_logits, NEG_INF)], axis=-1)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("BCKGLS,BCSKP->BCLKGP", probs[..., :kw.shape[2]], vw.astype(f32))
