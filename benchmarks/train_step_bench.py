@@ -3,10 +3,13 @@
     python -m benchmarks.train_step_bench                                   # the whole grid -> results JSON
     python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
     python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
+    python -m benchmarks.train_step_bench --packed false,true               # packed documents' cost
 
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
 outputs not aliased to donated inputs), device, jax. Equal tokens per step: batch = max(1, tokens // T).
+`--packed true` feeds rows that pack documents (segment_ids, lengths ~ Exp(--doc-len)): records say
+`segments: true`.
 MFU = `bmojo_jax.param_count.train_flops_per_token` x tokens/s over 989 TFLOP/s (H100/H200 dense bf16 spec):
 every matmul and attention's scores/values over the keys each query sees; the scan is not counted.
 
@@ -59,6 +62,20 @@ def synthetic_task(seq_len: int, vocab: int) -> tasks_lib.Task:
   return tasks_lib.Task("synthetic", range(1 << 30), range(1), seq_len, vocab)
 
 
+def packed_segments(rng, batch: int, seq_len: int, mean_len: int) -> dict[str, np.ndarray]:
+  """segment_ids and positions of rows packing documents of exponentially distributed lengths (>= 1)."""
+  ids = np.zeros((batch, seq_len), np.int32)
+  positions = np.zeros((batch, seq_len), np.int32)
+  for row in range(batch):
+    start, doc = 0, 1
+    while start < seq_len:
+      n = min(seq_len - start, max(1, int(rng.exponential(mean_len))))
+      ids[row, start:start + n] = doc
+      positions[row, start:start + n] = np.arange(n)
+      start, doc = start + n, doc + 1
+  return {"segment_ids": ids, "positions": positions}
+
+
 def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: int = 5):
   """Median ms of one step over `samples` samples of back-to-back steps (each sample >= min_sample_s)."""
   for _ in range(2):
@@ -80,7 +97,7 @@ def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: in
 
 def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, layers: int | None = None,
             remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
-            scan_layers: bool | None = None) -> dict:
+            scan_layers: bool | None = None, doc_len: int | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
   if remat is not None:
@@ -94,7 +111,10 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   state = setup.init_state()
   rng = np.random.default_rng(0)
   data = rng.integers(0, cfg.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
-  batch_arrays = shard_lib.shard_batch({"inputs": data[:, :-1], "targets": data[:, 1:]}, setup.mesh)
+  arrays = {"inputs": data[:, :-1], "targets": data[:, 1:]}
+  if doc_len:
+    arrays.update(packed_segments(rng, batch, seq_len, doc_len))
+  batch_arrays = shard_lib.shard_batch(arrays, setup.mesh)
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
@@ -111,7 +131,8 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
              dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms,
              tokens_per_s=tokens_per_s,
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / PEAK_FLOPS, compile_s=compile_s,
-             peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count())
+             peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count(), segments=bool(doc_len),
+             mean_doc_len=doc_len)
   if profile_dir:
     name = (f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_"
             f"{'scan' if cfg.scan_layers else 'loop'}_{cfg.remat.value}")
@@ -250,11 +271,15 @@ def main():
   ap.add_argument("--profile", default=None, help="directory for traces and per-op tables")
   ap.add_argument("--name", default="train_step", help="result file stem (<name>_<device>.json)")
   ap.add_argument("--tag", default="", help="free text stored in every record (which code version)")
+  ap.add_argument("--packed", default="false",
+                  help="false, true or false,true: rows packing documents (segment_ids) of mean length --doc-len")
+  ap.add_argument("--doc-len", type=int, default=None, help="mean packed document length (default T // 4)")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new configuration after this many seconds (fits a run into a time limit)")
   args = ap.parse_args()
   remats = [None] if args.remat is None else args.remat.split(",")
   layouts = [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")]
+  packs = [v == "true" for v in args.packed.split(",")]
   if args.profile:
     os.makedirs(args.profile, exist_ok=True)
     # XLA runs a GPU step as CUDA graphs ("command buffers"), which the trace shows as one opaque op: turn
@@ -263,14 +288,15 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec, remat, scan_layers in itertools.product(args.families.split(","), remats, layouts):
+      for spec, remat, scan_layers, packed in itertools.product(args.families.split(","), remats, layouts, packs):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
           print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len}", flush=True)
           continue
         try:
+          doc_len = (args.doc_len or seq_len // 4) if packed else None
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl, scan_layers)
+                        args.scan_impl, scan_layers, doc_len)
         except Exception as e:  # keep the grid going; the record says what failed
           rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len,
                      error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -284,7 +310,7 @@ def main():
     if "error" in r:
       print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
       continue
-    layout = f"{'scan' if r['scan_layers'] else 'loop'}/{r['remat']}"
+    layout = f"{'scan' if r['scan_layers'] else 'loop'}/{r['remat']}" + ("/packed" if r.get("segments") else "")
     print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:11s} {r['step_ms']:8.2f} "
           f"{r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
           f"{(r['peak_bytes'] or 0) / 2**30:6.1f}")

@@ -22,6 +22,7 @@ from bmojo_jax import typing as tp
 from bmojo_jax.config import AttnImpl, ModelConfig
 from bmojo_jax.layers import einsum_layer, rope
 from bmojo_jax.memory import Store
+from bmojo_jax.segments import Packing
 from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_reference
 
 
@@ -31,25 +32,29 @@ def _pallas_attention(*args, **kwargs):
 
 
 def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                          implementation: str | None = "cudnn"):
+                          segment_ids=None, mem_span=None, implementation: str | None = "cudnn"):
   """Causal (window None) or sliding-window attention without memory through `jax.nn.dot_product_attention`.
 
-  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t.
+  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t, and with
+  segment_ids [B, T] only those of its segment (a dense [B, 1, T, T] mask: cuDNN has no segment ids; the
+  Pallas kernel masks by segment without one).
   implementation "cudnn" is the fused cuDNN kernel (GPU only); "xla" (or None) is XLA's, for tests on CPU.
   """
   del chunk  # no memory: the chunking only matters for memory tokens
-  if mem_k is not None:
+  if mem_k is not None or mem_span is not None:
     raise ValueError("dot_product_attention has no memory tokens; use attn_impl='pallas' or 'reference'")
   if implementation == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f"attn_impl='cudnn' needs a GPU, but the backend is {jax.default_backend()!r}; use "
                      "attn_impl='reference' (or 'pallas' in interpret mode)")
   local = None if window is None else (window - 1, 0)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
+  mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
                                       implementation=implementation)
 
 
 def get_attention_fn(impl: AttnImpl | str):
-  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk) -> o (the only place the choice is made)."""
+  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o (the only
+  place the choice is made)."""
   return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: _pallas_attention,
           AttnImpl.CUDNN: dot_product_attention}[AttnImpl(impl)]
 
@@ -83,21 +88,41 @@ class Attention(nnx.Module):
                            cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
   def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
-               cache_size: int | None = None) -> tuple[jax.Array, AttnState | None]:
-    """Parallel pass from position 0 (`state` must be None).
+               cache_size: int | None = None, packing: Packing | None = None
+               ) -> tuple[jax.Array, AttnState | None]:
+    """Parallel pass from position 0, or with `state` a continuation of the sequence it holds.
 
     a [B, T, D] attention input; fading [B, T, D] fading source (the normed mixer output; B'MOJO-F /
     B'MOJO). With cache_size (ring slots; the window, or the maximum length for full attention) also
-    returns the decode state after the last token.
+    returns the decode state after the last token. With `packing` (several documents per row) no key or
+    memory token of one document is visible to another, and chunks count from each document's first token.
+    A continuation (a prompt fed in pieces, a second turn) runs `step` over its tokens in a `lax.scan`: exact
+    whatever the phase of the chunks, but sequential in T.
     """
     if state is not None:
-      raise NotImplementedError("Attention's parallel pass starts at position 0; continue with step()")
+      if packing is not None:
+        raise NotImplementedError("a continuation from a decode state takes one document per row")
+      return self._continue(a, state, fading)
     cfg = self.cfg
     b, t, _ = a.shape
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
-    positions = jnp.arange(t)
+    positions = jnp.arange(t) if packing is None else packing.positions
     k_raw, v = self.wk(a), self.wv(a)
     q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
+    attend = get_attention_fn(cfg.attn_impl)
+    if packing is not None:
+      if cache_size is not None:
+        raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
+      mem = None
+      if m_f or m_e:
+        fk, fv = (self.wk(fading), self.wv(fading)) if m_f else (None, None)
+        scores = memory.innovation_scores(a, reach=packing.offset)[0] if m_e else None
+        mem = memory.packed_memory(fk, fv, scores, k_raw, v, packing, chunk=chunk, n_fading=m_f,
+                                   k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
+      mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
+      o = attend(q, k, v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk, segment_ids=packing.ids,
+                 mem_span=span)
+      return self.wo(o), None
 
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
@@ -115,7 +140,6 @@ class Attention(nnx.Module):
       mem_v.append(stores.v)
       mem_valid.append(stores.valid)
     cat = lambda xs: jnp.concatenate(xs, axis=2) if xs else None
-    attend = get_attention_fn(cfg.attn_impl)
     o = attend(q, k, v, cat(mem_k), cat(mem_v), cat(mem_valid), window=cfg.window, chunk=chunk)
     y = self.wo(o)
     if cache_size is None:
@@ -134,6 +158,15 @@ class Attention(nnx.Module):
       state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
                              cand=jax.tree.map(lambda x: x[:, -1], selected), history=history)
     return y, state
+
+  def _continue(self, a: jax.Array, state: AttnState, fading: jax.Array | None):
+    """`step` over the T tokens of a [B, T, D] (and fading) from `state` -> (y [B, T, D], state)."""
+    def body(state, xs):
+      y, state = self.step(xs[0][:, None], state, fading=None if xs[1] is None else xs[1][:, None])
+      return state, y[:, 0]
+    to_time = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    state, y = jax.lax.scan(body, state, (to_time(a), to_time(fading)))
+    return jnp.moveaxis(y, 0, 1), state
 
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmojo_jax.attention import AttnState
 from bmojo_jax.model import LanguageModel
 
 
@@ -51,7 +52,8 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
 class Decoder:
   """Compiled prefill and step functions for one model.
 
-  `prefill(tokens [B, T], max_len) -> (logits [B, T, V], cache)` compiles once per prompt shape;
+  `prefill(tokens [B, T], max_len, cache=None) -> (logits [B, T, V], cache)` compiles once per prompt shape
+  (with a cache: continues its sequence, e.g. a second turn);
   `step(token [B], cache) -> (logits [B, V], cache)` compiles once and donates the cache;
   `decode(logits [B, V], cache, n) -> (tokens [B, n], logits, cache)` runs n steps on device in one `lax.scan`
   (sampling included) and compiles once per (B, n) and sampling settings.
@@ -66,11 +68,26 @@ class Decoder:
     return nnx.merge(self.graphdef, state).prefill(tokens, max_len)
 
   @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+  def _continue(self, state, tokens, cache):
+    return nnx.merge(self.graphdef, state).prefill(tokens, cache=cache)
+
+  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
   def _step(self, state, token, cache):
     return nnx.merge(self.graphdef, state).step(token, cache)
 
-  def prefill(self, tokens: jax.Array, max_len: int | None = None):
-    return self._prefill(self.state, jnp.asarray(tokens, jnp.int32), max_len)
+  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None):
+    """(logits [B, T, V], cache) of the prompt; with `cache` (donated) it continues that sequence."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if cache is None:
+      return self._prefill(self.state, tokens, max_len)
+    if self.cfg.has_attention and self.cfg.window is None:   # full attention: the KV cache must hold it all
+      attn = next(x for x in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, AttnState))
+                  if isinstance(x, AttnState))
+      pos, slots = int(np.max(attn.pos)), attn.k.shape[-3]
+      if pos + tokens.shape[1] > slots:
+        raise ValueError(f"the KV cache holds {slots} tokens (max_len of the first prefill); {pos} are in it "
+                         f"and {tokens.shape[1]} more do not fit")
+    return self._continue(self.state, tokens, cache)
 
   def step(self, token: jax.Array, cache):
     return self._step(self.state, jnp.asarray(token, jnp.int32), cache)

@@ -71,8 +71,8 @@ class SwiGLU(nnx.Module):
     self.up = einsum_layer("BTD,DF->BTF", (d, f), (tp.EMBED, tp.MLP), cfg, rngs, cfg.init_std)
     self.down = einsum_layer("BTF,FD->BTD", (f, d), (tp.MLP, tp.EMBED), cfg, rngs, out_std)
 
-  def __call__(self, x: jax.Array, state=None, *, fading=None, cache_size: int | None = None):
-    del state, fading, cache_size
+  def __call__(self, x: jax.Array, state=None, *, fading=None, cache_size: int | None = None, packing=None):
+    del state, fading, cache_size, packing
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
 
   def step(self, x: jax.Array, state=None, *, fading=None):
@@ -109,15 +109,25 @@ def _logits_bwd(res, g):
 logits_einsum.defvjp(_logits_fwd, _logits_bwd)
 
 
-def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, state: jax.Array):
+def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, state: jax.Array,
+                reach: jax.Array | None = None):
   """Causal depthwise conv with a carried state.
 
   u [B, T, E]; weight [W, E] (weight[W-1] multiplies the current token); bias [E];
-  state [B, W-1, E], the W-1 inputs before u (zeros at the sequence start).
+  state [B, W-1, E], the W-1 inputs before u (zeros at the sequence start);
+  reach [B, T] int or None: how many tokens before t the conv may read (a packed row: the position within
+  the document, so the conv restarts from zeros at a document's first token); None: all of them.
   Returns (y [B, T, E], new_state [B, W-1, E]).
   """
   width = weight.shape[0]
   t = u.shape[1]
   xpad = jnp.concatenate([state.astype(u.dtype), u], axis=1)                       # [B, T+W-1, E]
-  y = bias.astype(u.dtype) + sum(xpad[:, j:j + t] * weight[j].astype(u.dtype) for j in range(width))
+
+  def tap(j):                                                                       # token t - (W-1-j)
+    x = xpad[:, j:j + t]
+    if reach is not None and j < width - 1:
+      x = jnp.where((reach >= width - 1 - j)[..., None], x, 0)
+    return x * weight[j].astype(u.dtype)
+
+  y = bias.astype(u.dtype) + sum(tap(j) for j in range(width))
   return y, xpad[:, t:]

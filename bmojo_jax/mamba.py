@@ -25,6 +25,7 @@ from bmojo_jax import typing as tp
 from bmojo_jax.config import ModelConfig, ScanImpl
 from bmojo_jax.layers import causal_conv, einsum_layer, param
 from bmojo_jax.scan import get_scan_fn
+from bmojo_jax.segments import Packing
 
 
 class MambaState(NamedTuple):
@@ -79,23 +80,29 @@ class Mamba(nnx.Module):
                                  cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
   def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None,
-               cache_size: int | None = None) -> tuple[jax.Array, MambaState]:
-    """x [B, T, D] -> (out [B, T, D], state after the last token). `state` continues a sequence; fading and
-    cache_size are part of the mixer protocol and unused here."""
+               cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, MambaState]:
+    """x [B, T, D] -> (out [B, T, D], state after the last token). `state` continues a sequence; with
+    `packing` (several documents in a row) the conv and SSM states restart from zero at every document's first
+    token after the row's first. fading and cache_size are part of the mixer protocol and unused here."""
     del fading, cache_size
     cfg = self.cfg
     if state is None:
       state = self.init_state(x.shape[0])
+    reach = reset = None
+    if packing is not None:
+      reach = jnp.where(packing.ids == 0, cfg.d_conv, packing.offset)  # the first document continues `state`
+      reset = packing.starts
     uz = self.in_proj(x)                                                               # [B, T, 2, E]
     u, z = uz[:, :, 0], uz[:, :, 1]                                                    # slices, not a transpose
-    u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv)
+    u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv, reach)
     u = jax.nn.silu(u)
     dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
     delta = self.dt_proj(dt_low)
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))
     impl = ScanImpl.SEQUENTIAL if x.shape[1] == 1 else cfg.scan_impl   # one decode step needs no chunking
     scan = get_scan_fn(impl, chunk=cfg.scan_chunk)
-    y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm)
+    y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm,
+                  reset=reset)
     return self.out_proj(y.astype(cfg.compute_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
 
   def step(self, x: jax.Array, state: MambaState, *, fading=None) -> tuple[jax.Array, MambaState]:

@@ -39,17 +39,25 @@ def empty_store(batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> S
                valid=jnp.zeros((batch, size), bool))
 
 
-def innovation_scores(a: jax.Array, history: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   """e [B, T] fp32 (no gradient) and the new history (the last 4 inputs, [B, 4, D] fp32).
 
-  a [B, T, D]; history [B, 4, D] holds a_{-4..-1} (zeros at the sequence start).
+  a [B, T, D]; history [B, 4, D] holds a_{-4..-1} (zeros at the sequence start); reach [B, T] int or None:
+  how many inputs before t the predictor may read (a packed row: the position within the document, so the
+  history restarts at a document's first token); None: all of them.
   """
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
   b, t, d = a.shape
   if history is None:
     history = jnp.zeros((b, PREDICTOR_TAPS, d), jnp.float32)
   full = jnp.concatenate([history, a], axis=1)                                   # [B, 4+T, D]
-  pred = sum(full[:, PREDICTOR_TAPS - j:PREDICTOR_TAPS - j + t] for j in range(1, PREDICTOR_TAPS + 1))
+
+  def tap(j):                                                                    # a_{t-j}
+    x = full[:, PREDICTOR_TAPS - j:PREDICTOR_TAPS - j + t]
+    return x if reach is None else jnp.where((reach >= j)[..., None], x, 0)
+
+  pred = sum(tap(j) for j in range(1, PREDICTOR_TAPS + 1))
   err = a - pred / PREDICTOR_TAPS
   return jnp.sum(err * err, axis=-1), full[:, -PREDICTOR_TAPS:]
 
@@ -139,3 +147,93 @@ def fading_per_chunk(fk: jax.Array, fv: jax.Array, chunk: int, n_fading: int):
     return jnp.pad(last, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :n_chunks]  # shift by one chunk
 
   return per_chunk(fk), per_chunk(fv), jnp.arange(n_chunks) > 0
+
+
+def _kept_by_merge(union: Store, n_new: int, policy: StorePolicy) -> jax.Array:
+  """[B, M_e + k_e] bool: which entries of union = (store [M_e], then selections [k_e]) `merge` keeps."""
+  n = union.score.shape[1]
+  if policy == StorePolicy.FIFO:
+    return jnp.broadcast_to(jnp.arange(n) >= n_new, union.score.shape)
+  order = jnp.lexsort((union.pos, -union.score), axis=-1)                        # merge's order, best first
+  rank = jnp.argsort(order, axis=-1)
+  return rank < n - n_new
+
+
+def packed_memory(fk, fv, scores, k, v, packing, *, chunk: int, n_fading: int, k_e: int, size: int,
+                  policy: StorePolicy):
+  """Memory tokens of a packed row (`bmojo_jax.segments`), chunked the way each document alone is chunked.
+
+  A document's chunks count from its first token, so they need not line up with the row's chunks
+  c = [cL, (c+1)L). Row chunk c meets at most two chunks that have memory, both of the document D that holds
+  its first token: D's chunk j starting at b0 <= cL, and from row position b1 = b0 + L on, chunk j+1. Documents
+  starting inside row chunk c are in their chunk 0 there, which has no memory. So each row chunk gets
+      fading:   the M_f tokens before b0 (chunk j's) and the M_f before b1 (chunk j+1's);
+      eidetic:  D's store at chunk j, and chunk j's k_e selections (positions [b0, b1)); an entry is seen
+                before b1 if it is in the store at chunk j, from b1 on if `merge` keeps it for chunk j+1;
+  each slot with the span of the chunk's queries that see it (row offsets within the chunk, D's tokens only).
+  Unpacked rows (b0 = cL, b1 = (c+1)L) take the plain path (`fading_per_chunk`, `stores_before_chunks`),
+  whose results a packed row must reproduce (tests/test_packing.py).
+
+  fk, fv [B, T, K, P] fading projections or None; scores [B, T] innovation scores (restarted per document)
+  and k, v [B, T, K, P] (k without RoPE) or scores None. Returns mem_k, mem_v [B, C, M, K, P], mem_valid
+  [B, C, M], mem_span [B, C, 2, M] int32 with M = 2 M_f + M_e + k_e (the parts in use).
+  """
+  b, t = packing.offset.shape
+  n_chunks = -(-t // chunk)
+  row_start = jnp.arange(n_chunks, dtype=jnp.int32) * chunk                    # [C]
+  offset = packing.offset[:, row_start]                                         # [B, C] D's offset at cL
+  b0 = row_start - offset % chunk                                               # [B, C]
+  b1_rel = b0 + chunk - row_start                                               # (0, L]
+  end_rel = jnp.minimum(packing.end[:, row_start] - row_start, chunk)           # (0, L]: D's last token + 1
+  has_prev = offset >= chunk                                                    # D's chunk j > 0
+  split = b1_rel < end_rel                                                      # chunk j+1 starts in row chunk c
+  before = (jnp.zeros_like(b1_rel), jnp.minimum(b1_rel, end_rel))               # spans [lo, hi)
+  after = (b1_rel, end_rel)
+
+  def gather(x, idx):                                                           # x [B, T, …], idx [B, C, n]
+    flat = jnp.clip(idx, 0, t - 1).reshape(b, -1)
+    out = jnp.take_along_axis(x, flat.reshape(flat.shape + (1,) * (x.ndim - 2)), axis=1)
+    return out.reshape(idx.shape + x.shape[2:])
+
+  parts = []                                                                    # (k, v, valid, (lo, hi))
+
+  def add(pk, pv, valid, span):
+    n = valid.shape[-1]
+    parts.append((pk, pv, valid, tuple(jnp.broadcast_to(x[..., None], (b, n_chunks, n)) for x in span)))
+
+  if n_fading:
+    for start, valid, span in ((b0, has_prev, before), (b0 + chunk, split, after)):
+      idx = start[..., None] - n_fading + jnp.arange(n_fading)                  # [B, C, M_f]
+      add(gather(fk, idx), gather(fv, idx), jnp.broadcast_to(valid[..., None], idx.shape), span)
+  if size:
+    idx = b0[..., None] + jnp.arange(chunk)                                     # [B, C, L]: D's chunk j
+    in_d = (idx < t) & (gather(packing.ids, idx) == packing.ids[:, row_start][..., None])
+    window = jnp.where(in_d, gather(scores, idx), -jnp.inf)
+    top, at = jax.lax.top_k(window, k_e)                                        # ties: earlier first
+    order = jnp.argsort(at, axis=-1)
+    top, at = jnp.take_along_axis(top, order, -1), jnp.take_along_axis(at, order, -1)
+    pos = jnp.take_along_axis(idx, at, -1)                                      # [B, C, k_e] row positions
+    valid = top > -jnp.inf
+    zero_invalid = lambda x: jnp.where(valid[..., None, None], x, 0)
+    selected = Store(k=zero_invalid(gather(k, pos)), v=zero_invalid(gather(v, pos)), score=top,
+                     pos=jnp.where(valid, pos, NO_POS), valid=valid)
+
+    def step(store, xs):
+      sel, continues = xs
+      old = jax.tree.map(lambda e, s: jnp.where(continues.reshape((b,) + (1,) * (s.ndim - 1)), s, e),
+                         empty_store(b, size, *k.shape[2:], k.dtype), store)
+      union = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), old, sel)
+      return merge(old, sel, policy), (union, _kept_by_merge(union, k_e, policy))
+
+    by_chunk = lambda x: jnp.moveaxis(x, 1, 0)
+    _, (union, kept) = jax.lax.scan(step, empty_store(b, size, *k.shape[2:], k.dtype),
+                                    (jax.tree.map(by_chunk, selected), by_chunk(has_prev)))
+    union, kept = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), (union, kept))  # [B, C, M_e + k_e, …]
+    old_hi = jnp.where(kept[..., :size], end_rel[..., None], before[1][..., None])
+    parts.append((union.k[:, :, :size], union.v[:, :, :size], union.valid[:, :, :size],
+                  (jnp.zeros_like(old_hi), old_hi)))
+    add(union.k[:, :, size:], union.v[:, :, size:], union.valid[:, :, size:] & kept[..., size:] & split[..., None],
+        after)
+  cat = lambda i: jnp.concatenate([part[i] for part in parts], axis=2)
+  span = jnp.stack([jnp.concatenate([part[3][j] for part in parts], axis=2) for j in (0, 1)], axis=2)
+  return cat(0), cat(1), cat(2), span.astype(jnp.int32)

@@ -6,7 +6,8 @@ A block holds two pre-norm residual sublayers of the kinds `cfg.sublayers` names
 
 Every mixer class (`MIXERS`) follows one protocol, so `Block` runs its two sublayers without knowing their
 kinds:
-    __call__(x, state=None, *, fading=None, cache_size=None) -> (y, state)   parallel pass over [B, T, D]
+    __call__(x, state=None, *, fading=None, cache_size=None, packing=None) -> (y, state)
+                                                                              parallel pass over [B, T, D]
     step(x, state, *, fading=None) -> (y, state)                             one token, x [B, 1, D]
     init_state(batch, cache_size) -> state                                    the decode state before any token
 With `cfg.fading_source` (B'MOJO-F, B'MOJO) the first sublayer's output s, a read-out of the SSM state, is
@@ -17,6 +18,9 @@ With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose param
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks`
 convert parameter trees between the two layouts.
+
+A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
+gets the row's `Packing` and keeps the documents apart, so the row computes what its documents would alone.
 
 `LanguageModel.__call__` is the parallel (training) pass; `prefill` runs the same pass and returns the decode
 cache; `step` decodes one token from the cache. See `bmojo_jax.inference` for sampling and generation.
@@ -30,11 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bmojo_jax import segments
 from bmojo_jax import typing as tp
 from bmojo_jax.attention import Attention, AttnState
 from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
 from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
+from bmojo_jax.segments import Packing
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
 MIXERS = {Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
@@ -63,14 +69,14 @@ class Block(nnx.Module):
     self.mixer2 = MIXERS[second](cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, cache: BlockCache | None = None, *, cache_size: int | None = None,
-               decode: bool = False) -> tuple[jax.Array, BlockCache]:
+               decode: bool = False, packing: Packing | None = None) -> tuple[jax.Array, BlockCache]:
     """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`; else the parallel pass."""
     state1, state2 = cache if cache is not None else (None, None)
 
     def run(mixer, inputs, state, fading):
       if decode:
         return mixer.step(inputs, state, fading=fading)
-      return mixer(inputs, state, fading=fading, cache_size=cache_size)
+      return mixer(inputs, state, fading=fading, cache_size=cache_size, packing=packing)
 
     s, state1 = run(self.mixer1, self.norm1(x), state1, None)
     h = x + s
@@ -82,11 +88,11 @@ class Block(nnx.Module):
 
 
 def _block_fn(graphdef, cache_size: int | None, decode: bool, keep_cache: bool, remat: RematPolicy,
-              in_scan: bool):
+              in_scan: bool, packing: Packing | None):
   """(x, (block params, cache)) -> (x, cache): one block, the body of both the scan and the loop."""
   def body(x, xs):
     params, cache = xs
-    y, cache = nnx.merge(graphdef, params)(x, cache, cache_size=cache_size, decode=decode)
+    y, cache = nnx.merge(graphdef, params)(x, cache, cache_size=cache_size, decode=decode, packing=packing)
     return y, (cache if keep_cache else None)
   if remat == RematPolicy.NONE or decode:
     return body
@@ -154,34 +160,46 @@ class LanguageModel(nnx.Module):
     w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T                  # [V, D]
     return logits_einsum(x, w.astype(x.dtype))
 
-  def _run(self, tokens, caches, cache_size, decode, keep_cache):
+  def _run(self, tokens, caches, cache_size, decode, keep_cache, packing=None):
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)   # [B, T, D]
     if cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
-      body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True)
+      body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True, packing=packing)
       x, caches = jax.lax.scan(body, x, (params, caches))
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):
         graphdef, params = nnx.split(block)
-        body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=False)
+        body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=False, packing=packing)
         x, cache = body(x, (params, None if caches is None else caches[i]))
         new_caches.append(cache)
       caches = new_caches if keep_cache else None
     return self._logits(x), caches
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Parallel forward pass. tokens [B, T] -> logits [B, T, V] fp32."""
-    return self._run(tokens, None, None, False, False)[0]
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Parallel forward pass. tokens [B, T] -> logits [B, T, V] fp32.
 
-  def prefill(self, tokens: jax.Array, max_len: int | None = None):
+    segment_ids [B, T] int: a row packs several documents, one per run of equal ids (0 on padding, as
+    `train/data/text.py` emits them); no document sees another. positions [B, T] int: RoPE positions (default:
+    the position within the document).
+    """
+    packing = segments.packing(segment_ids, positions, tokens.shape)
+    return self._run(tokens, None, None, False, False, packing)[0]
+
+  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None):
     """Parallel pass over the prompt that also returns the decode cache.
 
     max_len bounds prompt + generated tokens; only full attention (the Transformer) needs it, to size its KV
-    cache. Returns (logits [B, T, V], cache).
+    cache. With `cache` (from `prefill`, `step` or `init_cache`) the prompt continues that sequence: a long
+    prompt fed in pieces, or a second turn, gives the logits of one prefill of the whole (the Mamba sublayers
+    run in parallel from their states, the attention sublayers step through the piece). Returns
+    (logits [B, T, V], cache).
     """
-    return self._run(tokens, None, self.cache_size(tokens.shape[1], max_len), False, True)
+    if cache is None:
+      return self._run(tokens, None, self.cache_size(tokens.shape[1], max_len), False, True)
+    return self._run(tokens, cache, None, False, True)
 
   def step(self, token: jax.Array, cache):
     """Decode one token per row. token [B] -> (logits [B, V], cache)."""

@@ -114,3 +114,28 @@ def test_scanned_decode_equals_step_loop(decoders):
     logits, cache = decoder.step(token, cache)
   np.testing.assert_array_equal(tokens, jnp.stack(want, 1))
   np.testing.assert_allclose(last_logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_in_pieces_matches_parallel(decoders, family):
+  """A prompt fed in pieces of random lengths (chunk phases anywhere), then decoding, equals one parallel pass."""
+  model, decoder = decoders[family]
+  tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
+  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  cuts = [0, 3, 4, 11, 18, 19, 30, 36]          # pieces of 3, 1, 7, 7, 1, 11, 6 tokens, then decode
+  logits, cache = decoder.prefill(tokens[:, :cuts[1]], T)
+  got = [logits]
+  for lo, hi in zip(cuts[1:-1], cuts[2:]):
+    logits, cache = decoder.prefill(tokens[:, lo:hi], cache=cache)
+    got.append(logits)
+  for t in range(cuts[-1], T):
+    logits, cache = decoder.step(tokens[:, t], cache)
+    got.append(logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=1e-4)
+
+
+def test_prefill_continuation_past_the_kv_cache_is_refused(decoders):
+  _, decoder = decoders["transformer"]
+  _, cache = decoder.prefill(jnp.zeros((2, 10), jnp.int32), 12)
+  with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
+    decoder.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)

@@ -12,6 +12,7 @@ Step s means "after s optimizer updates"; the loss logged at step s is the one c
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -159,10 +160,20 @@ def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
   return lse - label_logit, label_logit >= top
 
 
+MODEL_FIELDS = ("inputs", "targets", "segment_ids", "positions")  # what a step reads of a batch, when present
+
+
+def model_batch(batch: dict, *extra: str) -> dict:
+  """The fields of `batch` a step reads: MODEL_FIELDS (segment_ids / positions of packed text) and `extra`."""
+  return {k: batch[k] for k in MODEL_FIELDS + extra if k in batch}
+
+
 def loss_sums(graphdef, params, batch):
-  """(sum of token cross-entropies, (supervised tokens [B], correct tokens [B], ce per example [B]))."""
+  """(sum of token cross-entropies, (supervised tokens [B], correct tokens [B], ce per example [B])).
+
+  A batch with segment_ids (packed documents) keeps its documents apart (`LanguageModel.__call__`)."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"])                                       # [B, T, V] fp32
+  logits = model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))   # [B, T, V] fp32
   targets = batch["targets"]
   valid = targets != IGNORE_INDEX
   ce, correct = token_losses(logits, jnp.where(valid, targets, 0))
@@ -172,16 +183,36 @@ def loss_sums(graphdef, params, batch):
   return per_ex_ce.sum(), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
 
 
+def batch_grads(graphdef, params, batch):
+  """(gradient of the summed loss, summed loss, supervised tokens, correct tokens) of one (micro-)batch."""
+  (loss, (n, c, _)), g = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
+  return g, loss, n.sum(), c.sum()
+
+
+def apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_scale=None):
+  """The update from summed gradients g over n supervised tokens (c correct): (params, opt_state, metrics).
+
+  lr_scale (a population's per-run learning rate, `train.population`) multiplies the optimizer's updates;
+  its schedule then has peak 1."""
+  denom = jnp.maximum(n, 1).astype(jnp.float32)
+  grads = jax.tree.map(lambda x: x / denom, g)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  lr = schedule(step)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: (lr_scale * u).astype(u.dtype), updates)
+    lr = lr * lr_scale
+  metrics = {"loss": loss / denom, "accuracy": c / denom, "grad_norm": optax.global_norm(grads),
+             "learning_rate": lr}
+  return optax.apply_updates(params, updates), opt_state, metrics
+
+
 def make_train_step(setup: Setup, accum: int):
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
-
-  def grads_of(params, batch):
-    (loss, (n, c, _)), g = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
-    return g, loss, n.sum(), c.sum()
+  grads_of = functools.partial(batch_grads, graphdef)
 
   def train_step(state, batch):
     params = state["params"]
-    batch = {"inputs": batch["inputs"], "targets": batch["targets"]}
+    batch = model_batch(batch)
     if accum == 1:
       g, loss, n, c = grads_of(params, batch)
     else:
@@ -194,14 +225,9 @@ def make_train_step(setup: Setup, accum: int):
       zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
               jnp.zeros((), jnp.int32))
       (g, loss, n, c), _ = jax.lax.scan(body, zero, micro)
-    denom = jnp.maximum(n, 1).astype(jnp.float32)
-    grads = jax.tree.map(lambda x: x / denom, g)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1, "rng": state["rng"]}
-    metrics = {"loss": loss / denom, "accuracy": c / denom, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state["step"])}
-    return new_state, metrics
+    params, opt_state, metrics = apply_gradients(tx, schedule, params, state["opt_state"], g, loss, n, c,
+                                                 state["step"])
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
   return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
@@ -230,7 +256,7 @@ def evaluate(setup: Setup, params, eval_step=None) -> dict[str, float]:
                                    shard_index=jax.process_index(), shard_count=jax.process_count())
   totals = {"acc_sum": 0.0, "examples": 0, "ce_sum": 0.0, "tokens": 0}
   for batch in it:
-    batch = {k: batch[k] for k in ("inputs", "targets", "mask")}
+    batch = model_batch(batch, "mask")
     out = jax.device_get(eval_step(params, shard_lib.shard_batch(batch, setup.mesh)))
     for k in totals:
       totals[k] += out[k].item()
@@ -366,8 +392,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       for step in range(start + 1, num_steps + 1):
         batch = next(it)
         tasks_lib.check_first_batch(batch, setup.cfg.vocab_size, f"training batch of step {step}")
-        state, m = train_step(state, shard_lib.shard_batch(
-            {"inputs": batch["inputs"], "targets": batch["targets"]}, setup.mesh))
+        state, m = train_step(state, shard_lib.shard_batch(model_batch(batch), setup.mesh))
         pending.append((step, m))
         if step_callback is not None:
           step_callback(step, state)

@@ -81,11 +81,18 @@ class Tile(NamedTuple):
     return jnp.sum(x, axis=1 if self.lanes_e else 0)
 
 
+RESET_EXPONENT = -1e30  # added to a reset token's exponent: 2^(x - 1e30) is exactly 0, with no inf - inf
+
+
 def decay_tile(fm: FastMath, tile: Tile, dt, a2, reset):
   """exp(dt A) for one token as a tile (dt [E_blk], a2 the tile of A·log2(e)), times 1 - reset where the row
-  has a reset (a scalar: 1.0 where a new document starts there), so the state before that token is dropped."""
-  da = fm.exp2(tile.e(dt) * a2)
-  return da if reset is None else da * (1.0 - reset)
+  has a reset (a scalar: 1.0 where a new document starts there), so the state before that token is dropped.
+
+  The reset enters the exponent, 2^(dt·a2 + reset·RESET_EXPONENT): one fma per element where the plain decay
+  has a multiply, rather than a multiply more (that extra multiply cost the forward 11% on an H200)."""
+  if reset is None:
+    return fm.exp2(tile.e(dt) * a2)
+  return fm.exp2(fm.fma(tile.e(dt), a2, reset * RESET_EXPONENT))
 
 
 def pop_refs(refs, *present):

@@ -1,0 +1,123 @@
+"""Packed documents (issue #14): a row that packs several documents computes what each document computes alone,
+logits and parameter gradients, for every family and implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bmojo_jax import LanguageModel
+from bmojo_jax.attention import dot_product_attention
+from bmojo_jax.segments import packing
+from pallas_kernels.window_attention.reference import memory_attention_reference
+from tests.conftest import tiny_config
+
+# Lengths against chunk 4, window 8, conv width 4: documents shorter than the conv and than a chunk, documents
+# starting mid-chunk and spanning several chunks, then trailing padding (segment id 0, as text.py emits it).
+DOCS = (11, 2, 1, 9, 6, 3)
+PAD = 4
+T = sum(DOCS) + PAD
+
+
+def _row():
+  ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(DOCS)] + [np.zeros(PAD, int)])
+  bounds = np.cumsum((0,) + DOCS + (PAD,))
+  return jnp.asarray(ids, jnp.int32)[None], list(zip(bounds[:-1], bounds[1:]))
+
+
+def test_packing_describes_runs():
+  ids = jnp.asarray([[5, 5, 2, 2, 2, 5, 0, 0]])
+  p = packing(ids, None, ids.shape)
+  np.testing.assert_array_equal(p.ids, [[0, 0, 1, 1, 1, 2, 3, 3]])
+  np.testing.assert_array_equal(p.offset, [[0, 1, 0, 1, 2, 0, 0, 1]])
+  np.testing.assert_array_equal(p.end, [[2, 2, 5, 5, 5, 6, 8, 8]])
+  np.testing.assert_array_equal(p.positions, p.offset)
+  np.testing.assert_array_equal(p.starts, [[False, False, True, False, False, True, True, False]])
+  assert packing(None, None, ids.shape) is None
+  with pytest.raises(ValueError, match="segment_ids must be an integer array"):
+    packing(ids[:, :4], None, ids.shape)
+
+
+def _loss_grads(model, tokens, targets, segment_ids=None):
+  def loss_fn(m):
+    logits = m(tokens, segment_ids)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), logits
+  (_, logits), grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn, has_aux=True)(m))(model)
+  return logits, nnx.to_pure_dict(grads)
+
+
+def _check_packed_equals_alone(cfg, atol=1e-5):
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(3))
+  tokens = jax.random.randint(keys[0], (1, T), 0, cfg.vocab_size)
+  targets = jax.random.randint(keys[1], (1, T), 0, cfg.vocab_size)
+  ids, bounds = _row()
+  packed_logits, packed_grads = _loss_grads(model, tokens, targets, ids)
+  alone_grads = None
+  for lo, hi in bounds:
+    logits, grads = _loss_grads(model, tokens[:, lo:hi], targets[:, lo:hi])
+    np.testing.assert_allclose(packed_logits[:, lo:hi], logits, atol=atol, rtol=atol,
+                               err_msg=f"logits of the document at [{lo}, {hi})")
+    alone_grads = grads if alone_grads is None else jax.tree.map(jnp.add, alone_grads, grads)
+  for (path, g_packed), g_alone in zip(jax.tree_util.tree_leaves_with_path(packed_grads),
+                                       jax.tree.leaves(alone_grads)):
+    scale = max(1.0, float(jnp.max(jnp.abs(g_alone))))
+    np.testing.assert_allclose(g_packed / scale, g_alone / scale, atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_packed_row_equals_documents_alone(family):
+  """The references: sequential scan, blockwise jnp attention; fifo store, 2 blocks."""
+  _check_packed_equals_alone(tiny_config(family, n_layers=4, init_std=0.1, scan_impl="sequential"))
+
+
+@pytest.mark.parametrize("family,scan_impl,attn_impl,policy", [
+    ("bmojo", "associative", "reference", "score"),
+    ("bmojo", "pallas", "pallas", "fifo"),
+    ("transformer", "sequential", "pallas", "fifo"),
+])
+def test_packed_row_equals_documents_alone_per_impl(family, scan_impl, attn_impl, policy):
+  """The fast paths (kernels in interpret mode): B'MOJO holds every part the other families have."""
+  cfg = tiny_config(family, init_std=0.1, scan_impl=scan_impl, attn_impl=attn_impl, store_policy=policy)
+  _check_packed_equals_alone(cfg)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_cudnn_path_masks_segments(window):
+  """attn_impl='cudnn' goes through jax.nn.dot_product_attention with a segment mask; on CPU through XLA."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (1, T, 4, 16))
+  k, v = (jax.random.normal(key, (1, T, 2, 16)) for key in keys[1:])
+  ids = packing(_row()[0], None, (1, T)).ids
+  got = dot_product_attention(q, k, v, window=window, chunk=4, segment_ids=ids, implementation="xla")
+  want = memory_attention_reference(q, k, v, window=window, chunk=4, segment_ids=ids)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match="no memory tokens"):
+    dot_product_attention(q, k, v, window=window, chunk=4, mem_span=jnp.zeros((1, 10, 2, 4), jnp.int32),
+                          implementation="xla")
+
+
+def test_trainer_loss_keeps_packed_text_documents_apart():
+  """train/data/text.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
+  from train import trainer
+  from train.data.text import IGNORE_INDEX, ByteTokenizer, pack_documents
+  source = pack_documents(["a tiny one", "xy", "", "and a longer document of text"], ByteTokenizer(), seq_len=40)
+  batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
+  cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, scan_impl="sequential")
+  graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  loss, (n, _, _) = trainer.loss_sums(graphdef, params, batch)
+  ids = np.asarray(batch["segment_ids"][0])
+  model, want, count = nnx.merge(graphdef, params), 0.0, 0
+  for seg in np.unique(ids[ids > 0]):
+    where = np.flatnonzero(ids == seg)
+    lo, hi = where[0], where[-1] + 1
+    targets = batch["targets"][:, lo:hi]
+    valid = targets != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(model(batch["inputs"][:, lo:hi]),
+                                                         jnp.where(valid, targets, 0))
+    want += float(jnp.sum(jnp.where(valid, ce, 0)))
+    count += int(valid.sum())
+  assert int(n.sum()) == count and len(np.unique(ids[ids > 0])) >= 3
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
