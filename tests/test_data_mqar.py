@@ -1,5 +1,7 @@
 """MQAR generator: the protocol of docs/evals.md, checked example by example."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,13 +85,47 @@ def test_slot_probabilities():
 
 def test_weighted_sampling_matches_successive_draws():
   # First two draws of the exponential race vs. the successive-draw law, on 4 slots.
-  probs = np.array([0.4, 0.3, 0.2, 0.1])
-  rng = np.random.default_rng(0)
-  draws = np.array([mqar.weighted_sample_without_replacement(rng, probs, 2) for _ in range(20000)])
+  probs = jnp.array([0.4, 0.3, 0.2, 0.1])
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = np.asarray(jax.vmap(lambda k: mqar.weighted_sample_without_replacement(k, probs, 2))(keys))
+  probs = np.asarray(probs, np.float64)
   assert np.all(draws[:, 0] != draws[:, 1])
   np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=4) / 20000, probs, atol=0.015)
   second = sum(probs[i] * probs / (1 - probs[i]) * (np.arange(4) != i) for i in range(4))
   np.testing.assert_allclose(np.bincount(draws[:, 1], minlength=4) / 20000, second, atol=0.015)
+
+
+def test_distinct_tokens_uniform():
+  keys = jax.random.split(jax.random.key(1), 4000)
+  draws = np.asarray(jax.vmap(lambda k: mqar.distinct_tokens(k, 10, 18, 3))(keys))   # 3 of the 8 tokens 10..17
+  assert np.all((draws >= 10) & (draws < 18))
+  assert all(len(set(row)) == 3 for row in draws.tolist())
+  for j in range(3):  # every position is uniform over the 8 tokens
+    np.testing.assert_allclose(np.bincount(draws[:, j] - 10, minlength=8) / 4000, 1 / 8, atol=0.02)
+
+
+def test_device_batch_matches_source():
+  # The jnp generator on the device and the grain source (the same generator on the host) agree example by
+  # example, whatever the batch an example is drawn in.
+  source = mqar.MQARSource(CONFIG, num_examples=100_000, seed=7)
+  indices = np.array([99_999, 3, 0, 3, 51_234])
+  batch = jax.device_get(mqar.generate_batch(CONFIG, 7, jnp.asarray(indices)))
+  alone = jax.device_get(mqar.generate_batch(CONFIG, 7, jnp.asarray(indices[:1])))
+  for row, i in enumerate(indices):
+    for k in ("inputs", "targets"):
+      np.testing.assert_array_equal(batch[k][row], source[i][k])
+  np.testing.assert_array_equal(alone["inputs"][0], batch["inputs"][0])
+  assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+
+
+def test_generate_batch_traced_seed():
+  # A traced seed (one stream per run of a population, under vmap) gives each stream's examples.
+  indices = jnp.arange(4)
+  both = jax.jit(jax.vmap(lambda s: mqar.generate_batch(CONFIG, s, indices)))(jnp.array([0, 5]))
+  for r, seed in enumerate((0, 5)):
+    one = mqar.generate_batch(CONFIG, seed, indices)
+    np.testing.assert_array_equal(both["inputs"][r], one["inputs"])
+    np.testing.assert_array_equal(both["targets"][r], one["targets"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

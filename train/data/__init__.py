@@ -5,7 +5,7 @@ pipelines in `pipeline.py` shard, shuffle, repeat and batch them into checkpoint
 """
 
 from train.data.mqar import fraction_beyond_window
-from train.data.mqar import generate_example as generate_mqar_example
+from train.data.mqar import generate_batch as generate_mqar_batch
 from train.data.mqar import MQARConfig
 from train.data.mqar import MQARSource
 from train.data.mqar import query_value_distances
@@ -29,7 +29,7 @@ from train.data.text import train_sentencepiece
 
 __all__ = [
     "ByteTokenizer", "IGNORE_INDEX", "MQARConfig", "MQARSource", "PackedTextSource",
-    "SentencePieceTokenizer", "Tokenizer", "fraction_beyond_window", "generate_mqar_example",
+    "SentencePieceTokenizer", "Tokenizer", "fraction_beyond_window", "generate_mqar_batch",
     "iterator_restore_args", "iterator_save_args", "list_text_files", "make_eval_iterator",
     "make_text_source", "make_train_iterator", "pack_documents", "query_value_distances",
     "read_text_files", "slot_probabilities", "tfds_documents", "train_sentencepiece",

@@ -10,17 +10,25 @@ Re-implemented from the protocol's description. One example of length T (= `seq_
                            replacement (in draw order) and k_i is written at 2N + 2·g_i
     everything else        0 (filler)
 
-Keys are N distinct tokens from 1 … V//2-1, values N distinct tokens from V//2 … V-1, paired by index.
-Targets are next-token labels: -100 everywhere except at each query key's position, whose target is its
-value, so every example has exactly N supervised positions.
+Keys are N distinct tokens from 1 … V//2-1, values N distinct tokens from V//2 … V-1, both uniformly
+random ordered subsets, paired by index. Targets are next-token labels: -100 everywhere except at each
+query key's position, whose target is its value, so every example has exactly N supervised positions.
 
-Each record is deterministic in (seed, index): its generator is `np.random.default_rng([seed, index])`,
-so any index can be read in any order, by any process, and train/test differ only by their seeds.
+The generator is one jnp function, `generate_batch(config, seed, indices)`, so that a training loop on an
+accelerator can draw its batches on the device (`train/population.py`) and the grain source
+(`MQARSource`, which calls the same function on the host CPU for one index) yields the very same
+examples. Example `index` of stream `seed` is drawn from the key `fold_in(key(seed), index)` alone: any
+index can be read in any order, by any process, and train/test differ only by their seeds. The choices
+are ranks of random numbers (top_k, ties to the lower index), so they do not depend on the batch an
+example is drawn in.
 """
 
 import dataclasses
+import functools
 from typing import Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = -100
@@ -28,7 +36,7 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass(frozen=True)
 class MQARConfig:
-  """Parameters of one MQAR task.
+  """Parameters of one MQAR task (hashable: a static argument of the jitted generator).
 
   Attributes:
     vocab_size: V, the model's vocabulary (Zoology default 8192). Must exceed `seq_len`.
@@ -79,51 +87,75 @@ def slot_probabilities(config: MQARConfig) -> np.ndarray:
   return w / w.sum()
 
 
-def weighted_sample_without_replacement(rng: np.random.Generator, probs: np.ndarray,
-                                        n: int) -> np.ndarray:
+def distinct_tokens(key: jax.Array, low: int, high: int, n: int) -> jax.Array:
+  """n distinct tokens of low … high-1, a uniformly random ordered subset: the indices of the n largest of
+  high-low random 32-bit words (32 bits, not a float's 23, so ties are negligible). Returns int32[n]."""
+  words = jax.random.bits(key, (high - low,), jnp.uint32)
+  return low + jax.lax.top_k(words, n)[1]
+
+
+def weighted_sample_without_replacement(key: jax.Array, probs: jax.Array, n: int) -> jax.Array:
   """Draws n distinct indices of `probs` (float[S]) one after another, each ∝ probs among those left.
 
   Exponential race (Efraimidis–Spirakis): index g finishes at E_g / probs[g] with E_g ~ Exp(1); the
   finishing order has exactly the law of successive weighted draws without replacement, so the first n
-  finishers, in order, are the draws g_0 … g_{n-1}. Returns int[n], in draw order.
+  finishers, in order, are the draws g_0 … g_{n-1}. Returns int32[n], in draw order.
   """
-  race = rng.standard_exponential(probs.shape[0]) / probs
-  return np.argsort(race, kind="stable")[:n]
+  race = jax.random.exponential(key, probs.shape, jnp.float32) / probs
+  return jax.lax.top_k(-race, n)[1]   # the n smallest finishing times, earliest first
 
 
-def generate_example(config: MQARConfig, rng: np.random.Generator,
-                     slot_probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-  """One MQAR example drawn with `rng`.
-
-  Args:
-    config: the task.
-    rng: the example's generator (MQARSource uses `np.random.default_rng([seed, index])`).
-    slot_probs: `slot_probabilities(config)`, float64[S], passed in to skip recomputing it.
-
-  Returns:
-    {"inputs": int32[T], "targets": int32[T]}; targets are -100 except at the N query positions.
-  """
+def example_from_key(config: MQARConfig, key: jax.Array) -> dict[str, jax.Array]:
+  """The MQAR example of one key: {"inputs": int32[T], "targets": int32[T]}."""
   v, t, n = config.vocab_size, config.seq_len, config.num_kv_pairs
   half = v // 2
-  keys = 1 + rng.choice(half - 1, size=n, replace=False)
-  values = half + rng.choice(v - half, size=n, replace=False)
-  if slot_probs is None:
-    slot_probs = slot_probabilities(config)
-  # Key i goes to the i-th drawn slot.
-  slots = weighted_sample_without_replacement(rng, slot_probs, n)
-
-  inputs = np.zeros((t,), np.int32)
-  inputs[0:2 * n:2] = keys
-  inputs[1:2 * n:2] = values
+  k_keys, k_values, k_slots = jax.random.split(key, 3)
+  keys = distinct_tokens(k_keys, 1, half, n)
+  values = distinct_tokens(k_values, half, v, n)
+  probs = jnp.asarray(slot_probabilities(config), jnp.float32)
+  slots = weighted_sample_without_replacement(k_slots, probs, n)   # key i goes to the i-th drawn slot
   query_pos = 2 * n + 2 * slots
-  inputs[query_pos] = keys
-  targets = np.full((t,), IGNORE_INDEX, np.int32)
-  targets[query_pos] = values
+  inputs = jnp.zeros((t,), jnp.int32)
+  inputs = inputs.at[0:2 * n:2].set(keys).at[1:2 * n:2].set(values).at[query_pos].set(keys)
+  targets = jnp.full((t,), IGNORE_INDEX, jnp.int32).at[query_pos].set(values)
   return {"inputs": inputs, "targets": targets}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def generate_batch(config: MQARConfig, seed, indices) -> dict[str, jax.Array]:
+  """Examples `indices` (int[B]) of stream `seed` (an int or a traced int32 scalar), on the device the
+  call runs on: {"inputs": int32[B, T], "targets": int32[B, T]}. Example i uses the key
+  fold_in(key(seed), i) only, so it is the same in any batch."""
+  base = jax.random.key(seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
+  return jax.vmap(functools.partial(example_from_key, config))(keys)
+
+
+def _host_device() -> jax.Device:
+  """The CPU (where grain reads), or the default device where JAX runs without a CPU backend."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return jax.devices()[0]
+
+
+def generate_examples(config: MQARConfig, seed: int, indices) -> dict[str, np.ndarray]:
+  """`generate_batch` run on the host CPU, as numpy: {"inputs": int32[B, T], "targets": int32[B, T]}."""
+  # Arguments placed on the host run the jit there; a `jax.default_device` context would cost ~3 ms a call.
+  host = _host_device()
+  seed, indices = jax.device_put((np.int32(seed), np.asarray(indices, np.int32)), host)
+  return jax.device_get(generate_batch(config, seed, indices))
+
+
+def generate_example(config: MQARConfig, seed: int, index: int) -> dict[str, np.ndarray]:
+  """Example `index` of stream `seed` on the host: {"inputs": int32[T], "targets": int32[T]}."""
+  return {k: v[0] for k, v in generate_examples(config, seed, [index]).items()}
 
 
 class MQARSource:
   """Grain random-access source of MQAR examples (`len`, `[index]`), deterministic per (seed, index).
+
+  `source[i]` equals row 0 of `generate_batch(config, seed, [i])` (computed on the host CPU).
 
   Example:
     train = MQARSource(MQARConfig(8192, 256, 16), num_examples=100_000, seed=0)
@@ -139,7 +171,6 @@ class MQARSource:
     self.config = config
     self.num_examples = int(num_examples)
     self.seed = int(seed)
-    self._slot_probs = slot_probabilities(config)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -148,8 +179,7 @@ class MQARSource:
     index = int(index)
     if not 0 <= index < self.num_examples:
       raise IndexError(f"MQARSource index {index} out of range [0, {self.num_examples}).")
-    rng = np.random.default_rng([self.seed, index])
-    return generate_example(self.config, rng, self._slot_probs)
+    return generate_example(self.config, self.seed, index)
 
   def __repr__(self) -> str:
     return f"MQARSource({self.config}, num_examples={self.num_examples}, seed={self.seed})"
@@ -176,8 +206,8 @@ def fraction_beyond_window(source_or_config: Union[MQARSource, MQARConfig], wind
   """Fraction of queries whose value is outside a causal window of `window` tokens.
 
   The window ends at (and includes) the query position p_q; the value at p_v is inside iff
-  p_q - p_v < window. Reads the first `num_examples` records of a source, or of
-  `MQARSource(config, seed=seed)` when given a config.
+  p_q - p_v < window. Reads the first `num_examples` records of a source, or of stream `seed` when given
+  a config.
   """
   if window < 1:
     raise ValueError(f"window must be >= 1, got window={window}.")
@@ -186,5 +216,10 @@ def fraction_beyond_window(source_or_config: Union[MQARSource, MQARConfig], wind
   else:
     source = source_or_config
   count = min(num_examples, len(source))
-  distances = np.concatenate([query_value_distances(source[i]) for i in range(count)])
+  if isinstance(source, MQARSource):   # one batched call instead of `count` single ones
+    batch = generate_examples(source.config, source.seed, np.arange(count))
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(count)]
+  else:
+    examples = [source[i] for i in range(count)]
+  distances = np.concatenate([query_value_distances(ex) for ex in examples])
   return float(np.mean(distances >= window))

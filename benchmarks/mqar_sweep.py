@@ -1,0 +1,320 @@
+"""The MQAR sweep of docs/evals.md: families × d_model × learning rates × N at L=256, window 32, on one device.
+
+    python3 -m benchmarks.mqar_sweep --budget-s 480                       # resumable; -> $OUT/mqar_sweep_<device>.json
+    python3 -m benchmarks.mqar_sweep --families bmojo,hybrid --d-models 128 --kv-pairs 32 --epochs 4
+    python3 -m benchmarks.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
+    python3 benchmarks/mqar_sweep.py --smoke                              # tiny; ~2 min on 2 CPU cores
+
+One population (`train.population`) per (family, d_model, N) trains the learning rates (× `--seeds`) together
+on the same data stream, each run stopping at test accuracy 0.99. The model and training settings are
+`benchmarks/mqar_zoology.py`'s (Zoology: vocab 8192, batch 256, 100k train / 3k test, AdamW wd 0.1, cosine,
+no warmup, evaluation every half epoch); `--set key=value` overrides any config field. Families: the five,
+plus the equal-memory baseline of docs/evals.md, a Hybrid whose window is B'MOJO's w + M_f + M_e
+(`hybrid` with `variant` "equal_memory"); the Transformer is the full-attention reference.
+
+Results: one record per run in `<out>/mqar_sweep_<device>.json` (out: --out, else $OUT, else
+benchmarks/results), written after each population. A rerun skips the runs already recorded there or in
+`benchmarks/results/mqar_sweep_<device>.json` (copy a returned file there to resume). `--budget-s` stops
+starting populations once the elapsed time plus the longest population so far would pass it. The figure
+(`mqar_sweep_<device>.png`, like Zoology's figure 2: best accuracy over learning rates against state bytes,
+a line per family, a panel per N) is redrawn from all records at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import device_name, device_tag  # noqa: E402
+from benchmarks.mqar_zoology import zoology_config  # noqa: E402
+from bmojo_jax import count_params  # noqa: E402
+from train import metrics as metrics_lib  # noqa: E402
+from train import population as pop_lib  # noqa: E402
+from train import trainer  # noqa: E402
+from train.data import mqar  # noqa: E402
+
+FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
+EQUAL_MEMORY = "equal_memory"
+ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
+KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
+              "learning_rate", "seed", "epochs")
+# Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
+SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
+              "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
+              "model.d_state=4", "model.scan_chunk=8"]
+
+
+def ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",") if x]
+
+
+def state_bytes(cfg, seq_len: int) -> int:
+  """The recurrent state of docs/evals.md, 4 bytes a number: a Mamba sublayer E·N (= 2·d·d_state at
+  expand 2), an attention sublayer 2·d·(w + M_f + M_e) (full attention: 2·d·L), an MLP none."""
+  per_kind = {"mamba": cfg.d_inner * cfg.d_state, "mlp": 0,
+              "attention": 2 * cfg.d_model * (seq_len if cfg.window is None
+                                              else cfg.window + cfg.fading + cfg.eidetic)}
+  return 4 * cfg.n_blocks * sum(per_kind[k.value] for k in cfg.sublayers)
+
+
+def population_config(args, family: str, variant: str, d_model: int, n: int):
+  """The trainer config of one (family, variant, d_model, N): mqar_zoology's, with the sweep's fields."""
+  sets = [f"model.d_model={d_model}", f"data.num_kv_pairs={n}", f"data.seq_len={args.seq_len}"]
+  if family != "transformer":
+    window = args.window
+    if variant == EQUAL_MEMORY:
+      window += args.n_fading + args.n_eidetic
+    chunk = args.window if family in ("bmojo_f", "bmojo") else window   # chunk must divide the window
+    sets += [f"model.window={window}", f"model.chunk_size={chunk}"]
+  sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
+           f"model.eidetic_per_chunk={args.eidetic_per_chunk}"]
+  config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
+  config.train.target_accuracy = args.target
+  config.train.plot = False
+  return config
+
+
+def record_key(r: dict) -> tuple:
+  return tuple(round(r[k], 12) if isinstance(r[k], float) else r[k] for k in KEY_FIELDS)
+
+
+def load_records(paths: list[str]) -> list[dict]:
+  records, seen = [], set()
+  for path in paths:
+    if os.path.exists(path):
+      with open(path) as f:
+        for r in json.load(f):
+          if record_key(r) not in seen:
+            seen.add(record_key(r))
+            records.append(r)
+  return records
+
+
+def data_check(mq: mqar.MQARConfig, seed: int, count: int = 64) -> int:
+  """Examples among the first `count` of stream `seed` where the device's generator and the host's (grain's)
+  differ: 0 unless the device's float ops round differently from the CPU's (see train/data/mqar.py)."""
+  device = jax.device_get(mqar.generate_batch(mq, seed, np.arange(count)))
+  host = mqar.generate_examples(mq, seed, np.arange(count))
+  return sum(not all(np.array_equal(device[k][i], host[k][i]) for k in ("inputs", "targets")) for i in range(count))
+
+
+def sweep(args) -> str:
+  tag = "cpu_smoke" if args.smoke else device_tag()
+  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"mqar_sweep_{tag}.json")
+  records = load_records([os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path])
+  done = {record_key(r) for r in records}
+  variants = [(f, "") for f in args.families]
+  if args.equal_memory and "bmojo" in args.families:
+    variants.append(("hybrid", EQUAL_MEMORY))
+  start, longest, checked = time.time(), 0.0, {}
+  for n in args.kv_pairs:
+    for d_model in args.d_models:
+      for family, variant in variants:
+        config = population_config(args, family, variant, d_model, n)
+        cfg = trainer.model_config(config)
+        base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
+                "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
+                "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0, "epochs": args.epochs}
+        runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
+                if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
+        label = f"{family}{'(' + variant + ')' if variant else ''} d{d_model} N{n}"
+        if not runs:
+          print(f"{label}: done, skipped")
+          continue
+        elapsed = time.time() - start
+        if args.budget_s and elapsed + longest > args.budget_s:
+          print(f"{label}: not started ({elapsed:.0f} s elapsed + {longest:.0f} s for the longest population "
+                f"> --budget-s {args.budget_s}); rerun to continue")
+          continue
+        t0 = time.time()
+        pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
+        if n not in checked:
+          checked[n] = data_check(pop.mq, pop.task.eval_source.seed)
+          if checked[n]:
+            print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
+        workdir = os.path.join(args.workdir, f"{family}{'_' + variant if variant else ''}_d{d_model}_N{n}")
+        results = pop.train(workdir, progress_bar=not args.no_progress)
+        wall = time.time() - t0
+        longest = max(longest, wall)
+        for run, res in zip(runs, results):
+          records.append({**base, "learning_rate": run.learning_rate, "seed": run.seed,
+                          "steps": res["step"], "stopped_by": res["stopped_by"],
+                          "test_accuracy": res.get("test_accuracy"), "test_step": res.get("test_step"),
+                          "state_bytes": state_bytes(cfg, base["L"]), "params": count_params(cfg),
+                          "d_state": cfg.d_state, "tokens_per_s": res["tokens_per_s"],
+                          "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
+                          "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
+                          "data_check_mismatches": checked[n], "scan_impl": cfg.scan_impl.value,
+                          "attn_impl": cfg.attn_impl.value, "dtype": cfg.dtype,
+                          "device": device_name(), "jax": jax.__version__})
+        with open(path, "w") as f:
+          json.dump(records, f, indent=1)
+        best = max(results, key=lambda r: r.get("test_accuracy") or 0.0)
+        print(f"{label}: best test accuracy {best.get('test_accuracy', 0.0):.4f} (lr {best['learning_rate']:.3g}) "
+              f"in {wall:.0f} s, {results[0]['population']['tokens_per_s'] / 1e6:.2f}M tokens/s for "
+              f"{len(runs)} runs -> {path}")
+  figure = plot(records, path.replace(".json", ".png"))
+  print(f"{len(records)} records in {path}; figure {figure}")
+  return path
+
+
+def plot(records: list[dict], out_path: str) -> str | None:
+  """Best test accuracy over learning rates (mean over seeds) against state bytes: a line per family
+  (+ variant) through its d_models, a panel per N."""
+  if not records:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ns = sorted({r["N"] for r in records})
+  fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 4), squeeze=False)
+  for ax, n in zip(axes[0], ns):
+    lines: dict[str, dict[int, tuple[int, float]]] = {}
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+      if r["N"] == n:
+        groups.setdefault((r["family"], r["variant"], r["d_model"], r["learning_rate"], r["state_bytes"]),
+                          []).append(r["test_accuracy"] or 0.0)
+    for (family, variant, d_model, _, nbytes), accs in groups.items():
+      name = f"{family} ({variant.replace('_', ' ')})" if variant else family
+      best = lines.setdefault(name, {}).get(d_model, (nbytes, 0.0))[1]
+      lines[name][d_model] = (nbytes, max(best, float(np.mean(accs))))
+    for name, points in sorted(lines.items()):
+      xy = sorted(points.values())
+      ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=name, markersize=4)
+    ax.set(xscale="log", xlabel="state size (bytes)", ylabel="MQAR accuracy (best lr)", ylim=(0, 1.02),
+           title=f"N = {n} key-value pairs")
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+  return out_path
+
+
+def throughput(args) -> str:
+  """Aggregate tokens/s of populations of R runs vs the single-run trainer (grain data, a Python step loop),
+  at one (family, d_model, N)."""
+  family, d_model, n = args.families[0], args.d_models[0], args.kv_pairs[0]
+  config = population_config(args, family, "", d_model, n)
+  config.train.target_accuracy = 0.0
+  records = []
+  # The single-run trainer: its logged tokens/s per interval of log_every steps, the first (compile) dropped.
+  single = ml_collections.ConfigDict(config.to_dict())
+  t = single.train
+  t.num_steps, t.log_every, t.eval_every = args.baseline_steps, max(1, args.baseline_steps // 5), 0
+  t.checkpoint_every, t.progress_bar, t.plot = args.baseline_steps, False, False
+  single.data.num_test = min(int(single.data.num_test), int(t.eval_batch_size))
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer.train(single, workdir)
+    intervals = [r["tokens_per_s"] for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"][1:]
+  base = float(np.median(intervals))
+  records.append({"mode": "trainer", "runs": 1, "tokens_per_s": base, "speedup": 1.0})
+  print(f"single-run trainer: {base / 1e6:.3f}M tokens/s")
+  for size in args.runs:
+    runs = [pop_lib.Run(args.lrs[i % len(args.lrs)], i // len(args.lrs)) for i in range(size)]
+    try:
+      pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
+      tps = pop_lib.tokens_per_second(pop, dispatches=args.dispatches)
+      rec = {"mode": "population", "runs": size, "tokens_per_s": tps, "speedup": tps / base,
+             "steps_per_dispatch": pop.steps_per_dispatch}
+    except Exception as e:  # pylint: disable=broad-except  (out of memory at large R: recorded, next R)
+      rec = {"mode": "population", "runs": size, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    records.append(rec)
+    print(rec)
+  cfg = trainer.model_config(config)
+  for r in records:
+    r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
+             params=count_params(cfg), scan_impl=cfg.scan_impl.value, attn_impl=cfg.attn_impl.value,
+             device=device_name(), jax=jax.__version__)
+  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
+  with open(path, "w") as f:
+    json.dump(records, f, indent=1)
+  print(f"-> {path}")
+  return path
+
+
+# Defaults of the options left unset: the protocol's, or tiny ones for --smoke (L=32, window 8, a minute or two).
+DEFAULTS = dict(d_models="64,128,256", kv_pairs="16,32,64", lrs=",".join(f"{x:.6g}" for x in ZOOLOGY_LRS),
+                seq_len=256, window=32, n_fading=8, n_eidetic=224, eidetic_per_chunk=32, epochs=8,
+                runs="1,4,8,16", dispatches=5, baseline_steps=250)
+SMOKE_DEFAULTS = dict(d_models="16", kv_pairs="4", lrs="3e-3,1e-2", seq_len=32, window=8, n_fading=2, n_eidetic=8,
+                      eidetic_per_chunk=4, epochs=2, runs="1,2", dispatches=2, baseline_steps=20)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, of " + ", ".join(FAMILIES))
+  p.add_argument("--d-models", help="default 64,128,256")
+  p.add_argument("--lrs", help="default Zoology's logspace(-4, -2, 4)")
+  p.add_argument("--kv-pairs", help="N values; default 16,32,64")
+  p.add_argument("--seeds", default="0", help="seeds per learning rate (each adds a run to the population)")
+  p.add_argument("--seq-len", type=int, help="L; default 256")
+  p.add_argument("--window", type=int, help="w; default 32")
+  p.add_argument("--n-fading", type=int, help="M_f of B'MOJO(-F); default 8 (docs/mqar.md's 99%% run)")
+  p.add_argument("--n-eidetic", type=int, help="M_e of B'MOJO; default 224")
+  p.add_argument("--eidetic-per-chunk", type=int, help="k_e of B'MOJO; default 32")
+  p.add_argument("--no-equal-memory", dest="equal_memory", action="store_false",
+                 help="skip the Hybrid with window w + M_f + M_e")
+  p.add_argument("--epochs", type=int, help="default 8 (Zoology: 64)")
+  p.add_argument("--target", type=float, default=0.99, help="per-run early stop at this test accuracy")
+  p.add_argument("--steps-per-dispatch", type=int, default=64, help="at most; lands on every evaluation")
+  p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. model.d_state=16")
+  p.add_argument("--budget-s", type=float, default=0.0, help="stop starting populations past this (0: none)")
+  p.add_argument("--workdir", help="run directories (default <tmp>/mqar_sweep)")
+  p.add_argument("--out", help="results folder (default $OUT, else benchmarks/results; --smoke: a temp folder)")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--smoke", action="store_true", help="tiny models and data, results in a temp folder")
+  p.add_argument("--throughput", action="store_true", help="measure tokens/s instead of sweeping")
+  p.add_argument("--runs", help="--throughput: population sizes; default 1,4,8,16")
+  p.add_argument("--dispatches", type=int, help="--throughput: timed dispatches per size; default 5")
+  p.add_argument("--baseline-steps", type=int, help="--throughput: single-run trainer steps; default 250")
+  args = p.parse_args(argv)
+  for name, value in (SMOKE_DEFAULTS if args.smoke else DEFAULTS).items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  if args.smoke:
+    args.out = args.out or os.path.join(tempfile.gettempdir(), "mqar_sweep_smoke")
+  args.workdir = args.workdir or os.path.join(tempfile.gettempdir(), "mqar_sweep_smoke" if args.smoke else "mqar_sweep",
+                                              "runs")
+  args.families = args.families.split(",")
+  unknown = set(args.families) - set(FAMILIES)
+  if unknown:
+    p.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
+  args.d_models, args.kv_pairs, args.seeds, args.runs = (ints(args.d_models), ints(args.kv_pairs), ints(args.seeds),
+                                                         ints(args.runs))
+  args.lrs = floats(args.lrs)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.throughput:
+    throughput(args)
+  else:
+    sweep(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,392 @@
+"""A population: many MQAR runs of one model trained at once on one device.
+
+R runs that share the model's shapes but differ in learning rate and seed train together. Their parameters
+and optimizer states are stacked over a leading run axis, and one jitted call (a *dispatch*) advances every
+run by K steps with `lax.scan`. Each step is a `jax.vmap` over runs of the trainer's own update:
+`train.trainer.loss_sums` → gradients / supervised tokens → the optax transformation of
+`train.optim.make_optimizer` → `optax.apply_updates`. A dispatch contains, per step: the batch indices, the
+batches (drawn on the device by `train.data.mqar.generate_batch`), the R updates, and the per-run metrics;
+nothing crosses from the host between evaluations.
+
+Per-run learning rate: `make_optimizer` is built with a peak learning rate of 1 and each run multiplies its
+updates by its own learning rate (a traced f32[runs]). The chain is clip → AdamW → scale by -schedule(step),
+and everything before the last scaling (clipping, the moments, the masked weight decay) is independent of the
+learning rate, so the update of run r is the one of `make_optimizer` with peak lr_r (to fp32 rounding):
+same AdamW, clipping, weight-decay mask, warmup and decay shape.
+
+Data: the training set is the task's (`data.train_seed`, `data.num_train` examples: the examples grain
+reads from `MQARSource`) read in epochs of num_train // B batches, each epoch in the order of a permutation
+drawn on the device from (shuffle seed, epoch); grain's shuffle is a different permutation of the same
+examples. `shared_data=True` (the default, as Zoology trains every learning rate on the same data): all runs
+read one stream, shuffled by `config.seed`; False: run r shuffles with its own seed.
+
+Evaluation: the test split, generated once on the device, through the trainer's eval step (`lax.map` over
+runs, so one run's eval batch is in memory at a time); accuracy per example, then averaged, as the trainer.
+Every `train.eval_every` steps (a multiple of K) and at the end. A run whose accuracy reaches
+`train.target_accuracy` stops: its parameters and optimizer state are no longer updated (the update is
+masked). A run whose loss or gradient norm becomes NaN/inf stops too, keeping its last finite parameters
+(`stopped_by="non_finite_loss"`), instead of ending the population.
+
+Files: `<workdir>/<run name>/` is laid out like a bmojo-train workdir: config.json (the run's single-run
+config: its learning rate and seed), tokenizer.json, metrics.jsonl and TensorBoard events
+(`train.metrics.MetricWriter`), results.json (the trainer's keys plus learning_rate, seed and `population`),
+curves.png, and with `save_checkpoints` the final state as the trainer's Orbax checkpoint, so `bmojo-eval`
+and `bmojo-generate` read it. A population does not resume: a rerun starts its runs over.
+
+Memory: the R runs' activations are live together (vmap); at batch 256 × L 256 × vocab 8192 the fp32 logits
+alone are 2.1 GB per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from bmojo_jax import LanguageModel
+from train import checkpoint as ckpt_lib
+from train import metrics as metrics_lib
+from train import tasks as tasks_lib
+from train import trainer
+from train.data import mqar
+
+SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One member of a population: what differs from the others."""
+  learning_rate: float
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"lr{self.learning_rate:.3g}_seed{self.seed}"
+
+
+def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+  """The single-run trainer config of `run`: `config` with the run's learning rate and seed."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.optim.learning_rate, c.seed = float(run.learning_rate), int(run.seed)
+  return c
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+  """The largest divisor of n that is <= limit (steps per dispatch that land on every eval step)."""
+  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+class Population:
+  """R runs of one MQAR config (`configs/mqar.py` fields) that differ in learning rate and seed.
+
+  Example:
+    pop = Population(config, [Run(lr, 0) for lr in (1e-4, 4.6e-4, 2.2e-3, 1e-2)])
+    results = pop.train("runs/sweep")      # one results dict per run, as results.json
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, runs: Sequence[Run], *, shared_data: bool = True,
+               steps_per_dispatch: int = 50):
+    if config.data.kind != "mqar":
+      raise ValueError(f"A population trains MQAR (data.kind='mqar'), got data.kind={config.data.kind!r}.")
+    if not runs:
+      raise ValueError("A population needs at least one run.")
+    if any(not r.learning_rate > 0 for r in runs):
+      raise ValueError(f"Every learning rate must be positive, got {[r.learning_rate for r in runs]}.")
+    if len({r.name for r in runs}) < len(runs):
+      raise ValueError(f"Two runs have the same learning rate and seed: {[r.name for r in runs]}.")
+    if int(config.train.grad_accum_steps) != 1:
+      raise ValueError("A population steps whole batches: set train.grad_accum_steps=1.")
+    self.config, self.runs, self.shared_data = config, list(runs), bool(shared_data)
+    self.device = jax.devices()[0]        # where jit runs the population
+    # The trainer's setup with a peak learning rate of 1 on that device: its model, graphdef, optimizer and
+    # schedule shape, its task, and its validation of every setting.
+    unit = ml_collections.ConfigDict(config.to_dict())
+    unit.optim.learning_rate = 1.0
+    unit.mesh.data, unit.mesh.fsdp, unit.mesh.tensor = 1, 1, 1
+    self.setup = setup = trainer.build(unit, [self.device])
+    self.cfg, self.task = setup.cfg, setup.task
+    self.mq: mqar.MQARConfig = setup.task.train_source.config
+    t = config.train
+    self.num_steps, self.batch_size = int(t.num_steps), int(t.batch_size)
+    self.steps_per_epoch = len(setup.task.train_source) // self.batch_size
+    self.eval_every = int(t.eval_every)
+    k = int(steps_per_dispatch)
+    self.steps_per_dispatch = largest_divisor_at_most(self.eval_every, k) if self.eval_every else k
+    self.tokens_per_step = self.batch_size * self.task.seq_len
+    self.learning_rates = jnp.asarray([r.learning_rate for r in runs], jnp.float32)
+    shuffle = [int(config.seed)] if self.shared_data else [r.seed for r in runs]
+    self.shuffle_seeds = jnp.asarray(shuffle, jnp.int32)
+    self._init = jax.jit(jax.vmap(self._init_run))
+    self._dispatch = jax.jit(self._scan_steps, donate_argnums=0)
+    self._evaluate = jax.jit(self._eval_sums)
+    self._test_batches = None
+    self.state = None
+
+  @property
+  def size(self) -> int:
+    return len(self.runs)
+
+  @functools.cached_property
+  def fraction_beyond_window(self) -> float:
+    """What the trainer reports in results.json's data: test queries whose value is beyond the window."""
+    return mqar.fraction_beyond_window(self.task.eval_source, self.cfg.window)
+
+  # ------------------------------------------------------------------------------------------- device
+  def init_state(self) -> dict[str, Any]:
+    """The population's state: params / opt_state [runs, ...] (run r initialized as the trainer's init with
+    seed r.seed), active bool[runs], the epoch permutations int32[streams, num_train], step int32."""
+    keys = jax.vmap(jax.random.key)(jnp.asarray([r.seed for r in self.runs], jnp.uint32))
+    params, opt_state = self._init(keys)
+    num_train = len(self.task.train_source)
+    return {"params": params, "opt_state": opt_state, "active": jnp.ones((self.size,), bool),
+            "perm": jnp.zeros((self.shuffle_seeds.shape[0], num_train), jnp.int32),
+            "step": jnp.zeros((), jnp.int32)}
+
+  def _init_run(self, key):
+    model = LanguageModel(self.cfg, rngs=nnx.Rngs(key))   # what trainer.build's init does with an int seed
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return params, self.setup.tx.init(params)
+
+  def _epoch_perms(self, epoch):
+    """int32[streams, num_train]: each stream's order of the training set in `epoch`."""
+    num_train = len(self.task.train_source)
+    def perm(seed):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SHUFFLE_TAG), epoch)
+      return jax.random.permutation(key, num_train).astype(jnp.int32)
+    return jax.vmap(perm)(self.shuffle_seeds)
+
+  def batch_indices(self, step: int) -> np.ndarray:
+    """The training-set indices of update `step` + 1 (0-based batch number), int32[streams, B] (host)."""
+    epoch, pos = divmod(int(step), self.steps_per_epoch)
+    perms = np.asarray(self._epoch_perms(epoch))
+    return perms[:, pos * self.batch_size:(pos + 1) * self.batch_size]
+
+  def _run_update(self, params, opt_state, lr, batch, step):
+    """One run's train step: the trainer's, with the optimizer's updates scaled by the run's lr."""
+    setup = self.setup
+    g, loss, n, c = trainer.batch_grads(setup.graphdef, params, batch)
+    return trainer.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
+
+  def _scan_steps(self, state):
+    """K steps of every active run (one dispatch); returns (state, metrics {name: [K, runs]})."""
+    bsz, spe = self.batch_size, self.steps_per_epoch
+    data_axis = None if self.shared_data else 0
+
+    def one_step(carry, _):
+      params, opt_state, active, perm, step = carry
+      epoch, pos = step // spe, step % spe
+      perm = jax.lax.cond(pos == 0, lambda: self._epoch_perms(epoch), lambda: perm)
+      idx = jax.lax.dynamic_slice_in_dim(perm, pos * bsz, bsz, axis=1)                 # [streams, B]
+      batch = jax.vmap(lambda i: mqar.generate_batch(self.mq, self.task.train_source.seed, i))(idx)
+      if self.shared_data:
+        batch = jax.tree.map(lambda x: x[0], batch)
+      new_params, new_opt, m = jax.vmap(self._run_update, in_axes=(0, 0, 0, data_axis, None))(
+          params, opt_state, self.learning_rates, batch, step)
+      finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+      live = active & finite & (step < self.num_steps)                                  # [runs]
+      keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+      params = jax.tree.map(keep, new_params, params)
+      opt_state = jax.tree.map(keep, new_opt, opt_state)
+      m["updated"] = live
+      return (params, opt_state, active & finite, perm, step + 1), m
+
+    carry = (state["params"], state["opt_state"], state["active"], state["perm"], state["step"])
+    (params, opt_state, active, perm, step), metrics = jax.lax.scan(
+        one_step, carry, None, length=self.steps_per_dispatch)
+    return {"params": params, "opt_state": opt_state, "active": active, "perm": perm, "step": step}, metrics
+
+  def dispatch(self, state):
+    """Advances every active run by K = `steps_per_dispatch` steps (none past train.num_steps)."""
+    return self._dispatch(state)
+
+  def test_batches(self) -> dict[str, jax.Array]:
+    """The test split on the device, {name: [batches, eval_batch_size, ...]}, padded with masked rows."""
+    if self._test_batches is None:
+      eb, n = int(self.config.train.eval_batch_size), len(self.task.eval_source)
+      nb = -(-n // eb)
+      idx = jnp.arange(nb * eb) % n
+      batch = mqar.generate_batch(self.mq, self.task.eval_source.seed, idx)
+      mask = jnp.arange(nb * eb) < n
+      batch = {"inputs": jnp.where(mask[:, None], batch["inputs"], 0),
+               "targets": jnp.where(mask[:, None], batch["targets"], trainer.IGNORE_INDEX), "mask": mask}
+      self._test_batches = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
+    return self._test_batches
+
+  def _eval_sums(self, params, batches):
+    eval_step = trainer.make_eval_step(self.setup)
+
+    def one_run(p):
+      def body(total, batch):
+        return jax.tree.map(jnp.add, total, eval_step(p, batch)), None
+      zero = {"acc_sum": jnp.zeros((), jnp.float32), "examples": jnp.zeros((), jnp.int32),
+              "ce_sum": jnp.zeros((), jnp.float32), "tokens": jnp.zeros((), jnp.int32)}
+      return jax.lax.scan(body, zero, batches)[0]
+
+    return jax.lax.map(one_run, params)
+
+  def evaluate(self, params) -> list[dict[str, float]]:
+    """The trainer's test metrics (accuracy, loss, perplexity, examples) of every run's `params`."""
+    totals = jax.device_get(self._evaluate(params, self.test_batches()))
+    out = []
+    for r in range(self.size):
+      tot = {k: v[r].item() for k, v in totals.items()}
+      loss = tot["ce_sum"] / max(tot["tokens"], 1)
+      out.append({"accuracy": tot["acc_sum"] / max(tot["examples"], 1), "loss": loss,
+                  "perplexity": float(np.exp(min(loss, 80.0))), "examples": tot["examples"]})
+    return out
+
+  def run_state(self, state, r: int, step: int) -> dict[str, Any]:
+    """Run r's train state after `step` updates, in the trainer's layout {"params", "opt_state", "step", "rng"}."""
+    take = lambda x: x[r]
+    return {"params": jax.tree.map(take, state["params"]), "opt_state": jax.tree.map(take, state["opt_state"]),
+            "step": jnp.asarray(step, jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(self.runs[r].seed + 1))}
+
+  # ------------------------------------------------------------------------------------------- host
+  def train(self, workdir: str, *, progress_bar: bool = True, save_checkpoints: bool = False) -> list[dict]:
+    """Trains every run to train.num_steps or its early stop; returns each run's results (as results.json).
+
+    The final state stays in `self.state`."""
+    start_wall = time.time()
+    t = self.config.train
+    target, log_every, k_max = float(t.target_accuracy), int(t.log_every), self.steps_per_dispatch
+    dirs = [os.path.join(os.path.abspath(workdir), r.name) for r in self.runs]
+    writers = []
+    for r, d in zip(self.runs, dirs):
+      os.makedirs(d, exist_ok=True)
+      for name in (metrics_lib.METRICS_FILE, "results.json"):   # a population starts its runs over
+        if os.path.exists(os.path.join(d, name)):
+          os.remove(os.path.join(d, name))
+      self._write_run_files(r, d)
+      writers.append(metrics_lib.MetricWriter(d, total_steps=self.num_steps, progress_bar=False))
+    bar = tqdm.tqdm(total=self.num_steps, desc=f"{self.size} runs", dynamic_ncols=True, disable=not progress_bar)
+
+    state = self.init_state()
+    steps = np.zeros(self.size, int)              # updates done, per run
+    stopped_by: list[str | None] = [None] * self.size
+    last_eval: list[tuple[int, dict] | None] = [None] * self.size
+    recording = np.ones(self.size, bool)          # runs whose records are still written
+    pending = [[] for _ in self.runs]             # per-step train metrics since each run's last record
+    train_time, trained_steps, step = 0.0, 0, 0
+
+    def flush(r):
+      """Run r's train record at its last update: means since its previous record, as the trainer logs."""
+      if pending[r]:
+        avg = {k: float(np.mean([v[k] for v in pending[r]])) for k in ("loss", "accuracy", "grad_norm")}
+        avg["learning_rate"] = pending[r][-1]["learning_rate"]
+        avg["tokens_per_s"] = len(pending[r]) * self.tokens_per_step / sum(v["seconds"] for v in pending[r])
+        writers[r].write(int(steps[r]), avg, "train")
+        pending[r] = []
+
+    try:
+      while step < self.num_steps and recording.any():
+        t0 = time.time()
+        state, m = self.dispatch(state)
+        m = jax.device_get(m)
+        seconds = time.time() - t0
+        train_time += seconds
+        k_steps = min(k_max, self.num_steps - step)
+        for k in range(k_steps):
+          for r in np.flatnonzero(m["updated"][k]):
+            pending[r].append({**{n: float(m[n][k, r]) for n in ("loss", "accuracy", "grad_norm", "learning_rate")},
+                               "seconds": seconds / k_max})
+            steps[r] = step + k + 1
+            if steps[r] % log_every == 0:
+              flush(r)
+        trained_steps += int(m["updated"][:k_steps].sum())
+        step += k_steps
+        active = np.asarray(jax.device_get(state["active"]))
+        for r in np.flatnonzero(recording & ~active):
+          if stopped_by[r] is None:
+            stopped_by[r] = "non_finite_loss"
+            bar.write(f"{self.runs[r].name}: non-finite loss or gradient at step {steps[r] + 1}; stopped with "
+                      "its last finite parameters.")
+        if (self.eval_every and step % self.eval_every == 0) or step >= self.num_steps or not active.any():
+          evals = self.evaluate(state["params"])
+          hit = np.zeros(self.size, bool)
+          for r in np.flatnonzero(recording):
+            flush(r)
+            last_eval[r] = (int(steps[r]), evals[r])
+            writers[r].write(int(steps[r]), evals[r], "eval")
+            if target and stopped_by[r] is None and evals[r]["accuracy"] >= target:
+              stopped_by[r], hit[r] = "target_accuracy", True
+              bar.write(f"{self.runs[r].name}: step {steps[r]}: eval accuracy {evals[r]['accuracy']:.4f} >= "
+                        f"target {target}; stopping early.")
+          recording &= np.array([s is None for s in stopped_by])
+          if hit.any():
+            state["active"] = state["active"] & jnp.asarray(~hit)
+          bar.set_postfix({"running": int(recording.sum()),
+                           "best_acc": f"{max(e['accuracy'] for e in evals):.4f}"}, refresh=False)
+        bar.update(step - bar.n)
+    finally:
+      bar.close()
+      for w in writers:
+        w.close()
+    self.state = state
+    population = {"runs": self.size, "shared_data": self.shared_data, "steps_per_dispatch": k_max,
+                  "tokens_per_s": trained_steps * self.tokens_per_step / max(train_time, 1e-9)}
+    return [self._finish(r, d, int(steps[r]), stopped_by[r], last_eval[r], train_time, start_wall, population,
+                         save_checkpoints) for r, d in enumerate(dirs)]
+
+  def _finish(self, r: int, workdir: str, step: int, stopped_by: str | None, last_eval: tuple[int, dict] | None,
+              train_time: float, start_wall: float, population: dict, save_checkpoint: bool) -> dict[str, Any]:
+    """Run r's results.json (the trainer's keys, plus its learning rate, seed and population), its
+    curves.png (train.plot) and, if asked, its checkpoint; returns the results."""
+    run = self.runs[r]
+    res = {"step": step, "stopped_by": stopped_by, "wall_s": time.time() - start_wall,
+           "tokens_per_s": step * self.tokens_per_step / max(train_time, 1e-9),
+           "family": self.cfg.family.value, "task": self.task.kind, "data": dict(self.task.info),
+           "device": f"1 x {self.device.device_kind}", "platform": self.device.platform,
+           "jax_version": jax.__version__, "learning_rate": run.learning_rate, "seed": run.seed,
+           "population": dict(population, index=r)}
+    if last_eval is not None:
+      res.update({f"test_{k}": v for k, v in last_eval[1].items()}, test_step=last_eval[0])
+    res["window"] = self.cfg.window
+    if self.cfg.window is not None:
+      res["data"]["fraction_beyond_window"] = self.fraction_beyond_window
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=2)
+    if save_checkpoint:
+      self._save_checkpoint(self.run_state(self.state, r, step), workdir)
+    if self.config.train.plot:
+      from train import plots  # pylint: disable=g-import-not-at-top
+      plots.maybe_plot(workdir)
+    return res
+
+  def _write_run_files(self, run: Run, workdir: str) -> None:
+    with open(os.path.join(workdir, trainer.CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(run_config(self.config, run).to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, trainer.TOKENIZER_FILE), "w", encoding="utf-8") as f:
+      json.dump(tasks_lib.save_tokenizer(self.task.tokenizer, workdir), f, indent=2)
+
+  def _save_checkpoint(self, run_state, workdir: str) -> None:
+    """The run's final state as the trainer's checkpoint (no data iterator: the data is drawn on the device)."""
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)
+    try:
+      meta = {"model": ckpt_lib.model_config_dict(self.cfg), "data": self.config.data.to_dict()}
+      ckpt.save(int(run_state["step"]), run_state, None, meta)
+    finally:
+      ckpt.close()
+
+
+def tokens_per_second(population: Population, dispatches: int = 5) -> float:
+  """Aggregate training tokens/s of every run of `population` (all active), after one compiling dispatch."""
+  state = population.dispatch(population.init_state())[0]
+  jax.block_until_ready(state)
+  t0 = time.time()
+  for _ in range(dispatches):
+    state = population.dispatch(state)[0]
+  jax.block_until_ready(state)
+  steps = dispatches * population.steps_per_dispatch
+  return population.size * steps * population.tokens_per_step / (time.time() - t0)
