@@ -155,7 +155,9 @@ class LanguageModel(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The head: the last block's output x [B, T, D] -> logits [B, T, V] fp32 (final norm, tied or own
+    weights). `hidden` then `logits` is `__call__`; in between a loss may keep only the positions it scores."""
     x = self.final_norm(x)
     w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T                  # [V, D]
     return logits_einsum(x, w.astype(x.dtype))
@@ -175,7 +177,7 @@ class LanguageModel(nnx.Module):
         x, cache = body(x, (params, None if caches is None else caches[i]))
         new_caches.append(cache)
       caches = new_caches if keep_cache else None
-    return self._logits(x), caches
+    return x, caches
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -185,6 +187,11 @@ class LanguageModel(nnx.Module):
     `train/data/text.py` emits them); no document sees another. positions [B, T] int: RoPE positions (default:
     the position within the document).
     """
+    return self.logits(self.hidden(tokens, segment_ids, positions))
+
+  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None) -> jax.Array:
+    """The last block's output [B, T, D] of the parallel pass (arguments as `__call__`)."""
     packing = segments.packing(segment_ids, positions, tokens.shape)
     return self._run(tokens, None, None, False, False, packing)[0]
 
@@ -197,14 +204,14 @@ class LanguageModel(nnx.Module):
     run in parallel from their states, the attention sublayers step through the piece). Returns
     (logits [B, T, V], cache).
     """
-    if cache is None:
-      return self._run(tokens, None, self.cache_size(tokens.shape[1], max_len), False, True)
-    return self._run(tokens, cache, None, False, True)
+    size = None if cache is not None else self.cache_size(tokens.shape[1], max_len)
+    x, cache = self._run(tokens, cache, size, False, True)
+    return self.logits(x), cache
 
   def step(self, token: jax.Array, cache):
     """Decode one token per row. token [B] -> (logits [B, V], cache)."""
-    logits, cache = self._run(token[:, None], cache, None, True, True)
-    return logits[:, 0], cache
+    x, cache = self._run(token[:, None], cache, None, True, True)
+    return self.logits(x)[:, 0], cache
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
     """Ring slots of the attention cache: the window, or max_len for full attention."""

@@ -154,3 +154,23 @@ def test_scanned_and_unscanned_train_steps_agree(step_setup):
   (loss_loop, p_loop), (loss_scan, p_scan) = results
   np.testing.assert_allclose(loss_loop, loss_scan, rtol=1e-5)
   chex.assert_trees_all_close(p_loop, p_scan, rtol=1e-4, atol=1e-6)
+
+
+def test_head_on_supervised_positions_only_changes_nothing(step_setup):
+  """MQAR scores N of T positions: the loss through `supervised` (the head on those rows only) equals the
+  full-logits loss, with its gradients, and a row with fewer supervised targets than the bound is fine."""
+  setup, batch = step_setup
+  assert setup.task.supervised_per_example == 4
+  params = jax.device_get(setup.init_state()["params"])
+  batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  batch["targets"] = batch["targets"].at[0].set(-100).at[0, 5].set(7)     # row 0: one supervised target
+  full = jax.value_and_grad(trainer.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch)
+  sparse = jax.value_and_grad(trainer.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch, 4)
+  (loss_f, aux_f), g_f = full
+  (loss_s, aux_s), g_s = sparse
+  np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)
+  for a, b in zip(aux_s, aux_f):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_f)):   # fp32 sums in another order: 1e-5 of the scale
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+  assert int(aux_s[0][0]) == 1 and int(aux_s[0][1]) == 4

@@ -175,7 +175,7 @@ class Population:
   def _run_update(self, params, opt_state, lr, batch, step):
     """One run's train step: the trainer's, with the optimizer's updates scaled by the run's lr."""
     setup = self.setup
-    g, loss, n, c = trainer.batch_grads(setup.graphdef, params, batch)
+    g, loss, n, c = trainer.batch_grads(setup.graphdef, params, batch, setup.task.supervised_per_example)
     return trainer.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
 
   def _scan_steps(self, state):

@@ -26,6 +26,7 @@ class Task:
   vocab_size: int                     # ids the data can contain: the model's vocab must cover them
   tokenizer: Any | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  supervised_per_example: int | None = None  # most targets of an example that are scored (MQAR: N); None: all
 
 
 class _Slice:
@@ -92,7 +93,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     test = data_lib.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
     info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
             "num_train": len(train), "num_test": len(test)}
-    return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info)
+    return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
   if d.kind == "text":
     tokenizer = make_tokenizer(d.tokenizer)
     patterns = tuple(_split_list(d.patterns)) or data_lib.text.DEFAULT_PATTERNS

@@ -168,13 +168,20 @@ def model_batch(batch: dict, *extra: str) -> dict:
   return {k: batch[k] for k in MODEL_FIELDS + extra if k in batch}
 
 
-def loss_sums(graphdef, params, batch):
+def loss_sums(graphdef, params, batch, supervised: int | None = None):
   """(sum of token cross-entropies, (supervised tokens [B], correct tokens [B], ce per example [B])).
 
-  A batch with segment_ids (packed documents) keeps its documents apart (`LanguageModel.__call__`)."""
+  A batch with segment_ids (packed documents) keeps its documents apart (`LanguageModel.__call__`).
+  supervised (static): at most this many targets per row are not IGNORE_INDEX (MQAR: N of T), so the head runs
+  on those positions only, [B, supervised, V] logits instead of [B, T, V]; the sums are the same."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))   # [B, T, V] fp32
+  x = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))     # [B, T, D]
   targets = batch["targets"]
+  if supervised:
+    rows = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)[:, :supervised]   # supervised first
+    x = jnp.take_along_axis(x, rows[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, rows, axis=1)
+  logits = model.logits(x)                                                              # [B, T|supervised, V]
   valid = targets != IGNORE_INDEX
   ce, correct = token_losses(logits, jnp.where(valid, targets, 0))
   ce = jnp.where(valid, ce, 0.0)
@@ -183,9 +190,10 @@ def loss_sums(graphdef, params, batch):
   return per_ex_ce.sum(), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
 
 
-def batch_grads(graphdef, params, batch):
+def batch_grads(graphdef, params, batch, supervised: int | None = None):
   """(gradient of the summed loss, summed loss, supervised tokens, correct tokens) of one (micro-)batch."""
-  (loss, (n, c, _)), g = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
+  (loss, (n, c, _)), g = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)(graphdef, params, batch,
+                                                                                  supervised)
   return g, loss, n.sum(), c.sum()
 
 
@@ -208,7 +216,7 @@ def apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_sca
 
 def make_train_step(setup: Setup, accum: int):
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
-  grads_of = functools.partial(batch_grads, graphdef)
+  grads_of = functools.partial(batch_grads, graphdef, supervised=setup.task.supervised_per_example)
 
   def train_step(state, batch):
     params = state["params"]
@@ -238,7 +246,7 @@ def make_eval_step(setup: Setup):
   graphdef = setup.graphdef
 
   def eval_step(params, batch):
-    _, (n, c, ce) = loss_sums(graphdef, params, batch)
+    _, (n, c, ce) = loss_sums(graphdef, params, batch, setup.task.supervised_per_example)
     mask = batch["mask"] & (n > 0)
     per_ex_acc = c.astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32)
     return {"acc_sum": jnp.sum(jnp.where(mask, per_ex_acc, 0.0)), "examples": jnp.sum(mask),
