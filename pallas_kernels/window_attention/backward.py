@@ -34,7 +34,8 @@ from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_lo
 from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic
 from pallas_kernels.window_attention.dq_mosaic import dq_mosaic
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,
-                                                     memory_logits, memory_specs, prescale, split_refs)
+                                                     memory_logits, memory_specs, prescale, query_block_inputs,
+                                                     split_refs)
 
 
 def dq_kernel(*refs, has_mem: bool, has_span: bool, has_seg: bool, qk_scale: float, scale: float,
@@ -218,20 +219,11 @@ def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delt
                params, common, interpret):
   """`dq_kernel` on a grid (query block, batch, head) -> dq [B, T, H, P]."""
   b, t, h, p = q.shape
-  g = h // k.shape[2]
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
-  kv_spec = pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  in_specs, args = query_block_inputs(q, k, v, mem_k, mem_v, mem_valid, mem_span, seg_lo, bq, chunk)
   has_mem = mem_k is not None
-  if has_mem:
-    specs, mem_mask = memory_specs(mem_k, mem_valid, mem_span, bq, chunk, g)
-    in_specs += specs
-    args += [mem_k, mem_v, mem_mask]
-  if seg_lo is not None:
-    in_specs.append(pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)))
-    args.append(seg_lo)
   return pl.pallas_call(
       functools.partial(dq_kernel, has_mem=has_mem, has_span=mem_span is not None, has_seg=seg_lo is not None,
                         window=window, block_q=bq, block_k=bk, n_k=t // bk, chunk=chunk,

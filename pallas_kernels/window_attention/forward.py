@@ -137,29 +137,32 @@ def memory_specs(mem_k, mem_valid, mem_span, block_q: int, chunk: int, g: int):
   return [mem_spec, mem_spec, pl.BlockSpec((None, None, 2, m), lambda i, bi, hi: (bi, c(i), 0, 0))], mem_span
 
 
-def forward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_scale: float, window: int | None,
-            chunk: int, blocks: BlockSizes, interpret: bool):
-  """Padded inputs (see module doc) -> (o [B, T, H, P], lse [B, H, T] fp32)."""
-  b, t, h, p = q.shape
-  kh = k.shape[2]
-  g = h // kh
-  bq, bk = blocks.block_q, blocks.block_k
-  n_q = t // bq
-  has_mem = mem_k is not None
-
-  in_specs = [
-      pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0)),
-      pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-      pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-  ]
+def query_block_inputs(q, k, v, mem_k, mem_v, mem_valid, mem_span, seg_lo, bq: int, chunk: int):
+  """(in_specs, args) of a kernel with one program per (query block of bq rows, batch, head): q's block, the
+  whole k and v of the head's kv head, the block's chunk memory and its rows' segment starts (when given)."""
+  t, p = q.shape[1], q.shape[3]
+  g = q.shape[2] // k.shape[2]
+  kv_spec = pl.BlockSpec((None, t, None, p), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  in_specs = [pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0)), kv_spec, kv_spec]
   args = [q, k, v]
-  if has_mem:
+  if mem_k is not None:
     specs, mem_mask = memory_specs(mem_k, mem_valid, mem_span, bq, chunk, g)
     in_specs += specs
     args += [mem_k, mem_v, mem_mask]
   if seg_lo is not None:
     in_specs.append(pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)))
     args.append(seg_lo)
+  return in_specs, args
+
+
+def forward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_scale: float, window: int | None,
+            chunk: int, blocks: BlockSizes, interpret: bool):
+  """Padded inputs (see module doc) -> (o [B, T, H, P], lse [B, H, T] fp32)."""
+  b, t, h, p = q.shape
+  bq, bk = blocks.block_q, blocks.block_k
+  n_q = t // bq
+  has_mem = mem_k is not None
+  in_specs, args = query_block_inputs(q, k, v, mem_k, mem_v, mem_valid, mem_span, seg_lo, bq, chunk)
 
   kernel = functools.partial(forward_kernel, has_mem=has_mem, has_span=mem_span is not None,
                              has_seg=seg_lo is not None, qk_scale=qk_scale, window=window, block_q=bq,
