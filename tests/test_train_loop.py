@@ -22,6 +22,7 @@ from configs import mqar
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import trainer
+from train.workdir_lock import WorkdirBusyError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -327,3 +328,24 @@ def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compi
     results = json.load(f)
   assert results["stopped_by"] == "SIGTERM" and results["step"] < 100000
   assert results["test_step"] % 5 == 0 and results["test_step"] <= results["step"]
+
+
+def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(copied_run):
+  """A second live run on a workdir is refused before it writes anything, naming the holder; once the holder
+  dies (SIGKILL: no cleanup), the next run takes the workdir over."""
+  before = snapshot(copied_run)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from train.workdir_lock import WorkdirLock; "
+       "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", copied_run],
+      stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusyError, match=rf"in use by another run \(host .*, pid {holder.pid}, started"):
+      trainer.train(tiny_config(), copied_run)
+    assert {k: v for k, v in snapshot(copied_run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+  finally:
+    holder.kill()
+    holder.wait()
+  assert trainer.train(tiny_config(), copied_run)["step"] == 8      # the finished run, read back
+  assert snapshot(copied_run) == before

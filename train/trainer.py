@@ -35,6 +35,7 @@ from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as shard_lib
 from train import tasks as tasks_lib
+from train.workdir_lock import WorkdirLock
 
 IGNORE_INDEX = data_lib.IGNORE_INDEX
 MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
@@ -321,6 +322,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   workdir = os.path.abspath(workdir)
   setup = build(config, devices)        # validates everything first: a config that cannot work creates nothing
   os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:                            # one run per workdir, before anything is written
+    return _train(config, setup, workdir, start_wall, step_callback, stop)
+
+
+def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback, stop) -> dict[str, Any]:
   t = config.train
   lead = jax.process_index() == 0
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
