@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmojo_jax.attention import AttnState
-from bmojo_jax.model import LanguageModel
+from bmojo_jax.model import LanguageModel, check_cache_room
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int | None = None,
@@ -80,13 +79,7 @@ class Decoder:
     tokens = jnp.asarray(tokens, jnp.int32)
     if cache is None:
       return self._prefill(self.state, tokens, max_len)
-    if self.cfg.has_attention and self.cfg.window is None:   # full attention: the KV cache must hold it all
-      attn = next(x for x in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, AttnState))
-                  if isinstance(x, AttnState))
-      pos, slots = int(np.max(attn.pos)), attn.k.shape[-3]
-      if pos + tokens.shape[1] > slots:
-        raise ValueError(f"the KV cache holds {slots} tokens (max_len of the first prefill); {pos} are in it "
-                         f"and {tokens.shape[1]} more do not fit")
+    check_cache_room(self.cfg, cache, tokens.shape[1])   # before the jitted call: the cache is concrete
     return self._continue(self.state, tokens, cache)
 
   def step(self, token: jax.Array, cache):

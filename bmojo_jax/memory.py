@@ -62,9 +62,19 @@ def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax
   return jnp.sum(err * err, axis=-1), full[:, -PREDICTOR_TAPS:]
 
 
+def _order(keys: tuple[jax.Array, ...]) -> jax.Array:
+  """[B, M] indices sorting every row lexicographically by `keys` ([B, M] each; the first is primary)."""
+  return jnp.lexsort(tuple(reversed(keys)), axis=-1)
+
+
+def _best_first(store: Store) -> tuple[jax.Array, jax.Array]:
+  """The score policy's order: highest score first, ties to the earliest position."""
+  return -store.score, store.pos
+
+
 def _sort_entries(store: Store, keys: tuple[jax.Array, ...]) -> Store:
   """Sort the entries of every row lexicographically by `keys` ([B, M] each)."""
-  order = jnp.lexsort(tuple(reversed(keys)), axis=-1)                             # first key is primary
+  order = _order(keys)
   take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
   return Store(*(take(x) for x in store))
 
@@ -80,7 +90,7 @@ def merge(store: Store, selected: Store, policy: StorePolicy) -> Store:
     return jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=1)[:, -size:],
                         store, by_position(selected))
   both = jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=1), store, selected)
-  return jax.tree.map(lambda x: x[:, :size], _sort_entries(both, (-both.score, both.pos)))
+  return jax.tree.map(lambda x: x[:, :size], _sort_entries(both, _best_first(both)))
 
 
 def select_per_chunk(e: jax.Array, k: jax.Array, v: jax.Array, chunk: int, k_e: int) -> Store:
@@ -154,8 +164,7 @@ def _kept_by_merge(union: Store, n_new: int, policy: StorePolicy) -> jax.Array:
   n = union.score.shape[1]
   if policy == StorePolicy.FIFO:
     return jnp.broadcast_to(jnp.arange(n) >= n_new, union.score.shape)
-  order = jnp.lexsort((union.pos, -union.score), axis=-1)                        # merge's order, best first
-  rank = jnp.argsort(order, axis=-1)
+  rank = jnp.argsort(_order(_best_first(union)), axis=-1)                         # merge's order
   return rank < n - n_new
 
 

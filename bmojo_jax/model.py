@@ -127,6 +127,21 @@ def unstack_blocks(tree, n_blocks: int):
   return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
 
 
+def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
+  """Full attention's KV cache must hold the n_tokens that continue it: a ValueError if not. Checked when the
+  cache is concrete (outside jit; `Decoder.prefill` checks before its jitted call)."""
+  if not cfg.has_attention or cfg.window is not None:
+    return
+  attn = next(x for x in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, AttnState))
+              if isinstance(x, AttnState))
+  if isinstance(attn.pos, jax.core.Tracer):
+    return
+  pos, slots = int(jnp.max(attn.pos)), attn.k.shape[-3]
+  if pos + n_tokens > slots:
+    raise ValueError(f"the KV cache holds {slots} tokens (max_len of the first prefill); {pos} are in it "
+                     f"and {n_tokens} more do not fit")
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] fp32."""
 
@@ -204,6 +219,8 @@ class LanguageModel(nnx.Module):
     run in parallel from their states, the attention sublayers step through the piece). Returns
     (logits [B, T, V], cache).
     """
+    if cache is not None:
+      check_cache_room(self.cfg, cache, tokens.shape[1])
     size = None if cache is not None else self.cache_size(tokens.shape[1], max_len)
     x, cache = self._run(tokens, cache, size, False, True)
     return self.logits(x), cache

@@ -139,3 +139,10 @@ def test_prefill_continuation_past_the_kv_cache_is_refused(decoders):
   _, cache = decoder.prefill(jnp.zeros((2, 10), jnp.int32), 12)
   with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
     decoder.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)
+
+
+def test_model_prefill_continuation_past_the_kv_cache_is_refused(decoders):
+  model, _ = decoders["transformer"]
+  _, cache = model.prefill(jnp.zeros((2, 10), jnp.int32), 12)
+  with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
+    model.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)
