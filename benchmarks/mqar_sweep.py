@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import device_name, device_tag  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
-from bmojo_jax import count_params  # noqa: E402
+from bmojo_jax import Sublayer, count_params  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train import population as pop_lib  # noqa: E402
 from train import trainer  # noqa: E402
@@ -49,7 +49,7 @@ FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"
 ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
 KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
-              "learning_rate", "seed", "epochs")
+              "store_policy", "dtype", "learning_rate", "seed", "epochs")
 # Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
@@ -67,10 +67,10 @@ def floats(text: str) -> list[float]:
 def state_bytes(cfg, seq_len: int) -> int:
   """The recurrent state of docs/evals.md, 4 bytes a number: a Mamba sublayer E·N (= 2·d·d_state at
   expand 2), an attention sublayer 2·d·(w + M_f + M_e) (full attention: 2·d·L), an MLP none."""
-  per_kind = {"mamba": cfg.d_inner * cfg.d_state, "mlp": 0,
-              "attention": 2 * cfg.d_model * (seq_len if cfg.window is None
-                                              else cfg.window + cfg.fading + cfg.eidetic)}
-  return 4 * cfg.n_blocks * sum(per_kind[k.value] for k in cfg.sublayers)
+  per_kind = {Sublayer.MAMBA: cfg.d_inner * cfg.d_state, Sublayer.MLP: 0,
+              Sublayer.ATTENTION: 2 * cfg.d_model * (seq_len if cfg.window is None
+                                                     else cfg.window + cfg.fading + cfg.eidetic)}
+  return 4 * cfg.n_blocks * sum(per_kind[k] for k in cfg.sublayers)
 
 
 def population_config(args, family: str, variant: str, d_model: int, n: int):
@@ -83,7 +83,8 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
     chunk = args.window if family in ("bmojo_f", "bmojo") else window   # chunk must divide the window
     sets += [f"model.window={window}", f"model.chunk_size={chunk}"]
   sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
-           f"model.eidetic_per_chunk={args.eidetic_per_chunk}"]
+           f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}"]
+  sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.attn_impl}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
   config.train.plot = False
@@ -132,7 +133,9 @@ def sweep(args) -> str:
         cfg = trainer.model_config(config)
         base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
                 "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
-                "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0, "epochs": args.epochs}
+                "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
+                "store_policy": cfg.store_policy.value if cfg.eidetic else "", "dtype": cfg.dtype,
+                "epochs": args.epochs}
         runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
                 if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
         label = f"{family}{'(' + variant + ')' if variant else ''} d{d_model} N{n}"
@@ -163,7 +166,7 @@ def sweep(args) -> str:
                           "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
                           "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
                           "data_check_mismatches": checked[n], "scan_impl": cfg.scan_impl.value,
-                          "attn_impl": cfg.attn_impl.value, "dtype": cfg.dtype,
+                          "attn_impl": cfg.attn_impl.value,
                           "device": device_name(), "jax": jax.__version__})
         with open(path, "w") as f:
           json.dump(records, f, indent=1)
@@ -182,6 +185,7 @@ def plot(records: list[dict], out_path: str) -> str | None:
   if not records:
     return None
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -203,6 +207,7 @@ def plot(records: list[dict], out_path: str) -> str | None:
       ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=name, markersize=4)
     ax.set(xscale="log", xlabel="state size (bytes)", ylabel="MQAR accuracy (best lr)", ylim=(0, 1.02),
            title=f"N = {n} key-value pairs")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # log axis: label the decades only
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=8)
   fig.tight_layout()
@@ -218,25 +223,29 @@ def throughput(args) -> str:
   config = population_config(args, family, "", d_model, n)
   config.train.target_accuracy = 0.0
   records = []
-  # The single-run trainer: its logged tokens/s per interval of log_every steps, the first (compile) dropped.
-  single = ml_collections.ConfigDict(config.to_dict())
-  t = single.train
-  t.num_steps, t.log_every, t.eval_every = args.baseline_steps, max(1, args.baseline_steps // 5), 0
-  t.checkpoint_every, t.progress_bar, t.plot = args.baseline_steps, False, False
-  single.data.num_test = min(int(single.data.num_test), int(t.eval_batch_size))
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer.train(single, workdir)
-    intervals = [r["tokens_per_s"] for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"][1:]
-  base = float(np.median(intervals))
-  records.append({"mode": "trainer", "runs": 1, "tokens_per_s": base, "speedup": 1.0})
-  print(f"single-run trainer: {base / 1e6:.3f}M tokens/s")
+  base = None
+  if args.baseline_steps:
+    # The single-run trainer: its logged tokens/s per interval of log_every steps, the first (compile) dropped.
+    single = ml_collections.ConfigDict(config.to_dict())
+    t = single.train
+    t.num_steps, t.log_every, t.eval_every = args.baseline_steps, max(1, args.baseline_steps // 5), 0
+    t.checkpoint_every, t.progress_bar, t.plot = args.baseline_steps, False, False
+    single.data.num_test = min(int(single.data.num_test), int(t.eval_batch_size))
+    with tempfile.TemporaryDirectory() as workdir:
+      trainer.train(single, workdir)
+      intervals = [r["tokens_per_s"] for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"][1:]
+    base = float(np.median(intervals))
+    records.append({"mode": "trainer", "runs": 1, "tokens_per_s": base, "speedup": 1.0})
+    print(f"single-run trainer: {base / 1e6:.3f}M tokens/s")
   for size in args.runs:
     runs = [pop_lib.Run(args.lrs[i % len(args.lrs)], i // len(args.lrs)) for i in range(size)]
     try:
       pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
       tps = pop_lib.tokens_per_second(pop, dispatches=args.dispatches)
-      rec = {"mode": "population", "runs": size, "tokens_per_s": tps, "speedup": tps / base,
+      rec = {"mode": "population", "runs": size, "tokens_per_s": tps, "speedup": tps / base if base else None,
              "steps_per_dispatch": pop.steps_per_dispatch}
+      if args.profile:
+        rec["profile"] = profile_population(pop, args.profile, f"{args.label or family}_r{size}")
     except Exception as e:  # pylint: disable=broad-except  (out of memory at large R: recorded, next R)
       rec = {"mode": "population", "runs": size, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     records.append(rec)
@@ -245,19 +254,55 @@ def throughput(args) -> str:
   for r in records:
     r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
              params=count_params(cfg), scan_impl=cfg.scan_impl.value, attn_impl=cfg.attn_impl.value,
-             device=device_name(), jax=jax.__version__)
+             dtype=cfg.dtype, label=args.label, overrides=args.set, device=device_name(), jax=jax.__version__)
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
+  previous = json.load(open(path)) if args.append and os.path.exists(path) else []
   with open(path, "w") as f:
-    json.dump(records, f, indent=1)
+    json.dump(previous + records, f, indent=1)
   print(f"-> {path}")
   return path
 
 
+def profile_population(pop: pop_lib.Population, out_dir: str, name: str, dispatches: int = 2) -> dict:
+  """GPU ms per training step by source line (train_step_bench's trace parsing) over `dispatches` dispatches
+  of the whole population; writes <out_dir>/<name>_ops.json."""
+  from benchmarks import train_step_bench as tsb  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  state = pop.init_state()
+  state = pop.dispatch(state)[0]
+  jax.block_until_ready(state)
+  trace_dir = os.path.join(tempfile.mkdtemp(), "trace")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(dispatches):
+      state = pop.dispatch(state)[0]
+    jax.block_until_ready(state)
+  traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not traces:
+    return {"error": f"no perfetto trace under {trace_dir}"}
+  steps = dispatches * pop.steps_per_dispatch
+  ops = tsb.op_times(traces[0], steps)
+  labels = tsb.hlo_sources(pop._dispatch.lower(state).compile().as_text())  # pylint: disable=protected-access
+  by_source = {}
+  for op, (ms, _) in ops.items():
+    key = labels.get(op, "").split(" [")[0] or op.split(".")[0]
+    by_source[key] = by_source.get(key, 0.0) + ms
+  summary = {"gpu_ms_per_step": sum(ms for ms, _ in ops.values()), "runs": pop.size,
+             "by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1]))}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, name + "_ops.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  top = dict(list(summary["by_source"].items())[:20])
+  print(f"{name}: {summary['gpu_ms_per_step']:.2f} GPU ms per step; top sources:")
+  for k, v in top.items():
+    print(f"  {v:8.3f} ms  {k}")
+  return {"gpu_ms_per_step": summary["gpu_ms_per_step"], "top_sources": top}
+
+
 # Defaults of the options left unset: the protocol's, or tiny ones for --smoke (L=32, window 8, a minute or two).
 DEFAULTS = dict(d_models="64,128,256", kv_pairs="16,32,64", lrs=",".join(f"{x:.6g}" for x in ZOOLOGY_LRS),
-                seq_len=256, window=32, n_fading=8, n_eidetic=224, eidetic_per_chunk=32, epochs=8,
+                seq_len=256, window=32, n_fading=8, n_eidetic=80, eidetic_per_chunk=16, epochs=8,
                 runs="1,4,8,16", dispatches=5, baseline_steps=250)
 SMOKE_DEFAULTS = dict(d_models="16", kv_pairs="4", lrs="3e-3,1e-2", seq_len=32, window=8, n_fading=2, n_eidetic=8,
                       eidetic_per_chunk=4, epochs=2, runs="1,2", dispatches=2, baseline_steps=20)
@@ -273,8 +318,14 @@ def parse_args(argv=None):
   p.add_argument("--seq-len", type=int, help="L; default 256")
   p.add_argument("--window", type=int, help="w; default 32")
   p.add_argument("--n-fading", type=int, help="M_f of B'MOJO(-F); default 8 (docs/mqar.md's 99%% run)")
-  p.add_argument("--n-eidetic", type=int, help="M_e of B'MOJO; default 224")
-  p.add_argument("--eidetic-per-chunk", type=int, help="k_e of B'MOJO; default 32")
+  p.add_argument("--n-eidetic", type=int, help="M_e of B'MOJO; default 80 (w + M_f + M_e = 120 <= L/2)")
+  p.add_argument("--eidetic-per-chunk", type=int, help="k_e of B'MOJO; default 16")
+  p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay fp32); default bfloat16")
+  p.add_argument("--attn-impl", default="reference",
+                 help="reference (default) | pallas | cudnn. On the H200, Transformers trained with cuDNN attention "
+                      "inside a population stayed at chance where the reference reached 0.9998 (docs/mqar.md): the "
+                      "fast paths are not yet verified inside populations")
+  p.add_argument("--store-policy", default="score", help="B'MOJO's eidetic store: score (default) or fifo")
   p.add_argument("--no-equal-memory", dest="equal_memory", action="store_false",
                  help="skip the Hybrid with window w + M_f + M_e")
   p.add_argument("--epochs", type=int, help="default 8 (Zoology: 64)")
@@ -289,7 +340,10 @@ def parse_args(argv=None):
   p.add_argument("--throughput", action="store_true", help="measure tokens/s instead of sweeping")
   p.add_argument("--runs", help="--throughput: population sizes; default 1,4,8,16")
   p.add_argument("--dispatches", type=int, help="--throughput: timed dispatches per size; default 5")
-  p.add_argument("--baseline-steps", type=int, help="--throughput: single-run trainer steps; default 250")
+  p.add_argument("--baseline-steps", type=int, help="--throughput: single-run trainer steps (0: none); default 250")
+  p.add_argument("--profile", help="--throughput: trace each population into this folder, GPU ms by source line")
+  p.add_argument("--label", default="", help="--throughput: a name stored in the records")
+  p.add_argument("--append", action="store_true", help="--throughput: add to the results file, not replace it")
   args = p.parse_args(argv)
   for name, value in (SMOKE_DEFAULTS if args.smoke else DEFAULTS).items():
     if getattr(args, name) is None:
@@ -310,6 +364,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.profile:   # kernels attributed one by one: no CUDA graphs (set before jax's backend starts)
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   if args.throughput:
     throughput(args)
   else:
