@@ -4,14 +4,12 @@ A block holds two pre-norm residual sublayers of the kinds `cfg.sublayers` names
 
     s = mixer_1(norm_1(x));  h = x + s;  out = h + mixer_2(norm_2(h) [, fading = norm_2(s)])
 
-Every mixer class (`MIXERS`) follows one protocol, so `Block` runs its two sublayers without knowing their
-kinds:
-    __call__(x, state=None, *, fading=None, cache_size=None, packing=None) -> (y, state)
-                                                                              parallel pass over [B, T, D]
-    step(x, state, *, fading=None) -> (y, state)                             one token, x [B, 1, D]
-    init_state(batch, cache_size) -> state                                    the decode state before any token
-With `cfg.fading_source` (B'MOJO-F, B'MOJO) the first sublayer's output s, a read-out of the SSM state, is
-handed to the second (the memory attention) as the source of its fading tokens.
+`MIXERS` maps each kind to its class, and every class follows one protocol (`Mixer`: `__call__` for the
+parallel pass, `step` for one token, `init_state` for the decode state before any token), so `Block` runs its
+two sublayers without knowing their kinds; `bmojo_jax.param_count.SUBLAYER_PARAMS` counts each kind's
+parameters. With `cfg.fading_source` (B'MOJO-F, B'MOJO; validated in `ModelConfig`) the first sublayer's
+output s, a read-out of the SSM state, is handed to the second (the memory attention) as the source of its
+fading tokens.
 
 With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth. Otherwise (the
@@ -28,7 +26,7 @@ cache; `step` decodes one token from the cache. See `bmojo_jax.inference` for sa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +39,35 @@ from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
 from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
+from pallas_kernels.sharding import constrain
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
-MIXERS = {Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
+RESIDUAL = (tp.BATCH, tp.SEQ, tp.EMBED)  # logical axes of the residual stream x [B, T, D]
+
+
+@runtime_checkable
+class Mixer(Protocol):
+  """What `Block` needs of a sublayer. A mixer is built as `cls(cfg, rngs=rngs)`; its state is its own decode
+  state (`MambaState`, `AttnState`; None for the stateless MLP). `fading` [B, T, D] is the fading-token source
+  (`cfg.fading_source`), which only the memory attention reads; `packing` marks the documents of a packed row."""
+
+  def __call__(self, x: jax.Array, state: Any = None, *, fading: jax.Array | None = None,
+               cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, Any]:
+    """Parallel pass x [B, T, D] -> (y [B, T, D], state after the last token). `state` continues the sequence
+    it holds; cache_size (attention ring slots) asks for the decode state."""
+    ...
+
+  def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """One token per row: x [B, 1, D] -> (y [B, 1, D], state)."""
+    ...
+
+  def init_state(self, batch: int, cache_size: int | None) -> Any:
+    """The decode state before any token."""
+    ...
+
+
+MIXERS: dict[Sublayer, Callable[..., Mixer]] = {
+    Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
 
 
 def _save_dots_and_kernels(prim, *avals, **params) -> bool:
@@ -63,10 +87,11 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     first, second = cfg.sublayers
     self.fading_source = cfg.fading_source
+    # Attribute names are parameter paths (blocks/<i>/mixer1/...): checkpoints depend on them.
     self.norm1 = RMSNorm(cfg, rngs=rngs)
-    self.mixer1 = MIXERS[first](cfg, rngs=rngs)
+    self.mixer1: Mixer = MIXERS[first](cfg, rngs=rngs)
     self.norm2 = RMSNorm(cfg, rngs=rngs)
-    self.mixer2 = MIXERS[second](cfg, rngs=rngs)
+    self.mixer2: Mixer = MIXERS[second](cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, cache: BlockCache | None = None, *, cache_size: int | None = None,
                decode: bool = False, packing: Packing | None = None) -> tuple[jax.Array, BlockCache]:
@@ -92,8 +117,9 @@ def _block_fn(graphdef, cache_size: int | None, decode: bool, keep_cache: bool, 
   """(x, (block params, cache)) -> (x, cache): one block, the body of both the scan and the loop."""
   def body(x, xs):
     params, cache = xs
+    x = constrain(x, RESIDUAL)            # under a mesh: the residual stream enters and leaves split by rows
     y, cache = nnx.merge(graphdef, params)(x, cache, cache_size=cache_size, decode=decode, packing=packing)
-    return y, (cache if keep_cache else None)
+    return constrain(y, RESIDUAL), (cache if keep_cache else None)
   if remat == RematPolicy.NONE or decode:
     return body
   # Inside lax.scan nothing can be CSE'd across iterations anyway (jax.checkpoint's documentation).
@@ -179,7 +205,8 @@ class LanguageModel(nnx.Module):
 
   def _run(self, tokens, caches, cache_size, decode, keep_cache, packing=None):
     cfg = self.cfg
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)   # [B, T, D]
+    table = constrain(self.embed[...], (tp.VOCAB, None))   # under FSDP: gathered like every weight, then a
+    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)   # [B, T, D] lookup local to the rows
     if cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
       body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True, packing=packing)
@@ -251,4 +278,5 @@ class LanguageModel(nnx.Module):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_blocks, *x.shape)), one)
 
 
-__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "stack_blocks", "unstack_blocks"]
+__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "stack_blocks",
+           "unstack_blocks"]

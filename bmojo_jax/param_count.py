@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from bmojo_jax.config import ModelConfig, Sublayer
 
 
@@ -15,7 +17,9 @@ def _mamba_params(cfg: ModelConfig) -> int:
           + e * d)             # out_proj
 
 
-SUBLAYER_PARAMS = {
+# Parameters of one mixer of each kind (without its norm); tests/test_config.py checks each against the module
+# `bmojo_jax.model.MIXERS` builds for that kind.
+SUBLAYER_PARAMS: dict[Sublayer, Callable[[ModelConfig], int]] = {
     Sublayer.MAMBA: _mamba_params,
     Sublayer.ATTENTION: lambda cfg: cfg.d_model * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.kv_heads),
     Sublayer.MLP: lambda cfg: 3 * cfg.d_model * cfg.ff_size,

@@ -1,20 +1,11 @@
-"""Shape legend for bmojo_jax.
+"""Shape legend for bmojo_jax: the one source of the shape letters and logical axis names.
 
-Every docstring, einsum string and logical sharding name in the package uses these letters.
-
-    B  batch                         T  tokens (queries)          S  key positions
-    D  model width (d_model)         F  MLP hidden width          V  vocabulary
-    E  Mamba inner width (expand·D)  N  SSM state size            R  dt low rank
-    W  conv kernel width (4)         H  query heads               K  key/value heads
-    G  query heads per kv head       P  head dim                  C  chunks (ceil(T / L))
-    L  chunk length                  M  memory slots (fading + eidetic)
-    J  the two halves of the Mamba in_proj (u, z)   X  x_proj's columns (dt rank R + 2N)
-    Y  blocks (layers of a scanned model's stacked parameters)
-
-Logical axis names carried by parameters (see `bmojo_jax.sharding_rules`):
-
-    "vocab" V, "embed" D, "mlp" F, "inner" E, "state" N, "rank" R, "conv" W,
-    "heads" H, "kv_heads" K, "head_dim" P, "layers" Y (the stacked blocks of a scanned model).
+`LETTERS` holds every letter of the einsum strings of bmojo_jax/ and pallas_kernels/ and of the docstring
+shapes ([B, T, D]) of bmojo_jax/ (a kernel docstring that needs a letter of its own, such as the scan's time
+segments, defines it where it uses it). The constants below are the logical axis names arrays carry
+(parameters through `bmojo_jax.layers.param`, the residual stream through sharding constraints), each with its
+letter; `pallas_kernels/sharding.py`'s `LOGICAL_RULES` maps exactly these names to mesh axes.
+tests/test_config.py checks both: a new letter or axis name starts here.
 """
 
 from typing import Any
@@ -25,15 +16,42 @@ Array = jax.Array
 PRNGKey = jax.Array
 DType = Any
 
-# Logical axis names of parameters.
-VOCAB = "vocab"
-EMBED = "embed"
-MLP = "mlp"
-INNER = "inner"
-STATE = "state"
-RANK = "rank"
-CONV = "conv"
-HEADS = "heads"
-KV_HEADS = "kv_heads"
-HEAD_DIM = "head_dim"
-LAYERS = "layers"
+LETTERS: dict[str, str] = {
+    "B": "batch",
+    "T": "tokens (queries)",
+    "S": "key positions",
+    "D": "model width (d_model)",
+    "F": "MLP hidden width (d_ff)",
+    "V": "vocabulary",
+    "E": "Mamba inner width (expand·D)",
+    "N": "SSM state size (d_state)",
+    "R": "dt low rank (dt_rank)",
+    "W": "conv kernel width (d_conv)",
+    "X": "x_proj's output columns (R + 2N: dt_low, B_t, C_t)",
+    "J": "the two halves of the Mamba in_proj (u, z)",
+    "H": "query heads",
+    "K": "key/value heads",
+    "G": "query heads per key/value head (H / K)",
+    "P": "head dim",
+    "C": "chunks (ceil(T / L))",
+    "L": "chunk length",
+    "M": "memory slots of a chunk (fading + eidetic)",
+    "Y": "blocks (the stacked layers of a scanned model)",
+}
+
+# Logical axis names (letter in LETTERS).
+BATCH = "batch"        # B (activations)
+SEQ = "seq"            # T (activations)
+VOCAB = "vocab"        # V
+EMBED = "embed"        # D
+MLP = "mlp"            # F
+INNER = "inner"        # E
+STATE = "state"        # N
+RANK = "rank"          # R
+CONV = "conv"          # W
+HEADS = "heads"        # H
+KV_HEADS = "kv_heads"  # K
+HEAD_DIM = "head_dim"  # P
+LAYERS = "layers"      # Y
+
+AXIS_NAMES = (BATCH, SEQ, VOCAB, EMBED, MLP, INNER, STATE, RANK, CONV, HEADS, KV_HEADS, HEAD_DIM, LAYERS)

@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from bmojo_jax import LanguageModel
+from bmojo_jax import LanguageModel, Sublayer
 from bmojo_jax.layers import logits_einsum
-from bmojo_jax.model import stack_blocks, unstack_blocks
+from bmojo_jax.model import MIXERS, stack_blocks, unstack_blocks
 from tests.conftest import tiny_config
 
 
@@ -118,5 +118,13 @@ def test_mamba_initialization_follows_the_reference():
     assert abs(x.mean()) < 0.1 * bound and abs(x.var() / (bound ** 2 / 3) - 1) < 0.2, (x.mean(), x.var())
   dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
   assert dt.min() >= cfg.dt_min * 0.99 and dt.max() <= cfg.dt_max * 1.01
+  # log-uniform: log dt ~ U[log dt_min, log dt_max] (mean at the midpoint, variance width^2 / 12)
+  lo, hi = np.log(cfg.dt_min), np.log(cfg.dt_max)
+  assert abs(np.log(dt).mean() - (lo + hi) / 2) < 0.1 * (hi - lo)
+  assert abs(np.log(dt).var() / ((hi - lo) ** 2 / 12) - 1) < 0.2
+  # below dt_init_floor, dt is floored there (the reference's clamp)
+  floored = MIXERS[Sublayer.MAMBA](cfg.replace(dt_min=1e-6, dt_max=1e-3, dt_init_floor=1e-4), rngs=nnx.Rngs(0))
+  dt = np.asarray(jax.nn.softplus(floored.dt_bias[...]))
+  assert dt.min() >= 1e-4 * 0.999 and np.mean(dt < 1.001e-4) > 0.5
   np.testing.assert_allclose(np.asarray(mixer.A_log[...])[0], np.log(np.arange(1, 9)), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(mixer.D[...]), 1.0)

@@ -44,9 +44,9 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
-    """The fastest measured on an H100 (docs/selective_scan_notes.md, B2 T4096 E2048 N16 bf16): channels on
-    lanes with 32 channels per one-warp program in both directions, 256-token time segments, chunks of 4
-    tokens in both directions without hand prefetch, fast-math PTX (fwd 0.280 ms, fwd+bwd 1.26 ms)."""
+    """The fastest measured on an H100 (B2 T4096 E2048 N16 bf16; timings in docs/selective_scan_notes.md, v4):
+    channels on lanes with 32 channels per one-warp program in both directions, 256-token time segments,
+    chunks of 4 tokens in both directions without hand prefetch, fast-math PTX."""
     return cls()
 
 

@@ -89,7 +89,8 @@ def decay_tile(fm: FastMath, tile: Tile, dt, a2, reset):
   has a reset (a scalar: 1.0 where a new document starts there), so the state before that token is dropped.
 
   The reset enters the exponent, 2^(dt·a2 + reset·RESET_EXPONENT): one fma per element where the plain decay
-  has a multiply, rather than a multiply more (that extra multiply cost the forward 11% on an H200)."""
+  has a multiply, rather than a multiply more, which slowed the forward (docs/selective_scan_notes.md, "Packed
+  documents")."""
   if reset is None:
     return fm.exp2(tile.e(dt) * a2)
   return fm.exp2(fm.fma(tile.e(dt), a2, reset * RESET_EXPONENT))

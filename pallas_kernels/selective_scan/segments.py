@@ -7,9 +7,9 @@ segment from zero:
 
     h_end(s)  = decay(s) ⊙ h_in(s) + h_loc(s)        decay(s) = exp(A · Σ_{t in s} dt_t)
 
-and a sequential walk over the S segments (`carry_states`, a small kernel of its own: XLA's associative scan
-over segments took ~20 µs more of a 0.3 ms forward at B2 T4k E2048, in several small fusions). The backward's
-adjoint runs the same way in reverse time: g_{t-1} = exp(dt_t A) ⊙ (g_t + gout_t ⊗ C_t), so
+and a sequential walk over the S segments (`carry_states`, a small kernel of its own: faster than XLA's
+associative scan over segments, which ran as several small fusions; docs/selective_scan_notes.md, v4). The
+backward's adjoint runs the same way in reverse time: g_{t-1} = exp(dt_t A) ⊙ (g_t + gout_t ⊗ C_t), so
 g_start(s) = decay(s) ⊙ g_end(s) + g_loc(s) (`carry_adjoints`). The main kernels then rerun every segment from
 its true entering state / adjoint.
 

@@ -46,7 +46,7 @@ class BlockSizes:
                 or "auto". The memory's dk/dv kernel is Triton either way.
   block_q_mosaic, block_k_mosaic, num_stages_mosaic: the Mosaic kernels' rows (dk/dv: keys) per consumer
                 warpgroup (a CTA holds two), the forward's key tile and its key/value shared-memory slots.
-  block_k_dq_mosaic: the Mosaic dq kernel's key tile (H100, W2048 fwd+bwd: 64 -> 2.29 ms, 128 -> 2.35).
+  block_k_dq_mosaic: the Mosaic dq kernel's key tile (64 beat 128 on the H100; docs/window_attention_notes.md, v7).
   block_q_dkv_mosaic: the Mosaic dk/dv kernel's query tile (its CTA holds 2 x block_q_mosaic keys).
   num_stages_bwd_mosaic: shared-memory slots of the streamed tiles in the Mosaic dq (keys, values) and dk/dv
                 (queries, output gradients) kernels.
@@ -84,10 +84,10 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int = 128, has_memory: bool = False) -> "BlockSizes":
-    """The fastest measured on an H100 (docs/window_attention_notes.md). With memory, the forward keeps two
-    pipeline stages instead of three: the memory tiles' shared memory on top of three stages costs half
-    the resident programs (W512 M64 fwd 0.46 -> 0.33 ms). With the fast-math softmax the dq kernel's best
-    key tile moved from 32 to 64 (W512 fwd+bwd 0.983 -> 0.961 ms, W2048 2.66 -> 2.58, W512 M64 1.16 -> 1.08)."""
+    """The fastest measured on an H100 (timings in docs/window_attention_notes.md). With memory, the forward
+    keeps two pipeline stages instead of three: the memory tiles' shared memory on top of three stages costs
+    half the resident programs (v4). With the fast-math softmax the dq kernel's best key tile moved from 32
+    to 64 (v5)."""
     del head_dim  # the H100 sweep found 4 warps best at P=128 too
     return cls(num_stages_fwd=2) if has_memory else cls()
 

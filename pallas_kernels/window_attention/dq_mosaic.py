@@ -2,7 +2,7 @@
 
 Same contract as `backward.dq_kernel` (padded inputs, the residual lse and delta = Σ_P o·do [B, H, T] fp32
 -> dq [B, T, H, P] in q.dtype), chosen by `BlockSizes.dq_impl`. Why: it is faster than the Triton dq kernel
-on the H100 (W2048 fwd+bwd with the Triton dk/dv 2.29 vs 2.41 ms; docs/window_attention_notes.md, v7).
+on the H100 (docs/window_attention_notes.md, v7).
 
 One CTA per (head, pair of query blocks, batch), three warpgroups as in the forward:
   - wg 2, the producer: streams the band's key / value blocks through `stages` shared-memory slots with
@@ -10,8 +10,7 @@ One CTA per (head, pair of query blocks, batch), three warpgroups as in the forw
   - wg 0 and 1, the consumers: block_q query rows each, with their q, do, lse and delta resident. Per key
     block, s = q·kᵀ and dp = do·vᵀ (two wgmmas issued together), p = exp2(s·scale - lse),
     ds = p ⊙ (dp - delta), dq += ds·k (a third). The two consumers run unsynchronized: a schedule barrier
-    that made them take turns on the tensor cores, as the forward's does, was no faster (H100, W2048 fwd+bwd
-    2.081 with it, 2.070 ms without; W512 0.974 / 0.979).
+    that made them take turns on the tensor cores, as the forward's does, was no faster (v7's sweeps).
 No online softmax: lse is known, so every tile's p is final and the order of the key blocks is free. The
 memory term is one more tile, first. A masked logit is NEG_INF, so p, ds and its share of dq are exactly 0.
 Packed rows (seg_lo) and memory spans are masked as in `forward_mosaic.py`: the band and each consumer's
