@@ -4,6 +4,7 @@
     python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
     python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
     python -m benchmarks.train_step_bench --packed false,true               # packed documents' cost
+    python -m benchmarks.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
 
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
@@ -12,6 +13,10 @@ outputs not aliased to donated inputs), device, jax. Equal tokens per step: batc
 `segments: true`.
 MFU = `bmojo_jax.param_count.train_flops_per_token` x tokens/s over 989 TFLOP/s (H100/H200 dense bf16 spec):
 every matmul and attention's scores/values over the keys each query sees; the scan is not counted.
+`--meshes` runs each configuration on each mesh at the same global batch ("1": one device; "data=2",
+"fsdp=2", "data=2:tensor=2": the mesh over the first devices, unnamed axes 1); records carry `devices` and
+`mesh`, and tokens/s is the whole mesh's. Without it the config's default mesh spreads the batch over every
+device (data parallel).
 
 The model is a paper preset in bf16 compute with fp32 parameters, AdamW, the Pallas scan and Pallas memory
 attention (the Transformer and Hybrid also with cuDNN attention). `--profile DIR` adds a jax.profiler trace of
@@ -48,14 +53,31 @@ DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "
 
 
 def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str, scan_impl: str = "pallas",
-                **model_overrides):
-  """A training config for the paper preset `family`-`size` in bf16 compute."""
+                mesh: dict[str, int] | None = None, **model_overrides):
+  """A training config for the paper preset `family`-`size` in bf16 compute; `mesh` {axis: size} (unnamed
+  axes 1) or None: the default mesh (data parallel over every device)."""
   c = config_common.base_config()
   c.model = config_common.model_fields(paper_config(
       family, size, dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **model_overrides))
   c.train.batch_size = c.train.eval_batch_size = batch
   c.train.progress_bar = False
+  if mesh is not None:
+    c.mesh.update({axis: int(mesh.get(axis, 1)) for axis in shard_lib.MESH_AXES})
   return c
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """"1" -> one device; "data=2", "fsdp=2:tensor=2" -> {axis: size} (the other axes 1)."""
+  if spec == "1":
+    return {}
+  mesh = {}
+  for part in spec.split(":"):
+    axis, _, size = part.partition("=")
+    if axis not in shard_lib.MESH_AXES or not size.isdigit():
+      raise ValueError(f"--meshes entry {spec!r}: expected 1 or axis=size[:axis=size] with axes "
+                       f"{shard_lib.MESH_AXES}")
+    mesh[axis] = int(size)
+  return mesh
 
 
 def synthetic_task(seq_len: int, vocab: int) -> tasks_lib.Task:
@@ -97,15 +119,17 @@ def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: in
 
 def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, layers: int | None = None,
             remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
-            scan_layers: bool | None = None, doc_len: int | None = None) -> dict:
+            scan_layers: bool | None = None, doc_len: int | None = None,
+            mesh: dict[str, int] | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
   if remat is not None:
     overrides["remat"] = remat
   if scan_layers is not None:
     overrides["scan_layers"] = scan_layers
-  config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, **overrides)
-  setup = trainer.build(config, task=synthetic_task(seq_len, config.model.vocab_size))
+  config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, **overrides)
+  devices = None if mesh is None else jax.devices()[:int(np.prod(list(mesh.values()) or [1]))]
+  setup = trainer.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
   cfg = setup.cfg
   step = trainer.make_train_step(setup, 1)
   state = setup.init_state()
@@ -130,9 +154,10 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
              dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms,
              tokens_per_s=tokens_per_s,
-             mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / PEAK_FLOPS, compile_s=compile_s,
-             peak_bytes=peak, loss=float(metrics["loss"]), devices=jax.device_count(), segments=bool(doc_len),
-             mean_doc_len=doc_len)
+             mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / (PEAK_FLOPS * setup.mesh.size),
+             compile_s=compile_s,
+             peak_bytes=peak, loss=float(metrics["loss"]), devices=setup.mesh.size,
+             mesh=dict(setup.mesh.shape), segments=bool(doc_len), mean_doc_len=doc_len)
   if profile_dir:
     name = (f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_"
             f"{'scan' if cfg.scan_layers else 'loop'}_{cfg.remat.value}")
@@ -257,6 +282,19 @@ def hlo_sources(hlo: str) -> dict[str, str]:
   return out
 
 
+def add_scaling(records: list[dict]) -> None:
+  """Sets `speedup` (tokens/s over the one-device record of the same configuration) and `scaling_efficiency`
+  (speedup / devices) on each multi-device record that has one."""
+  key = lambda r: tuple(r.get(k) for k in ("family", "attn_impl", "size", "T", "batch", "remat", "scan_layers",
+                                            "segments", "tag"))
+  single = {key(r): r for r in records if "error" not in r and r["devices"] == 1}
+  for r in records:
+    one = single.get(key(r))
+    if "error" not in r and r["devices"] > 1 and one is not None:
+      r["speedup"] = r["tokens_per_s"] / one["tokens_per_s"]
+      r["scaling_efficiency"] = r["speedup"] / r["devices"]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
@@ -274,12 +312,16 @@ def main():
   ap.add_argument("--packed", default="false",
                   help="false, true or false,true: rows packing documents (segment_ids) of mean length --doc-len")
   ap.add_argument("--doc-len", type=int, default=None, help="mean packed document length (default T // 4)")
+  ap.add_argument("--meshes", default=None,
+                  help="meshes to run each configuration on: 1,data=2,fsdp=2,data=2:tensor=2 (default: data "
+                       "parallel over every device)")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new configuration after this many seconds (fits a run into a time limit)")
   args = ap.parse_args()
   remats = [None] if args.remat is None else args.remat.split(",")
   layouts = [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")]
   packs = [v == "true" for v in args.packed.split(",")]
+  meshes = [None] if args.meshes is None else [parse_mesh(m) for m in args.meshes.split(",")]
   if args.profile:
     os.makedirs(args.profile, exist_ok=True)
     # XLA runs a GPU step as CUDA graphs ("command buffers"), which the trace shows as one opaque op: turn
@@ -288,32 +330,36 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec, remat, scan_layers, packed in itertools.product(args.families.split(","), remats, layouts, packs):
+      for spec, remat, scan_layers, packed, mesh in itertools.product(args.families.split(","), remats, layouts,
+                                                                      packs, meshes):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
-          print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len}", flush=True)
+          print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len} mesh {mesh}", flush=True)
           continue
         try:
           doc_len = (args.doc_len or seq_len // 4) if packed else None
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl, scan_layers, doc_len)
+                        args.scan_impl, scan_layers, doc_len, mesh)
         except Exception as e:  # keep the grid going; the record says what failed
-          rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len,
+          rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len, mesh=mesh,
                      error=f"{type(e).__name__}: {str(e)[:400]}")
         rec["tag"] = args.tag
         records.append(rec)
+        add_scaling(records)
         print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
         write_results(records, args.name)
-  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'layout':11s} {'ms':>8s} {'tok/s':>10s} "
-        f"{'MFU':>5s} {'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
+  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'layout':11s} {'mesh':8s} {'ms':>8s} "
+        f"{'tok/s':>10s} {'MFU':>5s} {'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
   for r in records:
     if "error" in r:
       print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
       continue
     layout = f"{'scan' if r['scan_layers'] else 'loop'}/{r['remat']}" + ("/packed" if r.get("segments") else "")
-    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:11s} {r['step_ms']:8.2f} "
-          f"{r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
-          f"{(r['peak_bytes'] or 0) / 2**30:6.1f}")
+    mesh = ":".join(f"{a[0]}{n}" for a, n in r["mesh"].items() if n > 1) or "1"
+    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:11s} {mesh:8s} "
+          f"{r['step_ms']:8.2f} {r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
+          f"{(r['peak_bytes'] or 0) / 2**30:6.1f}"
+          + (f"   {r['speedup']:.2f}x one device ({r['scaling_efficiency']:.0%})" if "speedup" in r else ""))
 
 
 if __name__ == "__main__":

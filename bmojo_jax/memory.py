@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bmojo_jax.config import StorePolicy
+from pallas_kernels.sharding import per_shard
 
 PREDICTOR_TAPS = 4
 NO_POS = jnp.iinfo(jnp.int32).max  # position of an empty slot: sorts after every real token
@@ -62,6 +63,13 @@ def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax
   return jnp.sum(err * err, axis=-1), full[:, -PREDICTOR_TAPS:]
 
 
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis of x [B, …, n], run on each device's rows under a mesh (XLA's partitioner
+  would gather every row onto every device first)."""
+  rows = ("batch",) + (None,) * (x.ndim - 1)
+  return per_shard(lambda y: tuple(jax.lax.top_k(y, k)), {"batch": x.shape[0]}, (rows,), (rows, rows))(x)
+
+
 def _order(keys: tuple[jax.Array, ...]) -> jax.Array:
   """[B, M] indices sorting every row lexicographically by `keys` ([B, M] each; the first is primary)."""
   return jnp.lexsort(tuple(reversed(keys)), axis=-1)
@@ -102,7 +110,7 @@ def select_per_chunk(e: jax.Array, k: jax.Array, v: jax.Array, chunk: int, k_e: 
   n_chunks = -(-t // chunk)
   pad = n_chunks * chunk - t
   scores = jnp.pad(e, ((0, 0), (0, pad)), constant_values=-jnp.inf).reshape(b, n_chunks, chunk)
-  top, idx = jax.lax.top_k(scores, k_e)                                          # ties: lower index first
+  top, idx = _top_k(scores, k_e)                                                 # ties: lower index first
   order = jnp.argsort(idx, axis=-1)
   top, idx = jnp.take_along_axis(top, order, -1), jnp.take_along_axis(idx, order, -1)
   valid = top > -jnp.inf
@@ -218,7 +226,7 @@ def packed_memory(fk, fv, scores, k, v, packing, *, chunk: int, n_fading: int, k
     idx = b0[..., None] + jnp.arange(chunk)                                     # [B, C, L]: D's chunk j
     in_d = (idx < t) & (gather(packing.ids, idx) == packing.ids[:, row_start][..., None])
     window = jnp.where(in_d, gather(scores, idx), -jnp.inf)
-    top, at = jax.lax.top_k(window, k_e)                                        # ties: earlier first
+    top, at = _top_k(window, k_e)                                               # ties: earlier first
     order = jnp.argsort(at, axis=-1)
     top, at = jnp.take_along_axis(top, order, -1), jnp.take_along_axis(at, order, -1)
     pos = jnp.take_along_axis(idx, at, -1)                                      # [B, C, k_e] row positions

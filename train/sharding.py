@@ -4,9 +4,14 @@ Mesh axes: "data" (pure data parallel: parameters replicated), "fsdp" (data para
 optimizer state sharded along "embed"), "tensor" (model parallel over heads / MLP / inner / vocab).
 Batches are split over ("data", "fsdp"). A logical axis whose size the mesh axis does not divide, or whose
 mesh axis an earlier dimension of the same array already uses, stays replicated.
+
+The table (`LOGICAL_RULES`) and `logical_to_mesh` live in `pallas_kernels/sharding.py`, where the model's
+activation constraints and the Pallas kernels read them too; the train and eval steps are traced `in_mesh`,
+so those see the mesh.
 """
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import mesh_utils
@@ -15,24 +20,11 @@ import ml_collections
 import numpy as np
 import optax
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from pallas_kernels.sharding import BATCH_AXES, LOGICAL_RULES, MESH_AXES, logical_to_mesh, use_mesh
 
-# Logical axis name -> mesh axis (None: replicated). Names are those of bmojo_jax/typing.py.
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": BATCH_AXES,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "inner": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "state": None,
-    "rank": None,
-    "conv": None,
-    "head_dim": None,
-    "layers": None,          # the stacked blocks of a scanned model: every device holds every layer
-}
+__all__ = ["BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_parallelism", "batch_sharding", "in_mesh",
+           "logical_to_mesh", "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings",
+           "shard_batch"]
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -63,21 +55,6 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_mesh(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-  """PartitionSpec of mesh axes for an array with logical axes `logical` and `shape`."""
-  used, out = set(), []
-  for name, size in zip(logical, shape):
-    axis = LOGICAL_RULES.get(name) if name is not None else None
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and size % int(np.prod([mesh.shape[a] for a in axes])) == 0:
-      used.update(axes)
-      out.append(axes[0] if len(axes) == 1 else axes)
-    else:
-      out.append(None)
-  return P(*out)
-
-
 def param_shardings(logical_specs, abstract_params, mesh: Mesh):
   """NamedShardings for a params tree from its tree of logical PartitionSpecs (same structure)."""
   def one(spec, x):
@@ -106,3 +83,13 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   """This process's rows -> global arrays sharded on the batch axes (works on one or many hosts)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """fn run (and traced) with `mesh` as the context mesh: the kernels then run per shard (`shard_map`) and
+  the residual stream is constrained at block boundaries (`pallas_kernels.sharding`)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with use_mesh(mesh):
+      return fn(*args, **kwargs)
+  return wrapped

@@ -8,6 +8,9 @@ at that token). Semantics are exactly `selective_scan_reference`'s.
 A reset enters every kernel as one fp32 value per token (1.0 = reset) that multiplies that step's decay by
 1 - reset, forward and backward; time segments holding a reset pass no state (forward) or adjoint (backward)
 across them (`segments.py`). It is a static optional input: with reset=None every kernel is traced as before.
+
+Under a mesh (`pallas_kernels.sharding`) the op runs per shard in a `shard_map`: rows over the batch axes,
+channels E over the "inner" axis (the scan is independent per row and per channel), the rest replicated.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.selective_scan.kernel import scan_fwd
 from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_states, segment_resets,
                                                    segment_summaries)
+from pallas_kernels.sharding import per_shard
 
 
 def _shape_error(msg, **arrays):
@@ -201,9 +205,25 @@ def selective_scan(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delt
   """Chunked Pallas selective scan. Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
 
   Same semantics as `selective_scan_reference`; differentiable in every array argument but reset through
-  Pallas backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU).
+  Pallas backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU). Under a context
+  mesh each device scans its own rows and channels.
   """
   check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
   bs = block_sizes or BlockSizes.get_default()
   reset = None if reset is None else (reset != 0).astype(jnp.float32)                       # 1.0 = reset
-  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, bool(delta_softplus), bs, bool(interpret))
+  scan = lambda *arrays: _scan(*arrays, bool(delta_softplus), bs, bool(interpret))
+  return _on_mesh(scan, u, Bm)(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
+
+
+def _on_mesh(scan, u, Bm):
+  """scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset) run on each device's rows and channels under the
+  context mesh (`pallas_kernels.sharding`): B over the batch axes, E over the "inner" axis. Grouped B/C
+  ([B, T, G, N], G > 1) split E only with G."""
+  batch, _, d_inner = u.shape
+  groups = Bm.shape[2] if Bm.ndim == 4 else 1
+  bc = ("batch", None, None) if Bm.ndim == 3 else ("batch", None, None if groups == 1 else "inner", None)
+  bte = ("batch", None, "inner")
+  in_logical = (bte, bte, ("inner", None), bc, bc, ("inner",), bte, ("inner",), ("batch", "inner", None),
+                ("batch", None))
+  sizes = {"batch": batch, "inner": d_inner if groups == 1 else groups}
+  return per_shard(scan, sizes, in_logical, (bte, ("batch", "inner", None)))

@@ -132,11 +132,11 @@ def generate_batch(config: MQARConfig, seed, indices) -> dict[str, jax.Array]:
 
 
 def _host_device() -> jax.Device:
-  """The CPU (where grain reads), or the default device where JAX runs without a CPU backend."""
+  """This process's CPU (where grain reads), or its default device where JAX runs without a CPU backend."""
   try:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]
   except RuntimeError:
-    return jax.devices()[0]
+    return jax.local_devices()[0]
 
 
 def generate_examples(config: MQARConfig, seed: int, indices) -> dict[str, np.ndarray]:
