@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import device_name, device_tag  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
+from bmojo_jax.config import resolve_attn_impl, resolve_scan_impl  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train import population as pop_lib  # noqa: E402
 from train import trainer  # noqa: E402
@@ -165,8 +166,9 @@ def sweep(args) -> str:
                           "d_state": cfg.d_state, "tokens_per_s": res["tokens_per_s"],
                           "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
                           "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
-                          "data_check_mismatches": checked[n], "scan_impl": cfg.scan_impl.value,
-                          "attn_impl": cfg.attn_impl.value,
+                          "data_check_mismatches": checked[n],
+                          "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
+                          "attn_impl": resolve_attn_impl(cfg.attn_impl).value,
                           "device": device_name(), "jax": jax.__version__})
         with open(path, "w") as f:
           json.dump(records, f, indent=1)
@@ -253,7 +255,8 @@ def throughput(args) -> str:
   cfg = trainer.model_config(config)
   for r in records:
     r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
-             params=count_params(cfg), scan_impl=cfg.scan_impl.value, attn_impl=cfg.attn_impl.value,
+             params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.scan_impl).value,
+             attn_impl=resolve_attn_impl(cfg.attn_impl).value,
              dtype=cfg.dtype, label=args.label, overrides=args.set, device=device_name(), jax=jax.__version__)
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 
-import jax
 
 from benchmarks.common import device_tag
 from configs import mqar
@@ -27,7 +26,7 @@ def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):
   c.model.vocab_size, c.model.d_model = 8192, 128
   if family != "transformer":
     c.model.window, c.model.chunk_size = 32, 32
-  c.model.scan_impl = "pallas" if jax.default_backend() == "gpu" else "associative"
+  c.model.scan_impl = "auto"                 # Pallas on a GPU / TPU, the sequential scan on a CPU
   t = c.train
   t.batch_size, t.eval_batch_size = 256, 500
   t.target_accuracy = 0.99

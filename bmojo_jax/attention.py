@@ -19,7 +19,7 @@ from flax import nnx
 
 from bmojo_jax import memory
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig
+from bmojo_jax.config import AttnImpl, ModelConfig, resolve_attn_impl
 from bmojo_jax.layers import einsum_layer, rope
 from bmojo_jax.memory import Store
 from bmojo_jax.segments import Packing
@@ -27,7 +27,11 @@ from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_
 
 
 def _pallas_attention(*args, **kwargs):
-  from pallas_kernels.window_attention import memory_attention  # imported lazily: the kernel is optional
+  # imported lazily: the kernels are optional. On a TPU backend the Mosaic-TPU kernel (`tpu.py`).
+  if jax.default_backend() == "tpu":
+    from pallas_kernels.window_attention import memory_attention_tpu
+    return memory_attention_tpu(*args, **kwargs)
+  from pallas_kernels.window_attention import memory_attention
   return memory_attention(*args, interpret=jax.default_backend() == "cpu", **kwargs)
 
 
@@ -53,10 +57,11 @@ def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, wi
 
 
 def get_attention_fn(impl: AttnImpl | str):
-  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o (the only
-  place the choice is made)."""
+  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o on this
+  backend (the only place the choice is made): `auto` and the check that the backend can run an explicit
+  choice are `bmojo_jax.config.resolve_attn_impl`'s."""
   return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: _pallas_attention,
-          AttnImpl.CUDNN: dot_product_attention}[AttnImpl(impl)]
+          AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
 
 
 class AttnState(NamedTuple):

@@ -20,6 +20,7 @@ import enum
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
@@ -32,8 +33,9 @@ class Family(enum.StrEnum):
 
 
 class Sublayer(enum.StrEnum):
-  """What a residual sublayer mixes with; each kind is one module class with the mixer protocol
-  (`bmojo_jax.model.MIXERS`: `__call__`, `step`, `init_state`)."""
+  """What a residual sublayer mixes with. Each kind is one module class following the mixer protocol
+  (`bmojo_jax.model.MIXERS`, `bmojo_jax.model.Mixer`: `__call__`, `step`, `init_state`) and one closed-form
+  parameter count (`bmojo_jax.param_count.SUBLAYER_PARAMS`); code that depends on the kind looks it up there."""
   MAMBA = "mamba"
   ATTENTION = "attention"
   MLP = "mlp"
@@ -57,17 +59,59 @@ class RematPolicy(enum.StrEnum):
 
 
 class ScanImpl(enum.StrEnum):
-  """Selective-scan implementation (resolved in `bmojo_jax.scan.get_scan_fn`)."""
+  """Selective-scan implementation (resolved in `bmojo_jax.scan.get_scan_fn` through `resolve_scan_impl`)."""
+  AUTO = "auto"                # by backend: gpu/tpu -> pallas, cpu -> sequential (`resolve_scan_impl`)
   SEQUENTIAL = "sequential"    # lax.scan over tokens: the reference
   ASSOCIATIVE = "associative"  # lax.associative_scan within chunks, lax.scan across chunks
-  PALLAS = "pallas"            # fused chunked Pallas kernel (GPU; interpret mode on CPU)
+  PALLAS = "pallas"            # fused chunked Pallas kernel (GPU: Triton; TPU: Mosaic; CPU: interpret mode)
 
 
 class AttnImpl(enum.StrEnum):
-  """Attention implementation (resolved in `bmojo_jax.attention.get_attention_fn`)."""
+  """Attention implementation (resolved in `bmojo_jax.attention.get_attention_fn` through `resolve_attn_impl`)."""
+  AUTO = "auto"                # by backend: gpu/tpu -> pallas, cpu -> reference (`resolve_attn_impl`)
   REFERENCE = "reference"      # blockwise jnp, O(T·(w + L + M)) memory when a window is set
-  PALLAS = "pallas"            # flash-style Pallas kernel (GPU; interpret mode on CPU)
+  PALLAS = "pallas"            # flash-style Pallas kernel (GPU: Triton/Mosaic GPU; TPU: Mosaic; CPU: interpret)
   CUDNN = "cudnn"              # jax.nn.dot_product_attention's cuDNN kernel (GPU; no memory tokens)
+
+
+# What each backend runs: (the `auto` choice, every choice that works). On CPU the Pallas kernels run in
+# interpret mode (tests); `auto` takes the references there: the sequential scan's forward + backward ran 3-4x
+# faster than the associative one's on a 2-core CPU at (B, T, E, N) = (8, 256, 256, 16), (32, 64, 128, 8) and
+# (8, 1024, 256, 16) (docs/tpu.md). Any other backend gets the CPU table.
+SCAN_IMPLS: dict[str, tuple[ScanImpl, tuple[ScanImpl, ...]]] = {
+    "gpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+    "tpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+    "cpu": (ScanImpl.SEQUENTIAL, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+}
+ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
+    "gpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS, AttnImpl.CUDNN)),
+    "tpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
+    "cpu": (AttnImpl.REFERENCE, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
+}
+
+
+def _resolve(field: str, impl, enum_cls, table, backend: str | None):
+  backend = backend or jax.default_backend()
+  auto, works = table.get(backend, table["cpu"])
+  impl = enum_cls(impl)
+  if impl == enum_cls.AUTO:
+    return auto
+  if impl not in works:
+    needs = " or ".join(b.upper() for b, (_, ok) in table.items() if impl in ok)
+    raise ConfigError(f"{field}={impl.value!r} needs a {needs}, but the backend is {backend!r}; on it choose one "
+                      f"of {[enum_cls.AUTO.value] + [w.value for w in works]}")
+  return impl
+
+
+def resolve_scan_impl(impl: ScanImpl | str, backend: str | None = None) -> ScanImpl:
+  """The concrete scan implementation for `impl` on `backend` (default `jax.default_backend()`): `auto` by
+  `SCAN_IMPLS`; an explicit choice the backend cannot run raises ConfigError naming the ones that work."""
+  return _resolve("scan_impl", impl, ScanImpl, SCAN_IMPLS, backend)
+
+
+def resolve_attn_impl(impl: AttnImpl | str, backend: str | None = None) -> AttnImpl:
+  """The concrete attention implementation for `impl` on `backend`, as `resolve_scan_impl`."""
+  return _resolve("attn_impl", impl, AttnImpl, ATTN_IMPLS, backend)
 
 
 class StorePolicy(enum.StrEnum):
@@ -115,9 +159,9 @@ class ModelConfig:
   # MLP (Transformer).
   d_ff: int | None = None            # None: 8/3 d_model rounded up to a multiple of 64
   # Numerics and implementations.
-  scan_impl: ScanImpl = ScanImpl.ASSOCIATIVE
+  scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
-  attn_impl: AttnImpl = AttnImpl.REFERENCE
+  attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
   dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
   param_dtype: str = "float32"
   tie_embeddings: bool = True

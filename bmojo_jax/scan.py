@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bmojo_jax.config import ScanImpl
+from bmojo_jax.config import ScanImpl, resolve_scan_impl
 from pallas_kernels.selective_scan.reference import (check_reset, discretize, expand_groups,
                                                       selective_scan_reference, skip_and_gate)
 
@@ -75,13 +75,18 @@ def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=N
 
 
 def _pallas_scan(*args, **kwargs):
-  from pallas_kernels.selective_scan import selective_scan  # imported lazily: the kernel is optional
+  # imported lazily: the kernels are optional. On a TPU backend the Mosaic-TPU kernel (`tpu.py`).
+  if jax.default_backend() == "tpu":
+    from pallas_kernels.selective_scan import selective_scan_tpu
+    return selective_scan_tpu(*args, **kwargs)
+  from pallas_kernels.selective_scan import selective_scan
   return selective_scan(*args, interpret=jax.default_backend() == "cpu", **kwargs)
 
 
 def get_scan_fn(impl: ScanImpl | str, *, chunk: int = 128):
-  """The scan function for `impl` (the only place the choice is made)."""
-  impl = ScanImpl(impl)
+  """The scan function for `impl` on this backend (the only place the choice is made): `auto` and the
+  check that the backend can run an explicit choice are `bmojo_jax.config.resolve_scan_impl`'s."""
+  impl = resolve_scan_impl(impl)
   if impl == ScanImpl.SEQUENTIAL:
     return selective_scan_reference
   if impl == ScanImpl.ASSOCIATIVE:

@@ -21,12 +21,13 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   c = common.base_config()
   # CPU-sized default: window 8 at L=64, N=8, so 92% of the queries' values lie beyond the window and recall
   # must come from memory. The eidetic store keeps k_e=8 tokens per 8-token chunk for the last 7 chunks (the
-  # whole sequence); k_e=6 reached 91% and k_e=4 77% in the same budget (docs/mqar.md). The sequential scan is
-  # the fastest on a CPU at this length; d_state 8 halves its cost.
+  # whole sequence); k_e=6 reached 91% and k_e=4 77% in the same budget (docs/mqar.md). Implementations are
+  # "auto": on a CPU the sequential scan (the fastest there) and reference attention, on a GPU or TPU the Pallas
+  # kernels; d_state 8 halves the scan's cost.
   window = None if preset == "transformer" else 8
   c.model = common.model_fields(mqar_config(
       preset, d_model=64, vocab_size=256, window=window, chunk_size=8, n_fading=2, n_eidetic=56,
-      eidetic_per_chunk=8, d_state=8, scan_impl="sequential"))
+      eidetic_per_chunk=8, d_state=8, scan_impl="auto", attn_impl="auto"))
 
   c.data = d = ml_collections.ConfigDict()
   d.kind = "mqar"                          # mqar | text

@@ -1,11 +1,19 @@
-"""Configs: impossible ones fail naming the field; preset parameter counts match the closed form."""
+"""Configs: impossible ones fail naming the field; preset and per-sublayer parameter counts match the closed
+form; every sublayer kind has a mixer; the shape legend holds every einsum letter and logical axis name."""
+
+import pathlib
+import re
 
 import jax
 import pytest
 from flax import nnx
 
-from bmojo_jax import ConfigError, LanguageModel, ModelConfig, PRESET_NAMES, count_params, preset
-from tests.conftest import tiny_config
+from bmojo_jax import (ConfigError, Family, LanguageModel, ModelConfig, PRESET_NAMES, Sublayer, count_params,
+                       preset)
+from bmojo_jax import typing as tp
+from bmojo_jax.model import MIXERS, Mixer
+from bmojo_jax.param_count import SUBLAYER_PARAMS
+from tests.conftest import FAMILIES, tiny_config
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -51,6 +59,28 @@ def test_preset_parameter_counts(name):
   assert n == count_params(cfg)
 
 
+@pytest.mark.parametrize("kind", list(Sublayer))
+def test_every_sublayer_kind_has_a_mixer_and_a_parameter_count(kind):
+  """Each kind's class follows the mixer protocol and holds the parameters its closed form counts, in every
+  family that uses it (paper size and tiny: grouped-query heads, own dt_rank)."""
+  assert set(MIXERS) == set(SUBLAYER_PARAMS) == set(Sublayer)
+  cfgs = [c for f in FAMILIES for c in (preset(f"{f}-130m"), tiny_config(f, dt_rank=3)) if kind in c.sublayers]
+  assert cfgs
+  for cfg in cfgs:
+    mixer = nnx.eval_shape(lambda: MIXERS[kind](cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(mixer, Mixer)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(mixer, nnx.Param)))
+    assert n == SUBLAYER_PARAMS[kind](cfg), (cfg.family, kind)
+
+
+def test_fading_source_is_the_memory_families_mamba_into_attention():
+  for family in Family:
+    cfg = tiny_config(family.value)
+    assert cfg.fading_source == (family in (Family.BMOJO_F, Family.BMOJO))
+    if cfg.fading_source:
+      assert cfg.sublayers == (Sublayer.MAMBA, Sublayer.ATTENTION)
+
+
 def test_mamba_paper_sizes():
   # The Mamba paper's names for its models: 130M, 370M, 790M, 1.4B.
   got = [count_params(preset(f"mamba-{s}")) / 1e6 for s in ("130m", "370m", "790m", "1.4b")]
@@ -64,7 +94,21 @@ def test_parameters_carry_logical_axes():
                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   names = {n for spec in specs for n in spec if n is not None}
   assert {"vocab", "embed", "inner", "state", "heads", "kv_heads", "head_dim", "conv", "rank"} <= names
+  assert names <= set(tp.AXIS_NAMES)
   assert len(specs) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_shape_legend_holds_every_einsum_letter_and_axis_name():
+  """bmojo_jax/typing.py is the one source: every einsum string in bmojo_jax/ and pallas_kernels/ uses its
+  letters, and the logical-axis rules map exactly its axis names."""
+  from train.sharding import LOGICAL_RULES  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).parents[1]
+  specs = {spec for package in ("bmojo_jax", "pallas_kernels") for path in (root / package).rglob("*.py")
+           for spec in re.findall(r"[\"']([A-Za-z,]+->[A-Za-z]*)[\"']", path.read_text())}
+  assert len(specs) >= 15, specs   # the model's projections, decode attention, the LM head, the references
+  unknown = {spec: sorted(set(spec) - set(tp.LETTERS) - set(",->")) for spec in specs}
+  assert not {spec: letters for spec, letters in unknown.items() if letters}
+  assert set(LOGICAL_RULES) == set(tp.AXIS_NAMES)
 
 
 def test_lm_config_cpu_preset_and_required_paths():

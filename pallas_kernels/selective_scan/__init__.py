@@ -4,11 +4,13 @@
 
 Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel, tile orientation), `backward.py` (backward
 kernel), `segments.py` (time segments: per-segment summaries and the carry between segments), `ops.py` (shape
-checks and the custom VJP), `reference.py` (sequential `lax.scan`).
+checks and the custom VJP), `reference.py` (sequential `lax.scan`), `tpu.py` (`selective_scan_tpu`: the
+Mosaic-TPU forward and backward kernels and their custom VJP).
 """
 
 from pallas_kernels.selective_scan.block_sizes import BlockSizes
 from pallas_kernels.selective_scan.ops import check_shapes, selective_scan
 from pallas_kernels.selective_scan.reference import selective_scan_reference
+from pallas_kernels.selective_scan.tpu import selective_scan_tpu
 
-__all__ = ["BlockSizes", "check_shapes", "selective_scan", "selective_scan_reference"]
+__all__ = ["BlockSizes", "check_shapes", "selective_scan", "selective_scan_reference", "selective_scan_tpu"]
