@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.progress_bar = True                # tqdm bar on process 0
   t.data_workers = 0                   # grain worker processes for the training stream (0: threads)
   t.plot = True                        # write curves.png (loss and accuracy curves) at the end
+  t.on_nonfinite = "stop"              # a NaN / inf update: stop | rollback | skip (docs/faults.md)
+  t.rollback_lr_factor = 0.5           # learning-rate multiplier at each rollback (on_nonfinite=rollback)
+  t.nonfinite_limit = 3                # rollbacks per run / dropped updates in a row, then stop anyway
+  t.resume_from = config_dict.placeholder(int)  # resume from this checkpoint step, not the latest; newer ones
+                                                # are moved to checkpoints_set_aside/
 
   c.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 1e-3               # peak learning rate

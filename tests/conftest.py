@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from bmojo_jax import Family, ModelConfig  # noqa: E402
@@ -24,3 +25,19 @@ def tiny_config(family: str, **overrides) -> ModelConfig:
 @pytest.fixture(params=FAMILIES)
 def family(request):
   return request.param
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for one module (its path): each train() builds fresh jitted closures, and
+  subprocesses given JAX_COMPILATION_CACHE_DIR reuse what the module compiled. The old settings come back after."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield cache
+  for n, v in old.items():
+    jax.config.update(n, v)

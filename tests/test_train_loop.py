@@ -29,18 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Reuses compiled programs across the module's runs (each train() builds fresh jitted closures)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield cache
-  for n, v in old.items():
-    jax.config.update(n, v)
+def compilation_cache(module_compilation_cache):
+  """Every train() of this module reuses the programs compiled before (conftest)."""
+  return module_compilation_cache
 
 
 def tiny_config(num_steps=8, **train):
@@ -100,7 +91,7 @@ def test_full_run_writes_everything(full_run):
   assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).all_steps() == [3, 6, 8]
 
 
-def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
+def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path, capsys):
   """Stop at step 4 by a real SIGTERM (handler installed by train), rerun: losses equal the uninterrupted run."""
   full_dir, _ = full_run
   workdir = str(tmp_path)
@@ -116,8 +107,10 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path):
   assert steps == [3, 4]   # step 4 is the SIGTERM save (checkpoint_every is 3)
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not isinstance(
       signal.getsignal(signal.SIGTERM), trainer.StopRequest)   # handler restored
+  capsys.readouterr()
   second = trainer.train(tiny_config(), workdir)
   assert second["step"] == 8
+  assert f"resuming from step 4 (checkpoint {workdir}/checkpoints/4)" in capsys.readouterr().out
   expected, got = losses(full_dir), losses(workdir)
   assert sorted(got) == list(range(1, 9))
   for s in range(1, 9):
@@ -153,8 +146,8 @@ def test_corrupt_state_files_are_refused_and_untouched(copied_run):
     trainer.train(tiny_config(), copied_run)
   message = str(err.value)
   assert len(message.splitlines()) <= 3 and len(message) < 1200, message
-  assert "Older checkpoints whose meta reads fine: 6, 3" in message
-  # The way out it offers: move the bad checkpoint aside and rerun; training resumes from step 6.
+  assert "Intact older checkpoints: 6, 3. To resume from step 6, rerun with --config.train.resume_from=6" in message
+  # Moving the bad checkpoint aside by hand works too: training resumes from step 6.
   bad = os.path.join(copied_run, "checkpoints", "8")
   shutil.move(bad, os.path.join(copied_run, "checkpoints_set_aside_8"))
   assert trainer.train(tiny_config(), copied_run)["step"] == 8
@@ -169,12 +162,14 @@ def test_incompatible_checkpoint_names_the_field(copied_run):
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
+  """Update 1 has learning rate 0 (warmup); update 2 blows the parameters up: their forward is NaN, so step 2 is
+  not saved, and the last good checkpoint (1) gives a finite loss (not only finite parameters)."""
   c = tiny_config(num_steps=6, checkpoint_every=1)
-  c.optim.update(learning_rate=1e30, warmup_steps=0, grad_clip_norm=0.0)
+  c.optim.update(learning_rate=1e30, warmup_steps=4, grad_clip_norm=0.0)
   workdir = str(tmp_path)
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+).*last good checkpoint is step") as e:
     trainer.train(c, workdir)
-  bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  bad_step = int(e.value.args[0].split("at step ")[1].split(":")[0])
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10)
   assert ckpt.latest_step() == bad_step - 1
   assert f"last good checkpoint is step {bad_step - 1}" in str(e.value)
@@ -182,6 +177,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
   setup, params, step = trainer.load_run(workdir)
   assert step == bad_step - 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert np.isfinite(trainer.evaluate(setup, params)["loss"])
 
 
 def test_early_failures_before_training(tmp_path):

@@ -6,27 +6,134 @@ A checkpoint at step s (directory `<workdir>/checkpoints/<s>/`) holds three item
     data   the grain iterator state (one JSON file per process; `train.data.iterator_save_args`)
     meta   JSON: the model config, step and data settings, read first to refuse an incompatible checkpoint
 Nothing here ever deletes or overwrites a checkpoint it cannot read: restoring raises `CheckpointError`
-and the trainer stops, so a corrupt or incompatible run directory is never silently replaced by a fresh run.
+and the trainer stops, so a corrupt or incompatible run directory is never silently replaced by a fresh run;
+the message lists the intact checkpoints (`intact_steps`), and `train.resume_from` picks one.
+
+A save that fails (a full disk, no permission) raises `CheckpointSaveError` at that save, or for an
+asynchronous save at the next `poll` (the trainer polls after every step): a few lines with the step, the
+cause and the intact checkpoints. Orbax and TensorStore log a traceback per array and thread for such a failure
+(~870 lines for one full disk); `_ERROR_LOGS` holds those records back (`--verbosity=0` shows them). The
+training run's own Checkpointer (`writer=True`, created under the workdir lock) removes the unfinished
+`<step>.orbax-checkpoint-tmp` folders of interrupted or failed saves first thing.
 """
 
+import contextlib
 import dataclasses
+import errno
+import glob
+import logging
 import os
+import re
+import shutil
+import sys
+import traceback
 from typing import Any
 
+from absl import logging as absl_logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from bmojo_jax.config import COMPUTE_FIELDS
 from train import data as data_lib
 
 
-def _brief(e: Exception, limit: int = 240) -> str:
-  """The exception's type and the first line of its message (TensorStore errors span dozens of lines)."""
-  first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  return f"{type(e).__name__}: {first[:limit]}{'…' if len(first) > limit else ''}"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _brief(e: BaseException | str, limit: int = 240) -> str:
+  """The exception's type and the first line of its message, without TensorStore's spec dump."""
+  text = re.sub(r"\s*\[(tensorstore_spec|source locations)='.*?'\]", "", str(e)).strip()
+  first = text.splitlines()[0] if text else ""
+  first = f"{first[:limit]}{'…' if len(first) > limit else ''}"
+  return first if isinstance(e, str) else f"{type(e).__name__}: {first}"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into this run; the message names the path and the reason."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed; the message names the step, the cause and the intact checkpoints."""
+
+
+_CAUSES = ((errno.ENOSPC, "No space left on device", "no space left on device"),
+           (errno.EDQUOT, "Disk quota exceeded", "disk quota exceeded"),
+           (errno.EACCES, "Permission denied", "permission denied"),
+           (errno.EPERM, "Operation not permitted", "permission denied"),
+           (errno.EROFS, "Read-only file system", "read-only file system"))
+_FIXES = {"no space left on device": "Free some space", "disk quota exceeded": "Free some space",
+          "permission denied": "Make it writable", "read-only file system": "Make it writable"}
+
+
+def save_failure_cause(e: BaseException | None, logged: str = "") -> str:
+  """Why a save failed: "no space left on device", "permission denied", ... or the error's first line, from
+  the exception (its chain included) and the text of the first error Orbax logged for the same save."""
+  texts, seen = [logged], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno is not None:
+      texts.insert(0, f"os_error_code='{e.errno}' {e.strerror}")
+    texts.append(str(e))
+    e = e.__cause__ or e.__context__
+  text = " ".join(texts)
+  for code, message, cause in _CAUSES:
+    if message in text or f"os_error_code='{code}'" in text or f"[Errno {code}]" in text:
+      return cause
+  first = next((t for t in texts[1:] + texts[:1] if t.strip()), "")
+  return f"other error: {_brief(first)}" if first else "unknown error (Orbax reported nothing)"
+
+
+class _HeldBackErrors(logging.Filter):
+  """Holds back the ERROR records logged from Orbax's code or about its failures (asyncio's "exception was never
+  retrieved"), keeping the first one's text for the CheckpointSaveError (a failed save logs a traceback per array
+  and thread). Nothing is held back at absl verbosity INFO or more (`--verbosity=0`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+    self.first = ""
+    self._hook = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or absl_logging.get_verbosity() >= absl_logging.INFO:
+      return True
+    text, where = record.getMessage(), record.pathname
+    if record.exc_info and record.exc_info[1] is not None:
+      text += " " + "".join(traceback.format_exception_only(record.exc_info[1]))
+      where += "".join(traceback.format_tb(record.exc_info[2]))
+    if "/orbax/" not in where and not any(d in text for d in self.directories):
+      return True
+    self.first = self.first or text
+    return False
+
+  def watch(self, directory: str) -> None:
+    self.directories.add(directory)
+    for name in ("absl", "asyncio"):
+      if self not in logging.getLogger(name).filters:
+        logging.getLogger(name).addFilter(self)
+    self._hold_back_closed_loops()
+
+  def take(self) -> str:
+    first, self.first = self.first, ""
+    return first
+
+  def _hold_back_closed_loops(self) -> None:
+    """Also drops the "Event loop is closed" errors of TensorStore writes that complete after Orbax closed the
+    event loop of a failed save (unraisable exceptions, a traceback each; nothing else raises them here)."""
+    if sys.unraisablehook is self._hook:
+      return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+    self._hook = sys.unraisablehook = hook
+
+
+_ERROR_LOGS = _HeldBackErrors()
 
 
 def _diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -36,13 +143,24 @@ def _diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 class Checkpointer:
-  """Save / restore of (train state, grain iterator, meta) under `directory`, keeping the last `max_to_keep`."""
+  """Save / restore of (train state, grain iterator, meta) under `directory`, keeping the last `max_to_keep`.
 
-  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+  writer: the training run's own Checkpointer, created under the workdir lock: unfinished saves
+  (`<step>.orbax-checkpoint-tmp`) are removed on creation (by process 0) and listed in `removed_unfinished`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True, writer: bool = False):
     self.directory = os.path.abspath(directory)
+    self.removed_unfinished: list[str] = []
+    if writer and jax.process_index() == 0:   # before the first save of any process (Orbax's own cleanup is lazy)
+      for path in sorted(glob.glob(os.path.join(glob.escape(self.directory), f"*{TMP_SUFFIX}*"))):
+        shutil.rmtree(path)
+        self.removed_unfinished.append(os.path.basename(path))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
+    _ERROR_LOGS.watch(self.directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None    # the step of a save not yet checked (asynchronous saves)
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -54,10 +172,50 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, iterator: Any | None, meta: dict[str, Any]) -> None:
+    """Starts saving checkpoint `step` (finishes it when saves are synchronous); CheckpointSaveError if this or
+    the previous save failed."""
+    self.wait()
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=int(step))))
     if iterator is not None:
       items["data"] = data_lib.iterator_save_args(iterator)
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    _ERROR_LOGS.take()
+    self._pending = int(step)
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # Orbax raises ValueError, OSError, ... from its writers
+      raise self._save_failed(e) from None
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def poll(self) -> None:
+    """Checks an asynchronous save once it has finished (CheckpointSaveError if it failed); never blocks."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight, then checks it: CheckpointSaveError if it failed or was not finalized."""
+    if self._pending is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from None
+    if not os.path.isdir(self.step_dir(self._pending)):   # Orbax logs some failures instead of raising them
+      raise self._save_failed(None)
+    self._pending = None
+
+  def _save_failed(self, e: BaseException | None) -> CheckpointSaveError:
+    step, self._pending, self._failed = self._pending, None, True
+    cause = save_failure_cause(e, _ERROR_LOGS.take())
+    intact = self.intact_steps()
+    resume = (f"rerun the same command: it resumes from step {intact[0]}" if intact else
+              "rerun the same command: it starts from scratch")
+    fix = _FIXES.get(cause, "Fix it")
+    return CheckpointSaveError(
+        f"Saving checkpoint {step} in {self.directory} failed: {cause}.\n"
+        f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; the unfinished one is removed at the next "
+        f"start. {fix} and {resume}.")
 
   def read_meta(self, step: int) -> dict[str, Any]:
     try:
@@ -71,6 +229,16 @@ class Checkpointer:
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} has no model config in its 'meta' item; it "
                             "was left untouched; move it away or use another --workdir.")
     return meta
+
+  def meta_or_none(self, step: int, *keys: str) -> Any:
+    """meta[keys[0]][keys[1]]... of checkpoint `step`, or None when unreadable or absent."""
+    try:
+      value = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      for k in keys:
+        value = value[k]
+      return value
+    except Exception:  # pylint: disable=broad-except
+      return None
 
   def check_compatible(self, step: int, model_config: dict[str, Any]) -> dict[str, Any]:
     """Raises CheckpointError listing the model fields that differ from the checkpoint's; fields that only
@@ -99,30 +267,56 @@ class Checkpointer:
                             f"{self._older(step)}") from e
     return restored["state"]
 
-  def _older(self, step: int) -> str:
-    """What to do about an unusable checkpoint `step`: which other checkpoints there are, and how to use one."""
-    older = sorted((s for s in self.all_steps() if s < step), reverse=True)
-    readable = [s for s in older if self._meta_readable(s)]
-    if not readable:
-      return (f"It was left untouched, and no older checkpoint with a readable meta exists: move "
-              f"{self.step_dir(step)} away to start over, or use another --workdir.")
-    return (f"It was left untouched. Older checkpoints whose meta reads fine: {', '.join(map(str, readable))}. "
-            f"To resume from step {readable[0]}, move this one aside (mv {self.step_dir(step)} "
-            f"{self.directory}_set_aside_{step}) and rerun the same command.")
+  def intact_steps(self) -> list[int]:
+    """Finished checkpoints whose meta and state metadata read fine, newest first (unfinished saves and
+    checkpoints with unreadable metadata are left out; array contents are not read)."""
+    self.manager.reload()
+    return [s for s in sorted(self.manager.all_steps(), reverse=True) if self._intact(s)]
 
-  def _meta_readable(self, step: int) -> bool:
+  def _intact(self, step: int) -> bool:
+    if self.meta_or_none(step, "model") is None:
+      return False
+    reader = ocp.StandardCheckpointHandler()
     try:
-      self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      reader.metadata(epath.Path(self.step_dir(step)) / "state")
       return True
     except Exception:  # pylint: disable=broad-except
       return False
+    finally:
+      reader.close()
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def _older(self, step: int) -> str:
+    """What to do about an unusable checkpoint `step`: the intact older ones, and how to resume from one."""
+    older = [s for s in self.intact_steps() if s < step]
+    if not older:
+      return (f"It was left untouched, and no older checkpoint is intact: move {self.step_dir(step)} away to "
+              "start over, or use another --workdir.")
+    return (f"It was left untouched. Intact older checkpoints: {', '.join(map(str, older))}. To resume from step "
+            f"{older[0]}, rerun with --config.train.resume_from={older[0]} (newer checkpoints are moved to "
+            f"{self.directory}_set_aside/).")
+
+  def set_aside(self, steps: list[int]) -> str:
+    """Moves the checkpoints `steps` to `<directory>_set_aside/` (process 0; a suffix keeps earlier ones)."""
+    dest = f"{self.directory}_set_aside"
+    self.wait()
+    if jax.process_index() == 0:
+      os.makedirs(dest, exist_ok=True)
+      for s in steps:
+        target, n = os.path.join(dest, str(s)), 1
+        while os.path.exists(target):
+          target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+        os.rename(self.step_dir(s), target)
+    multihost_utils.sync_global_devices("bmojo_checkpoint_set_aside")
+    self.manager.reload()
+    return dest
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (CheckpointSaveError if it failed) and closes the manager."""
+    try:
+      self.wait()
+    finally:
+      with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+        self.manager.close()   # after a failed save Orbax raises its error again here
 
 
 def model_config_dict(model_config: Any) -> dict[str, Any]:

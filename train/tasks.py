@@ -1,6 +1,7 @@
 """Data of a training run from its config: sources, tokenizer, and the facts results.json reports.
 
-`data.kind` is "mqar" (Zoology's task, generated on the fly) or "text" (local files packed into sequences).
+`data.kind` is "mqar" (Zoology's task, generated on the fly), "text" (local files packed into sequences) or
+"corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text).
 The tokenizer of a text run is described by a small JSON dict saved in the workdir (`tokenizer_info`) so
 `bmojo-generate` can rebuild it (`load_tokenizer`); a SentencePiece model file is copied there.
 """
@@ -44,6 +45,21 @@ class _Slice:
     return self._source[self._start + int(i)]
 
 
+class _Spread:
+  """Random-access view of `count` evenly spaced items of source (a smaller test set drawn from all of it)."""
+
+  def __init__(self, source, count: int):
+    self._source, self._index = source, np.linspace(0, len(source) - 1, count).round().astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self._index.size)
+
+  def __getitem__(self, i: int):
+    if not 0 <= int(i) < len(self):
+      raise IndexError(f"index {i} out of range [0, {len(self)}).")
+    return self._source[int(self._index[int(i)])]
+
+
 def _split_list(value: str) -> list[str]:
   return [p.strip() for p in str(value or "").split(",") if p.strip()]
 
@@ -73,13 +89,25 @@ def save_tokenizer(tokenizer, workdir: str) -> dict[str, Any]:
 
 
 def load_tokenizer(info: dict[str, Any], workdir: str):
-  """The tokenizer of a run from its saved info; None for token-id tasks (MQAR)."""
+  """The tokenizer of a run from its saved info; None for token-id tasks (MQAR). Its model file must lie in the
+  workdir (ValueError otherwise): a workdir's files never lead to reading files outside it."""
   kind = info.get("kind", "none")
   if kind == "byte":
     return data_lib.ByteTokenizer()
   if kind == "sentencepiece":
-    return data_lib.SentencePieceTokenizer(os.path.join(workdir, info["model_file"]))
+    return data_lib.SentencePieceTokenizer(inside_workdir(workdir, info["model_file"], "tokenizer.json"))
   return None
+
+
+def inside_workdir(workdir: str, name: str, source: str) -> str:
+  """workdir/name, for a `name` read from the workdir's file `source`; ValueError if it leads outside the workdir
+  (an absolute path, `..`, or a symbolic link out)."""
+  root = os.path.realpath(workdir)
+  path = os.path.join(root, str(name))
+  if os.path.isabs(str(name)) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+    raise ValueError(f"{os.path.join(workdir, source)} names {str(name)!r}, which is outside the workdir; "
+                     "refusing to read it (a workdir's files may only name files inside it).")
+  return path
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
@@ -94,14 +122,13 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
             "num_train": len(train), "num_test": len(test)}
     return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
-  if d.kind == "text":
+  if d.kind in ("text", "corpus"):
     tokenizer = make_tokenizer(d.tokenizer)
-    patterns = tuple(_split_list(d.patterns)) or data_lib.text.DEFAULT_PATTERNS
-    paths = _split_list(d.paths)
+    paths, eval_paths, patterns = text_paths(config)
     if not paths:
-      raise ValueError("data.paths is empty: name the text files or directories to train on.")
+      raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
+                       "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
     source = data_lib.make_text_source(paths, int(d.seq_len), tokenizer, patterns)
-    eval_paths = _split_list(d.eval_paths)
     if eval_paths:
       train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns)
     else:
@@ -111,10 +138,38 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
         raise ValueError(f"data: {n} packed sequences of {d.seq_len} tokens leave none for training after "
                          f"holding out eval_fraction={d.eval_fraction}; add text or lower data.seq_len.")
       train, test = _Slice(source, 0, n - n_eval), _Slice(source, n - n_eval, n)
+    max_eval = int(d.get("max_eval_sequences") or 0)
+    if 0 < max_eval < len(test):
+      test = _Spread(test, max_eval)
     info = {"seq_len": int(d.seq_len), "tokens": int(getattr(source, "num_tokens", 0)),
             "train_sequences": len(train), "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
+    if d.kind == "corpus":
+      info["corpus_dir"] = str(d.corpus_dir)
     return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
-  raise ValueError(f"data.kind={d.kind!r} is unknown; choose mqar or text.")
+  raise ValueError(f"data.kind={d.kind!r} is unknown; choose mqar, text or corpus.")
+
+
+def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:
+  """(training paths, eval paths, file patterns) of a text or corpus run's data config."""
+  d = config.data
+  patterns = tuple(_split_list(d.patterns)) or data_lib.text.DEFAULT_PATTERNS
+  if d.kind == "corpus":
+    return *corpus_paths(config), patterns
+  return _split_list(d.paths), _split_list(d.eval_paths), patterns
+
+
+def corpus_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """([train folder], [eval folder]) of `data.corpus_dir` for data.kind=corpus; a clear error when the corpus
+  is not prepared or data.paths / eval_paths are also set (they would be ignored)."""
+  from train.data import corpus  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if _split_list(d.get("paths")) or _split_list(d.get("eval_paths")):
+    raise ValueError("data.kind=corpus reads data.corpus_dir; data.paths / data.eval_paths are for "
+                     "data.kind=text: set one or the other.")
+  corpus_dir = str(d.get("corpus_dir") or "")
+  if not corpus_dir:
+    raise ValueError("data.kind=corpus needs data.corpus_dir (e.g. data/corpus).")
+  return [corpus.split_dir(corpus_dir, "train")], [corpus.split_dir(corpus_dir, "eval")]
 
 
 def check_first_batch(batch: dict[str, np.ndarray], vocab_size: int, what: str) -> None:

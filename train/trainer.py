@@ -7,6 +7,8 @@ donates the state. Parameters and optimizer state are placed by the logical-axis
 shard of the data (`shard_index = process_index`).
 
 Step s means "after s optimizer updates"; the loss logged at step s is the one computed by update s.
+What the loop does about a non-finite update, a failed save or an explicit resume step is `train/faults.py`'s
+and `train/checkpoint.py`'s.
 """
 
 import collections
@@ -31,6 +33,7 @@ from bmojo_jax import LanguageModel, ModelConfig
 from bmojo_jax.model import stack_blocks, unstack_blocks
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import faults
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as shard_lib
@@ -43,8 +46,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or inf; the message names the step and the last good checkpoint."""
+NonFiniteLossError = faults.NonFiniteLossError   # training diverged (train.on_nonfinite=stop, or past its limit)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -78,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Tas
   if not 0.0 <= t.target_accuracy <= 1.0:
     raise ValueError(f"train.target_accuracy={t.target_accuracy} must be in [0, 1].")
   optim_lib.validate(config.optim)
+  faults.validate(t)
   if task.vocab_size > cfg.vocab_size:
     raise ValueError(f"The data has token ids up to {task.vocab_size - 1} but model.vocab_size="
                      f"{cfg.vocab_size}; set --config.model.vocab_size>={task.vocab_size}.")
@@ -215,7 +218,12 @@ def apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_sca
   return optax.apply_updates(params, updates), opt_state, metrics
 
 
-def make_train_step(setup: Setup, accum: int):
+def make_train_step(setup: Setup, accum: int, lr_scale: float = 1.0, skip_nonfinite: bool = False):
+  """The jitted step (state, batch) -> (state, metrics); metrics["finite"] says whether the update is finite.
+
+  lr_scale multiplies the learning rate (what rollbacks leave, `train.faults`; 1.0 adds no op); skip_nonfinite
+  (train.on_nonfinite=skip) also checks the new parameters and keeps the old parameters and optimizer state
+  where the update is not finite."""
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
   grads_of = functools.partial(batch_grads, graphdef, supervised=setup.task.supervised_per_example)
 
@@ -235,11 +243,16 @@ def make_train_step(setup: Setup, accum: int):
               jnp.zeros((), jnp.int32))
       (g, loss, n, c), _ = jax.lax.scan(body, zero, micro)
     params, opt_state, metrics = apply_gradients(tx, schedule, params, state["opt_state"], g, loss, n, c,
-                                                 state["step"])
+                                                 state["step"], None if lr_scale == 1.0 else lr_scale)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    if skip_nonfinite:
+      finite &= faults.all_finite(params)
+      params, opt_state = faults.keep_if(finite, (params, opt_state), (state["params"], state["opt_state"]))
+    metrics["finite"] = finite
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
-  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+  return jax.jit(shard_lib.in_mesh(train_step, setup.mesh), in_shardings=(setup.state_shardings, batch_sh),
                  out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 
@@ -254,19 +267,24 @@ def make_eval_step(setup: Setup):
             "ce_sum": jnp.sum(jnp.where(mask, ce, 0.0)), "tokens": jnp.sum(jnp.where(mask, n, 0))}
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
-  return jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_sh))
+  return jax.jit(shard_lib.in_mesh(eval_step, setup.mesh),
+                 in_shardings=(setup.state_shardings["params"], batch_sh))
+
+
+def eval_batches(setup: Setup):
+  """This process's share of the test set, in global batches of train.eval_batch_size, sharded."""
+  it = data_lib.make_eval_iterator(setup.task.eval_source,
+                                   batch_size=int(setup.config.train.eval_batch_size) // jax.process_count(),
+                                   shard_index=jax.process_index(), shard_count=jax.process_count())
+  return (shard_lib.shard_batch(model_batch(batch, "mask"), setup.mesh) for batch in it)
 
 
 def evaluate(setup: Setup, params, eval_step=None) -> dict[str, float]:
   """One pass over the test set: accuracy (per example, then averaged), loss per token, perplexity."""
   eval_step = eval_step or make_eval_step(setup)
-  t = setup.config.train
-  it = data_lib.make_eval_iterator(setup.task.eval_source, batch_size=int(t.eval_batch_size) // jax.process_count(),
-                                   shard_index=jax.process_index(), shard_count=jax.process_count())
   totals = {"acc_sum": 0.0, "examples": 0, "ce_sum": 0.0, "tokens": 0}
-  for batch in it:
-    batch = model_batch(batch, "mask")
-    out = jax.device_get(eval_step(params, shard_lib.shard_batch(batch, setup.mesh)))
+  for batch in eval_batches(setup):
+    out = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += out[k].item()
   loss = totals["ce_sum"] / max(totals["tokens"], 1)
@@ -299,8 +317,9 @@ def _handle_signals(stop: StopRequest):
       signal.signal(s, h)
 
 
-def _meta(setup: Setup) -> dict[str, Any]:
-  return {"model": ckpt_lib.model_config_dict(setup.cfg), "data": setup.config.data.to_dict()}
+def _meta(setup: Setup, record: faults.FaultRecord | None = None) -> dict[str, Any]:
+  return {"model": ckpt_lib.model_config_dict(setup.cfg), "data": setup.config.data.to_dict(),
+          "faults": (record or faults.FaultRecord()).to_meta()}
 
 
 def _write_run_files(setup: Setup, workdir: str) -> None:
@@ -331,25 +350,28 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   t = config.train
   lead = jax.process_index() == 0
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
-                               async_save=bool(t.async_checkpointing))
+                               async_save=bool(t.async_checkpointing), writer=True)
+  notes = [f"Removed {name} from {ckpt.directory}: the unfinished save of an earlier run."
+           for name in ckpt.removed_unfinished]
   local_batch = int(t.batch_size) // jax.process_count()
-  it = data_lib.make_train_iterator(setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
-                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                    worker_count=int(t.data_workers))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = restore_state(ckpt, latest, setup, it)
-  else:
-    state = setup.init_state()
+  make_iterator = functools.partial(
+      data_lib.make_train_iterator, setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
+      shard_index=jax.process_index(), shard_count=jax.process_count(), worker_count=int(t.data_workers))
+  it = make_iterator()
+  latest, record = faults.start_point(ckpt, t.get("resume_from"), notes.append)
+  state = setup.init_state() if latest is None else restore_state(ckpt, latest, setup, it)
   start = int(jax.device_get(state["step"]))
-  last_saved = latest
   results_path = os.path.join(workdir, "results.json")
-  if start >= int(t.num_steps) and os.path.exists(results_path):
+  finished = faults.finished(results_path, start, t)
+  if finished:
     ckpt.close()
-    print(f"{workdir} already finished at step {start} (train.num_steps={int(t.num_steps)}); its results are "
-          f"kept in {results_path}. Raise --config.train.num_steps to train further.")
-    with open(results_path, encoding="utf-8") as f:
-      return json.load(f)
+    if lead:
+      print("\n".join(notes + [f"{workdir} already finished at step {start} ({finished[0]}); its results are kept "
+                               f"in {results_path}. Raise --config.train.num_steps (or train.target_accuracy) to "
+                               "train further."]))
+    return finished[1]
+  if latest is not None:
+    notes.append(f"{workdir}: resuming from step {latest} (checkpoint {ckpt.step_dir(latest)}).")
   if lead:
     _write_run_files(setup, workdir)
 
@@ -357,11 +379,15 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   first_eval = next(iter(data_lib.make_eval_iterator(setup.task.eval_source, batch_size=1)))
   tasks_lib.check_first_batch(first_eval, setup.cfg.vocab_size, "test data")
 
-  train_step = make_train_step(setup, int(t.grad_accum_steps))
+  accum, skip = int(t.grad_accum_steps), t.get("on_nonfinite", "stop") == "skip"
+  train_step = make_train_step(setup, accum, record.lr_scale, skip)
   eval_step = make_eval_step(setup)
+  probe_batch = next(eval_batches(setup))       # a state whose loss on it is not finite is never saved
   num_steps = int(t.num_steps)
   writer = metrics_lib.MetricWriter(workdir, total_steps=num_steps, initial_step=start, enabled=lead,
                                     progress_bar=bool(t.progress_bar))
+  for note in notes:
+    writer.message(note)
   tokens_per_step = int(t.batch_size) * setup.task.seq_len
   stop = stop or StopRequest()
   pending: list[tuple[int, dict[str, Any]]] = []
@@ -370,77 +396,104 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   last_eval_step: int | None = None
   stopped_by, step = None, start
   train_time, trained_steps, interval_start = 0.0, 0, time.time()
+  guard = faults.NonFiniteGuard(t, record, ckpt.step_dir, writer.message, last_saved=latest, start=start)
 
   def flush():
-    """Pulls the pending step metrics, stops on a non-finite loss, logs the averages."""
+    """Pulls the pending step metrics, acts on non-finite updates, logs the averages of the finite ones."""
     nonlocal interval_start, train_time, trained_steps
     if not pending:
       return
+    for s, m in pending:
+      guard.observe(s, m)
     values = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, values):
-      if not np.isfinite(m["loss"]):
-        where = (f"step {last_saved} in {ckpt.directory}" if last_saved is not None
-                 else f"none was written ({ckpt.directory})")
-        raise NonFiniteLossError(f"Training loss is {float(m['loss'])} at step {s}; stopping. The last good "
-                                 f"checkpoint is {where} and was left intact.")
     elapsed = time.time() - interval_start
     train_time += elapsed
     trained_steps += len(pending)
-    avg = {k: float(np.mean([v[k] for v in values])) for k in ("loss", "accuracy", "grad_norm")}
+    kept = [v for v in values if v["finite"]]
+    avg = {k: float(np.mean([v[k] for v in kept])) for k in ("loss", "accuracy", "grad_norm")} if kept else {}
     avg["learning_rate"] = float(values[-1]["learning_rate"])
     avg["tokens_per_s"] = tokens_per_step * len(pending) / max(elapsed, 1e-9)
-    writer.write(pending[-1][0], avg, "train")
+    if len(kept) < len(values):
+      avg["dropped_updates"] = len(values) - len(kept)
+    writer.write(pending[-1][0], {k: v for k, v in avg.items() if np.isfinite(v)}, "train")
     writer.advance(pending[-1][0])
     in_flight.clear()
     pending.clear()
     interval_start = time.time()
 
   def save(s):
-    nonlocal last_saved, interval_start
-    if last_saved != s:
-      ckpt.save(s, state, it, _meta(setup))
-      last_saved = s
+    """Checkpoint s, if its state gives a finite loss on the probe batch (else train.on_nonfinite acts)."""
+    nonlocal interval_start
+    guard.checkpoint(s, lambda: eval_step(state["params"], probe_batch)["ce_sum"],
+                     lambda: ckpt.save(s, state, it, _meta(setup, record)))
     interval_start = time.time()
+
+  def roll_back(r: faults.Rollback) -> int:
+    """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
+    nonlocal state, it, train_step
+    ckpt.wait()
+    pending.clear()
+    in_flight.clear()
+    back = guard.last_saved or 0
+    if guard.last_saved is None:
+      it, state = make_iterator(), setup.init_state()
+    else:
+      state = restore_state(ckpt, back, setup, it)
+    guard.rolled_back(back, r)
+    train_step = make_train_step(setup, accum, record.lr_scale, skip)
+    return back
 
   try:
     with _handle_signals(stop):
-      for step in range(start + 1, num_steps + 1):
-        batch = next(it)
-        tasks_lib.check_first_batch(batch, setup.cfg.vocab_size, f"training batch of step {step}")
-        state, m = train_step(state, shard_lib.shard_batch(model_batch(batch), setup.mesh))
-        pending.append((step, m))
-        if step_callback is not None:
-          step_callback(step, state)
-        # At most MAX_IN_FLIGHT steps queued on the device: the bar shows finished steps, and a stop request
-        # is acted on after at most that many more steps rather than after everything queued.
-        in_flight.append((step, m["loss"]))
-        while len(in_flight) > MAX_IN_FLIGHT:
-          done_step, loss = in_flight.popleft()
-          loss.block_until_ready()
-          writer.advance(done_step)
-        done = step == num_steps
-        if step % int(t.log_every) == 0 or done or stop.signum is not None:
-          flush()
-        if (t.eval_every and step % int(t.eval_every) == 0) or done:
-          flush()
-          last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), step
-          writer.write(step, last_eval, "eval")
-          interval_start = time.time()
-          if t.target_accuracy and last_eval["accuracy"] >= t.target_accuracy:
-            writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
-                           f"{t.target_accuracy}; stopping early.")
-            stopped_by = "target_accuracy"
-        if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
-          flush()
-          save(step)
-        if stop.signum is not None:
-          stopped_by = signal.Signals(stop.signum).name
-          writer.message(f"{stopped_by} received: checkpoint of step {step} saved; rerun the same command "
-                         "to resume.")
-        if stopped_by:
-          break
+      while step < num_steps:
+        try:
+          step += 1
+          batch = next(it)
+          tasks_lib.check_first_batch(batch, setup.cfg.vocab_size, f"training batch of step {step}")
+          state, m = train_step(state, shard_lib.shard_batch(model_batch(batch), setup.mesh))
+          pending.append((step, m))
+          if step_callback is not None:
+            step_callback(step, state)
+          ckpt.poll()                     # an asynchronous save that failed stops the run here
+          # At most MAX_IN_FLIGHT steps queued on the device: the bar shows finished steps, and a stop request
+          # is acted on after at most that many more steps rather than after everything queued.
+          in_flight.append((step, m))
+          while len(in_flight) > MAX_IN_FLIGHT:
+            done_step, done_m = in_flight.popleft()
+            guard.observe(done_step, done_m)
+            writer.advance(done_step)
+          done = step == num_steps
+          if step % int(t.log_every) == 0 or done or stop.signum is not None:
+            flush()
+          if (t.eval_every and step % int(t.eval_every) == 0) or done:
+            flush()
+            last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), step
+            writer.write(step, {k: v for k, v in last_eval.items() if np.isfinite(v)}, "eval")
+            interval_start = time.time()
+            if t.target_accuracy and last_eval["accuracy"] >= t.target_accuracy:
+              writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
+                             f"{t.target_accuracy}; stopping early.")
+              stopped_by = "target_accuracy"
+          if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
+            flush()
+            save(step)
+          if stop.signum is not None:
+            stopped_by = signal.Signals(stop.signum).name
+            saved = f"checkpoint of step {step} saved" if guard.last_saved == step else \
+                f"the last checkpoint is step {guard.last_saved}"
+            writer.message(f"{stopped_by} received: {saved}; rerun the same command to resume.")
+          if stopped_by:
+            break
+        except faults.Rollback as r:
+          step = roll_back(r)
+  except BaseException:
+    for close in (ckpt.close, writer.close):
+      with contextlib.suppress(Exception):   # the error in flight is the one to report
+        close()
+    raise
+  try:
+    ckpt.close()                          # waits for the last save: CheckpointSaveError if it failed
   finally:
-    ckpt.close()
     writer.close()
 
   final_step = max(step, start)
@@ -453,17 +506,19 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
              "platform": jax.default_backend(), "jax_version": jax.__version__}
   if last_eval is not None:
     results.update({f"test_{k}": v for k, v in last_eval.items()}, test_step=last_eval_step)
+  if record != faults.FaultRecord():
+    results["faults"] = record.to_meta()
   if setup.task.kind == "mqar":
     results["window"] = setup.cfg.window
     if setup.cfg.window is not None:
       results["data"]["fraction_beyond_window"] = data_lib.fraction_beyond_window(
           setup.task.eval_source, setup.cfg.window)
-  if lead:
-    with open(results_path, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
-    if t.plot:
-      from train import plots  # pylint: disable=g-import-not-at-top
-      plots.maybe_plot(workdir)
+  if not lead:
+    return faults.strict_json(results)[0]
+  results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+  if t.plot:
+    from train import plots  # pylint: disable=g-import-not-at-top
+    plots.maybe_plot(workdir)
   return results
 
 
@@ -500,10 +555,12 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
 
 
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents."""
+  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents.
+
+  eval.json is strict JSON: a non-finite figure is written as null, listed under "nonfinite", and warned about
+  (faults.NonFiniteResultWarning)."""
   setup, params, step = load_run(workdir, config)
   result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
-  return result
+    return faults.write_strict_json(os.path.join(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
+  return faults.strict_json(result)[0]

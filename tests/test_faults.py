@@ -1,0 +1,392 @@
+"""Training under faults: SIGKILLs, divergence, failed saves, workdir files pointing outside, strict result JSON.
+
+The runs share one tiny Mamba config (d_model 16, 1 block, L 32, 12 steps, a checkpoint every 3) and a
+persistent compilation cache, which the killed subprocess runs read too.
+"""
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import mqar
+from train import checkpoint as ckpt_lib
+from train import faults
+from train import metrics as metrics_lib
+from train import optim as optim_lib
+from train import tasks
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(module_compilation_cache):
+  """Every train() of this module reuses the programs compiled before (conftest)."""
+  return module_compilation_cache
+
+
+def tiny_config(**train):
+  c = mqar.get_config("mamba")
+  c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
+  c.data.update(seq_len=32, num_kv_pairs=4, num_train=256, num_test=12)
+  c.train.update(num_steps=NUM_STEPS, batch_size=4, eval_batch_size=8, log_every=1, eval_every=0,
+                 checkpoint_every=3, keep_checkpoints=10, progress_bar=False, plot=False,
+                 async_checkpointing=True, target_accuracy=0.0)
+  c.optim.warmup_steps = 2
+  c.train.update(train)
+  return c
+
+
+def diverging_config(**train):
+  """Step 1 has learning rate 0 (warmup); step 2's 2.5e29 blows the parameters up to finite values whose
+  forward is NaN, while update 2's own loss is finite: the divergence on a checkpoint step of issue #21."""
+  c = tiny_config(num_steps=6, checkpoint_every=1, async_checkpointing=False, **train)
+  c.optim.update(learning_rate=1e30, warmup_steps=4, grad_clip_norm=0.0)
+  return c
+
+
+def losses(workdir):
+  steps, values = metrics_lib.series(metrics_lib.read_metrics(workdir), "train", "loss")
+  return dict(zip(steps, values))
+
+
+def steps_of(workdir):
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).all_steps()
+
+
+def strict_load(path):
+  def refuse(name):
+    raise ValueError(f"{path} holds {name}: not strict JSON")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted run: (workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return workdir, trainer.train(tiny_config(), workdir)
+
+
+def assert_same_run(workdir, results, reference):
+  ref_dir, ref_results = reference
+  assert sorted(losses(workdir)) == list(range(1, NUM_STEPS + 1))
+  assert losses(workdir) == losses(ref_dir)                        # bit-exact, fp32 on CPU
+  for key in ("step", "test_loss", "test_accuracy"):
+    assert results[key] == ref_results[key], key
+
+
+# ----------------------------------------------------------------------------------------------- SIGKILL
+CHILD = """
+import json, os, signal, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import ml_collections
+from train import checkpoint as ckpt_lib
+from train import trainer
+kill_at = int(os.environ.get("KILL_IN_SAVE", "0"))
+save = ckpt_lib.Checkpointer.save
+def save_then_die(self, step, *args):
+  save(self, step, *args)            # asynchronous: the arrays are being written in the background
+  if step == kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+ckpt_lib.Checkpointer.save = save_then_die
+with open(sys.argv[1]) as f:
+  config = ml_collections.ConfigDict(json.load(f))
+trainer.train(config, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_sigkills_at_random_times_lose_nothing(reference, tmp_path, compilation_cache):
+  """SIGKILL inside a save, then at random steps; each restart resumes and says so; the run ends equal to the
+  uninterrupted one."""
+  config_path, workdir = tmp_path / "config.json", str(tmp_path / "run")
+  config_path.write_text(tiny_config().to_json())
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CACHE=compilation_cache)
+  rng, killed = random.Random(21), 0
+  outputs, metrics = [], os.path.join(workdir, metrics_lib.METRICS_FILE)
+
+  def start(**extra):
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(config_path), workdir], cwd=REPO,
+                            env=dict(env, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  def last_step():   # the highest step logged so far (a line being written may be incomplete: skipped)
+    steps = [0]
+    if os.path.exists(metrics):
+      with open(metrics, encoding="utf-8") as f:
+        steps += [json.loads(line)["step"] for line in f if line.endswith("}\n")]
+    return max(steps)
+
+  child = start(KILL_IN_SAVE="6")                 # dies while checkpoint 6 is being written
+  outputs.append(child.communicate(timeout=300)[0])
+  assert child.returncode == -signal.SIGKILL, outputs[-1][-3000:]
+  assert steps_of(workdir) == [3] and os.path.isdir(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp"))
+  for _ in range(3):                               # then at a random step, a random moment within it
+    if last_step() >= NUM_STEPS - 1:
+      break
+    target, child = rng.randint(last_step() + 1, NUM_STEPS - 1), start()
+    while child.poll() is None and last_step() < target:
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))
+    child.kill()
+    outputs.append(child.communicate(timeout=300)[0])
+    killed += child.returncode == -signal.SIGKILL
+  child = start()
+  outputs.append(child.communicate(timeout=300)[0])
+  assert child.returncode == 0 and killed >= 1, (killed, outputs[-1][-3000:])
+  assert "Removed 6.orbax-checkpoint-tmp" in outputs[1], outputs[1][-3000:]
+  assert any(f"resuming from step {s} (checkpoint {workdir}/checkpoints/{s})" in "".join(outputs)
+             for s in (3, 6, 9, 12))
+  assert not [p for p in os.listdir(os.path.join(workdir, "checkpoints")) if ckpt_lib.TMP_SUFFIX in p]
+  assert_same_run(workdir, strict_load(os.path.join(workdir, "results.json")), reference)
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+@pytest.mark.slow
+def test_divergence_on_a_checkpoint_step_is_not_saved(tmp_path):
+  """Update 2's loss is finite but its parameters give a NaN forward: checkpoint 2 is not written, and the
+  message names step 1, which restores and evaluates to a finite loss."""
+  workdir = str(tmp_path)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer.train(diverging_config(), workdir)
+  message = str(e.value)
+  assert message.startswith("Training diverged at step 2: the state after update 2 gives a non-finite loss")
+  assert f"The last good checkpoint is step 1 ({workdir}/checkpoints/1)" in message
+  assert "on_nonfinite=rollback" in message and len(message) < 600
+  assert steps_of(workdir) == [1]
+  assert np.isfinite(trainer.evaluate_run(workdir)["test_loss"])
+
+
+def test_divergence_before_any_checkpoint_says_so():
+  """No checkpoint yet: the message says so in words (not "The last good checkpoint is none was written")."""
+  guard = faults.NonFiniteGuard(tiny_config().train, faults.FaultRecord(), str, print, last_saved=None, start=0)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    guard.checkpoint(1, probe=lambda: jnp.float32(jnp.nan), write=lambda: pytest.fail("saved a NaN state"))
+  assert "No checkpoint was saved before it: a rerun starts from scratch." in str(e.value)
+  assert "none" not in str(e.value)
+  metrics = {"finite": jnp.bool_(False), "loss": jnp.float32(jnp.inf), "grad_norm": jnp.float32(jnp.nan)}
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 1: update 1 is not finite \(loss inf, gradient "
+                                                        r"norm nan\)\. Stopped \(train.on_nonfinite=stop\)"):
+    guard.observe(1, metrics)
+
+
+@pytest.mark.slow
+def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys):
+  c = diverging_config(on_nonfinite="rollback", rollback_lr_factor=1e-31)
+  workdir = str(tmp_path)
+  stop_at_4 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 4 else None
+  first = trainer.train(c, workdir, step_callback=stop_at_4)
+  assert first["stopped_by"] == "SIGTERM" and first["step"] == 4
+  assert first["faults"] == {"lr_scale": 1e-31, "rollbacks": 1, "skipped": 0, "resumed_from": None}
+  out = capsys.readouterr().out
+  assert ("Step 2: the state after update 2 gives a non-finite loss (nan) on a test batch; rolled back to step 1"
+          in out)
+  assert "learning rate scaled by 1e-31 (rollback 1 of at most 3)" in out
+  second = trainer.train(c, workdir)                  # the scale is read back from checkpoint 4's meta
+  assert second["step"] == 6 and np.isfinite(second["test_loss"]) and second["faults"]["lr_scale"] == 1e-31
+  records = {r["step"]: r for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"}
+  schedule = optim_lib.make_schedule(c.optim, 6)
+  for s in range(2, 7):           # update s uses schedule(s - 1), scaled
+    np.testing.assert_allclose(records[s]["learning_rate"], float(schedule(s - 1)) * 1e-31, rtol=1e-6)
+    assert np.isfinite(records[s]["loss"])
+  assert steps_of(workdir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_rollbacks_stop_at_the_limit():
+  t = tiny_config(on_nonfinite="rollback", nonfinite_limit=2).train
+  guard = faults.NonFiniteGuard(t, faults.FaultRecord(), lambda s: f"ckpt/{s}", print, last_saved=3, start=3)
+  nan = lambda: jnp.float32(jnp.nan)
+  for n in (1, 2):
+    with pytest.raises(faults.Rollback):
+      guard.checkpoint(6, probe=nan, write=lambda: pytest.fail("saved a NaN state"))
+    guard.rolled_back(3, faults.Rollback(6, "..."))
+    assert guard.record.rollbacks == n and guard.record.lr_scale == 0.5 ** n
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 6: .* Stopped after 2 rollbacks that did not get "
+                                                        r"past it \(train.nonfinite_limit=2\)\. The last good "
+                                                        r"checkpoint is step 3 \(ckpt/3\)"):
+    guard.checkpoint(6, probe=nan, write=lambda: pytest.fail("saved a NaN state"))
+
+
+@pytest.mark.slow
+def test_skip_drops_non_finite_updates_and_stops_at_the_limit(tmp_path, monkeypatch, capsys):
+  """The batches of updates 3, 6 and 7 give NaN gradients (what "skip" is for: a bad batch, not a learning rate
+  that stays too high): update 3 is dropped and training goes on from the same parameters and optimizer state;
+  6 and 7 make two in a row, past train.nonfinite_limit=1."""
+  apply_gradients = trainer.apply_gradients
+
+  def nan_at_3_6_7(tx, schedule, params, opt_state, g, loss, n, c, step, lr_scale=None):
+    bad = jnp.isin(step + 1, jnp.array([3, 6, 7]))
+    g = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), g)
+    return apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_scale)
+
+  monkeypatch.setattr(trainer, "apply_gradients", nan_at_3_6_7)
+  workdir = str(tmp_path)
+  params = {}
+  keep = lambda step, state: params.__setitem__(step, jax.tree.map(np.asarray, state["params"]))
+  c = tiny_config(on_nonfinite="skip", nonfinite_limit=1, checkpoint_every=1, async_checkpointing=False)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 7: update 7 is not finite .* Stopped after 2 "
+                                                        r"non-finite updates in a row \(train.nonfinite_limit="
+                                                        r"1\)\. The last good checkpoint is step 6"):
+    trainer.train(c, workdir, step_callback=keep)
+  out = capsys.readouterr().out
+  assert "Step 3: update 3 is not finite" in out and "update dropped (train.on_nonfinite=skip, 1 in a row)" in out
+  same = jax.tree.map(np.array_equal, params[2], params[3])
+  assert all(jax.tree.leaves(same))                                         # update 3 dropped
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, params[3], params[4])))   # update 4 applied
+  records = {r["step"]: r for r in metrics_lib.read_metrics(workdir) if r["split"] == "train"}
+  assert records[3]["dropped_updates"] == 1 and "loss" not in records[3] and np.isfinite(records[4]["loss"])
+  assert steps_of(workdir) == [1, 2, 3, 4, 5, 6]    # 3 and 6 hold the states of 2 and 5: finite
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(6)["faults"][
+      "skipped"] == 2
+
+
+def test_on_nonfinite_is_validated(tmp_path):
+  assert tiny_config().train.on_nonfinite == "stop"
+  for field, value, match in (("on_nonfinite", "ignore", r"train.on_nonfinite='ignore' is unknown; choose one "
+                                                         r"of stop, rollback, skip"),
+                              ("rollback_lr_factor", 1.5, r"rollback_lr_factor=1.5 must be in \(0, 1\)"),
+                              ("nonfinite_limit", 0, r"nonfinite_limit=0 must be >= 1")):
+    with pytest.raises(ValueError, match=match):
+      trainer.train(tiny_config(**{field: value}), str(tmp_path / field))
+    assert not os.path.exists(tmp_path / field)
+
+
+# ----------------------------------------------------------------------------------------------- failed saves
+def _failing_meta_writes(monkeypatch, step: int, code: int):
+  """Makes the background write of checkpoint `step`'s meta item fail with OSError(code), as a full disk or a
+  read-only folder would (the arrays of the step are written, the checkpoint is never finalized)."""
+  original = ocp.JsonCheckpointHandler._save_fn  # pylint: disable=protected-access
+
+  async def save_fn(self, x, directory):
+    if isinstance(x, dict) and x.get("step") == step:
+      raise OSError(code, os.strerror(code), str(directory / "metadata"))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save,code,cause", [(True, errno.ENOSPC, "no space left on device"),
+                                                   (False, errno.EACCES, "permission denied")])
+def test_a_failed_save_stops_at_that_save_in_a_few_lines(reference, tmp_path, monkeypatch, capfd, async_save,
+                                                          code, cause):
+  workdir = str(tmp_path)
+  _failing_meta_writes(monkeypatch, 6, code)
+  seen = []
+
+  def slow_steps(step, state):   # gives the background save of step 6 time to fail before step 7 ends
+    del state
+    seen.append(step)
+    time.sleep(0.3 if step == 7 else 0.0)
+
+  capfd.readouterr()
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    trainer.train(tiny_config(async_checkpointing=async_save), workdir, step_callback=slow_steps)
+  assert seen[-1] in ((6, 7) if async_save else (6,))   # at the failed save, or (asynchronous) one step later
+  message = str(e.value)
+  assert message == (f"Saving checkpoint 6 in {workdir}/checkpoints failed: {cause}.\nIntact checkpoints: 3; the "
+                     "unfinished one is removed at the next start. "
+                     f"{'Free some space' if code == errno.ENOSPC else 'Make it writable'} and rerun the same "
+                     "command: it resumes from step 3.")
+  noise = capfd.readouterr()
+  assert len((noise.out + noise.err).splitlines()) < 10, noise.err[-3000:]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp"))
+  monkeypatch.undo()                                # the disk is free again: rerun the same command
+  results = trainer.train(tiny_config(async_checkpointing=async_save), workdir)
+  out = capfd.readouterr().out
+  assert "Removed 6.orbax-checkpoint-tmp" in out
+  assert f"resuming from step 3 (checkpoint {workdir}/checkpoints/3)" in out
+  assert_same_run(workdir, results, reference)
+
+
+# ----------------------------------------------------------------------------------------------- restore choice
+@pytest.mark.slow
+def test_resume_from_skips_a_checkpoint_that_cannot_be_restored(reference, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    trainer.train(tiny_config(), workdir)
+  message = str(e.value)
+  assert len(message.splitlines()) <= 3 and "tensorstore_spec" not in message, message
+  assert ("Intact older checkpoints: 9, 6, 3. To resume from step 9, rerun with --config.train.resume_from=9"
+          in message)
+  results = trainer.train(tiny_config(resume_from=9), workdir)
+  out = capsys.readouterr().out
+  assert f"checkpoints 12 moved to {workdir}/checkpoints_set_aside" in out
+  assert f"resuming from step 9 (checkpoint {workdir}/checkpoints/9)" in out
+  assert os.listdir(os.path.join(workdir, "checkpoints_set_aside")) == ["12"]
+  assert_same_run(workdir, results, reference)
+  assert trainer.train(tiny_config(resume_from=9), workdir) == results      # the same command again: finished
+  out = capsys.readouterr().out
+  assert "train.resume_from=9 was applied before" in out and "already finished at step 12" in out
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"resume_from=5: there is no checkpoint 5 .* intact "
+                                                     r"checkpoints: 12, 9, 6, 3"):
+    trainer.train(tiny_config(resume_from=5), workdir)
+
+
+def test_a_run_stopped_at_its_target_accuracy_is_finished(tmp_path):
+  path = str(tmp_path / "results.json")
+  t = tiny_config(target_accuracy=0.9).train
+  assert faults.finished(path, 12, t) is None
+  with open(path, "w") as f:
+    json.dump({"step": 6, "stopped_by": "target_accuracy", "test_accuracy": 0.95}, f)
+  assert faults.finished(path, 6, t)[0] == "test accuracy 0.9500 >= train.target_accuracy=0.9"
+  assert faults.finished(path, 9, t) is None                          # trained further since
+  assert faults.finished(path, 6, tiny_config(target_accuracy=0.99).train) is None   # a higher target: go on
+  assert faults.finished(path, 12, t)[0] == "train.num_steps=12"
+
+
+# ----------------------------------------------------------------------------------------------- workdir files
+def test_a_workdir_file_cannot_point_outside(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (tmp_path / "outside.model").write_text("not a model")
+  os.symlink(tmp_path / "outside.model", workdir / "link.model")
+  for name in ("../outside.model", str(tmp_path / "outside.model"), "link.model", "sub/../../outside.model"):
+    with pytest.raises(ValueError, match=r"tokenizer.json names .* outside the workdir; refusing to read it"):
+      tasks.load_tokenizer({"kind": "sentencepiece", "model_file": name}, str(workdir))
+  assert tasks.inside_workdir(str(workdir), "tokenizer.model", "tokenizer.json") == str(workdir / "tokenizer.model")
+
+
+# ----------------------------------------------------------------------------------------------- strict JSON
+@pytest.mark.slow
+def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, compilation_cache):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  setup, _, step = trainer.load_run(workdir)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10, async_save=False)
+  state = trainer.restore_state(ckpt, step, setup, None)
+  state["params"] = jax.tree.map(lambda x: x * jnp.nan, state["params"])   # a checkpoint of an older version
+  ckpt.save(step + 1, state, None, trainer._meta(setup))  # pylint: disable=protected-access
+  ckpt.close()
+  with pytest.warns(faults.NonFiniteResultWarning, match=r"checkpoint 13 .* non-finite test_loss, "
+                                                         r"test_perplexity; written as null"):
+    result = trainer.evaluate_run(workdir)
+  assert result["test_loss"] is None and result["nonfinite"] == ["test_loss", "test_perplexity"]
+  assert strict_load(os.path.join(workdir, "eval.json")) == result
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+  r = subprocess.run([sys.executable, "-m", "train.cli", "eval", "--workdir", workdir], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "bmojo-eval: warning: checkpoint 13" in r.stderr and '"test_loss": null' in r.stdout
