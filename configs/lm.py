@@ -1,12 +1,22 @@
-"""Language modeling on local text files (byte-level by default), one preset per family.
+"""Byte-level language modeling, one preset per family at ~20M parameters and one token budget (docs/lm.md).
 
-    bmojo-train --config configs/lm.py:bmojo --config.data.paths=/path/to/texts --workdir runs/lm
-    bmojo-train --config configs/lm.py:bmojo,cpu --config.data.paths=/path/to/texts --workdir runs/lm_cpu
+    python -m train.data.corpus prepare --out data/corpus          # once: Austen + the KJV Bible, 8.3 MB
+    bmojo-train --config configs/lm.py:bmojo --config.data.kind=corpus --workdir runs/lm/bmojo       # GPU
+    bmojo-train --config configs/lm.py:bmojo,cpu --config.data.kind=corpus --workdir runs/lm_cpu    # CPU
+    bmojo-train --config configs/lm.py:hybrid --config.data.paths=/path/to/texts --workdir runs/lm   # own text
 
-Presets: transformer, mamba, hybrid, bmojo_f, bmojo (default), sized for one GPU (d_model 256, 4 layers, 32 x 512
-tokens per step; on a 2-core CPU that takes ~13 GB and 20-40 s a step). Add ",cpu" (e.g. `bmojo,cpu`) for a
-CPU-sized run: d_model 128, 8 x 256 tokens per step. `data.paths` has no default: name your text. Scale with
---config.model.d_model / n_layers, or use `bmojo_jax.paper_config` sizes through the same fields. The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
+Presets `<family>[,<size>]`, family in transformer, mamba, hybrid, bmojo_f, bmojo (default):
+  * no size (GPU): d_model 512, head_dim 64; 12 sublayers (Transformer 19.4M parameters, Mamba 20.5M) or 14 for
+    the families that pair a Mamba mixer with attention (19.3M); window 256, chunk 128, M_f 8, M_e 64, k_e 16;
+    1200 steps of 32 x 1024 tokens = 39.3M tokens; bf16 compute, scanned blocks, scan and attention "auto"
+    (the Pallas kernels on a GPU). Sized for a GPU: use ",cpu" on a CPU.
+  * ",cpu": d_model 128, 4 sublayers, 8 x 256 tokens a step, fp32 ("auto" on a CPU: the sequential scan, faster
+    there than the associative one, and reference attention): 0.3 (Transformer) to 1.5 s (Mamba) a step on 2
+    shared cores.
+  * ",smoke": d_model 32, one block, 8 x 128 tokens, 30 steps: end-to-end checks, under a minute a family on a
+    CPU, mostly compiling.
+`data.kind` is "text" (`data.paths` has no default: name your text) or "corpus" (the prepared corpus in
+`data.corpus_dir`, split by whole books). The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
 `data.tokenizer=<file>.model` (SentencePiece) set model.vocab_size to its size.
 """
 
@@ -15,39 +25,54 @@ import ml_collections
 from bmojo_jax import ModelConfig
 from configs import common
 
+SIZES = ("", "cpu", "smoke")
+MIXED = ("hybrid", "bmojo_f", "bmojo")  # a Mamba mixer and attention per block: 10 d^2 where the others have 12
+
 
 def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   preset, _, size = (preset or "bmojo").partition(",")
-  if size not in ("", "cpu"):
-    raise ValueError(f"configs/lm.py preset suffix {size!r} is unknown; the only one is ',cpu'.")
-  preset = common.family_preset("configs/lm.py", preset)
+  if size not in SIZES:
+    raise ValueError(f"configs/lm.py preset suffix {size!r} is unknown; choose ',cpu' or ',smoke' (or none).")
+  family = common.family_preset("configs/lm.py", preset)
+  full = family == "transformer"
   c = common.base_config()
-  window = None if preset == "transformer" else 128
-  chunk = 128
-  c.model = common.model_fields(ModelConfig(
-      family=preset, d_model=256, vocab_size=259, n_layers=4, n_heads=4, window=window, chunk_size=chunk,
-      n_fading=8, n_eidetic=32, eidetic_per_chunk=8))
+  if size == "":
+    model = ModelConfig(
+        family=family, d_model=512, vocab_size=259, n_layers=14 if family in MIXED else 12, n_heads=8,
+        window=None if full else 256, chunk_size=128, n_fading=8, n_eidetic=64, eidetic_per_chunk=16,
+        dtype="bfloat16", scan_impl="auto", attn_impl="auto", scan_layers=True)
+    seq_len, batch, steps, warmup = 1024, 32, 1200, 100
+  elif size == "cpu":
+    model = ModelConfig(
+        family=family, d_model=128, vocab_size=259, n_layers=4, n_heads=2, window=None if full else 128,
+        chunk_size=64, n_fading=4, n_eidetic=16, eidetic_per_chunk=4)
+    seq_len, batch, steps, warmup = 256, 8, 500, 50
+  else:
+    model = ModelConfig(
+        family=family, d_model=32, vocab_size=259, n_layers=2, n_heads=2, window=None if full else 32,
+        chunk_size=16, n_fading=2, n_eidetic=8, eidetic_per_chunk=2, d_state=8)
+    seq_len, batch, steps, warmup = 128, 8, 30, 5
+  c.model = common.model_fields(model)
 
   c.data = d = ml_collections.ConfigDict()
-  d.kind = "text"                          # mqar | text
-  d.paths = ""                             # comma-separated files / directories of training text (required)
-  d.eval_paths = ""                        # comma-separated eval files; empty: hold out eval_fraction
-  d.eval_fraction = 0.05                   # last fraction of packed sequences held out when no eval_paths
+  d.kind = "text"                          # mqar | text | corpus
+  d.paths = ""                             # text: comma-separated files / directories of training text
+  d.eval_paths = ""                        # text: comma-separated eval files; empty: hold out eval_fraction
+  d.eval_fraction = 0.05                   # text: last fraction of packed sequences held out without eval_paths
+  d.corpus_dir = "data/corpus"             # corpus: a folder written by `python -m train.data.corpus prepare`
   d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
+  d.max_eval_sequences = {"": 0, "cpu": 256, "smoke": 16}[size]  # evenly spaced test sequences kept (0: all)
   d.tokenizer = "byte"                     # byte | path to a SentencePiece .model file
-  d.seq_len = 512                          # tokens per training sequence
+  d.seq_len = seq_len                      # tokens per training sequence (documents packed, kept apart)
 
   t = c.train
-  t.num_steps = 5000
-  t.batch_size = 32
-  t.eval_batch_size = 32
-  t.log_every = 50
-  t.eval_every = 500
-  t.checkpoint_every = 500
+  t.num_steps = steps
+  t.batch_size = batch
+  t.eval_batch_size = batch
+  t.log_every = 10 if size == "smoke" else 50
+  t.eval_every = 0 if size == "smoke" else 400
+  t.checkpoint_every = steps if size == "smoke" else 400
   c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = warmup
   c.optim.end_lr_ratio = 0.1
-  if size == "cpu":
-    c.model.d_model, d.seq_len, t.batch_size, t.eval_batch_size = 128, 256, 8, 8
-    c.model.n_heads = 2
   return c

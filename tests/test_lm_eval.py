@@ -1,0 +1,291 @@
+"""Language models on real text: the corpus of Debian packages (on a fake package tree), the split by whole
+documents, perplexity against context, and the NIAH examples and scoring (train/data/corpus.py,
+train/lm_eval.py)."""
+
+import gzip
+import json
+import os
+import re
+import stat
+import struct
+import zlib
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bmojo_jax import LanguageModel
+from train import lm_eval
+from train import tasks
+from train.data import ByteTokenizer
+from train.data import corpus
+from tests.conftest import tiny_config
+
+EMMA = ["EMMA", "", "By Jane Austen", "", "", "", "", "CHAPTER I", "",
+        "Emma Woodhouse, handsome, clever, and rich,   ", "with a comfortable home.", "", "", "", "", "FINIS", ""]
+NORTHANGER = ["NORTHANGER ABBEY", "", "No one who had ever seen Catherine Morland in her infancy.", "",
+              "A NOTE ON THE TEXT", "", "Northanger Abbey was written in 1797-98."]
+BIBLE_OUTPUT = """
+Genesis 1
+
+  1 In the beginning God created the heaven and the earth.
+  2 And the earth was without form, and void.
+
+Genesis 2
+
+  1 Thus the heavens and the earth were finished.
+
+1 Samuel 1
+
+  1 Now there was a certain man of Ramathaimzophim.
+
+Song of Solomon 1
+
+  1 The song of songs, which is Solomon's.
+"""
+
+
+# ------------------------------------------------------------------------ a fake package tree (no apt)
+def _i(v: int) -> bytes:
+  return struct.pack(">i", v)
+
+
+def _chars(s: str) -> bytes:
+  b = s.encode("utf-8")
+  return _i(0x00040009) + _i(len(b)) + b
+
+
+def _strings(values) -> bytes:
+  return _i(16) + _i(len(values)) + b"".join(_chars(v) for v in values)
+
+
+def _names_attr(names, first: bool) -> bytes:
+  """A pairlist {names = names}: the symbol `names` in full the first time, then as a reference (R's way)."""
+  symbol = _i(1) + _chars("names") if first else _i(255 | (1 << 8))
+  return _i(2 | (1 << 10)) + symbol + _strings(names) + _i(254)
+
+
+def _serialize(body: bytes) -> bytes:
+  return b"X\n" + _i(3) + _i(0x40201) + _i(0x30500) + _i(5) + b"UTF-8" + body
+
+
+def write_austen(root, novels: dict[str, list[str]]) -> None:
+  """Rdata.rdb / Rdata.rdx as R writes a data package's lazy-load database (zlib blocks, gzip index)."""
+  folder = root / corpus.AUSTEN_DATA
+  folder.mkdir(parents=True)
+  blocks, offsets = b"", []
+  for lines in novels.values():
+    raw = _serialize(_strings(lines))
+    block = struct.pack(">I", len(raw)) + zlib.compress(raw)
+    offsets.append((len(blocks), len(block)))
+    blocks += block
+  (folder / "Rdata.rdb").write_bytes(blocks)
+  variables = (_i(19 | (1 << 9)) + _i(len(novels)) + b"".join(_i(13) + _i(2) + _i(o) + _i(n) for o, n in offsets)
+               + _names_attr(list(novels), first=True))
+  index = (_i(19 | (1 << 9)) + _i(3) + variables + _i(19) + _i(0) + _i(10) + _i(1) + _i(1)
+           + _names_attr(["variables", "references", "compressed"], first=False))
+  (folder / "Rdata.rdx").write_bytes(gzip.compress(_serialize(index)))
+
+
+def write_bible(root) -> None:
+  """The `bible` program (a script printing chapters as bible-kjv does) and bible-kjv-text's data file."""
+  program = root / corpus.KJV_PROGRAM
+  program.parent.mkdir(parents=True)
+  program.write_text(f"#!/bin/sh\ncat <<'EOF'\n{BIBLE_OUTPUT}EOF\n")
+  program.chmod(program.stat().st_mode | stat.S_IEXEC)
+  data = root / corpus.KJV_DATA
+  data.parent.mkdir(parents=True, exist_ok=True)
+  data.write_bytes(b"\0")
+
+
+@pytest.fixture
+def package_tree(tmp_path):
+  root = tmp_path / "root"
+  write_austen(root, {"emma": EMMA, "northangerabbey": NORTHANGER})
+  write_bible(root)
+  return root
+
+
+def test_corpus_reads_the_packages_and_prepares_documents(package_tree, tmp_path):
+  docs = {**corpus.austen_documents(str(package_tree)), **corpus.kjv_documents(str(package_tree))}
+  assert sorted(docs) == ["austen/emma", "austen/northangerabbey", "kjv/1-samuel", "kjv/genesis",
+                          "kjv/song-of-solomon"]
+  emma = docs["austen/emma"]
+  assert emma.startswith("EMMA\n\nBy Jane Austen\n\n\nCHAPTER I\n") and emma.endswith("\n\n\nFINIS\n")
+  assert "rich,\nwith" in emma                                        # trailing spaces dropped
+  assert "NOTE ON THE TEXT" not in docs["austen/northangerabbey"]    # the edition's note is not Austen's
+  assert docs["kjv/genesis"] == ("Genesis 1\n\n1 In the beginning God created the heaven and the earth.\n"
+                                 "2 And the earth was without form, and void.\n\nGenesis 2\n\n"
+                                 "1 Thus the heavens and the earth were finished.\n")
+  out = tmp_path / "corpus"
+  manifest = corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3)
+  assert corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3) == manifest   # replaces itself
+  with pytest.raises(ValueError, match="holds no prepared corpus"):
+    corpus.prepare(str(tmp_path), root=str(package_tree))      # a folder with other things in it is left alone
+  for entry in manifest["documents"]:
+    path = out / entry["split"] / (entry["name"] + ".txt")
+    assert path.read_text(encoding="utf-8") == docs[entry["name"]]   # whole documents, unchanged
+    assert not (out / ("eval" if entry["split"] == "train" else "train") / (entry["name"] + ".txt")).exists()
+  totals = manifest["totals"]
+  assert totals["train"]["documents"] + totals["eval"]["documents"] == 5
+  held = corpus.read_split(str(out), "eval")
+  assert totals["eval"]["bytes"] == sum(len(t.encode()) for n, t in docs.items() if n in held)
+  # The trainer's corpus task reads the two folders; data.paths alongside it is refused.
+  config = _lm_config(str(out))
+  task = tasks.make_task(config)
+  assert task.info["corpus_dir"] == str(out) and len(task.eval_source) >= 2
+  assert lm_eval.heldout_documents(config) == corpus.read_split(str(out), "eval")
+  config.data.max_eval_sequences = 1                                  # evenly spaced test sequences kept
+  assert len(tasks.make_task(config).eval_source) == 1
+  config.data.paths = "elsewhere"
+  with pytest.raises(ValueError, match="data.kind=corpus reads data.corpus_dir"):
+    tasks.make_task(config)
+
+
+def _lm_config(corpus_dir: str):
+  from configs import lm  # pylint: disable=g-import-not-at-top
+  config = lm.get_config("bmojo,smoke")
+  config.data.kind, config.data.corpus_dir, config.data.seq_len = "corpus", corpus_dir, 16
+  return config
+
+
+def test_split_is_by_whole_documents_and_deterministic():
+  names = [f"kjv/book-{i}" for i in range(60)] + [f"austen/novel-{i}" for i in range(6)]
+  split = corpus.split_documents(names, 0.1)
+  assert split == corpus.split_documents(list(reversed(names)), 0.1)          # order does not matter
+  assert set(split) == set(names) and set(split.values()) == {"train", "eval"}
+  assert any(split[n] == "eval" for n in names if n.startswith("austen/"))    # each source holds one out
+  held = [n for n in names if split[n] == "eval"]
+  assert all(corpus.name_hash(n) < 0.1 or n == min((m for m in names if m.startswith(n.split("/")[0])),
+                                                   key=corpus.name_hash) for n in held)
+  # A document's side depends on its own name only (adding documents does not move it).
+  more = corpus.split_documents(names + [f"kjv/extra-{i}" for i in range(20)], 0.1)
+  assert all(more[n] == split[n] for n in names if n.startswith("kjv/"))
+  with pytest.raises(ValueError, match="eval_fraction"):
+    corpus.split_documents(names, 1.0)
+
+
+def test_missing_packages_are_named(tmp_path):
+  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y r-cran-janeaustenr"):
+    corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
+  write_austen(tmp_path, {"emma": EMMA})
+  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y bible-kjv\b"):
+    corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
+  (tmp_path / corpus.KJV_PROGRAM).parent.mkdir(parents=True)
+  (tmp_path / corpus.KJV_PROGRAM).write_text("")
+  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y bible-kjv-text"):
+    corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
+  assert not (tmp_path / "out").exists()                       # nothing written before every source reads
+  with pytest.raises(FileNotFoundError, match=r"python -m train.data.corpus prepare --out .*nowhere"):
+    tasks.make_task(_lm_config(str(tmp_path / "nowhere")))
+
+
+@pytest.mark.skipif(not os.path.exists("/" + corpus.AUSTEN_DATA), reason="r-cran-janeaustenr not installed")
+def test_installed_austen_package_reads():
+  docs = corpus.austen_documents()
+  assert len(docs) == 6 and "Emma Woodhouse, handsome, clever, and rich" in docs["austen/emma"]
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+@pytest.fixture(scope="module")
+def tiny_lm():
+  return LanguageModel(tiny_config("bmojo", vocab_size=259), rngs=nnx.Rngs(0))
+
+
+DOCS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife.",
+        "In the beginning God created the heaven and the earth. And the earth was without form.",
+        "short"]
+
+
+def test_perplexity_is_exp_mean_nll_of_windows(tiny_lm):
+  tok, t = ByteTokenizer(), 8
+  out = lm_eval.context_perplexity(tiny_lm, tok, DOCS, seq_len=t, factors=(1, 2, 4), batch_tokens=64)
+  windows, source = lm_eval.document_windows(DOCS, tok, 4 * t)
+  assert source == "documents" and out["eval_text"] == "documents" and out["eval_windows"] == len(windows) == 5
+  assert windows[0][0] == tok.bos_id and windows[3][0] == tok.bos_id                 # each document from BOS
+  graphdef, state = nnx.split(tiny_lm)
+  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+  for c in (8, 32):
+    logits = forward(state, jnp.asarray(windows[:, :c]))                             # windows of c tokens alone
+    nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(windows[:, 1:c + 1])))
+    np.testing.assert_allclose(out["eval"][str(c)], np.exp(nll.mean()), rtol=1e-5)
+    np.testing.assert_allclose(out["eval_last"][str(c)], np.exp(nll[:, c - t:].mean()), rtol=1e-5)
+    np.testing.assert_allclose(out["bits_per_token"][str(c)], nll.mean() / np.log(2), rtol=1e-5)
+  # No document long enough: the held-out text is concatenated, and says so.
+  _, source = lm_eval.document_windows(DOCS, tok, 150)
+  assert source == "concatenated"
+  with pytest.raises(ValueError, match="shorter than one window"):
+    lm_eval.document_windows(DOCS, tok, 4000)
+
+
+# ------------------------------------------------------------------------------------------------ NIAH
+ESSAY = lm_eval.essay_haystack([DOCS[0] + " " + DOCS[1]] * 3)
+
+
+@pytest.mark.parametrize("task", lm_eval.TASKS, ids=lm_eval.TASK_NAMES)
+def test_niah_examples_hold_their_needles_and_fill_the_length(task):
+  tok = ByteTokenizer()
+  e = lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)
+  assert len(e.ids) == 2048 - 128 and tok.decode(e.ids) == e.prompt and e.ids[0] == tok.bos_id
+  assert len(e.queries) == task.queries and len(e.answers) == task.values * task.queries
+  kind = "uuids" if task.value == "uuids" else "numbers"
+  needle = r"One of the special magic {} for {} is: ([0-9a-f-]+)\."
+  found = [v for k in e.queries for v in re.findall(needle.format(kind, re.escape(k)), e.prompt)]
+  assert sorted(found) == sorted(e.answers)                           # a perfect reader answers from the context
+  needles = re.findall(r"One of the special magic \w+ for (\S+) is:", e.prompt)
+  assert len(needles) >= task.keys * (task.values if task.keys == 1 else 1)
+  assert e.prompt.rstrip().endswith("mentioned in the provided text " + ("is" if len(e.answers) == 1 else "are"))
+  assert all(q in e.prompt.split("\n")[-1] for q in e.queries)
+  if task.haystack == "essay":
+    assert "It is a truth universally acknowledged" in e.prompt
+  if task.haystack == "noise":
+    assert lm_eval.NOISE in e.prompt
+  if task.haystack == "needle":
+    assert len(needles) > 5
+  assert e == lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)   # deterministic
+  assert e.answers != lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=8).answers
+
+
+def test_niah_too_short_and_scoring():
+  with pytest.raises(lm_eval.NiahTooShort, match="MQ-NIAH at length 512"):
+    lm_eval.niah_example(lm_eval.TASKS[-1], ByteTokenizer(), length=512, gen_tokens=128, essay=ESSAY, seed=0)
+  assert lm_eval.niah_score(": 1234567.\nThe", ["1234567"]) == 1.0
+  assert lm_eval.niah_score("1234567 and 7654321", ["7654321", "1234567", "1111111", "2222222"]) == 0.5
+  assert lm_eval.niah_score("ABCDEF12-3456", ["abcdef12-3456"]) == 1.0
+  assert lm_eval.niah_score("123456", ["1234567"]) == 0.0
+
+
+def test_run_niah_decodes_and_notes_what_cannot_run(tiny_lm):
+  tok = ByteTokenizer()
+  tasks_ = [t for t in lm_eval.TASKS if t.name in ("S-NIAH-1", "MQ-NIAH")]
+  scores, notes = lm_eval.run_niah(tiny_lm, tok, ESSAY, lengths=[512], samples=2, gen_tokens=16, tasks=tasks_)
+  assert 0.0 <= scores["S-NIAH-1"]["512"] <= 100.0
+  assert scores["MQ-NIAH"]["512"] is None and "MQ-NIAH at 512 not run" in notes[0]
+
+
+@pytest.mark.slow
+def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
+  """A smoke B'MOJO trained 2 steps on the fake corpus, evaluated as trained and with its store grown."""
+  from train import trainer  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "corpus"
+  corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3)
+  config = _lm_config(str(out))
+  config.train.num_steps, config.train.batch_size, config.train.eval_batch_size = 2, 2, 2
+  config.train.progress_bar, config.train.plot = False, False
+  workdir = str(tmp_path / "run")
+  trainer.train(config, workdir)
+  record = lm_eval.evaluate_lm_run(workdir, factors=(1, 2), niah=True, niah_factors=(32,), niah_samples=1,
+                                   gen_tokens=8, overrides={"n_eidetic": 16},
+                                   out=str(tmp_path / "lm.json"))
+  assert record["family"] == "bmojo" and record["variant"] == "n_eidetic=16" and record["params"] > 0
+  assert record["tokens_trained"] == 2 * 2 * 16 and set(record["eval"]) == {"16", "32"}
+  assert set(record["niah"]) == set(lm_eval.TASK_NAMES) and all("512" in v for v in record["niah"].values())
+  assert json.loads((tmp_path / "lm.json").read_text())["eval"] == record["eval"]
+  with pytest.raises(ValueError, match="change the parameters"):
+    lm_eval.load_lm(workdir, {"d_state": 4})
+  written = lm_eval.plot_records([record], str(tmp_path / "ppl.png"), str(tmp_path / "niah.png"))
+  assert all(os.path.getsize(p) > 0 for p in written) and len(written) == 2
