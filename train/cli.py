@@ -11,11 +11,14 @@ Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_
 cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
 """
 
+import difflib
+import functools
 import importlib.util
 import json
 import os
-import re
 import sys
+import textwrap
+import warnings
 
 from absl import app
 from absl import logging
@@ -58,6 +61,10 @@ def _train(argv):
     sys.exit(f"bmojo-train: {e}")
   except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"bmojo-train: {type(e).__name__}: {e}")
+  except ModuleNotFoundError as e:   # the plot, drawn after results.json is written
+    if e.name != "matplotlib":
+      raise
+    sys.exit(f"bmojo-train: {e}; results.json is written (--config.train.plot=false skips the plot)")
   print(json.dumps(results, indent=2))
   if "test_accuracy" in results:
     print(f"test accuracy {results['test_accuracy']:.4f} at step {results['test_step']} "
@@ -74,11 +81,38 @@ def _eval(argv):
   _quiet_logs()
   from train import trainer  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
+  f = flags.FLAGS
+  if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
+    from train import lm_eval  # pylint: disable=g-import-not-at-top
+    try:
+      factors = [int(x) for x in f.lm_lengths.split(",") if x.strip()]
+      niah_factors = [int(x) for x in f.niah_lengths.split(",") if x.strip()]
+      record = lm_eval.evaluate_lm_run(
+          _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
+          niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,
+          overrides=lm_eval.parse_overrides(f.lm_model))
+    except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+      sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
+    try:
+      plots = lm_eval.plot_records([record], os.path.join(_WORKDIR.value, "lm_ppl.png"),
+                                   os.path.join(_WORKDIR.value, "lm_niah.png"))
+    except ImportError as e:
+      plots = []
+      print(f"bmojo-eval: no plots: {e}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in record.items() if k != "heldout_documents"}, indent=2))
+    print(f"written: {', '.join([os.path.join(_WORKDIR.value, lm_eval.RESULT_FILE), *plots])}")
+    return
   try:
-    result = trainer.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", trainer.faults.NonFiniteResultWarning)
+      result = trainer.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
   except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
   print(json.dumps(result, indent=2))
+  for w in caught:
+    print(f"bmojo-eval: warning: {w.message}", file=sys.stderr)
+  if result.get("nonfinite"):   # strict JSON has no NaN: eval.json holds null there
+    sys.exit(1)
 
 
 def _generate(argv):
@@ -96,7 +130,8 @@ def _generate(argv):
 
 
 _CONFIG_HELP = """  --config FILE[:PRESET]: a config file (configs/mqar.py, configs/lm.py), optionally with a preset
-    (transformer, mamba, hybrid, bmojo_f, bmojo), e.g. --config configs/mqar.py:hybrid
+    (transformer, mamba, hybrid, bmojo_f, bmojo; configs/lm.py also takes bmojo,cpu and so on for a CPU-sized
+    run), e.g. --config configs/mqar.py:hybrid
   --config.<section>.<field>=VALUE: overrides one field of the config, e.g. --config.train.num_steps=200;
     `--help --config FILE[:PRESET]` lists every field with its value"""
 
@@ -121,56 +156,87 @@ def _config_arg(argv: list[str]) -> str | None:
   return None
 
 
-def config_fields(spec: str) -> list[str]:
-  """`--config.<path>=<value>` for every field of the config file `spec` (FILE[:PRESET])."""
+def load_config(spec: str):
+  """The ConfigDict of `spec` = FILE[:PRESET], as `--config` loads it (FileNotFoundError if there is no FILE;
+  a bad preset raises whatever the file's get_config raises, a ValueError for ours)."""
   path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such config file {path!r}")
   module_spec = importlib.util.spec_from_file_location("_bmojo_config", path)
-  if module_spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"--config {spec}: no such config file")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(preset) if preset else module.get_config()
-
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from walk(v, f"{prefix}{k}.")
-      else:
-        yield f"  --config.{prefix}{k}={v!r}"
-  return list(walk(config.to_dict(), ""))
+  return module.get_config(preset) if preset else module.get_config()
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with a config override that names no field (or cannot take its value) reported in
-  one line instead of a traceback: ml_collections raises those while the flags are parsed."""
+def _leaves(d: dict, prefix: str = ""):
+  """(dotted path, value) of every leaf field of a nested dict."""
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def config_fields(spec: str) -> list[str]:
+  """`--config.<path>=<value>` for every field of the config file `spec` (FILE[:PRESET])."""
+  return [f"  --config.{path}={value!r}" for path, value in _leaves(load_config(spec).to_dict())]
+
+
+def check_config_args(argv: list[str], command: str) -> None:
+  """Exits with one line if --config names no loadable file or preset, or a `--config.<field>` override names
+  no field of it (with the closest field names, by difflib). Values are left to ml_collections' parser."""
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  spec = _config_arg(argv)
+  if spec is None:
+    if overrides:
+      sys.exit(f"{command}: --config.{overrides[0]} overrides a config field, but no --config FILE is given")
+    return
+  try:
+    config = load_config(spec)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"{command}: --config {spec}: {e}")
+  fields = [path for path, _ in _leaves(config.to_dict())]
+  for name in overrides:
+    if name not in fields:
+      close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+      hint = (f"closest: {', '.join(close)}" if close else f"`{command} --help --config {spec}` lists them")
+      sys.exit(f"{command}: --config.{name}: {spec} has no field {name!r}; {hint}")
+
+
+def _parse_flags(argv, command: str):
+  """absl's flag parsing, after `check_config_args`; an override ml_collections still refuses (a value the
+  field cannot take) is reported in one line instead of a traceback."""
+  check_config_args(argv[1:], command)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").strip("'\"").split())
-    guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e))
-    if guess:
-      message = f"no field {guess.group(2)!r}; did you mean {guess.group(1)!r}?"
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    sys.exit(f"{os.path.basename(argv[0])}: bad config override among {', '.join(overrides)}: {message}")
+    sys.exit(f"{command}: bad config override among {', '.join(overrides)}: {message}")
 
 
 def _run(main, command: str, with_config: bool) -> None:
   """app.run(main), except that -h / --help prints this command's usage and flags and exits 0."""
   argv = sys.argv[1:]
   if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=functools.partial(_parse_flags, command=command))
     return
   print(f"usage: {USAGE[command]}\n\nflags:")
   if with_config:
     print(_CONFIG_HELP)
-  for name in ["workdir", *_GENERATE_FLAGS] if not with_config else ["workdir"]:
-    flag = flags.FLAGS[name]
-    default = "" if flag.default in (None, "") else f" (default {flag.default})"
-    print(f"  --{name}: {flag.help}{default}")
+  for flag in flags.FLAGS.get_flags_for_module(__name__):   # this command's own flags, in definition order
+    if flag.name != "config":
+      default = "" if flag.default in (None, "") else f" (default {flag.default})"
+      print(textwrap.fill(f"  --{flag.name}: {flag.help}{default}", width=110, subsequent_indent="    ",
+                          break_on_hyphens=False))
   spec = _config_arg(argv)
   if with_config and spec:
+    try:
+      fields = config_fields(spec)
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f"{command}: --config {spec}: {e}")
     print(f"\nfields of {spec}:")
-    print("\n".join(config_fields(spec)))
+    print("\n".join(fields))
   print("\nabsl's own flags: --helpfull")
   sys.exit(0)
 
@@ -185,11 +251,18 @@ def train_main():
 def eval_main():
   config_flags.DEFINE_config_file("config", None, "Optional config overriding the workdir's config.json.",
                                   lock_config=True)
+  flags.DEFINE_string("lm_lengths", "", "Text runs: perplexity at these multiples of the training length, e.g. "
+                      "1,2,4,8,16, on the held-out documents; with it or --niah, DIR/lm_eval.json, lm_ppl.png and "
+                      "lm_niah.png are written instead of eval.json (docs/lm.md).")
+  flags.DEFINE_boolean("niah", False, "Text runs: RULER's NIAH tasks at --niah_lengths (greedy decoding).")
+  flags.DEFINE_string("niah_lengths", "1,2,4", "NIAH lengths as multiples of the training length.")
+  flags.DEFINE_integer("niah_samples", 50, "NIAH samples per task and length.")
+  flags.DEFINE_integer("niah_gen_tokens", 128, "Tokens generated per NIAH sample (part of its length).")
+  flags.DEFINE_integer("lm_windows", 64, "Held-out windows of the longest context scored (0: all).")
+  flags.DEFINE_string("lm_model", "", "Model fields changed at evaluation, e.g. n_eidetic=256 (B'MOJO's store "
+                      "grown) or scan_impl=associative,attn_impl=reference.")
   flags.mark_flags_as_required(["workdir"])
   _run(_eval, "bmojo-eval", with_config=True)
-
-
-_GENERATE_FLAGS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
 
 
 def generate_main():

@@ -9,11 +9,24 @@ import sys
 from train import metrics as metrics_lib
 
 
-def plot_curves(workdir: str, out_path: str | None = None) -> str:
-  """Writes loss (train, eval) and accuracy (train, eval) against step; returns the PNG path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+MISSING_MATPLOTLIB = ("train.plots needs matplotlib, a dependency of bmojo_jax: pip install -e . "
+                      "(or pip install 'matplotlib>=3.8')")
+
+
+def _pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend; a ModuleNotFoundError saying what to install."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(MISSING_MATPLOTLIB, name="matplotlib") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_curves(workdir: str, out_path: str | None = None) -> str:
+  """Writes loss (train, eval) and accuracy (train, eval) against step; returns the PNG path."""
+  plt = _pyplot()
 
   records = metrics_lib.read_metrics(workdir)
   out_path = out_path or os.path.join(workdir, "curves.png")
@@ -47,4 +60,9 @@ def maybe_plot(workdir: str) -> str | None:
 if __name__ == "__main__":
   if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], metrics_lib.METRICS_FILE)):
     sys.exit(f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})")
-  print(plot_curves(sys.argv[1]))
+  try:
+    print(plot_curves(sys.argv[1]))
+  except ModuleNotFoundError as e:
+    if e.name != "matplotlib":
+      raise
+    sys.exit(str(e))
