@@ -41,3 +41,18 @@ def module_compilation_cache(tmp_path_factory):
   yield cache
   for n, v in old.items():
     jax.config.update(n, v)
+
+
+def tiny_train_config(num_steps: int = 8, **train):
+  """configs/mqar.py's Mamba shrunk to compile in seconds: d_model 16, L 32, batch 4, a checkpoint every 3 steps,
+  no evaluation; `train` overrides train fields."""
+  from configs import mqar  # pylint: disable=g-import-not-at-top
+  c = mqar.get_config("mamba")
+  c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
+  c.data.update(seq_len=32, num_kv_pairs=4, num_train=256, num_test=12)
+  c.train.update(num_steps=num_steps, batch_size=4, eval_batch_size=8, log_every=1, eval_every=0,
+                 checkpoint_every=3, keep_checkpoints=10, progress_bar=False, plot=False,
+                 async_checkpointing=False, target_accuracy=0.0)
+  c.optim.warmup_steps = 2
+  c.train.update(train)
+  return c

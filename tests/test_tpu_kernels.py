@@ -40,6 +40,15 @@ def assert_close(got, want, tol, what):
     assert rel_err(a, b) <= tol, (what, i, rel_err(a, b))
 
 
+def assert_matches_reference(loss, fast, reference, arrays, tol, what):
+  """loss(fn, arrays) -> (scalar, outputs): fast's outputs and the gradient of every array equal reference's."""
+  (_, out), grads = jax.value_and_grad(lambda a: loss(fast, a), has_aux=True)(arrays)
+  (_, want), want_grads = jax.value_and_grad(lambda a: loss(reference, a), has_aux=True)(arrays)
+  assert_close(out, want, tol, what)
+  for name in arrays:
+    assert_close(grads[name], want_grads[name], tol, f"d{name}")
+
+
 def weights(shape):
   """A fixed cotangent that weighs every output differently."""
   return jnp.cos(jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) * 0.37)
@@ -114,11 +123,7 @@ def check_scan(dtype, chunk, reset_on, softplus, **shape):
     return jnp.sum(y.astype(jnp.float32) * weights(y.shape)) + jnp.sum(h * weights(h.shape)), (y, h)
 
   tpu = lambda **a: selective_scan_tpu(**a, chunk=chunk, interpret=True)
-  (_, out), grads = jax.value_and_grad(lambda a: loss(tpu, a), has_aux=True)(arrays)
-  (_, want), want_grads = jax.value_and_grad(lambda a: loss(selective_scan_reference, a), has_aux=True)(arrays)
-  assert_close(out, want, TOL[dtype], "scan outputs")
-  for name in arrays:
-    assert_close(grads[name], want_grads[name], TOL[dtype], f"d{name}")
+  assert_matches_reference(loss, tpu, selective_scan_reference, arrays, TOL[dtype], "scan outputs")
 
 
 def test_scan_fp32_ragged_grouped_resets():
@@ -161,11 +166,7 @@ def check_attention(dtype, *, window, packed, b=1, t=29, h=4, kh=2, p=16, chunk=
     return jnp.sum(o.astype(jnp.float32) * weights(o.shape)), o
 
   tpu = lambda **a: memory_attention_tpu(**a, block=block, interpret=True)
-  (_, o), grads = jax.value_and_grad(lambda a: loss(tpu, a), has_aux=True)(arrays)
-  (_, want), want_grads = jax.value_and_grad(lambda a: loss(memory_attention_reference, a), has_aux=True)(arrays)
-  assert_close(o, want, TOL[dtype], "attention output")
-  for name in arrays:
-    assert_close(grads[name], want_grads[name], TOL[dtype], f"d{name}")
+  assert_matches_reference(loss, tpu, memory_attention_reference, arrays, TOL[dtype], "attention output")
 
 
 def test_attention_fp32_window_memory_gqa_packed():

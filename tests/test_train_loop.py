@@ -18,7 +18,7 @@ import pytest
 
 from bmojo_jax import ConfigError
 from configs import lm
-from configs import mqar
+from tests.conftest import tiny_train_config
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import trainer
@@ -34,16 +34,7 @@ def compilation_cache(module_compilation_cache):
   return module_compilation_cache
 
 
-def tiny_config(num_steps=8, **train):
-  c = mqar.get_config("mamba")
-  c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
-  c.data.update(seq_len=32, num_kv_pairs=4, num_train=256, num_test=12)
-  c.train.update(num_steps=num_steps, batch_size=4, eval_batch_size=8, log_every=1, eval_every=0,
-                 checkpoint_every=3, keep_checkpoints=10, progress_bar=False, plot=False,
-                 async_checkpointing=False, target_accuracy=0.0)
-  c.optim.warmup_steps = 2
-  c.train.update(train)
-  return c
+tiny_config = tiny_train_config
 
 
 def losses(workdir):
