@@ -3,8 +3,10 @@
 `memory_attention` is the Pallas kernel (GPU through Triton, CPU with interpret=True) behind a custom VJP;
 `memory_attention_reference` in `reference.py` is the plain-jnp reference that fixes the semantics.
 Files: `blocks.py` (tile sizes, block ranges), `forward.py` (Triton), `forward_mosaic.py` (Hopper, Mosaic GPU,
-warp-specialized; `BlockSizes.forward_impl`), `backward.py`, `ops.py` (public op), `tpu.py`
-(`memory_attention_tpu`: the Mosaic-TPU forward and backward kernels and their custom VJP).
+warp-specialized; `BlockSizes.forward_impl`), `backward.py` (Triton dq, dk/dv and memory dk/dv),
+`dq_mosaic.py` and `dkdv_mosaic.py` (Hopper, Mosaic GPU; `BlockSizes.dq_impl` / `dkdv_impl`), `ops.py` (public
+op; `resolve_impls` picks the kernels), `tpu.py` (`memory_attention_tpu`: the Mosaic-TPU forward and backward
+kernels and their custom VJP).
 Packed rows: `segment_ids` [B, T] keeps documents apart and `mem_span` [B, C, 2, M] limits each memory slot
 to a range of its chunk's queries; `ops.py` says what the kernels receive.
 """

@@ -28,9 +28,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.fast_math import FastMath
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, band_loop, in_span,
+from pallas_kernels.window_attention.blocks import (BlockSizes, band_loop, in_span,
                                                     key_blocks_for_query_block, query_blocks_for_key_block,
                                                     visible)
+from pallas_kernels.window_attention.reference import NEG_INF
 from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic
 from pallas_kernels.window_attention.dq_mosaic import dq_mosaic
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,

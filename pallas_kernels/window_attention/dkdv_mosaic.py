@@ -29,11 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_query_blocks, query_band,
+from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_query_blocks, query_band,
                                                     split_range, visible)
 from pallas_kernels.window_attention.dq_mosaic import dots_nn_acc, dots_nt
 from pallas_kernels.window_attention.forward_mosaic import (CONSUMERS, SMEM_BYTES, load_vector,
                                                             mosaic_layout_unsupported, smem_tiling)
+from pallas_kernels.window_attention.reference import NEG_INF
 
 
 def dkdv_smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2, segments: bool = False) -> int:

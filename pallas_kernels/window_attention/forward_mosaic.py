@@ -1,7 +1,7 @@
 """Forward kernel for Hopper through Pallas' Mosaic GPU lowering: warp-specialized, FlashAttention-3 style.
 
 Same contract as `forward.py` (padded inputs -> o [B, T, H, P] in q.dtype and the base-2 logsumexp lse
-[B, H, T] fp32), chosen by `BlockSizes.forward_impl` (see `blocks.forward_impl_for`). Why a second forward:
+[B, H, T] fp32), chosen by `BlockSizes.forward_impl` (resolved in `ops.resolve_impls`). Why a second forward:
 the Triton lowering cannot overlap the softmax of one tile with the matmuls of another, and the forward
 sat between wgmmas, 37% of issue slots busy (docs/window_attention_notes.md).
 
@@ -51,8 +51,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.window_attention.blocks import (NEG_INF, BlockSizes, fully_visible_key_blocks, in_span,
+from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_key_blocks, in_span,
                                                     key_band, split_range, visible)
+from pallas_kernels.window_attention.reference import NEG_INF
 
 CONSUMERS = 2                    # compute warpgroups per CTA; wg index CONSUMERS is the producer
 SMEM_BYTES = 227 * 1024          # H100 / H200 shared memory per CTA
