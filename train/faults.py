@@ -115,9 +115,9 @@ class NonFiniteGuard:
     return (f"The last good checkpoint is step {self.last_saved} ({self.ckpt_dir(self.last_saved)}); it was left "
             "intact.")
 
-  def observe(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Acts on update `step` (its metrics of the train step) once: nothing when finite; a message when dropped
-    ("skip"); raises Rollback or NonFiniteLossError otherwise."""
+  def observe(self, step: int, metrics: dict[str, Any]) -> None:
+    """Acts on update `step` (its train-step metrics, on the device or fetched) once: nothing when finite; a
+    message when dropped ("skip"); raises Rollback or NonFiniteLossError otherwise."""
     if step <= self.observed:
       return
     self.observed = step

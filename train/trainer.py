@@ -403,9 +403,9 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     nonlocal interval_start, train_time, trained_steps
     if not pending:
       return
-    for s, m in pending:
-      guard.observe(s, m)
-    values = jax.device_get([m for _, m in pending])
+    values = jax.device_get([m for _, m in pending])      # one transfer for the interval
+    for (s, _), v in zip(pending, values):
+      guard.observe(s, v)
     elapsed = time.time() - interval_start
     train_time += elapsed
     trained_steps += len(pending)
