@@ -15,8 +15,16 @@ Presets `<family>[,<size>]`, family in transformer, mamba, hybrid, bmojo_f, bmoj
     shared cores.
   * ",smoke": d_model 32, one block, 8 x 128 tokens, 30 steps: end-to-end checks, under a minute a family on a
     CPU, mostly compiling.
-`data.kind` is "text" (`data.paths` has no default: name your text) or "corpus" (the prepared corpus in
-`data.corpus_dir`, split by whole books). The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
+`data.kind` is "text" (`data.paths` has no default: name your text), "corpus" (the prepared corpus in
+`data.corpus_dir`, split by whole books), "stream" (tokens prepared once by `bmojo-prepare` into
+`data.stream_dir`, read memory-mapped), "array_record" or "tfds" (documents tokenized and packed on the fly);
+docs/data.md:
+    bmojo-prepare --out data/stream/corpus --corpus data/corpus --split train
+    bmojo-train --config configs/lm.py:bmojo,cpu --config.data.kind=stream
+        --config.data.stream_dir=data/stream/corpus --workdir runs/lm_stream
+    bmojo-train ... --config.data.kind=array_record --config.data.array_record_paths=/data/c4/train
+    bmojo-train ... --config.data.kind=tfds --config.data.tfds_name=pg19 --config.data.tfds_eval_split=validation
+The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
 `data.tokenizer=<file>.model` (SentencePiece) set model.vocab_size to its size.
 """
 
@@ -55,12 +63,22 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   c.model = common.model_fields(model)
 
   c.data = d = ml_collections.ConfigDict()
-  d.kind = "text"                          # mqar | text | corpus
+  d.kind = "text"                          # text | corpus | stream | array_record | tfds (docs/data.md)
   d.paths = ""                             # text: comma-separated files / directories of training text
   d.eval_paths = ""                        # text: comma-separated eval files; empty: hold out eval_fraction
   d.eval_fraction = 0.05                   # text: last fraction of packed sequences held out without eval_paths
   d.corpus_dir = "data/corpus"             # corpus: a folder written by `python -m train.data.corpus prepare`
   d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
+  d.stream_dir = ""                        # stream: a folder written by `bmojo-prepare` (memory-mapped tokens)
+  d.eval_stream_dir = ""                   # stream: eval stream folder; empty: hold out eval_fraction of sequences
+  d.array_record_paths = ""                # array_record: comma-separated ArrayRecord files / folders (record = doc)
+  d.eval_array_record_paths = ""           # array_record: eval files; empty: hold out eval_fraction of documents
+  d.tfds_name = ""                         # tfds: a prepared dataset, e.g. pg19 (tfds.data_source; no download)
+  d.tfds_split = "train"                   # tfds: training split
+  d.tfds_eval_split = ""                   # tfds: eval split, e.g. validation; empty: hold out eval_fraction
+  d.tfds_data_dir = ""                     # tfds: data_dir (empty: tfds' default)
+  d.text_key = ""                          # tfds feature (empty: "text"); array_record: JSON records' text field
+  d.max_eval_documents = 1000              # array_record / tfds: eval documents packed in memory (0: all)
   d.max_eval_sequences = {"": 0, "cpu": 256, "smoke": 16}[size]  # evenly spaced test sequences kept (0: all)
   d.tokenizer = "byte"                     # byte | path to a SentencePiece .model file
   d.seq_len = seq_len                      # tokens per training sequence (documents packed, kept apart)

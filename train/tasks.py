@@ -1,7 +1,9 @@
 """Data of a training run from its config: sources, tokenizer, and the facts results.json reports.
 
-`data.kind` is "mqar" (Zoology's task, generated on the fly), "text" (local files packed into sequences) or
-"corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text).
+`data.kind` is "mqar" (Zoology's task, generated on the fly), "text" (local files packed into sequences),
+"corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text),
+"stream" (a token stream prepared once by `bmojo-prepare`, read memory-mapped), or "array_record" / "tfds"
+(documents tokenized and packed on the fly by grain transforms; docs/data.md).
 The tokenizer of a text run is described by a small JSON dict saved in the workdir (`tokenizer_info`) so
 `bmojo-generate` can rebuild it (`load_tokenizer`); a SentencePiece model file is copied there.
 """
@@ -15,6 +17,8 @@ import ml_collections
 import numpy as np
 
 from train import data as data_lib
+
+KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
 
 
 @dataclasses.dataclass
@@ -146,7 +150,102 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     if d.kind == "corpus":
       info["corpus_dir"] = str(d.corpus_dir)
     return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
-  raise ValueError(f"data.kind={d.kind!r} is unknown; choose mqar, text or corpus.")
+  if d.kind == "stream":
+    return _stream_task(config)
+  if d.kind in ("array_record", "tfds"):
+    return _document_task(config)
+  raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
+
+
+def _stream_task(config: ml_collections.ConfigDict) -> Task:
+  """data.kind=stream: packed sequences read memory-mapped from a folder of `bmojo-prepare`; eval from
+  data.eval_stream_dir, or the last eval_fraction of the sequences."""
+  from train.data import stream  # pylint: disable=g-import-not-at-top
+  d = config.data
+  stream_dir = str(d.get("stream_dir") or "")
+  if not stream_dir:
+    raise ValueError("data.kind=stream needs data.stream_dir, a folder written by "
+                     f"`{stream.PREPARE_HINT.format(dir='<dir>')}`.")
+  tokenizer = make_tokenizer(d.tokenizer)
+  source = stream.PackedStreamSource(stream_dir, int(d.seq_len), tokenizer)
+  eval_dir = str(d.get("eval_stream_dir") or "")
+  if eval_dir:
+    train, test = source, stream.PackedStreamSource(eval_dir, int(d.seq_len), tokenizer)
+  else:
+    train, test = _hold_out(source, d)
+  test = _spread(test, d)
+  info = {"seq_len": int(d.seq_len), "tokens": source.num_tokens, "documents": int(source.meta["num_documents"]),
+          "train_sequences": len(train), "eval_sequences": len(test), "tokenizer": str(d.tokenizer),
+          "stream_dir": stream_dir, "source": source.meta.get("source", "")}
+  return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+
+
+def _document_source(config: ml_collections.ConfigDict, split: str):
+  """The documents of data.kind=array_record / tfds for `split` ("train" or "eval"); None when no eval set is
+  named (the caller holds out a fraction)."""
+  from train.data import sources  # pylint: disable=g-import-not-at-top
+  d = config.data
+  text_key = str(d.get("text_key") or "")
+  if d.kind == "array_record":
+    paths = _split_list(d.get("array_record_paths" if split == "train" else "eval_array_record_paths"))
+    if not paths:
+      if split == "train":
+        raise ValueError("data.kind=array_record needs data.array_record_paths (comma-separated files or folders).")
+      return None
+    return sources.ArrayRecordDocuments(paths, text_key)
+  name = str(d.get("tfds_name") or "")
+  if not name:
+    raise ValueError("data.kind=tfds needs data.tfds_name (e.g. pg19), prepared beforehand.")
+  tfds_split = str(d.get("tfds_split") or "train") if split == "train" else str(d.get("tfds_eval_split") or "")
+  if not tfds_split:
+    return None
+  return sources.TfdsDocuments(name, tfds_split, data_dir=str(d.get("tfds_data_dir") or "") or None,
+                               text_key=text_key or "text")
+
+
+def _document_task(config: ml_collections.ConfigDict) -> Task:
+  """data.kind=array_record / tfds: documents tokenized and packed on the fly (grain transforms) for training;
+  the eval documents (an eval set, or the last eval_fraction of the documents), at most
+  data.max_eval_documents of them, are packed in memory once so evaluation is an exact pass."""
+  from train.data import onthefly  # pylint: disable=g-import-not-at-top
+  from train.data import sources  # pylint: disable=g-import-not-at-top
+  d = config.data
+  tokenizer = make_tokenizer(d.tokenizer)
+  documents = _document_source(config, "train")
+  eval_documents = _document_source(config, "eval")
+  if eval_documents is None:
+    n = len(documents)
+    n_eval = max(1, int(round(n * float(d.eval_fraction))))
+    if n - n_eval < 1:
+      raise ValueError(f"data: {n} documents leave none for training after holding out eval_fraction="
+                       f"{d.eval_fraction}; add documents or name an eval set.")
+    documents, eval_documents = (sources.DocumentSlice(documents, 0, n - n_eval),
+                                 sources.DocumentSlice(documents, n - n_eval, n))
+  max_docs = int(d.get("max_eval_documents") or 0)
+  count = len(eval_documents) if max_docs <= 0 else min(max_docs, len(eval_documents))
+  test = data_lib.pack_documents((eval_documents[i] for i in range(count)), tokenizer, int(d.seq_len))
+  train = onthefly.OnTheFlySource(documents, tokenizer, int(d.seq_len))
+  eval_tokens = test.num_tokens
+  test = _spread(test, d)
+  info = {"seq_len": int(d.seq_len), "train_documents": len(documents), "eval_documents": count,
+          "eval_tokens": eval_tokens, "eval_sequences": len(test), "tokenizer": str(d.tokenizer),
+          "source": documents.describe()}
+  return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+
+
+def _hold_out(source, d) -> tuple[Any, Any]:
+  """(train, eval) views of a packed source: eval is its last eval_fraction of sequences."""
+  n = len(source)
+  n_eval = max(1, int(round(n * float(d.eval_fraction))))
+  if n - n_eval < 1:
+    raise ValueError(f"data: {n} packed sequences of {d.seq_len} tokens leave none for training after "
+                     f"holding out eval_fraction={d.eval_fraction}; add text or lower data.seq_len.")
+  return _Slice(source, 0, n - n_eval), _Slice(source, n - n_eval, n)
+
+
+def _spread(test, d):
+  max_eval = int(d.get("max_eval_sequences") or 0)
+  return _Spread(test, max_eval) if 0 < max_eval < len(test) else test
 
 
 def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:
@@ -172,8 +271,9 @@ def corpus_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str
   return [corpus.split_dir(corpus_dir, "train")], [corpus.split_dir(corpus_dir, "eval")]
 
 
-def check_first_batch(batch: dict[str, np.ndarray], vocab_size: int, what: str) -> None:
-  """Out-of-range token ids fail before training, naming the field and the vocabulary."""
+def check_batch(batch: dict[str, np.ndarray], vocab_size: int, what: str) -> None:
+  """Out-of-range token ids in `batch` fail before it reaches a step, naming `what`, the field and the vocabulary
+  (the trainer checks the first test batch and every training batch)."""
   try:
     data_lib.validate_token_ids(batch, vocab_size)
   except ValueError as e:

@@ -1,8 +1,10 @@
 """Grain pipelines the trainer uses: a checkpointable training iterator, an exact eval iterator, checks.
 
-Both pipelines read a random-access source (`MQARSource`, `PackedTextSource`, or any object with
-`__len__` and `__getitem__` returning a dict of numpy arrays) and yield dicts of numpy arrays with a
-leading batch axis B.
+Both pipelines read a random-access source (`MQARSource`, `PackedTextSource`, `PackedStreamSource`, or
+any object with `__len__` and `__getitem__` returning a dict of numpy arrays) and yield dicts of numpy
+arrays with a leading batch axis B. A training source with a `train_iterator(...)` method
+(`onthefly.OnTheFlySource`: documents tokenized and packed as grain transforms) builds its own iterator with
+the same arguments, sharding and checkpointable state.
 
 Training: shard per process → shuffle (reshuffled each epoch) → repeat → batch (drop remainder).
 Each shard has exactly len(source) // shard_count examples (strided: example i goes to shard
@@ -63,6 +65,12 @@ def make_train_iterator(source, *, batch_size: int, seed: int, shuffle: bool = T
     prefetch_batches: batches read ahead (per worker).
   """
   _check_sharding(shard_index, shard_count)
+  if hasattr(source, "train_iterator"):   # a source that builds its own pipeline (onthefly.OnTheFlySource)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}.")
+    return source.train_iterator(batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                                 shard_index=shard_index, shard_count=shard_count, worker_count=worker_count,
+                                 num_threads=num_threads, prefetch_batches=prefetch_batches)
   per_shard = len(source) // shard_count
   if batch_size < 1 or per_shard < batch_size:
     raise ValueError(f"Need 1 <= batch_size <= examples per shard, got batch_size={batch_size}, "

@@ -1,0 +1,385 @@
+"""Data at pod scale (issue #22): prepared token streams, ArrayRecord and tfds documents, on-the-fly packing.
+
+No network: every file is written here in tmp_path; tfds is faked (and, when tensorflow_datasets is
+installed, also its own `tfds.testing.mock_data`).
+"""
+
+import json
+import os
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from train import tasks
+from train.data import onthefly
+from train.data import pipeline
+from train.data import prepare
+from train.data import sources
+from train.data import stream
+from train.data import text
+
+T = 16
+KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def _documents(n=23, seed=0):
+  """Documents of varied lengths (some longer than 2T), each unique (its index first)."""
+  rng = np.random.default_rng(seed)
+  words = ["alpha", "beta", "gamma", "delta", "naïve", "café", "\n", "✓"]
+  return [f"{i}:" + " ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for i in range(n)]
+
+
+def _write_files(tmp_path, docs):
+  folder = tmp_path / "texts"
+  folder.mkdir()
+  for i, d in enumerate(docs):
+    (folder / f"doc{i:03d}.txt").write_text(d, encoding="utf-8")
+  return str(folder)
+
+
+def _prepared(tmp_path, docs, name="stream", **kw):
+  files = sources.TextFileDocuments(_write_files(tmp_path, docs) if not (tmp_path / "texts").exists()
+                                    else str(tmp_path / "texts"))
+  out = str(tmp_path / name)
+  meta = prepare.prepare(files, out, text.ByteTokenizer(), workers=1, docs_per_shard=4, progress_bar=False, **kw)
+  return out, meta
+
+
+def _assert_examples_equal(a, b):
+  assert set(a) == set(KEYS) == set(b)
+  for k in KEYS:
+    assert a[k].dtype == np.int32 and a[k].shape == (T,), (k, a[k].dtype, a[k].shape)
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------ stream
+def test_prepared_stream_equals_packing_in_memory(tmp_path):
+  docs = _documents()
+  out, meta = _prepared(tmp_path, docs)
+  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  src = stream.PackedStreamSource(out, T, text.ByteTokenizer())
+  assert isinstance(src.tokens, np.memmap) and isinstance(src.doc_starts, np.memmap)
+  assert src.tokens.dtype == np.uint16 and meta["num_documents"] == len(docs)
+  assert len(src) == len(reference) and src.num_tokens == reference.num_tokens
+  for j in range(len(src)):
+    _assert_examples_equal(src[j], reference[j])
+  assert sorted(os.listdir(out)) == ["doc_offsets.npy", "meta.json", "tokens.bin"]   # parts and progress removed
+
+
+def test_prepare_resumes_after_interruption(tmp_path):
+  docs = _documents()
+  _write_files(tmp_path, docs)
+  out, meta = _prepared(tmp_path, docs, name="resumed", stop_after_shards=2)
+  assert meta is None
+  progress = json.load(open(os.path.join(out, prepare.PROGRESS)))
+  assert progress["done"] == [0, 1] and not os.path.exists(os.path.join(out, "meta.json"))
+  with pytest.raises(FileNotFoundError, match="no finished token stream"):
+    stream.PackedStreamSource(out, T)
+  os.remove(prepare._part_paths(out, 1)[0])   # a part lost in the crash is redone
+  _, meta = _prepared(tmp_path, docs, name="resumed")
+  fresh, fresh_meta = _prepared(tmp_path, docs, name="fresh")
+  for name in ("tokens.bin", "doc_offsets.npy"):
+    assert open(os.path.join(out, name), "rb").read() == open(os.path.join(fresh, name), "rb").read()
+  assert meta["num_tokens"] == fresh_meta["num_tokens"]
+  assert _prepared(tmp_path, docs, name="resumed")[1] == meta            # finished: returned as it is
+  with pytest.raises(ValueError, match="another plan"):
+    prepare.prepare(sources.TextFileDocuments(str(tmp_path / "texts")), out, text.ByteTokenizer(), workers=1,
+                    docs_per_shard=5, progress_bar=False)
+
+
+@pytest.mark.slow
+def test_prepare_cli_with_worker_processes(tmp_path, capsys):
+  docs = _documents(9)
+  folder = _write_files(tmp_path, docs)
+  out = str(tmp_path / "cli")
+  prepare.main(["--out", out, "--text", folder, "--workers", "2", "--docs-per-shard", "2", "--no-progress"])
+  assert "tokens (uint16) in 9 documents" in capsys.readouterr().out
+  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  src = stream.PackedStreamSource(out, T)
+  for j in range(len(src)):
+    _assert_examples_equal(src[j], reference[j])
+
+
+def test_stream_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist.*bmojo-prepare"):
+    stream.PackedStreamSource(str(tmp_path / "missing"), T)
+  docs = _documents(6)
+  out, _ = _prepared(tmp_path, docs)
+  meta_path = os.path.join(out, "meta.json")
+  good = open(meta_path).read()
+  open(meta_path, "w").write(good[:20])
+  with pytest.raises(ValueError, match="Corrupt token stream metadata"):
+    stream.PackedStreamSource(out, T)
+  meta = json.loads(good)
+  meta["num_tokens"] += 1
+  json.dump(meta, open(meta_path, "w"))
+  with pytest.raises(ValueError, match="bytes but meta.json says"):
+    stream.PackedStreamSource(out, T)
+  meta = json.loads(good)
+  meta["tokenizer"]["vocab_size"] = 200                    # ids up to 258 are now out of range
+  json.dump(meta, open(meta_path, "w"))
+  src = stream.PackedStreamSource(out, T)
+  with pytest.raises(ValueError, match="holds id 257 >= vocab_size 200"):
+    src[0]
+  meta = json.loads(good)
+  meta["tokenizer"]["pad_id"] = 3
+  json.dump(meta, open(meta_path, "w"))
+  with pytest.raises(ValueError, match="another tokenizer.*pad_id 3 there vs 256 here"):
+    stream.PackedStreamSource(out, T, text.ByteTokenizer())
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    stream.write_stream(str(tmp_path / "bad"), [np.array([1, 300, 2])], stream.tokenizer_fingerprint(
+        text.ByteTokenizer()))
+
+
+def test_stream_resume_and_shards(tmp_path):
+  docs = _documents(40)
+  out, _ = _prepared(tmp_path, docs)
+  src = stream.PackedStreamSource(out, T)
+  it = pipeline.make_train_iterator(src, batch_size=2, seed=3, num_threads=0)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(4)]
+  fresh = pipeline.make_train_iterator(src, batch_size=2, seed=3, num_threads=0)
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    for k in KEYS:
+      np.testing.assert_array_equal(got[k], want[k])
+  seen = []
+  for shard in (0, 1):
+    it = pipeline.make_train_iterator(src, batch_size=1, seed=0, num_epochs=1, shard_index=shard, shard_count=2,
+                                      num_threads=0)
+    seen.append({b["inputs"].tobytes() + b["positions"].tobytes() for b in it})
+  assert not seen[0] & seen[1]
+  assert len(seen[0] | seen[1]) == len(src) // 2 * 2
+
+
+# ---------------------------------------------------------------------------------------------- on the fly
+def test_onthefly_packing_equals_packing_in_memory():
+  docs = _documents(31)
+  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  packed = onthefly.pack_in_order(docs, text.ByteTokenizer(), T)
+  # Identical except at the very end: the on-the-fly pass also packs the final EOS as an input (target -100).
+  assert len(packed) in (len(reference), len(reference) + 1)
+  for j in range(len(reference) - 1):
+    _assert_examples_equal(packed[j], reference[j])
+  last, ref_last = packed[len(reference) - 1], reference[len(reference) - 1]
+  n = int((ref_last["segment_ids"] > 0).sum())
+  for k in KEYS:
+    np.testing.assert_array_equal(last[k][:n], ref_last[k][:n])
+
+
+def _shard_documents(it, tokenizer):
+  """The documents a finished iterator read, decoded from the packed inputs (split at BOS)."""
+  ids = []
+  for batch in it:
+    for row, seg in zip(batch["inputs"], batch["segment_ids"]):
+      ids.extend(row[seg > 0].tolist())
+  docs, current = [], None
+  for i in ids:
+    if i == tokenizer.bos_id:
+      current = []
+    elif i == tokenizer.eos_id:
+      docs.append(tokenizer.decode(current))
+    else:
+      current.append(i)
+  return docs
+
+
+def test_onthefly_shards_are_disjoint_and_cover(tmp_path):
+  docs = _documents(30)
+  tok = text.ByteTokenizer()
+  src = onthefly.OnTheFlySource(docs, tok, T)
+  seen = []
+  for shard in (0, 1):
+    it = pipeline.make_train_iterator(src, batch_size=1, seed=5, num_epochs=1, shard_index=shard, shard_count=2)
+    seen.append(_shard_documents(it, tok))
+  assert len(seen[0]) == len(set(seen[0])) == 15 and not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(docs)
+
+
+def _write_array_record(path, records):
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
+
+
+def test_array_record_documents(tmp_path):
+  docs = _documents(12)
+  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  _write_array_record(tmp_path / "json.array_record", [json.dumps({"body": d}).encode() for d in docs])
+  src = sources.ArrayRecordDocuments([str(tmp_path / "docs.array_record")])
+  assert len(src) == 12 and [src[i] for i in range(12)] == docs
+  js = sources.ArrayRecordDocuments(str(tmp_path / "json.array_record"), text_key="body")
+  assert js[3] == docs[3]
+  with pytest.raises(ValueError, match="no field 'text'"):
+    sources.ArrayRecordDocuments(str(tmp_path / "json.array_record"), text_key="text")[0]
+  with pytest.raises(FileNotFoundError, match="ArrayRecord file does not exist"):
+    sources.ArrayRecordDocuments([str(tmp_path / "nope.array_record")])
+  # prepared from ArrayRecord == packed in memory
+  out = str(tmp_path / "stream")
+  prepare.main(["--out", out, "--array-record", str(tmp_path / "docs.array_record"), "--workers", "1",
+                "--no-progress"])
+  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  s = stream.PackedStreamSource(out, T)
+  for j in range(len(s)):
+    _assert_examples_equal(s[j], reference[j])
+
+
+def _resume_is_exact(make, k=3, n=4):
+  it = make()
+  for _ in range(k):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))       # what grain's Orbax handler stores
+  expected = [next(it) for _ in range(n)]
+  fresh = make()
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    for key in KEYS:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_onthefly_resume_is_exact(tmp_path):
+  docs = _documents(25)
+  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  src = onthefly.OnTheFlySource(sources.ArrayRecordDocuments(str(tmp_path / "docs.array_record")),
+                                text.ByteTokenizer(), T)
+  for k in (1, 3, 7, 11):   # states taken inside and between documents (with a remainder in the packer)
+    _resume_is_exact(lambda: pipeline.make_train_iterator(src, batch_size=2, seed=1), k=k)
+  # Documents of exactly T tokens: every state has no remainder, which a JSON round trip used to lose.
+  exact = onthefly.OnTheFlySource([f"{i:014d}" for i in range(9)], text.ByteTokenizer(), T)
+  _resume_is_exact(lambda: pipeline.make_train_iterator(exact, batch_size=1, seed=1), k=2)
+
+
+def test_onthefly_resume_through_orbax(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  src = onthefly.OnTheFlySource(_documents(25), text.ByteTokenizer(), T)
+  make = lambda: pipeline.make_train_iterator(src, batch_size=2, seed=4)
+  it = make()
+  for _ in range(5):
+    next(it)
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(5, args=ocp.args.Composite(data=pipeline.iterator_save_args(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = make()
+    mngr.restore(5, args=ocp.args.Composite(data=pipeline.iterator_restore_args(fresh)))
+  for want in expected:
+    got = next(fresh)
+    np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    np.testing.assert_array_equal(got["positions"], want["positions"])
+
+
+# ---------------------------------------------------------------------------------------------------- tfds
+class _FakeTfds(types.ModuleType):
+  """What TfdsDocuments uses of tensorflow_datasets: data_source(name, split=, data_dir=, download=)."""
+
+  def __init__(self, splits):
+    super().__init__("tensorflow_datasets")
+    self.splits, self.calls = splits, []
+
+  def data_source(self, name, *, split, data_dir=None, download=True):
+    self.calls.append((name, split, data_dir, download))
+    if name not in self.splits or split not in self.splits[name]:
+      raise ValueError(f"Dataset {name} split {split} not found")
+    return [{"text": d.encode("utf-8"), "id": i} for i, d in enumerate(self.splits[name][split])]
+
+
+def _lm_config(**data):
+  from configs import lm  # pylint: disable=g-import-not-at-top
+  c = lm.get_config("bmojo,smoke")
+  c.data.seq_len = T
+  c.data.max_eval_sequences = 0
+  c.data.update(data)
+  return c
+
+
+def test_tfds_documents_through_fake_module(tmp_path, monkeypatch):
+  train_docs, eval_docs = _documents(20), _documents(5, seed=1)
+  fake = _FakeTfds({"toy": {"train": train_docs, "validation": eval_docs}})
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  src = sources.TfdsDocuments("toy", "train")
+  assert len(src) == 20 and src[4] == train_docs[4] and fake.calls[0] == ("toy", "train", None, False)
+  with pytest.raises(FileNotFoundError, match="not prepared.*tfds build"):
+    sources.TfdsDocuments("toy", "test")
+  with pytest.raises(ValueError, match="no feature 'body'"):
+    sources.TfdsDocuments("toy", "train", text_key="body")[0]
+  task = tasks.make_task(_lm_config(kind="tfds", tfds_name="toy", tfds_eval_split="validation"))
+  assert isinstance(task.train_source, onthefly.OnTheFlySource) and task.info["eval_documents"] == 5
+  reference = text.pack_documents(eval_docs, text.ByteTokenizer(), T)
+  assert len(task.eval_source) == len(reference)
+  _assert_examples_equal(task.eval_source[1], reference[1])
+  batch = next(pipeline.make_train_iterator(task.train_source, batch_size=4, seed=0))
+  assert batch["inputs"].shape == (4, T) and batch["inputs"].dtype == np.int32
+
+
+def test_tfds_missing_package_is_clear(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ImportError, match=r"pip install 'bmojo_jax\[tfds\]'"):
+    sources.TfdsDocuments("pg19", "train")
+
+
+def test_tfds_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
+    src = sources.TfdsDocuments("lm1b", "train")
+    docs = [src[i] for i in range(len(src))]
+    assert len(docs) == 7 and all(isinstance(d, str) for d in docs)
+    packed = onthefly.pack_in_order(src, text.ByteTokenizer(), T)
+  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  for j in range(len(reference) - 1):
+    _assert_examples_equal(packed[j], reference[j])
+
+
+# --------------------------------------------------------------------------------------------- make_task
+def test_make_task_stream_and_array_record(tmp_path):
+  docs = _documents(40)
+  out, _ = _prepared(tmp_path, docs)
+  task = tasks.make_task(_lm_config(kind="stream", stream_dir=out))
+  assert isinstance(task.train_source.__dict__.get("_source"), stream.PackedStreamSource)
+  assert task.vocab_size == 259 and task.info["documents"] == 40
+  assert len(task.train_source) + len(task.eval_source) == len(stream.PackedStreamSource(out, T))
+  with pytest.raises(FileNotFoundError, match="bmojo-prepare"):
+    tasks.make_task(_lm_config(kind="stream", stream_dir=str(tmp_path / "none")))
+  with pytest.raises(ValueError, match="needs data.stream_dir"):
+    tasks.make_task(_lm_config(kind="stream"))
+  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  task = tasks.make_task(_lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record")))
+  assert len(task.train_source) == 38 and task.info["eval_documents"] == 2
+  reference = text.pack_documents(docs[38:], text.ByteTokenizer(), T)
+  _assert_examples_equal(task.eval_source[0], reference[0])
+  with pytest.raises(ValueError, match="needs data.array_record_paths"):
+    tasks.make_task(_lm_config(kind="array_record"))
+  with pytest.raises(ValueError, match="data.kind='nope' is unknown"):
+    tasks.make_task(_lm_config(kind="nope"))
+
+
+def test_trainer_accepts_fewer_documents_than_a_batch(tmp_path):
+  """Packed on the fly, one document fills many sequences: 3 training documents feed a batch of 8."""
+  from train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  docs = _documents(5)
+  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  config = _lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record"))
+  config.train.batch_size = 8
+  task = tasks.make_task(config)
+  assert len(task.train_source) < config.train.batch_size
+  mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
+  setup_lib.validate_config(config, mesh, task, setup_lib.model_config(config))
+
+
+def test_prepare_help_and_input_errors(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    prepare.main(["--help"])
+  assert e.value.code == 0 and "--array-record" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="exactly one input"):
+    prepare.main(["--out", str(tmp_path / "s")])
+  with pytest.raises(SystemExit, match="Text path does not exist"):
+    prepare.main(["--out", str(tmp_path / "s"), "--text", str(tmp_path / "missing")])

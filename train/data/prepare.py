@@ -1,0 +1,210 @@
+"""Tokenize a corpus once into an on-disk token stream (`stream.py`), in parallel, resumable.
+
+    bmojo-prepare --out data/stream/train --tokenizer byte --text /path/to/texts  # = python -m train.data.prepare
+    bmojo-prepare --out data/stream/train --corpus data/corpus --split train
+    bmojo-prepare --out data/stream/c4 --tokenizer tok.model --array-record /data/c4/train.array_record-*
+    bmojo-prepare --out data/stream/pg19 --tokenizer tok.model --tfds pg19 --data-dir ~/tensorflow_datasets
+
+The documents are cut into shards of --docs-per-shard documents. Worker processes (--workers, default all
+cores) tokenize a shard each (BOS + ids + EOS per document) and write it to `<out>/parts/part-<k>.bin` with its
+document lengths; the main process records each finished shard in `<out>/progress.json`. A killed run resumes
+where it stopped when rerun with the same arguments (finished shards are kept; a different plan in the same
+folder is refused). When every shard is done the parts are concatenated, one at a time, into tokens.bin,
+doc_offsets.npy and meta.json, and removed. Memory: one shard per worker, whatever the corpus size.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from train.data import onthefly
+from train.data import sources as sources_lib
+from train.data import stream as stream_lib
+
+PROGRESS = "progress.json"
+PARTS = "parts"
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(documents, spec: str) -> None:
+  _worker["documents"] = documents
+  _worker["tokenizer"] = onthefly.make_tokenizer(spec)
+
+
+def _part_paths(out: str, shard: int) -> tuple[str, str]:
+  base = os.path.join(out, PARTS, f"part-{shard:06d}")
+  return base + ".bin", base + ".len.npy"
+
+
+def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
+  """Tokenizes documents [start, stop) into the shard's part files; returns (shard, documents, tokens)."""
+  out, shard, start, stop = args
+  documents, tokenizer = _worker["documents"], _worker["tokenizer"]
+  dtype = stream_lib.token_dtype(tokenizer.vocab_size)
+  pieces = [onthefly.encode_document(tokenizer, documents[i]) for i in range(start, stop)]
+  lengths = np.asarray([p.size for p in pieces], np.int64)
+  tokens = np.concatenate(pieces)
+  if int(tokens.max()) >= tokenizer.vocab_size or int(tokens.min()) < 0:
+    raise ValueError(f"shard {shard}: token ids in [{tokens.min()}, {tokens.max()}] fall outside the tokenizer's "
+                     f"vocabulary [0, {tokenizer.vocab_size}).")
+  tokens_path, lengths_path = _part_paths(out, shard)
+  with open(tokens_path + ".tmp", "wb") as f:   # written then renamed: a killed worker leaves no half part
+    f.write(tokens.astype(dtype).tobytes())
+  with open(lengths_path + ".tmp", "wb") as f:
+    np.save(f, lengths)
+  os.replace(lengths_path + ".tmp", lengths_path)
+  os.replace(tokens_path + ".tmp", tokens_path)
+  return shard, int(lengths.size), int(tokens.size)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _load_progress(out: str, plan: dict[str, Any]) -> set[int]:
+  """Finished shards of an earlier run with the same plan (whose part files exist); a different plan raises."""
+  path = os.path.join(out, PROGRESS)
+  if not os.path.exists(path):
+    if os.path.isdir(out) and set(os.listdir(out)) - {PARTS}:
+      raise ValueError(f"{out} is not empty and holds no prepare progress ({PROGRESS}); choose a new folder.")
+    return set()
+  with open(path, encoding="utf-8") as f:
+    progress = json.load(f)
+  if progress["plan"] != plan:
+    changed = [k for k in plan if progress["plan"].get(k) != plan[k]]
+    raise ValueError(f"{out} holds an unfinished prepare of another plan (differs in {changed}); rerun it with "
+                     f"the same arguments to resume, or choose a new --out folder.")
+  return {s for s in progress["done"] if all(os.path.exists(p) for p in _part_paths(out, s))}
+
+
+def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_per_shard: int = 64,
+            progress_bar: bool = True, stop_after_shards: int | None = None) -> dict[str, Any] | None:
+  """Tokenizes `documents` (a random-access document source, see sources.py) into the stream folder `out`.
+
+  Returns the stream's meta dict, or None when `stop_after_shards` (tests: a simulated interruption) stopped
+  it early. An already finished stream of the same plan is returned as it is.
+  """
+  if docs_per_shard < 1:
+    raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}.")
+  n = len(documents)
+  if n == 0:
+    raise ValueError(f"No documents to prepare in {documents.describe()}.")
+  spec = onthefly.tokenizer_spec(tokenizer)
+  tok_info = stream_lib.tokenizer_fingerprint(tokenizer)
+  plan = {"source": documents.describe(), "num_documents": n, "docs_per_shard": int(docs_per_shard),
+          "tokenizer": tok_info}
+  meta_path = os.path.join(out, stream_lib.META)
+  if os.path.exists(meta_path):
+    meta = stream_lib.read_meta(out)
+    if meta.get("plan") == plan:
+      return meta
+    raise ValueError(f"{out} already holds a finished stream of another plan; choose a new --out folder.")
+  done = _load_progress(out, plan)
+  os.makedirs(os.path.join(out, PARTS), exist_ok=True)
+  num_shards = -(-n // docs_per_shard)
+  todo = [(out, k, k * docs_per_shard, min(n, (k + 1) * docs_per_shard)) for k in range(num_shards) if k not in done]
+  if stop_after_shards is not None:
+    todo = todo[:stop_after_shards]
+  workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+  bar = tqdm.tqdm(total=n, initial=sum(min(n, (k + 1) * docs_per_shard) - k * docs_per_shard for k in done),
+                  unit="doc", desc=f"prepare {os.path.basename(os.path.normpath(out))}", disable=not progress_bar)
+  tokens_done = 0
+
+  def record(result):
+    nonlocal tokens_done
+    shard, docs, toks = result
+    done.add(shard)
+    tokens_done += toks
+    _write_json(os.path.join(out, PROGRESS), {"plan": plan, "done": sorted(done)})
+    bar.update(docs)
+    bar.set_postfix(tokens=f"{tokens_done / 1e6:.1f}M")
+
+  try:
+    if workers == 1:
+      _init_worker(documents, spec)
+      for args in todo:
+        record(_tokenize_shard(args))
+    elif todo:
+      ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax / grain threads
+      with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(documents, spec)) as pool:
+        for result in pool.imap_unordered(_tokenize_shard, todo):
+          record(result)
+  finally:
+    bar.close()
+  if len(done) < num_shards:
+    return None
+  return _concatenate(out, num_shards, tokenizer.vocab_size, tok_info, plan)
+
+
+def _concatenate(out: str, num_shards: int, vocab_size: int, tok_info: dict, plan: dict) -> dict[str, Any]:
+  """Streams the parts in order into the stream files (one part in memory at a time), then removes them."""
+  writer = stream_lib.StreamWriter(out, vocab_size)
+  for k in range(num_shards):
+    tokens_path, lengths_path = _part_paths(out, k)
+    writer.add(np.fromfile(tokens_path, dtype=writer.dtype), np.load(lengths_path))
+  meta = writer.close(tok_info, plan["source"])
+  meta["plan"] = plan
+  _write_json(os.path.join(out, stream_lib.META), meta)
+  shutil.rmtree(os.path.join(out, PARTS))
+  os.remove(os.path.join(out, PROGRESS))
+  return meta
+
+
+def documents_from_args(args) -> Any:
+  given = [name for name in ("text", "corpus", "array_record", "tfds") if getattr(args, name)]
+  if len(given) != 1:
+    raise ValueError("name exactly one input: --text, --corpus, --array-record or --tfds.")
+  split = lambda s: [p.strip() for p in s.split(",") if p.strip()]
+  if args.text:
+    return sources_lib.TextFileDocuments(split(args.text), tuple(split(args.patterns)))
+  if args.corpus:
+    from train.data import corpus  # pylint: disable=g-import-not-at-top
+    return sources_lib.TextFileDocuments([corpus.split_dir(args.corpus, args.split)], ("*.txt",))
+  if args.array_record:
+    return sources_lib.ArrayRecordDocuments(split(args.array_record), args.text_key or "")
+  return sources_lib.TfdsDocuments(args.tfds, args.split, data_dir=args.data_dir or None,
+                                   text_key=args.text_key or "text")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="bmojo-prepare", description=__doc__.split("\n\n")[0],
+                                   epilog="Train on it: bmojo-train ... --config.data.kind=stream "
+                                          "--config.data.stream_dir=<out> (docs/data.md).")
+  parser.add_argument("--out", required=True, help="stream folder to write (resumes an unfinished one)")
+  parser.add_argument("--tokenizer", default="byte", help="byte (default) or a SentencePiece .model file")
+  parser.add_argument("--text", default="", help="comma-separated text files / directories (one document a file)")
+  parser.add_argument("--patterns", default="*.txt,*.md,*.rst,*.py", help="file patterns searched in directories")
+  parser.add_argument("--corpus", default="", help="a corpus folder of `python -m train.data.corpus prepare`")
+  parser.add_argument("--array-record", default="", help="comma-separated ArrayRecord files or directories")
+  parser.add_argument("--tfds", default="", help="a prepared tfds dataset name, e.g. pg19 (never downloads)")
+  parser.add_argument("--split", default="train", help="--corpus / --tfds split (default train)")
+  parser.add_argument("--data-dir", default="", help="--tfds data_dir")
+  parser.add_argument("--text-key", default="", help="--tfds feature (default text); --array-record: records "
+                      "are JSON objects with this field (default: records are UTF-8 text)")
+  parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
+  parser.add_argument("--docs-per-shard", type=int, default=64, help="documents per part file (default 64)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  try:
+    tokenizer = onthefly.make_tokenizer(args.tokenizer)
+    documents = documents_from_args(args)
+    meta = prepare(documents, args.out, tokenizer, workers=args.workers, docs_per_shard=args.docs_per_shard,
+                   progress_bar=not args.no_progress)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    sys.exit(f"bmojo-prepare: {e}")
+  print(f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}) in {meta['num_documents']:,} documents "
+        f"of {meta['source']}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,271 @@
+"""A pre-tokenized token stream on disk, opened memory-mapped, read as packed sequences.
+
+A stream is a directory written by `python -m train.data.prepare` (or `StreamWriter`):
+    tokens.bin        uint16[n] (vocab_size <= 65536) or uint32[n], raw little-endian: every document as
+                      BOS + ids + EOS, concatenated
+    doc_offsets.npy   int64[D] start of each document in tokens.bin (the first is 0), opened with mmap_mode="r"
+    meta.json         {"format", "version", "dtype", "num_tokens", "num_documents", "tokenizer": {kind,
+                      vocab_size, bos_id, eos_id, pad_id, sha256}, "source"}; written last, so a directory
+                      without it is not a finished stream
+
+`PackedStreamSource` reads it as the same examples as `text.PackedTextSource` (int32[T] inputs, targets,
+segment_ids, positions; windows of T+1 tokens with stride T), touching only the pages of the window asked for:
+memory does not grow with the corpus.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from train.data.text import ByteTokenizer
+from train.data.text import IGNORE_INDEX
+
+FORMAT = "bmojo-token-stream"
+VERSION = 1
+META, TOKENS, OFFSETS = "meta.json", "tokens.bin", "doc_offsets.npy"
+PREPARE_HINT = ("bmojo-prepare --out {dir} --tokenizer <byte|file.model> "
+                "(--text PATHS | --corpus DIR | --array-record PATHS | --tfds NAME)")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+  """What a stream records of its tokenizer, and what the trainer compares: kind, vocab, special ids, and the
+  SentencePiece model file's sha256 (so a copy of the same model elsewhere matches)."""
+  info = {"vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
+          "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
+  if isinstance(tokenizer, ByteTokenizer):
+    return {"kind": "byte", **info, "sha256": None}
+  return {"kind": "sentencepiece", **info, "sha256": file_sha256(tokenizer.model_file),
+          "model_file": os.path.abspath(tokenizer.model_file)}
+
+
+def check_tokenizer(meta: dict[str, Any], tokenizer, directory: str) -> None:
+  """ValueError when the stream was prepared with another tokenizer than `tokenizer` (kind, vocab, special ids
+  or model file contents differ)."""
+  want = tokenizer_fingerprint(tokenizer)
+  have = meta["tokenizer"]
+  keys = ("kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")
+  diff = [k for k in keys if have.get(k) != want.get(k)]
+  if diff:
+    raise ValueError(
+        f"The token stream in {directory} was prepared with another tokenizer than data.tokenizer: "
+        + ", ".join(f"{k} {have.get(k)!r} there vs {want.get(k)!r} here" for k in diff)
+        + f". Set --config.data.tokenizer to the stream's tokenizer ({have.get('model_file') or have['kind']}) "
+        f"or prepare the stream again: {PREPARE_HINT.format(dir=directory)}.")
+
+
+class StreamWriter:
+  """Writes a stream directory with bounded memory: `add(tokens, doc_lengths)` appends whole documents
+  (tokens already BOS + ids + EOS), `close(tokenizer_info, source)` writes doc_offsets.npy and meta.json.
+
+  Document lengths go to a side file while writing, so memory stays O(one chunk) however large the stream.
+  """
+
+  def __init__(self, directory: str, vocab_size: int):
+    self.directory = directory
+    self.vocab_size = int(vocab_size)
+    self.dtype = token_dtype(vocab_size)
+    os.makedirs(directory, exist_ok=True)
+    for name in (META, OFFSETS):   # an unfinished or older stream here is replaced
+      if os.path.exists(os.path.join(directory, name)):
+        os.remove(os.path.join(directory, name))
+    self._tokens = open(os.path.join(directory, TOKENS), "wb")
+    self._lengths_path = os.path.join(directory, "doc_lengths.tmp")
+    self._lengths = open(self._lengths_path, "wb")
+    self.num_tokens = 0
+    self.num_documents = 0
+
+  def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+    """tokens: int[n] (any integer dtype) of whole documents; doc_lengths: int[k], summing to n."""
+    tokens = np.asarray(tokens)
+    doc_lengths = np.asarray(doc_lengths, np.int64)
+    if int(doc_lengths.sum()) != tokens.size:
+      raise ValueError(f"doc_lengths sum to {int(doc_lengths.sum())} but {tokens.size} tokens were given.")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+      raise ValueError(f"token ids in [{int(tokens.min())}, {int(tokens.max())}] fall outside the "
+                       f"vocabulary [0, {self.vocab_size}).")
+    self._tokens.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+    self._lengths.write(doc_lengths.astype("<i8").tobytes())
+    self.num_tokens += tokens.size
+    self.num_documents += doc_lengths.size
+
+  def close(self, tokenizer_info: dict[str, Any], source: str) -> dict[str, Any]:
+    self._tokens.close()
+    self._lengths.close()
+    if self.num_documents == 0:
+      raise ValueError(f"No documents were written to {self.directory}.")
+    lengths = np.memmap(self._lengths_path, dtype="<i8", mode="r")
+    offsets = np.lib.format.open_memmap(os.path.join(self.directory, OFFSETS), mode="w+", dtype=np.int64,
+                                        shape=(self.num_documents,))
+    start, chunk = 0, 1 << 22
+    for i in range(0, self.num_documents, chunk):  # exclusive cumulative sum, a chunk at a time
+      part = np.asarray(lengths[i:i + chunk])
+      ends = np.cumsum(part) + start
+      offsets[i:i + part.size] = ends - part
+      start = int(ends[-1])
+    offsets.flush()
+    del offsets, lengths
+    os.remove(self._lengths_path)
+    meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source}
+    tmp = os.path.join(self.directory, META + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(self.directory, META))
+    return meta
+
+
+def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_info: dict[str, Any],
+                 source: str = "arrays") -> dict[str, Any]:
+  """A stream of already tokenized documents (each BOS + ids + EOS), e.g. for tests."""
+  writer = StreamWriter(directory, tokenizer_info["vocab_size"])
+  for doc in documents:
+    writer.add(np.asarray(doc), np.int64([len(doc)]))
+  return writer.close(tokenizer_info, source)
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+  """meta.json of a finished stream, checked; FileNotFoundError naming the prepare command when absent,
+  ValueError when corrupt or inconsistent with the files."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"Token stream directory does not exist: {directory}. Prepare it with "
+                            f"`{PREPARE_HINT.format(dir=directory)}`.")
+  path = os.path.join(directory, META)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} holds no finished token stream ({META} missing; an interrupted "
+                            f"prepare resumes when rerun): `{PREPARE_HINT.format(dir=directory)}`.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+    if meta.get("version") != VERSION:
+      raise ValueError(f"version {meta.get('version')!r}; this code reads version {VERSION}")
+    dtype = np.dtype(meta["dtype"])
+    num_tokens, num_documents = int(meta["num_tokens"]), int(meta["num_documents"])
+    int(meta["tokenizer"]["vocab_size"]), int(meta["tokenizer"]["pad_id"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"Corrupt token stream metadata {path}: {e}. Prepare the stream again: "
+                     f"`{PREPARE_HINT.format(dir=directory)}`.") from None
+  tokens = os.path.join(directory, TOKENS)
+  size = os.path.getsize(tokens) if os.path.exists(tokens) else -1
+  if size != num_tokens * dtype.itemsize:
+    raise ValueError(f"{tokens} has {size} bytes but {META} says {num_tokens} {dtype.name} tokens "
+                     f"({num_tokens * dtype.itemsize} bytes); prepare the stream again.")
+  if num_tokens < 2 or num_documents < 1:
+    raise ValueError(f"The token stream in {directory} is too small: {num_tokens} tokens, {num_documents} docs.")
+  return meta
+
+
+class PackedStreamSource:
+  """Grain random-access source of packed sequences over a stream directory (memory-mapped).
+
+  Example j (T = seq_len), exactly as `text.PackedTextSource` over the same documents:
+    inputs int32[T], targets int32[T] (-100 across documents and on padding), segment_ids int32[T] (from 1;
+    0 on padding), positions int32[T] (within the document; 0 on padding).
+  Each read touches T+1 tokens and the few document offsets inside the window (binary search), so reading
+  costs O(T log D). The window is read with os.pread (a copy of T+1 tokens), not through the map: pages a
+  process has touched through a map count in its resident set until unmapped, and the kernel maps whole
+  page-cache folios around each fault, so reading through `tokens` would climb to the file's size in RSS
+  within a few thousand random reads (measured: 1 GB after 4,000 reads of a 1 GB stream); with pread the
+  file stays in the page cache, outside the process. `tokens` stays an np.memmap for inspection. Pickles
+  (for grain worker processes) as its directory and reopens the maps and the file there.
+
+  Attributes:
+    tokens: np.memmap uint16/uint32[n]; doc_starts: np.memmap int64[D]; seq_len; pad_id; vocab_size; meta.
+  """
+
+  def __init__(self, directory: str, seq_len: int, tokenizer=None):
+    if seq_len < 1:
+      raise ValueError(f"seq_len must be >= 1, got seq_len={seq_len}.")
+    self.directory = directory
+    self.meta = read_meta(directory)
+    if tokenizer is not None:
+      check_tokenizer(self.meta, tokenizer, directory)
+    self.seq_len = int(seq_len)
+    self.pad_id = int(self.meta["tokenizer"]["pad_id"])
+    self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
+    self._open()
+
+  def _open(self) -> None:
+    path = os.path.join(self.directory, TOKENS)
+    self.tokens = np.memmap(path, mode="r", shape=(int(self.meta["num_tokens"]),),
+                            dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"))
+    self._dtype = self.tokens.dtype
+    self._fd = os.open(path, os.O_RDONLY)
+    try:
+      self.doc_starts = np.load(os.path.join(self.directory, OFFSETS), mmap_mode="r")
+    except (OSError, ValueError) as e:
+      raise ValueError(f"Corrupt or missing {OFFSETS} in {self.directory}: {e}; prepare the stream again.") from None
+    if self.doc_starts.shape != (int(self.meta["num_documents"]),) or self.doc_starts[0] != 0:
+      raise ValueError(f"{os.path.join(self.directory, OFFSETS)} has shape {self.doc_starts.shape} (first "
+                       f"{self.doc_starts[:1]}) but {META} says {self.meta['num_documents']} documents "
+                       "starting at 0; prepare the stream again.")
+
+  def __del__(self, _close=os.close):   # os.close bound now: at interpreter exit `os` may be gone
+    if getattr(self, "_fd", None) is not None:
+      _close(self._fd)
+      self._fd = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    for name in ("tokens", "doc_starts", "_fd"):
+      del state[name]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open()
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.tokens.size)
+
+  def __len__(self) -> int:
+    return (self.tokens.size - 2) // self.seq_len + 1
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"PackedStreamSource index {index} out of range [0, {len(self)}).")
+    t = self.seq_len
+    start = index * t
+    stop = min(start + t + 1, self.tokens.size)
+    size = self._dtype.itemsize
+    window = np.frombuffer(os.pread(self._fd, (stop - start) * size, start * size), self._dtype).astype(np.int32)
+    if int(window.max()) >= self.vocab_size:
+      raise ValueError(f"Token stream {self.directory} holds id {int(window.max())} >= vocab_size "
+                       f"{self.vocab_size} near token {start}; the stream is corrupt, prepare it again.")
+    # Documents overlapping the window: the one holding `start` up to the last one starting before `stop`.
+    first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+    last = int(np.searchsorted(self.doc_starts, stop, side="left"))
+    starts = np.asarray(self.doc_starts[first:last], np.int64) - start   # window-relative, starts[0] <= 0
+    offset = np.arange(stop - start)
+    doc = np.searchsorted(starts, offset, side="right") - 1               # 0 for the first document
+    pos = offset - starts[doc]
+    n = window.size - 1
+
+    inputs = np.full((t,), self.pad_id, np.int32)
+    targets = np.full((t,), IGNORE_INDEX, np.int32)
+    segment_ids = np.zeros((t,), np.int32)
+    positions = np.zeros((t,), np.int32)
+    inputs[:n] = window[:n]
+    targets[:n] = np.where(doc[1:] == doc[:-1], window[1:], IGNORE_INDEX)
+    segment_ids[:n] = doc[:n] + 1
+    positions[:n] = pos[:n]
+    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions}
