@@ -1,4 +1,4 @@
-"""Times the trainer's own train step (`train.trainer.make_train_step`) for every family and size.
+"""Times the trainer's own train step (`train.steps.make_train_step`) for every family and size.
 
     python -m benchmarks.train_step_bench                                   # the whole grid -> results JSON
     python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
@@ -44,8 +44,9 @@ from bmojo_jax import paper_config
 from bmojo_jax.param_count import count_params, train_flops_per_token
 from configs import common as config_common
 from train import sharding as shard_lib
+from train import setup as setup_lib
+from train import steps
 from train import tasks as tasks_lib
-from train import trainer
 
 PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM spec sheet
 DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "hybrid:pallas", "bmojo_f",
@@ -129,9 +130,9 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
     overrides["scan_layers"] = scan_layers
   config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, **overrides)
   devices = None if mesh is None else jax.devices()[:int(np.prod(list(mesh.values()) or [1]))]
-  setup = trainer.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
+  setup = setup_lib.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
   cfg = setup.cfg
-  step = trainer.make_train_step(setup, 1)
+  step = steps.make_train_step(setup, 1)
   state = setup.init_state()
   rng = np.random.default_rng(0)
   data = rng.integers(0, cfg.vocab_size, size=(batch, seq_len + 1), dtype=np.int32)
@@ -259,7 +260,7 @@ def hlo_sources(hlo: str) -> dict[str, str]:
       loc = tables["FileLocations"].get(frame["file_location_id"], {})
       path = tables["FileNames"].get(loc.get("file_name_id"), "")
       hit = next((p for p in OUR_CODE if p in path), None)
-      if hit and "trainer.py" not in path:
+      if hit and "train/steps.py" not in path:   # the step's own code: look further out
         func = tables["FunctionNames"].get(loc.get("function_name_id"), "")
         return f"{path[path.index(hit):]}:{loc.get('line')} {func.split('.')[-1]}"
       frame_id = frame.get("parent_frame_id")

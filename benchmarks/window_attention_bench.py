@@ -2,9 +2,9 @@
 
   PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep] [--segments]
 
-1. The test cases of `tests/test_window_attention.py` without interpret mode (the packed-row ones, and on
-   Hopper the Mosaic ones, included), plus model-sized checks (bf16 and fp32, window 512 with 64 memory
-   tokens, unpacked and packed with spans) against the fp32 reference.
+1. The test cases (`pallas_kernels/window_attention/cases.py`, which tests/test_window_attention.py runs)
+   compiled (the packed-row ones, and on Hopper the Mosaic ones, included), plus model-sized checks (bf16
+   and fp32, window 512 with 64 memory tokens, unpacked and packed with spans) against the fp32 reference.
 2. Timings (bf16, B=2 H=16 P=128, median of >= 20 samples, each the mean of a few back-to-back calls
    after warm-up): pallas vs cuDNN (`jax.nn.dot_product_attention(implementation="cudnn",
    local_window_size=(w - 1, 0))`) at T=8192 for window 512 and 2048, window 512 with M=64 memory slots
@@ -33,19 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:
-  import pytest  # noqa: F401 -- the test module's decorators need it; the GPU image may lack it
-except ImportError:
-  import types
-  _stub = types.ModuleType("pytest")
-  _stub.mark = types.SimpleNamespace(parametrize=lambda *a, **k: (lambda f: f))
-  _stub.raises = None
-  sys.modules["pytest"] = _stub
-
 from benchmarks import common  # noqa: E402
 from pallas_kernels.window_attention import BlockSizes, memory_attention
+from pallas_kernels.window_attention import cases as attn_cases
 from pallas_kernels.window_attention.ops import _on_hopper, resolve_impls
-from tests import test_window_attention as twa
 
 SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
 
@@ -137,14 +128,14 @@ def cudnn_fn(window):
 def check_case(case, seed: int, exact_mask: bool) -> list[str]:
   """PASS / FAIL / ERROR lines of one test case run compiled (interpreted with --smoke)."""
   try:
-    errs = twa.run_case(case, interpret=SMOKE, seed=seed)
+    errs = attn_cases.run_case(case, interpret=SMOKE, seed=seed)
   except Exception as e:  # noqa: BLE001 -- record and go on: one failing case must not lose the run
     return [f"ERROR {case.name}: {type(e).__name__}: {str(e)[:300]}"]
-  ok = all(e <= twa.TOL[case.dtype] for e in errs.values())
+  ok = all(e <= attn_cases.TOL[case.dtype] for e in errs.values())
   lines = [f"{'PASS' if ok else 'FAIL'} {case.name}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())]
   if exact_mask:
     try:
-      twa.exact_mask_check(case, interpret=SMOKE)
+      attn_cases.exact_mask_check(case, interpret=SMOKE)
       lines.append(f"PASS exact-mask {case.name}")
     except AssertionError as e:
       lines.append(f"FAIL exact-mask {case.name} {e!r}")
@@ -153,19 +144,22 @@ def check_case(case, seed: int, exact_mask: bool) -> list[str]:
 
 def correctness() -> list[str]:
   lines = []
-  cases = twa.CASES[:1] + twa.PACKED_CASES[:1] if SMOKE else twa.CASES + twa.PACKED_CASES
+  if SMOKE:
+    cases = attn_cases.CASES[:1] + attn_cases.PACKED_CASES[:1]
+  else:
+    cases = attn_cases.CASES + attn_cases.PACKED_CASES
   if not SMOKE and _on_hopper():
-    cases += twa.MOSAIC_CASES + twa.MOSAIC_PACKED_CASES
+    cases += attn_cases.MOSAIC_CASES + attn_cases.MOSAIC_PACKED_CASES
   for case in cases:
     lines += check_case(case, seed=1, exact_mask=True)
     print("\n".join(lines[-2:]), flush=True)
-  big = (twa.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
+  big = (attn_cases.Case("model_bf16_w512_m64", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
                   BlockSizes.get_default(128, True)),
-         twa.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
+         attn_cases.Case("model_fp32_w512_m64", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
                   BlockSizes.get_default(64, True)),
-         twa.Case("model_bf16_w512_m64_packed", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
+         attn_cases.Case("model_bf16_w512_m64_packed", 1, 3000, 4, 2, 128, 512, 512, 64, jnp.bfloat16,
                   BlockSizes.get_default(128, True), segments=True, span=True),
-         twa.Case("model_fp32_w512_m64_packed", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
+         attn_cases.Case("model_fp32_w512_m64_packed", 1, 1100, 2, 1, 64, 512, 512, 64, jnp.float32,
                   BlockSizes.get_default(64, True), segments=True, span=True))
   for case in () if SMOKE else big:
     lines += check_case(case, seed=2, exact_mask=False)

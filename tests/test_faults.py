@@ -25,6 +25,9 @@ from train import checkpoint as ckpt_lib
 from train import faults
 from train import metrics as metrics_lib
 from train import optim as optim_lib
+from train import runs
+from train import setup as setup_lib
+from train import steps
 from train import tasks
 from train import trainer
 
@@ -162,7 +165,7 @@ def test_divergence_on_a_checkpoint_step_is_not_saved(tmp_path):
   assert f"The last good checkpoint is step 1 ({workdir}/checkpoints/1)" in message
   assert "on_nonfinite=rollback" in message and len(message) < 600
   assert steps_of(workdir) == [1]
-  assert np.isfinite(trainer.evaluate_run(workdir)["test_loss"])
+  assert np.isfinite(runs.evaluate_run(workdir)["test_loss"])
 
 
 def test_divergence_before_any_checkpoint_says_so():
@@ -220,14 +223,14 @@ def test_skip_drops_non_finite_updates_and_stops_at_the_limit(tmp_path, monkeypa
   """The batches of updates 3, 6 and 7 give NaN gradients (what "skip" is for: a bad batch, not a learning rate
   that stays too high): update 3 is dropped and training goes on from the same parameters and optimizer state;
   6 and 7 make two in a row, past train.nonfinite_limit=1."""
-  apply_gradients = trainer.apply_gradients
+  apply_gradients = steps.apply_gradients
 
   def nan_at_3_6_7(tx, schedule, params, opt_state, g, loss, n, c, step, lr_scale=None):
     bad = jnp.isin(step + 1, jnp.array([3, 6, 7]))
     g = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), g)
     return apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_scale)
 
-  monkeypatch.setattr(trainer, "apply_gradients", nan_at_3_6_7)
+  monkeypatch.setattr(steps, "apply_gradients", nan_at_3_6_7)
   workdir = str(tmp_path)
   params = {}
   keep = lambda step, state: params.__setitem__(step, jax.tree.map(np.asarray, state["params"]))
@@ -366,15 +369,15 @@ def test_a_workdir_file_cannot_point_outside(tmp_path):
 def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, compilation_cache):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
-  setup, _, step = trainer.load_run(workdir)
+  setup, _, step = runs.load_run(workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10, async_save=False)
-  state = trainer.restore_state(ckpt, step, setup, None)
+  state = setup_lib.restore_state(ckpt, step, setup, None)
   state["params"] = jax.tree.map(lambda x: x * jnp.nan, state["params"])   # a checkpoint of an older version
-  ckpt.save(step + 1, state, None, trainer._meta(setup))  # pylint: disable=protected-access
+  ckpt.save(step + 1, state, None, runs.checkpoint_meta(setup))
   ckpt.close()
   with pytest.warns(faults.NonFiniteResultWarning, match=r"checkpoint 13 .* non-finite test_loss, "
                                                          r"test_perplexity; written as null"):
-    result = trainer.evaluate_run(workdir)
+    result = runs.evaluate_run(workdir)
   assert result["test_loss"] is None and result["nonfinite"] == ["test_loss", "test_perplexity"]
   assert strict_load(os.path.join(workdir, "eval.json")) == result
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)

@@ -1,7 +1,7 @@
 """A population of runs trained at once (train/population.py) against the single-run trainer.
 
 One tiny B'MOJO population of three runs is compiled once for the module: run r must match the trainer's
-own step (`train.trainer.make_train_step`) with run r's learning rate and seed on the same batches, and a
+own step (`train.steps.make_train_step`) with run r's learning rate and seed on the same batches, and a
 diverging run must leave the others alone.
 """
 
@@ -15,7 +15,9 @@ import pytest
 from configs import mqar as mqar_config
 from train import metrics as metrics_lib
 from train import population as pop_lib
-from train import trainer
+from train import runs
+from train import setup as setup_lib
+from train import steps
 from train.data import mqar
 
 RUNS = [pop_lib.Run(3e-3, 0), pop_lib.Run(1e-2, 1), pop_lib.Run(1e30, 2)]   # the last one diverges
@@ -67,11 +69,11 @@ def assert_trees_close(a, b, **tol):
 @pytest.mark.parametrize("r", [0, 1])
 def test_run_matches_single_run_trainer(pop, r):
   p, out = pop
-  setup = trainer.build(pop_lib.run_config(p.config, RUNS[r]))
+  setup = setup_lib.build(pop_lib.run_config(p.config, RUNS[r]))
   state = setup.init_state()
   for x, y in zip(jax.tree.leaves(host(state["params"])), jax.tree.leaves(row(out["init"], r))):
     np.testing.assert_array_equal(x, y)                       # the same init, bit for bit
-  step = trainer.make_train_step(setup, 1)
+  step = steps.make_train_step(setup, 1)
   for s in range(STEPS):
     batch = mqar.generate_examples(p.mq, p.task.train_source.seed, p.batch_indices(s)[0])
     state, m = step(state, batch)
@@ -81,7 +83,7 @@ def test_run_matches_single_run_trainer(pop, r):
   assert out["metrics"]["updated"][:, r].all()
   assert_trees_close(host(state["params"]), row(out["final"], r), rtol=1e-5, atol=1e-6)
   # The trainer's evaluation (grain over MQARSource, on the host) = the population's (generated on the device).
-  ev = trainer.evaluate(setup, state["params"])
+  ev = steps.evaluate(setup, state["params"])
   assert ev["examples"] == out["eval"][r]["examples"] == 20
   np.testing.assert_allclose(ev["accuracy"], out["eval"][r]["accuracy"], atol=1e-6)
   np.testing.assert_allclose(ev["loss"], out["eval"][r]["loss"], rtol=1e-5)
@@ -131,7 +133,7 @@ def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
     d = os.path.join(tmp_path, run.name)
     assert {"config.json", "tokenizer.json", "metrics.jsonl", "results.json", "curves.png", "checkpoints",
             "tensorboard"} <= set(os.listdir(d))
-    config = trainer.load_config(d)
+    config = runs.load_config(d)
     assert config.optim.learning_rate == run.learning_rate and config.seed == run.seed
     with open(os.path.join(d, "results.json")) as f:
       saved = json.load(f)
@@ -145,7 +147,7 @@ def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
     assert all(np.isfinite(x["tokens_per_s"]) for x in records if x["split"] == "train")
   # The checkpoint is the trainer's: bmojo-eval / bmojo-generate load it as a single run.
   d = os.path.join(tmp_path, RUNS[1].name)
-  _, params, step = trainer.load_run(d)
+  _, params, step = runs.load_run(d)
   assert step == STEPS
   assert_trees_close(host(params), row(out["final"], 1), rtol=0, atol=0)
 

@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from train import trainer
+from train import setup as setup_lib
 
 REPO = pathlib.Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
@@ -87,7 +87,7 @@ def check_console_script(script: str, args: list[str], runs: dict) -> None:
   if spec:
     config_args = [f"--config={spec}", *(a for a in args if a.startswith("--config."))]
     config = parse_config(config_args)
-    trainer.model_config(config)                     # the model fields make a valid ModelConfig
+    setup_lib.model_config(config)                     # the model fields make a valid ModelConfig
     if value("--workdir"):
       runs[value("--workdir")] = config
   if script == "bmojo-train":

@@ -21,6 +21,9 @@ from configs import lm
 from tests.conftest import tiny_train_config
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
+from train import runs
+from train import setup as setup_lib
+from train import steps
 from train import trainer
 from train.workdir_lock import WorkdirBusyError
 
@@ -149,7 +152,7 @@ def test_incompatible_checkpoint_names_the_field(copied_run):
   c.model.d_model = 32
   assert_refused_untouched(copied_run, r"different model.*d_model: checkpoint 16, config 32", config=c)
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
-    trainer.evaluate_run(copied_run, c)
+    runs.evaluate_run(copied_run, c)
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path):
@@ -165,10 +168,10 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
   assert ckpt.latest_step() == bad_step - 1
   assert f"last good checkpoint is step {bad_step - 1}" in str(e.value)
   # The last good checkpoint restores, with finite parameters.
-  setup, params, step = trainer.load_run(workdir)
+  setup, params, step = runs.load_run(workdir)
   assert step == bad_step - 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-  assert np.isfinite(trainer.evaluate(setup, params)["loss"])
+  assert np.isfinite(steps.evaluate(setup, params)["loss"])
 
 
 def test_early_failures_before_training(tmp_path):
@@ -200,11 +203,11 @@ def test_early_failures_before_training(tmp_path):
 
 def test_out_of_range_token_ids_fail_before_training(tmp_path):
   """A source yielding ids >= vocab_size is caught on the first batch, before any update."""
-  setup = trainer.build(tiny_config())
+  setup = setup_lib.build(tiny_config())
   bad = {"inputs": np.full((2, 32), 300, np.int32), "targets": np.full((2, 32), -100, np.int32)}
   from train import tasks
   with pytest.raises(ValueError, match=r"'inputs' has token ids in \[300, 300\].*vocab_size=256"):
-    tasks.check_first_batch(bad, setup.cfg.vocab_size, "training batch of step 1")
+    tasks.check_batch(bad, setup.cfg.vocab_size, "training batch of step 1")
 
 
 def _cli(*args, env_extra=None):
@@ -267,7 +270,7 @@ def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_
   assert meta["model"]["scan_layers"] is True
   expected, got = losses(full_run[0]), losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
-  np.testing.assert_allclose(trainer.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],
+  np.testing.assert_allclose(runs.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],
                              rtol=1e-5)
 
 

@@ -12,8 +12,9 @@ import pytest
 from bmojo_jax.model import stack_blocks
 from configs import mqar
 from train import optim
+from train import setup as setup_lib
 from train import sharding
-from train import trainer
+from train import steps
 
 
 def tiny_mqar_config(family="hybrid", **train_overrides):
@@ -45,7 +46,7 @@ def tiny_mqar_config(family="hybrid", **train_overrides):
 
 def test_weight_decay_mask_by_path():
   c = tiny_mqar_config("bmojo")
-  setup = trainer.build(c)
+  setup = setup_lib.build(c)
   mask = optim.weight_decay_mask(setup.abstract_state["params"])
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_leaves_with_path(mask)}
@@ -87,7 +88,7 @@ def test_weight_decay_applies_only_to_masked_params():
 def step_setup():
   c = tiny_mqar_config("hybrid")
   c.optim.grad_clip_norm = 0.0
-  setup = trainer.build(c)
+  setup = setup_lib.build(c)
   it = iter(setup.task.train_source[i] for i in range(16))
   examples = [next(it) for _ in range(16)]
   batch = {k: np.stack([e[k] for e in examples[:8]]) for k in ("inputs", "targets")}
@@ -107,7 +108,7 @@ def test_grad_accumulation_equals_big_batch(step_setup):
 
   def run(accum):
     state = {**setup.init_state(), "opt_state": sgd.init(p0)}
-    state, m = trainer.make_train_step(sgd_setup, accum)(state, sharded)
+    state, m = steps.make_train_step(sgd_setup, accum)(state, sharded)
     grads = jax.tree.map(lambda a, b: a - b, p0, jax.device_get(state["params"]))
     return grads, m, int(state["step"])
 
@@ -123,7 +124,7 @@ def test_grad_accumulation_equals_big_batch(step_setup):
 
 def test_train_step_reduces_loss_on_fixed_batch(step_setup):
   setup, batch = step_setup
-  step = trainer.make_train_step(setup, 1)
+  step = steps.make_train_step(setup, 1)
   sharded = sharding.shard_batch(batch, setup.mesh)
   state = setup.init_state()
   losses = []
@@ -143,8 +144,8 @@ def test_scanned_and_unscanned_train_steps_agree(step_setup):
     c = tiny_mqar_config("bmojo")
     c.model.n_layers = 4
     c.model.scan_layers = scan
-    setup = trainer.build(c)
-    step, state = trainer.make_train_step(setup, 1), setup.init_state()
+    setup = setup_lib.build(c)
+    step, state = steps.make_train_step(setup, 1), setup.init_state()
     losses = []
     for _ in range(4):
       state, m = step(state, sharding.shard_batch(batch, setup.mesh))
@@ -164,8 +165,8 @@ def test_head_on_supervised_positions_only_changes_nothing(step_setup):
   params = jax.device_get(setup.init_state()["params"])
   batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
   batch["targets"] = batch["targets"].at[0].set(-100).at[0, 5].set(7)     # row 0: one supervised target
-  full = jax.value_and_grad(trainer.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch)
-  sparse = jax.value_and_grad(trainer.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch, 4)
+  full = jax.value_and_grad(steps.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch)
+  sparse = jax.value_and_grad(steps.loss_sums, argnums=1, has_aux=True)(setup.graphdef, params, batch, 4)
   (loss_f, aux_f), g_f = full
   (loss_s, aux_s), g_s = sparse
   np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)

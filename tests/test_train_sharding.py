@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from configs import mqar
-    from train import sharding, trainer
+    from train import setup as setup_lib
+    from train import sharding, steps
 
     assert jax.device_count() == 8, jax.devices()
 
@@ -38,11 +39,11 @@ SCRIPT = textwrap.dedent("""
     out = {}
     for name, mesh in {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (4, 1, 2)}.items():
       devices = jax.devices()[:1] if name == "single" else None
-      setup = trainer.build(config(*mesh), devices)
+      setup = setup_lib.build(config(*mesh), devices)
       src = setup.task.train_source
       batches = [{k: np.stack([src[8 * i + j][k] for j in range(8)]) for k in ("inputs", "targets")}
                  for i in range(3)]
-      step = trainer.make_train_step(setup, 1)
+      step = steps.make_train_step(setup, 1)
       state = setup.init_state()
       specs = sorted({str(s.spec) for s in jax.tree.leaves(setup.state_shardings["params"])})
       losses = []
@@ -92,7 +93,8 @@ PALLAS_SCRIPT = textwrap.dedent("""
     import numpy as np
     import optax
     from configs import mqar
-    from train import sharding, trainer
+    from train import setup as setup_lib
+    from train import sharding, steps
 
     assert jax.device_count() == 8, jax.devices()
     MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8), "mix": (2, 2, 2)}
@@ -127,7 +129,7 @@ PALLAS_SCRIPT = textwrap.dedent("""
       for name in ("single",) + meshes:
         t0 = time.time()
         mesh = MESHES[name]
-        setup = trainer.build(config(family, mesh), jax.devices()[:int(np.prod(mesh))], task)
+        setup = setup_lib.build(config(family, mesh), jax.devices()[:int(np.prod(mesh))], task)
         task = setup.task
         if name == "single":
           host_state[family] = jax.device_get(setup.init_state())
@@ -135,7 +137,7 @@ PALLAS_SCRIPT = textwrap.dedent("""
         rows = [[task.train_source[8 * i + j] for j in range(8)] for i in range(2)]
         batches = [sharding.shard_batch({k: np.stack([x[k] for x in r]) for k in ("inputs", "targets")},
                                         setup.mesh) for r in rows]
-        compiled = trainer.make_train_step(setup, 1).lower(state, batches[0]).compile()
+        compiled = steps.make_train_step(setup, 1).lower(state, batches[0]).compile()
         hlo = compiled.as_text()
         gathers = [tuple(int(n) for n in dims.split(",") if n)
                    for dims in re.findall(r"= \\w+\\[([\\d,]*)\\]\\S* all-gather\\(", hlo)]

@@ -1,4 +1,4 @@
-"""Console scripts: thin absl / ml_collections wrappers over `train.trainer` and `bmojo_jax.inference`.
+"""Console scripts: thin absl / ml_collections wrappers over `train.trainer`, `train.runs` and `bmojo_jax.inference`.
 
     bmojo-train --config configs/mqar.py[:<preset>] --workdir DIR [--config.train.num_steps=...]
     bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
@@ -50,6 +50,7 @@ def _quiet_logs() -> None:
 def _train(argv):
   del argv
   _quiet_logs()
+  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from train import trainer  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   config = flags.FLAGS.config
@@ -59,7 +60,7 @@ def _train(argv):
     results = trainer.train(config, _WORKDIR.value)
   except trainer.NonFiniteLossError as e:
     sys.exit(f"bmojo-train: {e}")
-  except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"bmojo-train: {type(e).__name__}: {e}")
   except ModuleNotFoundError as e:   # the plot, drawn after results.json is written
     if e.name != "matplotlib":
@@ -79,7 +80,8 @@ def _train(argv):
 def _eval(argv):
   del argv
   _quiet_logs()
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from train import faults, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
@@ -91,7 +93,7 @@ def _eval(argv):
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,
           overrides=lm_eval.parse_overrides(f.lm_model))
-    except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
       sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
     try:
       plots = lm_eval.plot_records([record], os.path.join(_WORKDIR.value, "lm_ppl.png"),
@@ -104,9 +106,9 @@ def _eval(argv):
     return
   try:
     with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always", trainer.faults.NonFiniteResultWarning)
-      result = trainer.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
-  except (trainer.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+      warnings.simplefilter("always", faults.NonFiniteResultWarning)
+      result = runs.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
+  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
   print(json.dumps(result, indent=2))
   for w in caught:

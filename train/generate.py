@@ -6,15 +6,15 @@ import os
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
+from train import runs
 from train import tasks as tasks_lib
-from train import trainer
 
 
 def load_model(workdir: str):
   """(model, tokenizer or None, step) of the latest checkpoint; clear errors when missing / incompatible."""
-  setup, params, step = trainer.load_run(workdir, with_task=False)
+  setup, params, step = runs.load_run(workdir, with_task=False)
   model = nnx.merge(setup.graphdef, params)
-  info_path = os.path.join(workdir, trainer.TOKENIZER_FILE)
+  info_path = os.path.join(workdir, runs.TOKENIZER_FILE)
   info = {"kind": "none"}
   if os.path.exists(info_path):
     with open(info_path, encoding="utf-8") as f:

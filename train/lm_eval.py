@@ -46,8 +46,8 @@ from bmojo_jax import LanguageModel, inference
 from bmojo_jax.config import COMPUTE_FIELDS
 from bmojo_jax.param_count import count_params
 from train import data as data_lib
+from train import runs
 from train import tasks as tasks_lib
-from train import trainer
 
 RESULT_FILE = "lm_eval.json"
 
@@ -353,12 +353,12 @@ def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
   B'MOJO's store grown at inference); the parameters are the trained ones. `config` replaces the workdir's
   config.json."""
   overrides = dict(overrides or {})
-  config = config or trainer.load_config(workdir)
+  config = config or runs.load_config(workdir)
   compute = {k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS}
   if compute:
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.update(compute)
-  setup, params, step = trainer.load_run(workdir, config, with_task=False)
+  setup, params, step = runs.load_run(workdir, config, with_task=False)
   graphdef = setup.graphdef
   if overrides:
     unknown = [k for k in overrides if not hasattr(setup.cfg, k)]
@@ -369,7 +369,7 @@ def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
     if _shapes(nnx.to_pure_dict(abstract)) != _shapes(params):
       raise ValueError(f"model overrides {overrides} change the parameters; only fields without parameters "
                        "(e.g. n_eidetic) can differ from training.")
-  with open(os.path.join(workdir, trainer.TOKENIZER_FILE), encoding="utf-8") as f:
+  with open(os.path.join(workdir, runs.TOKENIZER_FILE), encoding="utf-8") as f:
     tokenizer = tasks_lib.load_tokenizer(json.load(f), workdir)
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")

@@ -3,7 +3,7 @@
 R runs that share the model's shapes but differ in learning rate and seed train together. Their parameters
 and optimizer states are stacked over a leading run axis, and one jitted call (a *dispatch*) advances every
 run by K steps with `lax.scan`. Each step is a `jax.vmap` over runs of the trainer's own update:
-`train.trainer.loss_sums` → gradients / supervised tokens → the optax transformation of
+`train.steps.loss_sums` → gradients / supervised tokens → the optax transformation of
 `train.optim.make_optimizer` → `optax.apply_updates`. A dispatch contains, per step: the batch indices, the
 batches (drawn on the device by `train.data.mqar.generate_batch`), the R updates, and the per-run metrics;
 nothing crosses from the host between evaluations.
@@ -57,8 +57,10 @@ import tqdm
 from bmojo_jax import LanguageModel
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
+from train import runs
+from train import setup as setup_lib
+from train import steps
 from train import tasks as tasks_lib
-from train import trainer
 from train.data import mqar
 
 SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
@@ -114,7 +116,7 @@ class Population:
     unit = ml_collections.ConfigDict(config.to_dict())
     unit.optim.learning_rate = 1.0
     unit.mesh.data, unit.mesh.fsdp, unit.mesh.tensor = 1, 1, 1
-    self.setup = setup = trainer.build(unit, [self.device])
+    self.setup = setup = setup_lib.build(unit, [self.device])
     self.cfg, self.task = setup.cfg, setup.task
     self.mq: mqar.MQARConfig = setup.task.train_source.config
     t = config.train
@@ -154,7 +156,7 @@ class Population:
             "step": jnp.zeros((), jnp.int32)}
 
   def _init_run(self, key):
-    model = LanguageModel(self.cfg, rngs=nnx.Rngs(key))   # what trainer.build's init does with an int seed
+    model = LanguageModel(self.cfg, rngs=nnx.Rngs(key))   # what setup.build's init does with an int seed
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return params, self.setup.tx.init(params)
 
@@ -175,8 +177,8 @@ class Population:
   def _run_update(self, params, opt_state, lr, batch, step):
     """One run's train step: the trainer's, with the optimizer's updates scaled by the run's lr."""
     setup = self.setup
-    g, loss, n, c = trainer.batch_grads(setup.graphdef, params, batch, setup.task.supervised_per_example)
-    return trainer.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
+    g, loss, n, c = steps.batch_grads(setup.graphdef, params, batch, setup.task.supervised_per_example)
+    return steps.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
 
   def _scan_steps(self, state):
     """K steps of every active run (one dispatch); returns (state, metrics {name: [K, runs]})."""
@@ -219,12 +221,12 @@ class Population:
       batch = mqar.generate_batch(self.mq, self.task.eval_source.seed, idx)
       mask = jnp.arange(nb * eb) < n
       batch = {"inputs": jnp.where(mask[:, None], batch["inputs"], 0),
-               "targets": jnp.where(mask[:, None], batch["targets"], trainer.IGNORE_INDEX), "mask": mask}
+               "targets": jnp.where(mask[:, None], batch["targets"], steps.IGNORE_INDEX), "mask": mask}
       self._test_batches = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
     return self._test_batches
 
   def _eval_sums(self, params, batches):
-    eval_step = trainer.make_eval_step(self.setup)
+    eval_step = steps.make_eval_step(self.setup)
 
     def one_run(p):
       def body(total, batch):
@@ -365,9 +367,9 @@ class Population:
     return res
 
   def _write_run_files(self, run: Run, workdir: str) -> None:
-    with open(os.path.join(workdir, trainer.CONFIG_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, runs.CONFIG_FILE), "w", encoding="utf-8") as f:
       f.write(run_config(self.config, run).to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, trainer.TOKENIZER_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, runs.TOKENIZER_FILE), "w", encoding="utf-8") as f:
       json.dump(tasks_lib.save_tokenizer(self.task.tokenizer, workdir), f, indent=2)
 
   def _save_checkpoint(self, run_state, workdir: str) -> None:

@@ -6,13 +6,14 @@ the dq kernel masks with the query rows' seg_lo, the dk/dv kernel with the key r
 `blocks.py`); lse, delta [B, H, T] fp32 with delta_t = Σ_P o·do.
 
 Three kernels, none with atomics:
-  * dq:      one program per (query block, batch, head); loops over the window's key blocks, adds the
-             memory term; dq [B, T, H, P]. `BlockSizes.dq_impl` "mosaic" runs `dq_mosaic.py` instead.
-  * dk, dv:  one program per (key block, batch, kv head); loops over the G query heads of its group and the
-             query blocks whose window holds the key block; dk, dv [B, T, K, P]. `BlockSizes.dkdv_impl`
-             "mosaic" runs `dkdv_mosaic.py` instead.
-  * memory:  one program per (chunk, batch, kv head); loops over the G heads and the chunk's query blocks;
-             dmem_k, dmem_v [B, C, M, K, P].
+  * dq (`dq_triton`): one program per (query block, batch, head); loops over the window's key blocks,
+             adds the memory term; dq [B, T, H, P].
+  * dk, dv (`dkdv_triton`): one program per (key block, batch, kv head); loops over the G query heads of
+             its group and the query blocks whose window holds the key block; dk, dv [B, T, K, P].
+  * memory (`dmem_triton`): one program per (chunk, batch, kv head); loops over the G heads and the chunk's
+             query blocks; dmem_k, dmem_v [B, C, M, K, P].
+Triton only: `ops.py` picks these or the Mosaic dq / dk/dv kernels (`dq_mosaic.py`, `dkdv_mosaic.py`,
+`BlockSizes.dq_impl` / `dkdv_impl`); the memory's dk/dv is always `dmem_triton`.
 With p = exp2(s - lse), dp = do·vᵀ, ds = p ⊙ (dp - delta): dv = pᵀ·do, dk = scale · dsᵀ·q, dq = scale · ds·k.
 A masked logit is NEG_INF, so its p, and hence every gradient through it, is exactly zero.
 """
@@ -32,10 +33,8 @@ from pallas_kernels.window_attention.blocks import (BlockSizes, band_loop, in_sp
                                                     key_blocks_for_query_block, query_blocks_for_key_block,
                                                     visible)
 from pallas_kernels.window_attention.reference import NEG_INF
-from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic
-from pallas_kernels.window_attention.dq_mosaic import dq_mosaic
 from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,
-                                                     memory_logits, memory_specs, prescale, query_block_inputs,
+                                                     memory_logits, prescale, query_block_inputs,
                                                      split_refs)
 
 
@@ -151,51 +150,77 @@ def dmem_kernel(q_ref, do_ref, lse_ref, delta_ref, mk_ref, mv_ref, mask_ref, dmk
   dmv_ref[...] = dmv.astype(dmv_ref.dtype)
 
 
-def backward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse, do, *, scale: float,
-             qk_scale: float, window: int | None, chunk: int, blocks: BlockSizes, interpret: bool):
-  """Padded inputs and residuals -> (dq, dk, dv, dmem_k, dmem_v); the memory ones None without memory."""
+def _launch(blocks: BlockSizes, qk_scale: float, scale: float, interpret: bool):
+  """(Triton compiler params, the kernels' common keyword arguments)."""
+  params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
+  return params, dict(qk_scale=qk_scale, scale=scale, fm=FastMath.for_launch(blocks.fast_math, interpret))
+
+
+def _group_specs(t: int, g: int, p: int):
+  """BlockSpecs of a (key block or chunk, batch, kv head) grid's inputs: its group's G query heads of q / do
+  [B, T, H, P] and rows of lse / delta [B, H, T]."""
+  return (pl.BlockSpec((None, t, g, p), lambda j, bi, ki: (bi, 0, ki, 0)),
+          pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0)))
+
+
+def dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, *, scale: float,
+              qk_scale: float, window: int | None, chunk: int, blocks: BlockSizes, interpret: bool):
+  """`dq_kernel` on a grid (query block, batch, head): padded inputs, lse, delta [B, H, T] -> dq [B, T, H, P]."""
+  b, t, h, p = q.shape
+  params, common = _launch(blocks, qk_scale, scale, interpret)
+  bq, bk = blocks.block_q_dq, blocks.block_k_dq
+  q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  in_specs, args = query_block_inputs(q, k, v, mem_k, mem_v, mem_valid, mem_span, seg_lo, bq, chunk)
+  has_mem = mem_k is not None
+  return pl.pallas_call(
+      functools.partial(dq_kernel, has_mem=has_mem, has_span=mem_span is not None, has_seg=seg_lo is not None,
+                        window=window, block_q=bq, block_k=bk, n_k=t // bk, chunk=chunk,
+                        n_chunks=mem_k.shape[1] if has_mem else 1, split=blocks.split_masked, **common),
+      grid=(t // bq, b, h),
+      in_specs=in_specs + [q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params, interpret=interpret, name="memory_attention_dq",
+  )(*args, do, lse, delta)
+
+
+def dkdv_triton(q, k, v, do, lse, delta, seg_hi, *, scale: float, qk_scale: float, window: int | None,
+                blocks: BlockSizes, interpret: bool):
+  """`dkdv_kernel` on a grid (key block, batch, kv head), each program reading its group's G query heads:
+  padded inputs, lse, delta [B, H, T], seg_hi [B, T] or None -> (dk, dv) [B, T, K, P]."""
   b, t, h, p = q.shape
   kh = k.shape[2]
   g = h // kh
-  has_mem = mem_k is not None
-  delta = jnp.einsum("BTHP,BTHP->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
-  params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
-  common = dict(qk_scale=qk_scale, scale=scale, fm=FastMath.for_launch(blocks.fast_math, interpret))
+  params, common = _launch(blocks, qk_scale, scale, interpret)
+  group_spec, group_rows = _group_specs(t, g, p)
+  bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+  key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
+  in_specs, args = [group_spec, key_spec, key_spec, group_spec, group_rows, group_rows], [q, k, v, do, lse, delta]
+  if seg_hi is not None:
+    in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j)))
+    args.append(seg_hi)
+  dk, dv = pl.pallas_call(
+      functools.partial(dkdv_kernel, has_seg=seg_hi is not None, window=window, block_q=bq, block_k=bk,
+                        n_q=t // bq, groups=g, split=blocks.split_masked, **common),
+      grid=(t // bk, b, kh),
+      in_specs=in_specs,
+      out_specs=[key_spec, key_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
+  )(*args)
+  return dk, dv
 
-  if blocks.dq_impl == "mosaic":
-    dq = dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, scale=scale,
-                   qk_scale=qk_scale, window=window, chunk=chunk, blocks=blocks)
-  else:
-    dq = _dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window, chunk, blocks,
-                    params, common, interpret)
 
-  # dk, dv: grid (key block, batch, kv head); each program reads its group's G query heads.
-  group_spec = pl.BlockSpec((None, t, g, p), lambda j, bi, ki: (bi, 0, ki, 0))
-  group_rows = pl.BlockSpec((None, g, t), lambda j, bi, ki: (bi, ki, 0))
-  if blocks.dkdv_impl == "mosaic":
-    dk, dv = dkdv_mosaic(q, k, v, do, lse, delta, seg_hi, scale=scale, qk_scale=qk_scale, window=window,
-                         blocks=blocks)
-  else:
-    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-    key_spec = pl.BlockSpec((None, bk, None, p), lambda j, bi, ki: (bi, j, ki, 0))
-    in_specs, args = [group_spec, key_spec, key_spec, group_spec, group_rows, group_rows], [q, k, v, do, lse, delta]
-    if seg_hi is not None:
-      in_specs.append(pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j)))
-      args.append(seg_hi)
-    dk, dv = pl.pallas_call(
-        functools.partial(dkdv_kernel, has_seg=seg_hi is not None, window=window, block_q=bq, block_k=bk,
-                          n_q=t // bq, groups=g, split=blocks.split_masked, **common),
-        grid=(t // bk, b, kh),
-        in_specs=in_specs,
-        out_specs=[key_spec, key_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params, interpret=interpret, name="memory_attention_dkdv",
-    )(*args)
-
-  if not has_mem:
-    return dq, dk, dv, None, None
-
-  # Memory dk, dv: grid (chunk, batch, kv head).
+def dmem_triton(q, mem_k, mem_v, mem_valid, mem_span, do, lse, delta, *, scale: float, qk_scale: float,
+                chunk: int, blocks: BlockSizes, interpret: bool):
+  """`dmem_kernel` on a grid (chunk, batch, kv head): padded q, do, memory, mem_valid [B, C, M] or mem_span
+  [B, C, 2, M], lse, delta [B, H, T] -> (dmem_k, dmem_v) [B, C, M, K, P]."""
+  b, t, h, p = q.shape
+  kh = mem_k.shape[3]
+  g = h // kh
+  params, common = _launch(blocks, qk_scale, scale, interpret)
+  group_spec, group_rows = _group_specs(t, g, p)
   bq = blocks.block_q_dq
   n_chunks, m = mem_k.shape[1], mem_k.shape[2]
   mem_spec = pl.BlockSpec((None, None, m, None, p), lambda c, bi, ki: (bi, c, 0, ki, 0))
@@ -213,25 +238,4 @@ def backward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse,
                  jax.ShapeDtypeStruct(mem_v.shape, mem_v.dtype)],
       compiler_params=params, interpret=interpret, name="memory_attention_dmem",
   )(q, do, lse, delta, mem_k, mem_v, mem_mask)
-  return dq, dk, dv, dmk, dmv
-
-
-def _dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window, chunk, blocks,
-               params, common, interpret):
-  """`dq_kernel` on a grid (query block, batch, head) -> dq [B, T, H, P]."""
-  b, t, h, p = q.shape
-  bq, bk = blocks.block_q_dq, blocks.block_k_dq
-  q_spec = pl.BlockSpec((None, bq, None, p), lambda i, bi, hi: (bi, i, hi, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-  in_specs, args = query_block_inputs(q, k, v, mem_k, mem_v, mem_valid, mem_span, seg_lo, bq, chunk)
-  has_mem = mem_k is not None
-  return pl.pallas_call(
-      functools.partial(dq_kernel, has_mem=has_mem, has_span=mem_span is not None, has_seg=seg_lo is not None,
-                        window=window, block_q=bq, block_k=bk, n_k=t // bk, chunk=chunk,
-                        n_chunks=mem_k.shape[1] if has_mem else 1, split=blocks.split_masked, **common),
-      grid=(t // bq, b, h),
-      in_specs=in_specs + [q_spec, row_spec, row_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params, interpret=interpret, name="memory_attention_dq",
-  )(*args, do, lse, delta)
+  return dmk, dmv

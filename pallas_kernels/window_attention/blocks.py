@@ -15,12 +15,19 @@ still needs no mask.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 
 import jax.numpy as jnp
 from jax import lax
 
-KERNEL_IMPLS = ("auto", "triton", "mosaic")
+
+class KernelImpl(enum.StrEnum):
+  """Which kernel runs the forward, the dq or the dk/dv pass (`BlockSizes.forward_impl`, `dq_impl`, `dkdv_impl`;
+  resolved in `ops.resolve_impls`). Strings are accepted wherever a KernelImpl is."""
+  AUTO = "auto"        # mosaic on a compute-capability-9 GPU when the shapes allow it, else triton
+  TRITON = "triton"    # `forward.py` / `backward.py` (GPU through Triton; CPU in interpret mode)
+  MOSAIC = "mosaic"    # `forward_mosaic.py` / `dq_mosaic.py` / `dkdv_mosaic.py` (Hopper, Mosaic GPU)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,12 +44,12 @@ class BlockSizes:
   fast_math:    the softmax's exp2 as one PTX `ex2.approx.ftz` (and its rescale as FMAs) instead of
                 libdevice's exact exp2f (pallas_kernels/fast_math.py; Mosaic: `approx_math`); ignored in
                 interpret mode.
-  forward_impl: "triton" (`forward.py`), "mosaic" (`forward_mosaic.py`, Hopper, warp-specialized) or
-                "auto": mosaic on a compute-capability-9 GPU when the shapes allow it, else triton
-                (`ops.resolve_impls`).
+  forward_impl: a `KernelImpl` (or its string): "triton" (`forward.py`), "mosaic" (`forward_mosaic.py`,
+                Hopper, warp-specialized) or "auto": mosaic on a compute-capability-9 GPU when the shapes
+                allow it, else triton (`ops.resolve_impls`).
   dq_impl, dkdv_impl: the backward's dq and dk/dv kernels, chosen the same way: "triton"
                 (`backward.dq_kernel`, `backward.dkdv_kernel`), "mosaic" (`dq_mosaic.py`, `dkdv_mosaic.py`)
-                or "auto". The memory's dk/dv kernel is Triton either way.
+                or "auto". The memory's dk/dv kernel is Triton either way. `ops.py` launches the chosen ones.
   block_q_mosaic, block_k_mosaic, num_stages_mosaic: the Mosaic kernels' rows (dk/dv: keys) per consumer
                 warpgroup (a CTA holds two), the forward's key tile and its key/value shared-memory slots.
   block_k_dq_mosaic: the Mosaic dq kernel's key tile (64 beat 128 on the H100; docs/window_attention_notes.md, v7).
@@ -66,20 +73,23 @@ class BlockSizes:
   split_masked: bool = True
   fast_math: bool = True    # compiled kernels: PTX ex2.approx.ftz / fma.rn for the softmax
                             # (pallas_kernels/fast_math.py); interpret mode always uses plain jnp
-  forward_impl: str = "auto"
+  forward_impl: KernelImpl = KernelImpl.AUTO
   block_q_mosaic: int = 64
   block_k_mosaic: int = 128
   num_stages_mosaic: int = 2
-  dq_impl: str = "auto"
+  dq_impl: KernelImpl = KernelImpl.AUTO
   block_k_dq_mosaic: int = 64
-  dkdv_impl: str = "auto"
+  dkdv_impl: KernelImpl = KernelImpl.AUTO
   block_q_dkv_mosaic: int = 64
   num_stages_bwd_mosaic: int = 2
 
   def __post_init__(self):
-    for field in ("forward_impl", "dq_impl", "dkdv_impl"):
-      if getattr(self, field) not in KERNEL_IMPLS:
-        raise ValueError(f"{field} {getattr(self, field)!r} is not one of {KERNEL_IMPLS}")
+    for field in ("forward_impl", "dq_impl", "dkdv_impl"):   # a string becomes its KernelImpl
+      value = getattr(self, field)
+      try:
+        object.__setattr__(self, field, KernelImpl(value))
+      except ValueError:
+        raise ValueError(f"{field} {value!r} is not one of {[e.value for e in KernelImpl]}") from None
 
   @classmethod
   def get_default(cls, head_dim: int = 128, has_memory: bool = False) -> "BlockSizes":

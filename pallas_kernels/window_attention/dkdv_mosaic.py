@@ -31,9 +31,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_query_blocks, query_band,
                                                     split_range, visible)
-from pallas_kernels.window_attention.dq_mosaic import dots_nn_acc, dots_nt
-from pallas_kernels.window_attention.forward_mosaic import (CONSUMERS, SMEM_BYTES, load_vector,
-                                                            mosaic_layout_unsupported, smem_tiling)
+from pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
+                                                           dots_nt, load_vector, mosaic_layout_unsupported,
+                                                           slot_of, smem_tiling, wait_next)
 from pallas_kernels.window_attention.reference import NEG_INF
 
 
@@ -69,8 +69,7 @@ def dkdv_mosaic(q, k, v, do, lse, delta, seg_hi=None, *, scale: float, qk_scale:
   if reason := mosaic_dkdv_unsupported(dtype, p, 1, 0, blocks, segments=has_seg):
     raise ValueError(f"dkdv_impl='mosaic' cannot run {reason}")
   rows = CONSUMERS * bk
-  if t % rows or t % bq:
-    raise ValueError(f"T={t} must be padded to a multiple of {rows} and {bq} (BlockSizes.pad_multiple)")
+  check_padded(t, rows, bq)
   n_q = t // bq
   wgmma_layout, col_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(0)
 
@@ -94,7 +93,7 @@ def dkdv_mosaic(q, k, v, do, lse, delta, seg_hi=None, *, scale: float, qk_scale:
 
       @pl.loop(0, g * n_steps)
       def _stream(step):
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        slot = slot_of(step, stages)
         gi = lax.div(step, n_steps)
         i = lo + step - gi * n_steps
         head = kv_head * g + gi
@@ -126,7 +125,7 @@ def dkdv_mosaic(q, k, v, do, lse, delta, seg_hi=None, *, scale: float, qk_scale:
       def step_body(i, carry, gi: int, masked: bool):
         dk, dv = carry
         step = gi * n_steps + i - lo
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        slot = slot_of(step, stages)
         plgpu.barrier_wait(do_arrived.at[slot])
         s, dp = dots_nt(((k_tile, q_smem.at[slot]), (v_tile, do_smem.at[slot])), (bk, bq))   # [bk, bq]
         plgpu.barrier_wait(stats_arrived.at[slot])
@@ -140,14 +139,8 @@ def dkdv_mosaic(q, k, v, do, lse, delta, seg_hi=None, *, scale: float, qk_scale:
         pr = jnp.exp2(s - lse)
         ds = pr * (dp - delta)
         pr, ds = pr.astype(dtype), ds.astype(dtype)
-
-        def wait_next_queries():
-          nxt = step + 1
-
-          @pl.when(nxt < g * n_steps)
-          def _():
-            plgpu.barrier_wait(q_arrived.at[lax.rem(nxt, jnp.array(stages, nxt.dtype))])
-        dv, dk = dots_nn_acc(((dv, pr, do_smem.at[slot]), (dk, ds, q_smem.at[slot])), wait_next_queries)
+        dv, dk = dots_nn_acc(((dv, pr, do_smem.at[slot]), (dk, ds, q_smem.at[slot])),
+                             wait_next(q_arrived, step, g * n_steps, stages))
         plgpu.barrier_arrive(consumed.at[slot])
         return dk, dv
 

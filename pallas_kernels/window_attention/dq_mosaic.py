@@ -33,9 +33,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_key_blocks, in_span,
                                                     key_band, split_range, visible)
-from pallas_kernels.window_attention.forward_mosaic import (CONSUMERS, SMEM_BYTES, load_vector, memory_mask,
-                                                            memory_mask_smem, mosaic_layout_unsupported,
-                                                            packed_smem_bytes, produce_band, smem_tiling)
+from pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
+                                                           dots_nt, load_vector, memory_mask, memory_mask_smem,
+                                                           mosaic_layout_unsupported, packed_smem_bytes,
+                                                           produce_band, slot_of, smem_tiling,
+                                                           wait_next)
 from pallas_kernels.window_attention.reference import NEG_INF
 
 
@@ -60,25 +62,6 @@ def mosaic_dq_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: 
   return None
 
 
-def dots_nt(pairs, shape):
-  """[(a_ref [X, P], b_ref [Y, P]), ...] -> (a·bᵀ [X, Y] fp32, ...), the wgmmas issued back to back."""
-  def run(*acc_refs):
-    for acc_ref, (a_ref, b_ref) in zip(acc_refs, pairs):
-      plgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)))
-    return tuple(acc_ref[...] for acc_ref in acc_refs)
-  return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
-
-
-def dots_nn_acc(triples, while_running):
-  """[(acc [X, P], a [X, Y], b_ref [Y, P]), ...] -> (acc + a·b, ...), the wgmmas issued back to back and
-  while_running() issued while they run."""
-  def run(acc_refs):
-    for acc_ref, (_, a, b_ref) in zip(acc_refs, triples):
-      plgpu.wgmma(acc_ref, a, b_ref)
-    while_running()
-  return pl.run_state(run)(tuple(plgpu.ACC.init(acc) for acc, _, _ in triples))
-
-
 def dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, *, scale: float,
               qk_scale: float, window: int | None, chunk: int, blocks: BlockSizes):
   """Padded inputs (T a multiple of blocks.pad_multiple, M of 64), lse, delta [B, H, T] -> dq."""
@@ -92,8 +75,7 @@ def dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta
   if reason := mosaic_dq_unsupported(dtype, p, chunk, n_mem, blocks, segments=has_seg, span=has_span):
     raise ValueError(f"dq_impl='mosaic' cannot run {reason}")
   rows = CONSUMERS * bq
-  if t % rows or t % bk:
-    raise ValueError(f"T={t} must be padded to a multiple of {rows} and {bk} (BlockSizes.pad_multiple)")
+  check_padded(t, rows, bk)
   n_k = t // bk
   n_chunks = mem_k.shape[1] if has_mem else 1
   wgmma_layout, row_layout = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
@@ -172,7 +154,7 @@ def dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta
 
       def step_body(j, dq, masked: bool):
         step = j - lo
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        slot = slot_of(step, stages)
         plgpu.barrier_wait(v_barriers.at[slot])
         s, dp = dots_nt(((q_tile, k_smem.at[slot]), (do_tile, v_smem.at[slot])), (bq, bk))
         plgpu.barrier_arrive(v_consumed.at[slot])
@@ -182,14 +164,7 @@ def dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta
           seg = None if q_seg_lo is None else lax.broadcast_in_dim(q_seg_lo, (bq, bk), [0])
           vis = visible(q0 + iota(0), j * bk + iota(1), window, q_seg_lo=seg)
         ds = grad_logits(s, dp, vis)
-
-        def wait_next_keys():
-          nxt = step + 1
-
-          @pl.when(nxt < n_steps)
-          def _():
-            plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.array(stages, nxt.dtype))])
-        [dq] = dots_nn_acc(((dq, ds, k_smem.at[slot]),), wait_next_keys)
+        [dq] = dots_nn_acc(((dq, ds, k_smem.at[slot]),), wait_next(k_barriers, step, n_steps, stages))
         plgpu.barrier_arrive(k_consumed.at[slot])
         return dq
 

@@ -27,22 +27,19 @@ shared memory.
 
 Interpret mode (CPU, `interpret=True`) runs the same producer, barriers, slots and masks on the Mosaic GPU
 interpreter, with the two matmuls as jnp dots and no tiling/swizzle: the jax 0.10 interpreter has neither
-transposed wgmma operands nor `layout_cast`. Standalone, it ran the window and memory cases and matched
-the reference (bf16 rel. err. 1.9e-3), but it deadlocks nondeterministically on this kernel (threads
-waiting on barriers; under pytest on every test case at least once) while the compiled kernel passes on the
-H100, so the tests of this forward run compiled only (tests/test_window_attention.py, MOSAIC_CASES).
-Cause (found with the packed-row work, jax 0.10.2): the interpreter runs each warpgroup as a thread that
-blocks in a host callback while it waits on a barrier, and XLA's CPU client executes at most NPROC
-(default: the core count) of them at once, so on a 2-core machine two waiting threads starve the ones they
-wait for. With NPROC=32 in the environment before jax starts it runs every time; it then refuses (ValueError
-"did not observe all phases") a CTA band of more than num_stages_mosaic key tiles, because the producer
-does not wait for its slots' last releases. `test_mosaic_forward_interpreted` runs such a case.
+transposed wgmma operands nor `layout_cast`. The interpreter runs each warpgroup as a thread that blocks in
+a host callback while it waits on a barrier, and XLA's CPU client executes at most NPROC (default: the core
+count) of them at once, so on a 2-core machine two waiting threads starve the ones they wait for (it
+"deadlocks", nondeterministically). With NPROC=32 in the environment before jax starts it runs every time
+(bf16 rel. err. ~2e-3); it then refuses (ValueError "did not observe all phases") a CTA band of more than
+num_stages_mosaic key tiles, because the producer does not wait for its slots' last releases. So the tests
+run `cases.MOSAIC_INTERPRET_CASES` (small bands) interpreted, in a subprocess with NPROC=32
+(`test_mosaic_forward_interpreted`), and the other Mosaic cases compiled only (on Hopper).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import jax
@@ -53,11 +50,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_key_blocks, in_span,
                                                     key_band, split_range, visible)
+from pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
+                                                           dots_nt, load_vector, memory_mask, memory_mask_smem,
+                                                           mosaic_layout_unsupported, packed_smem_bytes,
+                                                           produce_band, slot_of, smem_tiling,
+                                                           wait_next)
 from pallas_kernels.window_attention.reference import NEG_INF
-
-CONSUMERS = 2                    # compute warpgroups per CTA; wg index CONSUMERS is the producer
-SMEM_BYTES = 227 * 1024          # H100 / H200 shared memory per CTA
-_SWIZZLE_BYTES = 128
 
 
 def smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2, segments: bool = False,
@@ -72,27 +70,6 @@ def smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2,
           + packed_smem_bytes(blocks, n_mem, segments, span))
 
 
-def packed_smem_bytes(blocks: BlockSizes, n_mem: int, segments: bool, span: bool) -> int:
-  """What segments (each consumer's seg_lo rows, int32) and spans (a second int32 per memory slot on top of
-  the bias's one) add to the forward's or the dq kernel's shared memory."""
-  return 4 * (CONSUMERS * blocks.block_q_mosaic * segments + n_mem * span)
-
-
-def mosaic_layout_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
-                              block_k: int) -> str | None:
-  """What the Mosaic kernels (this forward, `dq_mosaic.py`, `dkdv_mosaic.py`) share: dtype, tiles, memory."""
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {jnp.dtype(dtype)} (the Mosaic kernels take bf16 or f16)"
-  if head_dim % 64:
-    return f"head_dim {head_dim} (the Mosaic kernels need a multiple of 64)"
-  if blocks.block_q_mosaic != 64 or block_k % 64:
-    return (f"block_q_mosaic {blocks.block_q_mosaic} / key tile {block_k} (one wgmma row block of 64 per "
-            "consumer; key tiles a multiple of 64)")
-  if n_mem and chunk % (CONSUMERS * blocks.block_q_mosaic):
-    return f"chunk {chunk} with memory (both consumers of a CTA must read one chunk: a multiple of 128)"
-  return None
-
-
 def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blocks: BlockSizes,
                                segments: bool = False, span: bool = False) -> str | None:
   """Why the Mosaic forward cannot run these (padded) shapes, or None when it can."""
@@ -101,56 +78,6 @@ def mosaic_forward_unsupported(dtype, head_dim: int, chunk: int, n_mem: int, blo
   if (need := smem_bytes(blocks, head_dim, n_mem, segments=segments, span=span)) > SMEM_BYTES:
     return f"{need} bytes of shared memory at M={n_mem}, P={head_dim} (the H100 has {SMEM_BYTES})"
   return None
-
-
-def memory_mask(mem_valid, mem_span):
-  """What the forward and the dq kernel read for the memory mask: the spans [B, C, 2, M] int32 as they are,
-  or mem_valid as a bias [B, C, M] fp32 (0 or NEG_INF, added to the scaled logits)."""
-  if mem_span is not None:
-    return mem_span
-  return jnp.where(mem_valid != 0, 0.0, NEG_INF).astype(jnp.float32)
-
-
-def memory_mask_smem(n_mem: int, span: bool):
-  """The SMEM buffer `memory_mask` is copied into."""
-  return plgpu.SMEM((2, n_mem), jnp.int32) if span else plgpu.SMEM((n_mem,), jnp.float32)
-
-
-def smem_tiling(dtype) -> dict:
-  """The tiling and swizzle of every 16-bit wgmma operand tile in shared memory."""
-  return dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE_BYTES // jnp.dtype(dtype).itemsize)),
-                          plgpu.SwizzleTransform(_SWIZZLE_BYTES)))
-
-
-def load_vector(ref, layout):
-  """An fp32 vector from SMEM in a register layout (jax 0.10 takes the index positionally, 0.11 not)."""
-  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
-
-
-def produce_band(bi, kv_head, lo, n_steps, bk: int, stages: int, streams, memory=None):
-  """The producer warpgroup of the forward and the dq kernel.
-
-  memory = (mem_k, mem_v, bias refs, their SMEM tiles, a 3-barrier ref, chunk): the chunk's memory keys,
-  values ([B, C, M, K, P]) and bias ([B, C, M]; or spans [B, C, 2, M]), copied once. streams = ((src
-  [B, T, K, P], slots [stages, bk, P], ready, freed barriers), ...): key blocks [lo, lo + n_steps) of the
-  band, each slot refilled once both consumers have freed it."""
-  if memory is not None:
-    mk_ref, mv_ref, bias_ref, mk_smem, mv_smem, bias_smem, arrived, chunk = memory
-    for i, (src, dst) in enumerate(((mk_ref, mk_smem), (mv_ref, mv_smem))):
-      plgpu.copy_gmem_to_smem(src.at[bi, chunk, :, kv_head], dst, arrived.at[i])
-    plgpu.copy_gmem_to_smem(bias_ref.at[bi, chunk], bias_smem, arrived.at[2])
-
-  @pl.loop(0, n_steps)
-  def _stream(step):
-    slot = lax.rem(step, jnp.array(stages, step.dtype))
-    block = (bi, pl.ds((lo + step) * bk, bk), kv_head)
-    for src, dst, ready, freed in streams:
-      @pl.when(step >= stages)
-      def _wait_free():
-        plgpu.barrier_wait(freed.at[slot])
-      plgpu.copy_gmem_to_smem(src.at[block], dst.at[slot], ready.at[slot])
 
 
 class _Ops:
@@ -182,12 +109,7 @@ class _Ops:
                             preferred_element_type=jnp.float32)
       while_running()
       return out
-
-    def run(acc_ref):
-      plgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)))
-      while_running()
-      return acc_ref[...]
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+    return dots_nt(((a_ref, b_ref),), shape, while_running)[0]
 
   def dot_nn_acc(self, acc, a, b_ref, while_running):
     """acc [X, P] + a [X, Y] · b_ref [Y, P] (fp32 accumulate); while_running() as in `dot_nt`."""
@@ -195,11 +117,7 @@ class _Ops:
       out = acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
       while_running()
       return out
-
-    def run(acc_ref):
-      plgpu.wgmma(acc_ref, a, b_ref)
-      while_running()
-    return pl.run_state(run)(plgpu.ACC.init(acc))
+    return dots_nn_acc(((acc, a, b_ref),), while_running)[0]
 
 
 def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_scale: float, window: int | None,
@@ -216,8 +134,7 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_sca
   if reason := mosaic_forward_unsupported(dtype, p, chunk, n_mem, blocks, segments=has_seg, span=has_span):
     raise ValueError(f"forward_impl='mosaic' cannot run {reason}")
   rows = CONSUMERS * bq
-  if t % rows or t % bk:
-    raise ValueError(f"T={t} must be padded to a multiple of {rows} and {bk} (BlockSizes.pad_multiple)")
+  check_padded(t, rows, bk)
   n_k = t // bk
   n_chunks = mem_k.shape[1] if has_mem else 1
   ops = _Ops(interpret)
@@ -297,7 +214,7 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_sca
       def step_body(j, carry, masked: bool):
         acc, m_i, l_i = carry
         step = j - lo
-        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        slot = slot_of(step, stages)
         qk = ops.dot_nt(qo, k_smem.at[slot], (bq, bk), schedule)
         plgpu.barrier_arrive(k_consumed.at[slot])
         # base-2 softmax, m in scaled units. Unmasked tiles fold the scale into one FMA per logit. Masked
@@ -321,13 +238,7 @@ def forward_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, *, qk_sca
         plgpu.barrier_wait(v_barriers.at[slot])
         plgpu.barrier_wait(sched)                             # the tensor cores are ours
 
-        def wait_next_keys():
-          nxt = step + 1
-
-          @pl.when(nxt < n_steps)
-          def _():
-            plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.array(stages, nxt.dtype))])
-        acc = ops.dot_nn_acc(acc, p16, v_smem.at[slot], wait_next_keys)
+        acc = ops.dot_nn_acc(acc, p16, v_smem.at[slot], wait_next(k_barriers, step, n_steps, stages))
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 

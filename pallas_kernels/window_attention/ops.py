@@ -9,7 +9,10 @@ Here the inputs are brought to the kernels' layout: T padded to a multiple of ev
 sit after every real query, so causality hides them; padding queries are sliced off and get a zero
 cotangent), M padded to a power of two >= 16 (>= 64 for the Mosaic kernels) with invalid slots, P padded
 to a power of two >= 16 with zeros (zero q/k columns add nothing to the logits). Padding is skipped when a
-size already fits. The forward, dq and dk/dv kernels are picked by `resolve_impls`.
+size already fits. This is the one place that picks the kernels: `resolve_impls` resolves the forward, dq and
+dk/dv `KernelImpl`s, and the custom VJP's forward and backward launch them (Triton: `forward.py`,
+`backward.py`; Mosaic GPU: `forward_mosaic.py`, `dq_mosaic.py`, `dkdv_mosaic.py`; the memory's dk/dv always
+Triton). `interpret=True` runs the Triton kernels (and the Mosaic forward, when asked for) on CPU.
 
 Packed rows: the kernels never compare segment ids. `segment_bounds` turns them into seg_lo [B, T] (the
 first position of each position's segment: the forward and dq kernels, queries on rows) and seg_hi [B, T]
@@ -29,13 +32,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.fast_math import LOG2E
-from pallas_kernels.window_attention.backward import backward
-from pallas_kernels.window_attention.blocks import BlockSizes
-from pallas_kernels.window_attention.dkdv_mosaic import mosaic_dkdv_unsupported
-from pallas_kernels.window_attention.dq_mosaic import mosaic_dq_unsupported
+from pallas_kernels.sharding import per_shard
+from pallas_kernels.window_attention.backward import dkdv_triton, dmem_triton, dq_triton
+from pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
+from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic, mosaic_dkdv_unsupported
+from pallas_kernels.window_attention.dq_mosaic import dq_mosaic, mosaic_dq_unsupported
 from pallas_kernels.window_attention.forward import forward
 from pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
-from pallas_kernels.sharding import per_shard
 from pallas_kernels.window_attention.reference import check_shapes
 
 
@@ -55,7 +58,7 @@ def _on_hopper() -> bool:
 
 def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: int,
                   interpret: bool, segments: bool = False, span: bool = False) -> BlockSizes:
-  """blocks with forward_impl, dq_impl and dkdv_impl each "triton" or "mosaic" (padded head_dim; n_mem = M
+  """blocks with forward_impl, dq_impl and dkdv_impl each TRITON or MOSAIC (padded head_dim; n_mem = M
   before padding; segments / span: whether segment_ids / mem_span are given).
 
   "auto" takes the Mosaic kernel on a compute-capability-9 GPU (not in interpret mode) when the shapes
@@ -65,14 +68,15 @@ def resolve_impls(blocks: BlockSizes, dtype, head_dim: int, chunk: int, n_mem: i
   for field, unsupported in (("forward_impl", mosaic_forward_unsupported), ("dq_impl", mosaic_dq_unsupported),
                              ("dkdv_impl", mosaic_dkdv_unsupported)):
     impl = getattr(blocks, field)
-    if impl != "triton":
+    if impl != KernelImpl.TRITON:
       why = unsupported(dtype, head_dim, chunk, m_pad, blocks, segments=segments, span=span)
       if field != "forward_impl" and interpret:
         why = why or "in interpret mode (the Mosaic backward kernels run compiled only)"
-      if impl == "mosaic" and why:
+      if impl == KernelImpl.MOSAIC and why:
         raise ValueError(f"{field}='mosaic' cannot run {why}; use {field}='triton' or 'auto'")
-      if impl == "auto":
-        impl = "mosaic" if why is None and not interpret and _on_hopper() else "triton"
+      if impl == KernelImpl.AUTO:
+        use_mosaic = why is None and not interpret and _on_hopper()
+        impl = KernelImpl.MOSAIC if use_mosaic else KernelImpl.TRITON
     chosen[field] = impl
   return dataclasses.replace(blocks, **chosen)
 
@@ -102,17 +106,33 @@ def _attention(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale
 
 def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, scale, window, chunk, blocks,
                    interpret):
-  fwd = forward_mosaic if blocks.forward_impl == "mosaic" else forward
+  fwd = forward_mosaic if blocks.forward_impl == KernelImpl.MOSAIC else forward
   o, lse = fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, qk_scale=scale * LOG2E, window=window,
                chunk=chunk, blocks=blocks, interpret=interpret)
   return o, (q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse)
 
 
 def _attention_bwd(scale, window, chunk, blocks, interpret, res, do):
+  """The backward's three kernels, each the one `resolve_impls` chose: dq, dk/dv, and (with memory) the
+  memory's dk/dv. delta = Σ_P o·do [B, H, T] fp32 is their shared residual."""
   q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse = res
-  dq, dk, dv, dmk, dmv = backward(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse, do,
-                                  scale=scale, qk_scale=scale * LOG2E, window=window, chunk=chunk,
-                                  blocks=blocks, interpret=interpret)
+  delta = jnp.einsum("BTHP,BTHP->BHT", o.astype(jnp.float32), do.astype(jnp.float32))
+  scales = dict(scale=scale, qk_scale=scale * LOG2E)
+  if blocks.dq_impl == KernelImpl.MOSAIC:
+    dq = dq_mosaic(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window=window,
+                   chunk=chunk, blocks=blocks, **scales)
+  else:
+    dq = dq_triton(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, do, lse, delta, window=window,
+                   chunk=chunk, blocks=blocks, interpret=interpret, **scales)
+  if blocks.dkdv_impl == KernelImpl.MOSAIC:
+    dk, dv = dkdv_mosaic(q, k, v, do, lse, delta, seg_hi, window=window, blocks=blocks, **scales)
+  else:
+    dk, dv = dkdv_triton(q, k, v, do, lse, delta, seg_hi, window=window, blocks=blocks, interpret=interpret,
+                         **scales)
+  dmk = dmv = None
+  if mem_k is not None:
+    dmk, dmv = dmem_triton(q, mem_k, mem_v, mem_valid, mem_span, do, lse, delta, chunk=chunk, blocks=blocks,
+                           interpret=interpret, **scales)
   return dq, dk, dv, dmk, dmv, None, None, None, None   # integer inputs: no cotangent
 
 
@@ -176,7 +196,7 @@ def _memory_attention(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *
   if mem_k is None or n_mem == 0:
     mem_k = mem_v = mem_valid = mem_span = None
   else:
-    m_pad = _memory_slots(n_mem, mosaic="mosaic" in (blocks.forward_impl, blocks.dq_impl))   # dk/dv: no memory
+    m_pad = _memory_slots(n_mem, mosaic=KernelImpl.MOSAIC in (blocks.forward_impl, blocks.dq_impl))   # dk/dv: no memory
     mem_pad = ((0, 0), (0, 0), (0, m_pad - n_mem), (0, 0), (0, p_pad - p))
     if m_pad != n_mem or p_pad != p:
       mem_k, mem_v = jnp.pad(mem_k, mem_pad), jnp.pad(mem_v, mem_pad)

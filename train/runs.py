@@ -1,0 +1,81 @@
+"""A run's files in its workdir and reading a trained run back.
+
+The trainer writes config.json and tokenizer.json (`write_run_files`) and each checkpoint's meta
+(`checkpoint_meta`); `load_config`, `load_run` (setup, params, step of the latest checkpoint) and
+`evaluate_run` (eval.json) read them for evaluation and generation.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from train import checkpoint as ckpt_lib
+from train import faults
+from train import tasks as tasks_lib
+from train.setup import Setup, build, restore_state
+from train.steps import evaluate
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def checkpoint_meta(setup: Setup, record: faults.FaultRecord | None = None) -> dict[str, Any]:
+  """What a checkpoint records besides the state: the model config, the data config, the fault record."""
+  return {"model": ckpt_lib.model_config_dict(setup.cfg), "data": setup.config.data.to_dict(),
+          "faults": (record or faults.FaultRecord()).to_meta()}
+
+
+def write_run_files(setup: Setup, workdir: str) -> None:
+  """config.json and tokenizer.json in `workdir` (what `load_run` and generation read back)."""
+  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(setup.config.to_json_best_effort(indent=2, sort_keys=True))
+  info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
+  with open(os.path.join(workdir, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=2)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devices=None, with_task: bool = True):
+  """(setup, params, step) of the latest checkpoint in `workdir`; raises CheckpointError / FileNotFoundError."""
+  workdir = os.path.abspath(workdir)
+  config = config or load_config(workdir)
+  task = None if with_task else tasks_lib.Task("none", range(1 << 30), range(1), 1, 0)
+  if not with_task:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config.train.batch_size = config.train.eval_batch_size = jax.device_count()
+    config.train.grad_accum_steps = 1
+  setup = build(config, devices, task)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+                               async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"No checkpoint in {ckpt.directory}: train first (bmojo-train).")
+    state = restore_state(ckpt, step, setup, None)
+  finally:
+    ckpt.close()
+  return setup, state["params"], step
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents.
+
+  eval.json is strict JSON: a non-finite figure is written as null, listed under "nonfinite", and warned about
+  (faults.NonFiniteResultWarning)."""
+  setup, params, step = load_run(workdir, config)
+  result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
+  if jax.process_index() == 0:
+    return faults.write_strict_json(os.path.join(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
+  return faults.strict_json(result)[0]
