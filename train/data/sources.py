@@ -63,8 +63,28 @@ def _array_record_files(paths: Sequence[str] | str) -> list[str]:
   return files
 
 
-class ArrayRecordDocuments:
+class _Reopened:
+  """A source over a file handle: pickled as its arguments (`_STATE`) and reopened where it is unpickled (in
+  grain's worker processes), `_open` setting `_source`."""
+  _STATE: tuple[str, ...] = ()
+
+  def _open(self) -> None:
+    raise NotImplementedError
+
+  def __getstate__(self):
+    return {k: getattr(self, k) for k in self._STATE}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open()
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+
+class ArrayRecordDocuments(_Reopened):
   """One document per record of ArrayRecord files (grain.sources.ArrayRecordDataSource, random access)."""
+  _STATE = ("files", "text_key")
 
   def __init__(self, paths: Sequence[str] | str, text_key: str = ""):
     self.files = _array_record_files(paths)
@@ -74,16 +94,6 @@ class ArrayRecordDocuments:
   def _open(self) -> None:
     import grain  # pylint: disable=g-import-not-at-top
     self._source = grain.sources.ArrayRecordDataSource(self.files)
-
-  def __getstate__(self):
-    return {"files": self.files, "text_key": self.text_key}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._open()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, i: int) -> str:
     record = self._source[int(i)]
@@ -111,12 +121,13 @@ def import_tfds():
   return tfds
 
 
-class TfdsDocuments:
+class TfdsDocuments(_Reopened):
   """Documents of a prepared tfds dataset through `tfds.data_source(name, split=..., data_dir=...)`.
 
   Never downloads: the dataset must be prepared (in ArrayRecord file format, tfds' default since 4.9) in
   `data_dir` or tfds' default directory. `record[text_key]` is the text.
   """
+  _STATE = ("name", "split", "data_dir", "text_key")
 
   def __init__(self, name: str, split: str, *, data_dir: str | None = None, text_key: str = "text"):
     if data_dir and not os.path.exists(data_dir):
@@ -133,16 +144,6 @@ class TfdsDocuments:
           f"tfds dataset {self.name!r} split {self.split!r} is not prepared (as ArrayRecord) in "
           f"{self.data_dir or 'the default tfds data_dir'}: {e}. Prepare it once with `tfds build "
           f"{self.name} --file_format=array_record` (needs network), or use `python -m train.data.prepare`.") from e
-
-  def __getstate__(self):
-    return {k: getattr(self, k) for k in ("name", "split", "data_dir", "text_key")}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._open()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, i: int) -> str:
     record = self._source[int(i)]
