@@ -12,6 +12,10 @@ no warmup, evaluation every half epoch); `--set key=value` overrides any config 
 plus the equal-memory baseline of docs/evals.md, a Hybrid whose window is B'MOJO's w + M_f + M_e
 (`hybrid` with `variant` "equal_memory"); the Transformer is the full-attention reference.
 
+`--selection` picks B'MOJO's selection score (`bmojo_jax.config.Selection`; docs/mqar.md, "Selection variants"),
+recorded, like the store policy, in each record and its key; `--save-checkpoints` keeps every run's final state
+for `benchmarks/mqar_selection.py`.
+
 Results: one record per run in `<out>/mqar_sweep_<device>.json` (out: --out, else $OUT, else
 benchmarks/results), written after each population. A rerun skips the runs already recorded there or in
 `benchmarks/results/mqar_sweep_<device>.json` (copy a returned file there to resume). `--budget-s` stops
@@ -40,7 +44,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import device_name, device_tag  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
-from bmojo_jax.config import resolve_attn_impl, resolve_scan_impl  # noqa: E402
+from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train import population as pop_lib  # noqa: E402
 from train import trainer  # noqa: E402
@@ -50,7 +54,7 @@ FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"
 ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
 KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
-              "store_policy", "dtype", "learning_rate", "seed", "epochs")
+              "store_policy", "selection", "dtype", "learning_rate", "seed", "epochs")
 # Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
@@ -84,7 +88,8 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
     chunk = args.window if family in ("bmojo_f", "bmojo") else window   # chunk must divide the window
     sets += [f"model.window={window}", f"model.chunk_size={chunk}"]
   sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
-           f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}"]
+           f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}",
+           f"model.selection={args.selection}"]
   sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.attn_impl}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
@@ -96,12 +101,18 @@ def record_key(r: dict) -> tuple:
   return tuple(round(r[k], 12) if isinstance(r[k], float) else r[k] for k in KEY_FIELDS)
 
 
+def upgrade_record(r: dict) -> dict:
+  """A record written before a key field existed, with the value its run had: the paper's innovation test
+  (`selection` came in with issue #15's selection variants; "" without an eidetic store, like store_policy)."""
+  return {"selection": Selection.INNOVATION.value if r.get("n_eidetic") else "", **r}
+
+
 def load_records(paths: list[str]) -> list[dict]:
   records, seen = [], set()
   for path in paths:
     if os.path.exists(path):
       with open(path) as f:
-        for r in json.load(f):
+        for r in map(upgrade_record, json.load(f)):
           if record_key(r) not in seen:
             seen.add(record_key(r))
             records.append(r)
@@ -135,7 +146,8 @@ def sweep(args) -> str:
         base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
                 "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
                 "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
-                "store_policy": cfg.store_policy.value if cfg.eidetic else "", "dtype": cfg.dtype,
+                "store_policy": cfg.store_policy.value if cfg.eidetic else "",
+                "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
                 "epochs": args.epochs}
         runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
                 if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
@@ -154,8 +166,9 @@ def sweep(args) -> str:
           checked[n] = data_check(pop.mq, pop.task.eval_source.seed)
           if checked[n]:
             print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
-        workdir = os.path.join(args.workdir, f"{family}{'_' + variant if variant else ''}_d{d_model}_N{n}")
-        results = pop.train(workdir, progress_bar=not args.no_progress)
+        memory = f"_{base['store_policy']}_{base['selection']}" if cfg.eidetic else ""   # one folder per store
+        workdir = os.path.join(args.workdir, f"{family}{'_' + variant if variant else ''}{memory}_d{d_model}_N{n}")
+        results = pop.train(workdir, progress_bar=not args.no_progress, save_checkpoints=args.save_checkpoints)
         wall = time.time() - t0
         longest = max(longest, wall)
         for run, res in zip(runs, results):
@@ -198,10 +211,12 @@ def plot(records: list[dict], out_path: str) -> str | None:
     groups: dict[tuple, list[float]] = {}
     for r in records:
       if r["N"] == n:
-        groups.setdefault((r["family"], r["variant"], r["d_model"], r["learning_rate"], r["state_bytes"]),
-                          []).append(r["test_accuracy"] or 0.0)
-    for (family, variant, d_model, _, nbytes), accs in groups.items():
+        groups.setdefault((r["family"], r["variant"], r.get("selection", ""), r["d_model"], r["learning_rate"],
+                           r["state_bytes"]), []).append(r["test_accuracy"] or 0.0)
+    for (family, variant, selection, d_model, _, nbytes), accs in groups.items():
       name = f"{family} ({variant.replace('_', ' ')})" if variant else family
+      if selection and selection != Selection.INNOVATION:
+        name += f", {selection} selection"
       best = lines.setdefault(name, {}).get(d_model, (nbytes, 0.0))[1]
       lines[name][d_model] = (nbytes, max(best, float(np.mean(accs))))
     for name, points in sorted(lines.items()):
@@ -329,6 +344,8 @@ def parse_args(argv=None):
                       "inside a population stayed at chance where the reference reached 0.9998 (docs/mqar.md): the "
                       "fast paths are not yet verified inside populations")
   p.add_argument("--store-policy", default="score", help="B'MOJO's eidetic store: score (default) or fifo")
+  p.add_argument("--selection", default=Selection.INNOVATION.value, choices=[s.value for s in Selection],
+                 help="B'MOJO's selection score (docs/mqar.md, 'Selection variants'); default the paper's innovation")
   p.add_argument("--no-equal-memory", dest="equal_memory", action="store_false",
                  help="skip the Hybrid with window w + M_f + M_e")
   p.add_argument("--epochs", type=int, help="default 8 (Zoology: 64)")
@@ -339,6 +356,9 @@ def parse_args(argv=None):
   p.add_argument("--workdir", help="run directories (default <tmp>/mqar_sweep)")
   p.add_argument("--out", help="results folder (default $OUT, else benchmarks/results; --smoke: a temp folder)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--save-checkpoints", action="store_true",
+                 help="keep each run's final state as a trainer checkpoint in its run folder (for "
+                      "benchmarks/mqar_selection.py --workdir, bmojo-eval)")
   p.add_argument("--smoke", action="store_true", help="tiny models and data, results in a temp folder")
   p.add_argument("--throughput", action="store_true", help="measure tokens/s instead of sweeping")
   p.add_argument("--runs", help="--throughput: population sizes; default 1,4,8,16")

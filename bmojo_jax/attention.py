@@ -3,7 +3,8 @@
 Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
   1. window keys t - w < t' <= t (RoPE on queries and window keys; all t' <= t when window is None);
   2. the fading tokens of chunk c: the projected mixer outputs at the last M_f positions of chunk c-1;
-  3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE).
+  3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE), filled by the tokens that
+     `cfg.selection`'s score ranks highest in each chunk (`memory.selection_scores`).
 Chunk 0 has no memory. The parallel pass calls one attention function chosen by `cfg.attn_impl`; the decode
 step attends over a ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
 """
@@ -20,7 +21,7 @@ from flax import nnx
 from bmojo_jax import memory
 from bmojo_jax import typing as tp
 from bmojo_jax.config import AttnImpl, ModelConfig, resolve_attn_impl
-from bmojo_jax.layers import einsum_layer, rope
+from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import Store
 from bmojo_jax.segments import Packing
 from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_reference
@@ -74,7 +75,7 @@ class AttnState(NamedTuple):
   next_fading_v: jax.Array
   store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
   cand: Store                   # [B, k_e, …] the current chunk's selections so far
-  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs
+  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs (kept for every selection)
   pos: jax.Array                # [] int32, tokens seen
 
 
@@ -91,6 +92,14 @@ class Attention(nnx.Module):
                            cfg.init_std)
     self.wo = einsum_layer("BTHP,HPD->BTD", (h, p, d), (tp.HEADS, tp.HEAD_DIM, tp.EMBED), cfg, rngs,
                            cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
+    if cfg.learned_selection:   # w_s [D] of `memory.learned_scores`
+      self.scorer = param(rngs, nnx.initializers.normal(cfg.init_std), (d,), (tp.EMBED,), cfg.weight_dtype)
+
+  def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> memory.ScoreInputs:
+    """What `memory.selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv
+    None without fading tokens), the scorer's weights, and `memory.ScoreInputs`' other fields from kw."""
+    return memory.ScoreInputs(a, k_raw, v, fk, fv, w_s=self.scorer[...] if self.cfg.learned_selection else None,
+                              **kw)
 
   def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
                cache_size: int | None = None, packing: Packing | None = None
@@ -121,8 +130,11 @@ class Attention(nnx.Module):
       mem = None
       if m_f or m_e:
         fk, fv = (self.wk(fading), self.wv(fading)) if m_f else (None, None)
-        scores = memory.innovation_scores(a, reach=packing.offset)[0] if m_e else None
-        mem = memory.packed_memory(fk, fv, scores, k_raw, v, packing, chunk=chunk, n_fading=m_f,
+        scores, v_mem = None, v
+        if m_e:
+          scores, v_mem = memory.selection_scores(
+              cfg.selection, self.score_inputs(a, k_raw, v, fk, fv, reach=packing.offset))
+        mem = memory.packed_memory(fk, fv, scores, k_raw, v_mem, packing, chunk=chunk, n_fading=m_f,
                                    k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
       mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
       o = attend(q, k, v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk, segment_ids=packing.ids,
@@ -131,6 +143,7 @@ class Attention(nnx.Module):
 
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
+    fk = fv = None
     if m_f:
       fk, fv = self.wk(fading), self.wv(fading)
       fading_k, fading_v, fading_valid = memory.fading_per_chunk(fk, fv, chunk, m_f)
@@ -138,8 +151,9 @@ class Attention(nnx.Module):
       mem_v.append(fading_v)
       mem_valid.append(jnp.broadcast_to(fading_valid[None, :, None], (b, n_chunks, m_f)))
     if m_e:
-      scores, history = memory.innovation_scores(a)
-      selected = memory.select_per_chunk(scores, k_raw, v, chunk, cfg.eidetic_per_chunk)
+      scores, v_mem = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv))
+      history = memory.last_inputs(a)
+      selected = memory.select_per_chunk(scores, k_raw, v_mem, chunk, cfg.eidetic_per_chunk)
       stores = memory.stores_before_chunks(selected, m_e, cfg.store_policy)
       mem_k.append(stores.k)
       mem_v.append(stores.v)
@@ -205,20 +219,23 @@ class Attention(nnx.Module):
 
     b = a.shape[0]
     keys, values, valid = [ring_k], [ring_v], [jnp.broadcast_to(ring_valid, (b, size))]
+    fk, fv = (self.wk(fading), self.wv(fading)) if m_f else (None, None)
+    if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
+      prev = dict(prev_fk=state.next_fading_k[:, -1:], prev_fv=state.next_fading_v[:, -1:]) if m_f else {}
+      score, _ = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv,
+                                                                           history=state.history, **prev))
     if m_f:
       keys.append(state.fading_k)
       values.append(state.fading_v)
       valid.append(jnp.broadcast_to(t >= chunk, (b, m_f)))
-      fk, fv = self.wk(fading), self.wv(fading)
       state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:
       keys.append(state.store.k)
       values.append(state.store.v)
       valid.append(state.store.valid)
-      score, history = memory.innovation_scores(a, state.history)
       state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t),
-                             history=history)
+                             history=memory.last_inputs(a, state.history))
     o = decode_attention(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                          jnp.concatenate(valid, 1))
     return self.wo(o[:, None]), state

@@ -120,6 +120,15 @@ class StorePolicy(enum.StrEnum):
   SCORE = "score"  # the n_eidetic highest-scoring selections seen so far (ties: earliest)
 
 
+class Selection(enum.StrEnum):
+  """Which score picks the eidetic tokens of a chunk (`bmojo_jax.memory.SELECTION_SCORES`; docs/mqar.md,
+  "Selection variants"). On the attention input a_t [B, T, D] (keys k_t, values v_t [B, T, K, P]):"""
+  INNOVATION = "innovation"  # the paper's test: ‖a_t − (1/4) Σ_{j=1..4} a_{t-j}‖² (the default)
+  LEARNED = "learned"        # a_t · w_s, a learned scorer trained through a straight-through gate on the values
+  SSM_ERROR = "ssm_error"    # ‖k_t − k^f_{t-1}‖² + ‖v_t − v^f_{t-1}‖²: what the fading token at t-1 lacks
+  INPUT_NORM = "input_norm"  # ‖a_t‖²
+
+
 # Fields that choose how the model is computed, not what its parameters are: a checkpoint written under one
 # choice restores under another (scan_layers by converting the parameter layout, `bmojo_jax.stack_blocks`).
 COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers")
@@ -148,6 +157,7 @@ class ModelConfig:
   n_eidetic: int = 8                 # M_e eidetic store capacity
   eidetic_per_chunk: int = 4         # k_e tokens selected per chunk
   store_policy: StorePolicy = StorePolicy.FIFO
+  selection: Selection = Selection.INNOVATION  # the score that picks the k_e tokens (`Selection`)
   # Mamba mixer (S6).
   d_state: int = 16                  # N
   d_conv: int = 4                    # W
@@ -176,7 +186,7 @@ class ModelConfig:
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
       object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
     for name, enum_cls in (("family", Family), ("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
-                           ("store_policy", StorePolicy), ("remat", RematPolicy)):
+                           ("store_policy", StorePolicy), ("selection", Selection), ("remat", RematPolicy)):
       value = getattr(self, name)
       try:
         object.__setattr__(self, name, enum_cls(value))
@@ -238,6 +248,11 @@ class ModelConfig:
   def eidetic(self) -> int:
     """M_e, the eidetic store capacity this family uses (0 unless B'MOJO)."""
     return self.n_eidetic if self.family == Family.BMOJO else 0
+
+  @property
+  def learned_selection(self) -> bool:
+    """Whether each attention sublayer holds a learned selection scorer (B'MOJO with selection='learned')."""
+    return self.eidetic > 0 and self.selection == Selection.LEARNED
 
   @property
   def compute_dtype(self):

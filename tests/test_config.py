@@ -26,6 +26,7 @@ from tests.conftest import FAMILIES, tiny_config
     (dict(n_layers=3), "n_layers=3 must be even"),
     (dict(dtype="float33"), "dtype='float33'"),
     (dict(scan_impl="magic"), "scan_impl='magic' is unknown"),
+    (dict(selection="oracle"), "selection='oracle' is unknown"),
 ])
 def test_impossible_configs_name_the_field(overrides, needle):
   with pytest.raises(ConfigError) as err:
@@ -64,13 +65,24 @@ def test_every_sublayer_kind_has_a_mixer_and_a_parameter_count(kind):
   """Each kind's class follows the mixer protocol and holds the parameters its closed form counts, in every
   family that uses it (paper size and tiny: grouped-query heads, own dt_rank)."""
   assert set(MIXERS) == set(SUBLAYER_PARAMS) == set(Sublayer)
-  cfgs = [c for f in FAMILIES for c in (preset(f"{f}-130m"), tiny_config(f, dt_rank=3)) if kind in c.sublayers]
+  cfgs = [c for f in FAMILIES for c in (preset(f"{f}-130m"), tiny_config(f, dt_rank=3),
+                                        tiny_config(f, selection="learned")) if kind in c.sublayers]
   assert cfgs
   for cfg in cfgs:
     mixer = nnx.eval_shape(lambda: MIXERS[kind](cfg, rngs=nnx.Rngs(0)))
     assert isinstance(mixer, Mixer)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(mixer, nnx.Param)))
     assert n == SUBLAYER_PARAMS[kind](cfg), (cfg.family, kind)
+
+
+def test_selection_only_matters_with_eidetic_memory():
+  """Like store_policy, `selection` is ignored by the families without an eidetic store: the learned scorer
+  exists (and is counted) only in B'MOJO."""
+  for family in FAMILIES:
+    cfg = tiny_config(family, selection="learned")
+    assert cfg.learned_selection == (family == "bmojo")
+    extra = count_params(cfg) - count_params(tiny_config(family))
+    assert extra == (cfg.n_blocks * cfg.d_model if family == "bmojo" else 0), family
 
 
 def test_fading_source_is_the_memory_families_mamba_into_attention():

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel
+from bmojo_jax.config import Selection
 from bmojo_jax.inference import Decoder, cache_bytes, generate, sample
 from tests.conftest import FAMILIES, tiny_config
 
@@ -38,8 +39,11 @@ def test_decode_matches_parallel(decoders, family, prefill_len):
   assert float(jnp.abs(full).max()) > 0.5  # logits are not near-constant: the comparison has teeth
 
 
-def test_score_policy_decode_matches_parallel():
-  model = LanguageModel(tiny_config("bmojo", init_std=0.1, store_policy="score"), rngs=nnx.Rngs(3))
+@pytest.mark.parametrize("selection", [s.value for s in Selection])
+def test_score_policy_decode_matches_parallel(selection):
+  """The score store under every selection score (tests/test_selection.py: the FIFO store)."""
+  model = LanguageModel(tiny_config("bmojo", init_std=0.1, store_policy="score", selection=selection),
+                        rngs=nnx.Rngs(3))
   tokens = jax.random.randint(jax.random.key(9), (2, T), 0, 64)
   full = nnx.jit(lambda m, x: m(x))(model, tokens)
   decoder = Decoder(model)

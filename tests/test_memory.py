@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bmojo_jax import memory
-from bmojo_jax.config import StorePolicy
+from bmojo_jax.config import Selection, StorePolicy
 
 
 def test_innovation_picks_planted_tokens():
@@ -81,3 +81,22 @@ def test_streaming_candidates_equal_chunk_selection():
   cand = memory.by_position(cand)
   for x, y in zip(cand, sel):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("selection", [s.value for s in Selection])
+def test_selection_scores_carry_no_gradient_but_the_learned_gate(selection):
+  """Every score is a constant to autodiff; only `learned` passes a gradient, through the stored values, to its
+  scorer (and to a), while the forward values stay the inputs' bit for bit."""
+  keys = jax.random.split(jax.random.key(2), 3)
+  a = jax.random.normal(keys[0], (2, 8, 4))
+  k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:])
+
+  def total(a, w_s):
+    scores, values = memory.selection_scores(Selection(selection),
+                                             memory.ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s))
+    return jnp.sum(scores) + jnp.sum(values), values
+
+  (ga, gw), values = jax.grad(total, argnums=(0, 1), has_aux=True)(a, jnp.ones(4))
+  np.testing.assert_array_equal(values, v)
+  learned = selection == Selection.LEARNED
+  assert (np.abs(gw).max() > 0) == learned and (np.abs(ga[..., 2:]).max() > 0) == learned

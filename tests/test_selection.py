@@ -1,0 +1,219 @@
+"""Selection variants (`Selection`, issue #15): each score against a direct numpy computation, and every variant
+through the parallel pass, packed rows, the Pallas kernel, scanned layers and token-by-token decoding."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bmojo_jax import LanguageModel, count_params
+from bmojo_jax import memory
+from bmojo_jax.config import Selection
+from bmojo_jax.inference import Decoder
+from bmojo_jax.model import stack_blocks
+from tests.conftest import tiny_config
+from tests.test_packing import _check_packed_equals_alone
+
+SELECTIONS = [s.value for s in Selection]
+T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
+
+
+def _loss_and_grads(model, tokens):
+  def loss_fn(m):
+    logits = m(tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+  return nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(model)
+
+
+# ------------------------------------------------------------------------------------------- definitions
+def test_input_norm_definition():
+  a = jax.random.normal(jax.random.key(0), (2, 7, 5))
+  np.testing.assert_allclose(memory.input_norm_scores(a), np.sum(np.asarray(a) ** 2, -1), rtol=1e-6)
+
+
+def test_ssm_error_definition():
+  """e_t = ‖k_t − fk_{t-1}‖² + ‖v_t − fv_{t-1}‖²; fk_{-1} from `prev` (else zeros), zeros where reach is 0."""
+  keys = jax.random.split(jax.random.key(1), 6)
+  k, v, fk, fv = (jax.random.normal(key, (2, 9, 2, 3)) for key in keys[:4])
+  prev_k, prev_v = (jax.random.normal(key, (2, 1, 2, 3)) for key in keys[4:])
+  reach = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2)
+  n = lambda x: np.asarray(x, np.float64)
+  for prev, r in (((None, None), None), ((prev_k, prev_v), None), ((prev_k, prev_v), reach)):
+    got = memory.ssm_error_scores(k, v, fk, fv, *prev, reach=r)
+    want = np.zeros((2, 9))
+    for t in range(9):
+      if t == 0:
+        before = [np.zeros((2, 2, 3)) if p is None else n(p)[:, 0] for p in prev]
+      else:
+        before = [n(fk)[:, t - 1], n(fv)[:, t - 1]]
+      if r is not None and r[0, t] == 0:
+        before = [np.zeros((2, 2, 3))] * 2
+      want[:, t] = ((n(k)[:, t] - before[0]) ** 2).sum((1, 2)) + ((n(v)[:, t] - before[1]) ** 2).sum((1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_learned_definition_and_straight_through():
+  """s_t = a_t · w_s; the gate leaves the values bit-identical and passes σ'(s) ⟨g, v⟩ to the score."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  a, w = jax.random.normal(keys[0], (2, 6, 5)), jax.random.normal(keys[1], (5,))
+  v, g = jax.random.normal(keys[2], (2, 6, 2, 3)), jax.random.normal(keys[3], (2, 6, 2, 3))
+  s = memory.learned_scores(a, w)
+  np.testing.assert_allclose(s, np.asarray(a) @ np.asarray(w), rtol=1e-5)
+  np.testing.assert_array_equal(memory.straight_through_values(v, s), v)
+  ds = jax.grad(lambda s: jnp.sum(memory.straight_through_values(v, s) * g))(s)
+  sig = jax.nn.sigmoid(s)
+  np.testing.assert_allclose(ds, sig * (1 - sig) * jnp.sum(v * g, axis=(-2, -1)), rtol=1e-5)
+
+
+def test_selection_scores_dispatch():
+  """One enum picks the function; the default is the paper's innovation, bit for bit, without gradient."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  a = jax.random.normal(keys[0], (2, 9, 4))
+  k, v, fk = (jax.random.normal(key, (2, 9, 1, 2)) for key in keys[1:])
+  x = memory.ScoreInputs(a, k, v, fk, fk, w_s=jnp.ones(4))
+  assert set(memory.SELECTION_SCORES) == set(Selection)
+  assert tiny_config("bmojo").selection == Selection.INNOVATION
+  scores, values = memory.selection_scores(Selection.INNOVATION, x)
+  np.testing.assert_array_equal(scores, memory.innovation_scores(a)[0])
+  assert values is v
+  np.testing.assert_array_equal(memory.selection_scores(Selection.INPUT_NORM, x)[0], memory.input_norm_scores(a))
+  np.testing.assert_array_equal(memory.selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
+  np.testing.assert_array_equal(memory.selection_scores(Selection.SSM_ERROR, x)[0],
+                                memory.ssm_error_scores(k, v, fk, fk))
+  np.testing.assert_array_equal(memory.last_inputs(a), memory.innovation_scores(a)[1])
+
+
+# ------------------------------------------------------------------------------------------- the model
+@pytest.fixture(scope="module")
+def models():
+  return {s: LanguageModel(tiny_config("bmojo", init_std=0.1, n_layers=4, selection=s), rngs=nnx.Rngs(0))
+          for s in SELECTIONS}
+
+
+def _selected_positions(model, tokens):
+  """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
+  cfg = model.cfg
+  block = model.block(0)
+  x = jnp.take(model.embed[...], tokens, axis=0)
+  s = block.mixer1(block.norm1(x))[0]
+  a = block.norm2(x + s)
+  attn = block.mixer2
+  k, v = attn.wk(a), attn.wv(a)
+  fading = block.norm2(s)
+  scores, _ = memory.selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
+  return np.asarray(memory.select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
+
+
+def test_variants_select_differently(models):
+  tokens = jax.random.randint(jax.random.key(4), (2, T), 0, 64)
+  picks = {s: _selected_positions(m, tokens) for s, m in models.items()}
+  for i, s in enumerate(SELECTIONS):
+    for other in SELECTIONS[i + 1:]:
+      assert (picks[s] != picks[other]).any(), (s, other)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("prefill_len", [1, 6])
+def test_decode_matches_parallel(models, selection, prefill_len):
+  model = models[selection]
+  tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)
+  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  decoder = Decoder(model)
+  logits, cache = decoder.prefill(tokens[:, :prefill_len], T)
+  got = [logits]
+  for t in range(prefill_len, T):
+    step_logits, cache = decoder.step(tokens[:, t], cache)
+    got.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  assert float(jnp.abs(full).max()) > 0.5
+
+
+@pytest.mark.parametrize("selection", ["ssm_error", "learned"])
+def test_prefill_in_pieces_matches_parallel(models, selection):
+  """A continuation steps through its piece: ssm_error's previous read-out crosses the pieces' boundaries."""
+  model = models[selection]
+  tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
+  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  decoder = Decoder(model)
+  logits, cache = decoder.prefill(tokens[:, :5], T)
+  got = [logits]
+  for lo, hi in ((5, 13), (13, 30), (30, T)):
+    logits, cache = decoder.prefill(tokens[:, lo:hi], cache=cache)
+    got.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+
+
+def test_learned_scorer_gets_gradients_from_the_loss(models):
+  model = models["learned"]
+  tokens = jax.random.randint(jax.random.key(5), (4, T), 0, 64)
+  _, grads = _loss_and_grads(model, tokens)
+  for i in range(model.cfg.n_blocks):
+    g = np.asarray(grads.blocks[i].mixer2.scorer[...])
+    assert g.shape == (model.cfg.d_model,) and np.abs(g).max() > 1e-6, (i, g)
+  assert count_params(model.cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count_params(model.cfg) == count_params(model.cfg.replace(selection="innovation")) + 2 * 32
+
+
+@pytest.mark.parametrize("selection", ["learned", "ssm_error", "input_norm"])
+def test_packed_row_equals_documents_alone(selection):
+  """Scores restart per document (ssm_error's previous read-out, innovation's history) like the paper's."""
+  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1, scan_impl="sequential",
+                                         selection=selection))
+
+
+def test_pallas_kernel_consumes_the_same_memory():
+  """The kernel (interpret mode) takes the selected memory as input: logits and gradients as the reference."""
+  cfg = tiny_config("bmojo", init_std=0.1, selection="learned", scan_impl="sequential")
+  tokens = jax.random.randint(jax.random.key(6), (2, 24), 0, 64)
+  ref = LanguageModel(cfg.replace(attn_impl="reference"), rngs=nnx.Rngs(0))
+  pal = LanguageModel(cfg.replace(attn_impl="pallas"), rngs=nnx.Rngs(0))
+  loss_a, grads_a = _loss_and_grads(ref, tokens)
+  loss_b, grads_b = _loss_and_grads(pal, tokens)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  chex.assert_trees_all_close(nnx.to_pure_dict(grads_a), nnx.to_pure_dict(grads_b), rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(grads_b.blocks[0].mixer2.scorer[...])).max() > 1e-6
+
+
+def test_scanned_layers(models):
+  """scan_layers=True stacks the scorer with the other weights: same loss and gradients, and decoding from the
+  scanned cache matches its parallel pass."""
+  loop = models["learned"]
+  scanned = nnx.eval_shape(lambda: LanguageModel(loop.cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(params, stack_blocks(nnx.to_pure_dict(nnx.state(loop, nnx.Param))))
+  scanned = nnx.merge(graphdef, params)
+  tokens = jax.random.randint(jax.random.key(7), (2, 21), 0, 64)
+  with jax.default_matmul_precision("highest"):
+    loss_a, grads_a = _loss_and_grads(loop, tokens)
+    loss_b, grads_b = _loss_and_grads(scanned, tokens)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  chex.assert_trees_all_close(stack_blocks(nnx.to_pure_dict(grads_a)), nnx.to_pure_dict(grads_b), rtol=1e-5,
+                              atol=1e-7)
+  full = scanned(tokens)
+  logits, cache = scanned.prefill(tokens[:, :3], 21)
+  got = [logits]
+  for t in range(3, 21):
+    step_logits, cache = scanned.step(tokens[:, t], cache)
+    got.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+
+
+def test_mqar_token_types_and_needed_values():
+  """benchmarks/mqar_selection.py's reading of an MQAR example: types by position, each query's value position."""
+  from benchmarks.mqar_selection import TYPES, needed_values, token_types
+  from train.data import mqar
+  mq = mqar.MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8)
+  data = mqar.generate_examples(mq, 0, np.arange(3))
+  types = token_types(data["inputs"], data["targets"], 8)
+  rows, query, value = needed_values(data["inputs"], data["targets"], 8)
+  for r in range(3):
+    example = {k: x[r] for k, x in data.items()}
+    np.testing.assert_array_equal(query[rows == r] - value[rows == r], mqar.query_value_distances(example))
+    np.testing.assert_array_equal(data["inputs"][r, value[rows == r]], data["targets"][r, query[rows == r]])
+    names = np.array(TYPES)[types[r]]
+    assert (names[:16:2] == "key").all() and (names[1:16:2] == "value").all()
+    assert (names[query[rows == r]] == "query").all() and (names[query[rows == r] + 1] == "answer_slot").all()
+    assert (data["inputs"][r][names == "filler"] == 0).all() and (names == "filler").sum() == 64 - 32
