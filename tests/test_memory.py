@@ -46,6 +46,28 @@ def python_policy(chunks, capacity, policy):
 
 
 @pytest.mark.parametrize("policy", ["fifo", "score"])
+@pytest.mark.parametrize("with_starts", [False, True])
+def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
+  """stores_before_chunks (a gather / an associative scan) == the chunk-by-chunk merge, entry for entry: tied
+  scores, a partial last chunk, -inf scores (never selected) and stores emptied at random chunks."""
+  rng = np.random.default_rng(1)
+  for trial in range(3):
+    b, t, chunk, k_e = 2, int(rng.integers(40, 160)), 8, [1, 2, 4][trial]
+    size = k_e * int(rng.integers(1, 5))
+    e = rng.integers(0, 5, (b, t)).astype(np.float32) if trial != 1 else rng.normal(size=(b, t)).astype(np.float32)
+    e[:, rng.integers(0, t, 6)] = -np.inf
+    k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
+    sel = memory.select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
+    starts = None
+    if with_starts:
+      starts = jnp.asarray(rng.random(sel.valid.shape[:2]) < 0.3).at[:, 0].set(True)   # [B, C]
+    want = memory.stores_before_chunks_reference(sel, size, StorePolicy(policy), starts)
+    got = memory.stores_before_chunks(sel, size, StorePolicy(policy), starts)
+    for name, x, y in zip(want._fields, want, got):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
+
+
+@pytest.mark.parametrize("policy", ["fifo", "score"])
 def test_store_policies_match_python_model(policy):
   rng = np.random.default_rng(0)
   b, chunk, k_e, capacity, n_chunks = 2, 8, 2, 6, 25
