@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from train import data as data_lib
+from train.data.onthefly import make_tokenizer
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
 
@@ -66,14 +67,6 @@ class _Spread:
 
 def _split_list(value: str) -> list[str]:
   return [p.strip() for p in str(value or "").split(",") if p.strip()]
-
-
-def make_tokenizer(spec: str):
-  if spec == "byte":
-    return data_lib.ByteTokenizer()
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"data.tokenizer={spec!r}: not 'byte' and no such SentencePiece model file.")
-  return data_lib.SentencePieceTokenizer(spec)
 
 
 def tokenizer_info(tokenizer) -> dict[str, Any]:

@@ -25,6 +25,8 @@ its `train_iterator` method and builds this pipeline instead of indexing it. Its
 documents (the number of sequences is only known after tokenizing everything).
 """
 
+import os
+
 import grain
 import numpy as np
 
@@ -34,9 +36,13 @@ _FIELDS = ("inputs", "targets", "positions")
 
 
 def make_tokenizer(spec: str):
-  """'byte' -> ByteTokenizer; a path -> SentencePieceTokenizer."""
+  """'byte' -> ByteTokenizer; a path -> SentencePieceTokenizer (FileNotFoundError naming the spec if missing)."""
   from train.data import text  # pylint: disable=g-import-not-at-top
-  return text.ByteTokenizer() if spec == "byte" else text.SentencePieceTokenizer(spec)
+  if spec == "byte":
+    return text.ByteTokenizer()
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"data.tokenizer={spec!r}: not 'byte' and no such SentencePiece model file.")
+  return text.SentencePieceTokenizer(spec)
 
 
 def tokenizer_spec(tokenizer) -> str:
