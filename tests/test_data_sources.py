@@ -383,3 +383,11 @@ def test_prepare_help_and_input_errors(tmp_path, capsys):
     prepare.main(["--out", str(tmp_path / "s")])
   with pytest.raises(SystemExit, match="Text path does not exist"):
     prepare.main(["--out", str(tmp_path / "s"), "--text", str(tmp_path / "missing")])
+
+
+def test_missing_tokenizer_model_is_named(tmp_path):
+  missing = str(tmp_path / "nope.model")
+  with pytest.raises(FileNotFoundError, match="nope.model.*no such SentencePiece model file"):
+    onthefly.make_tokenizer(missing)
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    tasks.make_task(_lm_config(kind="corpus", tokenizer=missing))
