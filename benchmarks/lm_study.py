@@ -1,5 +1,5 @@
 """Language models on real text (issue #16): train the five families on the prepared corpus, then evaluate
-perplexity against context length and the RULER NIAH tasks (`train/lm_eval.py`, docs/lm.md).
+perplexity against context length and the RULER NIAH tasks (`train/lm_eval.py`, `train/niah.py`, docs/lm.md).
 
     python3 -m train.data.corpus prepare --out data/corpus            # once, on the CPU machine (apt packages)
     python3 -m benchmarks.lm_study --budget-s 540                      # GPU: -> $OUT/lm_<device>.json + plots

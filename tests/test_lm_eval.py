@@ -19,6 +19,7 @@ import pytest
 
 from bmojo_jax import LanguageModel
 from train import lm_eval
+from train import niah
 from train import tasks
 from train.data import ByteTokenizer
 from train.data import corpus
@@ -223,13 +224,13 @@ def test_perplexity_is_exp_mean_nll_of_windows(tiny_lm):
 
 
 # ------------------------------------------------------------------------------------------------ NIAH
-ESSAY = lm_eval.essay_haystack([DOCS[0] + " " + DOCS[1]] * 3)
+ESSAY = niah.essay_haystack([DOCS[0] + " " + DOCS[1]] * 3)
 
 
-@pytest.mark.parametrize("task", lm_eval.TASKS, ids=lm_eval.TASK_NAMES)
+@pytest.mark.parametrize("task", niah.TASKS, ids=niah.TASK_NAMES)
 def test_niah_examples_hold_their_needles_and_fill_the_length(task):
   tok = ByteTokenizer()
-  e = lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)
+  e = niah.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)
   assert len(e.ids) == 2048 - 128 and tok.decode(e.ids) == e.prompt and e.ids[0] == tok.bos_id
   assert len(e.queries) == task.queries and len(e.answers) == task.values * task.queries
   kind = "uuids" if task.value == "uuids" else "numbers"
@@ -243,26 +244,26 @@ def test_niah_examples_hold_their_needles_and_fill_the_length(task):
   if task.haystack == "essay":
     assert "It is a truth universally acknowledged" in e.prompt
   if task.haystack == "noise":
-    assert lm_eval.NOISE in e.prompt
+    assert niah.NOISE in e.prompt
   if task.haystack == "needle":
     assert len(needles) > 5
-  assert e == lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)   # deterministic
-  assert e.answers != lm_eval.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=8).answers
+  assert e == niah.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=7)   # deterministic
+  assert e.answers != niah.niah_example(task, tok, length=2048, gen_tokens=128, essay=ESSAY, seed=8).answers
 
 
 def test_niah_too_short_and_scoring():
-  with pytest.raises(lm_eval.NiahTooShort, match="MQ-NIAH at length 512"):
-    lm_eval.niah_example(lm_eval.TASKS[-1], ByteTokenizer(), length=512, gen_tokens=128, essay=ESSAY, seed=0)
-  assert lm_eval.niah_score(": 1234567.\nThe", ["1234567"]) == 1.0
-  assert lm_eval.niah_score("1234567 and 7654321", ["7654321", "1234567", "1111111", "2222222"]) == 0.5
-  assert lm_eval.niah_score("ABCDEF12-3456", ["abcdef12-3456"]) == 1.0
-  assert lm_eval.niah_score("123456", ["1234567"]) == 0.0
+  with pytest.raises(niah.NiahTooShort, match="MQ-NIAH at length 512"):
+    niah.niah_example(niah.TASKS[-1], ByteTokenizer(), length=512, gen_tokens=128, essay=ESSAY, seed=0)
+  assert niah.niah_score(": 1234567.\nThe", ["1234567"]) == 1.0
+  assert niah.niah_score("1234567 and 7654321", ["7654321", "1234567", "1111111", "2222222"]) == 0.5
+  assert niah.niah_score("ABCDEF12-3456", ["abcdef12-3456"]) == 1.0
+  assert niah.niah_score("123456", ["1234567"]) == 0.0
 
 
 def test_run_niah_decodes_and_notes_what_cannot_run(tiny_lm):
   tok = ByteTokenizer()
-  tasks_ = [t for t in lm_eval.TASKS if t.name in ("S-NIAH-1", "MQ-NIAH")]
-  scores, notes = lm_eval.run_niah(tiny_lm, tok, ESSAY, lengths=[512], samples=2, gen_tokens=16, tasks=tasks_)
+  tasks_ = [t for t in niah.TASKS if t.name in ("S-NIAH-1", "MQ-NIAH")]
+  scores, notes = niah.run_niah(tiny_lm, tok, ESSAY, lengths=[512], samples=2, gen_tokens=16, tasks=tasks_)
   assert 0.0 <= scores["S-NIAH-1"]["512"] <= 100.0
   assert scores["MQ-NIAH"]["512"] is None and "MQ-NIAH at 512 not run" in notes[0]
 
@@ -283,7 +284,7 @@ def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
                                    out=str(tmp_path / "lm.json"))
   assert record["family"] == "bmojo" and record["variant"] == "n_eidetic=16" and record["params"] > 0
   assert record["tokens_trained"] == 2 * 2 * 16 and set(record["eval"]) == {"16", "32"}
-  assert set(record["niah"]) == set(lm_eval.TASK_NAMES) and all("512" in v for v in record["niah"].values())
+  assert set(record["niah"]) == set(niah.TASK_NAMES) and all("512" in v for v in record["niah"].values())
   assert json.loads((tmp_path / "lm.json").read_text())["eval"] == record["eval"]
   with pytest.raises(ValueError, match="change the parameters"):
     lm_eval.load_lm(workdir, {"d_state": 4})
