@@ -64,7 +64,7 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
   from benchmarks.mqar_sweep import parse_args, population_config
   from bmojo_jax import LanguageModel
   from train import setup as setup_lib
-  from train import steps
+  from train import steps as steps_lib
 
   args = parse_args(["--d-models", "128", "--kv-pairs", "32"])
   setups = {}
@@ -82,13 +82,13 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
 
   def make_step(setup):
     def step(params, opt_state, b):
-      g, loss, n, c = steps.batch_grads(setup.graphdef, params, b, sup)
+      g, loss, n, c = steps_lib.batch_grads(setup.graphdef, params, b, sup)
       g = jax.tree.map(lambda x: x / n, g)
       updates, opt_state = tx.update(g, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss / n, c / n
     return jax.jit(step)
 
-  grads_of = {impl: jax.jit(lambda p, b, s=s: steps.batch_grads(s.graphdef, p, b, sup)) for impl, s in setups.items()}
+  grads_of = {impl: jax.jit(lambda p, b, s=s: steps_lib.batch_grads(s.graphdef, p, b, sup)) for impl, s in setups.items()}
   runs = {impl: {"params": params0, "opt": tx.init(params0), "step": make_step(s), "loss": [], "acc": []}
           for impl, s in setups.items()}
   grad_errs = []
