@@ -252,7 +252,7 @@ def _take_slots(slots: _Slots, order: jax.Array) -> _Slots:
 
 def _best_slots(slots: _Slots, size: int) -> _Slots:
   """The `size` best entries of slot lists [..., n] in the score policy's order (`_best_first`)."""
-  return _take_slots(slots, _order((-slots.score, slots.pos))[..., :size])
+  return _take_slots(slots, _order(_best_first(slots))[..., :size])
 
 
 def stores_before_chunks(selected: Store, size: int, policy: StorePolicy, starts: jax.Array | None = None
@@ -269,10 +269,10 @@ def stores_before_chunks(selected: Store, size: int, policy: StorePolicy, starts
   b, n_chunks, k_e = selected.score.shape
   src = jnp.broadcast_to(jnp.arange(n_chunks * k_e, dtype=jnp.int32).reshape(1, n_chunks, k_e), selected.pos.shape)
   slots = _Slots(selected.score, selected.pos, selected.valid, src)
-  starts = jnp.zeros((b, n_chunks), bool).at[:, 0].set(True) if starts is None else starts.at[:, 0].set(True)
+  starts = (jnp.zeros((b, n_chunks), bool) if starts is None else starts).at[:, 0].set(True)
   if policy == StorePolicy.FIFO:
     n = size // k_e                                                             # chunks a FIFO store spans
-    slots = _take_slots(slots, _order((slots.pos,)))                            # merge's `by_position`
+    slots = _take_slots(slots, _order((slots.pos,)))                            # as `by_position` sorts
     chunk_ids = jnp.arange(n_chunks)[:, None] + jnp.arange(n)[None, :] - n      # [C, n]: chunks c-n .. c-1
     last_start = jax.lax.cummax(jnp.where(starts, jnp.arange(n_chunks), 0), axis=1)        # [B, C]
     keep = chunk_ids[None] >= last_start[:, :, None]                            # [B, C, n]; chunk ids < 0 too
