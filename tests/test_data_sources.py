@@ -84,7 +84,10 @@ def test_prepare_resumes_after_interruption(tmp_path):
   for name in ("tokens.bin", "doc_offsets.npy"):
     assert open(os.path.join(out, name), "rb").read() == open(os.path.join(fresh, name), "rb").read()
   assert meta["num_tokens"] == fresh_meta["num_tokens"]
-  assert _prepared(tmp_path, docs, name="resumed")[1] == meta            # finished: returned as it is
+  written = os.stat(os.path.join(out, "tokens.bin")).st_mtime_ns
+  assert _prepared(tmp_path, docs, name="resumed")[1] == meta            # finished: returned as it is,
+  assert os.stat(os.path.join(out, "tokens.bin")).st_mtime_ns == written  # not prepared again
+  assert meta["plan"] == progress["plan"]                                 # one meta.json, with its plan
   with pytest.raises(ValueError, match="another plan"):
     prepare.prepare(sources.TextFileDocuments(str(tmp_path / "texts")), out, text.ByteTokenizer(), workers=1,
                     docs_per_shard=5, progress_bar=False)
@@ -331,7 +334,7 @@ def test_tfds_mock_data():
   with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
     src = sources.TfdsDocuments("lm1b", "train")
     docs = [src[i] for i in range(len(src))]
-    assert len(docs) == 7 and all(isinstance(d, str) for d in docs)
+    assert len(docs) == 7 and len(set(docs)) > 1 and all(docs)   # the mock's distinct, non-empty texts
     packed = onthefly.pack_in_order(src, text.ByteTokenizer(), T)
   reference = text.pack_documents(docs, text.ByteTokenizer(), T)
   for j in range(len(reference) - 1):

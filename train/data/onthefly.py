@@ -180,7 +180,9 @@ class OnTheFlySource:
     if shuffle:
       ds = ds.seed(seed).shuffle()
     ds = ds.repeat(num_epochs)
-    options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=16)
+    # documents read ahead: at least one per sequence of the next `prefetch_batches` batches
+    options = grain.ReadOptions(num_threads=max(1, num_threads),
+                                prefetch_buffer_size=max(1, prefetch_batches) * batch_size)
     it = pack_iter_dataset(ds, tokenizer_spec(self.tokenizer), self.seq_len, self.pad_id, read_options=options)
     it = it.batch(batch_size, drop_remainder=True)
     it = _TupleSlices(it)

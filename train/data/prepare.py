@@ -65,12 +65,6 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
   return shard, int(lengths.size), int(tokens.size)
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _load_progress(out: str, plan: dict[str, Any]) -> set[int]:
   """Finished shards of an earlier run with the same plan (whose part files exist); a different plan raises."""
   path = os.path.join(out, PROGRESS)
@@ -125,7 +119,7 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
     shard, docs, toks = result
     done.add(shard)
     tokens_done += toks
-    _write_json(os.path.join(out, PROGRESS), {"plan": plan, "done": sorted(done)})
+    stream_lib.write_json(os.path.join(out, PROGRESS), {"plan": plan, "done": sorted(done)})
     bar.update(docs)
     bar.set_postfix(tokens=f"{tokens_done / 1e6:.1f}M")
 
@@ -152,9 +146,7 @@ def _concatenate(out: str, num_shards: int, vocab_size: int, tok_info: dict, pla
   for k in range(num_shards):
     tokens_path, lengths_path = _part_paths(out, k)
     writer.add(np.fromfile(tokens_path, dtype=writer.dtype), np.load(lengths_path))
-  meta = writer.close(tok_info, plan["source"])
-  meta["plan"] = plan
-  _write_json(os.path.join(out, stream_lib.META), meta)
+  meta = writer.close(tok_info, plan["source"], plan=plan)
   shutil.rmtree(os.path.join(out, PARTS))
   os.remove(os.path.join(out, PROGRESS))
   return meta

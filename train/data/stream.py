@@ -104,7 +104,7 @@ class StreamWriter:
     self.num_tokens += tokens.size
     self.num_documents += doc_lengths.size
 
-  def close(self, tokenizer_info: dict[str, Any], source: str) -> dict[str, Any]:
+  def close(self, tokenizer_info: dict[str, Any], source: str, **extra: Any) -> dict[str, Any]:
     self._tokens.close()
     self._lengths.close()
     if self.num_documents == 0:
@@ -122,12 +122,16 @@ class StreamWriter:
     del offsets, lengths
     os.remove(self._lengths_path)
     meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
-            "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source}
-    tmp = os.path.join(self.directory, META + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(self.directory, META))
+            "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source, **extra}
+    write_json(os.path.join(self.directory, META), meta)   # last: a folder without meta.json is no stream
     return meta
+
+
+def write_json(path: str, obj) -> None:
+  """Writes obj to path through a temporary file and a rename: a reader never sees half a file."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_info: dict[str, Any],
