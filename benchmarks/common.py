@@ -63,3 +63,19 @@ def write_results(records: list[dict], name: str, out_dir: str | None = None) ->
   with open(path, "w") as f:
     json.dump(records, f, indent=1)
   return path
+
+
+def apply_overrides(config, items) -> None:
+  """`section.field=value` overrides of an ml_collections ConfigDict, each cast to the field's type (bool:
+  1/true, anything else false; a None field: int)."""
+  for item in items:
+    key, _, value = item.partition("=")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    old = node[leaf]
+    if isinstance(old, bool):
+      node[leaf] = value.lower() in ("1", "true")
+    else:
+      node[leaf] = type(old)(value) if old is not None else int(value)

@@ -37,7 +37,7 @@ if __package__ in (None, ""):   # run as a file: the repository root on the path
 
 import jax  # noqa: E402
 
-from benchmarks.common import device_tag, write_results  # noqa: E402
+from benchmarks.common import apply_overrides, device_tag, write_results  # noqa: E402
 from configs import lm as lm_config  # noqa: E402
 from train import lm_eval  # noqa: E402
 from train import trainer  # noqa: E402
@@ -54,17 +54,7 @@ def family_config(args, family: str):
   """configs/lm.py:<family>[,<size>] on the corpus, with --tokens and --set applied."""
   config = lm_config.get_config(f"{family},{args.size}" if args.size else family)
   config.data.kind, config.data.corpus_dir = "corpus", args.corpus
-  for item in args.set:
-    key, _, value = item.partition("=")
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    old = node[leaf]
-    if isinstance(old, bool):
-      node[leaf] = value.lower() in ("1", "true")
-    else:
-      node[leaf] = type(old)(value) if old is not None else int(value)
+  apply_overrides(config, args.set)
   if args.tokens:
     per_step = int(config.train.batch_size) * int(config.data.seq_len)
     config.train.num_steps = max(1, int(float(args.tokens)) // per_step)

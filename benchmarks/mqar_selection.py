@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import device_name, device_tag  # noqa: E402
+from benchmarks.common import apply_overrides, device_name, device_tag  # noqa: E402
 from bmojo_jax import memory  # noqa: E402
 from bmojo_jax.config import Family, Selection  # noqa: E402
 from train.data import mqar  # noqa: E402
@@ -50,18 +50,6 @@ TYPES = ("key", "value", "query", "answer_slot", "filler")
 TINY = ["model.eidetic_per_chunk=4", "model.n_eidetic=16", "model.store_policy=score", "train.eval_every=0",
         "train.checkpoint_every=100000", "train.progress_bar=False", "train.plot=False", "train.target_accuracy=0.0",
         "data.num_test=256"]
-
-
-def apply_sets(config, sets: list[str]):
-  """`key=value` overrides of a ConfigDict, each cast to the field's type (None fields: int)."""
-  for item in sets:
-    key, value = item.split("=", 1)
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
-  return config
 
 
 def token_types(inputs: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:
@@ -213,7 +201,8 @@ def main(argv=None):
   if args.train_steps:
     from configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
     sets = TINY + [f"model.selection={args.selection}", f"train.num_steps={args.train_steps}"] + args.set
-    config = apply_sets(mqar_config.get_config("bmojo"), sets)
+    config = mqar_config.get_config("bmojo")
+    apply_overrides(config, sets)
     workdir = args.train_dir or os.path.join(tempfile.gettempdir(), f"mqar_selection_{args.selection}")
     trainer.train(config, workdir)
   config = runs.load_config(workdir)

@@ -14,7 +14,7 @@ import json
 import os
 
 
-from benchmarks.common import device_tag
+from benchmarks.common import apply_overrides, device_tag
 from configs import mqar
 from train import trainer
 
@@ -32,13 +32,7 @@ def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):
   t.target_accuracy = 0.99
   t.progress_bar = False
   c.optim.learning_rate, c.optim.warmup_steps, c.optim.weight_decay = lr, 0, 0.1
-  for item in overrides:                      # before the derived step counts below
-    key, value = item.split("=", 1)
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else int(value)
+  apply_overrides(c, overrides)               # before the derived step counts below
   steps_per_epoch = d.num_train // t.batch_size
   t.num_steps = epochs * steps_per_epoch
   t.eval_every = max(1, steps_per_epoch // 2)
