@@ -129,15 +129,8 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     if eval_paths:
       train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns)
     else:
-      n = len(source)
-      n_eval = max(1, int(round(n * float(d.eval_fraction))))
-      if n - n_eval < 1:
-        raise ValueError(f"data: {n} packed sequences of {d.seq_len} tokens leave none for training after "
-                         f"holding out eval_fraction={d.eval_fraction}; add text or lower data.seq_len.")
-      train, test = _Slice(source, 0, n - n_eval), _Slice(source, n - n_eval, n)
-    max_eval = int(d.get("max_eval_sequences") or 0)
-    if 0 < max_eval < len(test):
-      test = _Spread(test, max_eval)
+      train, test = _hold_out(source, d)
+    test = _spread(test, d)
     info = {"seq_len": int(d.seq_len), "tokens": int(getattr(source, "num_tokens", 0)),
             "train_sequences": len(train), "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
     if d.kind == "corpus":
