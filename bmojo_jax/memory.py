@@ -51,10 +51,8 @@ def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax
   history restarts at a document's first token); None: all of them.
   """
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
-  b, t, d = a.shape
-  if history is None:
-    history = jnp.zeros((b, PREDICTOR_TAPS, d), jnp.float32)
-  full = jnp.concatenate([history, a], axis=1)                                   # [B, 4+T, D]
+  t = a.shape[1]
+  full = _with_history(a, history)                                               # [B, 4+T, D]
 
   def tap(j):                                                                    # a_{t-j}
     x = full[:, PREDICTOR_TAPS - j:PREDICTOR_TAPS - j + t]
@@ -146,13 +144,18 @@ def selection_scores(selection: Selection, x: ScoreInputs) -> tuple[jax.Array, j
   return jax.lax.stop_gradient(scores), v
 
 
-def last_inputs(a: jax.Array, history: jax.Array | None = None) -> jax.Array:
-  """The innovation predictor's history after a [B, T, D]: a_{T-4..T-1} [B, 4, D] fp32 (earlier from
-  `history`, zeros at the sequence start)."""
+def _with_history(a: jax.Array, history: jax.Array | None) -> jax.Array:
+  """[B, 4+T, D] fp32 without gradient: a_{-4..-1} (history [B, 4, D]; None: zeros), then a [B, T, D]."""
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
   if history is None:
     history = jnp.zeros((a.shape[0], PREDICTOR_TAPS, a.shape[2]), jnp.float32)
-  return jnp.concatenate([history, a], axis=1)[:, -PREDICTOR_TAPS:]
+  return jnp.concatenate([history, a], axis=1)
+
+
+def last_inputs(a: jax.Array, history: jax.Array | None = None) -> jax.Array:
+  """The innovation predictor's history after a [B, T, D]: a_{T-4..T-1} [B, 4, D] fp32 (earlier from
+  `history`, zeros at the sequence start)."""
+  return _with_history(a, history)[:, -PREDICTOR_TAPS:]
 
 
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
