@@ -54,7 +54,7 @@ FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"
 ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
 KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
-              "store_policy", "selection", "dtype", "learning_rate", "seed", "epochs")
+              "store_policy", "selection", "dtype", "attn_impl", "learning_rate", "seed", "epochs")
 # Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
@@ -90,7 +90,7 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
   sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
            f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}",
            f"model.selection={args.selection}"]
-  sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.attn_impl}"]
+  sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
   config.train.plot = False
@@ -98,13 +98,17 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
 
 
 def record_key(r: dict) -> tuple:
-  return tuple(round(r[k], 12) if isinstance(r[k], float) else r[k] for k in KEY_FIELDS)
+  """What makes two records one run; floats to 6 significant digits (a learning rate given on the command line
+  as 2.15443469e-3 is Zoology's 10^-2.6667, recorded earlier as 0.00215443)."""
+  return tuple(float(f"{r[k]:.6g}") if isinstance(r[k], float) else r[k] for k in KEY_FIELDS)
 
 
 def upgrade_record(r: dict) -> dict:
   """A record written before a key field existed, with the value its run had: the paper's innovation test
-  (`selection` came in with issue #15's selection variants; "" without an eidetic store, like store_policy)."""
-  return {"selection": Selection.INNOVATION.value if r.get("n_eidetic") else "", **r}
+  (`selection` came in with issue #15's selection variants; "" without an eidetic store, like store_policy).
+  `attn_impl` is "" for Mamba, which has no attention (older records named the resolved implementation)."""
+  r = {"selection": Selection.INNOVATION.value if r.get("n_eidetic") else "", **r}
+  return {**r, "attn_impl": ""} if r["family"] == "mamba" else r
 
 
 def load_records(paths: list[str]) -> list[dict]:
@@ -148,6 +152,7 @@ def sweep(args) -> str:
                 "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
                 "store_policy": cfg.store_policy.value if cfg.eidetic else "",
                 "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
+                "attn_impl": resolve_attn_impl(cfg.attn_impl).value if cfg.has_attention else "",
                 "epochs": args.epochs}
         runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
                 if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
@@ -181,7 +186,6 @@ def sweep(args) -> str:
                           "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
                           "data_check_mismatches": checked[n],
                           "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
-                          "attn_impl": resolve_attn_impl(cfg.attn_impl).value,
                           "device": device_name(), "jax": jax.__version__})
         with open(path, "w") as f:
           json.dump(records, f, indent=1)
@@ -189,14 +193,26 @@ def sweep(args) -> str:
         print(f"{label}: best test accuracy {best.get('test_accuracy', 0.0):.4f} (lr {best['learning_rate']:.3g}) "
               f"in {wall:.0f} s, {results[0]['population']['tokens_per_s'] / 1e6:.2f}M tokens/s for "
               f"{len(runs)} runs -> {path}")
-  figure = plot(records, path.replace(".json", ".png"))
+  figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
   print(f"{len(records)} records in {path}; figure {figure}")
   return path
 
 
-def plot(records: list[dict], out_path: str) -> str | None:
+def best_accuracy(records: list[dict]) -> float:
+  """Zoology's figure-2 value of one model: the best over learning rates (and attention implementations) of the
+  test accuracy averaged over seeds."""
+  groups: dict[tuple, list[float]] = {}
+  for r in records:
+    groups.setdefault((r["learning_rate"], r["attn_impl"]), []).append(r["test_accuracy"] or 0.0)
+  return max(float(np.mean(accs)) for accs in groups.values())
+
+
+def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic: int) -> str | None:
   """Best test accuracy over learning rates (mean over seeds) against state bytes: a line per family
-  (+ variant) through its d_models, a panel per N."""
+  (+ variant, selection, store policy) through its d_models, a panel per N. Only the protocol's runs (`dtype`,
+  `epochs`, B'MOJO at M_e = `n_eidetic`); B'MOJO's M_e sweep goes to a second figure, <out>_me.png, accuracy
+  against M_e."""
+  records = [r for r in records if r["dtype"] == dtype and r["epochs"] == epochs]
   if not records:
     return None
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -204,33 +220,44 @@ def plot(records: list[dict], out_path: str) -> str | None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  ns = sorted({r["N"] for r in records})
-  fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 4), squeeze=False)
-  for ax, n in zip(axes[0], ns):
-    lines: dict[str, dict[int, tuple[int, float]]] = {}
-    groups: dict[tuple, list[float]] = {}
-    for r in records:
-      if r["N"] == n:
-        groups.setdefault((r["family"], r["variant"], r.get("selection", ""), r["d_model"], r["learning_rate"],
-                           r["state_bytes"]), []).append(r["test_accuracy"] or 0.0)
-    for (family, variant, selection, d_model, _, nbytes), accs in groups.items():
-      name = f"{family} ({variant.replace('_', ' ')})" if variant else family
-      if selection and selection != Selection.INNOVATION:
-        name += f", {selection} selection"
-      best = lines.setdefault(name, {}).get(d_model, (nbytes, 0.0))[1]
-      lines[name][d_model] = (nbytes, max(best, float(np.mean(accs))))
-    for name, points in sorted(lines.items()):
-      xy = sorted(points.values())
-      ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=name, markersize=4)
-    ax.set(xscale="log", xlabel="state size (bytes)", ylabel="MQAR accuracy (best lr)", ylim=(0, 1.02),
-           title=f"N = {n} key-value pairs")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # log axis: label the decades only
-    ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
-  plt.close(fig)
-  return out_path
+  def name(r: dict) -> str:
+    text = f"{r['family']} ({r['variant'].replace('_', ' ')})" if r["variant"] else r["family"]
+    if r["selection"] and r["selection"] != Selection.INNOVATION:
+      text += f", {r['selection']} selection"
+    return text + (f", {r['store_policy']} store" if r["store_policy"] == "fifo" else "")
+
+  def panels(x_of, keep, xlabel: str, xscale: str, path: str) -> str:
+    ns = sorted({r["N"] for r in records})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 4), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+      groups: dict[tuple, list[dict]] = {}
+      for r in records:
+        if r["N"] == n and keep(r):
+          groups.setdefault((name(r), r["d_model"], x_of(r)), []).append(r)
+      lines: dict[str, list[tuple[float, float]]] = {}
+      for (line, _, x), rs in groups.items():
+        lines.setdefault(line, []).append((x, best_accuracy(rs)))
+      for line, xy in sorted(lines.items()):
+        xy.sort()
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=line, markersize=4)
+      ax.set(xscale=xscale, xlabel=xlabel, ylabel="MQAR accuracy (best lr)", ylim=(0, 1.02),
+             title=f"N = {n} key-value pairs")
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # log axis: label the decades only
+      ax.grid(alpha=0.3)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+  out = panels(lambda r: r["state_bytes"], lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)", "log",
+               out_path)
+  if any(r["n_eidetic"] not in (0, n_eidetic) for r in records):
+    panels(lambda r: r["n_eidetic"], lambda r: r["family"] == "bmojo" and r["selection"] == Selection.INNOVATION
+           and r["store_policy"] == "score", "M_e (eidetic tokens in the store)", "linear",
+           out_path.replace(".png", "_me.png"))
+  return out
 
 
 def throughput(args) -> str:
@@ -328,7 +355,9 @@ SMOKE_DEFAULTS = dict(d_models="16", kv_pairs="4", lrs="3e-3,1e-2", seq_len=32, 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, of " + ", ".join(FAMILIES))
+  p.add_argument("--families", default=",".join(FAMILIES),
+                 help="comma-separated family[:attn_impl], of " + ", ".join(FAMILIES) + " (attn_impl: --attn-impl's; "
+                      "the equal-memory Hybrid takes the Hybrid's), e.g. transformer:cudnn,hybrid:cudnn,bmojo")
   p.add_argument("--d-models", help="default 64,128,256")
   p.add_argument("--lrs", help="default Zoology's logspace(-4, -2, 4)")
   p.add_argument("--kv-pairs", help="N values; default 16,32,64")
@@ -340,9 +369,9 @@ def parse_args(argv=None):
   p.add_argument("--eidetic-per-chunk", type=int, help="k_e of B'MOJO; default 16")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay fp32); default bfloat16")
   p.add_argument("--attn-impl", default="reference",
-                 help="reference (default) | pallas | cudnn. On the H200, Transformers trained with cuDNN attention "
-                      "inside a population stayed at chance where the reference reached 0.9998 (docs/mqar.md): the "
-                      "fast paths are not yet verified inside populations")
+                 help="reference (default) | pallas | cudnn, for families without their own :attn_impl. cuDNN "
+                      "(no memory tokens: Transformer, Hybrid) trains like the reference in populations: 3 of 4 "
+                      "seeds against 4 of 4 reached 0.99 (docs/mqar.md)")
   p.add_argument("--store-policy", default="score", help="B'MOJO's eidetic store: score (default) or fifo")
   p.add_argument("--selection", default=Selection.INNOVATION.value, choices=[s.value for s in Selection],
                  help="B'MOJO's selection score (docs/mqar.md, 'Selection variants'); default the paper's innovation")
@@ -375,7 +404,8 @@ def parse_args(argv=None):
     args.out = args.out or os.path.join(tempfile.gettempdir(), "mqar_sweep_smoke")
   args.workdir = args.workdir or os.path.join(tempfile.gettempdir(), "mqar_sweep_smoke" if args.smoke else "mqar_sweep",
                                               "runs")
-  args.families = args.families.split(",")
+  args.family_attn = dict(f.split(":", 1) for f in args.families.split(",") if ":" in f)
+  args.families = [f.split(":", 1)[0] for f in args.families.split(",")]
   unknown = set(args.families) - set(FAMILIES)
   if unknown:
     p.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
