@@ -20,7 +20,7 @@ from flax import nnx
 
 from bmojo_jax import memory
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig, resolve_attn_impl
+from bmojo_jax.config import AttnImpl, ModelConfig, Selection, resolve_attn_impl
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import Store
 from bmojo_jax.segments import Packing
@@ -95,6 +95,20 @@ class Attention(nnx.Module):
     if cfg.learned_selection:   # w_s [D] of `memory.learned_scores`
       self.scorer = param(rngs, nnx.initializers.normal(cfg.init_std), (d,), (tp.EMBED,), cfg.weight_dtype)
 
+  def fading_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of fading tokens: x [B, ..., D] read-outs of the mixer -> k, v [B, ..., K, P]. The
+    parallel pass projects only the M_f read-outs per chunk that become tokens (M_f / chunk of the positions,
+    1/32 in the paper presets), not all T of them."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    return tuple(w(flat).reshape(*x.shape[:-1], *w.kernel.shape[1:]) for w in (self.wk, self.wv))
+
+  def full_fading_kv(self, fading: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
+    """fk, fv [B, T, K, P] at every position, which only the `ssm_error` selection reads (its scores compare
+    each token with the read-out before it); (None, None) otherwise."""
+    if self.cfg.eidetic and self.cfg.fading and self.cfg.selection == Selection.SSM_ERROR:
+      return self.fading_kv(fading)
+    return None, None
+
   def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> memory.ScoreInputs:
     """What `memory.selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv
     None without fading tokens), the scorer's weights, and `memory.ScoreInputs`' other fields from kw."""
@@ -129,12 +143,13 @@ class Attention(nnx.Module):
         raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
       mem = None
       if m_f or m_e:
-        fk, fv = (self.wk(fading), self.wv(fading)) if m_f else (None, None)
+        fk, fv = self.full_fading_kv(fading)
         scores, v_mem = None, v
         if m_e:
           scores, v_mem = memory.selection_scores(
               cfg.selection, self.score_inputs(a, k_raw, v, fk, fv, reach=packing.offset))
-        mem = memory.packed_memory(fk, fv, scores, k_raw, v_mem, packing, chunk=chunk, n_fading=m_f,
+        mem = memory.packed_memory(fading if m_f else None, self.fading_kv, scores, k_raw, v_mem, packing,
+                                   chunk=chunk, n_fading=m_f,
                                    k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
       mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
       o = attend(q, k, v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk, segment_ids=packing.ids,
@@ -143,13 +158,12 @@ class Attention(nnx.Module):
 
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
-    fk = fv = None
+    fk, fv = self.full_fading_kv(fading)
     if m_f:
-      fk, fv = self.wk(fading), self.wv(fading)
-      fading_k, fading_v, fading_valid = memory.fading_per_chunk(fk, fv, chunk, m_f)
+      fading_k, fading_v = self.fading_kv(memory.fading_per_chunk(fading, chunk, m_f))   # [B, C, M_f, K, P]
       mem_k.append(fading_k)
       mem_v.append(fading_v)
-      mem_valid.append(jnp.broadcast_to(fading_valid[None, :, None], (b, n_chunks, m_f)))
+      mem_valid.append(jnp.broadcast_to((jnp.arange(n_chunks) > 0)[None, :, None], (b, n_chunks, m_f)))
     if m_e:
       scores, v_mem = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv))
       history = memory.last_inputs(a)
@@ -170,9 +184,9 @@ class Attention(nnx.Module):
                                jnp.take(x, jnp.clip(slot_pos, 0, t - 1), axis=1), 0).astype(x.dtype)
     state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32))
     if m_f:
-      last = lambda x: jnp.pad(x, ((0, 0), (max(0, m_f - t), 0), (0, 0), (0, 0)))[:, -m_f:]
+      next_k, next_v = self.fading_kv(jnp.pad(fading, ((0, 0), (max(0, m_f - t), 0), (0, 0)))[:, -m_f:])
       state = state._replace(fading_k=fading_k[:, -1], fading_v=fading_v[:, -1],
-                             next_fading_k=last(fk), next_fading_v=last(fv))
+                             next_fading_k=next_k, next_fading_v=next_v)
     if m_e:
       state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
                              cand=jax.tree.map(lambda x: x[:, -1], selected), history=history)
@@ -219,7 +233,7 @@ class Attention(nnx.Module):
 
     b = a.shape[0]
     keys, values, valid = [ring_k], [ring_v], [jnp.broadcast_to(ring_valid, (b, size))]
-    fk, fv = (self.wk(fading), self.wv(fading)) if m_f else (None, None)
+    fk, fv = self.fading_kv(fading) if m_f else (None, None)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
       prev = dict(prev_fk=state.next_fading_k[:, -1:], prev_fv=state.next_fading_v[:, -1:]) if m_f else {}
       score, _ = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv,

@@ -317,20 +317,18 @@ def insert_candidate(cand: Store, score: jax.Array, k: jax.Array, v: jax.Array, 
                pos=put(cand.pos, pos_b), valid=put(cand.valid, jnp.ones_like(score, bool)))
 
 
-def fading_per_chunk(fk: jax.Array, fv: jax.Array, chunk: int, n_fading: int):
-  """Fading tokens of every chunk: those of chunk c are the last n_fading positions of chunk c-1.
+def fading_per_chunk(x: jax.Array, chunk: int, n_fading: int) -> jax.Array:
+  """Fading tokens of every chunk: those of chunk c are the last n_fading positions of chunk c-1 (chunk 0's
+  are zeros and invalid).
 
-  fk, fv [B, T, K, P] (projections of the mixer output). Returns (k, v [B, C, M_f, K, P], valid [C]).
+  x [B, T, ...] (the mixer's read-outs, or their projections) -> [B, C, M_f, ...].
   """
-  b, t = fk.shape[:2]
+  b, t = x.shape[:2]
   n_chunks = -(-t // chunk)
-
-  def per_chunk(x):
-    x = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
-    last = x.reshape(b, n_chunks, chunk, *x.shape[2:])[:, :, chunk - n_fading:]   # [B, C, M_f, K, P]
-    return jnp.pad(last, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :n_chunks]  # shift by one chunk
-
-  return per_chunk(fk), per_chunk(fv), jnp.arange(n_chunks) > 0
+  rest = [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, [(0, 0), (0, n_chunks * chunk - t), *rest])
+  last = x.reshape(b, n_chunks, chunk, *x.shape[2:])[:, :, chunk - n_fading:]     # [B, C, M_f, ...]
+  return jnp.pad(last, [(0, 0), (1, 0), (0, 0), *rest])[:, :n_chunks]              # shift by one chunk
 
 
 def _kept_by_merge(union: Store, n_new: int, policy: StorePolicy) -> jax.Array:
@@ -342,7 +340,7 @@ def _kept_by_merge(union: Store, n_new: int, policy: StorePolicy) -> jax.Array:
   return rank < n - n_new
 
 
-def packed_memory(fk, fv, scores, k, v, packing, *, chunk: int, n_fading: int, k_e: int, size: int,
+def packed_memory(fading, project, scores, k, v, packing, *, chunk: int, n_fading: int, k_e: int, size: int,
                   policy: StorePolicy):
   """Memory tokens of a packed row (`bmojo_jax.segments`), chunked the way each document alone is chunked.
 
@@ -357,7 +355,8 @@ def packed_memory(fk, fv, scores, k, v, packing, *, chunk: int, n_fading: int, k
   Unpacked rows (b0 = cL, b1 = (c+1)L) take the plain path (`fading_per_chunk`, `stores_before_chunks`),
   whose results a packed row must reproduce (tests/test_packing.py).
 
-  fk, fv [B, T, K, P] fading projections or None; scores [B, T] innovation scores (restarted per document)
+  fading [B, T, D] the mixer's read-outs or None, project(x [B, C, M_f, D]) -> their keys and values
+  [B, C, M_f, K, P] (only the read-outs that become fading tokens are projected); scores [B, T] innovation scores (restarted per document)
   and k, v [B, T, K, P] (k without RoPE) or scores None. Returns mem_k, mem_v [B, C, M, K, P], mem_valid
   [B, C, M], mem_span [B, C, 2, M] int32 with M = 2 M_f + M_e + k_e (the parts in use).
   """
@@ -387,7 +386,7 @@ def packed_memory(fk, fv, scores, k, v, packing, *, chunk: int, n_fading: int, k
   if n_fading:
     for start, valid, span in ((b0, has_prev, before), (b0 + chunk, split, after)):
       idx = start[..., None] - n_fading + jnp.arange(n_fading)                  # [B, C, M_f]
-      add(gather(fk, idx), gather(fv, idx), jnp.broadcast_to(valid[..., None], idx.shape), span)
+      add(*project(gather(fading, idx)), jnp.broadcast_to(valid[..., None], idx.shape), span)
   if size:
     idx = b0[..., None] + jnp.arange(chunk)                                     # [B, C, L]: D's chunk j
     in_d = (idx < t) & (gather(packing.ids, idx) == packing.ids[:, row_start][..., None])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bmojo_jax.config import ModelConfig, Sublayer
+from bmojo_jax.config import ModelConfig, Selection, Sublayer
 
 
 def _mamba_params(cfg: ModelConfig) -> int:
@@ -51,13 +51,17 @@ def attended_keys(cfg: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward = 3x forward), as MFU counts them.
 
-  Counted: every matmul (projections, MLP, the fading tokens' key/value projections, the LM head) at 2 FLOPs
-  per multiply-add, and attention's scores and weighted values, 4·H·P per attended key (`attended_keys`).
+  Counted: every matmul (projections, MLP, the LM head) at 2 FLOPs per multiply-add, the fading tokens'
+  key/value projections (M_f read-outs per chunk; at every position for the `ssm_error` selection, which scores
+  with them), and attention's scores and weighted values, 4·H·P per attended key (`attended_keys`).
   Not counted: the selective scan, norms, activations, and recomputation (remat, flash backward).
   """
   d, e, h, kh, p = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.kv_heads, cfg.head_size
+  fading_share = 0.0
+  if cfg.fading:
+    fading_share = cfg.fading / cfg.chunk + (cfg.eidetic > 0 and cfg.selection == Selection.SSM_ERROR)
   matmul = {Sublayer.MAMBA: _mamba_params(cfg) - e * (cfg.d_conv + 3 + cfg.d_state),   # no conv, biases, A, D
-            Sublayer.ATTENTION: SUBLAYER_PARAMS[Sublayer.ATTENTION](cfg) + (2 * d * kh * p if cfg.fading else 0),
+            Sublayer.ATTENTION: SUBLAYER_PARAMS[Sublayer.ATTENTION](cfg) + 2 * d * kh * p * fading_share,
             Sublayer.MLP: SUBLAYER_PARAMS[Sublayer.MLP](cfg)}
   attention = 4 * h * p * attended_keys(cfg, seq_len)
   per_block = sum(2 * matmul[k] + (attention if k == Sublayer.ATTENTION else 0) for k in cfg.sublayers)
