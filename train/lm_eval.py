@@ -35,7 +35,6 @@ import numpy as np
 import optax
 
 from bmojo_jax import LanguageModel
-from bmojo_jax.config import COMPUTE_FIELDS
 from bmojo_jax.param_count import count_params
 from train import data as data_lib
 from train import niah as niah_lib
@@ -141,38 +140,19 @@ def parse_overrides(spec: str) -> dict[str, Any]:
   return out
 
 
-def _shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
-  return [(jax.tree_util.keystr(path), tuple(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
             config: ml_collections.ConfigDict | None = None):
   """(model, tokenizer, config, step) of the latest checkpoint of a text run. `overrides` change model fields
-  at evaluation: how it computes (scan_impl, attn_impl, dtype, ...) or sizes without parameters (n_eidetic:
-  B'MOJO's store grown at inference); the parameters are the trained ones. `config` replaces the workdir's
+  at evaluation (`runs.load_run`: how it computes, or sizes without parameters such as n_eidetic, B'MOJO's
+  store grown at inference); the parameters are the trained ones. `config` replaces the workdir's
   config.json."""
-  overrides = dict(overrides or {})
   config = config or runs.load_config(workdir)
-  compute = {k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS}
-  if compute:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.update(compute)
-  setup, params, step = runs.load_run(workdir, config, with_task=False)
-  graphdef = setup.graphdef
-  if overrides:
-    unknown = [k for k in overrides if not hasattr(setup.cfg, k)]
-    if unknown:
-      raise ValueError(f"model overrides {unknown} name no ModelConfig field.")
-    cfg = setup.cfg.replace(**overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    if _shapes(nnx.to_pure_dict(abstract)) != _shapes(params):
-      raise ValueError(f"model overrides {overrides} change the parameters; only fields without parameters "
-                       "(e.g. n_eidetic) can differ from training.")
+  setup, params, step = runs.load_run(workdir, config, with_task=False, overrides=overrides)
   with open(os.path.join(workdir, runs.TOKENIZER_FILE), encoding="utf-8") as f:
     tokenizer = tasks_lib.load_tokenizer(json.load(f), workdir)
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
-  return nnx.merge(graphdef, params), tokenizer, config, step
+  return nnx.merge(setup.graphdef, params), tokenizer, config, step
 
 
 def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), niah: bool = False,

@@ -5,12 +5,17 @@ The trainer writes config.json and tokenizer.json (`write_run_files`) and each c
 `evaluate_run` (eval.json) read them for evaluation and generation.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+from flax import nnx
 import jax
 import ml_collections
+
+from bmojo_jax import LanguageModel
+from bmojo_jax.config import COMPUTE_FIELDS
 
 from train import checkpoint as ckpt_lib
 from train import faults
@@ -46,10 +51,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devices=None, with_task: bool = True):
-  """(setup, params, step) of the latest checkpoint in `workdir`; raises CheckpointError / FileNotFoundError."""
+def _shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
+  return [(jax.tree_util.keystr(path), tuple(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devices=None, with_task: bool = True,
+             overrides: dict[str, Any] | None = None):
+  """(setup, params, step) of the latest checkpoint in `workdir`; raises CheckpointError / FileNotFoundError.
+
+  `overrides` change model fields at evaluation: how it computes (scan_impl, attn_impl, dtype, ...) or sizes
+  without parameters (n_eidetic: B'MOJO's store grown at inference); the parameters are the trained ones, and
+  setup.cfg / setup.graphdef are the overridden model's. An override that names no field or would change the
+  parameters raises ValueError."""
   workdir = os.path.abspath(workdir)
   config = config or load_config(workdir)
+  overrides = dict(overrides or {})
+  compute = {k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS}
+  if compute:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.update(compute)
   task = None if with_task else tasks_lib.Task("none", range(1 << 30), range(1), 1, 0)
   if not with_task:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -66,7 +86,18 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
     state = restore_state(ckpt, step, setup, None)
   finally:
     ckpt.close()
-  return setup, state["params"], step
+  params = state["params"]
+  if overrides:
+    unknown = [k for k in overrides if not hasattr(setup.cfg, k)]
+    if unknown:
+      raise ValueError(f"model overrides {unknown} name no ModelConfig field.")
+    cfg = setup.cfg.replace(**overrides)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    if _shapes(nnx.to_pure_dict(abstract)) != _shapes(params):
+      raise ValueError(f"model overrides {overrides} change the parameters; only fields without parameters "
+                       "(e.g. n_eidetic) can differ from training.")
+    setup = dataclasses.replace(setup, cfg=cfg, graphdef=graphdef)
+  return setup, params, step
 
 
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
