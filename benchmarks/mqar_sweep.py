@@ -226,14 +226,14 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
       text += f", {r['selection']} selection"
     return text + (f", {r['store_policy']} store" if r["store_policy"] == "fifo" else "")
 
-  def panels(x_of, keep, xlabel: str, xscale: str, path: str) -> str:
+  def panels(x_of, line_of, keep, xlabel: str, xscale: str, path: str) -> str:
     ns = sorted({r["N"] for r in records})
     fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 4), squeeze=False)
     for ax, n in zip(axes[0], ns):
       groups: dict[tuple, list[dict]] = {}
       for r in records:
         if r["N"] == n and keep(r):
-          groups.setdefault((name(r), r["d_model"], x_of(r)), []).append(r)
+          groups.setdefault((line_of(r), r["d_model"], x_of(r)), []).append(r)
       lines: dict[str, list[tuple[float, float]]] = {}
       for (line, _, x), rs in groups.items():
         lines.setdefault(line, []).append((x, best_accuracy(rs)))
@@ -251,12 +251,13 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
     plt.close(fig)
     return path
 
-  out = panels(lambda r: r["state_bytes"], lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)", "log",
-               out_path)
+  out = panels(lambda r: r["state_bytes"], name, lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)",
+               "log", out_path)
   if any(r["n_eidetic"] not in (0, n_eidetic) for r in records):
-    panels(lambda r: r["n_eidetic"], lambda r: r["family"] == "bmojo" and r["selection"] == Selection.INNOVATION
-           and r["store_policy"] == "score", "M_e (eidetic tokens in the store)", "linear",
-           out_path.replace(".png", "_me.png"))
+    innovation_score = lambda r: (r["family"] == "bmojo" and r["selection"] == Selection.INNOVATION
+                                  and r["store_policy"] == "score")
+    panels(lambda r: r["n_eidetic"], lambda r: f"{name(r)}, d_model {r['d_model']}", innovation_score,
+           "M_e (eidetic tokens in the store)", "linear", out_path.replace(".png", "_me.png"))
   return out
 
 
