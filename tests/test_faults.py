@@ -276,6 +276,39 @@ def _failing_meta_writes(monkeypatch, step: int, code: int):
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", save_fn)
 
 
+def test_an_unfinished_save_still_being_written_is_removed_on_a_retry(tmp_path, monkeypatch):
+  """In the process whose save failed, Orbax may still land a file in the unfinished folder while the next
+  Checkpointer removes it (CI: 'Directory not empty'); the removal retries instead of failing the run."""
+  unfinished = tmp_path / f"6{ckpt_lib.TMP_SUFFIX}" / f"state{ckpt_lib.TMP_SUFFIX}"
+  unfinished.mkdir(parents=True)
+  (unfinished / "d").write_bytes(b"x")
+  real_rmtree, calls = shutil.rmtree, []
+
+  def racing_rmtree(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 1:
+      raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(unfinished))
+    return real_rmtree(path, *args, **kwargs)
+
+  monkeypatch.setattr(shutil, "rmtree", racing_rmtree)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, async_save=False, writer=True)
+  ckpt.close()
+  assert len(calls) == 2 and ckpt.removed_unfinished == [f"6{ckpt_lib.TMP_SUFFIX}"]
+  assert not (tmp_path / f"6{ckpt_lib.TMP_SUFFIX}").exists()
+
+
+def test_a_removal_that_keeps_failing_is_raised(tmp_path, monkeypatch):
+  (tmp_path / f"6{ckpt_lib.TMP_SUFFIX}").mkdir()
+
+  def always_racing(path, *args, **kwargs):
+    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), path)
+
+  monkeypatch.setattr(time, "sleep", lambda seconds: None)
+  monkeypatch.setattr(shutil, "rmtree", always_racing)
+  with pytest.raises(OSError, match="not empty"):
+    ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, async_save=False, writer=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save,code,cause", [(True, errno.ENOSPC, "no space left on device"),
                                                    (False, errno.EACCES, "permission denied")])

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -142,6 +143,22 @@ def _diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
           for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
 
 
+def _remove_unfinished(path: str, attempts: int = 20) -> None:
+  """Removes an unfinished save's folder. In the process whose save just failed (a notebook, a test, a retry
+  loop), Orbax may still be landing the other items' writes in it for a moment, and rmtree then meets a file
+  that appeared or vanished under it ('Directory not empty', seen in CI): retry for up to ~2 s."""
+  for attempt in range(attempts):
+    if not os.path.lexists(path):
+      return
+    try:
+      shutil.rmtree(path)
+      return
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.ENOENT) or attempt == attempts - 1:
+        raise
+      time.sleep(0.1)
+
+
 class Checkpointer:
   """Save / restore of (train state, grain iterator, meta) under `directory`, keeping the last `max_to_keep`.
 
@@ -153,7 +170,7 @@ class Checkpointer:
     self.removed_unfinished: list[str] = []
     if writer and jax.process_index() == 0:   # before the first save of any process (Orbax's own cleanup is lazy)
       for path in sorted(glob.glob(os.path.join(glob.escape(self.directory), f"*{TMP_SUFFIX}*"))):
-        shutil.rmtree(path)
+        _remove_unfinished(path)
         self.removed_unfinished.append(os.path.basename(path))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
