@@ -20,7 +20,7 @@ from flax import nnx
 
 from bmojo_jax import memory
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig, Selection, resolve_attn_impl
+from bmojo_jax.config import AttnImpl, ModelConfig, resolve_attn_impl
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import Store
 from bmojo_jax.segments import Packing
@@ -102,12 +102,16 @@ class Attention(nnx.Module):
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
     return tuple(w(flat).reshape(*x.shape[:-1], *w.kernel.shape[1:]) for w in (self.wk, self.wv))
 
-  def full_fading_kv(self, fading: jax.Array) -> tuple[jax.Array | None, jax.Array | None]:
-    """fk, fv [B, T, K, P] at every position, which only the `ssm_error` selection reads (its scores compare
-    each token with the read-out before it); (None, None) otherwise."""
-    if self.cfg.eidetic and self.cfg.fading and self.cfg.selection == Selection.SSM_ERROR:
-      return self.fading_kv(fading)
-    return None, None
+  def fading_parts(self, fading: jax.Array | None):
+    """(source, project, fk, fv): what the fading tokens are cut from, and how the cut [B, ..., *] becomes their
+    keys and values [B, ..., K, P]. Usually the source is the read-outs fading [B, T, D] and only the cut is
+    projected (M_f per chunk); a selection that scores with the projections at every position
+    (`cfg.scores_read_fading`) gets them as fk, fv [B, T, K, P], and the tokens are cut from those, projected
+    once. fk, fv are None otherwise."""
+    if not self.cfg.scores_read_fading:
+      return fading, self.fading_kv, None, None
+    fk, fv = self.fading_kv(fading)
+    return jnp.stack([fk, fv], axis=2), lambda x: (x[..., 0, :, :], x[..., 1, :, :]), fk, fv
 
   def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> memory.ScoreInputs:
     """What `memory.selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv
@@ -143,12 +147,12 @@ class Attention(nnx.Module):
         raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
       mem = None
       if m_f or m_e:
-        fk, fv = self.full_fading_kv(fading)
+        source, project, fk, fv = self.fading_parts(fading)
         scores, v_mem = None, v
         if m_e:
           scores, v_mem = memory.selection_scores(
               cfg.selection, self.score_inputs(a, k_raw, v, fk, fv, reach=packing.offset))
-        mem = memory.packed_memory(fading if m_f else None, self.fading_kv, scores, k_raw, v_mem, packing,
+        mem = memory.packed_memory(source if m_f else None, project, scores, k_raw, v_mem, packing,
                                    chunk=chunk, n_fading=m_f,
                                    k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
       mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
@@ -158,9 +162,9 @@ class Attention(nnx.Module):
 
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
-    fk, fv = self.full_fading_kv(fading)
+    source, project, fk, fv = self.fading_parts(fading)
     if m_f:
-      fading_k, fading_v = self.fading_kv(memory.fading_per_chunk(fading, chunk, m_f))   # [B, C, M_f, K, P]
+      fading_k, fading_v = project(memory.fading_per_chunk(source, chunk, m_f))        # [B, C, M_f, K, P]
       mem_k.append(fading_k)
       mem_v.append(fading_v)
       mem_valid.append(jnp.broadcast_to((jnp.arange(n_chunks) > 0)[None, :, None], (b, n_chunks, m_f)))
@@ -184,7 +188,8 @@ class Attention(nnx.Module):
                                jnp.take(x, jnp.clip(slot_pos, 0, t - 1), axis=1), 0).astype(x.dtype)
     state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32))
     if m_f:
-      next_k, next_v = self.fading_kv(jnp.pad(fading, ((0, 0), (max(0, m_f - t), 0), (0, 0)))[:, -m_f:])
+      pad = [(0, 0), (max(0, m_f - t), 0)] + [(0, 0)] * (source.ndim - 2)
+      next_k, next_v = project(jnp.pad(source, pad)[:, -m_f:])
       state = state._replace(fading_k=fading_k[:, -1], fading_v=fading_v[:, -1],
                              next_fading_k=next_k, next_fading_v=next_v)
     if m_e:

@@ -255,6 +255,12 @@ class ModelConfig:
     return self.eidetic > 0 and self.selection == Selection.LEARNED
 
   @property
+  def scores_read_fading(self) -> bool:
+    """Whether the selection scores read the fading projections at every position (`ssm_error`), so the
+    parallel pass projects all T read-outs instead of the M_f per chunk that become fading tokens."""
+    return self.eidetic > 0 and self.fading > 0 and self.selection == Selection.SSM_ERROR
+
+  @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 

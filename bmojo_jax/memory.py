@@ -355,8 +355,8 @@ def packed_memory(fading, project, scores, k, v, packing, *, chunk: int, n_fadin
   Unpacked rows (b0 = cL, b1 = (c+1)L) take the plain path (`fading_per_chunk`, `stores_before_chunks`),
   whose results a packed row must reproduce (tests/test_packing.py).
 
-  fading [B, T, D] the mixer's read-outs or None, project(x [B, C, M_f, D]) -> their keys and values
-  [B, C, M_f, K, P] (only the read-outs that become fading tokens are projected); scores [B, T] innovation scores (restarted per document)
+  fading [B, T, ...] what fading tokens are cut from (`Attention.fading_parts`) or None, project(x [B, C, M_f,
+  ...]) -> their keys and values [B, C, M_f, K, P]; scores [B, T] innovation scores (restarted per document)
   and k, v [B, T, K, P] (k without RoPE) or scores None. Returns mem_k, mem_v [B, C, M, K, P], mem_valid
   [B, C, M], mem_span [B, C, 2, M] int32 with M = 2 M_f + M_e + k_e (the parts in use).
   """

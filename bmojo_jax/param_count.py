@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bmojo_jax.config import ModelConfig, Selection, Sublayer
+from bmojo_jax.config import ModelConfig, Sublayer
 
 
 def _mamba_params(cfg: ModelConfig) -> int:
@@ -57,9 +57,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   Not counted: the selective scan, norms, activations, and recomputation (remat, flash backward).
   """
   d, e, h, kh, p = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.kv_heads, cfg.head_size
-  fading_share = 0.0
-  if cfg.fading:
-    fading_share = cfg.fading / cfg.chunk + (cfg.eidetic > 0 and cfg.selection == Selection.SSM_ERROR)
+  fading_share = 1.0 if cfg.scores_read_fading else cfg.fading / cfg.chunk   # positions projected (Attention)
   matmul = {Sublayer.MAMBA: _mamba_params(cfg) - e * (cfg.d_conv + 3 + cfg.d_state),   # no conv, biases, A, D
             Sublayer.ATTENTION: SUBLAYER_PARAMS[Sublayer.ATTENTION](cfg) + 2 * d * kh * p * fading_share,
             Sublayer.MLP: SUBLAYER_PARAMS[Sublayer.MLP](cfg)}

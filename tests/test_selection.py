@@ -83,7 +83,9 @@ def test_selection_scores_dispatch():
   np.testing.assert_array_equal(memory.selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
   np.testing.assert_array_equal(memory.selection_scores(Selection.SSM_ERROR, x)[0],
                                 memory.ssm_error_scores(k, v, fk, fk))
-  np.testing.assert_array_equal(memory.last_inputs(a), memory.innovation_scores(a)[1])
+  np.testing.assert_array_equal(memory.last_inputs(a), np.asarray(a, np.float32)[:, -4:])   # T = 9 >= 4
+  np.testing.assert_array_equal(memory.last_inputs(a[:, :2]),                             # fewer: zeros first
+                                np.concatenate([np.zeros((2, 2, 4), np.float32), np.asarray(a[:, :2])], 1))
 
 
 # ------------------------------------------------------------------------------------------- the model
