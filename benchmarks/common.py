@@ -65,6 +65,23 @@ def write_results(records: list[dict], name: str, out_dir: str | None = None) ->
   return path
 
 
+def ints(text: str) -> list[int]:
+  """'1,2,4' -> [1, 2, 4] (a command-line list)."""
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+def append_results(records: list[dict], path: str) -> str:
+  """Appends records to the JSON list at `path` (created, with its folder, when absent); returns path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  previous = []
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  with open(path, "w") as f:
+    json.dump(previous + records, f, indent=1)
+  return path
+
+
 def apply_overrides(config, items) -> None:
   """`section.field=value` overrides of an ml_collections ConfigDict, each cast to the field's type (bool:
   1/true, anything else false; a None field: int)."""

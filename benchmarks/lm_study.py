@@ -37,17 +37,13 @@ if __package__ in (None, ""):   # run as a file: the repository root on the path
 
 import jax  # noqa: E402
 
-from benchmarks.common import apply_overrides, device_tag, write_results  # noqa: E402
+from benchmarks.common import apply_overrides, device_tag, ints, write_results  # noqa: E402
 from configs import lm as lm_config  # noqa: E402
 from train import lm_eval  # noqa: E402
 from train import trainer  # noqa: E402
 from train.data import corpus as corpus_lib  # noqa: E402
 
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
-
-
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 def family_config(args, family: str):
@@ -203,7 +199,7 @@ def parse_args(argv=None):
   unknown = set(args.families) - set(FAMILIES)
   if unknown:
     p.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
-  args.lengths, args.niah_lengths = _ints(args.lengths), _ints(args.niah_lengths)
+  args.lengths, args.niah_lengths = ints(args.lengths), ints(args.niah_lengths)
   return args
 
 

@@ -18,7 +18,6 @@ figure next to it (<out>_<run folder name>.png): test accuracy against f·L, a l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -29,21 +28,24 @@ if __package__ in (None, ""):   # run as a file: the repository root on the path
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from benchmarks.common import device_name, device_tag  # noqa: E402
-from benchmarks.mqar_sweep import ints  # noqa: E402
+from benchmarks.common import append_results, device_name, device_tag, ints  # noqa: E402
 from train import runs, steps  # noqa: E402
 from train.data import mqar  # noqa: E402
 
 
-def evaluate_at(workdir: str, config: ml_collections.ConfigDict, length: int, n_eidetic: int) -> dict:
-  """Test accuracy of the run's latest checkpoint on MQAR sequences of `length` tokens, store of `n_eidetic`."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.seq_len = length
-  grown = {"n_eidetic": n_eidetic} if n_eidetic != int(config.model.n_eidetic) else {}
-  setup, params, step = runs.load_run(workdir, config, overrides=grown)
-  window = setup.cfg.window
-  beyond = mqar.fraction_beyond_window(setup.task.eval_source, window) if window else None
-  return {**steps.evaluate(setup, params), "step": int(step), "fraction_beyond_window": beyond}
+def evaluate_lengths(workdir: str, config: ml_collections.ConfigDict, lengths: list[int], stores: list[int]):
+  """Yields (L, M_e, metrics) for the run's latest checkpoint on MQAR test sequences of each of `lengths` tokens
+  with each eidetic store size of `stores`: the checkpoint is restored once per length (its test set), and each
+  store size is a model without new parameters over the same weights."""
+  for length in lengths:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.seq_len = length
+    base, params, step = runs.load_run(workdir, config)
+    window = base.cfg.window
+    beyond = mqar.fraction_beyond_window(base.task.eval_source, window) if window else None
+    for m_e in stores:
+      setup = runs.with_overrides(base, params, {"n_eidetic": m_e} if m_e != base.cfg.eidetic else {})
+      yield length, m_e, {**steps.evaluate(setup, params), "step": int(step), "fraction_beyond_window": beyond}
 
 
 def plot(records: list[dict], path: str) -> str:
@@ -94,21 +96,17 @@ def main(argv=None) -> list[dict]:
   title = (f"{m.family}, {m.get('selection', 'innovation')} selection: d {m.d_model}, N {config.data.num_kv_pairs}, "
            f"w {m.window}, k_e {m.eidetic_per_chunk}/{m.chunk_size}, trained L {trained_l}, M_e {trained_m}")
   records = []
-  for f in ints(args.lengths):
-    for g in grows:
-      r = evaluate_at(args.workdir, config, f * trained_l, g * trained_m)
-      records.append({"family": str(m.family), "L": f * trained_l, "n_eidetic": g * trained_m,
-                      "trained_L": trained_l, "trained_n_eidetic": trained_m, "N": int(config.data.num_kv_pairs),
-                      "window": m.window, **r, "workdir": os.path.abspath(args.workdir), "title": title,
-                      "note": args.note, "device": device_name(), "jax": jax.__version__})
-      beyond = r["fraction_beyond_window"]
-      print(f"L {f * trained_l:5d}  M_e {g * trained_m:4d}: accuracy {r['accuracy']:.4f}"
-            + (f" ({beyond:.2f} of the values beyond the window)" if beyond is not None else ""))
+  for length, m_e, r in evaluate_lengths(args.workdir, config, [f * trained_l for f in ints(args.lengths)],
+                                          [g * trained_m for g in grows]):
+    records.append({"family": str(m.family), "L": length, "n_eidetic": m_e, "trained_L": trained_l,
+                    "trained_n_eidetic": trained_m, "N": int(config.data.num_kv_pairs), "window": m.window, **r,
+                    "workdir": os.path.abspath(args.workdir), "title": title, "note": args.note,
+                    "device": device_name(), "jax": jax.__version__})
+    beyond = r["fraction_beyond_window"]
+    print(f"L {length:5d}  M_e {m_e:4d}: accuracy {r['accuracy']:.4f}"
+          + (f" ({beyond:.2f} of the values beyond the window)" if beyond is not None else ""))
   out = args.out or os.path.join(REPO, "benchmarks", "results", f"mqar_length_{device_tag()}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  previous = json.load(open(out)) if os.path.exists(out) else []
-  with open(out, "w") as f:
-    json.dump(previous + records, f, indent=1)
+  append_results(records, out)
   figure = out.replace(".json", f"_{os.path.basename(os.path.normpath(args.workdir))}.png")
   print(f"-> {out}, {plot(records, figure)}")
   return records

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import apply_overrides, device_name, device_tag  # noqa: E402
+from benchmarks.common import append_results, apply_overrides, device_name, device_tag  # noqa: E402
 from bmojo_jax import memory  # noqa: E402
 from bmojo_jax.config import Family, Selection  # noqa: E402
 from train.data import mqar  # noqa: E402
@@ -227,10 +227,7 @@ def main(argv=None):
                      f"L {mq.seq_len}, N {mq.num_kv_pairs}, w {cfg.window}, k_e {cfg.eidetic_per_chunk}/{cfg.chunk}, "
                      f"M_e {cfg.eidetic}, step {step}, test acc {results.get('test_accuracy', float('nan')):.3f}")
   out = args.out or os.path.join(REPO, "benchmarks", "results", f"mqar_selection_{device_tag()}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  previous = json.load(open(out)) if os.path.exists(out) else []
-  with open(out, "w") as f:
-    json.dump(previous + [record], f, indent=1)
+  append_results([record], out)
   figure = plot(record, out.replace(".json", f"_{cfg.selection.value}.png"))
   for layer in layers:
     print(f"layer {layer['layer']}: selected {layer['selected']} (base {layer['base_rate']}); needed values "

@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import device_name, device_tag  # noqa: E402
+from benchmarks.common import device_name, device_tag, ints  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
 from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
@@ -59,10 +59,6 @@ KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
               "model.d_state=4", "model.scan_chunk=8"]
-
-
-def ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x]
 
 
 def floats(text: str) -> list[float]:

@@ -14,7 +14,7 @@ import json
 import os
 
 
-from benchmarks.common import apply_overrides, device_tag
+from benchmarks.common import append_results, apply_overrides, device_tag
 from configs import mqar
 from train import trainer
 
@@ -59,11 +59,7 @@ def main():
                                               "data", "device", "jax_version")})
   with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
     record["curve"] = [json.loads(line) for line in f if '"eval"' in line]
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"mqar_{device_tag()}.json")
-  previous = json.load(open(path)) if os.path.exists(path) else []
-  with open(path, "w") as f:
-    json.dump(previous + [record], f, indent=1)
+  path = append_results([record], os.path.join(args.out, f"mqar_{device_tag()}.json"))
   print(f"{args.family} test accuracy {record['test_accuracy']} in {record['wall_s']:.0f} s "
         f"({record['tokens_per_s']:.0f} tokens/s, stopped by {record['stopped_by']}) -> {path}")
 

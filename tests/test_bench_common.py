@@ -1,8 +1,10 @@
-"""The benchmarks' `--set section.field=value` overrides (benchmarks/common.py)."""
+"""The benchmarks' shared helpers (benchmarks/common.py): `--set` overrides, list arguments, appended results."""
+
+import json
 
 import ml_collections
 
-from benchmarks.common import apply_overrides
+from benchmarks.common import append_results, apply_overrides, ints
 
 
 def test_overrides_cast_to_the_fields_type():
@@ -14,3 +16,11 @@ def test_overrides_cast_to_the_fields_type():
   assert c.model.window == 32 and c.optim.learning_rate == 2e-3
   apply_overrides(c, ["model.scan_layers=True"])
   assert c.model.scan_layers is True
+
+
+def test_ints_and_append_results(tmp_path):
+  assert ints("1,2, 4,") == [1, 2, 4]
+  path = tmp_path / "new" / "r.json"
+  assert append_results([{"a": 1}], str(path)) == str(path)
+  append_results([{"a": 2}], str(path))
+  assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}]

@@ -86,18 +86,25 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
     state = restore_state(ckpt, step, setup, None)
   finally:
     ckpt.close()
-  params = state["params"]
-  if overrides:
-    unknown = [k for k in overrides if not hasattr(setup.cfg, k)]
-    if unknown:
-      raise ValueError(f"model overrides {unknown} name no ModelConfig field.")
-    cfg = setup.cfg.replace(**overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    if _shapes(nnx.to_pure_dict(abstract)) != _shapes(params):
-      raise ValueError(f"model overrides {overrides} change the parameters; only fields without parameters "
-                       "(e.g. n_eidetic) can differ from training.")
-    setup = dataclasses.replace(setup, cfg=cfg, graphdef=graphdef)
-  return setup, params, step
+  return with_overrides(setup, state["params"], overrides), state["params"], step
+
+
+def with_overrides(setup: Setup, params, overrides: dict[str, Any]) -> Setup:
+  """`setup` with model fields that have no parameters changed (n_eidetic: B'MOJO's store grown at inference):
+  its cfg, graphdef and config.model; ValueError if a field is unknown or would change `params`' shapes."""
+  if not overrides:
+    return setup
+  unknown = [k for k in overrides if not hasattr(setup.cfg, k)]
+  if unknown:
+    raise ValueError(f"model overrides {unknown} name no ModelConfig field.")
+  cfg = setup.cfg.replace(**overrides)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  if _shapes(nnx.to_pure_dict(abstract)) != _shapes(params):
+    raise ValueError(f"model overrides {overrides} change the parameters; only fields without parameters "
+                     "(e.g. n_eidetic) can differ from training.")
+  config = ml_collections.ConfigDict(setup.config.to_dict())
+  config.model.update(overrides)
+  return dataclasses.replace(setup, cfg=cfg, graphdef=graphdef, config=config)
 
 
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
