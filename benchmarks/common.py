@@ -59,9 +59,19 @@ def write_results(records: list[dict], name: str, out_dir: str | None = None) ->
   for r in records:
     r.setdefault("device", device_name())
     r.setdefault("jax", jax.__version__)
-  path = os.path.join(out_dir, f"{name}_{device_tag()}.json")
-  with open(path, "w") as f:
-    json.dump(records, f, indent=1)
+  return write_json(os.path.join(out_dir, f"{name}_{device_tag()}.json"), records)
+
+
+def write_json(path: str, obj) -> str:
+  """Writes `obj` as JSON to `path` through a temporary file and a rename: a process killed mid-write (a device
+  call cut by its time limit) leaves the previous file whole, never a truncated one that a resume cannot read."""
+  try:
+    with open(path + ".tmp", "w") as f:
+      json.dump(obj, f, indent=1)
+  except BaseException:
+    os.remove(path + ".tmp")
+    raise
+  os.replace(path + ".tmp", path)
   return path
 
 
@@ -77,9 +87,7 @@ def append_results(records: list[dict], path: str) -> str:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-  with open(path, "w") as f:
-    json.dump(previous + records, f, indent=1)
-  return path
+  return write_json(path, previous + records)
 
 
 def apply_overrides(config, items) -> None:
