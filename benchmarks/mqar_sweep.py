@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import device_name, device_tag, ints  # noqa: E402
+from benchmarks.common import device_name, device_tag, ints, write_json  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
 from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
@@ -183,8 +183,7 @@ def sweep(args) -> str:
                           "data_check_mismatches": checked[n],
                           "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
                           "device": device_name(), "jax": jax.__version__})
-        with open(path, "w") as f:
-          json.dump(records, f, indent=1)
+        write_json(path, records)
         best = max(results, key=lambda r: r.get("test_accuracy") or 0.0)
         print(f"{label}: best test accuracy {best.get('test_accuracy', 0.0):.4f} (lr {best['learning_rate']:.3g}) "
               f"in {wall:.0f} s, {results[0]['population']['tokens_per_s'] / 1e6:.2f}M tokens/s for "
@@ -224,6 +223,8 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
 
   def panels(x_of, line_of, keep, xlabel: str, xscale: str, path: str) -> str:
     ns = sorted({r["N"] for r in records})
+    names = sorted({line_of(r) for r in records if keep(r)})
+    colors = dict(zip(names, plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors))  # same in every panel
     fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 4), squeeze=False)
     for ax, n in zip(axes[0], ns):
       groups: dict[tuple, list[dict]] = {}
@@ -235,7 +236,7 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
         lines.setdefault(line, []).append((x, best_accuracy(rs)))
       for line, xy in sorted(lines.items()):
         xy.sort()
-        ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=line, markersize=4)
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=line, markersize=4, color=colors[line])
       ax.set(xscale=xscale, xlabel=xlabel, ylabel="MQAR accuracy (best lr)", ylim=(0, 1.02),
              title=f"N = {n} key-value pairs")
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # log axis: label the decades only
@@ -301,8 +302,7 @@ def throughput(args) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
   previous = json.load(open(path)) if args.append and os.path.exists(path) else []
-  with open(path, "w") as f:
-    json.dump(previous + records, f, indent=1)
+  write_json(path, previous + records)
   print(f"-> {path}")
   return path
 
