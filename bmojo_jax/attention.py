@@ -20,7 +20,7 @@ from flax import nnx
 
 from bmojo_jax import memory
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig, resolve_attn_impl
+from bmojo_jax.config import AttnImpl, ModelConfig, Selection, resolve_attn_impl
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import Store
 from bmojo_jax.segments import Packing
@@ -75,7 +75,7 @@ class AttnState(NamedTuple):
   next_fading_v: jax.Array
   store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
   cand: Store                   # [B, k_e, …] the current chunk's selections so far
-  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs (kept for every selection)
+  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs (zeros under the other selections: they read none)
   pos: jax.Array                # [] int32, tokens seen
 
 
@@ -146,14 +146,13 @@ class Attention(nnx.Module):
       if cache_size is not None:
         raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
       mem = None
-      if m_f or m_e:
+      if m_f:                                  # (M_e > 0 only with M_f > 0: ModelConfig.validate)
         source, project, fk, fv = self.fading_parts(fading)
         scores, v_mem = None, v
         if m_e:
           scores, v_mem = memory.selection_scores(
               cfg.selection, self.score_inputs(a, k_raw, v, fk, fv, reach=packing.offset))
-        mem = memory.packed_memory(source if m_f else None, project, scores, k_raw, v_mem, packing,
-                                   chunk=chunk, n_fading=m_f,
+        mem = memory.packed_memory(source, project, scores, k_raw, v_mem, packing, chunk=chunk, n_fading=m_f,
                                    k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
       mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
       o = attend(q, k, v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk, segment_ids=packing.ids,
@@ -170,7 +169,6 @@ class Attention(nnx.Module):
       mem_valid.append(jnp.broadcast_to((jnp.arange(n_chunks) > 0)[None, :, None], (b, n_chunks, m_f)))
     if m_e:
       scores, v_mem = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv))
-      history = memory.last_inputs(a)
       selected = memory.select_per_chunk(scores, k_raw, v_mem, chunk, cfg.eidetic_per_chunk)
       stores = memory.stores_before_chunks(selected, m_e, cfg.store_policy)
       mem_k.append(stores.k)
@@ -194,7 +192,9 @@ class Attention(nnx.Module):
                              next_fading_k=next_k, next_fading_v=next_v)
     if m_e:
       state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
-                             cand=jax.tree.map(lambda x: x[:, -1], selected), history=history)
+                             cand=jax.tree.map(lambda x: x[:, -1], selected))
+      if cfg.selection == Selection.INNOVATION:     # the only score that reads earlier inputs
+        state = state._replace(history=memory.last_inputs(a))
     return y, state
 
   def _continue(self, a: jax.Array, state: AttnState, fading: jax.Array | None):
@@ -240,9 +240,9 @@ class Attention(nnx.Module):
     keys, values, valid = [ring_k], [ring_v], [jnp.broadcast_to(ring_valid, (b, size))]
     fk, fv = self.fading_kv(fading) if m_f else (None, None)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
-      prev = dict(prev_fk=state.next_fading_k[:, -1:], prev_fv=state.next_fading_v[:, -1:]) if m_f else {}
-      score, _ = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv,
-                                                                           history=state.history, **prev))
+      score, _ = memory.selection_scores(cfg.selection, self.score_inputs(
+          a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
+          prev_fv=state.next_fading_v[:, -1:]))
     if m_f:
       keys.append(state.fading_k)
       values.append(state.fading_v)
@@ -253,8 +253,9 @@ class Attention(nnx.Module):
       keys.append(state.store.k)
       values.append(state.store.v)
       valid.append(state.store.valid)
-      state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t),
-                             history=memory.last_inputs(a, state.history))
+      state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
+      if cfg.selection == Selection.INNOVATION:
+        state = state._replace(history=memory.last_inputs(a, state.history))
     o = decode_attention(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                          jnp.concatenate(valid, 1))
     return self.wo(o[:, None]), state

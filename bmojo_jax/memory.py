@@ -43,12 +43,12 @@ def empty_store(batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> S
 
 
 def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax.Array | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
-  """e [B, T] fp32 (no gradient) and the new history (the last 4 inputs, [B, 4, D] fp32).
+                      ) -> jax.Array:
+  """e [B, T] fp32, no gradient.
 
-  a [B, T, D]; history [B, 4, D] holds a_{-4..-1} (zeros at the sequence start); reach [B, T] int or None:
-  how many inputs before t the predictor may read (a packed row: the position within the document, so the
-  history restarts at a document's first token); None: all of them.
+  a [B, T, D]; history [B, 4, D] holds a_{-4..-1} (zeros at the sequence start; the history after a is
+  `last_inputs`); reach [B, T] int or None: how many inputs before t the predictor may read (a packed row: the
+  position within the document, so the history restarts at a document's first token); None: all of them.
   """
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
   t = a.shape[1]
@@ -60,7 +60,7 @@ def innovation_scores(a: jax.Array, history: jax.Array | None = None, reach: jax
 
   pred = sum(tap(j) for j in range(1, PREDICTOR_TAPS + 1))
   err = a - pred / PREDICTOR_TAPS
-  return jnp.sum(err * err, axis=-1), full[:, -PREDICTOR_TAPS:]
+  return jnp.sum(err * err, axis=-1)
 
 
 class ScoreInputs(NamedTuple):
@@ -129,7 +129,7 @@ def straight_through_values(v: jax.Array, score: jax.Array) -> jax.Array:
 
 # Selection -> fn(ScoreInputs) -> scores [B, T] fp32 (largest first; only `learned`'s carry a gradient).
 SELECTION_SCORES = {
-    Selection.INNOVATION: lambda x: innovation_scores(x.a, x.history, x.reach)[0],
+    Selection.INNOVATION: lambda x: innovation_scores(x.a, x.history, x.reach),
     Selection.LEARNED: lambda x: learned_scores(x.a, x.w_s),
     Selection.SSM_ERROR: lambda x: ssm_error_scores(x.k, x.v, x.fk, x.fv, x.prev_fk, x.prev_fv, x.reach),
     Selection.INPUT_NORM: lambda x: input_norm_scores(x.a),

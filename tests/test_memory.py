@@ -14,7 +14,7 @@ def test_innovation_picks_planted_tokens():
   a = 0.01 * jax.random.normal(jax.random.key(0), (b, t, d))
   planted = [3, 12, 13, 30]
   a = a.at[:, planted].add(3.0)
-  scores, _ = memory.innovation_scores(a)
+  scores = memory.innovation_scores(a)
   k = jnp.arange(b * t * 4, dtype=jnp.float32).reshape(b, t, 2, 2)
   sel = memory.select_per_chunk(scores, k, k, chunk, 2)
   chosen = set(np.asarray(sel.pos[0][sel.valid[0]]).tolist())
@@ -25,11 +25,11 @@ def test_innovation_picks_planted_tokens():
 
 def test_innovation_definition():
   a = jax.random.normal(jax.random.key(1), (1, 9, 3))
-  scores, history = memory.innovation_scores(a)
+  scores = memory.innovation_scores(a)
   padded = np.concatenate([np.zeros((4, 3)), np.asarray(a[0])])
   want = [np.sum((padded[t + 4] - padded[t:t + 4].mean(0)) ** 2) for t in range(9)]
   np.testing.assert_allclose(scores[0], want, rtol=1e-5)
-  np.testing.assert_array_equal(history[0], a[0, -4:])
+  np.testing.assert_array_equal(memory.last_inputs(a)[0], a[0, -4:])
 
 
 def python_policy(chunks, capacity, policy):

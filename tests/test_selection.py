@@ -77,7 +77,7 @@ def test_selection_scores_dispatch():
   assert set(memory.SELECTION_SCORES) == set(Selection)
   assert tiny_config("bmojo").selection == Selection.INNOVATION
   scores, values = memory.selection_scores(Selection.INNOVATION, x)
-  np.testing.assert_array_equal(scores, memory.innovation_scores(a)[0])
+  np.testing.assert_array_equal(scores, memory.innovation_scores(a))
   assert values is v
   np.testing.assert_array_equal(memory.selection_scores(Selection.INPUT_NORM, x)[0], memory.input_norm_scores(a))
   np.testing.assert_array_equal(memory.selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
@@ -97,14 +97,10 @@ def models():
 
 def _selected_positions(model, tokens):
   """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
+  from benchmarks.mqar_selection import layer_inputs
   cfg = model.cfg
-  block = model.block(0)
-  x = jnp.take(model.embed[...], tokens, axis=0)
-  s = block.mixer1(block.norm1(x))[0]
-  a = block.norm2(x + s)
-  attn = block.mixer2
+  attn, a, fading = layer_inputs(model, tokens)[0]
   k, v = attn.wk(a), attn.wv(a)
-  fading = block.norm2(s)
   scores, _ = memory.selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
   return np.asarray(memory.select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
 

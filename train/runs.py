@@ -64,15 +64,11 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
   setup.cfg / setup.graphdef are the overridden model's. An override that names no field or would change the
   parameters raises ValueError."""
   workdir = os.path.abspath(workdir)
-  config = config or load_config(workdir)
+  config = ml_collections.ConfigDict((config or load_config(workdir)).to_dict())   # a copy: the caller's stays
   overrides = dict(overrides or {})
-  compute = {k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS}
-  if compute:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.update(compute)
+  config.model.update({k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS})
   task = None if with_task else tasks_lib.Task("none", range(1 << 30), range(1), 1, 0)
   if not with_task:
-    config = ml_collections.ConfigDict(config.to_dict())
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
     config.train.batch_size = config.train.eval_batch_size = jax.device_count()
     config.train.grad_accum_steps = 1
