@@ -22,15 +22,24 @@ benchmarks/results), written after each population. A rerun skips the runs alrea
 starting populations once the elapsed time plus the longest population so far would pass it. The figure
 (`mqar_sweep_<device>.png`, like Zoology's figure 2: best accuracy over learning rates against state bytes,
 a line per family, a panel per N) is redrawn from all records at the end.
+
+`--gpus 0,1` spreads the populations over those GPUs: one worker process per GPU (`CUDA_VISIBLE_DEVICES`; a
+population on a GPU of its own, since two sharing one ran much slower), each taking the next population that
+no worker has claimed (`<out>/claims/`), so the fast and slow populations balance themselves. Workers write
+`mqar_sweep_<device>.worker<i>.json`; the launcher merges them into the results file when they end, and a rerun
+merges what a cut run's workers left.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,13 +136,34 @@ def data_check(mq: mqar.MQARConfig, seed: int, count: int = 64) -> int:
   return sum(not all(np.array_equal(device[k][i], host[k][i]) for k in ("inputs", "targets")) for i in range(count))
 
 
-def sweep(args) -> str:
-  tag = "cpu_smoke" if args.smoke else device_tag()
+def results_paths(args, tag: str | None = None) -> tuple[str, list[str]]:
+  """(the results file, every file whose records count as done: the repository's, the results file, and the
+  worker files a `--gpus` run leaves before they are merged). tag: the device's (default: this process's)."""
+  tag = "cpu_smoke" if args.smoke else tag or device_tag()
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_{tag}.json")
-  records = load_records([os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path])
+  workers = sorted(glob.glob(glob.escape(path[:-len(".json")]) + ".worker*.json"))
+  return path, [os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path] + workers
+
+
+def claim(path: str, label: str) -> bool:
+  """True for the one worker that creates <results folder>/claims/<label> (an exclusive create)."""
+  folder = os.path.join(os.path.dirname(path), "claims")
+  os.makedirs(folder, exist_ok=True)
+  try:
+    os.close(os.open(os.path.join(folder, label.replace(" ", "_")), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return True
+  except FileExistsError:
+    return False
+
+
+def sweep(args) -> str:
+  path, sources = results_paths(args)
+  records = load_records(sources)
   done = {record_key(r) for r in records}
+  if args.worker is not None:   # this worker's own records only; the launcher merges
+    path, records = f"{path[:-len('.json')]}.worker{args.worker}.json", []
   variants = [(f, "") for f in args.families]
   if args.equal_memory and "bmojo" in args.families:
     variants.append(("hybrid", EQUAL_MEMORY))
@@ -161,6 +191,9 @@ def sweep(args) -> str:
           print(f"{label}: not started ({elapsed:.0f} s elapsed + {longest:.0f} s for the longest population "
                 f"> --budget-s {args.budget_s}); rerun to continue")
           continue
+        if args.worker is not None and not claim(path, f"{label} {base['store_policy']} {base['selection']} "
+                                                       f"{base['dtype']} {base['epochs']}"):
+          continue   # another worker has it
         t0 = time.time()
         pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
         if n not in checked:
@@ -188,8 +221,64 @@ def sweep(args) -> str:
         print(f"{label}: best test accuracy {best.get('test_accuracy', 0.0):.4f} (lr {best['learning_rate']:.3g}) "
               f"in {wall:.0f} s, {results[0]['population']['tokens_per_s'] / 1e6:.2f}M tokens/s for "
               f"{len(runs)} runs -> {path}")
+  if args.worker is not None:
+    print(f"{len(records)} records in {path}")
+    return path
   figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
   print(f"{len(records)} records in {path}; figure {figure}")
+  return path
+
+
+def worker_device_tag(gpu: str) -> str:
+  """device_tag() of one of the workers' GPUs, asked in a child process: the launcher never starts a backend
+  itself (on a GPU it would take the memory its workers need)."""
+  code = "from benchmarks.common import device_tag; print(device_tag())"
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu),
+                       capture_output=True, text=True)
+  if out.returncode or not out.stdout.strip():
+    raise SystemExit(f"--gpus: no device behind CUDA_VISIBLE_DEVICES={gpu}: {out.stderr.strip()[-500:]}")
+  return out.stdout.strip().splitlines()[-1]
+
+
+def launch(args, argv: list[str]) -> str:
+  """Runs the sweep as one worker per GPU of `--gpus`, then merges their records into the results file."""
+  tag = None if args.smoke else worker_device_tag(args.gpus[0])
+  path, sources = results_paths(args, tag)
+  write_json(path, load_records(sources))            # what a cut run's workers left, merged first
+  for f in sources[2:]:
+    os.remove(f)
+  claims = os.path.join(os.path.dirname(path), "claims")
+  for f in glob.glob(os.path.join(claims, "*")):     # claims of a cut run: those populations are not done
+    os.remove(f)
+  argv = [a for i, a in enumerate(argv) if a != "--gpus" and (i == 0 or argv[i - 1] != "--gpus")
+          and not a.startswith("--gpus=")]
+  procs = []
+  for i, gpu in enumerate(args.gpus):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+    procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.mqar_sweep", *argv, "--no-progress",
+                                   "--worker", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+
+  def relay(i, proc):                                # each worker's lines, named by its GPU
+    for line in proc.stdout:
+      print(f"[gpu {args.gpus[i]}] {line}", end="", flush=True)
+  threads = [threading.Thread(target=relay, args=(i, p)) for i, p in enumerate(procs)]
+  for t in threads:
+    t.start()
+  codes = [p.wait() for p in procs]
+  for t in threads:
+    t.join()
+  _, sources = results_paths(args, tag)
+  records = load_records(sources)
+  write_json(path, records)
+  for f in sources[2:]:
+    os.remove(f)
+  figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
+  print(f"{len(records)} records in {path}; figure {figure}")
+  failed = [g for g, c in zip(args.gpus, codes) if c]
+  if failed:
+    raise SystemExit(f"the workers on GPUs {failed} failed (their lines above); the records of every finished "
+                     f"population are in {path}, and a rerun continues from there")
   return path
 
 
@@ -311,7 +400,6 @@ def profile_population(pop: pop_lib.Population, out_dir: str, name: str, dispatc
   """GPU ms per training step by source line (train_step_bench's trace parsing) over `dispatches` dispatches
   of the whole population; writes <out_dir>/<name>_ops.json."""
   from benchmarks import train_step_bench as tsb  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
   state = pop.init_state()
   state = pop.dispatch(state)[0]
   jax.block_until_ready(state)
@@ -382,6 +470,8 @@ def parse_args(argv=None):
   p.add_argument("--workdir", help="run directories (default <tmp>/mqar_sweep)")
   p.add_argument("--out", help="results folder (default $OUT, else benchmarks/results; --smoke: a temp folder)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--gpus", help="spread the populations over these GPUs, e.g. 0,1: one worker process each")
+  p.add_argument("--worker", type=int, help=argparse.SUPPRESS)   # set by --gpus for its workers
   p.add_argument("--save-checkpoints", action="store_true",
                  help="keep each run's final state as a trainer checkpoint in its run folder (for "
                       "benchmarks/mqar_selection.py --workdir, bmojo-eval)")
@@ -409,6 +499,9 @@ def parse_args(argv=None):
   args.d_models, args.kv_pairs, args.seeds, args.runs = (ints(args.d_models), ints(args.kv_pairs), ints(args.seeds),
                                                          ints(args.runs))
   args.lrs = floats(args.lrs)
+  args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+  if args.gpus and args.throughput:
+    p.error("--gpus spreads a sweep's populations; --throughput measures one device")
   return args
 
 
@@ -418,6 +511,8 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   if args.throughput:
     throughput(args)
+  elif args.gpus and args.worker is None:
+    launch(args, list(sys.argv[1:] if argv is None else argv))
   else:
     sweep(args)
 

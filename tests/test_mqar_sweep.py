@@ -1,8 +1,10 @@
 """The MQAR sweep's bookkeeping (benchmarks/mqar_sweep.py): per-family attention, what makes two runs the same
-run (resume), and which records its figure summarizes. No training here; the populations are tested in
-tests/test_population.py."""
+run (resume), which records its figure summarizes, and `--gpus` (one worker process per GPU, each population
+trained once). The populations themselves are tested in tests/test_population.py."""
 
 import json
+
+import pytest
 
 from benchmarks import mqar_sweep
 
@@ -49,3 +51,28 @@ def test_figure_keeps_the_protocol_and_draws_the_eidetic_sweep_apart(tmp_path):
   assert mqar_sweep.plot(records, str(out), "bfloat16", 8, 80) == str(out)
   assert out.exists() and (tmp_path / "sweep_me.png").exists()
   assert mqar_sweep.plot(records, str(tmp_path / "none.png"), "bfloat16", 64, 80) is None
+
+
+@pytest.mark.slow
+def test_gpus_train_each_population_once_and_merge_what_a_cut_run_left(tmp_path, capsys):
+  """Two workers (CPU here: CUDA_VISIBLE_DEVICES does nothing) share three populations. A cut earlier run left a
+  worker file with the Transformer's record and a stale claim on B'MOJO: the record is kept (not retrained),
+  the claim does not stop B'MOJO from training."""
+  out = tmp_path / "out"
+  (out / "claims").mkdir(parents=True)
+  (out / "claims" / "bmojo_d16_N4_score_innovation_bfloat16_2").touch()
+  left = _record(d_model=16, N=4, L=32, learning_rate=1e-2, epochs=2, test_accuracy=0.123)
+  (out / "mqar_sweep_cpu_smoke.worker1.json").write_text(json.dumps([left]))
+  mqar_sweep.main(["--smoke", "--families", "transformer,bmojo", "--lrs", "1e-2", "--out", str(out),
+                   "--workdir", str(tmp_path / "runs"), "--gpus", "0,1"])
+  trained = [line.split("]")[1].split(":")[0].strip() for line in capsys.readouterr().out.splitlines()
+             if "best test accuracy" in line]
+  assert sorted(trained) == ["bmojo d16 N4", "hybrid(equal_memory) d16 N4"]   # once each, over both workers
+  records = mqar_sweep.load_records([str(out / "mqar_sweep_cpu_smoke.json")])
+  assert sorted((r["family"], r["variant"]) for r in records) == [
+      ("bmojo", ""), ("hybrid", "equal_memory"), ("transformer", "")]
+  assert [r["test_accuracy"] for r in records if r["family"] == "transformer"] == [0.123]
+  assert all(r["steps"] > 0 for r in records if r["family"] != "transformer")
+  assert sorted(p.name for p in (out / "claims").iterdir()) == [
+      "bmojo_d16_N4_score_innovation_bfloat16_2", "hybrid(equal_memory)_d16_N4___bfloat16_2"]
+  assert not list(out.glob("*.worker*.json")) and (out / "mqar_sweep_cpu_smoke.png").exists()
