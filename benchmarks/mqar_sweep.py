@@ -136,15 +136,26 @@ def data_check(mq: mqar.MQARConfig, seed: int, count: int = 64) -> int:
   return sum(not all(np.array_equal(device[k][i], host[k][i]) for k in ("inputs", "targets")) for i in range(count))
 
 
-def results_paths(args, tag: str | None = None) -> tuple[str, list[str]]:
-  """(the results file, every file whose records count as done: the repository's, the results file, and the
-  worker files a `--gpus` run leaves before they are merged). tag: the device's (default: this process's)."""
+def results_paths(args, tag: str | None = None) -> tuple[str, list[str], list[str]]:
+  """(the results file, the files whose records count as done: the repository's, the results file and the
+  worker files, and the worker files alone: what a `--gpus` run leaves until it merges them). tag: the
+  device's (default: this process's)."""
   tag = "cpu_smoke" if args.smoke else tag or device_tag()
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_{tag}.json")
   workers = sorted(glob.glob(glob.escape(path[:-len(".json")]) + ".worker*.json"))
-  return path, [os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path] + workers
+  return path, [os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path] + workers, workers
+
+
+def merge_workers(args, tag: str | None) -> tuple[str, list[dict]]:
+  """Moves the worker files' records into the results file; returns (its path, all records)."""
+  path, sources, workers = results_paths(args, tag)
+  records = load_records(sources)
+  write_json(path, records)
+  for f in workers:
+    os.remove(f)
+  return path, records
 
 
 def claim(path: str, label: str) -> bool:
@@ -159,7 +170,7 @@ def claim(path: str, label: str) -> bool:
 
 
 def sweep(args) -> str:
-  path, sources = results_paths(args)
+  path, sources, _ = results_paths(args)
   records = load_records(sources)
   done = {record_key(r) for r in records}
   if args.worker is not None:   # this worker's own records only; the launcher merges
@@ -243,10 +254,7 @@ def worker_device_tag(gpu: str) -> str:
 def launch(args, argv: list[str]) -> str:
   """Runs the sweep as one worker per GPU of `--gpus`, then merges their records into the results file."""
   tag = None if args.smoke else worker_device_tag(args.gpus[0])
-  path, sources = results_paths(args, tag)
-  write_json(path, load_records(sources))            # what a cut run's workers left, merged first
-  for f in sources[2:]:
-    os.remove(f)
+  path, _ = merge_workers(args, tag)                 # what a cut run's workers left, merged first
   claims = os.path.join(os.path.dirname(path), "claims")
   for f in glob.glob(os.path.join(claims, "*")):     # claims of a cut run: those populations are not done
     os.remove(f)
@@ -268,11 +276,7 @@ def launch(args, argv: list[str]) -> str:
   codes = [p.wait() for p in procs]
   for t in threads:
     t.join()
-  _, sources = results_paths(args, tag)
-  records = load_records(sources)
-  write_json(path, records)
-  for f in sources[2:]:
-    os.remove(f)
+  path, records = merge_workers(args, tag)
   figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
   print(f"{len(records)} records in {path}; figure {figure}")
   failed = [g for g, c in zip(args.gpus, codes) if c]

@@ -75,7 +75,7 @@ class AttnState(NamedTuple):
   next_fading_v: jax.Array
   store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
   cand: Store                   # [B, k_e, …] the current chunk's selections so far
-  history: jax.Array            # [B, 4, D] fp32, the innovation predictor's last inputs (zeros under the other selections: they read none)
+  history: jax.Array            # [B, 4, D] fp32, the innovation test's last inputs (zeros under other selections)
   pos: jax.Array                # [] int32, tokens seen
 
 
