@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import device_name, device_tag, ints, write_json  # noqa: E402
+from benchmarks.common import append_results, device_name, device_tag, ints, write_json  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
 from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
@@ -394,8 +394,7 @@ def throughput(args) -> str:
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
-  previous = json.load(open(path)) if args.append and os.path.exists(path) else []
-  write_json(path, previous + records)
+  append_results(records, path) if args.append else write_json(path, records)
   print(f"-> {path}")
   return path
 

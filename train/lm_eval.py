@@ -144,8 +144,8 @@ def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
             config: ml_collections.ConfigDict | None = None):
   """(model, tokenizer, config, step) of the latest checkpoint of a text run. `overrides` change model fields
   at evaluation (`runs.load_run`: how it computes, or sizes without parameters such as n_eidetic, B'MOJO's
-  store grown at inference); the parameters are the trained ones. `config` replaces the workdir's
-  config.json."""
+  store grown at inference); the parameters are the trained ones, the model's cfg the overridden one. `config`
+  (returned as given, without the overrides: the run's data and batch size) replaces the workdir's config.json."""
   config = config or runs.load_config(workdir)
   setup, params, step = runs.load_run(workdir, config, with_task=False, overrides=overrides)
   with open(os.path.join(workdir, runs.TOKENIZER_FILE), encoding="utf-8") as f:
