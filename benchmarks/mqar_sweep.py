@@ -4,6 +4,7 @@
     python3 -m benchmarks.mqar_sweep --families bmojo,hybrid --d-models 128 --kv-pairs 32 --epochs 4
     python3 -m benchmarks.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
     python3 benchmarks/mqar_sweep.py --smoke                              # tiny; ~2 min on 2 CPU cores
+    python3 -m benchmarks.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json   # best accuracies, markdown
 
 One population (`train.population`) per (family, d_model, N) trains the learning rates (× `--seeds`) together
 on the same data stream, each run stopping at test accuracy 0.99. The model and training settings are
@@ -21,7 +22,9 @@ benchmarks/results), written after each population. A rerun skips the runs alrea
 `benchmarks/results/mqar_sweep_<device>.json` (copy a returned file there to resume). `--budget-s` stops
 starting populations once the elapsed time plus the longest population so far would pass it. The figure
 (`mqar_sweep_<device>.png`, like Zoology's figure 2: best accuracy over learning rates against state bytes,
-a line per family, a panel per N) is redrawn from all records at the end.
+a line per family, a panel per N) is redrawn from all records at the end, and the same values are printed as a
+markdown table (`table`: per model, d_model and N the best learning rate's mean over seeds, its run count and
+range).
 
 `--gpus 0,1` spreads the populations over those GPUs: one worker process per GPU (`CUDA_VISIBLE_DEVICES`; a
 population on a GPU of its own, since two sharing one ran much slower), each taking the next population that
@@ -236,7 +239,7 @@ def sweep(args) -> str:
     print(f"{len(records)} records in {path}")
     return path
   figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
-  print(f"{len(records)} records in {path}; figure {figure}")
+  print(f"{len(records)} records in {path}; figure {figure}\n{table(records, args.dtype, args.epochs, args.n_eidetic)}")
   return path
 
 
@@ -278,7 +281,7 @@ def launch(args, argv: list[str]) -> str:
     t.join()
   path, records = merge_workers(args, tag)
   figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
-  print(f"{len(records)} records in {path}; figure {figure}")
+  print(f"{len(records)} records in {path}; figure {figure}\n{table(records, args.dtype, args.epochs, args.n_eidetic)}")
   failed = [g for g, c in zip(args.gpus, codes) if c]
   if failed:
     raise SystemExit(f"the workers on GPUs {failed} failed (their lines above); the records of every finished "
@@ -286,13 +289,62 @@ def launch(args, argv: list[str]) -> str:
   return path
 
 
-def best_accuracy(records: list[dict]) -> float:
-  """Zoology's figure-2 value of one model: the best over learning rates (and attention implementations) of the
-  test accuracy averaged over seeds."""
-  groups: dict[tuple, list[float]] = {}
+def lr_groups(records: list[dict]) -> dict[float, list[dict]]:
+  """One model's records by learning rate to 6 significant digits (a rate given as 2.15443469e-3 is the 0.00215443
+  of another call): the runs of one setting. Runs with cuDNN and with the reference attention count alike (one
+  function; docs/mqar.md, session 10), so a seed run with both is two draws of that setting."""
+  groups: dict[float, list[dict]] = {}
   for r in records:
-    groups.setdefault((r["learning_rate"], r["attn_impl"]), []).append(r["test_accuracy"] or 0.0)
-  return max(float(np.mean(accs)) for accs in groups.values())
+    groups.setdefault(float(f"{r['learning_rate']:.6g}"), []).append(r)
+  return groups
+
+
+def best_setting(records: list[dict]) -> tuple[float, float, list[float]]:
+  """Zoology's figure-2 value of one model: the best over learning rates of the test accuracy averaged over
+  seeds (and attention implementations), as (that mean, its learning rate, its runs' accuracies)."""
+  rows = []
+  for lr, rs in lr_groups(records).items():
+    accs = [r["test_accuracy"] or 0.0 for r in rs]
+    rows.append((float(np.mean(accs)), lr, accs))
+  return max(rows, key=lambda row: row[0])
+
+
+def best_accuracy(records: list[dict]) -> float:
+  """best_setting's mean: the value the figure draws."""
+  return best_setting(records)[0]
+
+
+def model_name(r: dict) -> str:
+  """The figure's and the table's name of a record's model: family (+ variant, selection, store policy)."""
+  text = f"{r['family']} ({r['variant'].replace('_', ' ')})" if r["variant"] else r["family"]
+  if r["selection"] and r["selection"] != Selection.INNOVATION:
+    text += f", {r['selection']} selection"
+  return text + (f", {r['store_policy']} store" if r["store_policy"] == "fifo" else "")
+
+
+def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
+  """A markdown table of the figure's values: per model, d_model and N the best accuracy (the mean over seeds at
+  the best learning rate), with that rate, the number of runs (seeds), and their range where there are several. Only the
+  protocol's runs (`dtype`, `epochs`, B'MOJO at M_e = `n_eidetic`)."""
+  records = [r for r in records if r["dtype"] == dtype and r["epochs"] == epochs and r["n_eidetic"] in (0, n_eidetic)]
+  ns = sorted({r["N"] for r in records})
+  cells: dict[tuple, list[dict]] = {}
+  for r in records:
+    cells.setdefault((model_name(r), r["d_model"], r["N"]), []).append(r)
+  lines = ["| model | d_model | state bytes | " + " | ".join(f"N {n}" for n in ns) + " |",
+           "|---|---|---|" + "---|" * len(ns)]
+  for name, d_model in sorted({(k[0], k[1]) for k in cells}):
+    row = []
+    for n in ns:
+      if (name, d_model, n) not in cells:
+        row.append("–")
+        continue
+      mean, lr, accs = best_setting(cells[name, d_model, n])
+      seeds = f"{len(accs)} runs: {min(accs):.3f}–{max(accs):.3f}" if len(accs) > 1 else "1 run"
+      row.append(f"{mean:.3f} ({lr:.3g}; {seeds})")
+    size = next(r["state_bytes"] for k, rs in cells.items() if k[:2] == (name, d_model) for r in rs)
+    lines.append(f"| {name} | {d_model} | {size / 1e3:.0f}k | " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic: int) -> str | None:
@@ -307,12 +359,6 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  def name(r: dict) -> str:
-    text = f"{r['family']} ({r['variant'].replace('_', ' ')})" if r["variant"] else r["family"]
-    if r["selection"] and r["selection"] != Selection.INNOVATION:
-      text += f", {r['selection']} selection"
-    return text + (f", {r['store_policy']} store" if r["store_policy"] == "fifo" else "")
 
   def panels(x_of, line_of, keep, xlabel: str, xscale: str, path: str) -> str:
     ns = sorted({r["N"] for r in records})
@@ -341,12 +387,12 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
     plt.close(fig)
     return path
 
-  out = panels(lambda r: r["state_bytes"], name, lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)",
+  out = panels(lambda r: r["state_bytes"], model_name, lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)",
                "log", out_path)
   if any(r["n_eidetic"] not in (0, n_eidetic) for r in records):
     innovation_score = lambda r: (r["family"] == "bmojo" and r["selection"] == Selection.INNOVATION
                                   and r["store_policy"] == "score")
-    panels(lambda r: r["n_eidetic"], lambda r: f"{name(r)}, d_model {r['d_model']}", innovation_score,
+    panels(lambda r: r["n_eidetic"], lambda r: f"{model_name(r)}, d_model {r['d_model']}", innovation_score,
            "M_e (eidetic tokens in the store)", "linear", out_path.replace(".png", "_me.png"))
   return out
 
@@ -479,6 +525,9 @@ def parse_args(argv=None):
                  help="keep each run's final state as a trainer checkpoint in its run folder (for "
                       "benchmarks/mqar_selection.py --workdir, bmojo-eval)")
   p.add_argument("--smoke", action="store_true", help="tiny models and data, results in a temp folder")
+  p.add_argument("--table", nargs="?", const="", metavar="JSON",
+                 help="train nothing: print the best accuracies of a results file (default: this device's) as a "
+                      "markdown table and redraw its figure")
   p.add_argument("--throughput", action="store_true", help="measure tokens/s instead of sweeping")
   p.add_argument("--runs", help="--throughput: population sizes; default 1,4,8,16")
   p.add_argument("--dispatches", type=int, help="--throughput: timed dispatches per size; default 5")
@@ -514,6 +563,15 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   if args.throughput:
     throughput(args)
+  elif args.table is not None:
+    path, sources, _ = results_paths(args)
+    if args.table:
+      if not os.path.exists(args.table):
+        raise SystemExit(f"--table: no results file {args.table}")
+      path, sources = args.table, [args.table]
+    records = load_records(sources)
+    plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
+    print(table(records, args.dtype, args.epochs, args.n_eidetic))
   elif args.gpus and args.worker is None:
     launch(args, list(sys.argv[1:] if argv is None else argv))
   else:

@@ -76,3 +76,23 @@ def test_gpus_train_each_population_once_and_merge_what_a_cut_run_left(tmp_path,
   assert sorted(p.name for p in (out / "claims").iterdir()) == [
       "bmojo_d16_N4_score_innovation_bfloat16_2", "hybrid(equal_memory)_d16_N4___bfloat16_2"]
   assert not list(out.glob("*.worker*.json")) and (out / "mqar_sweep_cpu_smoke.png").exists()
+
+
+def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_one(tmp_path, capsys):
+  """The table's cell is the figure's value: the best learning rate's mean over its runs (2.15443469e-3 and
+  0.00215443 are one rate; cuDNN and reference runs pool), with the rate, the run count and their range."""
+  records = [_record(learning_rate=2.15443469e-3, seed=1, test_accuracy=0.2, attn_impl="cudnn"),
+             _record(learning_rate=0.00215443, seed=0, test_accuracy=1.0),
+             _record(learning_rate=1e-2, seed=0, test_accuracy=0.5),
+             _record(N=16, test_accuracy=0.9), _record(d_model=64, dtype="float32", test_accuracy=0.1)]
+  assert mqar_sweep.best_setting(records[:3]) == (0.6, 0.00215443, [0.2, 1.0])
+  text = mqar_sweep.table(records, "bfloat16", 8, 80)
+  assert text.splitlines()[0] == "| model | d_model | state bytes | N 16 | N 32 |"
+  assert text.splitlines()[2] == "| transformer | 128 | 1k | 0.900 (0.001; 1 run) | 0.600 (0.00215; 2 runs: 0.200–1.000) |"
+  assert len(text.splitlines()) == 3                          # the fp32 run is not the protocol's
+  path = tmp_path / "sweep.json"
+  path.write_text(json.dumps(records))
+  mqar_sweep.main(["--table", str(path)])
+  assert "0.600 (0.00215; 2 runs" in capsys.readouterr().out and (tmp_path / "sweep.png").exists()
+  with pytest.raises(SystemExit, match="no results file"):
+    mqar_sweep.main(["--table", str(tmp_path / "missing.json")])
