@@ -161,6 +161,19 @@ def merge_workers(args, tag: str | None) -> tuple[str, list[dict]]:
   return path, records
 
 
+def population_folder(base: dict) -> str:
+  """The folder (under --workdir) of one population's run folders, named by every key field but the learning rate
+  and seed (the run folders' names): two sweeps that differ in M_e or k_e, say, never share run folders."""
+  name = f"{base['family']}{'_' + base['variant'] if base['variant'] else ''}_d{base['d_model']}_N{base['N']}_L{base['L']}"
+  if base["window"]:
+    name += f"_w{base['window']}"
+  if base["n_fading"]:
+    name += f"_mf{base['n_fading']}"
+  if base["n_eidetic"]:
+    name += f"_me{base['n_eidetic']}_ke{base['eidetic_per_chunk']}_{base['store_policy']}_{base['selection']}"
+  return name + (f"_{base['attn_impl']}" if base["attn_impl"] else "") + f"_{base['dtype']}_e{base['epochs']}"
+
+
 def claim(path: str, label: str) -> bool:
   """True for the one worker that creates <results folder>/claims/<label> (an exclusive create)."""
   folder = os.path.join(os.path.dirname(path), "claims")
@@ -214,8 +227,7 @@ def sweep(args) -> str:
           checked[n] = data_check(pop.mq, pop.task.eval_source.seed)
           if checked[n]:
             print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
-        memory = f"_{base['store_policy']}_{base['selection']}" if cfg.eidetic else ""   # one folder per store
-        workdir = os.path.join(args.workdir, f"{family}{'_' + variant if variant else ''}{memory}_d{d_model}_N{n}")
+        workdir = os.path.join(args.workdir, population_folder(base))
         results = pop.train(workdir, progress_bar=not args.no_progress, save_checkpoints=args.save_checkpoints)
         wall = time.time() - t0
         longest = max(longest, wall)

@@ -96,3 +96,17 @@ def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_on
   assert "0.600 (0.00215; 2 runs" in capsys.readouterr().out and (tmp_path / "sweep.png").exists()
   with pytest.raises(SystemExit, match="no results file"):
     mqar_sweep.main(["--table", str(tmp_path / "missing.json")])
+
+
+def test_population_folders_differ_in_every_key_field_but_the_run_folders():
+  """Two sweeps into one --workdir that differ in anything but learning rate and seed (the run folders' names)
+  write different population folders: an M_e sweep does not overwrite the runs of the protocol's M_e."""
+  base = _record(family="bmojo", window=32, n_fading=8, n_eidetic=80, eidetic_per_chunk=16, store_policy="score",
+                 selection="innovation")
+  folder = mqar_sweep.population_folder(base)
+  assert folder == "bmojo_d128_N32_L256_w32_mf8_me80_ke16_score_innovation_reference_bfloat16_e8"
+  for field in mqar_sweep.KEY_FIELDS:
+    if field in ("learning_rate", "seed"):
+      continue
+    other = {**base, field: base[field] + 1 if isinstance(base[field], int) else f"{base[field]}x"}
+    assert mqar_sweep.population_folder(other) != folder, field
