@@ -327,8 +327,11 @@ def best_accuracy(records: list[dict]) -> float:
 
 
 def model_name(r: dict) -> str:
-  """The figure's and the table's name of a record's model: family (+ variant, selection, store policy)."""
+  """The figure's and the table's name of a record's model: family (+ variant, k_e, selection, store policy; M_e
+  is the figures' x axis or filter)."""
   text = f"{r['family']} ({r['variant'].replace('_', ' ')})" if r["variant"] else r["family"]
+  if r["eidetic_per_chunk"]:
+    text += f", k_e {r['eidetic_per_chunk']}"
   if r["selection"] and r["selection"] != Selection.INNOVATION:
     text += f", {r['selection']} selection"
   return text + (f", {r['store_policy']} store" if r["store_policy"] == "fifo" else "")

@@ -90,6 +90,10 @@ def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_on
   assert text.splitlines()[0] == "| model | d_model | state bytes | N 16 | N 32 |"
   assert text.splitlines()[2] == "| transformer | 128 | 1k | 0.900 (0.001; 1 run) | 0.600 (0.00215; 2 runs: 0.200–1.000) |"
   assert len(text.splitlines()) == 3                          # the fp32 run is not the protocol's
+  bmojo = dict(family="bmojo", window=32, n_fading=8, n_eidetic=80, store_policy="score", selection="innovation")
+  text = mqar_sweep.table([_record(eidetic_per_chunk=k, test_accuracy=k / 10, **bmojo) for k in (4, 8)],
+                          "bfloat16", 8, 80)
+  assert [line.split(" | ")[0] for line in text.splitlines()[2:]] == ["| bmojo, k_e 4", "| bmojo, k_e 8"]
   path = tmp_path / "sweep.json"
   path.write_text(json.dumps(records))
   mqar_sweep.main(["--table", str(path)])
