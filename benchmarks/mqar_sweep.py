@@ -164,7 +164,8 @@ def merge_workers(args, tag: str | None) -> tuple[str, list[dict]]:
 def population_folder(base: dict) -> str:
   """The folder (under --workdir) of one population's run folders, named by every key field but the learning rate
   and seed (the run folders' names): two sweeps that differ in M_e or k_e, say, never share run folders."""
-  name = f"{base['family']}{'_' + base['variant'] if base['variant'] else ''}_d{base['d_model']}_N{base['N']}_L{base['L']}"
+  name = base["family"] + (f"_{base['variant']}" if base["variant"] else "")
+  name += f"_d{base['d_model']}_N{base['N']}_L{base['L']}"
   if base["window"]:
     name += f"_w{base['window']}"
   if base["n_fading"]:
@@ -339,8 +340,8 @@ def model_name(r: dict) -> str:
 
 def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
   """A markdown table of the figure's values: per model, d_model and N the best accuracy (the mean over seeds at
-  the best learning rate), with that rate, the number of runs (seeds), and their range where there are several. Only the
-  protocol's runs (`dtype`, `epochs`, B'MOJO at M_e = `n_eidetic`)."""
+  the best learning rate), with that rate, the number of runs (seeds), and their range where there are several.
+  Only the protocol's runs (`dtype`, `epochs`, B'MOJO at M_e = `n_eidetic`)."""
   records = [r for r in records if r["dtype"] == dtype and r["epochs"] == epochs and r["n_eidetic"] in (0, n_eidetic)]
   ns = sorted({r["N"] for r in records})
   cells: dict[tuple, list[dict]] = {}
@@ -585,7 +586,9 @@ def main(argv=None):
         raise SystemExit(f"--table: no results file {args.table}")
       path, sources = args.table, [args.table]
     records = load_records(sources)
-    plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
+    if not plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic):
+      raise SystemExit(f"--table: no records of {args.dtype}, {args.epochs} epochs in {sources} (see --dtype, "
+                       "--epochs)")
     print(table(records, args.dtype, args.epochs, args.n_eidetic))
   elif args.gpus and args.worker is None:
     launch(args, list(sys.argv[1:] if argv is None else argv))

@@ -88,7 +88,8 @@ def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_on
   assert mqar_sweep.best_setting(records[:3]) == (0.6, 0.00215443, [0.2, 1.0])
   text = mqar_sweep.table(records, "bfloat16", 8, 80)
   assert text.splitlines()[0] == "| model | d_model | state bytes | N 16 | N 32 |"
-  assert text.splitlines()[2] == "| transformer | 128 | 1k | 0.900 (0.001; 1 run) | 0.600 (0.00215; 2 runs: 0.200–1.000) |"
+  assert text.splitlines()[2] == ("| transformer | 128 | 1k | 0.900 (0.001; 1 run) | "
+                                  "0.600 (0.00215; 2 runs: 0.200–1.000) |")
   assert len(text.splitlines()) == 3                          # the fp32 run is not the protocol's
   bmojo = dict(family="bmojo", window=32, n_fading=8, n_eidetic=80, store_policy="score", selection="innovation")
   text = mqar_sweep.table([_record(eidetic_per_chunk=k, test_accuracy=k / 10, **bmojo) for k in (4, 8)],
@@ -100,6 +101,8 @@ def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_on
   assert "0.600 (0.00215; 2 runs" in capsys.readouterr().out and (tmp_path / "sweep.png").exists()
   with pytest.raises(SystemExit, match="no results file"):
     mqar_sweep.main(["--table", str(tmp_path / "missing.json")])
+  with pytest.raises(SystemExit, match="no records of bfloat16, 64 epochs"):
+    mqar_sweep.main(["--table", str(path), "--epochs", "64"])
 
 
 def test_population_folders_differ_in_every_key_field_but_the_run_folders():
