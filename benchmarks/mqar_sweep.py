@@ -251,9 +251,18 @@ def sweep(args) -> str:
   if args.worker is not None:
     print(f"{len(records)} records in {path}")
     return path
-  figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
-  print(f"{len(records)} records in {path}; figure {figure}\n{table(records, args.dtype, args.epochs, args.n_eidetic)}")
+  summarize(args, path, records)
   return path
+
+
+def summarize(args, path: str, records: list[dict]) -> str | None:
+  """Redraws the figure next to the results file `path` and prints the table of the protocol's records; returns
+  the figure's path (None: no record of the protocol)."""
+  figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
+  print(f"{len(records)} records in {path}; figure {figure}")
+  if figure:
+    print(table(records, args.dtype, args.epochs, args.n_eidetic))
+  return figure
 
 
 def worker_device_tag(gpu: str) -> str:
@@ -293,8 +302,7 @@ def launch(args, argv: list[str]) -> str:
   for t in threads:
     t.join()
   path, records = merge_workers(args, tag)
-  figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
-  print(f"{len(records)} records in {path}; figure {figure}\n{table(records, args.dtype, args.epochs, args.n_eidetic)}")
+  summarize(args, path, records)
   failed = [g for g, c in zip(args.gpus, codes) if c]
   if failed:
     raise SystemExit(f"the workers on GPUs {failed} failed (their lines above); the records of every finished "
@@ -302,29 +310,15 @@ def launch(args, argv: list[str]) -> str:
   return path
 
 
-def lr_groups(records: list[dict]) -> dict[float, list[dict]]:
-  """One model's records by learning rate to 6 significant digits (a rate given as 2.15443469e-3 is the 0.00215443
-  of another call): the runs of one setting. Runs with cuDNN and with the reference attention count alike (one
-  function; docs/mqar.md, session 10), so a seed run with both is two draws of that setting."""
-  groups: dict[float, list[dict]] = {}
-  for r in records:
-    groups.setdefault(float(f"{r['learning_rate']:.6g}"), []).append(r)
-  return groups
-
-
 def best_setting(records: list[dict]) -> tuple[float, float, list[float]]:
   """Zoology's figure-2 value of one model: the best over learning rates of the test accuracy averaged over
-  seeds (and attention implementations), as (that mean, its learning rate, its runs' accuracies)."""
-  rows = []
-  for lr, rs in lr_groups(records).items():
-    accs = [r["test_accuracy"] or 0.0 for r in rs]
-    rows.append((float(np.mean(accs)), lr, accs))
-  return max(rows, key=lambda row: row[0])
-
-
-def best_accuracy(records: list[dict]) -> float:
-  """best_setting's mean: the value the figure draws."""
-  return best_setting(records)[0]
+  seeds, as (that mean, its learning rate, its runs' accuracies). A learning rate counts to 6 significant digits
+  (2.15443469e-3 given on one command line is the 0.00215443 of another), and runs with cuDNN and with the
+  reference attention pool (one function; docs/mqar.md, session 10)."""
+  groups: dict[float, list[float]] = {}
+  for r in records:
+    groups.setdefault(float(f"{r['learning_rate']:.6g}"), []).append(r["test_accuracy"] or 0.0)
+  return max(((float(np.mean(accs)), lr, accs) for lr, accs in groups.items()), key=lambda row: row[0])
 
 
 def model_name(r: dict) -> str:
@@ -345,11 +339,13 @@ def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
   records = [r for r in records if r["dtype"] == dtype and r["epochs"] == epochs and r["n_eidetic"] in (0, n_eidetic)]
   ns = sorted({r["N"] for r in records})
   cells: dict[tuple, list[dict]] = {}
+  state = {}   # (model, d_model) -> state bytes (independent of N)
   for r in records:
     cells.setdefault((model_name(r), r["d_model"], r["N"]), []).append(r)
+    state[model_name(r), r["d_model"]] = r["state_bytes"]
   lines = ["| model | d_model | state bytes | " + " | ".join(f"N {n}" for n in ns) + " |",
            "|---|---|---|" + "---|" * len(ns)]
-  for name, d_model in sorted({(k[0], k[1]) for k in cells}):
+  for (name, d_model), size in sorted(state.items()):
     row = []
     for n in ns:
       if (name, d_model, n) not in cells:
@@ -358,7 +354,6 @@ def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
       mean, lr, accs = best_setting(cells[name, d_model, n])
       seeds = f"{len(accs)} runs: {min(accs):.3f}–{max(accs):.3f}" if len(accs) > 1 else "1 run"
       row.append(f"{mean:.3f} ({lr:.3g}; {seeds})")
-    size = next(r["state_bytes"] for k, rs in cells.items() if k[:2] == (name, d_model) for r in rs)
     lines.append(f"| {name} | {d_model} | {size / 1e3:.0f}k | " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -388,7 +383,7 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
           groups.setdefault((line_of(r), r["d_model"], x_of(r)), []).append(r)
       lines: dict[str, list[tuple[float, float]]] = {}
       for (line, _, x), rs in groups.items():
-        lines.setdefault(line, []).append((x, best_accuracy(rs)))
+        lines.setdefault(line, []).append((x, best_setting(rs)[0]))
       for line, xy in sorted(lines.items()):
         xy.sort()
         ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=line, markersize=4, color=colors[line])
@@ -585,11 +580,9 @@ def main(argv=None):
       if not os.path.exists(args.table):
         raise SystemExit(f"--table: no results file {args.table}")
       path, sources = args.table, [args.table]
-    records = load_records(sources)
-    if not plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic):
+    if not summarize(args, path, load_records(sources)):
       raise SystemExit(f"--table: no records of {args.dtype}, {args.epochs} epochs in {sources} (see --dtype, "
                        "--epochs)")
-    print(table(records, args.dtype, args.epochs, args.n_eidetic))
   elif args.gpus and args.worker is None:
     launch(args, list(sys.argv[1:] if argv is None else argv))
   else:
