@@ -73,11 +73,14 @@ def test_associative_packed_matches_sequential():
 
 
 def test_reset_all_false_is_no_reset():
+  """An all-false reset changes nothing. The two calls are different programs (the reset path multiplies the
+  decay by 1 - reset, or selects through `where`), which XLA may fuse and vectorize differently: bit-equality
+  held on some x86-64 hosts and not on others (AMD EPYC: 1.9e-6 max abs). Hence fp32 rounding tolerance."""
   x = inputs(jax.random.key(7), 2, 37, 8, 4)
   never = jnp.zeros((2, 37), jnp.int32)
   for fn in (selective_scan_reference, functools.partial(selective_scan_associative, chunk=8)):
     for a, b in zip(fn(**x, reset=never), fn(**x)):
-      np.testing.assert_array_equal(a, b)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_reset_starts_a_fresh_sequence():
