@@ -292,9 +292,10 @@ def matches(r: dict, only: list[str]) -> bool:
 
 def recheck_args(args, r: dict):
   """The sweep's options that rebuild the population config of record r (its key fields; everything else,
-  e.g. the vocabulary, comes from --set as in the sweep that wrote it: records do not hold overrides)."""
+  e.g. the vocabulary, comes from --set and --target as in the sweep that wrote it: records hold neither)."""
   a = argparse.Namespace(**vars(args))
-  a.seq_len, a.n_fading, a.n_eidetic, a.epochs, a.dtype = r["L"], r["n_fading"], r["n_eidetic"], r["epochs"], r["dtype"]
+  a.seq_len, a.n_fading, a.n_eidetic, a.epochs = r["L"], r["n_fading"], r["n_eidetic"], r["epochs"]
+  a.dtype = r["dtype"]
   if r["window"] is not None:
     a.window = r["window"] - (r["n_fading"] + r["n_eidetic"] if r["variant"] == EQUAL_MEMORY else 0)
   if r["n_eidetic"]:
