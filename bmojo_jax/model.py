@@ -200,8 +200,12 @@ class LanguageModel(nnx.Module):
     """The head: the last block's output x [B, T, D] -> logits [B, T, V] fp32 (final norm, tied or own
     weights). `hidden` then `logits` is `__call__`; in between a loss may keep only the positions it scores."""
     x = self.final_norm(x)
-    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T                  # [V, D]
-    return logits_einsum(x, w.astype(x.dtype))
+    return logits_einsum(x, self.head_weight(x.dtype))
+
+  def head_weight(self, dtype) -> jax.Array:
+    """The head's weight [V, D] in `dtype` (the embedding when tied)."""
+    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
+    return w.astype(dtype)
 
   def _run(self, tokens, caches, cache_size, decode, keep_cache, packing=None):
     cfg = self.cfg
