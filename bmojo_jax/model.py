@@ -77,8 +77,21 @@ def _save_dots_and_kernels(prim, *avals, **params) -> bool:
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
+SCAN_KERNELS = "selective_scan"  # the name prefix of every selective-scan pallas_call (pallas_kernels/selective_scan)
+
+
+def _save_dots_and_attention(prim, *avals, **params) -> bool:
+  """`_save_dots_and_kernels` less the selective scan's kernels: its outputs (y, the last state and the fp32
+  state checkpoints hc that its backward reads) are recomputed by rerunning the scan forward in the backward.
+  Keeping y alone would save nothing: y and hc leave the same pallas_call, so recomputing hc recomputes y."""
+  if prim.name == "pallas_call" and str(params.get("name", "")).startswith(SCAN_KERNELS):
+    return False
+  return _save_dots_and_kernels(prim, *avals, **params)
+
+
 REMAT_POLICIES = {RematPolicy.FULL: None, RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  RematPolicy.DOTS_KERNELS: _save_dots_and_kernels}
+                  RematPolicy.DOTS_KERNELS: _save_dots_and_kernels,
+                  RematPolicy.DOTS_ATTENTION: _save_dots_and_attention}
 
 
 class Block(nnx.Module):
