@@ -89,8 +89,9 @@ class SwiGLU(nnx.Module):
     self.up = einsum_layer("BTD,DF->BTF", (d, f), (tp.EMBED, tp.MLP), cfg, rngs, cfg.init_std)
     self.down = einsum_layer("BTF,FD->BTD", (f, d), (tp.MLP, tp.EMBED), cfg, rngs, out_std)
 
-  def __call__(self, x: jax.Array, state=None, *, fading=None, cache_size: int | None = None, packing=None):
-    del state, fading, cache_size, packing
+  def __call__(self, x: jax.Array, state=None, *, fading=None, fading_norm=None, cache_size: int | None = None,
+               packing=None):
+    del state, fading, fading_norm, cache_size, packing
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
 
   def step(self, x: jax.Array, state=None, *, fading=None):

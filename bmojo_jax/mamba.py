@@ -79,12 +79,13 @@ class Mamba(nnx.Module):
     self.out_proj = einsum_layer("BTE,ED->BTD", (e, d), (tp.INNER, tp.EMBED), cfg, rngs,
                                  cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
-  def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None,
+  def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None, fading_norm=None,
                cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, MambaState]:
     """x [B, T, D] -> (out [B, T, D], state after the last token). `state` continues a sequence; with
     `packing` (several documents in a row) the conv and SSM states restart from zero at every document's first
-    token after the row's first. fading and cache_size are part of the mixer protocol and unused here."""
-    del fading, cache_size
+    token after the row's first. fading, fading_norm and cache_size are part of the mixer protocol and unused
+    here."""
+    del fading, fading_norm, cache_size
     cfg = self.cfg
     if state is None:
       state = self.init_state(x.shape[0])

@@ -9,7 +9,8 @@ parallel pass, `step` for one token, `init_state` for the decode state before an
 two sublayers without knowing their kinds; `bmojo_jax.param_count.SUBLAYER_PARAMS` counts each kind's
 parameters. With `cfg.fading_source` (B'MOJO-F, B'MOJO; validated in `ModelConfig`) the first sublayer's
 output s, a read-out of the SSM state, is handed to the second (the memory attention) as the source of its
-fading tokens.
+fading tokens; the parallel pass hands s with norm_2, which the attention applies to the M_f rows per chunk
+it reads only (`Attention.fading_parts`), not to all T.
 
 With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth. Otherwise (the
@@ -52,9 +53,11 @@ class Mixer(Protocol):
   (`cfg.fading_source`), which only the memory attention reads; `packing` marks the documents of a packed row."""
 
   def __call__(self, x: jax.Array, state: Any = None, *, fading: jax.Array | None = None,
-               cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, Any]:
+               fading_norm: Callable[[jax.Array], jax.Array] | None = None, cache_size: int | None = None,
+               packing: Packing | None = None) -> tuple[jax.Array, Any]:
     """Parallel pass x [B, T, D] -> (y [B, T, D], state after the last token). `state` continues the sequence
-    it holds; cache_size (attention ring slots) asks for the decode state."""
+    it holds; cache_size (attention ring slots) asks for the decode state. With fading_norm, fading is the
+    read-out before its norm, and fading_norm(rows [..., D]) normalizes the rows that are read of it."""
     ...
 
   def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None) -> tuple[jax.Array, Any]:
@@ -111,14 +114,14 @@ class Block(nnx.Module):
     """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`; else the parallel pass."""
     state1, state2 = cache if cache is not None else (None, None)
 
-    def run(mixer, inputs, state, fading):
-      if decode:
-        return mixer.step(inputs, state, fading=fading)
-      return mixer(inputs, state, fading=fading, cache_size=cache_size, packing=packing)
-
-    s, state1 = run(self.mixer1, self.norm1(x), state1, None)
+    s, state1 = (self.mixer1.step(self.norm1(x), state1) if decode else
+                 self.mixer1(self.norm1(x), state1, cache_size=cache_size, packing=packing))
     h = x + s
-    y, state2 = run(self.mixer2, self.norm2(h), state2, self.norm2(s) if self.fading_source else None)
+    if decode:
+      y, state2 = self.mixer2.step(self.norm2(h), state2, fading=self.norm2(s) if self.fading_source else None)
+    else:   # the fading source norm2(s): the mixer normalizes only the rows it reads (M_f per chunk)
+      fading = dict(fading=s, fading_norm=self.norm2) if self.fading_source else {}
+      y, state2 = self.mixer2(self.norm2(h), state2, cache_size=cache_size, packing=packing, **fading)
     return h + y, (state1, state2)
 
   def init_state(self, batch: int, cache_size: int | None) -> BlockCache:
