@@ -192,7 +192,8 @@ class ModelConfig:
                                      # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
                                      # (docs/train_speed.md); False: a Python loop over the blocks
   loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
-  loss_block: int = 1024             # tokens per block of the chunked loss (transient ~ block·V·10 bytes)
+  loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
+                                     # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
 
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
