@@ -5,10 +5,19 @@
     python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
     python -m benchmarks.train_step_bench --packed false,true               # packed documents' cost
     python -m benchmarks.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
+    python -m benchmarks.train_step_bench --families bmojo,mamba --sizes 130m --seqs 2048 --layouts all
+    python -m benchmarks.train_step_bench --loss-impl reference,chunked --families transformer:cudnn --sizes 1.4b
+    python -m benchmarks.train_step_bench --tiny --layouts all            # CPU smoke run of the whole path
 
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
-outputs not aliased to donated inputs), device, jax. Equal tokens per step: batch = max(1, tokens // T).
+outputs not aliased to donated inputs), device, jax, and what chose the layout and the loss: scan_layers,
+remat, attn_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own).
+Equal tokens per step: batch = max(1, tokens // T).
+`--layouts` times each configuration in several layouts (LAYOUTS: scanned or loop blocks x a remat policy,
+e.g. `scan/dots_attention`; `all` = every one) and prints, per family and shape, the fastest that ran beside
+the preset's default (also stored as records with op="best_layout"). `--tiny` is a CPU smoke size (an MQAR-sized
+model, T 64, 128 tokens a step, the reference scan and attention).
 `--packed true` feeds rows that pack documents (segment_ids, lengths ~ Exp(--doc-len)): records say
 `segments: true`.
 MFU = `bmojo_jax.param_count.train_flops_per_token` x tokens/s over 989 TFLOP/s (H100/H200 dense bf16 spec):
@@ -41,6 +50,7 @@ import numpy as np
 
 from benchmarks.common import device_name, write_results
 from bmojo_jax import paper_config
+from bmojo_jax.config import mqar_config
 from bmojo_jax.param_count import count_params, train_flops_per_token
 from configs import common as config_common
 from train import sharding as shard_lib
@@ -53,12 +63,24 @@ DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "
                     "bmojo", "mamba")
 
 
+TINY = "tiny"  # a size for CPU smoke runs: the MQAR-sized model of `mqar_config` with a small vocabulary
+LAYOUTS = {f"{'scan' if scan else 'loop'}/{remat}": (scan, remat)
+           for scan in (True, False) for remat in ("none", "dots_kernels", "dots_attention", "full")}
+
+
+def model_config(family: str, size: str, **overrides):
+  """The paper preset `family`-`size` (or the TINY model) with overrides."""
+  if size == TINY:
+    return mqar_config(family, d_model=64, vocab_size=512, **overrides)
+  return paper_config(family, size, **overrides)
+
+
 def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str, scan_impl: str = "pallas",
                 mesh: dict[str, int] | None = None, **model_overrides):
   """A training config for the paper preset `family`-`size` in bf16 compute; `mesh` {axis: size} (unnamed
   axes 1) or None: the default mesh (data parallel over every device)."""
   c = config_common.base_config()
-  c.model = config_common.model_fields(paper_config(
+  c.model = config_common.model_fields(model_config(
       family, size, dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **model_overrides))
   c.train.batch_size = c.train.eval_batch_size = batch
   c.train.progress_bar = False
@@ -121,13 +143,14 @@ def time_steps(compiled, state, batch, *, min_sample_s: float = 0.2, samples: in
 def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, layers: int | None = None,
             remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
             scan_layers: bool | None = None, doc_len: int | None = None,
-            mesh: dict[str, int] | None = None) -> dict:
+            mesh: dict[str, int] | None = None, loss_impl: str | None = None,
+            loss_block: int | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
-  if remat is not None:
-    overrides["remat"] = remat
-  if scan_layers is not None:
-    overrides["scan_layers"] = scan_layers
+  for name, value in (("remat", remat), ("scan_layers", scan_layers), ("loss_impl", loss_impl),
+                      ("loss_block", loss_block)):
+    if value is not None:
+      overrides[name] = value
   config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, **overrides)
   devices = None if mesh is None else jax.devices()[:int(np.prod(list(mesh.values()) or [1]))]
   setup = setup_lib.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
@@ -153,7 +176,9 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
   rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
-             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, step_ms=step_ms,
+             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers,
+             default_layout=is_default_layout(family, size, cfg), loss_impl=cfg.loss_impl.value,
+             loss_block=cfg.loss_block, step_ms=step_ms,
              tokens_per_s=tokens_per_s,
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / (PEAK_FLOPS * setup.mesh.size),
              compile_s=compile_s,
@@ -164,6 +189,41 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
             f"{'scan' if cfg.scan_layers else 'loop'}_{cfg.remat.value}")
     rec["profile"] = profile(compiled, state, batch_arrays, profile_dir, name)
   return rec
+
+
+def is_default_layout(family: str, size: str, cfg) -> bool:
+  """Whether cfg's scan_layers and remat are the preset's own."""
+  preset = model_config(family, size)
+  return cfg.scan_layers == preset.scan_layers and cfg.remat == preset.remat
+
+
+def layout_name(rec: dict) -> str:
+  return f"{'scan' if rec['scan_layers'] else 'loop'}/{rec['remat']}"
+
+
+SHAPE_KEYS = ("family", "attn_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag")
+
+
+def best_layouts(records: list[dict]) -> list[dict]:
+  """Per family and shape (SHAPE_KEYS) timed in two or more layouts: a record op="best_layout" naming the
+  fastest layout that ran and the preset's default layout (None where the default was not timed)."""
+  groups = collections.defaultdict(list)
+  for r in records:
+    if r.get("op") == "train_step" and "error" not in r:
+      groups[tuple(r.get(k) for k in SHAPE_KEYS)].append(r)
+  out = []
+  for key, rs in groups.items():
+    if len({layout_name(r) for r in rs}) < 2:
+      continue
+    best = min(rs, key=lambda r: r["step_ms"])
+    default = next((r for r in rs if r.get("default_layout")), None)
+    out.append(dict(op="best_layout", **dict(zip(SHAPE_KEYS, key)), best=layout_name(best),
+                    best_ms=best["step_ms"], best_compile_s=best["compile_s"], best_peak_bytes=best["peak_bytes"],
+                    default=None if default is None else layout_name(default),
+                    default_ms=None if default is None else default["step_ms"],
+                    speedup=None if default is None else default["step_ms"] / best["step_ms"],
+                    layouts={layout_name(r): round(r["step_ms"], 3) for r in rs}))
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -318,9 +378,30 @@ def main():
                        "parallel over every device)")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new configuration after this many seconds (fits a run into a time limit)")
+  ap.add_argument("--layouts", default=None,
+                  help=f"layouts to time each configuration in (replaces --remat / --scan-layers): 'all' or a "
+                       f"list of {list(LAYOUTS)}; prints the best beside the preset's default")
+  ap.add_argument("--loss-impl", default=None, help="chunked, reference or both (default: the config's)")
+  ap.add_argument("--loss-block", type=int, default=None, help="tokens per block of the chunked loss")
+  ap.add_argument("--tiny", action="store_true",
+                  help="CPU smoke run: size tiny, T 64, 128 tokens, reference scan and attention (unless given)")
   args = ap.parse_args()
-  remats = [None] if args.remat is None else args.remat.split(",")
-  layouts = [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")]
+  if args.tiny:
+    args.sizes, args.seqs, args.tokens = TINY, "64", 128
+    args.scan_impl = "associative"
+    if args.families == ",".join(DEFAULT_FAMILIES):
+      args.families = "transformer:reference,hybrid:reference,bmojo_f:reference,bmojo:reference,mamba"
+  if args.layouts:
+    names = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+      ap.error(f"--layouts {unknown}: choose from {list(LAYOUTS)} or all")
+    layouts = [LAYOUTS[n] for n in names]
+  else:
+    layouts = list(itertools.product(
+        [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")],
+        [None] if args.remat is None else args.remat.split(",")))
+  loss_impls = [None] if args.loss_impl is None else args.loss_impl.split(",")
   packs = [v == "true" for v in args.packed.split(",")]
   meshes = [None] if args.meshes is None else [parse_mesh(m) for m in args.meshes.split(",")]
   if args.profile:
@@ -331,8 +412,8 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec, remat, scan_layers, packed, mesh in itertools.product(args.families.split(","), remats, layouts,
-                                                                      packs, meshes):
+      for spec, (scan_layers, remat), loss_impl, packed, mesh in itertools.product(
+          args.families.split(","), layouts, loss_impls, packs, meshes):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
           print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len} mesh {mesh}", flush=True)
@@ -340,27 +421,38 @@ def main():
         try:
           doc_len = (args.doc_len or seq_len // 4) if packed else None
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl, scan_layers, doc_len, mesh)
+                        args.scan_impl, scan_layers, doc_len, mesh, loss_impl, args.loss_block)
         except Exception as e:  # keep the grid going; the record says what failed
           rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len, mesh=mesh,
+                     scan_layers=scan_layers, remat=remat, loss_impl=loss_impl,
                      error=f"{type(e).__name__}: {str(e)[:400]}")
         rec["tag"] = args.tag
         records.append(rec)
         add_scaling(records)
         print(json.dumps({k: v for k, v in rec.items() if k != "profile"}), flush=True)
-        write_results(records, args.name)
-  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'layout':11s} {'mesh':8s} {'ms':>8s} "
+        write_results(records + best_layouts(records), args.name)
+  print(f"\n{'family':12s} {'attn':8s} {'size':5s} {'T':>6s} {'layout':20s} {'mesh':8s} {'ms':>8s} "
         f"{'tok/s':>10s} {'MFU':>5s} {'compile':>7s} {'GiB':>6s}   ({device_name()}, jax {jax.__version__})")
   for r in records:
     if "error" in r:
       print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
       continue
-    layout = f"{'scan' if r['scan_layers'] else 'loop'}/{r['remat']}" + ("/packed" if r.get("segments") else "")
+    layout = (layout_name(r) + ("*" if r["default_layout"] else "") + ("/packed" if r.get("segments") else "")
+              + ("/ref-loss" if r["loss_impl"] == "reference" else ""))
     mesh = ":".join(f"{a[0]}{n}" for a, n in r["mesh"].items() if n > 1) or "1"
-    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:11s} {mesh:8s} "
+    print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:20s} {mesh:8s} "
           f"{r['step_ms']:8.2f} {r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "
           f"{(r['peak_bytes'] or 0) / 2**30:6.1f}"
           + (f"   {r['speedup']:.2f}x one device ({r['scaling_efficiency']:.0%})" if "speedup" in r else ""))
+
+  best = best_layouts(records)
+  if best:
+    print("\nbest layout per family and shape (* above: the preset's default layout)")
+  for b in best:
+    vs = (f"default {b['default']} {b['default_ms']:.2f} ms: {b['speedup']:.2f}x" if b["default"]
+          else "default not timed")
+    print(f"{b['family']:12s} {b['attn_impl']:8s} {b['size']:5s} {b['T']:6d} best {b['best']:20s} "
+          f"{b['best_ms']:8.2f} ms ({vs})")
 
 
 if __name__ == "__main__":

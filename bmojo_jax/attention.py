@@ -102,14 +102,18 @@ class Attention(nnx.Module):
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
     return tuple(w(flat).reshape(*x.shape[:-1], *w.kernel.shape[1:]) for w in (self.wk, self.wv))
 
-  def fading_parts(self, fading: jax.Array | None):
+  def fading_parts(self, fading: jax.Array | None, fading_norm=None):
     """(source, project, fk, fv): what the fading tokens are cut from, and how the cut [B, ..., *] becomes their
     keys and values [B, ..., K, P]. Usually the source is the read-outs fading [B, T, D] and only the cut is
-    projected (M_f per chunk); a selection that scores with the projections at every position
-    (`cfg.scores_read_fading`) gets them as fk, fv [B, T, K, P], and the tokens are cut from those, projected
-    once. fk, fv are None otherwise."""
+    normalized (fading_norm, when the read-outs come before their norm) and projected (M_f per chunk); a
+    selection that scores with the projections at every position (`cfg.scores_read_fading`) gets them as fk,
+    fv [B, T, K, P], and the tokens are cut from those, projected once. fk, fv are None otherwise."""
     if not self.cfg.scores_read_fading:
-      return fading, self.fading_kv, None, None
+      if fading_norm is None:
+        return fading, self.fading_kv, None, None
+      return fading, lambda rows: self.fading_kv(fading_norm(rows)), None, None
+    if fading_norm is not None:
+      fading = fading_norm(fading)
     fk, fv = self.fading_kv(fading)
     return jnp.stack([fk, fv], axis=2), lambda x: (x[..., 0, :, :], x[..., 1, :, :]), fk, fv
 
@@ -120,12 +124,13 @@ class Attention(nnx.Module):
                               **kw)
 
   def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
-               cache_size: int | None = None, packing: Packing | None = None
+               fading_norm=None, cache_size: int | None = None, packing: Packing | None = None
                ) -> tuple[jax.Array, AttnState | None]:
     """Parallel pass from position 0, or with `state` a continuation of the sequence it holds.
 
     a [B, T, D] attention input; fading [B, T, D] fading source (the normed mixer output; B'MOJO-F /
-    B'MOJO). With cache_size (ring slots; the window, or the maximum length for full attention) also
+    B'MOJO); with fading_norm, fading is the read-out before its norm and fading_norm(rows [..., D]) is applied
+    to the rows cut from it only (`fading_parts`). With cache_size (ring slots; the window, or the maximum length for full attention) also
     returns the decode state after the last token. With `packing` (several documents per row) no key or
     memory token of one document is visible to another, and chunks count from each document's first token.
     A continuation (a prompt fed in pieces, a second turn) runs `step` over its tokens in a `lax.scan`: exact
@@ -134,7 +139,7 @@ class Attention(nnx.Module):
     if state is not None:
       if packing is not None:
         raise NotImplementedError("a continuation from a decode state takes one document per row")
-      return self._continue(a, state, fading)
+      return self._continue(a, state, fading if fading_norm is None else fading_norm(fading))
     cfg = self.cfg
     b, t, _ = a.shape
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
@@ -147,7 +152,7 @@ class Attention(nnx.Module):
         raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
       mem = None
       if m_f:                                  # (M_e > 0 only with M_f > 0: ModelConfig.validate)
-        source, project, fk, fv = self.fading_parts(fading)
+        source, project, fk, fv = self.fading_parts(fading, fading_norm)
         scores, v_mem = None, v
         if m_e:
           scores, v_mem = memory.selection_scores(
@@ -161,7 +166,7 @@ class Attention(nnx.Module):
 
     mem_k, mem_v, mem_valid = [], [], []
     n_chunks = -(-t // chunk)
-    source, project, fk, fv = self.fading_parts(fading)
+    source, project, fk, fv = self.fading_parts(fading, fading_norm)
     if m_f:
       fading_k, fading_v = project(memory.fading_per_chunk(source, chunk, m_f))        # [B, C, M_f, K, P]
       mem_k.append(fading_k)

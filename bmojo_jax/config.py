@@ -56,6 +56,15 @@ class RematPolicy(enum.StrEnum):
   FULL = "full"    # keep only the block's input; recompute the block
   DOTS = "dots"    # keep the matmul outputs, recompute the rest (norms, activations, the memory path)
   DOTS_KERNELS = "dots_kernels"  # keep the matmul and attention / scan kernel outputs, recompute the rest
+  DOTS_ATTENTION = "dots_attention"  # as dots_kernels but keep nothing of the selective scan: its backward
+                                     # reruns the scan forward instead of keeping its fp32 state checkpoints
+                                     # (hc [B, T/4, E, N], 1.07 GB a Mamba sublayer at 1.4B, 16k tokens)
+
+
+class LossImpl(enum.StrEnum):
+  """How the training loss computes the head and its cross-entropy (`bmojo_jax.losses`)."""
+  CHUNKED = "chunked"      # blocks of tokens, gradients in the forward: never the fp32 logits [B, T, V]
+  REFERENCE = "reference"  # the full logits [B, T, V] fp32, then the cross-entropy (autodiff backward)
 
 
 class ScanImpl(enum.StrEnum):
@@ -131,7 +140,8 @@ class Selection(enum.StrEnum):
 
 # Fields that choose how the model is computed, not what its parameters are: a checkpoint written under one
 # choice restores under another (scan_layers by converting the parameter layout, `bmojo_jax.stack_blocks`).
-COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers")
+COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers", "loss_impl",
+                  "loss_block")
 
 
 class ConfigError(ValueError):
@@ -181,12 +191,16 @@ class ModelConfig:
   scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
                                      # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
                                      # (docs/train_speed.md); False: a Python loop over the blocks
+  loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
+  loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
+                                     # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
 
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
       object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
     for name, enum_cls in (("family", Family), ("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
-                           ("store_policy", StorePolicy), ("selection", Selection), ("remat", RematPolicy)):
+                           ("store_policy", StorePolicy), ("selection", Selection), ("remat", RematPolicy),
+                           ("loss_impl", LossImpl)):
       value = getattr(self, name)
       try:
         object.__setattr__(self, name, enum_cls(value))
@@ -277,7 +291,7 @@ class ModelConfig:
       if not cond:
         raise ConfigError(f"{self.family.value}: {msg}")
 
-    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk"):
+    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk", "loss_block"):
       need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
     need(self.n_layers % 2 == 0, f"n_layers={self.n_layers} must be even (each block holds two sublayers)")
     for name in ("dtype", "param_dtype"):

@@ -47,14 +47,32 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (rotate-half form). x [B, T, H, P]; positions [T] or [B, T] int."""
-  half = x.shape[-1] // 2
+def rope_tables(positions: jax.Array, half: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos) [B|1, T, 1, P/2] fp32 of positions [T] or [B, T] int (fp32 angles: exact at long positions)."""
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)                   # [P/2]
   angle = positions.astype(jnp.float32)[..., None] * freq                          # [(B,) T, P/2]
   if angle.ndim == 2:
     angle = angle[None]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]         # [B|1, T, 1, P/2]
+  return jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) in x's dtype. x [B, T, H, P]; positions [T] or [B, T] int.
+
+  With x = (x1, x2) its two halves: out = (x1·cos − x2·sin, x2·cos + x1·sin). Computed on x viewed as
+  [B, T, H, 2, P/2]: out = x·cos + rev(x)·(−sin, +sin), rev swapping the halves, so no split or concat; the
+  tables are fp32 (`rope_tables`), cast to x's dtype. In fp32 this is `rope_reference` bit for bit."""
+  half = x.shape[-1] // 2
+  sin, cos = (a.astype(x.dtype)[..., None, :] for a in rope_tables(positions, half, theta))  # [B|1, T, 1, 1, P/2]
+  xr = x.reshape(*x.shape[:-1], 2, half)                                           # [B, T, H, 2, P/2]
+  sign = jnp.array([-1, 1], x.dtype)[:, None]                                      # [2, 1]
+  out = xr * cos + xr[..., ::-1, :] * (sign * sin)
+  return out.reshape(x.shape)
+
+
+def rope_reference(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """`rope` computed in fp32 with a split and a concat (the form before the compute-dtype one)."""
+  sin, cos = rope_tables(positions, x.shape[-1] // 2, theta)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -71,8 +89,9 @@ class SwiGLU(nnx.Module):
     self.up = einsum_layer("BTD,DF->BTF", (d, f), (tp.EMBED, tp.MLP), cfg, rngs, cfg.init_std)
     self.down = einsum_layer("BTF,FD->BTD", (f, d), (tp.MLP, tp.EMBED), cfg, rngs, out_std)
 
-  def __call__(self, x: jax.Array, state=None, *, fading=None, cache_size: int | None = None, packing=None):
-    del state, fading, cache_size, packing
+  def __call__(self, x: jax.Array, state=None, *, fading=None, fading_norm=None, cache_size: int | None = None,
+               packing=None):
+    del state, fading, fading_norm, cache_size, packing
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
 
   def step(self, x: jax.Array, state=None, *, fading=None):

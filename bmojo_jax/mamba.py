@@ -79,12 +79,13 @@ class Mamba(nnx.Module):
     self.out_proj = einsum_layer("BTE,ED->BTD", (e, d), (tp.INNER, tp.EMBED), cfg, rngs,
                                  cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
 
-  def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None,
+  def __call__(self, x: jax.Array, state: MambaState | None = None, *, fading=None, fading_norm=None,
                cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, MambaState]:
     """x [B, T, D] -> (out [B, T, D], state after the last token). `state` continues a sequence; with
     `packing` (several documents in a row) the conv and SSM states restart from zero at every document's first
-    token after the row's first. fading and cache_size are part of the mixer protocol and unused here."""
-    del fading, cache_size
+    token after the row's first. fading, fading_norm and cache_size are part of the mixer protocol and unused
+    here."""
+    del fading, fading_norm, cache_size
     cfg = self.cfg
     if state is None:
       state = self.init_state(x.shape[0])
@@ -92,8 +93,7 @@ class Mamba(nnx.Module):
     if packing is not None:
       reach = jnp.where(packing.ids == 0, cfg.d_conv, packing.offset)  # the first document continues `state`
       reset = packing.starts
-    uz = self.in_proj(x)                                                               # [B, T, 2, E]
-    u, z = uz[:, :, 0], uz[:, :, 1]                                                    # slices, not a transpose
+    u, z = self.in_proj_parts(x)
     u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv, reach)
     u = jax.nn.silu(u)
     dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
@@ -104,6 +104,16 @@ class Mamba(nnx.Module):
     y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm,
                   reset=reset)
     return self.out_proj(y.astype(cfg.compute_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
+
+  def in_proj_parts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(u, z) [B, T, E] of x [B, T, D]: in_proj's kernel [D, 2, E] as two GEMMs, one per half, so each result is
+    its own contiguous array. `self.in_proj(x)` [B, T, 2, E] sliced would give the same values, but z, an
+    operand of the scan kernel, would then be copied out of it (2·B·T·E elements moved, 268 MB a layer at 1.4B,
+    16k tokens) and the backward would assemble the [B, T, 2, E] cotangent from du and dz."""
+    dtype = self.cfg.compute_dtype
+    w = self.in_proj.kernel[...].astype(dtype)                                       # [D, 2, E]
+    x = x.astype(dtype)
+    return tuple(jnp.einsum("BTD,DE->BTE", x, w[:, j]) for j in (0, 1))
 
   def step(self, x: jax.Array, state: MambaState, *, fading=None) -> tuple[jax.Array, MambaState]:
     """One token per row: x [B, 1, D] -> (out [B, 1, D], state)."""

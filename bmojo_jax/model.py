@@ -9,7 +9,8 @@ parallel pass, `step` for one token, `init_state` for the decode state before an
 two sublayers without knowing their kinds; `bmojo_jax.param_count.SUBLAYER_PARAMS` counts each kind's
 parameters. With `cfg.fading_source` (B'MOJO-F, B'MOJO; validated in `ModelConfig`) the first sublayer's
 output s, a read-out of the SSM state, is handed to the second (the memory attention) as the source of its
-fading tokens.
+fading tokens; the parallel pass hands s with norm_2, which the attention applies to the M_f rows per chunk
+it reads only (`Attention.fading_parts`), not to all T.
 
 With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth. Otherwise (the
@@ -52,9 +53,11 @@ class Mixer(Protocol):
   (`cfg.fading_source`), which only the memory attention reads; `packing` marks the documents of a packed row."""
 
   def __call__(self, x: jax.Array, state: Any = None, *, fading: jax.Array | None = None,
-               cache_size: int | None = None, packing: Packing | None = None) -> tuple[jax.Array, Any]:
+               fading_norm: Callable[[jax.Array], jax.Array] | None = None, cache_size: int | None = None,
+               packing: Packing | None = None) -> tuple[jax.Array, Any]:
     """Parallel pass x [B, T, D] -> (y [B, T, D], state after the last token). `state` continues the sequence
-    it holds; cache_size (attention ring slots) asks for the decode state."""
+    it holds; cache_size (attention ring slots) asks for the decode state. With fading_norm, fading is the
+    read-out before its norm, and fading_norm(rows [..., D]) normalizes the rows that are read of it."""
     ...
 
   def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None) -> tuple[jax.Array, Any]:
@@ -77,8 +80,21 @@ def _save_dots_and_kernels(prim, *avals, **params) -> bool:
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
+SCAN_KERNELS = "selective_scan"  # the name prefix of every selective-scan pallas_call (pallas_kernels/selective_scan)
+
+
+def _save_dots_and_attention(prim, *avals, **params) -> bool:
+  """`_save_dots_and_kernels` less the selective scan's kernels: its outputs (y, the last state and the fp32
+  state checkpoints hc that its backward reads) are recomputed by rerunning the scan forward in the backward.
+  Keeping y alone would save nothing: y and hc leave the same pallas_call, so recomputing hc recomputes y."""
+  if prim.name == "pallas_call" and str(params.get("name", "")).startswith(SCAN_KERNELS):
+    return False
+  return _save_dots_and_kernels(prim, *avals, **params)
+
+
 REMAT_POLICIES = {RematPolicy.FULL: None, RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  RematPolicy.DOTS_KERNELS: _save_dots_and_kernels}
+                  RematPolicy.DOTS_KERNELS: _save_dots_and_kernels,
+                  RematPolicy.DOTS_ATTENTION: _save_dots_and_attention}
 
 
 class Block(nnx.Module):
@@ -98,14 +114,14 @@ class Block(nnx.Module):
     """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`; else the parallel pass."""
     state1, state2 = cache if cache is not None else (None, None)
 
-    def run(mixer, inputs, state, fading):
-      if decode:
-        return mixer.step(inputs, state, fading=fading)
-      return mixer(inputs, state, fading=fading, cache_size=cache_size, packing=packing)
-
-    s, state1 = run(self.mixer1, self.norm1(x), state1, None)
+    s, state1 = (self.mixer1.step(self.norm1(x), state1) if decode else
+                 self.mixer1(self.norm1(x), state1, cache_size=cache_size, packing=packing))
     h = x + s
-    y, state2 = run(self.mixer2, self.norm2(h), state2, self.norm2(s) if self.fading_source else None)
+    if decode:
+      y, state2 = self.mixer2.step(self.norm2(h), state2, fading=self.norm2(s) if self.fading_source else None)
+    else:   # the fading source norm2(s): the mixer normalizes only the rows it reads (M_f per chunk)
+      fading = dict(fading=s, fading_norm=self.norm2) if self.fading_source else {}
+      y, state2 = self.mixer2(self.norm2(h), state2, cache_size=cache_size, packing=packing, **fading)
     return h + y, (state1, state2)
 
   def init_state(self, batch: int, cache_size: int | None) -> BlockCache:
@@ -200,8 +216,12 @@ class LanguageModel(nnx.Module):
     """The head: the last block's output x [B, T, D] -> logits [B, T, V] fp32 (final norm, tied or own
     weights). `hidden` then `logits` is `__call__`; in between a loss may keep only the positions it scores."""
     x = self.final_norm(x)
-    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T                  # [V, D]
-    return logits_einsum(x, w.astype(x.dtype))
+    return logits_einsum(x, self.head_weight(x.dtype))
+
+  def head_weight(self, dtype) -> jax.Array:
+    """The head's weight [V, D] in `dtype` (the embedding when tied)."""
+    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
+    return w.astype(dtype)
 
   def _run(self, tokens, caches, cache_size, decode, keep_cache, packing=None):
     cfg = self.cfg

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmojo_jax import losses
+from bmojo_jax.config import LossImpl
 from train import data as data_lib
 from train import faults
 from train import sharding as shard_lib
@@ -81,7 +83,10 @@ def loss_sums(graphdef, params, batch, supervised: int | None = None):
 
   A batch with segment_ids (packed documents) keeps its documents apart (`LanguageModel.__call__`).
   supervised (static): at most this many targets per row are not IGNORE_INDEX (MQAR: N of T), so the head runs
-  on those positions only, [B, supervised, V] logits instead of [B, T, V]; the sums are the same."""
+  on those positions only, [B, supervised, V] logits instead of [B, T, V]; the sums are the same.
+  The model's `loss_impl` picks the head + loss: `chunked` (`bmojo_jax.losses.linear_cross_entropy`, blocks of
+  `loss_block` tokens; its ce carries no gradient, the sum does) or `reference` (logits, then
+  `token_losses`)."""
   model = nnx.merge(graphdef, params)
   x = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))     # [B, T, D]
   targets = batch["targets"]
@@ -89,13 +94,19 @@ def loss_sums(graphdef, params, batch, supervised: int | None = None):
     rows = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)[:, :supervised]   # supervised first
     x = jnp.take_along_axis(x, rows[..., None], axis=1)
     targets = jnp.take_along_axis(targets, rows, axis=1)
-  logits = model.logits(x)                                                              # [B, T|supervised, V]
   valid = targets != IGNORE_INDEX
-  ce, correct = token_losses(logits, jnp.where(valid, targets, 0))
+  labels = jnp.where(valid, targets, 0)
+  loss = None
+  if model.cfg.loss_impl == LossImpl.CHUNKED:   # the head and loss in token blocks (bmojo_jax/losses.py)
+    x = model.final_norm(x)
+    loss, ce, correct = losses.linear_cross_entropy(x, model.head_weight(x.dtype), labels,
+                                                    valid.astype(jnp.float32), model.cfg.loss_block)
+  else:
+    ce, correct = token_losses(model.logits(x), labels)                                # logits [B, T|S, V]
   ce = jnp.where(valid, ce, 0.0)
   correct = correct & valid
   per_ex_ce = ce.sum(axis=1)
-  return per_ex_ce.sum(), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
+  return (per_ex_ce.sum() if loss is None else loss), (valid.sum(axis=1), correct.sum(axis=1), per_ex_ce)
 
 
 def batch_grads(graphdef, params, batch, supervised: int | None = None):

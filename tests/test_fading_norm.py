@@ -1,0 +1,59 @@
+"""The fading source normalized on the rows read only (`Block` hands s and norm_2 to the memory attention) is
+the same model as normalizing all of s first: equal logits, decode cache and gradients (fp32)."""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bmojo_jax import LanguageModel
+from bmojo_jax import model as model_lib
+from tests.conftest import tiny_config
+
+
+def _norm_all_first(self, x, cache=None, *, cache_size=None, decode=False, packing=None):
+  """`Block.__call__` as it was: norm_2 over all of s [B, T, D], then the attention reads its rows."""
+  state1, state2 = cache if cache is not None else (None, None)
+
+  def run(mixer, inputs, state, fading):
+    if decode:
+      return mixer.step(inputs, state, fading=fading)
+    return mixer(inputs, state, fading=fading, cache_size=cache_size, packing=packing)
+
+  s, state1 = run(self.mixer1, self.norm1(x), state1, None)
+  h = x + s
+  y, state2 = run(self.mixer2, self.norm2(h), state2, self.norm2(s) if self.fading_source else None)
+  return h + y, (state1, state2)
+
+
+def _outputs(cfg, tokens, targets, segment_ids):
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(tokens, segment_ids)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  prefill = None
+  if segment_ids is None:
+    prefill = nnx.jit(lambda m, t: m.prefill(t))(model, tokens)
+  return logits, nnx.to_pure_dict(grads), prefill
+
+
+@pytest.mark.parametrize("family,selection,packed", [("bmojo", "innovation", False), ("bmojo", "ssm_error", True),
+                                                     ("bmojo_f", "innovation", True)])
+def test_fading_norm_on_rows_read_equals_norm_all(family, selection, packed, monkeypatch):
+  cfg = tiny_config(family, selection=selection, scan_impl="sequential", attn_impl="reference", init_std=0.1)
+  tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, 64)
+  targets = jax.random.randint(jax.random.key(1), (2, 21), 0, 64)
+  ids = np.repeat(np.array([[1] * 9 + [2] * 12]), 2, 0).astype(np.int32) if packed else None
+  fast = _outputs(cfg, tokens, targets, ids)
+  monkeypatch.setattr(model_lib.Block, "__call__", _norm_all_first)
+  ref = _outputs(cfg, tokens, targets, ids)
+  np.testing.assert_allclose(fast[0], ref[0], rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(fast[1], ref[1], rtol=1e-5, atol=1e-7)
+  if fast[2] is not None:
+    chex.assert_trees_all_close(fast[2], ref[2], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,52 @@
+"""The dots_attention remat policy: keeps the attention kernels' outputs, reruns only the selective scan's
+forward in the backward (not its fp32 state checkpoints hc), and changes no gradient (dots_kernels' own
+equality to no remat is tests/test_model.py's)."""
+
+import chex
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
+
+from bmojo_jax import LanguageModel
+from tests.conftest import tiny_config
+
+
+def _pallas_calls(jaxpr, prefix: str) -> int:
+  """pallas_call equations whose kernel name starts with prefix, in jaxpr and every jaxpr inside it."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "pallas_call" and str(eqn.params["name"]).startswith(prefix)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if hasattr(sub, "eqns"):
+          n += _pallas_calls(sub, prefix)
+        elif hasattr(sub, "jaxpr"):
+          n += _pallas_calls(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr, prefix)
+  return n
+
+
+def test_dots_attention_recomputes_only_the_scan():
+  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
+  out = {}
+  for remat in ("dots_kernels", "dots_attention"):
+    cfg = tiny_config("bmojo", n_layers=4, scan_impl="pallas", attn_impl="pallas", remat=remat)
+    graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:]).mean()
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    saved = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in saved_residuals(loss, params))
+    out[remat] = (jax.jit(jax.value_and_grad(loss))(params), saved,
+                  {k: _pallas_calls(jaxpr, k) for k in ("selective_scan_fwd", "selective_scan_bwd",
+                                                        "memory_attention")})
+  blocks = 2
+  calls_k, calls_a = out["dots_kernels"][2], out["dots_attention"][2]
+  assert calls_k == {"selective_scan_fwd": blocks, "selective_scan_bwd": blocks,
+                     "memory_attention": calls_k["memory_attention"]}
+  assert calls_a == {**calls_k, "selective_scan_fwd": 2 * blocks}     # the scan forward again, nothing else
+  # Not kept any more, per block, at least the state checkpoints hc [B, T/4, E, N] fp32 (B 2, T 16, E 64, N 4).
+  assert out["dots_kernels"][1] - out["dots_attention"][1] >= blocks * 2 * 4 * 64 * 4 * 4
+  (loss_k, grads_k), (loss_a, grads_a) = out["dots_kernels"][0], out["dots_attention"][0]
+  np.testing.assert_allclose(loss_a, loss_k, rtol=1e-6)
+  chex.assert_trees_all_close(grads_a, grads_k, rtol=1e-5, atol=1e-7)
