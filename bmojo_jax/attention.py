@@ -80,6 +80,9 @@ class AttnState(NamedTuple):
   pos: jax.Array                # [] int32, tokens seen
 
 
+CHUNK_FIELDS = ("fading_k", "fading_v", "store", "cand")   # what `Attention.start_chunk` changes
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query attention with optional window and memory tokens."""
 
@@ -220,7 +223,9 @@ class Attention(nnx.Module):
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
     if m_e or m_f:
       boundary = (t % chunk == 0) & (t > 0)
-      state = jax.tree.map(lambda new, old: jnp.where(boundary, new, old), self.start_chunk(state), state)
+      new = self.start_chunk(state)
+      state = state._replace(**{f: jax.tree.map(lambda x, y: jnp.where(boundary, x, y), getattr(new, f),
+                                                getattr(state, f)) for f in CHUNK_FIELDS})
 
     k_raw, v = self.wk(a), self.wv(a)                                                # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
