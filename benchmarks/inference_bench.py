@@ -36,12 +36,11 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import device_tag, ints, median_ms, write_results
+from benchmarks.decode_bench import at_position, greedy
 from bmojo_jax import Family, LanguageModel, ModelConfig, preset
-from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, cache_bytes
 
 KEY_FIELDS = ("op", "family", "size", "batch", "T", "context", "loop")
-greedy = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
 
 
 def model_config(family: Family, size: str) -> ModelConfig:
@@ -69,12 +68,6 @@ def copy_bandwidth() -> float:
 def memory_limit() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("bytes_limit")
-
-
-def at_position(cache, pos: int):
-  """The cache with every attention position set to `pos` (its contents do not change a step's cost)."""
-  return jax.tree.map(lambda s: s._replace(pos=jnp.full_like(s.pos, pos)) if isinstance(s, AttnState) else s,
-                      cache, is_leaf=lambda s: isinstance(s, AttnState))
 
 
 def is_oom(e: Exception) -> bool:

@@ -194,3 +194,18 @@ def test_scanned_prefill_matches_the_block_loop(decoders, family):
   for t in range(13, 20):
     (want, cache_a), (got, cache_b) = decoder.step(tokens[:, t], cache_a), scanned.step(tokens[:, t], cache_b)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bmojo_f", "bmojo"])
+def test_step_has_no_conditional(decoders, family):
+  """The compiled step and loop hold no conditional: XLA:GPU reads a conditional's predicate on the host, a
+  sync per layer per token (issue 36). Lowering only."""
+  _, decoder = decoders[family]
+  cache = decoder.prefill(jnp.zeros((1, 5), jnp.int32), 20)[1]
+  token, logits = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 64), jnp.float32)
+  step = inference._step.lower(decoder.graphdef, decoder.state, token, cache).as_text()
+  loop = inference._decode_loop.lower(decoder.graphdef, decoder.state, logits, cache, jnp.zeros((1, 3), jnp.int32),
+                                      jnp.zeros((1, 3), bool), jax.random.key(0), jnp.int32(0), 0.0, None,
+                                      None).as_text()
+  for text in (step, loop):
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text
