@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bmojo_jax import memory
@@ -75,8 +76,11 @@ class AttnState(NamedTuple):
   next_fading_v: jax.Array
   store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
   cand: Store                   # [B, k_e, …] the current chunk's selections so far
-  history: jax.Array            # [B, 4, D] fp32, the innovation test's last inputs (zeros under other selections)
+  history: jax.Array            # [B, 4, D] fp32, the innovation test's last inputs ([B, 0, D] where unread)
   pos: jax.Array                # [] int32, tokens seen
+
+
+CHUNK_FIELDS = ("fading_k", "fading_v", "store", "cand")   # what `Attention.start_chunk` changes
 
 
 class Attention(nnx.Module):
@@ -198,7 +202,7 @@ class Attention(nnx.Module):
     if m_e:
       state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
                              cand=jax.tree.map(lambda x: x[:, -1], selected))
-      if cfg.selection == Selection.INNOVATION:     # the only score that reads earlier inputs
+      if self.history_len:                          # the only score that reads earlier inputs
         state = state._replace(history=memory.last_inputs(a))
     return y, state
 
@@ -213,22 +217,20 @@ class Attention(nnx.Module):
 
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:
-    """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state)."""
+    """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state).
+
+    Branch-free: the chunk-boundary work (`start_chunk`) is computed at every token and selected by the
+    boundary flag, because a `lax.cond` on XLA:GPU reads its predicate on the host, a device-to-host sync per
+    layer per token that dominated batch-1 decoding. The store is small (M_e slots), so the select costs little.
+    """
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
-
-    def start_chunk(state: AttnState) -> AttnState:
-      """At a chunk boundary: the candidates enter the store, the next fading tokens become current."""
-      if m_e:
-        state = state._replace(store=memory.merge(state.store, state.cand, cfg.store_policy),
-                               cand=memory.empty_store(*state.cand.k.shape, state.cand.k.dtype))
-      if m_f:
-        state = state._replace(fading_k=state.next_fading_k, fading_v=state.next_fading_v)
-      return state
-
     if m_e or m_f:
-      state = jax.lax.cond((t % chunk == 0) & (t > 0), start_chunk, lambda s: s, state)
+      boundary = (t % chunk == 0) & (t > 0)
+      new = self.start_chunk(state)
+      state = state._replace(**{f: jax.tree.map(lambda x, y: jnp.where(boundary, x, y), getattr(new, f),
+                                                getattr(state, f)) for f in CHUNK_FIELDS})
 
     k_raw, v = self.wk(a), self.wv(a)                                                # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
@@ -237,33 +239,43 @@ class Attention(nnx.Module):
     ring_k = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), slot, axis=1)
     ring_v = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), slot, axis=1)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
-    ring_valid = (t - jnp.mod(t - jnp.arange(size), size)) >= 0                     # [S]
+    slot_pos = t - jnp.mod(t - jnp.arange(size), size)                              # [S] position per slot
+    ring_valid = slot_pos >= 0
     if cfg.window is not None:
-      ring_valid &= (t - jnp.mod(t - jnp.arange(size), size)) > t - cfg.window
+      ring_valid &= slot_pos > t - cfg.window
 
-    b = a.shape[0]
-    keys, values, valid = [ring_k], [ring_v], [jnp.broadcast_to(ring_valid, (b, size))]
+    parts = [(ring_k, ring_v, ring_valid[None])]                                    # (k, v, valid [B|1, S])
     fk, fv = self.fading_kv(fading) if m_f else (None, None)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
       score, _ = memory.selection_scores(cfg.selection, self.score_inputs(
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
     if m_f:
-      keys.append(state.fading_k)
-      values.append(state.fading_v)
-      valid.append(jnp.broadcast_to(t >= chunk, (b, m_f)))
+      parts.append((state.fading_k, state.fading_v, jnp.broadcast_to(t >= chunk, (1, m_f))))
       state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:
-      keys.append(state.store.k)
-      values.append(state.store.v)
-      valid.append(state.store.valid)
+      parts.append((state.store.k, state.store.v, state.store.valid))
       state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
-      if cfg.selection == Selection.INNOVATION:
+      if self.history_len:
         state = state._replace(history=memory.last_inputs(a, state.history))
-    o = decode_attention(q[:, 0], jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
-                         jnp.concatenate(valid, 1))
+    o = decode_attention(q[:, 0], parts)
     return self.wo(o[:, None]), state
+
+  def start_chunk(self, state: AttnState) -> AttnState:
+    """The state at a chunk boundary: the candidates enter the store, the next fading tokens become current."""
+    cfg = self.cfg
+    if cfg.eidetic:
+      state = state._replace(store=memory.merge(state.store, state.cand, cfg.store_policy),
+                             cand=memory.empty_store(*state.cand.k.shape, state.cand.k.dtype))
+    if cfg.fading:
+      state = state._replace(fading_k=state.next_fading_k, fading_v=state.next_fading_v)
+    return state
+
+  @property
+  def history_len(self) -> int:
+    """Inputs the decode state keeps for the innovation score: 4 where it selects, else none."""
+    return memory.PREDICTOR_TAPS if self.cfg.eidetic and self.cfg.selection == Selection.INNOVATION else 0
 
   def init_state(self, batch: int, cache_size: int) -> AttnState:
     cfg = self.cfg
@@ -274,17 +286,25 @@ class Attention(nnx.Module):
                      next_fading_k=zeros(cfg.fading), next_fading_v=zeros(cfg.fading),
                      store=memory.empty_store(batch, cfg.eidetic, kh, p, dt),
                      cand=memory.empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
-                     history=jnp.zeros((batch, memory.PREDICTOR_TAPS, cfg.d_model), jnp.float32),
+                     history=jnp.zeros((batch, self.history_len, cfg.d_model), jnp.float32),
                      pos=jnp.zeros((), jnp.int32))
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-  """One query per row. q [B, H, P]; k, v [B, S, K, P]; valid [B, S] -> o [B, H, P] (fp32 softmax)."""
+def decode_attention(q: jax.Array, parts) -> jax.Array:
+  """One query per row over several key sets, one softmax: q [B, H, P]; parts [(k, v [B, S_i, K, P], valid
+  [B or 1, S_i])] -> o [B, H, P] (fp32 logits and softmax; the probabilities meet v in v's dtype).
+
+  The parts (ring cache, fading tokens, store) are attended where they lie: only their logits [B, K, G, S_i]
+  are concatenated, never their keys and values, so a token reads the cache once and copies none of it.
+  """
   b, h, p = q.shape
-  kh = k.shape[2]
+  kh = parts[0][0].shape[2]
   qg = q.reshape(b, kh, h // kh, p)
-  logits = jnp.einsum("BKGP,BSKP->BKGS", qg, k, preferred_element_type=jnp.float32) / math.sqrt(p)
-  logits = jnp.where(valid[:, None, None, :], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("BKGS,BSKP->BKGP", probs, v.astype(jnp.float32))
+  logits = [jnp.where(valid[:, None, None, :],
+                      jnp.einsum("BKGP,BSKP->BKGS", qg, k, preferred_element_type=jnp.float32) / math.sqrt(p),
+                      NEG_INF) for k, _, valid in parts]
+  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+  bounds = np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]
+  o = sum(jnp.einsum("BKGS,BSKP->BKGP", pr.astype(v.dtype), v, preferred_element_type=jnp.float32)
+          for pr, (_, v, _) in zip(jnp.split(probs, bounds, axis=-1), parts))
   return o.reshape(b, h, p).astype(q.dtype)

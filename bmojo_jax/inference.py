@@ -2,7 +2,8 @@
 
 Prefill runs the parallel pass and hands its final states to the step path (`LanguageModel.prefill`);
 `Decoder.step` is compiled once and reused for every token, with the cache donated; `Decoder.decode` runs the
-same step in a `lax.scan` on device, so no Python dispatch sits between tokens. Prompts of different lengths are
+same step in a `lax.scan` on device, sampling included, so no Python dispatch sits between tokens: the path of
+`generate` and `generate_stream` (which yields the tokens every few steps). Prompts of different lengths are
 batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of its prompt
 while rows past their prompt sample, all in the same scanned step.
 """
@@ -10,14 +11,14 @@ while rows past their prompt sample, all in the same scanned step.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmojo_jax.model import LanguageModel, check_cache_room
+from bmojo_jax.model import LanguageModel, check_cache_room, stack_blocks
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int | None = None,
@@ -48,6 +49,53 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
 
+# The compiled functions are module-level, keyed by the model's graphdef (static: its structure and config)
+# and given the parameters as an argument: jit's cache then holds no parameters, a Decoder is freed with its
+# last reference, and decoders of the same configuration share their compiled code.
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _prefill(graphdef, params, tokens, max_len, last_only, n_unstack):
+  """The model's prefill; n_unstack > 0: a scanned model's stacked cache is cut into that many blocks' caches,
+  the layout of the unscanned step."""
+  logits, cache = nnx.merge(graphdef, params).prefill(tokens, max_len, last_only=last_only)
+  if n_unstack:
+    cache = [jax.tree.map(lambda x: x[i], cache) for i in range(n_unstack)]
+  return logits, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
+def _continue(graphdef, params, tokens, cache, last_only):
+  return nnx.merge(graphdef, params).prefill(tokens, cache=cache, last_only=last_only)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def _step(graphdef, params, token, cache):
+  return nnx.merge(graphdef, params).step(token, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=(3,))
+def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start, temperature, top_k, top_p):
+  """Decode forced.shape[1] tokens on device (a lax.scan over the step).
+
+  logits [B, V] predict the first position; forced, use_forced [B, n]: where use_forced, the token is the
+  forced one (the rest of a prompt), else it is sampled with key fold_in(key, start + i) at step i, so the
+  samples do not depend on how the steps are split into calls. Returns (tokens [B, n], logits, cache).
+  """
+  model = nnx.merge(graphdef, params)
+
+  def body(carry, xs):
+    logits, cache = carry
+    forced_t, use_t, i = xs
+    drawn = sample(logits, jax.random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
+    token = jnp.where(use_t, forced_t, drawn)
+    logits, cache = model.step(token, cache)
+    return (logits, cache), token
+
+  steps = start + jnp.arange(forced.shape[1], dtype=jnp.int32)
+  (logits, cache), tokens = jax.lax.scan(body, (logits, cache), (forced.T, use_forced.T, steps))
+  return tokens.T, logits, cache
+
+
 class Decoder:
   """Compiled prefill and step functions for one model.
 
@@ -56,65 +104,49 @@ class Decoder:
   `step(token [B], cache) -> (logits [B, V], cache)` compiles once and donates the cache;
   `decode(logits [B, V], cache, n) -> (tokens [B, n], logits, cache)` runs n steps on device in one `lax.scan`
   (sampling included) and compiles once per (B, n) and sampling settings.
+
+  scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.scan_layers`: one block traced and
+  compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
+  per-block cache it reads. The step keeps the block loop: scanned, each token would copy every block's cache
+  through the scan's inputs and outputs.
   """
 
-  def __init__(self, model: LanguageModel):
+  def __init__(self, model: LanguageModel, *, scan_prefill: bool = False):
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
+    self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
+    self.n_unstack = 0
+    if scan_prefill and not self.cfg.scan_layers:
+      scanned = nnx.eval_shape(lambda: LanguageModel(self.cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+      self.prefill_graphdef, self.prefill_state = nnx.split(scanned)
+      nnx.replace_by_pure_dict(self.prefill_state, stack_blocks(nnx.to_pure_dict(self.state)))
+      self.n_unstack = self.cfg.n_blocks
 
-  @functools.partial(jax.jit, static_argnums=(0, 3))
-  def _prefill(self, state, tokens, max_len):
-    return nnx.merge(self.graphdef, state).prefill(tokens, max_len)
-
-  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-  def _continue(self, state, tokens, cache):
-    return nnx.merge(self.graphdef, state).prefill(tokens, cache=cache)
-
-  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-  def _step(self, state, token, cache):
-    return nnx.merge(self.graphdef, state).step(token, cache)
-
-  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None):
-    """(logits [B, T, V], cache) of the prompt; with `cache` (donated) it continues that sequence."""
+  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None, *, last_only: bool = False):
+    """(logits [B, T, V], cache) of the prompt; with `cache` (donated) it continues that sequence. last_only:
+    logits [B, 1, V] of the last position alone (all decoding needs)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if cache is None:
-      return self._prefill(self.state, tokens, max_len)
+      return _prefill(self.prefill_graphdef, self.prefill_state, tokens, max_len, last_only, self.n_unstack)
     check_cache_room(self.cfg, cache, tokens.shape[1])   # before the jitted call: the cache is concrete
-    return self._continue(self.state, tokens, cache)
+    return _continue(self.graphdef, self.state, tokens, cache, last_only)
 
   def step(self, token: jax.Array, cache):
-    return self._step(self.state, jnp.asarray(token, jnp.int32), cache)
-
-  @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9), donate_argnums=(3,))
-  def _decode_loop(self, state, logits, cache, forced, use_forced, key, temperature, top_k, top_p):
-    """Decode forced.shape[1] tokens on device (a lax.scan over the step).
-
-    logits [B, V] predict the first position; forced, use_forced [B, n]: where use_forced, the token is the
-    forced one (the rest of a prompt), else it is sampled. Returns (tokens [B, n], logits, cache).
-    """
-    model = nnx.merge(self.graphdef, state)
-
-    def body(carry, xs):
-      logits, cache = carry
-      forced_t, use_t, key_t = xs
-      token = jnp.where(use_t, forced_t, sample(logits, key_t, temperature=temperature, top_k=top_k,
-                                                  top_p=top_p))
-      logits, cache = model.step(token, cache)
-      return (logits, cache), token
-
-    keys = jax.random.split(key, forced.shape[1])
-    (logits, cache), tokens = jax.lax.scan(body, (logits, cache), (forced.T, use_forced.T, keys))
-    return tokens.T, logits, cache
+    """One token per row, token [B] -> (logits [B, V], cache); the cache is donated."""
+    return _step(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache)
 
   def decode(self, logits, cache, n: int, *, key=None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, forced=None, use_forced=None):
+             top_p: float | None = None, forced=None, use_forced=None, start: int = 0):
     """Sample n tokens after `logits` [B, V] on device. Where `use_forced` [B, n] is set, the token is
-    `forced` [B, n] instead of a sample (the rest of a longer prompt). Returns (tokens [B, n], logits, cache)."""
+    `forced` [B, n] instead of a sample (the rest of a longer prompt). Step i samples with
+    fold_in(key, start + i): a sequence decoded in several calls, each given the steps done before as
+    `start`, draws what one call would. Returns (tokens [B, n], logits, cache); the cache is donated."""
     b = logits.shape[0]
     key = jax.random.key(0) if key is None else key
     forced = jnp.zeros((b, n), jnp.int32) if forced is None else jnp.asarray(forced, jnp.int32)
     use_forced = jnp.zeros((b, n), bool) if use_forced is None else jnp.asarray(use_forced, bool)
-    return self._decode_loop(self.state, logits, cache, forced, use_forced, key, float(temperature), top_k, top_p)
+    return _decode_loop(self.graphdef, self.state, logits, cache, forced, use_forced, key,
+                        jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -127,34 +159,68 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
   return prompts
 
 
-def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
-             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
-  """Continue each prompt by max_new_tokens tokens (cut after eos_id if given). Returns the new tokens."""
+def generate_stream(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
+                    max_new_tokens: int, block: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, seed: int = 0, eos_id: int | None = None
+                    ) -> Iterator[list[list[int]]]:
+  """Continue each prompt by up to max_new_tokens tokens, yielding as they come: after every `block` decode
+  steps (one `Decoder.decode` call on device), each row's new tokens of those steps (a list per row, empty
+  while the row is still in its prompt or done). A row is done after max_new_tokens tokens or its eos_id
+  (included); the stream ends when every row is. The tokens are those of `generate` whatever `block` is.
+
+  Prompts of different lengths share the batch exactly: the common prefix is prefilled, then each row is
+  teacher-forced through the rest of its prompt while rows past their prompt sample, in the same steps.
+  """
   decoder = model if isinstance(model, Decoder) else Decoder(model)
   cfg = decoder.cfg
   prompts = _check_prompts(prompt_tokens, cfg.vocab_size)
   validate_sampling(temperature, top_k, top_p, cfg.vocab_size)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if block < 1:
+    raise ValueError(f"block={block} must be >= 1")
   lengths = np.array([len(p) for p in prompts])
   start, total = int(lengths.min()), int(lengths.max()) + max_new_tokens
-  padded = np.zeros((len(prompts), total), np.int32)
+  n_steps = -(-(total - start) // block) * block          # whole blocks: every call has the same shape
+  padded = np.zeros((len(prompts), start + n_steps), np.int32)
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
+  use_forced = np.arange(start, start + n_steps)[None, :] < lengths[:, None]        # [B, n_steps]
 
-  logits, cache = decoder.prefill(padded[:, :start], total)
-  positions = np.arange(start, total)
-  tokens, _, _ = decoder.decode(logits[:, -1], cache, total - start, key=jax.random.key(seed),
-                                temperature=temperature, top_k=top_k, top_p=top_p, forced=padded[:, start:],
-                                use_forced=positions[None, :] < lengths[:, None])
-  out = np.asarray(tokens)
-  results = []
-  for i, n in enumerate(lengths):
-    new = out[i, n - start:n - start + max_new_tokens].tolist()
-    if eos_id is not None and eos_id in new:
-      new = new[:new.index(eos_id) + 1]
-    results.append(new)
+  logits, cache = decoder.prefill(padded[:, :start], start + n_steps, last_only=True)
+  logits, key = logits[:, -1], jax.random.key(seed)
+  produced = [0] * len(prompts)                            # new tokens so far per row; -1 once done
+  for lo in range(0, n_steps, block):
+    tokens, logits, cache = decoder.decode(
+        logits, cache, block, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+        forced=padded[:, start + lo:start + lo + block], use_forced=use_forced[:, lo:lo + block], start=lo)
+    tokens = np.asarray(tokens)
+    out = []
+    for i, n in enumerate(lengths):
+      first = max(0, n - start - lo)                       # the row's first new token in this block
+      new = [] if produced[i] < 0 else tokens[i, first:].tolist()[:max_new_tokens - produced[i]]
+      if eos_id is not None and eos_id in new:
+        new = new[:new.index(eos_id) + 1]
+        produced[i] = -1
+      elif produced[i] >= 0:
+        produced[i] = -1 if produced[i] + len(new) == max_new_tokens else produced[i] + len(new)
+      out.append(new)
+    yield out
+    if all(p < 0 for p in produced):
+      return
+
+
+def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+  """Continue each prompt by max_new_tokens tokens (cut after eos_id if given), all on device in one
+  `Decoder.decode` call after the prefill (`generate_stream` in one block). Returns the new tokens."""
+  lengths = [len(p) for p in prompt_tokens]
+  block = max(1, max(lengths) - min(lengths) + max_new_tokens) if lengths else 1
+  results = None
+  for part in generate_stream(model, prompt_tokens, max_new_tokens=max_new_tokens, block=block,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id):
+    results = part if results is None else [r + p for r, p in zip(results, part)]
   return results
 
 

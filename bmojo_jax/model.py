@@ -257,20 +257,21 @@ class LanguageModel(nnx.Module):
     packing = segments.packing(segment_ids, positions, tokens.shape)
     return self._run(tokens, None, None, False, False, packing)[0]
 
-  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None):
+  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None, *, last_only: bool = False):
     """Parallel pass over the prompt that also returns the decode cache.
 
     max_len bounds prompt + generated tokens; only full attention (the Transformer) needs it, to size its KV
     cache. With `cache` (from `prefill`, `step` or `init_cache`) the prompt continues that sequence: a long
     prompt fed in pieces, or a second turn, gives the logits of one prefill of the whole (the Mamba sublayers
     run in parallel from their states, the attention sublayers step through the piece). Returns
-    (logits [B, T, V], cache).
+    (logits [B, T, V], cache); with last_only, logits [B, 1, V] of the last position alone (what decoding
+    reads: the head over the whole prompt, [T, V] fp32, is the largest matmul and array of a long prefill).
     """
     if cache is not None:
       check_cache_room(self.cfg, cache, tokens.shape[1])
     size = None if cache is not None else self.cache_size(tokens.shape[1], max_len)
     x, cache = self._run(tokens, cache, size, False, True)
-    return self.logits(x), cache
+    return self.logits(x[:, -1:] if last_only else x), cache
 
   def step(self, token: jax.Array, cache):
     """Decode one token per row. token [B] -> (logits [B, V], cache)."""

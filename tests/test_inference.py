@@ -8,7 +8,8 @@ from flax import nnx
 
 from bmojo_jax import LanguageModel
 from bmojo_jax.config import Selection
-from bmojo_jax.inference import Decoder, cache_bytes, generate, sample
+from bmojo_jax import inference
+from bmojo_jax.inference import Decoder, cache_bytes, generate, generate_stream, sample
 from tests.conftest import FAMILIES, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
@@ -58,10 +59,10 @@ def test_step_compiles_once(decoders):
   tokens = jnp.zeros((2, 20), jnp.int32)
   _, cache = decoder.prefill(tokens[:, :3], 20)
   _, cache = decoder.step(tokens[:, 3], cache)
-  before = Decoder._step._cache_size()
+  before = inference._step._cache_size()
   for t in range(4, 20):
     _, cache = decoder.step(tokens[:, t], cache)
-  assert Decoder._step._cache_size() == before
+  assert inference._step._cache_size() == before
 
 
 def test_generate_batches_prompts_of_different_lengths(decoders):
@@ -150,3 +151,61 @@ def test_model_prefill_continuation_past_the_kv_cache_is_refused(decoders):
   _, cache = model.prefill(jnp.zeros((2, 10), jnp.int32), 12)
   with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
     model.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)
+
+
+def test_stream_equals_generate_for_prompts_of_different_lengths(decoders):
+  """Streamed in blocks of 3 steps (the first blocks still inside the longer prompts), sampling or greedy, with
+  an eos that stops one row early: the same tokens as one `generate` call."""
+  _, decoder = decoders["bmojo"]
+  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7], [5] * 14]
+  for kw in (dict(), dict(temperature=1.0, top_k=20, seed=3)):
+    want = generate(decoder, prompts, max_new_tokens=7, **kw)
+    blocks = list(generate_stream(decoder, prompts, max_new_tokens=7, block=3, **kw))
+    assert [sum((b[i] for b in blocks), []) for i in range(3)] == want
+    assert blocks[0][2] == []                                   # row 2 is still in its prompt
+    eos = want[1][2]
+    cut = generate(decoder, prompts, max_new_tokens=7, eos_id=eos, **kw)
+    streamed = [sum((b[i] for b in generate_stream(decoder, prompts, max_new_tokens=7, block=3, eos_id=eos,
+                                                  **kw)), []) for i in range(3)]
+    assert streamed == cut and cut[1] == want[1][:want[1].index(eos) + 1]
+
+
+def test_decoder_is_freed():
+  """The compiled functions hold no decoder (nor its parameters): deleting the last reference frees it."""
+  import gc
+  import weakref
+  model = LanguageModel(tiny_config("hybrid"), rngs=nnx.Rngs(0))
+  decoder = Decoder(model)
+  generate(decoder, [[1, 2, 3]], max_new_tokens=2)
+  ref, params = weakref.ref(decoder), weakref.ref(jax.tree.leaves(decoder.state)[0])
+  del decoder, model
+  gc.collect()
+  assert ref() is None and params() is None
+
+
+@pytest.mark.parametrize("family", ["transformer", "bmojo"])
+def test_scanned_prefill_matches_the_block_loop(decoders, family):
+  """Decoder(scan_prefill=True) prefills with the blocks in one lax.scan and decodes as the loop does."""
+  model, decoder = decoders[family]
+  scanned = Decoder(model, scan_prefill=True)
+  tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, 64)
+  (want, cache_a), (got, cache_b) = (d.prefill(tokens[:, :13], 20) for d in (decoder, scanned))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for t in range(13, 20):
+    (want, cache_a), (got, cache_b) = decoder.step(tokens[:, t], cache_a), scanned.step(tokens[:, t], cache_b)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bmojo_f", "bmojo"])
+def test_step_has_no_conditional(decoders, family):
+  """The compiled step and loop hold no conditional: XLA:GPU reads a conditional's predicate on the host, a
+  sync per layer per token (issue 36). Lowering only."""
+  _, decoder = decoders[family]
+  cache = decoder.prefill(jnp.zeros((1, 5), jnp.int32), 20)[1]
+  token, logits = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 64), jnp.float32)
+  step = inference._step.lower(decoder.graphdef, decoder.state, token, cache).as_text()
+  loop = inference._decode_loop.lower(decoder.graphdef, decoder.state, logits, cache, jnp.zeros((1, 3), jnp.int32),
+                                      jnp.zeros((1, 3), bool), jax.random.key(0), jnp.int32(0), 0.0, None,
+                                      None).as_text()
+  for text in (step, loop):
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text

@@ -1,0 +1,247 @@
+"""Inference per family against the bandwidth floor (issue 36), written to inference_<device>.json and a figure.
+
+    python -m benchmarks.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
+        [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--tiny]
+
+Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
+kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
+  {"op": "prefill", "family", "attn_impl", "size", "batch": 1, "T", "ms", "compile_s", "device"}
+      the prompt's forward with its decode cache and the last position's logits (`Decoder.prefill`, blocks in
+      one lax.scan: `scan_prefill`), median of --iters jitted calls; compile_s = first call - median.
+  {"op": "decode", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s",
+   "floor_tokens_per_s", "compile_s", "device"}
+      --steps greedy tokens after `context` tokens: loop true through `Decoder.decode` (a lax.scan on device,
+      sampling included), loop false one compiled `Decoder.step` per token called from Python (batch 1 only).
+      A step's cost does not depend on what the cache holds, so the cache starts from `init_cache` with its
+      position set to the context. Constant-cache families reuse one compiled function for every context.
+      floor = batch / ((weight bytes + cache bytes) / copy bandwidth): every step reads the weights and the
+      whole cache once; the bandwidth is that of a large device-to-device copy (bytes read + written / s).
+      compile_s: the first call's time beyond a timed one (for a context that reuses a compiled function,
+      that function's). Rows also carry cache_bytes, weight_bytes and copy_bandwidth.
+A row that cannot run (the Transformer's KV cache beyond --cache_fraction of device memory, or out of
+memory) is written with "skipped": the reason and null measurements. Records of an earlier run of the same
+file that this run does not measure are kept (run sizes or families in separate calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import device_tag, ints, median_ms, write_results
+from benchmarks.decode_bench import at_position, greedy
+from bmojo_jax import Family, LanguageModel, ModelConfig, preset
+from bmojo_jax.inference import Decoder, cache_bytes
+
+KEY_FIELDS = ("op", "family", "size", "batch", "T", "context", "loop")
+
+
+def model_config(family: Family, size: str) -> ModelConfig:
+  """bf16 `<family>-<size>` preset on GPU; `tiny`: a CPU-sized model with the reference implementations."""
+  if size == "tiny":
+    kw = dict(family=family, vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, window=16,
+              chunk_size=8, n_fading=2, n_eidetic=8, eidetic_per_chunk=4, d_state=4, scan_chunk=16,
+              attn_impl="reference", scan_impl="sequential", dtype="bfloat16", param_dtype="bfloat16")
+    if family == Family.TRANSFORMER:
+      kw.update(window=None)
+    return ModelConfig(**kw)
+  attn = "cudnn" if family == Family.TRANSFORMER else "pallas"
+  return preset(f"{family.value}-{size}", dtype="bfloat16", param_dtype="bfloat16", attn_impl=attn)
+
+
+def copy_bandwidth() -> float:
+  """Bytes read + written per second by a large device-to-device copy (1 GiB on GPU, 64 MiB on CPU)."""
+  n = (2**28 if jax.default_backend() == "gpu" else 2**24)
+  x = jnp.ones((n,), jnp.float32)
+  copy = jax.jit(lambda x: x + 1)      # one read and one write of every element
+  ms = median_ms(copy, x, warmup=2, iters=10)
+  return 2 * x.nbytes / (ms / 1e3)
+
+
+def memory_limit() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def is_oom(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def prefill_ms(decoder: Decoder, t: int, iters: int) -> tuple[float, float]:
+  """(median ms, compile s) of the batch-1 prefill of t tokens (cache sized for t + 1)."""
+  tokens = jnp.zeros((1, t), jnp.int32)
+  fn = lambda: decoder.prefill(tokens, t + 1, last_only=True)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  ms = median_ms(fn, warmup=1, iters=iters)
+  return ms, max(0.0, first - ms / 1e3)
+
+
+def decode_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, context: int, steps: int,
+                        loop: bool) -> tuple[float, float]:
+  """(tokens/s, first call s - timed call s) of `steps` greedy tokens after `context`: the median of 3 timed
+  calls of `Decoder.decode` (loop) or of `steps` calls of `Decoder.step` from Python."""
+  cache = at_position(model.init_cache(batch, context + 8 * steps), context)
+  logits = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
+
+  def run(cache, logits):
+    if loop:
+      _, logits, cache = decoder.decode(logits, cache, steps)
+    else:
+      for _ in range(steps):
+        logits, cache = decoder.step(greedy(logits), cache)
+    return cache, logits
+
+  times = []
+  for _ in range(4):                                   # the first call compiles
+    jax.block_until_ready((cache, logits))
+    t0 = time.perf_counter()
+    cache, logits = run(cache, logits)
+    jax.block_until_ready(logits)
+    times.append(time.perf_counter() - t0)
+  timed = float(np.median(times[1:]))
+  return batch * steps / timed, max(0.0, times[0] - timed)
+
+
+def key(r: dict) -> tuple:
+  return tuple(r.get(f) for f in KEY_FIELDS)
+
+
+def merge_previous(records: list[dict], path: str) -> list[dict]:
+  """This run's records, then those of the file at `path` that this run did not measure."""
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    previous = json.load(f)
+  seen = {key(r) for r in records}
+  return records + [r for r in previous if key(r) not in seen]
+
+
+def figure(records: list[dict], path: str) -> str:
+  """tokens/s against context per family (on-device loop), a panel per size and batch (1 and 64)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in records if r["op"] == "decode" and r.get("loop") and r.get("tokens_per_s")]
+  sizes = sorted({r["size"] for r in rows})
+  batches = sorted({r["batch"] for r in rows} & {1, 64}) or sorted({r["batch"] for r in rows})[:2]
+  fig, axes = plt.subplots(len(sizes), len(batches), figsize=(5 * len(batches), 3.6 * len(sizes)),
+                           squeeze=False)
+  for ax_row, size in zip(axes, sizes):
+    for ax, batch in zip(ax_row, batches):
+      for family in Family:
+        pts = sorted((r["context"], r["tokens_per_s"], r["floor_tokens_per_s"]) for r in rows
+                     if r["size"] == size and r["batch"] == batch and r["family"] == family.value)
+        if pts:
+          line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=family.value)
+          ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=line.get_color(), alpha=0.6)
+      ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s",
+             title=f"{size}, batch {batch} (dotted: floor)")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit) -> None:
+  cfg = model_config(family, size)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  decoder = Decoder(model, scan_prefill=True)
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.state))
+  base = dict(family=family.value, attn_impl=str(cfg.attn_impl), size=size)
+  cap = None if limit is None else args.cache_fraction * limit
+
+  for t in args.prefill_T:
+    rec = dict(op="prefill", **base, batch=1, T=t, ms=None, compile_s=None)
+    try:
+      rec["ms"], rec["compile_s"] = prefill_ms(decoder, t, args.iters)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_oom(e):
+        raise
+      rec["skipped"] = f"out of memory: {str(e)[:200]}"
+    emit(rec)
+
+  compile_s = {}          # (loop, batch, cache bytes): one compiled function per cache shape
+  for batch in args.batches:
+    for loop in ((True, False) if batch == 1 else (True,)):
+      for context in args.contexts:
+        room = context + 8 * args.steps
+        c_bytes = cache_bytes(model, batch, room)
+        rec = dict(op="decode", **base, batch=batch, context=context, loop=loop, tokens_per_s=None,
+                   floor_tokens_per_s=batch * bandwidth / (weights + c_bytes), compile_s=None,
+                   cache_bytes=c_bytes, weight_bytes=weights)
+        if cap is not None and c_bytes > cap:
+          rec["skipped"] = f"cache {c_bytes / 2**30:.1f} GiB > {args.cache_fraction} of device memory"
+        else:
+          try:
+            rec["tokens_per_s"], first = decode_tokens_per_s(decoder, model, batch, context, args.steps, loop)
+            rec["compile_s"] = compile_s.setdefault((loop, batch, c_bytes), first)   # a reused one's own
+          except Exception as e:  # pylint: disable=broad-except
+            if not is_oom(e):
+              raise
+            rec["skipped"] = f"out of memory: {str(e)[:200]}"
+        emit(rec)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="130m,1.4b")
+  parser.add_argument("--families", default=",".join(f.value for f in Family))
+  parser.add_argument("--prefill_T", type=ints, help="default 1024,2048,4096,16384,32768 (--tiny: 16,32)")
+  parser.add_argument("--contexts", type=ints, help="default 1024,8192,32768 (--tiny: 16,64)")
+  parser.add_argument("--batches", type=ints, help="default 1,8,64 (--tiny: 1,2)")
+  parser.add_argument("--steps", type=int, help="tokens per decode timing; default 32 (--tiny: 4)")
+  parser.add_argument("--iters", type=int, help="prefill calls per median; default 10 (--tiny: 2)")
+  parser.add_argument("--cache_fraction", type=float, default=0.75,
+                      help="skip decode rows whose cache exceeds this fraction of device memory")
+  parser.add_argument("--tiny", action="store_true", help="a tiny config on CPU (tests)")
+  parser.add_argument("--out_dir", default=None)
+  args = parser.parse_args()
+  sizes = ["tiny"] if args.tiny else args.sizes.split(",")
+  defaults = (dict(prefill_T=[16, 32], contexts=[16, 64], batches=[1, 2], steps=4, iters=2) if args.tiny else
+              dict(prefill_T=[1_024, 2_048, 4_096, 16_384, 32_768], contexts=[1_024, 8_192, 32_768],
+                   batches=[1, 8, 64], steps=32, iters=10))
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+
+  bandwidth = copy_bandwidth()
+  limit = memory_limit()
+  print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); memory limit "
+        f"{None if limit is None else round(limit / 2**30, 1)} GiB", flush=True)
+  records: list[dict] = []
+  out_dir = args.out_dir or os.environ.get("OUT") or "benchmarks/results"
+  path = os.path.join(out_dir, f"inference_{device_tag()}.json")
+
+  def emit(rec: dict) -> None:
+    rec["copy_bandwidth"] = bandwidth
+    records.append(rec)
+    what = f"T {rec['T']:6d}: {rec['ms']} ms" if rec["op"] == "prefill" else (
+        f"batch {rec['batch']:3d} context {rec['context']:6d} loop {rec['loop']!s:5s}: "
+        f"{rec['tokens_per_s']} tok/s (floor {rec['floor_tokens_per_s']:.0f})")
+    print(f"{rec['size']:5s} {rec['family']:12s} {rec['op']:8s} {what} compile {rec['compile_s']} s"
+          f"{'  SKIPPED ' + rec['skipped'] if 'skipped' in rec else ''}", flush=True)
+    write_results(merge_previous(list(records), path), "inference", out_dir)   # a cut run keeps its rows
+
+  t0 = time.perf_counter()
+  for size in sizes:
+    for family in map(Family, args.families.split(",")):
+      bench_family(family, size, args, bandwidth, limit, emit)
+      jax.clear_caches()                                 # one model's compiled code at a time
+  with open(path) as f:
+    print(figure(json.load(f), path.replace(".json", ".png")))
+  print(f"{path}: {len(records)} records in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
