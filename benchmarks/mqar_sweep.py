@@ -318,7 +318,7 @@ def recheck(args) -> str:
   """--recheck FILE: every record of FILE with test_accuracy >= --recheck-min (and every --only field=value),
   trained again from its key fields (family, d_model, N, L, window, M_f, M_e, k_e, store, selection, dtype,
   attention, epochs, learning rate, seed; the population's other runs left out) under today's rules: a strict
-  accuracy (`train.steps.token_losses`) with its test loss and `collapsed`. Each new record has "recheck_of"
+  accuracy (`bmojo_jax.losses.token_losses_reference`) with its test loss and `collapsed`. Each new record has "recheck_of"
   (the old record's accuracy, step, stopped_by and file) and "stands": not collapsed and its accuracy at least
   the old one's - STANDS_TOLERANCE. Resumable like the sweep; --dry-run lists the populations and the old
   wall_s they took (the estimate of a re-check's time) and trains nothing."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_train_config
+from bmojo_jax import losses
 from train import steps
 from train import trainer
 
@@ -26,7 +27,7 @@ def compilation_cache(module_compilation_cache):
 
 def test_constant_logits_score_zero_and_only_a_strict_winner_is_right():
   labels = jnp.asarray([[3, 0, 7, 5]])
-  ce, correct = steps.token_losses(jnp.zeros((1, 4, 8)), labels)              # constant: every token tied
+  ce, correct = losses.token_losses_reference(jnp.zeros((1, 4, 8)), labels)              # constant: every token tied
   assert not np.asarray(correct).any()
   np.testing.assert_allclose(ce, math.log(8), rtol=1e-6)
   logits = np.zeros((1, 4, 8), np.float32)
@@ -34,10 +35,10 @@ def test_constant_logits_score_zero_and_only_a_strict_winner_is_right():
   logits[0, 1, [0, 6]] = 2.0                  # the label tied with another for the top: wrong
   logits[0, 2, [1, 7]] = [3.0, 2.0]           # the label second: wrong
   logits[0, 3, 5] = 1e-6                      # the label on top by a hair: right
-  _, correct = steps.token_losses(jnp.asarray(logits), labels)
+  _, correct = losses.token_losses_reference(jnp.asarray(logits), labels)
   assert np.asarray(correct).tolist() == [[True, False, False, True]]
   logits[0, 0, 3] = np.nan                    # a NaN label logit is never right
-  assert not np.asarray(steps.token_losses(jnp.asarray(logits), labels)[1])[0, 0]
+  assert not np.asarray(losses.token_losses_reference(jnp.asarray(logits), labels)[1])[0, 0]
 
 
 def test_a_loss_at_ln_v_is_collapsed_and_never_reaches_the_target():

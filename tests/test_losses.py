@@ -40,16 +40,6 @@ def test_chunked_equals_reference_fp32(block):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_equals_steps_token_losses():
-  """The reference path of `train.steps` (logits, then `token_losses`) on the same inputs: equal ce, and the
-  same correct flags where no two logits tie (random inputs)."""
-  x, w, labels, weights = _inputs(seed=1)
-  ce, correct = steps.token_losses(logits_einsum(x, w), labels)
-  _, got_ce, got_correct = losses.linear_cross_entropy(x, w, labels, weights, 8)
-  np.testing.assert_allclose(got_ce, ce, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(got_correct, correct)
-
-
 def test_strict_rule_counts_ties_wrong():
   """Equal logits (x = 0) tie every class: no token is correct; a strictly largest label logit is."""
   x, w, labels, weights = _inputs()

@@ -25,23 +25,6 @@ from train.setup import Setup
 IGNORE_INDEX = data_lib.IGNORE_INDEX
 
 
-def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(cross-entropy [B, T] fp32, correct [B, T] bool) of logits [B, T, V] fp32 against labels [B, T].
-
-  A token is correct when its label's logit is strictly the largest: the count of logits >= the label's is 1
-  (the label's own). A tie for the top is wrong, so constant logits (a collapsed model) score 0, where
-  `label_logit >= max` counted every tie as right (issue 31: lr 10, loss ln 256, "accuracy" 0.99875) and argmax
-  would pick the first of the tied. The count is a reduction over the vocabulary like the loss's max and sum,
-  which XLA may fuse with them (not timed on a GPU); a separate argmax was ~0.75 ms per step at 16k tokens and
-  vocab 50280 on an H200."""
-  top = jnp.max(logits, axis=-1)                                                        # [B, T]
-  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-  shifted = logits - jax.lax.stop_gradient(top)[..., None]
-  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) + jax.lax.stop_gradient(top)
-  at_least_label = jnp.sum(logits >= label_logit[..., None], axis=-1)                  # [B, T], 0 if NaN
-  return lse - label_logit, at_least_label == 1
-
-
 COLLAPSE_TOLERANCE = 0.05   # nats: a test loss within this of ln V (uniform logits' loss) is a collapse
 
 
@@ -86,7 +69,7 @@ def loss_sums(graphdef, params, batch, supervised: int | None = None):
   on those positions only, [B, supervised, V] logits instead of [B, T, V]; the sums are the same.
   The model's `loss_impl` picks the head + loss: `chunked` (`bmojo_jax.losses.linear_cross_entropy`, blocks of
   `loss_block` tokens; its ce carries no gradient, the sum does) or `reference` (logits, then
-  `token_losses`)."""
+  `losses.token_losses_reference`)."""
   model = nnx.merge(graphdef, params)
   x = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))     # [B, T, D]
   targets = batch["targets"]
@@ -102,7 +85,7 @@ def loss_sums(graphdef, params, batch, supervised: int | None = None):
     loss, ce, correct = losses.linear_cross_entropy(x, model.head_weight(x.dtype), labels,
                                                     valid.astype(jnp.float32), model.cfg.loss_block)
   else:
-    ce, correct = token_losses(model.logits(x), labels)                                # logits [B, T|S, V]
+    ce, correct = losses.token_losses_reference(model.logits(x), labels)                                # logits [B, T|S, V]
   ce = jnp.where(valid, ce, 0.0)
   correct = correct & valid
   per_ex_ce = ce.sum(axis=1)

@@ -7,7 +7,7 @@ and `train/checkpoint.py`'s; SIGTERM / SIGINT (`StopRequest`) checkpoint and sto
 The rest of the trainer, by concern (re-exported here, so `train.trainer.<name>` keeps working):
   `train/setup.py`  `model_config`, `validate_config`, `Setup`, `build` (model, mesh, optimizer, shardings),
                     `restore_state`.
-  `train/steps.py`  `token_losses`, `model_batch`, `loss_sums`, `batch_grads`, `apply_gradients`,
+  `train/steps.py`  `model_batch`, `loss_sums`, `batch_grads`, `apply_gradients`,
                     `make_train_step`, `make_eval_step`, `eval_batches`, `evaluate`, `collapsed`,
                     `collapse_message`, `target_outcome`.
   `train/runs.py`   run files (`CONFIG_FILE`, `TOKENIZER_FILE`, `write_run_files`, `checkpoint_meta`) and
@@ -37,14 +37,14 @@ from train.runs import (CONFIG_FILE, TOKENIZER_FILE, checkpoint_meta, evaluate_r
                         write_run_files)
 from train.setup import Setup, build, model_config, restore_state, validate_config
 from train.steps import (apply_gradients, batch_grads, collapse_message, collapsed, eval_batches, evaluate,
-                         loss_sums, make_eval_step, make_train_step, model_batch, target_outcome, token_losses)
+                         loss_sums, make_eval_step, make_train_step, model_batch, target_outcome)
 from train.workdir_lock import WorkdirLock
 
 __all__ = [   # the loop's own names, then what setup.py, steps.py and runs.py hold (see above)
     "train", "StopRequest", "NonFiniteLossError", "MAX_IN_FLIGHT",
     "Setup", "build", "model_config", "restore_state", "validate_config",
     "apply_gradients", "batch_grads", "eval_batches", "evaluate", "loss_sums", "make_eval_step",
-    "make_train_step", "model_batch", "token_losses", "collapsed", "collapse_message", "target_outcome",
+    "make_train_step", "model_batch", "collapsed", "collapse_message", "target_outcome",
     "CONFIG_FILE", "TOKENIZER_FILE", "checkpoint_meta", "evaluate_run", "load_config", "load_run",
     "write_run_files",
 ]
