@@ -1,6 +1,6 @@
 """Byte-level language modeling, one preset per family at ~20M parameters and one token budget (docs/lm.md).
 
-    python -m train.data.corpus prepare --out data/corpus          # once: Austen + the KJV Bible, 8.3 MB
+    python -m train.data.corpus prepare --out data/corpus          # once: the KJV Bible + Perl docs, 13 MB
     bmojo-train --config configs/lm.py:bmojo --config.data.kind=corpus --workdir runs/lm/bmojo       # GPU
     bmojo-train --config configs/lm.py:bmojo,cpu --config.data.kind=corpus --workdir runs/lm_cpu    # CPU
     bmojo-train --config configs/lm.py:hybrid --config.data.paths=/path/to/texts --workdir runs/lm   # own text
