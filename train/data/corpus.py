@@ -1,6 +1,6 @@
 """Text from installed Debian packages, prepared once into plain-text documents split by whole documents.
 
-    apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc    # 3 packages, ~18 MB
+    apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc    # 3 packages (+ perl)
     python -m train.data.corpus prepare --out data/corpus        # ~13 MB of text, nothing fetched
     python -m train.data.corpus info --dir data/corpus
 
