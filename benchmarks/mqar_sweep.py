@@ -5,6 +5,7 @@
     python3 -m benchmarks.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
     python3 benchmarks/mqar_sweep.py --smoke                              # tiny; ~2 min on 2 CPU cores
     python3 -m benchmarks.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json   # best accuracies, markdown
+    python3 -m benchmarks.mqar_sweep --recheck benchmarks/results/mqar_sweep_h200.json [--only d_model=128]
 
 One population (`train.population`) per (family, d_model, N) trains the learning rates (× `--seeds`) together
 on the same data stream, each run stopping at test accuracy 0.99. The model and training settings are
@@ -68,6 +69,8 @@ ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
 KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
               "store_policy", "selection", "dtype", "attn_impl", "learning_rate", "seed", "epochs")
 # Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
+RECHECK_MIN = 0.9          # --recheck: the records re-run are those at or above this test accuracy
+STANDS_TOLERANCE = 0.01    # a re-checked accuracy this far below the old one still "stands"
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
               "model.d_state=4", "model.scan_chunk=8"]
@@ -186,6 +189,50 @@ def claim(path: str, label: str) -> bool:
     return False
 
 
+def population_base(args, config, family: str, variant: str, d_model: int, n: int) -> tuple[dict, object]:
+  """(the key fields but learning rate and seed of the runs of `config`, its ModelConfig)."""
+  cfg = trainer.model_config(config)
+  base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
+          "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
+          "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
+          "store_policy": cfg.store_policy.value if cfg.eidetic else "",
+          "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
+          "attn_impl": resolve_attn_impl(cfg.attn_impl).value if cfg.has_attention else "",
+          "epochs": args.epochs}
+  return base, cfg
+
+
+def train_population(args, config, cfg, base: dict, runs: list, checked: dict) -> tuple[list[dict], float]:
+  """Trains `runs` of one population (`config`; `base` its key fields); returns (one record per run, wall s).
+  checked: N -> data_check's mismatches, filled on the first population of each N."""
+  t0, n = time.time(), base["N"]
+  pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
+  if n not in checked:
+    checked[n] = data_check(pop.mq, pop.task.eval_source.seed)
+    if checked[n]:
+      print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
+  workdir = os.path.join(args.workdir, population_folder(base))
+  results = pop.train(workdir, progress_bar=not args.no_progress, save_checkpoints=args.save_checkpoints)
+  wall = time.time() - t0
+  records = [{**base, "learning_rate": run.learning_rate, "seed": run.seed,
+              "steps": res["step"], "stopped_by": res["stopped_by"],
+              "test_accuracy": res.get("test_accuracy"), "test_loss": res.get("test_loss"),
+              "collapsed": res.get("collapsed"), "test_step": res.get("test_step"),
+              "state_bytes": state_bytes(cfg, base["L"]), "params": count_params(cfg),
+              "d_state": cfg.d_state, "tokens_per_s": res["tokens_per_s"],
+              "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
+              "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
+              "data_check_mismatches": checked[n],
+              "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
+              "device": device_name(), "jax": jax.__version__}
+             for run, res in zip(runs, results)]
+  return records, wall
+
+
+def population_label(base: dict) -> str:
+  return f"{base['family']}{'(' + base['variant'] + ')' if base['variant'] else ''} d{base['d_model']} N{base['N']}"
+
+
 def sweep(args) -> str:
   path, sources, _ = results_paths(args)
   records = load_records(sources)
@@ -200,17 +247,10 @@ def sweep(args) -> str:
     for d_model in args.d_models:
       for family, variant in variants:
         config = population_config(args, family, variant, d_model, n)
-        cfg = trainer.model_config(config)
-        base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
-                "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
-                "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
-                "store_policy": cfg.store_policy.value if cfg.eidetic else "",
-                "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
-                "attn_impl": resolve_attn_impl(cfg.attn_impl).value if cfg.has_attention else "",
-                "epochs": args.epochs}
+        base, cfg = population_base(args, config, family, variant, d_model, n)
         runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
                 if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
-        label = f"{family}{'(' + variant + ')' if variant else ''} d{d_model} N{n}"
+        label = population_label(base)
         if not runs:
           print(f"{label}: done, skipped")
           continue
@@ -222,36 +262,121 @@ def sweep(args) -> str:
         if args.worker is not None and not claim(path, f"{label} {base['store_policy']} {base['selection']} "
                                                        f"{base['dtype']} {base['epochs']}"):
           continue   # another worker has it
-        t0 = time.time()
-        pop = pop_lib.Population(config, runs, steps_per_dispatch=args.steps_per_dispatch)
-        if n not in checked:
-          checked[n] = data_check(pop.mq, pop.task.eval_source.seed)
-          if checked[n]:
-            print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
-        workdir = os.path.join(args.workdir, population_folder(base))
-        results = pop.train(workdir, progress_bar=not args.no_progress, save_checkpoints=args.save_checkpoints)
-        wall = time.time() - t0
+        new, wall = train_population(args, config, cfg, base, runs, checked)
         longest = max(longest, wall)
-        for run, res in zip(runs, results):
-          records.append({**base, "learning_rate": run.learning_rate, "seed": run.seed,
-                          "steps": res["step"], "stopped_by": res["stopped_by"],
-                          "test_accuracy": res.get("test_accuracy"), "test_step": res.get("test_step"),
-                          "state_bytes": state_bytes(cfg, base["L"]), "params": count_params(cfg),
-                          "d_state": cfg.d_state, "tokens_per_s": res["tokens_per_s"],
-                          "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
-                          "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
-                          "data_check_mismatches": checked[n],
-                          "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
-                          "device": device_name(), "jax": jax.__version__})
+        records += new
         write_json(path, records)
-        best = max(results, key=lambda r: r.get("test_accuracy") or 0.0)
-        print(f"{label}: best test accuracy {best.get('test_accuracy', 0.0):.4f} (lr {best['learning_rate']:.3g}) "
-              f"in {wall:.0f} s, {results[0]['population']['tokens_per_s'] / 1e6:.2f}M tokens/s for "
-              f"{len(runs)} runs -> {path}")
+        best = max(new, key=lambda r: r["test_accuracy"] or 0.0)
+        print(f"{label}: best test accuracy {best['test_accuracy'] or 0.0:.4f} (lr {best['learning_rate']:.3g}, "
+              f"test loss {best['test_loss']:.4f}) in {wall:.0f} s, {best['population_tokens_per_s'] / 1e6:.2f}M "
+              f"tokens/s for {len(runs)} runs -> {path}")
   if args.worker is not None:
     print(f"{len(records)} records in {path}")
     return path
   summarize(args, path, records)
+  return path
+
+
+def matches(r: dict, only: list[str]) -> bool:
+  """Whether record r has every field=value of `only` (numbers compared as numbers, e.g. d_model=128)."""
+  for item in only:
+    key, _, value = item.partition("=")
+    have = r.get(key)
+    if isinstance(have, (int, float)) and not isinstance(have, bool):
+      if float(f"{float(value):.6g}") != float(f"{have:.6g}"):
+        return False
+    elif str(have) != value:
+      return False
+  return True
+
+
+def recheck_args(args, r: dict):
+  """The sweep's options that rebuild the population config of record r (its key fields; everything else,
+  e.g. the vocabulary, comes from --set and --target as in the sweep that wrote it: records hold neither)."""
+  a = argparse.Namespace(**vars(args))
+  a.seq_len, a.n_fading, a.n_eidetic, a.epochs = r["L"], r["n_fading"], r["n_eidetic"], r["epochs"]
+  a.dtype = r["dtype"]
+  if r["window"] is not None:
+    a.window = r["window"] - (r["n_fading"] + r["n_eidetic"] if r["variant"] == EQUAL_MEMORY else 0)
+  if r["n_eidetic"]:
+    a.eidetic_per_chunk, a.store_policy, a.selection = r["eidetic_per_chunk"], r["store_policy"], r["selection"]
+  a.family_attn = {r["family"]: r["attn_impl"]} if r["attn_impl"] else {}
+  return a
+
+
+def recheck_path(args) -> tuple[str, list[str]]:
+  """(where --recheck writes, the files whose records count as rechecked): <out>/<stem>_recheck.json and the
+  repository's benchmarks/results/<stem>_recheck.json."""
+  name = os.path.basename(args.recheck)[:-len(".json")] + "_recheck.json"
+  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  return path, [os.path.join(REPO, "benchmarks", "results", name), path]
+
+
+def recheck(args) -> str:
+  """--recheck FILE: every record of FILE with test_accuracy >= --recheck-min (and every --only field=value),
+  trained again from its key fields (family, d_model, N, L, window, M_f, M_e, k_e, store, selection, dtype,
+  attention, epochs, learning rate, seed; the population's other runs left out) under today's rules: a strict
+  accuracy (`train.steps.token_losses`) with its test loss and `collapsed`. Each new record has "recheck_of"
+  (the old record's accuracy, step, stopped_by and file) and "stands": not collapsed and its accuracy at least
+  the old one's - STANDS_TOLERANCE. Resumable like the sweep; --dry-run lists the populations and the old
+  wall_s they took (the estimate of a re-check's time) and trains nothing."""
+  if not os.path.exists(args.recheck):
+    raise SystemExit(f"--recheck: no results file {args.recheck}")
+  old = [r for r in load_records([args.recheck])
+         if (r.get("test_accuracy") or 0.0) >= args.recheck_min and matches(r, args.only)]
+  path, sources = recheck_path(args)
+  records = load_records(sources)
+  done = {record_key(r) for r in records}
+  groups: dict[tuple, list[dict]] = {}
+  for r in old:
+    groups.setdefault(record_key({**r, "learning_rate": 0.0, "seed": 0}), []).append(r)
+  estimate = sum(max(r.get("wall_s") or 0.0 for r in rs) for rs in groups.values())
+  print(f"{args.recheck}: {len(old)} records with test accuracy >= {args.recheck_min}"
+        f"{' and ' + ', '.join(args.only) if args.only else ''} in {len(groups)} populations; they took "
+        f"{estimate:.0f} s ({len(done)} already rechecked in {path})")
+  start, longest, checked = time.time(), 0.0, {}
+  for rs in groups.values():
+    r0, todo = rs[0], [r for r in rs if record_key(r) not in done]
+    label = population_label(r0)
+    print(f"{population_folder(r0)} ({r0.get('device')}, population of {r0.get('population_size')} runs, "
+          f"{r0.get('wall_s') or 0.0:.0f} s):")
+    for r in rs:
+      print(f"  lr {r['learning_rate']:.3g} seed {r['seed']}: {r['test_accuracy']:.4f} at step {r.get('test_step')} "
+            f"({r.get('stopped_by')}){'' if r in todo else ', rechecked'}")
+    if args.dry_run or not todo:
+      continue
+    a = recheck_args(args, r0)
+    config = population_config(a, r0["family"], r0["variant"], r0["d_model"], r0["N"])
+    base, cfg = population_base(a, config, r0["family"], r0["variant"], r0["d_model"], r0["N"])
+    rebuilt = record_key({**base, "learning_rate": r0["learning_rate"], "seed": r0["seed"]})
+    if rebuilt != record_key(r0):
+      raise SystemExit(f"--recheck: the config rebuilt for {label} has key {rebuilt}, the record {record_key(r0)}")
+    if r0.get("params") not in (None, count_params(cfg)):
+      raise SystemExit(f"--recheck: the model rebuilt for {label} has {count_params(cfg)} parameters, the record "
+                       f"{r0['params']}: give the --set overrides of the sweep that wrote {args.recheck}")
+    elapsed = time.time() - start
+    if args.budget_s and elapsed + longest > args.budget_s:
+      print(f"{label}: not started ({elapsed:.0f} s elapsed + {longest:.0f} s for the longest population "
+            f"> --budget-s {args.budget_s}); rerun to continue")
+      continue
+    new, wall = train_population(a, config, cfg, base, [pop_lib.Run(r["learning_rate"], r["seed"]) for r in todo],
+                                 checked)
+    longest = max(longest, wall)
+    for r, n in zip(todo, new):
+      n["recheck_of"] = {"test_accuracy": r["test_accuracy"], "test_step": r.get("test_step"),
+                         "stopped_by": r.get("stopped_by"), "wall_s": r.get("wall_s"), "device": r.get("device"),
+                         "file": os.path.relpath(os.path.abspath(args.recheck), REPO)}
+      n["stands"] = bool(not n["collapsed"] and accuracy(n) >= r["test_accuracy"] - STANDS_TOLERANCE)
+      print(f"{label} lr {n['learning_rate']:.3g} seed {n['seed']}: {r['test_accuracy']:.4f} -> strict "
+            f"{n['test_accuracy']:.4f}, test loss {n['test_loss']:.4f} at step {n['test_step']}"
+            f"{', COLLAPSED' if n['collapsed'] else ''}: {'stands' if n['stands'] else 'does NOT stand'}")
+    records += new
+    write_json(path, records)
+  if not args.dry_run:
+    stand = sum(r["stands"] for r in records)
+    print(f"{len(records)} records in {path}: {stand} stand, {len(records) - stand} do not")
   return path
 
 
@@ -312,13 +437,24 @@ def launch(args, argv: list[str]) -> str:
 
 def best_setting(records: list[dict]) -> tuple[float, float, list[float]]:
   """Zoology's figure-2 value of one model: the best over learning rates of the test accuracy averaged over
-  seeds, as (that mean, its learning rate, its runs' accuracies). A learning rate counts to 6 significant digits
-  (2.15443469e-3 given on one command line is the 0.00215443 of another), and runs with cuDNN and with the
-  reference attention pool (one function; docs/mqar.md, session 10)."""
+  seeds, as (that mean, its learning rate, its runs' accuracies, each as `accuracy` counts it). A learning rate
+  counts to 6 significant digits (`lr_key`: 2.15443469e-3 given on one command line is the 0.00215443 of
+  another), and runs with cuDNN and with the reference attention pool (one function; docs/mqar.md, session 10)."""
   groups: dict[float, list[float]] = {}
   for r in records:
-    groups.setdefault(float(f"{r['learning_rate']:.6g}"), []).append(r["test_accuracy"] or 0.0)
+    groups.setdefault(lr_key(r), []).append(accuracy(r))
   return max(((float(np.mean(accs)), lr, accs) for lr, accs in groups.items()), key=lambda row: row[0])
+
+
+def lr_key(r: dict) -> float:
+  """A record's learning rate to 6 significant digits: what makes two rates one (best_setting)."""
+  return float(f"{r['learning_rate']:.6g}")
+
+
+def accuracy(r: dict) -> float:
+  """A record's test accuracy as the figure and table count it: 0 for a collapsed run (test loss at ln V,
+  `train.steps.collapsed`) or one without an evaluation."""
+  return 0.0 if r.get("collapsed") else r["test_accuracy"] or 0.0
 
 
 def model_name(r: dict) -> str:
@@ -334,7 +470,8 @@ def model_name(r: dict) -> str:
 
 def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
   """A markdown table of the figure's values: per model, d_model and N the best accuracy (the mean over seeds at
-  the best learning rate), with that rate, the number of runs (seeds), and their range where there are several.
+  the best learning rate), with that rate, the number of runs (seeds), their range where there are several, and
+  their mean test loss where the records hold it.
   Only the protocol's runs (`dtype`, `epochs`, B'MOJO at M_e = `n_eidetic`)."""
   records = [r for r in records if r["dtype"] == dtype and r["epochs"] == epochs and r["n_eidetic"] in (0, n_eidetic)]
   ns = sorted({r["N"] for r in records})
@@ -353,6 +490,9 @@ def table(records: list[dict], dtype: str, epochs: int, n_eidetic: int) -> str:
         continue
       mean, lr, accs = best_setting(cells[name, d_model, n])
       seeds = f"{len(accs)} runs: {min(accs):.3f}–{max(accs):.3f}" if len(accs) > 1 else "1 run"
+      losses = [r.get("test_loss") for r in cells[name, d_model, n] if lr_key(r) == lr]
+      if all(x is not None for x in losses):     # records before issue 31 hold no test loss
+        seeds += f"; loss {np.mean(losses):.3f}"
       row.append(f"{mean:.3f} ({lr:.3g}; {seeds})")
     lines.append(f"| {name} | {d_model} | {size / 1e3:.0f}k | " + " | ".join(row) + " |")
   return "\n".join(lines)
@@ -539,6 +679,14 @@ def parse_args(argv=None):
   p.add_argument("--table", nargs="?", const="", metavar="JSON",
                  help="train nothing: print the best accuracies of a results file (default: this device's) as a "
                       "markdown table and redraw its figure")
+  p.add_argument("--recheck", metavar="JSON",
+                 help="re-run, with the strict accuracy rule (issue 31), each record of this results file with "
+                      "test accuracy >= --recheck-min; writes <out>/<name>_recheck.json (resumable). Give the "
+                      "--set overrides of the sweep that wrote it (records do not hold them)")
+  p.add_argument("--recheck-min", type=float, default=RECHECK_MIN, help="--recheck: default 0.9")
+  p.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE",
+                 help="--recheck: only records with this field value, e.g. --only d_model=128 (repeatable)")
+  p.add_argument("--dry-run", action="store_true", help="--recheck: list the records and populations, train nothing")
   p.add_argument("--throughput", action="store_true", help="measure tokens/s instead of sweeping")
   p.add_argument("--runs", help="--throughput: population sizes; default 1,4,8,16")
   p.add_argument("--dispatches", type=int, help="--throughput: timed dispatches per size; default 5")
@@ -574,6 +722,8 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   if args.throughput:
     throughput(args)
+  elif args.recheck:
+    recheck(args)
   elif args.table is not None:
     path, sources, _ = results_paths(args)
     if args.table:

@@ -5,7 +5,9 @@
     bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
 
 Exit status: 0 when training ends (num_steps or the target accuracy), 75 (EX_TEMPFAIL) when SIGTERM or SIGINT
-stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error.
+stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error, and 1 when the run
+stopped as "collapsed": its accuracy reached the target but its test loss is at ln V (`train.steps.collapsed`),
+so it is no success. A run that ends collapsed otherwise (e.g. too few steps to learn) exits 0 and says so.
 
 Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or on a
 cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
@@ -70,6 +72,10 @@ def _train(argv):
   if "test_accuracy" in results:
     print(f"test accuracy {results['test_accuracy']:.4f} at step {results['test_step']} "
           f"({results['wall_s']:.0f} s); results in {os.path.join(_WORKDIR.value, 'results.json')}")
+  if results.get("stopped_by") == "collapsed":
+    sys.exit(f"bmojo-train: collapsed at step {results['step']}: test loss {results['test_loss']:.4f} is at ln V "
+             "(uniform logits), so its accuracy is no success; lower optim.learning_rate (results.json has "
+             "\"collapsed\": true).")
   if results.get("stopped_by") in ("SIGTERM", "SIGINT"):
     print(f"bmojo-train: stopped by {results['stopped_by']} at step {results['step']} (checkpoint saved); "
           f"exiting with status {EXIT_STOPPED} so a scheduler can requeue; rerun the same command to resume.",

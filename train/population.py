@@ -23,7 +23,8 @@ read one stream, shuffled by `config.seed`; False: run r shuffles with its own s
 Evaluation: the test split, generated once on the device, through the trainer's eval step (`lax.map` over
 runs, so one run's eval batch is in memory at a time); accuracy per example, then averaged, as the trainer.
 Every `train.eval_every` steps (a multiple of K) and at the end. A run whose accuracy reaches
-`train.target_accuracy` stops: its parameters and optimizer state are no longer updated (the update is
+`train.target_accuracy` stops (unless its loss is at ln V: then it stops as "collapsed",
+`train.steps.target_outcome`): its parameters and optimizer state are no longer updated (the update is
 masked). A run whose loss or gradient norm becomes NaN/inf stops too, keeping its last finite parameters
 (`stopped_by="non_finite_loss"`), instead of ending the population.
 
@@ -60,6 +61,7 @@ from train import metrics as metrics_lib
 from train import runs
 from train import setup as setup_lib
 from train import steps
+from train.steps import collapse_message, collapsed, target_outcome  # `steps` is a count in train()
 from train import tasks as tasks_lib
 from train.data import mqar
 
@@ -321,10 +323,13 @@ class Population:
             flush(r)
             last_eval[r] = (int(steps[r]), evals[r])
             writers[r].write(int(steps[r]), evals[r], "eval")
-            if target and stopped_by[r] is None and evals[r]["accuracy"] >= target:
-              stopped_by[r], hit[r] = "target_accuracy", True
-              bar.write(f"{self.runs[r].name}: step {steps[r]}: eval accuracy {evals[r]['accuracy']:.4f} >= "
-                        f"target {target}; stopping early.")
+            outcome = target_outcome(evals[r], target, self.cfg.vocab_size)
+            if stopped_by[r] is None and outcome:
+              stopped_by[r], hit[r] = outcome, True
+              bar.write(f"{self.runs[r].name}: " + (
+                  f"step {steps[r]}: eval accuracy {evals[r]['accuracy']:.4f} >= target {target}; stopping early."
+                  if outcome == "target_accuracy" else
+                  collapse_message(int(steps[r]), evals[r], self.cfg.vocab_size, target)))
           recording &= np.array([s is None for s in stopped_by])
           if hit.any():
             state["active"] = state["active"] & jnp.asarray(~hit)
@@ -354,6 +359,7 @@ class Population:
            "population": dict(population, index=r)}
     if last_eval is not None:
       res.update({f"test_{k}": v for k, v in last_eval[1].items()}, test_step=last_eval[0])
+      res["collapsed"] = collapsed(last_eval[1]["loss"], self.cfg.vocab_size)
     res["window"] = self.cfg.window
     if self.cfg.window is not None:
       res["data"]["fraction_beyond_window"] = self.fraction_beyond_window

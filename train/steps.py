@@ -7,6 +7,7 @@ token, perplexity). Batches are split over the ("data", "fsdp") mesh axes.
 """
 
 import functools
+import math
 
 from flax import nnx
 import jax
@@ -25,14 +26,46 @@ IGNORE_INDEX = data_lib.IGNORE_INDEX
 def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(cross-entropy [B, T] fp32, correct [B, T] bool) of logits [B, T, V] fp32 against labels [B, T].
 
-  The loss and the accuracy share one max over the vocabulary: a token is correct when its label's logit is
-  the largest (a tie counts as correct, where argmax would pick the first). A separate argmax is one more
-  pass over the logits, ~0.75 ms per step at 16k tokens and vocab 50280 on an H200."""
+  A token is correct when its label's logit is strictly the largest: the count of logits >= the label's is 1
+  (the label's own). A tie for the top is wrong, so constant logits (a collapsed model) score 0, where
+  `label_logit >= max` counted every tie as right (issue 31: lr 10, loss ln 256, "accuracy" 0.99875) and argmax
+  would pick the first of the tied. The count is a reduction over the vocabulary like the loss's max and sum,
+  which XLA may fuse with them (not timed on a GPU); a separate argmax was ~0.75 ms per step at 16k tokens and
+  vocab 50280 on an H200."""
   top = jnp.max(logits, axis=-1)                                                        # [B, T]
   label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   shifted = logits - jax.lax.stop_gradient(top)[..., None]
   lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) + jax.lax.stop_gradient(top)
-  return lse - label_logit, label_logit >= top
+  at_least_label = jnp.sum(logits >= label_logit[..., None], axis=-1)                  # [B, T], 0 if NaN
+  return lse - label_logit, at_least_label == 1
+
+
+COLLAPSE_TOLERANCE = 0.05   # nats: a test loss within this of ln V (uniform logits' loss) is a collapse
+
+
+def collapsed(loss: float, vocab_size: int) -> bool:
+  """Whether a test loss per token sits at uniform logits' ln V (within COLLAPSE_TOLERANCE) or above: the model
+  predicts the labels no better than chance over its vocabulary, whatever its accuracy says. An untrained model
+  is there too. A NaN loss is not a collapse (`train.faults` handles non-finite losses)."""
+  return bool(loss >= math.log(vocab_size) - COLLAPSE_TOLERANCE)
+
+
+def target_outcome(evaluation: dict[str, float], target: float, vocab_size: int) -> str | None:
+  """What a test evaluation ({"accuracy", "loss", ...}) means for train.target_accuracy = `target` (0: none):
+  "target_accuracy" when the accuracy reaches it, "collapsed" when it does but the loss is at ln V
+  (`collapsed`), else None. The trainer and `train.population` both stop on either."""
+  if not target or not evaluation["accuracy"] >= target:
+    return None
+  return "collapsed" if collapsed(evaluation["loss"], vocab_size) else "target_accuracy"
+
+
+def collapse_message(step: int, evaluation: dict[str, float], vocab_size: int, target: float = 0.0) -> str:
+  """The log line of a collapsed test evaluation (`collapsed`) at `step`; with `target`, one that reached it."""
+  reached = f" >= target {target}" if target else ""
+  ln_v = math.log(vocab_size)
+  return (f"Step {step}: collapsed: test loss {evaluation['loss']:.4f} is not below ln V = {ln_v:.4f} "
+          f"(uniform logits) - {COLLAPSE_TOLERANCE}, so eval accuracy {evaluation['accuracy']:.4f}{reached} is no "
+          "success" + ("; stopping." if target else "."))
 
 
 MODEL_FIELDS = ("inputs", "targets", "segment_ids", "positions")  # what a step reads of a batch, when present

@@ -8,7 +8,8 @@ The rest of the trainer, by concern (re-exported here, so `train.trainer.<name>`
   `train/setup.py`  `model_config`, `validate_config`, `Setup`, `build` (model, mesh, optimizer, shardings),
                     `restore_state`.
   `train/steps.py`  `token_losses`, `model_batch`, `loss_sums`, `batch_grads`, `apply_gradients`,
-                    `make_train_step`, `make_eval_step`, `eval_batches`, `evaluate`.
+                    `make_train_step`, `make_eval_step`, `eval_batches`, `evaluate`, `collapsed`,
+                    `collapse_message`, `target_outcome`.
   `train/runs.py`   run files (`CONFIG_FILE`, `TOKENIZER_FILE`, `write_run_files`, `checkpoint_meta`) and
                     `load_config`, `load_run`, `evaluate_run`.
 """
@@ -35,15 +36,15 @@ from train import tasks as tasks_lib
 from train.runs import (CONFIG_FILE, TOKENIZER_FILE, checkpoint_meta, evaluate_run, load_config, load_run,
                         write_run_files)
 from train.setup import Setup, build, model_config, restore_state, validate_config
-from train.steps import (apply_gradients, batch_grads, eval_batches, evaluate, loss_sums, make_eval_step,
-                         make_train_step, model_batch, token_losses)
+from train.steps import (apply_gradients, batch_grads, collapse_message, collapsed, eval_batches, evaluate,
+                         loss_sums, make_eval_step, make_train_step, model_batch, target_outcome, token_losses)
 from train.workdir_lock import WorkdirLock
 
 __all__ = [   # the loop's own names, then what setup.py, steps.py and runs.py hold (see above)
     "train", "StopRequest", "NonFiniteLossError", "MAX_IN_FLIGHT",
     "Setup", "build", "model_config", "restore_state", "validate_config",
     "apply_gradients", "batch_grads", "eval_batches", "evaluate", "loss_sums", "make_eval_step",
-    "make_train_step", "model_batch", "token_losses",
+    "make_train_step", "model_batch", "token_losses", "collapsed", "collapse_message", "target_outcome",
     "CONFIG_FILE", "TOKENIZER_FILE", "checkpoint_meta", "evaluate_run", "load_config", "load_run",
     "write_run_files",
 ]
@@ -217,10 +218,12 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), step
             writer.write(step, {k: v for k, v in last_eval.items() if np.isfinite(v)}, "eval")
             interval_start = time.time()
-            if t.target_accuracy and last_eval["accuracy"] >= t.target_accuracy:
+            stopped_by = target_outcome(last_eval, t.target_accuracy, setup.cfg.vocab_size)
+            if stopped_by == "target_accuracy":
               writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
                              f"{t.target_accuracy}; stopping early.")
-              stopped_by = "target_accuracy"
+            elif stopped_by == "collapsed":
+              writer.message(collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
           if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
             flush()
             save(step)
@@ -253,6 +256,9 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
              "platform": jax.default_backend(), "jax_version": jax.__version__}
   if last_eval is not None:
     results.update({f"test_{k}": v for k, v in last_eval.items()}, test_step=last_eval_step)
+    results["collapsed"] = collapsed(last_eval["loss"], setup.cfg.vocab_size)
+    if results["collapsed"] and stopped_by != "collapsed" and lead:
+      print(collapse_message(last_eval_step, last_eval, setup.cfg.vocab_size))
   if record != faults.FaultRecord():
     results["faults"] = record.to_meta()
   if setup.task.kind == "mqar":
