@@ -1,6 +1,6 @@
 """Byte-level language modeling, one preset per family at ~20M parameters and one token budget (docs/lm.md).
 
-    python -m train.data.corpus prepare --out data/corpus          # once: Austen + the KJV Bible, 8.3 MB
+    python -m train.data.corpus prepare --out data/corpus          # once: the KJV Bible + Perl docs, 13 MB
     bmojo-train --config configs/lm.py:bmojo --config.data.kind=corpus --workdir runs/lm/bmojo       # GPU
     bmojo-train --config configs/lm.py:bmojo,cpu --config.data.kind=corpus --workdir runs/lm_cpu    # CPU
     bmojo-train --config configs/lm.py:hybrid --config.data.paths=/path/to/texts --workdir runs/lm   # own text
@@ -69,6 +69,9 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   d.eval_fraction = 0.05                   # text: last fraction of packed sequences held out without eval_paths
   d.corpus_dir = "data/corpus"             # corpus: a folder written by `python -m train.data.corpus prepare`
   d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
+  d.encoding = "utf-8"                     # text: the files' encoding, e.g. latin-1 (converted to UTF-8 bytes)
+  d.errors = "strict"                      # text: strict (an undecodable byte stops the run, naming file and
+                                           # offset) | replace (U+FFFD) | ignore
   d.stream_dir = ""                        # stream: a folder written by `bmojo-prepare` (memory-mapped tokens)
   d.eval_stream_dir = ""                   # stream: eval stream folder; empty: hold out eval_fraction of sequences
   d.array_record_paths = ""                # array_record: comma-separated ArrayRecord files / folders (record = doc)

@@ -2,6 +2,7 @@
 documents, perplexity against context, and the NIAH examples and scoring (train/data/corpus.py,
 train/lm_eval.py)."""
 
+import glob
 import gzip
 import json
 import os
@@ -122,10 +123,11 @@ def test_corpus_reads_the_packages_and_prepares_documents(package_tree, tmp_path
                                  "2 And the earth was without form, and void.\n\nGenesis 2\n\n"
                                  "1 Thus the heavens and the earth were finished.\n")
   out = tmp_path / "corpus"
-  manifest = corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3)
-  assert corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3) == manifest   # replaces itself
+  sources = ("austen", "kjv")
+  manifest = corpus.prepare(str(out), sources, root=str(package_tree), eval_fraction=0.3)
+  assert corpus.prepare(str(out), sources, root=str(package_tree), eval_fraction=0.3) == manifest   # replaces itself
   with pytest.raises(ValueError, match="holds no prepared corpus"):
-    corpus.prepare(str(tmp_path), root=str(package_tree))      # a folder with other things in it is left alone
+    corpus.prepare(str(tmp_path), sources, root=str(package_tree))   # a folder with other things in it is left alone
   for entry in manifest["documents"]:
     path = out / entry["split"] / (entry["name"] + ".txt")
     assert path.read_text(encoding="utf-8") == docs[entry["name"]]   # whole documents, unchanged
@@ -169,19 +171,54 @@ def test_split_is_by_whole_documents_and_deterministic():
     corpus.split_documents(names, 1.0)
 
 
+def write_perl_doc(root, pages: dict[str, str], version: str = "5.36.0") -> None:
+  """perl-doc's pod folder, with the <major.minor> link Debian adds beside it."""
+  folder = root / "usr/share/perl" / version / "pod"
+  folder.mkdir(parents=True)
+  for page, text in pages.items():
+    (folder / f"{page}.pod").write_text(text, encoding="utf-8")
+  (root / "usr/share/perl" / version.rsplit(".", 1)[0]).symlink_to(version)
+
+
+def test_perl_doc_pages_are_documents(tmp_path):
+  write_perl_doc(tmp_path, {"perlfunc": "=head1 NAME\n\nperlfunc - Perl builtin functions   \n",
+                            "perlre": "=head1 NAME\n\nperlre - Perl regular expressions\n"})
+  docs = corpus.perl_documents(str(tmp_path))
+  assert docs == {"perl/perlfunc": "=head1 NAME\n\nperlfunc - Perl builtin functions\n",
+                  "perl/perlre": "=head1 NAME\n\nperlre - Perl regular expressions\n"}   # the link read once
+
+
 def test_missing_packages_are_named(tmp_path):
-  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y r-cran-janeaustenr"):
+  # Every missing package of every source in one message, with one install line; nothing written.
+  with pytest.raises(corpus.MissingPackageError) as err:
     corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
+  assert err.value.packages == ["bible-kjv", "bible-kjv-text", "perl-doc"]
+  assert "apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc ;" in str(err.value)
+  assert "\n" not in str(err.value)
+  with pytest.raises(corpus.MissingPackageError,
+                     match=r"apt-get install -y --no-install-recommends r-cran-janeaustenr bible-kjv bible-kjv-text ;"):
+    corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
   write_austen(tmp_path, {"emma": EMMA})
-  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y bible-kjv\b"):
-    corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
+  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv bible-kjv-text ;"):
+    corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
   (tmp_path / corpus.KJV_PROGRAM).parent.mkdir(parents=True)
   (tmp_path / corpus.KJV_PROGRAM).write_text("")
-  with pytest.raises(corpus.MissingPackageError, match=r"apt-get install -y bible-kjv-text"):
+  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv-text ;"):
+    corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
+  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv-text perl-doc ;"):
     corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
   assert not (tmp_path / "out").exists()                       # nothing written before every source reads
   with pytest.raises(FileNotFoundError, match=r"python -m train.data.corpus prepare --out .*nowhere"):
     tasks.make_task(_lm_config(str(tmp_path / "nowhere")))
+
+
+@pytest.mark.skipif(not os.path.exists("/" + corpus.KJV_PROGRAM) or not glob.glob("/" + corpus.PERL_PODS),
+                    reason="bible-kjv or perl-doc not installed")
+def test_installed_default_packages_read():
+  kjv, perl = corpus.kjv_documents(), corpus.perl_documents()
+  assert len(kjv) == 66 and "In the beginning God created the heaven and the earth." in kjv["kjv/genesis"]
+  assert len(perl) > 150 and "perl/perlfunc" in perl
+  assert sum(len(t.encode()) for t in (*kjv.values(), *perl.values())) > 8e6
 
 
 @pytest.mark.skipif(not os.path.exists("/" + corpus.AUSTEN_DATA), reason="r-cran-janeaustenr not installed")

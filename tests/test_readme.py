@@ -1,20 +1,26 @@
 """Every code block of README.md is tested.
 
 - Python blocks run as written (on the CPU).
-- Shell blocks: each command is checked against what it names here, without running it: the console scripts
-  and their flags (as `--help` lists them), config files, presets, field overrides (parsed by ml_collections,
-  the model fields validated by ModelConfig), pip extras, modules and scripts. The runs themselves are tested
-  elsewhere: train / eval / generate end to end in tests/test_train_loop.py (test_cli_train_eval,
-  test_generate_from_run), `bash scripts/test.sh` is what CI runs, and the first command is the default run
-  measured in benchmarks/results/default_run_cpu.json.
+- Shell blocks: each command is checked against what it names here: the console scripts and their flags (as
+  `--help` lists them), config files, presets, field overrides (parsed by ml_collections, the model fields
+  validated by ModelConfig), pip extras, the corpus packages, modules and scripts.
+- Then every shell command runs, in order, in a copy of the repository's files with the packages importable as
+  `pip install -e .` makes them (and nothing else: `benchmarks/` is not), from the copy's root as a user
+  types it. Training commands get overrides appended that make them a few steps of a tiny model (the default
+  run itself is measured in benchmarks/results/default_run_cpu.json); `jupyter execute` runs the one notebook
+  that imports from the repository (tests/test_notebooks.py runs all four); the `pip install`, `apt-get` and
+  `bash scripts/test.sh` lines are not run (they would change this machine, and the last is the suite this
+  test belongs to).
 - The text block (the layout) names directories and files that exist.
 """
 
 import functools
 import importlib.util
+import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -24,6 +30,7 @@ from ml_collections import config_flags
 import pytest
 
 from train import setup as setup_lib
+from train.data import corpus
 
 REPO = pathlib.Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
@@ -114,7 +121,13 @@ def test_readme_shell_commands_name_what_exists():
         assert extra in PYPROJECT["optional-dependencies"], extra
     elif program == "bash":
       assert (REPO / args[0]).is_file(), command
+    elif command[:4] == ["apt-get", "install", "-y", "--no-install-recommends"]:
+      needed = [p for s in corpus.DEFAULT_SOURCES for p in corpus.SOURCES[s].packages]
+      assert args[3:] == needed, f"the README installs {args[3:]}, the default corpus reads {needed}"
+    elif program == "jupyter":
+      assert args[:2] == ["execute", "--inplace"] and args[2] == "notebooks/*.ipynb", command
     elif program in ("python", "python3") and args[0] == "-m":
+      assert program == "python3", "python3, as in the first command (Debian has no `python`)"
       assert importlib.util.find_spec(args[1]) is not None, command
       if args[1] == "train.plots":
         assert args[2] in runs, f"python -m train.plots {args[2]}: no README command trains it"
@@ -132,3 +145,90 @@ def test_readme_layout_names_what_exists():
       current = folder
     for name in re.findall(r"\b([\w/]+\.(?:py|md|ipynb))\b", line):
       assert (REPO / current / name).exists() or (REPO / name).exists(), f"{current}{name}"
+
+
+# ------------------------------------------------------------------------------------------- running them
+TINY = {   # appended to training commands, unless the command sets the field itself
+    "configs/mqar.py": ["--config.model.d_model=16", "--config.model.d_state=4", "--config.data.seq_len=32",
+                        "--config.data.num_kv_pairs=4", "--config.data.num_train=64", "--config.data.num_test=8",
+                        "--config.train.num_steps=2", "--config.train.batch_size=4",
+                        "--config.train.eval_batch_size=8"],
+    "configs/lm.py": ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
+                      "--config.model.window=16", "--config.model.chunk_size=8", "--config.model.n_fading=2",
+                      "--config.model.n_eidetic=4", "--config.model.eidetic_per_chunk=2",
+                      "--config.model.d_state=4", "--config.model.dtype=float32", "--config.data.seq_len=32",
+                      "--config.data.max_eval_sequences=4", "--config.train.num_steps=2",
+                      "--config.train.batch_size=2", "--config.train.eval_batch_size=2"],
+}
+COMMON = ["--config.train.progress_bar=false"]
+
+
+def installed_copy(root: pathlib.Path) -> dict:
+  """The repository's files copied into `root/repo`, the packages `pip install -e .` installs linked into
+  `root/site` (on PYTHONPATH) and the console scripts as shims in `root/bin` (on PATH): {cwd, env}."""
+  repo = root / "repo"
+  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+  for name in files:
+    if (REPO / name).is_file():
+      (repo / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / name, repo / name)
+  site, bin_dir = root / "site", root / "bin"
+  site.mkdir()
+  bin_dir.mkdir()
+  toml = tomllib.loads((REPO / "pyproject.toml").read_text())
+  for pattern in toml["tool"]["setuptools"]["packages"]["find"]["include"]:
+    for package in repo.glob(pattern.rstrip("*")):
+      if (package / "__init__.py").exists():
+        (site / package.name).symlink_to(package)
+  for name, target in PYPROJECT["scripts"].items():
+    module, func = target.split(":")
+    shim = bin_dir / name
+    shim.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.argv[0] = {name!r}\n"
+                    f"sys.exit({func}())\n")
+    shim.chmod(0o755)
+  (bin_dir / "python3").symlink_to(sys.executable)
+  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(site),
+         "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg", "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache")}
+  return {"cwd": repo, "env": env}
+
+
+def runnable(command: list[str]) -> list[str] | None:
+  """The argv this test runs for a README command (None: checked above, not run)."""
+  program, args = command[0], command[1:]
+  if program in ("bash", "apt-get") or command[:4] == ["python3", "-m", "pip", "install"]:
+    return None
+  if program == "jupyter":      # the notebook that imports from the repository (benchmarks/); all four run in
+    return [*command[:-1], "notebooks/explore_memory.ipynb"]          # tests/test_notebooks.py
+  if program == "bmojo-train" and "--help" not in args:
+    spec = args[args.index("--config") + 1].split(":")[0]
+    given = {a.split("=")[0] for a in args}
+    return command + [o for o in TINY[spec] + COMMON if o.split("=")[0] not in given]
+  return command
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_readme_shell_commands_run(tmp_path):
+  where = installed_copy(tmp_path)
+  ran = []
+  for command in shell_commands():
+    argv = runnable(command)
+    if argv is None:
+      continue
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, **where)
+    if command[:3] == ["python3", "-m", "train.data.corpus"] and out.returncode != 0:
+      # A machine without the Debian packages: the one-line message names them and the install line; the
+      # rest of the LM commands then run on the stdlib stand-in corpus.
+      assert "apt-get install -y --no-install-recommends" in out.stderr and len(out.stderr.splitlines()) == 1
+      out = subprocess.run(argv + ["--sources", "stdlib"], capture_output=True, text=True, timeout=900, **where)
+    assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    ran.append((command, out))
+  repo = where["cwd"]
+  assert (repo / "runs/default/results.json").exists() and (repo / "runs/default/curves.png").exists()
+  assert (repo / "data/corpus/manifest.json").exists() and (repo / "runs/own/results.json").exists()
+  assert (repo / "runs/lm_cpu/lm_eval.json").exists()
+  generated = [out for command, out in ran if command[0] == "bmojo-generate"]
+  assert len(generated) == 2 and all("tokens/s" in out.stderr for out in generated)
+  mqar_ids = generated[0].stdout.split()
+  assert len(mqar_ids) == 1 and 0 <= int(mqar_ids[0]) < 256           # --max_new_tokens 1: one token id

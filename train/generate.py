@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+import time
 
 from flax import nnx
 
@@ -36,8 +38,12 @@ def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, tempera
   else:
     ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
   # `generate` checks the ids against the vocabulary and returns the continuation alone.
+  start = time.perf_counter()
   new = inference.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed)[0]
+  seconds = time.perf_counter() - start
+  print(f"{len(new)} tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s (prefill and compiling "
+        f"included)", file=sys.stderr)
   if tokenizer is None:
     return " ".join(str(int(i)) for i in new)
   return tokenizer.decode(new)

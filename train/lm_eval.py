@@ -123,7 +123,8 @@ def heldout_documents(config: ml_collections.ConfigDict) -> dict[str, str]:
     _, eval_paths, patterns = tasks_lib.text_paths(config)
     if eval_paths:
       files = data_lib.list_text_files(eval_paths, patterns)
-      return {f: t for f, t in zip(files, data_lib.read_text_files(files, patterns))}
+      decoding = tasks_lib.text_decoding(config)
+      return {f: t for f, t in zip(files, data_lib.read_text_files(files, patterns, **decoding))}
   raise ValueError(f"data.kind={d.kind!r} without data.eval_paths has no held-out documents; length and NIAH "
                    "evaluation needs data.kind=corpus or data.eval_paths.")
 

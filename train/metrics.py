@@ -28,8 +28,9 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-    if progress_bar:
-      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+    if progress_bar:   # "compiling" until the first step ends; its rate and ETA count from there
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="compiling", dynamic_ncols=True)
+      self._compiled = False
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
     if not self.enabled:
@@ -44,9 +45,19 @@ class MetricWriter:
       self._bar.set_postfix(short, refresh=False)
 
   def advance(self, step: int) -> None:
-    """Moves the progress bar to `step`."""
-    if self._bar is not None and step > self._bar.n:
-      self._bar.update(step - self._bar.n)
+    """Moves the progress bar to `step`. The first call ends the compile: the bar is renamed "train" and its
+    clock restarts, so the rate and the time left are those of the steps, not of compiling."""
+    if self._bar is None or step <= self._bar.n:
+      return
+    if not self._compiled:
+      self._compiled = True
+      bar = self._bar
+      bar.reset(total=bar.total)
+      bar.initial = bar.n = bar.last_print_n = step
+      bar.set_description("train", refresh=False)
+      bar.refresh()
+      return
+    self._bar.update(step - self._bar.n)
 
   def message(self, text: str) -> None:
     if not self.enabled:

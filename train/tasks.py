@@ -125,9 +125,10 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     if not paths:
       raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
                        "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
-    source = data_lib.make_text_source(paths, int(d.seq_len), tokenizer, patterns)
+    decoding = text_decoding(config)
+    source = data_lib.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
     if eval_paths:
-      train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns)
+      train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
     else:
       train, test = _hold_out(source, d)
     test = _spread(test, d)
@@ -232,6 +233,13 @@ def _hold_out(source, d) -> tuple[Any, Any]:
 def _spread(test, d):
   max_eval = int(d.get("max_eval_sequences") or 0)
   return _Spread(test, max_eval) if 0 < max_eval < len(test) else test
+
+
+def text_decoding(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{"encoding", "errors"} of a text run's files: data.encoding / data.errors, strict UTF-8 when unset."""
+  d = config.data
+  return {"encoding": str(d.get("encoding") or data_lib.text.DEFAULT_ENCODING),
+          "errors": str(d.get("errors") or data_lib.text.DEFAULT_ERRORS)}
 
 
 def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:

@@ -1,17 +1,24 @@
-"""Public-domain books from installed Debian packages, prepared once into plain-text documents.
+"""Text from installed Debian packages, prepared once into plain-text documents split by whole documents.
 
-    apt-get install -y r-cran-janeaustenr bible-kjv bible-kjv-text
-    python -m train.data.corpus prepare --out data/corpus        # ~8.3 MB of text, nothing fetched
+    apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc    # 3 packages (+ perl)
+    python -m train.data.corpus prepare --out data/corpus        # ~13 MB of text, nothing fetched
     python -m train.data.corpus info --dir data/corpus
 
-Sources (a document is a whole book):
-  * `austen`: Jane Austen's six novels, from `r-cran-janeaustenr`. The package keeps them R-serialized in
-    `data/Rdata.rdb` (one compressed block per novel, a character vector of lines) indexed by `Rdata.rdx`
-    (gzip); `read_r_character_vectors` reads them without R.
-  * `kjv`: the 66 books of the King James Bible, printed by the `bible` program of `bible-kjv` from the data of
-    `bible-kjv-text`: a book is its chapters ("Genesis 1") and their numbered verses, one verse a line.
+Sources (a document is a whole book or a whole manual page):
+  * `kjv` (default): the 66 books of the King James Bible (public domain, ~4.3 MB), printed by the `bible`
+    program of `bible-kjv` from the data of `bible-kjv-text`: a book is its chapters ("Genesis 1") and their
+    numbered verses, one verse a line.
+  * `perl` (default): the ~200 pages of Perl's reference documentation (`perl-doc`, ~8.8 MB of English
+    prose and code in POD markup, kept as written), one document a page (`perlfunc`, `perlre`, ...).
+  * `austen`: Jane Austen's six novels (~4.5 MB), from `r-cran-janeaustenr`. The package keeps them
+    R-serialized in `data/Rdata.rdb` (one compressed block per novel, a character vector of lines) indexed by
+    `Rdata.rdx` (gzip); `read_r_character_vectors` reads them without running R, but the package depends on R
+    (`--no-install-recommends` keeps that to 8 packages). Not a default for that reason.
   * `stdlib`: docstrings of Python standard-library modules: a tiny English text found on every machine, for
     smoke runs and tests when the packages are absent (not for results).
+
+`prepare` checks every source's packages before it reads anything, and names all the missing ones in one
+message with the one `apt-get install` line that installs them.
 
 A prepared corpus is `<out>/{train,eval}/<source>/<name>.txt` (UTF-8, one document a file) and
 `<out>/manifest.json` (every document's name, split, characters and bytes; the packages' versions). The split
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import dataclasses
+import glob
 import gzip
 import hashlib
 import importlib
@@ -40,20 +48,29 @@ from typing import Callable
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
-DEFAULT_SOURCES = ("austen", "kjv")
+DEFAULT_SOURCES = ("kjv", "perl")
 DEFAULT_EVAL_FRACTION = 0.1
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 KJV_DATA = "usr/lib/bible.data"
 KJV_PROGRAM = "usr/bin/bible"
+PERL_PODS = "usr/share/perl/*/pod"                   # perl-doc; the folder is named by Perl's version
 
 
 class MissingPackageError(FileNotFoundError):
-  """A source's Debian package is not installed; the message names it and the install command."""
+  """Debian packages are not installed; the message names every one and the one command installing them."""
 
-  def __init__(self, package: str, missing: str):
-    super().__init__(f"{missing} not found: install the Debian package {package} "
-                     f"(apt-get install -y {package}), then prepare the corpus again.")
-    self.package = package
+  def __init__(self, packages, missing):
+    packages = [packages] if isinstance(packages, str) else list(packages)
+    missing = [missing] if isinstance(missing, str) else list(missing)
+    super().__init__(f"missing Debian package{'s' if len(packages) > 1 else ''} {', '.join(packages)} "
+                     f"({', '.join(missing)} not found). Install with one line (as root): "
+                     f"{install_command(packages)} ; then prepare the corpus again.")
+    self.packages = packages
+
+
+def install_command(packages) -> str:
+  """The apt-get line installing `packages` (no recommended extras: r-cran-janeaustenr would pull ~700)."""
+  return "apt-get install -y --no-install-recommends " + " ".join(packages)
 
 
 # ------------------------------------------------------------------------------------- R serialization
@@ -198,6 +215,27 @@ def kjv_documents(root: str = "/") -> dict[str, str]:
   return {f"kjv/{_slug(title)}": clean_text("\n".join(lines)) for title, lines in books.items()}
 
 
+def perl_documents(root: str = "/") -> dict[str, str]:
+  """Perl's reference documentation from perl-doc, one page a document: {"perl/<page>": text} (POD as written).
+
+  The pod folder is `usr/share/perl/<version>/pod`; Debian also links `<major.minor>` to it, so folders are
+  taken once by their real path, and a page found under two versions is taken from the newest."""
+  folders = sorted({os.path.realpath(f) for f in glob.glob(os.path.join(root, PERL_PODS))})
+  pages = {}
+  for folder in folders:                         # sorted by version string: later folders overwrite earlier
+    for path in sorted(glob.glob(os.path.join(folder, "*.pod"))):
+      pages[os.path.basename(path)[:-len(".pod")]] = path
+  if not pages:
+    raise MissingPackageError("perl-doc", os.path.join(root, PERL_PODS, "*.pod"))
+  docs = {}
+  for page, path in sorted(pages.items()):
+    with open(path, encoding="utf-8") as f:
+      text = clean_text(f.read())
+    if text.strip():
+      docs[f"perl/{_slug(page)}"] = text
+  return docs
+
+
 STDLIB_MODULES = ("abc", "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib",
                   "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
                   "functools", "heapq", "html", "http", "inspect", "io", "itertools", "json", "logging",
@@ -229,13 +267,28 @@ def stdlib_documents(root: str = "/") -> dict[str, str]:
 class Source:
   packages: tuple[str, ...]                     # Debian packages it reads (apt-get install -y ...)
   read: Callable[[str], dict[str, str]]         # root -> {name: text}
+  needs: tuple[tuple[str, str], ...] = ()       # (package, path under root, glob allowed) checked up front
 
 
 SOURCES = {
-    "austen": Source(("r-cran-janeaustenr",), austen_documents),
-    "kjv": Source(("bible-kjv", "bible-kjv-text"), kjv_documents),
+    "kjv": Source(("bible-kjv", "bible-kjv-text"), kjv_documents,
+                  (("bible-kjv", KJV_PROGRAM), ("bible-kjv-text", KJV_DATA))),
+    "perl": Source(("perl-doc",), perl_documents, (("perl-doc", PERL_PODS + "/perlfunc.pod"),)),
+    "austen": Source(("r-cran-janeaustenr",), austen_documents,
+                     (("r-cran-janeaustenr", AUSTEN_DATA + "/Rdata.rdb"),
+                      ("r-cran-janeaustenr", AUSTEN_DATA + "/Rdata.rdx"))),
     "stdlib": Source((), stdlib_documents),
 }
+
+
+def missing_packages(sources, root: str = "/") -> dict[str, str]:
+  """{package: the path it would install, not found} for every package that `sources` need and `root` lacks."""
+  missing = {}
+  for source in sources:
+    for package, path in SOURCES[source].needs:
+      if package not in missing and not glob.glob(os.path.join(root, path)):
+        missing[package] = os.path.join(root, path)
+  return missing
 
 
 # -------------------------------------------------------------------------------------------- split
@@ -282,6 +335,9 @@ def prepare(out: str, sources=DEFAULT_SOURCES, *, eval_fraction: float = DEFAULT
     raise ValueError(f"unknown corpus source(s) {unknown}; choose from {sorted(SOURCES)}.")
   if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MANIFEST)):
     raise ValueError(f"{out} is not empty and holds no prepared corpus ({MANIFEST}); choose a new folder.")
+  missing = missing_packages(sources, root)
+  if missing:
+    raise MissingPackageError(list(missing), list(missing.values()))
   documents = {}
   for source in sources:
     documents.update(SOURCES[source].read(root))
@@ -311,9 +367,10 @@ def load_manifest(corpus_dir: str) -> dict:
   """The manifest of a prepared corpus; FileNotFoundError saying how to prepare one when there is none."""
   path = os.path.join(corpus_dir, MANIFEST)
   if not os.path.exists(path):
-    packages = " ".join(p for s in DEFAULT_SOURCES for p in SOURCES[s].packages)
-    raise FileNotFoundError(f"No prepared corpus in {corpus_dir!r} ({MANIFEST} missing): run `apt-get install "
-                            f"-y {packages}` and `python -m train.data.corpus prepare --out {corpus_dir}`.")
+    packages = [p for s in DEFAULT_SOURCES for p in SOURCES[s].packages]
+    raise FileNotFoundError(f"No prepared corpus in {corpus_dir!r} ({MANIFEST} missing): run "
+                            f"`{install_command(packages)}` and `python -m train.data.corpus prepare --out "
+                            f"{corpus_dir}`.")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 

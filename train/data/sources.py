@@ -37,8 +37,7 @@ class TextFileDocuments:
     return len(self.files)
 
   def __getitem__(self, i: int) -> str:
-    with open(self.files[int(i)], encoding="utf-8", errors="replace") as f:
-      return f.read()
+    return text_lib.read_text_file(self.files[int(i)])   # strict UTF-8: TextDecodeError names file and byte
 
   def describe(self) -> str:
     return f"{len(self.files)} text files"
