@@ -5,7 +5,7 @@ optimizer state sharded along "embed"), "tensor" (model parallel over heads / ML
 Batches are split over ("data", "fsdp"). A logical axis whose size the mesh axis does not divide, or whose
 mesh axis an earlier dimension of the same array already uses, stays replicated.
 
-ZeRO-1 (`mesh.shard_optimizer`, on by default): the Adam moments are also split over "data", where their
+ZeRO-1 (`mesh.shard_optimizer`, off by default): the Adam moments are also split over "data", where their
 parameters are replicated, so optimizer bytes per device fall as 1/data (`zero_spec`); each device updates its
 1/data of the parameters and the step all-gathers the new ones (docs/multi_device.md: the collectives it adds).
 
