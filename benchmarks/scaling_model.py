@@ -7,6 +7,8 @@ H100 x 8 / 64 and TPU v5p-64 / 256 (docs/scaling.md).
     python -m benchmarks.scaling_model measure --cases bmojo:1.4b:data=8,bmojo:1.4b:fsdp=8
     # 2. the projection (reads the records above and benchmarks/results/train_step_h200.json)
     python -m benchmarks.scaling_model predict
+    # the train-step bench with ZeRO-1 on (mesh.shard_optimizer=True), same arguments as train_step_bench
+    python -m benchmarks.scaling_model bench-zero1 --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2
 
 `measure` re-runs itself in a subprocess per device count (XLA_FLAGS=--xla_force_host_platform_device_count=N).
 The compiled step is the trainer's (`train.steps.make_train_step`) for the paper preset in bf16, scanned blocks,
@@ -473,10 +475,53 @@ def predict(out_path: str) -> None:
                 f"{p['entry'] * 1e3:.1f} ms; {row['source']}]")
   with open(out_path, "w") as f:
     json.dump(report, f, indent=1)
-  print(f"\nwrote {out_path}")
+  print(f"\nwrote {out_path}\n")
+  print_markdown(report)
+
+
+def print_markdown(report: dict) -> None:
+  """The report's tables as docs/scaling.md shows them."""
+  mesh_text = lambda m: " × ".join(f"{a} {n}" for a, n in m.items() if n > 1) or "1"
+  print("| model | mesh | global batch | run (tag) | measured ms | predicted ms (serial) | error | predicted ms "
+        "(overlapped) | compute + optimizer + collectives ms | GB sent / GPU |\n|---|---|---|---|---|---|---|---|---|---|")
+  for r in report["check_2gpu"]:
+    print(f"| {r['family']} | {mesh_text(r['mesh'])} | {r['batch']} | {r['tag']} | {r['measured_ms']:.1f} | {r['serial_ms']:.1f} "
+          f"| {r['error_serial']:+.1%} | {r['overlapped_ms']:.1f} | {r['compute_ms']:.1f} + {r['opt_ms']:.1f} + "
+          f"{r['comm_ms']:.1f} | {r['wire_GB']:.2f} |")
+  print("\n| model | size | mesh | ZeRO-1 | GB sent / device, HLO | analytic | difference |\n|---|---|---|---|---|---|---|")
+  for r in report["hlo_vs_analytic"]:
+    diff = f"{r['analytic_GB'] / r['hlo_GB'] - 1:+.1%}" if r["hlo_GB"] else "—"
+    print(f"| {r['family']} | {r['size']} | {mesh_text(r['mesh'])} | {'on' if r['zero'] else 'off'} | "
+          f"{r['hlo_GB']:.3f} | {r['analytic_GB']:.3f} | {diff} |")
+  print("\n| model | size | system | chips | mesh | bytes from | 1 chip ms | serial ms (eff.) | overlapped ms (eff.) "
+        "| in-loop / after-loop collectives ms |\n|---|---|---|---|---|---|---|---|---|---|")
+  for r in report["projection"]:
+    print(f"| {r['family']} | {r['size']} | {r['system']} | {r['chips']} | {mesh_text(r['mesh'])} | {r['source']} | "
+          f"{r['one_chip_ms']:.0f} | {r['serial']:.0f} ({r['eff_serial']:.0%}) | {r['overlapped']:.0f} "
+          f"({r['eff_overlapped']:.0%}) | {r['loop']:.0f} / {r['entry']:.0f} |")
+
+
+def bench_with_zero1(argv: list[str]) -> None:
+  """`benchmarks.train_step_bench` with mesh.shard_optimizer=True in every config it builds (the bench has no
+  flag for it): `python -m benchmarks.scaling_model bench-zero1 <train_step_bench arguments>`."""
+  from benchmarks import train_step_bench
+  from configs import common
+  base = common.base_config
+
+  def with_zero1():
+    c = base()
+    c.mesh.shard_optimizer = True
+    return c
+
+  common.base_config = with_zero1
+  sys.argv = ["train_step_bench (ZeRO-1)"] + argv
+  train_step_bench.main()
 
 
 def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["bench-zero1"]:
+    return bench_with_zero1(argv[1:])
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True)
   m = sub.add_parser("measure")
