@@ -342,7 +342,8 @@ def analytic_collectives(cfg, params: int, block_params: int, mesh: dict[str, in
     projections: + 2 D x kv_heads x head_dim a block); after the loop the rest, the tied embedding twice (its
     lookup's and the head's partial gradients);
   - under fsdp, `fsdp_gathers` all-gathers of each block's parameters in the loop (forward, and the backward's
-    remat; read off the HLO at fsdp 2) and two of the embedding after it;
+    remat; read off the HLO at fsdp 2) and two of the embedding after it, over fsdp alone or, with data > 1, over
+    data x fsdp (what the HLO at data 8 x fsdp 8 does: the groups span all 64 devices);
   - with ZeRO-1 an all-gather over "data" of the updated parameters (1/fsdp of them on each device).
   Tensor parallelism's activation collectives are not modelled."""
   d, f, n_blocks = mesh["data"], mesh["fsdp"], cfg.n_blocks
@@ -356,9 +357,11 @@ def analytic_collectives(cfg, params: int, block_params: int, mesh: dict[str, in
     out.append(dict(kind="all-reduce", bytes=per_block, n=d * f, axes=axes, runs=n_blocks, depth=1))
     out.append(dict(kind="all-reduce", bytes=rest, n=d * f, axes=axes, runs=1, depth=0))
   if f > 1:
-    out.append(dict(kind="all-gather", bytes=4 * block_params / n_blocks, n=f, axes=["fsdp"],
+    # with data > 1 too, the HLO gathers over data x fsdp (the parameters are first resliced over both)
+    gather_axes, n_gather = (["data", "fsdp"], d * f) if d > 1 else (["fsdp"], f)
+    out.append(dict(kind="all-gather", bytes=4 * block_params / n_blocks, n=n_gather, axes=gather_axes,
                     runs=int(round(fsdp_gathers * n_blocks)), depth=1))
-    out.append(dict(kind="all-gather", bytes=4 * embed, n=f, axes=["fsdp"], runs=2, depth=0))
+    out.append(dict(kind="all-gather", bytes=4 * embed, n=n_gather, axes=gather_axes, runs=2, depth=0))
   if d > 1 and zero:
     out.append(dict(kind="all-gather", bytes=4 * params / f, n=d, axes=["data"], runs=1, depth=0))
   return out
@@ -422,15 +425,16 @@ def predict(out_path: str) -> None:
             f"[{row['wire_GB']:.2f} GB sent]; 1-GPU {fit['how']}")
 
   print("\n== HLO bytes vs the analytic count (GB sent per device per step)")
-  fsdp_gathers = {}
-  for rec in sorted(hlo, key=lambda r: (r["family"], r["size"], r["devices"])):
-    cfg, params, block = model(rec["family"], rec["size"])
-    f = rec["mesh"]["fsdp"]
-    if f > 1 and rec["family"] not in fsdp_gathers:
-      # all-gathers over fsdp inside the loops, in units of one block's parameters: read off the HLO
+  fsdp_gathers = {}   # all-gathers over fsdp in the loops, in units of the blocks' parameters, from a pure-fsdp HLO
+  for rec in sorted(hlo, key=lambda r: (r["family"], r["devices"])):
+    if rec["mesh"]["fsdp"] > 1 and rec["mesh"]["data"] == rec["mesh"]["tensor"] == 1:
+      block = model(rec["family"], rec["size"])[2]
       g = sum(c["bytes"] * c["runs"] for c in rec["collectives"]
               if c["kind"] == "all-gather" and c["axes"] == ["fsdp"] and c["depth"] >= 1)
-      fsdp_gathers[rec["family"]] = g / (4 * block)
+      fsdp_gathers.setdefault(rec["family"], g / (4 * block))
+  print("fsdp all-gathers of the blocks' parameters a step:", {k: round(v, 3) for k, v in fsdp_gathers.items()})
+  for rec in sorted(hlo, key=lambda r: (r["family"], r["size"], r["devices"])):
+    cfg, params, block = model(rec["family"], rec["size"])
     got = sum(wire_bytes(c["kind"], c["bytes"], c["n"]) * c["runs"] for c in rec["collectives"])
     calc = sum(wire_bytes(c["kind"], c["bytes"], c["n"]) * c["runs"] for c in analytic_collectives(
         cfg, params, block, rec["mesh"], rec["shard_optimizer"], fsdp_gathers.get(rec["family"], 2.0)))
@@ -440,39 +444,39 @@ def predict(out_path: str) -> None:
     print(f"{rec['family']:12s} {rec['size']:5s} {json.dumps(rec['mesh']):40s} zero={rec['shard_optimizer']!s:5s} "
           f"HLO {got / 1e9:7.3f}  analytic {calc / 1e9:7.3f}  ({calc / max(got, 1) - 1:+.1%})")
 
-  print("\n== Projection: weak scaling, 8 x 2048 tokens per device, ZeRO-1 on, step ms (efficiency vs 1 chip)")
+  print("\n== Projection: weak scaling, 8 x 2048 tokens per device, step ms (efficiency vs 1 chip)")
   fits = {"bmojo": one_device_fit(measured, "bmojo", "1.4b", "pallas"),
           "transformer": one_device_fit(measured, "transformer", "1.4b", "cudnn")}
-  meshes = {"h100": [(8, dict(data=8, fsdp=1, tensor=1)), (8, dict(data=1, fsdp=8, tensor=1)),
-                     (64, dict(data=64, fsdp=1, tensor=1)), (64, dict(data=8, fsdp=8, tensor=1))],
-            "v5p": [(64, dict(data=64, fsdp=1, tensor=1)), (64, dict(data=8, fsdp=8, tensor=1)),
-                    (256, dict(data=256, fsdp=1, tensor=1)), (256, dict(data=32, fsdp=8, tensor=1)),
-                    (256, dict(data=16, fsdp=16, tensor=1))]}
+  mesh_of = lambda d, f: dict(data=d, fsdp=f, tensor=1)
+  cases = {"h100": [(8, mesh_of(8, 1), False), (8, mesh_of(1, 8), False), (64, mesh_of(64, 1), False),
+                    (64, mesh_of(8, 8), False), (64, mesh_of(8, 8), True)],
+           "v5p": [(64, mesh_of(64, 1), False), (64, mesh_of(8, 8), False), (256, mesh_of(256, 1), False),
+                   (256, mesh_of(32, 8), False), (256, mesh_of(16, 16), False)]}
   for family in ("bmojo", "transformer"):
     fit = fits[family]
     base_cfg, _, _ = model(family, "1.4b")
     for size in ("1.4b", "7b"):
       cfg, params, block = model(family, size)
       scale = train_flops_per_token(cfg, 2048) / train_flops_per_token(base_cfg, 2048)
-      for system_name, cases in meshes.items():
+      for system_name, rows in cases.items():
         one = step_time(fit, 8, {"loop": 0.0, "entry": 0.0}, system_name, 1, scale)["serial"]
-        for n, mesh in cases:
+        for n, mesh, zero in rows:
           if size == "7b" and mesh["fsdp"] == 1:
             continue                     # 7B: fp32 params + Adam = 16 B x 6-7B > 80 GB; needs fsdp
-          rec = hlo_record(family, size, mesh, True)
+          rec = hlo_record(family, size, mesh, zero)
           colls = rec["collectives"] if rec else analytic_collectives(
-              cfg, params, block, mesh, True, fsdp_gathers.get(family, 2.0))
+              cfg, params, block, mesh, zero, fsdp_gathers.get(family, 2.0))
           comm = comm_from_hlo(dict(collectives=colls, mesh=mesh), SYSTEMS[system_name])
-          p = step_time(fit, 8, comm, system_name, mesh["data"], scale)
-          row = dict(family=family, size=size, system=system_name, chips=n, mesh=mesh,
-                     source="HLO" if rec else "analytic", one_chip_ms=one * 1e3,
+          p = step_time(fit, 8, comm, system_name, mesh["data"] if zero else 1, scale)
+          row = dict(family=family, size=size, system=system_name, chips=n, mesh=mesh, zero=zero,
+                     source="HLO" if rec else "analytic", one_chip_ms=one * 1e3, wire_GB=comm["bytes"] / 1e9,
                      **{k: v * 1e3 for k, v in p.items()}, eff_serial=one / p["serial"],
                      eff_overlapped=one / p["overlapped"])
           report["projection"].append(row)
-          print(f"{family:12s} {size:5s} {system_name:5s} x{n:<4d} {json.dumps(mesh):40s} 1 chip "
+          print(f"{family:12s} {size:5s} {system_name:5s} x{n:<4d} {json.dumps(mesh):40s} zero={zero!s:5s} 1 chip "
                 f"{one * 1e3:7.1f}  serial {p['serial'] * 1e3:7.1f} ({one / p['serial']:.0%})  overlapped "
                 f"{p['overlapped'] * 1e3:7.1f} ({one / p['overlapped']:.0%})  [loop {p['loop'] * 1e3:.1f}, after "
-                f"{p['entry'] * 1e3:.1f} ms; {row['source']}]")
+                f"{p['entry'] * 1e3:.1f} ms; {comm['bytes'] / 1e9:.1f} GB; {row['source']}]")
   with open(out_path, "w") as f:
     json.dump(report, f, indent=1)
   print(f"\nwrote {out_path}\n")
@@ -493,10 +497,11 @@ def print_markdown(report: dict) -> None:
     diff = f"{r['analytic_GB'] / r['hlo_GB'] - 1:+.1%}" if r["hlo_GB"] else "—"
     print(f"| {r['family']} | {r['size']} | {mesh_text(r['mesh'])} | {'on' if r['zero'] else 'off'} | "
           f"{r['hlo_GB']:.3f} | {r['analytic_GB']:.3f} | {diff} |")
-  print("\n| model | size | system | chips | mesh | bytes from | 1 chip ms | serial ms (eff.) | overlapped ms (eff.) "
-        "| in-loop / after-loop collectives ms |\n|---|---|---|---|---|---|---|---|---|---|")
+  print("\n| model | size | system | chips | mesh | ZeRO-1 | bytes from | GB sent / device | 1 chip ms | serial ms (eff.) "
+        "| overlapped ms (eff.) | in-loop / after-loop collectives ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in report["projection"]:
-    print(f"| {r['family']} | {r['size']} | {r['system']} | {r['chips']} | {mesh_text(r['mesh'])} | {r['source']} | "
+    print(f"| {r['family']} | {r['size']} | {r['system']} | {r['chips']} | {mesh_text(r['mesh'])} | "
+          f"{'on' if r['zero'] else 'off'} | {r['source']} | {r['wire_GB']:.1f} | "
           f"{r['one_chip_ms']:.0f} | {r['serial']:.0f} ({r['eff_serial']:.0%}) | {r['overlapped']:.0f} "
           f"({r['eff_overlapped']:.0%}) | {r['loop']:.0f} / {r['entry']:.0f} |")
 
