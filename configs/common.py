@@ -78,4 +78,6 @@ def base_config() -> ml_collections.ConfigDict:
   m.data = -1                          # data-parallel size (-1: all devices left)
   m.fsdp = 1                           # parameters sharded on "embed" over this many devices
   m.tensor = 1                         # heads / MLP / inner / vocab sharded over this many devices
+  m.shard_optimizer = False            # ZeRO-1: Adam moments also split over "data" (1/data of them per device),
+                                       # for one all-gather of the parameters more a step (docs/multi_device.md)
   return c

@@ -108,7 +108,8 @@ def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task 
   p_sh = shard_lib.param_shardings(logical, abstract["params"], mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shardings = {"params": p_sh,
-               "opt_state": shard_lib.opt_state_shardings(tx, abstract["opt_state"], p_sh, mesh),
+               "opt_state": shard_lib.opt_state_shardings(tx, abstract["opt_state"], p_sh, mesh,
+                                                          bool(config.mesh.get("shard_optimizer", False))),
                "step": replicated, "rng": replicated}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return Setup(config, cfg, mesh, task, graphdef, tx, schedule, shardings, abstract,

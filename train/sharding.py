@@ -5,6 +5,10 @@ optimizer state sharded along "embed"), "tensor" (model parallel over heads / ML
 Batches are split over ("data", "fsdp"). A logical axis whose size the mesh axis does not divide, or whose
 mesh axis an earlier dimension of the same array already uses, stays replicated.
 
+ZeRO-1 (`mesh.shard_optimizer`, off by default): the Adam moments are also split over "data", where their
+parameters are replicated, so optimizer bytes per device fall as 1/data (`zero_spec`); each device updates its
+1/data of the parameters and the step all-gathers the new ones (docs/multi_device.md: the collectives it adds).
+
 The table (`LOGICAL_RULES`) and `logical_to_mesh` live in `pallas_kernels/sharding.py`, where the model's
 activation constraints and the Pallas kernels read them too; the train and eval steps are traced `in_mesh`,
 so those see the mesh.
@@ -24,7 +28,7 @@ from pallas_kernels.sharding import BATCH_AXES, LOGICAL_RULES, MESH_AXES, logica
 
 __all__ = ["BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_parallelism", "batch_sharding", "in_mesh",
            "logical_to_mesh", "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings",
-           "shard_batch"]
+           "shard_batch", "zero_spec"]
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -62,10 +66,38 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh):
   return jax.tree.map(one, logical_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh: Mesh):
-  """Optimizer-state shardings: parameter-shaped leaves follow their parameter, the rest is replicated."""
+def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh, axis: str = "data") -> P:
+  """`spec` with `axis` added to the dimension it splits best (ZeRO-1): among the dimensions whose size per
+  device under `spec` the axis size divides, the largest (the first of equal ones). `spec` unchanged when `axis`
+  has one device, is already used, or divides no dimension (small vectors stay replicated over it)."""
+  n = int(mesh.shape[axis])
+  entries = list(tuple(spec)) + [None] * (len(shape) - len(tuple(spec)))
+  as_tuple = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in entries]
+  if n == 1 or any(axis in t for t in as_tuple):
+    return spec
+  local = [size // int(np.prod([mesh.shape[a] for a in t])) for size, t in zip(shape, as_tuple)]
+  fits = [i for i, m in enumerate(local) if m % n == 0]
+  if not fits:
+    return spec
+  best = max(fits, key=lambda i: (local[i], -i))
+  axes = as_tuple[best] + (axis,)
+  entries[best] = axes[0] if len(axes) == 1 else axes
+  return P(*entries)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh: Mesh,
+                        shard_over_data: bool = False):
+  """Optimizer-state shardings: parameter-shaped leaves follow their parameter, the rest is replicated.
+
+  shard_over_data (ZeRO-1): the parameter-shaped leaves are also split over "data" (`zero_spec`)."""
   replicated = NamedSharding(mesh, P())
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, params_shardings,
+
+  def follow(leaf, param_sharding):
+    if not shard_over_data or not hasattr(leaf, "shape"):
+      return param_sharding
+    return NamedSharding(mesh, zero_spec(param_sharding.spec, leaf.shape, mesh))
+
+  return optax.tree_map_params(tx, follow, abstract_opt_state, params_shardings,
                                transform_non_params=lambda _: replicated,
                                is_leaf=lambda x: isinstance(x, NamedSharding))
 
