@@ -232,7 +232,7 @@ class Attention(nnx.Module):
       state = state._replace(**{f: jax.tree.map(lambda x, y: jnp.where(boundary, x, y), getattr(new, f),
                                                 getattr(state, f)) for f in CHUNK_FIELDS})
 
-    k_raw, v = self.wk(a), self.wv(a)                                                # [B, 1, K, P]
+    k_raw, v, fk, fv = self.step_kv(a, fading)                                       # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
     size = state.k.shape[1]
     slot = t % size
@@ -245,7 +245,6 @@ class Attention(nnx.Module):
       ring_valid &= slot_pos > t - cfg.window
 
     parts = [(ring_k, ring_v, ring_valid[None])]                                    # (k, v, valid [B|1, S])
-    fk, fv = self.fading_kv(fading) if m_f else (None, None)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
       score, _ = memory.selection_scores(cfg.selection, self.score_inputs(
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
@@ -261,6 +260,19 @@ class Attention(nnx.Module):
         state = state._replace(history=memory.last_inputs(a, state.history))
     o = decode_attention(q[:, 0], parts)
     return self.wo(o[:, None]), state
+
+  def step_kv(self, a: jax.Array, fading: jax.Array | None):
+    """(k, v, fk, fv) [B, 1, K, P] of one token: its key and value, and those of its fading read-out (None
+    without fading tokens). Both rows go through one projection, so w_k and w_v are read once a token, and the
+    fading pair passes an optimization barrier: at batch 1 XLA:GPU turned that [1, D] x [D, K·P] product into a
+    reduction fused into the concatenate that shifts the fading buffer, ~0.6 ms a layer (28 ms of a 33 ms
+    B'MOJO-F step at 1.4B on an H100)."""
+    if fading is None or not self.cfg.fading:
+      return self.wk(a), self.wv(a), None, None
+    rows = jnp.concatenate([a, fading.astype(a.dtype)], axis=1)                      # [B, 2, D]
+    k2, v2 = self.wk(rows), self.wv(rows)                                            # [B, 2, K, P]
+    fk, fv = jax.lax.optimization_barrier((k2[:, 1:], v2[:, 1:]))
+    return k2[:, :1], v2[:, :1], fk, fv
 
   def start_chunk(self, state: AttnState) -> AttnState:
     """The state at a chunk boundary: the candidates enter the store, the next fading tokens become current."""
