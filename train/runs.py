@@ -19,6 +19,7 @@ from bmojo_jax.config import COMPUTE_FIELDS
 
 from train import checkpoint as ckpt_lib
 from train import faults
+from train import files
 from train import tasks as tasks_lib
 from train.setup import Setup, build, restore_state
 from train.steps import evaluate
@@ -35,20 +36,19 @@ def checkpoint_meta(setup: Setup, record: faults.FaultRecord | None = None) -> d
 
 def write_run_files(setup: Setup, workdir: str) -> None:
   """config.json and tokenizer.json in `workdir` (what `load_run` and generation read back)."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(setup.config.to_json_best_effort(indent=2, sort_keys=True))
+  config = json.loads(setup.config.to_json_best_effort(sort_keys=True))
+  files.write_json(files.inside(workdir, CONFIG_FILE), config)
   info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
-  with open(os.path.join(workdir, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2)
+  files.write_json(files.inside(workdir, TOKENIZER_FILE), info)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = files.inside(workdir, CONFIG_FILE)
+  if not os.path.lexists(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path, "Rerun bmojo-train with the run's --config (it writes "
+                                                         "config.json again), or pass --config to bmojo-eval."))
 
 
 def _shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
@@ -73,7 +73,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
     config.train.batch_size = config.train.eval_batch_size = jax.device_count()
     config.train.grad_accum_steps = 1
   setup = build(config, devices, task)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+  ckpt = ckpt_lib.Checkpointer(files.inside(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
                                async_save=False)
   try:
     step = ckpt.latest_step()
@@ -111,5 +111,5 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) 
   setup, params, step = load_run(workdir, config)
   result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
   if jax.process_index() == 0:
-    return faults.write_strict_json(os.path.join(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
+    return faults.write_strict_json(files.inside(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
   return faults.strict_json(result)[0]

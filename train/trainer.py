@@ -30,6 +30,7 @@ import numpy as np
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import faults
+from train import files
 from train import metrics as metrics_lib
 from train import sharding as shard_lib
 from train import tasks as tasks_lib
@@ -83,21 +84,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
           stop: StopRequest | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics (also in results.json).
 
-  step_callback(step, state) is called after each update (tests use it to send signals).
+  step_callback(step, state) is called after each update (tests use it to send signals). SIGTERM / SIGINT are
+  handled from the start: one that comes before the first step stops the run there, with nothing new to save.
   """
   start_wall = time.time()
   workdir = os.path.abspath(workdir)
-  setup = build(config, devices)        # validates everything first: a config that cannot work creates nothing
-  os.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:                            # one run per workdir, before anything is written
-    return _train(config, setup, workdir, start_wall, step_callback, stop)
+  stop = stop or StopRequest()
+  with _handle_signals(stop):
+    setup = build(config, devices)      # validates everything first: a config that cannot work creates nothing
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f"The workdir {workdir} is a file, not a folder: name a folder (it is created if missing).")
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise files.WriteError(workdir, e) from None
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:                          # one run per workdir, before anything is written
+      return _train(config, setup, workdir, start_wall, step_callback, stop)
+
+
+def unlogged_metrics(meta: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+  """The (step, metrics) of the updates a checkpoint saved before they were logged (meta["unlogged"])."""
+  return [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in meta.get("unlogged", [])]
 
 
 def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback, stop) -> dict[str, Any]:
   t = config.train
   lead = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+  ckpt = ckpt_lib.Checkpointer(files.inside(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing), writer=True)
   notes = [f"Removed {name} from {ckpt.directory}: the unfinished save of an earlier run."
            for name in ckpt.removed_unfinished]
@@ -109,7 +123,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   latest, record = faults.start_point(ckpt, t.get("resume_from"), notes.append)
   state = setup.init_state() if latest is None else restore_state(ckpt, latest, setup, it)
   start = int(jax.device_get(state["step"]))
-  results_path = os.path.join(workdir, "results.json")
+  results_path = files.inside(workdir, "results.json")
   finished = faults.finished(results_path, start, t)
   if finished:
     ckpt.close()
@@ -137,8 +151,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   for note in notes:
     writer.message(note)
   tokens_per_step = int(t.batch_size) * setup.task.seq_len
-  stop = stop or StopRequest()
-  pending: list[tuple[int, dict[str, Any]]] = []
+  # The updates since the last logged step: (step, metrics), on the device until `flush` fetches them. A
+  # checkpoint saves the fetched ones (meta["unlogged"]) and a resume takes them back, so the next logged average
+  # is the uninterrupted run's.
+  pending: list[tuple[int, dict[str, Any]]] = [] if latest is None else unlogged_metrics(ckpt.read_meta(latest))
+  carried = len(pending)                # of them, updates of an earlier process (no time or tokens here)
   in_flight: collections.deque = collections.deque()
   last_eval: dict[str, float] | None = None
   last_eval_step: int | None = None
@@ -146,41 +163,50 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   train_time, trained_steps, interval_start = 0.0, 0, time.time()
   guard = faults.NonFiniteGuard(t, record, ckpt.step_dir, writer.message, last_saved=latest, start=start)
 
-  def flush():
-    """Pulls the pending step metrics, acts on non-finite updates, logs the averages of the finite ones."""
-    nonlocal interval_start, train_time, trained_steps
+  def flush(log: bool = True):
+    """Pulls the pending step metrics and acts on non-finite updates; with `log`, logs the averages of the
+    finite ones and starts a new interval (without, they stay pending: a checkpoint or a stop between logged
+    steps)."""
+    nonlocal interval_start, train_time, trained_steps, carried
     if not pending:
       return
-    values = jax.device_get([m for _, m in pending])      # one transfer for the interval
-    for (s, _), v in zip(pending, values):
+    pending[:] = zip([s for s, _ in pending], jax.device_get([m for _, m in pending]))   # one transfer
+    for s, v in pending:
       guard.observe(s, v)
+    in_flight.clear()
+    if not log:
+      return
+    values, fresh = [v for _, v in pending], len(pending) - carried
     elapsed = time.time() - interval_start
     train_time += elapsed
-    trained_steps += len(pending)
+    trained_steps += fresh
     kept = [v for v in values if v["finite"]]
     avg = {k: float(np.mean([v[k] for v in kept])) for k in ("loss", "accuracy", "grad_norm")} if kept else {}
     avg["learning_rate"] = float(values[-1]["learning_rate"])
-    avg["tokens_per_s"] = tokens_per_step * len(pending) / max(elapsed, 1e-9)
+    avg["tokens_per_s"] = tokens_per_step * fresh / max(elapsed, 1e-9)
     if len(kept) < len(values):
       avg["dropped_updates"] = len(values) - len(kept)
     writer.write(pending[-1][0], {k: v for k, v in avg.items() if np.isfinite(v)}, "train")
     writer.advance(pending[-1][0])
-    in_flight.clear()
     pending.clear()
+    carried = 0
     interval_start = time.time()
 
   def save(s):
     """Checkpoint s, if its state gives a finite loss on the probe batch (else train.on_nonfinite acts)."""
     nonlocal interval_start
+    meta = lambda: dict(checkpoint_meta(setup, record), unlogged=[
+        {"step": int(p), **{k: float(v) for k, v in m.items()}} for p, m in pending])
     guard.checkpoint(s, lambda: eval_step(state["params"], probe_batch)["ce_sum"],
-                     lambda: ckpt.save(s, state, it, checkpoint_meta(setup, record)))
+                     lambda: ckpt.save(s, state, it, meta()))
     interval_start = time.time()
 
   def roll_back(r: faults.Rollback) -> int:
     """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
-    nonlocal state, it, train_step
+    nonlocal state, it, train_step, carried
     ckpt.wait()
     pending.clear()
+    carried = 0
     in_flight.clear()
     back = guard.last_saved or 0
     if guard.last_saved is None:
@@ -194,6 +220,12 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   try:
     with _handle_signals(stop):
       while step < num_steps:
+        if stop.signum is not None and step == start:     # came before the first step: nothing new to save
+          stopped_by = signal.Signals(stop.signum).name
+          where = f"the last checkpoint is step {latest}" if latest is not None else "no checkpoint was written"
+          writer.message(f"{stopped_by} received before the first step: {where}; rerun the same command to "
+                         "resume.")
+          break
         try:
           step += 1
           batch = next(it)
@@ -211,7 +243,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             guard.observe(done_step, done_m)
             writer.advance(done_step)
           done = step == num_steps
-          if step % int(t.log_every) == 0 or done or stop.signum is not None:
+          if step % int(t.log_every) == 0 or done:
             flush()
           if (t.eval_every and step % int(t.eval_every) == 0) or done:
             flush()
@@ -225,7 +257,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             elif stopped_by == "collapsed":
               writer.message(collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
           if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
-            flush()
+            flush(log=False)
             save(step)
           if stop.signum is not None:
             stopped_by = signal.Signals(stop.signum).name
@@ -236,9 +268,13 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             break
         except faults.Rollback as r:
           step = roll_back(r)
-  except BaseException:
+  except BaseException as e:
+    with contextlib.suppress(Exception):   # the error in flight is the one to report
+      ckpt.wait()
+    if isinstance(e, files.WriteError):    # a full disk under the metrics: say what is intact, then stop
+      e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
     for close in (ckpt.close, writer.close):
-      with contextlib.suppress(Exception):   # the error in flight is the one to report
+      with contextlib.suppress(Exception):
         close()
     raise
   try:
@@ -268,7 +304,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
           setup.task.eval_source, setup.cfg.window)
   if not lead:
     return faults.strict_json(results)[0]
-  results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+  try:
+    results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+  except files.WriteError as e:
+    e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
+    raise
   if t.plot:
     from train import plots  # pylint: disable=g-import-not-at-top
     plots.maybe_plot(workdir)
