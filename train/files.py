@@ -120,10 +120,12 @@ def write_json(path: str, obj: Any, indent: int = 2) -> str:
       json.dump(obj, f, indent=indent)
       f.write("\n")
     os.replace(tmp, path)
-  except OSError as e:
+  except BaseException as e:   # a full disk, or an object that is not JSON (TypeError, raised as it is)
     if os.path.lexists(tmp):
       os.remove(tmp)
-    raise WriteError(path, e) from None
+    if isinstance(e, OSError):
+      raise WriteError(path, e) from None
+    raise
   return path
 
 
