@@ -58,8 +58,12 @@ def maybe_plot(workdir: str) -> str | None:
 
 
 if __name__ == "__main__":
+  _USAGE = f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})"
+  if sys.argv[1:] in (["-h"], ["--help"]):
+    print(f"{_USAGE}\n\nDraws WORKDIR/curves.png: the training and test curves of metrics.jsonl.")
+    sys.exit(0)
   if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], metrics_lib.METRICS_FILE)):
-    sys.exit(f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})")
+    sys.exit(_USAGE)
   try:
     print(plot_curves(sys.argv[1]))
   except ModuleNotFoundError as e:

@@ -103,6 +103,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       return _train(config, setup, workdir, start_wall, step_callback, stop)
 
 
+def config_warnings(setup: Setup) -> list[str]:
+  """Settings that run but are probably not what was meant, one line each (shown at the start of a run)."""
+  config, out = setup.config, []
+  warmup, num_steps = int(config.optim.warmup_steps), int(config.train.num_steps)
+  if warmup > num_steps:
+    out.append(f"Warning: optim.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never "
+               f"reaches optim.learning_rate={config.optim.learning_rate}.")
+  if setup.task.kind == "mqar" and setup.cfg.window is not None and setup.cfg.window >= setup.task.seq_len:
+    out.append(f"Warning: model.window={setup.cfg.window} >= data.seq_len={setup.task.seq_len}: every key stays "
+               "inside the attention window, so MQAR no longer tests recall beyond it.")
+  return out
+
+
 def unlogged_metrics(meta: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
   """The (step, metrics) of the updates a checkpoint saved before they were logged (meta["unlogged"])."""
   return [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in meta.get("unlogged", [])]
@@ -114,7 +127,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   ckpt = ckpt_lib.Checkpointer(files.inside(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing), writer=True)
   notes = [f"Removed {name} from {ckpt.directory}: the unfinished save of an earlier run."
-           for name in ckpt.removed_unfinished]
+           for name in ckpt.removed_unfinished] + config_warnings(setup)
   local_batch = int(t.batch_size) // jax.process_count()
   make_iterator = functools.partial(
       data_lib.make_train_iterator, setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
