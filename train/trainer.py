@@ -194,7 +194,8 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     train_time += elapsed
     trained_steps += fresh
     kept = [v for v in values if v["finite"]]
-    avg = {k: float(np.mean([v[k] for v in kept])) for k in ("loss", "accuracy", "grad_norm")} if kept else {}
+    avg = ({k: float(np.mean([float(v[k]) for v in kept])) for k in ("loss", "accuracy", "grad_norm")}
+           if kept else {})                 # in float64, whether the values were fetched or read from a checkpoint
     avg["learning_rate"] = float(values[-1]["learning_rate"])
     avg["tokens_per_s"] = tokens_per_step * fresh / max(elapsed, 1e-9)
     if len(kept) < len(values):
