@@ -216,7 +216,7 @@ def main(argv=None) -> None:
   except (FileNotFoundError, ValueError, ImportError) as e:
     sys.exit(f"bmojo-prepare: {e}")
   except (OSError, files.WriteError) as e:    # a full disk, a folder without permission
-    cause = files.failure_cause(e)
+    cause = e.cause if isinstance(e, files.WriteError) else files.failure_cause(e)
     where = getattr(e, "path", None) or getattr(e, "filename", None) or args.out
     sys.exit(f"bmojo-prepare: writing {where} failed: {cause}.\n{files.FIXES.get(cause, 'Fix it')} and rerun the "
              "same command: it resumes from the shards already done.")
