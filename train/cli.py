@@ -47,6 +47,8 @@ def _one_line_errors(command: str):
   except Exception as e:  # pylint: disable=broad-except
     if _DEBUG.value or isinstance(e, app.UsageError):
       raise
+    if isinstance(e, files.WriteError) and "\n" not in str(e):   # eval's files: no checkpoints to speak of
+      sys.exit(f"{command}: {e}\n{e.fix} and rerun the same command.")
     if isinstance(e, (ckpt_lib.CheckpointError, files.WriteError, workdir_lock.WorkdirBusyError)):
       sys.exit(f"{command}: {e}")
     if isinstance(e, (FileNotFoundError, ValueError)):
@@ -86,7 +88,9 @@ def _train(argv):
   with _one_line_errors("bmojo-train"):
     from train import trainer  # pylint: disable=g-import-not-at-top
     stop = trainer.StopRequest()
-    stop.signum = signums[0] if signums else None
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, stop)
+    stop.signum = stop.signum or (signums[0] if signums else None)
     _maybe_initialize_distributed()
     config = flags.FLAGS.config
     if config is None:

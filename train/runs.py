@@ -42,6 +42,14 @@ def write_run_files(setup: Setup, workdir: str) -> None:
   files.write_json(files.inside(workdir, TOKENIZER_FILE), info)
 
 
+def read_tokenizer_info(workdir: str) -> dict[str, Any]:
+  """The run's tokenizer.json ({"kind": "none"} when absent: runs written before it, MQAR)."""
+  path = files.inside(workdir, TOKENIZER_FILE)
+  if not os.path.lexists(path):
+    return {"kind": "none"}
+  return files.read_json(path, "Rerun bmojo-train with the run's --config: it writes tokenizer.json again.")
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
   path = files.inside(workdir, CONFIG_FILE)
