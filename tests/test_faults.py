@@ -183,11 +183,14 @@ def test_divergence_before_any_checkpoint_says_so():
 
 
 @pytest.mark.slow
-def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys):
+def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys, monkeypatch):
   c = diverging_config(on_nonfinite="rollback", rollback_lr_factor=1e-31)
   workdir = str(tmp_path)
   stop_at_4 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 4 else None
+  built = []
+  monkeypatch.setattr(trainer, "make_train_step", lambda *a: built.append(steps.make_train_step(*a)) or built[-1])
   first = trainer.train(c, workdir, step_callback=stop_at_4)
+  assert len(built) == 1 and built[0]._cache_size() == 1      # the rollback compiled no new step (issue #31)
   assert first["stopped_by"] == "SIGTERM" and first["step"] == 4
   assert first["faults"] == {"lr_scale": 1e-31, "rollbacks": 1, "skipped": 0, "resumed_from": None}
   out = capsys.readouterr().out

@@ -155,7 +155,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   tasks_lib.check_batch(first_eval, setup.cfg.vocab_size, "test data")
 
   accum, skip = int(t.grad_accum_steps), t.get("on_nonfinite", "stop") == "skip"
-  train_step = make_train_step(setup, accum, record.lr_scale, skip)
+  if t.get("on_nonfinite", "stop") == "rollback":   # the scale an argument: a rollback compiles nothing new
+    scaled_step = make_train_step(setup, accum, None, skip)
+    train_step = lambda state, batch: scaled_step(state, batch, np.float32(record.lr_scale))
+  else:
+    train_step = make_train_step(setup, accum, record.lr_scale, skip)
   eval_step = make_eval_step(setup)
   probe_batch = next(eval_batches(setup))       # a state whose loss on it is not finite is never saved
   num_steps = int(t.num_steps)
@@ -217,7 +221,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
 
   def roll_back(r: faults.Rollback) -> int:
     """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
-    nonlocal state, it, train_step, carried
+    nonlocal state, it, carried
     ckpt.wait()
     pending.clear()
     carried = 0
@@ -227,8 +231,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
       it, state = make_iterator(), setup.init_state()
     else:
       state = restore_state(ckpt, back, setup, it)
-    guard.rolled_back(back, r)
-    train_step = make_train_step(setup, accum, record.lr_scale, skip)
+    guard.rolled_back(back, r)     # train_step reads the new record.lr_scale
     return back
 
   try:
