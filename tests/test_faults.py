@@ -632,3 +632,22 @@ def test_arrays_that_read_fine_but_differ_from_their_checksums_are_refused(refer
                                                      r"checksums saved with them \(\['step'\]\)\.\nIt was left "
                                                      r"untouched\. Intact older checkpoints: 9, 6, 3"):
     runs.load_run(workdir)
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_last_step_stops_with_status_75_and_a_rerun_finishes(tmp_path, monkeypatch):
+  """After the loop (the last checkpoint saved and evaluated) a signal stops the run where it is (LateStop, exit 75
+  in bmojo-train) without a results.json; a rerun evaluates the checkpoint and writes it."""
+  workdir, write = str(tmp_path), faults.write_strict_json
+
+  def interrupted(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    return write(*args, **kwargs)
+  monkeypatch.setattr(faults, "write_strict_json", interrupted)
+  with pytest.raises(trainer.LateStop, match=rf"^SIGTERM received after the last step: checkpoint {NUM_STEPS} is "
+                                             r"saved; rerun the same command to evaluate it and write results.json.$"):
+    trainer.train(tiny_config(), workdir)
+  assert not os.path.exists(os.path.join(workdir, "results.json")) and steps_of(workdir)[-1] == NUM_STEPS
+  monkeypatch.undo()
+  results = trainer.train(tiny_config(), workdir)
+  assert results["step"] == NUM_STEPS and results["stopped_by"] is None and np.isfinite(results["test_loss"])

@@ -99,6 +99,9 @@ def _train(argv):
       results = trainer.train(config, _WORKDIR.value, stop=stop)
     except trainer.NonFiniteLossError as e:
       sys.exit(f"bmojo-train: {e}")
+    except trainer.LateStop as e:
+      print(f"bmojo-train: {e} Exiting with status {EXIT_STOPPED}.", file=sys.stderr)
+      sys.exit(EXIT_STOPPED)
     except ModuleNotFoundError as e:   # the plot, drawn after results.json is written
       if e.name != "matplotlib":
         raise

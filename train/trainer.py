@@ -42,7 +42,7 @@ from train.steps import (apply_gradients, batch_grads, collapse_message, collaps
 from train.workdir_lock import WorkdirLock
 
 __all__ = [   # the loop's own names, then what setup.py, steps.py and runs.py hold (see above)
-    "train", "StopRequest", "NonFiniteLossError", "MAX_IN_FLIGHT",
+    "train", "StopRequest", "LateStop", "NonFiniteLossError", "MAX_IN_FLIGHT",
     "Setup", "build", "model_config", "restore_state", "validate_config",
     "apply_gradients", "batch_grads", "eval_batches", "evaluate", "loss_sums", "make_eval_step",
     "make_train_step", "model_batch", "token_losses", "collapsed", "collapse_message", "target_outcome",
@@ -55,15 +55,30 @@ MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
 NonFiniteLossError = faults.NonFiniteLossError   # training diverged (train.on_nonfinite=stop, or past its limit)
 
 
+class LateStop(Exception):  # noqa: N818
+  """SIGTERM / SIGINT after the last step, during the final evaluation or results.json: the run stops there (its
+  last checkpoint is saved); a rerun evaluates it and writes results.json."""
+
+
 class StopRequest:
-  """Signal handler that asks the loop to checkpoint and stop after the current step."""
+  """Signal handler that asks the loop to checkpoint and stop after the current step; once `late` is set (the
+  loop is over and its checkpoint saved), it raises LateStop where the run is instead."""
 
   def __init__(self):
     self.signum: int | None = None
+    self.late: str | None = None     # LateStop's message, set after the loop
 
   def __call__(self, signum, frame=None):
     del frame
     self.signum = signum
+    if self.late:
+      raise LateStop(f"{signal.Signals(signum).name} received after the last step: {self.late}")
+
+  def arm(self, message: str) -> None:
+    """From now on a signal raises LateStop(message); one that came already raises it here."""
+    self.late = message
+    if self.signum is not None:
+      self(self.signum)
 
 
 @contextlib.contextmanager
@@ -298,6 +313,9 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     ckpt.close()                          # waits for the last save: CheckpointSaveError if it failed
   finally:
     writer.close()
+  if stopped_by is None:                  # a signal from here on stops the evaluation and results.json
+    stop.arm(f"checkpoint {guard.last_saved} is saved; rerun the same command to evaluate it and write "
+             "results.json.")
 
   final_step = max(step, start)
   if last_eval is None and stopped_by is None:

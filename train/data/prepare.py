@@ -207,6 +207,7 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
   parser.add_argument("--docs-per-shard", type=int, default=64, help="documents per part file (default 64)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of its summary")
   args = parser.parse_args(argv)
   try:
     tokenizer = onthefly.make_tokenizer(args.tokenizer)
@@ -224,6 +225,11 @@ def main(argv=None) -> None:
     print(f"bmojo-prepare: interrupted; the finished shards are kept in {args.out}: rerun the same command to "
           "resume.", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug:
+      raise
+    sys.exit(f"bmojo-prepare: unexpected {files.brief(e)}\nRerun with --debug for the traceback, and report it if "
+             "the cause is not yours.")
   print(f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}) in {meta['num_documents']:,} documents "
         f"of {meta['source']}")
 
