@@ -124,7 +124,7 @@ def _train(argv):
 def _eval(argv):
   del argv
   _quiet_logs()
-  from train import faults, runs  # pylint: disable=g-import-not-at-top
+  from train import faults, files, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
@@ -136,9 +136,10 @@ def _eval(argv):
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,
           overrides=lm_eval.parse_overrides(f.lm_model))
+    with _one_line_errors("bmojo-eval"):   # a figure is never drawn through a planted link
+      figures = [files.inside(_WORKDIR.value, name) for name in ("lm_ppl.png", "lm_niah.png")]
     try:
-      plots = lm_eval.plot_records([record], os.path.join(_WORKDIR.value, "lm_ppl.png"),
-                                   os.path.join(_WORKDIR.value, "lm_niah.png"))
+      plots = lm_eval.plot_records([record], *figures)
     except ImportError as e:
       plots = []
       print(f"bmojo-eval: no plots: {e}", file=sys.stderr)

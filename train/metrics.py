@@ -131,7 +131,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
   records: dict[tuple[str, int], dict[str, Any]] = {}
-  with open(path, encoding="utf-8") as f:
+  with files.open_nofollow(path) as f:
     for line in f:
       line = line.strip()
       if line:

@@ -6,6 +6,7 @@
 import os
 import sys
 
+from train import files
 from train import metrics as metrics_lib
 
 
@@ -29,7 +30,7 @@ def plot_curves(workdir: str, out_path: str | None = None) -> str:
   plt = _pyplot()
 
   records = metrics_lib.read_metrics(workdir)
-  out_path = out_path or os.path.join(workdir, "curves.png")
+  out_path = out_path or files.inside(workdir, "curves.png")   # never drawn through a planted link
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (("train", "-"), ("eval", "o-")):
     steps, loss = metrics_lib.series(records, split, "loss")
