@@ -651,3 +651,16 @@ def test_sigterm_after_the_last_step_stops_with_status_75_and_a_rerun_finishes(t
   monkeypatch.undo()
   results = trainer.train(tiny_config(), workdir)
   assert results["step"] == NUM_STEPS and results["stopped_by"] is None and np.isfinite(results["test_loss"])
+
+
+def test_a_config_json_edited_to_read_other_data_is_refused(reference, tmp_path):
+  """data.paths=/etc planted in a workdir's config.json: evaluation reads nothing there."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  path = os.path.join(workdir, "config.json")
+  config = json.loads(open(path).read())
+  config["data"].update(kind="text", paths="/etc")
+  files.write_json(path, config)
+  with pytest.raises(ValueError, match=r"config.json was changed after training: data.kind: 'text' here, 'mqar' in "
+                                       r"training; data.paths: '/etc' here, .*Put it back, or pass --config FILE"):
+    runs.evaluate_run(workdir)

@@ -55,8 +55,34 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = files.inside(workdir, CONFIG_FILE)
   if not os.path.lexists(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
-  return ml_collections.ConfigDict(files.read_json(path, "Rerun bmojo-train with the run's --config (it writes "
-                                                         "config.json again), or pass --config to bmojo-eval."))
+  config = files.read_json(path, "Rerun bmojo-train with the run's --config (it writes config.json again), or "
+                                 "pass --config to bmojo-eval.")
+  _check_data_unchanged(workdir, config)
+  return ml_collections.ConfigDict(config)
+
+
+def _check_data_unchanged(workdir: str, config: dict[str, Any]) -> None:
+  """ValueError when config.json's data settings differ from those its latest checkpoint was trained with
+  (checkpoint meta["data"]): the file was changed after training, and its data.paths could name anything (/etc).
+  What a workdir leads evaluation to read is what the run trained on, or what --config names explicitly."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1 << 30, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    trained = None if step is None else ckpt.meta_or_none(step, "data")
+  finally:
+    ckpt.close()
+  if trained is None:
+    return
+  normal = lambda d: json.loads(json.dumps(d, sort_keys=True))
+  now, trained = normal(config.get("data", {})), normal(trained)
+  diffs = [f"data.{k}: {now.get(k)!r} here, {trained.get(k)!r} in training" for k in sorted(set(now) | set(trained))
+           if now.get(k) != trained.get(k)]
+  if diffs:
+    raise ValueError(f"{os.path.join(workdir, CONFIG_FILE)} was changed after training: {'; '.join(diffs[:3])}. "
+                     "Put it back, or pass --config FILE to evaluate on other data.")
 
 
 def _shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
