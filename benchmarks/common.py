@@ -63,16 +63,11 @@ def write_results(records: list[dict], name: str, out_dir: str | None = None) ->
 
 
 def write_json(path: str, obj) -> str:
-  """Writes `obj` as JSON to `path` through a temporary file and a rename: a process killed mid-write (a device
-  call cut by its time limit) leaves the previous file whole, never a truncated one that a resume cannot read."""
-  try:
-    with open(path + ".tmp", "w") as f:
-      json.dump(obj, f, indent=1)
-  except BaseException:
-    os.remove(path + ".tmp")
-    raise
-  os.replace(path + ".tmp", path)
-  return path
+  """Writes `obj` as JSON to `path` through a temporary file and a rename (`train.files.write_json`): a process
+  killed mid-write (a device call cut by its time limit) leaves the previous file whole, never a truncated one
+  that a resume cannot read."""
+  from train import files  # pylint: disable=g-import-not-at-top
+  return files.write_json(path, obj, indent=1)
 
 
 def ints(text: str) -> list[int]:

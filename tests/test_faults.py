@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import tiny_train_config
 from train import checkpoint as ckpt_lib
 from train import faults
+from train import files
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import runs
@@ -182,11 +183,14 @@ def test_divergence_before_any_checkpoint_says_so():
 
 
 @pytest.mark.slow
-def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys):
+def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys, monkeypatch):
   c = diverging_config(on_nonfinite="rollback", rollback_lr_factor=1e-31)
   workdir = str(tmp_path)
   stop_at_4 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 4 else None
+  built = []
+  monkeypatch.setattr(trainer, "make_train_step", lambda *a: built.append(steps.make_train_step(*a)) or built[-1])
   first = trainer.train(c, workdir, step_callback=stop_at_4)
+  assert len(built) == 1 and built[0]._cache_size() == 1      # the rollback compiled no new step (issue #31)
   assert first["stopped_by"] == "SIGTERM" and first["step"] == 4
   assert first["faults"] == {"lr_scale": 1e-31, "rollbacks": 1, "skipped": 0, "resumed_from": None}
   out = capsys.readouterr().out
@@ -418,3 +422,245 @@ def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, c
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]
   assert "bmojo-eval: warning: checkpoint 13" in r.stderr and '"test_loss": null' in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------- full disk
+class _FullAfter:
+  """A file whose writes fail with ENOSPC once `budget` writes went through (a disk that fills)."""
+
+  def __init__(self, f, budget):
+    self._f, self.budget = f, budget
+
+  def write(self, data):
+    self.budget -= 1
+    if self.budget < 0:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return self._f.write(data)
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
+
+
+def _fill_disk_under(monkeypatch, writer: str):
+  """The disk fills under `writer` after its first few writes: metrics.jsonl or the TensorBoard event file at
+  step 5 (log_every=1), results.json at its rename."""
+  if writer == "metrics.jsonl":
+    real = files.open_nofollow
+    monkeypatch.setattr(files, "open_nofollow", lambda path, mode="r": _FullAfter(real(path, mode), 4)
+                        if path.endswith(metrics_lib.METRICS_FILE) and mode == "a" else real(path, mode))
+  elif writer == "tensorboard":
+    real_init = metrics_lib._EventFile.__init__   # pylint: disable=protected-access
+
+    def init(self, directory):
+      real_init(self, directory)
+      self._f = _FullAfter(self._f, 4 * 5)         # 1 + 5 scalars a step, counting the header event
+    monkeypatch.setattr(metrics_lib._EventFile, "__init__", init)   # pylint: disable=protected-access
+  else:
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+      if str(dst).endswith(writer):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+      return real_replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["metrics.jsonl", "tensorboard", "results.json"])
+def test_a_full_disk_under_any_writer_stops_within_a_step_in_two_lines(reference, tmp_path, monkeypatch, writer):
+  """No writer thread to die and hang the run (tensorboardX's did): the write fails in the loop, the run stops at
+  that step with the cause and the intact checkpoints, and a rerun once the disk is free ends like a clean run."""
+  workdir, seen = str(tmp_path), []
+  _fill_disk_under(monkeypatch, writer)
+  with pytest.raises(files.WriteError) as e:
+    trainer.train(tiny_config(), workdir, step_callback=lambda step, state: seen.append(step))
+  lines = str(e.value).splitlines()
+  assert len(lines) == 2 and lines[0].startswith(f"Writing {workdir}/{writer}") and \
+      lines[0].endswith("failed: no space left on device."), lines
+  intact = "12, 9, 6, 3" if writer == "results.json" else "3"
+  assert lines[1] == (f"Intact checkpoints: {intact}. Free some space and rerun the same command: it resumes from "
+                      f"step {intact.split(',')[0]}.")
+  assert seen[-1] == (NUM_STEPS if writer == "results.json" else 5)
+  assert not [p for p in os.listdir(workdir) if ".tmp" in p]
+  if writer == "metrics.jsonl":
+    monkeypatch.undo()
+    assert_same_run(workdir, trainer.train(tiny_config(), workdir), reference)
+
+
+def test_an_unreadable_results_file_is_named_with_the_fix(tmp_path):
+  path = tmp_path / "results.json"
+  for text, why in (("", "it is empty"), ('{"step": 1', "it is not valid JSON")):
+    path.write_text(text)
+    with pytest.raises(files.UnreadableFileError, match=rf"{path} cannot be read: {why}.*Delete it \(or move it "
+                                                        r"away\) and rerun the same command"):
+      faults.finished(str(path), 3, tiny_config().train)
+
+
+def test_json_files_are_written_by_rename(tmp_path):
+  path = str(tmp_path / "r.json")
+  files.write_json(path, {"a": 1})
+  with pytest.raises(TypeError):
+    files.write_json(path, {"a": object()})
+  assert json.loads(open(path).read()) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
+
+
+# ----------------------------------------------------------------------------------------------- signals
+@pytest.mark.slow
+def test_sigterm_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
+  """log_every 4, checkpoints every 3: SIGTERM at step 5 saves checkpoint 5 with the unlogged updates 5 (after
+  logged step 4), and the resumed run logs step 8's average over 5..8, exactly as the uninterrupted run does."""
+  config = tiny_config(log_every=4)
+  whole = str(tmp_path / "whole")
+  trainer.train(config, whole)
+  workdir = str(tmp_path / "stopped")
+  stop_at_5 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 5 else None
+  first = trainer.train(config, workdir, step_callback=stop_at_5)
+  assert first["stopped_by"] == "SIGTERM" and first["step"] == 5
+  assert sorted(losses(workdir)) == [4]                         # no partial interval logged at the stop
+  trainer.train(config, workdir)
+  with open(os.path.join(whole, metrics_lib.METRICS_FILE)) as f1, \
+       open(os.path.join(workdir, metrics_lib.METRICS_FILE)) as f2:
+    drop = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
+    assert [drop(json.loads(l)) for l in f1] == [drop(json.loads(l)) for l in f2]
+
+
+def test_sigterm_before_the_first_step_stops_with_a_message(tmp_path, capsys):
+  stop = trainer.StopRequest()
+  stop(signal.SIGTERM)
+  results = trainer.train(tiny_config(), str(tmp_path), stop=stop)
+  assert results["stopped_by"] == "SIGTERM" and results["step"] == 0
+  assert "SIGTERM received before the first step: no checkpoint was written; rerun the same command to resume." \
+      in capsys.readouterr().out
+  assert steps_of(str(tmp_path)) == []
+
+
+# ----------------------------------------------------------------------------------------------- planted links
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "tensorboard", "checkpoints", "results.json"])
+def test_a_planted_link_in_the_workdir_is_refused_and_its_target_untouched(tmp_path, name):
+  workdir, outside = tmp_path / "run", tmp_path / "precious"
+  workdir.mkdir()
+  outside.mkdir() if name in ("tensorboard", "checkpoints") else outside.write_text("keep me")
+  os.symlink(outside, workdir / name)
+  with pytest.raises((files.UnsafePathError, ckpt_lib.CheckpointError), match="symbolic link") as e:
+    trainer.train(tiny_config(), str(workdir))
+  assert len(str(e.value).splitlines()) <= 2, str(e.value)
+  assert (os.listdir(outside) == [] if outside.is_dir() else outside.read_text() == "keep me")
+
+
+def test_run_files_refuse_a_planted_link_and_leave_its_target(reference, tmp_path):
+  """A link planted at config.json or eval.json is neither written through nor read."""
+  workdir, outside = str(tmp_path / "run"), tmp_path / "precious"
+  shutil.copytree(reference[0], workdir)
+  outside.write_text("keep me")
+  for name in ("config.json", "eval.json"):
+    real = os.path.join(workdir, name)
+    if os.path.lexists(real):
+      os.rename(real, real + ".real")
+    os.symlink(outside, real)
+    with pytest.raises(files.UnsafePathError, match=f"{name} is a symbolic link"):
+      runs.write_run_files(setup_lib.build(tiny_config()), workdir) if name == "config.json" else \
+          runs.evaluate_run(workdir)
+    if name == "config.json":
+      with pytest.raises(files.UnsafePathError, match="config.json is a symbolic link"):
+        runs.load_config(workdir)
+      os.remove(real)
+      os.rename(real + ".real", real)
+  assert outside.read_text() == "keep me"
+
+
+def test_a_symlinked_checkpoint_is_refused_naming_the_intact_ones(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir, symlinks=True)
+  os.remove(os.path.join(workdir, "results.json"))
+  step12 = os.path.join(workdir, "checkpoints", "12")
+  shutil.move(step12, tmp_path / "elsewhere")
+  os.symlink(tmp_path / "elsewhere", step12)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"is a symbolic link .*\n.*Intact older checkpoints: 9, 6, 3"):
+    trainer.train(tiny_config(), workdir)
+  unfinished = os.path.join(workdir, "checkpoints", f"15{ckpt_lib.TMP_SUFFIX}")
+  os.remove(step12)
+  os.symlink(tmp_path / "elsewhere", unfinished)           # a planted "unfinished save": only the link goes
+  ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10, writer=True).close()
+  assert not os.path.lexists(unfinished) and os.listdir(tmp_path / "elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------- bit rot
+def test_checksums_see_one_changed_word_and_a_swap():
+  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  state = {"a": x, "b": x.astype(jnp.bfloat16), "c": jnp.int32(7), "d": x.astype(jnp.float64)
+           if jax.config.jax_enable_x64 else x}
+  base = ckpt_lib.checksums(state)
+  assert base == ckpt_lib.checksums(jax.tree.map(np.asarray, state))
+  assert ckpt_lib.checksums({**state, "a": x.at[1, 2].add(1e-6)})["['a']"] != base["['a']"]
+  assert ckpt_lib.checksums({**state, "a": x[::-1]})["['a']"] != base["['a']"]
+
+
+@pytest.mark.slow
+def test_bit_rot_in_an_array_file_is_refused_naming_the_intact_ones(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  os.remove(os.path.join(workdir, "results.json"))
+  state_dir = os.path.join(workdir, "checkpoints", "12", "state")
+  arrays = [os.path.join(root, n) for root, _, names in os.walk(state_dir) for n in names
+            if os.sep + "d" + os.sep in os.path.join(root, n)]
+  largest = max(arrays, key=os.path.getsize)
+  rng = random.Random(31)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 3)
+    f.write(bytes(rng.getrandbits(8) for _ in range(min(4096, os.path.getsize(largest) // 3))))
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    trainer.train(tiny_config(), workdir)
+  assert len(str(e.value).splitlines()) <= 2 and "Intact older checkpoints: 9, 6, 3" in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_arrays_that_read_fine_but_differ_from_their_checksums_are_refused(reference, tmp_path):
+  """Bit rot that the storage format does not catch (what random bytes in an uncompressed chunk give): checkpoint
+  12's state folder replaced by a well-formed one holding other values."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  setup = setup_lib.build(tiny_config())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10, async_save=False)
+  state = setup_lib.restore_state(ckpt, 12, setup, None)
+  ckpt.close()
+  rotten = ckpt_lib.Checkpointer(str(tmp_path / "rotten"), max_to_keep=1, async_save=False)
+  rotten.save(12, {**state, "step": state["step"] + 1}, None, runs.checkpoint_meta(setup))
+  rotten.close()
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12", "state"))
+  shutil.copytree(tmp_path / "rotten" / "12" / "state", os.path.join(workdir, "checkpoints", "12", "state"))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/12 is corrupt: 1 array\(s\) differ from the "
+                                                     r"checksums saved with them \(\['step'\]\)\.\nIt was left "
+                                                     r"untouched\. Intact older checkpoints: 9, 6, 3"):
+    runs.load_run(workdir)
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_last_step_stops_with_status_75_and_a_rerun_finishes(tmp_path, monkeypatch):
+  """After the loop (the last checkpoint saved and evaluated) a signal stops the run where it is (LateStop, exit 75
+  in bmojo-train) without a results.json; a rerun evaluates the checkpoint and writes it."""
+  workdir, write = str(tmp_path), faults.write_strict_json
+
+  def interrupted(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    return write(*args, **kwargs)
+  monkeypatch.setattr(faults, "write_strict_json", interrupted)
+  with pytest.raises(trainer.LateStop, match=rf"^SIGTERM received after the last step: checkpoint {NUM_STEPS} is "
+                                             r"saved; rerun the same command to evaluate it and write results.json.$"):
+    trainer.train(tiny_config(), workdir)
+  assert not os.path.exists(os.path.join(workdir, "results.json")) and steps_of(workdir)[-1] == NUM_STEPS
+  monkeypatch.undo()
+  results = trainer.train(tiny_config(), workdir)
+  assert results["step"] == NUM_STEPS and results["stopped_by"] is None and np.isfinite(results["test_loss"])
+
+
+def test_a_config_json_edited_to_read_other_data_is_refused(reference, tmp_path):
+  """data.paths=/etc planted in a workdir's config.json: evaluation reads nothing there."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  path = os.path.join(workdir, "config.json")
+  config = json.loads(open(path).read())
+  config["data"].update(kind="text", paths="/etc")
+  files.write_json(path, config)
+  with pytest.raises(ValueError, match=r"config.json was changed after training: data.kind: 'text' here, 'mqar' in "
+                                       r"training; data.paths: '/etc' here, .*Put it back, or pass --config FILE"):
+    runs.evaluate_run(workdir)

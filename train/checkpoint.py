@@ -23,7 +23,6 @@ import errno
 import glob
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,22 +32,17 @@ from typing import Any
 from absl import logging as absl_logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from bmojo_jax.config import COMPUTE_FIELDS
 from train import data as data_lib
+from train import files
+from train.files import brief as _brief
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-def _brief(e: BaseException | str, limit: int = 240) -> str:
-  """The exception's type and the first line of its message, without TensorStore's spec dump."""
-  text = re.sub(r"\s*\[(tensorstore_spec|source locations)='.*?'\]", "", str(e)).strip()
-  first = text.splitlines()[0] if text else ""
-  first = f"{first[:limit]}{'…' if len(first) > limit else ''}"
-  return first if isinstance(e, str) else f"{type(e).__name__}: {first}"
 
 
 class CheckpointError(RuntimeError):
@@ -59,31 +53,9 @@ class CheckpointSaveError(CheckpointError):
   """Writing a checkpoint failed; the message names the step, the cause and the intact checkpoints."""
 
 
-_CAUSES = ((errno.ENOSPC, "No space left on device", "no space left on device"),
-           (errno.EDQUOT, "Disk quota exceeded", "disk quota exceeded"),
-           (errno.EACCES, "Permission denied", "permission denied"),
-           (errno.EPERM, "Operation not permitted", "permission denied"),
-           (errno.EROFS, "Read-only file system", "read-only file system"))
-_FIXES = {"no space left on device": "Free some space", "disk quota exceeded": "Free some space",
-          "permission denied": "Make it writable", "read-only file system": "Make it writable"}
-
-
 def save_failure_cause(e: BaseException | None, logged: str = "") -> str:
-  """Why a save failed: "no space left on device", "permission denied", ... or the error's first line, from
-  the exception (its chain included) and the text of the first error Orbax logged for the same save."""
-  texts, seen = [logged], set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno is not None:
-      texts.insert(0, f"os_error_code='{e.errno}' {e.strerror}")
-    texts.append(str(e))
-    e = e.__cause__ or e.__context__
-  text = " ".join(texts)
-  for code, message, cause in _CAUSES:
-    if message in text or f"os_error_code='{code}'" in text or f"[Errno {code}]" in text:
-      return cause
-  first = next((t for t in texts[1:] + texts[:1] if t.strip()), "")
-  return f"other error: {_brief(first)}" if first else "unknown error (Orbax reported nothing)"
+  """Why a save failed ("no space left on device", ...), from the exception and the first error Orbax logged."""
+  return files.failure_cause(e, logged)
 
 
 class _HeldBackErrors(logging.Filter):
@@ -147,6 +119,9 @@ def _remove_unfinished(path: str, attempts: int = 20) -> None:
   """Removes an unfinished save's folder. In the process whose save just failed (a notebook, a test, a retry
   loop), Orbax may still be landing the other items' writes in it for a moment, and rmtree then meets a file
   that appeared or vanished under it ('Directory not empty', seen in CI): retry for up to ~2 s."""
+  if os.path.islink(path):    # only the link goes: what it points to is outside the run
+    os.remove(path)
+    return
   for attempt in range(attempts):
     if not os.path.lexists(path):
       return
@@ -159,6 +134,36 @@ def _remove_unfinished(path: str, attempts: int = 20) -> None:
       time.sleep(0.1)
 
 
+def _checksum(x: jax.Array) -> jax.Array:
+  """A uint32 checksum of an array's bits: sum_i bits_i * (2 i + 1) mod 2**32 over its words (64-bit values as
+  two words). Integer sums wrap around exactly, so any sharding and reduction order give the same value; the odd
+  multipliers make any change of one word, and most swaps, change it."""
+  width = x.dtype.itemsize * 8
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif width <= 32:
+    words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
+  else:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)   # [..., 2]
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, d) * jnp.uint32(stride % 2**32)
+    stride *= words.shape[d]
+  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums_of(tree):
+  return jax.tree.map(_checksum, tree)
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """{key path: checksum} of every array of `state`, computed where the arrays live (one transfer of scalars)."""
+  sums = jax.device_get(_checksums_of(state))
+  return {jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
 class Checkpointer:
   """Save / restore of (train state, grain iterator, meta) under `directory`, keeping the last `max_to_keep`.
 
@@ -167,6 +172,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True, writer: bool = False):
     self.directory = os.path.abspath(directory)
+    if os.path.islink(self.directory):
+      raise CheckpointError(f"{self.directory} is a symbolic link (to {os.readlink(self.directory)}); checkpoints "
+                            "are only written and read inside the workdir. Replace it with a folder and rerun.")
     self.removed_unfinished: list[str] = []
     if writer and jax.process_index() == 0:   # before the first save of any process (Orbax's own cleanup is lazy)
       for path in sorted(glob.glob(os.path.join(glob.escape(self.directory), f"*{TMP_SUFFIX}*"))):
@@ -192,7 +200,8 @@ class Checkpointer:
     """Starts saving checkpoint `step` (finishes it when saves are synchronous); CheckpointSaveError if this or
     the previous save failed."""
     self.wait()
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+    meta = dict(meta, step=int(step), checksums=checksums(state))   # checked at restore: bit rot is refused
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if iterator is not None:
       items["data"] = data_lib.iterator_save_args(iterator)
     _ERROR_LOGS.take()
@@ -225,16 +234,20 @@ class Checkpointer:
   def _save_failed(self, e: BaseException | None) -> CheckpointSaveError:
     step, self._pending, self._failed = self._pending, None, True
     cause = save_failure_cause(e, _ERROR_LOGS.take())
+    return CheckpointSaveError(f"Saving checkpoint {step} in {self.directory} failed: {cause}.\n"
+                               f"{self.advice(files.FIXES.get(cause, 'Fix it'), unfinished=True)}")
+
+  def advice(self, fix: str, unfinished: bool = False) -> str:
+    """What to do after a write of the run failed: the intact checkpoints, `fix` (e.g. "Free some space") and
+    where a rerun resumes."""
     intact = self.intact_steps()
     resume = (f"rerun the same command: it resumes from step {intact[0]}" if intact else
               "rerun the same command: it starts from scratch")
-    fix = _FIXES.get(cause, "Fix it")
-    return CheckpointSaveError(
-        f"Saving checkpoint {step} in {self.directory} failed: {cause}.\n"
-        f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; the unfinished one is removed at the next "
-        f"start. {fix} and {resume}.")
+    removed = "; the unfinished one is removed at the next start" if unfinished else ""
+    return f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}{removed}. {fix} and {resume}."
 
   def read_meta(self, step: int) -> dict[str, Any]:
+    self._check_plain(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = restored["meta"]
@@ -276,13 +289,33 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if iterator is not None:
       items["data"] = data_lib.iterator_restore_args(iterator)
+    self._check_plain(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} could not be restored ({_brief(e)}): it is "
                             "corrupt or was written by an incompatible optimizer/model.\n"
                             f"{self._older(step)}") from e
+    saved = self.meta_or_none(step, "checksums")        # None for checkpoints written before checksums
+    if saved is not None:
+      bad = [k for k, v in checksums(restored["state"]).items() if saved.get(k) != v]
+      if bad:
+        raise CheckpointError(f"Checkpoint {self.step_dir(step)} is corrupt: {len(bad)} array(s) differ from the "
+                              f"checksums saved with them ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})."
+                              f"\n{self._older(step)}")
     return restored["state"]
+
+  def _check_plain(self, step: int) -> None:
+    """CheckpointError if checkpoint `step`, or anything in it, is a symbolic link: a checkpoint is read only
+    from inside the workdir."""
+    path = self.step_dir(step)
+    links = [path] if os.path.islink(path) else []
+    for root, dirs, names in os.walk(path):
+      links += [os.path.join(root, n) for n in dirs + names if os.path.islink(os.path.join(root, n))]
+    if links:
+      raise CheckpointError(f"Checkpoint {path} is not a plain folder: {links[0]} is a symbolic link (to "
+                            f"{os.readlink(links[0])}); a checkpoint is never read from outside its workdir.\n"
+                            f"{self._older(step)}")
 
   def intact_steps(self) -> list[int]:
     """Finished checkpoints whose meta and state metadata read fine, newest first (unfinished saves and
@@ -291,7 +324,7 @@ class Checkpointer:
     return [s for s in sorted(self.manager.all_steps(), reverse=True) if self._intact(s)]
 
   def _intact(self, step: int) -> bool:
-    if self.meta_or_none(step, "model") is None:
+    if os.path.islink(self.step_dir(step)) or self.meta_or_none(step, "model") is None:
       return False
     reader = ocp.StandardCheckpointHandler()
     try:

@@ -13,11 +13,13 @@ Multi-host: when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and JAX_
 cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initialize()` runs first.
 """
 
+import contextlib
 import difflib
 import functools
 import importlib.util
 import json
 import os
+import signal
 import sys
 import textwrap
 import warnings
@@ -29,6 +31,34 @@ from ml_collections import config_flags
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; rerun to resume
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, results.")
+_DEBUG = flags.DEFINE_boolean("debug", False, "Show the traceback of an error instead of its one- or two-line "
+                              "summary.")
+
+
+@contextlib.contextmanager
+def _one_line_errors(command: str):
+  """Every error as `command: <cause and next step>` in one or two lines, exit status 1 (the traceback with
+  --debug). The refusals of this project carry their own next step; anything else is summarized as unexpected."""
+  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from train import files  # pylint: disable=g-import-not-at-top
+  from train import workdir_lock  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if _DEBUG.value or isinstance(e, app.UsageError):
+      raise
+    if isinstance(e, files.WriteError) and "\n" not in str(e):   # eval's files: no checkpoints to speak of
+      sys.exit(f"{command}: {e}\n{e.fix} and rerun the same command.")
+    if isinstance(e, (ckpt_lib.CheckpointError, files.WriteError, workdir_lock.WorkdirBusyError)):
+      sys.exit(f"{command}: {e}")
+    if isinstance(e, (FileNotFoundError, ValueError)):
+      sys.exit(f"{command}: {type(e).__name__}: {e}")
+    if isinstance(e, OSError):
+      cause = files.failure_cause(e)
+      sys.exit(f"{command}: {e.filename or 'a file'}: {cause}.\n{files.FIXES.get(cause, 'Fix it')} and rerun "
+               "the same command (--debug shows the traceback).")
+    sys.exit(f"{command}: unexpected {files.brief(e)}\nRerun with --debug for the traceback, and report it if "
+             "the cause is not yours.")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -51,23 +81,31 @@ def _quiet_logs() -> None:
 
 def _train(argv):
   del argv
+  signums = []    # a SIGTERM / SIGINT while jax is imported: the trainer's StopRequest acts on it at once
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda signum, frame: signums.append(signum))
   _quiet_logs()
-  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from train import trainer  # pylint: disable=g-import-not-at-top
-  _maybe_initialize_distributed()
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/mqar.py:bmojo")
-  try:
-    results = trainer.train(config, _WORKDIR.value)
-  except trainer.NonFiniteLossError as e:
-    sys.exit(f"bmojo-train: {e}")
-  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"bmojo-train: {type(e).__name__}: {e}")
-  except ModuleNotFoundError as e:   # the plot, drawn after results.json is written
-    if e.name != "matplotlib":
-      raise
-    sys.exit(f"bmojo-train: {e}; results.json is written (--config.train.plot=false skips the plot)")
+  with _one_line_errors("bmojo-train"):
+    from train import trainer  # pylint: disable=g-import-not-at-top
+    stop = trainer.StopRequest()
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, stop)
+    stop.signum = stop.signum or (signums[0] if signums else None)
+    _maybe_initialize_distributed()
+    config = flags.FLAGS.config
+    if config is None:
+      raise app.UsageError("--config is required, e.g. --config configs/mqar.py:bmojo")
+    try:
+      results = trainer.train(config, _WORKDIR.value, stop=stop)
+    except trainer.NonFiniteLossError as e:
+      sys.exit(f"bmojo-train: {e}")
+    except trainer.LateStop as e:
+      print(f"bmojo-train: {e} Exiting with status {EXIT_STOPPED}.", file=sys.stderr)
+      sys.exit(EXIT_STOPPED)
+    except ModuleNotFoundError as e:   # the plot, drawn after results.json is written
+      if e.name != "matplotlib":
+        raise
+      sys.exit(f"bmojo-train: {e}; results.json is written (--config.train.plot=false skips the plot)")
   print(json.dumps(results, indent=2))
   if "test_accuracy" in results:
     print(f"test accuracy {results['test_accuracy']:.4f} at step {results['test_step']} "
@@ -77,8 +115,8 @@ def _train(argv):
              "(uniform logits), so its accuracy is no success; lower optim.learning_rate (results.json has "
              "\"collapsed\": true).")
   if results.get("stopped_by") in ("SIGTERM", "SIGINT"):
-    print(f"bmojo-train: stopped by {results['stopped_by']} at step {results['step']} (checkpoint saved); "
-          f"exiting with status {EXIT_STOPPED} so a scheduler can requeue; rerun the same command to resume.",
+    print(f"bmojo-train: stopped by {results['stopped_by']} at step {results['step']}; exiting with status "
+          f"{EXIT_STOPPED} so a scheduler can requeue; rerun the same command to resume.",
           file=sys.stderr)
     sys.exit(EXIT_STOPPED)
 
@@ -86,36 +124,31 @@ def _train(argv):
 def _eval(argv):
   del argv
   _quiet_logs()
-  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from train import faults, runs  # pylint: disable=g-import-not-at-top
+  from train import faults, files, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
     from train import lm_eval  # pylint: disable=g-import-not-at-top
-    try:
+    with _one_line_errors("bmojo-eval"):
       factors = [int(x) for x in f.lm_lengths.split(",") if x.strip()]
       niah_factors = [int(x) for x in f.niah_lengths.split(",") if x.strip()]
       record = lm_eval.evaluate_lm_run(
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,
           overrides=lm_eval.parse_overrides(f.lm_model))
-    except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-      sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
+    with _one_line_errors("bmojo-eval"):   # a figure is never drawn through a planted link
+      figures = [files.inside(_WORKDIR.value, name) for name in ("lm_ppl.png", "lm_niah.png")]
     try:
-      plots = lm_eval.plot_records([record], os.path.join(_WORKDIR.value, "lm_ppl.png"),
-                                   os.path.join(_WORKDIR.value, "lm_niah.png"))
+      plots = lm_eval.plot_records([record], *figures)
     except ImportError as e:
       plots = []
       print(f"bmojo-eval: no plots: {e}", file=sys.stderr)
     print(json.dumps({k: v for k, v in record.items() if k != "heldout_documents"}, indent=2))
     print(f"written: {', '.join([os.path.join(_WORKDIR.value, lm_eval.RESULT_FILE), *plots])}")
     return
-  try:
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always", faults.NonFiniteResultWarning)
-      result = runs.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
-  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"bmojo-eval: {type(e).__name__}: {e}")
+  with _one_line_errors("bmojo-eval"), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", faults.NonFiniteResultWarning)
+    result = runs.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
   print(json.dumps(result, indent=2))
   for w in caught:
     print(f"bmojo-eval: warning: {w.message}", file=sys.stderr)
@@ -128,12 +161,10 @@ def _generate(argv):
   _quiet_logs()
   from train import generate as gen_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
+  with _one_line_errors("bmojo-generate"):
     text = gen_lib.generate_from_run(
         _WORKDIR.value, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
         top_k=f.top_k, top_p=f.top_p, seed=f.seed)
-  except (gen_lib.ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"bmojo-generate: {type(e).__name__}: {e}")
   print(text)
 
 

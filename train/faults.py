@@ -21,7 +21,6 @@ go back to N again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Callable
@@ -30,6 +29,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from train import files
 from train.checkpoint import CheckpointError
 
 POLICIES = ("stop", "rollback", "skip")
@@ -177,10 +177,10 @@ class NonFiniteGuard:
 def finished(results_path: str, start: int, t) -> tuple[str, dict[str, Any]] | None:
   """(why, its results) when the run whose latest checkpoint is `start` has finished, else None: it has a
   results.json, and train.num_steps is reached or it stopped at the target accuracy still asked for."""
-  if not os.path.exists(results_path):
+  if not os.path.lexists(results_path):
     return None
-  with open(results_path, encoding="utf-8") as f:
-    results = json.load(f)
+  results = files.read_json(results_path, "Delete it (or move it away) and rerun the same command: the run resumes "
+                                          "from its latest checkpoint and writes it again.")
   if start >= int(t.num_steps):
     return f"train.num_steps={int(t.num_steps)}", results
   accuracy = results.get("test_accuracy")
@@ -202,8 +202,7 @@ def write_strict_json(path: str, record: dict[str, Any], what: str) -> dict[str,
     record["nonfinite"] = nonfinite
     warnings.warn(f"{what} gives non-finite {', '.join(nonfinite)}; written as null in {path}.",
                   NonFiniteResultWarning, stacklevel=2)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
+  files.write_json(path, record)
   return record
 
 

@@ -1,7 +1,5 @@
 """Continuation of a prompt from a trained run: the latest checkpoint's parameters and the run's tokenizer."""
 
-import json
-import os
 import sys
 import time
 
@@ -16,12 +14,7 @@ def load_model(workdir: str):
   """(model, tokenizer or None, step) of the latest checkpoint; clear errors when missing / incompatible."""
   setup, params, step = runs.load_run(workdir, with_task=False)
   model = nnx.merge(setup.graphdef, params)
-  info_path = os.path.join(workdir, runs.TOKENIZER_FILE)
-  info = {"kind": "none"}
-  if os.path.exists(info_path):
-    with open(info_path, encoding="utf-8") as f:
-      info = json.load(f)
-  return model, tasks_lib.load_tokenizer(info, workdir), step
+  return model, tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir), step
 
 
 def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,

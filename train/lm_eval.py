@@ -21,7 +21,6 @@ perplexity against context and NIAH score against length for records of several 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ import optax
 from bmojo_jax import LanguageModel
 from bmojo_jax.param_count import count_params
 from train import data as data_lib
+from train import files
 from train import niah as niah_lib
 from train import runs
 from train import tasks as tasks_lib
@@ -149,8 +149,7 @@ def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
   (returned as given, without the overrides: the run's data and batch size) replaces the workdir's config.json."""
   config = config or runs.load_config(workdir)
   setup, params, step = runs.load_run(workdir, config, with_task=False, overrides=overrides)
-  with open(os.path.join(workdir, runs.TOKENIZER_FILE), encoding="utf-8") as f:
-    tokenizer = tasks_lib.load_tokenizer(json.load(f), workdir)
+  tokenizer = tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir)
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
   return nnx.merge(setup.graphdef, params), tokenizer, config, step
@@ -185,10 +184,9 @@ def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), 
     record.update(niah=scores, niah_samples=niah_samples, niah_gen_tokens=gen_tokens,
                   niah_haystack=f"essay: held-out documents in name order from {names[0]}; noise; needles")
     record["notes"] += notes
-  out = out or os.path.join(workdir, RESULT_FILE)
+  out = out or files.inside(workdir, RESULT_FILE)
   if jax.process_index() == 0:
-    with open(out, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1)
+    files.write_json(out, record, indent=1)
   return record
 
 

@@ -1,21 +1,55 @@
-"""Metrics: TensorBoard event files (tensorboardX), a JSONL file, and a tqdm progress bar with the same figures.
+"""Metrics: TensorBoard event files, a JSONL file, and a tqdm progress bar with the same figures.
 
 Every record is one line of `<workdir>/metrics.jsonl`: {"step": s, "split": "train"|"eval", name: value, …}.
-After a resume, steps logged after the last checkpoint appear twice; readers keep the last line per
-(split, step) (`read_metrics`). Only process 0 writes.
+After a resume from a SIGKILL, steps logged after the last checkpoint appear twice; readers keep the last line
+per (split, step) (`read_metrics`). Only process 0 writes.
+
+Both files are written synchronously by the calling thread and flushed at every `write` (each log interval):
+a killed run loses nothing it logged, and a write that fails (a full disk) raises `files.WriteError` at once
+rather than killing a background thread that the next write would wait on forever (tensorboardX's
+SummaryWriter does that). The event files are TensorBoard's format (tensorboardX's protos and record framing),
+written by `_EventFile`. Both are opened without following a symbolic link out of the workdir (`files`).
 """
 
 import json
 import os
+import time
 from typing import Any, Iterable
 
 import tqdm
 
+from train import files
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class _EventFile:
+  """A TensorBoard event file written synchronously by tensorboardX's `EventsWriter` (no writer thread, so a
+  full disk raises here, in the training loop, instead of killing a thread the loop then waits on). The file
+  name is new for each writer (time, host, pid) inside the checked `tensorboard/` folder."""
+
+  def __init__(self, directory: str):
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+    self._writer = EventsWriter(os.path.join(directory, "events"), filename_suffix=f".{os.getpid()}")
+    self.path = self._writer._file_name  # pylint: disable=protected-access
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                             summary=summary.scalar(tag, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard and JSONL and shows them on a progress bar."""
+  """Writes scalars to TensorBoard and JSONL and shows them on a progress bar; files.WriteError when a file
+  cannot be written."""
 
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0, enabled: bool = True,
                progress_bar: bool = True):
@@ -25,21 +59,33 @@ class MetricWriter:
     self._bar = None
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+    tb_dir = files.inside(workdir, TENSORBOARD_DIR)
+    self._jsonl_path = files.inside(workdir, METRICS_FILE)
+    try:
+      os.makedirs(tb_dir, exist_ok=True)
+      self._tb = _EventFile(tb_dir)
+      self._jsonl = files.open_nofollow(self._jsonl_path, "a")
+    except OSError as e:
+      raise files.WriteError(getattr(e, "filename", None) or workdir, e) from None
     if progress_bar:   # "compiling" until the first step ends; its rate and ETA count from there
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="compiling", dynamic_ncols=True)
       self._compiled = False
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+    """Logs `metrics` at `step` in both files and flushes them."""
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in metrics.items()}
-    for name, value in scalars.items():
-      self._tb.add_scalar(f"{split}/{name}", value, step)
-    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-    self._jsonl.flush()
+    path = self._tb.path
+    try:
+      for name, value in scalars.items():
+        self._tb.add_scalar(f"{split}/{name}", value, step)
+      self._tb.flush()
+      path = self._jsonl_path
+      self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      raise files.WriteError(path, e) from None
     if self._bar is not None:
       short = {f"{split[0]}_{k}" if split != "train" else k: f"{v:.4g}" for k, v in scalars.items()}
       self._bar.set_postfix(short, refresh=False)
@@ -68,13 +114,19 @@ class MetricWriter:
       print(text, flush=True)
 
   def close(self) -> None:
+    """Closes the files (after a failed write too: what cannot be flushed any more is dropped)."""
     if not self.enabled:
       return
     if self._bar is not None:
       self._bar.close()
-    self._tb.flush()
-    self._tb.close()
-    self._jsonl.close()
+    failed = None
+    for f, path in ((self._tb, self._tb.path), (self._jsonl, self._jsonl_path)):
+      try:
+        f.close()
+      except OSError as e:
+        failed = failed or files.WriteError(path, e)
+    if failed:
+      raise failed
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -82,7 +134,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
   records: dict[tuple[str, int], dict[str, Any]] = {}
-  with open(path, encoding="utf-8") as f:
+  with files.open_nofollow(path) as f:
     for line in f:
       line = line.strip()
       if line:

@@ -72,5 +72,7 @@ def validate(optim: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optim.decay={optim.decay!r} is unknown; choose cosine, linear or constant.")
   if not 0.0 <= optim.end_lr_ratio <= 1.0:
     raise ValueError(f"optim.end_lr_ratio={optim.end_lr_ratio} must be in [0, 1].")
+  if optim.get("eps", 0.0) < 0:
+    raise ValueError(f"optim.eps={optim.eps} must be >= 0 (it keeps Adam's denominator away from zero).")
   if optim.weight_decay < 0:
     raise ValueError(f"optim.weight_decay={optim.weight_decay} must be >= 0.")

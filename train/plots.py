@@ -6,6 +6,7 @@
 import os
 import sys
 
+from train import files
 from train import metrics as metrics_lib
 
 
@@ -29,7 +30,7 @@ def plot_curves(workdir: str, out_path: str | None = None) -> str:
   plt = _pyplot()
 
   records = metrics_lib.read_metrics(workdir)
-  out_path = out_path or os.path.join(workdir, "curves.png")
+  out_path = out_path or files.inside(workdir, "curves.png")   # never drawn through a planted link
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (("train", "-"), ("eval", "o-")):
     steps, loss = metrics_lib.series(records, split, "loss")
@@ -58,8 +59,12 @@ def maybe_plot(workdir: str) -> str | None:
 
 
 if __name__ == "__main__":
+  _USAGE = f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})"
+  if sys.argv[1:] in (["-h"], ["--help"]):
+    print(f"{_USAGE}\n\nDraws WORKDIR/curves.png: the training and test curves of metrics.jsonl.")
+    sys.exit(0)
   if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], metrics_lib.METRICS_FILE)):
-    sys.exit(f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})")
+    sys.exit(_USAGE)
   try:
     print(plot_curves(sys.argv[1]))
   except ModuleNotFoundError as e:

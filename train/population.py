@@ -57,6 +57,7 @@ import tqdm
 
 from bmojo_jax import LanguageModel
 from train import checkpoint as ckpt_lib
+from train import files
 from train import metrics as metrics_lib
 from train import runs
 from train import setup as setup_lib
@@ -363,8 +364,7 @@ class Population:
     res["window"] = self.cfg.window
     if self.cfg.window is not None:
       res["data"]["fraction_beyond_window"] = self.fraction_beyond_window
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(res, f, indent=2)
+    files.write_json(files.inside(workdir, "results.json"), res)
     if save_checkpoint:
       self._save_checkpoint(self.run_state(self.state, r, step), workdir)
     if self.config.train.plot:
@@ -373,10 +373,9 @@ class Population:
     return res
 
   def _write_run_files(self, run: Run, workdir: str) -> None:
-    with open(os.path.join(workdir, runs.CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(run_config(self.config, run).to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, runs.TOKENIZER_FILE), "w", encoding="utf-8") as f:
-      json.dump(tasks_lib.save_tokenizer(self.task.tokenizer, workdir), f, indent=2)
+    config = json.loads(run_config(self.config, run).to_json_best_effort(sort_keys=True))
+    files.write_json(files.inside(workdir, runs.CONFIG_FILE), config)
+    files.write_json(files.inside(workdir, runs.TOKENIZER_FILE), tasks_lib.save_tokenizer(self.task.tokenizer, workdir))
 
   def _save_checkpoint(self, run_state, workdir: str) -> None:
     """The run's final state as the trainer's checkpoint (no data iterator: the data is drawn on the device)."""

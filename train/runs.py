@@ -19,6 +19,7 @@ from bmojo_jax.config import COMPUTE_FIELDS
 
 from train import checkpoint as ckpt_lib
 from train import faults
+from train import files
 from train import tasks as tasks_lib
 from train.setup import Setup, build, restore_state
 from train.steps import evaluate
@@ -35,20 +36,53 @@ def checkpoint_meta(setup: Setup, record: faults.FaultRecord | None = None) -> d
 
 def write_run_files(setup: Setup, workdir: str) -> None:
   """config.json and tokenizer.json in `workdir` (what `load_run` and generation read back)."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(setup.config.to_json_best_effort(indent=2, sort_keys=True))
+  config = json.loads(setup.config.to_json_best_effort(sort_keys=True))
+  files.write_json(files.inside(workdir, CONFIG_FILE), config)
   info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
-  with open(os.path.join(workdir, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=2)
+  files.write_json(files.inside(workdir, TOKENIZER_FILE), info)
+
+
+def read_tokenizer_info(workdir: str) -> dict[str, Any]:
+  """The run's tokenizer.json ({"kind": "none"} when absent: runs written before it, MQAR)."""
+  path = files.inside(workdir, TOKENIZER_FILE)
+  if not os.path.lexists(path):
+    return {"kind": "none"}
+  return files.read_json(path, "Rerun bmojo-train with the run's --config: it writes tokenizer.json again.")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = files.inside(workdir, CONFIG_FILE)
+  if not os.path.lexists(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  config = files.read_json(path, "Rerun bmojo-train with the run's --config (it writes config.json again), or "
+                                 "pass --config to bmojo-eval.")
+  _check_data_unchanged(workdir, config)
+  return ml_collections.ConfigDict(config)
+
+
+def _check_data_unchanged(workdir: str, config: dict[str, Any]) -> None:
+  """ValueError when config.json's data settings differ from those its latest checkpoint was trained with
+  (checkpoint meta["data"]): the file was changed after training, and its data.paths could name anything (/etc).
+  What a workdir leads evaluation to read is what the run trained on, or what --config names explicitly."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1 << 30, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    trained = None if step is None else ckpt.meta_or_none(step, "data")
+  finally:
+    ckpt.close()
+  if trained is None:
+    return
+  normal = lambda d: json.loads(json.dumps(d, sort_keys=True))
+  now, trained = normal(config.get("data", {})), normal(trained)
+  diffs = [f"data.{k}: {now.get(k)!r} here, {trained.get(k)!r} in training" for k in sorted(set(now) | set(trained))
+           if now.get(k) != trained.get(k)]
+  if diffs:
+    raise ValueError(f"{os.path.join(workdir, CONFIG_FILE)} was changed after training: {'; '.join(diffs[:3])}. "
+                     "Put it back, or pass --config FILE to evaluate on other data.")
 
 
 def _shapes(tree) -> list[tuple[str, tuple[int, ...]]]:
@@ -73,7 +107,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
     config.train.batch_size = config.train.eval_batch_size = jax.device_count()
     config.train.grad_accum_steps = 1
   setup = build(config, devices, task)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+  ckpt = ckpt_lib.Checkpointer(files.inside(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
                                async_save=False)
   try:
     step = ckpt.latest_step()
@@ -111,5 +145,5 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) 
   setup, params, step = load_run(workdir, config)
   result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
   if jax.process_index() == 0:
-    return faults.write_strict_json(os.path.join(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
+    return faults.write_strict_json(files.inside(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
   return faults.strict_json(result)[0]

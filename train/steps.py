@@ -116,16 +116,17 @@ def apply_gradients(tx, schedule, params, opt_state, g, loss, n, c, step, lr_sca
   return optax.apply_updates(params, updates), opt_state, metrics
 
 
-def make_train_step(setup: Setup, accum: int, lr_scale: float = 1.0, skip_nonfinite: bool = False):
+def make_train_step(setup: Setup, accum: int, lr_scale: float | None = 1.0, skip_nonfinite: bool = False):
   """The jitted step (state, batch) -> (state, metrics); metrics["finite"] says whether the update is finite.
 
-  lr_scale multiplies the learning rate (what rollbacks leave, `train.faults`; 1.0 adds no op); skip_nonfinite
+  lr_scale multiplies the learning rate (what rollbacks leave, `train.faults`; 1.0 adds no op); None makes it an
+  argument, (state, batch, lr_scale), so a rollback's new scale needs no new compilation; skip_nonfinite
   (train.on_nonfinite=skip) also checks the new parameters and keeps the old parameters and optimizer state
   where the update is not finite."""
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
   grads_of = functools.partial(batch_grads, graphdef, supervised=setup.task.supervised_per_example)
 
-  def train_step(state, batch):
+  def train_step(state, batch, *scale):
     params = state["params"]
     batch = model_batch(batch)
     if accum == 1:
@@ -140,8 +141,9 @@ def make_train_step(setup: Setup, accum: int, lr_scale: float = 1.0, skip_nonfin
       zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
               jnp.zeros((), jnp.int32))
       (g, loss, n, c), _ = jax.lax.scan(body, zero, micro)
+    scale = scale[0] if lr_scale is None else (None if lr_scale == 1.0 else lr_scale)
     params, opt_state, metrics = apply_gradients(tx, schedule, params, state["opt_state"], g, loss, n, c,
-                                                 state["step"], None if lr_scale == 1.0 else lr_scale)
+                                                 state["step"], scale)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     if skip_nonfinite:
       finite &= faults.all_finite(params)
@@ -150,7 +152,8 @@ def make_train_step(setup: Setup, accum: int, lr_scale: float = 1.0, skip_nonfin
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
-  return jax.jit(shard_lib.in_mesh(train_step, setup.mesh), in_shardings=(setup.state_shardings, batch_sh),
+  in_shardings = (setup.state_shardings, batch_sh) + ((None,) if lr_scale is None else ())
+  return jax.jit(shard_lib.in_mesh(train_step, setup.mesh), in_shardings=in_shardings,
                  out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 

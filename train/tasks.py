@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from train import data as data_lib
+from train import files
 from train.data.onthefly import make_tokenizer
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
@@ -81,7 +82,7 @@ def save_tokenizer(tokenizer, workdir: str) -> dict[str, Any]:
   """Writes what `load_tokenizer` needs into the workdir; returns the info dict (saved by the caller)."""
   info = tokenizer_info(tokenizer)
   if info["kind"] == "sentencepiece":
-    shutil.copyfile(tokenizer.model_file, os.path.join(workdir, info["model_file"]))
+    shutil.copyfile(tokenizer.model_file, files.inside(workdir, info["model_file"]))   # refuses a planted link
   return info
 
 
@@ -110,7 +111,14 @@ def inside_workdir(workdir: str, name: str, source: str) -> str:
 def make_task(config: ml_collections.ConfigDict) -> Task:
   """Builds the sources; missing paths and impossible task settings raise here, before any training."""
   d = config.data
+  if d.kind != "mqar" and "tokenizer" not in d:
+    raise ValueError(f"data.kind={d.kind!r} needs a text config (data.tokenizer, data.paths, ...), and this one "
+                     "has only MQAR's fields: use --config configs/lm.py (e.g. configs/lm.py:bmojo,cpu; docs/lm.md).")
   if d.kind == "mqar":
+    for name in ("num_train", "num_test"):
+      if int(d[name]) >= 2**31:
+        raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
+                         "indexed by int32, and a pass over them would never end); lower it.")
     vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
     mq = data_lib.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
                              num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))

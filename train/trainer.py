@@ -30,6 +30,7 @@ import numpy as np
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import faults
+from train import files
 from train import metrics as metrics_lib
 from train import sharding as shard_lib
 from train import tasks as tasks_lib
@@ -41,7 +42,7 @@ from train.steps import (apply_gradients, batch_grads, collapse_message, collaps
 from train.workdir_lock import WorkdirLock
 
 __all__ = [   # the loop's own names, then what setup.py, steps.py and runs.py hold (see above)
-    "train", "StopRequest", "NonFiniteLossError", "MAX_IN_FLIGHT",
+    "train", "StopRequest", "LateStop", "NonFiniteLossError", "MAX_IN_FLIGHT",
     "Setup", "build", "model_config", "restore_state", "validate_config",
     "apply_gradients", "batch_grads", "eval_batches", "evaluate", "loss_sums", "make_eval_step",
     "make_train_step", "model_batch", "collapsed", "collapse_message", "target_outcome",
@@ -54,15 +55,30 @@ MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
 NonFiniteLossError = faults.NonFiniteLossError   # training diverged (train.on_nonfinite=stop, or past its limit)
 
 
+class LateStop(Exception):  # noqa: N818
+  """SIGTERM / SIGINT after the last step, during the final evaluation or results.json: the run stops there (its
+  last checkpoint is saved); a rerun evaluates it and writes results.json."""
+
+
 class StopRequest:
-  """Signal handler that asks the loop to checkpoint and stop after the current step."""
+  """Signal handler that asks the loop to checkpoint and stop after the current step; once `late` is set (the
+  loop is over and its checkpoint saved), it raises LateStop where the run is instead."""
 
   def __init__(self):
     self.signum: int | None = None
+    self.late: str | None = None     # LateStop's message, set after the loop
 
   def __call__(self, signum, frame=None):
     del frame
     self.signum = signum
+    if self.late:
+      raise LateStop(f"{signal.Signals(signum).name} received after the last step: {self.late}")
+
+  def arm(self, message: str) -> None:
+    """From now on a signal raises LateStop(message); one that came already raises it here."""
+    self.late = message
+    if self.signum is not None:
+      self(self.signum)
 
 
 @contextlib.contextmanager
@@ -83,24 +99,50 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
           stop: StopRequest | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics (also in results.json).
 
-  step_callback(step, state) is called after each update (tests use it to send signals).
+  step_callback(step, state) is called after each update (tests use it to send signals). SIGTERM / SIGINT are
+  handled from the start: one that comes before the first step stops the run there, with nothing new to save.
   """
   start_wall = time.time()
   workdir = os.path.abspath(workdir)
-  setup = build(config, devices)        # validates everything first: a config that cannot work creates nothing
-  os.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:                            # one run per workdir, before anything is written
-    return _train(config, setup, workdir, start_wall, step_callback, stop)
+  stop = stop or StopRequest()
+  with _handle_signals(stop):
+    setup = build(config, devices)      # validates everything first: a config that cannot work creates nothing
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f"The workdir {workdir} is a file, not a folder: name a folder (it is created if missing).")
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise files.WriteError(workdir, e) from None
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:                          # one run per workdir, before anything is written
+      return _train(config, setup, workdir, start_wall, step_callback, stop)
+
+
+def config_warnings(setup: Setup) -> list[str]:
+  """Settings that run but are probably not what was meant, one line each (shown at the start of a run)."""
+  config, out = setup.config, []
+  warmup, num_steps = int(config.optim.warmup_steps), int(config.train.num_steps)
+  if warmup > num_steps:
+    out.append(f"Warning: optim.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never "
+               f"reaches optim.learning_rate={config.optim.learning_rate}.")
+  if setup.task.kind == "mqar" and setup.cfg.window is not None and setup.cfg.window >= setup.task.seq_len:
+    out.append(f"Warning: model.window={setup.cfg.window} >= data.seq_len={setup.task.seq_len}: every key stays "
+               "inside the attention window, so MQAR no longer tests recall beyond it.")
+  return out
+
+
+def unlogged_metrics(meta: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+  """The (step, metrics) of the updates a checkpoint saved before they were logged (meta["unlogged"])."""
+  return [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in meta.get("unlogged", [])]
 
 
 def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback, stop) -> dict[str, Any]:
   t = config.train
   lead = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+  ckpt = ckpt_lib.Checkpointer(files.inside(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing), writer=True)
   notes = [f"Removed {name} from {ckpt.directory}: the unfinished save of an earlier run."
-           for name in ckpt.removed_unfinished]
+           for name in ckpt.removed_unfinished] + config_warnings(setup)
   local_batch = int(t.batch_size) // jax.process_count()
   make_iterator = functools.partial(
       data_lib.make_train_iterator, setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
@@ -109,7 +151,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   latest, record = faults.start_point(ckpt, t.get("resume_from"), notes.append)
   state = setup.init_state() if latest is None else restore_state(ckpt, latest, setup, it)
   start = int(jax.device_get(state["step"]))
-  results_path = os.path.join(workdir, "results.json")
+  results_path = files.inside(workdir, "results.json")
   finished = faults.finished(results_path, start, t)
   if finished:
     ckpt.close()
@@ -128,7 +170,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   tasks_lib.check_batch(first_eval, setup.cfg.vocab_size, "test data")
 
   accum, skip = int(t.grad_accum_steps), t.get("on_nonfinite", "stop") == "skip"
-  train_step = make_train_step(setup, accum, record.lr_scale, skip)
+  if t.get("on_nonfinite", "stop") == "rollback":   # the scale an argument: a rollback compiles nothing new
+    scaled_step = make_train_step(setup, accum, None, skip)
+    train_step = lambda state, batch: scaled_step(state, batch, np.float32(record.lr_scale))
+  else:
+    train_step = make_train_step(setup, accum, record.lr_scale, skip)
   eval_step = make_eval_step(setup)
   probe_batch = next(eval_batches(setup))       # a state whose loss on it is not finite is never saved
   num_steps = int(t.num_steps)
@@ -137,8 +183,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   for note in notes:
     writer.message(note)
   tokens_per_step = int(t.batch_size) * setup.task.seq_len
-  stop = stop or StopRequest()
-  pending: list[tuple[int, dict[str, Any]]] = []
+  # The updates since the last logged step: (step, metrics), on the device until `flush` fetches them. A
+  # checkpoint saves the fetched ones (meta["unlogged"]) and a resume takes them back, so the next logged average
+  # is the uninterrupted run's.
+  pending: list[tuple[int, dict[str, Any]]] = [] if latest is None else unlogged_metrics(ckpt.read_meta(latest))
+  carried = len(pending)                # of them, updates of an earlier process (no time or tokens here)
   in_flight: collections.deque = collections.deque()
   last_eval: dict[str, float] | None = None
   last_eval_step: int | None = None
@@ -146,54 +195,69 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   train_time, trained_steps, interval_start = 0.0, 0, time.time()
   guard = faults.NonFiniteGuard(t, record, ckpt.step_dir, writer.message, last_saved=latest, start=start)
 
-  def flush():
-    """Pulls the pending step metrics, acts on non-finite updates, logs the averages of the finite ones."""
-    nonlocal interval_start, train_time, trained_steps
+  def flush(log: bool = True):
+    """Pulls the pending step metrics and acts on non-finite updates; with `log`, logs the averages of the
+    finite ones and starts a new interval (without, they stay pending: a checkpoint or a stop between logged
+    steps)."""
+    nonlocal interval_start, train_time, trained_steps, carried
     if not pending:
       return
-    values = jax.device_get([m for _, m in pending])      # one transfer for the interval
-    for (s, _), v in zip(pending, values):
+    pending[:] = zip([s for s, _ in pending], jax.device_get([m for _, m in pending]))   # one transfer
+    for s, v in pending:
       guard.observe(s, v)
+    in_flight.clear()
+    if not log:
+      return
+    values, fresh = [v for _, v in pending], len(pending) - carried
     elapsed = time.time() - interval_start
     train_time += elapsed
-    trained_steps += len(pending)
+    trained_steps += fresh
     kept = [v for v in values if v["finite"]]
-    avg = {k: float(np.mean([v[k] for v in kept])) for k in ("loss", "accuracy", "grad_norm")} if kept else {}
+    avg = ({k: float(np.mean([float(v[k]) for v in kept])) for k in ("loss", "accuracy", "grad_norm")}
+           if kept else {})                 # in float64, whether the values were fetched or read from a checkpoint
     avg["learning_rate"] = float(values[-1]["learning_rate"])
-    avg["tokens_per_s"] = tokens_per_step * len(pending) / max(elapsed, 1e-9)
+    avg["tokens_per_s"] = tokens_per_step * fresh / max(elapsed, 1e-9)
     if len(kept) < len(values):
       avg["dropped_updates"] = len(values) - len(kept)
     writer.write(pending[-1][0], {k: v for k, v in avg.items() if np.isfinite(v)}, "train")
     writer.advance(pending[-1][0])
-    in_flight.clear()
     pending.clear()
+    carried = 0
     interval_start = time.time()
 
   def save(s):
     """Checkpoint s, if its state gives a finite loss on the probe batch (else train.on_nonfinite acts)."""
     nonlocal interval_start
+    meta = lambda: dict(checkpoint_meta(setup, record), unlogged=[
+        {"step": int(p), **{k: float(v) for k, v in m.items()}} for p, m in pending])
     guard.checkpoint(s, lambda: eval_step(state["params"], probe_batch)["ce_sum"],
-                     lambda: ckpt.save(s, state, it, checkpoint_meta(setup, record)))
+                     lambda: ckpt.save(s, state, it, meta()))
     interval_start = time.time()
 
   def roll_back(r: faults.Rollback) -> int:
     """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
-    nonlocal state, it, train_step
+    nonlocal state, it, carried
     ckpt.wait()
     pending.clear()
+    carried = 0
     in_flight.clear()
     back = guard.last_saved or 0
     if guard.last_saved is None:
       it, state = make_iterator(), setup.init_state()
     else:
       state = restore_state(ckpt, back, setup, it)
-    guard.rolled_back(back, r)
-    train_step = make_train_step(setup, accum, record.lr_scale, skip)
+    guard.rolled_back(back, r)     # train_step reads the new record.lr_scale
     return back
 
   try:
     with _handle_signals(stop):
       while step < num_steps:
+        if stop.signum is not None and step == start:     # came before the first step: nothing new to save
+          stopped_by = signal.Signals(stop.signum).name
+          where = f"the last checkpoint is step {latest}" if latest is not None else "no checkpoint was written"
+          writer.message(f"{stopped_by} received before the first step: {where}; rerun the same command to "
+                         "resume.")
+          break
         try:
           step += 1
           batch = next(it)
@@ -211,7 +275,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             guard.observe(done_step, done_m)
             writer.advance(done_step)
           done = step == num_steps
-          if step % int(t.log_every) == 0 or done or stop.signum is not None:
+          if step % int(t.log_every) == 0 or done:
             flush()
           if (t.eval_every and step % int(t.eval_every) == 0) or done:
             flush()
@@ -225,7 +289,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             elif stopped_by == "collapsed":
               writer.message(collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
           if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
-            flush()
+            flush(log=False)
             save(step)
           if stop.signum is not None:
             stopped_by = signal.Signals(stop.signum).name
@@ -236,15 +300,22 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             break
         except faults.Rollback as r:
           step = roll_back(r)
-  except BaseException:
+  except BaseException as e:
+    with contextlib.suppress(Exception):   # the error in flight is the one to report
+      ckpt.wait()
+    if isinstance(e, files.WriteError):    # a full disk under the metrics: say what is intact, then stop
+      e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
     for close in (ckpt.close, writer.close):
-      with contextlib.suppress(Exception):   # the error in flight is the one to report
+      with contextlib.suppress(Exception):
         close()
     raise
   try:
     ckpt.close()                          # waits for the last save: CheckpointSaveError if it failed
   finally:
     writer.close()
+  if stopped_by is None:                  # a signal from here on stops the evaluation and results.json
+    stop.arm(f"checkpoint {guard.last_saved} is saved; rerun the same command to evaluate it and write "
+             "results.json.")
 
   final_step = max(step, start)
   if last_eval is None and stopped_by is None:
@@ -268,7 +339,11 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
           setup.task.eval_source, setup.cfg.window)
   if not lead:
     return faults.strict_json(results)[0]
-  results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+  try:
+    results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+  except files.WriteError as e:
+    e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
+    raise
   if t.plot:
     from train import plots  # pylint: disable=g-import-not-at-top
     plots.maybe_plot(workdir)

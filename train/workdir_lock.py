@@ -10,10 +10,13 @@ with a message naming the holder. (flock is local to a host; on multiple hosts p
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
 import socket
+
+from train import files
 
 LOCK_FILE = ".lock"
 
@@ -30,7 +33,13 @@ class WorkdirLock:
     self._fd: int | None = None
 
   def acquire(self) -> "WorkdirLock":
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:      # never through a symbolic link: the holder written below would land in the file it points to
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if e.errno != errno.ELOOP:
+        raise
+      raise files.UnsafePathError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}); a workdir's lock is "
+                             "never followed out of it. Remove the link and rerun.") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,16 +14,17 @@ doc_offsets.npy and meta.json, and removed. Memory: one shard per worker, whatev
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from typing import Any
 
 import numpy as np
 import tqdm
 
+from train import files
 from train.data import onthefly
 from train.data import sources as sources_lib
 from train.data import stream as stream_lib
@@ -35,6 +36,7 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(documents, spec: str) -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to report, once
   _worker["documents"] = documents
   _worker["tokenizer"] = onthefly.make_tokenizer(spec)
 
@@ -67,18 +69,34 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
 
 def _load_progress(out: str, plan: dict[str, Any]) -> set[int]:
   """Finished shards of an earlier run with the same plan (whose part files exist); a different plan raises."""
-  path = os.path.join(out, PROGRESS)
-  if not os.path.exists(path):
+  path = files.inside(out, PROGRESS)
+  if not os.path.lexists(path):
     if os.path.isdir(out) and set(os.listdir(out)) - {PARTS}:
       raise ValueError(f"{out} is not empty and holds no prepare progress ({PROGRESS}); choose a new folder.")
     return set()
-  with open(path, encoding="utf-8") as f:
-    progress = json.load(f)
+  progress = files.read_json(path, f"Delete {out} and prepare again.")
   if progress["plan"] != plan:
     changed = [k for k in plan if progress["plan"].get(k) != plan[k]]
+    if changed == ["inputs"]:
+      changed = _changed_inputs(progress["plan"].get("inputs") or [], plan["inputs"])
     raise ValueError(f"{out} holds an unfinished prepare of another plan (differs in {changed}); rerun it with "
-                     f"the same arguments to resume, or choose a new --out folder.")
+                     f"the same arguments and inputs to resume, or choose a new --out folder.")
   return {s for s in progress["done"] if all(os.path.exists(p) for p in _part_paths(out, s))}
+
+
+def input_files(documents) -> list[dict[str, Any]]:
+  """What a plan records of each input file of `documents` (text or ArrayRecord files): its path, size and
+  sha256, so a resume with other inputs, or with a file changed since, is refused."""
+  return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": stream_lib.file_sha256(p)}
+          for p in getattr(documents, "files", [])]
+
+
+def _changed_inputs(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[str]:
+  """The input files that differ between two plans, in words (the first three)."""
+  old, new = {f["path"]: f for f in before}, {f["path"]: f for f in now}
+  changed = ([f"{p} is new" for p in new if p not in old] + [f"{p} is gone" for p in old if p not in new] +
+             [f"{p} changed" for p in new if p in old and new[p] != old[p]])
+  return changed[:3] + ([f"{len(changed) - 3} more"] if len(changed) > 3 else []) or ["the order of the inputs"]
 
 
 def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_per_shard: int = 64,
@@ -96,7 +114,7 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
   spec = onthefly.tokenizer_spec(tokenizer)
   tok_info = stream_lib.tokenizer_fingerprint(tokenizer)
   plan = {"source": documents.describe(), "num_documents": n, "docs_per_shard": int(docs_per_shard),
-          "tokenizer": tok_info}
+          "tokenizer": tok_info, "inputs": input_files(documents)}
   meta_path = os.path.join(out, stream_lib.META)
   if os.path.exists(meta_path):
     meta = stream_lib.read_meta(out)
@@ -104,9 +122,12 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
       return meta
     raise ValueError(f"{out} already holds a finished stream of another plan; choose a new --out folder.")
   done = _load_progress(out, plan)
-  os.makedirs(os.path.join(out, PARTS), exist_ok=True)
+  os.makedirs(files.inside(out, PARTS), exist_ok=True)
   num_shards = -(-n // docs_per_shard)
   todo = [(out, k, k * docs_per_shard, min(n, (k + 1) * docs_per_shard)) for k in range(num_shards) if k not in done]
+  if done and todo:
+    print(f"{out}: resuming at document {todo[0][2]:,} of {n:,} ({len(done)} of {num_shards} shards were done "
+          "by an earlier run).", file=sys.stderr)
   if stop_after_shards is not None:
     todo = todo[:stop_after_shards]
   workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
@@ -119,7 +140,7 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
     shard, docs, toks = result
     done.add(shard)
     tokens_done += toks
-    stream_lib.write_json(os.path.join(out, PROGRESS), {"plan": plan, "done": sorted(done)})
+    files.write_json(files.inside(out, PROGRESS), {"plan": plan, "done": sorted(done)}, indent=1)
     bar.update(docs)
     bar.set_postfix(tokens=f"{tokens_done / 1e6:.1f}M")
 
@@ -186,6 +207,7 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
   parser.add_argument("--docs-per-shard", type=int, default=64, help="documents per part file (default 64)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of its summary")
   args = parser.parse_args(argv)
   try:
     tokenizer = onthefly.make_tokenizer(args.tokenizer)
@@ -194,6 +216,20 @@ def main(argv=None) -> None:
                    progress_bar=not args.no_progress)
   except (FileNotFoundError, ValueError, ImportError) as e:
     sys.exit(f"bmojo-prepare: {e}")
+  except (OSError, files.WriteError) as e:    # a full disk, a folder without permission
+    cause = e.cause if isinstance(e, files.WriteError) else files.failure_cause(e)
+    where = getattr(e, "path", None) or getattr(e, "filename", None) or args.out
+    sys.exit(f"bmojo-prepare: writing {where} failed: {cause}.\n{files.FIXES.get(cause, 'Fix it')} and rerun the "
+             "same command: it resumes from the shards already done.")
+  except KeyboardInterrupt:
+    print(f"bmojo-prepare: interrupted; the finished shards are kept in {args.out}: rerun the same command to "
+          "resume.", file=sys.stderr)
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if args.debug:
+      raise
+    sys.exit(f"bmojo-prepare: unexpected {files.brief(e)}\nRerun with --debug for the traceback, and report it if "
+             "the cause is not yours.")
   print(f"{args.out}: {meta['num_tokens']:,} tokens ({meta['dtype']}) in {meta['num_documents']:,} documents "
         f"of {meta['source']}")
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from train import files
 from train.data.text import ByteTokenizer
 from train.data.text import IGNORE_INDEX
 
@@ -123,15 +124,8 @@ class StreamWriter:
     os.remove(self._lengths_path)
     meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
             "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source, **extra}
-    write_json(os.path.join(self.directory, META), meta)   # last: a folder without meta.json is no stream
+    files.write_json(os.path.join(self.directory, META), meta, indent=1)   # last: without meta.json, no stream
     return meta
-
-
-def write_json(path: str, obj) -> None:
-  """Writes obj to path through a temporary file and a rename: a reader never sees half a file."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_info: dict[str, Any],
@@ -174,6 +168,23 @@ def read_meta(directory: str) -> dict[str, Any]:
   if num_tokens < 2 or num_documents < 1:
     raise ValueError(f"The token stream in {directory} is too small: {num_tokens} tokens, {num_documents} docs.")
   return meta
+
+
+def check_offsets(starts: np.ndarray, num_tokens: int, path: str, chunk: int = 1 << 22) -> None:
+  """ValueError unless the document starts `starts` strictly increase and stay below `num_tokens` (every
+  document holds at least BOS and EOS); read a chunk at a time, so memory stays bounded."""
+  previous = -1
+  for i in range(0, starts.size, chunk):
+    part = np.asarray(starts[i:i + chunk])
+    steps = np.diff(part, prepend=previous)
+    if (steps <= 0).any():
+      j = i + int(np.argmax(steps <= 0))
+      raise ValueError(f"{path} is corrupt: document {j} starts at {int(starts[j])}, not after document {j - 1} "
+                       f"({int(starts[j - 1])}); prepare the stream again.")
+    previous = int(part[-1])
+  if previous >= num_tokens:
+    raise ValueError(f"{path} is corrupt: its last document starts at {previous}, past the {num_tokens} tokens "
+                     "of the stream; prepare the stream again.")
 
 
 class PackedStreamSource:
@@ -220,6 +231,9 @@ class PackedStreamSource:
       raise ValueError(f"{os.path.join(self.directory, OFFSETS)} has shape {self.doc_starts.shape} (first "
                        f"{self.doc_starts[:1]}) but {META} says {self.meta['num_documents']} documents "
                        "starting at 0; prepare the stream again.")
+    if not getattr(self, "_offsets_checked", False):    # once, not in every grain worker that reopens it
+      check_offsets(self.doc_starts, int(self.meta["num_tokens"]), os.path.join(self.directory, OFFSETS))
+      self._offsets_checked = True
 
   def __del__(self, _close=os.close):   # os.close bound now: at interpreter exit `os` may be gone
     if getattr(self, "_fd", None) is not None:
