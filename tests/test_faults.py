@@ -453,7 +453,8 @@ def _fill_disk_under(monkeypatch, writer: str):
 
     def init(self, directory):
       real_init(self, directory)
-      self._f = _FullAfter(self._f, 4 * 5)         # 1 + 5 scalars a step, counting the header event
+      records = self._writer._py_recordio_writer    # pylint: disable=protected-access
+      records._writer = _FullAfter(records._writer, 4 * 4 * 5)   # 4 writes an event; 1 + 5 scalars a step
     monkeypatch.setattr(metrics_lib._EventFile, "__init__", init)   # pylint: disable=protected-access
   else:
     real_replace = os.replace
