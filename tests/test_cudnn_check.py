@@ -66,6 +66,7 @@ def tiny_model_check(monkeypatch, module_compilation_cache):
   return check.model_check
 
 
+@pytest.mark.slow   # two trainer setups (MQAR data, model, optimizer): the script end to end
 def test_model_check_reports_a_planted_difference(tiny_model_check):
   r = tiny_model_check(1, 1, 2e-3, 4, test_impl="planted")
   assert r["steps"] == 1 and [g["step"] for g in r["grads_at_reference_params"]] == [0, 1]
@@ -76,6 +77,7 @@ def test_model_check_reports_a_planted_difference(tiny_model_check):
     assert 0 < g["worst_leaves"][0][1] < 0.5, g["worst_leaves"]        # and of the size of bf16 rounding
 
 
+@pytest.mark.slow   # two trainer setups (MQAR data, model, optimizer): the script end to end
 def test_model_check_of_one_implementation_reports_zero(tiny_model_check):
   r = tiny_model_check(1, 1, 2e-3, 4, test_impl="reference")
   assert r["loss"]["reference"] == r["loss"]["cudnn"]
