@@ -81,9 +81,9 @@ def test_packed_row_equals_documents_alone(family):
 
 
 @pytest.mark.parametrize("family,scan_impl,attn_impl,policy", [
-    ("bmojo", "associative", "reference", "score"),
-    ("bmojo", "pallas", "pallas", "fifo"),
-    ("transformer", "sequential", "pallas", "fifo"),
+    pytest.param("bmojo", "associative", "reference", "score", marks=pytest.mark.slow),
+    ("bmojo", "pallas", "pallas", "fifo"),                             # the inner loop: both kernels at once
+    pytest.param("transformer", "sequential", "pallas", "fifo", marks=pytest.mark.slow),
 ])
 def test_packed_row_equals_documents_alone_per_impl(family, scan_impl, attn_impl, policy):
   """The fast paths (kernels in interpret mode): B'MOJO holds every part the other families have."""
@@ -106,6 +106,7 @@ def test_cudnn_path_masks_segments(window):
                           implementation="xla")
 
 
+@pytest.mark.slow   # the trainer's loss on text.py's packed rows, each document then run alone (op by op)
 def test_trainer_loss_keeps_packed_text_documents_apart():
   """train/data/text.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
   from train import steps
