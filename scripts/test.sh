@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Installs bmojo_jax with its test extras and runs the whole test suite (CPU; slow tests included).
+# Installs bmojo_jax with its test extras and runs the whole test suite (CPU; slow tests included): what CI runs.
+# Two tiers (issue 37's targets on 2 cores: <= 12 and <= 5 minutes): this, every test, and the inner loop
+# `scripts/test.sh -m "not slow"`, every module and invariant at its smallest case: `slow` marks end-to-end runs
+# (training, subprocesses, populations) and the kernels' further interpret-mode cases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[dev]"

@@ -1,6 +1,8 @@
 """Attention reference paths: blockwise = dense masked; no T×T scores with a window; exact masks; the
 jax.nn.dot_product_attention path (attn_impl='cudnn') = the reference."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -46,8 +48,8 @@ def test_reference_matches_dense(t, window, chunk, m, heads):
   c = -(-t // chunk)
   mem = (jax.random.normal(ks[3], (2, c, m, kh, 8)), jax.random.normal(ks[4], (2, c, m, kh, 8)),
          jax.random.bernoulli(ks[5], 0.6, (2, c, m))) if m else (None, None, None)
-  out = memory_attention_reference(q, k, v, *mem, window=window, chunk=chunk)
-  want = dense_memory_attention(q, k, v, *mem, window, chunk)
+  out = jax.jit(functools.partial(memory_attention_reference, window=window, chunk=chunk))(q, k, v, *mem)
+  want = jax.jit(dense_memory_attention, static_argnums=(6, 7))(q, k, v, *mem, window, chunk)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -64,7 +66,7 @@ def test_keys_outside_window_get_exactly_zero_gradient():
   t, w, c = 24, 8, 4
   q, k, v = (jax.random.normal(key, (1, t, 2, 8)) for key in jax.random.split(jax.random.key(0), 3))
   query = 20
-  gk = jax.grad(lambda k: jnp.sum(memory_attention_reference(q, k, v, window=w, chunk=c)[:, query]))(k)
+  gk = jax.jit(jax.grad(lambda k: jnp.sum(memory_attention_reference(q, k, v, window=w, chunk=c)[:, query])))(k)
   norms = jnp.abs(gk[0]).sum((-1, -2))
   assert jnp.all(norms[:query - w + 1] == 0) and jnp.all(norms[query + 1:] == 0)
   assert jnp.all(norms[query - w + 1:query + 1] > 0)
@@ -81,7 +83,7 @@ def _grad_norms(family, wrt, planted=6):
   query = 23                                       # end of chunk 5; its window is 20..23
   def out(a, f):
     return jnp.sum(attn(a, fading=f if cfg.fading else None)[0][:, query])
-  g = jax.grad(out, argnums=(0, 1))(a, f)[0 if wrt == "a" else 1]
+  g = jax.jit(jax.grad(out, argnums=(0, 1)))(a, f)[0 if wrt == "a" else 1]
   return jnp.abs(g[0]).sum(-1)
 
 
@@ -109,8 +111,8 @@ def test_dot_product_attention_matches_reference(window):
   q = jax.random.normal(jax.random.key(0), (2, 37, 4, 16))
   k, v = (jax.random.normal(key, (2, 37, 2, 16)) for key in jax.random.split(jax.random.key(1)))
   run = lambda fn, **kw: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, window=window, chunk=4, **kw)))
-  out = jax.value_and_grad(run(dot_product_attention, implementation="xla"), argnums=(0, 1, 2))(q, k, v)
-  ref = jax.value_and_grad(run(memory_attention_reference), argnums=(0, 1, 2))(q, k, v)
+  out = jax.jit(jax.value_and_grad(run(dot_product_attention, implementation="xla"), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.jit(jax.value_and_grad(run(memory_attention_reference), argnums=(0, 1, 2)))(q, k, v)
   chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

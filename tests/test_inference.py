@@ -13,6 +13,7 @@ from bmojo_jax.inference import Decoder, cache_bytes, generate, generate_stream,
 from tests.conftest import FAMILIES, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
+forward = nnx.jit(lambda m, x: m(x))   # the parallel pass, compiled once per model for the module
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def decoders():
 def test_decode_matches_parallel(decoders, family, prefill_len):
   model, decoder = decoders[family]
   tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)
-  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  full = forward(model, tokens)
   logits, cache = decoder.prefill(tokens[:, :prefill_len], T)
   assert np.abs(logits - full[:, :prefill_len]).max() <= 1e-4
   worst = 0.0
@@ -46,7 +47,7 @@ def test_score_policy_decode_matches_parallel(selection):
   model = LanguageModel(tiny_config("bmojo", init_std=0.1, store_policy="score", selection=selection),
                         rngs=nnx.Rngs(3))
   tokens = jax.random.randint(jax.random.key(9), (2, T), 0, 64)
-  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  full = forward(model, tokens)
   decoder = Decoder(model)
   logits, cache = decoder.prefill(tokens[:, :6], T)
   for t in range(6, T):
@@ -71,7 +72,7 @@ def test_generate_batches_prompts_of_different_lengths(decoders):
   out = generate(decoder, prompts, max_new_tokens=5)
   for prompt, new in zip(prompts, out):
     # Greedy: each new token is the argmax of the parallel pass over everything before it.
-    logits = model(jnp.array([prompt + new]))[0, len(prompt) - 1:-1]
+    logits = forward(model, jnp.array([prompt + new]))[0, len(prompt) - 1:-1]
     assert len(new) == 5 and np.argmax(logits, -1).tolist() == new
 
 
@@ -126,7 +127,7 @@ def test_prefill_in_pieces_matches_parallel(decoders, family):
   """A prompt fed in pieces of random lengths (chunk phases anywhere), then decoding, equals one parallel pass."""
   model, decoder = decoders[family]
   tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
-  full = nnx.jit(lambda m, x: m(x))(model, tokens)
+  full = forward(model, tokens)
   cuts = [0, 3, 4, 11, 18, 19, 30, 36]          # pieces of 3, 1, 7, 7, 1, 11, 6 tokens, then decode
   logits, cache = decoder.prefill(tokens[:, :cuts[1]], T)
   got = [logits]

@@ -61,8 +61,9 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
     starts = None
     if with_starts:
       starts = jnp.asarray(rng.random(sel.valid.shape[:2]) < 0.3).at[:, 0].set(True)   # [B, C]
-    want = memory.stores_before_chunks_reference(sel, size, StorePolicy(policy), starts)
-    got = memory.stores_before_chunks(sel, size, StorePolicy(policy), starts)
+    want = jax.jit(memory.stores_before_chunks_reference, static_argnums=(1, 2))(sel, size, StorePolicy(policy),
+                                                                                 starts)
+    got = jax.jit(memory.stores_before_chunks, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
     for name, x, y in zip(want._fields, want, got):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
@@ -75,7 +76,7 @@ def test_store_policies_match_python_model(policy):
   scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
   k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)
   sel = memory.select_per_chunk(jnp.asarray(scores), k, k, chunk, k_e)
-  stores = memory.stores_before_chunks(sel, capacity, StorePolicy(policy))
+  stores = jax.jit(memory.stores_before_chunks, static_argnums=(1, 2))(sel, capacity, StorePolicy(policy))
   for row in range(b):
     chunks = []
     for c in range(n_chunks):

@@ -66,6 +66,7 @@ def assert_trees_close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [0, 1])
 def test_run_matches_single_run_trainer(pop, r):
   p, out = pop
@@ -89,6 +90,7 @@ def test_run_matches_single_run_trainer(pop, r):
   np.testing.assert_allclose(ev["loss"], out["eval"][r]["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_diverging_run_is_stopped(pop):
   _, out = pop
   updated = out["metrics"]["updated"][:, 2]
@@ -98,6 +100,7 @@ def test_diverging_run_is_stopped(pop):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(row(out["final"], 2)))   # its last finite params
 
 
+@pytest.mark.slow
 def test_epoch_order(pop):
   p, _ = pop
   epoch = np.concatenate([p.batch_indices(s)[0] for s in range(p.steps_per_epoch)])
@@ -105,6 +108,7 @@ def test_epoch_order(pop):
   assert not np.array_equal(p.batch_indices(0), p.batch_indices(p.steps_per_epoch))   # reshuffled
 
 
+@pytest.mark.slow
 def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
   p, out = pop
   p.config.train.target_accuracy = 0.5

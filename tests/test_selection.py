@@ -95,6 +95,15 @@ def models():
           for s in SELECTIONS}
 
 
+@pytest.fixture(scope="module")
+def decoders(models):
+  """One Decoder per model: its prefill and step compile once for the module, not once per test."""
+  return {s: Decoder(m) for s, m in models.items()}
+
+
+forward = nnx.jit(lambda m, x: m(x))   # one compile per model for the module
+
+
 def _selected_positions(model, tokens):
   """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
   from benchmarks.mqar_selection import layer_inputs
@@ -115,11 +124,10 @@ def test_variants_select_differently(models):
 
 @pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("prefill_len", [1, 6])
-def test_decode_matches_parallel(models, selection, prefill_len):
-  model = models[selection]
+def test_decode_matches_parallel(models, decoders, selection, prefill_len):
+  model, decoder = models[selection], decoders[selection]
   tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)
-  full = nnx.jit(lambda m, x: m(x))(model, tokens)
-  decoder = Decoder(model)
+  full = forward(model, tokens)
   logits, cache = decoder.prefill(tokens[:, :prefill_len], T)
   got = [logits]
   for t in range(prefill_len, T):
@@ -130,12 +138,11 @@ def test_decode_matches_parallel(models, selection, prefill_len):
 
 
 @pytest.mark.parametrize("selection", ["ssm_error", "learned"])
-def test_prefill_in_pieces_matches_parallel(models, selection):
+def test_prefill_in_pieces_matches_parallel(models, decoders, selection):
   """A continuation steps through its piece: ssm_error's previous read-out crosses the pieces' boundaries."""
-  model = models[selection]
+  model, decoder = models[selection], decoders[selection]
   tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
-  full = nnx.jit(lambda m, x: m(x))(model, tokens)
-  decoder = Decoder(model)
+  full = forward(model, tokens)
   logits, cache = decoder.prefill(tokens[:, :5], T)
   got = [logits]
   for lo, hi in ((5, 13), (13, 30), (30, T)):
@@ -190,11 +197,12 @@ def test_scanned_layers(models):
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   chex.assert_trees_all_close(stack_blocks(nnx.to_pure_dict(grads_a)), nnx.to_pure_dict(grads_b), rtol=1e-5,
                               atol=1e-7)
-  full = scanned(tokens)
-  logits, cache = scanned.prefill(tokens[:, :3], 21)
+  full = forward(scanned, tokens)
+  decoder = Decoder(scanned)             # the model's prefill and step, compiled (eager: op by op, per token)
+  logits, cache = decoder.prefill(tokens[:, :3], 21)
   got = [logits]
   for t in range(3, 21):
-    step_logits, cache = scanned.step(tokens[:, t], cache)
+    step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
 

@@ -78,6 +78,12 @@ RESET_CASES = [
 ]
 
 
+def tiered(cases, fast):
+  """pytest params of cases (dicts with an id): those named in `fast` in the inner loop (`-m "not slow"`), the
+  others marked slow (CI runs every one)."""
+  return [pytest.param(c, id=c["id"], marks=() if c["id"] in fast else pytest.mark.slow) for c in cases]
+
+
 def make_reset(layouts, t, seed=0):
   """[len(layouts), t] bool: row i is True where layout i starts a document (None: random)."""
   rows = []
@@ -169,12 +175,12 @@ class TestSelectiveScan:
       assert rel_err(g, g_ref) <= tol, (NAMES[i], rel_err(g, g_ref))
     return out, grads
 
-  @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+  @pytest.mark.parametrize("case", tiered(CASES, {"fp32_full", "bf16_lanes_e_grouped"}))
   def test_forward_and_gradients(self, case):
     self.assert_matches_reference(make_inputs(case), TOL[case["dtype"]], case.get("blocks", SMALL_BLOCKS),
                                   case.get("softplus", True))
 
-  @pytest.mark.parametrize("case", RESET_CASES, ids=[c["id"] for c in RESET_CASES])
+  @pytest.mark.parametrize("case", tiered(RESET_CASES, {"segments_prefetch"}))
   def test_packed_documents(self, case):
     """Every layout of RESET_LAYOUTS (one per row) with a nonzero h0: forward and every gradient."""
     args = make_inputs(dict(dtype=jnp.float32, B=len(RESET_LAYOUTS), T=RESET_T, E=16, N=8, G=case["G"], D=True,
@@ -210,7 +216,8 @@ class TestSelectiveScan:
       np.testing.assert_allclose(y[:, start:end], y_doc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h_last, h_doc, rtol=1e-5, atol=1e-6)
 
-  @pytest.mark.parametrize("segments", [5, 16])                     # no unrolling / two unrolled groups of 8
+  @pytest.mark.parametrize("segments", [pytest.param(5, marks=pytest.mark.slow), 16])   # no unrolling / two
+                                                                                         # unrolled groups of 8
   def test_carry_over_segments(self, segments):
     ks = jax.random.split(jax.random.PRNGKey(segments), 4)
     loc = jax.random.normal(ks[0], (2, segments, 24, 8))

@@ -41,9 +41,11 @@ def assert_close(got, want, tol, what):
 
 
 def assert_matches_reference(loss, fast, reference, arrays, tol, what):
-  """loss(fn, arrays) -> (scalar, outputs): fast's outputs and the gradient of every array equal reference's."""
-  (_, out), grads = jax.value_and_grad(lambda a: loss(fast, a), has_aux=True)(arrays)
-  (_, want), want_grads = jax.value_and_grad(lambda a: loss(reference, a), has_aux=True)(arrays)
+  """loss(fn, arrays) -> (scalar, outputs): fast's outputs and the gradient of every array equal reference's.
+  Both compiled (one program each, not op-by-op dispatch of the interpreter and the reference)."""
+  value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda a: loss(fn, a), has_aux=True))
+  (_, out), grads = value_and_grad(fast)(arrays)
+  (_, want), want_grads = value_and_grad(reference)(arrays)
   assert_close(out, want, tol, what)
   for name in arrays:
     assert_close(grads[name], want_grads[name], tol, f"d{name}")

@@ -64,6 +64,15 @@ def dense_reference(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *, 
   return out
 
 
+def tiered(cases, fast):
+  """pytest params of cases: those named in `fast` in the inner loop (`-m "not slow"`), the others slow."""
+  return [pytest.param(c, id=c.name, marks=() if c.name in fast else pytest.mark.slow) for c in cases]
+
+
+# The inner loop's cases: memory slots, GQA, a ragged T and a window; packed rows with memory spans.
+FAST = {CASES[0].name, PACKED_CASES[0].name}
+
+
 class TestMemoryAttention:
   INTERPRET = False
 
@@ -72,13 +81,13 @@ class TestMemoryAttention:
     if not self.INTERPRET and jax.default_backend() != "gpu":
       pytest.skip("compiled Pallas kernels need a GPU; the interpret subclass covers CPU")
 
-  @pytest.mark.parametrize("case", CASES + PACKED_CASES, ids=lambda c: c.name)
+  @pytest.mark.parametrize("case", tiered(CASES + PACKED_CASES, FAST))
   def test_matches_reference(self, case):
     errs = run_case(case, self.INTERPRET)
     tol = TOL[case.dtype]
     assert all(e <= tol for e in errs.values()), (case.name, errs)
 
-  @pytest.mark.parametrize("case", [CASES[0], CASES[3], PACKED_CASES[0], PACKED_CASES[1]], ids=lambda c: c.name)
+  @pytest.mark.parametrize("case", tiered([CASES[0], CASES[3], PACKED_CASES[0], PACKED_CASES[1]], FAST))
   def test_exact_mask(self, case):
     exact_mask_check(case, self.INTERPRET)
 
@@ -98,6 +107,7 @@ class TestMemoryAttention:
       pytest.skip(_MOSAIC_INTERPRET_SKIP)
     exact_mask_check(case, self.INTERPRET)
 
+  @pytest.mark.slow   # a subprocess running the Mosaic GPU interpreter: minutes on 2 cores
   @pytest.mark.timeout(600)
   def test_mosaic_forward_interpreted(self):
     """The Mosaic forward with packed rows and memory spans on the Mosaic GPU interpreter. In a subprocess
