@@ -52,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from bmojo_jax import LanguageModel
