@@ -32,6 +32,15 @@ def test_help_lists_the_fields_of_a_config():
   assert "--config.train.num_steps=1000" in out.stdout and "--config.model.family='hybrid'" in out.stdout
 
 
+@pytest.mark.parametrize("spec", ["mqar:hybrid", "configs/mqar.py:hybrid", "mqar.py:hybrid"])
+def test_the_projects_configs_load_by_name_from_any_directory(tmp_path, spec):
+  """Run from a folder that has no configs/: the installed configs package's file is used."""
+  out = subprocess.run([sys.executable, "-m", "train.cli", "train", "-h", "--config", spec], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+  assert out.returncode == 0, out.stderr
+  assert "--config.model.family='hybrid'" in out.stdout
+
+
 def one_line(stderr: str) -> str:
   lines = [l for l in stderr.splitlines() if l.strip()]
   assert len(lines) == 1, stderr

@@ -168,7 +168,8 @@ def _generate(argv):
   print(text)
 
 
-_CONFIG_HELP = """  --config FILE[:PRESET]: a config file (configs/mqar.py, configs/lm.py), optionally with a preset
+_CONFIG_HELP = """  --config FILE[:PRESET]: a config file (configs/mqar.py, configs/lm.py, or from any directory the
+    installed ones by name: mqar, lm), optionally with a preset
     (transformer, mamba, hybrid, bmojo_f, bmojo; configs/lm.py also takes bmojo,cpu and so on for a CPU-sized
     run), e.g. --config configs/mqar.py:hybrid
   --config.<section>.<field>=VALUE: overrides one field of the config, e.g. --config.train.num_steps=200;
@@ -195,10 +196,35 @@ def _config_arg(argv: list[str]) -> str | None:
   return None
 
 
+def resolve_config_spec(spec: str) -> str:
+  """FILE[:PRESET] as given where FILE is a file here; else, for a name of the project's own configs (`mqar`,
+  `mqar.py` or `configs/mqar.py`; likewise `lm`), the installed `configs` package's file, so `--config mqar:bmojo`
+  works from any directory. Anything else is returned unchanged (and refused by `load_config`)."""
+  path, sep, preset = spec.partition(":")
+  if os.path.isfile(path) or os.path.dirname(path) not in ("", "configs"):
+    return spec
+  import configs  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(path) if path.endswith(".py") else os.path.basename(path) + ".py"
+  installed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), name)
+  return installed + sep + preset if os.path.isfile(installed) else spec
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+  """argv with the value of `--config X` / `--config=X` passed through `resolve_config_spec` (overrides
+  `--config.<field>=...` untouched)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + resolve_config_spec(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_spec(out[i + 1])
+  return out
+
+
 def load_config(spec: str):
   """The ConfigDict of `spec` = FILE[:PRESET], as `--config` loads it (FileNotFoundError if there is no FILE;
   a bad preset raises whatever the file's get_config raises, a ValueError for ours)."""
-  path, _, preset = spec.partition(":")
+  path, _, preset = resolve_config_spec(spec).partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such config file {path!r}")
   module_spec = importlib.util.spec_from_file_location("_bmojo_config", path)
@@ -256,6 +282,7 @@ def _parse_flags(argv, command: str):
 
 def _run(main, command: str, with_config: bool) -> None:
   """app.run(main), except that -h / --help prints this command's usage and flags and exits 0."""
+  sys.argv[1:] = _resolve_config_args(sys.argv[1:])
   argv = sys.argv[1:]
   if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
     app.run(main, flags_parser=functools.partial(_parse_flags, command=command))
