@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_train_config
 from bmojo_jax import losses
+from tests.conftest import tiny_train_config
+from tests.test_mqar_sweep import _record as _sweep_record
 from train import steps
 from train import trainer
 
@@ -93,14 +94,6 @@ def test_a_collapsed_eval_at_the_target_stops_as_collapsed_and_exits_1(tmp_path,
 
 
 # ------------------------------------------------------------------------------------ the sweep's records
-def _sweep_record(**fields) -> dict:
-  base = {"family": "transformer", "variant": "", "d_model": 128, "N": 32, "L": 256, "window": None, "n_fading": 0,
-          "n_eidetic": 0, "eidetic_per_chunk": 0, "store_policy": "", "selection": "", "dtype": "bfloat16",
-          "attn_impl": "reference", "learning_rate": 1e-3, "seed": 0, "epochs": 8, "test_accuracy": 0.5,
-          "state_bytes": 1000}
-  return {**base, **fields}
-
-
 def test_the_table_gives_the_test_loss_and_counts_a_collapsed_run_as_zero():
   from benchmarks import mqar_sweep  # pylint: disable=g-import-not-at-top
   records = [_sweep_record(seed=0, test_accuracy=0.99, test_loss=0.02, collapsed=False),
