@@ -26,6 +26,7 @@ from bmojo_jax.config import ModelConfig, ScanImpl
 from bmojo_jax.layers import causal_conv, einsum_layer, param
 from bmojo_jax.scan import get_scan_fn
 from bmojo_jax.segments import Packing
+from pallas_kernels.sharding import constrain
 
 
 class MambaState(NamedTuple):
@@ -111,7 +112,9 @@ class Mamba(nnx.Module):
     operand of the scan kernel, would then be copied out of it (2·B·T·E elements moved, 268 MB a layer at 1.4B,
     16k tokens) and the backward would assemble the [B, T, 2, E] cotangent from du and dz."""
     dtype = self.cfg.compute_dtype
-    w = self.in_proj.kernel[...].astype(dtype)                                       # [D, 2, E]
+    # Under FSDP the kernel is gathered whole, like every weight, before it is cut in halves (cut first, XLA
+    # gathered each half: an all-gather of a shape no parameter has).
+    w = constrain(self.in_proj.kernel[...], (None, None, tp.INNER)).astype(dtype)      # [D, 2, E]
     x = x.astype(dtype)
     return tuple(jnp.einsum("BTD,DE->BTE", x, w[:, j]) for j in (0, 1))
 

@@ -310,7 +310,7 @@ def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
   """A smoke B'MOJO trained 2 steps on the fake corpus, evaluated as trained and with its store grown."""
   from train import trainer  # pylint: disable=g-import-not-at-top
   out = tmp_path / "corpus"
-  corpus.prepare(str(out), root=str(package_tree), eval_fraction=0.3)
+  corpus.prepare(str(out), ("austen", "kjv"), root=str(package_tree), eval_fraction=0.3)   # the fake tree's sources
   config = _lm_config(str(out))
   config.train.num_steps, config.train.batch_size, config.train.eval_batch_size = 2, 2, 2
   config.train.progress_bar, config.train.plot = False, False
