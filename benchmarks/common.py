@@ -70,6 +70,15 @@ def write_json(path: str, obj) -> str:
   return files.write_json(path, obj, indent=1)
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+  """Lays out `fig`, writes it to `path` and closes it (the benchmarks' figures); returns path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def ints(text: str) -> list[int]:
   """'1,2,4' -> [1, 2, 4] (a command-line list)."""
   return [int(x) for x in text.split(",") if x.strip()]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import device_tag, ints, median_ms, write_results
+from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
 from benchmarks.decode_bench import at_position, greedy
 from bmojo_jax import Family, LanguageModel, ModelConfig, preset
 from bmojo_jax.inference import Decoder, cache_bytes
@@ -147,10 +147,7 @@ def figure(records: list[dict], path: str) -> str:
              title=f"{size}, batch {batch} (dotted: floor)")
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit) -> None:

@@ -28,7 +28,7 @@ if __package__ in (None, ""):   # run as a file: the repository root on the path
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from benchmarks.common import append_results, device_name, device_tag, ints  # noqa: E402
+from benchmarks.common import append_results, device_name, device_tag, ints, save_figure  # noqa: E402
 from train import runs, steps  # noqa: E402
 from train.data import mqar  # noqa: E402
 
@@ -68,10 +68,7 @@ def plot(records: list[dict], path: str) -> str:
   ax.title.set_fontsize(8)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import append_results, apply_overrides, device_name, device_tag  # noqa: E402
+from benchmarks.common import append_results, apply_overrides, device_name, device_tag, save_figure  # noqa: E402
 from bmojo_jax import memory  # noqa: E402
 from bmojo_jax.config import Family, Selection  # noqa: E402
 from train.data import mqar  # noqa: E402
@@ -174,10 +174,7 @@ def plot(record: dict, path: str) -> str:
                      fontsize=8)
   ax.legend(fontsize=8)
   fig.suptitle(record["title"], fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

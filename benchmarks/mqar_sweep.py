@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import append_results, device_name, device_tag, ints, write_json  # noqa: E402
+from benchmarks.common import append_results, device_name, device_tag, ints, save_figure, write_json  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
 from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
@@ -533,10 +533,7 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
       ax.grid(alpha=0.3)
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
   out = panels(lambda r: r["state_bytes"], model_name, lambda r: r["n_eidetic"] in (0, n_eidetic), "state size (bytes)",
                "log", out_path)
