@@ -15,7 +15,8 @@ outputs not aliased to donated inputs), device, jax, and what chose the layout a
 remat, attn_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own).
 Equal tokens per step: batch = max(1, tokens // T).
 `--layouts` times each configuration in several layouts (LAYOUTS: scanned or loop blocks x a remat policy,
-e.g. `scan/dots_attention`; `all` = every one) and prints, per family and shape, the fastest that ran beside
+e.g. `scan/dots_attention`; `all` = every one; `scan2/...`, `scan4/...`, `scan8/...` run k blocks per scan
+iteration, `scan_unroll`) and prints, per family and shape, the fastest that ran beside
 the preset's default (also stored as records with op="best_layout"). `--tiny` is a CPU smoke size (an MQAR-sized
 model, T 64, 128 tokens a step, the reference scan and attention).
 `--packed true` feeds rows that pack documents (segment_ids, lengths ~ Exp(--doc-len)): records say
@@ -64,8 +65,11 @@ DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "
 
 
 TINY = "tiny"  # a size for CPU smoke runs: the MQAR-sized model of `mqar_config` with a small vocabulary
-LAYOUTS = {f"{'scan' if scan else 'loop'}/{remat}": (scan, remat)
+LAYOUTS = {f"{'scan' if scan else 'loop'}/{remat}": (scan, remat, 1)
            for scan in (True, False) for remat in ("none", "dots_kernels", "dots_attention", "full")}
+# Scanned blocks, k per scan iteration (`scan_unroll`): named, not in "all".
+UNROLLED = {f"scan{k}/{remat}": (True, remat, k) for k in (2, 4, 8)
+            for remat in ("none", "dots_kernels", "dots_attention", "full")}
 
 
 def model_config(family: str, size: str, **overrides):
@@ -144,11 +148,11 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
             remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
             scan_layers: bool | None = None, doc_len: int | None = None,
             mesh: dict[str, int] | None = None, loss_impl: str | None = None,
-            loss_block: int | None = None) -> dict:
+            loss_block: int | None = None, scan_unroll: int | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
   for name, value in (("remat", remat), ("scan_layers", scan_layers), ("loss_impl", loss_impl),
-                      ("loss_block", loss_block)):
+                      ("loss_block", loss_block), ("scan_unroll", scan_unroll)):
     if value is not None:
       overrides[name] = value
   config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, **overrides)
@@ -176,7 +180,7 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
   rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
-             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers,
+             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll,
              default_layout=is_default_layout(family, size, cfg), loss_impl=cfg.loss_impl.value,
              loss_block=cfg.loss_block, step_ms=step_ms,
              tokens_per_s=tokens_per_s,
@@ -186,7 +190,8 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
              mesh=dict(setup.mesh.shape), segments=bool(doc_len), mean_doc_len=doc_len)
   if profile_dir:
     name = (f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_"
-            f"{'scan' if cfg.scan_layers else 'loop'}_{cfg.remat.value}")
+            f"{layout_name(dict(scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll, remat=cfg.remat.value))}"
+            .replace("/", "_"))
     rec["profile"] = profile(compiled, state, batch_arrays, profile_dir, name)
   return rec
 
@@ -194,11 +199,13 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
 def is_default_layout(family: str, size: str, cfg) -> bool:
   """Whether cfg's scan_layers and remat are the preset's own."""
   preset = model_config(family, size)
-  return cfg.scan_layers == preset.scan_layers and cfg.remat == preset.remat
+  return (cfg.scan_layers == preset.scan_layers and cfg.remat == preset.remat
+          and (cfg.scan_unroll == preset.scan_unroll or not cfg.scan_layers))
 
 
 def layout_name(rec: dict) -> str:
-  return f"{'scan' if rec['scan_layers'] else 'loop'}/{rec['remat']}"
+  unroll = rec.get("scan_unroll") or 1
+  return f"{'loop' if not rec['scan_layers'] else 'scan' if unroll == 1 else f'scan{unroll}'}/{rec['remat']}"
 
 
 SHAPE_KEYS = ("family", "attn_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag")
@@ -347,7 +354,7 @@ def add_scaling(records: list[dict]) -> None:
   """Sets `speedup` (tokens/s over the one-device record of the same configuration) and `scaling_efficiency`
   (speedup / devices) on each multi-device record that has one."""
   key = lambda r: tuple(r.get(k) for k in ("family", "attn_impl", "size", "T", "batch", "remat", "scan_layers",
-                                            "segments", "tag"))
+                                            "scan_unroll", "segments", "tag"))
   single = {key(r): r for r in records if "error" not in r and r["devices"] == 1}
   for r in records:
     one = single.get(key(r))
@@ -393,14 +400,14 @@ def main():
       args.families = "transformer:reference,hybrid:reference,bmojo_f:reference,bmojo:reference,mamba"
   if args.layouts:
     names = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
-    unknown = [n for n in names if n not in LAYOUTS]
+    unknown = [n for n in names if n not in {**LAYOUTS, **UNROLLED}]
     if unknown:
-      ap.error(f"--layouts {unknown}: choose from {list(LAYOUTS)} or all")
-    layouts = [LAYOUTS[n] for n in names]
+      ap.error(f"--layouts {unknown}: choose from {list(LAYOUTS) + list(UNROLLED)} or all")
+    layouts = [{**LAYOUTS, **UNROLLED}[n] for n in names]
   else:
     layouts = list(itertools.product(
         [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")],
-        [None] if args.remat is None else args.remat.split(",")))
+        [None] if args.remat is None else args.remat.split(","), [None]))
   loss_impls = [None] if args.loss_impl is None else args.loss_impl.split(",")
   packs = [v == "true" for v in args.packed.split(",")]
   meshes = [None] if args.meshes is None else [parse_mesh(m) for m in args.meshes.split(",")]
@@ -412,7 +419,7 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec, (scan_layers, remat), loss_impl, packed, mesh in itertools.product(
+      for spec, (scan_layers, remat, unroll), loss_impl, packed, mesh in itertools.product(
           args.families.split(","), layouts, loss_impls, packs, meshes):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
@@ -421,10 +428,10 @@ def main():
         try:
           doc_len = (args.doc_len or seq_len // 4) if packed else None
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl, scan_layers, doc_len, mesh, loss_impl, args.loss_block)
+                        args.scan_impl, scan_layers, doc_len, mesh, loss_impl, args.loss_block, unroll)
         except Exception as e:  # keep the grid going; the record says what failed
           rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len, mesh=mesh,
-                     scan_layers=scan_layers, remat=remat, loss_impl=loss_impl,
+                     scan_layers=scan_layers, scan_unroll=unroll, remat=remat, loss_impl=loss_impl,
                      error=f"{type(e).__name__}: {str(e)[:400]}")
         rec["tag"] = args.tag
         records.append(rec)

@@ -140,8 +140,8 @@ class Selection(enum.StrEnum):
 
 # Fields that choose how the model is computed, not what its parameters are: a checkpoint written under one
 # choice restores under another (scan_layers by converting the parameter layout, `bmojo_jax.stack_blocks`).
-COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers", "loss_impl",
-                  "loss_block")
+COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers", "scan_unroll",
+                  "loss_impl", "loss_block")
 
 
 class ConfigError(ValueError):
@@ -191,6 +191,8 @@ class ModelConfig:
   scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
                                      # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
                                      # (docs/train_speed.md); False: a Python loop over the blocks
+  scan_unroll: int = 1               # with scan_layers: blocks per scan iteration (lax.scan's unroll), a layout
+                                     # between the two: XLA schedules across those blocks, compile grows with it
   loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
   loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
                                      # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
@@ -291,7 +293,8 @@ class ModelConfig:
       if not cond:
         raise ConfigError(f"{self.family.value}: {msg}")
 
-    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk", "loss_block"):
+    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk", "loss_block",
+                 "scan_unroll"):
       need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
     need(self.n_layers % 2 == 0, f"n_layers={self.n_layers} must be even (each block holds two sublayers)")
     for name in ("dtype", "param_dtype"):

@@ -13,7 +13,8 @@ fading tokens; the parallel pass hands s with norm_2, which the attention applie
 it reads only (`Attention.fading_parts`), not to all T.
 
 With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
-"layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth. Otherwise (the
+"layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth (or, with
+`cfg.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks`
 convert parameter trees between the two layouts.
@@ -230,7 +231,7 @@ class LanguageModel(nnx.Module):
     if cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
       body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True, packing=packing)
-      x, caches = jax.lax.scan(body, x, (params, caches))
+      x, caches = jax.lax.scan(body, x, (params, caches), unroll=min(cfg.scan_unroll, cfg.n_blocks))
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):

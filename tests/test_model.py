@@ -93,8 +93,13 @@ def test_scanned_blocks_equal_the_block_loop(family):
   with jax.default_matmul_precision("highest"):
     loss_a, grads_a = _loss_and_grads(loop, tokens)
     loss_b, grads_b = _loss_and_grads(scanned, tokens)
+    unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(
+        loop_cfg.replace(scan_layers=True, scan_unroll=2), rngs=nnx.Rngs(0)))), nnx.state(scanned))
+    loss_c, grads_c = _loss_and_grads(unrolled, tokens)   # both blocks in one scan iteration
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   chex.assert_trees_all_close(stack_blocks(grads_a), grads_b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(loss_a, loss_c, rtol=1e-6)
+  chex.assert_trees_all_close(grads_b, grads_c, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(scanned.block(1), nnx.Param)),
                               nnx.to_pure_dict(nnx.state(loop.block(1), nnx.Param)))
 
