@@ -96,6 +96,24 @@ def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start
   return tokens.T, logits, cache
 
 
+MATMUL_WEIGHTS = ("kernel", "embed", "lm_head")  # parameter names whose every use casts them to the compute dtype
+
+
+def decode_weights(state: nnx.State, compute_dtype) -> nnx.State:
+  """The model state a decoder reads: every matmul weight (`MATMUL_WEIGHTS`: the projections' kernels, the
+  embedding and head) stored in a wider float than the compute dtype is cast to it once, here. Each use casts
+  them to the compute dtype anyway, so the logits are the same bit for bit, and a token reads half the bytes of
+  fp32 weights (decoding at small batch is bound by reading the weights). The rest (norm scales, the SSM's
+  A_log, D, dt_bias, conv taps) stays as stored: it is small, and the scan reads some of it in fp32."""
+  compute_dtype = jnp.dtype(compute_dtype)
+
+  def cast(path, x):
+    name = next((str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), "")
+    narrower = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > compute_dtype.itemsize
+    return x.astype(compute_dtype) if name in MATMUL_WEIGHTS and narrower else x
+  return jax.tree_util.tree_map_with_path(cast, state)
+
+
 class Decoder:
   """Compiled prefill and step functions for one model.
 
@@ -109,11 +127,15 @@ class Decoder:
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
   per-block cache it reads. The step keeps the block loop: scanned, each token would copy every block's cache
   through the scan's inputs and outputs.
+
+  The decoder holds the model's parameters with its matmul weights in the compute dtype (`decode_weights`):
+  a model trained with fp32 parameters and bf16 compute decodes reading bf16 weights, with the same logits.
   """
 
   def __init__(self, model: LanguageModel, *, scan_prefill: bool = False):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    self.state = decode_weights(state, self.cfg.compute_dtype)
     self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
     self.n_unstack = 0
     if scan_prefill and not self.cfg.scan_layers:

@@ -210,3 +210,25 @@ def test_step_has_no_conditional(decoders, family):
                                       None).as_text()
   for text in (step, loop):
     assert "stablehlo.case" not in text and "stablehlo.if" not in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
+  """fp32 parameters, bf16 compute: the decoder holds its matmul weights in bf16 (half the bytes a token reads)
+  and the rest as stored, and its prefill and steps give the logits of the model's own fp32 weights, bit for
+  bit (every use casts those weights to the compute dtype)."""
+  model = LanguageModel(tiny_config(family, init_std=0.1, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  decoder = Decoder(model)
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(decoder.state)}
+  assert {d for p, d in dtypes.items() if "kernel" in p or "embed" in p} == {jnp.dtype("bfloat16")}
+  assert {d for p, d in dtypes.items() if "scale" in p} == {jnp.dtype("float32")}
+  graphdef, state = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+  got, cache = decoder.prefill(tokens[:, :5], 9)
+  want, want_cache = inference._prefill(graphdef, state, tokens[:, :5], 9, False, 0)
+  np.testing.assert_array_equal(got, want)
+  for t in range(5, 9):
+    got, cache = decoder.step(tokens[:, t], cache)
+    want, want_cache = inference._step(graphdef, state, tokens[:, t], want_cache)
+    np.testing.assert_array_equal(got, want)
+  assert float(jnp.abs(want).max()) > 0.1
