@@ -51,6 +51,21 @@ def test_a_resume_with_other_inputs_is_refused_naming_them(tmp_path, capsys):
   assert [f["path"] for f in meta["plan"]["inputs"]] == [os.path.join(first, f"doc{i:03d}.txt") for i in range(6)]
 
 
+@pytest.mark.parametrize("name", [stream.TOKENS, "doc_lengths.tmp", "parts/part-000001.bin.tmp", "parts"])
+def test_a_link_planted_in_a_stream_folder_is_refused_and_its_target_untouched(tmp_path, name):
+  """A resumed prepare writes the parts left and then the stream's files: none through a link out of `out`."""
+  folder = _texts(tmp_path / "a", [f"document {i}" for i in range(4)])
+  out, outside = tmp_path / "out", tmp_path / "precious"
+  assert _prepare(folder, str(out), stop_after_shards=1) is None
+  outside.mkdir() if name == "parts" else outside.write_text("keep me")
+  if name == "parts":
+    os.rename(out / "parts", tmp_path / "parts")
+  os.symlink(outside, out / name)
+  with pytest.raises(files.UnsafePathError, match="symbolic link"):
+    _prepare(folder, str(out))
+  assert (os.listdir(outside) == [] if outside.is_dir() else outside.read_text() == "keep me")
+
+
 def test_doc_offsets_out_of_order_or_past_the_tokens_are_refused(tmp_path):
   out = str(tmp_path / "out")
   _prepare(_texts(tmp_path / "a", [f"document {i}" for i in range(5)]), out)

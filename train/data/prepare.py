@@ -58,9 +58,9 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
     raise ValueError(f"shard {shard}: token ids in [{tokens.min()}, {tokens.max()}] fall outside the tokenizer's "
                      f"vocabulary [0, {tokenizer.vocab_size}).")
   tokens_path, lengths_path = _part_paths(out, shard)
-  with open(tokens_path + ".tmp", "wb") as f:   # written then renamed: a killed worker leaves no half part
+  with files.open_nofollow(tokens_path + ".tmp", "wb") as f:   # written then renamed: no half part is left
     f.write(tokens.astype(dtype).tobytes())
-  with open(lengths_path + ".tmp", "wb") as f:
+  with files.open_nofollow(lengths_path + ".tmp", "wb") as f:
     np.save(f, lengths)
   os.replace(lengths_path + ".tmp", lengths_path)
   os.replace(tokens_path + ".tmp", tokens_path)
