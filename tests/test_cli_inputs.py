@@ -9,7 +9,6 @@ of inputs (`inputs`), {run} a run folder with config.json and an untrained check
 
 import contextlib
 import io
-import os
 import re
 import shlex
 import signal
@@ -39,6 +38,7 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     (MQAR + "--config.trian.num_steps=10", r"has no field 'trian.num_steps'; closest: train.num_steps"),
     (MQAR + "--config.model.d_modle=32", r"has no field 'model.d_modle'; closest: model.d_model"),
     (MQAR + "--config.data.seed=1", r"has no field 'data.seed'; closest: .*data.train_seed"),
+    (MQAR + "--config.nothing_like_it=1", r"`bmojo-train --help --config configs/mqar.py` lists them"),
     (MQAR + "--config.train.num_steps=abc", r"--config.train.num_steps=abc: invalid literal for int"),
     (MQAR + "--config.train.num_steps=1.5", r"--config.train.num_steps=1.5: invalid literal for int"),
     (MQAR + "--config.optim.learning_rate=fast", r"--config.optim.learning_rate=fast: could not convert"),
