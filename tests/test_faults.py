@@ -396,7 +396,11 @@ def test_a_run_stopped_at_its_target_accuracy_is_finished(tmp_path):
   assert faults.finished(path, 6, t)[0] == "test accuracy 0.9500 >= train.target_accuracy=0.9"
   assert faults.finished(path, 9, t) is None                          # trained further since
   assert faults.finished(path, 6, tiny_config(target_accuracy=0.99).train) is None   # a higher target: go on
-  assert faults.finished(path, 12, t)[0] == "train.num_steps=12"
+  assert faults.finished(path, 12, t) is None      # results of step 6 are not those of checkpoint 12: evaluate again
+  for stop in ("SIGTERM", None):                    # a SIGTERM stop at 7, later killed before writing step 12's
+    with open(path, "w") as f:
+      json.dump({"step": 7 if stop else 12, "stopped_by": stop, "test_accuracy": 0.5}, f)
+    assert faults.finished(path, 12, t) == (None if stop else ("train.num_steps=12", json.load(open(path))))
 
 
 # ----------------------------------------------------------------------------------------------- workdir files
@@ -530,6 +534,19 @@ def test_json_files_are_written_by_rename(tmp_path):
   with pytest.raises(TypeError):
     files.write_json(path, {"a": object()})
   assert json.loads(open(path).read()) == {"a": 1} and os.listdir(tmp_path) == ["r.json"]
+  (tmp_path / "r.json.tmp123").write_text('{"a": ')       # a writer killed before its rename
+  (tmp_path / "r.json.tmp.keep").write_text("not ours")
+  files.write_json(path, {"a": 2})
+  assert sorted(os.listdir(tmp_path)) == ["r.json", "r.json.tmp.keep"]
+
+
+def test_a_metrics_line_torn_by_a_kill_is_cut_when_the_run_resumes(tmp_path):
+  path = tmp_path / metrics_lib.METRICS_FILE
+  path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "tr')
+  writer = metrics_lib.MetricWriter(str(tmp_path), total_steps=3, initial_step=1, progress_bar=False)
+  writer.write(2, {"loss": 1.5})
+  writer.close()
+  assert [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(tmp_path))] == [(1, 2.0), (2, 1.5)]
 
 
 # ----------------------------------------------------------------------------------------------- signals
