@@ -121,19 +121,6 @@ def _train(argv):
     sys.exit(EXIT_STOPPED)
 
 
-def _multiples(name: str) -> list[int]:
-  """The comma-separated positive integers of flag `name` (--lm_lengths, --niah_lengths); one line otherwise."""
-  text = flags.FLAGS[name].value
-  try:
-    values = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    values = [0]
-  if min(values, default=1) < 1:
-    sys.exit(f"bmojo-eval: --{name}={text!r}: give multiples of the training length as positive integers, "
-             "e.g. 1,2,4.")
-  return values
-
-
 def _eval(argv):
   del argv
   _quiet_logs()
@@ -145,8 +132,8 @@ def _eval(argv):
              "test-set evaluation uses the trained model as it is).")
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
     from train import lm_eval  # pylint: disable=g-import-not-at-top
-    factors, niah_factors = _multiples("lm_lengths"), _multiples("niah_lengths")
     with _one_line_errors("bmojo-eval"):
+      factors, niah_factors = (lm_eval.parse_multiples(n, f[n].value) for n in ("lm_lengths", "niah_lengths"))
       record = lm_eval.evaluate_lm_run(
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,

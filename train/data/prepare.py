@@ -198,8 +198,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def main(argv=None) -> None:
   parser = _OneLineParser(prog="bmojo-prepare", description=__doc__.split("\n\n")[0],
-                                   epilog="Train on it: bmojo-train ... --config.data.kind=stream "
-                                          "--config.data.stream_dir=<out> (docs/data.md).")
+                          epilog="Train on it: bmojo-train ... --config.data.kind=stream "
+                                 "--config.data.stream_dir=<out> (docs/data.md).")
   parser.add_argument("--out", required=True, help="stream folder to write (resumes an unfinished one)")
   parser.add_argument("--tokenizer", default="byte", help="byte (default) or a SentencePiece .model file")
   parser.add_argument("--text", default="", help="comma-separated text files / directories (one document a file)")
