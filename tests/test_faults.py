@@ -660,9 +660,10 @@ def test_bit_rot_in_an_array_file_is_refused_naming_the_intact_ones(reference, t
 
 @pytest.mark.parametrize("part, damage", [("meta/metadata", "empty"), ("meta", "remove"), ("state", "remove"),
                                           ("state/_METADATA", "garbage"), ("state/manifest.ocdbt", "empty"),
-                                          ("array", "empty")])
+                                          ("array", "empty"), ("array", "link")])
 def test_a_damaged_checkpoint_is_refused_in_two_lines_naming_the_intact_ones(reference, tmp_path, part, damage):
-  """Checkpoint 12 with one part removed, emptied or overwritten: the run stops before training, in two lines."""
+  """Checkpoint 12 with one part removed, emptied, overwritten or moved out and linked to: the run stops before
+  training, in two lines, and reads nothing through the link."""
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   os.remove(os.path.join(workdir, "results.json"))
@@ -673,6 +674,9 @@ def test_a_damaged_checkpoint_is_refused_in_two_lines_naming_the_intact_ones(ref
                 if os.sep + "d" + os.sep in os.path.join(root, n)), key=os.path.getsize)
   if damage == "remove":
     shutil.rmtree(path)
+  elif damage == "link":
+    shutil.move(path, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", path)
   else:
     with open(path, "wb") as f:
       f.write(b"" if damage == "empty" else b"garbage")
