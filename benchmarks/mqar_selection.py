@@ -216,6 +216,7 @@ def main(argv=None):
       results = json.load(f)
   record = {"workdir": os.path.abspath(workdir), "step": int(step), "selection": cfg.selection.value,
             "store_policy": cfg.store_policy.value, "test_accuracy": results.get("test_accuracy"),
+            "test_loss": results.get("test_loss"), "collapsed": results.get("collapsed"),
             "d_model": cfg.d_model, "L": mq.seq_len, "N": mq.num_kv_pairs, "vocab_size": mq.vocab_size,
             "window": cfg.window, "chunk": cfg.chunk, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
             "eidetic_per_chunk": cfg.eidetic_per_chunk, "examples": args.examples, "layers": layers,

@@ -1,4 +1,5 @@
-"""The console scripts' --help: exit 0, name the flags, and list a config file's fields on request."""
+"""The console scripts' --help: exit 0, name the flags, and list a config file's fields on request. (Bad inputs to
+them: tests/test_cli_inputs.py.)"""
 
 import os
 import subprocess
@@ -45,38 +46,6 @@ def one_line(stderr: str) -> str:
   lines = [l for l in stderr.splitlines() if l.strip()]
   assert len(lines) == 1, stderr
   return lines[0]
-
-
-@pytest.mark.parametrize("override, needle", [
-    ("--config.train.num_step=10", "has no field 'train.num_step'; closest: train.num_steps"),
-    ("--config.trian.num_steps=10", "has no field 'trian.num_steps'; closest: train.num_steps"),
-    ("--config.model.d_modle=32", "has no field 'model.d_modle'; closest: model.d_model"),
-    ("--config.nothing_like_it=1", "`bmojo-train --help --config configs/mqar.py` lists them"),
-])
-def test_unknown_override_is_one_line_naming_the_closest_fields(tmp_path, override, needle):
-  workdir = tmp_path / "run"
-  out = cli("train", "--config", "configs/mqar.py", override, "--workdir", str(workdir))
-  assert out.returncode != 0
-  line = one_line(out.stderr)
-  assert line.startswith("bmojo-train: " + override.split("=")[0]) and needle in line, line
-  assert not workdir.exists()
-
-
-@pytest.mark.parametrize("spec, needle", [
-    ("configs/mqar.py:hybird", "preset 'hybird' is unknown; choose one of"),
-    ("configs/nope.py", "no such config file 'configs/nope.py'"),
-])
-def test_bad_config_file_or_preset_is_one_line(tmp_path, spec, needle):
-  out = cli("train", "--config", spec, "--workdir", str(tmp_path / "run"))
-  assert out.returncode != 0 and needle in one_line(out.stderr)
-  assert not (tmp_path / "run").exists()
-
-
-def test_invalid_config_creates_no_workdir(tmp_path):
-  workdir = tmp_path / "run"
-  out = cli("train", "--config", "configs/mqar.py", "--config.train.batch_size=0", "--workdir", str(workdir))
-  assert out.returncode != 0 and "train.batch_size=0 must be >= 1" in out.stderr
-  assert not workdir.exists()
 
 
 def test_plots_without_matplotlib_says_what_to_install(tmp_path):

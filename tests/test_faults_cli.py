@@ -1,5 +1,6 @@
-"""Refusals in one or two lines (issue #31 item 8, #34 item 7): bmojo-prepare's resume checks, Ctrl-C and full
-disk, and the CLI's workdir refusals. No training: each case is refused before the first step."""
+"""Refusals in one or two lines (issue #31 item 8, #34 item 7): bmojo-prepare's resume checks, links planted in
+its folder, Ctrl-C and full disk, and impossible or misleading settings. No training: each case is refused before
+the first step. (The table of bad command lines: tests/test_cli_inputs.py.)"""
 
 import errno
 import os
@@ -14,7 +15,6 @@ from train.data import prepare
 from train.data import sources
 from train.data import stream
 from train.data import text
-from train.workdir_lock import WorkdirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +49,21 @@ def test_a_resume_with_other_inputs_is_refused_naming_them(tmp_path, capsys):
   assert f"{out}: resuming at document 2 of 6 (1 of 3 shards were done by an earlier run)." in \
       capsys.readouterr().err
   assert [f["path"] for f in meta["plan"]["inputs"]] == [os.path.join(first, f"doc{i:03d}.txt") for i in range(6)]
+
+
+@pytest.mark.parametrize("name", [stream.TOKENS, "doc_lengths.tmp", "parts/part-000001.bin.tmp", "parts"])
+def test_a_link_planted_in_a_stream_folder_is_refused_and_its_target_untouched(tmp_path, name):
+  """A resumed prepare writes the parts left and then the stream's files: none through a link out of `out`."""
+  folder = _texts(tmp_path / "a", [f"document {i}" for i in range(4)])
+  out, outside = tmp_path / "out", tmp_path / "precious"
+  assert _prepare(folder, str(out), stop_after_shards=1) is None
+  outside.mkdir() if name == "parts" else outside.write_text("keep me")
+  if name == "parts":
+    os.rename(out / "parts", tmp_path / "parts")
+  os.symlink(outside, out / name)
+  with pytest.raises(files.UnsafePathError, match="symbolic link"):
+    _prepare(folder, str(out))
+  assert (os.listdir(outside) == [] if outside.is_dir() else outside.read_text() == "keep me")
 
 
 def test_doc_offsets_out_of_order_or_past_the_tokens_are_refused(tmp_path):
@@ -93,23 +108,6 @@ def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300)
-
-
-@pytest.mark.slow
-def test_workdir_refusals_are_one_or_two_lines(tmp_path):
-  """A busy workdir (was 24 lines of traceback around a good message) and a workdir that is a file (20 lines)."""
-  busy, afile = tmp_path / "busy", tmp_path / "afile"
-  busy.mkdir()
-  afile.write_text("")
-  train = ("train.cli", "train", "--config", "configs/mqar.py:mamba", "--config.train.num_steps=1")
-  with WorkdirLock(str(busy)):
-    out = _cli(*train, "--workdir", str(busy))
-  assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
-  assert out.stderr.startswith(f"bmojo-train: {busy} is in use by another run (host ")
-  out = _cli(*train, "--workdir", str(afile))
-  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-      f"bmojo-train: ValueError: The workdir {afile} is a file, not a folder: name a folder (it is created if "
-      "missing)."], out.stderr[-3000:]
 
 
 def test_plots_help_exits_zero():

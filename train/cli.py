@@ -127,11 +127,13 @@ def _eval(argv):
   from train import faults, files, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
+  if f.lm_model and not (f.lm_lengths or f.niah):
+    sys.exit("bmojo-eval: --lm_model changes the model of --lm_lengths / --niah only; add one of them (the "
+             "test-set evaluation uses the trained model as it is).")
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
     from train import lm_eval  # pylint: disable=g-import-not-at-top
     with _one_line_errors("bmojo-eval"):
-      factors = [int(x) for x in f.lm_lengths.split(",") if x.strip()]
-      niah_factors = [int(x) for x in f.niah_lengths.split(",") if x.strip()]
+      factors, niah_factors = (lm_eval.parse_multiples(n, f[n].value) for n in ("lm_lengths", "niah_lengths"))
       record = lm_eval.evaluate_lm_run(
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,

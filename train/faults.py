@@ -176,11 +176,14 @@ class NonFiniteGuard:
 
 def finished(results_path: str, start: int, t) -> tuple[str, dict[str, Any]] | None:
   """(why, its results) when the run whose latest checkpoint is `start` has finished, else None: it has a
-  results.json, and train.num_steps is reached or it stopped at the target accuracy still asked for."""
+  results.json of that checkpoint (not one written at an earlier stop, e.g. by SIGTERM), and train.num_steps is
+  reached or it stopped at the target accuracy still asked for."""
   if not os.path.lexists(results_path):
     return None
   results = files.read_json(results_path, "Delete it (or move it away) and rerun the same command: the run resumes "
                                           "from its latest checkpoint and writes it again.")
+  if results.get("step") != start:
+    return None
   if start >= int(t.num_steps):
     return f"train.num_steps={int(t.num_steps)}", results
   accuracy = results.get("test_accuracy")

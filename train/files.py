@@ -97,7 +97,7 @@ def inside(root: str, name: str, source: str | None = None) -> str:
 
 def open_nofollow(path: str, mode: str = "r"):
   """open(path, mode) that refuses a symbolic link at `path` itself (O_NOFOLLOW): UnsafePathError."""
-  flags = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+  flags = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "r+b": os.O_RDWR, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
            "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
            "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[mode]
   try:
@@ -112,8 +112,13 @@ def open_nofollow(path: str, mode: str = "r"):
 def write_json(path: str, obj: Any, indent: int = 2) -> str:
   """Writes `obj` as JSON to `path` through a temporary file in the same folder and a rename: a reader never
   sees half a file, a symbolic link at `path` is replaced (not followed), and a failed write (WriteError)
-  leaves the old file whole. Returns path."""
+  leaves the old file whole. The temporary files of writers killed before their rename are removed. Returns
+  path."""
   tmp = f"{path}.tmp{os.getpid()}"
+  folder, name = os.path.split(path)
+  for stale in os.listdir(folder or "."):
+    if re.fullmatch(re.escape(name) + r"\.tmp\d+", stale):
+      os.remove(os.path.join(folder, stale))
   try:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -129,6 +129,14 @@ def heldout_documents(config: ml_collections.ConfigDict) -> dict[str, str]:
                    "evaluation needs data.kind=corpus or data.eval_paths.")
 
 
+def parse_multiples(flag: str, text: str) -> list[int]:
+  """"1,2,4" -> [1, 2, 4], the multiples of the training length of --lm_lengths / --niah_lengths (named `flag`)."""
+  values = [x.strip() for x in text.split(",") if x.strip()]
+  if not all(re.fullmatch(r"\d+", x) and int(x) >= 1 for x in values):
+    raise ValueError(f"--{flag}={text!r}: give multiples of the training length as positive integers, e.g. 1,2,4.")
+  return [int(x) for x in values]
+
+
 def parse_overrides(spec: str) -> dict[str, Any]:
   """"n_eidetic=256,attn_impl=reference" -> {"n_eidetic": 256, "attn_impl": "reference"}."""
   out = {}

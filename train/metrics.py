@@ -47,6 +47,19 @@ class _EventFile:
     self._writer.close()
 
 
+def _cut_torn_line(path: str) -> None:
+  """Cuts a last line without its newline, the part-record of a run killed while writing it, so that the next
+  record starts a line of its own (what the killed run had logged of that step is logged again on resume)."""
+  if not os.path.lexists(path):
+    return
+  with files.open_nofollow(path, "r+b") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (1 << 16)))
+    tail = f.read()
+    if tail and not tail.endswith(b"\n"):
+      f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard and JSONL and shows them on a progress bar; files.WriteError when a file
   cannot be written."""
@@ -64,6 +77,7 @@ class MetricWriter:
     try:
       os.makedirs(tb_dir, exist_ok=True)
       self._tb = _EventFile(tb_dir)
+      _cut_torn_line(self._jsonl_path)
       self._jsonl = files.open_nofollow(self._jsonl_path, "a")
     except OSError as e:
       raise files.WriteError(getattr(e, "filename", None) or workdir, e) from None

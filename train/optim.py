@@ -76,3 +76,8 @@ def validate(optim: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optim.eps={optim.eps} must be >= 0 (it keeps Adam's denominator away from zero).")
   if optim.weight_decay < 0:
     raise ValueError(f"optim.weight_decay={optim.weight_decay} must be >= 0.")
+  if (optim.grad_clip_norm or 0.0) < 0:
+    raise ValueError(f"optim.grad_clip_norm={optim.grad_clip_norm} must be >= 0 (0 turns clipping off).")
+  for name in ("b1", "b2"):
+    if not 0.0 <= optim[name] < 1.0:
+      raise ValueError(f"optim.{name}={optim[name]} must be in [0, 1): Adam's moment decay rate.")

@@ -38,8 +38,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Tas
                "checkpoint_every", "keep_checkpoints"):
     if int(t[name]) < 1:
       raise ValueError(f"train.{name}={t[name]} must be >= 1.")
-  if t.eval_every < 0:
-    raise ValueError(f"train.eval_every={t.eval_every} must be >= 0.")
+  for name in ("eval_every", "data_workers"):
+    if int(t.get(name, 0)) < 0:
+      raise ValueError(f"train.{name}={t[name]} must be >= 0.")
+  if int(config.get("seed", 0)) < 0:
+    raise ValueError(f"seed={config.seed} must be >= 0.")
   if t.batch_size % t.grad_accum_steps:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
                      f"{t.grad_accum_steps}.")

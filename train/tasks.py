@@ -114,8 +114,13 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   if d.kind != "mqar" and "tokenizer" not in d:
     raise ValueError(f"data.kind={d.kind!r} needs a text config (data.tokenizer, data.paths, ...), and this one "
                      "has only MQAR's fields: use --config configs/lm.py (e.g. configs/lm.py:bmojo,cpu; docs/lm.md).")
+  if d.kind == "mqar" and "num_train" not in d:
+    raise ValueError("data.kind='mqar' needs an MQAR config (data.num_train, data.num_kv_pairs, ...), and this one is "
+                     "a text config: use --config configs/mqar.py (docs/mqar.md).")
   if d.kind == "mqar":
     for name in ("num_train", "num_test"):
+      if int(d[name]) < 1:
+        raise ValueError(f"data.{name}={d[name]} must be >= 1.")
       if int(d[name]) >= 2**31:
         raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
                          "indexed by int32, and a pass over them would never end); lower it.")

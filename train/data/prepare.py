@@ -58,9 +58,9 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
     raise ValueError(f"shard {shard}: token ids in [{tokens.min()}, {tokens.max()}] fall outside the tokenizer's "
                      f"vocabulary [0, {tokenizer.vocab_size}).")
   tokens_path, lengths_path = _part_paths(out, shard)
-  with open(tokens_path + ".tmp", "wb") as f:   # written then renamed: a killed worker leaves no half part
+  with files.open_nofollow(tokens_path + ".tmp", "wb") as f:   # written then renamed: no half part is left
     f.write(tokens.astype(dtype).tobytes())
-  with open(lengths_path + ".tmp", "wb") as f:
+  with files.open_nofollow(lengths_path + ".tmp", "wb") as f:
     np.save(f, lengths)
   os.replace(lengths_path + ".tmp", lengths_path)
   os.replace(tokens_path + ".tmp", tokens_path)
@@ -189,10 +189,17 @@ def documents_from_args(args) -> Any:
                                    text_key=args.text_key or "text")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """An option error in one line (argparse prints the whole usage before it)."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="bmojo-prepare", description=__doc__.split("\n\n")[0],
-                                   epilog="Train on it: bmojo-train ... --config.data.kind=stream "
-                                          "--config.data.stream_dir=<out> (docs/data.md).")
+  parser = _OneLineParser(prog="bmojo-prepare", description=__doc__.split("\n\n")[0],
+                          epilog="Train on it: bmojo-train ... --config.data.kind=stream "
+                                 "--config.data.stream_dir=<out> (docs/data.md).")
   parser.add_argument("--out", required=True, help="stream folder to write (resumes an unfinished one)")
   parser.add_argument("--tokenizer", default="byte", help="byte (default) or a SentencePiece .model file")
   parser.add_argument("--text", default="", help="comma-separated text files / directories (one document a file)")
@@ -209,6 +216,10 @@ def main(argv=None) -> None:
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of its summary")
   args = parser.parse_args(argv)
+  if args.workers is not None and args.workers < 1:
+    sys.exit(f"bmojo-prepare: --workers {args.workers}: give at least 1 tokenizing process.")
+  if os.path.lexists(args.out) and not os.path.isdir(args.out):
+    sys.exit(f"bmojo-prepare: --out {args.out} is a file, not a folder: name a folder (it is created if missing).")
   try:
     tokenizer = onthefly.make_tokenizer(args.tokenizer)
     documents = documents_from_args(args)

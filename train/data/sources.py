@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from train import files
 from train.data import text as text_lib
 
 
@@ -141,7 +142,7 @@ class TfdsDocuments(_Reopened):
     except Exception as e:  # tfds raises several types when data is absent.
       raise FileNotFoundError(
           f"tfds dataset {self.name!r} split {self.split!r} is not prepared (as ArrayRecord) in "
-          f"{self.data_dir or 'the default tfds data_dir'}: {e}. Prepare it once with `tfds build "
+          f"{self.data_dir or 'the default tfds data_dir'} ({files.brief(e)}). Prepare it once with `tfds build "
           f"{self.name} --file_format=array_record` (needs network), or use `python -m train.data.prepare`.") from e
 
   def __getitem__(self, i: int) -> str:

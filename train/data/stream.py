@@ -85,9 +85,9 @@ class StreamWriter:
     for name in (META, OFFSETS):   # an unfinished or older stream here is replaced
       if os.path.exists(os.path.join(directory, name)):
         os.remove(os.path.join(directory, name))
-    self._tokens = open(os.path.join(directory, TOKENS), "wb")
-    self._lengths_path = os.path.join(directory, "doc_lengths.tmp")
-    self._lengths = open(self._lengths_path, "wb")
+    self._tokens = files.open_nofollow(files.inside(directory, TOKENS), "wb")   # never through a planted link
+    self._lengths_path = files.inside(directory, "doc_lengths.tmp")
+    self._lengths = files.open_nofollow(self._lengths_path, "wb")
     self.num_tokens = 0
     self.num_documents = 0
 
@@ -111,7 +111,7 @@ class StreamWriter:
     if self.num_documents == 0:
       raise ValueError(f"No documents were written to {self.directory}.")
     lengths = np.memmap(self._lengths_path, dtype="<i8", mode="r")
-    offsets = np.lib.format.open_memmap(os.path.join(self.directory, OFFSETS), mode="w+", dtype=np.int64,
+    offsets = np.lib.format.open_memmap(files.inside(self.directory, OFFSETS), mode="w+", dtype=np.int64,
                                         shape=(self.num_documents,))
     start, chunk = 0, 1 << 22
     for i in range(0, self.num_documents, chunk):  # exclusive cumulative sum, a chunk at a time
