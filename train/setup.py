@@ -3,8 +3,9 @@
 `Setup` holds the model config, the device mesh, the data task, the model's graph definition, the optimizer
 and its schedule, and the train state's shardings and abstract shapes (a dict of pure pytrees {"params",
 "opt_state", "step", "rng"}, placed by the logical-axis rules of `train/sharding.py`) with a jitted
-`init_state`. `validate_config` refuses a training setting that cannot work before anything is built;
-`restore_state` reads a checkpoint into a Setup's shardings.
+`init_state` (`fresh_state`, the one initialization: a population vmaps it over its runs' seeds).
+`validate_config` refuses a training setting that cannot work before anything is built; `restore_state` reads
+a checkpoint into a Setup's shardings.
 """
 
 import dataclasses
