@@ -60,6 +60,7 @@ from bmojo_jax import Sublayer, count_params  # noqa: E402
 from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train import population as pop_lib  # noqa: E402
+from train import setup as setup_lib  # noqa: E402
 from train import trainer  # noqa: E402
 from train.data import mqar  # noqa: E402
 
@@ -191,7 +192,7 @@ def claim(path: str, label: str) -> bool:
 
 def population_base(args, config, family: str, variant: str, d_model: int, n: int) -> tuple[dict, object]:
   """(the key fields but learning rate and seed of the runs of `config`, its ModelConfig)."""
-  cfg = trainer.model_config(config)
+  cfg = setup_lib.model_config(config)
   base = {"family": family, "variant": variant, "d_model": d_model, "N": n, "L": int(config.data.seq_len),
           "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
           "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
@@ -579,7 +580,7 @@ def throughput(args) -> str:
       rec = {"mode": "population", "runs": size, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     records.append(rec)
     print(rec)
-  cfg = trainer.model_config(config)
+  cfg = setup_lib.model_config(config)
   for r in records:
     r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
              params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.scan_impl).value,

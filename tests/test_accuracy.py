@@ -70,8 +70,8 @@ def test_a_collapsed_eval_at_the_target_stops_as_collapsed_and_exits_1(tmp_path,
   stops the run as "collapsed", and bmojo-train exits 1 with one line, not 0."""
   workdir = str(tmp_path / "run")
   code = ("import math, sys\n"
-          "from train import trainer\n"
-          "trainer.evaluate = lambda *a, **k: {'accuracy': 0.999, 'loss': math.log(256), 'perplexity': 256.0,"
+          "from train import steps\n"
+          "steps.evaluate = lambda *a, **k: {'accuracy': 0.999, 'loss': math.log(256), 'perplexity': 256.0,"
           " 'examples': 12}\n"
           "from train import cli\n"
           "sys.argv = ['bmojo-train', *sys.argv[1:]]\n"

@@ -197,8 +197,8 @@ def test_rollback_lowers_the_learning_rate_and_resumes_with_it(tmp_path, capsys,
   c = diverging_config(on_nonfinite="rollback", rollback_lr_factor=1e-31)
   workdir = str(tmp_path)
   stop_at_4 = lambda step, state: signal.raise_signal(signal.SIGTERM) if step == 4 else None
-  built = []
-  monkeypatch.setattr(trainer, "make_train_step", lambda *a: built.append(steps.make_train_step(*a)) or built[-1])
+  built, make_train_step = [], steps.make_train_step
+  monkeypatch.setattr(steps, "make_train_step", lambda *a: built.append(make_train_step(*a)) or built[-1])
   first = trainer.train(c, workdir, step_callback=stop_at_4)
   assert len(built) == 1 and built[0]._cache_size() == 1      # the rollback compiled no new step (issue #31)
   assert first["stopped_by"] == "SIGTERM" and first["step"] == 4
@@ -426,7 +426,7 @@ def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, c
   state["params"] = jax.tree.map(lambda x: x * jnp.nan, state["params"])   # a checkpoint of an older version
   ckpt.save(step + 1, state, None, runs.checkpoint_meta(setup))
   ckpt.close()
-  with pytest.warns(faults.NonFiniteResultWarning, match=r"checkpoint 13 .* non-finite test_loss, "
+  with pytest.warns(runs.NonFiniteResultWarning, match=r"checkpoint 13 .* non-finite test_loss, "
                                                          r"test_perplexity; written as null"):
     result = runs.evaluate_run(workdir)
   assert result["test_loss"] is None and result["nonfinite"] == ["test_loss", "test_perplexity"]
@@ -603,7 +603,7 @@ def test_run_files_refuse_a_planted_link_and_leave_its_target(reference, tmp_pat
       os.rename(real, real + ".real")
     os.symlink(outside, real)
     with pytest.raises(files.UnsafePathError, match=f"{name} is a symbolic link"):
-      runs.write_run_files(setup_lib.build(tiny_config()), workdir) if name == "config.json" else \
+      runs.write_run_files(workdir, tiny_config(), None) if name == "config.json" else \
           runs.evaluate_run(workdir)
     if name == "config.json":
       with pytest.raises(files.UnsafePathError, match="config.json is a symbolic link"):
@@ -712,12 +712,12 @@ def test_arrays_that_read_fine_but_differ_from_their_checksums_are_refused(refer
 def test_sigterm_after_the_last_step_stops_with_status_75_and_a_rerun_finishes(tmp_path, monkeypatch):
   """After the loop (the last checkpoint saved and evaluated) a signal stops the run where it is (LateStop, exit 75
   in bmojo-train) without a results.json; a rerun evaluates the checkpoint and writes it."""
-  workdir, write = str(tmp_path), faults.write_strict_json
+  workdir, write = str(tmp_path), runs.write_strict_json
 
   def interrupted(*args, **kwargs):
     signal.raise_signal(signal.SIGTERM)
     return write(*args, **kwargs)
-  monkeypatch.setattr(faults, "write_strict_json", interrupted)
+  monkeypatch.setattr(runs, "write_strict_json", interrupted)
   with pytest.raises(trainer.LateStop, match=rf"^SIGTERM received after the last step: checkpoint {NUM_STEPS} is "
                                              r"saved; rerun the same command to evaluate it and write results.json.$"):
     trainer.train(tiny_config(), workdir)

@@ -21,6 +21,7 @@ import pytest
 from bmojo_jax import LanguageModel
 from train import lm_eval
 from train import niah
+from train import runs
 from train import tasks
 from train.data import ByteTokenizer
 from train.data import corpus
@@ -324,6 +325,6 @@ def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
   assert set(record["niah"]) == set(niah.TASK_NAMES) and all("512" in v for v in record["niah"].values())
   assert json.loads((tmp_path / "lm.json").read_text())["eval"] == record["eval"]
   with pytest.raises(ValueError, match="change the parameters"):
-    lm_eval.load_lm(workdir, {"d_state": 4})
+    runs.load_model(workdir, {"d_state": 4})
   written = lm_eval.plot_records([record], str(tmp_path / "ppl.png"), str(tmp_path / "niah.png"))
   assert all(os.path.getsize(p) > 0 for p in written) and len(written) == 2

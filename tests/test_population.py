@@ -57,6 +57,12 @@ def pop():
              "active": np.asarray(state["active"]), "eval": p.evaluate(state["params"])}
 
 
+def batch_indices(p, s):
+  """The training-set indices of update s + 1 of stream 0: the epoch's order, cut into batches."""
+  epoch, pos = divmod(s, p.steps_per_epoch)
+  return np.asarray(p.epoch_order(epoch))[0, pos * p.batch_size:(pos + 1) * p.batch_size]
+
+
 def row(tree, r):
   return jax.tree.map(lambda x: x[r], tree)
 
@@ -76,7 +82,7 @@ def test_run_matches_single_run_trainer(pop, r):
     np.testing.assert_array_equal(x, y)                       # the same init, bit for bit
   step = steps.make_train_step(setup, 1)
   for s in range(STEPS):
-    batch = mqar.generate_examples(p.mq, p.task.train_source.seed, p.batch_indices(s)[0])
+    batch = mqar.generate_examples(p.mq, p.task.train_source.seed, batch_indices(p, s))
     state, m = step(state, batch)
     for name in ("loss", "accuracy", "grad_norm", "learning_rate"):
       np.testing.assert_allclose(float(m[name]), out["metrics"][name][s, r], rtol=2e-6, atol=1e-7,
@@ -103,9 +109,9 @@ def test_diverging_run_is_stopped(pop):
 @pytest.mark.slow
 def test_epoch_order(pop):
   p, _ = pop
-  epoch = np.concatenate([p.batch_indices(s)[0] for s in range(p.steps_per_epoch)])
+  epoch = np.concatenate([batch_indices(p, s) for s in range(p.steps_per_epoch)])
   assert sorted(epoch.tolist()) == list(range(40))          # an epoch reads every example once
-  assert not np.array_equal(p.batch_indices(0), p.batch_indices(p.steps_per_epoch))   # reshuffled
+  assert not np.array_equal(batch_indices(p, 0), batch_indices(p, p.steps_per_epoch))   # reshuffled
 
 
 @pytest.mark.slow
@@ -123,8 +129,9 @@ def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
     return evals
 
   monkeypatch.setattr(p, "evaluate", evaluate)
-  try:
-    results = p.train(str(tmp_path), progress_bar=False, save_checkpoints=True)
+  try:   # the diverged run's test loss is not finite: results.json holds null there (strict JSON), and says so
+    with pytest.warns(runs.NonFiniteResultWarning, match=r"run lr1e\+30_seed2's step 2 gives non-finite test_loss"):
+      results = p.train(str(tmp_path), progress_bar=False, save_checkpoints=True)
   finally:
     p.config.train.target_accuracy, p.config.train.plot = 0.0, False
   assert [(x["step"], x["stopped_by"], x["test_step"]) for x in results] == [
@@ -140,7 +147,9 @@ def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
     config = runs.load_config(d)
     assert config.optim.learning_rate == run.learning_rate and config.seed == run.seed
     with open(os.path.join(d, "results.json")) as f:
-      saved = json.load(f)
+      saved = json.load(f, parse_constant=lambda c: pytest.fail(f"results.json holds {c}: not strict JSON"))
+    assert saved == results[r]
+    assert saved.get("nonfinite") == (["test_loss", "test_perplexity"] if r == 2 else None)
     assert saved["learning_rate"] == run.learning_rate and saved["population"]["index"] == r
     assert saved["data"]["N"] == 2 and 0.0 <= saved["data"]["fraction_beyond_window"] <= 1.0
     records = metrics_lib.read_metrics(d)

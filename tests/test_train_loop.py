@@ -252,6 +252,23 @@ def test_generate_from_run(full_run, tmp_path):
     generate.generate_from_run(str(tmp_path), "1", max_new_tokens=2)
 
 
+def test_load_model_is_the_latest_checkpoint(full_run):
+  """runs.load_model, what generation and language-model evaluation read: the latest checkpoint's parameters in
+  the run's model (a compute choice overridden, one that changes parameters refused), no tokenizer for MQAR."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from train import lm_eval  # pylint: disable=g-import-not-at-top
+  _, params, step = runs.load_run(full_run[0])
+  model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"scan_impl": "associative"})
+  assert loaded_step == step == 8 and tokenizer is None and config.to_dict() == runs.load_config(full_run[0]).to_dict()
+  assert model.cfg.scan_impl == "associative"
+  for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="change the parameters"):
+    runs.load_model(full_run[0], {"d_state": 2})
+  with pytest.raises(ValueError, match="is not a text run"):
+    lm_eval.evaluate_lm_run(full_run[0])
+
+
 def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_path):
   """A run written with the block loop (scan_layers=False, the default, and every run before scanned blocks)
   resumes with scanned blocks: parameters and optimizer state are converted on restore, and since both layouts

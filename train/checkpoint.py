@@ -12,7 +12,7 @@ the message lists the intact checkpoints (`intact_steps`), and `train.resume_fro
 A save that fails (a full disk, no permission) raises `CheckpointSaveError` at that save, or for an
 asynchronous save at the next `poll` (the trainer polls after every step): a few lines with the step, the
 cause and the intact checkpoints. Orbax and TensorStore log a traceback per array and thread for such a failure
-(~870 lines for one full disk); `_ERROR_LOGS` holds those records back (`--verbosity=0` shows them). The
+(~870 lines for one full disk); `train.orbax_logs` holds those records back (`--verbosity=0` shows them). The
 training run's own Checkpointer (`writer=True`, created under the workdir lock) removes the unfinished
 `<step>.orbax-checkpoint-tmp` folders of interrupted or failed saves first thing.
 """
@@ -21,15 +21,11 @@ import contextlib
 import dataclasses
 import errno
 import glob
-import logging
 import os
 import shutil
-import sys
 import time
-import traceback
 from typing import Any
 
-from absl import logging as absl_logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -39,6 +35,7 @@ import orbax.checkpoint as ocp
 from bmojo_jax.config import COMPUTE_FIELDS
 from train import data as data_lib
 from train import files
+from train import orbax_logs
 from train.files import brief as _brief
 
 
@@ -58,55 +55,6 @@ def save_failure_cause(e: BaseException | None, logged: str = "") -> str:
   return files.failure_cause(e, logged)
 
 
-class _HeldBackErrors(logging.Filter):
-  """Holds back the ERROR records logged from Orbax's code or about its failures (asyncio's "exception was never
-  retrieved"), keeping the first one's text for the CheckpointSaveError (a failed save logs a traceback per array
-  and thread). Nothing is held back at absl verbosity INFO or more (`--verbosity=0`)."""
-
-  def __init__(self):
-    super().__init__()
-    self.directories: set[str] = set()
-    self.first = ""
-    self._hook = None
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or absl_logging.get_verbosity() >= absl_logging.INFO:
-      return True
-    text, where = record.getMessage(), record.pathname
-    if record.exc_info and record.exc_info[1] is not None:
-      text += " " + "".join(traceback.format_exception_only(record.exc_info[1]))
-      where += "".join(traceback.format_tb(record.exc_info[2]))
-    if "/orbax/" not in where and not any(d in text for d in self.directories):
-      return True
-    self.first = self.first or text
-    return False
-
-  def watch(self, directory: str) -> None:
-    self.directories.add(directory)
-    for name in ("absl", "asyncio"):
-      if self not in logging.getLogger(name).filters:
-        logging.getLogger(name).addFilter(self)
-    self._hold_back_closed_loops()
-
-  def take(self) -> str:
-    first, self.first = self.first, ""
-    return first
-
-  def _hold_back_closed_loops(self) -> None:
-    """Also drops the "Event loop is closed" errors of TensorStore writes that complete after Orbax closed the
-    event loop of a failed save (unraisable exceptions, a traceback each; nothing else raises them here)."""
-    if sys.unraisablehook is self._hook:
-      return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-      if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-              and str(unraisable.exc_value) == "Event loop is closed"):
-        previous(unraisable)
-    self._hook = sys.unraisablehook = hook
-
-
-_ERROR_LOGS = _HeldBackErrors()
 
 
 def _diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -182,7 +130,7 @@ class Checkpointer:
         self.removed_unfinished.append(os.path.basename(path))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    _ERROR_LOGS.watch(self.directory)
+    orbax_logs.ERROR_LOGS.watch(self.directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending: int | None = None    # the step of a save not yet checked (asynchronous saves)
     self._failed = False
@@ -204,7 +152,7 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if iterator is not None:
       items["data"] = data_lib.iterator_save_args(iterator)
-    _ERROR_LOGS.take()
+    orbax_logs.ERROR_LOGS.take()
     self._pending = int(step)
     try:
       self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -233,7 +181,7 @@ class Checkpointer:
 
   def _save_failed(self, e: BaseException | None) -> CheckpointSaveError:
     step, self._pending, self._failed = self._pending, None, True
-    cause = save_failure_cause(e, _ERROR_LOGS.take())
+    cause = save_failure_cause(e, orbax_logs.ERROR_LOGS.take())
     return CheckpointSaveError(f"Saving checkpoint {step} in {self.directory} failed: {cause}.\n"
                                f"{self.advice(files.FIXES.get(cause, 'Fix it'), unfinished=True)}")
 

@@ -124,7 +124,7 @@ def _train(argv):
 def _eval(argv):
   del argv
   _quiet_logs()
-  from train import faults, files, runs  # pylint: disable=g-import-not-at-top
+  from train import files, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
   if f.lm_model and not (f.lm_lengths or f.niah):
@@ -149,7 +149,7 @@ def _eval(argv):
     print(f"written: {', '.join([os.path.join(_WORKDIR.value, lm_eval.RESULT_FILE), *plots])}")
     return
   with _one_line_errors("bmojo-eval"), warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", faults.NonFiniteResultWarning)
+    warnings.simplefilter("always", runs.NonFiniteResultWarning)
     result = runs.evaluate_run(_WORKDIR.value, flags.FLAGS.config)
   print(json.dumps(result, indent=2))
   for w in caught:

@@ -1,4 +1,4 @@
-"""What a training run does about its own failures: non-finite updates, an explicit resume step, strict JSON.
+"""What a training run does about its own failures: non-finite updates and an explicit resume step.
 
 Non-finite updates (`train.on_nonfinite`). Every train step reports whether its update is finite (its loss and
 gradient norm; under "skip" its new parameters too), and before a checkpoint is written the loss of the state
@@ -24,7 +24,6 @@ import dataclasses
 import math
 import os
 from typing import Any, Callable
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -191,37 +190,6 @@ def finished(results_path: str, start: int, t) -> tuple[str, dict[str, Any]] | N
       and accuracy is not None and accuracy >= t.target_accuracy):
     return f"test accuracy {accuracy:.4f} >= train.target_accuracy={t.target_accuracy}", results
   return None
-
-
-class NonFiniteResultWarning(RuntimeWarning):
-  """A result (results.json, eval.json) is NaN or inf; it is written as null (and bmojo-eval exits with 1)."""
-
-
-def write_strict_json(path: str, record: dict[str, Any], what: str) -> dict[str, Any]:
-  """Writes `record` to `path` as strict JSON, non-finite floats as null and listed under "nonfinite" (with a
-  NonFiniteResultWarning naming `what`, e.g. "checkpoint 8"); returns what was written. Call on process 0."""
-  record, nonfinite = strict_json(record)
-  if nonfinite:
-    record["nonfinite"] = nonfinite
-    warnings.warn(f"{what} gives non-finite {', '.join(nonfinite)}; written as null in {path}.",
-                  NonFiniteResultWarning, stacklevel=2)
-  files.write_json(path, record)
-  return record
-
-
-def strict_json(record: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
-  """(a copy of `record` with NaN / inf floats as None, the dotted keys replaced): JSON has no NaN."""
-  out, bad = {}, []
-  for k, v in record.items():
-    if isinstance(v, dict):
-      out[k], inner = strict_json(v, f"{prefix}{k}.")
-      bad += inner
-    elif isinstance(v, float) and not math.isfinite(v):
-      out[k] = None
-      bad.append(f"{prefix}{k}")
-    else:
-      out[k] = v
-  return out, bad
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -3,25 +3,14 @@
 import sys
 import time
 
-from flax import nnx
-
-from train import checkpoint as ckpt_lib
 from train import runs
-from train import tasks as tasks_lib
-
-
-def load_model(workdir: str):
-  """(model, tokenizer or None, step) of the latest checkpoint; clear errors when missing / incompatible."""
-  setup, params, step = runs.load_run(workdir, with_task=False)
-  model = nnx.merge(setup.graphdef, params)
-  return model, tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir), step
 
 
 def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
   """Text of the continuation (or space-separated ids for runs without a tokenizer, e.g. MQAR)."""
   from bmojo_jax import inference  # pylint: disable=g-import-not-at-top
-  model, tokenizer, _ = load_model(workdir)
+  model, tokenizer, _, _ = runs.load_model(workdir)
   if tokenizer is None:
     try:
       ids = [int(x) for x in prompt.split()]
@@ -40,6 +29,3 @@ def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, tempera
   if tokenizer is None:
     return " ".join(str(int(i)) for i in new)
   return tokenizer.decode(new)
-
-
-__all__ = ["ckpt_lib", "generate_from_run", "load_model"]

@@ -149,20 +149,6 @@ def parse_overrides(spec: str) -> dict[str, Any]:
   return out
 
 
-def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
-            config: ml_collections.ConfigDict | None = None):
-  """(model, tokenizer, config, step) of the latest checkpoint of a text run. `overrides` change model fields
-  at evaluation (`runs.load_run`: how it computes, or sizes without parameters such as n_eidetic, B'MOJO's
-  store grown at inference); the parameters are the trained ones, the model's cfg the overridden one. `config`
-  (returned as given, without the overrides: the run's data and batch size) replaces the workdir's config.json."""
-  config = config or runs.load_config(workdir)
-  setup, params, step = runs.load_run(workdir, config, with_task=False, overrides=overrides)
-  tokenizer = tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir)
-  if tokenizer is None:
-    raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
-  return nnx.merge(setup.graphdef, params), tokenizer, config, step
-
-
 def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), niah: bool = False,
                     niah_factors: Sequence[int] = (1, 2, 4), niah_samples: int = 50, gen_tokens: int = 128,
                     max_windows: int | None = 64, batch_tokens: int = 65536, overrides: dict | None = None,
@@ -171,7 +157,9 @@ def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), 
   """Perplexity at factors x T and (with niah) the NIAH tasks at niah_factors x T for the run in `workdir`
   (with `config` instead of its config.json if given); the record is written to `out` (default
   <workdir>/lm_eval.json) and returned."""
-  model, tokenizer, config, step = load_lm(workdir, overrides, config)
+  model, tokenizer, config, step = runs.load_model(workdir, overrides, config)
+  if tokenizer is None:
+    raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
   cfg, seq_len = model.cfg, int(config.data.seq_len)
   documents = heldout_documents(config)
   names = list(documents)

@@ -21,18 +21,19 @@ examples. `shared_data=True` (the default, as Zoology trains every learning rate
 read one stream, shuffled by `config.seed`; False: run r shuffles with its own seed.
 
 Evaluation: the test split, generated once on the device, through the trainer's eval step (`lax.map` over
-runs, so one run's eval batch is in memory at a time); accuracy per example, then averaged, as the trainer.
+runs, so one run's eval batch is in memory at a time), its sums reduced as the trainer's (`steps.eval_metrics`).
 Every `train.eval_every` steps (a multiple of K) and at the end. A run whose accuracy reaches
 `train.target_accuracy` stops (unless its loss is at ln V: then it stops as "collapsed",
 `train.steps.target_outcome`): its parameters and optimizer state are no longer updated (the update is
 masked). A run whose loss or gradient norm becomes NaN/inf stops too, keeping its last finite parameters
 (`stopped_by="non_finite_loss"`), instead of ending the population.
 
-Files: `<workdir>/<run name>/` is laid out like a bmojo-train workdir: config.json (the run's single-run
-config: its learning rate and seed), tokenizer.json, metrics.jsonl and TensorBoard events
-(`train.metrics.MetricWriter`), results.json (the trainer's keys plus learning_rate, seed and `population`),
-curves.png, and with `save_checkpoints` the final state as the trainer's Orbax checkpoint, so `bmojo-eval`
-and `bmojo-generate` read it. A population does not resume: a rerun starts its runs over.
+Files: `<workdir>/<run name>/` is a bmojo-train workdir, written by `train.runs` as the trainer writes
+its own: config.json (the run's single-run config: its learning rate and seed), tokenizer.json, metrics.jsonl
+and TensorBoard events (`train.metrics.MetricWriter`), results.json (the trainer's record plus learning_rate,
+seed and `population`, strict JSON), curves.png, and with `save_checkpoints` the final state as the trainer's
+Orbax checkpoint, so `bmojo-eval` and `bmojo-generate` read it. A population does not resume: a rerun starts
+its runs over.
 
 Memory: the R runs' activations are live together (vmap); at batch 256 × L 256 × vocab 8192 the fp32 logits
 alone are 2.1 GB per run.
@@ -41,28 +42,21 @@ alone are 2.1 GB per run.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import time
 from typing import Any, Sequence
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from bmojo_jax import LanguageModel
 from train import checkpoint as ckpt_lib
-from train import files
 from train import metrics as metrics_lib
-from train import runs
+from train import runs as runs_lib
 from train import setup as setup_lib
-from train import steps
-from train.steps import collapse_message, collapsed, target_outcome  # `steps` is a count in train()
-from train import tasks as tasks_lib
+from train import steps as steps_lib
 from train.data import mqar
 
 SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
@@ -131,7 +125,7 @@ class Population:
     self.learning_rates = jnp.asarray([r.learning_rate for r in runs], jnp.float32)
     shuffle = [int(config.seed)] if self.shared_data else [r.seed for r in runs]
     self.shuffle_seeds = jnp.asarray(shuffle, jnp.int32)
-    self._init = jax.jit(jax.vmap(self._init_run))
+    self._init = jax.jit(jax.vmap(lambda seed: setup_lib.fresh_state(setup.cfg, setup.tx, seed)))
     self._dispatch = jax.jit(self._scan_steps, donate_argnums=0)
     self._evaluate = jax.jit(self._eval_sums)
     self._test_batches = None
@@ -141,46 +135,29 @@ class Population:
   def size(self) -> int:
     return len(self.runs)
 
-  @functools.cached_property
-  def fraction_beyond_window(self) -> float:
-    """What the trainer reports in results.json's data: test queries whose value is beyond the window."""
-    return mqar.fraction_beyond_window(self.task.eval_source, self.cfg.window)
-
   # ------------------------------------------------------------------------------------------- device
   def init_state(self) -> dict[str, Any]:
-    """The population's state: params / opt_state [runs, ...] (run r initialized as the trainer's init with
-    seed r.seed), active bool[runs], the epoch permutations int32[streams, num_train], step int32."""
-    keys = jax.vmap(jax.random.key)(jnp.asarray([r.seed for r in self.runs], jnp.uint32))
-    params, opt_state = self._init(keys)
-    num_train = len(self.task.train_source)
-    return {"params": params, "opt_state": opt_state, "active": jnp.ones((self.size,), bool),
-            "perm": jnp.zeros((self.shuffle_seeds.shape[0], num_train), jnp.int32),
-            "step": jnp.zeros((), jnp.int32)}
+    """The population's state: params / opt_state / rng [runs, ...] (run r's is the trainer's fresh state of
+    seed r.seed, `setup.fresh_state`), active bool[runs], the epoch permutations int32[streams, num_train],
+    step int32."""
+    fresh = self._init(jnp.asarray([r.seed for r in self.runs], jnp.int32))
+    return dict(fresh, step=jnp.zeros((), jnp.int32), active=jnp.ones((self.size,), bool),
+                perm=jnp.zeros((self.shuffle_seeds.shape[0], len(self.task.train_source)), jnp.int32))
 
-  def _init_run(self, key):
-    model = LanguageModel(self.cfg, rngs=nnx.Rngs(key))   # what setup.build's init does with an int seed
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return params, self.setup.tx.init(params)
-
-  def _epoch_perms(self, epoch):
-    """int32[streams, num_train]: each stream's order of the training set in `epoch`."""
+  def epoch_order(self, epoch):
+    """int32[streams, num_train]: each stream's order of the training set in `epoch`; update s (0-based) of
+    the epoch reads positions [s B, (s + 1) B) of it."""
     num_train = len(self.task.train_source)
     def perm(seed):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SHUFFLE_TAG), epoch)
       return jax.random.permutation(key, num_train).astype(jnp.int32)
     return jax.vmap(perm)(self.shuffle_seeds)
 
-  def batch_indices(self, step: int) -> np.ndarray:
-    """The training-set indices of update `step` + 1 (0-based batch number), int32[streams, B] (host)."""
-    epoch, pos = divmod(int(step), self.steps_per_epoch)
-    perms = np.asarray(self._epoch_perms(epoch))
-    return perms[:, pos * self.batch_size:(pos + 1) * self.batch_size]
-
   def _run_update(self, params, opt_state, lr, batch, step):
     """One run's train step: the trainer's, with the optimizer's updates scaled by the run's lr."""
     setup = self.setup
-    g, loss, n, c = steps.batch_grads(setup.graphdef, params, batch, setup.task.supervised_per_example)
-    return steps.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
+    g, loss, n, c = steps_lib.batch_grads(setup.graphdef, params, batch, setup.task.supervised_per_example)
+    return steps_lib.apply_gradients(setup.tx, setup.schedule, params, opt_state, g, loss, n, c, step, lr_scale=lr)
 
   def _scan_steps(self, state):
     """K steps of every active run (one dispatch); returns (state, metrics {name: [K, runs]})."""
@@ -190,7 +167,7 @@ class Population:
     def one_step(carry, _):
       params, opt_state, active, perm, step = carry
       epoch, pos = step // spe, step % spe
-      perm = jax.lax.cond(pos == 0, lambda: self._epoch_perms(epoch), lambda: perm)
+      perm = jax.lax.cond(pos == 0, lambda: self.epoch_order(epoch), lambda: perm)
       idx = jax.lax.dynamic_slice_in_dim(perm, pos * bsz, bsz, axis=1)                 # [streams, B]
       batch = jax.vmap(lambda i: mqar.generate_batch(self.mq, self.task.train_source.seed, i))(idx)
       if self.shared_data:
@@ -208,7 +185,7 @@ class Population:
     carry = (state["params"], state["opt_state"], state["active"], state["perm"], state["step"])
     (params, opt_state, active, perm, step), metrics = jax.lax.scan(
         one_step, carry, None, length=self.steps_per_dispatch)
-    return {"params": params, "opt_state": opt_state, "active": active, "perm": perm, "step": step}, metrics
+    return dict(state, params=params, opt_state=opt_state, active=active, perm=perm, step=step), metrics
 
   def dispatch(self, state):
     """Advances every active run by K = `steps_per_dispatch` steps (none past train.num_steps)."""
@@ -223,12 +200,12 @@ class Population:
       batch = mqar.generate_batch(self.mq, self.task.eval_source.seed, idx)
       mask = jnp.arange(nb * eb) < n
       batch = {"inputs": jnp.where(mask[:, None], batch["inputs"], 0),
-               "targets": jnp.where(mask[:, None], batch["targets"], steps.IGNORE_INDEX), "mask": mask}
+               "targets": jnp.where(mask[:, None], batch["targets"], steps_lib.IGNORE_INDEX), "mask": mask}
       self._test_batches = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
     return self._test_batches
 
   def _eval_sums(self, params, batches):
-    eval_step = steps.make_eval_step(self.setup)
+    eval_step = steps_lib.make_eval_step(self.setup)
 
     def one_run(p):
       def body(total, batch):
@@ -242,20 +219,12 @@ class Population:
   def evaluate(self, params) -> list[dict[str, float]]:
     """The trainer's test metrics (accuracy, loss, perplexity, examples) of every run's `params`."""
     totals = jax.device_get(self._evaluate(params, self.test_batches()))
-    out = []
-    for r in range(self.size):
-      tot = {k: v[r].item() for k, v in totals.items()}
-      loss = tot["ce_sum"] / max(tot["tokens"], 1)
-      out.append({"accuracy": tot["acc_sum"] / max(tot["examples"], 1), "loss": loss,
-                  "perplexity": float(np.exp(min(loss, 80.0))), "examples": tot["examples"]})
-    return out
+    return [steps_lib.eval_metrics({k: v[r].item() for k, v in totals.items()}) for r in range(self.size)]
 
   def run_state(self, state, r: int, step: int) -> dict[str, Any]:
     """Run r's train state after `step` updates, in the trainer's layout {"params", "opt_state", "step", "rng"}."""
-    take = lambda x: x[r]
-    return {"params": jax.tree.map(take, state["params"]), "opt_state": jax.tree.map(take, state["opt_state"]),
-            "step": jnp.asarray(step, jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(self.runs[r].seed + 1))}
+    run = jax.tree.map(lambda x: x[r], {k: state[k] for k in ("params", "opt_state", "rng")})
+    return dict(run, step=jnp.asarray(step, jnp.int32))
 
   # ------------------------------------------------------------------------------------------- host
   def train(self, workdir: str, *, progress_bar: bool = True, save_checkpoints: bool = False) -> list[dict]:
@@ -269,10 +238,10 @@ class Population:
     writers = []
     for r, d in zip(self.runs, dirs):
       os.makedirs(d, exist_ok=True)
-      for name in (metrics_lib.METRICS_FILE, "results.json"):   # a population starts its runs over
+      for name in (metrics_lib.METRICS_FILE, runs_lib.RESULTS_FILE):   # a population starts its runs over
         if os.path.exists(os.path.join(d, name)):
           os.remove(os.path.join(d, name))
-      self._write_run_files(r, d)
+      runs_lib.write_run_files(d, run_config(self.config, r), self.task.tokenizer)
       writers.append(metrics_lib.MetricWriter(d, total_steps=self.num_steps, progress_bar=False))
     bar = tqdm.tqdm(total=self.num_steps, desc=f"{self.size} runs", dynamic_ncols=True, disable=not progress_bar)
 
@@ -323,13 +292,13 @@ class Population:
             flush(r)
             last_eval[r] = (int(steps[r]), evals[r])
             writers[r].write(int(steps[r]), evals[r], "eval")
-            outcome = target_outcome(evals[r], target, self.cfg.vocab_size)
+            outcome = steps_lib.target_outcome(evals[r], target, self.cfg.vocab_size)
             if stopped_by[r] is None and outcome:
               stopped_by[r], hit[r] = outcome, True
               bar.write(f"{self.runs[r].name}: " + (
                   f"step {steps[r]}: eval accuracy {evals[r]['accuracy']:.4f} >= target {target}; stopping early."
                   if outcome == "target_accuracy" else
-                  collapse_message(int(steps[r]), evals[r], self.cfg.vocab_size, target)))
+                  steps_lib.collapse_message(int(steps[r]), evals[r], self.cfg.vocab_size, target)))
           recording &= np.array([s is None for s in stopped_by])
           if hit.any():
             state["active"] = state["active"] & jnp.asarray(~hit)
@@ -348,42 +317,25 @@ class Population:
 
   def _finish(self, r: int, workdir: str, step: int, stopped_by: str | None, last_eval: tuple[int, dict] | None,
               train_time: float, start_wall: float, population: dict, save_checkpoint: bool) -> dict[str, Any]:
-    """Run r's results.json (the trainer's keys, plus its learning rate, seed and population), its
-    curves.png (train.plot) and, if asked, its checkpoint; returns the results."""
+    """Run r's results.json (the trainer's record, plus its learning rate, seed and population), its
+    curves.png (train.plot) and, if asked, its final state as the trainer's checkpoint; returns the results."""
     run = self.runs[r]
-    res = {"step": step, "stopped_by": stopped_by, "wall_s": time.time() - start_wall,
-           "tokens_per_s": step * self.tokens_per_step / max(train_time, 1e-9),
-           "family": self.cfg.family.value, "task": self.task.kind, "data": dict(self.task.info),
-           "device": f"1 x {self.device.device_kind}", "platform": self.device.platform,
-           "jax_version": jax.__version__, "learning_rate": run.learning_rate, "seed": run.seed,
-           "population": dict(population, index=r)}
-    if last_eval is not None:
-      res.update({f"test_{k}": v for k, v in last_eval[1].items()}, test_step=last_eval[0])
-      res["collapsed"] = collapsed(last_eval[1]["loss"], self.cfg.vocab_size)
-    res["window"] = self.cfg.window
-    if self.cfg.window is not None:
-      res["data"]["fraction_beyond_window"] = self.fraction_beyond_window
-    files.write_json(files.inside(workdir, "results.json"), res)
-    if save_checkpoint:
-      self._save_checkpoint(self.run_state(self.state, r, step), workdir)
+    evaluation, eval_step = last_eval[1] if last_eval else None, last_eval[0] if last_eval else None
+    res = runs_lib.results_record(self.setup, step=step, stopped_by=stopped_by, wall_s=time.time() - start_wall,
+                                  tokens_per_s=step * self.tokens_per_step / max(train_time, 1e-9),
+                                  evaluation=evaluation, eval_step=eval_step, learning_rate=run.learning_rate,
+                                  seed=run.seed, population=dict(population, index=r))
+    res = runs_lib.write_results(workdir, res, f"run {run.name}'s step {eval_step}")
+    if save_checkpoint:    # no data iterator: the data is drawn on the device
+      ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)
+      try:
+        ckpt.save(step, self.run_state(self.state, r, step), None, runs_lib.checkpoint_meta(self.setup))
+      finally:
+        ckpt.close()
     if self.config.train.plot:
       from train import plots  # pylint: disable=g-import-not-at-top
       plots.maybe_plot(workdir)
     return res
-
-  def _write_run_files(self, run: Run, workdir: str) -> None:
-    config = json.loads(run_config(self.config, run).to_json_best_effort(sort_keys=True))
-    files.write_json(files.inside(workdir, runs.CONFIG_FILE), config)
-    files.write_json(files.inside(workdir, runs.TOKENIZER_FILE), tasks_lib.save_tokenizer(self.task.tokenizer, workdir))
-
-  def _save_checkpoint(self, run_state, workdir: str) -> None:
-    """The run's final state as the trainer's checkpoint (no data iterator: the data is drawn on the device)."""
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)
-    try:
-      meta = {"model": ckpt_lib.model_config_dict(self.cfg), "data": self.config.data.to_dict()}
-      ckpt.save(int(run_state["step"]), run_state, None, meta)
-    finally:
-      ckpt.close()
 
 
 def tokens_per_second(population: Population, dispatches: int = 5) -> float:

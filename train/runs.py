@@ -1,14 +1,19 @@
-"""A run's files in its workdir and reading a trained run back.
+"""A run's files in its workdir, written the same way by the trainer and a population, and read back.
 
-The trainer writes config.json and tokenizer.json (`write_run_files`) and each checkpoint's meta
-(`checkpoint_meta`); `load_config`, `load_run` (setup, params, step of the latest checkpoint) and
-`evaluate_run` (eval.json) read them for evaluation and generation.
+Written: config.json and tokenizer.json (`write_run_files`), each checkpoint's meta (`checkpoint_meta`), and
+results.json (`results_record`, `write_results`) and eval.json as strict JSON (`write_strict_json`: JSON has no
+NaN, so a non-finite figure is written as null, listed under "nonfinite" and warned about).
+Read: `load_config`, `load_run` (setup, params, step of the latest checkpoint, for evaluation on the run's
+data), `load_model` (the trained model and its tokenizer, for generation and language-model evaluation) and
+`evaluate_run` (eval.json).
 """
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
+import warnings
 
 from flax import nnx
 import jax
@@ -20,12 +25,14 @@ from bmojo_jax.config import COMPUTE_FIELDS
 from train import checkpoint as ckpt_lib
 from train import faults
 from train import files
+from train import steps as steps_lib
 from train import tasks as tasks_lib
+from train.data import mqar
 from train.setup import Setup, build, restore_state
-from train.steps import evaluate
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+RESULTS_FILE = "results.json"
 
 
 def checkpoint_meta(setup: Setup, record: faults.FaultRecord | None = None) -> dict[str, Any]:
@@ -34,12 +41,80 @@ def checkpoint_meta(setup: Setup, record: faults.FaultRecord | None = None) -> d
           "faults": (record or faults.FaultRecord()).to_meta()}
 
 
-def write_run_files(setup: Setup, workdir: str) -> None:
-  """config.json and tokenizer.json in `workdir` (what `load_run` and generation read back)."""
-  config = json.loads(setup.config.to_json_best_effort(sort_keys=True))
-  files.write_json(files.inside(workdir, CONFIG_FILE), config)
-  info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
-  files.write_json(files.inside(workdir, TOKENIZER_FILE), info)
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, tokenizer) -> None:
+  """config.json (`config`, the run's own) and tokenizer.json in `workdir` (what `load_run` and `load_model`
+  read back)."""
+  files.write_json(files.inside(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort(sort_keys=True)))
+  files.write_json(files.inside(workdir, TOKENIZER_FILE), tasks_lib.save_tokenizer(tokenizer, workdir))
+
+
+# --------------------------------------------------------------------------------------------- results
+class NonFiniteResultWarning(RuntimeWarning):
+  """A result (results.json, eval.json) is NaN or inf; it is written as null (and bmojo-eval exits with 1)."""
+
+
+def strict_json(record: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+  """(a copy of `record` with NaN / inf floats as None, the dotted keys replaced): JSON has no NaN."""
+  out, bad = {}, []
+  for k, v in record.items():
+    if isinstance(v, dict):
+      out[k], inner = strict_json(v, f"{prefix}{k}.")
+      bad += inner
+    elif isinstance(v, float) and not math.isfinite(v):
+      out[k] = None
+      bad.append(f"{prefix}{k}")
+    else:
+      out[k] = v
+  return out, bad
+
+
+def write_strict_json(path: str, record: dict[str, Any], what: str) -> dict[str, Any]:
+  """Writes `record` to `path` (by rename, `files.write_json`) as strict JSON, non-finite floats as null and
+  listed under "nonfinite" (with a NonFiniteResultWarning naming `what`, e.g. "checkpoint 8"); returns what
+  was written. Call on process 0."""
+  record, nonfinite = strict_json(record)
+  if nonfinite:
+    record["nonfinite"] = nonfinite
+    warnings.warn(f"{what} gives non-finite {', '.join(nonfinite)}; written as null in {path}.",
+                  NonFiniteResultWarning, stacklevel=2)
+  files.write_json(path, record)
+  return record
+
+
+def results_record(setup: Setup, *, step: int, stopped_by: str | None, wall_s: float, tokens_per_s: float,
+                   evaluation: dict[str, float] | None = None, eval_step: int | None = None,
+                   record: faults.FaultRecord | None = None, **extra: Any) -> dict[str, Any]:
+  """results.json's record of a run that stopped after `step` updates (`stopped_by`: why before
+  train.num_steps, or None): its speed, model family, task and data, devices (`setup.mesh`'s), and `extra`
+  (a population's learning_rate, seed, population); with `evaluation` ({"accuracy", "loss", ...} of step
+  `eval_step`) the test_* figures and whether the model collapsed (`steps.collapsed`); the fault record when
+  something was done about non-finite updates; for MQAR the window and the fraction of test queries whose
+  value lies beyond it."""
+  devices = setup.mesh.devices.flat
+  out = {"step": step, "stopped_by": stopped_by, "wall_s": wall_s, "tokens_per_s": tokens_per_s,
+         "family": setup.cfg.family.value, "task": setup.task.kind, "data": dict(setup.task.info),
+         "device": f"{setup.mesh.devices.size} x {devices[0].device_kind}", "platform": devices[0].platform,
+         "jax_version": jax.__version__, **extra}
+  if evaluation is not None:
+    out.update({f"test_{k}": v for k, v in evaluation.items()}, test_step=eval_step)
+    out["collapsed"] = steps_lib.collapsed(evaluation["loss"], setup.cfg.vocab_size)
+  if record is not None and record != faults.FaultRecord():
+    out["faults"] = record.to_meta()
+  if setup.task.kind == "mqar":
+    out["window"] = setup.cfg.window
+    if setup.cfg.window is not None:
+      out["data"]["fraction_beyond_window"] = mqar.fraction_beyond_window(setup.task.eval_source,
+                                                                          setup.cfg.window)
+  return out
+
+
+def write_results(workdir: str, record: dict[str, Any], what: str) -> dict[str, Any]:
+  """`record` (`results_record`) as `workdir`/results.json in strict JSON (`write_strict_json`; `what` names
+  the evaluated state in its warning); returns what was written."""
+  return write_strict_json(files.inside(workdir, RESULTS_FILE), record, what)
+
+
+# --------------------------------------------------------------------------------------------- reading
 
 
 def read_tokenizer_info(workdir: str) -> dict[str, Any]:
@@ -137,13 +212,29 @@ def with_overrides(setup: Setup, params, overrides: dict[str, Any]) -> Setup:
   return dataclasses.replace(setup, cfg=cfg, graphdef=graphdef, config=config)
 
 
-def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents.
+class TrainedModel(NamedTuple):
+  """A trained run's latest checkpoint as a model (`load_model`)."""
+  model: LanguageModel
+  tokenizer: Any                        # None for token-id runs (MQAR)
+  config: ml_collections.ConfigDict     # the run's config (or the one given), without the overrides
+  step: int
 
-  eval.json is strict JSON: a non-finite figure is written as null, listed under "nonfinite", and warned about
-  (faults.NonFiniteResultWarning)."""
+
+def load_model(workdir: str, overrides: dict[str, Any] | None = None,
+               config: ml_collections.ConfigDict | None = None) -> TrainedModel:
+  """The latest checkpoint of the run in `workdir` as a model on every device, with its tokenizer; no data is
+  read. `overrides` change model fields as in `load_run`; `config` replaces the workdir's config.json."""
+  config = config or load_config(workdir)
+  setup, params, step = load_run(workdir, config, with_task=False, overrides=overrides)
+  tokenizer = tasks_lib.load_tokenizer(read_tokenizer_info(workdir), workdir)
+  return TrainedModel(nnx.merge(setup.graphdef, params), tokenizer, config, step)
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; writes and returns eval.json's contents (strict JSON,
+  `write_strict_json`)."""
   setup, params, step = load_run(workdir, config)
-  result = {"step": step, **{f"test_{k}": v for k, v in evaluate(setup, params).items()}}
+  result = {"step": step, **{f"test_{k}": v for k, v in steps_lib.evaluate(setup, params).items()}}
   if jax.process_index() == 0:
-    return faults.write_strict_json(files.inside(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
-  return faults.strict_json(result)[0]
+    return write_strict_json(files.inside(workdir, "eval.json"), result, f"checkpoint {step} of {workdir}")
+  return strict_json(result)[0]

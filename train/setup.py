@@ -3,8 +3,9 @@
 `Setup` holds the model config, the device mesh, the data task, the model's graph definition, the optimizer
 and its schedule, and the train state's shardings and abstract shapes (a dict of pure pytrees {"params",
 "opt_state", "step", "rng"}, placed by the logical-axis rules of `train/sharding.py`) with a jitted
-`init_state`. `validate_config` refuses a training setting that cannot work before anything is built;
-`restore_state` reads a checkpoint into a Setup's shardings.
+`init_state` (`fresh_state`, the one initialization: a population vmaps it over its runs' seeds).
+`validate_config` refuses a training setting that cannot work before anything is built; `restore_state` reads
+a checkpoint into a Setup's shardings.
 """
 
 import dataclasses
@@ -73,6 +74,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Tas
                      f"(train.batch_size={t.batch_size}).")
 
 
+def fresh_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed) -> dict[str, Any]:
+  """The train state before the first update, {"params", "opt_state", "step", "rng"}: the model initialized from
+  `seed` (an int, or an int32 scalar under `jax.vmap`: a population's runs), its optimizer state, step 0."""
+  model = LanguageModel(cfg, rngs=nnx.Rngs(jax.random.key(seed)))   # what nnx.Rngs(seed) does with an int
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(jax.random.key(seed + 1))}
+
+
 @dataclasses.dataclass
 class Setup:
   """Everything built from a config before the first step."""
@@ -97,13 +107,7 @@ def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task 
   validate_config(config, mesh, task, cfg)
   tx, schedule = optim_lib.make_optimizer(config.optim, int(config.train.num_steps))
   seed = int(config.seed)
-
-  def init_state():
-    model = LanguageModel(cfg, rngs=nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed + 1))}
-
+  init_state = lambda: fresh_state(cfg, tx, seed)
   abstract_model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(seed)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))

@@ -158,6 +158,8 @@ def make_train_step(setup: Setup, accum: int, lr_scale: float | None = 1.0, skip
 
 
 def make_eval_step(setup: Setup):
+  """The jitted (params, batch) -> sums over the batch's unmasked examples {"acc_sum", "examples", "ce_sum",
+  "tokens"} (`eval_metrics` turns their totals into the test metrics)."""
   graphdef = setup.graphdef
 
   def eval_step(params, batch):
@@ -188,6 +190,12 @@ def evaluate(setup: Setup, params, eval_step=None) -> dict[str, float]:
     out = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += out[k].item()
+  return eval_metrics(totals)
+
+
+def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+  """The test metrics of the eval steps' sums over a test set ({"acc_sum", "examples", "ce_sum", "tokens"},
+  host numbers): accuracy per example then averaged, loss per token, perplexity, examples."""
   loss = totals["ce_sum"] / max(totals["tokens"], 1)
   return {"accuracy": totals["acc_sum"] / max(totals["examples"], 1), "loss": loss,
           "perplexity": float(np.exp(min(loss, 80.0))), "examples": totals["examples"]}

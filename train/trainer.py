@@ -3,15 +3,8 @@
 Step s means "after s optimizer updates"; the loss logged at step s is the one computed by update s.
 What the loop does about a non-finite update, a failed save or an explicit resume step is `train/faults.py`'s
 and `train/checkpoint.py`'s; SIGTERM / SIGINT (`StopRequest`) checkpoint and stop after the current step.
-
-The rest of the trainer, by concern (re-exported here, so `train.trainer.<name>` keeps working):
-  `train/setup.py`  `model_config`, `validate_config`, `Setup`, `build` (model, mesh, optimizer, shardings),
-                    `restore_state`.
-  `train/steps.py`  `model_batch`, `loss_sums`, `batch_grads`, `apply_gradients`,
-                    `make_train_step`, `make_eval_step`, `eval_batches`, `evaluate`, `collapsed`,
-                    `collapse_message`, `target_outcome`.
-  `train/runs.py`   run files (`CONFIG_FILE`, `TOKENIZER_FILE`, `write_run_files`, `checkpoint_meta`) and
-                    `load_config`, `load_run`, `evaluate_run`.
+What it builds before the first step is `train/setup.py`'s, its jitted steps and evaluation `train/steps.py`'s,
+and the files it writes (config.json, tokenizer.json, checkpoint meta, results.json) `train/runs.py`'s.
 """
 
 import collections
@@ -32,23 +25,12 @@ from train import data as data_lib
 from train import faults
 from train import files
 from train import metrics as metrics_lib
+from train import runs
 from train import sharding as shard_lib
+from train import steps as steps_lib
 from train import tasks as tasks_lib
-from train.runs import (CONFIG_FILE, TOKENIZER_FILE, checkpoint_meta, evaluate_run, load_config, load_run,
-                        write_run_files)
-from train.setup import Setup, build, model_config, restore_state, validate_config
-from train.steps import (apply_gradients, batch_grads, collapse_message, collapsed, eval_batches, evaluate,
-                         loss_sums, make_eval_step, make_train_step, model_batch, target_outcome)
+from train.setup import Setup, build, restore_state
 from train.workdir_lock import WorkdirLock
-
-__all__ = [   # the loop's own names, then what setup.py, steps.py and runs.py hold (see above)
-    "train", "StopRequest", "LateStop", "NonFiniteLossError", "MAX_IN_FLIGHT",
-    "Setup", "build", "model_config", "restore_state", "validate_config",
-    "apply_gradients", "batch_grads", "eval_batches", "evaluate", "loss_sums", "make_eval_step",
-    "make_train_step", "model_batch", "collapsed", "collapse_message", "target_outcome",
-    "CONFIG_FILE", "TOKENIZER_FILE", "checkpoint_meta", "evaluate_run", "load_config", "load_run",
-    "write_run_files",
-]
 
 MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
 
@@ -151,7 +133,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   latest, record = faults.start_point(ckpt, t.get("resume_from"), notes.append)
   state = setup.init_state() if latest is None else restore_state(ckpt, latest, setup, it)
   start = int(jax.device_get(state["step"]))
-  results_path = files.inside(workdir, "results.json")
+  results_path = files.inside(workdir, runs.RESULTS_FILE)
   finished = faults.finished(results_path, start, t)
   if finished:
     ckpt.close()
@@ -163,7 +145,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   if latest is not None:
     notes.append(f"{workdir}: resuming from step {latest} (checkpoint {ckpt.step_dir(latest)}).")
   if lead:
-    write_run_files(setup, workdir)
+    runs.write_run_files(workdir, config, setup.task.tokenizer)
 
   # Out-of-range ids fail before any update: the first eval batch is checked here, every train batch below.
   first_eval = next(iter(data_lib.make_eval_iterator(setup.task.eval_source, batch_size=1)))
@@ -171,12 +153,12 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
 
   accum, skip = int(t.grad_accum_steps), t.get("on_nonfinite", "stop") == "skip"
   if t.get("on_nonfinite", "stop") == "rollback":   # the scale an argument: a rollback compiles nothing new
-    scaled_step = make_train_step(setup, accum, None, skip)
+    scaled_step = steps_lib.make_train_step(setup, accum, None, skip)
     train_step = lambda state, batch: scaled_step(state, batch, np.float32(record.lr_scale))
   else:
-    train_step = make_train_step(setup, accum, record.lr_scale, skip)
-  eval_step = make_eval_step(setup)
-  probe_batch = next(eval_batches(setup))       # a state whose loss on it is not finite is never saved
+    train_step = steps_lib.make_train_step(setup, accum, record.lr_scale, skip)
+  eval_step = steps_lib.make_eval_step(setup)
+  probe_batch = next(steps_lib.eval_batches(setup))       # a state whose loss on it is not finite is never saved
   num_steps = int(t.num_steps)
   writer = metrics_lib.MetricWriter(workdir, total_steps=num_steps, initial_step=start, enabled=lead,
                                     progress_bar=bool(t.progress_bar))
@@ -228,7 +210,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   def save(s):
     """Checkpoint s, if its state gives a finite loss on the probe batch (else train.on_nonfinite acts)."""
     nonlocal interval_start
-    meta = lambda: dict(checkpoint_meta(setup, record), unlogged=[
+    meta = lambda: dict(runs.checkpoint_meta(setup, record), unlogged=[
         {"step": int(p), **{k: float(v) for k, v in m.items()}} for p, m in pending])
     guard.checkpoint(s, lambda: eval_step(state["params"], probe_batch)["ce_sum"],
                      lambda: ckpt.save(s, state, it, meta()))
@@ -262,7 +244,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
           step += 1
           batch = next(it)
           tasks_lib.check_batch(batch, setup.cfg.vocab_size, f"training batch of step {step}")
-          state, m = train_step(state, shard_lib.shard_batch(model_batch(batch), setup.mesh))
+          state, m = train_step(state, shard_lib.shard_batch(steps_lib.model_batch(batch), setup.mesh))
           pending.append((step, m))
           if step_callback is not None:
             step_callback(step, state)
@@ -279,15 +261,15 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             flush()
           if (t.eval_every and step % int(t.eval_every) == 0) or done:
             flush()
-            last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), step
+            last_eval, last_eval_step = steps_lib.evaluate(setup, state["params"], eval_step), step
             writer.write(step, {k: v for k, v in last_eval.items() if np.isfinite(v)}, "eval")
             interval_start = time.time()
-            stopped_by = target_outcome(last_eval, t.target_accuracy, setup.cfg.vocab_size)
+            stopped_by = steps_lib.target_outcome(last_eval, t.target_accuracy, setup.cfg.vocab_size)
             if stopped_by == "target_accuracy":
               writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
                              f"{t.target_accuracy}; stopping early.")
             elif stopped_by == "collapsed":
-              writer.message(collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
+              writer.message(steps_lib.collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
           if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
             flush(log=False)
             save(step)
@@ -319,28 +301,16 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
 
   final_step = max(step, start)
   if last_eval is None and stopped_by is None:
-    last_eval, last_eval_step = evaluate(setup, state["params"], eval_step), final_step
-  results = {"step": final_step, "stopped_by": stopped_by, "wall_s": time.time() - start_wall,
-             "tokens_per_s": tokens_per_step * trained_steps / max(train_time, 1e-9),
-             "family": setup.cfg.family.value, "task": setup.task.kind, "data": setup.task.info,
-             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-             "platform": jax.default_backend(), "jax_version": jax.__version__}
-  if last_eval is not None:
-    results.update({f"test_{k}": v for k, v in last_eval.items()}, test_step=last_eval_step)
-    results["collapsed"] = collapsed(last_eval["loss"], setup.cfg.vocab_size)
-    if results["collapsed"] and stopped_by != "collapsed" and lead:
-      print(collapse_message(last_eval_step, last_eval, setup.cfg.vocab_size))
-  if record != faults.FaultRecord():
-    results["faults"] = record.to_meta()
-  if setup.task.kind == "mqar":
-    results["window"] = setup.cfg.window
-    if setup.cfg.window is not None:
-      results["data"]["fraction_beyond_window"] = data_lib.fraction_beyond_window(
-          setup.task.eval_source, setup.cfg.window)
+    last_eval, last_eval_step = steps_lib.evaluate(setup, state["params"], eval_step), final_step
+  results = runs.results_record(setup, step=final_step, stopped_by=stopped_by, wall_s=time.time() - start_wall,
+                                tokens_per_s=tokens_per_step * trained_steps / max(train_time, 1e-9),
+                                evaluation=last_eval, eval_step=last_eval_step, record=record)
+  if results.get("collapsed") and stopped_by != "collapsed" and lead:
+    print(steps_lib.collapse_message(last_eval_step, last_eval, setup.cfg.vocab_size))
   if not lead:
-    return faults.strict_json(results)[0]
+    return runs.strict_json(results)[0]
   try:
-    results = faults.write_strict_json(results_path, results, f"the run's step {final_step}")
+    results = runs.write_results(workdir, results, f"the run's step {final_step}")
   except files.WriteError as e:
     e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
     raise
