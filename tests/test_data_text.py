@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from train.data import text
+from train.data import tokenizers
 
 
 def _stdlib_files():
@@ -18,7 +19,7 @@ def _stdlib_files():
 
 
 def test_byte_tokenizer_round_trip():
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   source = open(inspect.getsourcefile(textwrap), encoding="utf-8").read()
   sample = source[:2000] + " — naïve café ✓"
   ids = tok.encode(sample)
@@ -52,12 +53,12 @@ def test_missing_path_raises_first(tmp_path):
 
 def _packed(seq_len=64):
   docs = text.read_text_files(_stdlib_files())
-  return docs, text.pack_documents(docs, text.ByteTokenizer(), seq_len)
+  return docs, text.pack_documents(docs, tokenizers.ByteTokenizer(), seq_len)
 
 
 def test_packing_shapes_and_shift():
   docs, source = _packed(64)
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   total = sum(len(d.encode("utf-8")) + 2 for d in docs)
   assert source.num_tokens == total
   assert len(source) == (total - 2) // 64 + 1
@@ -78,7 +79,7 @@ def test_packing_shapes_and_shift():
 
 def test_packing_keeps_document_boundaries():
   docs, source = _packed(128)
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   stream = np.concatenate([source[i]["inputs"] for i in range(len(source))])
   segs = [source[i]["segment_ids"] for i in range(len(source))]
   for ex, seg in zip((source[i] for i in range(len(source))), segs):
@@ -122,7 +123,7 @@ def test_tfds_missing_is_clear(tmp_path):
 
 def test_sentencepiece_trained_on_stdlib(tmp_path):
   pytest.importorskip("sentencepiece")
-  tok = text.train_sentencepiece(_stdlib_files(), vocab_size=512,
+  tok = tokenizers.train_sentencepiece(_stdlib_files(), vocab_size=512,
                                  model_prefix=str(tmp_path / "spm"))
   assert tok.vocab_size == 512
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)

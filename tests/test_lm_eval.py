@@ -22,7 +22,7 @@ from bmojo_jax import LanguageModel
 from train import lm_eval
 from train import niah
 from train import tasks
-from train.data import ByteTokenizer
+from train.data.tokenizers import ByteTokenizer
 from train.data import corpus
 from tests.conftest import tiny_config
 

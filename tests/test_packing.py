@@ -110,7 +110,8 @@ def test_cudnn_path_masks_segments(window):
 def test_trainer_loss_keeps_packed_text_documents_apart():
   """train/data/text.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
   from train import steps
-  from train.data.text import IGNORE_INDEX, ByteTokenizer, pack_documents
+  from train.data.text import IGNORE_INDEX, pack_documents
+  from train.data.tokenizers import ByteTokenizer
   source = pack_documents(["a tiny one", "xy", "", "and a longer document of text"], ByteTokenizer(), seq_len=40)
   batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
   cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, scan_impl="sequential")

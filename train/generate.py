@@ -7,14 +7,14 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import runs
-from train import tasks as tasks_lib
+from train.data import tokenizers
 
 
 def load_model(workdir: str):
   """(model, tokenizer or None, step) of the latest checkpoint; clear errors when missing / incompatible."""
   setup, params, step = runs.load_run(workdir, with_task=False)
   model = nnx.merge(setup.graphdef, params)
-  return model, tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir), step
+  return model, tokenizers.from_description(runs.read_tokenizer_info(workdir), workdir), step
 
 
 def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,

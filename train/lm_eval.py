@@ -40,6 +40,7 @@ from train import files
 from train import niah as niah_lib
 from train import runs
 from train import tasks as tasks_lib
+from train.data import tokenizers
 
 RESULT_FILE = "lm_eval.json"
 
@@ -149,7 +150,7 @@ def load_lm(workdir: str, overrides: dict[str, Any] | None = None,
   (returned as given, without the overrides: the run's data and batch size) replaces the workdir's config.json."""
   config = config or runs.load_config(workdir)
   setup, params, step = runs.load_run(workdir, config, with_task=False, overrides=overrides)
-  tokenizer = tasks_lib.load_tokenizer(runs.read_tokenizer_info(workdir), workdir)
+  tokenizer = tokenizers.from_description(runs.read_tokenizer_info(workdir), workdir)
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
   return nnx.merge(setup.graphdef, params), tokenizer, config, step

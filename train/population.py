@@ -62,8 +62,8 @@ from train import runs
 from train import setup as setup_lib
 from train import steps
 from train.steps import collapse_message, collapsed, target_outcome  # `steps` is a count in train()
-from train import tasks as tasks_lib
 from train.data import mqar
+from train.data import tokenizers
 
 SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
 
@@ -374,7 +374,7 @@ class Population:
   def _write_run_files(self, run: Run, workdir: str) -> None:
     config = json.loads(run_config(self.config, run).to_json_best_effort(sort_keys=True))
     files.write_json(files.inside(workdir, runs.CONFIG_FILE), config)
-    files.write_json(files.inside(workdir, runs.TOKENIZER_FILE), tasks_lib.save_tokenizer(self.task.tokenizer, workdir))
+    files.write_json(files.inside(workdir, runs.TOKENIZER_FILE), tokenizers.save(self.task.tokenizer, workdir))
 
   def _save_checkpoint(self, run_state, workdir: str) -> None:
     """The run's final state as the trainer's checkpoint (no data iterator: the data is drawn on the device)."""

@@ -21,6 +21,7 @@ from train import checkpoint as ckpt_lib
 from train import faults
 from train import files
 from train import tasks as tasks_lib
+from train.data import tokenizers
 from train.setup import Setup, build, restore_state
 from train.steps import evaluate
 
@@ -38,7 +39,7 @@ def write_run_files(setup: Setup, workdir: str) -> None:
   """config.json and tokenizer.json in `workdir` (what `load_run` and generation read back)."""
   config = json.loads(setup.config.to_json_best_effort(sort_keys=True))
   files.write_json(files.inside(workdir, CONFIG_FILE), config)
-  info = tasks_lib.save_tokenizer(setup.task.tokenizer, workdir)
+  info = tokenizers.save(setup.task.tokenizer, workdir)
   files.write_json(files.inside(workdir, TOKENIZER_FILE), info)
 
 

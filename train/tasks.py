@@ -4,21 +4,17 @@
 "corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text),
 "stream" (a token stream prepared once by `bmojo-prepare`, read memory-mapped), or "array_record" / "tfds"
 (documents tokenized and packed on the fly by grain transforms; docs/data.md).
-The tokenizer of a text run is described by a small JSON dict saved in the workdir (`tokenizer_info`) so
-`bmojo-generate` can rebuild it (`load_tokenizer`); a SentencePiece model file is copied there.
+The tokenizer of a text run is named by data.tokenizer (`tokenizers.from_spec`).
 """
 
 import dataclasses
-import os
-import shutil
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from train import data as data_lib
-from train import files
-from train.data.onthefly import make_tokenizer
+from train.data import tokenizers
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
 
@@ -70,44 +66,6 @@ def _split_list(value: str) -> list[str]:
   return [p.strip() for p in str(value or "").split(",") if p.strip()]
 
 
-def tokenizer_info(tokenizer) -> dict[str, Any]:
-  if tokenizer is None:
-    return {"kind": "none"}
-  if isinstance(tokenizer, data_lib.ByteTokenizer):
-    return {"kind": "byte", "vocab_size": tokenizer.vocab_size}
-  return {"kind": "sentencepiece", "model_file": "tokenizer.model", "vocab_size": tokenizer.vocab_size}
-
-
-def save_tokenizer(tokenizer, workdir: str) -> dict[str, Any]:
-  """Writes what `load_tokenizer` needs into the workdir; returns the info dict (saved by the caller)."""
-  info = tokenizer_info(tokenizer)
-  if info["kind"] == "sentencepiece":
-    shutil.copyfile(tokenizer.model_file, files.inside(workdir, info["model_file"]))   # refuses a planted link
-  return info
-
-
-def load_tokenizer(info: dict[str, Any], workdir: str):
-  """The tokenizer of a run from its saved info; None for token-id tasks (MQAR). Its model file must lie in the
-  workdir (ValueError otherwise): a workdir's files never lead to reading files outside it."""
-  kind = info.get("kind", "none")
-  if kind == "byte":
-    return data_lib.ByteTokenizer()
-  if kind == "sentencepiece":
-    return data_lib.SentencePieceTokenizer(inside_workdir(workdir, info["model_file"], "tokenizer.json"))
-  return None
-
-
-def inside_workdir(workdir: str, name: str, source: str) -> str:
-  """workdir/name, for a `name` read from the workdir's file `source`; ValueError if it leads outside the workdir
-  (an absolute path, `..`, or a symbolic link out)."""
-  root = os.path.realpath(workdir)
-  path = os.path.join(root, str(name))
-  if os.path.isabs(str(name)) or os.path.commonpath([root, os.path.realpath(path)]) != root:
-    raise ValueError(f"{os.path.join(workdir, source)} names {str(name)!r}, which is outside the workdir; "
-                     "refusing to read it (a workdir's files may only name files inside it).")
-  return path
-
-
 def make_task(config: ml_collections.ConfigDict) -> Task:
   """Builds the sources; missing paths and impossible task settings raise here, before any training."""
   d = config.data
@@ -128,7 +86,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
             "num_train": len(train), "num_test": len(test)}
     return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
   if d.kind in ("text", "corpus"):
-    tokenizer = make_tokenizer(d.tokenizer)
+    tokenizer = tokenizers.from_spec(d.tokenizer)
     paths, eval_paths, patterns = text_paths(config)
     if not paths:
       raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
@@ -161,7 +119,7 @@ def _stream_task(config: ml_collections.ConfigDict) -> Task:
   if not stream_dir:
     raise ValueError("data.kind=stream needs data.stream_dir, a folder written by "
                      f"`{stream.PREPARE_HINT.format(dir='<dir>')}`.")
-  tokenizer = make_tokenizer(d.tokenizer)
+  tokenizer = tokenizers.from_spec(d.tokenizer)
   source = stream.PackedStreamSource(stream_dir, int(d.seq_len), tokenizer)
   eval_dir = str(d.get("eval_stream_dir") or "")
   if eval_dir:
@@ -205,7 +163,7 @@ def _document_task(config: ml_collections.ConfigDict) -> Task:
   from train.data import onthefly  # pylint: disable=g-import-not-at-top
   from train.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
-  tokenizer = make_tokenizer(d.tokenizer)
+  tokenizer = tokenizers.from_spec(d.tokenizer)
   documents = _document_source(config, "train")
   eval_documents = _document_source(config, "eval")
   if eval_documents is None:

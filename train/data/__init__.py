@@ -23,16 +23,16 @@ from train.data.sources import ArrayRecordDocuments
 from train.data.sources import TextFileDocuments
 from train.data.sources import TfdsDocuments
 from train.data.stream import PackedStreamSource
-from train.data.text import ByteTokenizer
 from train.data.text import list_text_files
 from train.data.text import make_text_source
 from train.data.text import pack_documents
 from train.data.text import PackedTextSource
 from train.data.text import read_text_files
-from train.data.text import SentencePieceTokenizer
 from train.data.text import tfds_documents
-from train.data.text import Tokenizer
-from train.data.text import train_sentencepiece
+from train.data.tokenizers import ByteTokenizer
+from train.data.tokenizers import SentencePieceTokenizer
+from train.data.tokenizers import Tokenizer
+from train.data.tokenizers import train_sentencepiece
 
 __all__ = [
     "ArrayRecordDocuments", "ByteTokenizer", "IGNORE_INDEX", "MQARConfig", "MQARSource", "OnTheFlySource",

@@ -25,28 +25,12 @@ its `train_iterator` method and builds this pipeline instead of indexing it. Its
 documents (the number of sequences is only known after tokenizing everything).
 """
 
-import os
-
 import grain
 import numpy as np
 
 from train.data.text import IGNORE_INDEX
 
 _FIELDS = ("inputs", "targets", "positions")
-
-
-def make_tokenizer(spec: str):
-  """'byte' -> ByteTokenizer; a path -> SentencePieceTokenizer (FileNotFoundError naming the spec if missing)."""
-  from train.data import text  # pylint: disable=g-import-not-at-top
-  if spec == "byte":
-    return text.ByteTokenizer()
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"data.tokenizer={spec!r}: not 'byte' and no such SentencePiece model file.")
-  return text.SentencePieceTokenizer(spec)
-
-
-def tokenizer_spec(tokenizer) -> str:
-  return getattr(tokenizer, "model_file", None) or "byte"
 
 
 def encode_document(tokenizer, document: str) -> np.ndarray:
@@ -61,22 +45,11 @@ def encode_document(tokenizer, document: str) -> np.ndarray:
 class Tokenize(grain.transforms.Map):
   """str -> {"inputs": int32[n], "targets": int32[n], "positions": int32[n]} for one document (n = ids + 2).
 
-  Holds the tokenizer by its spec ("byte" or a SentencePiece .model path) and builds it once per process, so
-  it pickles into grain's worker processes.
+  Pickles into grain's worker processes with its tokenizer (a SentencePiece one as its model file's path).
   """
 
-  def __init__(self, spec: str):
-    self.spec = spec
-    self._tokenizer = None
-
-  def __getstate__(self):
-    return {"spec": self.spec, "_tokenizer": None}
-
-  @property
-  def tokenizer(self):
-    if self._tokenizer is None:
-      self._tokenizer = make_tokenizer(self.spec)
-    return self._tokenizer
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
 
   def map(self, document: str) -> dict[str, np.ndarray]:
     ids = encode_document(self.tokenizer, document)
@@ -131,10 +104,10 @@ class _TupleSlicesIterator(grain.DatasetIterator):
     self._parent.set_state(_tuple_slices(state))
 
 
-def pack_iter_dataset(documents: grain.MapDataset, tokenizer_spec_: str, seq_len: int, pad_id: int, *,
+def pack_iter_dataset(documents: grain.MapDataset, tokenizer, seq_len: int, pad_id: int, *,
                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """MapDataset of str -> IterDataset of packed examples {inputs, targets, segment_ids, positions}: int32[T]."""
-  ds = documents.map(Tokenize(tokenizer_spec_))
+  ds = documents.map(Tokenize(tokenizer))
   it = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={k: int(seq_len) for k in _FIELDS})
   return it.map(FinishPacked(pad_id))
@@ -143,7 +116,7 @@ def pack_iter_dataset(documents: grain.MapDataset, tokenizer_spec_: str, seq_len
 def pack_in_order(documents, tokenizer, seq_len: int) -> list[dict[str, np.ndarray]]:
   """Every packed example of `documents` in order (one pass; small sources: eval sets and tests)."""
   ds = grain.MapDataset.source(documents)
-  return list(pack_iter_dataset(ds, tokenizer_spec(tokenizer), seq_len, tokenizer.pad_id))
+  return list(pack_iter_dataset(ds, tokenizer, seq_len, tokenizer.pad_id))
 
 
 class OnTheFlySource:
@@ -183,7 +156,7 @@ class OnTheFlySource:
     # documents read ahead: at least one per sequence of the next `prefetch_batches` batches
     options = grain.ReadOptions(num_threads=max(1, num_threads),
                                 prefetch_buffer_size=max(1, prefetch_batches) * batch_size)
-    it = pack_iter_dataset(ds, tokenizer_spec(self.tokenizer), self.seq_len, self.pad_id, read_options=options)
+    it = pack_iter_dataset(ds, self.tokenizer, self.seq_len, self.pad_id, read_options=options)
     it = it.batch(batch_size, drop_remainder=True)
     it = _TupleSlices(it)
     if worker_count > 0:

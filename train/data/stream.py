@@ -4,8 +4,8 @@ A stream is a directory written by `python -m train.data.prepare` (or `StreamWri
     tokens.bin        uint16[n] (vocab_size <= 65536) or uint32[n], raw little-endian: every document as
                       BOS + ids + EOS, concatenated
     doc_offsets.npy   int64[D] start of each document in tokens.bin (the first is 0), opened with mmap_mode="r"
-    meta.json         {"format", "version", "dtype", "num_tokens", "num_documents", "tokenizer": {kind,
-                      vocab_size, bos_id, eos_id, pad_id, sha256}, "source"}; written last, so a directory
+    meta.json         {"format", "version", "dtype", "num_tokens", "num_documents", "tokenizer": the
+                      tokenizer's description (`tokenizers.describe`), "source"}; written last, so a directory
                       without it is not a finished stream
 
 `PackedStreamSource` reads it as the same examples as `text.PackedTextSource` (int32[T] inputs, targets,
@@ -13,7 +13,6 @@ segment_ids, positions; windows of T+1 tokens with stride T), touching only the 
 memory does not grow with the corpus.
 """
 
-import hashlib
 import json
 import os
 from typing import Any, Iterable
@@ -21,7 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from train import files
-from train.data.text import ByteTokenizer
+from train.data import tokenizers
 from train.data.text import IGNORE_INDEX
 
 FORMAT = "bmojo-token-stream"
@@ -36,43 +35,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-  """What a stream records of its tokenizer, and what the trainer compares: kind, vocab, special ids, and the
-  SentencePiece model file's sha256 (so a copy of the same model elsewhere matches)."""
-  info = {"vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
-          "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
-  if isinstance(tokenizer, ByteTokenizer):
-    return {"kind": "byte", **info, "sha256": None}
-  return {"kind": "sentencepiece", **info, "sha256": file_sha256(tokenizer.model_file),
-          "model_file": os.path.abspath(tokenizer.model_file)}
-
-
-def check_tokenizer(meta: dict[str, Any], tokenizer, directory: str) -> None:
-  """ValueError when the stream was prepared with another tokenizer than `tokenizer` (kind, vocab, special ids
-  or model file contents differ)."""
-  want = tokenizer_fingerprint(tokenizer)
-  have = meta["tokenizer"]
-  keys = ("kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")
-  diff = [k for k in keys if have.get(k) != want.get(k)]
-  if diff:
-    raise ValueError(
-        f"The token stream in {directory} was prepared with another tokenizer than data.tokenizer: "
-        + ", ".join(f"{k} {have.get(k)!r} there vs {want.get(k)!r} here" for k in diff)
-        + f". Set --config.data.tokenizer to the stream's tokenizer ({have.get('model_file') or have['kind']}) "
-        f"or prepare the stream again: {PREPARE_HINT.format(dir=directory)}.")
-
-
 class StreamWriter:
   """Writes a stream directory with bounded memory: `add(tokens, doc_lengths)` appends whole documents
-  (tokens already BOS + ids + EOS), `close(tokenizer_info, source)` writes doc_offsets.npy and meta.json.
+  (tokens already BOS + ids + EOS), `close(tokenizer_description, source)` writes doc_offsets.npy and meta.json.
 
   Document lengths go to a side file while writing, so memory stays O(one chunk) however large the stream.
   """
@@ -105,7 +70,7 @@ class StreamWriter:
     self.num_tokens += tokens.size
     self.num_documents += doc_lengths.size
 
-  def close(self, tokenizer_info: dict[str, Any], source: str, **extra: Any) -> dict[str, Any]:
+  def close(self, tokenizer_description: dict[str, Any], source: str, **extra: Any) -> dict[str, Any]:
     self._tokens.close()
     self._lengths.close()
     if self.num_documents == 0:
@@ -123,18 +88,18 @@ class StreamWriter:
     del offsets, lengths
     os.remove(self._lengths_path)
     meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
-            "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source, **extra}
+            "num_documents": self.num_documents, "tokenizer": tokenizer_description, "source": source, **extra}
     files.write_json(os.path.join(self.directory, META), meta, indent=1)   # last: without meta.json, no stream
     return meta
 
 
-def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_info: dict[str, Any],
+def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_description: dict[str, Any],
                  source: str = "arrays") -> dict[str, Any]:
   """A stream of already tokenized documents (each BOS + ids + EOS), e.g. for tests."""
-  writer = StreamWriter(directory, tokenizer_info["vocab_size"])
+  writer = StreamWriter(directory, tokenizer_description["vocab_size"])
   for doc in documents:
     writer.add(np.asarray(doc), np.int64([len(doc)]))
-  return writer.close(tokenizer_info, source)
+  return writer.close(tokenizer_description, source)
 
 
 def read_meta(directory: str) -> dict[str, Any]:
@@ -157,6 +122,9 @@ def read_meta(directory: str) -> dict[str, Any]:
     dtype = np.dtype(meta["dtype"])
     num_tokens, num_documents = int(meta["num_tokens"]), int(meta["num_documents"])
     int(meta["tokenizer"]["vocab_size"]), int(meta["tokenizer"]["pad_id"])
+    missing = [k for k in tokenizers.KEYS if k not in meta["tokenizer"]]
+    if missing:
+      raise ValueError(f"its tokenizer description lacks {missing}")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"Corrupt token stream metadata {path}: {e}. Prepare the stream again: "
                      f"`{PREPARE_HINT.format(dir=directory)}`.") from None
@@ -211,7 +179,11 @@ class PackedStreamSource:
     self.directory = directory
     self.meta = read_meta(directory)
     if tokenizer is not None:
-      check_tokenizer(self.meta, tokenizer, directory)
+      recorded = self.meta["tokenizer"]
+      tokenizers.check(recorded, tokenizer, f"The token stream in {directory} was prepared with another tokenizer "
+                       "than data.tokenizer", f"Set --config.data.tokenizer to the stream's tokenizer "
+                       f"({recorded.get('model_file') or recorded['kind']}) or prepare the stream again: "
+                       f"{PREPARE_HINT.format(dir=directory)}.")
     self.seq_len = int(seq_len)
     self.pad_id = int(self.meta["tokenizer"]["pad_id"])
     self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])

@@ -1,10 +1,5 @@
-"""Text for language modeling: tokenizers, document sources, and packing into fixed-length sequences.
-
-Tokenizers share one interface: `encode(str) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
-`bos_id`, `eos_id`, `pad_id`.
-  * `ByteTokenizer` (default): ids 0 … 255 are UTF-8 bytes, then PAD = 256, BOS = 257, EOS = 258.
-  * `SentencePieceTokenizer`: a model trained locally with `train_sentencepiece` (needs the optional
-    `sentencepiece` package).
+"""Text for language modeling: document sources, and packing into fixed-length sequences (tokenizers:
+`tokenizers.py`).
 
 Documents come from local files/directories (`read_text_files`) or, optionally, a tfds dataset
 (`tfds_documents`, needs `tensorflow_datasets` and the prepared data). Files are read as strict UTF-8 unless
@@ -25,12 +20,14 @@ The last sequence is padded with PAD. The packed stream is one numpy array, so t
 random-access and a grain iterator over it checkpoints as a single index.
 """
 
-import dataclasses
 import glob
 import os
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+from train.data.tokenizers import ByteTokenizer
+from train.data.tokenizers import Tokenizer
 
 IGNORE_INDEX = -100
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.py")
@@ -44,104 +41,6 @@ class TextDecodeError(ValueError):
 
 class EmptyTextError(ValueError):
   """A named text file, or every file found, is empty."""
-
-
-class Tokenizer(Protocol):
-  """What packing and the trainer need from a tokenizer."""
-  vocab_size: int
-  bos_id: int
-  eos_id: int
-  pad_id: int
-
-  def encode(self, text: str) -> list[int]:
-    ...
-
-  def decode(self, ids: Iterable[int]) -> str:
-    ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-  """UTF-8 bytes as tokens: ids 0 … 255 are bytes; PAD = 256, BOS = 257, EOS = 258; vocab_size = 259."""
-  pad_id: int = 256
-  bos_id: int = 257
-  eos_id: int = 258
-
-  @property
-  def vocab_size(self) -> int:
-    return 259
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def encode_array(self, text: str) -> np.ndarray:
-    """`encode` as int32[n], without a Python list (used by packing)."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Drops special and out-of-range ids; invalid UTF-8 becomes U+FFFD."""
-    data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
-    return data.decode("utf-8", errors="replace")
-
-
-def _import_sentencepiece():
-  try:
-    import sentencepiece  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        "SentencePiece tokenizers need the optional `sentencepiece` package: "
-        "pip install 'bmojo_jax[sentencepiece]' (or pip install sentencepiece).") from e
-  return sentencepiece
-
-
-class SentencePieceTokenizer:
-  """A SentencePiece model behind the `Tokenizer` interface (needs `sentencepiece`)."""
-
-  def __init__(self, model_file: str):
-    if not os.path.exists(model_file):
-      raise FileNotFoundError(f"SentencePiece model not found: {model_file}")
-    spm = _import_sentencepiece()
-    self.model_file = model_file
-    self._sp = spm.SentencePieceProcessor(model_file=model_file)
-    self.bos_id = int(self._sp.bos_id())
-    self.eos_id = int(self._sp.eos_id())
-    self.pad_id = int(self._sp.pad_id())
-    for name, value in (("bos_id", self.bos_id), ("eos_id", self.eos_id), ("pad_id", self.pad_id)):
-      if value < 0:
-        raise ValueError(f"SentencePiece model {model_file} has no {name} (got {value}); train it "
-                         "with train_sentencepiece, which defines BOS, EOS and PAD.")
-
-  @property
-  def vocab_size(self) -> int:
-    return int(self._sp.get_piece_size())
-
-  def encode(self, text: str) -> list[int]:
-    return list(self._sp.encode(text, out_type=int))
-
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
-
-
-def train_sentencepiece(files: Sequence[str], vocab_size: int, model_prefix: str, *,
-                        model_type: str = "bpe", character_coverage: float = 1.0,
-                        max_sentence_length: int = 16384) -> SentencePieceTokenizer:
-  """Trains a SentencePiece model on local text files; writes `{model_prefix}.model` / `.vocab`.
-
-  Ids: UNK = 0, BOS = 1, EOS = 2, PAD = 3. Text is not normalized (whitespace and newlines kept) and
-  unseen characters fall back to their UTF-8 bytes (256 byte pieces, so vocab_size must exceed ~260),
-  so decode(encode(s)) == s. Returns the trained tokenizer.
-  """
-  files = [str(f) for f in files]
-  _check_paths_exist(files)
-  spm = _import_sentencepiece()
-  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      input=",".join(files), model_prefix=model_prefix, vocab_size=vocab_size,
-      model_type=model_type, character_coverage=character_coverage,
-      max_sentence_length=max_sentence_length, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-      byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-      split_digits=True, minloglevel=2)
-  return SentencePieceTokenizer(model_prefix + ".model")
 
 
 def _check_paths_exist(paths: Sequence[str]) -> None:
