@@ -12,7 +12,7 @@ largest worker.
   1. read: a stream of random tokens written straight into the format (10 MB and 1 GB of tokens.bin, uint16),
      read as T=1024 sequences through the training iterator (shuffled, B=32, 2 threads) and by indexing.
   2. tokenize: a SentencePiece model (vocab 4096, trained here on data/corpus or stdlib docstrings), documents
-     tokenized and packed on the fly (onthefly.OnTheFlySource) with 0 (threads), 1 and 2 worker processes,
+     tokenized and packed on the fly (packing.OnTheFlySource) with 0 (threads), 1 and 2 worker processes,
      and the bare Tokenize transform in one process.
   3. prepare: 1 GB of text files of 1 MB (the corpus text, each file a rotated copy) prepared with the byte
      tokenizer by 2 worker processes, and 100 MB in files of 64 KB with the SentencePiece model (SentencePiece
@@ -101,21 +101,21 @@ def _documents(corpus_text: str, count: int, size: int) -> list[str]:
 
 
 def child_tokenize(model: str, corpus_file: str, workers: int, seconds: float) -> dict:
-  from train.data import onthefly, pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+  from train.data import packing, pipeline, tokenizers  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
   tok = tokenizers.from_spec(model)
   text = open(corpus_file, encoding="utf-8").read()
   docs = _documents(text, 4000, 8192)
   out = {"workers": workers, "vocab_size": tok.vocab_size, "doc_chars": 8192}
   if workers == 0:   # the bare transform, no pipeline
-    tz = onthefly.Tokenize(tok)
+    tz = packing.Tokenize(tok)
     n, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds / 2:
       n += tz.map(docs[i % len(docs)])["inputs"].size
       i += 1
     out["transform_tokens_per_s"] = n / (time.perf_counter() - t0)
     out["chars_per_token"] = sum(map(len, docs[:i])) / n if i <= len(docs) else None
-  src = onthefly.OnTheFlySource(docs, tok, 1024)
+  src = packing.OnTheFlySource(docs, tok, 1024)
   it = pipeline.make_train_iterator(src, batch_size=8, seed=0, worker_count=workers)
   for _ in range(3):
     next(it)        # workers started, buffers filled

@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from train.data import packing
+from train.data import sources
 from train.data import text
 from train.data import tokenizers
 
@@ -53,7 +55,7 @@ def test_missing_path_raises_first(tmp_path):
 
 def _packed(seq_len=64):
   docs = text.read_text_files(_stdlib_files())
-  return docs, text.pack_documents(docs, tokenizers.ByteTokenizer(), seq_len)
+  return docs, packing.pack_documents(docs, tokenizers.ByteTokenizer(), seq_len)
 
 
 def test_packing_shapes_and_shift():
@@ -67,7 +69,7 @@ def test_packing_shapes_and_shift():
     for k in ("inputs", "targets", "segment_ids", "positions"):
       assert ex[k].shape == (64,) and ex[k].dtype == np.int32
     # Targets are the inputs shifted by one, except across a document boundary or into padding.
-    keep = ex["targets"] != text.IGNORE_INDEX
+    keep = ex["targets"] != packing.IGNORE_INDEX
     both = keep[:-1] & (ex["segment_ids"][1:] > 0)
     np.testing.assert_array_equal(ex["targets"][:-1][both], ex["inputs"][1:][both])
     masked = np.flatnonzero(~keep & (ex["segment_ids"] > 0))
@@ -103,22 +105,12 @@ def test_packing_keeps_document_boundaries():
   assert last["positions"][n_real - 1] == len(docs[-1].encode("utf-8"))
   assert last["targets"][n_real - 1] == tok.eos_id
   assert np.all(last["inputs"][n_real:] == tok.pad_id)
-  assert np.all(last["targets"][n_real:] == text.IGNORE_INDEX)
-
-
-def test_packed_save_load(tmp_path):
-  _, source = _packed(32)
-  path = str(tmp_path / "packed.npz")
-  source.save(path)
-  loaded = text.PackedTextSource.load(path)
-  assert len(loaded) == len(source)
-  for k, v in source[3].items():
-    np.testing.assert_array_equal(loaded[3][k], v)
+  assert np.all(last["targets"][n_real:] == packing.IGNORE_INDEX)
 
 
 def test_tfds_missing_is_clear(tmp_path):
   with pytest.raises((ImportError, FileNotFoundError), match="tensorflow_datasets|not prepared"):
-    text.tfds_documents("pg19", "train", data_dir=str(tmp_path))
+    sources.TfdsDocuments("pg19", "train", data_dir=str(tmp_path))
 
 
 def test_sentencepiece_trained_on_stdlib(tmp_path):

@@ -69,3 +69,13 @@ def test_check_names_every_difference():
   with pytest.raises(ValueError, match=r"^here: eos_id 9 there vs 258 here, pad_id 3 there vs 256 here\. fix$"):
     tokenizers.check(recorded, tokenizers.ByteTokenizer(), "here", "fix")
   tokenizers.check(STREAM_V1_BYTES, tokenizers.ByteTokenizer(), "here", "fix")
+
+
+def test_sentencepiece_pickles_as_its_model(tmp_path):
+  """grain's worker processes and bmojo-prepare's pool receive the tokenizer pickled."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  tok = _sentencepiece(tmp_path)
+  data = pickle.dumps(tok)
+  assert len(data) < 1000                        # the path, not the model
+  again = pickle.loads(data)
+  assert again.model_file == tok.model_file and again.encode("naïve ✓ text") == tok.encode("naïve ✓ text")

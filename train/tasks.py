@@ -13,7 +13,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train import data as data_lib
+from train.data import corpus
+from train.data import mqar
+from train.data import packing
+from train.data import pipeline
+from train.data import sources
+from train.data import stream
+from train.data import text
 from train.data import tokenizers
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
@@ -72,54 +78,65 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   if d.kind != "mqar" and "tokenizer" not in d:
     raise ValueError(f"data.kind={d.kind!r} needs a text config (data.tokenizer, data.paths, ...), and this one "
                      "has only MQAR's fields: use --config configs/lm.py (e.g. configs/lm.py:bmojo,cpu; docs/lm.md).")
+  if d.kind not in KINDS:
+    raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
   if d.kind == "mqar":
-    for name in ("num_train", "num_test"):
-      if int(d[name]) >= 2**31:
-        raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
-                         "indexed by int32, and a pass over them would never end); lower it.")
-    vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
-    mq = data_lib.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
-                             num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))
-    train = data_lib.MQARSource(mq, num_examples=int(d.num_train), seed=int(d.train_seed))
-    test = data_lib.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
-    info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
-            "num_train": len(train), "num_test": len(test)}
-    return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
-  if d.kind in ("text", "corpus"):
-    tokenizer = tokenizers.from_spec(d.tokenizer)
-    paths, eval_paths, patterns = text_paths(config)
-    if not paths:
-      raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
-                       "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
-    decoding = text_decoding(config)
-    source = data_lib.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
-    if eval_paths:
-      train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
-    else:
-      train, test = _hold_out(source, d)
-    test = _spread(test, d)
-    info = {"seq_len": int(d.seq_len), "tokens": int(getattr(source, "num_tokens", 0)),
-            "train_sequences": len(train), "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
-    if d.kind == "corpus":
-      info["corpus_dir"] = str(d.corpus_dir)
-    return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+    return _mqar_task(config)
+  tokenizer = tokenizers.from_spec(d.tokenizer)
   if d.kind == "stream":
-    return _stream_task(config)
+    return _stream_task(config, tokenizer)
   if d.kind in ("array_record", "tfds"):
-    return _document_task(config)
-  raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
+    return _document_task(config, tokenizer)
+  return _text_task(config, tokenizer)
 
 
-def _stream_task(config: ml_collections.ConfigDict) -> Task:
+def _mqar_task(config: ml_collections.ConfigDict) -> Task:
+  """data.kind=mqar: Zoology's task, examples generated from their index (train and test by their seeds)."""
+  d = config.data
+  for name in ("num_train", "num_test"):
+    if int(d[name]) >= 2**31:
+      raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
+                       "indexed by int32, and a pass over them would never end); lower it.")
+  vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
+  mq = mqar.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
+                       num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))
+  train = mqar.MQARSource(mq, num_examples=int(d.num_train), seed=int(d.train_seed))
+  test = mqar.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
+  info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
+          "num_train": len(train), "num_test": len(test)}
+  return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
+
+
+def _text_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
+  """data.kind=text / corpus: local files packed in memory; eval from data.eval_paths (the corpus's eval split),
+  or the last eval_fraction of the sequences."""
+  d = config.data
+  paths, eval_paths, patterns = text_paths(config)
+  if not paths:
+    raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
+                     "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
+  decoding = text_decoding(config)
+  source = text.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
+  if eval_paths:
+    train, test = source, text.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
+  else:
+    train, test = _hold_out(source, d)
+  test = _spread(test, d)
+  info = {"seq_len": int(d.seq_len), "tokens": source.num_tokens, "train_sequences": len(train),
+          "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
+  if d.kind == "corpus":
+    info["corpus_dir"] = str(d.corpus_dir)
+  return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+
+
+def _stream_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
   """data.kind=stream: packed sequences read memory-mapped from a folder of `bmojo-prepare`; eval from
   data.eval_stream_dir, or the last eval_fraction of the sequences."""
-  from train.data import stream  # pylint: disable=g-import-not-at-top
   d = config.data
   stream_dir = str(d.get("stream_dir") or "")
   if not stream_dir:
     raise ValueError("data.kind=stream needs data.stream_dir, a folder written by "
                      f"`{stream.PREPARE_HINT.format(dir='<dir>')}`.")
-  tokenizer = tokenizers.from_spec(d.tokenizer)
   source = stream.PackedStreamSource(stream_dir, int(d.seq_len), tokenizer)
   eval_dir = str(d.get("eval_stream_dir") or "")
   if eval_dir:
@@ -136,7 +153,6 @@ def _stream_task(config: ml_collections.ConfigDict) -> Task:
 def _document_source(config: ml_collections.ConfigDict, split: str):
   """The documents of data.kind=array_record / tfds for `split` ("train" or "eval"); None when no eval set is
   named (the caller holds out a fraction)."""
-  from train.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
   text_key = str(d.get("text_key") or "")
   if d.kind == "array_record":
@@ -156,14 +172,11 @@ def _document_source(config: ml_collections.ConfigDict, split: str):
                                text_key=text_key or "text")
 
 
-def _document_task(config: ml_collections.ConfigDict) -> Task:
+def _document_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
   """data.kind=array_record / tfds: documents tokenized and packed on the fly (grain transforms) for training;
   the eval documents (an eval set, or the last eval_fraction of the documents), at most
   data.max_eval_documents of them, are packed in memory once so evaluation is an exact pass."""
-  from train.data import onthefly  # pylint: disable=g-import-not-at-top
-  from train.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
-  tokenizer = tokenizers.from_spec(d.tokenizer)
   documents = _document_source(config, "train")
   eval_documents = _document_source(config, "eval")
   if eval_documents is None:
@@ -176,8 +189,8 @@ def _document_task(config: ml_collections.ConfigDict) -> Task:
                                  sources.DocumentSlice(documents, n - n_eval, n))
   max_docs = int(d.get("max_eval_documents") or 0)
   count = len(eval_documents) if max_docs <= 0 else min(max_docs, len(eval_documents))
-  test = data_lib.pack_documents((eval_documents[i] for i in range(count)), tokenizer, int(d.seq_len))
-  train = onthefly.OnTheFlySource(documents, tokenizer, int(d.seq_len))
+  test = packing.pack_documents((eval_documents[i] for i in range(count)), tokenizer, int(d.seq_len))
+  train = packing.OnTheFlySource(documents, tokenizer, int(d.seq_len))
   eval_tokens = test.num_tokens
   test = _spread(test, d)
   info = {"seq_len": int(d.seq_len), "train_documents": len(documents), "eval_documents": count,
@@ -204,14 +217,14 @@ def _spread(test, d):
 def text_decoding(config: ml_collections.ConfigDict) -> dict[str, str]:
   """{"encoding", "errors"} of a text run's files: data.encoding / data.errors, strict UTF-8 when unset."""
   d = config.data
-  return {"encoding": str(d.get("encoding") or data_lib.text.DEFAULT_ENCODING),
-          "errors": str(d.get("errors") or data_lib.text.DEFAULT_ERRORS)}
+  return {"encoding": str(d.get("encoding") or text.DEFAULT_ENCODING),
+          "errors": str(d.get("errors") or text.DEFAULT_ERRORS)}
 
 
 def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:
   """(training paths, eval paths, file patterns) of a text or corpus run's data config."""
   d = config.data
-  patterns = tuple(_split_list(d.patterns)) or data_lib.text.DEFAULT_PATTERNS
+  patterns = tuple(_split_list(d.patterns)) or text.DEFAULT_PATTERNS
   if d.kind == "corpus":
     return *corpus_paths(config), patterns
   return _split_list(d.paths), _split_list(d.eval_paths), patterns
@@ -220,7 +233,6 @@ def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str],
 def corpus_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """([train folder], [eval folder]) of `data.corpus_dir` for data.kind=corpus; a clear error when the corpus
   is not prepared or data.paths / eval_paths are also set (they would be ignored)."""
-  from train.data import corpus  # pylint: disable=g-import-not-at-top
   d = config.data
   if _split_list(d.get("paths")) or _split_list(d.get("eval_paths")):
     raise ValueError("data.kind=corpus reads data.corpus_dir; data.paths / data.eval_paths are for "
@@ -235,6 +247,6 @@ def check_batch(batch: dict[str, np.ndarray], vocab_size: int, what: str) -> Non
   """Out-of-range token ids in `batch` fail before it reaches a step, naming `what`, the field and the vocabulary
   (the trainer checks the first test batch and every training batch)."""
   try:
-    data_lib.validate_token_ids(batch, vocab_size)
+    pipeline.validate_token_ids(batch, vocab_size)
   except ValueError as e:
     raise ValueError(f"{what}: {e}") from None

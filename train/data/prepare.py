@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 
 from train import files
-from train.data import onthefly
+from train.data import packing
 from train.data import sources as sources_lib
 from train.data import stream as stream_lib
 from train.data import tokenizers
@@ -52,7 +52,7 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
   out, shard, start, stop = args
   documents, tokenizer = _worker["documents"], _worker["tokenizer"]
   dtype = stream_lib.token_dtype(tokenizer.vocab_size)
-  pieces = [onthefly.encode_document(tokenizer, documents[i]) for i in range(start, stop)]
+  pieces = [packing.encode(tokenizer, documents[i]) for i in range(start, stop)]
   lengths = np.asarray([p.size for p in pieces], np.int64)
   tokens = np.concatenate(pieces)
   if int(tokens.max()) >= tokenizer.vocab_size or int(tokens.min()) < 0:

@@ -8,7 +8,7 @@ A stream is a directory written by `python -m train.data.prepare` (or `StreamWri
                       tokenizer's description (`tokenizers.describe`), "source"}; written last, so a directory
                       without it is not a finished stream
 
-`PackedStreamSource` reads it as the same examples as `text.PackedTextSource` (int32[T] inputs, targets,
+`PackedStreamSource` reads it as the same examples as `packing.PackedTextSource` (int32[T] inputs, targets,
 segment_ids, positions; windows of T+1 tokens with stride T), touching only the pages of the window asked for:
 memory does not grow with the corpus.
 """
@@ -20,8 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from train import files
+from train.data import packing
 from train.data import tokenizers
-from train.data.text import IGNORE_INDEX
 
 FORMAT = "bmojo-token-stream"
 VERSION = 1
@@ -158,9 +158,8 @@ def check_offsets(starts: np.ndarray, num_tokens: int, path: str, chunk: int = 1
 class PackedStreamSource:
   """Grain random-access source of packed sequences over a stream directory (memory-mapped).
 
-  Example j (T = seq_len), exactly as `text.PackedTextSource` over the same documents:
-    inputs int32[T], targets int32[T] (-100 across documents and on padding), segment_ids int32[T] (from 1;
-    0 on padding), positions int32[T] (within the document; 0 on padding).
+  Example j (T = seq_len) is `packing.window_example` of stream[jT : jT+T+1], exactly as
+  `packing.PackedTextSource` over the same documents.
   Each read touches T+1 tokens and the few document offsets inside the window (binary search), so reading
   costs O(T log D). The window is read with os.pread (a copy of T+1 tokens), not through the map: pages a
   process has touched through a map count in its resident set until unmapped, and the kernel maps whole
@@ -227,7 +226,7 @@ class PackedStreamSource:
     return int(self.tokens.size)
 
   def __len__(self) -> int:
-    return (self.tokens.size - 2) // self.seq_len + 1
+    return packing.num_sequences(self.tokens.size, self.seq_len)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
@@ -241,21 +240,4 @@ class PackedStreamSource:
     if int(window.max()) >= self.vocab_size:
       raise ValueError(f"Token stream {self.directory} holds id {int(window.max())} >= vocab_size "
                        f"{self.vocab_size} near token {start}; the stream is corrupt, prepare it again.")
-    # Documents overlapping the window: the one holding `start` up to the last one starting before `stop`.
-    first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
-    last = int(np.searchsorted(self.doc_starts, stop, side="left"))
-    starts = np.asarray(self.doc_starts[first:last], np.int64) - start   # window-relative, starts[0] <= 0
-    offset = np.arange(stop - start)
-    doc = np.searchsorted(starts, offset, side="right") - 1               # 0 for the first document
-    pos = offset - starts[doc]
-    n = window.size - 1
-
-    inputs = np.full((t,), self.pad_id, np.int32)
-    targets = np.full((t,), IGNORE_INDEX, np.int32)
-    segment_ids = np.zeros((t,), np.int32)
-    positions = np.zeros((t,), np.int32)
-    inputs[:n] = window[:n]
-    targets[:n] = np.where(doc[1:] == doc[:-1], window[1:], IGNORE_INDEX)
-    segment_ids[:n] = doc[:n] + 1
-    positions[:n] = pos[:n]
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    return packing.window_example(window, self.doc_starts, start, t, self.pad_id)
