@@ -133,8 +133,8 @@ def test_stream_errors(tmp_path):
   with pytest.raises(ValueError, match="another tokenizer.*pad_id 3 there vs 256 here"):
     stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    stream.write_stream(str(tmp_path / "bad"), [np.array([1, 300, 2])], tokenizers.describe(
-        tokenizers.ByteTokenizer()))
+    stream.StreamWriter(str(tmp_path / "bad"), tokenizers.ByteTokenizer().vocab_size).add(np.array([1, 300, 2]),
+                                                                                          np.int64([3]))
 
 
 def test_stream_resume_and_shards(tmp_path):

@@ -15,7 +15,7 @@ memory does not grow with the corpus.
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -91,15 +91,6 @@ class StreamWriter:
             "num_documents": self.num_documents, "tokenizer": tokenizer_description, "source": source, **extra}
     files.write_json(os.path.join(self.directory, META), meta, indent=1)   # last: without meta.json, no stream
     return meta
-
-
-def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_description: dict[str, Any],
-                 source: str = "arrays") -> dict[str, Any]:
-  """A stream of already tokenized documents (each BOS + ids + EOS), e.g. for tests."""
-  writer = StreamWriter(directory, tokenizer_description["vocab_size"])
-  for doc in documents:
-    writer.add(np.asarray(doc), np.int64([len(doc)]))
-  return writer.close(tokenizer_description, source)
 
 
 def read_meta(directory: str) -> dict[str, Any]:
