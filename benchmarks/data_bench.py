@@ -172,11 +172,11 @@ def write_random_stream(directory: str, num_bytes: int) -> None:
 
 def corpus_text() -> str:
   """The prepared corpus' text if there is one (data/corpus), else standard-library docstrings."""
-  from train.data import corpus  # pylint: disable=g-import-not-at-top
+  from train.data import corpus, debian_texts  # pylint: disable=g-import-not-at-top
   try:
     docs = corpus.read_split(os.path.join(ROOT, "data", "corpus"), "train")
   except (FileNotFoundError, ValueError):
-    docs = corpus.stdlib_documents()
+    docs = debian_texts.stdlib_documents()
   return "\n\n".join(docs.values())
 
 

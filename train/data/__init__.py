@@ -7,7 +7,9 @@ shards, shuffles, repeats and batches them into checkpointable iterators. The mo
                  transforms); IGNORE_INDEX
   text.py        local text files as documents;  sources.py  ArrayRecord / tfds / text-file document sources
   stream.py      a corpus tokenized once by prepare.py, read memory-mapped
-  mqar.py        Zoology's MQAR task;  corpus.py  the text corpus prepared from Debian packages
+  mqar.py        Zoology's MQAR task
+  corpus.py      the text corpus, split and prepared from debian_texts.py (books and manual pages of installed
+                 Debian packages; rdata.py reads R-serialized ones)
 Imported here are the few names the trainer uses through `train.data` (docs/data.md).
 """
 
