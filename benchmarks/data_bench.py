@@ -12,7 +12,7 @@ largest worker.
   1. read: a stream of random tokens written straight into the format (10 MB and 1 GB of tokens.bin, uint16),
      read as T=1024 sequences through the training iterator (shuffled, B=32, 2 threads) and by indexing.
   2. tokenize: a SentencePiece model (vocab 4096, trained here on data/corpus or stdlib docstrings), documents
-     tokenized and packed on the fly (onthefly.OnTheFlySource) with 0 (threads), 1 and 2 worker processes,
+     tokenized and packed on the fly (packing.OnTheFlySource) with 0 (threads), 1 and 2 worker processes,
      and the bare Tokenize transform in one process.
   3. prepare: 1 GB of text files of 1 MB (the corpus text, each file a rotated copy) prepared with the byte
      tokenizer by 2 worker processes, and 100 MB in files of 64 KB with the SentencePiece model (SentencePiece
@@ -101,21 +101,21 @@ def _documents(corpus_text: str, count: int, size: int) -> list[str]:
 
 
 def child_tokenize(model: str, corpus_file: str, workers: int, seconds: float) -> dict:
-  from train.data import onthefly, pipeline  # pylint: disable=g-import-not-at-top
+  from train.data import packing, pipeline, tokenizers  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
-  tok = onthefly.make_tokenizer(model)
+  tok = tokenizers.from_spec(model)
   text = open(corpus_file, encoding="utf-8").read()
   docs = _documents(text, 4000, 8192)
   out = {"workers": workers, "vocab_size": tok.vocab_size, "doc_chars": 8192}
   if workers == 0:   # the bare transform, no pipeline
-    tz = onthefly.Tokenize(model)
+    tz = packing.Tokenize(tok)
     n, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds / 2:
       n += tz.map(docs[i % len(docs)])["inputs"].size
       i += 1
     out["transform_tokens_per_s"] = n / (time.perf_counter() - t0)
     out["chars_per_token"] = sum(map(len, docs[:i])) / n if i <= len(docs) else None
-  src = onthefly.OnTheFlySource(docs, tok, 1024)
+  src = packing.OnTheFlySource(docs, tok, 1024)
   it = pipeline.make_train_iterator(src, batch_size=8, seed=0, worker_count=workers)
   for _ in range(3):
     next(it)        # workers started, buffers filled
@@ -128,12 +128,12 @@ def child_tokenize(model: str, corpus_file: str, workers: int, seconds: float) -
 
 
 def child_prepare(text_dir: str, out_dir: str, tokenizer: str, workers: int, docs_per_shard: int) -> dict:
-  from train.data import onthefly, prepare, sources  # pylint: disable=g-import-not-at-top
+  from train.data import prepare, sources, tokenizers  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
   docs = sources.TextFileDocuments(text_dir, ("*.txt",))
   text_bytes = sum(os.path.getsize(f) for f in docs.files)
   t0 = time.perf_counter()
-  meta = prepare.prepare(docs, out_dir, onthefly.make_tokenizer(tokenizer), workers=workers,
+  meta = prepare.prepare(docs, out_dir, tokenizers.from_spec(tokenizer), workers=workers,
                          docs_per_shard=docs_per_shard, progress_bar=False)
   wall = time.perf_counter() - t0
   return {"tokenizer": "byte" if tokenizer == "byte" else "sentencepiece", "workers": workers,
@@ -153,8 +153,8 @@ def _run_child(name: str, *args) -> dict:
 # ----------------------------------------------------------------------------------------- generators
 def write_random_stream(directory: str, num_bytes: int) -> None:
   """uint16 random tokens (ids < 256, byte vocabulary) with documents of random lengths, in 32 MB chunks."""
-  from train.data import stream, text  # pylint: disable=g-import-not-at-top
-  info = stream.tokenizer_fingerprint(text.ByteTokenizer())
+  from train.data import stream, tokenizers  # pylint: disable=g-import-not-at-top
+  info = tokenizers.describe(tokenizers.ByteTokenizer())
   writer = stream.StreamWriter(directory, info["vocab_size"])
   rng = np.random.default_rng(0)
   remaining = num_bytes // 2
@@ -172,11 +172,11 @@ def write_random_stream(directory: str, num_bytes: int) -> None:
 
 def corpus_text() -> str:
   """The prepared corpus' text if there is one (data/corpus), else standard-library docstrings."""
-  from train.data import corpus  # pylint: disable=g-import-not-at-top
+  from train.data import corpus, debian_texts  # pylint: disable=g-import-not-at-top
   try:
     docs = corpus.read_split(os.path.join(ROOT, "data", "corpus"), "train")
   except (FileNotFoundError, ValueError):
-    docs = corpus.stdlib_documents()
+    docs = debian_texts.stdlib_documents()
   return "\n\n".join(docs.values())
 
 
@@ -205,7 +205,7 @@ def main() -> None:
     return
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from train.data import text as text_lib  # pylint: disable=g-import-not-at-top
+  from train.data import tokenizers  # pylint: disable=g-import-not-at-top
   read_sizes = [10 * MB, 64 * MB] if a.quick else [10 * MB, 1024 * MB]
   # (tokenizer, total text, bytes a file = a document, documents a shard)
   prepare_runs = ([("byte", 32 * MB, MB, 4), ("sp", 8 * MB, 64 * 1024, 32)] if a.quick else
@@ -232,7 +232,7 @@ def main() -> None:
     with open(sp_train, "w", encoding="utf-8") as f:
       f.write(text[:2_000_000])
     t0 = time.perf_counter()
-    model = text_lib.train_sentencepiece([sp_train], 4096, os.path.join(tmp, "sp")).model_file
+    model = tokenizers.train_sentencepiece([sp_train], 4096, os.path.join(tmp, "sp")).model_file
     sp_train_s = time.perf_counter() - t0
     for workers in (0, 1, 2):
       r = _run_child("tokenize", model, corpus_file, workers, seconds)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from train import tasks
-from train.data import onthefly
+from train.data import packing
 from train.data import pipeline
 from train.data import prepare
 from train.data import sources
 from train.data import stream
-from train.data import text
+from train.data import tokenizers
 
 T = 16
 KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -44,7 +44,7 @@ def _prepared(tmp_path, docs, name="stream", **kw):
   files = sources.TextFileDocuments(_write_files(tmp_path, docs) if not (tmp_path / "texts").exists()
                                     else str(tmp_path / "texts"))
   out = str(tmp_path / name)
-  meta = prepare.prepare(files, out, text.ByteTokenizer(), workers=1, docs_per_shard=4, progress_bar=False, **kw)
+  meta = prepare.prepare(files, out, tokenizers.ByteTokenizer(), workers=1, docs_per_shard=4, progress_bar=False, **kw)
   return out, meta
 
 
@@ -59,8 +59,8 @@ def _assert_examples_equal(a, b):
 def test_prepared_stream_equals_packing_in_memory(tmp_path):
   docs = _documents()
   out, meta = _prepared(tmp_path, docs)
-  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
-  src = stream.PackedStreamSource(out, T, text.ByteTokenizer())
+  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
+  src = stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
   assert isinstance(src.tokens, np.memmap) and isinstance(src.doc_starts, np.memmap)
   assert src.tokens.dtype == np.uint16 and meta["num_documents"] == len(docs)
   assert len(src) == len(reference) and src.num_tokens == reference.num_tokens
@@ -89,7 +89,7 @@ def test_prepare_resumes_after_interruption(tmp_path):
   assert os.stat(os.path.join(out, "tokens.bin")).st_mtime_ns == written  # not prepared again
   assert meta["plan"] == progress["plan"]                                 # one meta.json, with its plan
   with pytest.raises(ValueError, match="another plan"):
-    prepare.prepare(sources.TextFileDocuments(str(tmp_path / "texts")), out, text.ByteTokenizer(), workers=1,
+    prepare.prepare(sources.TextFileDocuments(str(tmp_path / "texts")), out, tokenizers.ByteTokenizer(), workers=1,
                     docs_per_shard=5, progress_bar=False)
 
 
@@ -100,7 +100,7 @@ def test_prepare_cli_with_worker_processes(tmp_path, capsys):
   out = str(tmp_path / "cli")
   prepare.main(["--out", out, "--text", folder, "--workers", "2", "--docs-per-shard", "2", "--no-progress"])
   assert "tokens (uint16) in 9 documents" in capsys.readouterr().out
-  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   src = stream.PackedStreamSource(out, T)
   for j in range(len(src)):
     _assert_examples_equal(src[j], reference[j])
@@ -131,10 +131,10 @@ def test_stream_errors(tmp_path):
   meta["tokenizer"]["pad_id"] = 3
   json.dump(meta, open(meta_path, "w"))
   with pytest.raises(ValueError, match="another tokenizer.*pad_id 3 there vs 256 here"):
-    stream.PackedStreamSource(out, T, text.ByteTokenizer())
+    stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    stream.write_stream(str(tmp_path / "bad"), [np.array([1, 300, 2])], stream.tokenizer_fingerprint(
-        text.ByteTokenizer()))
+    stream.StreamWriter(str(tmp_path / "bad"), tokenizers.ByteTokenizer().vocab_size).add(np.array([1, 300, 2]),
+                                                                                          np.int64([3]))
 
 
 def test_stream_resume_and_shards(tmp_path):
@@ -162,10 +162,17 @@ def test_stream_resume_and_shards(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- on the fly
+def _packed_in_order(documents):
+  """Every example of one ordered pass of the training pipeline over `documents` packed on the fly."""
+  src = packing.OnTheFlySource(documents, tokenizers.ByteTokenizer(), T)
+  it = pipeline.make_train_iterator(src, batch_size=1, seed=0, shuffle=False, num_epochs=1)
+  return [{k: v[0] for k, v in batch.items()} for batch in it]
+
+
 def test_onthefly_packing_equals_packing_in_memory():
   docs = _documents(31)
-  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
-  packed = onthefly.pack_in_order(docs, text.ByteTokenizer(), T)
+  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
+  packed = _packed_in_order(docs)
   # Identical except at the very end: the on-the-fly pass also packs the final EOS as an input (target -100).
   assert len(packed) in (len(reference), len(reference) + 1)
   for j in range(len(reference) - 1):
@@ -195,8 +202,8 @@ def _shard_documents(it, tokenizer):
 
 def test_onthefly_shards_are_disjoint_and_cover(tmp_path):
   docs = _documents(30)
-  tok = text.ByteTokenizer()
-  src = onthefly.OnTheFlySource(docs, tok, T)
+  tok = tokenizers.ByteTokenizer()
+  src = packing.OnTheFlySource(docs, tok, T)
   seen = []
   for shard in (0, 1):
     it = pipeline.make_train_iterator(src, batch_size=1, seed=5, num_epochs=1, shard_index=shard, shard_count=2)
@@ -229,7 +236,7 @@ def test_array_record_documents(tmp_path):
   out = str(tmp_path / "stream")
   prepare.main(["--out", out, "--array-record", str(tmp_path / "docs.array_record"), "--workers", "1",
                 "--no-progress"])
-  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   s = stream.PackedStreamSource(out, T)
   for j in range(len(s)):
     _assert_examples_equal(s[j], reference[j])
@@ -252,18 +259,18 @@ def _resume_is_exact(make, k=3, n=4):
 def test_onthefly_resume_is_exact(tmp_path):
   docs = _documents(25)
   _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
-  src = onthefly.OnTheFlySource(sources.ArrayRecordDocuments(str(tmp_path / "docs.array_record")),
-                                text.ByteTokenizer(), T)
+  src = packing.OnTheFlySource(sources.ArrayRecordDocuments(str(tmp_path / "docs.array_record")),
+                                tokenizers.ByteTokenizer(), T)
   for k in (1, 3, 7, 11):   # states taken inside and between documents (with a remainder in the packer)
     _resume_is_exact(lambda: pipeline.make_train_iterator(src, batch_size=2, seed=1), k=k)
   # Documents of exactly T tokens: every state has no remainder, which a JSON round trip used to lose.
-  exact = onthefly.OnTheFlySource([f"{i:014d}" for i in range(9)], text.ByteTokenizer(), T)
+  exact = packing.OnTheFlySource([f"{i:014d}" for i in range(9)], tokenizers.ByteTokenizer(), T)
   _resume_is_exact(lambda: pipeline.make_train_iterator(exact, batch_size=1, seed=1), k=2)
 
 
 def test_onthefly_resume_through_orbax(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  src = onthefly.OnTheFlySource(_documents(25), text.ByteTokenizer(), T)
+  src = packing.OnTheFlySource(_documents(25), tokenizers.ByteTokenizer(), T)
   make = lambda: pipeline.make_train_iterator(src, batch_size=2, seed=4)
   it = make()
   for _ in range(5):
@@ -315,8 +322,8 @@ def test_tfds_documents_through_fake_module(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="no feature 'body'"):
     sources.TfdsDocuments("toy", "train", text_key="body")[0]
   task = tasks.make_task(_lm_config(kind="tfds", tfds_name="toy", tfds_eval_split="validation"))
-  assert isinstance(task.train_source, onthefly.OnTheFlySource) and task.info["eval_documents"] == 5
-  reference = text.pack_documents(eval_docs, text.ByteTokenizer(), T)
+  assert isinstance(task.train_source, packing.OnTheFlySource) and task.info["eval_documents"] == 5
+  reference = packing.pack_documents(eval_docs, tokenizers.ByteTokenizer(), T)
   assert len(task.eval_source) == len(reference)
   _assert_examples_equal(task.eval_source[1], reference[1])
   batch = next(pipeline.make_train_iterator(task.train_source, batch_size=4, seed=0))
@@ -335,8 +342,8 @@ def test_tfds_mock_data():
     src = sources.TfdsDocuments("lm1b", "train")
     docs = [src[i] for i in range(len(src))]
     assert len(docs) == 7 and len(set(docs)) > 1 and all(docs)   # the mock's distinct, non-empty texts
-    packed = onthefly.pack_in_order(src, text.ByteTokenizer(), T)
-  reference = text.pack_documents(docs, text.ByteTokenizer(), T)
+    packed = _packed_in_order(src)
+  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   for j in range(len(reference) - 1):
     _assert_examples_equal(packed[j], reference[j])
 
@@ -356,7 +363,7 @@ def test_make_task_stream_and_array_record(tmp_path):
   _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
   task = tasks.make_task(_lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record")))
   assert len(task.train_source) == 38 and task.info["eval_documents"] == 2
-  reference = text.pack_documents(docs[38:], text.ByteTokenizer(), T)
+  reference = packing.pack_documents(docs[38:], tokenizers.ByteTokenizer(), T)
   _assert_examples_equal(task.eval_source[0], reference[0])
   with pytest.raises(ValueError, match="needs data.array_record_paths"):
     tasks.make_task(_lm_config(kind="array_record"))
@@ -391,6 +398,6 @@ def test_prepare_help_and_input_errors(tmp_path, capsys):
 def test_missing_tokenizer_model_is_named(tmp_path):
   missing = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError, match="nope.model.*no such SentencePiece model file"):
-    onthefly.make_tokenizer(missing)
+    tokenizers.from_spec(missing)
   with pytest.raises(FileNotFoundError, match="nope.model"):
     tasks.make_task(_lm_config(kind="corpus", tokenizer=missing))

@@ -9,7 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
+from train.data import packing
+from train.data import sources
 from train.data import text
+from train.data import tokenizers
 
 
 def _stdlib_files():
@@ -18,7 +21,7 @@ def _stdlib_files():
 
 
 def test_byte_tokenizer_round_trip():
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   source = open(inspect.getsourcefile(textwrap), encoding="utf-8").read()
   sample = source[:2000] + " — naïve café ✓"
   ids = tok.encode(sample)
@@ -52,12 +55,12 @@ def test_missing_path_raises_first(tmp_path):
 
 def _packed(seq_len=64):
   docs = text.read_text_files(_stdlib_files())
-  return docs, text.pack_documents(docs, text.ByteTokenizer(), seq_len)
+  return docs, packing.pack_documents(docs, tokenizers.ByteTokenizer(), seq_len)
 
 
 def test_packing_shapes_and_shift():
   docs, source = _packed(64)
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   total = sum(len(d.encode("utf-8")) + 2 for d in docs)
   assert source.num_tokens == total
   assert len(source) == (total - 2) // 64 + 1
@@ -66,7 +69,7 @@ def test_packing_shapes_and_shift():
     for k in ("inputs", "targets", "segment_ids", "positions"):
       assert ex[k].shape == (64,) and ex[k].dtype == np.int32
     # Targets are the inputs shifted by one, except across a document boundary or into padding.
-    keep = ex["targets"] != text.IGNORE_INDEX
+    keep = ex["targets"] != packing.IGNORE_INDEX
     both = keep[:-1] & (ex["segment_ids"][1:] > 0)
     np.testing.assert_array_equal(ex["targets"][:-1][both], ex["inputs"][1:][both])
     masked = np.flatnonzero(~keep & (ex["segment_ids"] > 0))
@@ -78,7 +81,7 @@ def test_packing_shapes_and_shift():
 
 def test_packing_keeps_document_boundaries():
   docs, source = _packed(128)
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   stream = np.concatenate([source[i]["inputs"] for i in range(len(source))])
   segs = [source[i]["segment_ids"] for i in range(len(source))]
   for ex, seg in zip((source[i] for i in range(len(source))), segs):
@@ -102,27 +105,17 @@ def test_packing_keeps_document_boundaries():
   assert last["positions"][n_real - 1] == len(docs[-1].encode("utf-8"))
   assert last["targets"][n_real - 1] == tok.eos_id
   assert np.all(last["inputs"][n_real:] == tok.pad_id)
-  assert np.all(last["targets"][n_real:] == text.IGNORE_INDEX)
-
-
-def test_packed_save_load(tmp_path):
-  _, source = _packed(32)
-  path = str(tmp_path / "packed.npz")
-  source.save(path)
-  loaded = text.PackedTextSource.load(path)
-  assert len(loaded) == len(source)
-  for k, v in source[3].items():
-    np.testing.assert_array_equal(loaded[3][k], v)
+  assert np.all(last["targets"][n_real:] == packing.IGNORE_INDEX)
 
 
 def test_tfds_missing_is_clear(tmp_path):
   with pytest.raises((ImportError, FileNotFoundError), match="tensorflow_datasets|not prepared"):
-    text.tfds_documents("pg19", "train", data_dir=str(tmp_path))
+    sources.TfdsDocuments("pg19", "train", data_dir=str(tmp_path))
 
 
 def test_sentencepiece_trained_on_stdlib(tmp_path):
   pytest.importorskip("sentencepiece")
-  tok = text.train_sentencepiece(_stdlib_files(), vocab_size=512,
+  tok = tokenizers.train_sentencepiece(_stdlib_files(), vocab_size=512,
                                  model_prefix=str(tmp_path / "spm"))
   assert tok.vocab_size == 512
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)

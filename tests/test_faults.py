@@ -31,8 +31,8 @@ from train import optim as optim_lib
 from train import runs
 from train import setup as setup_lib
 from train import steps
-from train import tasks
 from train import trainer
+from train.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -411,8 +411,8 @@ def test_a_workdir_file_cannot_point_outside(tmp_path):
   os.symlink(tmp_path / "outside.model", workdir / "link.model")
   for name in ("../outside.model", str(tmp_path / "outside.model"), "link.model", "sub/../../outside.model"):
     with pytest.raises(ValueError, match=r"tokenizer.json names .* outside the workdir; refusing to read it"):
-      tasks.load_tokenizer({"kind": "sentencepiece", "model_file": name}, str(workdir))
-  assert tasks.inside_workdir(str(workdir), "tokenizer.model", "tokenizer.json") == str(workdir / "tokenizer.model")
+      tokenizers.from_description({"kind": "sentencepiece", "model_file": name}, str(workdir))
+  assert tokenizers.inside_workdir(str(workdir), "tokenizer.model", "tokenizer.json") == str(workdir / "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------------------------- strict JSON

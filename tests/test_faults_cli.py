@@ -14,7 +14,7 @@ from train import files
 from train.data import prepare
 from train.data import sources
 from train.data import stream
-from train.data import text
+from train.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def _texts(folder, docs):
 
 
 def _prepare(folder, out, **kw):
-  return prepare.prepare(sources.TextFileDocuments(folder), out, text.ByteTokenizer(), workers=1, docs_per_shard=2,
+  return prepare.prepare(sources.TextFileDocuments(folder), out, tokenizers.ByteTokenizer(), workers=1, docs_per_shard=2,
                          progress_bar=False, **kw)
 
 

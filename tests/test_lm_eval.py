@@ -23,8 +23,9 @@ from train import lm_eval
 from train import niah
 from train import runs
 from train import tasks
-from train.data import ByteTokenizer
 from train.data import corpus
+from train.data import debian_texts
+from train.data.tokenizers import ByteTokenizer
 from tests.conftest import tiny_config
 
 EMMA = ["EMMA", "", "By Jane Austen", "", "", "", "", "CHAPTER I", "",
@@ -77,7 +78,7 @@ def _serialize(body: bytes) -> bytes:
 
 def write_austen(root, novels: dict[str, list[str]]) -> None:
   """Rdata.rdb / Rdata.rdx as R writes a data package's lazy-load database (zlib blocks, gzip index)."""
-  folder = root / corpus.AUSTEN_DATA
+  folder = root / debian_texts.AUSTEN_DATA
   folder.mkdir(parents=True)
   blocks, offsets = b"", []
   for lines in novels.values():
@@ -95,11 +96,11 @@ def write_austen(root, novels: dict[str, list[str]]) -> None:
 
 def write_bible(root) -> None:
   """The `bible` program (a script printing chapters as bible-kjv does) and bible-kjv-text's data file."""
-  program = root / corpus.KJV_PROGRAM
+  program = root / debian_texts.KJV_PROGRAM
   program.parent.mkdir(parents=True)
   program.write_text(f"#!/bin/sh\ncat <<'EOF'\n{BIBLE_OUTPUT}EOF\n")
   program.chmod(program.stat().st_mode | stat.S_IEXEC)
-  data = root / corpus.KJV_DATA
+  data = root / debian_texts.KJV_DATA
   data.parent.mkdir(parents=True, exist_ok=True)
   data.write_bytes(b"\0")
 
@@ -113,7 +114,7 @@ def package_tree(tmp_path):
 
 
 def test_corpus_reads_the_packages_and_prepares_documents(package_tree, tmp_path):
-  docs = {**corpus.austen_documents(str(package_tree)), **corpus.kjv_documents(str(package_tree))}
+  docs = {**debian_texts.austen_documents(str(package_tree)), **debian_texts.kjv_documents(str(package_tree))}
   assert sorted(docs) == ["austen/emma", "austen/northangerabbey", "kjv/1-samuel", "kjv/genesis",
                           "kjv/song-of-solomon"]
   emma = docs["austen/emma"]
@@ -184,47 +185,47 @@ def write_perl_doc(root, pages: dict[str, str], version: str = "5.36.0") -> None
 def test_perl_doc_pages_are_documents(tmp_path):
   write_perl_doc(tmp_path, {"perlfunc": "=head1 NAME\n\nperlfunc - Perl builtin functions   \n",
                             "perlre": "=head1 NAME\n\nperlre - Perl regular expressions\n"})
-  docs = corpus.perl_documents(str(tmp_path))
+  docs = debian_texts.perl_documents(str(tmp_path))
   assert docs == {"perl/perlfunc": "=head1 NAME\n\nperlfunc - Perl builtin functions\n",
                   "perl/perlre": "=head1 NAME\n\nperlre - Perl regular expressions\n"}   # the link read once
 
 
 def test_missing_packages_are_named(tmp_path):
   # Every missing package of every source in one message, with one install line; nothing written.
-  with pytest.raises(corpus.MissingPackageError) as err:
+  with pytest.raises(debian_texts.MissingPackageError) as err:
     corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
   assert err.value.packages == ["bible-kjv", "bible-kjv-text", "perl-doc"]
   assert "apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc ;" in str(err.value)
   assert "\n" not in str(err.value)
-  with pytest.raises(corpus.MissingPackageError,
+  with pytest.raises(debian_texts.MissingPackageError,
                      match=r"apt-get install -y --no-install-recommends r-cran-janeaustenr bible-kjv bible-kjv-text ;"):
     corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
   write_austen(tmp_path, {"emma": EMMA})
-  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv bible-kjv-text ;"):
+  with pytest.raises(debian_texts.MissingPackageError, match=r"--no-install-recommends bible-kjv bible-kjv-text ;"):
     corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
-  (tmp_path / corpus.KJV_PROGRAM).parent.mkdir(parents=True)
-  (tmp_path / corpus.KJV_PROGRAM).write_text("")
-  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv-text ;"):
+  (tmp_path / debian_texts.KJV_PROGRAM).parent.mkdir(parents=True)
+  (tmp_path / debian_texts.KJV_PROGRAM).write_text("")
+  with pytest.raises(debian_texts.MissingPackageError, match=r"--no-install-recommends bible-kjv-text ;"):
     corpus.prepare(str(tmp_path / "out"), ("austen", "kjv"), root=str(tmp_path))
-  with pytest.raises(corpus.MissingPackageError, match=r"--no-install-recommends bible-kjv-text perl-doc ;"):
+  with pytest.raises(debian_texts.MissingPackageError, match=r"--no-install-recommends bible-kjv-text perl-doc ;"):
     corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
   assert not (tmp_path / "out").exists()                       # nothing written before every source reads
   with pytest.raises(FileNotFoundError, match=r"python -m train.data.corpus prepare --out .*nowhere"):
     tasks.make_task(_lm_config(str(tmp_path / "nowhere")))
 
 
-@pytest.mark.skipif(not os.path.exists("/" + corpus.KJV_PROGRAM) or not glob.glob("/" + corpus.PERL_PODS),
+@pytest.mark.skipif(not os.path.exists("/" + debian_texts.KJV_PROGRAM) or not glob.glob("/" + debian_texts.PERL_PODS),
                     reason="bible-kjv or perl-doc not installed")
 def test_installed_default_packages_read():
-  kjv, perl = corpus.kjv_documents(), corpus.perl_documents()
+  kjv, perl = debian_texts.kjv_documents(), debian_texts.perl_documents()
   assert len(kjv) == 66 and "In the beginning God created the heaven and the earth." in kjv["kjv/genesis"]
   assert len(perl) > 150 and "perl/perlfunc" in perl
   assert sum(len(t.encode()) for t in (*kjv.values(), *perl.values())) > 8e6
 
 
-@pytest.mark.skipif(not os.path.exists("/" + corpus.AUSTEN_DATA), reason="r-cran-janeaustenr not installed")
+@pytest.mark.skipif(not os.path.exists("/" + debian_texts.AUSTEN_DATA), reason="r-cran-janeaustenr not installed")
 def test_installed_austen_package_reads():
-  docs = corpus.austen_documents()
+  docs = debian_texts.austen_documents()
   assert len(docs) == 6 and "Emma Woodhouse, handsome, clever, and rich" in docs["austen/emma"]
 
 

@@ -15,7 +15,7 @@ from pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config
 
 # Lengths against chunk 4, window 8, conv width 4: documents shorter than the conv and than a chunk, documents
-# starting mid-chunk and spanning several chunks, then trailing padding (segment id 0, as text.py emits it).
+# starting mid-chunk and spanning several chunks, then trailing padding (segment id 0, as packing.py emits it).
 DOCS = (11, 2, 1, 9, 6, 3)
 PAD = 4
 T = sum(DOCS) + PAD
@@ -106,11 +106,12 @@ def test_cudnn_path_masks_segments(window):
                           implementation="xla")
 
 
-@pytest.mark.slow   # the trainer's loss on text.py's packed rows, each document then run alone (op by op)
+@pytest.mark.slow   # the trainer's loss on packing.py's packed rows, each document then run alone (op by op)
 def test_trainer_loss_keeps_packed_text_documents_apart():
-  """train/data/text.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
+  """train/data/packing.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
   from train import steps
-  from train.data.text import IGNORE_INDEX, ByteTokenizer, pack_documents
+  from train.data.packing import IGNORE_INDEX, pack_documents
+  from train.data.tokenizers import ByteTokenizer
   source = pack_documents(["a tiny one", "xy", "", "and a longer document of text"], ByteTokenizer(), seq_len=40)
   batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
   cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, scan_impl="sequential")

@@ -31,6 +31,7 @@ import pytest
 
 from train import setup as setup_lib
 from train.data import corpus
+from train.data import debian_texts
 
 REPO = pathlib.Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
@@ -122,7 +123,7 @@ def test_readme_shell_commands_name_what_exists():
     elif program == "bash":
       assert (REPO / args[0]).is_file(), command
     elif command[:4] == ["apt-get", "install", "-y", "--no-install-recommends"]:
-      needed = [p for s in corpus.DEFAULT_SOURCES for p in corpus.SOURCES[s].packages]
+      needed = [p for s in corpus.DEFAULT_SOURCES for p in debian_texts.SOURCES[s].packages]
       assert args[3:] == needed, f"the README installs {args[3:]}, the default corpus reads {needed}"
     elif program == "jupyter":
       assert args[:2] == ["execute", "--inplace"] and args[2] == "notebooks/*.ipynb", command

@@ -9,6 +9,7 @@ import pytest
 
 from train.data import sources
 from train.data import text
+from train.data import tokenizers
 
 LATIN1 = "Déjà vu, café crème.\n".encode("latin-1")      # é and à as single bytes: not UTF-8
 
@@ -23,7 +24,7 @@ def test_non_utf8_file_is_refused_naming_file_and_byte(tmp_path):
   # Named encoding: the text as written, re-encoded as UTF-8 by the byte tokenizer (é is two bytes).
   (doc,) = text.read_text_files([str(path)], encoding="latin-1")
   assert doc == "Déjà vu, café crème.\n"
-  assert len(text.ByteTokenizer().encode(doc)) == len(LATIN1) + 4
+  assert len(tokenizers.ByteTokenizer().encode(doc)) == len(LATIN1) + 4
   (replaced,) = text.read_text_files([str(path)], errors="replace")
   assert replaced.count("\ufffd") == 4                             # only when asked for
   with pytest.raises(ValueError, match="unknown encoding"):

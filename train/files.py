@@ -13,6 +13,7 @@ one that cannot be read as JSON raises `UnreadableFileError` naming the file and
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -146,3 +147,12 @@ def read_json(path: str, fix: str) -> Any:
     size = os.path.getsize(path)
     why = "it is empty" if size == 0 else f"it is not valid JSON ({brief(str(e))})"
     raise UnreadableFileError(f"{path} cannot be read: {why}. {fix}") from None
+
+
+def sha256(path: str) -> str:
+  """The hex SHA-256 of a file's contents, read a megabyte at a time."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()

@@ -28,6 +28,7 @@ from train import files
 from train import steps as steps_lib
 from train import tasks as tasks_lib
 from train.data import mqar
+from train.data import tokenizers
 from train.setup import Setup, build, restore_state
 
 CONFIG_FILE = "config.json"
@@ -45,7 +46,7 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, tokenizer) 
   """config.json (`config`, the run's own) and tokenizer.json in `workdir` (what `load_run` and `load_model`
   read back)."""
   files.write_json(files.inside(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort(sort_keys=True)))
-  files.write_json(files.inside(workdir, TOKENIZER_FILE), tasks_lib.save_tokenizer(tokenizer, workdir))
+  files.write_json(files.inside(workdir, TOKENIZER_FILE), tokenizers.save(tokenizer, workdir))
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -226,7 +227,7 @@ def load_model(workdir: str, overrides: dict[str, Any] | None = None,
   read. `overrides` change model fields as in `load_run`; `config` replaces the workdir's config.json."""
   config = config or load_config(workdir)
   setup, params, step = load_run(workdir, config, with_task=False, overrides=overrides)
-  tokenizer = tasks_lib.load_tokenizer(read_tokenizer_info(workdir), workdir)
+  tokenizer = tokenizers.from_description(read_tokenizer_info(workdir), workdir)
   return TrainedModel(nnx.merge(setup.graphdef, params), tokenizer, config, step)
 
 

@@ -24,6 +24,7 @@ from train import faults
 from train import optim as optim_lib
 from train import sharding as shard_lib
 from train import tasks as tasks_lib
+from train.data import packing
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -63,9 +64,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Tas
   if task.vocab_size > cfg.vocab_size:
     raise ValueError(f"The data has token ids up to {task.vocab_size - 1} but model.vocab_size="
                      f"{cfg.vocab_size}; set --config.model.vocab_size>={task.vocab_size}.")
-  if hasattr(task.train_source, "train_iterator"):
-    # documents packed on the fly (train/data/onthefly.py): one document can fill many sequences, so only
-    # every host needs a document of its own
+  if isinstance(task.train_source, packing.OnTheFlySource):
+    # documents packed on the fly: one document can fill many sequences, so only every host needs a document
+    # of its own
     if len(task.train_source) < procs:
       raise ValueError(f"The training set has {len(task.train_source)} documents, fewer than the {procs} "
                        "processes that each read their own share of them.")

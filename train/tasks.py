@@ -4,21 +4,23 @@
 "corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text),
 "stream" (a token stream prepared once by `bmojo-prepare`, read memory-mapped), or "array_record" / "tfds"
 (documents tokenized and packed on the fly by grain transforms; docs/data.md).
-The tokenizer of a text run is described by a small JSON dict saved in the workdir (`tokenizer_info`) so
-`bmojo-generate` can rebuild it (`load_tokenizer`); a SentencePiece model file is copied there.
+The tokenizer of a text run is named by data.tokenizer (`tokenizers.from_spec`).
 """
 
 import dataclasses
-import os
-import shutil
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from train import data as data_lib
-from train import files
-from train.data.onthefly import make_tokenizer
+from train.data import corpus
+from train.data import mqar
+from train.data import packing
+from train.data import pipeline
+from train.data import sources
+from train.data import stream
+from train.data import text
+from train.data import tokenizers
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
 
@@ -70,44 +72,6 @@ def _split_list(value: str) -> list[str]:
   return [p.strip() for p in str(value or "").split(",") if p.strip()]
 
 
-def tokenizer_info(tokenizer) -> dict[str, Any]:
-  if tokenizer is None:
-    return {"kind": "none"}
-  if isinstance(tokenizer, data_lib.ByteTokenizer):
-    return {"kind": "byte", "vocab_size": tokenizer.vocab_size}
-  return {"kind": "sentencepiece", "model_file": "tokenizer.model", "vocab_size": tokenizer.vocab_size}
-
-
-def save_tokenizer(tokenizer, workdir: str) -> dict[str, Any]:
-  """Writes what `load_tokenizer` needs into the workdir; returns the info dict (saved by the caller)."""
-  info = tokenizer_info(tokenizer)
-  if info["kind"] == "sentencepiece":
-    shutil.copyfile(tokenizer.model_file, files.inside(workdir, info["model_file"]))   # refuses a planted link
-  return info
-
-
-def load_tokenizer(info: dict[str, Any], workdir: str):
-  """The tokenizer of a run from its saved info; None for token-id tasks (MQAR). Its model file must lie in the
-  workdir (ValueError otherwise): a workdir's files never lead to reading files outside it."""
-  kind = info.get("kind", "none")
-  if kind == "byte":
-    return data_lib.ByteTokenizer()
-  if kind == "sentencepiece":
-    return data_lib.SentencePieceTokenizer(inside_workdir(workdir, info["model_file"], "tokenizer.json"))
-  return None
-
-
-def inside_workdir(workdir: str, name: str, source: str) -> str:
-  """workdir/name, for a `name` read from the workdir's file `source`; ValueError if it leads outside the workdir
-  (an absolute path, `..`, or a symbolic link out)."""
-  root = os.path.realpath(workdir)
-  path = os.path.join(root, str(name))
-  if os.path.isabs(str(name)) or os.path.commonpath([root, os.path.realpath(path)]) != root:
-    raise ValueError(f"{os.path.join(workdir, source)} names {str(name)!r}, which is outside the workdir; "
-                     "refusing to read it (a workdir's files may only name files inside it).")
-  return path
-
-
 def make_task(config: ml_collections.ConfigDict) -> Task:
   """Builds the sources; missing paths and impossible task settings raise here, before any training."""
   d = config.data
@@ -117,56 +81,67 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   if d.kind == "mqar" and "num_train" not in d:
     raise ValueError("data.kind='mqar' needs an MQAR config (data.num_train, data.num_kv_pairs, ...), and this one is "
                      "a text config: use --config configs/mqar.py (docs/mqar.md).")
+  if d.kind not in KINDS:
+    raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
   if d.kind == "mqar":
-    for name in ("num_train", "num_test"):
-      if int(d[name]) < 1:
-        raise ValueError(f"data.{name}={d[name]} must be >= 1.")
-      if int(d[name]) >= 2**31:
-        raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
-                         "indexed by int32, and a pass over them would never end); lower it.")
-    vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
-    mq = data_lib.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
-                             num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))
-    train = data_lib.MQARSource(mq, num_examples=int(d.num_train), seed=int(d.train_seed))
-    test = data_lib.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
-    info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
-            "num_train": len(train), "num_test": len(test)}
-    return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
-  if d.kind in ("text", "corpus"):
-    tokenizer = make_tokenizer(d.tokenizer)
-    paths, eval_paths, patterns = text_paths(config)
-    if not paths:
-      raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
-                       "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
-    decoding = text_decoding(config)
-    source = data_lib.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
-    if eval_paths:
-      train, test = source, data_lib.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
-    else:
-      train, test = _hold_out(source, d)
-    test = _spread(test, d)
-    info = {"seq_len": int(d.seq_len), "tokens": int(getattr(source, "num_tokens", 0)),
-            "train_sequences": len(train), "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
-    if d.kind == "corpus":
-      info["corpus_dir"] = str(d.corpus_dir)
-    return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+    return _mqar_task(config)
+  tokenizer = tokenizers.from_spec(d.tokenizer)
   if d.kind == "stream":
-    return _stream_task(config)
+    return _stream_task(config, tokenizer)
   if d.kind in ("array_record", "tfds"):
-    return _document_task(config)
-  raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
+    return _document_task(config, tokenizer)
+  return _text_task(config, tokenizer)
 
 
-def _stream_task(config: ml_collections.ConfigDict) -> Task:
+def _mqar_task(config: ml_collections.ConfigDict) -> Task:
+  """data.kind=mqar: Zoology's task, examples generated from their index (train and test by their seeds)."""
+  d = config.data
+  for name in ("num_train", "num_test"):
+    if int(d[name]) < 1:
+      raise ValueError(f"data.{name}={d[name]} must be >= 1.")
+    if int(d[name]) >= 2**31:
+      raise ValueError(f"data.{name}={d[name]} is too many examples (at most 2**31 - 1: the examples are "
+                       "indexed by int32, and a pass over them would never end); lower it.")
+  vocab = config.model.vocab_size if d.get("vocab_size") is None else d.vocab_size
+  mq = mqar.MQARConfig(vocab_size=int(vocab), seq_len=int(d.seq_len),
+                       num_kv_pairs=int(d.num_kv_pairs), power_a=float(d.power_a))
+  train = mqar.MQARSource(mq, num_examples=int(d.num_train), seed=int(d.train_seed))
+  test = mqar.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
+  info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
+          "num_train": len(train), "num_test": len(test)}
+  return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
+
+
+def _text_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
+  """data.kind=text / corpus: local files packed in memory; eval from data.eval_paths (the corpus's eval split),
+  or the last eval_fraction of the sequences."""
+  d = config.data
+  paths, eval_paths, patterns = text_paths(config)
+  if not paths:
+    raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
+                     "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
+  decoding = text_decoding(config)
+  source = text.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
+  if eval_paths:
+    train, test = source, text.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
+  else:
+    train, test = _hold_out(source, d)
+  test = _spread(test, d)
+  info = {"seq_len": int(d.seq_len), "tokens": source.num_tokens, "train_sequences": len(train),
+          "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
+  if d.kind == "corpus":
+    info["corpus_dir"] = str(d.corpus_dir)
+  return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
+
+
+def _stream_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
   """data.kind=stream: packed sequences read memory-mapped from a folder of `bmojo-prepare`; eval from
   data.eval_stream_dir, or the last eval_fraction of the sequences."""
-  from train.data import stream  # pylint: disable=g-import-not-at-top
   d = config.data
   stream_dir = str(d.get("stream_dir") or "")
   if not stream_dir:
     raise ValueError("data.kind=stream needs data.stream_dir, a folder written by "
                      f"`{stream.PREPARE_HINT.format(dir='<dir>')}`.")
-  tokenizer = make_tokenizer(d.tokenizer)
   source = stream.PackedStreamSource(stream_dir, int(d.seq_len), tokenizer)
   eval_dir = str(d.get("eval_stream_dir") or "")
   if eval_dir:
@@ -183,7 +158,6 @@ def _stream_task(config: ml_collections.ConfigDict) -> Task:
 def _document_source(config: ml_collections.ConfigDict, split: str):
   """The documents of data.kind=array_record / tfds for `split` ("train" or "eval"); None when no eval set is
   named (the caller holds out a fraction)."""
-  from train.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
   text_key = str(d.get("text_key") or "")
   if d.kind == "array_record":
@@ -203,14 +177,11 @@ def _document_source(config: ml_collections.ConfigDict, split: str):
                                text_key=text_key or "text")
 
 
-def _document_task(config: ml_collections.ConfigDict) -> Task:
+def _document_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:
   """data.kind=array_record / tfds: documents tokenized and packed on the fly (grain transforms) for training;
   the eval documents (an eval set, or the last eval_fraction of the documents), at most
   data.max_eval_documents of them, are packed in memory once so evaluation is an exact pass."""
-  from train.data import onthefly  # pylint: disable=g-import-not-at-top
-  from train.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
-  tokenizer = make_tokenizer(d.tokenizer)
   documents = _document_source(config, "train")
   eval_documents = _document_source(config, "eval")
   if eval_documents is None:
@@ -223,8 +194,8 @@ def _document_task(config: ml_collections.ConfigDict) -> Task:
                                  sources.DocumentSlice(documents, n - n_eval, n))
   max_docs = int(d.get("max_eval_documents") or 0)
   count = len(eval_documents) if max_docs <= 0 else min(max_docs, len(eval_documents))
-  test = data_lib.pack_documents((eval_documents[i] for i in range(count)), tokenizer, int(d.seq_len))
-  train = onthefly.OnTheFlySource(documents, tokenizer, int(d.seq_len))
+  test = packing.pack_documents((eval_documents[i] for i in range(count)), tokenizer, int(d.seq_len))
+  train = packing.OnTheFlySource(documents, tokenizer, int(d.seq_len))
   eval_tokens = test.num_tokens
   test = _spread(test, d)
   info = {"seq_len": int(d.seq_len), "train_documents": len(documents), "eval_documents": count,
@@ -251,14 +222,14 @@ def _spread(test, d):
 def text_decoding(config: ml_collections.ConfigDict) -> dict[str, str]:
   """{"encoding", "errors"} of a text run's files: data.encoding / data.errors, strict UTF-8 when unset."""
   d = config.data
-  return {"encoding": str(d.get("encoding") or data_lib.text.DEFAULT_ENCODING),
-          "errors": str(d.get("errors") or data_lib.text.DEFAULT_ERRORS)}
+  return {"encoding": str(d.get("encoding") or text.DEFAULT_ENCODING),
+          "errors": str(d.get("errors") or text.DEFAULT_ERRORS)}
 
 
 def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:
   """(training paths, eval paths, file patterns) of a text or corpus run's data config."""
   d = config.data
-  patterns = tuple(_split_list(d.patterns)) or data_lib.text.DEFAULT_PATTERNS
+  patterns = tuple(_split_list(d.patterns)) or text.DEFAULT_PATTERNS
   if d.kind == "corpus":
     return *corpus_paths(config), patterns
   return _split_list(d.paths), _split_list(d.eval_paths), patterns
@@ -267,7 +238,6 @@ def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str],
 def corpus_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """([train folder], [eval folder]) of `data.corpus_dir` for data.kind=corpus; a clear error when the corpus
   is not prepared or data.paths / eval_paths are also set (they would be ignored)."""
-  from train.data import corpus  # pylint: disable=g-import-not-at-top
   d = config.data
   if _split_list(d.get("paths")) or _split_list(d.get("eval_paths")):
     raise ValueError("data.kind=corpus reads data.corpus_dir; data.paths / data.eval_paths are for "
@@ -282,6 +252,6 @@ def check_batch(batch: dict[str, np.ndarray], vocab_size: int, what: str) -> Non
   """Out-of-range token ids in `batch` fail before it reaches a step, naming `what`, the field and the vocabulary
   (the trainer checks the first test batch and every training batch)."""
   try:
-    data_lib.validate_token_ids(batch, vocab_size)
+    pipeline.validate_token_ids(batch, vocab_size)
   except ValueError as e:
     raise ValueError(f"{what}: {e}") from None

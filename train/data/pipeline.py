@@ -2,11 +2,11 @@
 
 Both pipelines read a random-access source (`MQARSource`, `PackedTextSource`, `PackedStreamSource`, or
 any object with `__len__` and `__getitem__` returning a dict of numpy arrays) and yield dicts of numpy
-arrays with a leading batch axis B. A training source with a `train_iterator(...)` method
-(`onthefly.OnTheFlySource`: documents tokenized and packed as grain transforms) builds its own iterator with
-the same arguments, sharding and checkpointable state.
+arrays with a leading batch axis B. A training source may also be a `packing.OnTheFlySource`: its documents
+go through the same steps and are tokenized and packed (grain transforms) before the batch.
 
-Training: shard per process → shuffle (reshuffled each epoch) → repeat → batch (drop remainder).
+Training: shard per process → shuffle (reshuffled each epoch) → repeat → [tokenize, pack] → batch (drop
+remainder).
 Each shard has exactly len(source) // shard_count examples (strided: example i goes to shard
 i % shard_count; the last len(source) % shard_count examples are left out), so every process runs the
 same number of steps. The iterator's state is a small JSON-able dict: `it.get_state()` /
@@ -32,7 +32,8 @@ from absl import flags
 import grain
 import numpy as np
 
-IGNORE_INDEX = -100
+from train.data import packing
+from train.data.packing import IGNORE_INDEX
 
 
 def _check_sharding(shard_index: int, shard_count: int) -> None:
@@ -52,7 +53,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, shuffle: bool = T
   """Checkpointable training iterator of batches {name: [B, ...]}.
 
   Args:
-    source: random-access source of dict examples.
+    source: random-access source of dict examples, or a `packing.OnTheFlySource`, whose documents are sharded,
+      shuffled and repeated the same way and then tokenized and packed (a shard needs one document, not B).
     batch_size: B per process (the remainder of each epoch's shard is dropped).
     seed: shuffle seed; each epoch is shuffled differently, deterministically from `seed`.
     shuffle: False reads each shard in order (for debugging).
@@ -60,31 +62,36 @@ def make_train_iterator(source, *, batch_size: int, seed: int, shuffle: bool = T
     shard_index, shard_count: this process's shard (usually jax.process_index(), process_count()).
     worker_count: 0 reads in threads of this process; > 0 uses that many grain worker processes
       (same stream and same resumable state; the source must pickle; MQAR reads ~0.1-0.2 ms per
-      example per core, so large MQAR batches want workers).
+      example per core, so large MQAR batches want workers; packed on the fly, each worker tokenizes and
+      packs its own slice of the shard).
     num_threads: threads assembling batches ahead of the consumer (per worker); 0 reads on demand.
     prefetch_batches: batches read ahead (per worker).
   """
   _check_sharding(shard_index, shard_count)
-  if hasattr(source, "train_iterator"):   # a source that builds its own pipeline (onthefly.OnTheFlySource)
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}.")
-    return source.train_iterator(batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                                 shard_index=shard_index, shard_count=shard_count, worker_count=worker_count,
-                                 num_threads=num_threads, prefetch_batches=prefetch_batches)
-  per_shard = len(source) // shard_count
-  if batch_size < 1 or per_shard < batch_size:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}.")
+  on_the_fly = isinstance(source, packing.OnTheFlySource)
+  items = source.documents if on_the_fly else source
+  per_shard = len(items) // shard_count
+  if on_the_fly and per_shard < 1:
+    raise ValueError(f"{len(items)} documents cannot be split into {shard_count} shards.")
+  if not on_the_fly and per_shard < batch_size:
     raise ValueError(f"Need 1 <= batch_size <= examples per shard, got batch_size={batch_size}, "
                      f"examples per shard={per_shard} (len(source)={len(source)}, "
                      f"shard_count={shard_count}).")
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(items)
   ds = ds[:per_shard * shard_count][shard_index::shard_count]
   if shuffle:
     ds = ds.seed(seed).shuffle()
   ds = ds.repeat(num_epochs)  # Re-seeds the shuffle each epoch.
-  # Batched after repeat, so a batch may span two epochs. Whole batches are read ahead in threads:
-  # grain's per-example thread prefetch is slower than one thread per batch (GIL-bound sources).
-  ds = ds.batch(batch_size, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(_read_options(num_threads, prefetch_batches))
+  if on_the_fly:
+    # documents read ahead: at least one per sequence of the next `prefetch_batches` batches
+    it_ds = source.batches(ds, batch_size, grain.ReadOptions(
+        num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch_batches) * batch_size))
+  else:
+    # Batched after repeat, so a batch may span two epochs. Whole batches are read ahead in threads:
+    # grain's per-example thread prefetch is slower than one thread per batch (GIL-bound sources).
+    it_ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(num_threads, prefetch_batches))
   if worker_count > 0:
     # Grain's worker processes read absl flags; outside absl.app.run nobody parsed them.
     if not flags.FLAGS.is_parsed():

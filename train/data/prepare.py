@@ -25,9 +25,10 @@ import numpy as np
 import tqdm
 
 from train import files
-from train.data import onthefly
+from train.data import packing
 from train.data import sources as sources_lib
 from train.data import stream as stream_lib
+from train.data import tokenizers
 
 PROGRESS = "progress.json"
 PARTS = "parts"
@@ -35,10 +36,10 @@ PARTS = "parts"
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(documents, spec: str) -> None:
+def _init_worker(documents, tokenizer: tokenizers.Tokenizer) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to report, once
   _worker["documents"] = documents
-  _worker["tokenizer"] = onthefly.make_tokenizer(spec)
+  _worker["tokenizer"] = tokenizer
 
 
 def _part_paths(out: str, shard: int) -> tuple[str, str]:
@@ -51,7 +52,7 @@ def _tokenize_shard(args: tuple[str, int, int, int]) -> tuple[int, int, int]:
   out, shard, start, stop = args
   documents, tokenizer = _worker["documents"], _worker["tokenizer"]
   dtype = stream_lib.token_dtype(tokenizer.vocab_size)
-  pieces = [onthefly.encode_document(tokenizer, documents[i]) for i in range(start, stop)]
+  pieces = [packing.encode(tokenizer, documents[i]) for i in range(start, stop)]
   lengths = np.asarray([p.size for p in pieces], np.int64)
   tokens = np.concatenate(pieces)
   if int(tokens.max()) >= tokenizer.vocab_size or int(tokens.min()) < 0:
@@ -87,7 +88,7 @@ def _load_progress(out: str, plan: dict[str, Any]) -> set[int]:
 def input_files(documents) -> list[dict[str, Any]]:
   """What a plan records of each input file of `documents` (text or ArrayRecord files): its path, size and
   sha256, so a resume with other inputs, or with a file changed since, is refused."""
-  return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": stream_lib.file_sha256(p)}
+  return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": files.sha256(p)}
           for p in getattr(documents, "files", [])]
 
 
@@ -111,8 +112,7 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
   n = len(documents)
   if n == 0:
     raise ValueError(f"No documents to prepare in {documents.describe()}.")
-  spec = onthefly.tokenizer_spec(tokenizer)
-  tok_info = stream_lib.tokenizer_fingerprint(tokenizer)
+  tok_info = tokenizers.describe(tokenizer)
   plan = {"source": documents.describe(), "num_documents": n, "docs_per_shard": int(docs_per_shard),
           "tokenizer": tok_info, "inputs": input_files(documents)}
   meta_path = os.path.join(out, stream_lib.META)
@@ -146,12 +146,12 @@ def prepare(documents, out: str, tokenizer, *, workers: int | None = None, docs_
 
   try:
     if workers == 1:
-      _init_worker(documents, spec)
+      _init_worker(documents, tokenizer)
       for args in todo:
         record(_tokenize_shard(args))
     elif todo:
       ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax / grain threads
-      with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(documents, spec)) as pool:
+      with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(documents, tokenizer)) as pool:
         for result in pool.imap_unordered(_tokenize_shard, todo):
           record(result)
   finally:
@@ -221,7 +221,7 @@ def main(argv=None) -> None:
   if os.path.lexists(args.out) and not os.path.isdir(args.out):
     sys.exit(f"bmojo-prepare: --out {args.out} is a file, not a folder: name a folder (it is created if missing).")
   try:
-    tokenizer = onthefly.make_tokenizer(args.tokenizer)
+    tokenizer = tokenizers.from_spec(args.tokenizer)
     documents = documents_from_args(args)
     meta = prepare(documents, args.out, tokenizer, workers=args.workers, docs_per_shard=args.docs_per_shard,
                    progress_bar=not args.no_progress)

@@ -4,25 +4,24 @@ A stream is a directory written by `python -m train.data.prepare` (or `StreamWri
     tokens.bin        uint16[n] (vocab_size <= 65536) or uint32[n], raw little-endian: every document as
                       BOS + ids + EOS, concatenated
     doc_offsets.npy   int64[D] start of each document in tokens.bin (the first is 0), opened with mmap_mode="r"
-    meta.json         {"format", "version", "dtype", "num_tokens", "num_documents", "tokenizer": {kind,
-                      vocab_size, bos_id, eos_id, pad_id, sha256}, "source"}; written last, so a directory
+    meta.json         {"format", "version", "dtype", "num_tokens", "num_documents", "tokenizer": the
+                      tokenizer's description (`tokenizers.describe`), "source"}; written last, so a directory
                       without it is not a finished stream
 
-`PackedStreamSource` reads it as the same examples as `text.PackedTextSource` (int32[T] inputs, targets,
+`PackedStreamSource` reads it as the same examples as `packing.PackedTextSource` (int32[T] inputs, targets,
 segment_ids, positions; windows of T+1 tokens with stride T), touching only the pages of the window asked for:
 memory does not grow with the corpus.
 """
 
-import hashlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from train import files
-from train.data.text import ByteTokenizer
-from train.data.text import IGNORE_INDEX
+from train.data import packing
+from train.data import tokenizers
 
 FORMAT = "bmojo-token-stream"
 VERSION = 1
@@ -36,43 +35,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-  """What a stream records of its tokenizer, and what the trainer compares: kind, vocab, special ids, and the
-  SentencePiece model file's sha256 (so a copy of the same model elsewhere matches)."""
-  info = {"vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
-          "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
-  if isinstance(tokenizer, ByteTokenizer):
-    return {"kind": "byte", **info, "sha256": None}
-  return {"kind": "sentencepiece", **info, "sha256": file_sha256(tokenizer.model_file),
-          "model_file": os.path.abspath(tokenizer.model_file)}
-
-
-def check_tokenizer(meta: dict[str, Any], tokenizer, directory: str) -> None:
-  """ValueError when the stream was prepared with another tokenizer than `tokenizer` (kind, vocab, special ids
-  or model file contents differ)."""
-  want = tokenizer_fingerprint(tokenizer)
-  have = meta["tokenizer"]
-  keys = ("kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")
-  diff = [k for k in keys if have.get(k) != want.get(k)]
-  if diff:
-    raise ValueError(
-        f"The token stream in {directory} was prepared with another tokenizer than data.tokenizer: "
-        + ", ".join(f"{k} {have.get(k)!r} there vs {want.get(k)!r} here" for k in diff)
-        + f". Set --config.data.tokenizer to the stream's tokenizer ({have.get('model_file') or have['kind']}) "
-        f"or prepare the stream again: {PREPARE_HINT.format(dir=directory)}.")
-
-
 class StreamWriter:
   """Writes a stream directory with bounded memory: `add(tokens, doc_lengths)` appends whole documents
-  (tokens already BOS + ids + EOS), `close(tokenizer_info, source)` writes doc_offsets.npy and meta.json.
+  (tokens already BOS + ids + EOS), `close(tokenizer_description, source)` writes doc_offsets.npy and meta.json.
 
   Document lengths go to a side file while writing, so memory stays O(one chunk) however large the stream.
   """
@@ -105,7 +70,7 @@ class StreamWriter:
     self.num_tokens += tokens.size
     self.num_documents += doc_lengths.size
 
-  def close(self, tokenizer_info: dict[str, Any], source: str, **extra: Any) -> dict[str, Any]:
+  def close(self, tokenizer_description: dict[str, Any], source: str, **extra: Any) -> dict[str, Any]:
     self._tokens.close()
     self._lengths.close()
     if self.num_documents == 0:
@@ -123,18 +88,9 @@ class StreamWriter:
     del offsets, lengths
     os.remove(self._lengths_path)
     meta = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name, "num_tokens": self.num_tokens,
-            "num_documents": self.num_documents, "tokenizer": tokenizer_info, "source": source, **extra}
+            "num_documents": self.num_documents, "tokenizer": tokenizer_description, "source": source, **extra}
     files.write_json(os.path.join(self.directory, META), meta, indent=1)   # last: without meta.json, no stream
     return meta
-
-
-def write_stream(directory: str, documents: Iterable[np.ndarray], tokenizer_info: dict[str, Any],
-                 source: str = "arrays") -> dict[str, Any]:
-  """A stream of already tokenized documents (each BOS + ids + EOS), e.g. for tests."""
-  writer = StreamWriter(directory, tokenizer_info["vocab_size"])
-  for doc in documents:
-    writer.add(np.asarray(doc), np.int64([len(doc)]))
-  return writer.close(tokenizer_info, source)
 
 
 def read_meta(directory: str) -> dict[str, Any]:
@@ -157,6 +113,9 @@ def read_meta(directory: str) -> dict[str, Any]:
     dtype = np.dtype(meta["dtype"])
     num_tokens, num_documents = int(meta["num_tokens"]), int(meta["num_documents"])
     int(meta["tokenizer"]["vocab_size"]), int(meta["tokenizer"]["pad_id"])
+    missing = [k for k in tokenizers.KEYS if k not in meta["tokenizer"]]
+    if missing:
+      raise ValueError(f"its tokenizer description lacks {missing}")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"Corrupt token stream metadata {path}: {e}. Prepare the stream again: "
                      f"`{PREPARE_HINT.format(dir=directory)}`.") from None
@@ -190,9 +149,8 @@ def check_offsets(starts: np.ndarray, num_tokens: int, path: str, chunk: int = 1
 class PackedStreamSource:
   """Grain random-access source of packed sequences over a stream directory (memory-mapped).
 
-  Example j (T = seq_len), exactly as `text.PackedTextSource` over the same documents:
-    inputs int32[T], targets int32[T] (-100 across documents and on padding), segment_ids int32[T] (from 1;
-    0 on padding), positions int32[T] (within the document; 0 on padding).
+  Example j (T = seq_len) is `packing.window_example` of stream[jT : jT+T+1], exactly as
+  `packing.PackedTextSource` over the same documents.
   Each read touches T+1 tokens and the few document offsets inside the window (binary search), so reading
   costs O(T log D). The window is read with os.pread (a copy of T+1 tokens), not through the map: pages a
   process has touched through a map count in its resident set until unmapped, and the kernel maps whole
@@ -211,7 +169,11 @@ class PackedStreamSource:
     self.directory = directory
     self.meta = read_meta(directory)
     if tokenizer is not None:
-      check_tokenizer(self.meta, tokenizer, directory)
+      recorded = self.meta["tokenizer"]
+      tokenizers.check(recorded, tokenizer, f"The token stream in {directory} was prepared with another tokenizer "
+                       "than data.tokenizer", f"Set --config.data.tokenizer to the stream's tokenizer "
+                       f"({recorded.get('model_file') or recorded['kind']}) or prepare the stream again: "
+                       f"{PREPARE_HINT.format(dir=directory)}.")
     self.seq_len = int(seq_len)
     self.pad_id = int(self.meta["tokenizer"]["pad_id"])
     self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
@@ -255,7 +217,7 @@ class PackedStreamSource:
     return int(self.tokens.size)
 
   def __len__(self) -> int:
-    return (self.tokens.size - 2) // self.seq_len + 1
+    return packing.num_sequences(self.tokens.size, self.seq_len)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
@@ -269,21 +231,4 @@ class PackedStreamSource:
     if int(window.max()) >= self.vocab_size:
       raise ValueError(f"Token stream {self.directory} holds id {int(window.max())} >= vocab_size "
                        f"{self.vocab_size} near token {start}; the stream is corrupt, prepare it again.")
-    # Documents overlapping the window: the one holding `start` up to the last one starting before `stop`.
-    first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
-    last = int(np.searchsorted(self.doc_starts, stop, side="left"))
-    starts = np.asarray(self.doc_starts[first:last], np.int64) - start   # window-relative, starts[0] <= 0
-    offset = np.arange(stop - start)
-    doc = np.searchsorted(starts, offset, side="right") - 1               # 0 for the first document
-    pos = offset - starts[doc]
-    n = window.size - 1
-
-    inputs = np.full((t,), self.pad_id, np.int32)
-    targets = np.full((t,), IGNORE_INDEX, np.int32)
-    segment_ids = np.zeros((t,), np.int32)
-    positions = np.zeros((t,), np.int32)
-    inputs[:n] = window[:n]
-    targets[:n] = np.where(doc[1:] == doc[:-1], window[1:], IGNORE_INDEX)
-    segment_ids[:n] = doc[:n] + 1
-    positions[:n] = pos[:n]
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    return packing.window_example(window, self.doc_starts, start, t, self.pad_id)
