@@ -130,7 +130,7 @@ class StorePolicy(enum.StrEnum):
 
 
 class Selection(enum.StrEnum):
-  """Which score picks the eidetic tokens of a chunk (`bmojo_jax.memory.SELECTION_SCORES`; docs/mqar.md,
+  """Which score picks the eidetic tokens of a chunk (`bmojo_jax.memory.scoring.SELECTION_SCORES`; docs/mqar.md,
   "Selection variants"). On the attention input a_t [B, T, D] (keys k_t, values v_t [B, T, K, P]):"""
   INNOVATION = "innovation"  # the paper's test: ‖a_t − (1/4) Σ_{j=1..4} a_{t-j}‖² (the default)
   LEARNED = "learned"        # a_t · w_s, a learned scorer trained through a straight-through gate on the values
