@@ -6,8 +6,8 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
   3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE), filled by the tokens that
      `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
-and calls one attention function chosen by `cfg.attn_impl`; the decode
-step attends over a ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
+and calls the attention function `cfg.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
+ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
 """
 
 from __future__ import annotations
@@ -21,52 +21,15 @@ import numpy as np
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig, Selection, resolve_attn_impl
+from bmojo_jax.config import ModelConfig, Selection
+from bmojo_jax.kernels import get_attention_fn
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import chunk_memory
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
 from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store, empty_store, merge
 from bmojo_jax.segments import Packing
-from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_reference
-
-
-def _pallas_attention(*args, **kwargs):
-  # imported lazily: the kernels are optional. On a TPU backend the Mosaic-TPU kernel (`tpu.py`).
-  if jax.default_backend() == "tpu":
-    from pallas_kernels.window_attention import memory_attention_tpu
-    return memory_attention_tpu(*args, **kwargs)
-  from pallas_kernels.window_attention import memory_attention
-  return memory_attention(*args, interpret=jax.default_backend() == "cpu", **kwargs)
-
-
-def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                          segment_ids=None, mem_span=None, implementation: str | None = "cudnn"):
-  """Causal (window None) or sliding-window attention without memory through `jax.nn.dot_product_attention`.
-
-  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t, and with
-  segment_ids [B, T] only those of its segment (a dense [B, 1, T, T] mask: cuDNN has no segment ids; the
-  Pallas kernel masks by segment without one).
-  implementation "cudnn" is the fused cuDNN kernel (GPU only); "xla" (or None) is XLA's, for tests on CPU.
-  """
-  del chunk  # no memory: the chunking only matters for memory tokens
-  if mem_k is not None or mem_span is not None:
-    raise ValueError("dot_product_attention has no memory tokens; use attn_impl='pallas' or 'reference'")
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"attn_impl='cudnn' needs a GPU, but the backend is {jax.default_backend()!r}; use "
-                     "attn_impl='reference' (or 'pallas' in interpret mode)")
-  local = None if window is None else (window - 1, 0)
-  mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
-                                      implementation=implementation)
-
-
-def get_attention_fn(impl: AttnImpl | str):
-  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o on this
-  backend (the only place the choice is made): `auto` and the check that the backend can run an explicit
-  choice are `bmojo_jax.config.resolve_attn_impl`'s."""
-  return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: _pallas_attention,
-          AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
+from pallas_kernels.window_attention.reference import NEG_INF
 
 
 class AttnState(NamedTuple):
