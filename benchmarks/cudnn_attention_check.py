@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import write_results
-from bmojo_jax.attention import dot_product_attention
+from bmojo_jax.kernels import dot_product_attention
 from pallas_kernels.window_attention.reference import memory_attention_reference
 
 

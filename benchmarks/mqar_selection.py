@@ -40,8 +40,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import append_results, apply_overrides, device_name, device_tag, save_figure  # noqa: E402
-from bmojo_jax import memory  # noqa: E402
 from bmojo_jax.config import Family, Selection  # noqa: E402
+from bmojo_jax.memory.parallel_store import stores_before_chunks  # noqa: E402
+from bmojo_jax.memory.scoring import selection_scores  # noqa: E402
+from bmojo_jax.memory.selection import select_per_chunk  # noqa: E402
 from train.data import mqar  # noqa: E402
 
 TYPES = ("key", "value", "query", "answer_slot", "filler")
@@ -91,14 +93,14 @@ def analyse_layer(attn, a, fading, types, queries, oracle_scores) -> dict:
   """The selection counts and memory coverage of one attention sublayer on one batch (counts, not fractions)."""
   cfg = attn.cfg
   k, v, fk, fv = attn.wk(a), attn.wv(a), attn.wk(fading), attn.wv(fading)
-  scores, _ = memory.selection_scores(cfg.selection, attn.score_inputs(a, k, v, fk, fv))
+  scores, _ = selection_scores(cfg.selection, attn.score_inputs(a, k, v, fk, fv))
   rows, query, value = queries
   chunk = query // cfg.chunk
   beyond = query - value >= cfg.window
 
   def in_store(scores):
-    sel = memory.select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk)
-    stores = memory.stores_before_chunks(sel, cfg.eidetic, cfg.store_policy)          # [B, C, M_e]
+    sel = select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk)
+    stores = stores_before_chunks(sel, cfg.eidetic, cfg.store_policy)                 # [B, C, M_e]
     pos = np.where(np.asarray(stores.valid), np.asarray(stores.pos), -1)
     return np.asarray(sel.pos), np.asarray(sel.valid), (pos[rows, chunk] == value[:, None]).any(-1)
 

@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 from benchmarks.common import append_results, device_name, device_tag, ints, save_figure, write_json  # noqa: E402
 from benchmarks.mqar_zoology import zoology_config  # noqa: E402
 from bmojo_jax import Sublayer, count_params  # noqa: E402
-from bmojo_jax.config import Selection, resolve_attn_impl, resolve_scan_impl  # noqa: E402
+from bmojo_jax.config import Selection  # noqa: E402
+from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train import population as pop_lib  # noqa: E402
 from train import setup as setup_lib  # noqa: E402

@@ -33,7 +33,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import median_ms  # noqa: E402
-from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference  # noqa: E402
+from pallas_kernels.selective_scan import selective_scan  # noqa: E402
+from pallas_kernels.selective_scan.block_sizes import BlockSizes  # noqa: E402
+from pallas_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
 
 RECORDS = []
 START = time.perf_counter()

@@ -1,8 +1,9 @@
 """The eidetic store before every chunk: the sequential merge against the parallel form (issue #13).
 
-`memory.stores_before_chunks_reference` merges one chunk's selections after another (a `lax.scan` over the
-chunks); `memory.stores_before_chunks` computes the same entries with a gather (FIFO) or an associative scan
-(score policy). Timed here as in training: selection, store, and the backward pass to the keys and values.
+`bmojo_jax.memory.parallel_store.stores_before_chunks_reference` merges one chunk's selections after another
+(a `lax.scan` over the chunks); `stores_before_chunks` computes the same entries with a gather (FIFO) or an
+associative scan (score policy). Timed here as in training: selection, store, and the backward pass to the keys
+and values.
 
     python3 -m benchmarks.store_bench                       # T 32768, B 1 (the 32k train-step row)
     python3 -m benchmarks.store_bench --T 2048 --B 8        # -> $OUT (else benchmarks/results)/store_<device>.json
@@ -17,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import median_ms, write_results
-from bmojo_jax import memory
 from bmojo_jax.config import StorePolicy
+from bmojo_jax.memory.parallel_store import stores_before_chunks, stores_before_chunks_reference
+from bmojo_jax.memory.selection import select_per_chunk
 
-IMPLS = {"sequential": memory.stores_before_chunks_reference, "parallel": memory.stores_before_chunks}
+IMPLS = {"sequential": stores_before_chunks_reference, "parallel": stores_before_chunks}
 
 
 def main(argv=None):
@@ -42,7 +44,7 @@ def main(argv=None):
   for policy in StorePolicy:
     for name, stores in IMPLS.items():
       def loss(k, v, stores=stores, policy=policy):
-        st = stores(memory.select_per_chunk(e, k, v, args.chunk, args.k_e), args.M_e, policy)
+        st = stores(select_per_chunk(e, k, v, args.chunk, args.k_e), args.M_e, policy)
         return jnp.sum(st.k.astype(jnp.float32) * st.v.astype(jnp.float32))
       step = jax.jit(jax.grad(loss, argnums=(0, 1)))
       ms = median_ms(step, k, v, warmup=2, iters=args.iters)

@@ -4,9 +4,10 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
   1. window keys t - w < t' <= t (RoPE on queries and window keys; all t' <= t when window is None);
   2. the fading tokens of chunk c: the projected mixer outputs at the last M_f positions of chunk c-1;
   3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE), filled by the tokens that
-     `cfg.selection`'s score ranks highest in each chunk (`memory.selection_scores`).
-Chunk 0 has no memory. The parallel pass calls one attention function chosen by `cfg.attn_impl`; the decode
-step attends over a ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
+     `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
+Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
+and calls the attention function `cfg.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
+ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
 """
 
 from __future__ import annotations
@@ -19,51 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmojo_jax import memory
 from bmojo_jax import typing as tp
-from bmojo_jax.config import AttnImpl, ModelConfig, Selection, resolve_attn_impl
+from bmojo_jax.config import ModelConfig, Selection
+from bmojo_jax.kernels import get_attention_fn
 from bmojo_jax.layers import einsum_layer, param, rope
-from bmojo_jax.memory import Store
+from bmojo_jax.memory import chunk_memory
+from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
+from bmojo_jax.memory.selection import insert_candidate
+from bmojo_jax.memory.store import Store, empty_store, merge
 from bmojo_jax.segments import Packing
-from pallas_kernels.window_attention.reference import NEG_INF, memory_attention_reference
-
-
-def _pallas_attention(*args, **kwargs):
-  # imported lazily: the kernels are optional. On a TPU backend the Mosaic-TPU kernel (`tpu.py`).
-  if jax.default_backend() == "tpu":
-    from pallas_kernels.window_attention import memory_attention_tpu
-    return memory_attention_tpu(*args, **kwargs)
-  from pallas_kernels.window_attention import memory_attention
-  return memory_attention(*args, interpret=jax.default_backend() == "cpu", **kwargs)
-
-
-def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                          segment_ids=None, mem_span=None, implementation: str | None = "cudnn"):
-  """Causal (window None) or sliding-window attention without memory through `jax.nn.dot_product_attention`.
-
-  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t, and with
-  segment_ids [B, T] only those of its segment (a dense [B, 1, T, T] mask: cuDNN has no segment ids; the
-  Pallas kernel masks by segment without one).
-  implementation "cudnn" is the fused cuDNN kernel (GPU only); "xla" (or None) is XLA's, for tests on CPU.
-  """
-  del chunk  # no memory: the chunking only matters for memory tokens
-  if mem_k is not None or mem_span is not None:
-    raise ValueError("dot_product_attention has no memory tokens; use attn_impl='pallas' or 'reference'")
-  if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"attn_impl='cudnn' needs a GPU, but the backend is {jax.default_backend()!r}; use "
-                     "attn_impl='reference' (or 'pallas' in interpret mode)")
-  local = None if window is None else (window - 1, 0)
-  mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
-                                      implementation=implementation)
-
-
-def get_attention_fn(impl: AttnImpl | str):
-  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o on this
-  backend (the only place the choice is made): `auto` and the check that the backend can run an explicit
-  choice are `bmojo_jax.config.resolve_attn_impl`'s."""
-  return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: _pallas_attention,
-          AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
+from pallas_kernels.window_attention.reference import NEG_INF
 
 
 class AttnState(NamedTuple):
@@ -96,7 +62,7 @@ class Attention(nnx.Module):
                            cfg.init_std)
     self.wo = einsum_layer("BTHP,HPD->BTD", (h, p, d), (tp.HEADS, tp.HEAD_DIM, tp.EMBED), cfg, rngs,
                            cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
-    if cfg.learned_selection:   # w_s [D] of `memory.learned_scores`
+    if cfg.learned_selection:   # w_s [D] of `bmojo_jax.memory.scoring.learned_scores`
       self.scorer = param(rngs, nnx.initializers.normal(cfg.init_std), (d,), (tp.EMBED,), cfg.weight_dtype)
 
   def fading_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -121,11 +87,10 @@ class Attention(nnx.Module):
     fk, fv = self.fading_kv(fading)
     return jnp.stack([fk, fv], axis=2), lambda x: (x[..., 0, :, :], x[..., 1, :, :]), fk, fv
 
-  def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> memory.ScoreInputs:
-    """What `memory.selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv
-    None without fading tokens), the scorer's weights, and `memory.ScoreInputs`' other fields from kw."""
-    return memory.ScoreInputs(a, k_raw, v, fk, fv, w_s=self.scorer[...] if self.cfg.learned_selection else None,
-                              **kw)
+  def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> ScoreInputs:
+    """What `selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv None
+    without fading tokens), the scorer's weights, and `ScoreInputs`' other fields from kw."""
+    return ScoreInputs(a, k_raw, v, fk, fv, w_s=self.scorer[...] if self.cfg.learned_selection else None, **kw)
 
   def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
                fading_norm=None, cache_size: int | None = None, packing: Packing | None = None
@@ -145,46 +110,16 @@ class Attention(nnx.Module):
         raise NotImplementedError("a continuation from a decode state takes one document per row")
       return self._continue(a, state, fading if fading_norm is None else fading_norm(fading))
     cfg = self.cfg
+    if packing is not None and cache_size is not None:
+      raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
     b, t, _ = a.shape
-    chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
     positions = jnp.arange(t) if packing is None else packing.positions
     k_raw, v = self.wk(a), self.wv(a)
     q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
-    attend = get_attention_fn(cfg.attn_impl)
-    if packing is not None:
-      if cache_size is not None:
-        raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
-      mem = None
-      if m_f:                                  # (M_e > 0 only with M_f > 0: ModelConfig.validate)
-        source, project, fk, fv = self.fading_parts(fading, fading_norm)
-        scores, v_mem = None, v
-        if m_e:
-          scores, v_mem = memory.selection_scores(
-              cfg.selection, self.score_inputs(a, k_raw, v, fk, fv, reach=packing.offset))
-        mem = memory.packed_memory(source, project, scores, k_raw, v_mem, packing, chunk=chunk, n_fading=m_f,
-                                   k_e=cfg.eidetic_per_chunk if m_e else 0, size=m_e, policy=cfg.store_policy)
-      mem_k, mem_v, mem_valid, span = mem if mem is not None else (None,) * 4
-      o = attend(q, k, v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk, segment_ids=packing.ids,
-                 mem_span=span)
-      return self.wo(o), None
-
-    mem_k, mem_v, mem_valid = [], [], []
-    n_chunks = -(-t // chunk)
     source, project, fk, fv = self.fading_parts(fading, fading_norm)
-    if m_f:
-      fading_k, fading_v = project(memory.fading_per_chunk(source, chunk, m_f))        # [B, C, M_f, K, P]
-      mem_k.append(fading_k)
-      mem_v.append(fading_v)
-      mem_valid.append(jnp.broadcast_to((jnp.arange(n_chunks) > 0)[None, :, None], (b, n_chunks, m_f)))
-    if m_e:
-      scores, v_mem = memory.selection_scores(cfg.selection, self.score_inputs(a, k_raw, v, fk, fv))
-      selected = memory.select_per_chunk(scores, k_raw, v_mem, chunk, cfg.eidetic_per_chunk)
-      stores = memory.stores_before_chunks(selected, m_e, cfg.store_policy)
-      mem_k.append(stores.k)
-      mem_v.append(stores.v)
-      mem_valid.append(stores.valid)
-    cat = lambda xs: jnp.concatenate(xs, axis=2) if xs else None
-    o = attend(q, k, v, cat(mem_k), cat(mem_v), cat(mem_valid), window=cfg.window, chunk=chunk)
+    mem = chunk_memory(cfg, source, project, self.score_inputs(a, k_raw, v, fk, fv), packing)
+    o = get_attention_fn(cfg.attn_impl)(q, k, v, mem.k, mem.v, mem.valid, window=cfg.window, chunk=cfg.chunk,
+                                        segment_ids=None if packing is None else packing.ids, mem_span=mem.span)
     y = self.wo(o)
     if cache_size is None:
       return y, None
@@ -193,17 +128,15 @@ class Attention(nnx.Module):
     slot_pos = (t - 1) - jnp.mod(t - 1 - jnp.arange(cache_size), cache_size)        # latest position per slot
     ring = lambda x: jnp.where((slot_pos >= 0)[None, :, None, None],
                                jnp.take(x, jnp.clip(slot_pos, 0, t - 1), axis=1), 0).astype(x.dtype)
-    state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32))
-    if m_f:
+    state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32),
+                           **{f: x for f, x in mem.last._asdict().items() if x is not None})
+    m_f = cfg.fading
+    if m_f:                                         # the read-outs of the last M_f tokens, zeros before t = 0
       pad = [(0, 0), (max(0, m_f - t), 0)] + [(0, 0)] * (source.ndim - 2)
       next_k, next_v = project(jnp.pad(source, pad)[:, -m_f:])
-      state = state._replace(fading_k=fading_k[:, -1], fading_v=fading_v[:, -1],
-                             next_fading_k=next_k, next_fading_v=next_v)
-    if m_e:
-      state = state._replace(store=jax.tree.map(lambda x: x[:, -1], stores),
-                             cand=jax.tree.map(lambda x: x[:, -1], selected))
-      if self.history_len:                          # the only score that reads earlier inputs
-        state = state._replace(history=memory.last_inputs(a))
+      state = state._replace(next_fading_k=next_k, next_fading_v=next_v)
+    if self.history_len:                            # the only score that reads earlier inputs
+      state = state._replace(history=last_inputs(a))
     return y, state
 
   def _continue(self, a: jax.Array, state: AttnState, fading: jax.Array | None):
@@ -246,7 +179,7 @@ class Attention(nnx.Module):
 
     parts = [(ring_k, ring_v, ring_valid[None])]                                    # (k, v, valid [B|1, S])
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
-      score, _ = memory.selection_scores(cfg.selection, self.score_inputs(
+      score, _ = selection_scores(cfg.selection, self.score_inputs(
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
     if m_f:
@@ -255,9 +188,9 @@ class Attention(nnx.Module):
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:
       parts.append((state.store.k, state.store.v, state.store.valid))
-      state = state._replace(cand=memory.insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
+      state = state._replace(cand=insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
       if self.history_len:
-        state = state._replace(history=memory.last_inputs(a, state.history))
+        state = state._replace(history=last_inputs(a, state.history))
     o = decode_attention(q[:, 0], parts)
     return self.wo(o[:, None]), state
 
@@ -278,8 +211,8 @@ class Attention(nnx.Module):
     """The state at a chunk boundary: the candidates enter the store, the next fading tokens become current."""
     cfg = self.cfg
     if cfg.eidetic:
-      state = state._replace(store=memory.merge(state.store, state.cand, cfg.store_policy),
-                             cand=memory.empty_store(*state.cand.k.shape, state.cand.k.dtype))
+      state = state._replace(store=merge(state.store, state.cand, cfg.store_policy),
+                             cand=empty_store(*state.cand.k.shape, state.cand.k.dtype))
     if cfg.fading:
       state = state._replace(fading_k=state.next_fading_k, fading_v=state.next_fading_v)
     return state
@@ -287,7 +220,7 @@ class Attention(nnx.Module):
   @property
   def history_len(self) -> int:
     """Inputs the decode state keeps for the innovation score: 4 where it selects, else none."""
-    return memory.PREDICTOR_TAPS if self.cfg.eidetic and self.cfg.selection == Selection.INNOVATION else 0
+    return PREDICTOR_TAPS if self.cfg.eidetic and self.cfg.selection == Selection.INNOVATION else 0
 
   def init_state(self, batch: int, cache_size: int) -> AttnState:
     cfg = self.cfg
@@ -296,8 +229,8 @@ class Attention(nnx.Module):
     return AttnState(k=zeros(cache_size), v=zeros(cache_size),
                      fading_k=zeros(cfg.fading), fading_v=zeros(cfg.fading),
                      next_fading_k=zeros(cfg.fading), next_fading_v=zeros(cfg.fading),
-                     store=memory.empty_store(batch, cfg.eidetic, kh, p, dt),
-                     cand=memory.empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
+                     store=empty_store(batch, cfg.eidetic, kh, p, dt),
+                     cand=empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
                      history=jnp.zeros((batch, self.history_len, cfg.d_model), jnp.float32),
                      pos=jnp.zeros((), jnp.int32))
 

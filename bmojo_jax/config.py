@@ -20,7 +20,6 @@ import enum
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 
@@ -68,7 +67,7 @@ class LossImpl(enum.StrEnum):
 
 
 class ScanImpl(enum.StrEnum):
-  """Selective-scan implementation (resolved in `bmojo_jax.scan.get_scan_fn` through `resolve_scan_impl`)."""
+  """Selective-scan implementation (resolved in `bmojo_jax.kernels.get_scan_fn` through `resolve_scan_impl`)."""
   AUTO = "auto"                # by backend: gpu/tpu -> pallas, cpu -> sequential (`resolve_scan_impl`)
   SEQUENTIAL = "sequential"    # lax.scan over tokens: the reference
   ASSOCIATIVE = "associative"  # lax.associative_scan within chunks, lax.scan across chunks
@@ -76,51 +75,11 @@ class ScanImpl(enum.StrEnum):
 
 
 class AttnImpl(enum.StrEnum):
-  """Attention implementation (resolved in `bmojo_jax.attention.get_attention_fn` through `resolve_attn_impl`)."""
+  """Attention implementation (resolved in `bmojo_jax.kernels.get_attention_fn` through `resolve_attn_impl`)."""
   AUTO = "auto"                # by backend: gpu/tpu -> pallas, cpu -> reference (`resolve_attn_impl`)
   REFERENCE = "reference"      # blockwise jnp, O(T·(w + L + M)) memory when a window is set
   PALLAS = "pallas"            # flash-style Pallas kernel (GPU: Triton/Mosaic GPU; TPU: Mosaic; CPU: interpret)
   CUDNN = "cudnn"              # jax.nn.dot_product_attention's cuDNN kernel (GPU; no memory tokens)
-
-
-# What each backend runs: (the `auto` choice, every choice that works). On CPU the Pallas kernels run in
-# interpret mode (tests); `auto` takes the references there: the sequential scan's forward + backward ran 3-4x
-# faster than the associative one's on a 2-core CPU at (B, T, E, N) = (8, 256, 256, 16), (32, 64, 128, 8) and
-# (8, 1024, 256, 16) (docs/tpu.md). Any other backend gets the CPU table.
-SCAN_IMPLS: dict[str, tuple[ScanImpl, tuple[ScanImpl, ...]]] = {
-    "gpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
-    "tpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
-    "cpu": (ScanImpl.SEQUENTIAL, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
-}
-ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
-    "gpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS, AttnImpl.CUDNN)),
-    "tpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
-    "cpu": (AttnImpl.REFERENCE, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
-}
-
-
-def _resolve(field: str, impl, enum_cls, table, backend: str | None):
-  backend = backend or jax.default_backend()
-  auto, works = table.get(backend, table["cpu"])
-  impl = enum_cls(impl)
-  if impl == enum_cls.AUTO:
-    return auto
-  if impl not in works:
-    needs = " or ".join(b.upper() for b, (_, ok) in table.items() if impl in ok)
-    raise ConfigError(f"{field}={impl.value!r} needs a {needs}, but the backend is {backend!r}; on it choose one "
-                      f"of {[enum_cls.AUTO.value] + [w.value for w in works]}")
-  return impl
-
-
-def resolve_scan_impl(impl: ScanImpl | str, backend: str | None = None) -> ScanImpl:
-  """The concrete scan implementation for `impl` on `backend` (default `jax.default_backend()`): `auto` by
-  `SCAN_IMPLS`; an explicit choice the backend cannot run raises ConfigError naming the ones that work."""
-  return _resolve("scan_impl", impl, ScanImpl, SCAN_IMPLS, backend)
-
-
-def resolve_attn_impl(impl: AttnImpl | str, backend: str | None = None) -> AttnImpl:
-  """The concrete attention implementation for `impl` on `backend`, as `resolve_scan_impl`."""
-  return _resolve("attn_impl", impl, AttnImpl, ATTN_IMPLS, backend)
 
 
 class StorePolicy(enum.StrEnum):
@@ -130,7 +89,7 @@ class StorePolicy(enum.StrEnum):
 
 
 class Selection(enum.StrEnum):
-  """Which score picks the eidetic tokens of a chunk (`bmojo_jax.memory.SELECTION_SCORES`; docs/mqar.md,
+  """Which score picks the eidetic tokens of a chunk (`bmojo_jax.memory.scoring.SELECTION_SCORES`; docs/mqar.md,
   "Selection variants"). On the attention input a_t [B, T, D] (keys k_t, values v_t [B, T, K, P]):"""
   INNOVATION = "innovation"  # the paper's test: ‖a_t − (1/4) Σ_{j=1..4} a_{t-j}‖² (the default)
   LEARNED = "learned"        # a_t · w_s, a learned scorer trained through a straight-through gate on the values

@@ -23,8 +23,8 @@ from flax import nnx
 
 from bmojo_jax import typing as tp
 from bmojo_jax.config import ModelConfig, ScanImpl
+from bmojo_jax.kernels import get_scan_fn
 from bmojo_jax.layers import causal_conv, einsum_layer, param
-from bmojo_jax.scan import get_scan_fn
 from bmojo_jax.segments import Packing
 from pallas_kernels.sharding import constrain
 

@@ -1,26 +1,20 @@
-"""Selective scan (Mamba-1 / S6): the three implementations behind one entry point.
-
-All share the signature of `pallas_kernels.selective_scan.selective_scan_reference`:
+"""The associative selective scan (Mamba-1 / S6), the model-side implementation beside the sequential reference
+and the Pallas kernel (`bmojo_jax.kernels.get_scan_fn` chooses among the three). All share the signature of
+`pallas_kernels.selective_scan.reference.selective_scan_reference`:
 
     fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus=True, h0=None, reset=None)
       -> (y [B, T, E] in u.dtype, h_T [B, E, N] fp32)
 
 `reset` [B, T] (bool or int, nonzero = True) marks the first token of each packed document: the state is
 dropped before it (see the reference's docstring).
-
-`get_scan_fn(impl)` is the one place an implementation is chosen.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from bmojo_jax.config import ScanImpl, resolve_scan_impl
-from pallas_kernels.selective_scan.reference import (check_reset, discretize, expand_groups,
-                                                      selective_scan_reference, skip_and_gate)
+from pallas_kernels.selective_scan.reference import check_reset, discretize, expand_groups, skip_and_gate
 
 
 def _combine(left, right):
@@ -72,23 +66,3 @@ def selective_scan_associative(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=N
                            (*(to_chunks(x) for x in (dt, uf, Bm, Cm)), r))
   y = jnp.moveaxis(y, 0, 1).reshape(batch, t_pad, d_inner)[:, :t]
   return skip_and_gate(y, u, D, z).astype(u.dtype), h_last
-
-
-def _pallas_scan(*args, **kwargs):
-  # imported lazily: the kernels are optional. On a TPU backend the Mosaic-TPU kernel (`tpu.py`).
-  if jax.default_backend() == "tpu":
-    from pallas_kernels.selective_scan import selective_scan_tpu
-    return selective_scan_tpu(*args, **kwargs)
-  from pallas_kernels.selective_scan import selective_scan
-  return selective_scan(*args, interpret=jax.default_backend() == "cpu", **kwargs)
-
-
-def get_scan_fn(impl: ScanImpl | str, *, chunk: int = 128):
-  """The scan function for `impl` on this backend (the only place the choice is made): `auto` and the
-  check that the backend can run an explicit choice are `bmojo_jax.config.resolve_scan_impl`'s."""
-  impl = resolve_scan_impl(impl)
-  if impl == ScanImpl.SEQUENTIAL:
-    return selective_scan_reference
-  if impl == ScanImpl.ASSOCIATIVE:
-    return functools.partial(selective_scan_associative, chunk=chunk)
-  return _pallas_scan

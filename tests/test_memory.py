@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmojo_jax import memory
 from bmojo_jax.config import Selection, StorePolicy
+from bmojo_jax.memory.parallel_store import stores_before_chunks, stores_before_chunks_reference
+from bmojo_jax.memory.scoring import ScoreInputs, innovation_scores, last_inputs, selection_scores
+from bmojo_jax.memory.selection import insert_candidate, select_per_chunk
+from bmojo_jax.memory.store import NO_POS, by_position, empty_store
 
 
 def test_innovation_picks_planted_tokens():
@@ -14,9 +17,9 @@ def test_innovation_picks_planted_tokens():
   a = 0.01 * jax.random.normal(jax.random.key(0), (b, t, d))
   planted = [3, 12, 13, 30]
   a = a.at[:, planted].add(3.0)
-  scores = memory.innovation_scores(a)
+  scores = innovation_scores(a)
   k = jnp.arange(b * t * 4, dtype=jnp.float32).reshape(b, t, 2, 2)
-  sel = memory.select_per_chunk(scores, k, k, chunk, 2)
+  sel = select_per_chunk(scores, k, k, chunk, 2)
   chosen = set(np.asarray(sel.pos[0][sel.valid[0]]).tolist())
   assert set(planted) <= chosen
   # Keys of the selected tokens are the tokens' own keys.
@@ -25,11 +28,11 @@ def test_innovation_picks_planted_tokens():
 
 def test_innovation_definition():
   a = jax.random.normal(jax.random.key(1), (1, 9, 3))
-  scores = memory.innovation_scores(a)
+  scores = innovation_scores(a)
   padded = np.concatenate([np.zeros((4, 3)), np.asarray(a[0])])
   want = [np.sum((padded[t + 4] - padded[t:t + 4].mean(0)) ** 2) for t in range(9)]
   np.testing.assert_allclose(scores[0], want, rtol=1e-5)
-  np.testing.assert_array_equal(memory.last_inputs(a)[0], a[0, -4:])
+  np.testing.assert_array_equal(last_inputs(a)[0], a[0, -4:])
 
 
 def python_policy(chunks, capacity, policy):
@@ -57,13 +60,12 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
     e = rng.integers(0, 5, (b, t)).astype(np.float32) if trial != 1 else rng.normal(size=(b, t)).astype(np.float32)
     e[:, rng.integers(0, t, 6)] = -np.inf
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
-    sel = memory.select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
+    sel = select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
     starts = None
     if with_starts:
       starts = jnp.asarray(rng.random(sel.valid.shape[:2]) < 0.3).at[:, 0].set(True)   # [B, C]
-    want = jax.jit(memory.stores_before_chunks_reference, static_argnums=(1, 2))(sel, size, StorePolicy(policy),
-                                                                                 starts)
-    got = jax.jit(memory.stores_before_chunks, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
+    want = jax.jit(stores_before_chunks_reference, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
+    got = jax.jit(stores_before_chunks, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
     for name, x, y in zip(want._fields, want, got):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
@@ -75,8 +77,8 @@ def test_store_policies_match_python_model(policy):
   t = chunk * n_chunks - 3                                    # a partial last chunk
   scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
   k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)
-  sel = memory.select_per_chunk(jnp.asarray(scores), k, k, chunk, k_e)
-  stores = jax.jit(memory.stores_before_chunks, static_argnums=(1, 2))(sel, capacity, StorePolicy(policy))
+  sel = select_per_chunk(jnp.asarray(scores), k, k, chunk, k_e)
+  stores = jax.jit(stores_before_chunks, static_argnums=(1, 2))(sel, capacity, StorePolicy(policy))
   for row in range(b):
     chunks = []
     for c in range(n_chunks):
@@ -88,7 +90,7 @@ def test_store_policies_match_python_model(policy):
                                                         stores.valid[row, c]) if ok)
       assert got == [(p, float(s)) for p, s in before[c]], (policy, row, c)
       for p, key in zip(stores.pos[row, c], stores.k[row, c]):
-        if p != memory.NO_POS:
+        if p != NO_POS:
           np.testing.assert_array_equal(key, k[row, p])
 
 
@@ -97,11 +99,11 @@ def test_streaming_candidates_equal_chunk_selection():
   b, chunk, k_e = 3, 16, 4
   scores = jnp.asarray(rng.integers(0, 6, size=(b, chunk)).astype(np.float32))
   k = jnp.asarray(rng.normal(size=(b, chunk, 1, 2)), jnp.float32)
-  cand = memory.empty_store(b, k_e, 1, 2, jnp.float32)
+  cand = empty_store(b, k_e, 1, 2, jnp.float32)
   for i in range(chunk):
-    cand = memory.insert_candidate(cand, scores[:, i], k[:, i], k[:, i], jnp.int32(i))
-  sel = jax.tree.map(lambda x: x[:, 0], memory.select_per_chunk(scores, k, k, chunk, k_e))
-  cand = memory.by_position(cand)
+    cand = insert_candidate(cand, scores[:, i], k[:, i], k[:, i], jnp.int32(i))
+  sel = jax.tree.map(lambda x: x[:, 0], select_per_chunk(scores, k, k, chunk, k_e))
+  cand = by_position(cand)
   for x, y in zip(cand, sel):
     np.testing.assert_array_equal(x, y)
 
@@ -115,7 +117,7 @@ def test_selection_scores_carry_no_gradient_but_the_learned_gate(selection):
   k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:])
 
   def parts(a, w_s):
-    return memory.selection_scores(Selection(selection), memory.ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s))
+    return selection_scores(Selection(selection), ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s))
 
   def grads(part):
     return jax.grad(lambda a, w_s: jnp.sum(parts(a, w_s)[part] * jnp.arange(1, 9.0).reshape(1, 8, *(1,) * part)),

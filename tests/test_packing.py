@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel
-from bmojo_jax.attention import dot_product_attention
+from bmojo_jax.kernels import dot_product_attention
 from bmojo_jax.segments import packing
 from pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmojo_jax.scan import get_scan_fn, selective_scan_associative
+from bmojo_jax.kernels import get_scan_fn
+from bmojo_jax.scan import selective_scan_associative
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 
 

@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel, count_params
-from bmojo_jax import memory
 from bmojo_jax.config import Selection
 from bmojo_jax.inference import Decoder
+from bmojo_jax.memory.scoring import (SELECTION_SCORES, ScoreInputs, innovation_scores, input_norm_scores, last_inputs,
+                                      learned_scores, selection_scores, ssm_error_scores, straight_through_values)
+from bmojo_jax.memory.selection import select_per_chunk
 from bmojo_jax.model import stack_blocks
 from tests.conftest import tiny_config
 from tests.test_packing import _check_packed_equals_alone
@@ -31,7 +33,7 @@ def _loss_and_grads(model, tokens):
 # ------------------------------------------------------------------------------------------- definitions
 def test_input_norm_definition():
   a = jax.random.normal(jax.random.key(0), (2, 7, 5))
-  np.testing.assert_allclose(memory.input_norm_scores(a), np.sum(np.asarray(a) ** 2, -1), rtol=1e-6)
+  np.testing.assert_allclose(input_norm_scores(a), np.sum(np.asarray(a) ** 2, -1), rtol=1e-6)
 
 
 def test_ssm_error_definition():
@@ -42,7 +44,7 @@ def test_ssm_error_definition():
   reach = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2)
   n = lambda x: np.asarray(x, np.float64)
   for prev, r in (((None, None), None), ((prev_k, prev_v), None), ((prev_k, prev_v), reach)):
-    got = memory.ssm_error_scores(k, v, fk, fv, *prev, reach=r)
+    got = ssm_error_scores(k, v, fk, fv, *prev, reach=r)
     want = np.zeros((2, 9))
     for t in range(9):
       if t == 0:
@@ -60,10 +62,10 @@ def test_learned_definition_and_straight_through():
   keys = jax.random.split(jax.random.key(2), 4)
   a, w = jax.random.normal(keys[0], (2, 6, 5)), jax.random.normal(keys[1], (5,))
   v, g = jax.random.normal(keys[2], (2, 6, 2, 3)), jax.random.normal(keys[3], (2, 6, 2, 3))
-  s = memory.learned_scores(a, w)
+  s = learned_scores(a, w)
   np.testing.assert_allclose(s, np.asarray(a) @ np.asarray(w), rtol=1e-5)
-  np.testing.assert_array_equal(memory.straight_through_values(v, s), v)
-  ds = jax.grad(lambda s: jnp.sum(memory.straight_through_values(v, s) * g))(s)
+  np.testing.assert_array_equal(straight_through_values(v, s), v)
+  ds = jax.grad(lambda s: jnp.sum(straight_through_values(v, s) * g))(s)
   sig = jax.nn.sigmoid(s)
   np.testing.assert_allclose(ds, sig * (1 - sig) * jnp.sum(v * g, axis=(-2, -1)), rtol=1e-5)
 
@@ -73,18 +75,17 @@ def test_selection_scores_dispatch():
   keys = jax.random.split(jax.random.key(3), 4)
   a = jax.random.normal(keys[0], (2, 9, 4))
   k, v, fk = (jax.random.normal(key, (2, 9, 1, 2)) for key in keys[1:])
-  x = memory.ScoreInputs(a, k, v, fk, fk, w_s=jnp.ones(4))
-  assert set(memory.SELECTION_SCORES) == set(Selection)
+  x = ScoreInputs(a, k, v, fk, fk, w_s=jnp.ones(4))
+  assert set(SELECTION_SCORES) == set(Selection)
   assert tiny_config("bmojo").selection == Selection.INNOVATION
-  scores, values = memory.selection_scores(Selection.INNOVATION, x)
-  np.testing.assert_array_equal(scores, memory.innovation_scores(a))
+  scores, values = selection_scores(Selection.INNOVATION, x)
+  np.testing.assert_array_equal(scores, innovation_scores(a))
   assert values is v
-  np.testing.assert_array_equal(memory.selection_scores(Selection.INPUT_NORM, x)[0], memory.input_norm_scores(a))
-  np.testing.assert_array_equal(memory.selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
-  np.testing.assert_array_equal(memory.selection_scores(Selection.SSM_ERROR, x)[0],
-                                memory.ssm_error_scores(k, v, fk, fk))
-  np.testing.assert_array_equal(memory.last_inputs(a), np.asarray(a, np.float32)[:, -4:])   # T = 9 >= 4
-  np.testing.assert_array_equal(memory.last_inputs(a[:, :2]),                             # fewer: zeros first
+  np.testing.assert_array_equal(selection_scores(Selection.INPUT_NORM, x)[0], input_norm_scores(a))
+  np.testing.assert_array_equal(selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
+  np.testing.assert_array_equal(selection_scores(Selection.SSM_ERROR, x)[0], ssm_error_scores(k, v, fk, fk))
+  np.testing.assert_array_equal(last_inputs(a), np.asarray(a, np.float32)[:, -4:])          # T = 9 >= 4
+  np.testing.assert_array_equal(last_inputs(a[:, :2]),                                    # fewer: zeros first
                                 np.concatenate([np.zeros((2, 2, 4), np.float32), np.asarray(a[:, :2])], 1))
 
 
@@ -110,8 +111,8 @@ def _selected_positions(model, tokens):
   cfg = model.cfg
   attn, a, fading = layer_inputs(model, tokens)[0]
   k, v = attn.wk(a), attn.wv(a)
-  scores, _ = memory.selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
-  return np.asarray(memory.select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
+  scores, _ = selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
+  return np.asarray(select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
 
 
 def test_variants_select_differently(models):

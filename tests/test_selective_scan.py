@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.selective_scan import BlockSizes, selective_scan, selective_scan_reference
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan.block_sizes import BlockSizes
 from pallas_kernels.selective_scan.ops import _plan
+from pallas_kernels.selective_scan.reference import selective_scan_reference
 from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_reference, carry_states,
                                                    segment_resets)
 

@@ -1,4 +1,5 @@
-"""The Mosaic-TPU kernels (`selective_scan_tpu`, `memory_attention_tpu`) in Pallas' TPU interpreter on CPU
+"""The Mosaic-TPU kernels (`selective_scan` and `memory_attention` with backend="tpu") in Pallas' TPU interpreter
+on CPU
 against the references, forward and every gradient; `auto` and the explicit choices resolved per backend; one
 whole-model train step with the TPU kernels equal to the reference model's. No TPU here: the kernels are only
 ever run interpreted (docs/tpu.md). Bounds as the GPU kernels' tests (rel err ||a - b|| / ||b||: fp32 <= 1e-4,
@@ -15,14 +16,14 @@ import pytest
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
-import pallas_kernels.selective_scan as scan_pkg
-import pallas_kernels.window_attention as attn_pkg
 from bmojo_jax import LanguageModel, config as config_lib
-from bmojo_jax.attention import dot_product_attention, get_attention_fn
-from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl, resolve_attn_impl, resolve_scan_impl
-from bmojo_jax.scan import get_scan_fn, selective_scan_reference
-from pallas_kernels.window_attention import memory_attention_reference, memory_attention_tpu
-from pallas_kernels.selective_scan import selective_scan_tpu
+from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
+from bmojo_jax.kernels import (dot_product_attention, get_attention_fn, get_scan_fn, resolve_attn_impl,
+                               resolve_scan_impl)
+from pallas_kernels.selective_scan import ops as scan_gpu, selective_scan, tpu as scan_tpu
+from pallas_kernels.selective_scan.reference import selective_scan_reference
+from pallas_kernels.window_attention import memory_attention, ops as attn_gpu, tpu as attn_tpu
+from pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
@@ -83,17 +84,23 @@ def test_explicit_choice_the_backend_cannot_run_names_backend_and_choices(monkey
 
 
 def test_pallas_on_tpu_dispatches_to_the_tpu_kernels(monkeypatch):
-  """On a TPU backend `pallas` (and `auto`) reach selective_scan_tpu / memory_attention_tpu, not the GPU ops."""
+  """On a TPU backend `pallas` (and `auto`) reach the TPU kernels (`selective_scan_tpu` / `memory_attention_tpu`),
+  compiled, not the GPU ones; on a GPU backend the GPU ones, compiled."""
   calls = []
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  monkeypatch.setattr(scan_pkg, "selective_scan_tpu", lambda *a, **k: calls.append(("scan", k)) or "scan")
-  monkeypatch.setattr(attn_pkg, "memory_attention_tpu", lambda *a, **k: calls.append(("attn", k)) or "attn")
-  monkeypatch.setattr(scan_pkg, "selective_scan", lambda *a, **k: pytest.fail("GPU scan called on TPU"))
-  monkeypatch.setattr(attn_pkg, "memory_attention", lambda *a, **k: pytest.fail("GPU attention called on TPU"))
-  assert get_scan_fn("auto")(1, reset=None) == "scan" and get_scan_fn("pallas")(1) == "scan"
-  assert get_attention_fn("auto")(1, window=8, chunk=8) == "attn"
-  assert [c[0] for c in calls] == ["scan", "scan", "attn"]
-  assert all("interpret" not in k for _, k in calls)      # compiled on a real TPU
+  record = lambda name: lambda *a, **k: calls.append((name, k["interpret"])) or name
+  monkeypatch.setattr(scan_tpu, "selective_scan_tpu", record("scan tpu"))
+  monkeypatch.setattr(attn_tpu, "memory_attention_tpu", record("attn tpu"))
+  monkeypatch.setattr(scan_gpu, "selective_scan_gpu", record("scan gpu"))
+  monkeypatch.setattr(attn_gpu, "memory_attention_gpu", record("attn gpu"))
+  scan_args, _ = scan_inputs(jnp.float32)
+  attn_args, _, _, _ = attn_inputs(jnp.float32, 1, 8, 1, 1, 8, 8, 0)
+  for backend in ("tpu", "gpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert get_scan_fn("auto")(**scan_args, reset=None) == f"scan {backend}"
+    assert get_scan_fn("pallas")(**scan_args) == f"scan {backend}"
+    assert get_attention_fn("auto")(**attn_args, window=8, chunk=8) == f"attn {backend}"
+  assert calls == [(name, False) for name in ("scan tpu", "scan tpu", "attn tpu", "scan gpu", "scan gpu",
+                                              "attn gpu")]       # compiled on a real TPU or GPU
 
 
 def test_cudnn_stays_gpu_only_in_dot_product_attention(monkeypatch):
@@ -124,7 +131,7 @@ def check_scan(dtype, chunk, reset_on, softplus, **shape):
     y, h = fn(**arrays, delta_softplus=softplus, reset=reset)
     return jnp.sum(y.astype(jnp.float32) * weights(y.shape)) + jnp.sum(h * weights(h.shape)), (y, h)
 
-  tpu = lambda **a: selective_scan_tpu(**a, chunk=chunk, interpret=True)
+  tpu = lambda **a: selective_scan(**a, backend="tpu", tpu_chunk=chunk, interpret=True)
   assert_matches_reference(loss, tpu, selective_scan_reference, arrays, TOL[dtype], "scan outputs")
 
 
@@ -167,7 +174,7 @@ def check_attention(dtype, *, window, packed, b=1, t=29, h=4, kh=2, p=16, chunk=
     o = fn(**arrays, mem_valid=valid, **kw)
     return jnp.sum(o.astype(jnp.float32) * weights(o.shape)), o
 
-  tpu = lambda **a: memory_attention_tpu(**a, block=block, interpret=True)
+  tpu = lambda **a: memory_attention(**a, backend="tpu", tpu_block=block, interpret=True)
   assert_matches_reference(loss, tpu, memory_attention_reference, arrays, TOL[dtype], "attention output")
 
 
@@ -186,7 +193,7 @@ def test_attention_bf16_causal_no_memory():
 def test_attention_rejects_a_chunk_the_sublanes_cannot_tile():
   arrays, _, _, _ = attn_inputs(jnp.float32, 1, 8, 1, 1, 8, 4, 0)
   with pytest.raises(ValueError, match="chunk=4 must be a multiple of 8"):
-    memory_attention_tpu(**arrays, window=4, chunk=4, interpret=True)
+    memory_attention(**arrays, window=4, chunk=4, backend="tpu", interpret=True)
 
 
 # ---- Mosaic lowering (no TPU: jax's Pallas -> Mosaic lowering only, not libtpu's compiler)
@@ -201,13 +208,14 @@ def test_kernels_lower_for_tpu(monkeypatch, chip):
   monkeypatch.setattr(tpu_info, "get_device_kind", lambda: chip)
   monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
   arrays, reset = scan_inputs(jnp.bfloat16, b=1, t=40, e=160, n=16, groups=0)
-  scan = lambda a: jax.grad(lambda a: jnp.sum(selective_scan_tpu(**a, reset=reset)[0].astype(jnp.float32)))(a)
+  scan = lambda a: jax.grad(lambda a: jnp.sum(selective_scan(**a, reset=reset, backend="tpu", interpret=False)[0]
+                                               .astype(jnp.float32)))(a)
   text = jax.export.export(jax.jit(scan), platforms=["tpu"])(arrays).mlir_module()
   assert text.count("selective_scan_tpu_") >= 2
   arrays, valid, segment_ids, mem_span = attn_inputs(jnp.bfloat16, 1, 300, 4, 2, 64, 128, 72)
-  attend = lambda a: jax.grad(lambda a: jnp.sum(memory_attention_tpu(
-      **a, mem_valid=valid, window=256, chunk=128, segment_ids=segment_ids, mem_span=mem_span
-  ).astype(jnp.float32)))(a)
+  attend = lambda a: jax.grad(lambda a: jnp.sum(memory_attention(
+      **a, mem_valid=valid, window=256, chunk=128, segment_ids=segment_ids, mem_span=mem_span, backend="tpu",
+      interpret=False).astype(jnp.float32)))(a)
   text = jax.export.export(jax.jit(attend), platforms=["tpu"])(arrays).mlir_module()
   assert text.count("memory_attention_tpu_") >= 4
 

@@ -24,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.window_attention import BlockSizes, KernelImpl, memory_attention, memory_attention_reference
+from pallas_kernels.window_attention import memory_attention
+from pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
 from pallas_kernels.window_attention.cases import (CASES, MOSAIC_BLOCKS, MOSAIC_CASES, MOSAIC_INTERPRET_CASES,
                                                    MOSAIC_PACKED_CASES, PACKED_CASES, TOL, exact_mask_check,
                                                    make_inputs, random_segment_ids, random_spans, run_case,
                                                    value_and_vjp)
 from pallas_kernels.window_attention.ops import resolve_impls
+from pallas_kernels.window_attention.reference import memory_attention_reference
 
 # The Mosaic cases run compiled only (on a Hopper GPU). Under pytest the jax 0.10 Mosaic GPU interpreter
 # deadlocked on every one of these cases at least once (threads waiting on barriers), while standalone runs

@@ -1,5 +1,6 @@
-"""Public selective-scan op: shape checks, input preparation and the `jax.custom_vjp` that ties the forward
-(`kernel.py`) and backward (`backward.py`) Pallas kernels together.
+"""The GPU selective scan: input preparation and the `jax.custom_vjp` that ties the forward (`kernel.py`) and
+backward (`backward.py`) Pallas kernels together (Triton; Pallas' interpreter on CPU). The public entry,
+`pallas_kernels.selective_scan.selective_scan`, checks the shapes and runs `selective_scan_gpu` per shard.
 
 Shapes (legend in `bmojo_jax/typing.py`): u, delta, z [B, T, E]; A [E, N]; Bm, Cm [B, T, N] or grouped
 [B, T, G, N]; D, delta_bias [E]; h0 [B, E, N]; reset [B, T] (bool or int, nonzero = a packed document starts
@@ -8,9 +9,6 @@ at that token). Semantics are exactly `selective_scan_reference`'s.
 A reset enters every kernel as one fp32 value per token (1.0 = reset) that multiplies that step's decay by
 1 - reset, forward and backward; time segments holding a reset pass no state (forward) or adjoint (backward)
 across them (`segments.py`). It is a static optional input: with reset=None every kernel is traced as before.
-
-Under a mesh (`pallas_kernels.sharding`) the op runs per shard in a `shard_map`: rows over the batch axes,
-channels E over the "inner" axis (the scan is independent per row and per channel), the rest replicated.
 """
 
 from __future__ import annotations
@@ -28,38 +26,6 @@ from pallas_kernels.fast_math import LOG2E
 from pallas_kernels.selective_scan.kernel import scan_fwd
 from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_states, segment_resets,
                                                    segment_summaries)
-from pallas_kernels.sharding import per_shard
-
-
-def _shape_error(msg, **arrays):
-  shapes = ", ".join(f"{k}={None if v is None else tuple(v.shape)}" for k, v in arrays.items())
-  return ValueError(f"selective_scan: {msg}; got {shapes}")
-
-
-def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None, reset=None):
-  """Raises ValueError (printing every shape) unless the inputs fit the legend in the module docstring."""
-  arrays = dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=delta_bias, h0=h0, reset=reset)
-  if u.ndim != 3:
-    raise _shape_error("u must be [B, T, E]", **arrays)
-  batch, t, d_inner = u.shape
-  if delta.shape != u.shape or (z is not None and z.shape != u.shape):
-    raise _shape_error("delta and z must have u's shape [B, T, E]", **arrays)
-  if A.ndim != 2 or A.shape[0] != d_inner:
-    raise _shape_error("A must be [E, N]", **arrays)
-  d_state = A.shape[1]
-  if Bm.shape != Cm.shape or Bm.ndim not in (3, 4) or Bm.shape[:2] != (batch, t) or Bm.shape[-1] != d_state:
-    raise _shape_error("Bm and Cm must both be [B, T, N] or [B, T, G, N]", **arrays)
-  if Bm.ndim == 4 and d_inner % Bm.shape[2]:
-    raise _shape_error("grouped Bm/Cm: E must be a multiple of G", **arrays)
-  for name, x in (("D", D), ("delta_bias", delta_bias)):
-    if x is not None and x.shape != (d_inner,):
-      raise _shape_error(f"{name} must be [E]", **arrays)
-  if h0 is not None and h0.shape != (batch, d_inner, d_state):
-    raise _shape_error("h0 must be [B, E, N]", **arrays)
-  if reset is not None and reset.shape != (batch, t):
-    raise _shape_error("reset must be [B, T]", **arrays)
-  if t < 1:
-    raise _shape_error("T must be >= 1", **arrays)
 
 
 class _Plan(NamedTuple):
@@ -200,30 +166,9 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus: bool = True,
-                   h0=None, reset=None, block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """Chunked Pallas selective scan. Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
-
-  Same semantics as `selective_scan_reference`; differentiable in every array argument but reset through
-  Pallas backward kernels. `interpret=True` runs the kernels in Pallas' interpreter (CPU). Under a context
-  mesh each device scans its own rows and channels.
-  """
-  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
-  bs = block_sizes or BlockSizes.get_default()
-  reset = None if reset is None else (reset != 0).astype(jnp.float32)                       # 1.0 = reset
-  scan = lambda *arrays: _scan(*arrays, bool(delta_softplus), bs, bool(interpret))
-  return _on_mesh(scan, u, Bm)(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
-
-
-def _on_mesh(scan, u, Bm):
-  """scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset) run on each device's rows and channels under the
-  context mesh (`pallas_kernels.sharding`): B over the batch axes, E over the "inner" axis. Grouped B/C
-  ([B, T, G, N], G > 1) split E only with G."""
-  batch, _, d_inner = u.shape
-  groups = Bm.shape[2] if Bm.ndim == 4 else 1
-  bc = ("batch", None, None) if Bm.ndim == 3 else ("batch", None, None if groups == 1 else "inner", None)
-  bte = ("batch", None, "inner")
-  in_logical = (bte, bte, ("inner", None), bc, bc, ("inner",), bte, ("inner",), ("batch", "inner", None),
-                ("batch", None))
-  sizes = {"batch": batch, "inner": d_inner if groups == 1 else groups}
-  return per_shard(scan, sizes, in_logical, (bte, ("batch", "inner", None)))
+def selective_scan_gpu(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, *, delta_softplus: bool,
+                       block_sizes: BlockSizes | None, interpret: bool):
+  """The Pallas GPU kernels on checked inputs (one device's shard): reset [B, T] fp32 (1.0 = reset) or None.
+  Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32); differentiable in every array but reset."""
+  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, bool(delta_softplus),
+               block_sizes or BlockSizes.get_default(), bool(interpret))

@@ -20,6 +20,37 @@ import jax
 import jax.numpy as jnp
 
 
+def _shape_error(msg, **arrays):
+  shapes = ", ".join(f"{k}={None if v is None else tuple(v.shape)}" for k, v in arrays.items())
+  return ValueError(f"selective_scan: {msg}; got {shapes}")
+
+
+def check_shapes(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, h0=None, reset=None):
+  """Raises ValueError (printing every shape) unless the inputs fit the legend in the module docstring."""
+  arrays = dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=delta_bias, h0=h0, reset=reset)
+  if u.ndim != 3:
+    raise _shape_error("u must be [B, T, E]", **arrays)
+  batch, t, d_inner = u.shape
+  if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+    raise _shape_error("delta and z must have u's shape [B, T, E]", **arrays)
+  if A.ndim != 2 or A.shape[0] != d_inner:
+    raise _shape_error("A must be [E, N]", **arrays)
+  d_state = A.shape[1]
+  if Bm.shape != Cm.shape or Bm.ndim not in (3, 4) or Bm.shape[:2] != (batch, t) or Bm.shape[-1] != d_state:
+    raise _shape_error("Bm and Cm must both be [B, T, N] or [B, T, G, N]", **arrays)
+  if Bm.ndim == 4 and d_inner % Bm.shape[2]:
+    raise _shape_error("grouped Bm/Cm: E must be a multiple of G", **arrays)
+  for name, x in (("D", D), ("delta_bias", delta_bias)):
+    if x is not None and x.shape != (d_inner,):
+      raise _shape_error(f"{name} must be [E]", **arrays)
+  if h0 is not None and h0.shape != (batch, d_inner, d_state):
+    raise _shape_error("h0 must be [B, E, N]", **arrays)
+  if reset is not None and reset.shape != (batch, t):
+    raise _shape_error("reset must be [B, T]", **arrays)
+  if t < 1:
+    raise _shape_error("T must be >= 1", **arrays)
+
+
 def expand_groups(m: jax.Array, d_inner: int) -> jax.Array:
   """[B, T, N] -> [B, T, 1, N]; [B, T, G, N] -> [B, T, E, N] by repeating each group E // G times."""
   if m.ndim == 3:

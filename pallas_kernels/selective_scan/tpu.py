@@ -1,6 +1,7 @@
-"""Mosaic-TPU selective scan: `selective_scan_tpu`, forward and backward Pallas TPU kernels behind a custom VJP.
+"""Mosaic-TPU selective scan: `selective_scan_tpu`, forward and backward Pallas TPU kernels behind a custom VJP
+(the public entry, `pallas_kernels.selective_scan.selective_scan(backend="tpu")`, checks and shards).
 
-Same signature and semantics as `selective_scan_reference` (and the GPU `selective_scan`): u, delta, z
+Same semantics as `selective_scan_reference` (and the GPU kernels): u, delta, z
 [B, T, E]; A [E, N]; Bm, Cm [B, T, N] or grouped [B, T, G, N]; D, delta_bias [E]; h0 [B, E, N]; reset [B, T].
 Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
 
@@ -33,8 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
-from pallas_kernels.selective_scan.ops import _on_mesh, check_shapes
 
 LANES = 128
 SUBLANES = 8
@@ -365,16 +364,10 @@ def _scan_bwd(softplus_on, chunk, block_e, interpret, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan_tpu(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus: bool = True,
-                       h0=None, reset=None, chunk: int = 16, block_e: int = 128, interpret: bool = False):
-  """Chunked Mosaic-TPU selective scan. Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32).
-
-  Same semantics as `selective_scan_reference`; differentiable in every array argument but reset. chunk:
-  tokens per grid step (rounded up to a multiple of 8); block_e: channels per program (a multiple of 128).
-  `interpret=True` runs the kernels in the TPU interpreter on CPU. Under a context mesh each device scans its
-  own rows and channels (`ops._on_mesh`, as the GPU kernel).
-  """
-  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
-  reset = None if reset is None else (reset != 0).astype(f32)                 # 1.0 = reset
-  scan = lambda *arrays: _scan(*arrays, bool(delta_softplus), int(chunk), int(block_e), bool(interpret))
-  return _on_mesh(scan, u, Bm)(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset)
+def selective_scan_tpu(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, *, delta_softplus: bool, chunk: int = 16,
+                       block_e: int = 128, interpret: bool = False):
+  """The Mosaic-TPU kernels on checked inputs (one device's shard): reset [B, T] fp32 (1.0 = reset) or None.
+  Returns (y [B, T, E] in u.dtype, h_T [B, E, N] fp32); differentiable in every array but reset. chunk: tokens
+  per grid step (rounded up to a multiple of 8); block_e: channels per program (a multiple of 128)."""
+  return _scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, bool(delta_softplus), int(chunk), int(block_e),
+               bool(interpret))

@@ -1,4 +1,5 @@
-"""Public op: `memory_attention`, the Pallas kernels behind a `jax.custom_vjp` that saves only the logsumexp.
+"""The GPU op: `memory_attention_gpu`, the Pallas kernels behind a `jax.custom_vjp` that saves only the logsumexp
+(the public entry, `pallas_kernels.window_attention.memory_attention`, checks the inputs and shards).
 
 Semantics are exactly `memory_attention_reference` (see `reference.py`). Shapes (legend in
 `bmojo_jax/typing.py`): q [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v [B, C, M, K, P]; mem_valid [B, C, M]
@@ -25,21 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.fast_math import LOG2E
-from pallas_kernels.sharding import per_shard
 from pallas_kernels.window_attention.backward import dkdv_triton, dmem_triton, dq_triton
 from pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
 from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic, mosaic_dkdv_unsupported
 from pallas_kernels.window_attention.dq_mosaic import dq_mosaic, mosaic_dq_unsupported
 from pallas_kernels.window_attention.forward import forward
 from pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
-from pallas_kernels.window_attention.reference import check_shapes
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -139,45 +137,9 @@ def _attention_bwd(scale, window, chunk, blocks, interpret, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                     segment_ids=None, mem_span=None, scale: float | None = None,
-                     block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """Sliding-window (window None: full causal) attention plus per-chunk memory; o [B, T, H, P] in q.dtype.
-
-  Query t in chunk c = t // chunk sees keys t - window < t' <= t (of its own segment, given segment_ids
-  [B, T] int: each segment one contiguous run) and the valid memory slots m of its chunk (given mem_span
-  [B, C, 2, M] int, only those with mem_span[b, c, 0, m] <= t - c·chunk < mem_span[b, c, 1, m]).
-  Gradients flow to q, k, v, mem_k and mem_v. `interpret=True` runs the kernels on CPU. Under a context mesh
-  (`pallas_kernels.sharding`) each device attends for its own rows and heads.
-  """
-  if (mem_k is None) != (mem_v is None) or (mem_k is None) != (mem_valid is None):
-    raise ValueError("mem_k, mem_v and mem_valid must be given together; got "
-                     f"{None if mem_k is None else mem_k.shape}, {None if mem_v is None else mem_v.shape}, "
-                     f"{None if mem_valid is None else mem_valid.shape}")
-  _, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk, segment_ids, mem_span)
-  p = q.shape[3]
-  if k.dtype != q.dtype or v.dtype != q.dtype or (n_mem and (mem_k.dtype != q.dtype or mem_v.dtype != q.dtype)):
-    raise ValueError(f"q, k, v, mem_k, mem_v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
-                     + (f", {mem_k.dtype}, {mem_v.dtype}" if n_mem else ""))
-  scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
-  attend = functools.partial(_memory_attention, window=window, chunk=chunk, scale=scale,
-                             block_sizes=block_sizes, interpret=interpret)
-  return _on_mesh(attend, q, k)(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span)
-
-
-def _on_mesh(attend, q, k):
-  """attend(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span) run on each device's rows and heads under
-  the context mesh (`pallas_kernels.sharding`): B over the batch axes, the kv heads over the "heads" axis, each
-  with its query heads (a device holds whole groups: split by H alone, a query head could land away from its
-  kv head)."""
-  bthp, mem = ("batch", None, "heads", None), ("batch", None, None, "heads", None)
-  in_logical = (bthp, bthp, bthp, mem, mem, ("batch", None, None), ("batch", None), ("batch", None, None, None))
-  return per_shard(attend, {"batch": q.shape[0], "heads": k.shape[2]}, in_logical, bthp)
-
-
-def _memory_attention(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *, window, chunk, scale,
-                      block_sizes, interpret):
-  """`memory_attention` on checked inputs (one device's shard under a mesh)."""
+def memory_attention_gpu(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *, window: int | None, chunk: int,
+                         scale: float, block_sizes: BlockSizes | None, interpret: bool):
+  """The GPU kernels on checked inputs (one device's shard under a mesh); o [B, T, H, P] in q.dtype."""
   _, t, _, p = q.shape
   n_mem = 0 if mem_k is None else mem_k.shape[2]
   blocks = (block_sizes or BlockSizes.get_default(p, has_memory=bool(n_mem))).fitted(t, chunk)

@@ -1,7 +1,8 @@
 """Mosaic-TPU memory attention: `memory_attention_tpu`, forward, dq, dk/dv and d(memory) Pallas TPU kernels
-behind a custom VJP that saves only the logsumexp.
+behind a custom VJP that saves only the logsumexp (the public entry,
+`pallas_kernels.window_attention.memory_attention(backend="tpu")`, checks the inputs and shards).
 
-Same signature and semantics as `memory_attention_reference`: q [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v
+Same semantics as `memory_attention_reference`: q [B, T, H, P]; k, v [B, T, K, P]; mem_k, mem_v
 [B, C, M, K, P] and mem_valid [B, C, M] with C = ceil(T / L); optional segment_ids [B, T] and mem_span
 [B, C, 2, M]. Returns o [B, T, H, P] in q.dtype.
 
@@ -31,7 +32,6 @@ cast to v's dtype before the p·V matmul, as in jax's TPU flash attention.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.sharding import per_shard
-from pallas_kernels.window_attention.reference import NEG_INF, check_shapes
+from pallas_kernels.window_attention.reference import NEG_INF
 
 SUBLANES = 8
 f32 = jnp.float32
@@ -347,29 +346,10 @@ def _attention_bwd(cfg, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def memory_attention_tpu(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
-                         segment_ids=None, mem_span=None, scale: float | None = None, block: int = 128,
-                         interpret: bool = False):
-  """Sliding-window (window None: full causal) attention plus per-chunk memory on TPU; o [B, T, H, P] in
-  q.dtype, exactly `memory_attention_reference`'s semantics. chunk must be a multiple of 8; block caps the
-  rows of a query / key block. Gradients flow to q, k, v, mem_k and mem_v. `interpret=True` runs the kernels
-  in the TPU interpreter on CPU. Under a context mesh each device attends for its own rows and kv heads."""
-  if (mem_k is None) != (mem_v is None) or (mem_k is None) != (mem_valid is None):
-    raise ValueError("mem_k, mem_v and mem_valid must be given together")
-  _, n_mem = check_shapes(q, k, v, mem_k, mem_v, mem_valid, window, chunk, segment_ids, mem_span)
-  b, p = q.shape[0], q.shape[3]
-  scale = 1.0 / math.sqrt(p) if scale is None else float(scale)
-  attend = functools.partial(_memory_attention_tpu, window=window, chunk=chunk, scale=scale, block=block,
-                             interpret=interpret)
-  bthp, mem = ("batch", None, "heads", None), ("batch", None, None, "heads", None)
-  in_logical = (bthp, bthp, bthp, mem, mem, ("batch", None, None), ("batch", None), ("batch", None, None, None))
-  return per_shard(attend, {"batch": b, "heads": k.shape[2]}, in_logical, bthp)(
-      q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span)
-
-
-def _memory_attention_tpu(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *, window, chunk, scale,
-                          block, interpret):
-  """`memory_attention_tpu` on checked inputs (one device's shard under a mesh)."""
+def memory_attention_tpu(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span, *, window: int | None, chunk: int,
+                         scale: float, block: int = 128, interpret: bool = False):
+  """The Mosaic-TPU kernels on checked inputs (one device's shard under a mesh); o [B, T, H, P] in q.dtype.
+  chunk must be a multiple of 8; block caps the rows of a query / key block."""
   b, t, h, p = q.shape
   kh = k.shape[2]
   bl = block_rows(chunk, block)

@@ -1,0 +1,103 @@
+"""Which implementation runs each kernel of the model: the tables by backend, the resolvers of `auto`, and the
+one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`; the only place a choice is
+made).
+
+    scan_impl  sequential   `selective_scan_reference`, a `lax.scan` over tokens
+               associative  `bmojo_jax.scan.selective_scan_associative`
+               pallas       `pallas_kernels.selective_scan.selective_scan` (it picks the GPU or TPU kernels)
+    attn_impl  reference    `memory_attention_reference`, blockwise jnp
+               pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
+               cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
+from bmojo_jax.scan import selective_scan_associative
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan.reference import selective_scan_reference
+from pallas_kernels.window_attention import memory_attention
+from pallas_kernels.window_attention.reference import memory_attention_reference
+
+# What each backend runs: (the `auto` choice, every choice that works). On CPU the Pallas kernels run in
+# interpret mode (tests); `auto` takes the references there: the sequential scan's forward + backward ran 3-4x
+# faster than the associative one's on a 2-core CPU at (B, T, E, N) = (8, 256, 256, 16), (32, 64, 128, 8) and
+# (8, 1024, 256, 16) (docs/tpu.md). Any other backend gets the CPU table.
+SCAN_IMPLS: dict[str, tuple[ScanImpl, tuple[ScanImpl, ...]]] = {
+    "gpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+    "tpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+    "cpu": (ScanImpl.SEQUENTIAL, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+}
+ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
+    "gpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS, AttnImpl.CUDNN)),
+    "tpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
+    "cpu": (AttnImpl.REFERENCE, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
+}
+
+
+def _resolve(field: str, impl, enum_cls, table, backend: str | None):
+  backend = backend or jax.default_backend()
+  auto, works = table.get(backend, table["cpu"])
+  impl = enum_cls(impl)
+  if impl == enum_cls.AUTO:
+    return auto
+  if impl not in works:
+    needs = " or ".join(b.upper() for b, (_, ok) in table.items() if impl in ok)
+    raise ConfigError(f"{field}={impl.value!r} needs a {needs}, but the backend is {backend!r}; on it choose one "
+                      f"of {[enum_cls.AUTO.value] + [w.value for w in works]}")
+  return impl
+
+
+def resolve_scan_impl(impl: ScanImpl | str, backend: str | None = None) -> ScanImpl:
+  """The concrete scan implementation for `impl` on `backend` (default `jax.default_backend()`): `auto` by
+  `SCAN_IMPLS`; an explicit choice the backend cannot run raises ConfigError naming the ones that work."""
+  return _resolve("scan_impl", impl, ScanImpl, SCAN_IMPLS, backend)
+
+
+def resolve_attn_impl(impl: AttnImpl | str, backend: str | None = None) -> AttnImpl:
+  """The concrete attention implementation for `impl` on `backend`, as `resolve_scan_impl`."""
+  return _resolve("attn_impl", impl, AttnImpl, ATTN_IMPLS, backend)
+
+
+def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
+                          segment_ids=None, mem_span=None, implementation: str | None = "cudnn"):
+  """Causal (window None) or sliding-window attention without memory through `jax.nn.dot_product_attention`.
+
+  q [B, T, H, P]; k, v [B, T, K, P] -> o [B, T, H, P]. Query t sees keys t - window < t' <= t, and with
+  segment_ids [B, T] only those of its segment (a dense [B, 1, T, T] mask: cuDNN has no segment ids; the
+  Pallas kernel masks by segment without one).
+  implementation "cudnn" is the fused cuDNN kernel (GPU only); "xla" (or None) is XLA's, for tests on CPU.
+  """
+  del chunk  # no memory: the chunking only matters for memory tokens
+  if mem_k is not None or mem_span is not None:
+    raise ValueError("dot_product_attention has no memory tokens; use attn_impl='pallas' or 'reference'")
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"attn_impl='cudnn' needs a GPU, but the backend is {jax.default_backend()!r}; use "
+                     "attn_impl='reference' (or 'pallas' in interpret mode)")
+  local = None if window is None else (window - 1, 0)
+  mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
+                                      implementation=implementation)
+
+
+def get_scan_fn(impl: ScanImpl | str, *, chunk: int = 128):
+  """fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus=True, h0=None, reset=None) ->
+  (y [B, T, E], h_T [B, E, N] fp32), the scan `impl` resolves to on this backend (`resolve_scan_impl`); chunk:
+  the associative scan's tokens per chunk."""
+  impl = resolve_scan_impl(impl)
+  if impl == ScanImpl.SEQUENTIAL:
+    return selective_scan_reference
+  if impl == ScanImpl.ASSOCIATIVE:
+    return functools.partial(selective_scan_associative, chunk=chunk)
+  return selective_scan
+
+
+def get_attention_fn(impl: AttnImpl | str):
+  """fn(q, k, v, mem_k, mem_v, mem_valid, *, window, chunk, segment_ids=None, mem_span=None) -> o, the attention
+  `impl` resolves to on this backend (`resolve_attn_impl`)."""
+  return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: memory_attention,
+          AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
