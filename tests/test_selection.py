@@ -114,6 +114,7 @@ def _selected_positions(model, tokens):
   return np.asarray(memory.select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
 
 
+@pytest.mark.slow   # the benchmark's layer-by-layer pass, op by op, for four models
 def test_variants_select_differently(models):
   tokens = jax.random.randint(jax.random.key(4), (2, T), 0, 64)
   picks = {s: _selected_positions(m, tokens) for s, m in models.items()}
@@ -186,6 +187,7 @@ def test_pallas_kernel_consumes_the_same_memory():
   assert np.abs(np.asarray(grads_b.blocks[0].mixer2.scorer[...])).max() > 1e-6
 
 
+@pytest.mark.slow   # four compiles (loop and scanned gradients, prefill, step); tests/test_model.py scans B'MOJO
 def test_scanned_layers(models):
   """scan_layers=True stacks the scorer with the other weights: same loss and gradients, and decoding from the
   scanned cache matches its parallel pass."""
