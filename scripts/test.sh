@@ -2,7 +2,9 @@
 # Installs bmojo_jax with its test extras and runs the whole test suite (CPU; slow tests included): what CI runs.
 # Two tiers (issue 37's targets on 2 cores: <= 12 and <= 5 minutes): this, every test, and the inner loop
 # `scripts/test.sh -m "not slow"`, every module and invariant at its smallest case: `slow` marks end-to-end runs
-# (training, subprocesses, populations) and the kernels' further interpret-mode cases.
+# (training, subprocesses, populations), the kernels' further interpret-mode cases and the further cases of an
+# invariant (more prefill lengths, selections, dtypes), each a compile. Tests compile at XLA's backend
+# optimization level 0 (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[dev]"

@@ -14,7 +14,7 @@ from flax import nnx
 from bmojo_jax import LanguageModel, Sublayer
 from bmojo_jax.layers import logits_einsum
 from bmojo_jax.model import MIXERS, stack_blocks, unstack_blocks
-from tests.conftest import tiny_config
+from tests.conftest import FAMILIES, tiny_config
 
 
 def test_causality(family):
@@ -27,7 +27,9 @@ def test_causality(family):
   assert not np.allclose(a[:, 13:], b[:, 13:])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family, dtype", [   # bf16 in the inner loop: B'MOJO's (Mamba, attention, memory)
+    *((f, "float32") for f in FAMILIES),
+    *(pytest.param(f, "bfloat16", marks=() if f == "bmojo" else pytest.mark.slow) for f in FAMILIES)])
 def test_forward_backward_under_jit(family, dtype):
   cfg = tiny_config(family, dtype=dtype)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
