@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from train import checkpoint as ckpt_lib  # noqa: E402
 from train import cli  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
-from train import trainer  # noqa: E402
+from train import steps  # noqa: E402
 
 KIND, _, AT = os.environ.get("FAULT", "").partition(":")
 AT = int(AT or 0)
@@ -83,7 +83,7 @@ def install() -> None:
     after(metrics_lib._EventFile, "add_scalar",    # pylint: disable=protected-access
           lambda self, tag, value, step: step >= AT and (self.flush(), die()))
   elif KIND == "eval":
-    before(trainer, "evaluate", lambda *args: die())
+    before(steps, "evaluate", lambda *args: die())
   elif KIND == "results":
     real = os.replace
     os.replace = lambda src, dst, *a, **k: die() if str(dst).endswith("results.json") else real(src, dst, *a, **k)
