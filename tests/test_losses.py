@@ -11,6 +11,7 @@ from bmojo_jax import losses
 from bmojo_jax.layers import logits_einsum
 from tests.conftest import tiny_config
 from train import steps
+from train.data.packing import IGNORE_INDEX
 
 
 def _inputs(b=3, t=11, d=16, v=37, dtype=jnp.float32, seed=0):
@@ -99,7 +100,7 @@ def test_loss_sums_chunked_equals_reference(tied, packed):
   b, t = 2, 24
   inputs = rng.integers(0, 64, (b, t)).astype(np.int32)
   targets = rng.integers(0, 64, (b, t)).astype(np.int32)
-  targets[:, ::5] = steps.IGNORE_INDEX
+  targets[:, ::5] = IGNORE_INDEX
   batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
   if packed:
     ids = np.repeat(np.array([[1] * 10 + [2] * 9 + [3] * 5]), b, 0).astype(np.int32)

@@ -3,7 +3,7 @@
 A checkpoint at step s (directory `<workdir>/checkpoints/<s>/`) holds three items:
     state  the train state {"params", "opt_state", "step", "rng"} (StandardSave; sharded arrays restore
            into the shardings of the abstract target)
-    data   the grain iterator state (one JSON file per process; `train.data.iterator_save_args`)
+    data   the grain iterator state (one JSON file per process; `train.data.pipeline.iterator_save_args`)
     meta   JSON: the model config, step and data settings, read first to refuse an incompatible checkpoint
 Nothing here ever deletes or overwrites a checkpoint it cannot read: restoring raises `CheckpointError`
 and the trainer stops, so a corrupt or incompatible run directory is never silently replaced by a fresh run;
@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from bmojo_jax.config import COMPUTE_FIELDS
-from train import data as data_lib
+from train.data import pipeline
 from train import files
 from train import orbax_logs
 from train.files import brief as _brief
@@ -151,7 +151,7 @@ class Checkpointer:
     meta = dict(meta, step=int(step), checksums=checksums(state))   # checked at restore: bit rot is refused
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if iterator is not None:
-      items["data"] = data_lib.iterator_save_args(iterator)
+      items["data"] = pipeline.iterator_save_args(iterator)
     orbax_logs.ERROR_LOGS.take()
     self._pending = int(step)
     try:
@@ -236,7 +236,7 @@ class Checkpointer:
     """Restores the state into `abstract_state`'s shapes/shardings and `iterator` in place."""
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if iterator is not None:
-      items["data"] = data_lib.iterator_restore_args(iterator)
+      items["data"] = pipeline.iterator_restore_args(iterator)
     self._check_plain(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))

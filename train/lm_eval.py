@@ -35,7 +35,7 @@ import optax
 
 from bmojo_jax import LanguageModel
 from bmojo_jax.param_count import count_params
-from train import data as data_lib
+from train.data import text as text_lib
 from train import files
 from train import niah as niah_lib
 from train import runs
@@ -122,9 +122,9 @@ def heldout_documents(config: ml_collections.ConfigDict) -> dict[str, str]:
   if d.kind == "text":
     _, eval_paths, patterns = tasks_lib.text_paths(config)
     if eval_paths:
-      files = data_lib.list_text_files(eval_paths, patterns)
+      files = text_lib.list_text_files(eval_paths, patterns)
       decoding = tasks_lib.text_decoding(config)
-      return {f: t for f, t in zip(files, data_lib.read_text_files(files, patterns, **decoding))}
+      return {f: t for f, t in zip(files, text_lib.read_text_files(files, patterns, **decoding))}
   raise ValueError(f"data.kind={d.kind!r} without data.eval_paths has no held-out documents; length and NIAH "
                    "evaluation needs data.kind=corpus or data.eval_paths.")
 

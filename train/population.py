@@ -58,6 +58,7 @@ from train import runs as runs_lib
 from train import setup as setup_lib
 from train import steps as steps_lib
 from train.data import mqar
+from train.data.packing import IGNORE_INDEX
 
 SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
 
@@ -200,7 +201,7 @@ class Population:
       batch = mqar.generate_batch(self.mq, self.task.eval_source.seed, idx)
       mask = jnp.arange(nb * eb) < n
       batch = {"inputs": jnp.where(mask[:, None], batch["inputs"], 0),
-               "targets": jnp.where(mask[:, None], batch["targets"], steps_lib.IGNORE_INDEX), "mask": mask}
+               "targets": jnp.where(mask[:, None], batch["targets"], IGNORE_INDEX), "mask": mask}
       self._test_batches = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
     return self._test_batches
 

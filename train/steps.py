@@ -17,12 +17,11 @@ import optax
 
 from bmojo_jax import losses
 from bmojo_jax.config import LossImpl
-from train import data as data_lib
 from train import faults
 from train import sharding as shard_lib
+from train.data import pipeline
+from train.data.packing import IGNORE_INDEX
 from train.setup import Setup
-
-IGNORE_INDEX = data_lib.IGNORE_INDEX
 
 
 COLLAPSE_TOLERANCE = 0.05   # nats: a test loss within this of ln V (uniform logits' loss) is a collapse
@@ -176,7 +175,7 @@ def make_eval_step(setup: Setup):
 
 def eval_batches(setup: Setup):
   """This process's share of the test set, in global batches of train.eval_batch_size, sharded."""
-  it = data_lib.make_eval_iterator(setup.task.eval_source,
+  it = pipeline.make_eval_iterator(setup.task.eval_source,
                                    batch_size=int(setup.config.train.eval_batch_size) // jax.process_count(),
                                    shard_index=jax.process_index(), shard_count=jax.process_count())
   return (shard_lib.shard_batch(model_batch(batch, "mask"), setup.mesh) for batch in it)

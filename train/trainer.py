@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from train import checkpoint as ckpt_lib
-from train import data as data_lib
+from train.data import pipeline
 from train import faults
 from train import files
 from train import metrics as metrics_lib
@@ -127,7 +127,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
            for name in ckpt.removed_unfinished] + config_warnings(setup)
   local_batch = int(t.batch_size) // jax.process_count()
   make_iterator = functools.partial(
-      data_lib.make_train_iterator, setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
+      pipeline.make_train_iterator, setup.task.train_source, batch_size=local_batch, seed=int(config.seed),
       shard_index=jax.process_index(), shard_count=jax.process_count(), worker_count=int(t.data_workers))
   it = make_iterator()
   latest, record = faults.start_point(ckpt, t.get("resume_from"), notes.append)
@@ -148,7 +148,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     runs.write_run_files(workdir, config, setup.task.tokenizer)
 
   # Out-of-range ids fail before any update: the first eval batch is checked here, every train batch below.
-  first_eval = next(iter(data_lib.make_eval_iterator(setup.task.eval_source, batch_size=1)))
+  first_eval = next(iter(pipeline.make_eval_iterator(setup.task.eval_source, batch_size=1)))
   tasks_lib.check_batch(first_eval, setup.cfg.vocab_size, "test data")
 
   accum, skip = int(t.grad_accum_steps), t.get("on_nonfinite", "stop") == "skip"

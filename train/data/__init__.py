@@ -10,14 +10,4 @@ shards, shuffles, repeats and batches them into checkpointable iterators. The mo
   mqar.py        Zoology's MQAR task
   corpus.py      the text corpus, split and prepared from debian_texts.py (books and manual pages of installed
                  Debian packages; rdata.py reads R-serialized ones)
-Imported here are the few names the trainer uses through `train.data` (docs/data.md).
 """
-
-from train.data.mqar import fraction_beyond_window
-from train.data.packing import IGNORE_INDEX
-from train.data.pipeline import iterator_restore_args
-from train.data.pipeline import iterator_save_args
-from train.data.pipeline import make_eval_iterator
-from train.data.pipeline import make_train_iterator
-from train.data.text import list_text_files
-from train.data.text import read_text_files
