@@ -7,6 +7,7 @@ exercises. Shapes are tiny so the interpreter finishes quickly; the tolerances a
 (rel err ||a - b|| / ||b||: fp32 <= 1e-4, bf16 <= 2e-2).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -250,8 +251,15 @@ class TestSelectiveScan:
     u4k = jnp.zeros((1, 4100, 16))
     p = _plan(u4k, jnp.zeros((1, 4100, 8)), A, long)
     assert (p.segments, p.seg_len, p.t_pad) == (9, 464, 4176)
+    # Enough programs (batch x E / block_e) fill the GPU without time segments: 4 x 16 / 16 = 4 programs.
+    few = dataclasses.replace(long, block_e=16, segment_below_programs=4)
+    assert _plan(jnp.zeros((4, 4100, 16)), jnp.zeros((4, 4100, 8)), A, few).segments == 1
+    assert _plan(jnp.zeros((3, 4100, 16)), jnp.zeros((3, 4100, 8)), A, few).segments == 9
+    assert _plan(u4k, jnp.zeros((1, 4100, 8)), A, dataclasses.replace(few, segment_below_programs=0)).segments == 9
     with pytest.raises(ValueError, match="segment_len"):
       BlockSizes(segment_len=-1)
+    with pytest.raises(ValueError, match="segment_below_programs"):
+      BlockSizes(segment_below_programs=-1)
 
   def test_checks_shapes(self):
     u, delta, A, Bm, Cm, D, z, bias, h0 = make_inputs(CASES[0])

@@ -32,13 +32,17 @@ class BlockSizes:
                             # (pallas_kernels/fast_math.py); interpret mode always uses plain jnp
   segment_len: int = 256    # tokens per time segment walked by one program (segments.py), rounded up to a
                             # multiple of `chunk`; 0 = the whole sequence in one program (no segment pass)
+  segment_below_programs: int = 1024  # cut time into segments only while the forward has fewer programs than
+                            # this (batch x E / block_e): enough rows fill the GPU already, and the segment passes
+                            # only add work (H100, fwd+bwd: B8 E4096, 1,024 programs, 4.45 ms whole vs 4.89 cut;
+                            # B16 E1536, 768 programs, 2.01 vs 1.86; `selective_scan_segments_h100.json`); 0 = always
 
   def __post_init__(self):
     for name in ("block_e", "chunk", "num_warps", "block_e_bwd", "chunk_bwd", "num_warps_bwd", "num_stages"):
       if getattr(self, name) < 1:
         raise ValueError(f"BlockSizes.{name} must be >= 1, got {self}")
-    if self.segment_len < 0:
-      raise ValueError(f"BlockSizes.segment_len must be >= 0 (0 = no time segments), got {self}")
+    if self.segment_len < 0 or self.segment_below_programs < 0:
+      raise ValueError(f"BlockSizes.segment_len and segment_below_programs must be >= 0, got {self}")
     if self.chunk % self.chunk_bwd:
       raise ValueError(f"BlockSizes: chunk={self.chunk} must be a multiple of chunk_bwd={self.chunk_bwd}")
 

@@ -44,10 +44,13 @@ def _plan(u, Bm, A, bs: BlockSizes) -> _Plan:
   groups = Bm.shape[2] if Bm.ndim == 4 else 1
   n_pad = pl.next_power_of_2(A.shape[1])
   chunk = min(bs.chunk, bs.chunk_bwd * pl.cdiv(t, bs.chunk_bwd))
-  segments = pl.cdiv(t, chunk * pl.cdiv(bs.segment_len, chunk)) if bs.segment_len else 1
-  seg_len = chunk * pl.cdiv(pl.cdiv(t, segments), chunk)      # balanced: pad less than one chunk per segment
   per_group = d_inner // groups
-  return _Plan(segments * seg_len, n_pad, chunk, segments, seg_len, largest_pow2_divisor(per_group, bs.block_e),
+  block_e = largest_pow2_divisor(per_group, bs.block_e)
+  programs = u.shape[0] * d_inner // block_e
+  cut = bs.segment_len and (not bs.segment_below_programs or programs < bs.segment_below_programs)
+  segments = pl.cdiv(t, chunk * pl.cdiv(bs.segment_len, chunk)) if cut else 1
+  seg_len = chunk * pl.cdiv(pl.cdiv(t, segments), chunk)      # balanced: pad less than one chunk per segment
+  return _Plan(segments * seg_len, n_pad, chunk, segments, seg_len, block_e,
                largest_pow2_divisor(per_group, bs.block_e_bwd))
 
 
