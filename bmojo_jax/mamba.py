@@ -116,6 +116,12 @@ class Mamba(nnx.Module):
     # gathered each half: an all-gather of a shape no parameter has).
     w = constrain(self.in_proj.kernel[...], (None, None, tp.INNER)).astype(dtype)      # [D, 2, E]
     x = x.astype(dtype)
+    if x.shape[1] == 1:
+      # One token (a decode step): one GEMV over the whole contiguous kernel. Per half, w[:, j] is a strided
+      # view that XLA:GPU emits as a reduction at half the speed (0.48 ms of a 4.6 ms 1.4B step on an H100);
+      # the [B, 1, 2, E] result is tiny, so slicing it copies nothing worth counting.
+      uz = jnp.einsum("BTD,DJE->BTJE", x, w)
+      return uz[:, :, 0], uz[:, :, 1]
     return tuple(jnp.einsum("BTD,DE->BTE", x, w[:, j]) for j in (0, 1))
 
   def step(self, x: jax.Array, state: MambaState, *, fading=None) -> tuple[jax.Array, MambaState]:

@@ -1,4 +1,4 @@
-"""`Mamba.in_proj_parts` (two GEMMs, one per half of in_proj's kernel) equals in_proj(x) sliced, values and
+"""`Mamba.in_proj_parts` (two GEMMs, one per half of in_proj's kernel; one GEMM for a single token) equals in_proj(x) sliced, values and
 gradients (fp32); in bf16 the same up to the GEMM's rounding."""
 
 import jax
@@ -11,11 +11,11 @@ from bmojo_jax.mamba import Mamba
 from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_in_proj_parts_equal_the_sliced_projection(dtype):
+@pytest.mark.parametrize("dtype,T", [("float32", 13), ("bfloat16", 13), ("float32", 1)])   # T 1: the decode GEMV
+def test_in_proj_parts_equal_the_sliced_projection(dtype, T):
   mamba = Mamba(tiny_config("mamba", dtype=dtype), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(0), (2, 13, 32), jnp.float32).astype(dtype)
-  g = jax.random.normal(jax.random.key(1), (2, 13, 2, 64), jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (2, T, 32), jnp.float32).astype(dtype)
+  g = jax.random.normal(jax.random.key(1), (2, T, 2, 64), jnp.float32)
 
   def parts(m, x):
     u, z = m.in_proj_parts(x)
