@@ -35,7 +35,8 @@ class BlockSizes:
   segment_below_programs: int = 1024  # cut time into segments only while the forward has fewer programs than
                             # this (batch x E / block_e): enough rows fill the GPU already, and the segment passes
                             # only add work (H100, fwd+bwd: B8 E4096, 1,024 programs, 4.45 ms whole vs 4.89 cut;
-                            # B16 E1536, 768 programs, 2.01 vs 1.86; `selective_scan_segments_h100.json`); 0 = always
+                            # B16 E1536, 768 programs, 2.01 vs 1.86; selective_scan_time_segments_h100.json);
+                            # 0 = always cut
 
   def __post_init__(self):
     for name in ("block_e", "chunk", "num_warps", "block_e_bwd", "chunk_bwd", "num_warps_bwd", "num_stages"):
