@@ -10,6 +10,9 @@ import time
 import jax
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")   # the committed records (read back by resumes, rechecks)
+
 
 def device_name() -> str:
   d = jax.devices()[0]

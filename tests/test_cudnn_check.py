@@ -1,4 +1,4 @@
-"""benchmarks/cudnn_attention_check.py: its comparisons find what they are for, on the CPU, so a GPU call is not
+"""benchmarks/checks/cudnn_attention_check.py: its comparisons find what they are for, on the CPU, so a GPU call is not
 spent finding a broken script; and on a GPU, cuDNN against the reference.
 
 On a CPU cuDNN cannot run, and the script's model check there compares the reference with itself (equal by
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import cudnn_attention_check as check
+from benchmarks.checks import cudnn_attention_check as check
 from benchmarks import mqar_sweep
 
 

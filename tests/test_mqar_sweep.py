@@ -1,4 +1,4 @@
-"""The MQAR sweep's bookkeeping (benchmarks/mqar_sweep.py): per-family attention, what makes two runs the same
+"""The MQAR sweep's bookkeeping (benchmarks/studies/mqar_sweep): per-family attention, what makes two runs the same
 run (resume), which records its figure summarizes, and `--gpus` (one worker process per GPU, each population
 trained once). The populations themselves are tested in tests/test_population.py."""
 

@@ -107,7 +107,7 @@ forward = nnx.jit(lambda m, x: m(x))   # one compile per model for the module
 
 def _selected_positions(model, tokens):
   """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
-  from benchmarks.mqar_selection import layer_inputs
+  from benchmarks.studies.mqar_selection import layer_inputs
   cfg = model.cfg
   attn, a, fading = layer_inputs(model, tokens)[0]
   k, v = attn.wk(a), attn.wv(a)
@@ -215,8 +215,8 @@ def test_scanned_layers(models):
 
 
 def test_mqar_token_types_and_needed_values():
-  """benchmarks/mqar_selection.py's reading of an MQAR example: types by position, each query's value position."""
-  from benchmarks.mqar_selection import TYPES, needed_values, token_types
+  """benchmarks/studies/mqar_selection.py's reading of an MQAR example: types by position, each query's value position."""
+  from benchmarks.studies.mqar_selection import TYPES, needed_values, token_types
   from train.data import mqar
   mq = mqar.MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8)
   data = mqar.generate_examples(mq, 0, np.arange(3))

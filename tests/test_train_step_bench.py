@@ -1,7 +1,7 @@
-"""benchmarks/train_step_bench.py on the CPU: one tiny record has the fields the issue's table is read from, and
+"""benchmarks/speed/train_step_bench.py on the CPU: one tiny record has the fields the issue's table is read from, and
 the best-layout summary picks the fastest layout beside the preset's default."""
 
-from benchmarks import train_step_bench as bench
+from benchmarks.speed import train_step_bench as bench
 
 FIELDS = {"family", "attn_impl", "scan_impl", "size", "T", "batch", "dtype", "scan_layers", "remat", "default_layout",
           "loss_impl", "loss_block", "step_ms", "tokens_per_s", "compile_s", "peak_bytes", "loss", "devices", "mesh"}

@@ -1,6 +1,6 @@
 """Pallas memory attention vs its plain-jnp reference: outputs, gradients and exact masks.
 
-The cases and their checks live in `pallas_kernels/window_attention/cases.py` (benchmarks/window_attention_bench.py
+The cases and their checks live in `pallas_kernels/window_attention/cases.py` (benchmarks/speed/window_attention_bench.py
 runs them too). `TestMemoryAttention` runs them compiled (GPU: `JAX_PLATFORMS=cuda python -m pytest
 tests/test_window_attention.py -k "not Interpret"`; the Mosaic cases need Hopper) and skips itself without a
 GPU; `TestMemoryAttentionInterpret` reruns the same cases in Pallas' interpreter, which is what CI (CPU)

@@ -15,7 +15,7 @@ semantics. Files:
   `reference.py`      the plain-jnp reference and the shape checks.
   `tpu.py`            `memory_attention_tpu`: the Mosaic-TPU forward and backward kernels and their custom VJP.
   `cases.py`          the correctness cases and checks shared by tests/test_window_attention.py and
-                      benchmarks/window_attention_bench.py.
+                      benchmarks/speed/window_attention_bench.py.
 Packed rows: `segment_ids` [B, T] keeps documents apart and `mem_span` [B, C, 2, M] limits each memory slot
 to a range of its chunk's queries; `ops.py` says what the kernels receive.
 """

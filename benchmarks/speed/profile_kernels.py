@@ -1,7 +1,7 @@
 """Runs each kernel of interest exactly once at its issue's target shape, for a profiler to attach to.
 
     ncu --clock-control none -k regex:'selective_scan|segment|attention' --set full -o $OUT/prof \
-        python3 -m benchmarks.profile_kernels scan attention
+        python3 -m benchmarks.speed.profile_kernels scan attention
 
 Targets (bf16, the issues' shapes): `scan`: the Pallas selective scan forward and forward+backward at B2 T4096
 E2048 N16 with D and z (segment summaries, main forward, backward); `attention`: the Pallas memory attention
@@ -16,8 +16,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks import selective_scan_bench as ssb
-from benchmarks import window_attention_bench as wab
+from benchmarks.speed import selective_scan_bench as ssb
+from benchmarks.speed import window_attention_bench as wab
 
 
 def scan():

@@ -1,6 +1,6 @@
 """A whole B'MOJO model with the Pallas scan and the Pallas attention vs the reference paths (GPU check).
 
-    python benchmarks/model_impls_check.py            # writes model_impls_<device>.json
+    python3 -m benchmarks.checks.model_impls_check            # writes model_impls_<device>.json
 
 Same parameters, same tokens; compares logits and every parameter gradient (fp32 and bf16) for
 (associative, reference) and (pallas, pallas) against (sequential, reference).

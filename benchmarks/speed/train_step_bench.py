@@ -1,13 +1,13 @@
 """Times the trainer's own train step (`train.steps.make_train_step`) for every family and size.
 
-    python -m benchmarks.train_step_bench                                   # the whole grid -> results JSON
-    python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
-    python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
-    python -m benchmarks.train_step_bench --packed false,true               # packed documents' cost
-    python -m benchmarks.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
-    python -m benchmarks.train_step_bench --families bmojo,mamba --sizes 130m --seqs 2048 --layouts all
-    python -m benchmarks.train_step_bench --loss-impl reference,chunked --families transformer:cudnn --sizes 1.4b
-    python -m benchmarks.train_step_bench --tiny --layouts all            # CPU smoke run of the whole path
+    python -m benchmarks.speed.train_step_bench                                   # the whole grid -> results JSON
+    python -m benchmarks.speed.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
+    python -m benchmarks.speed.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
+    python -m benchmarks.speed.train_step_bench --packed false,true               # packed documents' cost
+    python -m benchmarks.speed.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
+    python -m benchmarks.speed.train_step_bench --families bmojo,mamba --sizes 130m --seqs 2048 --layouts all
+    python -m benchmarks.speed.train_step_bench --loss-impl reference,chunked --families transformer:cudnn --sizes 1.4b
+    python -m benchmarks.speed.train_step_bench --tiny --layouts all            # CPU smoke run of the whole path
 
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +

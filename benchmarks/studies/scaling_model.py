@@ -4,11 +4,11 @@ H100 x 8 / 64 and TPU v5p-64 / 256 (docs/scaling.md).
 
     # 1. compile the train step on N fake CPU devices (no arrays allocated) and record its collectives and its
     #    memory per device -> benchmarks/results/scaling_hlo_cpu.json
-    python -m benchmarks.scaling_model measure --cases bmojo:1.4b:data=8,bmojo:1.4b:fsdp=8
+    python -m benchmarks.studies.scaling_model measure --cases bmojo:1.4b:data=8,bmojo:1.4b:fsdp=8
     # 2. the projection (reads the records above and benchmarks/results/train_step_h200.json)
-    python -m benchmarks.scaling_model predict
+    python -m benchmarks.studies.scaling_model predict
     # the train-step bench with ZeRO-1 on (mesh.shard_optimizer=True), same arguments as train_step_bench
-    python -m benchmarks.scaling_model bench-zero1 --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2
+    python -m benchmarks.studies.scaling_model bench-zero1 --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2
 
 `measure` re-runs itself in a subprocess per device count (XLA_FLAGS=--xla_force_host_platform_device_count=N).
 The compiled step is the trainer's (`train.steps.make_train_step`) for the paper preset in bf16, scanned blocks,
@@ -174,7 +174,7 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   """Compiles the trainer's step for `family`-`size` on the mesh (this process's fake devices); returns its
   collectives and memory analysis per device."""
   import jax
-  from benchmarks import train_step_bench as bench
+  from benchmarks.speed import train_step_bench as bench
   from bmojo_jax import count_params
   from bmojo_jax.config import PAPER_SIZES
   from train import setup as setup_lib
@@ -222,7 +222,7 @@ def measure(cases: list[str], seq_len: int, batch_per_device: int, zero: bool, o
     n = int(np.prod(list(mesh.values())))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
-    code = (f"import json; from benchmarks.scaling_model import compile_case; print('RESULT' + json.dumps("
+    code = (f"import json; from benchmarks.studies.scaling_model import compile_case; print('RESULT' + json.dumps("
             f"compile_case({family!r}, {size!r}, {mesh!r}, {seq_len}, {batch_per_device}, {zero})))")
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
@@ -516,9 +516,9 @@ def print_markdown(report: dict) -> None:
 
 
 def bench_with_zero1(argv: list[str]) -> None:
-  """`benchmarks.train_step_bench` with mesh.shard_optimizer=True in every config it builds (the bench has no
-  flag for it): `python -m benchmarks.scaling_model bench-zero1 <train_step_bench arguments>`."""
-  from benchmarks import train_step_bench
+  """`benchmarks.speed.train_step_bench` with mesh.shard_optimizer=True in every config it builds (the bench has no
+  flag for it): `python -m benchmarks.studies.scaling_model bench-zero1 <train_step_bench arguments>`."""
+  from benchmarks.speed import train_step_bench
   from configs import common
   base = common.base_config
 

@@ -1,7 +1,7 @@
 """Selective scan on the GPU: correctness at full size, timings of the Pallas kernel, the associative scan and
 the sequential reference, a T sweep (1k..64k) for linearity, and a block-size sweep.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/selective_scan_bench.py [--out DIR] [--sweep] [--tscan] [--mixer]
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.selective_scan_bench [--out DIR] [--sweep] [--tscan] [--mixer]
         [--segments]
 
 Writes DIR/selective_scan_<device>.json (a list of records {"op", "impl", "shape", "dtype", "fwd_ms",
@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 import traceback
 
@@ -30,12 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import median_ms  # noqa: E402
-from pallas_kernels.selective_scan import selective_scan  # noqa: E402
-from pallas_kernels.selective_scan.block_sizes import BlockSizes  # noqa: E402
-from pallas_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
+from benchmarks.common import median_ms
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan.block_sizes import BlockSizes
+from pallas_kernels.selective_scan.reference import selective_scan_reference
 
 RECORDS = []
 START = time.perf_counter()

@@ -1,22 +1,22 @@
 """The MQAR sweep of docs/evals.md: families × d_model × learning rates × N at L=256, window 32, on one device.
 
-    python3 -m benchmarks.mqar_sweep --budget-s 480                       # resumable; -> $OUT/mqar_sweep_<device>.json
-    python3 -m benchmarks.mqar_sweep --families bmojo,hybrid --d-models 128 --kv-pairs 32 --epochs 4
-    python3 -m benchmarks.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
-    python3 benchmarks/mqar_sweep.py --smoke                              # tiny; ~2 min on 2 CPU cores
-    python3 -m benchmarks.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json   # best accuracies, markdown
-    python3 -m benchmarks.mqar_sweep --recheck benchmarks/results/mqar_sweep_h200.json [--only d_model=128]
+    python3 -m benchmarks.studies.mqar_sweep --budget-s 480                       # resumable; -> $OUT/mqar_sweep_<device>.json
+    python3 -m benchmarks.studies.mqar_sweep --families bmojo,hybrid --d-models 128 --kv-pairs 32 --epochs 4
+    python3 -m benchmarks.studies.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
+    python3 -m benchmarks.studies.mqar_sweep --smoke                           # tiny; ~2 min on 2 CPU cores
+    python3 -m benchmarks.studies.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json   # best accuracies, markdown
+    python3 -m benchmarks.studies.mqar_sweep --recheck benchmarks/results/mqar_sweep_h200.json [--only d_model=128]
 
 One population (`train.population`) per (family, d_model, N) trains the learning rates (× `--seeds`) together
 on the same data stream, each run stopping at test accuracy 0.99. The model and training settings are
-`benchmarks/mqar_zoology.py`'s (Zoology: vocab 8192, batch 256, 100k train / 3k test, AdamW wd 0.1, cosine,
+`benchmarks/studies/mqar_zoology.py`'s (Zoology: vocab 8192, batch 256, 100k train / 3k test, AdamW wd 0.1, cosine,
 no warmup, evaluation every half epoch); `--set key=value` overrides any config field. Families: the five,
 plus the equal-memory baseline of docs/evals.md, a Hybrid whose window is B'MOJO's w + M_f + M_e
 (`hybrid` with `variant` "equal_memory"); the Transformer is the full-attention reference.
 
 `--selection` picks B'MOJO's selection score (`bmojo_jax.config.Selection`; docs/mqar.md, "Selection variants"),
 recorded, like the store policy, in each record and its key; `--save-checkpoints` keeps every run's final state
-for `benchmarks/mqar_selection.py`.
+for `benchmarks/studies/mqar_selection.py`.
 
 Results: one record per run in `<out>/mqar_sweep_<device>.json` (out: --out, else $OUT, else
 benchmarks/results), written after each population. A rerun skips the runs already recorded there or in
@@ -46,24 +46,20 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
-  sys.path.insert(0, REPO)
+import jax
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import append_results, device_name, device_tag, ints, save_figure, write_json  # noqa: E402
-from benchmarks.mqar_zoology import zoology_config  # noqa: E402
-from bmojo_jax import Sublayer, count_params  # noqa: E402
-from bmojo_jax.config import Selection  # noqa: E402
-from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl  # noqa: E402
-from train import metrics as metrics_lib  # noqa: E402
-from train import population as pop_lib  # noqa: E402
-from train import setup as setup_lib  # noqa: E402
-from train import trainer  # noqa: E402
-from train.data import mqar  # noqa: E402
+from benchmarks.common import REPO, RESULTS, append_results, device_name, device_tag, ints, save_figure, write_json
+from benchmarks.studies.mqar_zoology import zoology_config
+from bmojo_jax import Sublayer, count_params
+from bmojo_jax.config import Selection
+from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl
+from train import metrics as metrics_lib
+from train import population as pop_lib
+from train import setup as setup_lib
+from train import trainer
+from train.data import mqar
 
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"
@@ -149,11 +145,11 @@ def results_paths(args, tag: str | None = None) -> tuple[str, list[str], list[st
   worker files, and the worker files alone: what a `--gpus` run leaves until it merges them). tag: the
   device's (default: this process's)."""
   tag = "cpu_smoke" if args.smoke else tag or device_tag()
-  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  out_dir = args.out or os.environ.get("OUT") or RESULTS
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_{tag}.json")
   workers = sorted(glob.glob(glob.escape(path[:-len(".json")]) + ".worker*.json"))
-  return path, [os.path.join(REPO, "benchmarks", "results", f"mqar_sweep_{tag}.json"), path] + workers, workers
+  return path, [os.path.join(RESULTS, f"mqar_sweep_{tag}.json"), path] + workers, workers
 
 
 def merge_workers(args, tag: str | None) -> tuple[str, list[dict]]:
@@ -310,10 +306,10 @@ def recheck_path(args) -> tuple[str, list[str]]:
   """(where --recheck writes, the files whose records count as rechecked): <out>/<stem>_recheck.json and the
   repository's benchmarks/results/<stem>_recheck.json."""
   name = os.path.basename(args.recheck)[:-len(".json")] + "_recheck.json"
-  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  out_dir = args.out or os.environ.get("OUT") or RESULTS
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name)
-  return path, [os.path.join(REPO, "benchmarks", "results", name), path]
+  return path, [os.path.join(RESULTS, name), path]
 
 
 def recheck(args) -> str:
@@ -415,7 +411,7 @@ def launch(args, argv: list[str]) -> str:
   procs = []
   for i, gpu in enumerate(args.gpus):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-    procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.mqar_sweep", *argv, "--no-progress",
+    procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.studies.mqar_sweep", *argv, "--no-progress",
                                    "--worker", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
 
@@ -587,7 +583,7 @@ def throughput(args) -> str:
              params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.scan_impl).value,
              attn_impl=resolve_attn_impl(cfg.attn_impl).value,
              dtype=cfg.dtype, label=args.label, overrides=args.set, device=device_name(), jax=jax.__version__)
-  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  out_dir = args.out or os.environ.get("OUT") or RESULTS
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
   append_results(records, path) if args.append else write_json(path, records)
@@ -598,7 +594,7 @@ def throughput(args) -> str:
 def profile_population(pop: pop_lib.Population, out_dir: str, name: str, dispatches: int = 2) -> dict:
   """GPU ms per training step by source line (train_step_bench's trace parsing) over `dispatches` dispatches
   of the whole population; writes <out_dir>/<name>_ops.json."""
-  from benchmarks import train_step_bench as tsb  # pylint: disable=g-import-not-at-top
+  from benchmarks.speed import train_step_bench as tsb  # pylint: disable=g-import-not-at-top
   state = pop.init_state()
   state = pop.dispatch(state)[0]
   jax.block_until_ready(state)
@@ -673,7 +669,7 @@ def parse_args(argv=None):
   p.add_argument("--worker", type=int, help=argparse.SUPPRESS)   # set by --gpus for its workers
   p.add_argument("--save-checkpoints", action="store_true",
                  help="keep each run's final state as a trainer checkpoint in its run folder (for "
-                      "benchmarks/mqar_selection.py --workdir, bmojo-eval)")
+                      "benchmarks/studies/mqar_selection.py --workdir, bmojo-eval)")
   p.add_argument("--smoke", action="store_true", help="tiny models and data, results in a temp folder")
   p.add_argument("--table", nargs="?", const="", metavar="JSON",
                  help="train nothing: print the best accuracies of a results file (default: this device's) as a "

@@ -1,6 +1,6 @@
 """Memory attention on a GPU: correctness of the compiled Pallas kernels, then timings against cuDNN.
 
-  PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep] [--segments]
+  PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.window_attention_bench --out $OUT [--budget 380] [--sweep] [--segments]
 
 1. The test cases (`pallas_kernels/window_attention/cases.py`, which tests/test_window_attention.py runs)
    compiled (the packed-row ones, and on Hopper the Mosaic ones, included), plus model-sized checks (bf16
@@ -24,16 +24,13 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 from pallas_kernels.window_attention import BlockSizes, memory_attention
 from pallas_kernels.window_attention import cases as attn_cases
 from pallas_kernels.window_attention.ops import _on_hopper, resolve_impls

@@ -1,9 +1,9 @@
 """Which tokens B'MOJO's selection picks in MQAR, and what recall would need it to pick (issue #15).
 
-    python3 -m benchmarks.mqar_selection --workdir RUN                     # a trained B'MOJO MQAR run (checkpoint)
-    python3 -m benchmarks.mqar_selection --train-steps 400 [--selection learned] [--set model.d_model=32]
+    python3 -m benchmarks.studies.mqar_selection --workdir RUN                     # a trained B'MOJO MQAR run (checkpoint)
+    python3 -m benchmarks.studies.mqar_selection --train-steps 400 [--selection learned] [--set model.d_model=32]
 
-RUN is a `bmojo-train` workdir or a run folder of `benchmarks/mqar_sweep.py --save-checkpoints` (read only).
+RUN is a `bmojo-train` workdir or a run folder of `python3 -m benchmarks.studies.mqar_sweep --save-checkpoints` (read only).
 With --train-steps a tiny B'MOJO is first trained on MQAR on this machine by the library's trainer
 (`train.trainer.train`; `TINY` below: L 64, N 8, window 8, chunk 8, k_e 4 of 8 per chunk, a score store of 16)
 into --train-dir. The model then runs on --examples test examples and, for every attention layer, we report:
@@ -27,24 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
-  sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks.common import append_results, apply_overrides, device_name, device_tag, save_figure  # noqa: E402
-from bmojo_jax.config import Family, Selection  # noqa: E402
-from bmojo_jax.memory.parallel_store import stores_before_chunks  # noqa: E402
-from bmojo_jax.memory.scoring import selection_scores  # noqa: E402
-from bmojo_jax.memory.selection import select_per_chunk  # noqa: E402
-from train.data import mqar  # noqa: E402
+from benchmarks.common import RESULTS, append_results, apply_overrides, device_name, device_tag, save_figure
+from bmojo_jax.config import Family, Selection
+from bmojo_jax.memory.parallel_store import stores_before_chunks
+from bmojo_jax.memory.scoring import selection_scores
+from bmojo_jax.memory.selection import select_per_chunk
+from train.data import mqar
 
 TYPES = ("key", "value", "query", "answer_slot", "filler")
 # The tiny CPU model of --train-steps: configs/mqar.py's B'MOJO (d 64, L 64, N 8, w 8, chunk 8, batch 64) with a
@@ -226,7 +221,7 @@ def main(argv=None):
   record["title"] = (f"{cfg.selection.value} selection, {cfg.store_policy.value} store: d {cfg.d_model}, "
                      f"L {mq.seq_len}, N {mq.num_kv_pairs}, w {cfg.window}, k_e {cfg.eidetic_per_chunk}/{cfg.chunk}, "
                      f"M_e {cfg.eidetic}, step {step}, test acc {results.get('test_accuracy', float('nan')):.3f}")
-  out = args.out or os.path.join(REPO, "benchmarks", "results", f"mqar_selection_{device_tag()}.json")
+  out = args.out or os.path.join(RESULTS, f"mqar_selection_{device_tag()}.json")
   append_results([record], out)
   figure = plot(record, out.replace(".json", f"_{cfg.selection.value}.png"))
   for layer in layers:

@@ -1,6 +1,6 @@
 """Decode throughput and cache size per family (130M preset, bf16), written to decode_<device>.json.
 
-    python benchmarks/decode_bench.py [--size 130m] [--steps 64]
+    python3 -m benchmarks.speed.decode_bench [--size 130m] [--steps 64]
 
 tokens/s = batch · steps / time of `steps` decode steps: `tokens_per_s` calls the compiled step once per token
 from Python (cache donated), `scanned_tokens_per_s` runs them in one `Decoder.decode` (lax.scan on device).
