@@ -62,7 +62,8 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
   """The MQAR Transformer (d_model 128, N 32, bf16) trained by both implementations from one initialization."""
   from flax import nnx
 
-  from benchmarks.studies.mqar_sweep import parse_args, population_config
+  from benchmarks.studies.mqar_sweep.cli import parse_args  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep.population import population_config  # pylint: disable=g-import-not-at-top
   from bmojo_jax import LanguageModel
   from train import setup as setup_lib
   from train import steps as steps_lib

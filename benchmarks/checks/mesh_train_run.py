@@ -23,8 +23,7 @@ import tempfile
 import jax
 import numpy as np
 
-from benchmarks.common import write_results
-from benchmarks.speed.train_step_bench import parse_mesh
+from benchmarks.common import parse_mesh, write_results
 from configs import mqar
 from train import metrics as metrics_lib
 from train import sharding as shard_lib
