@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
-from benchmarks.speed.decode_bench import at_position, greedy
+from benchmarks.speed.decoding import at_position, greedy
 from bmojo_jax import Family, LanguageModel, ModelConfig, preset
 from bmojo_jax.inference import Decoder, cache_bytes
 

@@ -31,7 +31,8 @@ def floats(text: str) -> list[float]:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python3 -m benchmarks.studies.mqar_sweep", description=package.__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python3 -m benchmarks.studies.mqar_sweep",
+                              description=package.__doc__.split("\n")[0])
   p.add_argument("--families", default=",".join(FAMILIES),
                  help="comma-separated family[:attn_impl], of " + ", ".join(FAMILIES) + " (attn_impl: --attn-impl's; "
                       "the equal-memory Hybrid takes the Hybrid's), e.g. transformer:cudnn,hybrid:cudnn,bmojo")
