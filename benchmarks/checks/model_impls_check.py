@@ -8,6 +8,8 @@ Same parameters, same tokens; compares logits and every parameter gradient (fp32
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import optax
 from flax import nnx
@@ -73,5 +75,6 @@ def main(smoke: bool = False):
 
 
 if __name__ == "__main__":
-  import sys
-  main(smoke="--smoke" in sys.argv)
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (interpret mode); writes nothing")
+  main(smoke=ap.parse_args().smoke)
