@@ -12,7 +12,7 @@ check to rerun when an attention implementation changes. It compares:
    sweep's learning rate), the loss every `--log-every` steps, and the gradients of the reference-trained
    parameters under both implementations, leaf by leaf.
 
-    python3 -m benchmarks.checks.cudnn_attention_check --steps 600            # -> $OUT/cudnn_attention_check_<device>.json
+    python3 -m benchmarks.checks.cudnn_attention_check --steps 600         # -> $OUT/cudnn_attention_check_<device>.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Data at pod scale (issue #22) on this machine: stream reads, on-the-fly SentencePiece, prepare; memory.
 
-    python3 -m benchmarks.speed.data_bench                 # ~5-10 min on 2 cores; writes benchmarks/results/data_cpu.json
+    python3 -m benchmarks.speed.data_bench               # ~5-10 min on 2 cores; writes benchmarks/results/data_cpu.json
     python3 -m benchmarks.speed.data_bench --quick         # small sizes, a smoke run (writes nothing)
 
 Every measurement runs in a fresh child process so its peak memory is its own. Memory is read from

@@ -1,9 +1,10 @@
 """Which tokens B'MOJO's selection picks in MQAR, and what recall would need it to pick (issue #15).
 
-    python3 -m benchmarks.studies.mqar_selection --workdir RUN                     # a trained B'MOJO MQAR run (checkpoint)
+    python3 -m benchmarks.studies.mqar_selection --workdir RUN                  # a trained B'MOJO MQAR run (checkpoint)
     python3 -m benchmarks.studies.mqar_selection --train-steps 400 [--selection learned] [--set model.d_model=32]
 
-RUN is a `bmojo-train` workdir or a run folder of `python3 -m benchmarks.studies.mqar_sweep --save-checkpoints` (read only).
+RUN is a `bmojo-train` workdir or a run folder of `python3 -m benchmarks.studies.mqar_sweep --save-checkpoints`
+(read only).
 With --train-steps a tiny B'MOJO is first trained on MQAR on this machine by the library's trainer
 (`train.trainer.train`; `TINY` below: L 64, N 8, window 8, chunk 8, k_e 4 of 8 per chunk, a score store of 16)
 into --train-dir. The model then runs on --examples test examples and, for every attention layer, we report:
@@ -103,7 +104,8 @@ def analyse(model, mq: mqar.MQARConfig, test_seed: int, examples: int, batch: in
     beyond = max(1, c["beyond"])
     layers.append({
         "layer": i, "selected": share(c["selected"]), "base_rate": share(c["positions"]),
-        "selection_rate": dict(zip(mqar.TOKEN_TYPES, (c["selected"] / np.maximum(1, c["positions"])).round(4).tolist())),
+        "selection_rate": dict(zip(mqar.TOKEN_TYPES,
+                                   (c["selected"] / np.maximum(1, c["positions"])).round(4).tolist())),
         "selections": int(c["selected"].sum()), "queries": c["queries"],
         "queries_beyond_window": c["beyond"], "value_in_store": round(c["in_store"] / beyond, 4),
         "value_at_fading": round(c["at_fading"] / beyond, 4), "value_in_memory": round(c["in_memory"] / beyond, 4),

@@ -1,10 +1,10 @@
 """The MQAR sweep of docs/evals.md: families × d_model × learning rates × N at L=256, window 32, on one device.
 
-    python3 -m benchmarks.studies.mqar_sweep --budget-s 480                       # resumable; -> $OUT/mqar_sweep_<device>.json
+    python3 -m benchmarks.studies.mqar_sweep --budget-s 480                # resumable; -> $OUT/mqar_sweep_<device>.json
     python3 -m benchmarks.studies.mqar_sweep --families bmojo,hybrid --d-models 128 --kv-pairs 32 --epochs 4
-    python3 -m benchmarks.studies.mqar_sweep --throughput --runs 1,4,8           # population vs single-run trainer tokens/s
+    python3 -m benchmarks.studies.mqar_sweep --throughput --runs 1,4,8       # population vs single-run trainer tokens/s
     python3 -m benchmarks.studies.mqar_sweep --smoke                           # tiny; ~2 min on 2 CPU cores
-    python3 -m benchmarks.studies.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json   # best accuracies, markdown
+    python3 -m benchmarks.studies.mqar_sweep --table benchmarks/results/mqar_sweep_h200.json  # best accuracies
     python3 -m benchmarks.studies.mqar_sweep --recheck benchmarks/results/mqar_sweep_h200.json [--only d_model=128]
 
 One population (`train.population`) per (family, d_model, N) trains the learning rates (× `--seeds`) together

@@ -13,7 +13,8 @@ import time
 from benchmarks.common import REPO, write_json
 from benchmarks.studies.mqar_sweep.population import (EQUAL_MEMORY, population_base, population_config,
                                                       train_population)
-from benchmarks.studies.mqar_sweep.records import load_records, merge_workers, population_label, record_key, results_paths
+from benchmarks.studies.mqar_sweep.records import (load_records, merge_workers, population_label, record_key,
+                                                   results_paths)
 from benchmarks.studies.mqar_sweep.report import summarize
 from train import population as pop_lib
 
