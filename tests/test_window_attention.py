@@ -7,7 +7,8 @@ Hopper) and skips itself without a GPU; `TestMemoryAttentionInterpret` reruns th
 interpreter, which is what CI (CPU) exercises. Packed rows (segment_ids, mem_span): PACKED_CASES and
 MOSAIC_PACKED_CASES run the same way. The module-level tests need no kernel mode: the reference against independent
 definitions (each document alone; a dense per-query mask), errors, block sizes, and every kernel, the Mosaic
-backward ones included, lowered for a GPU on any host (`test_kernels_lower_for_gpu`). """
+backward ones included, lowered for a GPU on any host (`test_kernels_lower_for_gpu`).
+"""
 
 from __future__ import annotations
 
