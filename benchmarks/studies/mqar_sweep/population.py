@@ -21,6 +21,7 @@ from train.data import mqar
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"
 ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
+# Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
               "model.d_state=4", "model.scan_chunk=8"]

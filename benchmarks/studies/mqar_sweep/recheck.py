@@ -13,7 +13,6 @@ from benchmarks.studies.mqar_sweep.records import (accuracy, load_records, match
 from bmojo_jax import count_params
 from train import population as pop_lib
 
-# Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 RECHECK_MIN = 0.9          # --recheck: the records re-run are those at or above this test accuracy
 STANDS_TOLERANCE = 0.01    # a re-checked accuracy this far below the old one still "stands"
 

@@ -1,4 +1,4 @@
-"""The sweep's records: what makes two one run (KEY_FIELDS), the results files they live in (with the --gpus
+"""The sweep's records: what makes two of them one run (KEY_FIELDS), the results files they live in (with the --gpus
 workers' files), the population folder they are trained in, and how the figure and table count them."""
 
 from __future__ import annotations
