@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: timing, device description, result files."""
+"""Helpers shared by the benchmark scripts: timing, device description, result files, command-line lists."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import time
 
 import jax
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")   # the committed records (read back by resumes, rechecks)
 
 
 def device_name() -> str:
@@ -108,3 +111,17 @@ def apply_overrides(config, items) -> None:
       node[leaf] = value.lower() in ("1", "true")
     else:
       node[leaf] = type(old)(value) if old is not None else int(value)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """A --mesh / --meshes entry: "1" -> one device; "data=2", "fsdp=2:tensor=2" -> {axis: size} (the other axes 1)."""
+  from train.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
+  if spec == "1":
+    return {}
+  mesh = {}
+  for part in spec.split(":"):
+    axis, _, size = part.partition("=")
+    if axis not in MESH_AXES or not size.isdigit():
+      raise ValueError(f"--meshes entry {spec!r}: expected 1 or axis=size[:axis=size] with axes {MESH_AXES}")
+    mesh[axis] = int(size)
+  return mesh

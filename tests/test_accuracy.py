@@ -95,12 +95,13 @@ def test_a_collapsed_eval_at_the_target_stops_as_collapsed_and_exits_1(tmp_path,
 
 # ------------------------------------------------------------------------------------ the sweep's records
 def test_the_table_gives_the_test_loss_and_counts_a_collapsed_run_as_zero():
-  from benchmarks import mqar_sweep  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep import report  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep.records import best_setting  # pylint: disable=g-import-not-at-top
   records = [_sweep_record(seed=0, test_accuracy=0.99, test_loss=0.02, collapsed=False),
              _sweep_record(seed=1, test_accuracy=0.97, test_loss=0.04, collapsed=False),
              _sweep_record(learning_rate=1e-2, test_accuracy=0.999, test_loss=math.log(8192), collapsed=True)]
-  assert mqar_sweep.best_setting(records) == (pytest.approx(0.98), 1e-3, [0.99, 0.97])
-  row = mqar_sweep.table(records, "bfloat16", 8, 80).splitlines()[2]
+  assert best_setting(records) == (pytest.approx(0.98), 1e-3, [0.99, 0.97])
+  row = report.table(records, "bfloat16", 8, 80).splitlines()[2]
   assert row == "| transformer | 128 | 1k | 0.980 (0.001; 2 runs: 0.970–0.990; loss 0.030) |"
 
 
@@ -108,11 +109,12 @@ def test_recheck_reruns_the_records_at_90_percent_resumably(tmp_path, capsys):
   """--recheck on a fake results file of the --smoke sweep: the record at 0.95 is trained again (its key fields
   rebuilt exactly) and written with its strict accuracy, test loss, collapsed, recheck_of and stands; the one at
   0.5 is not; a second call finds it done; --only and a record of another model are refused or filtered."""
-  from benchmarks import mqar_sweep  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep import cli, population, recheck  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep.records import record_key  # pylint: disable=g-import-not-at-top
   from bmojo_jax import count_params  # pylint: disable=g-import-not-at-top
-  args = mqar_sweep.parse_args(["--smoke"])
-  config = mqar_sweep.population_config(args, "transformer", "", 16, 4)
-  base, cfg = mqar_sweep.population_base(args, config, "transformer", "", 16, 4)
+  args = cli.parse_args(["--smoke"])
+  config = population.population_config(args, "transformer", "", 16, 4)
+  base, cfg = population.population_base(args, config, "transformer", "", 16, 4)
   old = [{**base, "learning_rate": 1e-2, "seed": 1, "test_accuracy": 0.95, "test_step": 8, "stopped_by": None,
           "wall_s": 12.0, "params": count_params(cfg), "device": "cpu"},
          {**base, "learning_rate": 3e-3, "seed": 0, "test_accuracy": 0.5, "wall_s": 12.0}]
@@ -120,21 +122,21 @@ def test_recheck_reruns_the_records_at_90_percent_resumably(tmp_path, capsys):
   fake.write_text(json.dumps(old))
   out = tmp_path / "out"
   argv = ["--smoke", "--recheck", str(fake), "--out", str(out), "--workdir", str(tmp_path / "runs"), "--no-progress"]
-  mqar_sweep.main(argv + ["--dry-run"])
+  cli.main(argv + ["--dry-run"])
   assert "1 records with test accuracy >= 0.9 in 1 populations; they took 12 s" in capsys.readouterr().out
   assert not (out / "mqar_sweep_fake_recheck.json").exists()
-  mqar_sweep.main(argv)
+  cli.main(argv)
   [new] = json.loads((out / "mqar_sweep_fake_recheck.json").read_text())
-  assert mqar_sweep.record_key(new) == mqar_sweep.record_key(old[0])
+  assert record_key(new) == record_key(old[0])
   assert new["steps"] > 0 and new["test_loss"] > 0 and isinstance(new["collapsed"], bool)
   assert new["recheck_of"]["test_accuracy"] == 0.95 and new["recheck_of"]["file"].endswith("mqar_sweep_fake.json")
-  assert new["stands"] == (not new["collapsed"] and new["test_accuracy"] >= 0.95 - mqar_sweep.STANDS_TOLERANCE)
+  assert new["stands"] == (not new["collapsed"] and new["test_accuracy"] >= 0.95 - recheck.STANDS_TOLERANCE)
   text = capsys.readouterr().out
   assert "0.9500 -> strict" in text and "1 records in" in text
-  mqar_sweep.main(argv)                                     # resumed: nothing left to train
+  cli.main(argv)                                     # resumed: nothing left to train
   assert "lr 0.01 seed 1: 0.9500 at step 8 (None), rechecked" in capsys.readouterr().out
-  mqar_sweep.main(argv + ["--only", "d_model=32", "--dry-run"])
+  cli.main(argv + ["--only", "d_model=32", "--dry-run"])
   assert "0 records with test accuracy >= 0.9 and d_model=32" in capsys.readouterr().out
   fake.write_text(json.dumps([{**old[0], "seed": 2, "params": 1}]))
   with pytest.raises(SystemExit, match="has .* parameters, the record 1: give the --set overrides"):
-    mqar_sweep.main(argv)
+    cli.main(argv)

@@ -1,4 +1,4 @@
-"""benchmarks/cudnn_attention_check.py: its comparisons find what they are for, on the CPU, so a GPU call is not
+"""benchmarks/checks/cudnn_attention_check.py: its comparisons find what they are for, on the CPU, so a GPU call is not
 spent finding a broken script; and on a GPU, cuDNN against the reference.
 
 On a CPU cuDNN cannot run, and the script's model check there compares the reference with itself (equal by
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import cudnn_attention_check as check
-from benchmarks import mqar_sweep
+from benchmarks.checks import cudnn_attention_check as check
+from benchmarks.studies.mqar_sweep import cli, population
 
 
 def test_op_check_compares_with_the_reference():
@@ -53,16 +53,16 @@ def tiny_model_check(monkeypatch, module_compilation_cache):
   The persistent compilation cache compiles each distinct program once: the reference side's are the same
   programs in both tests, and twice the same in the test of one implementation."""
   del module_compilation_cache
-  real = mqar_sweep.population_config
+  real = population.population_config
 
   def population_config(args, family, variant, d_model, n):
     planted = args.attn_impl == "planted"
-    small = mqar_sweep.parse_args(["--smoke", "--seq-len", "32", "--families", family])
+    small = cli.parse_args(["--smoke", "--seq-len", "32", "--families", family])
     config = real(small, family, variant, 16, 4)
     config.model.dtype = "float32" if planted else args.dtype
     return config
 
-  monkeypatch.setattr(mqar_sweep, "population_config", population_config)
+  monkeypatch.setattr(population, "population_config", population_config)
   return check.model_check
 
 

@@ -172,3 +172,20 @@ def test_fraction_beyond_window_edges():
   assert mqar.fraction_beyond_window(source, window=256, num_examples=50) == 0.0
   with pytest.raises(ValueError, match="window=0"):
     mqar.fraction_beyond_window(source, window=0)
+
+
+def test_mqar_token_types_and_needed_values():
+  """The reading of an example that studies/mqar_selection.py counts by: types by position, each query's value
+  position."""
+  mq = mqar.MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8)
+  data = mqar.generate_examples(mq, 0, np.arange(3))
+  types = mqar.token_types(data["inputs"], data["targets"], 8)
+  rows, query, value = mqar.needed_values(data["inputs"], data["targets"], 8)
+  for r in range(3):
+    example = {k: x[r] for k, x in data.items()}
+    np.testing.assert_array_equal(query[rows == r] - value[rows == r], mqar.query_value_distances(example))
+    np.testing.assert_array_equal(data["inputs"][r, value[rows == r]], data["targets"][r, query[rows == r]])
+    names = np.array(mqar.TOKEN_TYPES)[types[r]]
+    assert (names[:16:2] == "key").all() and (names[1:16:2] == "value").all()
+    assert (names[query[rows == r]] == "query").all() and (names[query[rows == r] + 1] == "answer_slot").all()
+    assert (data["inputs"][r][names == "filler"] == 0).all() and (names == "filler").sum() == 64 - 32

@@ -1,9 +1,9 @@
-"""benchmarks/inference_bench.py runs end to end at tiny size on CPU and writes the records issue 36 asks for."""
+"""benchmarks/speed/inference_bench.py runs end to end at tiny size on CPU and writes the records issue 36 asks for."""
 
 import json
 import sys
 
-from benchmarks import inference_bench
+from benchmarks.speed import inference_bench
 
 PREFILL = {"op", "family", "attn_impl", "size", "batch", "T", "ms", "compile_s", "device"}
 DECODE = {"op", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s", "floor_tokens_per_s",

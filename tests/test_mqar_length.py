@@ -1,4 +1,4 @@
-"""benchmarks/mqar_length.py: a trained MQAR run evaluated at longer L and with a larger eidetic store, through
+"""benchmarks/studies/mqar_length.py: a trained MQAR run evaluated at longer L and with a larger eidetic store, through
 the trainer's own setup and evaluation."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import mqar_length
+from benchmarks.studies import mqar_length
 from tests.conftest import tiny_train_config
 from train import runs, trainer
 

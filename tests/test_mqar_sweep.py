@@ -1,4 +1,4 @@
-"""The MQAR sweep's bookkeeping (benchmarks/mqar_sweep.py): per-family attention, what makes two runs the same
+"""The MQAR sweep's bookkeeping (benchmarks/studies/mqar_sweep): per-family attention, what makes two runs the same
 run (resume), which records its figure summarizes, and `--gpus` (one worker process per GPU, each population
 trained once). The populations themselves are tested in tests/test_population.py."""
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from benchmarks import mqar_sweep
+from benchmarks.studies.mqar_sweep import cli, population, report
+from benchmarks.studies.mqar_sweep.records import KEY_FIELDS, best_setting, load_records, population_folder
 
 
 def _record(**fields) -> dict:
@@ -18,20 +19,20 @@ def _record(**fields) -> dict:
 
 
 def test_families_carry_their_own_attention_and_the_equal_memory_hybrid_takes_the_hybrids():
-  args = mqar_sweep.parse_args(["--smoke", "--families", "transformer:cudnn,hybrid:cudnn,bmojo"])
+  args = cli.parse_args(["--smoke", "--families", "transformer:cudnn,hybrid:cudnn,bmojo"])
   assert args.families == ["transformer", "hybrid", "bmojo"]
-  impl = lambda family, variant="": mqar_sweep.population_config(args, family, variant, 16, 4).model.attn_impl
-  assert impl("transformer") == "cudnn" and impl("hybrid", mqar_sweep.EQUAL_MEMORY) == "cudnn"
+  impl = lambda family, variant="": population.population_config(args, family, variant, 16, 4).model.attn_impl
+  assert impl("transformer") == "cudnn" and impl("hybrid", population.EQUAL_MEMORY) == "cudnn"
   assert impl("bmojo") == "reference"
-  args = mqar_sweep.parse_args(["--smoke", "--families", "bmojo:reference", "--attn-impl", "cudnn"])
-  assert mqar_sweep.population_config(args, "hybrid", mqar_sweep.EQUAL_MEMORY, 16, 4).model.attn_impl == "cudnn"
+  args = cli.parse_args(["--smoke", "--families", "bmojo:reference", "--attn-impl", "cudnn"])
+  assert population.population_config(args, "hybrid", population.EQUAL_MEMORY, 16, 4).model.attn_impl == "cudnn"
 
 
 def test_runs_with_another_attention_are_other_runs_and_mamba_has_none(tmp_path):
   path = tmp_path / "sweep.json"
   old_mamba = _record(family="mamba", attn_impl="cudnn")     # written before attn_impl was a key field
   path.write_text(json.dumps([_record(), _record(attn_impl="cudnn"), _record(learning_rate=1.00000004e-3), old_mamba]))
-  records = mqar_sweep.load_records([str(path)])
+  records = load_records([str(path)])
   assert len(records) == 3                                    # the repeated reference run is one run
   assert {r["attn_impl"] for r in records if r["family"] == "mamba"} == {""}
 
@@ -39,7 +40,7 @@ def test_runs_with_another_attention_are_other_runs_and_mamba_has_none(tmp_path)
 def test_best_setting_is_the_best_learning_rate_of_the_mean_over_seeds():
   records = [_record(learning_rate=lr, seed=seed, test_accuracy=acc)
              for lr, seed, acc in ((1e-3, 0, 1.0), (1e-3, 1, 0.0), (1e-2, 0, 0.7), (1e-2, 1, 0.6))]
-  assert mqar_sweep.best_setting(records) == (pytest.approx(0.65), 1e-2, [0.7, 0.6])
+  assert best_setting(records) == (pytest.approx(0.65), 1e-2, [0.7, 0.6])
 
 
 def test_figure_keeps_the_protocol_and_draws_the_eidetic_sweep_apart(tmp_path):
@@ -48,9 +49,9 @@ def test_figure_keeps_the_protocol_and_draws_the_eidetic_sweep_apart(tmp_path):
   records = [_record(), _record(dtype="float32"), _record(epochs=2), _record(n_eidetic=80, **bmojo),
              _record(n_eidetic=16, state_bytes=500, **bmojo)]
   out = tmp_path / "sweep.png"
-  assert mqar_sweep.plot(records, str(out), "bfloat16", 8, 80) == str(out)
+  assert report.plot(records, str(out), "bfloat16", 8, 80) == str(out)
   assert out.exists() and (tmp_path / "sweep_me.png").exists()
-  assert mqar_sweep.plot(records, str(tmp_path / "none.png"), "bfloat16", 64, 80) is None
+  assert report.plot(records, str(tmp_path / "none.png"), "bfloat16", 64, 80) is None
 
 
 @pytest.mark.slow
@@ -63,12 +64,12 @@ def test_gpus_train_each_population_once_and_merge_what_a_cut_run_left(tmp_path,
   (out / "claims" / "bmojo_d16_N4_score_innovation_bfloat16_2").touch()
   left = _record(d_model=16, N=4, L=32, learning_rate=1e-2, epochs=2, test_accuracy=0.123)
   (out / "mqar_sweep_cpu_smoke.worker1.json").write_text(json.dumps([left]))
-  mqar_sweep.main(["--smoke", "--families", "transformer,bmojo", "--lrs", "1e-2", "--out", str(out),
+  cli.main(["--smoke", "--families", "transformer,bmojo", "--lrs", "1e-2", "--out", str(out),
                    "--workdir", str(tmp_path / "runs"), "--gpus", "0,1"])
   trained = [line.split("]")[1].split(":")[0].strip() for line in capsys.readouterr().out.splitlines()
              if "best test accuracy" in line]
   assert sorted(trained) == ["bmojo d16 N4", "hybrid(equal_memory) d16 N4"]   # once each, over both workers
-  records = mqar_sweep.load_records([str(out / "mqar_sweep_cpu_smoke.json")])
+  records = load_records([str(out / "mqar_sweep_cpu_smoke.json")])
   assert sorted((r["family"], r["variant"]) for r in records) == [
       ("bmojo", ""), ("hybrid", "equal_memory"), ("transformer", "")]
   assert [r["test_accuracy"] for r in records if r["family"] == "transformer"] == [0.123]
@@ -85,24 +86,24 @@ def test_table_means_seeds_per_learning_rate_and_counts_a_rate_given_twice_as_on
              _record(learning_rate=0.00215443, seed=0, test_accuracy=1.0),
              _record(learning_rate=1e-2, seed=0, test_accuracy=0.5),
              _record(N=16, test_accuracy=0.9), _record(d_model=64, dtype="float32", test_accuracy=0.1)]
-  assert mqar_sweep.best_setting(records[:3]) == (0.6, 0.00215443, [0.2, 1.0])
-  text = mqar_sweep.table(records, "bfloat16", 8, 80)
+  assert best_setting(records[:3]) == (0.6, 0.00215443, [0.2, 1.0])
+  text = report.table(records, "bfloat16", 8, 80)
   assert text.splitlines()[0] == "| model | d_model | state bytes | N 16 | N 32 |"
   assert text.splitlines()[2] == ("| transformer | 128 | 1k | 0.900 (0.001; 1 run) | "
                                   "0.600 (0.00215; 2 runs: 0.200–1.000) |")
   assert len(text.splitlines()) == 3                          # the fp32 run is not the protocol's
   bmojo = dict(family="bmojo", window=32, n_fading=8, n_eidetic=80, store_policy="score", selection="innovation")
-  text = mqar_sweep.table([_record(eidetic_per_chunk=k, test_accuracy=k / 10, **bmojo) for k in (4, 8)],
+  text = report.table([_record(eidetic_per_chunk=k, test_accuracy=k / 10, **bmojo) for k in (4, 8)],
                           "bfloat16", 8, 80)
   assert [line.split(" | ")[0] for line in text.splitlines()[2:]] == ["| bmojo, k_e 4", "| bmojo, k_e 8"]
   path = tmp_path / "sweep.json"
   path.write_text(json.dumps(records))
-  mqar_sweep.main(["--table", str(path)])
+  cli.main(["--table", str(path)])
   assert "0.600 (0.00215; 2 runs" in capsys.readouterr().out and (tmp_path / "sweep.png").exists()
   with pytest.raises(SystemExit, match="no results file"):
-    mqar_sweep.main(["--table", str(tmp_path / "missing.json")])
+    cli.main(["--table", str(tmp_path / "missing.json")])
   with pytest.raises(SystemExit, match="no records of bfloat16, 64 epochs"):
-    mqar_sweep.main(["--table", str(path), "--epochs", "64"])
+    cli.main(["--table", str(path), "--epochs", "64"])
 
 
 def test_population_folders_differ_in_every_key_field_but_the_run_folders():
@@ -110,10 +111,10 @@ def test_population_folders_differ_in_every_key_field_but_the_run_folders():
   write different population folders: an M_e sweep does not overwrite the runs of the protocol's M_e."""
   base = _record(family="bmojo", window=32, n_fading=8, n_eidetic=80, eidetic_per_chunk=16, store_policy="score",
                  selection="innovation")
-  folder = mqar_sweep.population_folder(base)
+  folder = population_folder(base)
   assert folder == "bmojo_d128_N32_L256_w32_mf8_me80_ke16_score_innovation_reference_bfloat16_e8"
-  for field in mqar_sweep.KEY_FIELDS:
+  for field in KEY_FIELDS:
     if field in ("learning_rate", "seed"):
       continue
     other = {**base, field: base[field] + 1 if isinstance(base[field], int) else f"{base[field]}x"}
-    assert mqar_sweep.population_folder(other) != folder, field
+    assert population_folder(other) != folder, field

@@ -74,7 +74,7 @@ import re
 import jax
 import numpy as np
 import optax
-from benchmarks.scaling_model import collectives
+from train.hlo import collectives
 from configs import mqar
 from train import setup as setup_lib
 from train import sharding, steps

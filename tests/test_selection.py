@@ -107,9 +107,9 @@ forward = nnx.jit(lambda m, x: m(x))   # one compile per model for the module
 
 def _selected_positions(model, tokens):
   """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
-  from benchmarks.mqar_selection import layer_inputs
+  from bmojo_jax.probe import attention_inputs  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
-  attn, a, fading = layer_inputs(model, tokens)[0]
+  attn, a, fading = attention_inputs(model, tokens)[0]
   k, v = attn.wk(a), attn.wv(a)
   scores, _ = selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
   return np.asarray(select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
@@ -212,21 +212,3 @@ def test_scanned_layers(models):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
-
-
-def test_mqar_token_types_and_needed_values():
-  """benchmarks/mqar_selection.py's reading of an MQAR example: types by position, each query's value position."""
-  from benchmarks.mqar_selection import TYPES, needed_values, token_types
-  from train.data import mqar
-  mq = mqar.MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8)
-  data = mqar.generate_examples(mq, 0, np.arange(3))
-  types = token_types(data["inputs"], data["targets"], 8)
-  rows, query, value = needed_values(data["inputs"], data["targets"], 8)
-  for r in range(3):
-    example = {k: x[r] for k, x in data.items()}
-    np.testing.assert_array_equal(query[rows == r] - value[rows == r], mqar.query_value_distances(example))
-    np.testing.assert_array_equal(data["inputs"][r, value[rows == r]], data["targets"][r, query[rows == r]])
-    names = np.array(TYPES)[types[r]]
-    assert (names[:16:2] == "key").all() and (names[1:16:2] == "value").all()
-    assert (names[query[rows == r]] == "query").all() and (names[query[rows == r] + 1] == "answer_slot").all()
-    assert (data["inputs"][r][names == "filler"] == 0).all() and (names == "filler").sum() == 64 - 32

@@ -1,14 +1,15 @@
-"""benchmarks/train_step_bench.py on the CPU: one tiny record has the fields the issue's table is read from, and
+"""benchmarks/speed/train_step_bench.py on the CPU: one tiny record has the fields the issue's table is read from, and
 the best-layout summary picks the fastest layout beside the preset's default."""
 
-from benchmarks import train_step_bench as bench
+from benchmarks.speed import train_step_bench as bench
+from benchmarks.step_configs import TINY
 
 FIELDS = {"family", "attn_impl", "scan_impl", "size", "T", "batch", "dtype", "scan_layers", "remat", "default_layout",
           "loss_impl", "loss_block", "step_ms", "tokens_per_s", "compile_s", "peak_bytes", "loss", "devices", "mesh"}
 
 
 def test_record_schema_and_best_layout():
-  rec = bench.run_one("transformer", "reference", bench.TINY, 32, 64, layers=2, scan_impl="associative",
+  rec = bench.run_one("transformer", "reference", TINY, 32, 64, layers=2, scan_impl="associative",
                       loss_impl="chunked", loss_block=16)
   assert FIELDS <= set(rec), FIELDS - set(rec)
   assert rec["scan_layers"] is False and rec["remat"] == "none" and rec["default_layout"] is True

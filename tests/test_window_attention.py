@@ -1,13 +1,13 @@
 """Pallas memory attention vs its plain-jnp reference: outputs, gradients and exact masks.
 
-The cases and their checks live in `pallas_kernels/window_attention/cases.py` (benchmarks/window_attention_bench.py
-runs them too). `TestMemoryAttention` runs them compiled (GPU: `JAX_PLATFORMS=cuda python -m pytest
-tests/test_window_attention.py -k "not Interpret"`; the Mosaic cases need Hopper) and skips itself without a
-GPU; `TestMemoryAttentionInterpret` reruns the same cases in Pallas' interpreter, which is what CI (CPU)
-exercises. Packed rows (segment_ids, mem_span): PACKED_CASES and MOSAIC_PACKED_CASES run the same way. The
-module-level tests need no kernel mode: the reference against independent definitions (each document alone;
-a dense per-query mask), errors, block sizes, and every kernel, the Mosaic backward ones included, lowered for
-a GPU on any host (`test_kernels_lower_for_gpu`).
+The cases and their checks live in `pallas_kernels/window_attention/cases.py`
+(benchmarks/speed/window_attention_bench.py runs them too). `TestMemoryAttention` runs them compiled (GPU:
+`JAX_PLATFORMS=cuda python -m pytest tests/test_window_attention.py -k "not Interpret"`; the Mosaic cases need
+Hopper) and skips itself without a GPU; `TestMemoryAttentionInterpret` reruns the same cases in Pallas'
+interpreter, which is what CI (CPU) exercises. Packed rows (segment_ids, mem_span): PACKED_CASES and
+MOSAIC_PACKED_CASES run the same way. The module-level tests need no kernel mode: the reference against independent
+definitions (each document alone; a dense per-query mask), errors, block sizes, and every kernel, the Mosaic
+backward ones included, lowered for a GPU on any host (`test_kernels_lower_for_gpu`).
 """
 
 from __future__ import annotations

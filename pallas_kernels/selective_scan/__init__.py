@@ -4,8 +4,9 @@
 
 Files: `block_sizes.py` (tiling), `kernel.py` (forward kernel, tile orientation), `backward.py` (backward
 kernel), `segments.py` (time segments: per-segment summaries and the carry between segments), `ops.py`
-(`selective_scan_gpu`: the GPU kernels' custom VJP), `tpu.py` (`selective_scan_tpu`: the Mosaic-TPU forward
-and backward kernels and their custom VJP), `reference.py` (shape checks, the sequential `lax.scan`).
+(`selective_scan_gpu`: the GPU kernels' custom VJP), `tpu.py` (`selective_scan_tpu`: the Mosaic-TPU layout
+and custom VJP) with `tpu_kernels.py` (its forward and backward kernels), `reference.py` (shape checks, the
+sequential `lax.scan`).
 """
 
 from __future__ import annotations

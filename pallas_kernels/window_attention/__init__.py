@@ -13,9 +13,10 @@ semantics. Files:
   `dq_mosaic.py`, `dkdv_mosaic.py`  Hopper dq and dk/dv, Mosaic GPU (`BlockSizes.dq_impl` / `dkdv_impl`).
   `mosaic_common.py`  what the three Mosaic kernels share (CTA layout, limits, SMEM layouts, producer, wgmmas).
   `reference.py`      the plain-jnp reference and the shape checks.
-  `tpu.py`            `memory_attention_tpu`: the Mosaic-TPU forward and backward kernels and their custom VJP.
+  `tpu.py`            `memory_attention_tpu`: the Mosaic-TPU layout, grids and custom VJP.
+  `tpu_kernels.py`    its forward, dq, dk/dv and d(memory) kernels and their masks.
   `cases.py`          the correctness cases and checks shared by tests/test_window_attention.py and
-                      benchmarks/window_attention_bench.py.
+                      benchmarks/speed/window_attention_bench.py.
 Packed rows: `segment_ids` [B, T] keeps documents apart and `mem_span` [B, C, 2, M] limits each memory slot
 to a range of its chunk's queries; `ops.py` says what the kernels receive.
 """

@@ -1,5 +1,5 @@
 """Correctness cases of memory attention and the checks that run them: shared by tests/test_window_attention.py
-(compiled on a GPU, interpreted on CPU) and benchmarks/window_attention_bench.py (compiled, plus model-sized
+(compiled on a GPU, interpreted on CPU) and benchmarks/speed/window_attention_bench.py (compiled, plus model-sized
 cases).
 
 A `Case` is one shape and `BlockSizes`; `make_inputs` draws its inputs, `run_case` returns the relative errors

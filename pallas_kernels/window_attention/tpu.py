@@ -26,7 +26,8 @@ slots with lo <= t - c·L < hi, where [lo, hi) is mem_span with mem_valid folded
 without mem_span, [0, 0) for an invalid or padding slot). Logits, softmax and accumulation are fp32; p is
 cast to v's dtype before the p·V matmul, as in jax's TPU flash attention.
 
-`interpret=True` runs the kernels in the TPU interpreter on CPU (`pltpu.InterpretParams`); tests use it.
+`interpret=True` runs the kernels in the TPU interpreter on CPU (`pltpu.InterpretParams`); tests use it. The
+kernel bodies and their masks are tpu_kernels.py's; this file lays the inputs out and calls them.
 """
 
 from __future__ import annotations
@@ -35,16 +36,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.window_attention.reference import NEG_INF
-
-SUBLANES = 8
-f32 = jnp.float32
-_NT = (((1,), (1,)), ((), ()))   # a @ b.T
-_TN = (((0,), (0,)), ((), ()))   # a.T @ b
+from pallas_kernels.window_attention.tpu_kernels import SUBLANES, dkdv_kernel, dmem_kernel, dq_kernel, fwd_kernel, f32
 
 
 def block_rows(chunk: int, block: int = 128) -> int:
@@ -62,164 +57,6 @@ class _Static(dict):
   """Hashable static configuration of one call (custom_vjp nondiff argument)."""
   def __hash__(self):
     return hash(tuple(sorted(self.items())))
-
-
-def _band_mask(qi, kb, cfg, seg_q_ref, seg_k_ref):
-  """[bl, bl] bool: key block kb visible from query block qi (window, causality, segments)."""
-  bl = cfg["bl"]
-  q_pos = qi * bl + lax.broadcasted_iota(jnp.int32, (bl, bl), 0)
-  k_pos = kb * bl + lax.broadcasted_iota(jnp.int32, (bl, bl), 1)
-  mask = k_pos <= q_pos
-  if cfg["window"] is not None:
-    mask &= k_pos > q_pos - cfg["window"]
-  if seg_q_ref is not None:
-    mask &= seg_q_ref[...] == seg_k_ref[...]                                 # [bl, 1] == [1, bl]
-  return mask
-
-
-def _mem_mask(qi, cfg, span_ref):
-  """[bl, M_pad] bool: memory slots of its chunk visible from query block qi."""
-  offset = (qi * cfg["bl"]) % cfg["chunk"] + lax.broadcasted_iota(jnp.int32, (cfg["bl"], 1), 0)
-  span = span_ref[...]                                                        # [2, M_pad]
-  return (span[0:1] <= offset) & (offset < span[1:2])
-
-
-def _visit_keys(update, qi, step, cfg, refs):
-  """Step `step` of query block qi's key loop (forward and dq): steps 0..band-1 visit the key blocks of its band
-  (those before the sequence start are skipped), step `band` its chunk's memory. update(keys, values, mask)."""
-  k_ref, v_ref, seg_q, seg_k, mk_ref, mv_ref, span_ref = refs
-  band = cfg["band"]
-  kb = qi - band + 1 + step
-
-  @pl.when((step < band) & (kb >= 0))
-  def _():
-    update(k_ref[...], v_ref[...], _band_mask(qi, kb, cfg, seg_q, seg_k))
-
-  if cfg["memory"]:
-    @pl.when(step == band)
-    def _():
-      update(mk_ref[...], mv_ref[...], _mem_mask(qi, cfg, span_ref))
-
-
-def _refs(refs, cfg):
-  """Splits a kernel's refs: (q, k, v, seg_q, seg_k, mem_k, mem_v, span, rest...)."""
-  it = iter(refs)
-  q, k, v = next(it), next(it), next(it)
-  seg_q, seg_k = (next(it), next(it)) if cfg["segments"] else (None, None)
-  mk, mv, span = (next(it), next(it), next(it)) if cfg["memory"] else (None, None, None)
-  return (q, k, v, seg_q, seg_k, mk, mv, span), list(it)
-
-
-def _fwd_kernel(*refs, cfg):
-  (q_ref, k_ref, v_ref, seg_q, seg_k, mk_ref, mv_ref, span_ref), rest = _refs(refs, cfg)
-  o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
-  qi, step = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(step == 0)
-  def _():
-    m_scr[...] = jnp.full(m_scr.shape, NEG_INF, f32)
-    l_scr[...] = jnp.zeros(l_scr.shape, f32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, f32)
-
-  def update(keys, values, mask):
-    s = lax.dot_general(q_ref[...], keys, _NT, preferred_element_type=f32) * cfg["scale"]
-    s = jnp.where(mask, s, NEG_INF)
-    m_prev = m_scr[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-    l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(values.dtype), values, preferred_element_type=f32)
-    m_scr[...] = m_new
-
-  _visit_keys(update, qi, step, cfg, (k_ref, v_ref, seg_q, seg_k, mk_ref, mv_ref, span_ref))
-
-  @pl.when(step == pl.num_programs(3) - 1)
-  def _():
-    l = l_scr[...]
-    o_ref[...] = (acc_scr[...] / l).astype(o_ref.dtype)
-    lse_ref[...] = m_scr[...] + jnp.log(l)
-
-
-def _dq_kernel(*refs, cfg):
-  (q_ref, k_ref, v_ref, seg_q, seg_k, mk_ref, mv_ref, span_ref), rest = _refs(refs, cfg)
-  do_ref, lse_ref, delta_ref, dq_ref, dq_scr = rest
-  qi, step = pl.program_id(2), pl.program_id(3)
-
-  @pl.when(step == 0)
-  def _():
-    dq_scr[...] = jnp.zeros(dq_scr.shape, f32)
-
-  def update(keys, values, mask):
-    s = lax.dot_general(q_ref[...], keys, _NT, preferred_element_type=f32) * cfg["scale"]
-    p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-    dp = lax.dot_general(do_ref[...], values, _NT, preferred_element_type=f32)
-    ds = p * (dp - delta_ref[...])
-    dq_scr[...] += jnp.dot(ds.astype(keys.dtype), keys, preferred_element_type=f32) * cfg["scale"]
-
-  _visit_keys(update, qi, step, cfg, (k_ref, v_ref, seg_q, seg_k, mk_ref, mv_ref, span_ref))
-
-  @pl.when(step == pl.num_programs(3) - 1)
-  def _():
-    dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
-
-
-def _kv_grads(q_ref, keys, values, do_ref, lse_ref, delta_ref, mask, scale):
-  """(dK, dV) contributions [rows, P] fp32 of one query block to the keys / values it sees under mask."""
-  q = q_ref[...]
-  s = lax.dot_general(q, keys, _NT, preferred_element_type=f32) * scale      # [bl, rows]
-  p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
-  do = do_ref[...]
-  dv = lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=f32)
-  dp = lax.dot_general(do, values, _NT, preferred_element_type=f32)
-  ds = p * (dp - delta_ref[...])
-  dk = lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=f32) * scale
-  return dk, dv
-
-
-def _dkdv_kernel(*refs, cfg):
-  (q_ref, k_ref, v_ref, seg_q, seg_k, _, _, _), rest = _refs(refs, dict(cfg, memory=False))
-  do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
-  kb, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  qi = kb + step
-
-  @pl.when((g == 0) & (step == 0))
-  def _():
-    dk_scr[...] = jnp.zeros(dk_scr.shape, f32)
-    dv_scr[...] = jnp.zeros(dv_scr.shape, f32)
-
-  @pl.when(qi < cfg["n_blocks"])
-  def _():
-    dk, dv = _kv_grads(q_ref, k_ref[...], v_ref[...], do_ref, lse_ref, delta_ref,
-                       _band_mask(qi, kb, cfg, seg_q, seg_k), cfg["scale"])
-    dk_scr[...] += dk
-    dv_scr[...] += dv
-
-  @pl.when((g == pl.num_programs(3) - 1) & (step == pl.num_programs(4) - 1))
-  def _():
-    dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
-
-
-def _dmem_kernel(q_ref, mk_ref, mv_ref, span_ref, do_ref, lse_ref, delta_ref, dmk_ref, dmv_ref, dmk_scr, dmv_scr,
-                 *, cfg):
-  c, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  qi = c * (cfg["chunk"] // cfg["bl"]) + step
-
-  @pl.when((g == 0) & (step == 0))
-  def _():
-    dmk_scr[...] = jnp.zeros(dmk_scr.shape, f32)
-    dmv_scr[...] = jnp.zeros(dmv_scr.shape, f32)
-
-  dk, dv = _kv_grads(q_ref, mk_ref[...], mv_ref[...], do_ref, lse_ref, delta_ref, _mem_mask(qi, cfg, span_ref),
-                     cfg["scale"])
-  dmk_scr[...] += dk
-  dmv_scr[...] += dv
-
-  @pl.when((g == pl.num_programs(3) - 1) & (step == pl.num_programs(4) - 1))
-  def _():
-    dmk_ref[...] = dmk_scr[...].astype(dmk_ref.dtype)
-    dmv_ref[...] = dmv_scr[...].astype(dmv_ref.dtype)
 
 
 def _params(n_parallel: int, n_arbitrary: int):
@@ -266,7 +103,7 @@ def _forward(q, k, v, seg_q, seg_k, mk, mv, span, cfg):
   row = pl.BlockSpec((None, None, bl, p), lambda b_, h_, i, s: (b_, h_, i, 0))
   col = pl.BlockSpec((None, None, bl, 1), lambda b_, h_, i, s: (b_, h_, i, 0))
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
+      functools.partial(fwd_kernel, cfg=cfg),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t_pad, 1), f32)],
       grid=_grid_q(cfg, b, h), in_specs=_query_side_specs(cfg, _kb_of(cfg)), out_specs=[row, col],
       scratch_shapes=[pltpu.VMEM((bl, 1), f32), pltpu.VMEM((bl, 1), f32), pltpu.VMEM((bl, p), f32)],
@@ -284,7 +121,7 @@ def _backward(q, k, v, seg_q, seg_k, mk, mv, span, o, lse, do, cfg):
   row_q = pl.BlockSpec((None, None, bl, p), lambda b_, h_, i, s: (b_, h_, i, 0))
   col_q = pl.BlockSpec((None, None, bl, 1), lambda b_, h_, i, s: (b_, h_, i, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      functools.partial(dq_kernel, cfg=cfg), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       grid=_grid_q(cfg, b, h), in_specs=_query_side_specs(cfg, _kb_of(cfg)) + [row_q, col_q, col_q],
       out_specs=row_q, scratch_shapes=[pltpu.VMEM((bl, p), f32)], compiler_params=_params(3, 1),
       interpret=interpret, name="memory_attention_tpu_dq")(
@@ -302,7 +139,7 @@ def _backward(q, k, v, seg_q, seg_k, mk, mv, span, o, lse, do, cfg):
               pl.BlockSpec((None, None, 1, bl), lambda b_, c_, j, g, s: (b_, j, 0, 0))]
     args += [seg_q, seg_k]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg),
+      functools.partial(dkdv_kernel, cfg=cfg),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       grid=(b, kh, nb, groups, band), in_specs=specs + [q_row, q_col, q_col], out_specs=[kv_row, kv_row],
       scratch_shapes=[pltpu.VMEM((bl, p), f32)] * 2, compiler_params=_params(3, 2), interpret=interpret,
@@ -319,7 +156,7 @@ def _backward(q, k, v, seg_q, seg_k, mk, mv, span, o, lse, do, cfg):
   mem = pl.BlockSpec((None, None, None, m, p), lambda b_, k_, c, g, s: (b_, k_, c, 0, 0))
   span_spec = pl.BlockSpec((None, None, 2, m), lambda b_, k_, c, g, s: (b_, c, 0, 0))
   dmk, dmv = pl.pallas_call(
-      functools.partial(_dmem_kernel, cfg=cfg),
+      functools.partial(dmem_kernel, cfg=cfg),
       out_shape=[jax.ShapeDtypeStruct(mk.shape, mk.dtype), jax.ShapeDtypeStruct(mv.shape, mv.dtype)],
       grid=(b, kh, n_chunks, groups, per_chunk), in_specs=[q_row, mem, mem, span_spec, q_row, q_col, q_col],
       out_specs=[mem, mem], scratch_shapes=[pltpu.VMEM((m, p), f32)] * 2, compiler_params=_params(3, 2),

@@ -201,6 +201,32 @@ def query_value_distances(example: dict[str, np.ndarray]) -> np.ndarray:
   return query_pos - value_pos
 
 
+# What each position of an example is, for analyses of what a model attends to or stores (the token types of
+# studies/mqar_selection.py): the key and value of a pair, a query (a queried key in the query region), the
+# answer slot right after a query (where its answer belongs), filler (every other 0).
+TOKEN_TYPES = ("key", "value", "query", "answer_slot", "filler")
+
+
+def token_types(inputs: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:
+  """Index into TOKEN_TYPES of every position: int [B, T]."""
+  b, t = inputs.shape
+  out = np.full((b, t), TOKEN_TYPES.index("filler"))
+  out[:, 0:2 * n:2], out[:, 1:2 * n:2] = TOKEN_TYPES.index("key"), TOKEN_TYPES.index("value")
+  rows, query = np.nonzero(targets != IGNORE_INDEX)
+  out[rows, query] = TOKEN_TYPES.index("query")
+  out[rows, query + 1] = TOKEN_TYPES.index("answer_slot")   # query slots are even offsets: query + 1 < T is filler
+  return out
+
+
+def needed_values(inputs: np.ndarray, targets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(row, query position, value position) of every query of a batch, each [B·N]: where each query's answer
+  sits (the batched form of `query_value_distances`)."""
+  rows, query = np.nonzero(targets != IGNORE_INDEX)
+  keys = inputs[:, 0:2 * n:2]                                                      # [B, N]
+  key_index = np.argmax(keys[rows] == inputs[rows, query][:, None], axis=1)
+  return rows, query, 2 * key_index + 1
+
+
 def fraction_beyond_window(source_or_config: Union[MQARSource, MQARConfig], window: int,
                            num_examples: int = 1000, seed: int = 0) -> float:
   """Fraction of queries whose value is outside a causal window of `window` tokens.

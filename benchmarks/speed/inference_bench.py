@@ -1,6 +1,6 @@
 """Inference per family against the bandwidth floor (issue 36), written to inference_<device>.json and a figure.
 
-    python -m benchmarks.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
+    python -m benchmarks.speed.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
         [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--tiny]
 
 Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
-from benchmarks.decode_bench import at_position, greedy
+from benchmarks.speed.decoding import at_position, greedy
 from bmojo_jax import Family, LanguageModel, ModelConfig, preset
 from bmojo_jax.inference import Decoder, cache_bytes
 

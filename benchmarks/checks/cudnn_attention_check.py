@@ -12,7 +12,7 @@ check to rerun when an attention implementation changes. It compares:
    sweep's learning rate), the loss every `--log-every` steps, and the gradients of the reference-trained
    parameters under both implementations, leaf by leaf.
 
-    python3 -m benchmarks.cudnn_attention_check --steps 600            # -> $OUT/cudnn_attention_check_<device>.json
+    python3 -m benchmarks.checks.cudnn_attention_check --steps 600         # -> $OUT/cudnn_attention_check_<device>.json
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
   """The MQAR Transformer (d_model 128, N 32, bf16) trained by both implementations from one initialization."""
   from flax import nnx
 
-  from benchmarks.mqar_sweep import parse_args, population_config
+  from benchmarks.studies.mqar_sweep.cli import parse_args  # pylint: disable=g-import-not-at-top
+  from benchmarks.studies.mqar_sweep.population import population_config  # pylint: disable=g-import-not-at-top
   from bmojo_jax import LanguageModel
   from train import setup as setup_lib
   from train import steps as steps_lib

@@ -1,7 +1,7 @@
 """The trainer end to end on a device mesh: a run saves its checkpoints on the mesh, a second run restores one.
 
-    python -m benchmarks.mesh_train_run --mesh fsdp=2                 # 2 GPUs, parameters split (FSDP)
-    python -m benchmarks.mesh_train_run --mesh data=2 --steps 40      # 2 GPUs, data parallel
+    python -m benchmarks.checks.mesh_train_run --mesh fsdp=2                 # 2 GPUs, parameters split (FSDP)
+    python -m benchmarks.checks.mesh_train_run --mesh data=2 --steps 40      # 2 GPUs, data parallel
 
 `train.trainer.train` trains MQAR (`configs/mqar.py`, the Pallas kernels, scanned blocks) for --steps steps
 with checkpoints at the half and at the end. The end checkpoint and results.json are then removed, as if the run
@@ -23,8 +23,7 @@ import tempfile
 import jax
 import numpy as np
 
-from benchmarks.common import write_results
-from benchmarks.train_step_bench import parse_mesh
+from benchmarks.common import parse_mesh, write_results
 from configs import mqar
 from train import metrics as metrics_lib
 from train import sharding as shard_lib

@@ -1,6 +1,6 @@
 """Memory attention on a GPU: correctness of the compiled Pallas kernels, then timings against cuDNN.
 
-  PYTHONUNBUFFERED=1 python benchmarks/window_attention_bench.py --out $OUT [--budget 380] [--sweep] [--segments]
+  PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.window_attention_bench --out $OUT [--budget 380] [--sweep] [--segments]
 
 1. The test cases (`pallas_kernels/window_attention/cases.py`, which tests/test_window_attention.py runs)
    compiled (the packed-row ones, and on Hopper the Mosaic ones, included), plus model-sized checks (bf16
@@ -24,17 +24,14 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks import common  # noqa: E402
-from pallas_kernels.window_attention import BlockSizes, memory_attention
+from benchmarks import common
+from benchmarks.speed.window_attention_inputs import cudnn_fn, fwd_and_fwdbwd, inputs, packed_layout, pallas_fn
+from pallas_kernels.window_attention import BlockSizes
 from pallas_kernels.window_attention import cases as attn_cases
 from pallas_kernels.window_attention.ops import _on_hopper, resolve_impls
 
@@ -57,72 +54,6 @@ def device_slug() -> str:
 
 # Median of 25 samples, each the mean of >= 4 back-to-back calls lasting >= 20 ms together.
 median_ms = functools.partial(common.median_ms, warmup=2, iters=25, inner=4, min_sample_ms=20.0)
-
-
-def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
-  q = jax.random.normal(ks[0], (b, t, h, p), dtype)
-  k = jax.random.normal(ks[1], (b, t, kh, p), dtype)
-  v = jax.random.normal(ks[2], (b, t, kh, p), dtype)
-  ct = jax.random.normal(ks[6], (b, t, h, p), dtype)
-  if not m:
-    return (q, k, v), ct
-  c = -(-t // chunk)
-  mem = (jax.random.normal(ks[3], (b, c, m, kh, p), dtype), jax.random.normal(ks[4], (b, c, m, kh, p), dtype),
-         jax.random.bernoulli(ks[5], 0.8, (b, c, m)).at[:, 0].set(False))
-  return (q, k, v) + mem, ct
-
-
-def packed_layout(b, t, chunk, m, seed=0):
-  """Packed rows like the model's: segment_ids [B, T] int32, documents of random lengths uniform in
-  [1, T/4] (mean ~T/8, fixed seed); with memory (m > 0) mem_span [B, C, 2, M] int32 with one boundary in each
-  chunk, its first document start (the chunk's end when none): the first half of the slots visible before
-  it, the second half from it on."""
-  rng = np.random.default_rng(seed)
-  rows = []
-  for _ in range(b):
-    lengths = []
-    while sum(lengths) < t:
-      lengths.append(int(rng.integers(1, t // 4 + 1)))
-    rows.append(np.repeat(np.arange(len(lengths)), lengths)[:t])
-  ids = np.stack(rows).astype(np.int32)
-  if not m:
-    return jnp.asarray(ids), None
-  c = -(-t // chunk)
-  per_chunk = np.pad(ids, ((0, 0), (0, c * chunk - t)), mode="edge").reshape(b, c, chunk)
-  starts = per_chunk[:, :, 1:] != per_chunk[:, :, :-1]                       # [B, C, L - 1]
-  boundary = np.where(starts.any(-1), starts.argmax(-1) + 1, chunk)          # [B, C]
-  span = np.zeros((b, c, 2, m), np.int32)
-  span[:, :, 1, :m // 2] = boundary[..., None]
-  span[:, :, 0, m // 2:] = boundary[..., None]
-  span[:, :, 1, m // 2:] = chunk
-  return jnp.asarray(ids), jnp.asarray(span)
-
-
-def fwd_and_fwdbwd(attn, n_diff):
-  """attn(*args) -> o; returns jitted (fwd, fwd+bwd) taking (args, ct)."""
-  fwd = jax.jit(lambda args, ct: attn(*args))
-
-  @jax.jit
-  def fwdbwd(args, ct):
-    o, pull = jax.vjp(lambda *d: attn(*d, *args[n_diff:]), *args[:n_diff])
-    return pull(ct)
-
-  return fwd, fwdbwd
-
-
-def pallas_fn(window, chunk, blocks=None):
-  """attn(q, k, v, mem_k, mem_v, mem_valid, segment_ids, mem_span), the last five optional."""
-  def attn(q, k, v, mem_k=None, mem_v=None, mem_valid=None, segment_ids=None, mem_span=None):
-    return memory_attention(q, k, v, mem_k, mem_v, mem_valid, window=window, chunk=chunk, segment_ids=segment_ids,
-                            mem_span=mem_span, block_sizes=blocks, interpret=SMOKE)
-  return attn
-
-
-def cudnn_fn(window):
-  lws = None if window is None else (window - 1, 0)
-  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
-                                                      local_window_size=lws)
 
 
 def check_case(case, seed: int, exact_mask: bool) -> list[str]:
@@ -180,7 +111,7 @@ def time_shape(records, impl, window, m, t, blocks=None, b=2, h=16, p=128, chunk
     seg, span = packed_layout(b, t, chunk, m)
     args = args + ((None, None, None) if not m else ()) + (seg, span)
   if impl.startswith("pallas"):
-    attn, n_diff = pallas_fn(window, chunk, blocks), (5 if m else 3)
+    attn, n_diff = pallas_fn(window, chunk, blocks, interpret=SMOKE), (5 if m else 3)
   else:
     attn, n_diff = cudnn_fn(window), 3
   fwd, fwdbwd = fwd_and_fwdbwd(attn, n_diff)

@@ -1,7 +1,7 @@
 """Forward+backward time of every family's MQAR-sized preset (d_model 128, vocab 8192, 2 blocks) and the
 parameter count of every preset; writes mqar_models_<device>.json.
 
-    python -m benchmarks.mqar_models_cpu [--batch 8] [--seq 256]
+    python -m benchmarks.speed.mqar_models_cpu [--batch 8] [--seq 256]
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Times the trainer's own train step (`train.steps.make_train_step`) for every family and size.
 
-    python -m benchmarks.train_step_bench                                   # the whole grid -> results JSON
-    python -m benchmarks.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
-    python -m benchmarks.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
-    python -m benchmarks.train_step_bench --packed false,true               # packed documents' cost
-    python -m benchmarks.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
-    python -m benchmarks.train_step_bench --families bmojo,mamba --sizes 130m --seqs 2048 --layouts all
-    python -m benchmarks.train_step_bench --loss-impl reference,chunked --families transformer:cudnn --sizes 1.4b
-    python -m benchmarks.train_step_bench --tiny --layouts all            # CPU smoke run of the whole path
+    python -m benchmarks.speed.train_step_bench                                   # the whole grid -> results JSON
+    python -m benchmarks.speed.train_step_bench --families bmojo,transformer --sizes 130m --seqs 2048
+    python -m benchmarks.speed.train_step_bench --layers 4 --profile $OUT/prof   # per-op profile of 2 blocks
+    python -m benchmarks.speed.train_step_bench --packed false,true               # packed documents' cost
+    python -m benchmarks.speed.train_step_bench --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2,fsdp=2
+    python -m benchmarks.speed.train_step_bench --families bmojo,mamba --sizes 130m --seqs 2048 --layouts all
+    python -m benchmarks.speed.train_step_bench --loss-impl reference,chunked --families transformer:cudnn --sizes 1.4b
+    python -m benchmarks.speed.train_step_bench --tiny --layouts all            # CPU smoke run of the whole path
 
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
@@ -38,77 +38,32 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import itertools
 import json
 import os
-import re
 import time
 
 import jax
 import numpy as np
 
-from benchmarks.common import device_name, write_results
-from bmojo_jax import paper_config
-from bmojo_jax.config import mqar_config
+from benchmarks.common import device_name, parse_mesh, write_results
+from benchmarks.profiling import profile
+from benchmarks.step_configs import TINY, model_config, step_config, synthetic_task
 from bmojo_jax.param_count import count_params, train_flops_per_token
-from configs import common as config_common
 from train import sharding as shard_lib
 from train import setup as setup_lib
 from train import steps
-from train import tasks as tasks_lib
 
 PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM spec sheet
 DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "hybrid:pallas", "bmojo_f",
                     "bmojo", "mamba")
 
 
-TINY = "tiny"  # a size for CPU smoke runs: the MQAR-sized model of `mqar_config` with a small vocabulary
 LAYOUTS = {f"{'scan' if scan else 'loop'}/{remat}": (scan, remat, 1)
            for scan in (True, False) for remat in ("none", "dots_kernels", "dots_attention", "full")}
 # Scanned blocks, k per scan iteration (`scan_unroll`): named, not in "all".
 UNROLLED = {f"scan{k}/{remat}": (True, remat, k) for k in (2, 4, 8)
             for remat in ("none", "dots_kernels", "dots_attention", "full")}
-
-
-def model_config(family: str, size: str, **overrides):
-  """The paper preset `family`-`size` (or the TINY model) with overrides."""
-  if size == TINY:
-    return mqar_config(family, d_model=64, vocab_size=512, **overrides)
-  return paper_config(family, size, **overrides)
-
-
-def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str, scan_impl: str = "pallas",
-                mesh: dict[str, int] | None = None, **model_overrides):
-  """A training config for the paper preset `family`-`size` in bf16 compute; `mesh` {axis: size} (unnamed
-  axes 1) or None: the default mesh (data parallel over every device)."""
-  c = config_common.base_config()
-  c.model = config_common.model_fields(model_config(
-      family, size, dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **model_overrides))
-  c.train.batch_size = c.train.eval_batch_size = batch
-  c.train.progress_bar = False
-  if mesh is not None:
-    c.mesh.update({axis: int(mesh.get(axis, 1)) for axis in shard_lib.MESH_AXES})
-  return c
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-  """"1" -> one device; "data=2", "fsdp=2:tensor=2" -> {axis: size} (the other axes 1)."""
-  if spec == "1":
-    return {}
-  mesh = {}
-  for part in spec.split(":"):
-    axis, _, size = part.partition("=")
-    if axis not in shard_lib.MESH_AXES or not size.isdigit():
-      raise ValueError(f"--meshes entry {spec!r}: expected 1 or axis=size[:axis=size] with axes "
-                       f"{shard_lib.MESH_AXES}")
-    mesh[axis] = int(size)
-  return mesh
-
-
-def synthetic_task(seq_len: int, vocab: int) -> tasks_lib.Task:
-  return tasks_lib.Task("synthetic", range(1 << 30), range(1), seq_len, vocab)
 
 
 def packed_segments(rng, batch: int, seq_len: int, mean_len: int) -> dict[str, np.ndarray]:
@@ -230,123 +185,6 @@ def best_layouts(records: list[dict]) -> list[dict]:
                     default_ms=None if default is None else default["step_ms"],
                     speedup=None if default is None else default["step_ms"] / best["step_ms"],
                     layouts={layout_name(r): round(r["step_ms"], 3) for r in rs}))
-  return out
-
-
-# ------------------------------------------------------------------------------------------------ profile
-def profile(compiled, state, batch, out_dir: str, name: str, steps: int = 3) -> dict:
-  """Traces `steps` steps; writes <name>.hlo.txt.gz and <name>_ops.json (GPU ms per op per step)."""
-  trace_dir = os.path.join(out_dir, "trace_" + name)
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-  hlo = compiled.as_text()
-  with gzip.open(os.path.join(out_dir, name + ".hlo.txt.gz"), "wt") as f:
-    f.write(hlo)
-  traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not traces:
-    return {"error": f"no perfetto trace under {trace_dir}"}
-  ops = op_times(traces[0], steps)
-  labels = hlo_sources(hlo)
-  rows = [dict(op=op, ms=ms, calls=calls, source=labels.get(op, "")) for op, (ms, calls) in ops.items()]
-  rows.sort(key=lambda r: -r["ms"])
-  by_source = collections.defaultdict(float)
-  for r in rows:
-    by_source[r["source"].split(" [")[0] or r["op"].split(".")[0]] += r["ms"]
-  summary = {"gpu_ms_per_step": sum(r["ms"] for r in rows),
-             "by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1])), "ops": rows}
-  with open(os.path.join(out_dir, name + "_ops.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  return {"gpu_ms_per_step": summary["gpu_ms_per_step"],
-          "top_sources": dict(list(summary["by_source"].items())[:25])}
-
-
-def op_times(trace_path: str, steps: int) -> dict[str, tuple[float, int]]:
-  """{HLO op: (ms per step, kernel launches per step)} from a perfetto trace.
-
-  On a GPU the kernels of the device's "Stream" lines are summed per `hlo_op`; on the CPU (to test this
-  script) the host threads' events that name an `hlo_op`."""
-  with gzip.open(trace_path, "rt") as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  procs, threads = {}, {}
-  for e in events:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      procs[e["pid"]] = e["args"]["name"]
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
-  gpu_pids = {pid for pid, n in procs.items() if "GPU" in n}
-
-  def counted(e):
-    if e.get("ph") != "X" or not e.get("args", {}).get("hlo_op"):
-      return False
-    if gpu_pids:
-      return e["pid"] in gpu_pids and threads.get((e["pid"], e.get("tid")), "").startswith("Stream")
-    return True
-
-  out = collections.defaultdict(lambda: [0.0, 0])
-  for e in filter(counted, events):
-    out[e["args"]["hlo_op"]][0] += float(e.get("dur", 0)) / 1e3 / steps
-    out[e["args"]["hlo_op"]][1] += 1
-  return {k: (v[0], v[1] // steps) for k, v in out.items()}
-
-
-_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
-_FIELD = re.compile(r"(\w+)=(\d+)")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*metadata=\{([^}]*)\}")
-OUR_CODE = ("bmojo_jax/", "pallas_kernels/", "train/")
-
-
-def hlo_sources(hlo: str) -> dict[str, str]:
-  """{instruction: "file.py:line function"} for the innermost frame of our code in the instruction's stack
-  (HLO metadata `stack_frame_id` resolved through the module's FileNames / FunctionNames / FileLocations /
-  StackFrames tables), else its op_name. A fusion carries its root's metadata."""
-  tables, current = collections.defaultdict(dict), None
-  for line in hlo.splitlines():
-    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-      current = line
-      continue
-    m = _TABLE_ROW.match(line) if current else None
-    if not m:
-      current = None
-      continue
-    body = m.group(2)
-    tables[current][int(m.group(1))] = (body.strip('"') if current in ("FileNames", "FunctionNames")
-                                        else {k: int(v) for k, v in _FIELD.findall(body)})
-
-  def frame_label(frame_id):
-    seen = set()
-    while frame_id and frame_id not in seen:
-      seen.add(frame_id)
-      frame = tables["StackFrames"].get(frame_id)
-      if frame is None:
-        return ""
-      loc = tables["FileLocations"].get(frame["file_location_id"], {})
-      path = tables["FileNames"].get(loc.get("file_name_id"), "")
-      hit = next((p for p in OUR_CODE if p in path), None)
-      if hit and "train/steps.py" not in path:   # the step's own code: look further out
-        func = tables["FunctionNames"].get(loc.get("function_name_id"), "")
-        return f"{path[path.index(hit):]}:{loc.get('line')} {func.split('.')[-1]}"
-      frame_id = frame.get("parent_frame_id")
-    return ""
-
-  out = {}
-  for line in hlo.splitlines():
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    meta = m.group(2)
-    frame = re.search(r"stack_frame_id=(\d+)", meta)
-    src = re.search(r'source_file="([^"]*)".*?source_line=(\d+)', meta)
-    op_name = re.search(r'op_name="([^"]*)"', meta)
-    label = frame_label(int(frame.group(1))) if frame else ""
-    if not label and src:
-      label = f"{os.path.basename(src.group(1))}:{src.group(2)}"
-    tail = op_name.group(1).split("/")[-1] if op_name else ""
-    out[m.group(1)] = f"{label} [{tail}]".strip()
   return out
 
 

@@ -1,7 +1,7 @@
 """Data at pod scale (issue #22) on this machine: stream reads, on-the-fly SentencePiece, prepare; memory.
 
-    python benchmarks/data_bench.py                 # ~5-10 min on 2 cores; writes benchmarks/results/data_cpu.json
-    python benchmarks/data_bench.py --quick         # small sizes, a smoke run (writes nothing)
+    python3 -m benchmarks.speed.data_bench               # ~5-10 min on 2 cores; writes benchmarks/results/data_cpu.json
+    python3 -m benchmarks.speed.data_bench --quick         # small sizes, a smoke run (writes nothing)
 
 Every measurement runs in a fresh child process so its peak memory is its own. Memory is read from
 /proc/self/status: VmHWM (peak resident set, including file pages mapped from the stream) and RssAnon sampled
@@ -33,11 +33,9 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+from benchmarks.common import REPO as ROOT
 
 MB = 1 << 20
 
@@ -143,7 +141,7 @@ def child_prepare(text_dir: str, out_dir: str, tokenizer: str, workers: int, doc
 
 
 def _run_child(name: str, *args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", name, json.dumps(args)]
+  cmd = [sys.executable, "-m", "benchmarks.speed.data_bench", "--child", name, json.dumps(args)]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   if out.returncode != 0:
     raise RuntimeError(f"child {name} failed:\n{out.stderr[-3000:]}")

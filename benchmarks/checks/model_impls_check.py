@@ -1,12 +1,14 @@
 """A whole B'MOJO model with the Pallas scan and the Pallas attention vs the reference paths (GPU check).
 
-    python benchmarks/model_impls_check.py            # writes model_impls_<device>.json
+    python3 -m benchmarks.checks.model_impls_check            # writes model_impls_<device>.json
 
 Same parameters, same tokens; compares logits and every parameter gradient (fp32 and bf16) for
 (associative, reference) and (pallas, pallas) against (sequential, reference).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import jax
 import optax
@@ -73,5 +75,6 @@ def main(smoke: bool = False):
 
 
 if __name__ == "__main__":
-  import sys
-  main(smoke="--smoke" in sys.argv)
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (interpret mode); writes nothing")
+  main(smoke=ap.parse_args().smoke)

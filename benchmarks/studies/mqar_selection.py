@@ -1,9 +1,10 @@
 """Which tokens B'MOJO's selection picks in MQAR, and what recall would need it to pick (issue #15).
 
-    python3 -m benchmarks.mqar_selection --workdir RUN                     # a trained B'MOJO MQAR run (checkpoint)
-    python3 -m benchmarks.mqar_selection --train-steps 400 [--selection learned] [--set model.d_model=32]
+    python3 -m benchmarks.studies.mqar_selection --workdir RUN                  # a trained B'MOJO MQAR run (checkpoint)
+    python3 -m benchmarks.studies.mqar_selection --train-steps 400 [--selection learned] [--set model.d_model=32]
 
-RUN is a `bmojo-train` workdir or a run folder of `benchmarks/mqar_sweep.py --save-checkpoints` (read only).
+RUN is a `bmojo-train` workdir or a run folder of `python3 -m benchmarks.studies.mqar_sweep --save-checkpoints`
+(read only).
 With --train-steps a tiny B'MOJO is first trained on MQAR on this machine by the library's trainer
 (`train.trainer.train`; `TINY` below: L 64, N 8, window 8, chunk 8, k_e 4 of 8 per chunk, a score store of 16)
 into --train-dir. The model then runs on --examples test examples and, for every attention layer, we report:
@@ -27,66 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
-  sys.path.insert(0, REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from benchmarks.common import RESULTS, append_results, apply_overrides, device_name, device_tag, save_figure
+from bmojo_jax.config import Family, Selection
+from bmojo_jax.memory.parallel_store import stores_before_chunks
+from bmojo_jax.memory.scoring import selection_scores
+from bmojo_jax.memory.selection import select_per_chunk
+from bmojo_jax.probe import attention_inputs
+from train.data import mqar
 
-from benchmarks.common import append_results, apply_overrides, device_name, device_tag, save_figure  # noqa: E402
-from bmojo_jax.config import Family, Selection  # noqa: E402
-from bmojo_jax.memory.parallel_store import stores_before_chunks  # noqa: E402
-from bmojo_jax.memory.scoring import selection_scores  # noqa: E402
-from bmojo_jax.memory.selection import select_per_chunk  # noqa: E402
-from train.data import mqar  # noqa: E402
-
-TYPES = ("key", "value", "query", "answer_slot", "filler")
 # The tiny CPU model of --train-steps: configs/mqar.py's B'MOJO (d 64, L 64, N 8, w 8, chunk 8, batch 64) with a
 # store that must choose: k_e 4 of each 8-token chunk into a score store of 16 (room for the 8 values).
 TINY = ["model.eidetic_per_chunk=4", "model.n_eidetic=16", "model.store_policy=score", "train.eval_every=0",
         "train.checkpoint_every=100000", "train.progress_bar=False", "train.plot=False", "train.target_accuracy=0.0",
         "data.num_test=256"]
-
-
-def token_types(inputs: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:
-  """Index into TYPES of every position: int [B, T]."""
-  b, t = inputs.shape
-  out = np.full((b, t), TYPES.index("filler"))
-  out[:, 0:2 * n:2], out[:, 1:2 * n:2] = TYPES.index("key"), TYPES.index("value")
-  rows, query = np.nonzero(targets != mqar.IGNORE_INDEX)
-  out[rows, query] = TYPES.index("query")
-  out[rows, query + 1] = TYPES.index("answer_slot")   # query slots are even offsets: query + 1 < T is filler
-  return out
-
-
-def needed_values(inputs: np.ndarray, targets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(row, query position, value position) of every query, each [B·N]."""
-  rows, query = np.nonzero(targets != mqar.IGNORE_INDEX)
-  keys = inputs[:, 0:2 * n:2]                                                      # [B, N]
-  key_index = np.argmax(keys[rows] == inputs[rows, query][:, None], axis=1)
-  return rows, query, 2 * key_index + 1
-
-
-def layer_inputs(model, tokens):
-  """Per attention sublayer: (attention, a [B, T, D], fading source [B, T, D]); the pass is the model's own
-  (checked against `model.hidden`)."""
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(model.cfg.compute_dtype)
-  out = []
-  for i in range(model.cfg.n_blocks):
-    block = model.block(i)
-    s = block.mixer1(block.norm1(x))[0]
-    h = x + s
-    a, fading = block.norm2(h), block.norm2(s)
-    out.append((block.mixer2, a, fading))
-    x = h + block.mixer2(a, fading=fading)[0]
-  np.testing.assert_allclose(x, model.hidden(tokens), atol=1e-4, rtol=1e-4)
-  return out
 
 
 def analyse_layer(attn, a, fading, types, queries, oracle_scores) -> dict:
@@ -110,8 +71,8 @@ def analyse_layer(attn, a, fading, types, queries, oracle_scores) -> dict:
   at_fading = (chunk > 0) & (value >= fading_lo) & (value < chunk * cfg.chunk)
   picked = np.take_along_axis(types, np.where(sel_valid, sel_pos, 0).reshape(len(types), -1), 1)
   picked = picked[sel_valid.reshape(len(types), -1)]
-  return {"selected": np.bincount(picked, minlength=len(TYPES)),
-          "positions": np.bincount(types.ravel(), minlength=len(TYPES)), "stored": stored & beyond,
+  return {"selected": np.bincount(picked, minlength=len(mqar.TOKEN_TYPES)),
+          "positions": np.bincount(types.ravel(), minlength=len(mqar.TOKEN_TYPES)), "stored": stored & beyond,
           "queries": len(query), "beyond": int(beyond.sum()), "in_store": int((stored & beyond).sum()),
           "at_fading": int((at_fading & beyond).sum()), "in_memory": int(((stored | at_fading) & beyond).sum()),
           "oracle_in_store": int((oracle & beyond).sum())}
@@ -127,23 +88,24 @@ def analyse(model, mq: mqar.MQARConfig, test_seed: int, examples: int, batch: in
   for lo in range(0, examples, batch):
     data = mqar.generate_examples(mq, test_seed, np.arange(lo, min(lo + batch, examples)))
     inputs, targets = data["inputs"], data["targets"]
-    types = token_types(inputs, targets, mq.num_kv_pairs)
-    queries = needed_values(inputs, targets, mq.num_kv_pairs)
+    types = mqar.token_types(inputs, targets, mq.num_kv_pairs)
+    queries = mqar.needed_values(inputs, targets, mq.num_kv_pairs)
     oracle = np.zeros(inputs.shape, np.float32)
     oracle[queries[0], queries[2]] = 1.0
     stored = []
-    for i, (attn, a, fading) in enumerate(layer_inputs(model, jnp.asarray(inputs))):
+    for i, (attn, a, fading) in enumerate(attention_inputs(model, jnp.asarray(inputs))):
       counts = analyse_layer(attn, a, fading, types, queries, oracle)
       stored.append(counts.pop("stored"))
       totals[i] = counts if totals[i] is None else {k: totals[i][k] + counts[k] for k in counts}
     some_store += int(np.any(stored, axis=0).sum())
   layers = []
   for i, c in enumerate(totals):
-    share = lambda x: dict(zip(TYPES, (x / max(1, x.sum())).round(4).tolist()))
+    share = lambda x: dict(zip(mqar.TOKEN_TYPES, (x / max(1, x.sum())).round(4).tolist()))
     beyond = max(1, c["beyond"])
     layers.append({
         "layer": i, "selected": share(c["selected"]), "base_rate": share(c["positions"]),
-        "selection_rate": dict(zip(TYPES, (c["selected"] / np.maximum(1, c["positions"])).round(4).tolist())),
+        "selection_rate": dict(zip(mqar.TOKEN_TYPES,
+                                   (c["selected"] / np.maximum(1, c["positions"])).round(4).tolist())),
         "selections": int(c["selected"].sum()), "queries": c["queries"],
         "queries_beyond_window": c["beyond"], "value_in_store": round(c["in_store"] / beyond, 4),
         "value_at_fading": round(c["at_fading"] / beyond, 4), "value_in_memory": round(c["in_memory"] / beyond, 4),
@@ -158,12 +120,12 @@ def plot(record: dict, path: str) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   layers = record["layers"]
   fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4.2 * (len(layers) + 1), 3.6), squeeze=False)
-  x = np.arange(len(TYPES))
+  x = np.arange(len(mqar.TOKEN_TYPES))
   for ax, layer in zip(axes[0], layers):
-    ax.bar(x - 0.2, [layer["base_rate"][t] for t in TYPES], 0.4, label="base rate", color="0.7")
-    ax.bar(x + 0.2, [layer["selected"][t] for t in TYPES], 0.4, label=f"{record['selection']} picks")
+    ax.bar(x - 0.2, [layer["base_rate"][t] for t in mqar.TOKEN_TYPES], 0.4, label="base rate", color="0.7")
+    ax.bar(x + 0.2, [layer["selected"][t] for t in mqar.TOKEN_TYPES], 0.4, label=f"{record['selection']} picks")
     ax.set(xticks=x, ylim=(0, 1), title=f"attention layer {layer['layer']}: share of selections")
-    ax.set_xticklabels([t.replace("_", "\n") for t in TYPES], fontsize=8)
+    ax.set_xticklabels([t.replace("_", "\n") for t in mqar.TOKEN_TYPES], fontsize=8)
     ax.legend(fontsize=8)
   ax = axes[0][-1]
   names = ("value_in_store", "value_at_fading", "value_in_memory", "value_in_some_store", "oracle_value_in_store")
@@ -226,7 +188,7 @@ def main(argv=None):
   record["title"] = (f"{cfg.selection.value} selection, {cfg.store_policy.value} store: d {cfg.d_model}, "
                      f"L {mq.seq_len}, N {mq.num_kv_pairs}, w {cfg.window}, k_e {cfg.eidetic_per_chunk}/{cfg.chunk}, "
                      f"M_e {cfg.eidetic}, step {step}, test acc {results.get('test_accuracy', float('nan')):.3f}")
-  out = args.out or os.path.join(REPO, "benchmarks", "results", f"mqar_selection_{device_tag()}.json")
+  out = args.out or os.path.join(RESULTS, f"mqar_selection_{device_tag()}.json")
   append_results([record], out)
   figure = plot(record, out.replace(".json", f"_{cfg.selection.value}.png"))
   for layer in layers:

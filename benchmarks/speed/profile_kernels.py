@@ -1,7 +1,7 @@
 """Runs each kernel of interest exactly once at its issue's target shape, for a profiler to attach to.
 
     ncu --clock-control none -k regex:'selective_scan|segment|attention' --set full -o $OUT/prof \
-        python3 -m benchmarks.profile_kernels scan attention
+        python3 -m benchmarks.speed.profile_kernels scan attention
 
 Targets (bf16, the issues' shapes): `scan`: the Pallas selective scan forward and forward+backward at B2 T4096
 E2048 N16 with D and z (segment summaries, main forward, backward); `attention`: the Pallas memory attention
@@ -11,13 +11,13 @@ for comparison. Every function is compiled and then called once, so each kernel 
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import selective_scan_bench as ssb
-from benchmarks import window_attention_bench as wab
+from benchmarks.speed import selective_scan_inputs as ssb
+from benchmarks.speed import window_attention_inputs as wab
 
 
 def scan():
@@ -38,8 +38,20 @@ def attention():
     print(f"ran {impl} window={window} M={m}", flush=True)
 
 
-if __name__ == "__main__":
-  targets = {"scan": scan, "attention": attention}
-  for name in sys.argv[1:] or list(targets):
-    targets[name]()
+TARGETS = {"scan": scan, "attention": attention}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("targets", nargs="*", help="of " + ", ".join(TARGETS) + " (default: all)")
+  targets = ap.parse_args(argv).targets
+  unknown = sorted(set(targets) - set(TARGETS))
+  if unknown:
+    ap.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
+  for name in targets or list(TARGETS):
+    TARGETS[name]()
     print(f"done {name}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -2,9 +2,9 @@
 perplexity against context length and the RULER NIAH tasks (`train/lm_eval.py`, `train/niah.py`, docs/lm.md).
 
     python3 -m train.data.corpus prepare --out data/corpus            # once, on the CPU machine (apt packages)
-    python3 -m benchmarks.lm_study --budget-s 540                      # GPU: -> $OUT/lm_<device>.json + plots
-    python3 -m benchmarks.lm_study --families bmojo,hybrid --tokens 20e6
-    python3 benchmarks/lm_study.py --smoke                             # tiny models, CPU, a few minutes
+    python3 -m benchmarks.studies.lm_study --budget-s 540                      # GPU: -> $OUT/lm_<device>.json + plots
+    python3 -m benchmarks.studies.lm_study --families bmojo,hybrid --tokens 20e6
+    python3 -m benchmarks.studies.lm_study --smoke                             # tiny models, CPU, a few minutes
 
 Per family: `configs/lm.py:<family>` (`,cpu` off the GPU, `,smoke` with --smoke) trained by
 `train.trainer.train` in `<runs>/<family>` on data.kind=corpus, then `lm_eval.evaluate_lm_run` (perplexity at
@@ -31,17 +31,13 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
-  sys.path.insert(0, REPO)
+import jax
 
-import jax  # noqa: E402
-
-from benchmarks.common import apply_overrides, device_tag, ints, write_results  # noqa: E402
-from configs import lm as lm_config  # noqa: E402
-from train import lm_eval  # noqa: E402
-from train import trainer  # noqa: E402
-from train.data import corpus as corpus_lib  # noqa: E402
+from benchmarks.common import RESULTS, apply_overrides, device_tag, ints, write_results
+from configs import lm as lm_config
+from train import lm_eval
+from train import trainer
+from train.data import corpus as corpus_lib
 
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 
@@ -95,10 +91,10 @@ def study(args) -> str:
   if args.smoke and args.fresh:
     shutil.rmtree(args.runs, ignore_errors=True)
   ensure_corpus(args)
-  out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
+  out_dir = args.out or os.environ.get("OUT") or RESULTS
   tag = device_tag()
   path = os.path.join(out_dir, f"lm_{tag}.json")
-  records = previous_records([path, os.path.join(REPO, "benchmarks", "results", f"lm_{tag}.json")]
+  records = previous_records([path, os.path.join(RESULTS, f"lm_{tag}.json")]
                              if not args.smoke else [path])
   manifest = corpus_lib.load_manifest(args.corpus)
   print(f"corpus {args.corpus}: {corpus_lib.summary(manifest)}")

@@ -1,6 +1,6 @@
 """Decode throughput and cache size per family (130M preset, bf16), written to decode_<device>.json.
 
-    python benchmarks/decode_bench.py [--size 130m] [--steps 64]
+    python3 -m benchmarks.speed.decode_bench [--size 130m] [--steps 64]
 
 tokens/s = batch · steps / time of `steps` decode steps: `tokens_per_s` calls the compiled step once per token
 from Python (cache donated), `scanned_tokens_per_s` runs them in one `Decoder.decode` (lax.scan on device).
@@ -18,18 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.common import write_results
+from benchmarks.speed.decoding import at_position, greedy
 from bmojo_jax import Family, LanguageModel, preset
-from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, cache_bytes
 
 CONTEXTS = (1_024, 8_192, 65_536)
-greedy = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32))
-
-
-def at_position(cache, pos: int):
-  """The cache with every attention position set to `pos` (ring contents are irrelevant to the cost)."""
-  return jax.tree.map(lambda s: s._replace(pos=jnp.full_like(s.pos, pos)) if isinstance(s, AttnState) else s,
-                      cache, is_leaf=lambda s: isinstance(s, AttnState))
 
 
 def scanned_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, context: int, steps: int) -> float:

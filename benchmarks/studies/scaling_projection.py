@@ -1,147 +1,21 @@
-"""Scaling on paper, from measurements: collective bytes read from the compiled HLO on fake CPU devices, step
-times measured on one GPU, link bandwidths from public spec sheets -> predicted step time and efficiency on
-H100 x 8 / 64 and TPU v5p-64 / 256 (docs/scaling.md).
-
-    # 1. compile the train step on N fake CPU devices (no arrays allocated) and record its collectives and its
-    #    memory per device -> benchmarks/results/scaling_hlo_cpu.json
-    python -m benchmarks.scaling_model measure --cases bmojo:1.4b:data=8,bmojo:1.4b:fsdp=8
-    # 2. the projection (reads the records above and benchmarks/results/train_step_h200.json)
-    python -m benchmarks.scaling_model predict
-    # the train-step bench with ZeRO-1 on (mesh.shard_optimizer=True), same arguments as train_step_bench
-    python -m benchmarks.scaling_model bench-zero1 --families bmojo --sizes 370m --seqs 2048 --meshes 1,data=2
-
-`measure` re-runs itself in a subprocess per device count (XLA_FLAGS=--xla_force_host_platform_device_count=N).
-The compiled step is the trainer's (`train.steps.make_train_step`) for the paper preset in bf16, scanned blocks,
-remat dots_kernels, the Pallas kernels in interpret mode: the same program the GPU runs up to the backend.
-"""
+"""The scaling projection (docs/scaling.md): step time on many devices = compute measured on one GPU (fitted per
+batch) + the collectives' bytes (from the compiled HLO, `measure`'s records, or from parameter counts) over the
+link bandwidths of public spec sheets, either all exposed or the in-loop ones overlapped with the backward."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
-import subprocess
-import sys
-import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+from benchmarks.common import RESULTS
+
 HLO_RECORDS = os.path.join(RESULTS, "scaling_hlo_cpu.json")
 
 # The 7B preset exists only here: LLaMA-7B's width and depth (d_model 4096, 32 blocks = 64 sublayers, head_dim
 # 64); the Transformer has 6.66B parameters, B'MOJO 5.72B (`bmojo_jax.count_params`).
 EXTRA_SIZES = {"7b": dict(d_model=4096, n_layers=64)}
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading collectives out of compiled HLO text
-# ---------------------------------------------------------------------------------------------------------------
-
-COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
-               "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_COLL_RE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-
-
-def shape_bytes(type_text: str) -> int:
-  """Bytes of an HLO type: one array `f32[64,4]{1,0}` or a tuple of them."""
-  total = 0
-  for dtype, dims in re.findall(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]", type_text):
-    total += DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-  return total
-
-
-def _computations(text: str) -> tuple[dict[str, list[str]], str]:
-  comps, cur, entry = {}, None, None
-  for line in text.splitlines():
-    m = re.match(r"^(ENTRY )?%([\w.\-]+) .*\{$", line)
-    if m and not line.startswith(" "):
-      cur = m.group(2)
-      comps[cur] = []
-      entry = cur if m.group(1) else entry
-    elif cur is not None and line.strip() == "}":
-      cur = None
-    elif cur is not None:
-      comps[cur].append(line)
-  return comps, entry
-
-
-def _trips(comps: dict[str, list[str]], entry: str) -> dict[str, tuple[int, int]]:
-  """{computation: (how many times one step runs it, depth of while loops around it)} from the entry down;
-  a while body counts its `known_trip_count` times its caller's."""
-  out, todo = {entry: (1, 0)}, [entry]
-  while todo:
-    c = todo.pop()
-    n, depth = out[c]
-    for line in comps.get(c, ()):
-      m = re.search(r" while\(.*?body=%([\w.\-]+)", line)
-      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-      callees = re.findall(r"(?:condition|to_apply|calls|body|true_computation|false_computation)=%([\w.\-]+)",
-                           line)
-      callees += re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line) or ["", ""])[1])
-      for callee in callees:
-        if callee not in comps or callee in out:
-          continue
-        if m and callee == m.group(1):
-          out[callee] = (n * (int(trip.group(1)) if trip else 1), depth + 1)
-        else:
-          out[callee] = (n, depth)
-        todo.append(callee)
-  return out
-
-
-def _group_of_device0(line: str, num_devices: int) -> list[int]:
-  """The replica group holding device 0, from any of XLA's three spellings of replica_groups."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-  if m:
-    sizes = [(k.strip("' "), int(v)) for k, v in (a.split("=") for a in m.group(1).split(","))]
-    named = {a.strip("' ") for a in m.group(2).split(",") if a.strip()}
-    grid = np.arange(int(np.prod([s for _, s in sizes]))).reshape([s for _, s in sizes])
-    index = tuple(slice(None) if k in named else 0 for k, _ in sizes)
-    return sorted(grid[index].ravel().tolist())
-  m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-  if m:
-    tile = [int(x) for x in m.group(1).split(",")]
-    dims = [int(x) for x in m.group(2).split(",")]
-    grid = np.arange(int(np.prod(dims))).reshape(dims)
-    if m.group(3):
-      grid = grid.transpose([int(x) for x in m.group(3).split(",")])
-    groups = grid.reshape(-1, tile[-1])
-    return sorted(groups[np.argwhere(groups == 0)[0][0]].tolist())
-  m = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
-  if m:
-    return sorted(int(x) for x in m.group(1).split(","))
-  m = re.search(r"source_target_pairs=\{([^}]*(?:\}[^}]*)*)\}", line)
-  if m and "collective-permute" in line:
-    return [0, 1]
-  return list(range(num_devices))
-
-
-def collectives(text: str, mesh_shape: dict[str, int]) -> list[dict]:
-  """Every collective of a compiled (SPMD-partitioned) module: kind, payload bytes (the output's; a
-  reduce-scatter's input is n times it), the mesh axes its group spans, group size n, how many times a step runs
-  it (`runs`: the product of the trip counts of the while loops around it) and the loop depth (0: the entry)."""
-  comps, entry = _computations(text)
-  trips = _trips(comps, entry)
-  n_dev = int(np.prod(list(mesh_shape.values())))
-  grid = np.arange(n_dev).reshape(list(mesh_shape.values()))
-  out = []
-  for comp, lines in comps.items():
-    if comp not in trips:
-      continue
-    runs, depth = trips[comp]
-    for line in lines:
-      m = _COLL_RE.match(line)
-      if not m:
-        continue
-      group = _group_of_device0(line, n_dev)
-      coords = np.array([np.argwhere(grid == d)[0] for d in group])
-      axes = [a for i, a in enumerate(mesh_shape) if len(set(coords[:, i])) > 1]
-      out.append(dict(kind=m.group(2), bytes=shape_bytes(m.group(1)), n=len(group), axes=axes, group=group,
-                      runs=runs, depth=depth, computation=comp))
-  return out
 
 
 def wire_bytes(kind: str, payload: int, n: int) -> float:
@@ -152,98 +26,6 @@ def wire_bytes(kind: str, payload: int, n: int) -> float:
           "reduce-scatter": (n - 1) * payload, "all-to-all": (n - 1) / n * payload,
           "collective-permute": payload}[kind]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# measure: compile on N fake CPU devices
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_case(case: str) -> tuple[str, str, dict[str, int]]:
-  """"bmojo:1.4b:data=8" or "transformer:7b:data=8/fsdp=8" -> (family, size, {data, fsdp, tensor})."""
-  family, size, mesh = case.split(":")
-  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-  if mesh != "1":
-    for part in mesh.split("/"):
-      axis, _, n = part.partition("=")
-      sizes[axis] = int(n)
-  return family, size, sizes
-
-
-def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, batch_per_device: int,
-                 zero: bool) -> dict:
-  """Compiles the trainer's step for `family`-`size` on the mesh (this process's fake devices); returns its
-  collectives and memory analysis per device."""
-  import jax
-  from benchmarks import train_step_bench as bench
-  from bmojo_jax import count_params
-  from bmojo_jax.config import PAPER_SIZES
-  from train import setup as setup_lib
-  from train import sharding as shard_lib
-  from train import steps as steps_lib
-
-  n_dev = int(np.prod(list(mesh.values())))
-  extra = dict(EXTRA_SIZES.get(size, {}))
-  preset = "1.4b" if extra else size
-  assert preset in PAPER_SIZES, size
-  attn = "pallas" if family != "transformer" else "reference"
-  batch = batch_per_device * mesh["data"] * mesh["fsdp"]
-  config = bench.step_config(family, preset, seq_len, batch, attn, "pallas", mesh, remat="dots_kernels",
-                             scan_layers=True, **extra)
-  config.mesh.shard_optimizer = zero
-  cfg = setup_lib.model_config(config)
-  setup = setup_lib.build(config, jax.devices()[:n_dev], bench.synthetic_task(seq_len, cfg.vocab_size))
-  batch_sh = shard_lib.batch_sharding(setup.mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct((batch, seq_len), np.int32, sharding=batch_sh)
-                    for k in ("inputs", "targets")}
-  t0 = time.time()
-  compiled = steps_lib.make_train_step(setup, 1).lower(setup.abstract_state, abstract_batch).compile()
-  compile_s = time.time() - t0
-  mem = compiled.memory_analysis()
-
-  def per_device(tree) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-  colls = collectives(compiled.as_text(), mesh)
-  for c in colls:
-    c.pop("group")
-  return dict(family=family, size=size, mesh=mesh, devices=n_dev, shard_optimizer=zero, T=seq_len,
-              batch=batch, params=count_params(cfg), n_blocks=cfg.n_blocks, compile_s=round(compile_s, 1),
-              argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-              temp_bytes=int(mem.temp_size_in_bytes),
-              params_bytes_per_device=per_device(setup.abstract_state["params"]),
-              opt_bytes_per_device=per_device(setup.abstract_state["opt_state"]), collectives=colls)
-
-
-def measure(cases: list[str], seq_len: int, batch_per_device: int, zero: bool, out: str) -> None:
-  """Each case in a subprocess with as many fake CPU devices as its mesh; appends the records to `out`."""
-  records = json.load(open(out)) if os.path.exists(out) else []
-  for case in cases:
-    family, size, mesh = parse_case(case)
-    n = int(np.prod(list(mesh.values())))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
-    code = (f"import json; from benchmarks.scaling_model import compile_case; print('RESULT' + json.dumps("
-            f"compile_case({family!r}, {size!r}, {mesh!r}, {seq_len}, {batch_per_device}, {zero})))")
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
-    if r.returncode:
-      print(f"{case}: failed\n{r.stderr[-3000:]}", flush=True)
-      continue
-    rec = json.loads(r.stdout.split("RESULT", 1)[1])
-    rec["wall_s"] = round(time.time() - t0, 1)
-    key = lambda x: (x["family"], x["size"], json.dumps(x["mesh"], sort_keys=True), x["shard_optimizer"], x["T"])
-    records = [x for x in records if key(x) != key(rec)] + [rec]
-    with open(out, "w") as f:
-      json.dump(records, f, indent=1)
-    wire = sum(wire_bytes(c["kind"], c["bytes"], c["n"]) * c["runs"] for c in rec["collectives"])
-    print(f"{case} zero={zero}: {len(rec['collectives'])} collectives, {wire / 2**30:.3f} GiB sent per device, "
-          f"opt {rec['opt_bytes_per_device'] / 2**30:.3f} GiB, args {rec['argument_bytes'] / 2**30:.3f} GiB, "
-          f"temp {rec['temp_bytes'] / 2**30:.3f} GiB, compile {rec['compile_s']} s", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# predict: step time = compute (measured on one GPU) + collectives (HLO bytes / link bandwidth)
-# ---------------------------------------------------------------------------------------------------------------
 
 # Every constant with its source (docs/scaling.md repeats them). "assumed": no public number found; the doc says
 # how much the result depends on it.
@@ -513,45 +295,3 @@ def print_markdown(report: dict) -> None:
           f"{'on' if r['zero'] else 'off'} | {r['source']} | {r['wire_GB']:.1f} | "
           f"{r['one_chip_ms']:.0f} | {r['serial']:.0f} ({r['eff_serial']:.0%}) | {r['overlapped']:.0f} "
           f"({r['eff_overlapped']:.0%}) | {r['loop']:.0f} / {r['entry']:.0f} |")
-
-
-def bench_with_zero1(argv: list[str]) -> None:
-  """`benchmarks.train_step_bench` with mesh.shard_optimizer=True in every config it builds (the bench has no
-  flag for it): `python -m benchmarks.scaling_model bench-zero1 <train_step_bench arguments>`."""
-  from benchmarks import train_step_bench
-  from configs import common
-  base = common.base_config
-
-  def with_zero1():
-    c = base()
-    c.mesh.shard_optimizer = True
-    return c
-
-  common.base_config = with_zero1
-  sys.argv = ["train_step_bench (ZeRO-1)"] + argv
-  train_step_bench.main()
-
-
-def main(argv=None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["bench-zero1"]:
-    return bench_with_zero1(argv[1:])
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="cmd", required=True)
-  m = sub.add_parser("measure")
-  m.add_argument("--cases", required=True, help="family:size:mesh list, mesh like data=8/fsdp=8 or 1")
-  m.add_argument("--seq", type=int, default=2048)
-  m.add_argument("--batch-per-device", type=int, default=1)
-  m.add_argument("--no-zero", action="store_true", help="mesh.shard_optimizer=False")
-  m.add_argument("--out", default=HLO_RECORDS)
-  p = sub.add_parser("predict")
-  p.add_argument("--out", default=os.path.join(RESULTS, "scaling_model.json"))
-  args = ap.parse_args(argv)
-  if args.cmd == "measure":
-    measure(args.cases.split(","), args.seq, args.batch_per_device, not args.no_zero, args.out)
-  else:
-    predict(args.out)
-
-
-if __name__ == "__main__":
-  main()

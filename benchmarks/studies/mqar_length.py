@@ -1,9 +1,9 @@
 """MQAR recall on sequences longer than trained, with B'MOJO's eidetic store grown at inference (issue #15).
 
-    python3 -m benchmarks.mqar_selection --train-steps 1500 --train-dir /tmp/tiny   # a tiny B'MOJO, if none
-    python3 -m benchmarks.mqar_length --workdir /tmp/tiny [--lengths 1,2,4] [--grow 1,2,4]
+    python3 -m benchmarks.studies.mqar_selection --train-steps 1500 --train-dir /tmp/tiny   # a tiny B'MOJO, if none
+    python3 -m benchmarks.studies.mqar_length --workdir /tmp/tiny [--lengths 1,2,4] [--grow 1,2,4]
 
-RUN (--workdir) is a trained MQAR run: a `bmojo-train` workdir or a run folder of `benchmarks/mqar_sweep.py
+RUN (--workdir) is a trained MQAR run: a `bmojo-train` workdir or a run folder of `benchmarks/studies/mqar_sweep
 --save-checkpoints` (read only). For every length factor f and store factor g the run's latest checkpoint is
 loaded into the trainer's own setup with `data.seq_len` = f·L and `model.n_eidetic` = g·M_e (a size without
 parameters: the trained weights are used as they are; g > 1 only for a model with an eidetic store), and the
@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):   # run as a file: the repository root on the path, as with `python3 -m`
-  sys.path.insert(0, REPO)
+import jax
+import ml_collections
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-
-from benchmarks.common import append_results, device_name, device_tag, ints, save_figure  # noqa: E402
-from train import runs, steps  # noqa: E402
-from train.data import mqar  # noqa: E402
+from benchmarks.common import RESULTS, append_results, device_name, device_tag, ints, save_figure
+from train import runs, steps
+from train.data import mqar
 
 
 def evaluate_lengths(workdir: str, config: ml_collections.ConfigDict, lengths: list[int], stores: list[int]):
@@ -102,7 +97,7 @@ def main(argv=None) -> list[dict]:
     beyond = r["fraction_beyond_window"]
     print(f"L {length:5d}  M_e {m_e:4d}: accuracy {r['accuracy']:.4f}"
           + (f" ({beyond:.2f} of the values beyond the window)" if beyond is not None else ""))
-  out = args.out or os.path.join(REPO, "benchmarks", "results", f"mqar_length_{device_tag()}.json")
+  out = args.out or os.path.join(RESULTS, f"mqar_length_{device_tag()}.json")
   append_results(records, out)
   figure = out.replace(".json", f"_{os.path.basename(os.path.normpath(args.workdir))}.png")
   print(f"-> {out}, {plot(records, figure)}")

@@ -1,6 +1,6 @@
 """MQAR under the Zoology protocol (docs/evals.md) through the real trainer; writes mqar_<device>.json.
 
-    python benchmarks/mqar_zoology.py --workdir /tmp/mqar [--family bmojo] [--lr 1e-3] [--epochs 8]
+    python3 -m benchmarks.studies.mqar_zoology --workdir /tmp/mqar [--family bmojo] [--lr 1e-3] [--epochs 8]
 
 L=256, N=32, vocab 8192, window 32, d_model 128, batch 256, 100k train / 3k test examples, AdamW (wd 0.1),
 cosine decay, no warmup, early stop once test accuracy > 0.99. One learning rate per call (Zoology sweeps four

@@ -1,7 +1,7 @@
 """Selective scan on the GPU: correctness at full size, timings of the Pallas kernel, the associative scan and
 the sequential reference, a T sweep (1k..64k) for linearity, and a block-size sweep.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/selective_scan_bench.py [--out DIR] [--sweep] [--tscan] [--mixer]
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.selective_scan_bench [--out DIR] [--sweep] [--tscan] [--mixer]
         [--segments]
 
 Writes DIR/selective_scan_<device>.json (a list of records {"op", "impl", "shape", "dtype", "fwd_ms",
@@ -22,20 +22,16 @@ import functools
 import json
 import os
 import re
-import sys
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import median_ms  # noqa: E402
-from pallas_kernels.selective_scan import selective_scan  # noqa: E402
-from pallas_kernels.selective_scan.block_sizes import BlockSizes  # noqa: E402
-from pallas_kernels.selective_scan.reference import selective_scan_reference  # noqa: E402
+from benchmarks.common import median_ms, rel_err
+from benchmarks.speed.selective_scan_inputs import fwd_fn, fwdbwd_fn, make_inputs, packed_reset, pallas
+from pallas_kernels.selective_scan.block_sizes import BlockSizes
+from pallas_kernels.selective_scan.reference import selective_scan_reference
 
 RECORDS = []
 START = time.perf_counter()
@@ -58,45 +54,8 @@ def device_name():
   return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
-def make_inputs(B, T, E, N, dtype, seed=0, with_dz=True):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 10)
-  u = jax.random.normal(ks[0], (B, T, E), jnp.float32).astype(dtype)
-  delta = (0.5 * jax.random.normal(ks[1], (B, T, E), jnp.float32) - 2.0).astype(dtype)
-  A = -jnp.exp(0.5 * jax.random.normal(ks[2], (E, N), jnp.float32))
-  Bm = jax.random.normal(ks[3], (B, T, N), jnp.float32).astype(dtype)
-  Cm = jax.random.normal(ks[4], (B, T, N), jnp.float32).astype(dtype)
-  D = jax.random.normal(ks[5], (E,), jnp.float32) if with_dz else None
-  z = jax.random.normal(ks[6], (B, T, E), jnp.float32).astype(dtype) if with_dz else None
-  bias = 0.5 * jax.random.normal(ks[7], (E,), jnp.float32)
-  return (u, delta, A, Bm, Cm, D, z, bias)
-
-
-def packed_reset(B, T, seed=0):
-  """[B, T] bool, True at the first token of each packed document (t = 0 included). Document lengths are
-  uniform in [1, T/4] (mean ~T/8), so resets fall anywhere: mid-chunk, on time-segment edges, close together."""
-  rng = np.random.default_rng(seed)
-  reset = np.zeros((B, T), bool)
-  for b in range(B):
-    t = 0
-    while t < T:
-      reset[b, t] = True
-      t += int(rng.integers(1, max(1, T // 4) + 1))
-  return jnp.asarray(reset)
-
-
 # Median of 20 samples, each the mean of >= 5 back-to-back calls lasting >= 20 ms together.
 timeit = functools.partial(median_ms, warmup=2, iters=20, inner=5, min_sample_ms=20.0)
-
-
-def fwd_fn(scan):
-  return jax.jit(lambda *a: scan(*a))
-
-
-def fwdbwd_fn(scan):
-  def f(*a):
-    (y, h), vjp = jax.vjp(scan, *a)
-    return vjp((y, h))          # cotangents = outputs: real data, no extra inputs
-  return jax.jit(f)
 
 
 def compiled(f, *args):
@@ -123,20 +82,11 @@ def time_pair(fwd, fwdbwd, *args, **kw):
   return out[0], out[2], dict(temp_bytes_fwd=out[1], temp_bytes_fwdbwd=out[3])
 
 
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def record(impl, shape, dtype, fwd_ms, fwdbwd_ms, segments=False, **extra):
   r = dict(op="selective_scan", impl=impl, shape=shape, dtype=dtype, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
            segments=segments, device=jax.devices()[0].device_kind, jax=jax.__version__, **extra)
   RECORDS.append(r)
   log("RECORD", json.dumps(r))
-
-
-def pallas(bs, reset=None):
-  return lambda *a: selective_scan(*a, block_sizes=bs, reset=reset)
 
 
 def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bfloat16), segments=False):
@@ -148,9 +98,9 @@ def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bflo
     args = make_inputs(B, T, E, N, dtype, seed=3)
     yp, gp = fwd_fn(pallas(bs, reset))(*args), fwdbwd_fn(pallas(bs, reset))(*args)
     yr, gr = fwd_fn(reference)(*args), fwdbwd_fn(reference)(*args)
-    errs = {"y": rel(yp[0], yr[0]), "h_last": rel(yp[1], yr[1])}
+    errs = {"y": rel_err(yp[0], yr[0]), "h_last": rel_err(yp[1], yr[1])}
     for name, a, b in zip(("u", "delta", "A", "Bm", "Cm", "D", "z", "bias"), gp, gr):
-      errs["d" + name] = rel(a, b)
+      errs["d" + name] = rel_err(a, b)
     finite = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in (*yp, *gp))
     what = f" with resets ({int(reset.sum())} documents)" if segments else ""
     log(f"CHECK full size{what} {jnp.dtype(dtype).name}: finite={finite} max rel err={max(errs.values()):.2e}",
@@ -173,8 +123,8 @@ def mixer_check():
       return jnp.sum(out * jnp.sin(out)), out
     (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     res[impl] = (out, jax.tree.leaves(g))
-  errs = [rel(res["pallas"][0], res["sequential"][0])]
-  errs += [rel(a, b) for a, b in zip(res["pallas"][1], res["sequential"][1])]
+  errs = [rel_err(res["pallas"][0], res["sequential"][0])]
+  errs += [rel_err(a, b) for a, b in zip(res["pallas"][1], res["sequential"][1])]
   log(f"CHECK mamba mixer pallas vs sequential (fp32): out {errs[0]:.2e}, max grad {max(errs[1:]):.2e}"
         f" over {len(errs) - 1} params -> {'OK' if max(errs) <= 1e-4 else 'FAIL'}")
 

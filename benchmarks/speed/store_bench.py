@@ -5,8 +5,8 @@
 associative scan (score policy). Timed here as in training: selection, store, and the backward pass to the keys
 and values.
 
-    python3 -m benchmarks.store_bench                       # T 32768, B 1 (the 32k train-step row)
-    python3 -m benchmarks.store_bench --T 2048 --B 8        # -> $OUT (else benchmarks/results)/store_<device>.json
+    python3 -m benchmarks.speed.store_bench                       # T 32768, B 1 (the 32k train-step row)
+    python3 -m benchmarks.speed.store_bench --T 2048 --B 8       # -> $OUT (else benchmarks/results)/store_<device>.json
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Studies: research experiments (MQAR sweep, selection, length, language models, the scaling projection)."""
