@@ -152,18 +152,40 @@ class Attention(nnx.Module):
            ) -> tuple[jax.Array, AttnState]:
     """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state).
 
-    Branch-free: the chunk-boundary work (`start_chunk`) is computed at every token and selected by the
-    boundary flag, because a `lax.cond` on XLA:GPU reads its predicate on the host, a device-to-host sync per
-    layer per token that dominated batch-1 decoding. The store is small (M_e slots), so the select costs little.
+    The chunk-boundary work (`start_chunk`: the store merge, a sort over M_e + k_e entries) runs only at the
+    first token of a chunk, in a `lax.cond` on the device scalar state.pos: every other token does only its own
+    work (`step_select` is the branch-free form, which computes the merge at every token and selects it).
     """
+    t = state.pos
+    if self.cfg.eidetic or self.cfg.fading:
+      boundary = (t % self.cfg.chunk == 0) & (t > 0)
+      fields = jax.lax.cond(boundary, lambda s: self._chunk_fields(self.start_chunk(s)), self._chunk_fields,
+                            state)
+      state = state._replace(**fields)
+    return self._token_step(a, state, fading)
+
+  def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
+                  ) -> tuple[jax.Array, AttnState]:
+    """`step` without a conditional: the chunk-boundary work is computed at every token and selected by the
+    boundary flag (the reference of `step`'s `lax.cond`; the same state and output bit for bit)."""
+    t = state.pos
+    if self.cfg.eidetic or self.cfg.fading:
+      boundary = (t % self.cfg.chunk == 0) & (t > 0)
+      new = self._chunk_fields(self.start_chunk(state))
+      state = state._replace(**jax.tree.map(lambda x, y: jnp.where(boundary, x, y), new,
+                                            self._chunk_fields(state)))
+    return self._token_step(a, state, fading)
+
+  @staticmethod
+  def _chunk_fields(state: AttnState) -> dict:
+    return {f: getattr(state, f) for f in CHUNK_FIELDS}
+
+  def _token_step(self, a: jax.Array, state: AttnState, fading: jax.Array | None
+                  ) -> tuple[jax.Array, AttnState]:
+    """The work of the token at state.pos alone, the chunk's memory already current (`step`)."""
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
-    if m_e or m_f:
-      boundary = (t % chunk == 0) & (t > 0)
-      new = self.start_chunk(state)
-      state = state._replace(**{f: jax.tree.map(lambda x, y: jnp.where(boundary, x, y), getattr(new, f),
-                                                getattr(state, f)) for f in CHUNK_FIELDS})
 
     k_raw, v, fk, fv = self.step_kv(a, fading)                                       # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
