@@ -11,7 +11,7 @@ while rows past their prompt sample, all in the same scanned step.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,16 @@ def _continue(graphdef, params, tokens, cache, last_only):
   return nnx.merge(graphdef, params).prefill(tokens, cache=cache, last_only=last_only)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+STEP_JIT = dict(static_argnums=(0,), donate_argnums=(3,))              # how `_step` is jitted
+LOOP_JIT = dict(static_argnums=(0, 8, 9, 10), donate_argnums=(3,))     # how `_decode_loop` is jitted
+
+
+@functools.partial(jax.jit, **STEP_JIT)
 def _step(graphdef, params, token, cache):
   return nnx.merge(graphdef, params).step(token, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=(3,))
+@functools.partial(jax.jit, **LOOP_JIT)
 def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start, temperature, top_k, top_p):
   """Decode forced.shape[1] tokens on device (a lax.scan over the step).
 
@@ -94,6 +98,38 @@ def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start
   steps = start + jnp.arange(forced.shape[1], dtype=jnp.int32)
   (logits, cache), tokens = jax.lax.scan(body, (logits, cache), (forced.T, use_forced.T, steps))
   return tokens.T, logits, cache
+
+
+CompilerOptions = tuple[tuple[str, str | bool | int | float], ...]   # XLA options as sorted (name, value) pairs
+
+
+@functools.cache
+def _decode_fns(options: CompilerOptions):
+  """(step, loop): `_step` and `_decode_loop` compiled with these XLA options (jax.jit's compiler_options),
+  each pair jitted once per set of options and shared by every decoder that asks for it; () is the default."""
+  if not options:
+    return _step, _decode_loop
+  kw = dict(compiler_options=dict(options))
+  return jax.jit(_step.__wrapped__, **STEP_JIT, **kw), jax.jit(_decode_loop.__wrapped__, **LOOP_JIT, **kw)
+
+
+def check_compiler_options(options) -> CompilerOptions:
+  """A mapping of XLA option names to values (e.g. {"xla_gpu_enable_command_buffer": "FUSION,WHILE"}) or None
+  -> sorted pairs, checked by compiling a one-op function with them: an unknown name or a bad value is a
+  ValueError naming it here, not at the first decode."""
+  if not options:
+    return ()
+  if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+    raise ValueError(f"compiler_options must map XLA option names (str) to values; got {options!r}")
+  bad = {k: v for k, v in options.items() if not isinstance(v, (str, bool, int, float))}
+  if bad:
+    raise ValueError(f"compiler_options values must be str, bool, int or float; got {bad!r}")
+  pairs = tuple(sorted(options.items()))
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(pairs)).lower(jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f"compiler_options {dict(pairs)} rejected by XLA: {str(e).splitlines()[0]}") from None
+  return pairs
 
 
 MATMUL_WEIGHTS = ("kernel", "embed", "lm_head")  # parameter names whose every use casts them to the compute dtype
@@ -130,10 +166,16 @@ class Decoder:
 
   The decoder holds the model's parameters with its matmul weights in the compute dtype (`decode_weights`):
   a model trained with fp32 parameters and bf16 compute decodes reading bf16 weights, with the same logits.
+
+  compiler_options: XLA options (jax.jit's `compiler_options`, e.g. {"xla_gpu_enable_command_buffer":
+  "FUSION,WHILE"}) that `step` and `decode` are compiled with; None or {} compiles them as jax does by default.
+  Checked here (`check_compiler_options`): a name or value XLA does not take is a ValueError.
   """
 
-  def __init__(self, model: LanguageModel, *, scan_prefill: bool = False):
+  def __init__(self, model: LanguageModel, *, scan_prefill: bool = False, compiler_options=None):
     self.cfg = model.cfg
+    self.compiler_options = check_compiler_options(compiler_options)
+    self._step_fn, self._loop_fn = _decode_fns(self.compiler_options)
     self.graphdef, state = nnx.split(model)
     self.state = decode_weights(state, self.cfg.compute_dtype)
     self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
@@ -155,7 +197,7 @@ class Decoder:
 
   def step(self, token: jax.Array, cache):
     """One token per row, token [B] -> (logits [B, V], cache); the cache is donated."""
-    return _step(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache)
+    return self._step_fn(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache)
 
   def decode(self, logits, cache, n: int, *, key=None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, forced=None, use_forced=None, start: int = 0):
@@ -167,7 +209,7 @@ class Decoder:
     key = jax.random.key(0) if key is None else key
     forced = jnp.zeros((b, n), jnp.int32) if forced is None else jnp.asarray(forced, jnp.int32)
     use_forced = jnp.zeros((b, n), bool) if use_forced is None else jnp.asarray(use_forced, bool)
-    return _decode_loop(self.graphdef, self.state, logits, cache, forced, use_forced, key,
+    return self._loop_fn(self.graphdef, self.state, logits, cache, forced, use_forced, key,
                         jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
 
 

@@ -271,3 +271,33 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
     want, want_cache = inference._step(graphdef, state, tokens[:, t], want_cache)
     np.testing.assert_array_equal(got, want)
   assert float(jnp.abs(want).max()) > 0.1
+
+
+def test_decoder_compiler_options(decoders, tmp_path):
+  """None and {} decode with jax's default jitted step and loop; given options reach the step's and the loop's
+  compiles (xla_dump_to: XLA writes their modules where it is told) and leave the tokens as they were."""
+  model, default = decoders["bmojo"]
+  for options in (None, {}):
+    decoder = Decoder(model, compiler_options=options)
+    assert decoder.compiler_options == () and decoder._step_fn is inference._step
+  dump = tmp_path / "xla"
+  dumped = Decoder(model, compiler_options={"xla_dump_to": str(dump)})
+  assert "_step" not in " ".join(p.name for p in dump.iterdir())   # the check compiled a one-op function only
+  prompt = jnp.array([[3, 1, 4, 1, 5]], jnp.int32)
+  want = generate(default, prompt, max_new_tokens=6)
+  assert generate(dumped, prompt, max_new_tokens=6) == want
+  logits, cache = dumped.prefill(prompt, 12, last_only=True)
+  dumped.step(jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
+  names = " ".join(p.name for p in dump.iterdir())
+  assert "_decode_loop" in names and "jit__step" in names, names
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"xla_no_such_option": True}, "No such compile option: 'xla_no_such_option'"),
+    ({"xla_cpu_enable_fast_math": "maybe"}, "'maybe' is not a valid bool"),
+    ({"xla_dump_to": ["a"]}, "values must be str, bool, int or float"),
+    (["xla_dump_to"], "must map XLA option names")])
+def test_decoder_rejects_bad_compiler_options(decoders, options, match):
+  model, _ = decoders["hybrid"]
+  with pytest.raises(ValueError, match=match):
+    Decoder(model, compiler_options=options)
