@@ -123,3 +123,23 @@ def test_full_attention_needs_max_len_for_the_whole_prompt(models):
   prompt before any piece runs."""
   with pytest.raises(ValueError, match=r"max_len >= the prompt length \(20\)"):
     Decoder(models["transformer"], prefill_chunk=8).prefill(jnp.zeros((1, 20), jnp.int32), 16)
+
+
+@pytest.mark.parametrize("family, start, length, block", [
+    ("hybrid", 0, 11, 4), ("hybrid", 5, 7, 7), ("hybrid", 13, 20, 6), ("hybrid", 3, 2, 256),
+    ("transformer", 0, 9, 4), ("transformer", 6, 13, 5), ("transformer", 17, 3, 256)])
+def test_parallel_continuation_equals_the_step_scan(family, start, length, block):
+  """Attention without memory tokens continues a state with all queries at once (in blocks of `block`, which
+  does or does not divide the piece; window 8 or full attention over a 40-slot cache): the output and state of
+  `step` over the piece's tokens (`_continue`), the reference."""
+  from bmojo_jax.attention import Attention
+  cfg = tiny_config(family, init_std=0.1)
+  attn = Attention(cfg, rngs=nnx.Rngs(4))
+  slots = cfg.window or 40
+  x = jax.random.normal(jax.random.key(start), (2, start + length, cfg.d_model))
+  state = attn.init_state(2, slots) if start == 0 else attn(x[:, :start], cache_size=slots)[1]
+  want_y, want = nnx.jit(lambda m, a, s: m._continue(a, s, None))(attn, x[:, start:], state)
+  got_y, got = nnx.jit(lambda m, a, s: m._continue_parallel(a, s, block))(attn, x[:, start:], state)
+  np.testing.assert_allclose(got_y, want_y, atol=ATOL)
+  assert_same_cache(got, want)
+  assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
