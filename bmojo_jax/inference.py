@@ -5,7 +5,9 @@ Prefill runs the parallel pass and hands its final states to the step path (`Lan
 same step in a `lax.scan` on device, sampling included, so no Python dispatch sits between tokens: the path of
 `generate` and `generate_stream` (which yields the tokens every few steps). Prompts of different lengths are
 batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of its prompt
-while rows past their prompt sample, all in the same scanned step.
+while rows past their prompt sample, all in the same scanned step. A long prompt can be prefilled in pieces
+(`Decoder`'s prefill_chunk: bounded memory, the same cache), and the step and loop compiled with given XLA
+options (`Decoder`'s compiler_options).
 """
 
 from __future__ import annotations

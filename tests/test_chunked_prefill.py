@@ -143,3 +143,14 @@ def test_parallel_continuation_equals_the_step_scan(family, start, length, block
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
   assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+
+
+@pytest.mark.parametrize("family", ["bmojo", pytest.param("mamba", marks=pytest.mark.slow)])
+def test_chunked_prefill_memory_does_not_grow_with_the_prompt(models, family):
+  """The largest temporary buffer of the compiled pieces (XLA's buffer assignment) is the same at T 64 and
+  256 in pieces of 16, and below that of one pass over 256 tokens."""
+  from benchmarks.inference_bench import prefill_temp_bytes
+  decoder = Decoder(models[family])
+  chunked = [prefill_temp_bytes(decoder, t, 16) for t in (64, 256)]
+  whole = prefill_temp_bytes(decoder, 256)
+  assert chunked[0] == chunked[1] and 0 < chunked[1] < whole / 4, (chunked, whole)
