@@ -181,9 +181,10 @@ class Decoder:
   continuing the cache of the one before (ring KV cache, conv and SSM states, fading and eidetic memory), so
   a piece's activations are O(C), not O(T); the cache then goes to `step` / `decode` as it is. The logits and
   cache are those of one prefill of the whole prompt. None (the default) prefills the prompt in one parallel
-  pass, the fastest: a continuation runs the Mamba sublayers in parallel over the piece but the attention
-  sublayers step through its tokens one by one (`Attention._continue`), so chunking trades speed for memory;
-  use it when a whole prompt's activations do not fit.
+  pass, the fastest: a continuation runs the Mamba sublayers and attention without memory tokens in parallel
+  over the piece, but the memory attention of B'MOJO-F / B'MOJO steps through its tokens one by one
+  (`Attention._continue`), so for those chunking trades speed for memory; use it when a whole prompt's
+  activations do not fit.
 
   scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.scan_layers`: one block traced and
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
@@ -253,7 +254,7 @@ class Decoder:
     forced = jnp.zeros((b, n), jnp.int32) if forced is None else jnp.asarray(forced, jnp.int32)
     use_forced = jnp.zeros((b, n), bool) if use_forced is None else jnp.asarray(use_forced, bool)
     return self._loop_fn(self.graphdef, self.state, logits, cache, forced, use_forced, key,
-                        jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
+                         jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
