@@ -47,6 +47,7 @@ class AttnState(NamedTuple):
 
 
 CHUNK_FIELDS = ("fading_k", "fading_v", "store", "cand")   # what `Attention.start_chunk` changes
+CONTINUE_BLOCK = 256   # queries per block of a parallel continuation (`Attention._continue_parallel`)
 
 
 class Attention(nnx.Module):
@@ -102,12 +103,15 @@ class Attention(nnx.Module):
     to the rows cut from it only (`fading_parts`). With cache_size (ring slots; the window, or the maximum length for full attention) also
     returns the decode state after the last token. With `packing` (several documents per row) no key or
     memory token of one document is visible to another, and chunks count from each document's first token.
-    A continuation (a prompt fed in pieces, a second turn) runs `step` over its tokens in a `lax.scan`: exact
-    whatever the phase of the chunks, but sequential in T.
+    A continuation (a prompt fed in pieces, a second turn) without memory tokens attends in parallel over the
+    ring cache and the piece (`_continue_parallel`); with memory tokens it runs `step` over its tokens in a
+    `lax.scan` (`_continue`): exact whatever the phase of the chunks, but sequential in T.
     """
     if state is not None:
       if packing is not None:
         raise NotImplementedError("a continuation from a decode state takes one document per row")
+      if not (self.cfg.fading or self.cfg.eidetic):
+        return self._continue_parallel(a, state)
       return self._continue(a, state, fading if fading_norm is None else fading_norm(fading))
     cfg = self.cfg
     if packing is not None and cache_size is not None:
@@ -148,22 +152,90 @@ class Attention(nnx.Module):
     state, y = jax.lax.scan(body, state, (to_time(a), to_time(fading)))
     return jnp.moveaxis(y, 0, 1), state
 
+  def _continue_parallel(self, a: jax.Array, state: AttnState, block: int = CONTINUE_BLOCK
+                         ) -> tuple[jax.Array, AttnState]:
+    """`_continue` without memory tokens, all T queries at once: a [B, T, D] at positions p0 + [0, T) (p0 =
+    state.pos) -> (y [B, T, D], state), what `step` gives token by token (tests/test_chunked_prefill.py).
+
+    The keys are the ring's S slots in position order (positions p0 - S .. p0 - 1, negative ones invalid)
+    followed by the piece's T: ext [B, S + T, K, P]. Queries go in blocks of `block`, each attending to the
+    S + block keys before its end (its window and all the ring can hold) through `decode_attention`, so the
+    logits held are [block, S + block] a head, whatever T (S: the window, or max_len for full attention).
+    """
+    cfg = self.cfg
+    b, t, _ = a.shape
+    p0, size = state.pos, state.k.shape[1]
+    positions = p0 + jnp.arange(t)
+    k_raw, v = self.wk(a), self.wv(a)
+    q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
+    block = min(block, t)
+    n_blocks = -(-t // block)
+    pad = n_blocks * block - t                      # padded keys lie after every real query: never seen
+    ring_slots = jnp.mod(p0 - size + jnp.arange(size), size)                        # [S] in position order
+    ext_pos = p0 - size + jnp.arange(size + t + pad)                                # [S + T + pad]
+    ext = lambda ring, new: jnp.concatenate(
+        [jnp.take(ring, ring_slots, axis=1), jnp.pad(new.astype(ring.dtype), [(0, 0), (0, pad), (0, 0), (0, 0)])],
+        axis=1)
+    ext_k, ext_v = ext(state.k, k), ext(state.v, v)
+    q = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)])
+
+    def attend(i):                                  # queries [i·block, (i + 1)·block) of the piece
+      lo = i * block
+      keys, values, key_pos = (jax.lax.dynamic_slice_in_dim(x, lo, size + block, axis=ax)
+                               for x, ax in ((ext_k, 1), (ext_v, 1), (ext_pos, 0)))
+      query_pos = p0 + lo + jnp.arange(block)
+      valid = (key_pos[None] >= 0) & (key_pos[None] <= query_pos[:, None])          # [block, S + block]
+      if cfg.window is not None:
+        valid &= key_pos[None] > query_pos[:, None] - cfg.window
+      one = lambda qi, vi: decode_attention(qi, [(keys, values, vi[None])])
+      return jax.vmap(one, in_axes=(1, 0), out_axes=1)(jax.lax.dynamic_slice_in_dim(q, lo, block, 1), valid)
+
+    o = jax.lax.map(attend, jnp.arange(n_blocks))                                   # [n, B, block, H, P]
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * block, *o.shape[3:])[:, :t]
+    end = p0 + t                                    # each slot: the latest position of its residue, as `step`
+    slot_pos = (end - 1) - jnp.mod(end - 1 - jnp.arange(size), size)
+    ring = lambda x: jnp.where((slot_pos >= 0)[None, :, None, None],
+                               jnp.take(x, slot_pos - (p0 - size), axis=1), 0).astype(x.dtype)
+    return self.wo(o), state._replace(k=ring(ext_k), v=ring(ext_v), pos=end)
+
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:
     """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state).
 
-    Branch-free: the chunk-boundary work (`start_chunk`) is computed at every token and selected by the
-    boundary flag, because a `lax.cond` on XLA:GPU reads its predicate on the host, a device-to-host sync per
-    layer per token that dominated batch-1 decoding. The store is small (M_e slots), so the select costs little.
+    The chunk-boundary work (`start_chunk`: the store merge, a sort over M_e + k_e entries) runs only at the
+    first token of a chunk, in a `lax.cond` on the device scalar state.pos: every other token does only its own
+    work (`step_select` is the branch-free form, which computes the merge at every token and selects it).
     """
+    t = state.pos
+    if self.cfg.eidetic or self.cfg.fading:
+      boundary = (t % self.cfg.chunk == 0) & (t > 0)
+      fields = jax.lax.cond(boundary, lambda s: self._chunk_fields(self.start_chunk(s)), self._chunk_fields,
+                            state)
+      state = state._replace(**fields)
+    return self._token_step(a, state, fading)
+
+  def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
+                  ) -> tuple[jax.Array, AttnState]:
+    """`step` without a conditional: the chunk-boundary work is computed at every token and selected by the
+    boundary flag (the reference of `step`'s `lax.cond`; the same state and output bit for bit)."""
+    t = state.pos
+    if self.cfg.eidetic or self.cfg.fading:
+      boundary = (t % self.cfg.chunk == 0) & (t > 0)
+      new = self._chunk_fields(self.start_chunk(state))
+      state = state._replace(**jax.tree.map(lambda x, y: jnp.where(boundary, x, y), new,
+                                            self._chunk_fields(state)))
+    return self._token_step(a, state, fading)
+
+  @staticmethod
+  def _chunk_fields(state: AttnState) -> dict:
+    return {f: getattr(state, f) for f in CHUNK_FIELDS}
+
+  def _token_step(self, a: jax.Array, state: AttnState, fading: jax.Array | None
+                  ) -> tuple[jax.Array, AttnState]:
+    """The work of the token at state.pos alone, the chunk's memory already current (`step`)."""
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
-    if m_e or m_f:
-      boundary = (t % chunk == 0) & (t > 0)
-      new = self.start_chunk(state)
-      state = state._replace(**{f: jax.tree.map(lambda x, y: jnp.where(boundary, x, y), getattr(new, f),
-                                                getattr(state, f)) for f in CHUNK_FIELDS})
 
     k_raw, v, fk, fv = self.step_kv(a, fading)                                       # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)

@@ -5,20 +5,22 @@ Prefill runs the parallel pass and hands its final states to the step path (`Lan
 same step in a `lax.scan` on device, sampling included, so no Python dispatch sits between tokens: the path of
 `generate` and `generate_stream` (which yields the tokens every few steps). Prompts of different lengths are
 batched exactly: the common prefix is prefilled, then each row is teacher-forced through the rest of its prompt
-while rows past their prompt sample, all in the same scanned step.
+while rows past their prompt sample, all in the same scanned step. A long prompt can be prefilled in pieces
+(`Decoder`'s prefill_chunk: bounded memory, the same cache), and the step and loop compiled with given XLA
+options (`Decoder`'s compiler_options).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmojo_jax.model import LanguageModel, check_cache_room, stack_blocks
+from bmojo_jax.model import LanguageModel, cache_slots, check_cache_room, stack_blocks
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int | None = None,
@@ -68,12 +70,16 @@ def _continue(graphdef, params, tokens, cache, last_only):
   return nnx.merge(graphdef, params).prefill(tokens, cache=cache, last_only=last_only)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+STEP_JIT = dict(static_argnums=(0,), donate_argnums=(3,))              # how `_step` is jitted
+LOOP_JIT = dict(static_argnums=(0, 8, 9, 10), donate_argnums=(3,))     # how `_decode_loop` is jitted
+
+
+@functools.partial(jax.jit, **STEP_JIT)
 def _step(graphdef, params, token, cache):
   return nnx.merge(graphdef, params).step(token, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=(3,))
+@functools.partial(jax.jit, **LOOP_JIT)
 def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start, temperature, top_k, top_p):
   """Decode forced.shape[1] tokens on device (a lax.scan over the step).
 
@@ -96,6 +102,38 @@ def _decode_loop(graphdef, params, logits, cache, forced, use_forced, key, start
   return tokens.T, logits, cache
 
 
+CompilerOptions = tuple[tuple[str, str | bool | int | float], ...]   # XLA options as sorted (name, value) pairs
+
+
+@functools.cache
+def _decode_fns(options: CompilerOptions):
+  """(step, loop): `_step` and `_decode_loop` compiled with these XLA options (jax.jit's compiler_options),
+  each pair jitted once per set of options and shared by every decoder that asks for it; () is the default."""
+  if not options:
+    return _step, _decode_loop
+  kw = dict(compiler_options=dict(options))
+  return jax.jit(_step.__wrapped__, **STEP_JIT, **kw), jax.jit(_decode_loop.__wrapped__, **LOOP_JIT, **kw)
+
+
+def check_compiler_options(options) -> CompilerOptions:
+  """A mapping of XLA option names to values (e.g. {"xla_gpu_enable_command_buffer": "FUSION,WHILE"}) or None
+  -> sorted pairs, checked by compiling a one-op function with them: an unknown name or a bad value is a
+  ValueError naming it here, not at the first decode."""
+  if not options:
+    return ()
+  if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+    raise ValueError(f"compiler_options must map XLA option names (str) to values; got {options!r}")
+  bad = {k: v for k, v in options.items() if not isinstance(v, (str, bool, int, float))}
+  if bad:
+    raise ValueError(f"compiler_options values must be str, bool, int or float; got {bad!r}")
+  pairs = tuple(sorted(options.items()))
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(pairs)).lower(jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f"compiler_options {dict(pairs)} rejected by XLA: {str(e).splitlines()[0]}") from None
+  return pairs
+
+
 MATMUL_WEIGHTS = ("kernel", "embed", "lm_head")  # parameter names whose every use casts them to the compute dtype
 
 
@@ -114,6 +152,22 @@ def decode_weights(state: nnx.State, compute_dtype) -> nnx.State:
   return jax.tree_util.tree_map_with_path(cast, state)
 
 
+def prefill_pieces(length: int, chunk: int | None) -> list[tuple[int, int]]:
+  """[lo, hi) of the pieces a prompt of `length` tokens is prefilled in: the whole prompt without a chunk or
+  when it fits one; else the remainder length % chunk first (if any), then whole chunks, so that every piece
+  but the first has one shape, [B, chunk]: one compile whatever the length. (The last piece is not padded to
+  the chunk instead: padding tokens would move the SSM, ring and memory states on.)"""
+  if chunk is None or length <= chunk:
+    return [(0, length)]
+  first = length % chunk or chunk
+  return [(0, first)] + [(lo, lo + chunk) for lo in range(first, length, chunk)]
+
+
+def check_prefill_chunk(chunk: int | None) -> None:
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f"prefill_chunk={chunk!r} must be a positive int or None (the whole prompt at once)")
+
+
 class Decoder:
   """Compiled prefill and step functions for one model.
 
@@ -123,6 +177,15 @@ class Decoder:
   `decode(logits [B, V], cache, n) -> (tokens [B, n], logits, cache)` runs n steps on device in one `lax.scan`
   (sampling included) and compiles once per (B, n) and sampling settings.
 
+  prefill_chunk C: a prompt longer than C tokens is prefilled in pieces of C (`prefill_pieces`), each
+  continuing the cache of the one before (ring KV cache, conv and SSM states, fading and eidetic memory), so
+  a piece's activations are O(C), not O(T); the cache then goes to `step` / `decode` as it is. The logits and
+  cache are those of one prefill of the whole prompt. None (the default) prefills the prompt in one parallel
+  pass, the fastest: a continuation runs the Mamba sublayers and attention without memory tokens in parallel
+  over the piece, but the memory attention of B'MOJO-F / B'MOJO steps through its tokens one by one
+  (`Attention._continue`), so for those chunking trades speed for memory; use it when a whole prompt's
+  activations do not fit.
+
   scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.scan_layers`: one block traced and
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
   per-block cache it reads. The step keeps the block loop: scanned, each token would copy every block's cache
@@ -130,10 +193,19 @@ class Decoder:
 
   The decoder holds the model's parameters with its matmul weights in the compute dtype (`decode_weights`):
   a model trained with fp32 parameters and bf16 compute decodes reading bf16 weights, with the same logits.
+
+  compiler_options: XLA options (jax.jit's `compiler_options`, e.g. {"xla_gpu_enable_command_buffer":
+  "FUSION,WHILE"}) that `step` and `decode` are compiled with; None or {} compiles them as jax does by default.
+  Checked here (`check_compiler_options`): a name or value XLA does not take is a ValueError.
   """
 
-  def __init__(self, model: LanguageModel, *, scan_prefill: bool = False):
+  def __init__(self, model: LanguageModel, *, scan_prefill: bool = False, prefill_chunk: int | None = None,
+               compiler_options=None):
     self.cfg = model.cfg
+    check_prefill_chunk(prefill_chunk)
+    self.prefill_chunk = prefill_chunk
+    self.compiler_options = check_compiler_options(compiler_options)
+    self._step_fn, self._loop_fn = _decode_fns(self.compiler_options)
     self.graphdef, state = nnx.split(model)
     self.state = decode_weights(state, self.cfg.compute_dtype)
     self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
@@ -144,18 +216,32 @@ class Decoder:
       nnx.replace_by_pure_dict(self.prefill_state, stack_blocks(nnx.to_pure_dict(self.state)))
       self.n_unstack = self.cfg.n_blocks
 
-  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None, *, last_only: bool = False):
+  def prefill(self, tokens: jax.Array, max_len: int | None = None, cache=None, *, last_only: bool = False,
+              chunk: int | None = None):
     """(logits [B, T, V], cache) of the prompt; with `cache` (donated) it continues that sequence. last_only:
-    logits [B, 1, V] of the last position alone (all decoding needs)."""
+    logits [B, 1, V] of the last position alone (all decoding needs). chunk: prefill in pieces of this many
+    tokens (default: the decoder's prefill_chunk; see the class)."""
     tokens = jnp.asarray(tokens, jnp.int32)
+    check_prefill_chunk(chunk)
+    t = tokens.shape[1]
     if cache is None:
-      return _prefill(self.prefill_graphdef, self.prefill_state, tokens, max_len, last_only, self.n_unstack)
-    check_cache_room(self.cfg, cache, tokens.shape[1])   # before the jitted call: the cache is concrete
-    return _continue(self.graphdef, self.state, tokens, cache, last_only)
+      cache_slots(self.cfg, t, max_len)          # full attention: max_len must hold the whole prompt
+    else:
+      check_cache_room(self.cfg, cache, t)      # before the jitted calls: the cache is concrete
+    pieces, out = prefill_pieces(t, self.prefill_chunk if chunk is None else chunk), []
+    for lo, hi in pieces:
+      if cache is None:
+        logits, cache = _prefill(self.prefill_graphdef, self.prefill_state, tokens[:, lo:hi], max_len, last_only,
+                                 self.n_unstack)
+      else:
+        logits, cache = _continue(self.graphdef, self.state, tokens[:, lo:hi], cache, last_only)
+      if not last_only or hi == t:
+        out.append(logits)
+    return (out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)), cache
 
   def step(self, token: jax.Array, cache):
     """One token per row, token [B] -> (logits [B, V], cache); the cache is donated."""
-    return _step(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache)
+    return self._step_fn(self.graphdef, self.state, jnp.asarray(token, jnp.int32), cache)
 
   def decode(self, logits, cache, n: int, *, key=None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, forced=None, use_forced=None, start: int = 0):
@@ -167,8 +253,8 @@ class Decoder:
     key = jax.random.key(0) if key is None else key
     forced = jnp.zeros((b, n), jnp.int32) if forced is None else jnp.asarray(forced, jnp.int32)
     use_forced = jnp.zeros((b, n), bool) if use_forced is None else jnp.asarray(use_forced, bool)
-    return _decode_loop(self.graphdef, self.state, logits, cache, forced, use_forced, key,
-                        jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
+    return self._loop_fn(self.graphdef, self.state, logits, cache, forced, use_forced, key,
+                         jnp.asarray(start, jnp.int32), float(temperature), top_k, top_p)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
@@ -183,15 +269,16 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 
 def generate_stream(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
                     max_new_tokens: int, block: int = 16, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, seed: int = 0, eos_id: int | None = None
-                    ) -> Iterator[list[list[int]]]:
+                    top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+                    prefill_chunk: int | None = None) -> Iterator[list[list[int]]]:
   """Continue each prompt by up to max_new_tokens tokens, yielding as they come: after every `block` decode
   steps (one `Decoder.decode` call on device), each row's new tokens of those steps (a list per row, empty
   while the row is still in its prompt or done). A row is done after max_new_tokens tokens or its eos_id
   (included); the stream ends when every row is. The tokens are those of `generate` whatever `block` is.
 
-  Prompts of different lengths share the batch exactly: the common prefix is prefilled, then each row is
-  teacher-forced through the rest of its prompt while rows past their prompt sample, in the same steps.
+  Prompts of different lengths share the batch exactly: the common prefix is prefilled (in pieces of
+  prefill_chunk tokens if given, else the decoder's `prefill_chunk`), then each row is teacher-forced through
+  the rest of its prompt while rows past their prompt sample, in the same steps.
   """
   decoder = model if isinstance(model, Decoder) else Decoder(model)
   cfg = decoder.cfg
@@ -209,7 +296,7 @@ def generate_stream(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequ
     padded[i, :len(p)] = p
   use_forced = np.arange(start, start + n_steps)[None, :] < lengths[:, None]        # [B, n_steps]
 
-  logits, cache = decoder.prefill(padded[:, :start], start + n_steps, last_only=True)
+  logits, cache = decoder.prefill(padded[:, :start], start + n_steps, last_only=True, chunk=prefill_chunk)
   logits, key = logits[:, -1], jax.random.key(seed)
   produced = [0] * len(prompts)                            # new tokens so far per row; -1 once done
   for lo in range(0, n_steps, block):
@@ -234,14 +321,17 @@ def generate_stream(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequ
 
 def generate(model: LanguageModel | Decoder, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, eos_id: int | None = None) -> list[list[int]]:
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+             prefill_chunk: int | None = None) -> list[list[int]]:
   """Continue each prompt by max_new_tokens tokens (cut after eos_id if given), all on device in one
-  `Decoder.decode` call after the prefill (`generate_stream` in one block). Returns the new tokens."""
+  `Decoder.decode` call after the prefill (`generate_stream` in one block; prefill_chunk as there). Returns
+  the new tokens."""
   lengths = [len(p) for p in prompt_tokens]
   block = max(1, max(lengths) - min(lengths) + max_new_tokens) if lengths else 1
   results = None
   for part in generate_stream(model, prompt_tokens, max_new_tokens=max_new_tokens, block=block,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id):
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id,
+                              prefill_chunk=prefill_chunk):
     results = part if results is None else [r + p for r, p in zip(results, part)]
   return results
 

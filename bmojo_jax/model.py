@@ -185,6 +185,19 @@ def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
                      f"and {n_tokens} more do not fit")
 
 
+def cache_slots(cfg: ModelConfig, prompt_len: int, max_len: int | None) -> int | None:
+  """Ring slots of the attention cache for a prompt of prompt_len tokens: the window, max_len for full
+  attention (a ValueError if max_len does not hold the prompt), None without attention."""
+  if not cfg.has_attention:
+    return None
+  if cfg.window is not None:
+    return cfg.window
+  if max_len is None or max_len < prompt_len:
+    raise ValueError(f"full attention needs max_len >= the prompt length ({prompt_len}) to size its "
+                     f"KV cache; got max_len={max_len}")
+  return max_len
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] fp32."""
 
@@ -264,7 +277,8 @@ class LanguageModel(nnx.Module):
     max_len bounds prompt + generated tokens; only full attention (the Transformer) needs it, to size its KV
     cache. With `cache` (from `prefill`, `step` or `init_cache`) the prompt continues that sequence: a long
     prompt fed in pieces, or a second turn, gives the logits of one prefill of the whole (the Mamba sublayers
-    run in parallel from their states, the attention sublayers step through the piece). Returns
+    and attention without memory tokens run in parallel from their states, the memory attention steps through
+    the piece: `Attention.__call__`). Returns
     (logits [B, T, V], cache); with last_only, logits [B, 1, V] of the last position alone (what decoding
     reads: the head over the whole prompt, [T, V] fp32, is the largest matmul and array of a long prefill).
     """
@@ -280,15 +294,8 @@ class LanguageModel(nnx.Module):
     return self.logits(x)[:, 0], cache
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
-    """Ring slots of the attention cache: the window, or max_len for full attention."""
-    if not self.cfg.has_attention:
-      return None
-    if self.cfg.window is not None:
-      return self.cfg.window
-    if max_len is None or max_len < prompt_len:
-      raise ValueError(f"full attention needs max_len >= the prompt length ({prompt_len}) to size its "
-                       f"KV cache; got max_len={max_len}")
-    return max_len
+    """Ring slots of the attention cache: the window, or max_len for full attention (`cache_slots`)."""
+    return cache_slots(self.cfg, prompt_len, max_len)
 
   def init_cache(self, batch: int, max_len: int | None = None):
     """The cache before any token (what `prefill` of an empty prompt would return): a list of BlockCaches,

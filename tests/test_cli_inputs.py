@@ -115,6 +115,7 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     ("generate --workdir {run} --prompt '1 2' --temperature=-1", r"temperature=-1.0 must be >= 0"),
     ("generate --workdir {run} --prompt '1 2' --top_p=1.5", r"top_p=1.5 must be in \(0, 1\]"),
     ("generate --workdir {run} --prompt '1 2' --top_k=0", r"top_k=0 must be in 1..vocab_size"),
+    ("generate --workdir {run} --prompt '1 2' --prefill_chunk=0", r"prefill_chunk=0 must be a positive int"),
     # bmojo-prepare
     ("prepare --no-progress --out {w} --text {tmp}/nope --workers 1", r"Text path does not exist: .*/nope"),
     ("prepare --no-progress --out {w} --text {tmp}/empty_dir --workers 1", r"No files matching .* under directory"),

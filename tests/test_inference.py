@@ -204,19 +204,51 @@ def test_scanned_prefill_matches_the_block_loop(decoders, family):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bmojo_f", "bmojo"])
-def test_step_has_no_conditional(decoders, family):
-  """The compiled step and loop hold no conditional: XLA:GPU reads a conditional's predicate on the host, a
-  sync per layer per token (issue 36). Lowering only."""
-  _, decoder = decoders[family]
+def _sorts(jaxpr, in_cond: bool = False, found=None) -> dict[bool, int]:
+  """{False: sorts outside any conditional, True: sorts inside one} of a jaxpr and the jaxprs it calls."""
+  found = {False: 0, True: 0} if found is None else found
+  for eqn in jaxpr.eqns:
+    found[in_cond] += eqn.primitive.name == "sort"
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          _sorts(sub, in_cond or eqn.primitive.name == "cond", found)
+  return found
+
+
+def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
+  """The store merge (a sort over M_e + k_e entries per layer) sits in a `lax.cond` on the chunk boundary: a
+  token inside a chunk does only its own work, in the step and in the on-device loop. Tracing only."""
+  _, decoder = decoders["bmojo"]
   cache = decoder.prefill(jnp.zeros((1, 5), jnp.int32), 20)[1]
   token, logits = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 64), jnp.float32)
-  step = inference._step.lower(decoder.graphdef, decoder.state, token, cache).as_text()
-  loop = inference._decode_loop.lower(decoder.graphdef, decoder.state, logits, cache, jnp.zeros((1, 3), jnp.int32),
-                                      jnp.zeros((1, 3), bool), jax.random.key(0), jnp.int32(0), 0.0, None,
-                                      None).as_text()
-  for text in (step, loop):
-    assert "stablehlo.case" not in text and "stablehlo.if" not in text
+  step = jax.make_jaxpr(inference._step, static_argnums=(0,))(decoder.graphdef, decoder.state, token, cache)
+  loop = jax.make_jaxpr(inference._decode_loop, static_argnums=(0, 8, 9, 10))(
+      decoder.graphdef, decoder.state, logits, cache, jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), bool),
+      jax.random.key(0), jnp.int32(0), 0.0, None, None)
+  n_blocks = decoder.cfg.n_blocks
+  for jaxpr in (step, loop):
+    assert _sorts(jaxpr.jaxpr) == {False: 0, True: n_blocks}
+
+
+@pytest.mark.parametrize("policy", ["fifo", "score"])
+def test_step_equals_its_branch_free_reference(policy):
+  """`Attention.step` (the chunk-boundary work in a lax.cond) gives `step_select`'s outputs and state bit for
+  bit, over several chunks (stores filling and evicting), with fading and eidetic tokens."""
+  from bmojo_jax.attention import Attention
+  cfg = tiny_config("bmojo", init_std=0.1, store_policy=policy)
+  attn = Attention(cfg, rngs=nnx.Rngs(1))
+  a, fading = jax.random.normal(jax.random.key(2), (2, 2, 26, cfg.d_model))
+  run = nnx.jit(lambda m, a, f, s, select: (m.step_select if select else m.step)(a, s, fading=f),
+                static_argnums=(4,))
+  states = [attn.init_state(2, cfg.window)] * 2
+  for t in range(26):
+    (y0, states[0]), (y1, states[1]) = (run(attn, a[:, t:t + 1], fading[:, t:t + 1], s, sel)
+                                        for s, sel in zip(states, (False, True)))
+    np.testing.assert_array_equal(y0, y1)
+    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+  assert int(jnp.sum(states[0].store.valid)) == 2 * cfg.eidetic   # the stores filled: the merges ran
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -239,3 +271,33 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
     want, want_cache = inference._step(graphdef, state, tokens[:, t], want_cache)
     np.testing.assert_array_equal(got, want)
   assert float(jnp.abs(want).max()) > 0.1
+
+
+def test_decoder_compiler_options(decoders, tmp_path):
+  """None and {} decode with jax's default jitted step and loop; given options reach the step's and the loop's
+  compiles (xla_dump_to: XLA writes their modules where it is told) and leave the tokens as they were."""
+  model, default = decoders["bmojo"]
+  for options in (None, {}):
+    decoder = Decoder(model, compiler_options=options)
+    assert decoder.compiler_options == () and decoder._step_fn is inference._step
+  dump = tmp_path / "xla"
+  dumped = Decoder(model, compiler_options={"xla_dump_to": str(dump)})
+  assert "_step" not in " ".join(p.name for p in dump.iterdir())   # the check compiled a one-op function only
+  prompt = jnp.array([[3, 1, 4, 1, 5]], jnp.int32)
+  want = generate(default, prompt, max_new_tokens=6)
+  assert generate(dumped, prompt, max_new_tokens=6) == want
+  logits, cache = dumped.prefill(prompt, 12, last_only=True)
+  dumped.step(jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
+  names = " ".join(p.name for p in dump.iterdir())
+  assert "_decode_loop" in names and "jit__step" in names, names
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"xla_no_such_option": True}, "No such compile option: 'xla_no_such_option'"),
+    ({"xla_cpu_enable_fast_math": "maybe"}, "'maybe' is not a valid bool"),
+    ({"xla_dump_to": ["a"]}, "values must be str, bool, int or float"),
+    (["xla_dump_to"], "must map XLA option names")])
+def test_decoder_rejects_bad_compiler_options(decoders, options, match):
+  model, _ = decoders["hybrid"]
+  with pytest.raises(ValueError, match=match):
+    Decoder(model, compiler_options=options)

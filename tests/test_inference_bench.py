@@ -26,3 +26,19 @@ def test_tiny_run_writes_the_record_schema(tmp_path, monkeypatch):
     assert r["compile_s"] >= 0 and (r["ms"] if r["op"] == "prefill" else r["tokens_per_s"]) > 0
   for r in decode:
     assert isinstance(r["loop"], bool) and r["floor_tokens_per_s"] > 0
+
+
+def test_tiny_chunked_prefill_rows_record_their_memory(tmp_path, monkeypatch):
+  """--prefill_chunks: a row per chunk size, each with the compiled pieces' largest temporary buffer, which
+  chunking bounds: at T 64 pieces of 8 need less than one pass of 64. --compiler_options reach the decoder and
+  the records."""
+  monkeypatch.setattr(sys, "argv", ["inference_bench", "--tiny", "--families", "hybrid", "--prefill_T", "64",
+                                    "--prefill_chunks", "0,8", "--contexts", "16", "--batches", "1",
+                                    "--compiler_options", '{"xla_cpu_enable_fast_math": false}',
+                                    "--out_dir", str(tmp_path)])
+  inference_bench.main()
+  records = json.loads((tmp_path / "inference_cpu.json").read_text())
+  prefill = {r["chunk"]: r for r in records if r["op"] == "prefill"}
+  assert set(prefill) == {None, 8} and all(PREFILL <= set(r) and r["ms"] > 0 for r in prefill.values())
+  assert 0 < prefill[8]["temp_bytes"] < prefill[None]["temp_bytes"]
+  assert {r["compiler_options"] for r in records} == {'{"xla_cpu_enable_fast_math": false}'}

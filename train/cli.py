@@ -2,7 +2,8 @@
 
     bmojo-train --config configs/mqar.py[:<preset>] --workdir DIR [--config.train.num_steps=...]
     bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
-    bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S]
+    bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
+                   --prefill_chunk C]
 
 Exit status: 0 when training ends (num_steps or the target accuracy), 75 (EX_TEMPFAIL) when SIGTERM or SIGINT
 stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error, and 1 when the run
@@ -166,7 +167,7 @@ def _generate(argv):
   with _one_line_errors("bmojo-generate"):
     text = gen_lib.generate_from_run(
         _WORKDIR.value, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-        top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+        top_k=f.top_k, top_p=f.top_p, seed=f.seed, prefill_chunk=f.prefill_chunk)
   print(text)
 
 
@@ -340,6 +341,8 @@ def generate_main():
   flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("prefill_chunk", None, "Prefill a longer prompt in pieces of this many tokens (bounded "
+                       "memory, slower; default: the whole prompt in one parallel pass).")
   flags.mark_flags_as_required(["workdir"])
   _run(_generate, "bmojo-generate", with_config=False)
 

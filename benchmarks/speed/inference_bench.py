@@ -1,13 +1,18 @@
 """Inference per family against the bandwidth floor (issue 36), written to inference_<device>.json and a figure.
 
     python -m benchmarks.speed.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
-        [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--tiny]
+        [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--prefill_chunks 0,4096]
+        [--compiler_options '{"xla_gpu_enable_command_buffer": "FUSION,WHILE"}'] [--tiny]
 
 Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
 kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
   {"op": "prefill", "family", "attn_impl", "size", "batch": 1, "T", "ms", "compile_s", "device"}
       the prompt's forward with its decode cache and the last position's logits (`Decoder.prefill`, blocks in
       one lax.scan: `scan_prefill`), median of --iters jitted calls; compile_s = first call - median.
+      "chunk": null for one parallel pass, C for a chunked prefill in pieces of C tokens (`prefill_chunk`;
+      --prefill_chunks, 0 naming the whole prompt). When --prefill_chunks names a chunk, every prefill row also
+      has "temp_bytes": the largest temporary (activation) buffer XLA assigns to a compiled piece (the
+      executable's memory_analysis; the parameters and the cache come on top), what bounded memory bounds.
   {"op": "decode", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s",
    "floor_tokens_per_s", "compile_s", "device"}
       --steps greedy tokens after `context` tokens: loop true through `Decoder.decode` (a lax.scan on device,
@@ -19,7 +24,9 @@ kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
       compile_s: the first call's time beyond a timed one (for a context that reuses a compiled function,
       that function's). Rows also carry cache_bytes, weight_bytes and copy_bandwidth.
 A row that cannot run (the Transformer's KV cache beyond --cache_fraction of device memory, or out of
-memory) is written with "skipped": the reason and null measurements. Records of an earlier run of the same
+memory) is written with "skipped": the reason and null measurements. --compiler_options (a JSON object of XLA
+options) compiles the decode step and loop with them (`Decoder`'s compiler_options); every record names them
+("compiler_options": the JSON, null for none). Records of an earlier run of the same
 file that this run does not measure are kept (run sizes or families in separate calls).
 """
 
@@ -38,9 +45,10 @@ from flax import nnx
 from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
 from benchmarks.speed.decoding import at_position, greedy
 from bmojo_jax import Family, LanguageModel, ModelConfig, preset
-from bmojo_jax.inference import Decoder, cache_bytes
+from bmojo_jax import inference
+from bmojo_jax.inference import Decoder, cache_bytes, prefill_pieces
 
-KEY_FIELDS = ("op", "family", "size", "batch", "T", "context", "loop")
+KEY_FIELDS = ("op", "family", "size", "batch", "T", "chunk", "context", "loop", "compiler_options")
 
 
 def model_config(family: Family, size: str) -> ModelConfig:
@@ -74,15 +82,32 @@ def is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def prefill_ms(decoder: Decoder, t: int, iters: int) -> tuple[float, float]:
-  """(median ms, compile s) of the batch-1 prefill of t tokens (cache sized for t + 1)."""
+def prefill_ms(decoder: Decoder, t: int, iters: int, chunk: int | None = None) -> tuple[float, float]:
+  """(median ms, compile s) of the batch-1 prefill of t tokens (cache sized for t + 1), in pieces of chunk
+  tokens if given."""
   tokens = jnp.zeros((1, t), jnp.int32)
-  fn = lambda: decoder.prefill(tokens, t + 1, last_only=True)
+  fn = lambda: decoder.prefill(tokens, t + 1, last_only=True, chunk=chunk)
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
   ms = median_ms(fn, warmup=1, iters=iters)
   return ms, max(0.0, first - ms / 1e3)
+
+
+def prefill_temp_bytes(decoder: Decoder, t: int, chunk: int | None = None) -> int:
+  """The largest temporary buffer (bytes) of the compiled pieces of a batch-1 prefill of t tokens (cache sized
+  for t + 1; `prefill_pieces`): XLA's buffer assignment for the activations, compiled ahead of time here."""
+  tokens = jnp.zeros((1, t), jnp.int32)
+  pieces = prefill_pieces(t, chunk)
+  lo, hi = pieces[0]
+  args = (decoder.prefill_graphdef, decoder.prefill_state, tokens[:, lo:hi], t + 1, True, decoder.n_unstack)
+  compiled = [inference._prefill.lower(*args).compile()]
+  if len(pieces) > 1:
+    cache = jax.eval_shape(lambda: inference._prefill(*args)[1])
+    lo, hi = pieces[1]
+    compiled.append(inference._continue.lower(decoder.graphdef, decoder.state, tokens[:, lo:hi], cache,
+                                              True).compile())
+  return max(c.memory_analysis().temp_size_in_bytes for c in compiled)
 
 
 def decode_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, context: int, steps: int,
@@ -153,20 +178,27 @@ def figure(records: list[dict], path: str) -> str:
 def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit) -> None:
   cfg = model_config(family, size)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  decoder = Decoder(model, scan_prefill=True)
+  options = json.loads(args.compiler_options) if args.compiler_options else None
+  decoder = Decoder(model, scan_prefill=True, compiler_options=options)
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.state))
-  base = dict(family=family.value, attn_impl=str(cfg.attn_impl), size=size)
+  base = dict(family=family.value, attn_impl=str(cfg.attn_impl), size=size,
+              compiler_options=json.dumps(dict(decoder.compiler_options)) if options else None)
   cap = None if limit is None else args.cache_fraction * limit
 
+  memory = any(args.prefill_chunks)
   for t in args.prefill_T:
-    rec = dict(op="prefill", **base, batch=1, T=t, ms=None, compile_s=None)
-    try:
-      rec["ms"], rec["compile_s"] = prefill_ms(decoder, t, args.iters)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_oom(e):
-        raise
-      rec["skipped"] = f"out of memory: {str(e)[:200]}"
-    emit(rec)
+    for chunk in args.prefill_chunks:
+      chunk = chunk or None
+      rec = dict(op="prefill", **base, batch=1, T=t, chunk=chunk, ms=None, compile_s=None)
+      try:
+        rec["ms"], rec["compile_s"] = prefill_ms(decoder, t, args.iters, chunk)
+        if memory:
+          rec["temp_bytes"] = prefill_temp_bytes(decoder, t, chunk)
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_oom(e):
+          raise
+        rec["skipped"] = f"out of memory: {str(e)[:200]}"
+      emit(rec)
 
   compile_s = {}          # (loop, batch, cache bytes): one compiled function per cache shape
   for batch in args.batches:
@@ -199,6 +231,10 @@ def main():
   parser.add_argument("--batches", type=ints, help="default 1,8,64 (--tiny: 1,2)")
   parser.add_argument("--steps", type=int, help="tokens per decode timing; default 32 (--tiny: 4)")
   parser.add_argument("--iters", type=int, help="prefill calls per median; default 10 (--tiny: 2)")
+  parser.add_argument("--prefill_chunks", type=ints, default=[0],
+                      help="prefill rows per chunk size: 0 the whole prompt, C in pieces of C tokens; default 0")
+  parser.add_argument("--compiler_options", default=None,
+                      help="a JSON object of XLA options for the decode step and loop")
   parser.add_argument("--cache_fraction", type=float, default=0.75,
                       help="skip decode rows whose cache exceeds this fraction of device memory")
   parser.add_argument("--tiny", action="store_true", help="a tiny config on CPU (tests)")
@@ -223,9 +259,11 @@ def main():
   def emit(rec: dict) -> None:
     rec["copy_bandwidth"] = bandwidth
     records.append(rec)
-    what = f"T {rec['T']:6d}: {rec['ms']} ms" if rec["op"] == "prefill" else (
+    what = f"T {rec['T']:6d} chunk {rec['chunk']}: {rec['ms']} ms" if rec["op"] == "prefill" else (
         f"batch {rec['batch']:3d} context {rec['context']:6d} loop {rec['loop']!s:5s}: "
         f"{rec['tokens_per_s']} tok/s (floor {rec['floor_tokens_per_s']:.0f})")
+    if "temp_bytes" in rec:
+      what += f" (temp {rec['temp_bytes'] / 2**20:.1f} MiB)"
     print(f"{rec['size']:5s} {rec['family']:12s} {rec['op']:8s} {what} compile {rec['compile_s']} s"
           f"{'  SKIPPED ' + rec['skipped'] if 'skipped' in rec else ''}", flush=True)
     write_results(merge_previous(list(records), path), "inference", out_dir)   # a cut run keeps its rows

@@ -1,0 +1,156 @@
+"""Chunked prefill (`Decoder(prefill_chunk=C)`): a long prompt prefilled in pieces of C tokens, each continuing
+the cache of the one before, gives the cache and logits of one whole-prompt prefill, and decoding goes on from
+it as from that prefill."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmojo_jax import LanguageModel, inference
+from bmojo_jax.attention import AttnState
+from bmojo_jax.inference import Decoder, generate, prefill_pieces
+from bmojo_jax.memory.store import Store, by_position
+from tests.conftest import FAMILIES, tiny_config
+
+PROMPT, T = 40, 44         # prompt tokens, then decode to T; tiny_config: memory chunk 4, window 8
+# The pieces start at multiples of the memory chunk (4) or not, and the chunk divides the prompt or not:
+CHUNKS = [pytest.param(8, id="divides-aligned"), pytest.param(7, id="remainder-unaligned"),
+          pytest.param(12, id="remainder-aligned", marks=pytest.mark.slow),
+          pytest.param(10, id="divides-unaligned", marks=pytest.mark.slow)]
+ATOL = 1e-5                # fp32: the pieces run the same ops in another order (parallel vs step-by-step)
+forward = nnx.jit(lambda m, x: m(x))
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {f: LanguageModel(tiny_config(f, init_std=0.1, n_layers=4), rngs=nnx.Rngs(0)) for f in FAMILIES}
+
+
+def canonical(cache):
+  """The cache with every eidetic candidate set in position order: the parallel pass and `insert_candidate`
+  hold the same entries in different slots (the store itself is ordered canonically)."""
+  fix = lambda s: s._replace(cand=by_position(s.cand)) if isinstance(s, AttnState) else s
+  return jax.tree.map(fix, cache, is_leaf=lambda s: isinstance(s, AttnState))
+
+
+def assert_same_cache(got, want):
+  got, want = canonical(got), canonical(want)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape and a.dtype == b.dtype, jax.tree_util.keystr(path)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_allclose(a, b, rtol=ATOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_prefill_pieces():
+  assert prefill_pieces(40, None) == [(0, 40)] and prefill_pieces(40, 40) == [(0, 40)]
+  assert prefill_pieces(40, 8) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40)]
+  assert prefill_pieces(40, 12) == [(0, 4), (4, 16), (16, 28), (28, 40)]     # the remainder first
+  assert prefill_pieces(1, 12) == [(0, 1)]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_matches_whole_prefill_and_forward(models, family, chunk):
+  """Every position's logits, the cache (every leaf: rings, conv and SSM states, fading buffers, the store and
+  the candidates) as one prefill of the whole prompt gives; then steps from it give the forward's logits."""
+  model = models[family]
+  decoder = Decoder(model, prefill_chunk=chunk)
+  tokens = jax.random.randint(jax.random.key(chunk), (2, T), 0, 64)
+  full = forward(model, tokens)
+  want_logits, want_cache = Decoder(model).prefill(tokens[:, :PROMPT], T)
+  logits, cache = decoder.prefill(tokens[:, :PROMPT], T)
+  assert logits.shape == want_logits.shape
+  np.testing.assert_allclose(logits, want_logits, atol=ATOL)
+  np.testing.assert_allclose(logits, full[:, :PROMPT], atol=1e-4)
+  assert_same_cache(cache, want_cache)
+  n_stores = sum(int(jnp.sum(s.valid)) for s in jax.tree.leaves(cache, is_leaf=lambda s: isinstance(s, Store))
+                 if isinstance(s, Store))
+  assert family != "bmojo" or n_stores > 0                  # the stores and candidates hold entries
+  for t in range(PROMPT, T):
+    step_logits, cache = decoder.step(tokens[:, t], cache)
+    np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
+  assert float(jnp.abs(full).max()) > 0.5                   # the logits are not near-constant
+
+
+def test_chunked_continuation_and_last_only(models):
+  """A sequence continued by a chunked prefill (a second turn) and last_only give what one prefill does."""
+  model = models["bmojo"]
+  tokens = jax.random.randint(jax.random.key(5), (2, T), 0, 64)
+  want, want_cache = Decoder(model).prefill(tokens, T)
+  decoder = Decoder(model, prefill_chunk=6)
+  _, cache = decoder.prefill(tokens[:, :9], T, chunk=4)              # the call's chunk overrides the decoder's
+  last, cache = decoder.prefill(tokens[:, 9:], cache=cache, last_only=True)
+  assert last.shape == (2, 1, 64)
+  np.testing.assert_allclose(last[:, 0], want[:, -1], atol=ATOL)
+  assert_same_cache(cache, want_cache)
+
+
+def test_one_continuation_compile_whatever_the_prompt_length(models):
+  """Pieces after the first have one shape: prompts of several lengths compile the continuation once (the
+  first piece, the remainder, is a parallel prefill compiled per remainder length, as a whole prompt is)."""
+  decoder = Decoder(models["hybrid"], prefill_chunk=8)
+  decoder.prefill(jnp.zeros((1, 24), jnp.int32))
+  before = (inference._continue._cache_size(), inference._prefill._cache_size())
+  for length in (17, 25, 40):                                 # remainders 1, 1, 8 (8 compiled above)
+    decoder.prefill(jnp.ones((1, length), jnp.int32))
+  assert inference._continue._cache_size() == before[0]
+  assert inference._prefill._cache_size() == before[1] + 1
+
+
+def test_generate_with_prefill_chunk(models):
+  """generate with prompts of different lengths, the common prefix prefilled in pieces: the same tokens."""
+  prompts = [list(range(1, 20)), list(range(30, 43)), [5] * 23]
+  want = generate(Decoder(models["bmojo_f"]), prompts, max_new_tokens=5)
+  assert generate(Decoder(models["bmojo_f"]), prompts, max_new_tokens=5, prefill_chunk=5) == want
+  assert generate(Decoder(models["bmojo_f"], prefill_chunk=4), prompts, max_new_tokens=5) == want
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True, "8"])
+def test_bad_prefill_chunk(models, chunk):
+  with pytest.raises(ValueError, match="prefill_chunk=.* must be a positive int or None"):
+    Decoder(models["mamba"], prefill_chunk=chunk)
+  with pytest.raises(ValueError, match="prefill_chunk"):
+    Decoder(models["mamba"]).prefill(jnp.zeros((1, 4), jnp.int32), chunk=chunk)
+
+
+def test_full_attention_needs_max_len_for_the_whole_prompt(models):
+  """The Transformer's KV cache is sized by the first piece's prefill: max_len is checked against the whole
+  prompt before any piece runs."""
+  with pytest.raises(ValueError, match=r"max_len >= the prompt length \(20\)"):
+    Decoder(models["transformer"], prefill_chunk=8).prefill(jnp.zeros((1, 20), jnp.int32), 16)
+
+
+@pytest.mark.parametrize("family, start, length, block", [
+    ("hybrid", 0, 11, 4), ("hybrid", 5, 7, 7), ("hybrid", 13, 20, 6), ("hybrid", 3, 2, 256),
+    ("transformer", 0, 9, 4), ("transformer", 6, 13, 5), ("transformer", 17, 3, 256)])
+def test_parallel_continuation_equals_the_step_scan(family, start, length, block):
+  """Attention without memory tokens continues a state with all queries at once (in blocks of `block`, which
+  does or does not divide the piece; window 8 or full attention over a 40-slot cache): the output and state of
+  `step` over the piece's tokens (`_continue`), the reference."""
+  from bmojo_jax.attention import Attention
+  cfg = tiny_config(family, init_std=0.1)
+  attn = Attention(cfg, rngs=nnx.Rngs(4))
+  slots = cfg.window or 40
+  x = jax.random.normal(jax.random.key(start), (2, start + length, cfg.d_model))
+  state = attn.init_state(2, slots) if start == 0 else attn(x[:, :start], cache_size=slots)[1]
+  want_y, want = nnx.jit(lambda m, a, s: m._continue(a, s, None))(attn, x[:, start:], state)
+  got_y, got = nnx.jit(lambda m, a, s: m._continue_parallel(a, s, block))(attn, x[:, start:], state)
+  np.testing.assert_allclose(got_y, want_y, atol=ATOL)
+  assert_same_cache(got, want)
+  assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+
+
+@pytest.mark.parametrize("family", ["bmojo", pytest.param("mamba", marks=pytest.mark.slow)])
+def test_chunked_prefill_memory_does_not_grow_with_the_prompt(models, family):
+  """The largest temporary buffer of the compiled pieces (XLA's buffer assignment) is the same at T 64 and
+  256 in pieces of 16, and below that of one pass over 256 tokens."""
+  from benchmarks.speed.inference_bench import prefill_temp_bytes
+  decoder = Decoder(models[family])
+  chunked = [prefill_temp_bytes(decoder, t, 16) for t in (64, 256)]
+  whole = prefill_temp_bytes(decoder, 256)
+  assert chunked[0] == chunked[1] and 0 < chunked[1] < whole / 4, (chunked, whole)
