@@ -12,7 +12,7 @@ from bmojo_jax import LanguageModel
 from bmojo_jax.kernels import dot_product_attention
 from bmojo_jax.segments import packing
 from pallas_kernels.window_attention.reference import memory_attention_reference
-from tests.conftest import tiny_config
+from tests.conftest import FAMILY_TIERS, tiny_config
 
 # Lengths against chunk 4, window 8, conv width 4: documents shorter than the conv and than a chunk, documents
 # starting mid-chunk and spanning several chunks, then trailing padding (segment id 0, as packing.py emits it).
@@ -75,6 +75,7 @@ def _check_packed_equals_alone(cfg, atol=1e-5):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # two 2-block models compiled a family
 def test_packed_row_equals_documents_alone(family):
   """The references: sequential scan, blockwise jnp attention; fifo store, 2 blocks."""
   _check_packed_equals_alone(tiny_config(family, n_layers=4, init_std=0.1, scan_impl="sequential"))
