@@ -3,8 +3,9 @@
 # Two tiers (issue 37's targets on 2 cores: <= 12 and <= 5 minutes): this, every test, and the inner loop
 # `scripts/test.sh -m "not slow"`, every module and invariant at its smallest case: `slow` marks end-to-end runs
 # (training, subprocesses, populations), the kernels' further interpret-mode cases and the further cases of an
-# invariant (more prefill lengths, selections, dtypes), each a compile. Tests compile at XLA's backend
-# optimization level 0 (tests/conftest.py).
+# invariant (more prefill lengths, selections, dtypes, the families past B'MOJO and the Transformer:
+# tests/conftest.py's FAMILY_TIERS), each a compile. Tests compile at XLA's backend optimization level 0
+# (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[dev]"

@@ -16,6 +16,10 @@ import pytest  # noqa: E402
 from bmojo_jax import Family, ModelConfig  # noqa: E402
 
 FAMILIES = [f.value for f in Family]
+# The families an invariant compiled once per family checks in the inner loop (-m "not slow"): B'MOJO holds every
+# part of the others (Mamba, attention, memory) but the Transformer's MLP. CI checks every family.
+INNER_FAMILIES = ("bmojo", "transformer")
+FAMILY_TIERS = [f if f in INNER_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 
 
 def tiny_config(family: str, **overrides) -> ModelConfig:

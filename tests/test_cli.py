@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from tests.test_cli_inputs import _flags_and_signals_restored
+from train import cli as cli_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,19 +30,28 @@ def test_help_exits_zero_and_names_the_flags(command, needles):
     assert needle in out.stdout, (needle, out.stdout)
 
 
-def test_help_lists_the_fields_of_a_config():
-  out = cli("train", "-h", "--config", "configs/mqar.py:hybrid")
-  assert out.returncode == 0, out.stderr
-  assert "--config.train.num_steps=1000" in out.stdout and "--config.model.family='hybrid'" in out.stdout
+def train_help_in_process(spec, monkeypatch, capsys) -> str:
+  """What `bmojo-train -h --config SPEC` prints, run in this process (a subprocess spends its time importing
+  jax and the config); exit 0 asserted."""
+  monkeypatch.setattr(sys, "argv", ["bmojo-train", "-h", "--config", spec])
+  with _flags_and_signals_restored(), pytest.raises(SystemExit) as e:
+    cli_lib.train_main()
+  out = capsys.readouterr()
+  assert e.value.code == 0, out.err
+  return out.out
+
+
+def test_help_lists_the_fields_of_a_config(monkeypatch, capsys):
+  out = train_help_in_process("configs/mqar.py:hybrid", monkeypatch, capsys)
+  assert "--config.train.num_steps=1000" in out and "--config.model.family='hybrid'" in out
 
 
 @pytest.mark.parametrize("spec", ["mqar:hybrid", "configs/mqar.py:hybrid", "mqar.py:hybrid"])
-def test_the_projects_configs_load_by_name_from_any_directory(tmp_path, spec):
+def test_the_projects_configs_load_by_name_from_any_directory(tmp_path, monkeypatch, capsys, spec):
   """Run from a folder that has no configs/: the installed configs package's file is used."""
-  out = subprocess.run([sys.executable, "-m", "train.cli", "train", "-h", "--config", spec], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
-  assert out.returncode == 0, out.stderr
-  assert "--config.model.family='hybrid'" in out.stdout
+  monkeypatch.chdir(tmp_path)
+  assert not (tmp_path / "configs").exists()
+  assert "--config.model.family='hybrid'" in train_help_in_process(spec, monkeypatch, capsys)
 
 
 def one_line(stderr: str) -> str:

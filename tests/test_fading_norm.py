@@ -43,8 +43,10 @@ def _outputs(cfg, tokens, targets, segment_ids):
   return logits, nnx.to_pure_dict(grads), prefill
 
 
-@pytest.mark.parametrize("family,selection,packed", [("bmojo", "innovation", False), ("bmojo", "ssm_error", True),
-                                                     ("bmojo_f", "innovation", True)])
+@pytest.mark.parametrize("family,selection,packed", [   # the inner loop: logits, grads and the prefill cache
+    ("bmojo", "innovation", False),
+    pytest.param("bmojo", "ssm_error", True, marks=pytest.mark.slow),      # CI: packed rows, a score of all rows
+    pytest.param("bmojo_f", "innovation", True, marks=pytest.mark.slow)])  # CI: fading tokens only, packed
 def test_fading_norm_on_rows_read_equals_norm_all(family, selection, packed, monkeypatch):
   cfg = tiny_config(family, selection=selection, scan_impl="sequential", attn_impl="reference", init_std=0.1)
   tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, 64)

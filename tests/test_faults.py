@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -363,8 +364,8 @@ def test_resume_from_skips_a_checkpoint_that_cannot_be_restored(reference, tmp_p
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   os.remove(os.path.join(workdir, "results.json"))
-  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "12", "state")):
-    for name in files:
+  for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "12", "state")):
+    for name in names:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(ckpt_lib.CheckpointError) as e:
@@ -405,14 +406,27 @@ def test_a_run_stopped_at_its_target_accuracy_is_finished(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- workdir files
 def test_a_workdir_file_cannot_point_outside(tmp_path):
+  """tokenizer.json's model_file goes through files.inside: no absolute name, no `..` out of the workdir and no
+  symbolic link, not even one that resolves inside the workdir (the rule of every file a run reads or writes)."""
   workdir = tmp_path / "run"
   workdir.mkdir()
   (tmp_path / "outside.model").write_text("not a model")
+  (workdir / "tokenizer.model").write_text("not a model either")
   os.symlink(tmp_path / "outside.model", workdir / "link.model")
-  for name in ("../outside.model", str(tmp_path / "outside.model"), "link.model", "sub/../../outside.model"):
-    with pytest.raises(ValueError, match=r"tokenizer.json names .* outside the workdir; refusing to read it"):
+  os.symlink(workdir / "tokenizer.model", workdir / "inner_link.model")
+  root, source = re.escape(str(workdir)), re.escape(str(workdir / "tokenizer.json"))
+  for name in ("../outside.model", str(tmp_path / "outside.model"), "sub/../../outside.model"):
+    with pytest.raises(files.UnsafePathError, match=rf"^{source} names {re.escape(repr(name))}, which is outside "
+                                                    rf"{root}; refusing to use it \(a folder's files may only name "
+                                                    r"files inside it\)\.$"):
       tokenizers.from_description({"kind": "sentencepiece", "model_file": name}, str(workdir))
-  assert tokenizers.inside_workdir(str(workdir), "tokenizer.model", "tokenizer.json") == str(workdir / "tokenizer.model")
+  for link, target in (("link.model", tmp_path / "outside.model"), ("inner_link.model", workdir / "tokenizer.model")):
+    with pytest.raises(files.UnsafePathError, match=rf"^{re.escape(str(workdir / link))} is a symbolic link \(to "
+                                                    rf"{re.escape(str(target))}\); refusing to follow it out of "
+                                                    rf"{root}: the name in tokenizer.json must be a plain file or "
+                                                    r"folder inside it\. Remove the link and rerun\.$"):
+      tokenizers.from_description({"kind": "sentencepiece", "model_file": link}, str(workdir))
+  assert files.inside(str(workdir), "tokenizer.model", "tokenizer.json") == str(workdir / "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------------------------- strict JSON

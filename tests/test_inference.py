@@ -10,7 +10,7 @@ from bmojo_jax import LanguageModel
 from bmojo_jax.config import Selection
 from bmojo_jax import inference
 from bmojo_jax.inference import Decoder, cache_bytes, generate, generate_stream, sample
-from tests.conftest import FAMILIES, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
 forward = nnx.jit(lambda m, x: m(x))   # the parallel pass, compiled once per model for the module
@@ -129,7 +129,7 @@ def test_scanned_decode_equals_step_loop(decoders):
   np.testing.assert_allclose(last_logits, logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # a prefill compile per piece length and family
 def test_prefill_in_pieces_matches_parallel(decoders, family):
   """A prompt fed in pieces of random lengths (chunk phases anywhere), then decoding, equals one parallel pass."""
   model, decoder = decoders[family]
@@ -251,7 +251,7 @@ def test_step_equals_its_branch_free_reference(policy):
   assert int(jnp.sum(states[0].store.valid)) == 2 * cfg.eidetic   # the stores filled: the merges ran
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # four compiles a family
 def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
   """fp32 parameters, bf16 compute: the decoder holds its matmul weights in bf16 (half the bytes a token reads)
   and the rest as stored, and its prefill and steps give the logits of the model's own fp32 weights, bit for

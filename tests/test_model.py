@@ -14,7 +14,7 @@ from flax import nnx
 from bmojo_jax import LanguageModel, Sublayer
 from bmojo_jax.layers import logits_einsum
 from bmojo_jax.model import MIXERS, stack_blocks, unstack_blocks
-from tests.conftest import FAMILIES, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
 
 
 def test_causality(family):
@@ -78,6 +78,7 @@ def test_remat_changes_nothing_but_memory(impl, remat):
   chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # three models compiled a family
 def test_scanned_blocks_equal_the_block_loop(family):
   """scan_layers=True runs the same blocks as the Python loop: same logits and gradients (fp32), and the
   parameter trees convert both ways (stack_blocks / unstack_blocks)."""

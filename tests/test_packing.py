@@ -12,7 +12,7 @@ from bmojo_jax import LanguageModel
 from bmojo_jax.kernels import dot_product_attention
 from bmojo_jax.segments import packing
 from pallas_kernels.window_attention.reference import memory_attention_reference
-from tests.conftest import tiny_config
+from tests.conftest import FAMILY_TIERS, tiny_config
 
 # Lengths against chunk 4, window 8, conv width 4: documents shorter than the conv and than a chunk, documents
 # starting mid-chunk and spanning several chunks, then trailing padding (segment id 0, as packing.py emits it).
@@ -75,6 +75,7 @@ def _check_packed_equals_alone(cfg, atol=1e-5):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # two 2-block models compiled a family
 def test_packed_row_equals_documents_alone(family):
   """The references: sequential scan, blockwise jnp attention; fifo store, 2 blocks."""
   _check_packed_equals_alone(tiny_config(family, n_layers=4, init_std=0.1, scan_impl="sequential"))
@@ -106,9 +107,10 @@ def test_cudnn_path_masks_segments(window):
                           implementation="xla")
 
 
-@pytest.mark.slow   # the trainer's loss on packing.py's packed rows, each document then run alone (op by op)
+@pytest.mark.slow   # the trainer's loss on packing.py's packed rows, each document then run alone (a compile each)
 def test_trainer_loss_keeps_packed_text_documents_apart():
-  """train/data/packing.py's packed rows through the trainer's loss: the sum of each document's loss alone."""
+  """train/data/packing.py's packed rows through the trainer's loss: the sum of each document's loss alone.
+  Both sides jitted (op by op this took minutes); a document alone is a compile per length."""
   from train import steps
   from train.data.packing import IGNORE_INDEX, pack_documents
   from train.data.tokenizers import ByteTokenizer
@@ -116,17 +118,22 @@ def test_trainer_loss_keeps_packed_text_documents_apart():
   batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
   cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, scan_impl="sequential")
   graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  loss, (n, _, _) = steps.loss_sums(graphdef, params, batch)
+  loss, (n, _, _) = jax.jit(steps.loss_sums, static_argnums=0)(graphdef, params, batch)
+
+  @jax.jit
+  def document_loss(params, inputs, targets):   # one document alone: (ce sum, supervised tokens)
+    valid = targets != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, params)(inputs),
+                                                         jnp.where(valid, targets, 0))
+    return jnp.sum(jnp.where(valid, ce, 0)), valid.sum()
+
   ids = np.asarray(batch["segment_ids"][0])
-  model, want, count = nnx.merge(graphdef, params), 0.0, 0
+  want, count = 0.0, 0
   for seg in np.unique(ids[ids > 0]):
     where = np.flatnonzero(ids == seg)
     lo, hi = where[0], where[-1] + 1
-    targets = batch["targets"][:, lo:hi]
-    valid = targets != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(model(batch["inputs"][:, lo:hi]),
-                                                         jnp.where(valid, targets, 0))
-    want += float(jnp.sum(jnp.where(valid, ce, 0)))
-    count += int(valid.sum())
+    ce, valid = document_loss(params, batch["inputs"][:, lo:hi], batch["targets"][:, lo:hi])
+    want += float(ce)
+    count += int(valid)
   assert int(n.sum()) == count and len(np.unique(ids[ids > 0])) >= 3
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)

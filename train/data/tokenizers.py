@@ -185,15 +185,15 @@ def save(tokenizer: Tokenizer | None, workdir: str) -> dict[str, Any]:
 
 def from_description(description: dict[str, Any], workdir: str) -> Tokenizer | None:
   """The tokenizer a run's tokenizer.json describes (None for kind "none": token-id tasks such as MQAR), checked
-  against the description. Its model file must lie in the workdir (ValueError otherwise): a workdir's files never
-  lead to reading files outside it."""
+  against the description. Its model file must lie in the workdir, reached through no symbolic link
+  (files.UnsafePathError, a ValueError, otherwise): a workdir's files never lead to reading files outside it."""
   kind = description.get("kind", "none")
   if kind == "none":
     return None
   if kind == "byte":
     tokenizer = ByteTokenizer()
   elif kind == "sentencepiece":
-    tokenizer = SentencePieceTokenizer(inside_workdir(workdir, description["model_file"], "tokenizer.json"))
+    tokenizer = SentencePieceTokenizer(files_lib.inside(workdir, description["model_file"], "tokenizer.json"))
   else:
     raise ValueError(f"{os.path.join(workdir, 'tokenizer.json')} names tokenizer kind {kind!r}; this code knows "
                      "byte and sentencepiece.")
@@ -201,14 +201,3 @@ def from_description(description: dict[str, Any], workdir: str) -> Tokenizer | N
         "model file it names",
         "Copy the run's SentencePiece model back to it, or rerun bmojo-train with the run's --config.")
   return tokenizer
-
-
-def inside_workdir(workdir: str, name: str, source: str) -> str:
-  """workdir/name, for a `name` read from the workdir's file `source`; ValueError if it leads outside the workdir
-  (an absolute path, `..`, or a symbolic link out)."""
-  root = os.path.realpath(workdir)
-  path = os.path.join(root, str(name))
-  if os.path.isabs(str(name)) or os.path.commonpath([root, os.path.realpath(path)]) != root:
-    raise ValueError(f"{os.path.join(workdir, source)} names {str(name)!r}, which is outside the workdir; "
-                     "refusing to read it (a workdir's files may only name files inside it).")
-  return path
