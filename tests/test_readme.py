@@ -4,9 +4,11 @@
 - Shell blocks: each command is checked against what it names here: the console scripts and their flags (as
   `--help` lists them), config files, presets, field overrides (parsed by ml_collections, the model fields
   validated by ModelConfig), pip extras, the corpus packages, modules and scripts.
-- Then every shell command runs, in order, in a copy of the repository's files with the packages importable as
+- Then every shell command runs in a copy of the repository's files with the packages importable as
   `pip install -e .` makes them (and nothing else: `benchmarks/` is not), from the copy's root as a user
-  types it. Training commands get overrides appended that make them a few steps of a tiny model (the default
+  types it: in chains, one test item each (a run directory's train, eval, generate and plots in README order;
+  every other command alone; the corpus `prepare` before the chains that train on it), so that xdist spreads
+  them over its workers (one test of all of them took ~750 s of a loaded 2-worker CI run by itself). Training commands get overrides appended that make them a few steps of a tiny model (the default
   run itself is measured in benchmarks/results/default_run_cpu.json); `jupyter execute` runs the one notebook
   that imports from the repository (tests/test_notebooks.py runs all four); the `pip install`, `apt-get` and
   `bash scripts/test.sh` lines are not run (they would change this machine, and the last is the suite this
@@ -208,28 +210,85 @@ def runnable(command: list[str]) -> list[str] | None:
   return command
 
 
+def chain_key(command: list[str]) -> str:
+  """The chain a runnable README command belongs to: the run directory it trains or reads (`--workdir W`,
+  `train.plots W`); any other command is a chain of its own."""
+  if command[0] in SCRIPTS and "--workdir" in command:
+    return command[command.index("--workdir") + 1]
+  if command[:3] == ["python3", "-m", "train.plots"]:
+    return command[3]
+  return shlex.join(command)
+
+
+def chains() -> dict[str, list[list[str]]]:
+  """The runnable README commands (README order kept within a chain) in independent chains, so that each chain is
+  its own test item and xdist spreads them over its workers; a chain needs no other but the prepared corpus."""
+  out = {}
+  for command in shell_commands():
+    if runnable(command) is not None:
+      out.setdefault(chain_key(command), []).append(command)
+  return out
+
+
+PREPARE = ["python3", "-m", "train.data.corpus", "prepare"]
+# What each chain leaves behind, beside every command's exit status 0.
+ARTIFACTS = {"runs/default": ["runs/default/results.json", "runs/default/curves.png"],
+             "runs/own": ["runs/own/results.json"], "runs/lm_cpu": ["runs/lm_cpu/lm_eval.json"],
+             shlex.join(PREPARE): ["data/corpus/manifest.json"]}
+
+
+def test_readme_chains_cover_every_command_once():
+  runs = [command for command in shell_commands() if runnable(command) is not None]
+  chained = [command for chain in chains().values() for command in chain]
+  assert sorted(map(shlex.join, chained)) == sorted(map(shlex.join, runs))
+  assert set(ARTIFACTS) <= set(chains()), set(ARTIFACTS) - set(chains())
+  assert [chains()[key] for key in chains() if key == shlex.join(PREPARE)] == [[PREPARE]]
+  for key, chain in chains().items():      # a chain reads only its own run directory (and the corpus)
+    trains = [c for c in chain if c[0] == "bmojo-train" and "--help" not in c]
+    assert len(trains) <= 1 and (not trains or chain[0] in trains), key
+  generates = [c for chain in chains().values() for c in chain if c[0] == "bmojo-generate"]
+  assert len(generates) == 2 and chain_key(generates[0]) == "runs/default", generates
+
+
+def run_command(command: list[str], where: dict) -> subprocess.CompletedProcess:
+  argv = runnable(command)
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=900, **where)
+  if command[:3] == PREPARE[:3] and out.returncode != 0:
+    # A machine without the Debian packages: the one-line message names them and the install line; the
+    # rest of the LM commands then run on the stdlib stand-in corpus.
+    assert "apt-get install -y --no-install-recommends" in out.stderr and len(out.stderr.splitlines()) == 1
+    out = subprocess.run(argv + ["--sources", "stdlib"], capture_output=True, text=True, timeout=900, **where)
+  assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+  return out
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict:
+  """One installed copy per module (per xdist worker): the chains write different run directories, and they
+  share its JAX compilation cache."""
+  return installed_copy(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(installed) -> subprocess.CompletedProcess:
+  """The README's `prepare`, run once in the copy for the chains that train on the corpus."""
+  return run_command(PREPARE, installed)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_readme_shell_commands_run(tmp_path):
-  where = installed_copy(tmp_path)
-  ran = []
-  for command in shell_commands():
-    argv = runnable(command)
-    if argv is None:
-      continue
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, **where)
-    if command[:3] == ["python3", "-m", "train.data.corpus"] and out.returncode != 0:
-      # A machine without the Debian packages: the one-line message names them and the install line; the
-      # rest of the LM commands then run on the stdlib stand-in corpus.
-      assert "apt-get install -y --no-install-recommends" in out.stderr and len(out.stderr.splitlines()) == 1
-      out = subprocess.run(argv + ["--sources", "stdlib"], capture_output=True, text=True, timeout=900, **where)
-    assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-    ran.append((command, out))
-  repo = where["cwd"]
-  assert (repo / "runs/default/results.json").exists() and (repo / "runs/default/curves.png").exists()
-  assert (repo / "data/corpus/manifest.json").exists() and (repo / "runs/own/results.json").exists()
-  assert (repo / "runs/lm_cpu/lm_eval.json").exists()
-  generated = [out for command, out in ran if command[0] == "bmojo-generate"]
-  assert len(generated) == 2 and all("tokens/s" in out.stderr for out in generated)
-  mqar_ids = generated[0].stdout.split()
-  assert len(mqar_ids) == 1 and 0 <= int(mqar_ids[0]) < 256           # --max_new_tokens 1: one token id
+@pytest.mark.parametrize("key", list(chains()), ids=lambda key: re.sub(r"\W+", "_", key).strip("_"))
+def test_readme_shell_commands_run(key, installed, request):
+  chain = chains()[key]
+  if chain == [PREPARE] or any("--config.data.kind=corpus" in c for c in chain):
+    request.getfixturevalue("prepared_corpus")
+  ran = [(command, run_command(command, installed)) for command in chain if command != PREPARE]
+  repo = installed["cwd"]
+  for name in ARTIFACTS.get(key, []):
+    assert (repo / name).exists(), f"{key}: no {name}"
+  for command, out in ran:
+    if command[0] == "bmojo-generate":
+      assert "tokens/s" in out.stderr, (command, out.stderr[-2000:])
+      if key == "runs/default":                        # MQAR, --max_new_tokens 1: one token id of the 256
+        ids = out.stdout.split()
+        assert len(ids) == 1 and 0 <= int(ids[0]) < 256, out.stdout
