@@ -8,9 +8,10 @@
   `pip install -e .` makes them (and nothing else: `benchmarks/` is not), from the copy's root as a user
   types it: in chains, one test item each (a run directory's train, eval, generate and plots in README order;
   every other command alone; the corpus `prepare` before the chains that train on it), so that xdist spreads
-  them over its workers (one test of all of them took ~750 s of a loaded 2-worker CI run by itself). Training commands get overrides appended that make them a few steps of a tiny model (the default
-  run itself is measured in benchmarks/results/default_run_cpu.json); `jupyter execute` runs the one notebook
-  that imports from the repository (tests/test_notebooks.py runs all four); the `pip install`, `apt-get` and
+  them over its workers (one test of all of them took ~750 s of a loaded 2-worker CI run by itself). Training
+  commands get overrides appended that make them a few steps of a tiny model (the default run itself is
+  measured in benchmarks/results/default_run_cpu.json); `jupyter execute` runs the one notebook that imports
+  from the repository (tests/test_notebooks.py runs all four); the `pip install`, `apt-get` and
   `bash scripts/test.sh` lines are not run (they would change this machine, and the last is the suite this
   test belongs to).
 - The text block (the layout) names directories and files that exist.
