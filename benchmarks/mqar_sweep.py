@@ -75,7 +75,7 @@ RECHECK_MIN = 0.9          # --recheck: the records re-run are those at or above
 STANDS_TOLERANCE = 0.01    # a re-checked accuracy this far below the old one still "stands"
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
-              "model.d_state=4", "model.scan_chunk=8"]
+              "model.d_state=4", "model.compute.scan_chunk=8"]
 
 
 def floats(text: str) -> list[float]:
@@ -103,7 +103,8 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
   sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
            f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}",
            f"model.selection={args.selection}"]
-  sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
+  sets += [f"model.compute.dtype={args.dtype}",
+           f"model.compute.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
   config.train.plot = False
@@ -198,8 +199,8 @@ def population_base(args, config, family: str, variant: str, d_model: int, n: in
           "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
           "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
           "store_policy": cfg.store_policy.value if cfg.eidetic else "",
-          "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
-          "attn_impl": resolve_attn_impl(cfg.attn_impl).value if cfg.has_attention else "",
+          "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.compute.dtype,
+          "attn_impl": resolve_attn_impl(cfg.compute.attn_impl).value if cfg.has_attention else "",
           "epochs": args.epochs}
   return base, cfg
 
@@ -225,7 +226,7 @@ def train_population(args, config, cfg, base: dict, runs: list, checked: dict) -
               "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
               "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
               "data_check_mismatches": checked[n],
-              "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
+              "scan_impl": resolve_scan_impl(cfg.compute.scan_impl).value,
               "device": device_name(), "jax": jax.__version__}
              for run, res in zip(runs, results)]
   return records, wall
@@ -584,9 +585,10 @@ def throughput(args) -> str:
   cfg = setup_lib.model_config(config)
   for r in records:
     r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
-             params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.scan_impl).value,
-             attn_impl=resolve_attn_impl(cfg.attn_impl).value,
-             dtype=cfg.dtype, label=args.label, overrides=args.set, device=device_name(), jax=jax.__version__)
+             params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.compute.scan_impl).value,
+             attn_impl=resolve_attn_impl(cfg.compute.attn_impl).value,
+             dtype=cfg.compute.dtype, label=args.label, overrides=args.set, device=device_name(),
+             jax=jax.__version__)
   out_dir = args.out or os.environ.get("OUT") or os.path.join(REPO, "benchmarks", "results")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")

@@ -187,8 +187,8 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   assert preset in PAPER_SIZES, size
   attn = "pallas" if family != "transformer" else "reference"
   batch = batch_per_device * mesh["data"] * mesh["fsdp"]
-  config = bench.step_config(family, preset, seq_len, batch, attn, "pallas", mesh, remat="dots_kernels",
-                             scan_layers=True, **extra)
+  config = bench.step_config(family, preset, seq_len, batch, attn, "pallas", mesh,
+                             dict(remat="dots_kernels", scan_layers=True), **extra)
   config.mesh.shard_optimizer = zero
   cfg = setup_lib.model_config(config)
   setup = setup_lib.build(config, jax.devices()[:n_dev], bench.synthetic_task(seq_len, cfg.vocab_size))

@@ -123,7 +123,7 @@ class Decoder:
   `decode(logits [B, V], cache, n) -> (tokens [B, n], logits, cache)` runs n steps on device in one `lax.scan`
   (sampling included) and compiles once per (B, n) and sampling settings.
 
-  scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.scan_layers`: one block traced and
+  scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.compute.scan_layers`: one block traced and
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
   per-block cache it reads. The step keeps the block loop: scanned, each token would copy every block's cache
   through the scan's inputs and outputs.
@@ -135,11 +135,11 @@ class Decoder:
   def __init__(self, model: LanguageModel, *, scan_prefill: bool = False):
     self.cfg = model.cfg
     self.graphdef, state = nnx.split(model)
-    self.state = decode_weights(state, self.cfg.compute_dtype)
+    self.state = decode_weights(state, self.cfg.compute.jnp_dtype)
     self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
     self.n_unstack = 0
-    if scan_prefill and not self.cfg.scan_layers:
-      scanned = nnx.eval_shape(lambda: LanguageModel(self.cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+    if scan_prefill and not self.cfg.compute.scan_layers:
+      scanned = nnx.eval_shape(lambda: LanguageModel(self.cfg.with_compute(scan_layers=True), rngs=nnx.Rngs(0)))
       self.prefill_graphdef, self.prefill_state = nnx.split(scanned)
       nnx.replace_by_pure_dict(self.prefill_state, stack_blocks(nnx.to_pure_dict(self.state)))
       self.n_unstack = self.cfg.n_blocks

@@ -258,9 +258,9 @@ def test_load_model_is_the_latest_checkpoint(full_run):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from train import lm_eval  # pylint: disable=g-import-not-at-top
   _, params, step = runs.load_run(full_run[0])
-  model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"scan_impl": "associative"})
+  model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"compute.scan_impl": "associative"})
   assert loaded_step == step == 8 and tokenizer is None and config.to_dict() == runs.load_config(full_run[0]).to_dict()
-  assert model.cfg.scan_impl == "associative"
+  assert model.cfg.compute.scan_impl == "associative"
   for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="change the parameters"):
@@ -278,13 +278,13 @@ def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_
   first = trainer.train(tiny_config(), workdir, step_callback=stop_at_4)
   assert first["step"] == 4
   meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(4)
-  assert meta["model"]["scan_layers"] is False
+  assert meta["model"]["compute"]["scan_layers"] is False
   scanned = tiny_config()
-  scanned.model.scan_layers = True
+  scanned.model.compute.scan_layers = True
   second = trainer.train(scanned, workdir)
   assert second["step"] == 8
   meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(8)
-  assert meta["model"]["scan_layers"] is True
+  assert meta["model"]["compute"]["scan_layers"] is True
   expected, got = losses(full_run[0]), losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
   np.testing.assert_allclose(runs.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],

@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent("""
 
     def config(data, fsdp, tensor):
       c = mqar.get_config("hybrid")
-      c.model.update(d_model=32, n_layers=2, n_heads=2, d_state=4, window=8, chunk_size=8, scan_chunk=32)
+      c.model.update(d_model=32, n_layers=2, n_heads=2, d_state=4, window=8, chunk_size=8)
+      c.model.compute.scan_chunk = 32
       c.data.update(seq_len=32, num_kv_pairs=4, num_train=64, num_test=8)
       c.train.update(batch_size=8, eval_batch_size=8, num_steps=3)
       c.optim.update(warmup_steps=0, learning_rate=1e-3)
@@ -106,8 +107,8 @@ PALLAS_SCRIPT = textwrap.dedent("""
       c = mqar.get_config(family)
       # One block, the Pallas kernels (interpret mode on CPU); 8 heads and E = 64 split 8 ways on "tensor".
       c.model.update(d_model=32, n_layers=2, n_heads=8, d_state=4, chunk_size=8, n_fading=2, n_eidetic=4,
-                     eidetic_per_chunk=2, scan_impl="pallas", attn_impl="pallas",
-                     window=None if family == "transformer" else 8)
+                     eidetic_per_chunk=2, window=None if family == "transformer" else 8)
+      c.model.compute.update(scan_impl="pallas", attn_impl="pallas")
       c.data.update(seq_len=32, num_kv_pairs=4, num_train=16, num_test=8)
       c.train.update(batch_size=8, eval_batch_size=8, num_steps=2)
       c.optim.update(warmup_steps=0, grad_clip_norm=0.0)   # Adam's mu after update 1 = (1 - b1) x gradient
