@@ -45,6 +45,10 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     (MQAR + "--config.model.family=gpt", r"family='gpt' is unknown; choose one of"),
     (MQAR + "--config.model.compute.dtype=float8", r"dtype='float8' is not a dtype"),
     (MQAR + "--config.model.compute.scan_impl=bogus", r"scan_impl='bogus' is unknown"),
+    (MQAR + "--config.model.scan_impl=pallas", r"--config.model.scan_impl is now --config.model.compute.scan_impl"),
+    (MQAR + "--config.model.remat=full", r"--config.model.remat is now --config.model.compute.remat"),
+    (MQAR + "--config.mesh.logical_axis_rules.embed=gpu", r"logical_axis_rules.embed='gpu': give distinct mesh axes"),
+    (MQAR + "--config.mesh.logical_axis_rules.heads=tensor,tensor", r"logical_axis_rules.heads='tensor,tensor'"),
     (MQAR + "--config.optim.decay=exp", r"optim.decay='exp' is unknown"),
     (MQAR + "--config.train.on_nonfinite=ignore", r"train.on_nonfinite='ignore' is unknown"),
     ("train --config configs/mqar.py:hybird --workdir {w}", r"preset 'hybird' is unknown; choose one of"),
@@ -92,6 +96,8 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     (MQAR + "--config.train.batch_size=7", ACCEPTED),
     (MQAR + "--config.optim.warmup_steps=5000", ACCEPTED),
     (MQAR + "--config.model.window=64", ACCEPTED),
+    (MQAR + "--config.model.compute.scan_impl=associative", ACCEPTED),
+    (MQAR + "--config.mesh.logical_axis_rules.embed=", ACCEPTED),
     # bmojo-eval
     ("eval --workdir {tmp}/nope", r"No config.json in .*/nope: not a bmojo-train workdir"),
     ("eval --workdir {tmp}/empty_dir", r"No config.json in .*/empty_dir"),
@@ -102,6 +108,8 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     ("eval --workdir {run} --lm_lengths=0,2", r"--lm_lengths='0,2': give multiples"),
     ("eval --workdir {run} --lm_lengths=2", r"is not a text run \(no tokenizer\)"),
     ("eval --workdir {run} --lm_model=n_eidetic=8", r"--lm_model changes the model of --lm_lengths / --niah only"),
+    ("eval --workdir {run} --lm_lengths=2 --lm_model=attn_impl=reference",
+     r"model override 'attn_impl' is now compute.attn_impl"),
     ("eval --workdir {run} --config configs/mqar.py:hybrid", r"was written for a different model; differing"),
     ("eval --workdir {run} --config configs/mqar.py:hybird", r"preset 'hybird' is unknown"),
     # bmojo-generate

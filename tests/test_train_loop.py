@@ -112,6 +112,41 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path, capsys):
   assert second["test_loss"] == full_run[1]["test_loss"]
 
 
+def test_workdir_of_the_flat_compute_layout_evaluates_and_resumes(full_run, tmp_path, capsys):
+  """A workdir written before ModelConfig.compute (config.json and checkpoint meta with the compute fields flat
+  under "model", no mesh.logical_axis_rules: made here by hand) is read in the current layout: it evaluates to
+  the same loss, and resuming from step 6 gives the uninterrupted run's result."""
+  workdir = str(tmp_path / "old")
+  shutil.copytree(full_run[0], workdir)
+  flat = lambda model: {**{k: v for k, v in model.items() if k != "compute"}, **model["compute"]}
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["model"] = flat(config["model"])
+  del config["mesh"]["logical_axis_rules"]
+  with open(path, "w") as f:
+    json.dump(config, f)
+  for step in (3, 6, 8):
+    path = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+    with open(path) as f:
+      meta = json.load(f)
+    meta["model"] = flat(meta["model"])
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  assert "scan_impl" in meta["model"] and "compute" not in meta["model"]
+  setup, params, step = runs.load_run(workdir)
+  assert step == 8 and setup.cfg == setup_lib.model_config(tiny_config())
+  assert runs.evaluate_run(workdir)["test_loss"] == full_run[1]["test_loss"]
+  resume = tiny_config()
+  resume.train.resume_from = 6
+  capsys.readouterr()
+  result = trainer.train(resume, workdir)
+  assert f"resuming from step 6 (checkpoint {workdir}/checkpoints/6)" in capsys.readouterr().out
+  assert result["step"] == 8 and result["test_loss"] == full_run[1]["test_loss"]
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(8)["model"] == \
+      ckpt_lib.model_config_dict(setup.cfg)          # written again in the current layout
+
+
 def assert_refused_untouched(workdir, match, config=None):
   """Training `config` (default: the tiny one) into `workdir` fails with a CheckpointError matching `match` and
   changes no file there."""
