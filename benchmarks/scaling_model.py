@@ -176,7 +176,7 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   import jax
   from benchmarks import train_step_bench as bench
   from bmojo_jax import count_params
-  from bmojo_jax.config import PAPER_SIZES
+  from bmojo_jax.presets import PAPER_SIZES
   from train import setup as setup_lib
   from train import sharding as shard_lib
   from train import steps as steps_lib

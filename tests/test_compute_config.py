@@ -26,7 +26,6 @@ def _flat(model: dict) -> dict:
 
 def test_compute_fields_live_only_in_compute():
   model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  assert COMPUTE_FIELDS == tuple(f.name for f in dataclasses.fields(ComputeConfig))
   assert not model_fields & set(COMPUTE_FIELDS) and "compute" in model_fields
   cfg = tiny_config("bmojo", compute=dict(scan_impl="associative", dtype="bfloat16", remat=True))
   assert cfg.compute.scan_impl == "associative" and cfg.compute.jnp_dtype == jnp.bfloat16
