@@ -47,7 +47,7 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     (MQAR + "--config.model.compute.scan_impl=bogus", r"scan_impl='bogus' is unknown"),
     (MQAR + "--config.model.scan_impl=pallas", r"--config.model.scan_impl is now --config.model.compute.scan_impl"),
     (MQAR + "--config.model.remat=full", r"--config.model.remat is now --config.model.compute.remat"),
-    (MQAR + "--config.mesh.logical_axis_rules.embed=gpu", r"logical_axis_rules.embed='gpu': give distinct mesh axes"),
+    (MQAR + "--config.mesh.logical_axis_rules.embed=gpu", r"logical_axis_rules.embed='gpu': give distinct mesh"),
     (MQAR + "--config.mesh.logical_axis_rules.heads=tensor,tensor", r"logical_axis_rules.heads='tensor,tensor'"),
     (MQAR + "--config.optim.decay=exp", r"optim.decay='exp' is unknown"),
     (MQAR + "--config.train.on_nonfinite=ignore", r"train.on_nonfinite='ignore' is unknown"),
