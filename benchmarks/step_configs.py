@@ -3,8 +3,7 @@ model for CPU smoke runs) in bf16 compute on a chosen mesh, trained on a synthet
 
 from __future__ import annotations
 
-from bmojo_jax import paper_config
-from bmojo_jax.config import mqar_config
+from bmojo_jax import ComputeConfig, mqar_config, paper_config
 from configs import common as config_common
 from train import sharding as shard_lib
 from train import tasks as tasks_lib
@@ -20,12 +19,13 @@ def model_config(family: str, size: str, **overrides):
 
 
 def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str, scan_impl: str = "pallas",
-                mesh: dict[str, int] | None = None, **model_overrides):
-  """A training config for the paper preset `family`-`size` in bf16 compute; `mesh` {axis: size} (unnamed
-  axes 1) or None: the default mesh (data parallel over every device)."""
+                mesh: dict[str, int] | None = None, compute: dict | None = None, **model_overrides):
+  """A training config for the paper preset `family`-`size` in bf16 compute (`compute`: more ComputeConfig
+  fields); `mesh` {axis: size} (unnamed axes 1) or None: the default mesh (data parallel over every device)."""
   c = config_common.base_config()
   c.model = config_common.model_fields(model_config(
-      family, size, dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **model_overrides))
+      family, size, **model_overrides,
+      compute=ComputeConfig(dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **(compute or {}))))
   c.train.batch_size = c.train.eval_batch_size = batch
   c.train.progress_bar = False
   if mesh is not None:

@@ -6,7 +6,7 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
   3. the eidetic store as it stands at the end of chunk c-1 (keys without RoPE), filled by the tokens that
      `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
-and calls the attention function `cfg.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
+and calls the attention function `cfg.compute.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
 ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
 """
 
@@ -122,8 +122,9 @@ class Attention(nnx.Module):
     q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
     source, project, fk, fv = self.fading_parts(fading, fading_norm)
     mem = chunk_memory(cfg, source, project, self.score_inputs(a, k_raw, v, fk, fv), packing)
-    o = get_attention_fn(cfg.attn_impl)(q, k, v, mem.k, mem.v, mem.valid, window=cfg.window, chunk=cfg.chunk,
-                                        segment_ids=None if packing is None else packing.ids, mem_span=mem.span)
+    attend = get_attention_fn(cfg.compute.attn_impl)
+    o = attend(q, k, v, mem.k, mem.v, mem.valid, window=cfg.window, chunk=cfg.chunk,
+               segment_ids=None if packing is None else packing.ids, mem_span=mem.span)
     y = self.wo(o)
     if cache_size is None:
       return y, None
@@ -296,7 +297,7 @@ class Attention(nnx.Module):
 
   def init_state(self, batch: int, cache_size: int) -> AttnState:
     cfg = self.cfg
-    kh, p, dt = cfg.kv_heads, cfg.head_size, cfg.compute_dtype
+    kh, p, dt = cfg.kv_heads, cfg.head_size, cfg.compute.jnp_dtype
     zeros = lambda n: jnp.zeros((batch, n, kh, p), dt)
     return AttnState(k=zeros(cache_size), v=zeros(cache_size),
                      fading_k=zeros(cfg.fading), fading_v=zeros(cfg.fading),

@@ -1,4 +1,5 @@
-"""Model configuration: one frozen dataclass for all five families, implementation enums, presets.
+"""Model configuration: one frozen dataclass for all five families (`ModelConfig`), how a model is computed
+(`ComputeConfig`, its `compute` field), the implementation enums. Presets live in `bmojo_jax/presets.py`.
 
 The five families share one skeleton (embed -> n_blocks residual blocks -> RMSNorm -> logits). Each block has
 two pre-norm residual sublayers of the kinds in `Sublayer`; the family picks them (`FAMILY_SUBLAYERS`):
@@ -97,14 +98,75 @@ class Selection(enum.StrEnum):
   INPUT_NORM = "input_norm"  # ‖a_t‖²
 
 
-# Fields that choose how the model is computed, not what its parameters are: a checkpoint written under one
-# choice restores under another (scan_layers by converting the parameter layout, `bmojo_jax.stack_blocks`).
-COMPUTE_FIELDS = ("scan_impl", "scan_chunk", "attn_impl", "dtype", "remat", "scan_layers", "scan_unroll",
-                  "loss_impl", "loss_block")
-
-
 class ConfigError(ValueError):
   """A model configuration that cannot work; the message names the field(s) and values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+  """How a model is computed, not what its parameters are: implementations, compute dtype, remat, block layout,
+  loss blocking. A checkpoint written under one ComputeConfig restores under any other (`scan_layers` by
+  converting the parameter layout, `bmojo_jax.model.stack_blocks`), so checkpoint compatibility compares
+  model configs without their `compute` (`train/checkpoint.py`)."""
+  scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
+  scan_chunk: int = 128              # tokens per associative-scan chunk
+  attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
+  dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
+  remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
+  scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
+                                     # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
+                                     # (docs/train_speed.md); False: a Python loop over the blocks
+  scan_unroll: int = 1               # with scan_layers: blocks per scan iteration (lax.scan's unroll), a layout
+                                     # between the two: XLA schedules across those blocks, compile grows with it
+  loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
+  loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
+                                     # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
+
+  def __post_init__(self):
+    if isinstance(self.remat, bool):  # remat=True / False, as before the policies
+      object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
+    _coerce_enums(self, (("scan_impl", ScanImpl), ("attn_impl", AttnImpl), ("remat", RematPolicy),
+                         ("loss_impl", LossImpl)), "compute.")
+    for name in ("scan_chunk", "loss_block", "scan_unroll"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"compute.{name}={getattr(self, name)} must be positive")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError:
+      raise ConfigError(f"compute.dtype={self.dtype!r} is not a dtype") from None
+
+  @property
+  def jnp_dtype(self):
+    """The compute dtype as a jnp.dtype."""
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **changes: Any) -> "ComputeConfig":
+    return dataclasses.replace(self, **changes)
+
+
+COMPUTE_FIELDS = tuple(f.name for f in dataclasses.fields(ComputeConfig))
+
+
+def nest_compute(model: dict[str, Any]) -> dict[str, Any]:
+  """A model config dict (config.json's "model", a checkpoint meta's) in the current layout: the compute
+  fields of the previous layout, flat beside the architecture, moved under "compute" (a copy; a dict already
+  in the current layout comes back equal)."""
+  out = {k: v for k, v in model.items() if k not in COMPUTE_FIELDS}
+  flat = {k: v for k, v in model.items() if k in COMPUTE_FIELDS}
+  if flat:
+    out["compute"] = {**flat, **dict(model.get("compute") or {})}
+  return out
+
+
+def _coerce_enums(obj: Any, fields: tuple[tuple[str, type[enum.Enum]], ...], prefix: str = "") -> None:
+  """Each named field of the frozen dataclass `obj` as its enum; ConfigError naming an unknown value."""
+  for name, enum_cls in fields:
+    value = getattr(obj, name)
+    try:
+      object.__setattr__(obj, name, enum_cls(value))
+    except ValueError:
+      raise ConfigError(f"{prefix}{name}={value!r} is unknown; choose one of "
+                        f"{[e.value for e in enum_cls]}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,36 +199,20 @@ class ModelConfig:
   dt_init_floor: float = 1e-4
   # MLP (Transformer).
   d_ff: int | None = None            # None: 8/3 d_model rounded up to a multiple of 64
-  # Numerics and implementations.
-  scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
-  scan_chunk: int = 128              # tokens per associative-scan chunk
-  attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
-  dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
-  param_dtype: str = "float32"
+  # Numerics.
+  param_dtype: str = "float32"       # the parameters' dtype (part of what a checkpoint holds)
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   init_std: float = 0.02
-  remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
-  scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
-                                     # compiles in ~20 s at any depth, but steps ran 5-20% slower on the H200
-                                     # (docs/train_speed.md); False: a Python loop over the blocks
-  scan_unroll: int = 1               # with scan_layers: blocks per scan iteration (lax.scan's unroll), a layout
-                                     # between the two: XLA schedules across those blocks, compile grows with it
-  loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
-  loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
-                                     # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
+  # How it is computed (implementations, compute dtype, remat, layout): no part of the parameters.
+  compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
   def __post_init__(self):
-    if isinstance(self.remat, bool):  # remat=True / False, as before the policies
-      object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
-    for name, enum_cls in (("family", Family), ("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
-                           ("store_policy", StorePolicy), ("selection", Selection), ("remat", RematPolicy),
-                           ("loss_impl", LossImpl)):
-      value = getattr(self, name)
-      try:
-        object.__setattr__(self, name, enum_cls(value))
-      except ValueError:
-        raise ConfigError(f"{name}={value!r} is unknown; choose one of {[e.value for e in enum_cls]}") from None
+    if isinstance(self.compute, dict):   # from a config dict (`train/setup.py`)
+      object.__setattr__(self, "compute", ComputeConfig(**self.compute))
+    if not isinstance(self.compute, ComputeConfig):
+      raise ConfigError(f"compute={self.compute!r} must be a ComputeConfig")
+    _coerce_enums(self, (("family", Family), ("store_policy", StorePolicy), ("selection", Selection)))
     self.validate()
 
   # Derived sizes.
@@ -236,15 +282,15 @@ class ModelConfig:
     return self.eidetic > 0 and self.fading > 0 and self.selection == Selection.SSM_ERROR
 
   @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def with_compute(self, **changes: Any) -> "ModelConfig":
+    """This model computed differently: `compute` with `changes` (ComputeConfig fields)."""
+    return dataclasses.replace(self, compute=self.compute.replace(**changes))
 
   def validate(self) -> None:
     """Raise ConfigError naming the field and values of the first thing that cannot work."""
@@ -252,15 +298,13 @@ class ModelConfig:
       if not cond:
         raise ConfigError(f"{self.family.value}: {msg}")
 
-    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "scan_chunk", "loss_block",
-                 "scan_unroll"):
+    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand"):
       need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
     need(self.n_layers % 2 == 0, f"n_layers={self.n_layers} must be even (each block holds two sublayers)")
-    for name in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, name))
-      except TypeError:
-        raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from None
+    try:
+      jnp.dtype(self.param_dtype)
+    except TypeError:
+      raise ConfigError(f"param_dtype={self.param_dtype!r} is not a dtype") from None
     need(0 < self.dt_min <= self.dt_max, f"need 0 < dt_min ({self.dt_min}) <= dt_max ({self.dt_max})")
     if self.has_attention:
       need(self.n_heads > 0, f"n_heads={self.n_heads} must be positive")
@@ -274,9 +318,9 @@ class ModelConfig:
         need(self.window > 0, f"window={self.window} must be positive or None")
         need(self.window % self.chunk == 0,
              f"chunk_size={self.chunk} must divide window={self.window}")
-      need(self.attn_impl != AttnImpl.CUDNN or not (self.fading or self.eidetic),
-           f"attn_impl='cudnn' has no memory tokens (n_fading={self.fading}, n_eidetic={self.eidetic}); "
-           "use attn_impl='pallas' or 'reference'")
+      need(self.compute.attn_impl != AttnImpl.CUDNN or not (self.fading or self.eidetic),
+           f"compute.attn_impl='cudnn' has no memory tokens (n_fading={self.fading}, n_eidetic={self.eidetic}); "
+           "use compute.attn_impl='pallas' or 'reference'")
     if self.family in (Family.HYBRID, Family.BMOJO_F, Family.BMOJO):
       need(self.window is not None, "window=None: this family uses sliding-window attention; set window")
     if self.family in (Family.BMOJO_F, Family.BMOJO):
@@ -291,56 +335,3 @@ class ModelConfig:
            f"eidetic_per_chunk={self.eidetic_per_chunk}, chunk_size={self.chunk}")
       need(self.n_eidetic % self.eidetic_per_chunk == 0,
            f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk}")
-
-
-# Presets. Paper sizes follow the Mamba paper (layers counted as sublayers); vocab 50280 is GPT-NeoX's padded.
-PAPER_SIZES = {
-    "130m": dict(d_model=768, n_layers=24),
-    "370m": dict(d_model=1024, n_layers=48),
-    "790m": dict(d_model=1536, n_layers=48),
-    "1.4b": dict(d_model=2048, n_layers=48),
-}
-FAMILY_DEFAULTS = {
-    Family.TRANSFORMER: dict(window=None, chunk_size=128),
-    Family.MAMBA: dict(),
-    Family.HYBRID: dict(),
-    Family.BMOJO_F: dict(),
-    Family.BMOJO: dict(),
-}
-
-
-def paper_config(family: str | Family, size: str, **overrides: Any) -> ModelConfig:
-  """A paper-size model: window 512 at 2k context, head_dim 64, M_f 16, M_e 64 (k_e 16) — ours."""
-  family = Family(family)
-  if size not in PAPER_SIZES:
-    raise ConfigError(f"size={size!r} is unknown; choose one of {list(PAPER_SIZES)}")
-  d = PAPER_SIZES[size]["d_model"]
-  kw = dict(family=family, vocab_size=50280, n_heads=d // 64, window=512, chunk_size=512,
-            n_fading=16, n_eidetic=64, eidetic_per_chunk=16, **PAPER_SIZES[size])
-  kw.update(FAMILY_DEFAULTS[family])
-  kw.update(overrides)
-  return ModelConfig(**kw)
-
-
-def mqar_config(family: str | Family, d_model: int = 128, **overrides: Any) -> ModelConfig:
-  """An MQAR-sized model (Zoology): 2 blocks, window 32, chunk 32 (B'MOJO setting)."""
-  family = Family(family)
-  kw = dict(family=family, vocab_size=8192, d_model=d_model, n_layers=4, n_heads=2, window=32,
-            chunk_size=32, n_fading=4, n_eidetic=32, eidetic_per_chunk=8)
-  kw.update(FAMILY_DEFAULTS[family])
-  kw.update(overrides)
-  return ModelConfig(**kw)
-
-
-def preset(name: str, **overrides: Any) -> ModelConfig:
-  """`<family>-<size>` with size in PAPER_SIZES (e.g. 'bmojo-1.4b') or 'mqar' (e.g. 'hybrid-mqar')."""
-  family, _, size = name.rpartition("-")
-  if family not in {f.value for f in Family}:
-    raise ConfigError(f"preset {name!r}: family {family!r} is unknown; use <family>-<size> with family in "
-                      f"{[f.value for f in Family]} and size in {['mqar', *PAPER_SIZES]}")
-  if size == "mqar":
-    return mqar_config(family, **overrides)
-  return paper_config(family, size, **overrides)
-
-
-PRESET_NAMES = tuple(f"{f.value}-{s}" for f in Family for s in ("mqar", *PAPER_SIZES))

@@ -186,7 +186,7 @@ class Decoder:
   (`Attention._continue`), so for those chunking trades speed for memory; use it when a whole prompt's
   activations do not fit.
 
-  scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.scan_layers`: one block traced and
+  scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.compute.scan_layers`: one block traced and
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the
   per-block cache it reads. The step keeps the block loop: scanned, each token would copy every block's cache
   through the scan's inputs and outputs.
@@ -207,11 +207,11 @@ class Decoder:
     self.compiler_options = check_compiler_options(compiler_options)
     self._step_fn, self._loop_fn = _decode_fns(self.compiler_options)
     self.graphdef, state = nnx.split(model)
-    self.state = decode_weights(state, self.cfg.compute_dtype)
+    self.state = decode_weights(state, self.cfg.compute.jnp_dtype)
     self.prefill_graphdef, self.prefill_state = self.graphdef, self.state
     self.n_unstack = 0
-    if scan_prefill and not self.cfg.scan_layers:
-      scanned = nnx.eval_shape(lambda: LanguageModel(self.cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+    if scan_prefill and not self.cfg.compute.scan_layers:
+      scanned = nnx.eval_shape(lambda: LanguageModel(self.cfg.with_compute(scan_layers=True), rngs=nnx.Rngs(0)))
       self.prefill_graphdef, self.prefill_state = nnx.split(scanned)
       nnx.replace_by_pure_dict(self.prefill_state, stack_blocks(nnx.to_pure_dict(self.state)))
       self.n_unstack = self.cfg.n_blocks

@@ -28,7 +28,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
 def einsum_layer(spec: str, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
                  rngs: nnx.Rngs, std: float) -> nnx.Einsum:
   """An `nnx.Einsum` projection (no bias) whose kernel carries logical axes; spec documents the shapes."""
-  return nnx.Einsum(spec, tuple(shape), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+  return nnx.Einsum(spec, tuple(shape), dtype=cfg.compute.jnp_dtype, param_dtype=cfg.weight_dtype,
                     kernel_init=nnx.initializers.normal(std), rngs=rngs,
                     kernel_metadata={"sharding_names": tuple(axes), "eager_sharding": False})
 
@@ -38,7 +38,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
-    self.dtype = cfg.compute_dtype
+    self.dtype = cfg.compute.jnp_dtype
     self.scale = param(rngs, nnx.initializers.ones, (cfg.d_model,), (tp.EMBED,), cfg.weight_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -70,7 +70,7 @@ class Mamba(nnx.Module):
     self.conv_bias = param(rngs, conv_init, (e,), (tp.INNER,), pdt)
     self.x_proj = einsum_layer("BTE,EX->BTX", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
     self.dt_proj = nnx.Einsum(
-        "BTR,RE->BTE", (r, e), dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
+        "BTR,RE->BTE", (r, e), dtype=cfg.compute.jnp_dtype, param_dtype=pdt, rngs=rngs,
         kernel_init=_symmetric_uniform(r ** -0.5),
         kernel_metadata={"sharding_names": (tp.RANK, tp.INNER), "eager_sharding": False})
     self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (e,), (tp.INNER,),
@@ -100,18 +100,18 @@ class Mamba(nnx.Module):
     dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
     delta = self.dt_proj(dt_low)
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    impl = ScanImpl.SEQUENTIAL if x.shape[1] == 1 else cfg.scan_impl   # one decode step needs no chunking
-    scan = get_scan_fn(impl, chunk=cfg.scan_chunk)
+    impl = ScanImpl.SEQUENTIAL if x.shape[1] == 1 else cfg.compute.scan_impl   # one decode step needs no chunking
+    scan = get_scan_fn(impl, chunk=cfg.compute.scan_chunk)
     y, ssm = scan(u, delta, a, b, c, self.D[...], z, self.dt_bias[...], delta_softplus=True, h0=state.ssm,
                   reset=reset)
-    return self.out_proj(y.astype(cfg.compute_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
+    return self.out_proj(y.astype(cfg.compute.jnp_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
 
   def in_proj_parts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(u, z) [B, T, E] of x [B, T, D]: in_proj's kernel [D, 2, E] as two GEMMs, one per half, so each result is
     its own contiguous array. `self.in_proj(x)` [B, T, 2, E] sliced would give the same values, but z, an
     operand of the scan kernel, would then be copied out of it (2·B·T·E elements moved, 268 MB a layer at 1.4B,
     16k tokens) and the backward would assemble the [B, T, 2, E] cotangent from du and dz."""
-    dtype = self.cfg.compute_dtype
+    dtype = self.cfg.compute.jnp_dtype
     # Under FSDP the kernel is gathered whole, like every weight, before it is cut in halves (cut first, XLA
     # gathered each half: an all-gather of a shape no parameter has).
     w = constrain(self.in_proj.kernel[...], (None, None, tp.INNER)).astype(dtype)      # [D, 2, E]
@@ -131,5 +131,5 @@ class Mamba(nnx.Module):
   def init_state(self, batch: int, cache_size: int | None = None) -> MambaState:
     del cache_size  # constant size: conv window and SSM state
     cfg = self.cfg
-    return MambaState(conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.d_inner), cfg.compute_dtype),
+    return MambaState(conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.d_inner), cfg.compute.jnp_dtype),
                       ssm=jnp.zeros((batch, cfg.d_inner, cfg.d_state), jnp.float32))

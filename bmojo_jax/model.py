@@ -12,11 +12,11 @@ output s, a read-out of the SSM state, is handed to the second (the memory atten
 fading tokens; the parallel pass hands s with norm_2, which the attention applies to the M_f rows per chunk
 it reads only (`Attention.fading_parts`), not to all T.
 
-With `cfg.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
+With `cfg.compute.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth (or, with
-`cfg.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
+`cfg.compute.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
-the same block function (`_block_fn`), rematerialized by `cfg.remat`; `stack_blocks` / `unstack_blocks`
+the same block function (`_block_fn`), rematerialized by `cfg.compute.remat`; `stack_blocks` / `unstack_blocks`
 convert parameter trees between the two layouts.
 
 A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
@@ -207,7 +207,7 @@ class LanguageModel(nnx.Module):
                        (tp.VOCAB, tp.EMBED), cfg.weight_dtype)
     # Block i draws from its own key in both layouts, so scanned and unscanned models initialize alike.
     keys = jax.random.split(rngs.params(), cfg.n_blocks)
-    if cfg.scan_layers:
+    if cfg.compute.scan_layers:
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: tp.LAYERS})
       def stacked(key):
         return Block(cfg, rngs=nnx.Rngs(params=key))
@@ -221,7 +221,7 @@ class LanguageModel(nnx.Module):
 
   def block(self, i: int) -> Block:
     """Block i as a module of its own (a view of the stacked parameters when scanned)."""
-    if not self.cfg.scan_layers:
+    if not self.cfg.compute.scan_layers:
       return self.blocks[i]
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
@@ -240,16 +240,17 @@ class LanguageModel(nnx.Module):
   def _run(self, tokens, caches, cache_size, decode, keep_cache, packing=None):
     cfg = self.cfg
     table = constrain(self.embed[...], (tp.VOCAB, None))   # under FSDP: gathered like every weight, then a
-    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)   # [B, T, D] lookup local to the rows
-    if cfg.scan_layers:
+    x = jnp.take(table, tokens, axis=0).astype(cfg.compute.jnp_dtype)   # [B, T, D] lookup local to the rows
+    if cfg.compute.scan_layers:
       graphdef, params = nnx.split(self.blocks)
-      body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=True, packing=packing)
-      x, caches = jax.lax.scan(body, x, (params, caches), unroll=min(cfg.scan_unroll, cfg.n_blocks))
+      body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.compute.remat, in_scan=True, packing=packing)
+      x, caches = jax.lax.scan(body, x, (params, caches), unroll=min(cfg.compute.scan_unroll, cfg.n_blocks))
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):
         graphdef, params = nnx.split(block)
-        body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.remat, in_scan=False, packing=packing)
+        body = _block_fn(graphdef, cache_size, decode, keep_cache, cfg.compute.remat, in_scan=False,
+                         packing=packing)
         x, cache = body(x, (params, None if caches is None else caches[i]))
         new_caches.append(cache)
       caches = new_caches if keep_cache else None
@@ -301,7 +302,7 @@ class LanguageModel(nnx.Module):
     """The cache before any token (what `prefill` of an empty prompt would return): a list of BlockCaches,
     or with scan_layers one BlockCache whose leaves have a leading n_blocks axis."""
     size = self.cache_size(0, max_len)
-    if not self.cfg.scan_layers:
+    if not self.cfg.compute.scan_layers:
       return [block.init_state(batch, size) for block in self.blocks]
     one = self.blocks.init_state(batch, size)   # the states' shapes come from the config alone
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_blocks, *x.shape)), one)

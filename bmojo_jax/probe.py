@@ -8,7 +8,7 @@ import numpy as np
 def attention_inputs(model, tokens):
   """Per attention sublayer: (attention, a [B, T, D], fading source [B, T, D]); the pass is the model's own
   (checked against `model.hidden`)."""
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(model.cfg.compute_dtype)
+  x = jnp.take(model.embed[...], tokens, axis=0).astype(model.cfg.compute.jnp_dtype)
   out = []
   for i in range(model.cfg.n_blocks):
     block = model.block(i)

@@ -4,7 +4,8 @@
 shapes ([B, T, D]) of bmojo_jax/ (a kernel docstring that needs a letter of its own, such as the scan's time
 segments, defines it where it uses it). The constants below are the logical axis names arrays carry
 (parameters through `bmojo_jax.layers.param`, the residual stream through sharding constraints), each with its
-letter; `pallas_kernels/sharding.py`'s `LOGICAL_RULES` maps exactly these names to mesh axes.
+letter; the logical-axis rules (`pallas_kernels/sharding.py`'s `LOGICAL_RULES` by default, a run config's
+`mesh.logical_axis_rules`) map exactly these names to mesh axes.
 tests/test_config.py checks both: a new letter or axis name starts here.
 """
 

@@ -8,7 +8,8 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from bmojo_jax import Family, ModelConfig
+from bmojo_jax import ComputeConfig, Family, ModelConfig
+from train import sharding as shard_lib
 
 FAMILIES = tuple(f.value for f in Family)
 
@@ -21,8 +22,9 @@ def family_preset(config_file: str, preset: str | None) -> str:
   return preset
 
 
-def model_fields(cfg: ModelConfig) -> ml_collections.ConfigDict:
-  """Every ModelConfig field (documented in bmojo_jax/config.py), overridable as --config.model.<field>.
+def model_fields(cfg: ModelConfig | ComputeConfig) -> ml_collections.ConfigDict:
+  """Every ModelConfig field (documented in bmojo_jax/config.py), overridable as --config.model.<field>; the
+  ComputeConfig under `compute`, overridable as --config.model.compute.<field>.
 
   Fields whose value is None become typed placeholders so they can still be set from the command line.
   """
@@ -34,6 +36,8 @@ def model_fields(cfg: ModelConfig) -> ml_collections.ConfigDict:
       value = config_dict.placeholder(types.get(f.name, int))
     elif hasattr(value, "value"):  # enums -> their string values
       value = value.value
+    elif isinstance(value, ComputeConfig):
+      value = model_fields(value)
     out[f.name] = value
   return out
 
@@ -80,4 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
   m.tensor = 1                         # heads / MLP / inner / vocab sharded over this many devices
   m.shard_optimizer = False            # ZeRO-1: Adam moments also split over "data" (1/data of them per device),
                                        # for one all-gather of the parameters more a step (docs/multi_device.md)
+  m.logical_axis_rules = shard_lib.rules_config()  # logical axis -> "mesh,axes" ("" replicated), e.g.
+                                       # --config.mesh.logical_axis_rules.embed= (train/sharding.py)
   return c

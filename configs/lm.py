@@ -30,7 +30,7 @@ The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
 
 import ml_collections
 
-from bmojo_jax import ModelConfig
+from bmojo_jax import ComputeConfig, ModelConfig
 from configs import common
 
 SIZES = ("", "cpu", "smoke")
@@ -48,7 +48,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
     model = ModelConfig(
         family=family, d_model=512, vocab_size=259, n_layers=14 if family in MIXED else 12, n_heads=8,
         window=None if full else 256, chunk_size=128, n_fading=8, n_eidetic=64, eidetic_per_chunk=16,
-        dtype="bfloat16", scan_impl="auto", attn_impl="auto", scan_layers=True)
+        compute=ComputeConfig(dtype="bfloat16", scan_impl="auto", attn_impl="auto", scan_layers=True))
     seq_len, batch, steps, warmup = 1024, 32, 1200, 100
   elif size == "cpu":
     model = ModelConfig(

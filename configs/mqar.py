@@ -12,7 +12,7 @@ follows `model.vocab_size` unless set explicitly.
 import ml_collections
 from ml_collections import config_dict
 
-from bmojo_jax import mqar_config
+from bmojo_jax import ComputeConfig, mqar_config
 from configs import common
 
 
@@ -27,7 +27,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   window = None if preset == "transformer" else 8
   c.model = common.model_fields(mqar_config(
       preset, d_model=64, vocab_size=256, window=window, chunk_size=8, n_fading=2, n_eidetic=56,
-      eidetic_per_chunk=8, d_state=8, scan_impl="auto", attn_impl="auto"))
+      eidetic_per_chunk=8, d_state=8, compute=ComputeConfig(scan_impl="auto", attn_impl="auto")))
 
   c.data = d = ml_collections.ConfigDict()
   d.kind = "mqar"                          # mqar | text

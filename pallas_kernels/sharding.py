@@ -1,11 +1,12 @@
 """The device mesh seen from inside a model: one logical-axis table, activation constraints, kernels per shard.
 
 Mesh axes: "data" (data parallel), "fsdp" (data parallel, parameters split along "embed") and "tensor"
-(heads / MLP / inner / vocab). `LOGICAL_RULES` maps the logical axis names of `bmojo_jax/typing.py` (plus the
-activations' "batch" and "seq") to them, for the parameters (`train/sharding.py`), the activations at block
-boundaries (`constrain`) and the inputs of the Pallas kernels (`per_shard`). A logical axis whose size the
-mesh axes do not divide, or whose mesh axis an earlier dimension of the same array already uses, stays
-replicated.
+(heads / MLP / inner / vocab). Logical-axis rules map the logical axis names of `bmojo_jax/typing.py` (plus
+the activations' "batch" and "seq") to them, for the parameters (`train/sharding.py`), the activations at
+block boundaries (`constrain`) and the inputs of the Pallas kernels (`per_shard`). The rules are the
+context's (`axis_rules(rules)`, which the trainer's steps enter with the run config's
+`mesh.logical_axis_rules`), `LOGICAL_RULES` without one. A logical axis whose size the mesh axes do not
+divide, or whose mesh axis an earlier dimension of the same array already uses, stays replicated.
 
 The mesh is the context's: `jax.sharding.get_abstract_mesh()`, set by `use_mesh(mesh)` (inside or outside a
 traced function; the trainer's steps do it) or `jax.set_mesh(mesh)` (outside jit). Without one, or inside a
@@ -14,7 +15,9 @@ traced function; the trainer's steps do it) or `jax.set_mesh(mesh)` (outside jit
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
@@ -23,8 +26,9 @@ import numpy as np
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axes (None: replicated).
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+# Logical axis name -> mesh axes (None: replicated): the default rules.
+Rules = Mapping[str, str | tuple[str, ...] | None]
+LOGICAL_RULES: Rules = {
     "batch": BATCH_AXES,     # activations' B
     "seq": None,             # activations' T
     "vocab": "tensor",
@@ -41,6 +45,24 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 Logical = Sequence[str | None]
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_axis_rules", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules) -> Iterator[None]:
+  """Context manager making `rules` the logical-axis rules (`current_rules`) inside it, traced code included."""
+  token = _RULES.set(dict(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> Rules:
+  """The context's logical-axis rules (`axis_rules`), `LOGICAL_RULES` without one."""
+  rules = _RULES.get()
+  return LOGICAL_RULES if rules is None else rules
 
 
 def use_mesh(mesh: Mesh | AbstractMesh):
@@ -59,9 +81,9 @@ def context_mesh() -> AbstractMesh | None:
 
 def mesh_axes(name: str | None, size: int, mesh: Mesh | AbstractMesh,
               used: Sequence[str] = ()) -> str | tuple[str, ...] | None:
-  """The mesh axes dimension `name` of `size` is split over: its rule's axes of the mesh with more than one
-  device and not in `used`, if their product divides `size`; else None (replicated)."""
-  axis = LOGICAL_RULES.get(name) if name is not None else None
+  """The mesh axes dimension `name` of `size` is split over: its rule's axes (`current_rules`) of the mesh with
+  more than one device and not in `used`, if their product divides `size`; else None (replicated)."""
+  axis = current_rules().get(name) if name is not None else None
   axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
   axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
   if not axes or size % int(np.prod([mesh.shape[a] for a in axes])):

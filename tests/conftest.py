@@ -13,7 +13,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from bmojo_jax import Family, ModelConfig  # noqa: E402
+from bmojo_jax import ComputeConfig, Family, ModelConfig  # noqa: E402
 
 FAMILIES = [f.value for f in Family]
 # The families an invariant compiled once per family checks in the inner loop (-m "not slow"): B'MOJO holds every
@@ -22,14 +22,15 @@ INNER_FAMILIES = ("bmojo", "transformer")
 FAMILY_TIERS = [f if f in INNER_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 
 
-def tiny_config(family: str, **overrides) -> ModelConfig:
-  """A 1-block model small enough to compile in seconds: window 8, chunk 4, M_f 2, M_e 4 (k_e 2)."""
+def tiny_config(family: str, compute: dict | None = None, **overrides) -> ModelConfig:
+  """A 1-block model small enough to compile in seconds: window 8, chunk 4, M_f 2, M_e 4 (k_e 2), scan chunk 8;
+  `overrides` change ModelConfig fields, `compute` ComputeConfig fields."""
   kw = dict(family=family, vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8,
-            chunk_size=4, n_fading=2, n_eidetic=4, eidetic_per_chunk=2, d_state=4, scan_chunk=8)
+            chunk_size=4, n_fading=2, n_eidetic=4, eidetic_per_chunk=2, d_state=4)
   if family == "transformer":
     kw.update(window=None)
   kw.update(overrides)
-  return ModelConfig(**kw)
+  return ModelConfig(**kw, compute=ComputeConfig(**{"scan_chunk": 8, **(compute or {})}))
 
 
 @pytest.fixture(params=FAMILIES)
@@ -58,7 +59,8 @@ def tiny_train_config(num_steps: int = 8, **train):
   no evaluation; `train` overrides train fields."""
   from configs import mqar  # pylint: disable=g-import-not-at-top
   c = mqar.get_config("mamba")
-  c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
+  c.model.update(d_model=16, n_layers=2, d_state=4)
+  c.model.compute.scan_chunk = 32
   c.data.update(seq_len=32, num_kv_pairs=4, num_train=256, num_test=12)
   c.train.update(num_steps=num_steps, batch_size=4, eval_batch_size=8, log_every=1, eval_every=0,
                  checkpoint_every=3, keep_checkpoints=10, progress_bar=False, plot=False,

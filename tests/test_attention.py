@@ -119,8 +119,8 @@ def test_dot_product_attention_matches_reference(window):
 
 def test_cudnn_attention_refuses_memory_and_cpu():
   with pytest.raises(ConfigError, match="attn_impl='cudnn' has no memory tokens"):
-    tiny_config("bmojo", attn_impl="cudnn")
+    tiny_config("bmojo", compute=dict(attn_impl="cudnn"))
   if jax.default_backend() != "gpu":
-    model = LanguageModel(tiny_config("hybrid", attn_impl="cudnn"), rngs=nnx.Rngs(0))
+    model = LanguageModel(tiny_config("hybrid", compute=dict(attn_impl="cudnn")), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attn_impl='cudnn' needs a GPU, but the backend is 'cpu'"):
       model(jnp.zeros((1, 8), jnp.int32))

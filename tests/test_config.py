@@ -24,8 +24,9 @@ from tests.conftest import FAMILIES, tiny_config
     (dict(n_fading=5), "n_fading=5 must be in 1..chunk_size=4"),
     (dict(window=None), "window=None"),
     (dict(n_layers=3), "n_layers=3 must be even"),
-    (dict(dtype="float33"), "dtype='float33'"),
-    (dict(scan_impl="magic"), "scan_impl='magic' is unknown"),
+    (dict(compute=dict(dtype="float33")), "compute.dtype='float33' is not a dtype"),
+    (dict(compute=dict(scan_impl="magic")), "compute.scan_impl='magic' is unknown"),
+    (dict(compute=dict(scan_chunk=0)), "compute.scan_chunk=0 must be positive"),
     (dict(selection="oracle"), "selection='oracle' is unknown"),
 ])
 def test_impossible_configs_name_the_field(overrides, needle):
@@ -58,7 +59,7 @@ def test_preset_parameter_counts(name):
   holds the same parameters (tests/test_model.py: stack_blocks), and is traced here at the small presets."""
   cfg = preset(name)
   for layout in ([False, True] if cfg.n_layers <= 8 else [True]):
-    abstract = nnx.eval_shape(lambda: LanguageModel(cfg.replace(scan_layers=layout), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: LanguageModel(cfg.with_compute(scan_layers=layout), rngs=nnx.Rngs(0)))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert n == count_params(cfg), (name, layout)
 

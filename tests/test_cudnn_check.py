@@ -59,7 +59,7 @@ def tiny_model_check(monkeypatch, module_compilation_cache):
     planted = args.attn_impl == "planted"
     small = cli.parse_args(["--smoke", "--seq-len", "32", "--families", family])
     config = real(small, family, variant, 16, 4)
-    config.model.dtype = "float32" if planted else args.dtype
+    config.model.compute.dtype = "float32" if planted else args.dtype
     return config
 
   monkeypatch.setattr(population, "population_config", population_config)

@@ -48,7 +48,8 @@ def _outputs(cfg, tokens, targets, segment_ids):
     pytest.param("bmojo", "ssm_error", True, marks=pytest.mark.slow),      # CI: packed rows, a score of all rows
     pytest.param("bmojo_f", "innovation", True, marks=pytest.mark.slow)])  # CI: fading tokens only, packed
 def test_fading_norm_on_rows_read_equals_norm_all(family, selection, packed, monkeypatch):
-  cfg = tiny_config(family, selection=selection, scan_impl="sequential", attn_impl="reference", init_std=0.1)
+  cfg = tiny_config(family, selection=selection, init_std=0.1,
+                    compute=dict(scan_impl="sequential", attn_impl="reference"))
   tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, 64)
   targets = jax.random.randint(jax.random.key(1), (2, 21), 0, 64)
   ids = np.repeat(np.array([[1] * 9 + [2] * 12]), 2, 0).astype(np.int32) if packed else None

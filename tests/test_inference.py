@@ -256,7 +256,7 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
   """fp32 parameters, bf16 compute: the decoder holds its matmul weights in bf16 (half the bytes a token reads)
   and the rest as stored, and its prefill and steps give the logits of the model's own fp32 weights, bit for
   bit (every use casts those weights to the compute dtype)."""
-  model = LanguageModel(tiny_config(family, init_std=0.1, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  model = LanguageModel(tiny_config(family, init_std=0.1, compute=dict(dtype="bfloat16")), rngs=nnx.Rngs(0))
   decoder = Decoder(model)
   dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(decoder.state)}
   assert {d for p, d in dtypes.items() if "kernel" in p or "embed" in p} == {jnp.dtype("bfloat16")}

@@ -108,7 +108,8 @@ def test_loss_sums_chunked_equals_reference(tied, packed):
     batch.update(segment_ids=jnp.asarray(ids), positions=jnp.asarray(pos))
   out = {}
   for impl in ("chunked", "reference"):
-    cfg = tiny_config("transformer", attn_impl="reference", loss_impl=impl, loss_block=10, tie_embeddings=tied)
+    cfg = tiny_config("transformer", tie_embeddings=tied,
+                      compute=dict(attn_impl="reference", loss_impl=impl, loss_block=10))
     graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
     out[impl] = jax.value_and_grad(steps.loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
   (loss, (n, c, per_ex)), g = out["chunked"]

@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 
 @pytest.mark.parametrize("dtype,T", [("float32", 13), ("bfloat16", 13), ("float32", 1)])   # T 1: the decode GEMV
 def test_in_proj_parts_equal_the_sliced_projection(dtype, T):
-  mamba = Mamba(tiny_config("mamba", dtype=dtype), rngs=nnx.Rngs(0))
+  mamba = Mamba(tiny_config("mamba", compute=dict(dtype=dtype)), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, T, 32), jnp.float32).astype(dtype)
   g = jax.random.normal(jax.random.key(1), (2, T, 2, 64), jnp.float32)
 

@@ -31,7 +31,7 @@ def test_causality(family):
     *((f, "float32") for f in FAMILIES),
     *(pytest.param(f, "bfloat16", marks=() if f == "bmojo" else pytest.mark.slow) for f in FAMILIES)])
 def test_forward_backward_under_jit(family, dtype):
-  cfg = tiny_config(family, dtype=dtype)
+  cfg = tiny_config(family, compute=dict(dtype=dtype))
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(2), (2, 19), 0, 64)
 
@@ -61,8 +61,8 @@ def _remat_case(impl: str, remat: str):
   """Loss and gradients of the 1-block B'MOJO under `remat`; the remat='none' baseline of each impl is
   compiled once for the module, not once per remat policy."""
   tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
-  cfg = tiny_config("bmojo", scan_impl="associative" if impl == "reference" else "pallas", attn_impl=impl,
-                    remat=remat)
+  cfg = tiny_config("bmojo", compute=dict(scan_impl="associative" if impl == "reference" else "pallas",
+                                          attn_impl=impl, remat=remat))
   return _loss_and_grads(LanguageModel(cfg, rngs=nnx.Rngs(0)), tokens)
 
 
@@ -82,9 +82,9 @@ def test_remat_changes_nothing_but_memory(impl, remat):
 def test_scanned_blocks_equal_the_block_loop(family):
   """scan_layers=True runs the same blocks as the Python loop: same logits and gradients (fp32), and the
   parameter trees convert both ways (stack_blocks / unstack_blocks)."""
-  loop_cfg = tiny_config(family, n_layers=4, scan_layers=False, init_std=0.1)   # 2 blocks
+  loop_cfg = tiny_config(family, n_layers=4, init_std=0.1, compute=dict(scan_layers=False))   # 2 blocks
   loop = LanguageModel(loop_cfg, rngs=nnx.Rngs(0))
-  scanned = nnx.eval_shape(lambda: LanguageModel(loop_cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+  scanned = nnx.eval_shape(lambda: LanguageModel(loop_cfg.with_compute(scan_layers=True), rngs=nnx.Rngs(0)))
   loop_params = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
   graphdef, params = nnx.split(scanned, nnx.Param)
   nnx.replace_by_pure_dict(params, stack_blocks(loop_params))
@@ -97,7 +97,7 @@ def test_scanned_blocks_equal_the_block_loop(family):
     loss_a, grads_a = _loss_and_grads(loop, tokens)
     loss_b, grads_b = _loss_and_grads(scanned, tokens)
     unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(
-        loop_cfg.replace(scan_layers=True, scan_unroll=2), rngs=nnx.Rngs(0)))), nnx.state(scanned))
+        loop_cfg.with_compute(scan_layers=True, scan_unroll=2), rngs=nnx.Rngs(0)))), nnx.state(scanned))
     loss_c, grads_c = _loss_and_grads(unrolled, tokens)   # both blocks in one scan iteration
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   chex.assert_trees_all_close(stack_blocks(grads_a), grads_b, rtol=1e-5, atol=1e-7)

@@ -46,7 +46,8 @@ def logits_and_grads(cfg, tokens):
 
 def test_every_implementation_gives_the_reference_logits_and_gradients(family, tokens):
   def run(scan_impl, attn_impl):
-    return logits_and_grads(tiny_config(family, init_std=0.1, scan_impl=scan_impl, attn_impl=attn_impl), tokens)
+    cfg = tiny_config(family, init_std=0.1, compute=dict(scan_impl=scan_impl, attn_impl=attn_impl))
+    return logits_and_grads(cfg, tokens)
 
   ref_logits, ref_grads = run(*REFERENCE)
   ref_leaves = jax.tree.leaves_with_path(ref_grads)

@@ -21,11 +21,13 @@ def _record(**fields) -> dict:
 def test_families_carry_their_own_attention_and_the_equal_memory_hybrid_takes_the_hybrids():
   args = cli.parse_args(["--smoke", "--families", "transformer:cudnn,hybrid:cudnn,bmojo"])
   assert args.families == ["transformer", "hybrid", "bmojo"]
-  impl = lambda family, variant="": population.population_config(args, family, variant, 16, 4).model.attn_impl
+  impl = lambda family, variant="": (population.population_config(args, family, variant, 16, 4)
+                                     .model.compute.attn_impl)
   assert impl("transformer") == "cudnn" and impl("hybrid", population.EQUAL_MEMORY) == "cudnn"
   assert impl("bmojo") == "reference"
   args = cli.parse_args(["--smoke", "--families", "bmojo:reference", "--attn-impl", "cudnn"])
-  assert population.population_config(args, "hybrid", population.EQUAL_MEMORY, 16, 4).model.attn_impl == "cudnn"
+  config = population.population_config(args, "hybrid", population.EQUAL_MEMORY, 16, 4)
+  assert config.model.compute.attn_impl == "cudnn"
 
 
 def test_runs_with_another_attention_are_other_runs_and_mamba_has_none(tmp_path):

@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
 
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2), jax.devices()
     c = mqar.get_config("mamba")
-    c.model.update(d_model=16, n_layers=2, d_state=4, scan_chunk=32)
+    c.model.update(d_model=16, n_layers=2, d_state=4)
+    c.model.compute.scan_chunk = 32
     c.data.update(seq_len=32, num_kv_pairs=4, num_train=64, num_test=8)
     c.train.update(num_steps=4, batch_size=8, eval_batch_size=8, log_every=1, eval_every=0, checkpoint_every=2,
                    keep_checkpoints=5, progress_bar=False, plot=False)

@@ -78,7 +78,7 @@ def _check_packed_equals_alone(cfg, atol=1e-5):
 @pytest.mark.parametrize("family", FAMILY_TIERS)   # two 2-block models compiled a family
 def test_packed_row_equals_documents_alone(family):
   """The references: sequential scan, blockwise jnp attention; fifo store, 2 blocks."""
-  _check_packed_equals_alone(tiny_config(family, n_layers=4, init_std=0.1, scan_impl="sequential"))
+  _check_packed_equals_alone(tiny_config(family, n_layers=4, init_std=0.1, compute=dict(scan_impl="sequential")))
 
 
 @pytest.mark.parametrize("family,scan_impl,attn_impl,policy", [
@@ -88,7 +88,8 @@ def test_packed_row_equals_documents_alone(family):
 ])
 def test_packed_row_equals_documents_alone_per_impl(family, scan_impl, attn_impl, policy):
   """The fast paths (kernels in interpret mode): B'MOJO holds every part the other families have."""
-  cfg = tiny_config(family, init_std=0.1, scan_impl=scan_impl, attn_impl=attn_impl, store_policy=policy)
+  cfg = tiny_config(family, init_std=0.1, store_policy=policy,
+                    compute=dict(scan_impl=scan_impl, attn_impl=attn_impl))
   _check_packed_equals_alone(cfg)
 
 
@@ -116,7 +117,7 @@ def test_trainer_loss_keeps_packed_text_documents_apart():
   from train.data.tokenizers import ByteTokenizer
   source = pack_documents(["a tiny one", "xy", "", "and a longer document of text"], ByteTokenizer(), seq_len=40)
   batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
-  cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, scan_impl="sequential")
+  cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, compute=dict(scan_impl="sequential"))
   graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
   loss, (n, _, _) = jax.jit(steps.loss_sums, static_argnums=0)(graphdef, params, batch)
 

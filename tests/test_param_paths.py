@@ -46,4 +46,5 @@ def test_parameter_paths(family):
 def test_parameter_paths_of_the_scorer_untied_head_and_scanned_layers():
   cfg = tiny_config("bmojo", selection="learned", tie_embeddings=False)
   assert param_shapes(cfg) == expected("bmojo", scorer=True, lm_head=True)
-  assert param_shapes(cfg.replace(scan_layers=True)) == expected("bmojo", scorer=True, lm_head=True, scanned=True)
+  assert (param_shapes(cfg.with_compute(scan_layers=True))
+          == expected("bmojo", scorer=True, lm_head=True, scanned=True))

@@ -160,7 +160,8 @@ TINY = {   # appended to training commands, unless the command sets the field it
     "configs/lm.py": ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
                       "--config.model.window=16", "--config.model.chunk_size=8", "--config.model.n_fading=2",
                       "--config.model.n_eidetic=4", "--config.model.eidetic_per_chunk=2",
-                      "--config.model.d_state=4", "--config.model.dtype=float32", "--config.data.seq_len=32",
+                      "--config.model.d_state=4", "--config.model.compute.dtype=float32",
+                      "--config.data.seq_len=32",
                       "--config.data.max_eval_sequences=4", "--config.train.num_steps=2",
                       "--config.train.batch_size=2", "--config.train.eval_batch_size=2"],
 }

@@ -31,7 +31,7 @@ def test_dots_attention_recomputes_only_the_scan():
   tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
   out = {}
   for remat in ("dots_kernels", "dots_attention"):
-    cfg = tiny_config("bmojo", n_layers=4, scan_impl="pallas", attn_impl="pallas", remat=remat)
+    cfg = tiny_config("bmojo", n_layers=4, compute=dict(scan_impl="pallas", attn_impl="pallas", remat=remat))
     graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
         nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:]).mean()

@@ -29,7 +29,8 @@ task = None
 def setup_of(n, zero):
   global task
   c = mqar.get_config("hybrid")
-  c.model.update(d_model=64, n_layers=4, n_heads=2, d_state=8, window=8, chunk_size=8, scan_layers=True)
+  c.model.update(d_model=64, n_layers=4, n_heads=2, d_state=8, window=8, chunk_size=8)
+  c.model.compute.scan_layers = True
   c.data.update(seq_len=16, num_kv_pairs=2, num_train=16, num_test=8)
   c.train.update(batch_size=8, eval_batch_size=8)
   c.mesh.update(data=n, fsdp=1, tensor=1, shard_optimizer=zero)
@@ -86,7 +87,8 @@ def config(data, fsdp, tensor, zero):
   c = mqar.get_config("bmojo")
   # Two scanned blocks (n_layers counts sublayers) on the Pallas kernels (interpret mode), as on a GPU.
   c.model.update(d_model=32, n_layers=4, n_heads=4, d_state=4, chunk_size=8, n_fading=2, n_eidetic=4,
-                 eidetic_per_chunk=2, window=8, scan_impl="pallas", attn_impl="pallas", scan_layers=True)
+                 eidetic_per_chunk=2, window=8)
+  c.model.compute.update(scan_impl="pallas", attn_impl="pallas", scan_layers=True)
   c.data.update(seq_len=32, num_kv_pairs=4, num_train=24, num_test=8)
   c.train.update(batch_size=8, eval_batch_size=8, num_steps=3)
   c.optim.update(warmup_steps=0, grad_clip_norm=0.0)   # Adam's mu after update 1 = (1 - b1) x gradient

@@ -171,16 +171,16 @@ def test_learned_scorer_gets_gradients_from_the_loss(models):
 @pytest.mark.parametrize("selection", ["learned", "ssm_error", "input_norm"])
 def test_packed_row_equals_documents_alone(selection):
   """Scores restart per document (ssm_error's previous read-out, innovation's history) like the paper's."""
-  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1, scan_impl="sequential",
-                                         selection=selection))
+  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1,
+                                         selection=selection, compute=dict(scan_impl="sequential")))
 
 
 def test_pallas_kernel_consumes_the_same_memory():
   """The kernel (interpret mode) takes the selected memory as input: logits and gradients as the reference."""
-  cfg = tiny_config("bmojo", init_std=0.1, selection="learned", scan_impl="sequential")
+  cfg = tiny_config("bmojo", init_std=0.1, selection="learned", compute=dict(scan_impl="sequential"))
   tokens = jax.random.randint(jax.random.key(6), (2, 24), 0, 64)
-  ref = LanguageModel(cfg.replace(attn_impl="reference"), rngs=nnx.Rngs(0))
-  pal = LanguageModel(cfg.replace(attn_impl="pallas"), rngs=nnx.Rngs(0))
+  ref = LanguageModel(cfg.with_compute(attn_impl="reference"), rngs=nnx.Rngs(0))
+  pal = LanguageModel(cfg.with_compute(attn_impl="pallas"), rngs=nnx.Rngs(0))
   loss_a, grads_a = _loss_and_grads(ref, tokens)
   loss_b, grads_b = _loss_and_grads(pal, tokens)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
@@ -193,7 +193,7 @@ def test_scanned_layers(models):
   """scan_layers=True stacks the scorer with the other weights: same loss and gradients, and decoding from the
   scanned cache matches its parallel pass."""
   loop = models["learned"]
-  scanned = nnx.eval_shape(lambda: LanguageModel(loop.cfg.replace(scan_layers=True), rngs=nnx.Rngs(0)))
+  scanned = nnx.eval_shape(lambda: LanguageModel(loop.cfg.with_compute(scan_layers=True), rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(scanned, nnx.Param)
   nnx.replace_by_pure_dict(params, stack_blocks(nnx.to_pure_dict(nnx.state(loop, nnx.Param))))
   scanned = nnx.merge(graphdef, params)

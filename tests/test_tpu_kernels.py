@@ -68,7 +68,8 @@ def test_auto_resolves_per_backend(monkeypatch, backend, scan, attn):
   assert resolve_scan_impl(ScanImpl.AUTO, backend) == ScanImpl(scan)
   for impl in ("sequential", "associative", "pallas"):      # every scan runs everywhere (CPU: interpret)
     assert resolve_scan_impl(impl) == ScanImpl(impl)
-  assert config_lib.ModelConfig().scan_impl == ScanImpl.AUTO and config_lib.ModelConfig().attn_impl == AttnImpl.AUTO
+  compute = config_lib.ModelConfig().compute
+  assert compute.scan_impl == ScanImpl.AUTO and compute.attn_impl == AttnImpl.AUTO
   assert get_attention_fn("auto") is (memory_attention_reference if attn == "reference" else
                                       get_attention_fn("pallas"))
   assert (get_scan_fn("auto") is selective_scan_reference) == (scan == "sequential")
@@ -238,8 +239,9 @@ def test_model_train_step_on_tpu_kernels_equals_reference(monkeypatch):
       loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(LanguageModel(cfg, rngs=nnx.Rngs(0)))
     return float(loss), nnx.to_pure_dict(grads)
 
-  sizes = dict(chunk_size=8, window=8, scan_chunk=8, init_std=0.1)
-  want_loss, want = loss_and_grads(tiny_config("bmojo", scan_impl="sequential", attn_impl="reference", **sizes))
+  sizes = dict(chunk_size=8, window=8, init_std=0.1)
+  want_loss, want = loss_and_grads(tiny_config("bmojo", **sizes,
+                                               compute=dict(scan_impl="sequential", attn_impl="reference")))
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pltpu.force_tpu_interpret_mode():
     loss, got = loss_and_grads(tiny_config("bmojo", **sizes))

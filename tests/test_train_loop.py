@@ -112,6 +112,41 @@ def test_sigterm_saves_and_resume_is_exact(full_run, tmp_path, capsys):
   assert second["test_loss"] == full_run[1]["test_loss"]
 
 
+def test_workdir_of_the_flat_compute_layout_evaluates_and_resumes(full_run, tmp_path, capsys):
+  """A workdir written before ModelConfig.compute (config.json and checkpoint meta with the compute fields flat
+  under "model", no mesh.logical_axis_rules: made here by hand) is read in the current layout: it evaluates to
+  the same loss, and resuming from step 6 gives the uninterrupted run's result."""
+  workdir = str(tmp_path / "old")
+  shutil.copytree(full_run[0], workdir)
+  flat = lambda model: {**{k: v for k, v in model.items() if k != "compute"}, **model["compute"]}
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["model"] = flat(config["model"])
+  del config["mesh"]["logical_axis_rules"]
+  with open(path, "w") as f:
+    json.dump(config, f)
+  for step in (3, 6, 8):
+    path = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+    with open(path) as f:
+      meta = json.load(f)
+    meta["model"] = flat(meta["model"])
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  assert "scan_impl" in meta["model"] and "compute" not in meta["model"]
+  setup, params, step = runs.load_run(workdir)
+  assert step == 8 and setup.cfg == setup_lib.model_config(tiny_config())
+  assert runs.evaluate_run(workdir)["test_loss"] == full_run[1]["test_loss"]
+  resume = tiny_config()
+  resume.train.resume_from = 6
+  capsys.readouterr()
+  result = trainer.train(resume, workdir)
+  assert f"resuming from step 6 (checkpoint {workdir}/checkpoints/6)" in capsys.readouterr().out
+  assert result["step"] == 8 and result["test_loss"] == full_run[1]["test_loss"]
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(8)["model"] == \
+      ckpt_lib.model_config_dict(setup.cfg)          # written again in the current layout
+
+
 def assert_refused_untouched(workdir, match, config=None):
   """Training `config` (default: the tiny one) into `workdir` fails with a CheckpointError matching `match` and
   changes no file there."""
@@ -259,9 +294,9 @@ def test_load_model_is_the_latest_checkpoint(full_run):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from train import lm_eval  # pylint: disable=g-import-not-at-top
   _, params, step = runs.load_run(full_run[0])
-  model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"scan_impl": "associative"})
+  model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"compute.scan_impl": "associative"})
   assert loaded_step == step == 8 and tokenizer is None and config.to_dict() == runs.load_config(full_run[0]).to_dict()
-  assert model.cfg.scan_impl == "associative"
+  assert model.cfg.compute.scan_impl == "associative"
   for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="change the parameters"):
@@ -279,13 +314,13 @@ def test_checkpoint_of_the_block_loop_resumes_with_scanned_blocks(full_run, tmp_
   first = trainer.train(tiny_config(), workdir, step_callback=stop_at_4)
   assert first["step"] == 4
   meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(4)
-  assert meta["model"]["scan_layers"] is False
+  assert meta["model"]["compute"]["scan_layers"] is False
   scanned = tiny_config()
-  scanned.model.scan_layers = True
+  scanned.model.compute.scan_layers = True
   second = trainer.train(scanned, workdir)
   assert second["step"] == 8
   meta = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).read_meta(8)
-  assert meta["model"]["scan_layers"] is True
+  assert meta["model"]["compute"]["scan_layers"] is True
   expected, got = losses(full_run[0]), losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
   np.testing.assert_allclose(runs.evaluate_run(workdir, tiny_config())["test_loss"], second["test_loss"],

@@ -143,7 +143,7 @@ def test_scanned_and_unscanned_train_steps_agree(step_setup):
   for scan in (False, True):
     c = tiny_mqar_config("bmojo")
     c.model.n_layers = 4
-    c.model.scan_layers = scan
+    c.model.compute.scan_layers = scan
     setup = setup_lib.build(c)
     step, state = steps.make_train_step(setup, 1), setup.init_state()
     losses = []

@@ -26,20 +26,24 @@ SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 8, jax.devices()
 
-    def config(data, fsdp, tensor):
+    def config(data, fsdp, tensor, **rules):
       c = mqar.get_config("hybrid")
-      c.model.update(d_model=32, n_layers=2, n_heads=2, d_state=4, window=8, chunk_size=8, scan_chunk=32)
+      c.model.update(d_model=32, n_layers=2, n_heads=2, d_state=4, window=8, chunk_size=8)
+      c.model.compute.scan_chunk = 32
       c.data.update(seq_len=32, num_kv_pairs=4, num_train=64, num_test=8)
       c.train.update(batch_size=8, eval_batch_size=8, num_steps=3)
       c.optim.update(warmup_steps=0, learning_rate=1e-3)
       c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+      c.mesh.logical_axis_rules.update(rules)
       return c
 
     source = None
     out = {}
-    for name, mesh in {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (4, 1, 2)}.items():
+    meshes = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (4, 1, 2),
+              "fsdp_embed_replicated": (2, 4, 1, {"embed": ""})}
+    for name, (*mesh, rules) in ((n, (*m, {}) if len(m) == 3 else m) for n, m in meshes.items()):
       devices = jax.devices()[:1] if name == "single" else None
-      setup = setup_lib.build(config(*mesh), devices)
+      setup = setup_lib.build(config(*mesh, **rules), devices)
       src = setup.task.train_source
       batches = [{k: np.stack([src[8 * i + j][k] for j in range(8)]) for k in ("inputs", "targets")}
                  for i in range(3)]
@@ -73,7 +77,7 @@ def test_sharded_runs_match_one_device():
   out = run_on_8_devices(SCRIPT)
   ref = out["single"]
   assert ref["losses"][-1] < ref["losses"][0]
-  for name in ("data", "fsdp", "tensor"):
+  for name in ("data", "fsdp", "tensor", "fsdp_embed_replicated"):
     got = out[name]
     for a, b in zip(got["losses"], ref["losses"]):
       assert abs(a - b) <= 1e-5 * abs(b), (name, got["losses"], ref["losses"])
@@ -83,6 +87,10 @@ def test_sharded_runs_match_one_device():
   assert out["tensor"]["embed_spec"] == ["tensor", None]
   assert any("tensor" in s for s in out["tensor"]["specs"]) and len(out["tensor"]["specs"]) > 2
   assert out["tensor"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  # The run config's logical-axis rules decide it: with "embed" replicated the fsdp mesh splits no parameter.
+  assert out["fsdp_embed_replicated"]["embed_spec"] in ([], [None, None])
+  assert not any("fsdp" in s for s in out["fsdp_embed_replicated"]["specs"])
+  assert any("fsdp" in s for s in out["fsdp"]["specs"])
 
 
 PALLAS_SCRIPT = textwrap.dedent("""
@@ -106,8 +114,8 @@ PALLAS_SCRIPT = textwrap.dedent("""
       c = mqar.get_config(family)
       # One block, the Pallas kernels (interpret mode on CPU); 8 heads and E = 64 split 8 ways on "tensor".
       c.model.update(d_model=32, n_layers=2, n_heads=8, d_state=4, chunk_size=8, n_fading=2, n_eidetic=4,
-                     eidetic_per_chunk=2, scan_impl="pallas", attn_impl="pallas",
-                     window=None if family == "transformer" else 8)
+                     eidetic_per_chunk=2, window=None if family == "transformer" else 8)
+      c.model.compute.update(scan_impl="pallas", attn_impl="pallas")
       c.data.update(seq_len=32, num_kv_pairs=4, num_train=16, num_test=8)
       c.train.update(batch_size=8, eval_batch_size=8, num_steps=2)
       c.optim.update(warmup_steps=0, grad_clip_norm=0.0)   # Adam's mu after update 1 = (1 - b1) x gradient
@@ -188,3 +196,31 @@ def test_pallas_paths_sharded():
   assert any("tensor" in s for s in out["bmojo/tensor"]["specs"])
   for family in ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo"):
     assert out[f"{family}/mix"]["gathers"], family
+
+
+def test_logical_axis_rules_come_from_the_run_config():
+  """mesh.logical_axis_rules holds today's rules by default; an override changes where a logical axis goes, for
+  the parameters (`param_shardings`' specs) and inside the steps (`in_mesh` enters the rules as a context, which
+  the activation constraints and the kernels' shard_map read); a bad rule is refused naming it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AbstractMesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from configs import mqar  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import sharding as kernel_sharding  # pylint: disable=g-import-not-at-top
+  from train import sharding  # pylint: disable=g-import-not-at-top
+  c = mqar.get_config("bmojo")
+  assert sharding.axis_rules_of(c.mesh) == sharding.LOGICAL_RULES
+  mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  spec = lambda: kernel_sharding.logical_to_mesh(("vocab", "embed"), (64, 32), jax.sharding.get_abstract_mesh())
+  assert sharding.in_mesh(spec, mesh, sharding.axis_rules_of(c.mesh))() == P("tensor", "fsdp")
+  c.mesh.logical_axis_rules.embed = ""
+  c.mesh.logical_axis_rules.vocab = "tensor,data"
+  rules = sharding.axis_rules_of(c.mesh)
+  assert rules["embed"] is None and rules["vocab"] == ("tensor", "data")
+  assert sharding.in_mesh(spec, mesh, rules)() == P(("tensor", "data"), None)
+  assert kernel_sharding.current_rules() is sharding.LOGICAL_RULES      # the context ends with the call
+  c.mesh.logical_axis_rules.heads = "model"
+  with pytest.raises(ValueError, match=r"mesh.logical_axis_rules.heads='model': give distinct mesh axes"):
+    sharding.axis_rules_of(c.mesh)
+  del c.mesh.logical_axis_rules["heads"]
+  with pytest.raises(ValueError, match=r"missing logical axes \['heads'\]"):
+    sharding.axis_rules_of(c.mesh)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from bmojo_jax.config import COMPUTE_FIELDS
+from bmojo_jax.config import nest_compute
 from train.data import pipeline
 from train import files
 from train import orbax_logs
@@ -219,12 +219,16 @@ class Checkpointer:
       return None
 
   def check_compatible(self, step: int, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Raises CheckpointError listing the model fields that differ from the checkpoint's; fields that only
-    choose how the model is computed (`COMPUTE_FIELDS`) may differ. Returns the checkpoint's meta, whose
-    model["scan_layers"] tells its parameter layout (False for checkpoints written before the field)."""
+    """Raises CheckpointError listing the model fields that differ from the checkpoint's; how the model is
+    computed (its "compute", a ComputeConfig) may differ. Returns the checkpoint's meta with its model in the
+    current layout (`nest_compute`: meta of the previous layout has the compute fields flat), whose
+    model["compute"]["scan_layers"] tells its parameter layout (False for checkpoints written before the
+    field)."""
     meta = self.read_meta(step)
-    meta["model"] = {"scan_layers": False, **meta["model"]}
-    strip = lambda d: {k: v for k, v in d.items() if k not in COMPUTE_FIELDS}
+    model = nest_compute(meta["model"])
+    model["compute"] = {"scan_layers": False, **model.get("compute", {})}
+    meta["model"] = model
+    strip = lambda d: {k: v for k, v in d.items() if k != "compute"}
     diffs = _diff(strip(meta["model"]), strip(model_config))
     if diffs:
       raise CheckpointError(f"Checkpoint {self.step_dir(step)} was written for a different model; "
@@ -318,9 +322,9 @@ class Checkpointer:
 
 
 def model_config_dict(model_config: Any) -> dict[str, Any]:
-  """JSON-able dict of a ModelConfig (enums as their string values)."""
+  """JSON-able dict of a ModelConfig (enums as their string values, its ComputeConfig under "compute")."""
   out = {}
   for f in dataclasses.fields(model_config):
     v = getattr(model_config, f.name)
-    out[f.name] = v.value if hasattr(v, "value") else v
+    out[f.name] = model_config_dict(v) if dataclasses.is_dataclass(v) else v.value if hasattr(v, "value") else v
   return out

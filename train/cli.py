@@ -252,7 +252,8 @@ def config_fields(spec: str) -> list[str]:
 
 def check_config_args(argv: list[str], command: str) -> None:
   """Exits with one line if --config names no loadable file or preset, or a `--config.<field>` override names
-  no field of it (with the closest field names, by difflib). Values are left to ml_collections' parser."""
+  no field of it (with the closest field names, by difflib; a compute field named flat under model, as before
+  `ModelConfig.compute`, with its new key). Values are left to ml_collections' parser."""
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   spec = _config_arg(argv)
   if spec is None:
@@ -263,8 +264,13 @@ def check_config_args(argv: list[str], command: str) -> None:
     config = load_config(spec)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"{command}: --config {spec}: {e}")
+  from bmojo_jax.config import COMPUTE_FIELDS  # pylint: disable=g-import-not-at-top
   fields = [path for path, _ in _leaves(config.to_dict())]
   for name in overrides:
+    section, _, field = name.partition(".")
+    if section == "model" and field in COMPUTE_FIELDS and f"model.compute.{field}" in fields:
+      sys.exit(f"{command}: --config.{name} is now --config.model.compute.{field} (how the model computes: "
+               "model.compute, a ComputeConfig)")
     if name not in fields:
       close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
       hint = (f"closest: {', '.join(close)}" if close else f"`{command} --help --config {spec}` lists them")
@@ -329,7 +335,7 @@ def eval_main():
   flags.DEFINE_integer("niah_gen_tokens", 128, "Tokens generated per NIAH sample (part of its length).")
   flags.DEFINE_integer("lm_windows", 64, "Held-out windows of the longest context scored (0: all).")
   flags.DEFINE_string("lm_model", "", "Model fields changed at evaluation, e.g. n_eidetic=256 (B'MOJO's store "
-                      "grown) or scan_impl=associative,attn_impl=reference.")
+                      "grown) or compute.scan_impl=associative,compute.attn_impl=reference.")
   flags.mark_flags_as_required(["workdir"])
   _run(_eval, "bmojo-eval", with_config=True)
 

@@ -138,7 +138,7 @@ def parse_multiples(flag: str, text: str) -> list[int]:
 
 
 def parse_overrides(spec: str) -> dict[str, Any]:
-  """"n_eidetic=256,attn_impl=reference" -> {"n_eidetic": 256, "attn_impl": "reference"}."""
+  """"n_eidetic=256,compute.attn_impl=reference" -> {"n_eidetic": 256, "compute.attn_impl": "reference"}."""
   out = {}
   for item in (s.strip() for s in (spec or "").split(",")):
     if item:

@@ -20,11 +20,12 @@ import jax
 import ml_collections
 
 from bmojo_jax import LanguageModel
-from bmojo_jax.config import COMPUTE_FIELDS
+from bmojo_jax.config import COMPUTE_FIELDS, nest_compute
 
 from train import checkpoint as ckpt_lib
 from train import faults
 from train import files
+from train import sharding as shard_lib
 from train import steps as steps_lib
 from train import tasks as tasks_lib
 from train.data import mqar
@@ -127,14 +128,26 @@ def read_tokenizer_info(workdir: str) -> dict[str, Any]:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (its config.json)."""
+  """The config a run in `workdir` was trained with (its config.json; one written before `ModelConfig.compute`
+  or `mesh.logical_axis_rules` is read in the current layout: `upgrade_config`)."""
   path = files.inside(workdir, CONFIG_FILE)
   if not os.path.lexists(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: not a bmojo-train workdir (or it never started).")
   config = files.read_json(path, "Rerun bmojo-train with the run's --config (it writes config.json again), or "
                                  "pass --config to bmojo-eval.")
   _check_data_unchanged(workdir, config)
-  return ml_collections.ConfigDict(config)
+  return ml_collections.ConfigDict(upgrade_config(config))
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+  """A run config dict (config.json) of an earlier layout in the current one: the model's compute fields under
+  model.compute (`nest_compute`), mesh.logical_axis_rules (the default rules where absent). A copy."""
+  config = dict(config)
+  if "model" in config:
+    config["model"] = nest_compute(config["model"])
+  if "mesh" in config:
+    config["mesh"] = {"logical_axis_rules": shard_lib.rules_config(), **config["mesh"]}
+  return config
 
 
 def _check_data_unchanged(workdir: str, config: dict[str, Any]) -> None:
@@ -169,14 +182,14 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
              overrides: dict[str, Any] | None = None):
   """(setup, params, step) of the latest checkpoint in `workdir`; raises CheckpointError / FileNotFoundError.
 
-  `overrides` change model fields at evaluation: how it computes (scan_impl, attn_impl, dtype, ...) or sizes
-  without parameters (n_eidetic: B'MOJO's store grown at inference); the parameters are the trained ones, and
-  setup.cfg / setup.graphdef are the overridden model's. An override that names no field or would change the
-  parameters raises ValueError."""
+  `overrides` change model fields at evaluation: how it computes ("compute.scan_impl", "compute.attn_impl",
+  "compute.dtype", ...: ComputeConfig fields) or sizes without parameters (n_eidetic: B'MOJO's store grown at
+  inference); the parameters are the trained ones, and setup.cfg / setup.graphdef are the overridden model's.
+  An override that names no field or would change the parameters raises ValueError."""
   workdir = os.path.abspath(workdir)
   config = ml_collections.ConfigDict((config or load_config(workdir)).to_dict())   # a copy: the caller's stays
   overrides = dict(overrides or {})
-  config.model.update({k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS})
+  config.model.compute.update(_compute_overrides(overrides))
   task = None if with_task else tasks_lib.Task("none", range(1 << 30), range(1), 1, 0)
   if not with_task:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
@@ -193,6 +206,20 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None, devi
   finally:
     ckpt.close()
   return with_overrides(setup, state["params"], overrides), state["params"], step
+
+
+def _compute_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+  """The "compute.<field>" entries of `overrides`, popped, as {field: value}; ValueError for a ComputeConfig field
+  named flat (the layout before `ModelConfig.compute`) or a compute field that does not exist."""
+  moved = [k for k in overrides if k in COMPUTE_FIELDS]
+  if moved:
+    raise ValueError(f"model override {moved[0]!r} is now compute.{moved[0]} (how the model computes).")
+  compute = {k.partition(".")[2]: overrides.pop(k) for k in list(overrides) if k.startswith("compute.")}
+  unknown = [k for k in compute if k not in COMPUTE_FIELDS]
+  if unknown:
+    raise ValueError(f"model override compute.{unknown[0]} names no ComputeConfig field; choose one of "
+                     f"{list(COMPUTE_FIELDS)}.")
+  return compute
 
 
 def with_overrides(setup: Setup, params, overrides: dict[str, Any]) -> Setup:

@@ -43,6 +43,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh, task: tasks_lib.Tas
   for name in ("eval_every", "data_workers"):
     if int(t.get(name, 0)) < 0:
       raise ValueError(f"train.{name}={t[name]} must be >= 0.")
+  shard_lib.axis_rules_of(config.mesh)   # raises ValueError naming a bad rule
   if int(config.get("seed", 0)) < 0:
     raise ValueError(f"seed={config.seed} must be >= 0.")
   if t.batch_size % t.grad_accum_steps:
@@ -98,6 +99,11 @@ class Setup:
   abstract_state: Any
   init_state: Callable[[], Any]
 
+  @property
+  def rules(self) -> shard_lib.Rules:
+    """The run's logical-axis rules (`mesh.logical_axis_rules`, `train/sharding.py`)."""
+    return shard_lib.axis_rules_of(self.config.mesh)
+
 
 def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task | None = None) -> Setup:
   """The Setup of `config` on `devices` (default: every device); `task` (default: `tasks.make_task(config)`)
@@ -113,7 +119,7 @@ def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task 
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   abstract = jax.eval_shape(init_state)
-  p_sh = shard_lib.param_shardings(logical, abstract["params"], mesh)
+  p_sh = shard_lib.param_shardings(logical, abstract["params"], mesh, shard_lib.axis_rules_of(config.mesh))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shardings = {"params": p_sh,
                "opt_state": shard_lib.opt_state_shardings(tx, abstract["opt_state"], p_sh, mesh,
@@ -130,13 +136,13 @@ def restore_state(ckpt: ckpt_lib.Checkpointer, step: int, setup: Setup, iterator
   A checkpoint written with the other block layout (scan_layers) is restored as written and converted, so
   runs from before scanned blocks resume and evaluate as they are."""
   meta = ckpt.check_compatible(step, ckpt_lib.model_config_dict(setup.cfg))
-  saved_scan = bool(meta["model"]["scan_layers"])
-  if saved_scan == setup.cfg.scan_layers:
+  saved_scan = bool(meta["model"]["compute"]["scan_layers"])
+  if saved_scan == setup.cfg.compute.scan_layers:
     return ckpt.restore(step, setup.abstract_state, iterator)
   config = ml_collections.ConfigDict(setup.config.to_dict())
-  config.model.scan_layers = saved_scan
+  config.model.compute.scan_layers = saved_scan
   written = build(config, list(setup.mesh.devices.flat), setup.task)
   state = ckpt.restore(step, written.abstract_state, iterator)
-  convert = stack_blocks if setup.cfg.scan_layers else (lambda t: unstack_blocks(t, setup.cfg.n_blocks))
+  convert = stack_blocks if setup.cfg.compute.scan_layers else (lambda t: unstack_blocks(t, setup.cfg.n_blocks))
   state = {**state, "params": convert(state["params"]), "opt_state": convert(state["opt_state"])}
   return jax.device_put(state, setup.state_shardings)

@@ -9,9 +9,13 @@ ZeRO-1 (`mesh.shard_optimizer`, off by default): the Adam moments are also split
 parameters are replicated, so optimizer bytes per device fall as 1/data (`zero_spec`); each device updates its
 1/data of the parameters and the step all-gathers the new ones (docs/multi_device.md: the collectives it adds).
 
-The table (`LOGICAL_RULES`) and `logical_to_mesh` live in `pallas_kernels/sharding.py`, where the model's
-activation constraints and the Pallas kernels read them too; the train and eval steps are traced `in_mesh`,
-so those see the mesh.
+The rules are the run config's `mesh.logical_axis_rules` (MaxText style, overridable on the command line:
+`--config.mesh.logical_axis_rules.embed=` leaves the parameters' "embed" replicated, `...heads=tensor,fsdp`
+splits heads over both), one entry per logical axis name, a comma-separated list of mesh axes ("" for
+replicated); the default is `LOGICAL_RULES` (`rules_config`). `axis_rules_of` reads them back. The default
+table and `logical_to_mesh` live in `pallas_kernels/sharding.py`, where the model's activation constraints and
+the Pallas kernels read the context's rules too; the train and eval steps are traced `in_mesh`, so those see
+the mesh and the run's rules.
 """
 
 import functools
@@ -24,11 +28,42 @@ import ml_collections
 import numpy as np
 import optax
 
-from pallas_kernels.sharding import BATCH_AXES, LOGICAL_RULES, MESH_AXES, logical_to_mesh, use_mesh
+from pallas_kernels.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, Rules, axis_rules, logical_to_mesh,
+                                     use_mesh)
 
-__all__ = ["BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_parallelism", "batch_sharding", "in_mesh",
-           "logical_to_mesh", "make_mesh", "mesh_shape", "opt_state_shardings", "param_shardings",
-           "shard_batch", "zero_spec"]
+__all__ = ["BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "Rules", "axis_rules_of", "batch_parallelism",
+           "batch_sharding", "in_mesh", "logical_to_mesh", "make_mesh", "mesh_shape", "opt_state_shardings",
+           "param_shardings", "rules_config", "shard_batch", "zero_spec"]
+
+
+def rules_config(rules: Rules = LOGICAL_RULES) -> ml_collections.ConfigDict:
+  """`rules` as the run config's mesh.logical_axis_rules: {logical name: "mesh,axes" ("" replicated)}."""
+  as_text = lambda axes: ",".join((axes,) if isinstance(axes, str) else axes or ())
+  return ml_collections.ConfigDict({name: as_text(axes) for name, axes in rules.items()})
+
+
+def axis_rules_of(mesh_cfg: ml_collections.ConfigDict) -> Rules:
+  """The logical-axis rules of a run config's `mesh` section (`rules_config`'s form; the defaults,
+  `LOGICAL_RULES`, for a config without them); ValueError naming a logical axis that is not the model's or a
+  mesh axis that does not exist."""
+  text = mesh_cfg.get("logical_axis_rules")
+  if text is None:
+    return LOGICAL_RULES
+  text = dict(text)
+  unknown = sorted(set(text) - set(LOGICAL_RULES))
+  missing = sorted(set(LOGICAL_RULES) - set(text))
+  if unknown or missing:
+    raise ValueError(f"mesh.logical_axis_rules: {'unknown' if unknown else 'missing'} logical axes "
+                     f"{unknown or missing}; the model's are {sorted(LOGICAL_RULES)}.")
+  rules = {}
+  for name, value in text.items():
+    axes = tuple(a.strip() for a in str(value or "").split(",") if a.strip())
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ValueError(f"mesh.logical_axis_rules.{name}={value!r}: give distinct mesh axes of {MESH_AXES}, "
+                       "comma-separated (empty: replicated).")
+    rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+  return rules
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -59,11 +94,12 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
   return Mesh(grid, MESH_AXES)
 
 
-def param_shardings(logical_specs, abstract_params, mesh: Mesh):
-  """NamedShardings for a params tree from its tree of logical PartitionSpecs (same structure)."""
+def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules: Rules = LOGICAL_RULES):
+  """NamedShardings for a params tree from its tree of logical PartitionSpecs (same structure) under `rules`."""
   def one(spec, x):
     return NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh))
-  return jax.tree.map(one, logical_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
+  with axis_rules(rules):
+    return jax.tree.map(one, logical_specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
 
 
 def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh, axis: str = "data") -> P:
@@ -117,11 +153,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
-  """fn run (and traced) with `mesh` as the context mesh: the kernels then run per shard (`shard_map`) and
-  the residual stream is constrained at block boundaries (`pallas_kernels.sharding`)."""
+def in_mesh(fn: Callable, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Callable:
+  """fn run (and traced) with `mesh` as the context mesh and `rules` as the logical-axis rules: the kernels
+  then run per shard (`shard_map`) and the residual stream is constrained at block boundaries
+  (`pallas_kernels.sharding`)."""
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with use_mesh(mesh):
+    with use_mesh(mesh), axis_rules(rules):
       return fn(*args, **kwargs)
   return wrapped

@@ -79,10 +79,10 @@ def loss_sums(graphdef, params, batch, supervised: int | None = None):
   valid = targets != IGNORE_INDEX
   labels = jnp.where(valid, targets, 0)
   loss = None
-  if model.cfg.loss_impl == LossImpl.CHUNKED:   # the head and loss in token blocks (bmojo_jax/losses.py)
+  if model.cfg.compute.loss_impl == LossImpl.CHUNKED:   # the head and loss in token blocks (bmojo_jax/losses.py)
     x = model.final_norm(x)
     loss, ce, correct = losses.linear_cross_entropy(x, model.head_weight(x.dtype), labels,
-                                                    valid.astype(jnp.float32), model.cfg.loss_block)
+                                                    valid.astype(jnp.float32), model.cfg.compute.loss_block)
   else:
     ce, correct = losses.token_losses_reference(model.logits(x), labels)                                # logits [B, T|S, V]
   ce = jnp.where(valid, ce, 0.0)
@@ -152,7 +152,7 @@ def make_train_step(setup: Setup, accum: int, lr_scale: float | None = 1.0, skip
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
   in_shardings = (setup.state_shardings, batch_sh) + ((None,) if lr_scale is None else ())
-  return jax.jit(shard_lib.in_mesh(train_step, setup.mesh), in_shardings=in_shardings,
+  return jax.jit(shard_lib.in_mesh(train_step, setup.mesh, setup.rules), in_shardings=in_shardings,
                  out_shardings=(setup.state_shardings, None), donate_argnums=0)
 
 
@@ -169,7 +169,7 @@ def make_eval_step(setup: Setup):
             "ce_sum": jnp.sum(jnp.where(mask, ce, 0.0)), "tokens": jnp.sum(jnp.where(mask, n, 0))}
 
   batch_sh = shard_lib.batch_sharding(setup.mesh)
-  return jax.jit(shard_lib.in_mesh(eval_step, setup.mesh),
+  return jax.jit(shard_lib.in_mesh(eval_step, setup.mesh, setup.rules),
                  in_shardings=(setup.state_shardings["params"], batch_sh))
 
 

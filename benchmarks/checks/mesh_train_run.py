@@ -33,7 +33,8 @@ from train import trainer
 def run_config(family: str, mesh: dict[str, int], steps: int, d_model: int, batch: int):
   c = mqar.get_config(family)
   # Scanned blocks: the Pallas kernels compile once, not once per block.
-  c.model.update(d_model=d_model, scan_impl="pallas", attn_impl="pallas", scan_layers=True)
+  c.model.d_model = d_model
+  c.model.compute.update(scan_impl="pallas", attn_impl="pallas", scan_layers=True)
   c.train.update(num_steps=steps, batch_size=batch, eval_batch_size=batch, checkpoint_every=steps // 2,
                  log_every=1, eval_every=0, progress_bar=False, plot=False, target_accuracy=0.0)
   c.mesh.update({axis: int(mesh.get(axis, 1)) for axis in shard_lib.MESH_AXES})

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from benchmarks.common import rel_err, write_results
-from bmojo_jax import LanguageModel, ModelConfig
+from bmojo_jax import ComputeConfig, LanguageModel, ModelConfig
 from pallas_kernels.window_attention import BlockSizes
 from pallas_kernels.window_attention.ops import resolve_impls
 
@@ -41,8 +41,8 @@ def main(smoke: bool = False):
       dict(d_model=256, window=256, chunk_size=128, n_fading=8, n_eidetic=32, eidetic_per_chunk=8)
   t = 21 if smoke else 1001
   for dtype in ("float32", "bfloat16"):
-    base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, dtype=dtype,
-                       scan_impl="sequential", attn_impl="reference", **size)
+    base = ModelConfig(family="bmojo", vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, **size,
+                       compute=ComputeConfig(dtype=dtype, scan_impl="sequential", attn_impl="reference"))
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, base.vocab_size)
     # fp32 is compared at full matmul precision: XLA's default on GPUs is TF32 for fp32 dots.
     precision = "highest" if dtype == "float32" else "default"
@@ -50,7 +50,7 @@ def main(smoke: bool = False):
       ref_logits, ref_grads = loss_and_grads(base, tokens)
     for scan_impl, attn_impl in (("associative", "reference"), ("pallas", "pallas")):
       with jax.default_matmul_precision(precision):
-        logits, grads = loss_and_grads(base.replace(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
+        logits, grads = loss_and_grads(base.with_compute(scan_impl=scan_impl, attn_impl=attn_impl), tokens)
       # chunk 128 and head_dim 64 let bf16 take the Mosaic kernels on Hopper ("auto"); fp32 takes Triton
       chosen = resolve_impls(BlockSizes.get_default(64, True), dtype, 64, size["chunk_size"],
                              size["n_fading"] + size["n_eidetic"], smoke)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from benchmarks.common import write_results
 from benchmarks.speed.decoding import at_position, greedy
-from bmojo_jax import Family, LanguageModel, preset
+from bmojo_jax import ComputeConfig, Family, LanguageModel, preset
 from bmojo_jax.inference import Decoder, cache_bytes
 
 CONTEXTS = (1_024, 8_192, 65_536)
@@ -58,7 +58,7 @@ def main():
   args = parser.parse_args()
   records = []
   for family in Family:
-    cfg = preset(f"{family.value}-{args.size}", dtype="bfloat16", param_dtype="bfloat16")
+    cfg = preset(f"{family.value}-{args.size}", param_dtype="bfloat16", compute=ComputeConfig(dtype="bfloat16"))
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     decoder = Decoder(model)
     sizes = {c: cache_bytes(model, 1, c) for c in CONTEXTS}

@@ -44,7 +44,7 @@ from flax import nnx
 
 from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
 from benchmarks.speed.decoding import at_position, greedy
-from bmojo_jax import Family, LanguageModel, ModelConfig, preset
+from bmojo_jax import ComputeConfig, Family, LanguageModel, ModelConfig, preset
 from bmojo_jax import inference
 from bmojo_jax.inference import Decoder, cache_bytes, prefill_pieces
 
@@ -55,13 +55,14 @@ def model_config(family: Family, size: str) -> ModelConfig:
   """bf16 `<family>-<size>` preset on GPU; `tiny`: a CPU-sized model with the reference implementations."""
   if size == "tiny":
     kw = dict(family=family, vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, window=16,
-              chunk_size=8, n_fading=2, n_eidetic=8, eidetic_per_chunk=4, d_state=4, scan_chunk=16,
-              attn_impl="reference", scan_impl="sequential", dtype="bfloat16", param_dtype="bfloat16")
+              chunk_size=8, n_fading=2, n_eidetic=8, eidetic_per_chunk=4, d_state=4, param_dtype="bfloat16",
+              compute=ComputeConfig(scan_chunk=16, attn_impl="reference", scan_impl="sequential", dtype="bfloat16"))
     if family == Family.TRANSFORMER:
       kw.update(window=None)
     return ModelConfig(**kw)
   attn = "cudnn" if family == Family.TRANSFORMER else "pallas"
-  return preset(f"{family.value}-{size}", dtype="bfloat16", param_dtype="bfloat16", attn_impl=attn)
+  return preset(f"{family.value}-{size}", param_dtype="bfloat16",
+                compute=ComputeConfig(dtype="bfloat16", attn_impl=attn))
 
 
 def copy_bandwidth() -> float:
@@ -181,7 +182,7 @@ def bench_family(family: Family, size: str, args, bandwidth: float, limit: float
   options = json.loads(args.compiler_options) if args.compiler_options else None
   decoder = Decoder(model, scan_prefill=True, compiler_options=options)
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.state))
-  base = dict(family=family.value, attn_impl=str(cfg.attn_impl), size=size,
+  base = dict(family=family.value, attn_impl=str(cfg.compute.attn_impl), size=size,
               compiler_options=json.dumps(dict(decoder.compiler_options)) if options else None)
   cap = None if limit is None else args.cache_fraction * limit
 

@@ -37,7 +37,8 @@ def main():
 
     fwd = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens[:, :-1]))
     rec = dict(op="mqar_model", impl=family.value, preset=f"{family.value}-mqar", dtype="float32",
-               shape=dict(B=args.batch, T=args.seq), params=count_params(cfg), scan_impl=cfg.scan_impl.value,
+               shape=dict(B=args.batch, T=args.seq), params=count_params(cfg),
+               scan_impl=cfg.compute.scan_impl.value,
                fwd_ms=median_ms(fwd, state, tokens, warmup=1, iters=5),
                fwdbwd_ms=median_ms(fwd_bwd, state, tokens, warmup=1, iters=5))
     records.append(rec)

@@ -110,12 +110,12 @@ def check_full_size(bs, B=2, T=4096, E=2048, N=16, dtypes=(jnp.float32, jnp.bflo
 def mixer_check():
   """The Mamba mixer with the Pallas scan vs the sequential scan: output and every parameter gradient."""
   from flax import nnx
-  from bmojo_jax.config import ModelConfig
+  from bmojo_jax.config import ComputeConfig, ModelConfig
   from bmojo_jax.mamba import Mamba
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 300, 256), jnp.float32)
   res = {}
   for impl in ("sequential", "pallas"):
-    cfg = ModelConfig(family="mamba", d_model=256, n_layers=2, scan_impl=impl)
+    cfg = ModelConfig(family="mamba", d_model=256, n_layers=2, compute=ComputeConfig(scan_impl=impl))
     graphdef, params = nnx.split(Mamba(cfg, rngs=nnx.Rngs(0)))
 
     def loss(p):

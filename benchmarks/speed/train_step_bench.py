@@ -106,11 +106,10 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
             loss_block: int | None = None, scan_unroll: int | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
-  for name, value in (("remat", remat), ("scan_layers", scan_layers), ("loss_impl", loss_impl),
-                      ("loss_block", loss_block), ("scan_unroll", scan_unroll)):
-    if value is not None:
-      overrides[name] = value
-  config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, **overrides)
+  compute = {name: value for name, value in (("remat", remat), ("scan_layers", scan_layers),
+                                             ("loss_impl", loss_impl), ("loss_block", loss_block),
+                                             ("scan_unroll", scan_unroll)) if value is not None}
+  config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, compute, **overrides)
   devices = None if mesh is None else jax.devices()[:int(np.prod(list(mesh.values()) or [1]))]
   setup = setup_lib.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
   cfg = setup.cfg
@@ -133,19 +132,20 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
                - mem.alias_size_in_bytes)
   step_ms, state, metrics = time_steps(compiled, state, batch_arrays)
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
-  rec = dict(op="train_step", family=family, attn_impl=cfg.attn_impl.value, scan_impl=cfg.scan_impl.value,
+  compute = cfg.compute
+  rec = dict(op="train_step", family=family, attn_impl=compute.attn_impl.value, scan_impl=compute.scan_impl.value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
-             dtype=cfg.dtype, remat=cfg.remat.value, scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll,
-             default_layout=is_default_layout(family, size, cfg), loss_impl=cfg.loss_impl.value,
-             loss_block=cfg.loss_block, step_ms=step_ms,
+             dtype=compute.dtype, remat=compute.remat.value, scan_layers=compute.scan_layers,
+             scan_unroll=compute.scan_unroll, default_layout=is_default_layout(family, size, cfg),
+             loss_impl=compute.loss_impl.value, loss_block=compute.loss_block, step_ms=step_ms,
              tokens_per_s=tokens_per_s,
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / (PEAK_FLOPS * setup.mesh.size),
              compile_s=compile_s,
              peak_bytes=peak, loss=float(metrics["loss"]), devices=setup.mesh.size,
              mesh=dict(setup.mesh.shape), segments=bool(doc_len), mean_doc_len=doc_len)
   if profile_dir:
-    name = (f"{family}_{cfg.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_"
-            f"{layout_name(dict(scan_layers=cfg.scan_layers, scan_unroll=cfg.scan_unroll, remat=cfg.remat.value))}"
+    layout = dict(scan_layers=compute.scan_layers, scan_unroll=compute.scan_unroll, remat=compute.remat.value)
+    name = (f"{family}_{compute.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_{layout_name(layout)}"
             .replace("/", "_"))
     rec["profile"] = profile(compiled, state, batch_arrays, profile_dir, name)
   return rec
@@ -154,8 +154,8 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
 def is_default_layout(family: str, size: str, cfg) -> bool:
   """Whether cfg's scan_layers and remat are the preset's own."""
   preset = model_config(family, size)
-  return (cfg.scan_layers == preset.scan_layers and cfg.remat == preset.remat
-          and (cfg.scan_unroll == preset.scan_unroll or not cfg.scan_layers))
+  return (cfg.compute.scan_layers == preset.compute.scan_layers and cfg.compute.remat == preset.compute.remat
+          and (cfg.compute.scan_unroll == preset.compute.scan_unroll or not cfg.compute.scan_layers))
 
 
 def layout_name(rec: dict) -> str:

@@ -26,7 +26,7 @@ def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):
   c.model.vocab_size, c.model.d_model = 8192, 128
   if family != "transformer":
     c.model.window, c.model.chunk_size = 32, 32
-  c.model.scan_impl = "auto"                 # Pallas on a GPU / TPU, the sequential scan on a CPU
+  c.model.compute.scan_impl = "auto"                 # Pallas on a GPU / TPU, the sequential scan on a CPU
   t = c.train
   t.batch_size, t.eval_batch_size = 256, 500
   t.target_accuracy = 0.99
@@ -52,9 +52,9 @@ def main():
   config = zoology_config(args.family, args.lr, args.epochs, args.set)
   result = trainer.train(config, args.workdir)
   record = dict(op="mqar", impl=args.family, protocol="zoology", learning_rate=args.lr, overrides=args.set,
-                model={k: config.model[k] for k in ("d_model", "n_layers", "window", "chunk_size", "n_fading",
-                                                    "n_eidetic", "eidetic_per_chunk", "store_policy",
-                                                    "scan_impl", "attn_impl")},
+                model={**{k: config.model[k] for k in ("d_model", "n_layers", "window", "chunk_size", "n_fading",
+                                                       "n_eidetic", "eidetic_per_chunk", "store_policy")},
+                       **{k: config.model.compute[k] for k in ("scan_impl", "attn_impl")}},
                 **{k: result.get(k) for k in ("test_accuracy", "wall_s", "tokens_per_s", "step", "stopped_by",
                                               "data", "device", "jax_version")})
   with open(os.path.join(args.workdir, "metrics.jsonl")) as f:

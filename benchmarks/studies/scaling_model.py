@@ -49,7 +49,7 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   import jax
   from benchmarks.step_configs import step_config, synthetic_task
   from bmojo_jax import count_params
-  from bmojo_jax.config import PAPER_SIZES
+  from bmojo_jax.presets import PAPER_SIZES
   from train import setup as setup_lib
   from train import sharding as shard_lib
   from train import steps as steps_lib
@@ -61,8 +61,8 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   assert preset in PAPER_SIZES, size
   attn = "pallas" if family != "transformer" else "reference"
   batch = batch_per_device * mesh["data"] * mesh["fsdp"]
-  config = step_config(family, preset, seq_len, batch, attn, "pallas", mesh, remat="dots_kernels",
-                       scan_layers=True, **extra)
+  config = step_config(family, preset, seq_len, batch, attn, "pallas", mesh,
+                       dict(remat="dots_kernels", scan_layers=True), **extra)
   config.mesh.shard_optimizer = zero
   cfg = setup_lib.model_config(config)
   setup = setup_lib.build(config, jax.devices()[:n_dev], synthetic_task(seq_len, cfg.vocab_size))

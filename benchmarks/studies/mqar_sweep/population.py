@@ -24,7 +24,7 @@ ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))
 # Tiny settings of --smoke: L=32, vocab 64, one block, 4 batches an epoch.
 SMOKE_SETS = ["data.vocab_size=64", "model.vocab_size=64", "data.num_train=64",
               "data.num_test=32", "train.batch_size=16", "train.eval_batch_size=16", "model.n_layers=2",
-              "model.d_state=4", "model.scan_chunk=8"]
+              "model.d_state=4", "model.compute.scan_chunk=8"]
 
 
 def state_bytes(cfg, seq_len: int) -> int:
@@ -48,7 +48,8 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
   sets += [f"model.n_fading={args.n_fading}", f"model.n_eidetic={args.n_eidetic}",
            f"model.eidetic_per_chunk={args.eidetic_per_chunk}", f"model.store_policy={args.store_policy}",
            f"model.selection={args.selection}"]
-  sets += [f"model.dtype={args.dtype}", f"model.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
+  sets += [f"model.compute.dtype={args.dtype}",
+           f"model.compute.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
   config.train.plot = False
@@ -62,8 +63,8 @@ def population_base(args, config, family: str, variant: str, d_model: int, n: in
           "window": cfg.window if cfg.has_attention else None, "n_fading": cfg.fading, "n_eidetic": cfg.eidetic,
           "eidetic_per_chunk": cfg.eidetic_per_chunk if cfg.eidetic else 0,
           "store_policy": cfg.store_policy.value if cfg.eidetic else "",
-          "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.dtype,
-          "attn_impl": resolve_attn_impl(cfg.attn_impl).value if cfg.has_attention else "",
+          "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.compute.dtype,
+          "attn_impl": resolve_attn_impl(cfg.compute.attn_impl).value if cfg.has_attention else "",
           "epochs": args.epochs}
   return base, cfg
 
@@ -97,7 +98,7 @@ def train_population(args, config, cfg, base: dict, runs: list, checked: dict) -
               "population_tokens_per_s": res["population"]["tokens_per_s"], "population_size": len(runs),
               "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
               "data_check_mismatches": checked[n],
-              "scan_impl": resolve_scan_impl(cfg.scan_impl).value,
+              "scan_impl": resolve_scan_impl(cfg.compute.scan_impl).value,
               "device": device_name(), "jax": jax.__version__}
              for run, res in zip(runs, results)]
   return records, wall

@@ -60,9 +60,10 @@ def throughput(args) -> str:
   cfg = setup_lib.model_config(config)
   for r in records:
     r.update(family=family, d_model=d_model, N=n, L=int(config.data.seq_len), batch_size=int(config.train.batch_size),
-             params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.scan_impl).value,
-             attn_impl=resolve_attn_impl(cfg.attn_impl).value,
-             dtype=cfg.dtype, label=args.label, overrides=args.set, device=device_name(), jax=jax.__version__)
+             params=count_params(cfg), scan_impl=resolve_scan_impl(cfg.compute.scan_impl).value,
+             attn_impl=resolve_attn_impl(cfg.compute.attn_impl).value,
+             dtype=cfg.compute.dtype, label=args.label, overrides=args.set, device=device_name(),
+             jax=jax.__version__)
   out_dir = args.out or os.environ.get("OUT") or RESULTS
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"mqar_sweep_throughput_{'cpu_smoke' if args.smoke else device_tag()}.json")
