@@ -111,21 +111,26 @@ def test_streaming_candidates_equal_chunk_selection():
 @pytest.mark.parametrize("selection", [s.value for s in Selection])
 def test_selection_scores_carry_no_gradient_but_the_learned_gate(selection):
   """Every score is a constant to autodiff; only `learned` passes a gradient, through the stored values, to its
-  scorer (and to a), while the forward values stay the inputs' bit for bit."""
-  keys = jax.random.split(jax.random.key(2), 3)
+  scorer (and to a), and `linear` its auxiliary loss's to its predictor (not to a), while the forward values
+  stay the inputs' bit for bit."""
+  keys = jax.random.split(jax.random.key(2), 4)
   a = jax.random.normal(keys[0], (2, 8, 4))
-  k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:])
+  k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:3])
+  w_p = jnp.eye(4) / 4 + 0.1 * jax.random.normal(keys[3], (4, 4, 4))
 
-  def parts(a, w_s):
-    return selection_scores(Selection(selection), ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s))
+  def parts(a, w_s, w_p):
+    return selection_scores(Selection(selection), ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s, w_p=w_p,
+                                                              predictor_loss_weight=1.0))
 
   def grads(part):
-    return jax.grad(lambda a, w_s: jnp.sum(parts(a, w_s)[part] * jnp.arange(1, 9.0).reshape(1, 8, *(1,) * part)),
-                    argnums=(0, 1))(a, jnp.ones(4))
+    return jax.grad(lambda a, w_s, w_p: jnp.sum(parts(a, w_s, w_p)[part]
+                                                * jnp.arange(1, 9.0).reshape(1, 8, *(1,) * part)),
+                    argnums=(0, 1, 2))(a, jnp.ones(4), w_p)
 
-  np.testing.assert_array_equal(parts(a, jnp.ones(4))[1], v)
+  np.testing.assert_array_equal(parts(a, jnp.ones(4), w_p)[1], v)
   for g in grads(0):                         # the scores: a constant to autodiff, for every selection
     np.testing.assert_array_equal(g, 0)
-  ga, gw = grads(1)                          # the stored values: a gradient to a and w_s only when learned
-  learned = selection == Selection.LEARNED
+  ga, gw, gp = grads(1)                      # the stored values: a gradient to a and w_s only when learned
+  learned, linear = selection == Selection.LEARNED, selection == Selection.LINEAR
   assert (np.abs(gw).max() > 0) == learned and (np.abs(ga).max() > 0) == learned
+  assert (np.abs(gp).max() > 0) == linear
