@@ -296,8 +296,9 @@ class ModelConfig:
       need(self.n_eidetic > 0 and 0 < self.eidetic_per_chunk <= self.chunk,
            f"need n_eidetic > 0 and 0 < eidetic_per_chunk <= chunk_size; got n_eidetic={self.n_eidetic}, "
            f"eidetic_per_chunk={self.eidetic_per_chunk}, chunk_size={self.chunk}")
-      need(self.n_eidetic % self.eidetic_per_chunk == 0,
-           f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk}")
+      need(self.store_policy == StorePolicy.SCORE or self.n_eidetic % self.eidetic_per_chunk == 0,
+           f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk} with "
+           "store_policy='fifo' (whole chunks of selections; the score policy keeps any M_e >= k_e)")
       need(math.isfinite(self.predictor_loss_weight) and self.predictor_loss_weight >= 0,
            f"predictor_loss_weight={self.predictor_loss_weight} must be a finite number >= 0")
 

@@ -57,6 +57,8 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
   for trial in range(3):
     b, t, chunk, k_e = 2, int(rng.integers(40, 160)), 8, [1, 2, 4][trial]
     size = k_e * int(rng.integers(1, 5))
+    if policy == "score":                   # any M_e >= k_e (the FIFO store holds whole chunks)
+      size += int(rng.integers(0, k_e))
     e = rng.integers(0, 5, (b, t)).astype(np.float32) if trial != 1 else rng.normal(size=(b, t)).astype(np.float32)
     e[:, rng.integers(0, t, 6)] = -np.inf
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
@@ -70,10 +72,11 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
 
-@pytest.mark.parametrize("policy", ["fifo", "score"])
-def test_store_policies_match_python_model(policy):
+@pytest.mark.parametrize("policy, k_e, capacity", [("fifo", 2, 6), ("score", 2, 6),
+                                                  ("score", 8, 12)])   # k_e = chunk: every token competes
+def test_store_policies_match_python_model(policy, k_e, capacity):
   rng = np.random.default_rng(0)
-  b, chunk, k_e, capacity, n_chunks = 2, 8, 2, 6, 25
+  b, chunk, n_chunks = 2, 8, 25
   t = chunk * n_chunks - 3                                    # a partial last chunk
   scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
   k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)

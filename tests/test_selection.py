@@ -269,3 +269,23 @@ def test_scanned_layers(models):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+
+
+def test_every_token_competes():
+  """k_e = chunk with the score store: every token of a chunk is a candidate and the store keeps the M_e best
+  seen (M_e = 6 need not be a multiple of k_e = 4 under the score policy): decoding = the parallel pass, and a
+  packed row = its documents alone."""
+  cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, eidetic_per_chunk=4, n_eidetic=6, store_policy="score",
+                    scan_impl="sequential")
+  assert cfg.eidetic_per_chunk == cfg.chunk
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(12), (2, T), 0, 64)
+  full = forward(model, tokens)
+  decoder = Decoder(model)
+  logits, cache = decoder.prefill(tokens[:, :5], T)
+  got = [logits]
+  for t in range(5, T):
+    step_logits, cache = decoder.step(tokens[:, t], cache)
+    got.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  _check_packed_equals_alone(cfg)
