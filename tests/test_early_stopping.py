@@ -4,6 +4,7 @@ evaluation and reporting the test figures of the best validation evaluation."""
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -166,3 +167,24 @@ def test_population_stops_each_run_on_its_own_sequence(tmp_path, monkeypatch):
   assert results[0]["val_accuracy"] == 0.5 and results[1]["val_accuracy"] == 0.4
   assert results[0]["test_accuracy"] == test_accuracy[0][0] and results[1]["test_accuracy"] == test_accuracy[3][1]
   assert np.asarray(p.state["active"]).tolist() == [False, True]   # run 0's updates are masked from step 6 on
+
+
+@pytest.mark.slow
+def test_resumed_trainer_keeps_counting(tmp_path):
+  """A SIGTERM after the second evaluation (step 4, one without improvement) and a rerun: the checkpoint gives the
+  count and the best back, so the run stops at step 8 (three in a row: 4, 6, 8) reporting step 2, as it would
+  have uninterrupted. Without them the resumed run would count from step 6 as its best and stop at 12."""
+  config = tiny_config(patience=3, num_val=12)
+  config.train.num_steps, config.train.checkpoint_every = 12, 2
+  workdir = str(tmp_path)
+
+  def send_sigterm(step, state):
+    del state
+    if step == 4:
+      signal.raise_signal(signal.SIGTERM)
+
+  first = trainer.train(config, workdir, step_callback=send_sigterm)
+  assert (first["stopped_by"], first["step"], first["best_step"]) == ("SIGTERM", 4, 2)
+  second = trainer.train(config, workdir)
+  assert (second["stopped_by"], second["step"], second["test_step"], second["best_step"]) == ("patience", 8, 2, 2)
+  assert second["test_accuracy"] == first["test_accuracy"] and second["val_accuracy"] == first["val_accuracy"]
