@@ -146,12 +146,18 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     return finished[1]
   if latest is not None:
     notes.append(f"{workdir}: resuming from step {latest} (checkpoint {ckpt.step_dir(latest)}).")
-  # Early stopping on the validation split (with one): a resumed run takes its count and best back.
-  stopper = steps_lib.early_stopping(setup)
-  saved_stopper = None if latest is None or stopper is None else ckpt.read_meta(latest).get("early_stopping")
-  if saved_stopper:
-    stopper = dataclasses.replace(steps_lib.EarlyStopping.from_meta(saved_stopper), patience=stopper.patience,
-                                  min_delta=stopper.min_delta)
+
+  def stopper_at(saved_step: int | None) -> steps_lib.EarlyStopping | None:
+    """Early stopping on the validation split (None without one), as checkpoint `saved_step` left it (its count
+    and best: a resumed or rolled-back run goes on from there) under this config's patience and min_delta."""
+    fresh = steps_lib.early_stopping(setup)
+    saved = None if saved_step is None or fresh is None else ckpt.read_meta(saved_step).get("early_stopping")
+    if not saved:
+      return fresh
+    return dataclasses.replace(steps_lib.EarlyStopping.from_meta(saved), patience=fresh.patience,
+                               min_delta=fresh.min_delta)
+
+  stopper = stopper_at(latest)
   if lead:
     runs.write_run_files(workdir, config, setup.task.tokenizer)
 
@@ -227,7 +233,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
 
   def roll_back(r: faults.Rollback) -> int:
     """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
-    nonlocal state, it, carried
+    nonlocal state, it, carried, stopper
     ckpt.wait()
     pending.clear()
     carried = 0
@@ -237,6 +243,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
       it, state = make_iterator(), setup.init_state()
     else:
       state = restore_state(ckpt, back, setup, it)
+    stopper = stopper_at(guard.last_saved)
     guard.rolled_back(back, r)     # train_step reads the new record.lr_scale
     return back
 
