@@ -65,6 +65,9 @@ class Attention(nnx.Module):
                            cfg.init_std / (2 * cfg.n_blocks) ** 0.5)
     if cfg.learned_selection:   # w_s [D] of `bmojo_jax.memory.scoring.learned_scores`
       self.scorer = param(rngs, nnx.initializers.normal(cfg.init_std), (d,), (tp.EMBED,), cfg.weight_dtype)
+    if cfg.linear_selection:    # W [4, D, D] of `bmojo_jax.memory.scoring.linear_scores`: I/4, the innovation test
+      moving_average = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(d) / PREDICTOR_TAPS, shape).astype(dtype)
+      self.predictor = param(rngs, moving_average, (PREDICTOR_TAPS, d, d), (None, tp.EMBED, None), cfg.weight_dtype)
 
   def fading_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values of fading tokens: x [B, ..., D] read-outs of the mixer -> k, v [B, ..., K, P]. The
@@ -90,8 +93,11 @@ class Attention(nnx.Module):
 
   def score_inputs(self, a, k_raw, v, fk, fv, **kw) -> ScoreInputs:
     """What `selection_scores` reads of this sublayer: a [B, T, D], k_raw, v, fk, fv [B, T, K, P] (fk, fv None
-    without fading tokens), the scorer's weights, and `ScoreInputs`' other fields from kw."""
-    return ScoreInputs(a, k_raw, v, fk, fv, w_s=self.scorer[...] if self.cfg.learned_selection else None, **kw)
+    without fading tokens), the scorer's or the predictor's weights, and `ScoreInputs`' other fields from kw."""
+    cfg = self.cfg
+    linear = {"w_p": self.predictor[...], "predictor_loss_weight": cfg.predictor_loss_weight} \
+        if cfg.linear_selection else {}
+    return ScoreInputs(a, k_raw, v, fk, fv, w_s=self.scorer[...] if cfg.learned_selection else None, **linear, **kw)
 
   def __call__(self, a: jax.Array, state: AttnState | None = None, *, fading: jax.Array | None = None,
                fading_norm=None, cache_size: int | None = None, packing: Packing | None = None
@@ -292,8 +298,9 @@ class Attention(nnx.Module):
 
   @property
   def history_len(self) -> int:
-    """Inputs the decode state keeps for the innovation score: 4 where it selects, else none."""
-    return PREDICTOR_TAPS if self.cfg.eidetic and self.cfg.selection == Selection.INNOVATION else 0
+    """Inputs the decode state keeps for the innovation and linear scores: 4 where they select, else none."""
+    reads_history = self.cfg.selection in (Selection.INNOVATION, Selection.LINEAR)
+    return PREDICTOR_TAPS if self.cfg.eidetic and reads_history else 0
 
   def init_state(self, batch: int, cache_size: int) -> AttnState:
     cfg = self.cfg

@@ -96,6 +96,7 @@ class Selection(enum.StrEnum):
   LEARNED = "learned"        # a_t · w_s, a learned scorer trained through a straight-through gate on the values
   SSM_ERROR = "ssm_error"    # ‖k_t − k^f_{t-1}‖² + ‖v_t − v^f_{t-1}‖²: what the fading token at t-1 lacks
   INPUT_NORM = "input_norm"  # ‖a_t‖²
+  LINEAR = "linear"          # ‖a_t − Σ_{j=1..4} a_{t-j} W_j‖²: a learned linear predictor (starts as innovation's)
 
 
 class ConfigError(ValueError):
@@ -189,6 +190,7 @@ class ModelConfig:
   eidetic_per_chunk: int = 4         # k_e tokens selected per chunk
   store_policy: StorePolicy = StorePolicy.FIFO
   selection: Selection = Selection.INNOVATION  # the score that picks the k_e tokens (`Selection`)
+  predictor_loss_weight: float = 1.0  # selection='linear': weight of its predictor's auxiliary loss (scoring.py)
   # Mamba mixer (S6).
   d_state: int = 16                  # N
   d_conv: int = 4                    # W
@@ -276,6 +278,11 @@ class ModelConfig:
     return self.eidetic > 0 and self.selection == Selection.LEARNED
 
   @property
+  def linear_selection(self) -> bool:
+    """Whether each attention sublayer holds a linear predictor W [4, D, D] (B'MOJO with selection='linear')."""
+    return self.eidetic > 0 and self.selection == Selection.LINEAR
+
+  @property
   def scores_read_fading(self) -> bool:
     """Whether the selection scores read the fading projections at every position (`ssm_error`), so the
     parallel pass projects all T read-outs instead of the M_f per chunk that become fading tokens."""
@@ -333,5 +340,9 @@ class ModelConfig:
       need(self.n_eidetic > 0 and 0 < self.eidetic_per_chunk <= self.chunk,
            f"need n_eidetic > 0 and 0 < eidetic_per_chunk <= chunk_size; got n_eidetic={self.n_eidetic}, "
            f"eidetic_per_chunk={self.eidetic_per_chunk}, chunk_size={self.chunk}")
-      need(self.n_eidetic % self.eidetic_per_chunk == 0,
-           f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk}")
+      need(self.store_policy == StorePolicy.SCORE or self.n_eidetic % self.eidetic_per_chunk == 0,
+           f"n_eidetic={self.n_eidetic} must be a multiple of eidetic_per_chunk={self.eidetic_per_chunk} with "
+           "store_policy='fifo' (whole chunks of selections; the score policy keeps any M_e >= k_e)")
+      need(math.isfinite(self.predictor_loss_weight) and self.predictor_loss_weight >= 0,
+           f"predictor_loss_weight={self.predictor_loss_weight} must be a finite number >= 0")
+

@@ -22,7 +22,8 @@ def _mamba_params(cfg: ModelConfig) -> int:
 SUBLAYER_PARAMS: dict[Sublayer, Callable[[ModelConfig], int]] = {
     Sublayer.MAMBA: _mamba_params,
     Sublayer.ATTENTION: lambda cfg: (cfg.d_model * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-                                     + (cfg.d_model if cfg.learned_selection else 0)),   # + the scorer w_s [D]
+                                     + (cfg.d_model if cfg.learned_selection else 0)     # + the scorer w_s [D]
+                                     + (4 * cfg.d_model ** 2 if cfg.linear_selection else 0)),   # + W [4, D, D]
     Sublayer.MLP: lambda cfg: 3 * cfg.d_model * cfg.ff_size,
 }
 

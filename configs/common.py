@@ -57,7 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 250             # steps between checkpoints (and one at the end / on SIGTERM, SIGINT)
   t.keep_checkpoints = 3               # checkpoints kept (older ones deleted by Orbax)
   t.async_checkpointing = True         # write checkpoints in a background thread
-  t.target_accuracy = 0.0              # stop early once eval accuracy >= this (0: never; Zoology 0.99)
+  t.target_accuracy = 0.0              # stop early once eval accuracy >= this (0: never; Zoology 0.99); with a
+                                       # validation split (MQAR data.num_val) the validation accuracy
+  t.patience = 0                       # stop once this many evaluations in a row leave the validation accuracy
+                                       # no better than its best + min_delta (0: never; needs data.num_val)
+  t.min_delta = 0.001                  # the improvement in validation accuracy that resets the patience
   t.progress_bar = True                # tqdm bar on process 0
   t.data_workers = 0                   # grain worker processes for the training stream (0: threads)
   t.plot = True                        # write curves.png (loss and accuracy curves) at the end

@@ -39,6 +39,8 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   d.num_test = 500                         # test examples (Zoology: 3k)
   d.train_seed = 0                         # generator seed of the training set
   d.test_seed = 1                          # generator seed of the test set (differs from train)
+  d.num_val = 0                            # held-out validation examples (0: none; the study's protocol: 3000)
+  d.val_seed = 2                           # generator seed of the validation set (differs from train and test)
 
   t = c.train
   # Sized for under 10 minutes on 2 CPU cores; scale up on a GPU.

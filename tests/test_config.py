@@ -19,7 +19,8 @@ from tests.conftest import FAMILIES, tiny_config
 @pytest.mark.parametrize("overrides, needle", [
     (dict(n_heads=3), "n_heads=3 does not divide d_model=32"),
     (dict(chunk_size=3), "chunk_size=3 must divide window=8"),
-    (dict(n_eidetic=5), "n_eidetic=5 must be a multiple of eidetic_per_chunk=2"),
+    (dict(n_eidetic=5), "n_eidetic=5 must be a multiple of eidetic_per_chunk=2 with store_policy='fifo'"),
+    (dict(selection="linear", predictor_loss_weight=-1.0), "predictor_loss_weight=-1.0 must be"),
     (dict(n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),
     (dict(n_fading=5), "n_fading=5 must be in 1..chunk_size=4"),
     (dict(window=None), "window=None"),

@@ -752,3 +752,14 @@ def test_a_config_json_edited_to_read_other_data_is_refused(reference, tmp_path)
   with pytest.raises(ValueError, match=r"config.json was changed after training: data.kind: 'text' here, 'mqar' in "
                                        r"training; data.paths: '/etc' here, .*Put it back, or pass --config FILE"):
     runs.evaluate_run(workdir)
+
+
+def test_rollback_takes_the_early_stopping_state_back(tmp_path):
+  """Evaluations every step, none improving on step 1's (min_delta 1), patience 5: step 2's evaluation is of
+  parameters a rollback throws away (to checkpoint 1), so it does not count, and the run stops at step 6 (five
+  in a row: 2..6), not at 5."""
+  c = diverging_config(on_nonfinite="rollback", rollback_lr_factor=1e-31, eval_every=1, patience=5, min_delta=1.0)
+  c.data.num_val = 8
+  res = trainer.train(c, str(tmp_path))
+  assert res["faults"]["rollbacks"] == 1
+  assert (res["stopped_by"], res["step"], res["best_step"], res["test_step"]) == ("patience", 6, 1, 1)

@@ -58,6 +58,8 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
   for trial in range(3):
     b, t, chunk, k_e = 2, int(rng.integers(40, 160)), 8, [1, 2, 4][trial]
     size = k_e * int(rng.integers(1, 5))
+    if policy == "score":                   # any M_e >= k_e (the FIFO store holds whole chunks)
+      size += int(rng.integers(0, k_e))
     e = rng.integers(0, 5, (b, t)).astype(np.float32) if trial != 1 else rng.normal(size=(b, t)).astype(np.float32)
     e[:, rng.integers(0, t, 6)] = -np.inf
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
@@ -71,10 +73,11 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
 
-@pytest.mark.parametrize("policy", ["fifo", "score"])
-def test_store_policies_match_python_model(policy):
+@pytest.mark.parametrize("policy, k_e, capacity", [("fifo", 2, 6), ("score", 2, 6),
+                                                  ("score", 8, 12)])   # k_e = chunk: every token competes
+def test_store_policies_match_python_model(policy, k_e, capacity):
   rng = np.random.default_rng(0)
-  b, chunk, k_e, capacity, n_chunks = 2, 8, 2, 6, 25
+  b, chunk, n_chunks = 2, 8, 25
   t = chunk * n_chunks - 3                                    # a partial last chunk
   scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
   k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)
@@ -112,21 +115,26 @@ def test_streaming_candidates_equal_chunk_selection():
 @pytest.mark.parametrize("selection", [s.value for s in Selection])
 def test_selection_scores_carry_no_gradient_but_the_learned_gate(selection):
   """Every score is a constant to autodiff; only `learned` passes a gradient, through the stored values, to its
-  scorer (and to a), while the forward values stay the inputs' bit for bit."""
-  keys = jax.random.split(jax.random.key(2), 3)
+  scorer (and to a), and `linear` its auxiliary loss's to its predictor (not to a), while the forward values
+  stay the inputs' bit for bit."""
+  keys = jax.random.split(jax.random.key(2), 4)
   a = jax.random.normal(keys[0], (2, 8, 4))
-  k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:])
+  k, v = (jax.random.normal(key, (2, 8, 1, 2)) for key in keys[1:3])
+  w_p = jnp.eye(4) / 4 + 0.1 * jax.random.normal(keys[3], (4, 4, 4))
 
-  def parts(a, w_s):
-    return selection_scores(Selection(selection), ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s))
+  def parts(a, w_s, w_p):
+    return selection_scores(Selection(selection), ScoreInputs(a, a[..., None, :2], v, k, k, w_s=w_s, w_p=w_p,
+                                                              predictor_loss_weight=1.0))
 
   def grads(part):
-    return jax.grad(lambda a, w_s: jnp.sum(parts(a, w_s)[part] * jnp.arange(1, 9.0).reshape(1, 8, *(1,) * part)),
-                    argnums=(0, 1))(a, jnp.ones(4))
+    return jax.grad(lambda a, w_s, w_p: jnp.sum(parts(a, w_s, w_p)[part]
+                                                * jnp.arange(1, 9.0).reshape(1, 8, *(1,) * part)),
+                    argnums=(0, 1, 2))(a, jnp.ones(4), w_p)
 
-  np.testing.assert_array_equal(parts(a, jnp.ones(4))[1], v)
+  np.testing.assert_array_equal(parts(a, jnp.ones(4), w_p)[1], v)
   for g in grads(0):                         # the scores: a constant to autodiff, for every selection
     np.testing.assert_array_equal(g, 0)
-  ga, gw = grads(1)                          # the stored values: a gradient to a and w_s only when learned
-  learned = selection == Selection.LEARNED
+  ga, gw, gp = grads(1)                      # the stored values: a gradient to a and w_s only when learned
+  learned, linear = selection == Selection.LEARNED, selection == Selection.LINEAR
   assert (np.abs(gw).max() > 0) == learned and (np.abs(ga).max() > 0) == learned
+  assert (np.abs(gp).max() > 0) == linear

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from benchmarks.studies.mqar_sweep import cli, population, report
+from benchmarks.studies.mqar_sweep import cli, population, report, sweep
 from benchmarks.studies.mqar_sweep.records import KEY_FIELDS, best_setting, load_records, population_folder
 
 
 def _record(**fields) -> dict:
   base = {"family": "transformer", "variant": "", "d_model": 128, "N": 32, "L": 256, "window": None, "n_fading": 0,
           "n_eidetic": 0, "eidetic_per_chunk": 0, "store_policy": "", "selection": "", "dtype": "bfloat16",
-          "attn_impl": "reference", "learning_rate": 1e-3, "seed": 0, "epochs": 8, "test_accuracy": 0.5,
-          "state_bytes": 1000}
+          "attn_impl": "reference", "learning_rate": 1e-3, "seed": 0, "epochs": 8, "patience": 0,
+          "test_accuracy": 0.5, "state_bytes": 1000}
   return {**base, **fields}
 
 
@@ -120,3 +120,67 @@ def test_population_folders_differ_in_every_key_field_but_the_run_folders():
       continue
     other = {**base, field: base[field] + 1 if isinstance(base[field], int) else f"{base[field]}x"}
     assert population_folder(other) != folder, field
+
+
+def test_patience_records_are_other_runs_and_old_records_are_patience_0(tmp_path, capsys):
+  """Records written before early stopping (no "patience") are the patience-0 runs; --table shows the records of
+  --patience's protocol only, and a patience run's folder is its own."""
+  old = {k: v for k, v in _record(test_accuracy=0.25).items() if k != "patience"}
+  new = _record(patience=8, test_accuracy=0.75, best_step=40, val_accuracy=0.8)
+  path = tmp_path / "sweep.json"
+  path.write_text(json.dumps([old, new]))
+  records = load_records([str(path)])
+  assert [r["patience"] for r in records] == [0, 8]                 # two runs, the old one upgraded
+  cli.main(["--table", str(path)])
+  assert "0.250 (0.001; 1 run)" in capsys.readouterr().out
+  cli.main(["--table", str(path), "--patience", "8"])
+  assert "0.750 (0.001; 1 run)" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="no records of bfloat16, 8 epochs, patience 3"):
+    cli.main(["--table", str(path), "--patience", "3"])
+  assert population_folder(new) == population_folder(old) + "_p8"
+
+
+def test_patience_and_selections_options_make_the_configs():
+  args = cli.parse_args(["--smoke", "--patience", "4", "--min-delta", "0.01", "--num-val", "64", "--epochs", "32",
+                         "--selections", "innovation,learned"])
+  assert args.selections == ["innovation", "learned"]
+  config = population.population_config(args, "bmojo", "", 16, 4)
+  assert (config.train.patience, config.train.min_delta, config.data.num_val) == (4, 0.01, 64)
+  steps_per_epoch = config.data.num_train // config.train.batch_size
+  assert config.train.num_steps == 32 * steps_per_epoch              # --epochs: the cap
+  base, _ = population.population_base(args, config, "bmojo", "", 16, 4)
+  assert base["patience"] == 4
+  off = cli.parse_args(["--smoke"])
+  assert off.selections == ["innovation"] and off.patience == 0
+  config = population.population_config(off, "bmojo", "", 16, 4)
+  assert (config.train.patience, config.data.num_val) == (0, 0)      # off: no validation split
+  # k_e = chunk (every token of a chunk competes) is a setting: chunk = window = 8 at --smoke.
+  every = cli.parse_args(["--smoke", "--eidetic-per-chunk", "8"])
+  cfg = population.population_base(every, population.population_config(every, "bmojo", "", 16, 4), "bmojo", "",
+                                   16, 4)[1]
+  assert cfg.eidetic_per_chunk == cfg.chunk_size == 8
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--smoke", "--selections", "innovation,nope"])
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--smoke", "--patience", "-1"])
+
+
+def test_selections_train_one_bmojo_population_each_and_the_others_once(tmp_path, monkeypatch):
+  trained = []
+
+  def fake_train(args, config, cfg, base, runs, checked):
+    trained.append((base["family"], base["variant"], base["selection"], config.model.selection))
+    return [{**base, "learning_rate": r.learning_rate, "seed": r.seed, "test_accuracy": 0.5, "test_loss": 1.0,
+             "state_bytes": 1000, "population_tokens_per_s": 1.0} for r in runs], 0.0
+
+  monkeypatch.setattr(sweep, "train_population", fake_train)
+  monkeypatch.setattr(sweep, "summarize", lambda *a: None)
+  argv = ["--smoke", "--families", "transformer,bmojo", "--lrs", "1e-2", "--out", str(tmp_path),
+          "--selections", "innovation,learned,input_norm"]
+  sweep.sweep(cli.parse_args(argv))
+  assert trained == [("transformer", "", "", "innovation"), ("bmojo", "", "innovation", "innovation"),
+                     ("bmojo", "", "learned", "learned"), ("bmojo", "", "input_norm", "input_norm"),
+                     ("hybrid", "equal_memory", "", "innovation")]
+  trained.clear()
+  sweep.sweep(cli.parse_args(argv))                                   # resumed: every run is recorded
+  assert trained == []

@@ -13,7 +13,8 @@ from bmojo_jax import LanguageModel, count_params
 from bmojo_jax.config import Selection
 from bmojo_jax.inference import Decoder
 from bmojo_jax.memory.scoring import (SELECTION_SCORES, ScoreInputs, innovation_scores, input_norm_scores, last_inputs,
-                                      learned_scores, selection_scores, ssm_error_scores, straight_through_values)
+                                      learned_scores, linear_scores, predictor_loss, predictor_taps, selection_scores,
+                                      ssm_error_scores, straight_through_values)
 from bmojo_jax.memory.selection import select_per_chunk
 from bmojo_jax.model import stack_blocks
 from tests.conftest import tiny_config
@@ -70,6 +71,51 @@ def test_learned_definition_and_straight_through():
   np.testing.assert_allclose(ds, sig * (1 - sig) * jnp.sum(v * g, axis=(-2, -1)), rtol=1e-5)
 
 
+def test_linear_definition():
+  """e_t = ‖a_t − Σ_j a_{t-j} W_j‖² with the history before the sequence (else zeros) and zeros where reach < j;
+  at W = I/4 it is the innovation test."""
+  keys = jax.random.split(jax.random.key(8), 3)
+  a, history = jax.random.normal(keys[0], (2, 9, 5)), jax.random.normal(keys[1], (2, 4, 5))
+  w = jax.random.normal(keys[2], (4, 5, 5))
+  reach = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3]] * 2)
+  n = lambda x: np.asarray(x, np.float64)
+  for h, r in ((None, None), (history, None), (history, reach)):
+    full = np.concatenate([np.zeros((2, 4, 5)) if h is None else n(h), n(a)], axis=1)
+    want = np.zeros((2, 9))
+    for t in range(9):
+      pred = sum(full[:, 4 + t - j] @ n(w)[j - 1] * (1 if r is None or r[0, t] >= j else 0) for j in range(1, 5))
+      want[:, t] = ((n(a)[:, t] - pred) ** 2).sum(-1)
+    np.testing.assert_allclose(linear_scores(a, w, h, r), want, rtol=1e-5)
+  moving_average = jnp.broadcast_to(jnp.eye(5) / 4, (4, 5, 5))
+  np.testing.assert_allclose(linear_scores(a, moving_average, history, reach), innovation_scores(a, history, reach),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_linear_predictor_trains_on_its_auxiliary_loss_only():
+  """The predictor W of each layer gets λ ∂/∂W Σ_t ‖a_t − â_t‖² / D on top of nothing else (the memory's
+  selection has no gradient); every other parameter's gradient and the loss are those of λ = 0: the auxiliary
+  loss does not reach the model."""
+  cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, selection="linear", predictor_loss_weight=0.5)
+  tokens = jax.random.randint(jax.random.key(9), (2, 21), 0, 64)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  off = LanguageModel(cfg.replace(predictor_loss_weight=0.0), rngs=nnx.Rngs(0))
+  loss, grads = _loss_and_grads(model, tokens)
+  loss_off, grads_off = _loss_and_grads(off, tokens)
+  assert float(loss) == float(loss_off)
+  grads, grads_off = nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_off)
+  from bmojo_jax.probe import attention_inputs  # pylint: disable=g-import-not-at-top
+  for i, (attn, a, _) in enumerate(attention_inputs(model, tokens)):
+    a = jnp.asarray(a, jnp.float32)
+    want = jax.grad(lambda w: 0.5 * predictor_loss(a, predictor_taps(a), w))(attn.predictor[...])
+    np.testing.assert_allclose(grads["blocks"][i]["mixer2"]["predictor"], want, rtol=1e-4, atol=1e-7)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_array_equal(grads_off["blocks"][i]["mixer2"]["predictor"], 0)
+    grads["blocks"][i]["mixer2"].pop("predictor"), grads_off["blocks"][i]["mixer2"].pop("predictor")
+  chex.assert_trees_all_equal(grads, grads_off)
+  assert count_params(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count_params(cfg) == count_params(cfg.replace(selection="innovation")) + 2 * 4 * 32 * 32
+
+
 def test_selection_scores_dispatch():
   """One enum picks the function; the default is the paper's innovation, bit for bit, without gradient."""
   keys = jax.random.split(jax.random.key(3), 4)
@@ -92,8 +138,13 @@ def test_selection_scores_dispatch():
 # ------------------------------------------------------------------------------------------- the model
 @pytest.fixture(scope="module")
 def models():
-  return {s: LanguageModel(tiny_config("bmojo", init_std=0.1, n_layers=4, selection=s), rngs=nnx.Rngs(0))
-          for s in SELECTIONS}
+  """One model per selection; the linear predictor moved off its initial I/4 (where it is the innovation test)."""
+  out = {s: LanguageModel(tiny_config("bmojo", init_std=0.1, n_layers=4, selection=s), rngs=nnx.Rngs(0))
+         for s in SELECTIONS}
+  for i in range(out["linear"].cfg.n_blocks):
+    attn = out["linear"].blocks[i].mixer2
+    attn.predictor[...] += 0.1 * jax.random.normal(jax.random.key(10 + i), attn.predictor.shape)
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +179,8 @@ def test_variants_select_differently(models):
     *((s, 1) for s in SELECTIONS),
     # a prompt past the first chunk: in the inner loop for the scores that carry state from prefill into the
     # steps (ssm_error's previous read-out, learned's scorer); CI runs every selection
-    *(pytest.param(s, 6, marks=() if s in ("ssm_error", "learned") else pytest.mark.slow) for s in SELECTIONS),
+    *(pytest.param(s, 6, marks=() if s in ("ssm_error", "learned", "linear") else pytest.mark.slow)
+      for s in SELECTIONS),
 ])
 def test_decode_matches_parallel(models, decoders, selection, prefill_len):
   model, decoder = models[selection], decoders[selection]
@@ -143,9 +195,10 @@ def test_decode_matches_parallel(models, decoders, selection, prefill_len):
   assert float(jnp.abs(full).max()) > 0.5
 
 
-@pytest.mark.parametrize("selection", ["ssm_error", "learned"])
+@pytest.mark.parametrize("selection", ["ssm_error", "learned", "linear"])
 def test_prefill_in_pieces_matches_parallel(models, decoders, selection):
-  """A continuation steps through its piece: ssm_error's previous read-out crosses the pieces' boundaries."""
+  """A continuation steps through its piece: ssm_error's previous read-out and linear's history cross the pieces'
+  boundaries."""
   model, decoder = models[selection], decoders[selection]
   tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
   full = forward(model, tokens)
@@ -168,11 +221,15 @@ def test_learned_scorer_gets_gradients_from_the_loss(models):
   assert count_params(model.cfg) == count_params(model.cfg.replace(selection="innovation")) + 2 * 32
 
 
-@pytest.mark.parametrize("selection", ["learned", "ssm_error", "input_norm"])
+@pytest.mark.parametrize("selection", ["learned", "ssm_error", "input_norm", "linear"])
 def test_packed_row_equals_documents_alone(selection):
-  """Scores restart per document (ssm_error's previous read-out, innovation's history) like the paper's."""
-  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1,
-                                         selection=selection, compute=dict(scan_impl="sequential")))
+  """Scores restart per document (ssm_error's previous read-out, innovation's and linear's history) like the
+  paper's. The linear predictor's auxiliary loss counts every position of a row, the zeros after a document run
+  alone too, so its gradient is left out here (weight 0); `test_linear_definition` checks the restart of its
+  taps, `test_linear_predictor_trains_on_its_auxiliary_loss_only` its gradient."""
+  extra = {"predictor_loss_weight": 0.0} if selection == "linear" else {}
+  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1, selection=selection,
+                                         compute=dict(scan_impl="sequential"), **extra))
 
 
 def test_pallas_kernel_consumes_the_same_memory():
@@ -212,3 +269,23 @@ def test_scanned_layers(models):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+
+
+def test_every_token_competes():
+  """k_e = chunk with the score store: every token of a chunk is a candidate and the store keeps the M_e best
+  seen (M_e = 6 need not be a multiple of k_e = 4 under the score policy): decoding = the parallel pass, and a
+  packed row = its documents alone."""
+  cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, eidetic_per_chunk=4, n_eidetic=6, store_policy="score",
+                    scan_impl="sequential")
+  assert cfg.eidetic_per_chunk == cfg.chunk
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(12), (2, T), 0, 64)
+  full = forward(model, tokens)
+  decoder = Decoder(model)
+  logits, cache = decoder.prefill(tokens[:, :5], T)
+  got = [logits]
+  for t in range(5, T):
+    step_logits, cache = decoder.step(tokens[:, t], cache)
+    got.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  _check_packed_equals_alone(cfg)

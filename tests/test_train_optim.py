@@ -59,6 +59,9 @@ def test_weight_decay_mask_by_path():
   assert "embed" in decay
   assert "blocks/0/mixer1/in_proj/kernel" in decay and "blocks/0/mixer2/wq/kernel" in decay
   assert all(k.endswith(("scale", "bias", "A_log", "/D")) for k in no_decay)
+  c.model.selection = "linear"        # the linear selection's predictor fits its own loss: no decay
+  mask = optim.weight_decay_mask(setup_lib.build(c).abstract_state["params"])
+  assert not mask["blocks"][0]["mixer2"]["predictor"] and mask["blocks"][0]["mixer2"]["wq"]["kernel"]
 
 
 @pytest.mark.parametrize("decay,expected", [

@@ -176,7 +176,7 @@ class NonFiniteGuard:
 def finished(results_path: str, start: int, t) -> tuple[str, dict[str, Any]] | None:
   """(why, its results) when the run whose latest checkpoint is `start` has finished, else None: it has a
   results.json of that checkpoint (not one written at an earlier stop, e.g. by SIGTERM), and train.num_steps is
-  reached or it stopped at the target accuracy still asked for."""
+  reached or it stopped at the target accuracy still asked for, or by train.patience (still set)."""
   if not os.path.lexists(results_path):
     return None
   results = files.read_json(results_path, "Delete it (or move it away) and rerun the same command: the run resumes "
@@ -185,10 +185,13 @@ def finished(results_path: str, start: int, t) -> tuple[str, dict[str, Any]] | N
     return None
   if start >= int(t.num_steps):
     return f"train.num_steps={int(t.num_steps)}", results
-  accuracy = results.get("test_accuracy")
+  accuracy = results.get("val_accuracy", results.get("test_accuracy"))   # what the target was read on
   if (results.get("stopped_by") == "target_accuracy" and results.get("step") == start and t.target_accuracy
       and accuracy is not None and accuracy >= t.target_accuracy):
-    return f"test accuracy {accuracy:.4f} >= train.target_accuracy={t.target_accuracy}", results
+    split = "validation" if "val_accuracy" in results else "test"
+    return f"{split} accuracy {accuracy:.4f} >= train.target_accuracy={t.target_accuracy}", results
+  if results.get("stopped_by") == "patience" and int(t.get("patience", 0)):
+    return f"no validation improvement in train.patience={int(t.patience)} evaluations", results
   return None
 
 

@@ -1,6 +1,7 @@
 """Metrics: TensorBoard event files, a JSONL file, and a tqdm progress bar with the same figures.
 
-Every record is one line of `<workdir>/metrics.jsonl`: {"step": s, "split": "train"|"eval", name: value, …}.
+Every record is one line of `<workdir>/metrics.jsonl`: {"step": s, "split": "train"|"eval"|"val", name: value, …}
+("val": the validation split of early stopping, `train.steps.EarlyStopping`).
 After a resume from a SIGKILL, steps logged after the last checkpoint appear twice; readers keep the last line
 per (split, step) (`read_metrics`). Only process 0 writes.
 

@@ -1,7 +1,9 @@
 """Optimizer: AdamW, warmup then cosine / linear / constant decay, global-norm clipping, a weight-decay mask.
 
 Weight decay (decoupled, AdamW) applies to every matrix and to the embeddings, as in Zoology; it skips
-parameters whose path ends in a norm `scale`, any `*bias*`, the S4D `A_log` and the skip `D` (`decays`).
+parameters whose path ends in a norm `scale`, any `*bias*`, the S4D `A_log`, the skip `D` and the linear
+selection's `predictor` (`decays`): a least-squares fit to its own auxiliary loss, which decay would pull towards
+predicting zero, the `input_norm` score (`bmojo_jax.memory.scoring.linear_scores`).
 """
 
 from typing import Any, Sequence
@@ -10,7 +12,7 @@ import jax
 import ml_collections
 import optax
 
-NO_DECAY_NAMES = ("scale", "A_log", "D")  # exact leaf names that never decay; plus any name containing "bias"
+NO_DECAY_NAMES = ("scale", "A_log", "D", "predictor")  # exact leaf names that never decay; plus any "*bias*"
 
 
 def _key_name(key: Any) -> str:

@@ -32,7 +32,7 @@ def plot_curves(workdir: str, out_path: str | None = None) -> str:
   records = metrics_lib.read_metrics(workdir)
   out_path = out_path or files.inside(workdir, "curves.png")   # never drawn through a planted link
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-  for split, style in (("train", "-"), ("eval", "o-")):
+  for split, style in (("train", "-"), ("eval", "o-"), ("val", "s--")):   # val: with a validation split
     steps, loss = metrics_lib.series(records, split, "loss")
     if steps:
       ax_loss.plot(steps, loss, style, label=split, markersize=3)

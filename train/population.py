@@ -22,7 +22,10 @@ read one stream, shuffled by `config.seed`; False: run r shuffles with its own s
 
 Evaluation: the test split, generated once on the device, through the trainer's eval step (`lax.map` over
 runs, so one run's eval batch is in memory at a time), its sums reduced as the trainer's (`steps.eval_metrics`).
-Every `train.eval_every` steps (a multiple of K) and at the end. A run whose accuracy reaches
+Every `train.eval_every` steps (a multiple of K) and at the end. With a validation split (data.num_val > 0)
+the validation split too, and a run stops when its validation accuracy has not improved by train.min_delta for
+train.patience evaluations (`stopped_by="patience"`, `train.steps.EarlyStopping`, the trainer's rule); it then
+reports the test figures of its best validation evaluation. A run whose accuracy (validation, else test) reaches
 `train.target_accuracy` stops (unless its loss is at ln V: then it stops as "collapsed",
 `train.steps.target_outcome`): its parameters and optimizer state are no longer updated (the update is
 masked). A run whose loss or gradient norm becomes NaN/inf stops too, keeping its last finite parameters
@@ -129,7 +132,8 @@ class Population:
     self._init = jax.jit(jax.vmap(lambda seed: setup_lib.fresh_state(setup.cfg, setup.tx, seed)))
     self._dispatch = jax.jit(self._scan_steps, donate_argnums=0)
     self._evaluate = jax.jit(self._eval_sums)
-    self._test_batches = None
+    self.early_stopping = steps_lib.early_stopping(setup)   # each run's rule (a copy per run); None: no split
+    self._split_batches = {}
     self.state = None
 
   @property
@@ -192,18 +196,20 @@ class Population:
     """Advances every active run by K = `steps_per_dispatch` steps (none past train.num_steps)."""
     return self._dispatch(state)
 
-  def test_batches(self) -> dict[str, jax.Array]:
-    """The test split on the device, {name: [batches, eval_batch_size, ...]}, padded with masked rows."""
-    if self._test_batches is None:
-      eb, n = int(self.config.train.eval_batch_size), len(self.task.eval_source)
+  def test_batches(self, source: mqar.MQARSource | None = None) -> dict[str, jax.Array]:
+    """The test split (or `source`: the validation split) on the device, {name: [batches, eval_batch_size,
+    ...]}, padded with masked rows."""
+    source = self.task.eval_source if source is None else source
+    if source.seed not in self._split_batches:
+      eb, n = int(self.config.train.eval_batch_size), len(source)
       nb = -(-n // eb)
       idx = jnp.arange(nb * eb) % n
-      batch = mqar.generate_batch(self.mq, self.task.eval_source.seed, idx)
+      batch = mqar.generate_batch(self.mq, source.seed, idx)
       mask = jnp.arange(nb * eb) < n
       batch = {"inputs": jnp.where(mask[:, None], batch["inputs"], 0),
                "targets": jnp.where(mask[:, None], batch["targets"], IGNORE_INDEX), "mask": mask}
-      self._test_batches = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
-    return self._test_batches
+      self._split_batches[source.seed] = jax.tree.map(lambda x: x.reshape(nb, eb, *x.shape[1:]), batch)
+    return self._split_batches[source.seed]
 
   def _eval_sums(self, params, batches):
     eval_step = steps_lib.make_eval_step(self.setup)
@@ -217,10 +223,15 @@ class Population:
 
     return jax.lax.map(one_run, params)
 
-  def evaluate(self, params) -> list[dict[str, float]]:
-    """The trainer's test metrics (accuracy, loss, perplexity, examples) of every run's `params`."""
-    totals = jax.device_get(self._evaluate(params, self.test_batches()))
+  def evaluate(self, params, source: mqar.MQARSource | None = None) -> list[dict[str, float]]:
+    """The trainer's test metrics (accuracy, loss, perplexity, examples) of every run's `params` (on `source`,
+    the validation split, when given)."""
+    totals = jax.device_get(self._evaluate(params, self.test_batches(source)))
     return [steps_lib.eval_metrics({k: v[r].item() for k, v in totals.items()}) for r in range(self.size)]
+
+  def validate(self, params) -> list[dict[str, float]]:
+    """`evaluate` on the validation split (data.num_val examples of data.val_seed)."""
+    return self.evaluate(params, self.task.val_source)
 
   def run_state(self, state, r: int, step: int) -> dict[str, Any]:
     """Run r's train state after `step` updates, in the trainer's layout {"params", "opt_state", "step", "rng"}."""
@@ -250,6 +261,7 @@ class Population:
     steps = np.zeros(self.size, int)              # updates done, per run
     stopped_by: list[str | None] = [None] * self.size
     last_eval: list[tuple[int, dict] | None] = [None] * self.size
+    stoppers = [dataclasses.replace(self.early_stopping) if self.early_stopping else None for _ in self.runs]
     recording = np.ones(self.size, bool)          # runs whose records are still written
     pending = [[] for _ in self.runs]             # per-step train metrics since each run's last record
     train_time, trained_steps, step = 0.0, 0, 0
@@ -288,18 +300,26 @@ class Population:
                       "its last finite parameters.")
         if (self.eval_every and step % self.eval_every == 0) or step >= self.num_steps or not active.any():
           evals = self.evaluate(state["params"])
+          # What the stopping rules read: the validation split when there is one, else the test split.
+          decisive = self.validate(state["params"]) if self.early_stopping else evals
           hit = np.zeros(self.size, bool)
           for r in np.flatnonzero(recording):
             flush(r)
             last_eval[r] = (int(steps[r]), evals[r])
             writers[r].write(int(steps[r]), evals[r], "eval")
-            outcome = steps_lib.target_outcome(evals[r], target, self.cfg.vocab_size)
+            if stoppers[r]:
+              writers[r].write(int(steps[r]), decisive[r], "val")
+              stoppers[r].observe(int(steps[r]), decisive[r], evals[r])
+            outcome = steps_lib.target_outcome(decisive[r], target, self.cfg.vocab_size)
             if stopped_by[r] is None and outcome:
               stopped_by[r], hit[r] = outcome, True
               bar.write(f"{self.runs[r].name}: " + (
-                  f"step {steps[r]}: eval accuracy {evals[r]['accuracy']:.4f} >= target {target}; stopping early."
-                  if outcome == "target_accuracy" else
-                  steps_lib.collapse_message(int(steps[r]), evals[r], self.cfg.vocab_size, target)))
+                  f"step {steps[r]}: eval accuracy {decisive[r]['accuracy']:.4f} >= target {target}; stopping "
+                  "early." if outcome == "target_accuracy" else
+                  steps_lib.collapse_message(int(steps[r]), decisive[r], self.cfg.vocab_size, target)))
+            elif stopped_by[r] is None and stoppers[r] and stoppers[r].stop:
+              stopped_by[r], hit[r] = "patience", True
+              bar.write(f"{self.runs[r].name}: " + stoppers[r].message(int(steps[r])))
           recording &= np.array([s is None for s in stopped_by])
           if hit.any():
             state["active"] = state["active"] & jnp.asarray(~hit)
@@ -313,19 +333,24 @@ class Population:
     self.state = state
     population = {"runs": self.size, "shared_data": self.shared_data, "steps_per_dispatch": k_max,
                   "tokens_per_s": trained_steps * self.tokens_per_step / max(train_time, 1e-9)}
-    return [self._finish(r, d, int(steps[r]), stopped_by[r], last_eval[r], train_time, start_wall, population,
-                         save_checkpoints) for r, d in enumerate(dirs)]
+    return [self._finish(r, d, int(steps[r]), stopped_by[r], last_eval[r], stoppers[r], train_time, start_wall,
+                         population, save_checkpoints) for r, d in enumerate(dirs)]
 
   def _finish(self, r: int, workdir: str, step: int, stopped_by: str | None, last_eval: tuple[int, dict] | None,
-              train_time: float, start_wall: float, population: dict, save_checkpoint: bool) -> dict[str, Any]:
-    """Run r's results.json (the trainer's record, plus its learning rate, seed and population), its
+              stopper: steps_lib.EarlyStopping | None, train_time: float, start_wall: float, population: dict,
+              save_checkpoint: bool) -> dict[str, Any]:
+    """Run r's results.json (the trainer's record, plus its learning rate, seed and population; with a
+    validation split the test figures of its best validation evaluation, `steps.EarlyStopping`), its
     curves.png (train.plot) and, if asked, its final state as the trainer's checkpoint; returns the results."""
     run = self.runs[r]
     evaluation, eval_step = last_eval[1] if last_eval else None, last_eval[0] if last_eval else None
+    extra = {}
+    if stopper and stopper.best_step is not None:
+      evaluation, eval_step, extra = stopper.best_test, stopper.best_step, stopper.record()
     res = runs_lib.results_record(self.setup, step=step, stopped_by=stopped_by, wall_s=time.time() - start_wall,
                                   tokens_per_s=step * self.tokens_per_step / max(train_time, 1e-9),
                                   evaluation=evaluation, eval_step=eval_step, learning_rate=run.learning_rate,
-                                  seed=run.seed, population=dict(population, index=r))
+                                  seed=run.seed, population=dict(population, index=r), **extra)
     res = runs_lib.write_results(workdir, res, f"run {run.name}'s step {eval_step}")
     if save_checkpoint:    # no data iterator: the data is drawn on the device
       ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)

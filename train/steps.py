@@ -6,8 +6,10 @@ over runs. `make_eval_step` and `evaluate`: one pass over the test set (accuracy
 token, perplexity). Batches are split over the ("data", "fsdp") mesh axes.
 """
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 from flax import nnx
 import jax
@@ -41,6 +43,77 @@ def target_outcome(evaluation: dict[str, float], target: float, vocab_size: int)
   if not target or not evaluation["accuracy"] >= target:
     return None
   return "collapsed" if collapsed(evaluation["loss"], vocab_size) else "target_accuracy"
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """Patience on validation accuracy (train.patience, train.min_delta), and the test figures at the best
+  validation evaluation. The trainer and `train.population` (one per run) both use it.
+
+  `observe(step, validation, test)` after each evaluation: an evaluation *improves* when its validation accuracy
+  exceeds the best so far by more than `min_delta` (the first always does); it then becomes the best, and its
+  `test` evaluation is the one the run reports (no parameter copy is kept: test is evaluated at every
+  evaluation). With patience > 0, `stop` is True once `patience` evaluations in a row have not improved;
+  patience 0 never stops (the best is still tracked). Example, patience 2, min_delta 0.01: validation
+  accuracies 0.5, 0.7, 0.705, 0.69 improve at the first two, then stop at the fourth, reporting step 2's test.
+  """
+  patience: int = 0
+  min_delta: float = 0.0
+  best_step: int | None = None
+  best_validation: dict[str, float] | None = None
+  best_test: dict[str, float] | None = None
+  waited: int = 0                     # evaluations since the best
+
+  def __post_init__(self):
+    if self.patience < 0:
+      raise ValueError(f"train.patience={self.patience} must be >= 0 (0: no early stopping).")
+    if not self.min_delta >= 0:
+      raise ValueError(f"train.min_delta={self.min_delta} must be >= 0.")
+
+  def observe(self, step: int, validation: dict[str, float], test: dict[str, float] | None) -> bool:
+    """Records one evaluation at `step` ({"accuracy", ...} of each split); returns whether it improved."""
+    best = None if self.best_validation is None else self.best_validation["accuracy"]
+    if best is None or validation["accuracy"] > best + self.min_delta:
+      self.best_step, self.best_validation, self.best_test, self.waited = step, dict(validation), test, 0
+      return True
+    self.waited += 1
+    return False
+
+  @property
+  def stop(self) -> bool:
+    return self.patience > 0 and self.waited >= self.patience
+
+  def message(self, step: int) -> str:
+    """The log line of a stop at `step`."""
+    return (f"Step {step}: validation accuracy has not improved by more than {self.min_delta} on its best "
+            f"{self.best_validation['accuracy']:.4f} (step {self.best_step}) for {self.waited} evaluations "
+            f"(train.patience={self.patience}); stopping, reporting step {self.best_step}'s test figures.")
+
+  def record(self) -> dict[str, Any]:
+    """What results.json says of it: the best step, its validation figures, the rule's settings."""
+    return {"best_step": self.best_step, "patience": self.patience, "min_delta": self.min_delta,
+            **{f"val_{k}": v for k, v in (self.best_validation or {}).items()}}
+
+  def to_meta(self) -> dict[str, Any]:
+    """The state a checkpoint keeps (a resumed run goes on counting); `from_meta` reads it back."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any]) -> "EarlyStopping":
+    return cls(**meta)
+
+
+def early_stopping(setup: Setup) -> EarlyStopping | None:
+  """The EarlyStopping of a run, or None without a validation split (MQAR's data.num_val = 0, the default, and
+  every text task: the run reports its last test evaluation, as before). train.patience needs the split."""
+  t = setup.config.train
+  rule = EarlyStopping(int(t.get("patience", 0)), float(t.get("min_delta", 0.0)))   # checks both
+  if setup.task.val_source is None:
+    if rule.patience:
+      raise ValueError(f"train.patience={rule.patience} stops on validation accuracy, and this task has no "
+                       "validation split: set data.num_val (MQAR's held-out examples, e.g. 3000).")
+    return None
+  return rule
 
 
 def collapse_message(step: int, evaluation: dict[str, float], vocab_size: int, target: float = 0.0) -> str:
@@ -173,19 +246,21 @@ def make_eval_step(setup: Setup):
                  in_shardings=(setup.state_shardings["params"], batch_sh))
 
 
-def eval_batches(setup: Setup):
-  """This process's share of the test set, in global batches of train.eval_batch_size, sharded."""
-  it = pipeline.make_eval_iterator(setup.task.eval_source,
+def eval_batches(setup: Setup, source=None):
+  """This process's share of the test set (or of `source`: the validation set), in global batches of
+  train.eval_batch_size, sharded."""
+  it = pipeline.make_eval_iterator(setup.task.eval_source if source is None else source,
                                    batch_size=int(setup.config.train.eval_batch_size) // jax.process_count(),
                                    shard_index=jax.process_index(), shard_count=jax.process_count())
   return (shard_lib.shard_batch(model_batch(batch, "mask"), setup.mesh) for batch in it)
 
 
-def evaluate(setup: Setup, params, eval_step=None) -> dict[str, float]:
-  """One pass over the test set: accuracy (per example, then averaged), loss per token, perplexity."""
+def evaluate(setup: Setup, params, eval_step=None, source=None) -> dict[str, float]:
+  """One pass over the test set (or `source`: the validation set): accuracy (per example, then averaged), loss
+  per token, perplexity."""
   eval_step = eval_step or make_eval_step(setup)
   totals = {"acc_sum": 0.0, "examples": 0, "ce_sum": 0.0, "tokens": 0}
-  for batch in eval_batches(setup):
+  for batch in eval_batches(setup, source):
     out = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += out[k].item()

@@ -36,6 +36,7 @@ class Task:
   tokenizer: Any | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
   supervised_per_example: int | None = None  # most targets of an example that are scored (MQAR: N); None: all
+  val_source: Any | None = None       # the held-out validation split (MQAR with data.num_val > 0), else None
 
 
 class _Slice:
@@ -109,7 +110,18 @@ def _mqar_task(config: ml_collections.ConfigDict) -> Task:
   test = mqar.MQARSource(mq, num_examples=int(d.num_test), seed=int(d.test_seed))
   info = {"L": mq.seq_len, "N": mq.num_kv_pairs, "vocab": mq.vocab_size, "power_a": mq.power_a,
           "num_train": len(train), "num_test": len(test)}
-  return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs)
+  val, num_val = None, int(d.get("num_val", 0) or 0)
+  if num_val < 0 or num_val >= 2**31:
+    raise ValueError(f"data.num_val={num_val} must be in [0, 2**31) (0: no validation split).")
+  if num_val:       # its own stream: no example is shared with the training or the test set
+    val_seed = int(d.val_seed)
+    if val_seed in (int(d.train_seed), int(d.test_seed)):
+      raise ValueError(f"data.val_seed={val_seed} must differ from data.train_seed={d.train_seed} and "
+                       f"data.test_seed={d.test_seed}: the validation split is a stream of its own.")
+    val = mqar.MQARSource(mq, num_examples=num_val, seed=val_seed)
+    info["num_val"] = num_val
+  return Task("mqar", train, test, mq.seq_len, mq.vocab_size, None, info, supervised_per_example=mq.num_kv_pairs,
+              val_source=val)
 
 
 def _text_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer) -> Task:

@@ -9,6 +9,7 @@ and the files it writes (config.json, tokenizer.json, checkpoint meta, results.j
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -89,6 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   stop = stop or StopRequest()
   with _handle_signals(stop):
     setup = build(config, devices)      # validates everything first: a config that cannot work creates nothing
+    steps_lib.early_stopping(setup)     # and train.patience / min_delta
     if os.path.lexists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"The workdir {workdir} is a file, not a folder: name a folder (it is created if missing).")
     try:
@@ -144,6 +146,18 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     return finished[1]
   if latest is not None:
     notes.append(f"{workdir}: resuming from step {latest} (checkpoint {ckpt.step_dir(latest)}).")
+
+  def stopper_at(saved_step: int | None) -> steps_lib.EarlyStopping | None:
+    """Early stopping on the validation split (None without one), as checkpoint `saved_step` left it (its count
+    and best: a resumed or rolled-back run goes on from there) under this config's patience and min_delta."""
+    fresh = steps_lib.early_stopping(setup)
+    saved = None if saved_step is None or fresh is None else ckpt.read_meta(saved_step).get("early_stopping")
+    if not saved:
+      return fresh
+    return dataclasses.replace(steps_lib.EarlyStopping.from_meta(saved), patience=fresh.patience,
+                               min_delta=fresh.min_delta)
+
+  stopper = stopper_at(latest)
   if lead:
     runs.write_run_files(workdir, config, setup.task.tokenizer)
 
@@ -211,14 +225,15 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     """Checkpoint s, if its state gives a finite loss on the probe batch (else train.on_nonfinite acts)."""
     nonlocal interval_start
     meta = lambda: dict(runs.checkpoint_meta(setup, record), unlogged=[
-        {"step": int(p), **{k: float(v) for k, v in m.items()}} for p, m in pending])
+        {"step": int(p), **{k: float(v) for k, v in m.items()}} for p, m in pending],
+        **({"early_stopping": stopper.to_meta()} if stopper else {}))
     guard.checkpoint(s, lambda: eval_step(state["params"], probe_batch)["ce_sum"],
                      lambda: ckpt.save(s, state, it, meta()))
     interval_start = time.time()
 
   def roll_back(r: faults.Rollback) -> int:
     """Back to the last good checkpoint (the initial state if none), with a lower learning rate."""
-    nonlocal state, it, carried
+    nonlocal state, it, carried, stopper
     ckpt.wait()
     pending.clear()
     carried = 0
@@ -228,6 +243,7 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
       it, state = make_iterator(), setup.init_state()
     else:
       state = restore_state(ckpt, back, setup, it)
+    stopper = stopper_at(guard.last_saved)
     guard.rolled_back(back, r)     # train_step reads the new record.lr_scale
     return back
 
@@ -263,13 +279,21 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
             flush()
             last_eval, last_eval_step = steps_lib.evaluate(setup, state["params"], eval_step), step
             writer.write(step, {k: v for k, v in last_eval.items() if np.isfinite(v)}, "eval")
+            decisive = last_eval          # what the stopping rules read: the validation split when there is one
+            if stopper:
+              decisive = steps_lib.evaluate(setup, state["params"], eval_step, setup.task.val_source)
+              writer.write(step, {k: v for k, v in decisive.items() if np.isfinite(v)}, "val")
+              stopper.observe(step, decisive, last_eval)
             interval_start = time.time()
-            stopped_by = steps_lib.target_outcome(last_eval, t.target_accuracy, setup.cfg.vocab_size)
+            stopped_by = steps_lib.target_outcome(decisive, t.target_accuracy, setup.cfg.vocab_size)
             if stopped_by == "target_accuracy":
-              writer.message(f"Step {step}: eval accuracy {last_eval['accuracy']:.4f} >= target "
+              writer.message(f"Step {step}: eval accuracy {decisive['accuracy']:.4f} >= target "
                              f"{t.target_accuracy}; stopping early.")
             elif stopped_by == "collapsed":
-              writer.message(steps_lib.collapse_message(step, last_eval, setup.cfg.vocab_size, t.target_accuracy))
+              writer.message(steps_lib.collapse_message(step, decisive, setup.cfg.vocab_size, t.target_accuracy))
+            elif stopper and stopper.stop:
+              stopped_by = "patience"
+              writer.message(stopper.message(step))
           if step % int(t.checkpoint_every) == 0 or done or stopped_by or stop.signum is not None:
             flush(log=False)
             save(step)
@@ -302,9 +326,15 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
   final_step = max(step, start)
   if last_eval is None and stopped_by is None:
     last_eval, last_eval_step = steps_lib.evaluate(setup, state["params"], eval_step), final_step
+    if stopper and stopper.best_step is None:
+      stopper.observe(final_step, steps_lib.evaluate(setup, state["params"], eval_step, setup.task.val_source),
+                      last_eval)
+  extra = {}
+  if stopper and stopper.best_step is not None:   # the test figures of the best validation evaluation
+    last_eval, last_eval_step, extra = stopper.best_test, stopper.best_step, stopper.record()
   results = runs.results_record(setup, step=final_step, stopped_by=stopped_by, wall_s=time.time() - start_wall,
                                 tokens_per_s=tokens_per_step * trained_steps / max(train_time, 1e-9),
-                                evaluation=last_eval, eval_step=last_eval_step, record=record)
+                                evaluation=last_eval, eval_step=last_eval_step, record=record, **extra)
   if results.get("collapsed") and stopped_by != "collapsed" and lead:
     print(steps_lib.collapse_message(last_eval_step, last_eval, setup.cfg.vocab_size))
   if not lead:

@@ -15,8 +15,14 @@ plus the equal-memory baseline of docs/evals.md, a Hybrid whose window is B'MOJO
 (`hybrid` with `variant` "equal_memory"); the Transformer is the full-attention reference.
 
 `--selection` picks B'MOJO's selection score (`bmojo_jax.config.Selection`; docs/mqar.md, "Selection variants"),
-recorded, like the store policy, in each record and its key; `--save-checkpoints` keeps every run's final state
+recorded, like the store policy, in each record and its key; `--selections a,b,...` trains one B'MOJO population
+per score (the families without an eidetic store once); `--save-checkpoints` keeps every run's final state
 for `benchmarks/studies/mqar_selection.py`.
+
+`--patience P` (docs/mqar.md, "To convergence"): each run also evaluates a validation split of `--num-val`
+examples (its own seed) and stops once P evaluations in a row leave its validation accuracy no better than its
+best + `--min-delta`; its record holds the test figures of its best validation evaluation (`best_step`,
+`val_accuracy`), and `--epochs` is the cap. `patience` is a key field (records written before it: 0).
 
 Results: one record per run in `<out>/mqar_sweep_<device>.json` (out: --out, else $OUT, else
 benchmarks/results), written after each population. A rerun skips the runs already recorded there or in

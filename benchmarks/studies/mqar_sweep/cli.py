@@ -53,10 +53,20 @@ def parse_args(argv=None):
   p.add_argument("--store-policy", default="score", help="B'MOJO's eidetic store: score (default) or fifo")
   p.add_argument("--selection", default=Selection.INNOVATION.value, choices=[s.value for s in Selection],
                  help="B'MOJO's selection score (docs/mqar.md, 'Selection variants'); default the paper's innovation")
+  p.add_argument("--selections", help="comma-separated selection scores: one B'MOJO population each (the other "
+                                      "families train once); default --selection's")
   p.add_argument("--no-equal-memory", dest="equal_memory", action="store_false",
                  help="skip the Hybrid with window w + M_f + M_e")
   p.add_argument("--epochs", type=int, help="default 8 (Zoology: 64)")
-  p.add_argument("--target", type=float, default=0.99, help="per-run early stop at this test accuracy")
+  p.add_argument("--target", type=float, default=0.99,
+                 help="per-run early stop at this test accuracy (with --patience: validation accuracy)")
+  p.add_argument("--patience", type=int, default=0,
+                 help="stop a run once this many evaluations in a row (two an epoch) leave its validation accuracy "
+                      "no better than its best + --min-delta, and report the test figures of its best validation "
+                      "evaluation (0: off, the test split decides as before); --epochs is then the cap")
+  p.add_argument("--min-delta", type=float, default=0.001, help="--patience: the improvement that counts")
+  p.add_argument("--num-val", type=int, default=3000,
+                 help="--patience: held-out validation examples (their own seed, data.val_seed)")
   p.add_argument("--steps-per-dispatch", type=int, default=64, help="at most; lands on every evaluation")
   p.add_argument("--set", action="append", default=[], help="config override key=value, e.g. model.d_state=16")
   p.add_argument("--budget-s", type=float, default=0.0, help="stop starting populations past this (0: none)")
@@ -103,6 +113,12 @@ def parse_args(argv=None):
   args.d_models, args.kv_pairs, args.seeds, args.runs = (ints(args.d_models), ints(args.kv_pairs), ints(args.seeds),
                                                          ints(args.runs))
   args.lrs = floats(args.lrs)
+  args.selections = [s for s in (args.selections or args.selection).split(",") if s]
+  bad = sorted(set(args.selections) - {s.value for s in Selection})
+  if bad:
+    p.error(f"--selections: unknown {bad}; choose from {[s.value for s in Selection]}")
+  if args.patience < 0 or args.min_delta < 0 or args.num_val < 1:
+    p.error(f"--patience {args.patience}, --min-delta {args.min_delta} must be >= 0 and --num-val {args.num_val} >= 1")
   args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
   if args.gpus and args.throughput:
     p.error("--gpus spreads a sweep's populations; --throughput measures one device")
@@ -124,8 +140,8 @@ def main(argv=None):
         raise SystemExit(f"--table: no results file {args.table}")
       path, sources = args.table, [args.table]
     if not summarize(args, path, load_records(sources)):
-      raise SystemExit(f"--table: no records of {args.dtype}, {args.epochs} epochs in {sources} (see --dtype, "
-                       "--epochs)")
+      raise SystemExit(f"--table: no records of {args.dtype}, {args.epochs} epochs, patience {args.patience} in "
+                       f"{sources} (see --dtype, --epochs, --patience)")
   elif args.gpus and args.worker is None:
     launch(args, list(sys.argv[1:] if argv is None else argv))
   else:

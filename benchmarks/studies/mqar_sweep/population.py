@@ -50,6 +50,8 @@ def population_config(args, family: str, variant: str, d_model: int, n: int):
            f"model.selection={args.selection}"]
   sets += [f"model.compute.dtype={args.dtype}",
            f"model.compute.attn_impl={args.family_attn.get(family, args.attn_impl)}"]
+  if args.patience:       # early stopping on a validation split of its own (train.steps.EarlyStopping)
+    sets += [f"train.patience={args.patience}", f"train.min_delta={args.min_delta}", f"data.num_val={args.num_val}"]
   config = zoology_config(family, ZOOLOGY_LRS[0], args.epochs, (SMOKE_SETS if args.smoke else []) + sets + args.set)
   config.train.target_accuracy = args.target
   config.train.plot = False
@@ -65,7 +67,7 @@ def population_base(args, config, family: str, variant: str, d_model: int, n: in
           "store_policy": cfg.store_policy.value if cfg.eidetic else "",
           "selection": cfg.selection.value if cfg.eidetic else "", "dtype": cfg.compute.dtype,
           "attn_impl": resolve_attn_impl(cfg.compute.attn_impl).value if cfg.has_attention else "",
-          "epochs": args.epochs}
+          "epochs": args.epochs, "patience": args.patience}
   return base, cfg
 
 
@@ -99,6 +101,8 @@ def train_population(args, config, cfg, base: dict, runs: list, checked: dict) -
               "wall_s": wall, "fraction_beyond_window": res["data"].get("fraction_beyond_window"),
               "data_check_mismatches": checked[n],
               "scan_impl": resolve_scan_impl(cfg.compute.scan_impl).value,
-              "device": device_name(), "jax": jax.__version__}
+              "device": device_name(), "jax": jax.__version__,
+              **({k: res.get(k) for k in ("best_step", "val_accuracy", "val_loss", "min_delta")}
+                 if args.patience else {})}
              for run, res in zip(runs, results)]
   return records, wall

@@ -22,7 +22,7 @@ def recheck_args(args, r: dict):
   e.g. the vocabulary, comes from --set and --target as in the sweep that wrote it: records hold neither)."""
   a = argparse.Namespace(**vars(args))
   a.seq_len, a.n_fading, a.n_eidetic, a.epochs = r["L"], r["n_fading"], r["n_eidetic"], r["epochs"]
-  a.dtype = r["dtype"]
+  a.dtype, a.patience = r["dtype"], r["patience"]
   if r["window"] is not None:
     a.window = r["window"] - (r["n_fading"] + r["n_eidetic"] if r["variant"] == EQUAL_MEMORY else 0)
   if r["n_eidetic"]:

@@ -13,7 +13,7 @@ from benchmarks.common import RESULTS, device_tag, write_json
 from bmojo_jax.config import Selection
 
 KEY_FIELDS = ("family", "variant", "d_model", "N", "L", "window", "n_fading", "n_eidetic", "eidetic_per_chunk",
-              "store_policy", "selection", "dtype", "attn_impl", "learning_rate", "seed", "epochs")
+              "store_policy", "selection", "dtype", "attn_impl", "learning_rate", "seed", "epochs", "patience")
 
 
 def record_key(r: dict) -> tuple:
@@ -25,8 +25,9 @@ def record_key(r: dict) -> tuple:
 def upgrade_record(r: dict) -> dict:
   """A record written before a key field existed, with the value its run had: the paper's innovation test
   (`selection` came in with issue #15's selection variants; "" without an eidetic store, like store_policy).
-  `attn_impl` is "" for Mamba, which has no attention (older records named the resolved implementation)."""
-  r = {"selection": Selection.INNOVATION.value if r.get("n_eidetic") else "", **r}
+  `attn_impl` is "" for Mamba, which has no attention (older records named the resolved implementation).
+  `patience` 0: early stopping on a validation split came with issue #33."""
+  r = {"selection": Selection.INNOVATION.value if r.get("n_eidetic") else "", "patience": 0, **r}
   return {**r, "attn_impl": ""} if r["family"] == "mamba" else r
 
 
@@ -75,7 +76,8 @@ def population_folder(base: dict) -> str:
     name += f"_mf{base['n_fading']}"
   if base["n_eidetic"]:
     name += f"_me{base['n_eidetic']}_ke{base['eidetic_per_chunk']}_{base['store_policy']}_{base['selection']}"
-  return name + (f"_{base['attn_impl']}" if base["attn_impl"] else "") + f"_{base['dtype']}_e{base['epochs']}"
+  name += (f"_{base['attn_impl']}" if base["attn_impl"] else "") + f"_{base['dtype']}_e{base['epochs']}"
+  return name + (f"_p{base['patience']}" if base.get("patience") else "")
 
 
 def population_label(base: dict) -> str:

@@ -100,7 +100,8 @@ def plot(records: list[dict], out_path: str, dtype: str, epochs: int, n_eidetic:
 
 def summarize(args, path: str, records: list[dict]) -> str | None:
   """Redraws the figure next to the results file `path` and prints the table of the protocol's records; returns
-  the figure's path (None: no record of the protocol)."""
+  the figure's path (None: no record of the protocol: also --patience's)."""
+  records = [r for r in records if r.get("patience", 0) == args.patience]
   figure = plot(records, path.replace(".json", ".png"), args.dtype, args.epochs, args.n_eidetic)
   print(f"{len(records)} records in {path}; figure {figure}")
   if figure:

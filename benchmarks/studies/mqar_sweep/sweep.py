@@ -3,6 +3,7 @@ within `--budget-s`."""
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import subprocess
@@ -40,33 +41,37 @@ def sweep(args) -> str:
   if args.equal_memory and "bmojo" in args.families:
     variants.append(("hybrid", EQUAL_MEMORY))
   start, longest, checked = time.time(), 0.0, {}
-  for n in args.kv_pairs:
-    for d_model in args.d_models:
-      for family, variant in variants:
-        config = population_config(args, family, variant, d_model, n)
-        base, cfg = population_base(args, config, family, variant, d_model, n)
-        runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
-                if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
-        label = population_label(base)
-        if not runs:
-          print(f"{label}: done, skipped")
-          continue
-        elapsed = time.time() - start
-        if args.budget_s and elapsed + longest > args.budget_s:
-          print(f"{label}: not started ({elapsed:.0f} s elapsed + {longest:.0f} s for the longest population "
-                f"> --budget-s {args.budget_s}); rerun to continue")
-          continue
-        if args.worker is not None and not claim(path, f"{label} {base['store_policy']} {base['selection']} "
-                                                       f"{base['dtype']} {base['epochs']}"):
-          continue   # another worker has it
-        new, wall = train_population(args, config, cfg, base, runs, checked)
-        longest = max(longest, wall)
-        records += new
-        write_json(path, records)
-        best = max(new, key=lambda r: r["test_accuracy"] or 0.0)
-        print(f"{label}: best test accuracy {best['test_accuracy'] or 0.0:.4f} (lr {best['learning_rate']:.3g}, "
-              f"test loss {best['test_loss']:.4f}) in {wall:.0f} s, {best['population_tokens_per_s'] / 1e6:.2f}M "
-              f"tokens/s for {len(runs)} runs -> {path}")
+  cells = [(n, d_model, family, variant, selection) for n in args.kv_pairs for d_model in args.d_models
+           for family, variant in variants for selection in args.selections]
+  for n, d_model, family, variant, selection in cells:
+    a = argparse.Namespace(**{**vars(args), "selection": selection})
+    config = population_config(a, family, variant, d_model, n)
+    base, cfg = population_base(a, config, family, variant, d_model, n)
+    if not cfg.eidetic and selection != args.selections[0]:
+      continue        # no eidetic store: no selection to vary, one population
+    runs = [pop_lib.Run(lr, seed) for seed in args.seeds for lr in args.lrs
+            if record_key({**base, "learning_rate": lr, "seed": seed}) not in done]
+    label = population_label(base)
+    if not runs:
+      print(f"{label}: done, skipped")
+      continue
+    elapsed = time.time() - start
+    if args.budget_s and elapsed + longest > args.budget_s:
+      print(f"{label}: not started ({elapsed:.0f} s elapsed + {longest:.0f} s for the longest population "
+            f"> --budget-s {args.budget_s}); rerun to continue")
+      continue
+    if args.worker is not None and not claim(path, f"{label} {base['store_policy']} {base['selection']} "
+                                                   f"{base['dtype']} {base['epochs']}"
+                                                   + (f" p{base['patience']}" if base["patience"] else "")):
+      continue   # another worker has it
+    new, wall = train_population(args, config, cfg, base, runs, checked)
+    longest = max(longest, wall)
+    records += new
+    write_json(path, records)
+    best = max(new, key=lambda r: r["test_accuracy"] or 0.0)
+    print(f"{label}: best test accuracy {best['test_accuracy'] or 0.0:.4f} (lr {best['learning_rate']:.3g}, "
+          f"test loss {best['test_loss']:.4f}) in {wall:.0f} s, {best['population_tokens_per_s'] / 1e6:.2f}M "
+          f"tokens/s for {len(runs)} runs -> {path}")
   if args.worker is not None:
     print(f"{len(records)} records in {path}")
     return path
