@@ -60,7 +60,7 @@ def tiny_config(patience=0, num_val=0):
   c = mqar_config.get_config("bmojo")
   m = c.model
   m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.window, m.chunk_size = 64, 32, 2, 2, 8, 4
-  m.n_fading, m.n_eidetic, m.eidetic_per_chunk, m.d_state, m.scan_chunk = 2, 4, 2, 4, 8
+  m.n_fading, m.n_eidetic, m.eidetic_per_chunk, m.d_state, m.compute.scan_chunk = 2, 4, 2, 4, 8
   d = c.data
   d.seq_len, d.num_kv_pairs, d.num_train, d.num_test, d.num_val = 16, 2, 40, 20, num_val
   t = c.train

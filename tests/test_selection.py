@@ -276,7 +276,7 @@ def test_every_token_competes():
   seen (M_e = 6 need not be a multiple of k_e = 4 under the score policy): decoding = the parallel pass, and a
   packed row = its documents alone."""
   cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, eidetic_per_chunk=4, n_eidetic=6, store_policy="score",
-                    scan_impl="sequential")
+                    compute=dict(scan_impl="sequential"))
   assert cfg.eidetic_per_chunk == cfg.chunk
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(12), (2, T), 0, 64)
