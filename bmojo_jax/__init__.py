@@ -1,5 +1,39 @@
 """bmojo_jax: B'MOJO and its baselines (Transformer, Mamba, Hybrid, B'MOJO-F) on one Flax NNX skeleton."""
 
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+# train/, configs/ and pallas_kernels/ sit beside bmojo_jax/ in the repository and install as bmojo_jax.train,
+# bmojo_jax.configs and bmojo_jax.pallas_kernels (pyproject.toml's package-dir; site-packages gets no generic
+# top-level names). In a source checkout without an install (PYTHONPATH=<repo root>: tests, notebooks,
+# benchmarks) the finder below gives those three names the sibling folders, as setuptools' editable finder
+# does. Not `__path__.append(<repo root>)`: that would also make every other folder of the repository a
+# subpackage, bmojo_jax.bmojo_jax.* a second copy of each module among them. It goes first on sys.meta_path, so
+# an editable install of another checkout does not lend this one its siblings.
+_SIBLINGS = ("train", "configs", "pallas_kernels")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _SiblingFinder(importlib.abc.MetaPathFinder):
+  """Finds bmojo_jax.<sibling> in the repository root's <sibling>/ (their submodules follow their __path__)."""
+
+  def find_spec(self, fullname, path=None, target=None):
+    package, _, name = fullname.partition(".")
+    if package != __name__ or name not in _SIBLINGS:
+      return None
+    folder = os.path.join(_ROOT, name)
+    return importlib.util.spec_from_file_location(fullname, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+
+
+if (os.path.isfile(os.path.join(_ROOT, "pyproject.toml"))
+    and all(os.path.isfile(os.path.join(_ROOT, name, "__init__.py")) for name in _SIBLINGS)
+    and not any(type(f).__name__ == "_SiblingFinder" for f in sys.meta_path)):
+  sys.meta_path.insert(0, _SiblingFinder())
+
+
 from bmojo_jax.config import (AttnImpl, ComputeConfig, ConfigError, Family, ModelConfig, RematPolicy, ScanImpl,
                               StorePolicy, Sublayer)
 from bmojo_jax.presets import PRESET_NAMES, mqar_config, paper_config, preset
