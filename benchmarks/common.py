@@ -69,7 +69,7 @@ def write_json(path: str, obj) -> str:
   """Writes `obj` as JSON to `path` through a temporary file and a rename (`train.files.write_json`): a process
   killed mid-write (a device call cut by its time limit) leaves the previous file whole, never a truncated one
   that a resume cannot read."""
-  from train import files  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import files  # pylint: disable=g-import-not-at-top
   return files.write_json(path, obj, indent=1)
 
 
@@ -115,7 +115,7 @@ def apply_overrides(config, items) -> None:
 
 def parse_mesh(spec: str) -> dict[str, int]:
   """A --mesh / --meshes entry: "1" -> one device; "data=2", "fsdp=2:tensor=2" -> {axis: size} (the other axes 1)."""
-  from train.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.sharding import MESH_AXES  # pylint: disable=g-import-not-at-top
   if spec == "1":
     return {}
   mesh = {}

@@ -4,9 +4,9 @@ model for CPU smoke runs) in bf16 compute on a chosen mesh, trained on a synthet
 from __future__ import annotations
 
 from bmojo_jax import ComputeConfig, mqar_config, paper_config
-from configs import common as config_common
-from train import sharding as shard_lib
-from train import tasks as tasks_lib
+from bmojo_jax.configs import common as config_common
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import tasks as tasks_lib
 
 TINY = "tiny"  # a size for CPU smoke runs: the MQAR-sized model of `mqar_config` with a small vocabulary
 

@@ -29,7 +29,7 @@ from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, s
 from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store, empty_store, merge
 from bmojo_jax.segments import Packing
-from pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 
 class AttnState(NamedTuple):

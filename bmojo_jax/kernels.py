@@ -18,10 +18,10 @@ import jax
 
 from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
-from pallas_kernels.selective_scan import selective_scan
-from pallas_kernels.selective_scan.reference import selective_scan_reference
-from pallas_kernels.window_attention import memory_attention
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.selective_scan import selective_scan
+from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
+from bmojo_jax.pallas_kernels.window_attention import memory_attention
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 
 # What each backend runs: (the `auto` choice, every choice that works). On CPU the Pallas kernels run in
 # interpret mode (tests); `auto` takes the references there: the sequential scan's forward + backward ran 3-4x

@@ -26,7 +26,7 @@ from bmojo_jax.config import ModelConfig, ScanImpl
 from bmojo_jax.kernels import get_scan_fn
 from bmojo_jax.layers import causal_conv, einsum_layer, param
 from bmojo_jax.segments import Packing
-from pallas_kernels.sharding import constrain
+from bmojo_jax.pallas_kernels.sharding import constrain
 
 
 class MambaState(NamedTuple):

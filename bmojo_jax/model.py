@@ -41,7 +41,7 @@ from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
 from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
-from pallas_kernels.sharding import constrain
+from bmojo_jax.pallas_kernels.sharding import constrain
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
 RESIDUAL = (tp.BATCH, tp.SEQ, tp.EMBED)  # logical axes of the residual stream x [B, T, D]

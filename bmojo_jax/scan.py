@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan.reference import check_reset, discretize, expand_groups, skip_and_gate
+from bmojo_jax.pallas_kernels.selective_scan.reference import check_reset, discretize, expand_groups, skip_and_gate
 
 
 def _combine(left, right):

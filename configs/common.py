@@ -9,7 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from bmojo_jax import ComputeConfig, Family, ModelConfig
-from train import sharding as shard_lib
+from bmojo_jax.train import sharding as shard_lib
 
 FAMILIES = tuple(f.value for f in Family)
 

@@ -1,6 +1,6 @@
 """Byte-level language modeling, one preset per family at ~20M parameters and one token budget (docs/lm.md).
 
-    python -m train.data.corpus prepare --out data/corpus          # once: the KJV Bible + Perl docs, 13 MB
+    python -m bmojo_jax.train.data.corpus prepare --out data/corpus  # once: the KJV Bible + Perl docs, 13 MB
     bmojo-train --config configs/lm.py:bmojo --config.data.kind=corpus --workdir runs/lm/bmojo       # GPU
     bmojo-train --config configs/lm.py:bmojo,cpu --config.data.kind=corpus --workdir runs/lm_cpu    # CPU
     bmojo-train --config configs/lm.py:hybrid --config.data.paths=/path/to/texts --workdir runs/lm   # own text
@@ -31,7 +31,7 @@ The byte tokenizer (vocab 259) needs model.vocab_size >= 259; with
 import ml_collections
 
 from bmojo_jax import ComputeConfig, ModelConfig
-from configs import common
+from bmojo_jax.configs import common
 
 SIZES = ("", "cpu", "smoke")
 MIXED = ("hybrid", "bmojo_f", "bmojo")  # a Mamba mixer and attention per block: 10 d^2 where the others have 12
@@ -67,7 +67,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   d.paths = ""                             # text: comma-separated files / directories of training text
   d.eval_paths = ""                        # text: comma-separated eval files; empty: hold out eval_fraction
   d.eval_fraction = 0.05                   # text: last fraction of packed sequences held out without eval_paths
-  d.corpus_dir = "data/corpus"             # corpus: a folder written by `python -m train.data.corpus prepare`
+  d.corpus_dir = "data/corpus"             # corpus: a folder written by `python -m bmojo_jax.train.data.corpus prepare`
   d.patterns = "*.txt,*.md,*.rst,*.py"     # file patterns searched in directories
   d.encoding = "utf-8"                     # text: the files' encoding, e.g. latin-1 (converted to UTF-8 bytes)
   d.errors = "strict"                      # text: strict (an undecodable byte stops the run, naming file and

@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from bmojo_jax import ComputeConfig, mqar_config
-from configs import common
+from bmojo_jax.configs import common
 
 
 def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:

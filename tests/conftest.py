@@ -57,7 +57,7 @@ def module_compilation_cache(tmp_path_factory):
 def tiny_train_config(num_steps: int = 8, **train):
   """configs/mqar.py's Mamba shrunk to compile in seconds: d_model 16, L 32, batch 4, a checkpoint every 3 steps,
   no evaluation; `train` overrides train fields."""
-  from configs import mqar  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import mqar  # pylint: disable=g-import-not-at-top
   c = mqar.get_config("mamba")
   c.model.update(d_model=16, n_layers=2, d_state=4)
   c.model.compute.scan_chunk = 32

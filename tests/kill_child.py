@@ -25,10 +25,10 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import orbax.checkpoint as ocp  # noqa: E402
 
-from train import checkpoint as ckpt_lib  # noqa: E402
-from train import cli  # noqa: E402
-from train import metrics as metrics_lib  # noqa: E402
-from train import steps  # noqa: E402
+from bmojo_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from bmojo_jax.train import cli  # noqa: E402
+from bmojo_jax.train import metrics as metrics_lib  # noqa: E402
+from bmojo_jax.train import steps  # noqa: E402
 
 KIND, _, AT = os.environ.get("FAULT", "").partition(":")
 AT = int(AT or 0)

@@ -14,8 +14,8 @@ import pytest
 from bmojo_jax import losses
 from tests.conftest import tiny_train_config
 from tests.test_mqar_sweep import _record as _sweep_record
-from train import steps
-from train import trainer
+from bmojo_jax.train import steps
+from bmojo_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 256
@@ -70,10 +70,10 @@ def test_a_collapsed_eval_at_the_target_stops_as_collapsed_and_exits_1(tmp_path,
   stops the run as "collapsed", and bmojo-train exits 1 with one line, not 0."""
   workdir = str(tmp_path / "run")
   code = ("import math, sys\n"
-          "from train import steps\n"
+          "from bmojo_jax.train import steps\n"
           "steps.evaluate = lambda *a, **k: {'accuracy': 0.999, 'loss': math.log(256), 'perplexity': 256.0,"
           " 'examples': 12}\n"
-          "from train import cli\n"
+          "from bmojo_jax.train import cli\n"
           "sys.argv = ['bmojo-train', *sys.argv[1:]]\n"
           "cli.train_main()\n")
   overrides = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.d_state=4",

@@ -13,7 +13,7 @@ from flax import nnx
 from bmojo_jax import ConfigError, LanguageModel
 from bmojo_jax.attention import Attention
 from bmojo_jax.kernels import dot_product_attention
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config
 
 

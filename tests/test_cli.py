@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from tests.test_cli_inputs import _flags_and_signals_restored
-from train import cli as cli_lib
+from bmojo_jax.train import cli as cli_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args):
-  return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "bmojo_jax.train.cli", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
 
 
@@ -62,13 +62,13 @@ def one_line(stderr: str) -> str:
 
 def test_plots_without_matplotlib_says_what_to_install(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0, "accuracy": 0.5}\n')
-  hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['train.plots', sys.argv[1]]; "
-          "runpy.run_module('train.plots', run_name='__main__')")
+  hide = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['bmojo_jax.train.plots', sys.argv[1]]; "
+          "runpy.run_module('bmojo_jax.train.plots', run_name='__main__')")
   out = subprocess.run([sys.executable, "-c", hide, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 1
   assert "needs matplotlib" in one_line(out.stderr) and "pip install" in out.stderr
   assert not (tmp_path / "curves.png").exists()
-  out = subprocess.run([sys.executable, "-m", "train.plots"], cwd=REPO, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "bmojo_jax.train.plots"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
-  assert out.returncode == 1 and "usage: python -m train.plots WORKDIR" in one_line(out.stderr)
+  assert out.returncode == 1 and "usage: python -m bmojo_jax.train.plots WORKDIR" in one_line(out.stderr)

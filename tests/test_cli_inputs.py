@@ -18,13 +18,13 @@ from absl import flags
 import pytest
 
 from tests.conftest import tiny_train_config
-from train import checkpoint as ckpt_lib
-from train import cli
-from train import runs
-from train import setup as setup_lib
-from train import trainer
-from train.data import prepare
-from train.workdir_lock import WorkdirLock
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import cli
+from bmojo_jax.train import runs
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import trainer
+from bmojo_jax.train.data import prepare
+from bmojo_jax.train.workdir_lock import WorkdirLock
 
 ACCEPTED = "accepted"
 MAINS = {"train": cli.train_main, "eval": cli.eval_main, "generate": cli.generate_main,

@@ -12,11 +12,11 @@ import pytest
 
 from bmojo_jax import ComputeConfig, ConfigError, ModelConfig, preset
 from bmojo_jax.config import COMPUTE_FIELDS, nest_compute
-from configs import mqar
+from bmojo_jax.configs import mqar
 from tests.conftest import tiny_config
-from train import checkpoint as ckpt_lib
-from train import runs
-from train import setup as setup_lib
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import setup as setup_lib
 
 
 def _flat(model: dict) -> dict:

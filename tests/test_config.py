@@ -118,7 +118,7 @@ def test_parameters_carry_logical_axes():
 def test_shape_legend_holds_every_einsum_letter_and_axis_name():
   """bmojo_jax/typing.py is the one source: every einsum string in bmojo_jax/ and pallas_kernels/ uses its
   letters, and the logical-axis rules map exactly its axis names."""
-  from train.sharding import LOGICAL_RULES  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.sharding import LOGICAL_RULES  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(__file__).parents[1]
   specs = {spec for package in ("bmojo_jax", "pallas_kernels") for path in (root / package).rglob("*.py")
            for spec in re.findall(r"[\"']([A-Za-z,]+->[A-Za-z]*)[\"']", path.read_text())}
@@ -129,8 +129,8 @@ def test_shape_legend_holds_every_einsum_letter_and_axis_name():
 
 
 def test_lm_config_cpu_preset_and_required_paths():
-  from configs import lm  # pylint: disable=g-import-not-at-top
-  from train import tasks  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import lm  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import tasks  # pylint: disable=g-import-not-at-top
   cpu = lm.get_config("hybrid,cpu")
   assert (cpu.model.family, cpu.model.d_model, cpu.data.seq_len, cpu.train.batch_size) == ("hybrid", 128, 256, 8)
   ModelConfig(**cpu.model.to_dict())

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.data import mqar
+from bmojo_jax.train.data import mqar
 
 CONFIG = mqar.MQARConfig(vocab_size=8192, seq_len=256, num_kv_pairs=16)
 

@@ -4,8 +4,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train.data import mqar
-from train.data import pipeline
+from bmojo_jax.train.data import mqar
+from bmojo_jax.train.data import pipeline
 
 
 class IndexSource:

@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from train import tasks
-from train.data import packing
-from train.data import pipeline
-from train.data import prepare
-from train.data import sources
-from train.data import stream
-from train.data import tokenizers
+from bmojo_jax.train import tasks
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data import pipeline
+from bmojo_jax.train.data import prepare
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import stream
+from bmojo_jax.train.data import tokenizers
 
 T = 16
 KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -303,7 +303,7 @@ class _FakeTfds(types.ModuleType):
 
 
 def _lm_config(**data):
-  from configs import lm  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import lm  # pylint: disable=g-import-not-at-top
   c = lm.get_config("bmojo,smoke")
   c.data.seq_len = T
   c.data.max_eval_sequences = 0
@@ -373,8 +373,8 @@ def test_make_task_stream_and_array_record(tmp_path):
 
 def test_trainer_accepts_fewer_documents_than_a_batch(tmp_path):
   """Packed on the fly, one document fills many sequences: 3 training documents feed a batch of 8."""
-  from train import setup as setup_lib  # pylint: disable=g-import-not-at-top
-  from train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
   docs = _documents(5)
   _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
   config = _lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record"))

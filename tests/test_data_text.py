@@ -9,10 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from train.data import packing
-from train.data import sources
-from train.data import text
-from train.data import tokenizers
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import text
+from bmojo_jax.train.data import tokenizers
 
 
 def _stdlib_files():

@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import mqar as mqar_config
-from train import metrics as metrics_lib
-from train import population as pop_lib
-from train import setup as setup_lib
-from train import steps
-from train import trainer
+from bmojo_jax.configs import mqar as mqar_config
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps
+from bmojo_jax.train import trainer
 
 
 def observe_all(rule, accuracies):

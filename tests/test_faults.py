@@ -23,17 +23,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import tiny_train_config
-from train import checkpoint as ckpt_lib
-from train import cli
-from train import faults
-from train import files
-from train import metrics as metrics_lib
-from train import optim as optim_lib
-from train import runs
-from train import setup as setup_lib
-from train import steps
-from train import trainer
-from train.data import tokenizers
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import cli
+from bmojo_jax.train import faults
+from bmojo_jax.train import files
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import optim as optim_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps
+from bmojo_jax.train import trainer
+from bmojo_jax.train.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -446,7 +446,7 @@ def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, c
   assert result["test_loss"] is None and result["nonfinite"] == ["test_loss", "test_perplexity"]
   assert strict_load(os.path.join(workdir, "eval.json")) == result
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
-  r = subprocess.run([sys.executable, "-m", "train.cli", "eval", "--workdir", workdir], cwd=REPO, env=env,
+  r = subprocess.run([sys.executable, "-m", "bmojo_jax.train.cli", "eval", "--workdir", workdir], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]
   assert "bmojo-eval: warning: checkpoint 13" in r.stderr and '"test_loss": null' in r.stdout

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from train import files
-from train.data import prepare
-from train.data import sources
-from train.data import stream
-from train.data import tokenizers
+from bmojo_jax.train import files
+from bmojo_jax.train.data import prepare
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import stream
+from bmojo_jax.train.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +111,8 @@ def _cli(*args):
 
 
 def test_plots_help_exits_zero():
-  out = _cli("train.plots", "--help")
-  assert out.returncode == 0 and out.stdout.startswith("usage: python -m train.plots WORKDIR"), out.stderr
+  out = _cli("bmojo_jax.train.plots", "--help")
+  assert out.returncode == 0 and out.stdout.startswith("usage: python -m bmojo_jax.train.plots WORKDIR"), out.stderr
 
 
 @pytest.mark.parametrize("section, field, value, match", [
@@ -122,7 +122,7 @@ def test_plots_help_exits_zero():
 ])
 def test_impossible_settings_are_refused_before_the_workdir_exists(tmp_path, section, field, value, match):
   from tests.conftest import tiny_train_config  # pylint: disable=g-import-not-at-top
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_train_config()
   config[section][field] = value
   with pytest.raises(ValueError, match=match):
@@ -132,8 +132,8 @@ def test_impossible_settings_are_refused_before_the_workdir_exists(tmp_path, sec
 
 def test_settings_that_run_but_mislead_are_warned():
   from tests.conftest import tiny_train_config  # pylint: disable=g-import-not-at-top
-  from train import setup as setup_lib  # pylint: disable=g-import-not-at-top
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_train_config(num_steps=3)
   config.optim.warmup_steps = 5
   config.model.update(family="hybrid", window=32)

@@ -19,13 +19,13 @@ import optax
 import pytest
 
 from bmojo_jax import LanguageModel
-from train import lm_eval
-from train import niah
-from train import runs
-from train import tasks
-from train.data import corpus
-from train.data import debian_texts
-from train.data.tokenizers import ByteTokenizer
+from bmojo_jax.train import lm_eval
+from bmojo_jax.train import niah
+from bmojo_jax.train import runs
+from bmojo_jax.train import tasks
+from bmojo_jax.train.data import corpus
+from bmojo_jax.train.data import debian_texts
+from bmojo_jax.train.data.tokenizers import ByteTokenizer
 from tests.conftest import tiny_config
 
 EMMA = ["EMMA", "", "By Jane Austen", "", "", "", "", "CHAPTER I", "",
@@ -151,7 +151,7 @@ def test_corpus_reads_the_packages_and_prepares_documents(package_tree, tmp_path
 
 
 def _lm_config(corpus_dir: str):
-  from configs import lm  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import lm  # pylint: disable=g-import-not-at-top
   config = lm.get_config("bmojo,smoke")
   config.data.kind, config.data.corpus_dir, config.data.seq_len = "corpus", corpus_dir, 16
   return config
@@ -210,7 +210,7 @@ def test_missing_packages_are_named(tmp_path):
   with pytest.raises(debian_texts.MissingPackageError, match=r"--no-install-recommends bible-kjv-text perl-doc ;"):
     corpus.prepare(str(tmp_path / "out"), root=str(tmp_path))
   assert not (tmp_path / "out").exists()                       # nothing written before every source reads
-  with pytest.raises(FileNotFoundError, match=r"python -m train.data.corpus prepare --out .*nowhere"):
+  with pytest.raises(FileNotFoundError, match=r"python -m bmojo_jax.train.data.corpus prepare --out .*nowhere"):
     tasks.make_task(_lm_config(str(tmp_path / "nowhere")))
 
 
@@ -310,7 +310,7 @@ def test_run_niah_decodes_and_notes_what_cannot_run(tiny_lm):
 @pytest.mark.slow
 def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
   """A smoke B'MOJO trained 2 steps on the fake corpus, evaluated as trained and with its store grown."""
-  from train import trainer  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
   out = tmp_path / "corpus"
   corpus.prepare(str(out), ("austen", "kjv"), root=str(package_tree), eval_fraction=0.3)   # the fake tree's sources
   config = _lm_config(str(out))

@@ -10,8 +10,8 @@ from bmojo_jax import LanguageModel
 from bmojo_jax import losses
 from bmojo_jax.layers import logits_einsum
 from tests.conftest import tiny_config
-from train import steps
-from train.data.packing import IGNORE_INDEX
+from bmojo_jax.train import steps
+from bmojo_jax.train.data.packing import IGNORE_INDEX
 
 
 def _inputs(b=3, t=11, d=16, v=37, dtype=jnp.float32, seed=0):

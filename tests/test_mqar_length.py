@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.studies import mqar_length
 from tests.conftest import tiny_train_config
-from train import runs, trainer
+from bmojo_jax.train import runs, trainer
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from train import metrics as metrics_lib
+from bmojo_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")   # cross-process collectives on CPU
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-    from configs import mqar
-    from train import trainer
+    from bmojo_jax.configs import mqar
+    from bmojo_jax.train import trainer
 
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2), jax.devices()
     c = mqar.get_config("mamba")

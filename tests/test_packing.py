@@ -11,7 +11,7 @@ from flax import nnx
 from bmojo_jax import LanguageModel
 from bmojo_jax.kernels import dot_product_attention
 from bmojo_jax.segments import packing
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import FAMILY_TIERS, tiny_config
 
 # Lengths against chunk 4, window 8, conv width 4: documents shorter than the conv and than a chunk, documents
@@ -112,9 +112,9 @@ def test_cudnn_path_masks_segments(window):
 def test_trainer_loss_keeps_packed_text_documents_apart():
   """train/data/packing.py's packed rows through the trainer's loss: the sum of each document's loss alone.
   Both sides jitted (op by op this took minutes); a document alone is a compile per length."""
-  from train import steps
-  from train.data.packing import IGNORE_INDEX, pack_documents
-  from train.data.tokenizers import ByteTokenizer
+  from bmojo_jax.train import steps
+  from bmojo_jax.train.data.packing import IGNORE_INDEX, pack_documents
+  from bmojo_jax.train.data.tokenizers import ByteTokenizer
   source = pack_documents(["a tiny one", "xy", "", "and a longer document of text"], ByteTokenizer(), seq_len=40)
   batch = {k: jnp.asarray(v)[None] for k, v in source[0].items()}
   cfg = tiny_config("bmojo", vocab_size=259, init_std=0.1, compute=dict(scan_impl="sequential"))

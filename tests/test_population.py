@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import mqar as mqar_config
-from train import metrics as metrics_lib
-from train import population as pop_lib
-from train import runs
-from train import setup as setup_lib
-from train import steps
-from train.data import mqar
+from bmojo_jax.configs import mqar as mqar_config
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps
+from bmojo_jax.train.data import mqar
 
 RUNS = [pop_lib.Run(3e-3, 0), pop_lib.Run(1e-2, 1), pop_lib.Run(1e30, 2)]   # the last one diverges
 STEPS, K = 6, 3

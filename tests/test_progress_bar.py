@@ -4,7 +4,7 @@ there, not from the compile (train/metrics.py)."""
 import io
 import time
 
-from train import metrics
+from bmojo_jax.train import metrics
 
 
 def test_bar_says_compiling_until_the_first_step_then_times_the_steps(tmp_path, monkeypatch):

@@ -32,9 +32,9 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from train import setup as setup_lib
-from train.data import corpus
-from train.data import debian_texts
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train.data import corpus
+from bmojo_jax.train.data import debian_texts
 
 REPO = pathlib.Path(__file__).parent.parent
 README = (REPO / "README.md").read_text()
@@ -72,7 +72,7 @@ def test_readme_python_blocks_run():
 
 @functools.cache
 def help_text(script: str) -> str:
-  out = subprocess.run([sys.executable, "-m", "train.cli", SCRIPTS[script], "--help"], cwd=REPO,
+  out = subprocess.run([sys.executable, "-m", "bmojo_jax.train.cli", SCRIPTS[script], "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   return out.stdout
@@ -133,8 +133,8 @@ def test_readme_shell_commands_name_what_exists():
     elif program in ("python", "python3") and args[0] == "-m":
       assert program == "python3", "python3, as in the first command (Debian has no `python`)"
       assert importlib.util.find_spec(args[1]) is not None, command
-      if args[1] == "train.plots":
-        assert args[2] in runs, f"python -m train.plots {args[2]}: no README command trains it"
+      if args[1] == "bmojo_jax.train.plots":
+        assert args[2] in runs, f"python -m bmojo_jax.train.plots {args[2]}: no README command trains it"
     else:
       pytest.fail(f"README command {shlex.join(command)!r} has no check here; add one")
 
@@ -217,7 +217,7 @@ def chain_key(command: list[str]) -> str:
   `train.plots W`); any other command is a chain of its own."""
   if command[0] in SCRIPTS and "--workdir" in command:
     return command[command.index("--workdir") + 1]
-  if command[:3] == ["python3", "-m", "train.plots"]:
+  if command[:3] == ["python3", "-m", "bmojo_jax.train.plots"]:
     return command[3]
   return shlex.join(command)
 
@@ -232,7 +232,7 @@ def chains() -> dict[str, list[list[str]]]:
   return out
 
 
-PREPARE = ["python3", "-m", "train.data.corpus", "prepare"]
+PREPARE = ["python3", "-m", "bmojo_jax.train.data.corpus", "prepare"]
 # What each chain leaves behind, beside every command's exit status 0.
 ARTIFACTS = {"runs/default": ["runs/default/results.json", "runs/default/curves.png"],
              "runs/own": ["runs/own/results.json"], "runs/lm_cpu": ["runs/lm_cpu/lm_eval.json"],

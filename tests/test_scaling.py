@@ -21,8 +21,8 @@ import json
 import jax
 import numpy as np
 import optax
-from configs import mqar
-from train import setup as setup_lib
+from bmojo_jax.configs import mqar
+from bmojo_jax.train import setup as setup_lib
 
 task = None
 
@@ -75,10 +75,10 @@ import re
 import jax
 import numpy as np
 import optax
-from train.hlo import collectives
-from configs import mqar
-from train import setup as setup_lib
-from train import sharding, steps
+from bmojo_jax.train.hlo import collectives
+from bmojo_jax.configs import mqar
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import sharding, steps
 
 MESHES = {"single": (1, 1, 1, False), "data": (8, 1, 1, False), "zero": (8, 1, 1, True),
           "zero_fsdp": (2, 4, 1, True)}

@@ -9,7 +9,7 @@ import pytest
 
 from bmojo_jax.kernels import get_scan_fn
 from bmojo_jax.scan import selective_scan_associative
-from pallas_kernels.selective_scan.reference import selective_scan_reference
+from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 
 
 def rel_err(a, b):

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.selective_scan import selective_scan
-from pallas_kernels.selective_scan.block_sizes import BlockSizes
-from pallas_kernels.selective_scan.ops import _plan
-from pallas_kernels.selective_scan.reference import selective_scan_reference
-from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_reference, carry_states,
+from bmojo_jax.pallas_kernels.selective_scan import selective_scan
+from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes
+from bmojo_jax.pallas_kernels.selective_scan.ops import _plan
+from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
+from bmojo_jax.pallas_kernels.selective_scan.segments import (carry_adjoints, carry_reference, carry_states,
                                                    segment_resets)
 
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from train.data import sources
-from train.data import text
-from train.data import tokenizers
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import text
+from bmojo_jax.train.data import tokenizers
 
 LATIN1 = "Déjà vu, café crème.\n".encode("latin-1")      # é and à as single bytes: not UTF-8
 
@@ -49,14 +49,14 @@ def test_training_refuses_latin1_text_in_one_line(tmp_path):
   path = tmp_path / "latin1.txt"
   path.write_bytes(LATIN1 * 50)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
-  cmd = [sys.executable, "-c", "from train.cli import train_main; train_main()", "--config",
+  cmd = [sys.executable, "-c", "from bmojo_jax.train.cli import train_main; train_main()", "--config",
          "configs/lm.py:bmojo,smoke", f"--config.data.paths={path}", f"--workdir={tmp_path / 'run'}"]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode != 0
   lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
   assert "latin1.txt: not valid utf-8 at byte 1" in lines[-1] and "Traceback" not in out.stderr, out.stderr
-  from configs import lm  # pylint: disable=g-import-not-at-top
-  from train import tasks  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import lm  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import tasks  # pylint: disable=g-import-not-at-top
   config = lm.get_config("bmojo,smoke")
   config.data.paths, config.data.seq_len, config.data.encoding = str(path), 16, "latin-1"
   task = tasks.make_task(config)

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from train import runs
-from train.data import tokenizers
+from bmojo_jax.train import runs
+from bmojo_jax.train.data import tokenizers
 
 # What a version-1 token stream's meta.json holds for the byte tokenizer (and every stream written so far):
 # a change here would refuse every prepared stream (and make `bmojo-prepare` refuse to resume one).

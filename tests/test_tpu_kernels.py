@@ -20,10 +20,10 @@ from bmojo_jax import LanguageModel, config as config_lib
 from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
 from bmojo_jax.kernels import (dot_product_attention, get_attention_fn, get_scan_fn, resolve_attn_impl,
                                resolve_scan_impl)
-from pallas_kernels.selective_scan import ops as scan_gpu, selective_scan, tpu as scan_tpu
-from pallas_kernels.selective_scan.reference import selective_scan_reference
-from pallas_kernels.window_attention import memory_attention, ops as attn_gpu, tpu as attn_tpu
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.selective_scan import ops as scan_gpu, selective_scan, tpu as scan_tpu
+from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
+from bmojo_jax.pallas_kernels.window_attention import memory_attention, ops as attn_gpu, tpu as attn_tpu
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 from tests.conftest import tiny_config
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}

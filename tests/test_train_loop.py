@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from bmojo_jax import ConfigError
-from configs import lm
+from bmojo_jax.configs import lm
 from tests.conftest import tiny_train_config
-from train import checkpoint as ckpt_lib
-from train import metrics as metrics_lib
-from train import runs
-from train import setup as setup_lib
-from train import steps
-from train import trainer
-from train.workdir_lock import WorkdirBusyError
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps
+from bmojo_jax.train import trainer
+from bmojo_jax.train.workdir_lock import WorkdirBusyError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -240,7 +240,7 @@ def test_out_of_range_token_ids_fail_before_training(tmp_path):
   """A source yielding ids >= vocab_size is caught on the first batch, before any update."""
   setup = setup_lib.build(tiny_config())
   bad = {"inputs": np.full((2, 32), 300, np.int32), "targets": np.full((2, 32), -100, np.int32)}
-  from train import tasks
+  from bmojo_jax.train import tasks
   with pytest.raises(ValueError, match=r"'inputs' has token ids in \[300, 300\].*vocab_size=256"):
     tasks.check_batch(bad, setup.cfg.vocab_size, "training batch of step 1")
 
@@ -248,7 +248,7 @@ def test_out_of_range_token_ids_fail_before_training(tmp_path):
 def _cli(*args, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, env=env, capture_output=True,
+  return subprocess.run([sys.executable, "-m", "bmojo_jax.train.cli", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
 
 
@@ -275,7 +275,7 @@ def test_cli_train_eval(tmp_path, compilation_cache):
 
 
 def test_generate_from_run(full_run, tmp_path):
-  from train import generate
+  from bmojo_jax.train import generate
   out = generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4)
   ids = [int(x) for x in out.split()]
   assert len(ids) == 4 and all(0 <= i < 256 for i in ids)
@@ -292,7 +292,7 @@ def test_load_model_is_the_latest_checkpoint(full_run):
   """runs.load_model, what generation and language-model evaluation read: the latest checkpoint's parameters in
   the run's model (a compute choice overridden, one that changes parameters refused), no tokenizer for MQAR."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from train import lm_eval  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import lm_eval  # pylint: disable=g-import-not-at-top
   _, params, step = runs.load_run(full_run[0])
   model, tokenizer, config, loaded_step = runs.load_model(full_run[0], {"compute.scan_impl": "associative"})
   assert loaded_step == step == 8 and tokenizer is None and config.to_dict() == runs.load_config(full_run[0]).to_dict()
@@ -337,13 +337,13 @@ def test_rerunning_a_finished_run_keeps_its_results(copied_run, capsys):
 
 
 def test_curves_png_and_the_plot_command(copied_run):
-  from train import plots  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import plots  # pylint: disable=g-import-not-at-top
   path = plots.maybe_plot(copied_run)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  out = subprocess.run([sys.executable, "-m", "train.plots", "/no/such/run"], cwd=REPO, capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "bmojo_jax.train.plots", "/no/such/run"], cwd=REPO, capture_output=True,
                        text=True)
-  assert out.returncode != 0 and "usage: python -m train.plots WORKDIR" in out.stderr
+  assert out.returncode != 0 and "usage: python -m bmojo_jax.train.plots WORKDIR" in out.stderr
 
 
 def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compilation_cache):
@@ -357,7 +357,7 @@ def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compi
                "--config.train.eval_batch_size=8", "--config.train.eval_every=5", "--config.train.log_every=5",
                "--config.train.progress_bar=false", "--config.train.plot=false"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
-  proc = subprocess.Popen([sys.executable, "-m", "train.cli", "train", "--config", "configs/mqar.py:mamba",
+  proc = subprocess.Popen([sys.executable, "-m", "bmojo_jax.train.cli", "train", "--config", "configs/mqar.py:mamba",
                            "--workdir", str(workdir), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
@@ -378,7 +378,7 @@ def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(copied_run):
   dies (SIGKILL: no cleanup), the next run takes the workdir over."""
   before = snapshot(copied_run)
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from train.workdir_lock import WorkdirLock; "
+      [sys.executable, "-c", "import sys, time; from bmojo_jax.train.workdir_lock import WorkdirLock; "
        "WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", copied_run],
       stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:

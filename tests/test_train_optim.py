@@ -10,11 +10,11 @@ import optax
 import pytest
 
 from bmojo_jax.model import stack_blocks
-from configs import mqar
-from train import optim
-from train import setup as setup_lib
-from train import sharding
-from train import steps
+from bmojo_jax.configs import mqar
+from bmojo_jax.train import optim
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import sharding
+from bmojo_jax.train import steps
 
 
 def tiny_mqar_config(family="hybrid", **train_overrides):

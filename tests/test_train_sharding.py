@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent("""
     import json
     import jax
     import numpy as np
-    from configs import mqar
-    from train import setup as setup_lib
-    from train import sharding, steps
+    from bmojo_jax.configs import mqar
+    from bmojo_jax.train import setup as setup_lib
+    from bmojo_jax.train import sharding, steps
 
     assert jax.device_count() == 8, jax.devices()
 
@@ -100,9 +100,9 @@ PALLAS_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     import optax
-    from configs import mqar
-    from train import setup as setup_lib
-    from train import sharding, steps
+    from bmojo_jax.configs import mqar
+    from bmojo_jax.train import setup as setup_lib
+    from bmojo_jax.train import sharding, steps
 
     assert jax.device_count() == 8, jax.devices()
     MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8), "mix": (2, 2, 2)}
@@ -204,9 +204,9 @@ def test_logical_axis_rules_come_from_the_run_config():
   the activation constraints and the kernels' shard_map read); a bad rule is refused naming it."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import AbstractMesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from configs import mqar  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import sharding as kernel_sharding  # pylint: disable=g-import-not-at-top
-  from train import sharding  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.configs import mqar  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.pallas_kernels import sharding as kernel_sharding  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import sharding  # pylint: disable=g-import-not-at-top
   c = mqar.get_config("bmojo")
   assert sharding.axis_rules_of(c.mesh) == sharding.LOGICAL_RULES
   mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)

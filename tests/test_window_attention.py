@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.window_attention import memory_attention
-from pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
-from pallas_kernels.window_attention.cases import (CASES, MOSAIC_BLOCKS, MOSAIC_CASES, MOSAIC_INTERPRET_CASES,
+from bmojo_jax.pallas_kernels.window_attention import memory_attention
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
+from bmojo_jax.pallas_kernels.window_attention.cases import (CASES, MOSAIC_BLOCKS, MOSAIC_CASES, MOSAIC_INTERPRET_CASES,
                                                    MOSAIC_PACKED_CASES, PACKED_CASES, TOL, exact_mask_check,
                                                    make_inputs, random_segment_ids, random_spans, run_case,
                                                    value_and_vjp)
-from pallas_kernels.window_attention.ops import resolve_impls
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.window_attention.ops import resolve_impls
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 
 # The Mosaic cases run compiled only (on a Hopper GPU). Under pytest the jax 0.10 Mosaic GPU interpreter
 # deadlocked on every one of these cases at least once (threads waiting on barriers), while standalone runs
@@ -120,7 +120,7 @@ class TestMemoryAttention:
     if not self.INTERPRET:
       pytest.skip("compiled: test_mosaic_forward_matches_reference runs the Mosaic cases")
     code = ("import json\n"
-            "from pallas_kernels.window_attention import cases as c\n"
+            "from bmojo_jax.pallas_kernels.window_attention import cases as c\n"
             "print(json.dumps([c.run_case(x, True) for x in c.MOSAIC_INTERPRET_CASES]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, NPROC="32"),

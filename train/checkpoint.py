@@ -33,10 +33,10 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from bmojo_jax.config import nest_compute
-from train.data import pipeline
-from train import files
-from train import orbax_logs
-from train.files import brief as _brief
+from bmojo_jax.train.data import pipeline
+from bmojo_jax.train import files
+from bmojo_jax.train import orbax_logs
+from bmojo_jax.train.files import brief as _brief
 
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

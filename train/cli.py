@@ -40,9 +40,9 @@ _DEBUG = flags.DEFINE_boolean("debug", False, "Show the traceback of an error in
 def _one_line_errors(command: str):
   """Every error as `command: <cause and next step>` in one or two lines, exit status 1 (the traceback with
   --debug). The refusals of this project carry their own next step; anything else is summarized as unexpected."""
-  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from train import files  # pylint: disable=g-import-not-at-top
-  from train import workdir_lock  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import files  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import workdir_lock  # pylint: disable=g-import-not-at-top
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
@@ -87,7 +87,7 @@ def _train(argv):
     signal.signal(s, lambda signum, frame: signums.append(signum))
   _quiet_logs()
   with _one_line_errors("bmojo-train"):
-    from train import trainer  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
     stop = trainer.StopRequest()
     for s in (signal.SIGTERM, signal.SIGINT):
       signal.signal(s, stop)
@@ -125,14 +125,14 @@ def _train(argv):
 def _eval(argv):
   del argv
   _quiet_logs()
-  from train import files, runs  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import files, runs  # pylint: disable=g-import-not-at-top
   _maybe_initialize_distributed()
   f = flags.FLAGS
   if f.lm_model and not (f.lm_lengths or f.niah):
     sys.exit("bmojo-eval: --lm_model changes the model of --lm_lengths / --niah only; add one of them (the "
              "test-set evaluation uses the trained model as it is).")
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
-    from train import lm_eval  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train import lm_eval  # pylint: disable=g-import-not-at-top
     with _one_line_errors("bmojo-eval"):
       factors, niah_factors = (lm_eval.parse_multiples(n, f[n].value) for n in ("lm_lengths", "niah_lengths"))
       record = lm_eval.evaluate_lm_run(
@@ -162,7 +162,7 @@ def _eval(argv):
 def _generate(argv):
   del argv
   _quiet_logs()
-  from train import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import generate as gen_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   with _one_line_errors("bmojo-generate"):
     text = gen_lib.generate_from_run(
@@ -206,7 +206,7 @@ def resolve_config_spec(spec: str) -> str:
   path, sep, preset = spec.partition(":")
   if os.path.isfile(path) or os.path.dirname(path) not in ("", "configs"):
     return spec
-  import configs  # pylint: disable=g-import-not-at-top
+  from bmojo_jax import configs  # pylint: disable=g-import-not-at-top
   name = os.path.basename(path) if path.endswith(".py") else os.path.basename(path) + ".py"
   installed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), name)
   return installed + sep + preset if os.path.isfile(installed) else spec

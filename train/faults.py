@@ -28,8 +28,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from train import files
-from train.checkpoint import CheckpointError
+from bmojo_jax.train import files
+from bmojo_jax.train.checkpoint import CheckpointError
 
 POLICIES = ("stop", "rollback", "skip")
 

@@ -3,7 +3,7 @@
 import sys
 import time
 
-from train import runs
+from bmojo_jax.train import runs
 
 
 def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,

@@ -35,11 +35,11 @@ import optax
 
 from bmojo_jax import LanguageModel
 from bmojo_jax.param_count import count_params
-from train.data import text as text_lib
-from train import files
-from train import niah as niah_lib
-from train import runs
-from train import tasks as tasks_lib
+from bmojo_jax.train.data import text as text_lib
+from bmojo_jax.train import files
+from bmojo_jax.train import niah as niah_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import tasks as tasks_lib
 
 RESULT_FILE = "lm_eval.json"
 
@@ -117,7 +117,7 @@ def heldout_documents(config: ml_collections.ConfigDict) -> dict[str, str]:
   sequences instead is refused."""
   d = config.data
   if d.kind == "corpus":
-    from train.data import corpus  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train.data import corpus  # pylint: disable=g-import-not-at-top
     return corpus.read_split(str(d.corpus_dir), "eval")
   if d.kind == "text":
     _, eval_paths, patterns = tasks_lib.text_paths(config)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import tqdm
 
-from train import files
+from bmojo_jax.train import files
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

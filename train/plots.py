@@ -1,13 +1,13 @@
 """Loss and accuracy curves from a run's metrics.jsonl as a PNG.
 
-    python -m train.plots runs/default            # writes runs/default/curves.png
+    python -m bmojo_jax.train.plots runs/default  # writes runs/default/curves.png
 """
 
 import os
 import sys
 
-from train import files
-from train import metrics as metrics_lib
+from bmojo_jax.train import files
+from bmojo_jax.train import metrics as metrics_lib
 
 
 MISSING_MATPLOTLIB = ("train.plots needs matplotlib, a dependency of bmojo_jax: pip install -e . "
@@ -59,7 +59,7 @@ def maybe_plot(workdir: str) -> str | None:
 
 
 if __name__ == "__main__":
-  _USAGE = f"usage: python -m train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})"
+  _USAGE = f"usage: python -m bmojo_jax.train.plots WORKDIR (a run directory holding {metrics_lib.METRICS_FILE})"
   if sys.argv[1:] in (["-h"], ["--help"]):
     print(f"{_USAGE}\n\nDraws WORKDIR/curves.png: the training and test curves of metrics.jsonl.")
     sys.exit(0)

@@ -55,13 +55,13 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from train import checkpoint as ckpt_lib
-from train import metrics as metrics_lib
-from train import runs as runs_lib
-from train import setup as setup_lib
-from train import steps as steps_lib
-from train.data import mqar
-from train.data.packing import IGNORE_INDEX
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import runs as runs_lib
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps as steps_lib
+from bmojo_jax.train.data import mqar
+from bmojo_jax.train.data.packing import IGNORE_INDEX
 
 SHUFFLE_TAG = 0x5EED  # folded into a shuffle seed's key, apart from the init stream of the same seed
 
@@ -359,7 +359,7 @@ class Population:
       finally:
         ckpt.close()
     if self.config.train.plot:
-      from train import plots  # pylint: disable=g-import-not-at-top
+      from bmojo_jax.train import plots  # pylint: disable=g-import-not-at-top
       plots.maybe_plot(workdir)
     return res
 

@@ -22,15 +22,15 @@ import ml_collections
 from bmojo_jax import LanguageModel
 from bmojo_jax.config import COMPUTE_FIELDS, nest_compute
 
-from train import checkpoint as ckpt_lib
-from train import faults
-from train import files
-from train import sharding as shard_lib
-from train import steps as steps_lib
-from train import tasks as tasks_lib
-from train.data import mqar
-from train.data import tokenizers
-from train.setup import Setup, build, restore_state
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import faults
+from bmojo_jax.train import files
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import steps as steps_lib
+from bmojo_jax.train import tasks as tasks_lib
+from bmojo_jax.train.data import mqar
+from bmojo_jax.train.data import tokenizers
+from bmojo_jax.train.setup import Setup, build, restore_state
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

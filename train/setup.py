@@ -19,12 +19,12 @@ import optax
 
 from bmojo_jax import LanguageModel, ModelConfig
 from bmojo_jax.model import stack_blocks, unstack_blocks
-from train import checkpoint as ckpt_lib
-from train import faults
-from train import optim as optim_lib
-from train import sharding as shard_lib
-from train import tasks as tasks_lib
-from train.data import packing
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train import faults
+from bmojo_jax.train import optim as optim_lib
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import tasks as tasks_lib
+from bmojo_jax.train.data import packing
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

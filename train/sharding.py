@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from pallas_kernels.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, Rules, axis_rules, logical_to_mesh,
+from bmojo_jax.pallas_kernels.sharding import (BATCH_AXES, LOGICAL_RULES, MESH_AXES, Rules, axis_rules, logical_to_mesh,
                                      use_mesh)
 
 __all__ = ["BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "Rules", "axis_rules_of", "batch_parallelism",

@@ -19,11 +19,11 @@ import optax
 
 from bmojo_jax import losses
 from bmojo_jax.config import LossImpl
-from train import faults
-from train import sharding as shard_lib
-from train.data import pipeline
-from train.data.packing import IGNORE_INDEX
-from train.setup import Setup
+from bmojo_jax.train import faults
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train.data import pipeline
+from bmojo_jax.train.data.packing import IGNORE_INDEX
+from bmojo_jax.train.setup import Setup
 
 
 COLLAPSE_TOLERANCE = 0.05   # nats: a test loss within this of ln V (uniform logits' loss) is a collapse

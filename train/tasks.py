@@ -1,7 +1,7 @@
 """Data of a training run from its config: sources, tokenizer, and the facts results.json reports.
 
 `data.kind` is "mqar" (Zoology's task, generated on the fly), "text" (local files packed into sequences),
-"corpus" (the train / eval splits of a corpus prepared by `python -m train.data.corpus prepare`, as text),
+"corpus" (the train / eval splits of a corpus prepared by `python -m bmojo_jax.train.data.corpus prepare`, as text),
 "stream" (a token stream prepared once by `bmojo-prepare`, read memory-mapped), or "array_record" / "tfds"
 (documents tokenized and packed on the fly by grain transforms; docs/data.md).
 The tokenizer of a text run is named by data.tokenizer (`tokenizers.from_spec`).
@@ -13,14 +13,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from train.data import corpus
-from train.data import mqar
-from train.data import packing
-from train.data import pipeline
-from train.data import sources
-from train.data import stream
-from train.data import text
-from train.data import tokenizers
+from bmojo_jax.train.data import corpus
+from bmojo_jax.train.data import mqar
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data import pipeline
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import stream
+from bmojo_jax.train.data import text
+from bmojo_jax.train.data import tokenizers
 
 KINDS = ("mqar", "text", "corpus", "stream", "array_record", "tfds")
 

@@ -21,17 +21,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from train import checkpoint as ckpt_lib
-from train.data import pipeline
-from train import faults
-from train import files
-from train import metrics as metrics_lib
-from train import runs
-from train import sharding as shard_lib
-from train import steps as steps_lib
-from train import tasks as tasks_lib
-from train.setup import Setup, build, restore_state
-from train.workdir_lock import WorkdirLock
+from bmojo_jax.train import checkpoint as ckpt_lib
+from bmojo_jax.train.data import pipeline
+from bmojo_jax.train import faults
+from bmojo_jax.train import files
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import runs
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import steps as steps_lib
+from bmojo_jax.train import tasks as tasks_lib
+from bmojo_jax.train.setup import Setup, build, restore_state
+from bmojo_jax.train.workdir_lock import WorkdirLock
 
 MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the last finished one
 
@@ -345,6 +345,6 @@ def _train(config, setup: Setup, workdir: str, start_wall: float, step_callback,
     e.args = (f"{e}\n{ckpt.advice(e.fix)}",)
     raise
   if t.plot:
-    from train import plots  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train import plots  # pylint: disable=g-import-not-at-top
     plots.maybe_plot(workdir)
   return results

@@ -16,7 +16,7 @@ import json
 import os
 import socket
 
-from train import files
+from bmojo_jax.train import files
 
 LOCK_FILE = ".lock"
 

@@ -27,7 +27,7 @@ import optax
 
 from benchmarks.common import write_results
 from bmojo_jax.kernels import dot_product_attention
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 
 
 def max_rel_err(a, b) -> float:
@@ -65,8 +65,8 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
   from benchmarks.studies.mqar_sweep.cli import parse_args  # pylint: disable=g-import-not-at-top
   from benchmarks.studies.mqar_sweep.population import population_config  # pylint: disable=g-import-not-at-top
   from bmojo_jax import LanguageModel
-  from train import setup as setup_lib
-  from train import steps as steps_lib
+  from bmojo_jax.train import setup as setup_lib
+  from bmojo_jax.train import steps as steps_lib
 
   args = parse_args(["--d-models", "128", "--kv-pairs", "32"])
   setups = {}

@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from benchmarks.common import parse_mesh, write_results
-from configs import mqar
-from train import metrics as metrics_lib
-from train import sharding as shard_lib
-from train import trainer
+from bmojo_jax.configs import mqar
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import trainer
 
 
 def run_config(family: str, mesh: dict[str, int], steps: int, d_model: int, batch: int):

@@ -16,8 +16,8 @@ from flax import nnx
 
 from benchmarks.common import rel_err, write_results
 from bmojo_jax import ComputeConfig, LanguageModel, ModelConfig
-from pallas_kernels.window_attention import BlockSizes
-from pallas_kernels.window_attention.ops import resolve_impls
+from bmojo_jax.pallas_kernels.window_attention import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention.ops import resolve_impls
 
 
 def loss_and_grads(cfg: ModelConfig, tokens):

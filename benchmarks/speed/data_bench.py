@@ -71,7 +71,7 @@ class PeakAnon:
 
 # ------------------------------------------------------------------------------------------ children
 def child_read(directory: str, seconds: float) -> dict:
-  from train.data import pipeline, stream  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import pipeline, stream  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
   t, batch = 1024, 32
   src = stream.PackedStreamSource(directory, t)
@@ -99,7 +99,7 @@ def _documents(corpus_text: str, count: int, size: int) -> list[str]:
 
 
 def child_tokenize(model: str, corpus_file: str, workers: int, seconds: float) -> dict:
-  from train.data import packing, pipeline, tokenizers  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import packing, pipeline, tokenizers  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
   tok = tokenizers.from_spec(model)
   text = open(corpus_file, encoding="utf-8").read()
@@ -126,7 +126,7 @@ def child_tokenize(model: str, corpus_file: str, workers: int, seconds: float) -
 
 
 def child_prepare(text_dir: str, out_dir: str, tokenizer: str, workers: int, docs_per_shard: int) -> dict:
-  from train.data import prepare, sources, tokenizers  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import prepare, sources, tokenizers  # pylint: disable=g-import-not-at-top
   mem = PeakAnon()
   docs = sources.TextFileDocuments(text_dir, ("*.txt",))
   text_bytes = sum(os.path.getsize(f) for f in docs.files)
@@ -151,7 +151,7 @@ def _run_child(name: str, *args) -> dict:
 # ----------------------------------------------------------------------------------------- generators
 def write_random_stream(directory: str, num_bytes: int) -> None:
   """uint16 random tokens (ids < 256, byte vocabulary) with documents of random lengths, in 32 MB chunks."""
-  from train.data import stream, tokenizers  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import stream, tokenizers  # pylint: disable=g-import-not-at-top
   info = tokenizers.describe(tokenizers.ByteTokenizer())
   writer = stream.StreamWriter(directory, info["vocab_size"])
   rng = np.random.default_rng(0)
@@ -170,7 +170,7 @@ def write_random_stream(directory: str, num_bytes: int) -> None:
 
 def corpus_text() -> str:
   """The prepared corpus' text if there is one (data/corpus), else standard-library docstrings."""
-  from train.data import corpus, debian_texts  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import corpus, debian_texts  # pylint: disable=g-import-not-at-top
   try:
     docs = corpus.read_split(os.path.join(ROOT, "data", "corpus"), "train")
   except (FileNotFoundError, ValueError):
@@ -203,7 +203,7 @@ def main() -> None:
     return
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from train.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train.data import tokenizers  # pylint: disable=g-import-not-at-top
   read_sizes = [10 * MB, 64 * MB] if a.quick else [10 * MB, 1024 * MB]
   # (tokenizer, total text, bytes a file = a document, documents a shard)
   prepare_runs = ([("byte", 32 * MB, MB, 4), ("sp", 8 * MB, 64 * 1024, 32)] if a.quick else

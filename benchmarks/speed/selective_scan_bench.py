@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from benchmarks.common import median_ms, rel_err
 from benchmarks.speed.selective_scan_inputs import fwd_fn, fwdbwd_fn, make_inputs, packed_reset, pallas
-from pallas_kernels.selective_scan.block_sizes import BlockSizes
-from pallas_kernels.selective_scan.reference import selective_scan_reference
+from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes
+from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 
 RECORDS = []
 START = time.perf_counter()
@@ -132,10 +132,10 @@ def mixer_check():
 def breakdown(bs, a):
   """Times each stage of the Pallas forward and backward on their own (records with a "stage" field): the
   segment summaries, the carry over segments, the main kernel, and the same for the backward."""
-  from pallas_kernels.selective_scan import ops
-  from pallas_kernels.selective_scan.backward import scan_bwd
-  from pallas_kernels.selective_scan.kernel import scan_fwd
-  from pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
+  from bmojo_jax.pallas_kernels.selective_scan import ops
+  from bmojo_jax.pallas_kernels.selective_scan.backward import scan_bwd
+  from bmojo_jax.pallas_kernels.selective_scan.kernel import scan_fwd
+  from bmojo_jax.pallas_kernels.selective_scan.segments import carry_adjoints, carry_states, segment_summaries
   u, delta, A, Bm, Cm, D, z, bias = a
   (B, T, E), N = u.shape, A.shape[1]
   p = ops._plan(u, Bm, A, bs)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.selective_scan import selective_scan
+from bmojo_jax.pallas_kernels.selective_scan import selective_scan
 
 
 def make_inputs(B, T, E, N, dtype, seed=0, with_dz=True):

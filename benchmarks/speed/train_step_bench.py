@@ -50,9 +50,9 @@ from benchmarks.common import device_name, parse_mesh, write_results
 from benchmarks.profiling import profile
 from benchmarks.step_configs import TINY, model_config, step_config, synthetic_task
 from bmojo_jax.param_count import count_params, train_flops_per_token
-from train import sharding as shard_lib
-from train import setup as setup_lib
-from train import steps
+from bmojo_jax.train import sharding as shard_lib
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import steps
 
 PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM spec sheet
 DEFAULT_FAMILIES = ("transformer:cudnn", "transformer:pallas", "hybrid:cudnn", "hybrid:pallas", "bmojo_f",

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.speed.window_attention_inputs import cudnn_fn, fwd_and_fwdbwd, inputs, packed_layout, pallas_fn
-from pallas_kernels.window_attention import BlockSizes
-from pallas_kernels.window_attention import cases as attn_cases
-from pallas_kernels.window_attention.ops import _on_hopper, resolve_impls
+from bmojo_jax.pallas_kernels.window_attention import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention import cases as attn_cases
+from bmojo_jax.pallas_kernels.window_attention.ops import _on_hopper, resolve_impls
 
 SMOKE = False   # --smoke: interpret mode, tiny shapes, no cuDNN; checks this script on a CPU
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.window_attention import memory_attention
+from bmojo_jax.pallas_kernels.window_attention import memory_attention
 
 
 def inputs(b, t, h, kh, p, m, chunk, dtype=jnp.bfloat16, seed=0):

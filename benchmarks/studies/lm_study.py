@@ -1,7 +1,7 @@
 """Language models on real text (issue #16): train the five families on the prepared corpus, then evaluate
 perplexity against context length and the RULER NIAH tasks (`train/lm_eval.py`, `train/niah.py`, docs/lm.md).
 
-    python3 -m train.data.corpus prepare --out data/corpus            # once, on the CPU machine (apt packages)
+    python3 -m bmojo_jax.train.data.corpus prepare --out data/corpus  # once, on the CPU machine (apt packages)
     python3 -m benchmarks.studies.lm_study --budget-s 540                      # GPU: -> $OUT/lm_<device>.json + plots
     python3 -m benchmarks.studies.lm_study --families bmojo,hybrid --tokens 20e6
     python3 -m benchmarks.studies.lm_study --smoke                             # tiny models, CPU, a few minutes
@@ -34,10 +34,10 @@ import time
 import jax
 
 from benchmarks.common import RESULTS, apply_overrides, device_tag, ints, write_results
-from configs import lm as lm_config
-from train import lm_eval
-from train import trainer
-from train.data import corpus as corpus_lib
+from bmojo_jax.configs import lm as lm_config
+from bmojo_jax.train import lm_eval
+from bmojo_jax.train import trainer
+from bmojo_jax.train.data import corpus as corpus_lib
 
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 

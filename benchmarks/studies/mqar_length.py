@@ -24,8 +24,8 @@ import jax
 import ml_collections
 
 from benchmarks.common import RESULTS, append_results, device_name, device_tag, ints, save_figure
-from train import runs, steps
-from train.data import mqar
+from bmojo_jax.train import runs, steps
+from bmojo_jax.train.data import mqar
 
 
 def evaluate_lengths(workdir: str, config: ml_collections.ConfigDict, lengths: list[int], stores: list[int]):

@@ -41,7 +41,7 @@ from bmojo_jax.memory.parallel_store import stores_before_chunks
 from bmojo_jax.memory.scoring import selection_scores
 from bmojo_jax.memory.selection import select_per_chunk
 from bmojo_jax.probe import attention_inputs
-from train.data import mqar
+from bmojo_jax.train.data import mqar
 
 # The tiny CPU model of --train-steps: configs/mqar.py's B'MOJO (d 64, L 64, N 8, w 8, chunk 8, batch 64) with a
 # store that must choose: k_e 4 of each 8-token chunk into a score store of 16 (room for the 8 values).
@@ -157,10 +157,10 @@ def main(argv=None):
   if bool(args.workdir) == bool(args.train_steps):
     p.error("give one of --workdir RUN or --train-steps N")
 
-  from train import runs, trainer  # pylint: disable=g-import-not-at-top
+  from bmojo_jax.train import runs, trainer  # pylint: disable=g-import-not-at-top
   workdir = args.workdir
   if args.train_steps:
-    from configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.configs import mqar as mqar_config  # pylint: disable=g-import-not-at-top
     sets = TINY + [f"model.selection={args.selection}", f"train.num_steps={args.train_steps}"] + args.set
     config = mqar_config.get_config("bmojo")
     apply_overrides(config, sets)

@@ -15,8 +15,8 @@ import os
 
 
 from benchmarks.common import append_results, apply_overrides, device_tag
-from configs import mqar
-from train import trainer
+from bmojo_jax.configs import mqar
+from bmojo_jax.train import trainer
 
 
 def zoology_config(family: str, lr: float, epochs: int, overrides: list[str]):

@@ -50,10 +50,10 @@ def compile_case(family: str, size: str, mesh: dict[str, int], seq_len: int, bat
   from benchmarks.step_configs import step_config, synthetic_task
   from bmojo_jax import count_params
   from bmojo_jax.presets import PAPER_SIZES
-  from train import setup as setup_lib
-  from train import sharding as shard_lib
-  from train import steps as steps_lib
-  from train.hlo import collectives
+  from bmojo_jax.train import setup as setup_lib
+  from bmojo_jax.train import sharding as shard_lib
+  from bmojo_jax.train import steps as steps_lib
+  from bmojo_jax.train.hlo import collectives
 
   n_dev = int(np.prod(list(mesh.values())))
   extra = dict(EXTRA_SIZES.get(size, {}))
@@ -119,7 +119,7 @@ def bench_with_zero1(argv: list[str]) -> None:
   """`benchmarks.speed.train_step_bench` with mesh.shard_optimizer=True in every config it builds (the bench has no
   flag for it): `python -m benchmarks.studies.scaling_model bench-zero1 <train_step_bench arguments>`."""
   from benchmarks.speed import train_step_bench
-  from configs import common
+  from bmojo_jax.configs import common
   base = common.base_config
 
   def with_zero1():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from bmojo_jax.memory.store import NO_POS, Store
-from pallas_kernels.sharding import per_shard
+from bmojo_jax.pallas_kernels.sharding import per_shard
 
 
 def top_k_per_row(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -15,11 +15,11 @@ import functools
 
 import jax.numpy as jnp
 
-from pallas_kernels.backend import resolve_backend
-from pallas_kernels.selective_scan import ops, tpu
-from pallas_kernels.selective_scan.block_sizes import BlockSizes
-from pallas_kernels.selective_scan.reference import check_shapes
-from pallas_kernels.sharding import per_shard
+from bmojo_jax.pallas_kernels.backend import resolve_backend
+from bmojo_jax.pallas_kernels.selective_scan import ops, tpu
+from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes
+from bmojo_jax.pallas_kernels.selective_scan.reference import check_shapes
+from bmojo_jax.pallas_kernels.sharding import per_shard
 
 
 def selective_scan(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, *, delta_softplus: bool = True,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fast_math import FastMath
+from bmojo_jax.pallas_kernels.fast_math import FastMath
 
 
 def compiler_params(num_warps: int, num_stages: int):

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.selective_scan.backward import scan_bwd
-from pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
-from pallas_kernels.fast_math import LOG2E
-from pallas_kernels.selective_scan.kernel import scan_fwd
-from pallas_kernels.selective_scan.segments import (carry_adjoints, carry_states, segment_resets,
+from bmojo_jax.pallas_kernels.selective_scan.backward import scan_bwd
+from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes, largest_pow2_divisor
+from bmojo_jax.pallas_kernels.fast_math import LOG2E
+from bmojo_jax.pallas_kernels.selective_scan.kernel import scan_fwd
+from bmojo_jax.pallas_kernels.selective_scan.segments import (carry_adjoints, carry_states, segment_resets,
                                                    segment_summaries)
 
 

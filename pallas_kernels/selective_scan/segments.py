@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fast_math import FastMath
-from pallas_kernels.selective_scan.block_sizes import largest_pow2_divisor
-from pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row, load_rows,
+from bmojo_jax.pallas_kernels.fast_math import FastMath
+from bmojo_jax.pallas_kernels.selective_scan.block_sizes import largest_pow2_divisor
+from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row, load_rows,
                                                  pop_refs, segment_start)
 
 

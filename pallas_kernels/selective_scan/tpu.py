@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.selective_scan.tpu_kernels import bwd_kernel, f32, fwd_kernel
+from bmojo_jax.pallas_kernels.selective_scan.tpu_kernels import bwd_kernel, f32, fwd_kernel
 
 LANES = 128
 SUBLANES = 8

@@ -26,11 +26,11 @@ from __future__ import annotations
 import functools
 import math
 
-from pallas_kernels.backend import resolve_backend
-from pallas_kernels.sharding import per_shard
-from pallas_kernels.window_attention import ops, tpu
-from pallas_kernels.window_attention.blocks import BlockSizes
-from pallas_kernels.window_attention.reference import check_shapes
+from bmojo_jax.pallas_kernels.backend import resolve_backend
+from bmojo_jax.pallas_kernels.sharding import per_shard
+from bmojo_jax.pallas_kernels.window_attention import ops, tpu
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention.reference import check_shapes
 
 
 def memory_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,

@@ -28,12 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fast_math import FastMath
-from pallas_kernels.window_attention.blocks import (BlockSizes, band_loop, in_span,
+from bmojo_jax.pallas_kernels.fast_math import FastMath
+from bmojo_jax.pallas_kernels.window_attention.blocks import (BlockSizes, band_loop, in_span,
                                                     key_blocks_for_query_block, query_blocks_for_key_block,
                                                     visible)
-from pallas_kernels.window_attention.reference import NEG_INF
-from pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.forward import (chunk_of, dot_nn, dot_nt, dot_precision, load_segments,
                                                      memory_logits, prescale, query_block_inputs,
                                                      split_refs)
 

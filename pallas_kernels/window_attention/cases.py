@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.window_attention import memory_attention
-from pallas_kernels.window_attention.blocks import BlockSizes
-from pallas_kernels.window_attention.reference import memory_attention_reference
+from bmojo_jax.pallas_kernels.window_attention import memory_attention
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 

@@ -29,12 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_query_blocks, query_band,
+from bmojo_jax.pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_query_blocks, query_band,
                                                     split_range, visible)
-from pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
+from bmojo_jax.pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
                                                            dots_nt, load_vector, mosaic_layout_unsupported,
                                                            slot_of, smem_tiling, wait_next)
-from pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 
 def dkdv_smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2, segments: bool = False) -> int:

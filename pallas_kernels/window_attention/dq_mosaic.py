@@ -31,14 +31,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_key_blocks, in_span,
+from bmojo_jax.pallas_kernels.window_attention.blocks import (BlockSizes, fully_visible_key_blocks, in_span,
                                                     key_band, split_range, visible)
-from pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
+from bmojo_jax.pallas_kernels.window_attention.mosaic_common import (CONSUMERS, SMEM_BYTES, check_padded, dots_nn_acc,
                                                            dots_nt, load_vector, memory_mask, memory_mask_smem,
                                                            mosaic_layout_unsupported, packed_smem_bytes,
                                                            produce_band, slot_of, smem_tiling,
                                                            wait_next)
-from pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 
 def dq_smem_bytes(blocks: BlockSizes, head_dim: int, n_mem: int, itemsize: int = 2, segments: bool = False,

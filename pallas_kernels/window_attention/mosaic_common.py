@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax import lax
 
-from pallas_kernels.window_attention.blocks import BlockSizes
-from pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 CONSUMERS = 2                    # compute warpgroups per CTA; wg index CONSUMERS is the producer
 SMEM_BYTES = 227 * 1024          # H100 / H200 shared memory per CTA

@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fast_math import LOG2E
-from pallas_kernels.window_attention.backward import dkdv_triton, dmem_triton, dq_triton
-from pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
-from pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic, mosaic_dkdv_unsupported
-from pallas_kernels.window_attention.dq_mosaic import dq_mosaic, mosaic_dq_unsupported
-from pallas_kernels.window_attention.forward import forward
-from pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
+from bmojo_jax.pallas_kernels.fast_math import LOG2E
+from bmojo_jax.pallas_kernels.window_attention.backward import dkdv_triton, dmem_triton, dq_triton
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes, KernelImpl
+from bmojo_jax.pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic, mosaic_dkdv_unsupported
+from bmojo_jax.pallas_kernels.window_attention.dq_mosaic import dq_mosaic, mosaic_dq_unsupported
+from bmojo_jax.pallas_kernels.window_attention.forward import forward
+from bmojo_jax.pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
 
 
 def _pow2_at_least(n: int, floor: int) -> int:

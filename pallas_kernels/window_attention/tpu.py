@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.window_attention.tpu_kernels import SUBLANES, dkdv_kernel, dmem_kernel, dq_kernel, fwd_kernel, f32
+from bmojo_jax.pallas_kernels.window_attention.tpu_kernels import SUBLANES, dkdv_kernel, dmem_kernel, dq_kernel, fwd_kernel, f32
 
 
 def block_rows(chunk: int, block: int = 128) -> int:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.window_attention.reference import NEG_INF
+from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 SUBLANES = 8
 f32 = jnp.float32

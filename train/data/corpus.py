@@ -1,8 +1,8 @@
 """Text from installed Debian packages, prepared once into plain-text documents split by whole documents.
 
     apt-get install -y --no-install-recommends bible-kjv bible-kjv-text perl-doc    # 3 packages (+ perl)
-    python -m train.data.corpus prepare --out data/corpus        # ~13 MB of text, nothing fetched
-    python -m train.data.corpus info --dir data/corpus
+    python -m bmojo_jax.train.data.corpus prepare --out data/corpus  # ~13 MB of text, nothing fetched
+    python -m bmojo_jax.train.data.corpus info --dir data/corpus
 
 Sources (`debian_texts.py`; a document is a whole book or a whole manual page): `kjv` (default; the King James
 Bible), `perl` (default; Perl's reference documentation), `austen` (Jane Austen's novels; its package depends on
@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 
-from train.data import debian_texts
+from bmojo_jax.train.data import debian_texts
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
@@ -113,7 +113,7 @@ def load_manifest(corpus_dir: str) -> dict:
   if not os.path.exists(path):
     packages = [p for s in DEFAULT_SOURCES for p in debian_texts.SOURCES[s].packages]
     raise FileNotFoundError(f"No prepared corpus in {corpus_dir!r} ({MANIFEST} missing): run "
-                            f"`{debian_texts.install_command(packages)}` and `python -m train.data.corpus prepare "
+                            f"`{debian_texts.install_command(packages)}` and `python -m bmojo_jax.train.data.corpus prepare "
                             f"--out {corpus_dir}`.")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
@@ -150,7 +150,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m train.data.corpus", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m bmojo_jax.train.data.corpus", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="write the split documents and manifest.json")
   p.add_argument("--out", default="data/corpus", help="corpus folder (default data/corpus)")

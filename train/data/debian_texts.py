@@ -26,7 +26,7 @@ import re
 import subprocess
 from typing import Callable
 
-from train.data import rdata
+from bmojo_jax.train.data import rdata
 
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 KJV_DATA = "usr/lib/bible.data"

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.data.packing import IGNORE_INDEX
+from bmojo_jax.train.data.packing import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Iterable
 import grain
 import numpy as np
 
-from train.data.tokenizers import Tokenizer
+from bmojo_jax.train.data.tokenizers import Tokenizer
 
 IGNORE_INDEX = -100
 _DOCUMENT_FIELDS = ("inputs", "targets", "positions")

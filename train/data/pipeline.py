@@ -32,8 +32,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from train.data import packing
-from train.data.packing import IGNORE_INDEX
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data.packing import IGNORE_INDEX
 
 
 def _check_sharding(shard_index: int, shard_count: int) -> None:

@@ -1,6 +1,6 @@
 """Tokenize a corpus once into an on-disk token stream (`stream.py`), in parallel, resumable.
 
-    bmojo-prepare --out data/stream/train --tokenizer byte --text /path/to/texts  # = python -m train.data.prepare
+    bmojo-prepare --out data/stream/train --tokenizer byte --text /path/to/texts  # = python -m bmojo_jax.train.data.prepare
     bmojo-prepare --out data/stream/train --corpus data/corpus --split train
     bmojo-prepare --out data/stream/c4 --tokenizer tok.model --array-record /data/c4/train.array_record-*
     bmojo-prepare --out data/stream/pg19 --tokenizer tok.model --tfds pg19 --data-dir ~/tensorflow_datasets
@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from train import files
-from train.data import packing
-from train.data import sources as sources_lib
-from train.data import stream as stream_lib
-from train.data import tokenizers
+from bmojo_jax.train import files
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data import sources as sources_lib
+from bmojo_jax.train.data import stream as stream_lib
+from bmojo_jax.train.data import tokenizers
 
 PROGRESS = "progress.json"
 PARTS = "parts"
@@ -181,7 +181,7 @@ def documents_from_args(args) -> Any:
   if args.text:
     return sources_lib.TextFileDocuments(split(args.text), tuple(split(args.patterns)))
   if args.corpus:
-    from train.data import corpus  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train.data import corpus  # pylint: disable=g-import-not-at-top
     return sources_lib.TextFileDocuments([corpus.split_dir(args.corpus, args.split)], ("*.txt",))
   if args.array_record:
     return sources_lib.ArrayRecordDocuments(split(args.array_record), args.text_key or "")
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
   parser.add_argument("--tokenizer", default="byte", help="byte (default) or a SentencePiece .model file")
   parser.add_argument("--text", default="", help="comma-separated text files / directories (one document a file)")
   parser.add_argument("--patterns", default="*.txt,*.md,*.rst,*.py", help="file patterns searched in directories")
-  parser.add_argument("--corpus", default="", help="a corpus folder of `python -m train.data.corpus prepare`")
+  parser.add_argument("--corpus", default="", help="a corpus folder of `python -m bmojo_jax.train.data.corpus prepare`")
   parser.add_argument("--array-record", default="", help="comma-separated ArrayRecord files or directories")
   parser.add_argument("--tfds", default="", help="a prepared tfds dataset name, e.g. pg19 (never downloads)")
   parser.add_argument("--split", default="train", help="--corpus / --tfds split (default train)")

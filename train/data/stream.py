@@ -1,6 +1,6 @@
 """A pre-tokenized token stream on disk, opened memory-mapped, read as packed sequences.
 
-A stream is a directory written by `python -m train.data.prepare` (or `StreamWriter`):
+A stream is a directory written by `python -m bmojo_jax.train.data.prepare` (or `StreamWriter`):
     tokens.bin        uint16[n] (vocab_size <= 65536) or uint32[n], raw little-endian: every document as
                       BOS + ids + EOS, concatenated
     doc_offsets.npy   int64[D] start of each document in tokens.bin (the first is 0), opened with mmap_mode="r"
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from train import files
-from train.data import packing
-from train.data import tokenizers
+from bmojo_jax.train import files
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data import tokenizers
 
 FORMAT = "bmojo-token-stream"
 VERSION = 1

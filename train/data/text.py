@@ -10,9 +10,9 @@ import glob
 import os
 from typing import Sequence
 
-from train.data import packing
-from train.data.tokenizers import ByteTokenizer
-from train.data.tokenizers import Tokenizer
+from bmojo_jax.train.data import packing
+from bmojo_jax.train.data.tokenizers import ByteTokenizer
+from bmojo_jax.train.data.tokenizers import Tokenizer
 
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.py")
 DEFAULT_ENCODING = "utf-8"

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from train import files as files_lib
+from bmojo_jax.train import files as files_lib
 
 KEYS = ("kind", "vocab_size", "bos_id", "eos_id", "pad_id", "sha256")
 MODEL_FILE = "tokenizer.model"       # the SentencePiece model's copy in a workdir

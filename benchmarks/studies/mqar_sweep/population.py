@@ -14,9 +14,9 @@ from benchmarks.studies.mqar_sweep.records import population_folder
 from benchmarks.studies.mqar_zoology import zoology_config
 from bmojo_jax import Sublayer, count_params
 from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl
-from train import population as pop_lib
-from train import setup as setup_lib
-from train.data import mqar
+from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train.data import mqar
 
 FAMILIES = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
 EQUAL_MEMORY = "equal_memory"

@@ -11,7 +11,7 @@ from benchmarks.studies.mqar_sweep.population import EQUAL_MEMORY, population_ba
 from benchmarks.studies.mqar_sweep.records import (accuracy, load_records, matches, population_folder, population_label,
                                                    record_key)
 from bmojo_jax import count_params
-from train import population as pop_lib
+from bmojo_jax.train import population as pop_lib
 
 RECHECK_MIN = 0.9          # --recheck: the records re-run are those at or above this test accuracy
 STANDS_TOLERANCE = 0.01    # a re-checked accuracy this far below the old one still "stands"

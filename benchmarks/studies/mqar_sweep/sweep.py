@@ -17,7 +17,7 @@ from benchmarks.studies.mqar_sweep.population import (EQUAL_MEMORY, population_b
 from benchmarks.studies.mqar_sweep.records import (load_records, merge_workers, population_label, record_key,
                                                    results_paths)
 from benchmarks.studies.mqar_sweep.report import summarize
-from train import population as pop_lib
+from bmojo_jax.train import population as pop_lib
 
 
 def claim(path: str, label: str) -> bool:

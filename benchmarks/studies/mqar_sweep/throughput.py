@@ -17,10 +17,10 @@ from benchmarks.common import RESULTS, append_results, device_name, device_tag, 
 from benchmarks.studies.mqar_sweep.population import population_config
 from bmojo_jax import count_params
 from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl
-from train import metrics as metrics_lib
-from train import population as pop_lib
-from train import setup as setup_lib
-from train import trainer
+from bmojo_jax.train import metrics as metrics_lib
+from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import setup as setup_lib
+from bmojo_jax.train import trainer
 
 
 def throughput(args) -> str:
