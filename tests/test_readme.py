@@ -182,10 +182,11 @@ def installed_copy(root: pathlib.Path) -> dict:
   site.mkdir()
   bin_dir.mkdir()
   toml = tomllib.loads((REPO / "pyproject.toml").read_text())
-  for pattern in toml["tool"]["setuptools"]["packages"]["find"]["include"]:
-    for package in repo.glob(pattern.rstrip("*")):
-      if (package / "__init__.py").exists():
-        (site / package.name).symlink_to(package)
+  (site / "bmojo_jax").mkdir()      # the installed layout: bmojo_jax/ holding its own files and the mapped folders
+  for entry in (repo / "bmojo_jax").iterdir():
+    (site / "bmojo_jax" / entry.name).symlink_to(entry)
+  for package, folder in toml["tool"]["setuptools"]["package-dir"].items():
+    (site / package.replace(".", "/")).symlink_to(repo / folder)
   for name, target in PYPROJECT["scripts"].items():
     module, func = target.split(":")
     shim = bin_dir / name
