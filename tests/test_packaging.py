@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 import bmojo_jax
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -62,3 +64,26 @@ def test_build_holds_only_bmojo_jax(tmp_path):
   entry_points = (info / "entry_points.txt").read_text()
   targets = [line.split("=", 1)[1].strip() for line in entry_points.splitlines() if "=" in line]
   assert len(targets) == len(TOML["project"]["scripts"]) and all(t.startswith("bmojo_jax.") for t in targets)
+
+
+@pytest.mark.parametrize("sibling", SIBLINGS)
+def test_sibling_imported_by_its_bare_name_is_refused(sibling):
+  """From the repository root, `import train` would load train/ a second time under another name: refused."""
+  out = subprocess.run([sys.executable, "-c", f"import {sibling}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert out.returncode != 0 and f"import it as bmojo_jax.{sibling}" in out.stderr, out.stderr[-2000:]
+
+
+def test_source_checkout_resolves_the_namespaced_names(tmp_path):
+  """PYTHONPATH=<repo root>, no install, from another directory: bmojo_jax.<sibling> is the repository's folder,
+  and no module is loaded a second time under its bare name."""
+  code = ("import sys, bmojo_jax.train.cli, bmojo_jax.configs.mqar, bmojo_jax.pallas_kernels.sharding as s\n"
+          "print(bmojo_jax.train.cli.__file__, bmojo_jax.configs.mqar.__file__, s.__file__)\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('train', 'configs', 'pallas_kernels')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  files, bare = out.stdout.splitlines()
+  assert files.split() == [str(REPO / "train/cli.py"), str(REPO / "configs/mqar.py"),
+                           str(REPO / "pallas_kernels/sharding.py")]
+  assert bare == "[]"
