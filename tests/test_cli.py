@@ -48,7 +48,7 @@ def test_help_lists_the_fields_of_a_config(monkeypatch, capsys):
 
 @pytest.mark.parametrize("spec", ["mqar:hybrid", "configs/mqar.py:hybrid", "mqar.py:hybrid"])
 def test_the_projects_configs_load_by_name_from_any_directory(tmp_path, monkeypatch, capsys, spec):
-  """Run from a folder that has no configs/: the installed configs package's file is used."""
+  """Run from a folder that has no configs/: the bmojo_jax.configs package's file is used."""
   monkeypatch.chdir(tmp_path)
   assert not (tmp_path / "configs").exists()
   assert "--config.model.family='hybrid'" in train_help_in_process(spec, monkeypatch, capsys)

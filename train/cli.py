@@ -201,7 +201,7 @@ def _config_arg(argv: list[str]) -> str | None:
 
 def resolve_config_spec(spec: str) -> str:
   """FILE[:PRESET] as given where FILE is a file here; else, for a name of the project's own configs (`mqar`,
-  `mqar.py` or `configs/mqar.py`; likewise `lm`), the installed `configs` package's file, so `--config mqar:bmojo`
+  `mqar.py` or `configs/mqar.py`; likewise `lm`), the `bmojo_jax.configs` package's file, so `--config mqar:bmojo`
   works from any directory. Anything else is returned unchanged (and refused by `load_config`)."""
   path, sep, preset = spec.partition(":")
   if os.path.isfile(path) or os.path.dirname(path) not in ("", "configs"):

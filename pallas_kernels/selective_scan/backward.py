@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from bmojo_jax.pallas_kernels.fast_math import FastMath
-from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row, load_rows,
-                                                 pop_refs, segment_start)
+from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row,
+                                                           load_rows, pop_refs, segment_start)
 
 
 def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, softplus_on: bool,

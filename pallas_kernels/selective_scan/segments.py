@@ -33,8 +33,8 @@ from jax.experimental import pallas as pl
 
 from bmojo_jax.pallas_kernels.fast_math import FastMath
 from bmojo_jax.pallas_kernels.selective_scan.block_sizes import largest_pow2_divisor
-from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row, load_rows,
-                                                 pop_refs, segment_start)
+from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_params, decay_tile, discretize_row,
+                                                           load_rows, pop_refs, segment_start)
 
 
 def _states_kernel(*refs, reverse: bool, seq_len: int, seg_len: int, segments: int, chunk: int,

@@ -113,8 +113,8 @@ def load_manifest(corpus_dir: str) -> dict:
   if not os.path.exists(path):
     packages = [p for s in DEFAULT_SOURCES for p in debian_texts.SOURCES[s].packages]
     raise FileNotFoundError(f"No prepared corpus in {corpus_dir!r} ({MANIFEST} missing): run "
-                            f"`{debian_texts.install_command(packages)}` and `python -m bmojo_jax.train.data.corpus prepare "
-                            f"--out {corpus_dir}`.")
+                            f"`{debian_texts.install_command(packages)}` and "
+                            f"`python -m bmojo_jax.train.data.corpus prepare --out {corpus_dir}`.")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     else:
       print(f"{args.dir}: {summary(load_manifest(args.dir))}")
   except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
-    sys.exit(f"train.data.corpus: {e}")
+    sys.exit(f"bmojo_jax.train.data.corpus: {e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tokenize a corpus once into an on-disk token stream (`stream.py`), in parallel, resumable.
 
-    bmojo-prepare --out data/stream/train --tokenizer byte --text /path/to/texts  # = python -m bmojo_jax.train.data.prepare
+    bmojo-prepare --out data/stream/train --tokenizer byte --text /path/to/texts
     bmojo-prepare --out data/stream/train --corpus data/corpus --split train
     bmojo-prepare --out data/stream/c4 --tokenizer tok.model --array-record /data/c4/train.array_record-*
     bmojo-prepare --out data/stream/pg19 --tokenizer tok.model --tfds pg19 --data-dir ~/tensorflow_datasets

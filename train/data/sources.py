@@ -143,7 +143,7 @@ class TfdsDocuments(_Reopened):
       raise FileNotFoundError(
           f"tfds dataset {self.name!r} split {self.split!r} is not prepared (as ArrayRecord) in "
           f"{self.data_dir or 'the default tfds data_dir'} ({files.brief(e)}). Prepare it once with `tfds build "
-          f"{self.name} --file_format=array_record` (needs network), or use `python -m bmojo_jax.train.data.prepare`.") from e
+          f"{self.name} --file_format=array_record` (needs network), or use `bmojo-prepare`.") from e
 
   def __getitem__(self, i: int) -> str:
     record = self._source[int(i)]

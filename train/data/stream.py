@@ -1,6 +1,6 @@
 """A pre-tokenized token stream on disk, opened memory-mapped, read as packed sequences.
 
-A stream is a directory written by `python -m bmojo_jax.train.data.prepare` (or `StreamWriter`):
+A stream is a directory written by `bmojo-prepare` (bmojo_jax.train.data.prepare; or `StreamWriter`):
     tokens.bin        uint16[n] (vocab_size <= 65536) or uint32[n], raw little-endian: every document as
                       BOS + ids + EOS, concatenated
     doc_offsets.npy   int64[D] start of each document in tokens.bin (the first is 0), opened with mmap_mode="r"
