@@ -90,7 +90,8 @@ def model_check(steps: int, log_every: int, lr: float, batch_size: int, test_imp
       return optax.apply_updates(params, updates), opt_state, loss / n, c / n
     return jax.jit(step)
 
-  grads_of = {impl: jax.jit(lambda p, b, s=s: steps_lib.batch_grads(s.graphdef, p, b, sup)) for impl, s in setups.items()}
+  grads_of = {impl: jax.jit(lambda p, b, s=s: steps_lib.batch_grads(s.graphdef, p, b, sup))
+              for impl, s in setups.items()}
   runs = {impl: {"params": params0, "opt": tx.init(params0), "step": make_step(s), "loss": [], "acc": []}
           for impl, s in setups.items()}
   grad_errs = []
