@@ -272,7 +272,9 @@ def check_config_args(argv: list[str], command: str) -> None:
       sys.exit(f"{command}: --config.{name} is now --config.model.compute.{field} (how the model computes: "
                "model.compute, a ComputeConfig)")
     if name not in fields:
-      close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+      section, _, leaf = name.rpartition(".")          # e.g. data.seed: every *seed* field of data first
+      named = [f for f in fields if f.rpartition(".")[0] == section and leaf and leaf in f.rpartition(".")[2]]
+      close = (named + [f for f in difflib.get_close_matches(name, fields, n=3, cutoff=0.6) if f not in named])[:4]
       hint = (f"closest: {', '.join(close)}" if close else f"`{command} --help --config {spec}` lists them")
       sys.exit(f"{command}: --config.{name}: {spec} has no field {name!r}; {hint}")
 
