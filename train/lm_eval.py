@@ -166,7 +166,7 @@ def documents_from(config: ml_collections.ConfigDict, tokenizer, *, text: str | 
     patterns = tasks_lib.text_patterns(config)
     found = text_lib.list_text_files(paths, patterns)
     texts = text_lib.read_text_files(found, patterns, **tasks_lib.text_decoding(config))
-    return texts, f"text files {', '.join(os.path.abspath(p) for p in paths)} (in name order)", found
+    return texts, f"text files {', '.join(os.path.abspath(p) for p in paths)} (a folder's files in name order)", found
   documents = heldout_documents(config)
   return list(documents.values()), "the run's held-out documents (in name order)", list(documents)
 
@@ -222,7 +222,7 @@ def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), 
       record["notes"].append(f"perplexity not run: {str(e).splitlines()[0]}")
   if niah:
     lengths = [int(f) * seq_len for f in niah_factors]
-    essay = niah_lib.essay_haystack(_decoded(documents, tokenizer), max(lengths))
+    essay = niah_lib.essay_haystack(_decoded(documents, tokenizer), max(lengths, default=0))
     scores, notes = niah_lib.run_niah(model, tokenizer, essay, lengths=lengths, samples=niah_samples,
                                       gen_tokens=gen_tokens, seed=seed)
     record.update(niah=scores, niah_samples=niah_samples, niah_gen_tokens=gen_tokens,

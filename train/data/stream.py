@@ -262,6 +262,9 @@ class StreamDocuments:
   def __len__(self) -> int:
     return int(self.starts.size)
 
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
   def __getitem__(self, index: int) -> np.ndarray:
     start = int(self.starts[index])
     return self.tokens[start + 1:start + 1 + int(self.sizes[index])]
