@@ -21,7 +21,7 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   c = common.base_config()
   # CPU-sized default: window 8 at L=64, N=8, so 92% of the queries' values lie beyond the window and recall
   # must come from memory. The eidetic store keeps k_e=8 tokens per 8-token chunk for the last 7 chunks (the
-  # whole sequence); k_e=6 reached 91% and k_e=4 77% in the same budget (docs/mqar.md). Implementations are
+  # whole sequence); k_e=6 reached 91% and k_e=4 77% in the same budget (docs/results.md). Implementations are
   # "auto": on a CPU the sequential scan (the fastest there) and reference attention, on a GPU or TPU the Pallas
   # kernels; d_state 8 halves the scan's cost.
   window = None if preset == "transformer" else 8

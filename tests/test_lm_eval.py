@@ -25,6 +25,9 @@ from bmojo_jax.train import runs
 from bmojo_jax.train import tasks
 from bmojo_jax.train.data import corpus
 from bmojo_jax.train.data import debian_texts
+from bmojo_jax.train.data import prepare
+from bmojo_jax.train.data import sources
+from bmojo_jax.train.data import stream
 from bmojo_jax.train.data.tokenizers import ByteTokenizer
 from tests.conftest import tiny_config
 
@@ -262,6 +265,81 @@ def test_perplexity_is_exp_mean_nll_of_windows(tiny_lm):
     lm_eval.document_windows(DOCS, tok, 4000)
 
 
+def _stream_of(texts: dict[str, str], folder, out) -> str:
+  """`texts` written as files into `folder` and prepared by bmojo-prepare (byte tokenizer) into the stream `out`."""
+  folder.mkdir(exist_ok=True)
+  for name, text in texts.items():
+    (folder / name).write_text(text, encoding="utf-8")
+  prepare.prepare(sources.TextFileDocuments(str(folder)), str(out), ByteTokenizer(), workers=1, docs_per_shard=2,
+                  progress_bar=False)
+  return str(out)
+
+
+def test_a_streams_documents_give_the_windows_of_their_text(tiny_lm, tmp_path):
+  """A stream's documents (token ids, read where a window is kept) cut into the windows their text gives, whole
+  documents and concatenated, so perplexity on a prepared stream is perplexity on its text."""
+  texts = {"a.txt": DOCS[0], "b.txt": DOCS[1], "c.txt": DOCS[2]}
+  docs = stream.StreamDocuments(_stream_of(texts, tmp_path / "texts", tmp_path / "stream"))
+  assert len(docs) == 3 and [ByteTokenizer().decode(d) for d in docs] == DOCS        # BOS and EOS removed
+  assert list(docs.sizes) == [len(d.encode()) for d in DOCS]
+  tok = ByteTokenizer()
+  for length, max_windows, source in ((32, None, "documents"), (8, 4, "documents"), (150, None, "concatenated")):
+    windows, got = lm_eval.document_windows(docs, tok, length, max_windows)
+    expected, want = lm_eval.document_windows(DOCS, tok, length, max_windows)
+    assert got == want == source and windows.dtype == np.int32
+    np.testing.assert_array_equal(windows, expected)
+  assert (lm_eval.context_perplexity(tiny_lm, tok, docs, seq_len=8, factors=(1, 2), batch_tokens=64)
+          == lm_eval.context_perplexity(tiny_lm, tok, DOCS, seq_len=8, factors=(1, 2), batch_tokens=64))
+
+
+def test_documents_from_text_or_stream_and_its_refusals(tmp_path):
+  config = _lm_config(str(tmp_path / "no-corpus"))                # another run's corpus need not exist
+  texts = {"b.txt": DOCS[1], "a.txt": DOCS[0], "skip.dat": "not a text file by the run's patterns"}
+  out = _stream_of(texts, tmp_path / "texts", tmp_path / "stream")
+  docs, about, names = lm_eval.documents_from(config, ByteTokenizer(), text=str(tmp_path / "texts"))
+  assert docs == [DOCS[0], DOCS[1]] and [os.path.basename(n) for n in names] == ["a.txt", "b.txt"]
+  assert str(tmp_path / "texts") in about
+  docs, about, names = lm_eval.documents_from(config, ByteTokenizer(), stream=out)
+  assert [ByteTokenizer().decode(d) for d in docs] == [DOCS[0], DOCS[1]] and "token stream" in about
+  refusals = [
+      (dict(text=str(tmp_path / "nope")), r"Text path does not exist: .*/nope$"),
+      (dict(text=str(tmp_path / "empty")), r"No files matching .* under directory: .*/empty$"),
+      (dict(text=str(tmp_path / "blank")), r"No text under directory .*/blank: its 1 file\(s\)"),
+      (dict(text=" , "), r"no text files or folders named"),
+      (dict(stream=str(tmp_path / "nope")), r"Token stream directory does not exist: .*/nope\. Prepare it"),
+      (dict(stream=str(tmp_path / "texts")), r"holds no finished token stream \(meta.json missing"),
+      (dict(stream=str(tmp_path / "other")), r"was prepared with another tokenizer than the run's: kind "
+                                              r"'sentencepiece' there vs 'byte' here, vocab_size 512 there vs 259"),
+      (dict(text=str(tmp_path / "texts"), stream=out), r"not both"),
+  ]
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "blank").mkdir()
+  (tmp_path / "blank" / "a.txt").write_text("")
+  writer = stream.StreamWriter(str(tmp_path / "other"), 512)          # a SentencePiece stream of 512 ids
+  writer.add(np.array([1, 40, 41, 2]), np.array([4]))
+  writer.close({"kind": "sentencepiece", "vocab_size": 512, "bos_id": 1, "eos_id": 2, "pad_id": 0,
+                "sha256": "0" * 64, "model_file": "/elsewhere/sp.model"}, "test")
+  for kwargs, message in refusals:
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+      lm_eval.documents_from(config, ByteTokenizer(), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_essay_reads_documents_only_as_far_as_the_haystacks_need():
+  read = []
+
+  def documents():
+    for i in range(100):
+      read.append(i)
+      yield f"Document {i}  says\n  this. " * 20
+  essay = niah.essay_haystack(documents(), max_length=1024)
+  every = niah.essay_haystack(f"Document {i}  says\n  this. " * 20 for i in range(100))
+  assert len(essay) >= niah.HAYSTACK_CHARS * 1024 and len(read) < 30 and every.startswith(essay)
+  for task in niah.TASKS:                                     # the samples of every document
+    assert (niah.niah_example(task, ByteTokenizer(), length=1024, gen_tokens=128, essay=essay, seed=3) ==
+            niah.niah_example(task, ByteTokenizer(), length=1024, gen_tokens=128, essay=every, seed=3))
+
+
 # ------------------------------------------------------------------------------------------------ NIAH
 ESSAY = niah.essay_haystack([DOCS[0] + " " + DOCS[1]] * 3)
 
@@ -307,17 +385,27 @@ def test_run_niah_decodes_and_notes_what_cannot_run(tiny_lm):
   assert scores["MQ-NIAH"]["512"] is None and "MQ-NIAH at 512 not run" in notes[0]
 
 
-@pytest.mark.slow
-def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
-  """A smoke B'MOJO trained 2 steps on the fake corpus, evaluated as trained and with its store grown."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """(workdir, corpus folder) of a smoke B'MOJO trained 2 steps (T = 16) on the fake package tree's corpus."""
   from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  out = tmp_path / "corpus"
-  corpus.prepare(str(out), ("austen", "kjv"), root=str(package_tree), eval_fraction=0.3)   # the fake tree's sources
+  tmp = tmp_path_factory.mktemp("lm_run")
+  write_austen(tmp / "root", {"emma": EMMA, "northangerabbey": NORTHANGER})
+  write_bible(tmp / "root")
+  out = tmp / "corpus"
+  corpus.prepare(str(out), ("austen", "kjv"), root=str(tmp / "root"), eval_fraction=0.3)   # the fake tree's sources
   config = _lm_config(str(out))
   config.train.num_steps, config.train.batch_size, config.train.eval_batch_size = 2, 2, 2
   config.train.progress_bar, config.train.plot = False, False
-  workdir = str(tmp_path / "run")
+  workdir = str(tmp / "run")
   trainer.train(config, workdir)
+  return workdir, out
+
+
+@pytest.mark.slow
+def test_evaluate_lm_run_end_to_end(trained_run, tmp_path):
+  """The trained run evaluated as trained and with its store grown."""
+  workdir, _ = trained_run
   record = lm_eval.evaluate_lm_run(workdir, factors=(1, 2), niah=True, niah_factors=(32,), niah_samples=1,
                                    gen_tokens=8, overrides={"n_eidetic": 16},
                                    out=str(tmp_path / "lm.json"))
@@ -329,3 +417,50 @@ def test_evaluate_lm_run_end_to_end(package_tree, tmp_path):
     runs.load_model(workdir, {"d_state": 4})
   written = lm_eval.plot_records([record], str(tmp_path / "ppl.png"), str(tmp_path / "niah.png"))
   assert all(os.path.getsize(p) > 0 for p in written) and len(written) == 2
+
+
+@pytest.mark.slow
+def test_bmojo_eval_on_a_text_folder_and_on_a_prepared_stream(trained_run, tmp_path, monkeypatch):
+  """`bmojo-eval --lm_lengths --niah` with --lm_text (a folder of text files) and --lm_stream (the same files
+  prepared by bmojo-prepare): both score those documents, not the run's corpus, and agree; bad paths are refused
+  in one line."""
+  from tests.test_cli_inputs import run_script  # pylint: disable=g-import-not-at-top
+  workdir, corpus_dir = trained_run
+  texts = {"a.txt": (DOCS[0] + " ") * 4, "b.txt": (DOCS[1] + " ") * 4, "c.txt": DOCS[2]}
+  out = _stream_of(texts, tmp_path / "texts", tmp_path / "stream")
+  flags = "--lm_lengths=1,2 --niah --niah_lengths=32 --niah_samples=2 --niah_gen_tokens=8 --lm_windows=0"
+  records = {}
+  for name, given in (("text", f"--lm_text={tmp_path / 'texts'}"), ("stream", f"--lm_stream={out}"),
+                      ("heldout", "")):
+    code, said, _ = run_script(f"eval --workdir {workdir} {flags} {given}", monkeypatch)
+    assert code in (None, 0), said
+    records[name] = json.loads(open(os.path.join(workdir, lm_eval.RESULT_FILE)).read())
+  text, streamed, heldout = records["text"], records["stream"], records["heldout"]
+  model, tok, _, _ = runs.load_model(workdir)
+  expected = lm_eval.context_perplexity(model, tok, [texts[k] for k in sorted(texts)], seq_len=16, factors=(1, 2),
+                                        max_windows=None)
+  assert text["eval"] == streamed["eval"] == expected["eval"] != heldout["eval"]
+  assert text["eval_windows"] == expected["eval_windows"] == sum(len(t.encode()) // 32 for t in texts.values())
+  assert text["niah"] == streamed["niah"] and set(text["niah"]) == set(niah.TASK_NAMES)
+  essay = niah.essay_haystack(texts[k] for k in sorted(texts))     # the folder's text is the essay haystack
+  assert ("It is a truth universally acknowledged" in essay and "It is a truth universally acknowledged"
+          not in niah.essay_haystack(corpus.read_split(str(corpus_dir), "eval").values()))
+  assert [os.path.basename(n) for n in text["heldout_documents"]] == ["a.txt", "b.txt", "c.txt"]
+  assert str(tmp_path / "texts") in text["eval_documents"] and out in streamed["eval_documents"]
+  assert "token stream" in streamed["niah_haystack"] and "held-out" in heldout["eval_documents"]
+  (tmp_path / "empty").mkdir()
+  writer = stream.StreamWriter(str(tmp_path / "other"), 512)
+  writer.add(np.array([1, 40, 41, 2]), np.array([4]))
+  writer.close({"kind": "sentencepiece", "vocab_size": 512, "bos_id": 1, "eos_id": 2, "pad_id": 0,
+                "sha256": "0" * 64, "model_file": "/elsewhere/sp.model"}, "test")
+  for given, message in ((f"--lm_lengths=1 --lm_text={tmp_path / 'nope'}", r"Text path does not exist: .*/nope"),
+                         (f"--niah --lm_text={tmp_path / 'empty'}", r"No files matching .* under directory: .*/empty"),
+                         (f"--lm_lengths=1 --lm_stream={tmp_path / 'nope'}", r"Token stream directory does not exist"),
+                         (f"--lm_lengths=1 --lm_stream={tmp_path / 'other'}", r"another tokenizer than the run's"),
+                         (f"--lm_lengths=1 --lm_text={tmp_path / 'texts'} --lm_stream={out}", r"give one"),
+                         (f"--lm_text={tmp_path / 'texts'}", r"--lm_text names the documents of --lm_lengths"),
+                         ("--lm_lengths=1 --lm_stream=", r"--lm_stream is empty")):
+    code, said, _ = run_script(f"eval --workdir {workdir} {given}", monkeypatch)
+    lines = [l for l in said.splitlines() if l.strip()]
+    assert code not in (None, 0) and 1 <= len(lines) <= 2 and "Traceback" not in said, said
+    assert re.search(message, said), said

@@ -131,6 +131,16 @@ def _eval(argv):
   if f.lm_model and not (f.lm_lengths or f.niah):
     sys.exit("bmojo-eval: --lm_model changes the model of --lm_lengths / --niah only; add one of them (the "
              "test-set evaluation uses the trained model as it is).")
+  for name in ("lm_text", "lm_stream"):
+    if f[name].present and not (f.lm_lengths or f.niah):
+      sys.exit(f"bmojo-eval: --{name} names the documents of --lm_lengths / --niah only; add one of them (the "
+               "test-set evaluation reads the run's own test set).")
+  if f.lm_text and f.lm_stream:
+    sys.exit("bmojo-eval: --lm_text and --lm_stream both name the documents to evaluate on; give one.")
+  for name in ("lm_text", "lm_stream"):
+    if f[name].present and not f[name].value.strip():
+      sys.exit(f"bmojo-eval: --{name} is empty; name a text file or folder (--lm_text) or a token stream folder "
+               "(--lm_stream).")
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
     from bmojo_jax.train import lm_eval  # pylint: disable=g-import-not-at-top
     with _one_line_errors("bmojo-eval"):
@@ -138,7 +148,7 @@ def _eval(argv):
       record = lm_eval.evaluate_lm_run(
           _WORKDIR.value, config=f.config, factors=factors, niah=f.niah, niah_factors=niah_factors,
           niah_samples=f.niah_samples, gen_tokens=f.niah_gen_tokens, max_windows=f.lm_windows or None,
-          overrides=lm_eval.parse_overrides(f.lm_model))
+          overrides=lm_eval.parse_overrides(f.lm_model), text=f.lm_text or None, stream=f.lm_stream or None)
     with _one_line_errors("bmojo-eval"):   # a figure is never drawn through a planted link
       figures = [files.inside(_WORKDIR.value, name) for name in ("lm_ppl.png", "lm_niah.png")]
     try:
@@ -335,6 +345,12 @@ def eval_main():
   flags.DEFINE_string("niah_lengths", "1,2,4", "NIAH lengths as multiples of the training length.")
   flags.DEFINE_integer("niah_samples", 50, "NIAH samples per task and length.")
   flags.DEFINE_integer("niah_gen_tokens", 128, "Tokens generated per NIAH sample (part of its length).")
+  flags.DEFINE_string("lm_text", "", "Evaluate --lm_lengths / --niah on these text files or folders "
+                      "(comma-separated; read with the run's data.patterns, data.encoding, data.errors) instead "
+                      "of the run's held-out documents.")
+  flags.DEFINE_string("lm_stream", "", "Evaluate --lm_lengths / --niah on the documents of this token stream "
+                      "folder (written by bmojo-prepare with the run's tokenizer) instead of the run's held-out "
+                      "documents.")
   flags.DEFINE_integer("lm_windows", 64, "Held-out windows of the longest context scored (0: all).")
   flags.DEFINE_string("lm_model", "", "Model fields changed at evaluation, e.g. n_eidetic=256 (B'MOJO's store "
                       "grown) or compute.scan_impl=associative,compute.attn_impl=reference.")

@@ -14,6 +14,9 @@ One compile per model, and every context is measured on the same windows.
 
 NIAH: `train/niah.py` (RULER's tasks, after docs/evals.md).
 
+Documents (`documents_from`): the run's held-out documents by default, or any text files / folders (`text`,
+`bmojo-eval --lm_text`) or prepared token stream (`stream`, `--lm_stream`) as perplexity windows and NIAH essay.
+
 `evaluate_lm_run(workdir, ...)` runs both on a bmojo-train run and writes `<workdir>/lm_eval.json`, one record
 {family, params, tokens_trained, eval: {context: ppl}, niah: {task: {length: score}}, ...}; `plot_records` draws
 perplexity against context and NIAH score against length for records of several runs.
@@ -45,27 +48,35 @@ RESULT_FILE = "lm_eval.json"
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
-def document_windows(documents: Sequence[str], tokenizer, length: int,
+def document_windows(documents: Sequence[str | np.ndarray], tokenizer, length: int,
                      max_windows: int | None = None) -> tuple[np.ndarray, str]:
   """(int32[W, length + 1] windows, "documents" | "concatenated"); see the module docstring.
 
-  With more than max_windows windows, max_windows evenly spaced ones are kept (deterministic)."""
-  def cut(stream: np.ndarray) -> list[np.ndarray]:
-    return [stream[j * length:(j + 1) * length + 1] for j in range((stream.size - 1) // length)]
-
-  def stream(text: str) -> np.ndarray:
-    return np.asarray([tokenizer.bos_id, *tokenizer.encode(text)], np.int32)
-
-  windows = [w for doc in documents for w in cut(stream(doc))]
+  A document is text (tokenized here) or its token ids (a stream's document, `stream.StreamDocuments`; read only
+  where a window is kept). With more than max_windows windows, max_windows evenly spaced ones are kept
+  (deterministic)."""
+  docs = [np.asarray(tokenizer.encode(d), np.int32) if isinstance(d, str) else d for d in documents]
   source = "documents"
-  if not windows:
-    windows, source = cut(stream("\n\n".join(documents))), "concatenated"
-  if not windows:
+  if not any(len(d) >= length for d in docs):
+    if all(isinstance(d, str) for d in documents):
+      docs = [np.asarray(tokenizer.encode("\n\n".join(documents)), np.int32)]
+    else:                                     # token ids: joined by the blank line's ids
+      blank = np.asarray(tokenizer.encode("\n\n"), np.int32)
+      docs = [np.concatenate([x for d in docs for x in (blank, np.asarray(d, np.int32))][1:])]
+    source = "concatenated"
+  spans = [(i, j) for i, d in enumerate(docs) for j in range(len(d) // length)]   # BOS + n ids: n // length
+  if not spans:
     raise ValueError(f"The held-out text is shorter than one window of {length} + 1 tokens: lower the context "
                      "lengths or hold out more text.")
-  if max_windows is not None and len(windows) > max_windows:
-    windows = [windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))]
-  return np.stack(windows), source
+  if max_windows is not None and len(spans) > max_windows:
+    spans = [spans[i] for i in np.unique(np.linspace(0, len(spans) - 1, max_windows).round().astype(int))]
+
+  def window(doc, j: int) -> np.ndarray:                 # [BOS, *doc][j * length : (j + 1) * length + 1]
+    if j == 0:
+      return np.concatenate([[tokenizer.bos_id], np.asarray(doc[:length], np.int32)]).astype(np.int32)
+    return np.asarray(doc[j * length - 1:(j + 1) * length], np.int32)
+
+  return np.stack([window(docs[i], j) for i, j in spans]), source
 
 
 def position_nll(model: LanguageModel, windows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -89,7 +100,7 @@ def position_nll(model: LanguageModel, windows: np.ndarray, batch_size: int) -> 
   return total / n
 
 
-def context_perplexity(model: LanguageModel, tokenizer, documents: Sequence[str], *, seq_len: int,
+def context_perplexity(model: LanguageModel, tokenizer, documents: Sequence[str | np.ndarray], *, seq_len: int,
                        factors: Sequence[int] = (1, 2, 4, 8, 16), max_windows: int | None = 64,
                        batch_tokens: int = 65536) -> dict[str, Any]:
   """Perplexity at contexts f x seq_len for f in factors, on the same windows; see the module docstring."""
@@ -129,6 +140,43 @@ def heldout_documents(config: ml_collections.ConfigDict) -> dict[str, str]:
                    "evaluation needs data.kind=corpus or data.eval_paths.")
 
 
+def documents_from(config: ml_collections.ConfigDict, tokenizer, *, text: str | Sequence[str] | None = None,
+                   stream: str | None = None) -> tuple[Sequence[str | np.ndarray], str, list[str]]:
+  """(documents, what they are, their names) to evaluate on: the run's held-out documents
+  (`heldout_documents`), or the files of `text` (files or folders, comma-separated or a list; read as the run
+  reads text: data.patterns, data.encoding, data.errors), or the documents of the token stream `stream`
+  (`bmojo-prepare`; its tokenizer must be the run's). Missing paths, folders without text, and a stream of
+  another tokenizer raise one-line errors naming them."""
+  if text is not None and stream is not None:
+    raise ValueError("give the evaluation documents as text files or as a token stream, not both "
+                     "(--lm_text or --lm_stream).")
+  if stream is not None:
+    from bmojo_jax.train.data import stream as stream_lib  # pylint: disable=g-import-not-at-top
+    from bmojo_jax.train.data import tokenizers  # pylint: disable=g-import-not-at-top
+    docs = stream_lib.StreamDocuments(str(stream))
+    recorded = docs.meta["tokenizer"]
+    tokenizers.check(recorded, tokenizer, f"The token stream in {stream} was prepared with another tokenizer "
+                     "than the run's", f"Prepare the text again with the run's: bmojo-prepare --out <new folder> "
+                     f"--tokenizer {config.data.tokenizer} --text <files>.")
+    return docs, f"token stream {os.path.abspath(stream)} ({len(docs)} documents, in stream order)", []
+  if text is not None:
+    paths = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else [str(p) for p in text]
+    if not paths:
+      raise ValueError(f"no text files or folders named (got {text!r}).")
+    patterns = tasks_lib.text_patterns(config)
+    found = text_lib.list_text_files(paths, patterns)
+    texts = text_lib.read_text_files(found, patterns, **tasks_lib.text_decoding(config))
+    return texts, f"text files {', '.join(os.path.abspath(p) for p in paths)} (a folder's files in name order)", found
+  documents = heldout_documents(config)
+  return list(documents.values()), "the run's held-out documents (in name order)", list(documents)
+
+
+def _decoded(documents: Sequence[str | np.ndarray], tokenizer):
+  """The documents as text, one at a time (a stream's token ids decoded when reached)."""
+  for doc in documents:
+    yield doc if isinstance(doc, str) else tokenizer.decode(np.asarray(doc))
+
+
 def parse_multiples(flag: str, text: str) -> list[int]:
   """"1,2,4" -> [1, 2, 4], the multiples of the training length of --lm_lengths / --niah_lengths (named `flag`)."""
   values = [x.strip() for x in text.split(",") if x.strip()]
@@ -152,33 +200,33 @@ def parse_overrides(spec: str) -> dict[str, Any]:
 def evaluate_lm_run(workdir: str, *, factors: Sequence[int] = (1, 2, 4, 8, 16), niah: bool = False,
                     niah_factors: Sequence[int] = (1, 2, 4), niah_samples: int = 50, gen_tokens: int = 128,
                     max_windows: int | None = 64, batch_tokens: int = 65536, overrides: dict | None = None,
-                    seed: int = 0, out: str | None = None,
-                    config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+                    seed: int = 0, out: str | None = None, config: ml_collections.ConfigDict | None = None,
+                    text: str | Sequence[str] | None = None, stream: str | None = None) -> dict[str, Any]:
   """Perplexity at factors x T and (with niah) the NIAH tasks at niah_factors x T for the run in `workdir`
-  (with `config` instead of its config.json if given); the record is written to `out` (default
-  <workdir>/lm_eval.json) and returned."""
+  (with `config` instead of its config.json if given), on its held-out documents or on those of `text` / `stream`
+  (`documents_from`); the record is written to `out` (default <workdir>/lm_eval.json) and returned."""
   model, tokenizer, config, step = runs.load_model(workdir, overrides, config)
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text run (no tokenizer): language-model evaluation needs one.")
   cfg, seq_len = model.cfg, int(config.data.seq_len)
-  documents = heldout_documents(config)
-  names = list(documents)
+  documents, about, names = documents_from(config, tokenizer, text=text, stream=stream)
   record = {"family": cfg.family.value, "variant": ",".join(f"{k}={v}" for k, v in (overrides or {}).items()),
             "params": count_params(cfg), "tokens_trained": int(step) * int(config.train.batch_size) * seq_len,
             "step": int(step), "seq_len": seq_len, "workdir": os.path.abspath(workdir),
-            "tokenizer": str(config.data.tokenizer), "heldout_documents": names, "notes": []}
+            "tokenizer": str(config.data.tokenizer), "eval_documents": about, "heldout_documents": names, "notes": []}
   if factors:
     try:
-      record.update(context_perplexity(model, tokenizer, list(documents.values()), seq_len=seq_len,
+      record.update(context_perplexity(model, tokenizer, documents, seq_len=seq_len,
                                        factors=factors, max_windows=max_windows, batch_tokens=batch_tokens))
     except (ValueError, jax.errors.JaxRuntimeError) as e:   # no text that long; out of device memory
       record["notes"].append(f"perplexity not run: {str(e).splitlines()[0]}")
   if niah:
     lengths = [int(f) * seq_len for f in niah_factors]
-    scores, notes = niah_lib.run_niah(model, tokenizer, niah_lib.essay_haystack(list(documents.values())), lengths=lengths,
-                             samples=niah_samples, gen_tokens=gen_tokens, seed=seed)
+    essay = niah_lib.essay_haystack(_decoded(documents, tokenizer), max(lengths, default=0))
+    scores, notes = niah_lib.run_niah(model, tokenizer, essay, lengths=lengths, samples=niah_samples,
+                                      gen_tokens=gen_tokens, seed=seed)
     record.update(niah=scores, niah_samples=niah_samples, niah_gen_tokens=gen_tokens,
-                  niah_haystack=f"essay: held-out documents in name order from {names[0]}; noise; needles")
+                  niah_haystack=f"essay: {about}, whitespace collapsed; noise; needles")
     record["notes"] += notes
   out = out or files.inside(workdir, RESULT_FILE)
   if jax.process_index() == 0:

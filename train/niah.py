@@ -14,7 +14,7 @@ import dataclasses
 import re
 import uuid
 import zlib
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from bmojo_jax import LanguageModel, inference
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+HAYSTACK_CHARS = 8                          # characters of haystack drawn per token of a sample's length
 DEPTHS = tuple(int(d) for d in np.round(np.linspace(0, 100, 40)))    # needle depths, % of the context
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
 INSTRUCTION = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. "
@@ -101,9 +102,17 @@ def _draw(kind: str, rng: np.random.Generator, taken: set[str]) -> str:
   raise ValueError(f"ran out of distinct {kind} ({len(taken)} drawn)")
 
 
-def essay_haystack(documents: Sequence[str]) -> str:
-  """The essay haystack: documents joined in the given order, whitespace collapsed to single spaces."""
-  return " ".join(" ".join(doc.split()) for doc in documents)
+def essay_haystack(documents: Iterable[str], max_length: int | None = None) -> str:
+  """The essay haystack: documents joined in the given order, whitespace collapsed to single spaces. With
+  `max_length` (the longest NIAH length in tokens), documents are read only until the essay holds the
+  HAYSTACK_CHARS x max_length characters a sample takes, so the haystacks are those of all the documents."""
+  parts, size = [], -1                               # size: the characters of " ".join(parts)
+  for doc in documents:
+    if max_length is not None and size >= HAYSTACK_CHARS * max_length:
+      break
+    parts.append(" ".join(doc.split()))
+    size += len(parts[-1]) + 1
+  return " ".join(parts)
 
 
 def _sentences(text: str) -> list[str]:
@@ -156,7 +165,7 @@ def niah_example(task: NiahTask, tokenizer, *, length: int, gen_tokens: int, ess
   head = INSTRUCTION.format(type=plural)
 
   budget = length - gen_tokens                                           # BOS + prompt
-  haystack = _haystack(task, essay, 8 * length, rng, taken)
+  haystack = _haystack(task, essay, HAYSTACK_CHARS * length, rng, taken)
 
   def prompt(n_chars: int, pad: int = 0) -> str:
     text = haystack[:n_chars]

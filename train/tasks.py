@@ -238,10 +238,15 @@ def text_decoding(config: ml_collections.ConfigDict) -> dict[str, str]:
           "errors": str(d.get("errors") or text.DEFAULT_ERRORS)}
 
 
+def text_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The file patterns a run searches folders for: data.patterns, `text.DEFAULT_PATTERNS` when unset."""
+  return tuple(_split_list(config.data.get("patterns"))) or text.DEFAULT_PATTERNS
+
+
 def text_paths(config: ml_collections.ConfigDict) -> tuple[list[str], list[str], tuple[str, ...]]:
   """(training paths, eval paths, file patterns) of a text or corpus run's data config."""
   d = config.data
-  patterns = tuple(_split_list(d.patterns)) or text.DEFAULT_PATTERNS
+  patterns = text_patterns(config)
   if d.kind == "corpus":
     return *corpus_paths(config), patterns
   return _split_list(d.paths), _split_list(d.eval_paths), patterns

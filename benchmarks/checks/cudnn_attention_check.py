@@ -2,8 +2,8 @@
 
 Written when MQAR's Transformer seemed to learn with the reference attention (test accuracy 0.9998 at lr
 2.15e-3) and stay at chance with cuDNN (0.02). It found no implementation error, and 4 seeds later settled it:
-3 of 4 cuDNN runs and 4 of 4 reference runs reach 0.99 in 8 epochs (docs/mqar.md, "Session 10"). Kept as the
-check to rerun when an attention implementation changes. It compares:
+3 of 4 cuDNN runs and 4 of 4 reference runs reach 0.99 in 8 epochs (their strict re-runs: docs/results.md,
+"MQAR: the strict re-check"). Kept as the check to rerun when an attention implementation changes. It compares:
 
 1. The op alone, on peaked attention (q, k scaled so the softmax is far from uniform, which an initialized model
    never sees): o, dq, dk, dv of cuDNN against the reference (`memory_attention_reference`, fp32 softmax) and

@@ -10,7 +10,7 @@ A stream is a directory written by `bmojo-prepare` (bmojo_jax.train.data.prepare
 
 `PackedStreamSource` reads it as the same examples as `packing.PackedTextSource` (int32[T] inputs, targets,
 segment_ids, positions; windows of T+1 tokens with stride T), touching only the pages of the window asked for:
-memory does not grow with the corpus.
+memory does not grow with the corpus. `StreamDocuments` reads it as documents (`bmojo-eval --lm_stream`).
 """
 
 import json
@@ -232,3 +232,39 @@ class PackedStreamSource:
       raise ValueError(f"Token stream {self.directory} holds id {int(window.max())} >= vocab_size "
                        f"{self.vocab_size} near token {start}; the stream is corrupt, prepare it again.")
     return packing.window_example(window, self.doc_starts, start, t, self.pad_id)
+
+
+class StreamDocuments:
+  """The documents of a stream directory as token ids, their BOS and EOS removed: `len(docs)` documents,
+  `docs[i]` -> uint16/uint32[n_i], a view of the memory map (read when used), `docs.sizes` int64[D] the n_i.
+
+  The directory is checked as `PackedStreamSource` checks it (meta.json, tokens.bin's size, the document starts).
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.meta = read_meta(directory)
+    num_tokens = int(self.meta["num_tokens"])
+    self.tokens = np.memmap(os.path.join(directory, TOKENS), mode="r", shape=(num_tokens,),
+                            dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"))
+    offsets = os.path.join(directory, OFFSETS)
+    try:
+      starts = np.load(offsets, mmap_mode="r")
+    except (OSError, ValueError) as e:
+      raise ValueError(f"Corrupt or missing {OFFSETS} in {directory}: {e}; prepare the stream again.") from None
+    if starts.shape != (int(self.meta["num_documents"]),) or starts[0] != 0:
+      raise ValueError(f"{offsets} has shape {starts.shape} but {META} says {self.meta['num_documents']} "
+                       "documents starting at 0; prepare the stream again.")
+    check_offsets(starts, num_tokens, offsets)
+    self.starts = np.asarray(starts, np.int64)
+    self.sizes = np.maximum(np.diff(self.starts, append=num_tokens) - 2, 0)   # each document: BOS + ids + EOS
+
+  def __len__(self) -> int:
+    return int(self.starts.size)
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    start = int(self.starts[index])
+    return self.tokens[start + 1:start + 1 + int(self.sizes[index])]

@@ -42,14 +42,14 @@ def parse_args(argv=None):
   p.add_argument("--seeds", default="0", help="seeds per learning rate (each adds a run to the population)")
   p.add_argument("--seq-len", type=int, help="L; default 256")
   p.add_argument("--window", type=int, help="w; default 32")
-  p.add_argument("--n-fading", type=int, help="M_f of B'MOJO(-F); default 8 (docs/mqar.md's 99%% run)")
+  p.add_argument("--n-fading", type=int, help="M_f of B'MOJO(-F); default 8 (the 99%% run of docs/results.md)")
   p.add_argument("--n-eidetic", type=int, help="M_e of B'MOJO; default 80 (w + M_f + M_e = 120 <= L/2)")
   p.add_argument("--eidetic-per-chunk", type=int, help="k_e of B'MOJO; default 16")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay fp32); default bfloat16")
   p.add_argument("--attn-impl", default="reference",
                  help="reference (default) | pallas | cudnn, for families without their own :attn_impl. cuDNN "
                       "(no memory tokens: Transformer, Hybrid) trains like the reference in populations: 3 of 4 "
-                      "seeds against 4 of 4 reached 0.99 (docs/mqar.md)")
+                      "seeds against 4 of 4 reached 0.99 (docs/results.md)")
   p.add_argument("--store-policy", default="score", help="B'MOJO's eidetic store: score (default) or fifo")
   p.add_argument("--selection", default=Selection.INNOVATION.value, choices=[s.value for s in Selection],
                  help="B'MOJO's selection score (docs/mqar.md, 'Selection variants'); default the paper's innovation")

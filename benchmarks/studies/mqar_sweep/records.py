@@ -112,7 +112,8 @@ def best_setting(records: list[dict]) -> tuple[float, float, list[float]]:
   """Zoology's figure-2 value of one model: the best over learning rates of the test accuracy averaged over
   seeds, as (that mean, its learning rate, its runs' accuracies, each as `accuracy` counts it). A learning rate
   counts to 6 significant digits (`lr_key`: 2.15443469e-3 given on one command line is the 0.00215443 of
-  another), and runs with cuDNN and with the reference attention pool (one function; docs/mqar.md, session 10)."""
+  another), and runs with cuDNN and with the reference attention pool (one function; docs/results.md, the strict
+  re-check)."""
   groups: dict[float, list[float]] = {}
   for r in records:
     groups.setdefault(lr_key(r), []).append(accuracy(r))
