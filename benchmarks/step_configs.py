@@ -3,7 +3,7 @@ model for CPU smoke runs) in bf16 compute on a chosen mesh, trained on a synthet
 
 from __future__ import annotations
 
-from bmojo_jax import ComputeConfig, mqar_config, paper_config
+from bmojo_jax import mqar_config, paper_config
 from bmojo_jax.configs import common as config_common
 from bmojo_jax.train import sharding as shard_lib
 from bmojo_jax.train import tasks as tasks_lib
@@ -25,7 +25,7 @@ def step_config(family: str, size: str, seq_len: int, batch: int, attn_impl: str
   c = config_common.base_config()
   c.model = config_common.model_fields(model_config(
       family, size, **model_overrides,
-      compute=ComputeConfig(dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **(compute or {}))))
+      compute=dict(dtype="bfloat16", scan_impl=scan_impl, attn_impl=attn_impl, **(compute or {}))))
   c.train.batch_size = c.train.eval_batch_size = batch
   c.train.progress_bar = False
   if mesh is not None:

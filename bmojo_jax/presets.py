@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bmojo_jax.config import ConfigError, Family, ModelConfig
+from bmojo_jax.config import ComputeConfig, ConfigError, Family, ModelConfig
 
 # Paper sizes follow the Mamba paper (layers counted as sublayers); vocab 50280 is GPT-NeoX's padded.
 PAPER_SIZES = {
@@ -23,9 +23,19 @@ FAMILY_DEFAULTS = {
     Family.BMOJO: dict(),
 }
 
+# The block layout a paper-size model trains in: per family the fastest layout measured whose step compiles in
+# <= 20 s (one H100, 16k tokens a step; docs/train_speed.md, "Layout"). The Transformer runs its blocks as a
+# Python loop (1.4B, 2k: 281 ms against 300 scanned; compile 14-23 s). Every family with a selective scan runs
+# them as one lax.scan: unrolled, each Pallas call site compiles again (~85 s at 130M, ~200 s at 1.4B) for 3% at
+# 130M. Both keep matmul and attention-kernel outputs and rerun the selective scan's forward in the backward
+# ("dots_attention"), so every family trains 16k tokens a step at 1.4B, 2k on one 80 GB card.
+PAPER_LAYOUT = {family: dict(scan_layers=family != Family.TRANSFORMER, remat="dots_attention") for family in Family}
+
 
 def paper_config(family: str | Family, size: str, **overrides: Any) -> ModelConfig:
-  """A paper-size model: window 512 at 2k context, head_dim 64, M_f 16, M_e 64 (k_e 16) — ours."""
+  """A paper-size model: window 512 at 2k context, head_dim 64, M_f 16, M_e 64 (k_e 16) — ours — in its family's
+  `PAPER_LAYOUT`. `compute` may be a dict of ComputeConfig fields, set over that layout, or a ComputeConfig,
+  taken whole."""
   family = Family(family)
   if size not in PAPER_SIZES:
     raise ConfigError(f"size={size!r} is unknown; choose one of {list(PAPER_SIZES)}")
@@ -33,7 +43,10 @@ def paper_config(family: str | Family, size: str, **overrides: Any) -> ModelConf
   kw = dict(family=family, vocab_size=50280, n_heads=d // 64, window=512, chunk_size=512,
             n_fading=16, n_eidetic=64, eidetic_per_chunk=16, **PAPER_SIZES[size])
   kw.update(FAMILY_DEFAULTS[family])
-  kw.update(overrides)
+  compute = overrides.pop("compute", None)
+  if not isinstance(compute, ComputeConfig):
+    compute = ComputeConfig(**{**PAPER_LAYOUT[family], **(compute or {})})
+  kw.update(overrides, compute=compute)
   return ModelConfig(**kw)
 
 

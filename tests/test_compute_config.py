@@ -101,3 +101,19 @@ def test_load_run_overrides_name_compute_fields():
     runs._compute_overrides({"scan_impl": "associative"})
   with pytest.raises(ValueError, match=r"compute.scan_kind names no ComputeConfig field"):
     runs._compute_overrides({"compute.scan_kind": "associative"})
+
+
+def test_paper_presets_train_in_their_family_layout():
+  """A paper preset's compute is its family's PAPER_LAYOUT (the Transformer a loop of blocks, the families with
+  a selective scan one scan over them, both `dots_attention`); a dict of compute fields is set over that layout,
+  a ComputeConfig is taken whole."""
+  from bmojo_jax.presets import PAPER_LAYOUT
+  for name in ("transformer-130m", "hybrid-1.4b", "bmojo-370m", "mamba-790m"):
+    compute = preset(name).compute
+    assert (compute.scan_layers, compute.remat.value) == (not name.startswith("transformer"), "dots_attention")
+  assert set(PAPER_LAYOUT) == {preset(f"{f}-130m").family for f in ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")}
+  merged = preset("bmojo-130m", compute=dict(dtype="bfloat16", remat="full")).compute
+  assert (merged.scan_layers, merged.remat.value, merged.dtype) == (True, "full", "bfloat16")
+  whole = preset("bmojo-130m", compute=ComputeConfig(dtype="bfloat16")).compute
+  assert whole == ComputeConfig(dtype="bfloat16")
+  assert preset("bmojo-mqar").compute == ComputeConfig()        # MQAR-sized models keep the plain defaults
