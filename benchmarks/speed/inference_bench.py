@@ -10,9 +10,10 @@ kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
       the prompt's forward with its decode cache and the last position's logits (`Decoder.prefill`, blocks in
       one lax.scan: `scan_prefill`), median of --iters jitted calls; compile_s = first call - median.
       "chunk": null for one parallel pass, C for a chunked prefill in pieces of C tokens (`prefill_chunk`;
-      --prefill_chunks, 0 naming the whole prompt; a C >= T gives no row, its one piece being the whole). When --prefill_chunks names a chunk, every prefill row also
-      has "temp_bytes": the largest temporary (activation) buffer XLA assigns to a compiled piece (the
-      executable's memory_analysis; the parameters and the cache come on top), what bounded memory bounds.
+      --prefill_chunks, 0 naming the whole prompt; a C >= T gives no row, its one piece being the whole). When
+      --prefill_chunks names a chunk, every prefill row also has "temp_bytes": the largest temporary
+      (activation) buffer XLA assigns to a compiled piece (the executable's memory_analysis; the parameters and
+      the cache come on top), what bounded memory bounds.
   {"op": "decode", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s",
    "floor_tokens_per_s", "compile_s", "device"}
       --steps greedy tokens after `context` tokens: loop true through `Decoder.decode` (a lax.scan on device,

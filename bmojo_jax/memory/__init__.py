@@ -5,7 +5,8 @@
            that `cfg.selection`'s score ranks highest.
 
 `chunk_memory` gives both for every chunk of a row, packed or not; the attention asks it for its memory and
-attends. `continued_memory` gives them for a piece of tokens that continues a sequence from its decode state. The parts, one concept a module:
+attends. `continued_memory` gives them for a piece of tokens that continues a sequence from its decode state.
+The parts, one concept a module:
 
   scoring.py         the selection scores (`ScoreInputs`, `selection_scores`)
   selection.py       a chunk's top-k_e: all chunks at once (`select_per_chunk`) or token by token (decoding)
