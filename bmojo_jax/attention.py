@@ -24,7 +24,7 @@ from bmojo_jax import typing as tp
 from bmojo_jax.config import ModelConfig, Selection
 from bmojo_jax.kernels import get_attention_fn
 from bmojo_jax.layers import einsum_layer, param, rope
-from bmojo_jax.memory import chunk_memory
+from bmojo_jax.memory import LastChunk, chunk_memory, continued_memory, fading_rows
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
 from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store, empty_store, merge
@@ -109,16 +109,17 @@ class Attention(nnx.Module):
     to the rows cut from it only (`fading_parts`). With cache_size (ring slots; the window, or the maximum length for full attention) also
     returns the decode state after the last token. With `packing` (several documents per row) no key or
     memory token of one document is visible to another, and chunks count from each document's first token.
-    A continuation (a prompt fed in pieces, a second turn) without memory tokens attends in parallel over the
-    ring cache and the piece (`_continue_parallel`); with memory tokens it runs `step` over its tokens in a
-    `lax.scan` (`_continue`): exact whatever the phase of the chunks, but sequential in T.
+    A continuation (a prompt fed in pieces, a second turn) attends in parallel too: without memory tokens
+    over the ring cache and the piece (`_continue_parallel`), with them through the attention function over the
+    piece in memory chunks (`_continue_memory`); `_continue`, `step` over its tokens in a `lax.scan`, is the
+    reference of both (tests/test_chunked_prefill.py).
     """
     if state is not None:
       if packing is not None:
         raise NotImplementedError("a continuation from a decode state takes one document per row")
       if not (self.cfg.fading or self.cfg.eidetic):
         return self._continue_parallel(a, state)
-      return self._continue(a, state, fading if fading_norm is None else fading_norm(fading))
+      return self._continue_memory(a, state, fading, fading_norm)
     cfg = self.cfg
     if packing is not None and cache_size is not None:
       raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
@@ -136,9 +137,7 @@ class Attention(nnx.Module):
       return y, None
 
     state = self.init_state(b, cache_size)
-    slot_pos = (t - 1) - jnp.mod(t - 1 - jnp.arange(cache_size), cache_size)        # latest position per slot
-    ring = lambda x: jnp.where((slot_pos >= 0)[None, :, None, None],
-                               jnp.take(x, jnp.clip(slot_pos, 0, t - 1), axis=1), 0).astype(x.dtype)
+    ring = lambda x: ring_cache(x, 0, t, cache_size)
     state = state._replace(k=ring(k), v=ring(v), pos=jnp.asarray(t, jnp.int32),
                            **{f: x for f, x in mem.last._asdict().items() if x is not None})
     m_f = cfg.fading
@@ -151,7 +150,8 @@ class Attention(nnx.Module):
     return y, state
 
   def _continue(self, a: jax.Array, state: AttnState, fading: jax.Array | None):
-    """`step` over the T tokens of a [B, T, D] (and fading) from `state` -> (y [B, T, D], state)."""
+    """`step` over the T tokens of a [B, T, D] (and fading, normed) from `state` -> (y [B, T, D], state): the
+    reference of the parallel continuations (`_continue_parallel`, `_continue_memory`)."""
     def body(state, xs):
       y, state = self.step(xs[0][:, None], state, fading=None if xs[1] is None else xs[1][:, None])
       return state, y[:, 0]
@@ -199,11 +199,70 @@ class Attention(nnx.Module):
 
     o = jax.lax.map(attend, jnp.arange(n_blocks))                                   # [n, B, block, H, P]
     o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * block, *o.shape[3:])[:, :t]
-    end = p0 + t                                    # each slot: the latest position of its residue, as `step`
-    slot_pos = (end - 1) - jnp.mod(end - 1 - jnp.arange(size), size)
-    ring = lambda x: jnp.where((slot_pos >= 0)[None, :, None, None],
-                               jnp.take(x, slot_pos - (p0 - size), axis=1), 0).astype(x.dtype)
-    return self.wo(o), state._replace(k=ring(ext_k), v=ring(ext_v), pos=end)
+    ring = lambda x: ring_cache(x, p0 - size, p0 + t, size)
+    return self.wo(o), state._replace(k=ring(ext_k), v=ring(ext_v), pos=p0 + t)
+
+  def _continue_memory(self, a: jax.Array, state: AttnState, fading: jax.Array, fading_norm=None
+                       ) -> tuple[jax.Array, AttnState]:
+    """`_continue` with memory tokens in one parallel pass: a, fading [B, T, D] (as `__call__`) at positions
+    p0 + [0, T) (p0 = state.pos, any phase of the chunks) -> (y [B, T, D], state), what `step` gives token by
+    token (tests/test_chunked_prefill.py).
+
+    The memory of the chunks the piece meets comes from `continued_memory` (the state's fading tokens, store
+    and candidates for the chunk it starts in, then each chunk's built as the one-pass prefill builds it). The
+    attention function (`cfg.compute.attn_impl`, as in the parallel pass) runs over a frame of N = R + n·L
+    positions from F = max(c0·L - R, 0) (c0 = p0 // L; R the ring's S slots rounded up to L, >= the window;
+    n = ceil((T + L - 1) / L)), so the frame's chunks are the sequence's: its keys are the ring's (positions
+    >= p0 - S) and the piece's, zeros elsewhere (out of every real query's window); the queries before and after
+    the piece are padding, sliced off. N does not depend on p0: one compile for any phase.
+    """
+    cfg = self.cfg
+    b, t, _ = a.shape
+    chunk, m_f = cfg.chunk, cfg.fading
+    state = self.enter_chunk(state)
+    p0, size = state.pos, state.k.shape[1]
+    positions = p0 + jnp.arange(t)
+    k_raw, v = self.wk(a), self.wv(a)
+    q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
+    source, project, fk, fv = self.fading_parts(fading, fading_norm)
+    before = (state.next_fading_k, state.next_fading_v) if m_f else None
+    scored = self.score_inputs(a, k_raw, v, fk, fv, history=state.history if self.history_len else None,
+                               prev_fk=state.next_fading_k[:, -1:] if m_f else None,
+                               prev_fv=state.next_fading_v[:, -1:] if m_f else None)
+    first = LastChunk(*(getattr(state, f) if getattr(cfg, need) else None for f, need in (
+        ("fading_k", "fading"), ("fading_v", "fading"), ("store", "eidetic"), ("cand", "eidetic"))))
+    mem = continued_memory(cfg, source, project, scored, p0, first, before)
+
+    n = mem.k.shape[1]
+    reach = -(-size // chunk) * chunk                                               # R
+    frame = reach + n * chunk                                                       # N
+    c0_start = p0 - p0 % chunk
+    f0 = jnp.maximum(c0_start - reach, 0)                                           # F, a multiple of L
+    frame_pos = f0 + jnp.arange(frame)
+    in_ring = (frame_pos < p0) & (frame_pos >= p0 - size)
+    in_piece = (frame_pos >= p0) & (frame_pos < p0 + t)
+    src = jnp.where(in_ring, frame_pos % size, jnp.where(in_piece, size + frame_pos - p0, size + t))
+    keys = lambda ring, new: jnp.take(jnp.concatenate(
+        [ring, new.astype(ring.dtype), jnp.zeros_like(ring[:, :1])], axis=1), src, axis=1)   # [B, N, K, P]
+    frame_k, frame_v = keys(state.k, k), keys(state.v, v)
+    at = lambda x, i, length: jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros((b, length, *x.shape[2:]), x.dtype), x, i, axis=1)
+    frame_q = at(q, p0 - f0, frame)
+    c0 = (c0_start - f0) // chunk                                                   # chunk c0 in the frame
+    mem_k, mem_v, mem_valid = (at(x, c0, frame // chunk) for x in (mem.k, mem.v, mem.valid))
+    attend = get_attention_fn(cfg.compute.attn_impl)
+    o = attend(frame_q, frame_k, frame_v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk)
+    o = jax.lax.dynamic_slice_in_dim(o, p0 - f0, t, axis=1)
+
+    ring = lambda x: ring_cache(x, f0, p0 + t, size)
+    state = state._replace(k=ring(frame_k), v=ring(frame_v), pos=p0 + t,
+                           **{f: x for f, x in mem.last._asdict().items() if x is not None})
+    if m_f:                                         # the read-outs of the piece's last M_f tokens
+      next_k, next_v = fading_rows(source, project, before, t - m_f + jnp.arange(m_f))
+      state = state._replace(next_fading_k=next_k, next_fading_v=next_v)
+    if self.history_len:
+      state = state._replace(history=last_inputs(a, state.history))
+    return self.wo(o), state
 
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:
@@ -213,13 +272,17 @@ class Attention(nnx.Module):
     first token of a chunk, in a `lax.cond` on the device scalar state.pos: every other token does only its own
     work (`step_select` is the branch-free form, which computes the merge at every token and selects it).
     """
+    return self._token_step(a, self.enter_chunk(state), fading)
+
+  def enter_chunk(self, state: AttnState) -> AttnState:
+    """The state with the memory of the chunk holding position state.pos current: at a chunk's first token
+    (after chunk 0) `start_chunk`, in a `lax.cond` on the device scalar state.pos; else the state as it is."""
+    if not (self.cfg.eidetic or self.cfg.fading):
+      return state
     t = state.pos
-    if self.cfg.eidetic or self.cfg.fading:
-      boundary = (t % self.cfg.chunk == 0) & (t > 0)
-      fields = jax.lax.cond(boundary, lambda s: self._chunk_fields(self.start_chunk(s)), self._chunk_fields,
-                            state)
-      state = state._replace(**fields)
-    return self._token_step(a, state, fading)
+    boundary = (t % self.cfg.chunk == 0) & (t > 0)
+    return state._replace(**jax.lax.cond(boundary, lambda s: self._chunk_fields(self.start_chunk(s)),
+                                         self._chunk_fields, state))
 
   def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
                   ) -> tuple[jax.Array, AttnState]:
@@ -313,6 +376,15 @@ class Attention(nnx.Module):
                      cand=empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
                      history=jnp.zeros((batch, self.history_len, cfg.d_model), jnp.float32),
                      pos=jnp.zeros((), jnp.int32))
+
+
+def ring_cache(x: jax.Array, first: jax.Array | int, end: jax.Array | int, size: int) -> jax.Array:
+  """The ring of `size` slots after the tokens before `end`, from x [B, N, K, P] holding positions
+  first + [0, N): slot s holds the latest position < end congruent to s mod size (as `step` writes them), zeros
+  for positions below 0. The positions end - size .. end - 1 that are >= 0 must lie in x."""
+  slot_pos = (end - 1) - jnp.mod(end - 1 - jnp.arange(size), size)
+  rows = jnp.take(x, jnp.clip(slot_pos - first, 0, x.shape[1] - 1), axis=1)
+  return jnp.where((slot_pos >= 0)[None, :, None, None], rows, 0).astype(x.dtype)
 
 
 def decode_attention(q: jax.Array, parts) -> jax.Array:

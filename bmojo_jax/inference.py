@@ -180,11 +180,11 @@ class Decoder:
   prefill_chunk C: a prompt longer than C tokens is prefilled in pieces of C (`prefill_pieces`), each
   continuing the cache of the one before (ring KV cache, conv and SSM states, fading and eidetic memory), so
   a piece's activations are O(C), not O(T); the cache then goes to `step` / `decode` as it is. The logits and
-  cache are those of one prefill of the whole prompt. None (the default) prefills the prompt in one parallel
-  pass, the fastest: a continuation runs the Mamba sublayers and attention without memory tokens in parallel
-  over the piece, but the memory attention of B'MOJO-F / B'MOJO steps through its tokens one by one
-  (`Attention._continue`), so for those chunking trades speed for memory; use it when a whole prompt's
-  activations do not fit.
+  cache are those of one prefill of the whole prompt. Every sublayer continues a piece in parallel (the Mamba
+  scan from its states; attention over the ring cache and the piece, with the memory attention's chunks built
+  from the cache's fading tokens, store and candidates: `Attention._continue_memory`), at any phase of the
+  memory chunks. None (the default) prefills the prompt in one parallel pass; a chunk bounds the activations
+  held when a whole prompt's do not fit (or a latency measure says pieces are faster).
 
   scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.compute.scan_layers`: one block traced and
   compiled whatever the depth) from a stacked copy of the parameters made here, and hands the step the

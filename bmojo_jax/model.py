@@ -277,9 +277,8 @@ class LanguageModel(nnx.Module):
 
     max_len bounds prompt + generated tokens; only full attention (the Transformer) needs it, to size its KV
     cache. With `cache` (from `prefill`, `step` or `init_cache`) the prompt continues that sequence: a long
-    prompt fed in pieces, or a second turn, gives the logits of one prefill of the whole (the Mamba sublayers
-    and attention without memory tokens run in parallel from their states, the memory attention steps through
-    the piece: `Attention.__call__`). Returns
+    prompt fed in pieces, or a second turn, gives the logits of one prefill of the whole (every sublayer runs in
+    parallel from its state: `Mamba.__call__`, `Attention.__call__`). Returns
     (logits [B, T, V], cache); with last_only, logits [B, 1, V] of the last position alone (what decoding
     reads: the head over the whole prompt, [T, V] fp32, is the largest matmul and array of a long prefill).
     """

@@ -58,20 +58,33 @@ def test_prefill_pieces():
 def test_chunked_prefill_matches_whole_prefill_and_forward(models, family, chunk):
   """Every position's logits, the cache (every leaf: rings, conv and SSM states, fading buffers, the store and
   the candidates) as one prefill of the whole prompt gives; then steps from it give the forward's logits."""
-  model = models[family]
+  check_chunked_prefill(models[family], family, chunk, PROMPT)
+
+
+@pytest.mark.parametrize("chunk, prompt", [
+    pytest.param(1, 14, id="C1"), pytest.param(8, 38, id="2-memory-chunks-prompt-ends-mid-chunk"),
+    pytest.param(6, 37, id="unaligned-ends-mid-chunk", marks=pytest.mark.slow)])
+def test_bmojo_chunked_prefill_cases(models, chunk, prompt):
+  """B'MOJO's pieces continue its memory in parallel at any phase of the memory chunks (L = 4): pieces of one
+  token, pieces of two memory chunks, and prompts that end inside a chunk (the last piece's cache then holds a
+  chunk's partial candidates)."""
+  check_chunked_prefill(models["bmojo"], "bmojo", chunk, prompt)
+
+
+def check_chunked_prefill(model, family, chunk, prompt):
   decoder = Decoder(model, prefill_chunk=chunk)
   tokens = jax.random.randint(jax.random.key(chunk), (2, T), 0, 64)
   full = forward(model, tokens)
-  want_logits, want_cache = Decoder(model).prefill(tokens[:, :PROMPT], T)
-  logits, cache = decoder.prefill(tokens[:, :PROMPT], T)
+  want_logits, want_cache = Decoder(model).prefill(tokens[:, :prompt], T)
+  logits, cache = decoder.prefill(tokens[:, :prompt], T)
   assert logits.shape == want_logits.shape
   np.testing.assert_allclose(logits, want_logits, atol=ATOL)
-  np.testing.assert_allclose(logits, full[:, :PROMPT], atol=1e-4)
+  np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-4)
   assert_same_cache(cache, want_cache)
   n_stores = sum(int(jnp.sum(s.valid)) for s in jax.tree.leaves(cache, is_leaf=lambda s: isinstance(s, Store))
                  if isinstance(s, Store))
   assert family != "bmojo" or n_stores > 0                  # the stores and candidates hold entries
-  for t in range(PROMPT, T):
+  for t in range(prompt, T):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
   assert float(jnp.abs(full).max()) > 0.5                   # the logits are not near-constant
@@ -143,6 +156,37 @@ def test_parallel_continuation_equals_the_step_scan(family, start, length, block
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
   assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+
+
+MEMORY_CASES = [(0, 11), (5, 7), (13, 20), (3, 2), (8, 1), (7, 1), (12, 8), (1, 30)]   # (start, length)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("bmojo", {}), ("bmojo", dict(store_policy="score", n_eidetic=5)),
+    pytest.param("bmojo_f", {}, marks=pytest.mark.slow),
+    pytest.param("bmojo", dict(selection="ssm_error"), marks=pytest.mark.slow),
+    pytest.param("bmojo", dict(selection="linear"), marks=pytest.mark.slow),
+    pytest.param("bmojo", dict(selection="learned", store_policy="score"), marks=pytest.mark.slow)])
+def test_parallel_memory_continuation_equals_the_step_scan(family, overrides):
+  """The memory attention continues a state in one parallel pass (`_continue_memory`): the output and state
+  (ring, fading buffers, store, candidates, history) of `step` over the piece's tokens (`_continue`), from the
+  sequence start or a state mid-chunk or on a boundary, for pieces of one token up to several chunks, each
+  store policy and the selections that read the history or the fading projections (L 4, window 8)."""
+  from bmojo_jax.attention import Attention
+  cfg = tiny_config(family, init_std=0.1, **overrides)
+  attn = Attention(cfg, rngs=nnx.Rngs(4))
+  reference = nnx.jit(lambda m, a, s, f: m._continue(a, s, f))
+  parallel = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))
+  for start, length in MEMORY_CASES:
+    x, f = (jax.random.normal(jax.random.key(start + i), (2, start + length, cfg.d_model)) for i in (0, 100))
+    state = (attn.init_state(2, cfg.window) if start == 0 else
+             attn(x[:, :start], fading=f[:, :start], cache_size=cfg.window)[1])
+    want_y, want = reference(attn, x[:, start:], state, f[:, start:])
+    got_y, got = parallel(attn, x[:, start:], state, f[:, start:])
+    np.testing.assert_allclose(got_y, want_y, atol=ATOL, err_msg=f"start {start}, length {length}")
+    assert_same_cache(got, want)
+    assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+    assert not cfg.eidetic or start + length < 8 or int(jnp.sum(got.store.valid)) > 0
 
 
 @pytest.mark.parametrize("family", ["bmojo", pytest.param("mamba", marks=pytest.mark.slow)])

@@ -127,6 +127,7 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     ("generate --workdir {run} --prompt '1 2' --top_p=1.5", r"top_p=1.5 must be in \(0, 1\]"),
     ("generate --workdir {run} --prompt '1 2' --top_k=0", r"top_k=0 must be in 1..vocab_size"),
     ("generate --workdir {run} --prompt '1 2' --prefill_chunk=0", r"prefill_chunk=0 must be a positive int"),
+    ("generate --workdir {run} --prompt '1 2' --stream --stream_block=0", r"--stream_block=0 must be >= 1"),
     # bmojo-prepare
     ("prepare --no-progress --out {w} --text {tmp}/nope --workers 1", r"Text path does not exist: .*/nope"),
     ("prepare --no-progress --out {w} --text {tmp}/empty_dir --workers 1", r"No files matching .* under directory"),
@@ -213,6 +214,37 @@ def test_a_bad_input_is_refused_in_two_lines_naming_it(inputs, tmp_path, monkeyp
   assert re.search(expected, said), said
   if command.startswith("train"):
     assert not (tmp_path / "w").exists()        # refused before the workdir is made
+
+
+class _Writes(io.StringIO):
+  """A stdout that keeps each write apart: what a streamed print sent, and when."""
+
+  def __init__(self):
+    super().__init__()
+    self.writes = []
+
+  def write(self, text):
+    self.writes.append(text)
+    return super().write(text)
+
+
+def test_generate_stream_prints_the_same_tokens_as_they_come(inputs, monkeypatch):
+  """bmojo-generate --stream writes the continuation in pieces (every --stream_block steps), flushed, and ends
+  with the text that one call without --stream prints."""
+  outputs = {}
+  for extra in ("", "--stream --stream_block=2"):
+    monkeypatch.setattr(sys, "argv", ["bmojo-generate", "--workdir", str(inputs / "run"), "--prompt", "3 130 5",
+                                      "--max_new_tokens=7", *extra.split()])
+    out = _Writes()
+    with _flags_and_signals_restored(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(out):
+      with pytest.raises(SystemExit) as done:              # absl's app.run exits, with None on success
+        cli.generate_main()
+    assert done.value.code in (None, 0)
+    outputs[extra] = out
+  whole, streamed = outputs[""], outputs["--stream --stream_block=2"]
+  assert len(whole.getvalue().split()) == 7 and streamed.getvalue() == whole.getvalue()
+  pieces = [w for w in streamed.writes if w.strip()]
+  assert len(pieces) == 4 and [len(p.split()) for p in pieces] == [2, 2, 2, 1], streamed.writes
 
 
 def test_there_are_at_least_46_bad_inputs():

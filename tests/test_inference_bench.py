@@ -42,3 +42,33 @@ def test_tiny_chunked_prefill_rows_record_their_memory(tmp_path, monkeypatch):
   assert set(prefill) == {None, 8} and all(PREFILL <= set(r) and r["ms"] > 0 for r in prefill.values())
   assert 0 < prefill[8]["temp_bytes"] < prefill[None]["temp_bytes"]
   assert {r["compiler_options"] for r in records} == {'{"xla_cpu_enable_fast_math": false}'}
+
+
+def test_budget_leaves_rows_out_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+  """--budget_s: no row starts once it has passed (nothing is written, the rows left out are listed); --resume:
+  a rerun measures only the rows the file lacks, and the file then holds both runs' rows."""
+  common = ["inference_bench", "--tiny", "--families", "bmojo", "--prefill_T", "16", "--batches", "1",
+            "--out_dir", str(tmp_path)]
+  monkeypatch.setattr(sys, "argv", common + ["--contexts", "16", "--budget_s", "0"])
+  inference_bench.main()
+  out = capsys.readouterr().out
+  assert not (tmp_path / "inference_cpu.json").exists() and out.count("left out (--budget_s 0)") == 3, out
+  monkeypatch.setattr(sys, "argv", common + ["--contexts", "16"])
+  inference_bench.main()
+  first = json.loads((tmp_path / "inference_cpu.json").read_text())
+  assert len(first) == 3
+  monkeypatch.setattr(sys, "argv", common + ["--contexts", "16,64", "--resume"])
+  inference_bench.main()
+  assert "2 records in" in capsys.readouterr().out
+  records = json.loads((tmp_path / "inference_cpu.json").read_text())
+  assert sorted((r["op"], r.get("context"), r.get("loop")) for r in records) == [
+      ("decode", 16, False), ("decode", 16, True), ("decode", 64, False), ("decode", 64, True),
+      ("prefill", None, None)]
+  assert [r for r in records if r.get("context") == 16 or r["op"] == "prefill"] == [
+      r for r in first]                                    # the first run's rows kept as they were
+
+
+def test_prefill_rows_leave_out_chunks_that_hold_the_whole_prompt():
+  import argparse
+  args = argparse.Namespace(prefill_T=[1024, 16384], prefill_chunks=[0, 4096])
+  assert inference_bench.prefill_rows(args) == [(1024, None), (16384, None), (16384, 4096)]

@@ -73,6 +73,29 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
 
+@pytest.mark.parametrize("policy", ["fifo", "score"])
+def test_parallel_stores_from_an_initial_store(policy):
+  """A sequence continued mid-way: the stores before chunks c.. given the store before chunk c (`initial`) are
+  those of the whole sequence, in the parallel form and the sequential reference alike, entry for entry."""
+  rng = np.random.default_rng(2)
+  for trial in range(3):
+    b, t, chunk, k_e = 2, int(rng.integers(60, 160)), 8, [1, 2, 4][trial]
+    size = k_e * int(rng.integers(1, 5)) + (int(rng.integers(0, k_e)) if policy == "score" else 0)
+    e = rng.integers(0, 5, (b, t)).astype(np.float32)
+    e[:, rng.integers(0, t, 6)] = -np.inf
+    k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
+    sel = select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
+    whole = stores_before_chunks_reference(sel, size, StorePolicy(policy))
+    c = int(rng.integers(1, sel.score.shape[1]))                                  # continue from chunk c
+    initial, later = (jax.tree.map(f, whole) for f in (lambda x: x[:, c], lambda x: x[:, c:]))
+    rest = jax.tree.map(lambda x: x[:, c:], sel)
+    for fn in (stores_before_chunks_reference, stores_before_chunks):
+      got = jax.jit(fn, static_argnums=(1, 2))(rest, size, StorePolicy(policy), None, initial)
+      for name, x, y in zip(later._fields, later, got):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{fn.__name__} trial {trial}: {name}")
+    assert int(jnp.sum(initial.valid)) > 0
+
+
 @pytest.mark.parametrize("policy, k_e, capacity", [("fifo", 2, 6), ("score", 2, 6),
                                                   ("score", 8, 12)])   # k_e = chunk: every token competes
 def test_store_policies_match_python_model(policy, k_e, capacity):

@@ -3,7 +3,7 @@
     bmojo-train --config configs/mqar.py[:<preset>] --workdir DIR [--config.train.num_steps=...]
     bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
     bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
-                   --prefill_chunk C]
+                   --prefill_chunk C --stream --stream_block N]
 
 Exit status: 0 when training ends (num_steps or the target accuracy), 75 (EX_TEMPFAIL) when SIGTERM or SIGINT
 stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error, and 1 when the run
@@ -174,11 +174,14 @@ def _generate(argv):
   _quiet_logs()
   from bmojo_jax.train import generate as gen_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.stream_block < 1:
+    sys.exit(f"bmojo-generate: --stream_block={f.stream_block} must be >= 1")
   with _one_line_errors("bmojo-generate"):
     text = gen_lib.generate_from_run(
         _WORKDIR.value, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-        top_k=f.top_k, top_p=f.top_p, seed=f.seed, prefill_chunk=f.prefill_chunk)
-  print(text)
+        top_k=f.top_k, top_p=f.top_p, seed=f.seed, prefill_chunk=f.prefill_chunk,
+        stream_to=sys.stdout if f.stream else None, stream_block=f.stream_block)
+  print("" if f.stream else text)          # streamed: the text is out already; end its line
 
 
 _CONFIG_HELP = """  --config FILE[:PRESET]: a config file (configs/mqar.py, configs/lm.py, or from any directory the
@@ -366,7 +369,10 @@ def generate_main():
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("prefill_chunk", None, "Prefill a longer prompt in pieces of this many tokens (bounded "
-                       "memory, slower; default: the whole prompt in one parallel pass).")
+                       "memory; default: the whole prompt in one parallel pass).")
+  flags.DEFINE_bool("stream", False, "Print the continuation as it is produced (every --stream_block tokens) "
+                    "instead of at the end; the same tokens.")
+  flags.DEFINE_integer("stream_block", 16, "With --stream: decode steps on device between prints.")
   flags.mark_flags_as_required(["workdir"])
   _run(_generate, "bmojo-generate", with_config=False)
 

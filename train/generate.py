@@ -2,15 +2,19 @@
 
 import sys
 import time
+from typing import TextIO
 
 from bmojo_jax.train import runs
 
 
 def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                      prefill_chunk: int | None = None) -> str:
+                      prefill_chunk: int | None = None, stream_to: TextIO | None = None,
+                      stream_block: int = 16) -> str:
   """Text of the continuation (or space-separated ids for runs without a tokenizer, e.g. MQAR). prefill_chunk:
-  the prompt is prefilled in pieces of this many tokens (`Decoder`'s prefill_chunk)."""
+  the prompt is prefilled in pieces of this many tokens (`Decoder`'s prefill_chunk). stream_to: a text stream
+  that gets the continuation as it is produced, every stream_block decode steps (`generate_stream`; the same
+  tokens as `generate`), flushed each time; None: all at once on device (`generate`)."""
   from bmojo_jax import inference  # pylint: disable=g-import-not-at-top
   model, tokenizer, _, _ = runs.load_model(workdir)
   if tokenizer is None:
@@ -21,13 +25,34 @@ def generate_from_run(workdir: str, prompt: str, *, max_new_tokens: int, tempera
                        f"by spaces, got {prompt!r}.") from None
   else:
     ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
-  # `generate` checks the ids against the vocabulary and returns the continuation alone.
+  render = (lambda new: " ".join(str(int(i)) for i in new)) if tokenizer is None else tokenizer.decode
+  # `generate` / `generate_stream` check the ids against the vocabulary and return the continuation alone.
+  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            prefill_chunk=prefill_chunk)
   start = time.perf_counter()
-  new = inference.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, prefill_chunk=prefill_chunk)[0]
+  if stream_to is None:
+    new = inference.generate(model, [ids], **kw)[0]
+  else:
+    new, shown = [], ""
+    for part in inference.generate_stream(model, [ids], block=stream_block, **kw):
+      new += part[0]
+      shown = _show(stream_to, shown, render(new), final=False)
+    _show(stream_to, shown, render(new), final=True)
   seconds = time.perf_counter() - start
   print(f"{len(new)} tokens in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s (prefill and compiling "
         f"included)", file=sys.stderr)
-  if tokenizer is None:
-    return " ".join(str(int(i)) for i in new)
-  return tokenizer.decode(new)
+  return render(new)
+
+
+def _show(out: TextIO, shown: str, text: str, *, final: bool) -> str:
+  """Write what text adds to what was shown (the text so far) and flush; returns what is shown now. A text whose
+  end is an incomplete character (U+FFFD: a byte-level token cut mid-character) or that rewrote what was shown
+  waits for more tokens, until the final call, which writes the rest (on a line of its own if it rewrote)."""
+  if text.startswith(shown) and (final or not text.endswith("\ufffd")):
+    out.write(text[len(shown):])
+  elif final:
+    out.write("\n" + text)
+  else:
+    return shown
+  out.flush()
+  return text

@@ -2,7 +2,7 @@
 
     python -m benchmarks.speed.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
         [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--prefill_chunks 0,4096]
-        [--compiler_options '{"xla_gpu_enable_command_buffer": "FUSION,WHILE"}'] [--tiny]
+        [--compiler_options '{"xla_gpu_enable_command_buffer": "FUSION,WHILE"}'] [--budget_s 450] [--resume] [--tiny]
 
 Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
 kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
@@ -10,9 +10,10 @@ kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
       the prompt's forward with its decode cache and the last position's logits (`Decoder.prefill`, blocks in
       one lax.scan: `scan_prefill`), median of --iters jitted calls; compile_s = first call - median.
       "chunk": null for one parallel pass, C for a chunked prefill in pieces of C tokens (`prefill_chunk`;
-      --prefill_chunks, 0 naming the whole prompt). When --prefill_chunks names a chunk, every prefill row also
-      has "temp_bytes": the largest temporary (activation) buffer XLA assigns to a compiled piece (the
-      executable's memory_analysis; the parameters and the cache come on top), what bounded memory bounds.
+      --prefill_chunks, 0 naming the whole prompt; a C >= T gives no row, its one piece being the whole). When
+      --prefill_chunks names a chunk, every prefill row also has "temp_bytes": the largest temporary
+      (activation) buffer XLA assigns to a compiled piece (the executable's memory_analysis; the parameters and
+      the cache come on top), what bounded memory bounds.
   {"op": "decode", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s",
    "floor_tokens_per_s", "compile_s", "device"}
       --steps greedy tokens after `context` tokens: loop true through `Decoder.decode` (a lax.scan on device,
@@ -28,6 +29,12 @@ memory) is written with "skipped": the reason and null measurements. --compiler_
 options) compiles the decode step and loop with them (`Decoder`'s compiler_options); every record names them
 ("compiler_options": the JSON, null for none). Records of an earlier run of the same
 file that this run does not measure are kept (run sizes or families in separate calls).
+
+The file is rewritten after every row, so a run cut short keeps what it measured. --budget_s S: no row starts
+after S seconds (from the start of main; a row already running finishes); the rows left out are listed at the
+end and not written. --resume: rows the file already holds measured (not skipped) are not measured again, and a
+family none of whose rows is left is not built: the same command rerun after a budget ran out goes on where it
+stopped.
 """
 
 from __future__ import annotations
@@ -176,30 +183,72 @@ def figure(records: list[dict], path: str) -> str:
   return save_figure(fig, path)
 
 
-def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit) -> None:
+def prefill_rows(args) -> list[tuple[int, int | None]]:
+  """(T, chunk) of the prefill rows: every T with every chunk of --prefill_chunks (0: None, one pass), less
+  the chunks >= T, whose one piece is the whole prompt (the chunk None row)."""
+  return [(t, c or None) for t in args.prefill_T for c in args.prefill_chunks if not c or c < t]
+
+
+class Schedule:
+  """Which rows this run measures: not those --resume finds done, none once --budget_s has passed."""
+
+  def __init__(self, done: set, budget_s: float | None, t0: float):
+    self.done, self.budget_s, self.t0, self.left_out = done, budget_s, t0, []
+
+  def wanted(self, rec: dict) -> bool:
+    return key(rec) not in self.done
+
+  def over(self) -> bool:
+    return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
+
+  def runs(self, rec: dict) -> bool:
+    """Whether to measure rec now (False: done before, or left out for the budget, and recorded as such)."""
+    if not self.wanted(rec):
+      return False
+    if self.over():
+      self.left_out.append({f: rec.get(f) for f in KEY_FIELDS if rec.get(f) is not None})
+      return False
+    return True
+
+
+def planned_rows(family: Family, size: str, args, compiler_options: str | None) -> list[dict]:
+  """The key fields of every row of one family and size, in the order they are measured."""
+  base = dict(family=family.value, size=size, compiler_options=compiler_options)
+  rows = [dict(op="prefill", **base, batch=1, T=t, chunk=c) for t, c in prefill_rows(args)]
+  return rows + [dict(op="decode", **base, batch=b, context=ctx, loop=loop) for b in args.batches
+                 for loop in ((True, False) if b == 1 else (True,)) for ctx in args.contexts]
+
+
+def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit,
+                 schedule: Schedule) -> None:
+  options = json.loads(args.compiler_options) if args.compiler_options else None
+  named = json.dumps(dict(inference.check_compiler_options(options))) if options else None
+  planned = planned_rows(family, size, args, named)
+  if not any(map(schedule.wanted, planned)) or schedule.over():   # nothing to do: the model is not built
+    for rec in planned:
+      schedule.runs(rec)                               # lists the rows the budget leaves out
+    return
   cfg = model_config(family, size)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  options = json.loads(args.compiler_options) if args.compiler_options else None
   decoder = Decoder(model, scan_prefill=True, compiler_options=options)
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.state))
-  base = dict(family=family.value, attn_impl=str(cfg.compute.attn_impl), size=size,
-              compiler_options=json.dumps(dict(decoder.compiler_options)) if options else None)
+  base = dict(family=family.value, attn_impl=str(cfg.compute.attn_impl), size=size, compiler_options=named)
   cap = None if limit is None else args.cache_fraction * limit
 
   memory = any(args.prefill_chunks)
-  for t in args.prefill_T:
-    for chunk in args.prefill_chunks:
-      chunk = chunk or None
-      rec = dict(op="prefill", **base, batch=1, T=t, chunk=chunk, ms=None, compile_s=None)
-      try:
-        rec["ms"], rec["compile_s"] = prefill_ms(decoder, t, args.iters, chunk)
-        if memory:
-          rec["temp_bytes"] = prefill_temp_bytes(decoder, t, chunk)
-      except Exception as e:  # pylint: disable=broad-except
-        if not is_oom(e):
-          raise
-        rec["skipped"] = f"out of memory: {str(e)[:200]}"
-      emit(rec)
+  for t, chunk in prefill_rows(args):
+    rec = dict(op="prefill", **base, batch=1, T=t, chunk=chunk, ms=None, compile_s=None)
+    if not schedule.runs(rec):
+      continue
+    try:
+      rec["ms"], rec["compile_s"] = prefill_ms(decoder, t, args.iters, chunk)
+      if memory:
+        rec["temp_bytes"] = prefill_temp_bytes(decoder, t, chunk)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_oom(e):
+        raise
+      rec["skipped"] = f"out of memory: {str(e)[:200]}"
+    emit(rec)
 
   compile_s = {}          # (loop, batch, cache bytes): one compiled function per cache shape
   for batch in args.batches:
@@ -210,6 +259,8 @@ def bench_family(family: Family, size: str, args, bandwidth: float, limit: float
         rec = dict(op="decode", **base, batch=batch, context=context, loop=loop, tokens_per_s=None,
                    floor_tokens_per_s=batch * bandwidth / (weights + c_bytes), compile_s=None,
                    cache_bytes=c_bytes, weight_bytes=weights)
+        if not schedule.runs(rec):
+          continue
         if cap is not None and c_bytes > cap:
           rec["skipped"] = f"cache {c_bytes / 2**30:.1f} GiB > {args.cache_fraction} of device memory"
         else:
@@ -232,15 +283,21 @@ def main():
   parser.add_argument("--batches", type=ints, help="default 1,8,64 (--tiny: 1,2)")
   parser.add_argument("--steps", type=int, help="tokens per decode timing; default 32 (--tiny: 4)")
   parser.add_argument("--iters", type=int, help="prefill calls per median; default 10 (--tiny: 2)")
-  parser.add_argument("--prefill_chunks", type=ints, default=[0],
+  parser.add_argument("--prefill_chunks", "--prefill-chunks", "--prefill-chunk", dest="prefill_chunks", type=ints,
+                      default=[0],
                       help="prefill rows per chunk size: 0 the whole prompt, C in pieces of C tokens; default 0")
   parser.add_argument("--compiler_options", default=None,
                       help="a JSON object of XLA options for the decode step and loop")
   parser.add_argument("--cache_fraction", type=float, default=0.75,
                       help="skip decode rows whose cache exceeds this fraction of device memory")
+  parser.add_argument("--budget_s", "--budget-s", dest="budget_s", type=float, default=None,
+                      help="start no row after this many seconds (the rows left out are listed, not written)")
+  parser.add_argument("--resume", action="store_true",
+                      help="skip the rows the output file already holds measured")
   parser.add_argument("--tiny", action="store_true", help="a tiny config on CPU (tests)")
   parser.add_argument("--out_dir", default=None)
   args = parser.parse_args()
+  t0 = time.perf_counter()
   sizes = ["tiny"] if args.tiny else args.sizes.split(",")
   defaults = (dict(prefill_T=[16, 32], contexts=[16, 64], batches=[1, 2], steps=4, iters=2) if args.tiny else
               dict(prefill_T=[1_024, 2_048, 4_096, 16_384, 32_768], contexts=[1_024, 8_192, 32_768],
@@ -269,14 +326,25 @@ def main():
           f"{'  SKIPPED ' + rec['skipped'] if 'skipped' in rec else ''}", flush=True)
     write_results(merge_previous(list(records), path), "inference", out_dir)   # a cut run keeps its rows
 
-  t0 = time.perf_counter()
+  done = set()
+  if args.resume and os.path.exists(path):
+    with open(path) as f:
+      done = {key(r) for r in json.load(f) if "skipped" not in r}
+  schedule = Schedule(done, args.budget_s, t0)
   for size in sizes:
     for family in map(Family, args.families.split(",")):
-      bench_family(family, size, args, bandwidth, limit, emit)
+      bench_family(family, size, args, bandwidth, limit, emit, schedule)
       jax.clear_caches()                                 # one model's compiled code at a time
+  for row in schedule.left_out:
+    print(f"left out (--budget_s {args.budget_s:g}): {json.dumps(row)}")
+  if not os.path.exists(path):
+    print(f"{path}: no rows measured")
+    return
   with open(path) as f:
     print(figure(json.load(f), path.replace(".json", ".png")))
-  print(f"{path}: {len(records)} records in {time.perf_counter() - t0:.0f} s")
+  print(f"{path}: {len(records)} records in {time.perf_counter() - schedule.t0:.0f} s"
+        + (f"; {len(schedule.left_out)} rows left out for the budget: rerun with --resume" if schedule.left_out
+           else ""))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
            that `cfg.selection`'s score ranks highest.
 
 `chunk_memory` gives both for every chunk of a row, packed or not; the attention asks it for its memory and
-attends. The parts, one concept a module:
+attends. `continued_memory` gives them for a piece of tokens that continues a sequence from its decode state.
+The parts, one concept a module:
 
   scoring.py         the selection scores (`ScoreInputs`, `selection_scores`)
   selection.py       a chunk's top-k_e: all chunks at once (`select_per_chunk`) or token by token (decoding)
@@ -26,7 +27,7 @@ from bmojo_jax.memory.packed import packed_memory
 from bmojo_jax.memory.parallel_store import stores_before_chunks
 from bmojo_jax.memory.scoring import ScoreInputs, selection_scores
 from bmojo_jax.memory.selection import select_per_chunk
-from bmojo_jax.memory.store import Store
+from bmojo_jax.memory.store import NO_POS, Store, best_entries, by_position
 from bmojo_jax.segments import Packing
 
 
@@ -96,6 +97,65 @@ def chunk_memory(cfg: ModelConfig, fading: jax.Array | None, project, x: ScoreIn
                          cand=jax.tree.map(lambda y: y[:, -1], selected))
   if not parts:
     return Memory(None, None, None, None, last)
+  k, v, valid = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
+  return Memory(k, v, valid, None, last)
+
+
+def fading_rows(source: jax.Array, project, before: tuple[jax.Array, jax.Array], idx: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """Keys and values [B, *idx.shape, K, P] of the read-outs at indices idx (int array) of a piece of T tokens:
+  project(source rows) where idx >= 0 (clipped to T - 1), else the rows -M_f..-1 of before (k, v) [B, M_f, K, P],
+  the projections of the M_f read-outs before the piece (the decode state's next fading tokens)."""
+  b, t, m_f = source.shape[0], source.shape[1], before[0].shape[1]
+  rows = lambda x, i: jnp.take(x, i.reshape(-1), axis=1).reshape(b, *idx.shape, *x.shape[2:])
+  got = project(rows(source, jnp.clip(idx, 0, t - 1)))
+  inside = (idx >= 0).reshape(1, *idx.shape, 1, 1)
+  return tuple(jnp.where(inside, g.astype(p.dtype), rows(p, jnp.clip(idx + m_f, 0, m_f - 1)))
+               for g, p in zip(got, before))
+
+
+def continued_memory(cfg: ModelConfig, fading: jax.Array | None, project, x: ScoreInputs, start: jax.Array,
+                     first: LastChunk, before: tuple[jax.Array, jax.Array] | None) -> Memory:
+  """`chunk_memory` of T tokens at positions start + [0, T) (start an int32 scalar, traced) that continue a
+  sequence from its decode state, built as the one-pass prefill builds them.
+
+  Chunks count from c0 = start // L, the chunk holding the first token, and are n = ceil((T + L - 1) / L) (static:
+  the piece begins at offset start % L of chunk c0; chunks after the one of its last token are padding).
+  first: the memory of chunk c0 as it stands before the piece (`LastChunk`: its fading tokens, the store before
+  it, its selections so far); before (k, v) [B, M_f, K, P]: the projected read-outs of the M_f tokens before the
+  piece (None without fading tokens); fading, project, x as `chunk_memory` (x with the history and previous
+  fading projections of the state). Chunk c0 + j (j >= 1) takes the fading tokens of its M_f read-outs
+  (`fading_rows`) and the store after c0 + j - 1; chunk c0's selections are the k_e best of first.cand and the
+  piece's tokens in it (`best_entries`), so every chunk's selections, stores and fading tokens are those of the
+  whole sequence. Returns Memory with k, v [B, n, M, K, P], valid [B, n, M] and last, the memory of the chunk
+  holding the last token.
+  """
+  b, t = x.a.shape[:2]
+  chunk = cfg.chunk
+  n = -(-(t + chunk - 1) // chunk)
+  phase = start % chunk
+  last_chunk = (phase + t - 1) // chunk
+  at_last = lambda y: jax.lax.dynamic_index_in_dim(y, last_chunk, axis=1, keepdims=False)
+  parts, last = [], LastChunk()
+  if cfg.fading:
+    idx = (jnp.arange(1, n) * chunk - phase - cfg.fading)[:, None] + jnp.arange(cfg.fading)   # [n-1, M_f]
+    fk, fv = (jnp.concatenate([f[:, None], r], 1)
+              for f, r in zip((first.fading_k, first.fading_v), fading_rows(fading, project, before, idx)))
+    valid = jnp.broadcast_to((start // chunk + jnp.arange(n) > 0)[None, :, None], (b, n, cfg.fading))
+    parts.append((fk, fv, valid))
+    last = last._replace(fading_k=at_last(fk), fading_v=at_last(fv))
+  if cfg.eidetic:
+    scores, v = selection_scores(cfg.selection, x)
+    place = lambda y, fill: jax.lax.dynamic_update_slice_in_dim(
+        jnp.full((b, n * chunk, *y.shape[2:]), fill, y.dtype), y, phase, axis=1)   # the piece in chunks c0..
+    selected = select_per_chunk(place(scores, -jnp.inf), place(x.k, 0), place(v, 0), chunk, cfg.eidetic_per_chunk)
+    selected = selected._replace(pos=jnp.where(selected.valid, selected.pos + (start - phase), NO_POS))
+    both = jax.tree.map(lambda c, s: jnp.concatenate([c.astype(s.dtype), s[:, 0]], 1), first.cand, selected)
+    head = by_position(best_entries(both, cfg.eidetic_per_chunk))              # chunk c0's selections
+    selected = jax.tree.map(lambda s, h: s.at[:, 0].set(h), selected, head)
+    stores = stores_before_chunks(selected, cfg.eidetic, cfg.store_policy, initial=first.store)   # [B, n, M_e, …]
+    parts.append((stores.k, stores.v, stores.valid))
+    last = last._replace(store=jax.tree.map(at_last, stores), cand=jax.tree.map(at_last, selected))
   k, v, valid = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
   return Memory(k, v, valid, None, last)
 

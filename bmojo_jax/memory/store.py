@@ -62,8 +62,12 @@ def merge(store: Store, selected: Store, policy: StorePolicy) -> Store:
   if policy == StorePolicy.FIFO:
     return jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=1)[:, -size:],
                         store, by_position(selected))
-  both = jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=1), store, selected)
-  return jax.tree.map(lambda x: x[:, :size], _sort_entries(both, best_first(both)))
+  return best_entries(jax.tree.map(lambda old, new: jnp.concatenate([old, new], axis=1), store, selected), size)
+
+
+def best_entries(entries: Store, n: int) -> Store:
+  """The n best entries of entries [B, M, …] (n <= M) in the score policy's order (`best_first`)."""
+  return jax.tree.map(lambda x: x[:, :n], _sort_entries(entries, best_first(entries)))
 
 
 def kept_by_merge(union: Store, n_new: int, policy: StorePolicy) -> jax.Array:
