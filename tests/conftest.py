@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configurations of every family, compiled once per test module."""
 
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles hundreds of tiny programs and runs each a few times, so its time is XLA's compile time, most
@@ -90,3 +91,20 @@ def tiny_train_config(num_steps: int = 8, **train):
   c.optim.warmup_steps = 2
   c.train.update(train)
   return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """The uninterrupted run of tiny_train_config (8 steps, checkpoints 3, 6, 8), once per module: (workdir,
+  results)."""
+  from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, trainer.train(tiny_train_config(), workdir)
+
+
+@pytest.fixture
+def copied_run(full_run, tmp_path):
+  """A private copy of full_run's workdir, for tests that damage or reuse it."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  return workdir

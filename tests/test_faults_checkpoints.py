@@ -1,6 +1,6 @@
 """Checkpoints under faults: a failed save stops the run at that save and a rerun resumes; a checkpoint that
 cannot be restored (damaged, linked out, bit rot the format does not see) is refused in two lines naming the intact
-ones, and resume_from picks one of those. Runs of tests/fault_runs.py's tiny config."""
+ones, and resume_from picks one of those. Runs of tests/train_runs.py's tiny config."""
 
 import errno
 import os
@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests import fault_runs
-from tests.fault_runs import assert_same_run, tiny_config
+from tests import train_runs
+from tests.train_runs import assert_same_run, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import runs
 from bmojo_jax.train import setup as setup_lib
@@ -31,8 +31,8 @@ def compilation_cache(train_compilation_cache):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/fault_runs.py)."""
-  return fault_runs.reference_run(tmp_path_factory)
+  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
+  return train_runs.reference_run(tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------ failed saves

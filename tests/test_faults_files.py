@@ -1,7 +1,7 @@
 """A run's files under faults: nothing read or written through a link or a name out of the workdir, result JSON
 strict (null for non-finite, a non-zero exit), a full disk under any writer stops in two lines, files written by
 rename, a torn metrics line cut, an unreadable or edited run file named with the fix. Runs of
-tests/fault_runs.py's tiny config."""
+tests/train_runs.py's tiny config."""
 
 import errno
 import json
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests import fault_runs
-from tests.fault_runs import NUM_STEPS, REPO, assert_same_run, strict_load, tiny_config
+from tests import train_runs
+from tests.train_runs import NUM_STEPS, REPO, assert_same_run, strict_load, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import cli
 from bmojo_jax.train import faults
@@ -38,8 +38,8 @@ def compilation_cache(train_compilation_cache):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/fault_runs.py)."""
-  return fault_runs.reference_run(tmp_path_factory)
+  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
+  return train_runs.reference_run(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------------------------- workdir files

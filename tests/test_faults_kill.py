@@ -1,6 +1,6 @@
 """Training interrupted (issue #21): a run of bmojo-train SIGKILLed eleven times ends as if never interrupted;
 SIGTERM before the first step, inside the loop and after the last step stops cleanly and a rerun resumes.
-Runs of tests/fault_runs.py's tiny config; the killed subprocesses read the compilation cache of this module."""
+Runs of tests/train_runs.py's tiny config; the killed subprocesses read the compilation cache of this module."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from tests import fault_runs
-from tests.fault_runs import NUM_STEPS, REPO, assert_same_run, losses, steps_of, strict_load, tiny_config
+from tests import train_runs
+from tests.train_runs import NUM_STEPS, REPO, assert_same_run, losses, steps_of, strict_load, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import metrics as metrics_lib
 from bmojo_jax.train import runs
@@ -30,8 +30,8 @@ def compilation_cache(train_compilation_cache):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/fault_runs.py)."""
-  return fault_runs.reference_run(tmp_path_factory)
+  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
+  return train_runs.reference_run(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------------------------------- SIGKILL

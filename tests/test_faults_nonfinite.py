@@ -1,6 +1,6 @@
 """Non-finite training (issue #21, #31): a divergence on a checkpoint step is not saved, and
 train.on_nonfinite=stop | rollback | skip does what it says, within train.nonfinite_limit; a rollback takes the
-early-stopping state back too. Runs of tests/fault_runs.py's tiny config."""
+early-stopping state back too. Runs of tests/train_runs.py's tiny config."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fault_runs import diverging_config, steps_of, tiny_config
+from tests.train_runs import diverging_config, steps_of, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import faults
 from bmojo_jax.train import metrics as metrics_lib

@@ -1,7 +1,9 @@
-"""The runs of the fault tests (tests/test_faults_*.py): one tiny Mamba config (tests/conftest.py's
-tiny_train_config: d_model 16, L 32, NUM_STEPS steps, a checkpoint every 3, asynchronous saves), a diverging
-variant, the uninterrupted reference run and what two runs must share to be the same run."""
+"""The runs of the end-to-end training tests (tests/test_faults_*.py, tests/test_train_loop.py,
+tests/test_train_workdir.py): tests/conftest.py's tiny_train_config (a tiny Mamba, d_model 16, L 32) as the fault
+tests run it (NUM_STEPS steps, a checkpoint every 3, asynchronous saves) and a diverging variant, the uninterrupted
+reference run, what two runs must share to be the same run, and what a workdir holds."""
 
+import hashlib
 import json
 import os
 
@@ -29,6 +31,17 @@ def diverging_config(**train):
 def losses(workdir):
   steps, values = metrics_lib.series(metrics_lib.read_metrics(workdir), "train", "loss")
   return dict(zip(steps, values))
+
+
+def snapshot(directory):
+  """{path relative to `directory`: sha256 of its bytes} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 def steps_of(workdir):
