@@ -127,11 +127,12 @@ def train(pop: Population, workdir: str, *, progress_bar: bool = True, save_chec
   population = {"runs": pop.size, "shared_data": pop.shared_data, "steps_per_dispatch": k_max,
                 "tokens_per_s": trained_steps * pop.tokens_per_step / max(train_time, 1e-9)}
   return [_finish(pop, r, d, int(steps[r]), stopped_by[r], last_eval[r], stoppers[r], train_time, start_wall,
-                       population, save_checkpoints) for r, d in enumerate(dirs)]
+                  population, save_checkpoints) for r, d in enumerate(dirs)]
 
-def _finish(pop: Population, r: int, workdir: str, step: int, stopped_by: str | None, last_eval: tuple[int, dict] | None,
-            stopper: steps_lib.EarlyStopping | None, train_time: float, start_wall: float, population: dict,
-            save_checkpoint: bool) -> dict[str, Any]:
+
+def _finish(pop: Population, r: int, workdir: str, step: int, stopped_by: str | None,
+            last_eval: tuple[int, dict] | None, stopper: steps_lib.EarlyStopping | None, train_time: float,
+            start_wall: float, population: dict, save_checkpoint: bool) -> dict[str, Any]:
   """Run r's results.json (the trainer's record, plus its learning rate, seed and population; with a
   validation split the test figures of its best validation evaluation, `steps.EarlyStopping`), its
   curves.png (train.plot) and, if asked, its final state as the trainer's checkpoint; returns the results."""
