@@ -1,6 +1,6 @@
 """Training interrupted (issue #21): a run of bmojo-train SIGKILLed eleven times ends as if never interrupted;
 SIGTERM before the first step, inside the loop and after the last step stops cleanly and a rerun resumes.
-Runs of tests/train_runs.py's tiny config; the killed subprocesses read the compilation cache of this module."""
+Runs of tests/train_runs.py's tiny config; the killed subprocesses read the training tests' compilation cache."""
 
 import json
 import os
