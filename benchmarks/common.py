@@ -20,7 +20,8 @@ def device_name() -> str:
 
 
 def device_tag() -> str:
-  """Short tag for result file names: h100, h200, cpu…"""
+  """The device in result file names (every bench's `<name>_<tag>.json`): h100, h200, a100, else the backend
+  (cpu, gpu, tpu)."""
   kind = device_name().lower()
   for tag in ("h100", "h200", "a100"):
     if tag in kind:

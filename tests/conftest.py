@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configurations of every family, compiled once per test module."""
 
 import os
+import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles hundreds of tiny programs and runs each a few times, so its time is XLA's compile time, most
@@ -11,6 +12,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 import pytest  # noqa: E402
 
 from bmojo_jax import ComputeConfig, Family, ModelConfig  # noqa: E402
@@ -38,20 +40,41 @@ def family(request):
   return request.param
 
 
-@pytest.fixture(scope="module")
-def module_compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for one module (its path): each train() builds fresh jitted closures, and
-  subprocesses given JAX_COMPILATION_CACHE_DIR reuse what the module compiled. The old settings come back after."""
+def _persistent_cache(cache: str):
+  """jax's persistent compilation cache in `cache` for every compile, then the old settings back. jax opens its
+  cache once per process, at the first compile that finds a folder set, and keeps it: reset_cache() on the way in
+  and out makes this folder the one used here (not an earlier module's) and no later module's."""
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
   old = {n: getattr(jax.config, n) for n in names}
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  compilation_cache.reset_cache()
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   yield cache
   for n, v in old.items():
     jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for one module (its path): each train() builds fresh jitted closures, and
+  subprocesses given JAX_COMPILATION_CACHE_DIR reuse what the module compiled. The old settings come back after."""
+  yield from _persistent_cache(str(tmp_path_factory.mktemp("jax_cache")))
+
+
+@pytest.fixture(scope="session")
+def _train_cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache_train"))
+
+
+@pytest.fixture(scope="module")
+def train_compilation_cache(_train_cache_dir):
+  """module_compilation_cache, but one folder for every module that asks (the end-to-end training tests of
+  tiny_train_config: test_faults_*, test_train_*): a program one of them compiled is read back by the others
+  (and by their subprocesses) instead of compiled again."""
+  yield from _persistent_cache(_train_cache_dir)
 
 
 def tiny_train_config(num_steps: int = 8, **train):
@@ -68,3 +91,20 @@ def tiny_train_config(num_steps: int = 8, **train):
   c.optim.warmup_steps = 2
   c.train.update(train)
   return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """The uninterrupted run of tiny_train_config (8 steps, checkpoints 3, 6, 8), once per module: (workdir,
+  results)."""
+  from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, trainer.train(tiny_train_config(), workdir)
+
+
+@pytest.fixture
+def copied_run(full_run, tmp_path):
+  """A private copy of full_run's workdir, for tests that damage or reuse it."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  return workdir

@@ -1,4 +1,4 @@
-"""bmojo-train in a child process of `tests/test_faults.py` that stops itself at one chosen point.
+"""bmojo-train in a child process of `tests/test_faults_kill.py` that stops itself at one chosen point.
 
     python -m tests.kill_child CONFIG_FILE WORKDIR     (FAULT=<kind>:<step>, CACHE=<compilation cache folder>)
 

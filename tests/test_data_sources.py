@@ -1,11 +1,11 @@
-"""Data at pod scale (issue #22): prepared token streams, ArrayRecord and tfds documents, on-the-fly packing.
+"""Data at pod scale (issue #22): ArrayRecord and tfds documents, on-the-fly packing, tasks built from each
+source (the prepared streams themselves: tests/test_data_stream.py).
 
 No network: every file is written here in tmp_path; tfds is faked (and, when tensorflow_datasets is
 installed, also its own `tfds.testing.mock_data`).
 """
 
 import json
-import os
 import sys
 import types
 
@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.data_documents import T, KEYS, assert_examples_equal, documents, prepared, write_array_record
 from bmojo_jax.train import tasks
 from bmojo_jax.train.data import packing
 from bmojo_jax.train.data import pipeline
@@ -20,146 +21,6 @@ from bmojo_jax.train.data import prepare
 from bmojo_jax.train.data import sources
 from bmojo_jax.train.data import stream
 from bmojo_jax.train.data import tokenizers
-
-T = 16
-KEYS = ("inputs", "targets", "segment_ids", "positions")
-
-
-def _documents(n=23, seed=0):
-  """Documents of varied lengths (some longer than 2T), each unique (its index first)."""
-  rng = np.random.default_rng(seed)
-  words = ["alpha", "beta", "gamma", "delta", "naïve", "café", "\n", "✓"]
-  return [f"{i}:" + " ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for i in range(n)]
-
-
-def _write_files(tmp_path, docs):
-  folder = tmp_path / "texts"
-  folder.mkdir()
-  for i, d in enumerate(docs):
-    (folder / f"doc{i:03d}.txt").write_text(d, encoding="utf-8")
-  return str(folder)
-
-
-def _prepared(tmp_path, docs, name="stream", **kw):
-  files = sources.TextFileDocuments(_write_files(tmp_path, docs) if not (tmp_path / "texts").exists()
-                                    else str(tmp_path / "texts"))
-  out = str(tmp_path / name)
-  meta = prepare.prepare(files, out, tokenizers.ByteTokenizer(), workers=1, docs_per_shard=4, progress_bar=False, **kw)
-  return out, meta
-
-
-def _assert_examples_equal(a, b):
-  assert set(a) == set(KEYS) == set(b)
-  for k in KEYS:
-    assert a[k].dtype == np.int32 and a[k].shape == (T,), (k, a[k].dtype, a[k].shape)
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-# ------------------------------------------------------------------------------------------------ stream
-def test_prepared_stream_equals_packing_in_memory(tmp_path):
-  docs = _documents()
-  out, meta = _prepared(tmp_path, docs)
-  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
-  src = stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
-  assert isinstance(src.tokens, np.memmap) and isinstance(src.doc_starts, np.memmap)
-  assert src.tokens.dtype == np.uint16 and meta["num_documents"] == len(docs)
-  assert len(src) == len(reference) and src.num_tokens == reference.num_tokens
-  for j in range(len(src)):
-    _assert_examples_equal(src[j], reference[j])
-  assert sorted(os.listdir(out)) == ["doc_offsets.npy", "meta.json", "tokens.bin"]   # parts and progress removed
-
-
-def test_prepare_resumes_after_interruption(tmp_path):
-  docs = _documents()
-  _write_files(tmp_path, docs)
-  out, meta = _prepared(tmp_path, docs, name="resumed", stop_after_shards=2)
-  assert meta is None
-  progress = json.load(open(os.path.join(out, prepare.PROGRESS)))
-  assert progress["done"] == [0, 1] and not os.path.exists(os.path.join(out, "meta.json"))
-  with pytest.raises(FileNotFoundError, match="no finished token stream"):
-    stream.PackedStreamSource(out, T)
-  os.remove(prepare._part_paths(out, 1)[0])   # a part lost in the crash is redone
-  _, meta = _prepared(tmp_path, docs, name="resumed")
-  fresh, fresh_meta = _prepared(tmp_path, docs, name="fresh")
-  for name in ("tokens.bin", "doc_offsets.npy"):
-    assert open(os.path.join(out, name), "rb").read() == open(os.path.join(fresh, name), "rb").read()
-  assert meta["num_tokens"] == fresh_meta["num_tokens"]
-  written = os.stat(os.path.join(out, "tokens.bin")).st_mtime_ns
-  assert _prepared(tmp_path, docs, name="resumed")[1] == meta            # finished: returned as it is,
-  assert os.stat(os.path.join(out, "tokens.bin")).st_mtime_ns == written  # not prepared again
-  assert meta["plan"] == progress["plan"]                                 # one meta.json, with its plan
-  with pytest.raises(ValueError, match="another plan"):
-    prepare.prepare(sources.TextFileDocuments(str(tmp_path / "texts")), out, tokenizers.ByteTokenizer(), workers=1,
-                    docs_per_shard=5, progress_bar=False)
-
-
-@pytest.mark.slow
-def test_prepare_cli_with_worker_processes(tmp_path, capsys):
-  docs = _documents(9)
-  folder = _write_files(tmp_path, docs)
-  out = str(tmp_path / "cli")
-  prepare.main(["--out", out, "--text", folder, "--workers", "2", "--docs-per-shard", "2", "--no-progress"])
-  assert "tokens (uint16) in 9 documents" in capsys.readouterr().out
-  reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
-  src = stream.PackedStreamSource(out, T)
-  for j in range(len(src)):
-    _assert_examples_equal(src[j], reference[j])
-
-
-def test_stream_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist.*bmojo-prepare"):
-    stream.PackedStreamSource(str(tmp_path / "missing"), T)
-  docs = _documents(6)
-  out, _ = _prepared(tmp_path, docs)
-  meta_path = os.path.join(out, "meta.json")
-  good = open(meta_path).read()
-  open(meta_path, "w").write(good[:20])
-  with pytest.raises(ValueError, match="Corrupt token stream metadata"):
-    stream.PackedStreamSource(out, T)
-  meta = json.loads(good)
-  meta["num_tokens"] += 1
-  json.dump(meta, open(meta_path, "w"))
-  with pytest.raises(ValueError, match="bytes but meta.json says"):
-    stream.PackedStreamSource(out, T)
-  meta = json.loads(good)
-  meta["tokenizer"]["vocab_size"] = 200                    # ids up to 258 are now out of range
-  json.dump(meta, open(meta_path, "w"))
-  src = stream.PackedStreamSource(out, T)
-  with pytest.raises(ValueError, match="holds id 257 >= vocab_size 200"):
-    src[0]
-  meta = json.loads(good)
-  meta["tokenizer"]["pad_id"] = 3
-  json.dump(meta, open(meta_path, "w"))
-  with pytest.raises(ValueError, match="another tokenizer.*pad_id 3 there vs 256 here"):
-    stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
-  with pytest.raises(ValueError, match="outside the vocabulary"):
-    stream.StreamWriter(str(tmp_path / "bad"), tokenizers.ByteTokenizer().vocab_size).add(np.array([1, 300, 2]),
-                                                                                          np.int64([3]))
-
-
-def test_stream_resume_and_shards(tmp_path):
-  docs = _documents(40)
-  out, _ = _prepared(tmp_path, docs)
-  src = stream.PackedStreamSource(out, T)
-  it = pipeline.make_train_iterator(src, batch_size=2, seed=3, num_threads=0)
-  for _ in range(3):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(4)]
-  fresh = pipeline.make_train_iterator(src, batch_size=2, seed=3, num_threads=0)
-  fresh.set_state(state)
-  for want in expected:
-    got = next(fresh)
-    for k in KEYS:
-      np.testing.assert_array_equal(got[k], want[k])
-  seen = []
-  for shard in (0, 1):
-    it = pipeline.make_train_iterator(src, batch_size=1, seed=0, num_epochs=1, shard_index=shard, shard_count=2,
-                                      num_threads=0)
-    seen.append({b["inputs"].tobytes() + b["positions"].tobytes() for b in it})
-  assert not seen[0] & seen[1]
-  assert len(seen[0] | seen[1]) == len(src) // 2 * 2
-
 
 # ---------------------------------------------------------------------------------------------- on the fly
 def _packed_in_order(documents):
@@ -170,13 +31,13 @@ def _packed_in_order(documents):
 
 
 def test_onthefly_packing_equals_packing_in_memory():
-  docs = _documents(31)
+  docs = documents(31)
   reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   packed = _packed_in_order(docs)
   # Identical except at the very end: the on-the-fly pass also packs the final EOS as an input (target -100).
   assert len(packed) in (len(reference), len(reference) + 1)
   for j in range(len(reference) - 1):
-    _assert_examples_equal(packed[j], reference[j])
+    assert_examples_equal(packed[j], reference[j])
   last, ref_last = packed[len(reference) - 1], reference[len(reference) - 1]
   n = int((ref_last["segment_ids"] > 0).sum())
   for k in KEYS:
@@ -201,7 +62,7 @@ def _shard_documents(it, tokenizer):
 
 
 def test_onthefly_shards_are_disjoint_and_cover(tmp_path):
-  docs = _documents(30)
+  docs = documents(30)
   tok = tokenizers.ByteTokenizer()
   src = packing.OnTheFlySource(docs, tok, T)
   seen = []
@@ -212,18 +73,10 @@ def test_onthefly_shards_are_disjoint_and_cover(tmp_path):
   assert sorted(seen[0] + seen[1]) == sorted(docs)
 
 
-def _write_array_record(path, records):
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-  for r in records:
-    writer.write(r)
-  writer.close()
-
-
 def test_array_record_documents(tmp_path):
-  docs = _documents(12)
-  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
-  _write_array_record(tmp_path / "json.array_record", [json.dumps({"body": d}).encode() for d in docs])
+  docs = documents(12)
+  write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  write_array_record(tmp_path / "json.array_record", [json.dumps({"body": d}).encode() for d in docs])
   src = sources.ArrayRecordDocuments([str(tmp_path / "docs.array_record")])
   assert len(src) == 12 and [src[i] for i in range(12)] == docs
   js = sources.ArrayRecordDocuments(str(tmp_path / "json.array_record"), text_key="body")
@@ -239,7 +92,7 @@ def test_array_record_documents(tmp_path):
   reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   s = stream.PackedStreamSource(out, T)
   for j in range(len(s)):
-    _assert_examples_equal(s[j], reference[j])
+    assert_examples_equal(s[j], reference[j])
 
 
 def _resume_is_exact(make, k=3, n=4):
@@ -257,8 +110,8 @@ def _resume_is_exact(make, k=3, n=4):
 
 
 def test_onthefly_resume_is_exact(tmp_path):
-  docs = _documents(25)
-  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  docs = documents(25)
+  write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
   src = packing.OnTheFlySource(sources.ArrayRecordDocuments(str(tmp_path / "docs.array_record")),
                                 tokenizers.ByteTokenizer(), T)
   for k in (1, 3, 7, 11):   # states taken inside and between documents (with a remainder in the packer)
@@ -270,7 +123,7 @@ def test_onthefly_resume_is_exact(tmp_path):
 
 def test_onthefly_resume_through_orbax(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  src = packing.OnTheFlySource(_documents(25), tokenizers.ByteTokenizer(), T)
+  src = packing.OnTheFlySource(documents(25), tokenizers.ByteTokenizer(), T)
   make = lambda: pipeline.make_train_iterator(src, batch_size=2, seed=4)
   it = make()
   for _ in range(5):
@@ -312,7 +165,7 @@ def _lm_config(**data):
 
 
 def test_tfds_documents_through_fake_module(tmp_path, monkeypatch):
-  train_docs, eval_docs = _documents(20), _documents(5, seed=1)
+  train_docs, eval_docs = documents(20), documents(5, seed=1)
   fake = _FakeTfds({"toy": {"train": train_docs, "validation": eval_docs}})
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
   src = sources.TfdsDocuments("toy", "train")
@@ -325,7 +178,7 @@ def test_tfds_documents_through_fake_module(tmp_path, monkeypatch):
   assert isinstance(task.train_source, packing.OnTheFlySource) and task.info["eval_documents"] == 5
   reference = packing.pack_documents(eval_docs, tokenizers.ByteTokenizer(), T)
   assert len(task.eval_source) == len(reference)
-  _assert_examples_equal(task.eval_source[1], reference[1])
+  assert_examples_equal(task.eval_source[1], reference[1])
   batch = next(pipeline.make_train_iterator(task.train_source, batch_size=4, seed=0))
   assert batch["inputs"].shape == (4, T) and batch["inputs"].dtype == np.int32
 
@@ -345,13 +198,13 @@ def test_tfds_mock_data():
     packed = _packed_in_order(src)
   reference = packing.pack_documents(docs, tokenizers.ByteTokenizer(), T)
   for j in range(len(reference) - 1):
-    _assert_examples_equal(packed[j], reference[j])
+    assert_examples_equal(packed[j], reference[j])
 
 
 # --------------------------------------------------------------------------------------------- make_task
 def test_make_task_stream_and_array_record(tmp_path):
-  docs = _documents(40)
-  out, _ = _prepared(tmp_path, docs)
+  docs = documents(40)
+  out, _ = prepared(tmp_path, docs)
   task = tasks.make_task(_lm_config(kind="stream", stream_dir=out))
   assert isinstance(task.train_source.__dict__.get("_source"), stream.PackedStreamSource)
   assert task.vocab_size == 259 and task.info["documents"] == 40
@@ -360,11 +213,11 @@ def test_make_task_stream_and_array_record(tmp_path):
     tasks.make_task(_lm_config(kind="stream", stream_dir=str(tmp_path / "none")))
   with pytest.raises(ValueError, match="needs data.stream_dir"):
     tasks.make_task(_lm_config(kind="stream"))
-  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
   task = tasks.make_task(_lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record")))
   assert len(task.train_source) == 38 and task.info["eval_documents"] == 2
   reference = packing.pack_documents(docs[38:], tokenizers.ByteTokenizer(), T)
-  _assert_examples_equal(task.eval_source[0], reference[0])
+  assert_examples_equal(task.eval_source[0], reference[0])
   with pytest.raises(ValueError, match="needs data.array_record_paths"):
     tasks.make_task(_lm_config(kind="array_record"))
   with pytest.raises(ValueError, match="data.kind='nope' is unknown"):
@@ -375,24 +228,14 @@ def test_trainer_accepts_fewer_documents_than_a_batch(tmp_path):
   """Packed on the fly, one document fills many sequences: 3 training documents feed a batch of 8."""
   from bmojo_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
   from bmojo_jax.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
-  docs = _documents(5)
-  _write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
+  docs = documents(5)
+  write_array_record(tmp_path / "docs.array_record", [d.encode("utf-8") for d in docs])
   config = _lm_config(kind="array_record", array_record_paths=str(tmp_path / "docs.array_record"))
   config.train.batch_size = 8
   task = tasks.make_task(config)
   assert len(task.train_source) < config.train.batch_size
   mesh = shard_lib.make_mesh(config.mesh, jax.devices()[:1])
   setup_lib.validate_config(config, mesh, task, setup_lib.model_config(config))
-
-
-def test_prepare_help_and_input_errors(tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    prepare.main(["--help"])
-  assert e.value.code == 0 and "--array-record" in capsys.readouterr().out
-  with pytest.raises(SystemExit, match="exactly one input"):
-    prepare.main(["--out", str(tmp_path / "s")])
-  with pytest.raises(SystemExit, match="Text path does not exist"):
-    prepare.main(["--out", str(tmp_path / "s"), "--text", str(tmp_path / "missing")])
 
 
 def test_missing_tokenizer_model_is_named(tmp_path):

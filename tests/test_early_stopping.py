@@ -13,6 +13,7 @@ import pytest
 from bmojo_jax.configs import mqar as mqar_config
 from bmojo_jax.train import metrics as metrics_lib
 from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import population_loop
 from bmojo_jax.train import setup as setup_lib
 from bmojo_jax.train import steps
 from bmojo_jax.train import trainer
@@ -99,8 +100,8 @@ def test_trainer_and_population_stop_at_the_same_evaluation(tmp_path):
   steps agree on the same batches.)"""
   config = tiny_config(patience=1, num_val=12)
   single = trainer.train(pop_lib.run_config(config, pop_lib.Run(3e-3, 0)), str(tmp_path / "single"))
-  results = pop_lib.Population(config, [pop_lib.Run(3e-3, 0), pop_lib.Run(1e-2, 1)], steps_per_dispatch=2).train(
-      str(tmp_path / "pop"), progress_bar=False)
+  pop = pop_lib.Population(config, [pop_lib.Run(3e-3, 0), pop_lib.Run(1e-2, 1)], steps_per_dispatch=2)
+  results = population_loop.train(pop, str(tmp_path / "pop"), progress_bar=False)
   workdirs = [tmp_path / "single", tmp_path / "pop" / "lr0.003_seed0", tmp_path / "pop" / "lr0.01_seed1"]
   for res, workdir in zip([single] + results, workdirs):
     assert (res["step"], res["stopped_by"], res["test_step"], res["best_step"]) == (4, "patience", 2, 2)
@@ -161,7 +162,7 @@ def test_population_stops_each_run_on_its_own_sequence(tmp_path, monkeypatch):
 
   monkeypatch.setattr(p, "validate", validate)
   monkeypatch.setattr(p, "evaluate", evaluate)
-  results = p.train(str(tmp_path), progress_bar=False)
+  results = population_loop.train(p, str(tmp_path), progress_bar=False)
   assert [(r["step"], r["stopped_by"], r["test_step"], r["best_step"]) for r in results] == [
       (6, "patience", 2, 2), (8, None, 8, 8)]
   assert results[0]["val_accuracy"] == 0.5 and results[1]["val_accuracy"] == 0.4

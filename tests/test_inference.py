@@ -135,7 +135,9 @@ def test_prefill_in_pieces_matches_parallel(decoders, family):
   model, decoder = decoders[family]
   tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
   full = forward(model, tokens)
-  cuts = [0, 3, 4, 11, 18, 19, 30, 36]          # pieces of 3, 1, 7, 7, 1, 11, 6 tokens, then decode
+  # Pieces of 3, 1, 7, 7, 1, 11 tokens, then decode: shorter than a chunk, across chunks, longer than the window
+  # (8), starting at chunk phases 0, 2 and 3; three continuation lengths, a compile each.
+  cuts = [0, 3, 4, 11, 18, 19, 30]
   logits, cache = decoder.prefill(tokens[:, :cuts[1]], T)
   got = [logits]
   for lo, hi in zip(cuts[1:-1], cuts[2:]):

@@ -31,9 +31,10 @@ def test_tiny_run_writes_the_record_schema(tmp_path, monkeypatch):
 def test_tiny_chunked_prefill_rows_record_their_memory(tmp_path, monkeypatch):
   """--prefill_chunks: a row per chunk size, each with the compiled pieces' largest temporary buffer, which
   chunking bounds: at T 64 pieces of 8 need less than one pass of 64. --compiler_options reach the decoder and
-  the records."""
+  the records. --step_batches names the batches timed from Python too: none of these."""
   monkeypatch.setattr(sys, "argv", ["inference_bench", "--tiny", "--families", "hybrid", "--prefill_T", "64",
                                     "--prefill_chunks", "0,8", "--contexts", "16", "--batches", "1",
+                                    "--step_batches", "2",
                                     "--compiler_options", '{"xla_cpu_enable_fast_math": false}',
                                     "--out_dir", str(tmp_path)])
   inference_bench.main()
@@ -42,6 +43,7 @@ def test_tiny_chunked_prefill_rows_record_their_memory(tmp_path, monkeypatch):
   assert set(prefill) == {None, 8} and all(PREFILL <= set(r) and r["ms"] > 0 for r in prefill.values())
   assert 0 < prefill[8]["temp_bytes"] < prefill[None]["temp_bytes"]
   assert {r["compiler_options"] for r in records} == {'{"xla_cpu_enable_fast_math": false}'}
+  assert [(r["batch"], r["loop"]) for r in records if r["op"] == "decode"] == [(1, True)]
 
 
 def test_budget_leaves_rows_out_and_resume_goes_on(tmp_path, monkeypatch, capsys):

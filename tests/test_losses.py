@@ -31,13 +31,14 @@ def _reference(x, w, labels, weights):
 @pytest.mark.parametrize("block", [1, 7, 12, 33, 4096])   # tb = 1, 2 (T padded), 4 (padded), 11, T
 def test_chunked_equals_reference_fp32(block):
   x, w, labels, weights = _inputs()
-  got = losses.linear_cross_entropy(x, w, labels, weights, block)
-  want = _reference(x, w, labels, weights)
+  chunked = lambda *a: losses.linear_cross_entropy(*a, block)
+  got = jax.jit(chunked)(x, w, labels, weights)          # both sides jitted: op by op, block 1 took ~6 s
+  want = jax.jit(_reference)(x, w, labels, weights)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(got[2], want[2])
-  grad = lambda f: jax.grad(lambda *a: f(*a)[0], argnums=(0, 1, 3))(x, w, labels, weights)
-  for g, r in zip(grad(lambda *a: losses.linear_cross_entropy(*a, block)), grad(_reference)):
+  grad = lambda f: jax.jit(jax.grad(lambda *a: f(*a)[0], argnums=(0, 1, 3)))(x, w, labels, weights)
+  for g, r in zip(grad(chunked), grad(_reference)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
@@ -62,13 +63,14 @@ def test_strict_rule_counts_ties_wrong():
 def test_chunked_bf16_accumulates_in_fp32():
   """bf16 inputs: ce from fp32 logits equals the reference's to fp32 rounding; gradients within bf16."""
   x, w, labels, weights = _inputs(b=2, t=64, d=32, v=300, dtype=jnp.bfloat16, seed=2)
-  got = losses.linear_cross_entropy(x, w, labels, weights, 32)
-  want = _reference(x, w, labels, weights)
+  chunked = lambda *a: losses.linear_cross_entropy(*a, 32)
+  got = jax.jit(chunked)(x, w, labels, weights)
+  want = jax.jit(_reference)(x, w, labels, weights)
   assert got[1].dtype == jnp.float32
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
-  grad = lambda f: jax.grad(lambda *a: f(*a)[0], argnums=(0, 1))(x, w, labels, weights)
-  for g, r in zip(grad(lambda *a: losses.linear_cross_entropy(*a, 32)), grad(_reference)):
+  grad = lambda f: jax.jit(jax.grad(lambda *a: f(*a)[0], argnums=(0, 1)))(x, w, labels, weights)
+  for g, r in zip(grad(chunked), grad(_reference)):
     assert g.dtype == r.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2e-2, atol=2e-3)
 
@@ -111,7 +113,8 @@ def test_loss_sums_chunked_equals_reference(tied, packed):
     cfg = tiny_config("transformer", tie_embeddings=tied,
                       compute=dict(attn_impl="reference", loss_impl=impl, loss_block=10))
     graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
-    out[impl] = jax.value_and_grad(steps.loss_sums, argnums=1, has_aux=True)(graphdef, params, batch)
+    loss_and_grads = jax.value_and_grad(steps.loss_sums, argnums=1, has_aux=True)   # jitted: op by op took ~15 s
+    out[impl] = jax.jit(loss_and_grads, static_argnums=0)(graphdef, params, batch)
   (loss, (n, c, per_ex)), g = out["chunked"]
   (loss_r, (n_r, c_r, per_ex_r)), g_r = out["reference"]
   np.testing.assert_allclose(loss, loss_r, rtol=1e-6)

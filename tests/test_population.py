@@ -15,6 +15,7 @@ import pytest
 from bmojo_jax.configs import mqar as mqar_config
 from bmojo_jax.train import metrics as metrics_lib
 from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import population_loop
 from bmojo_jax.train import runs
 from bmojo_jax.train import setup as setup_lib
 from bmojo_jax.train import steps
@@ -131,7 +132,7 @@ def test_train_files_and_early_stop(pop, tmp_path, monkeypatch):
   monkeypatch.setattr(p, "evaluate", evaluate)
   try:   # the diverged run's test loss is not finite: results.json holds null there (strict JSON), and says so
     with pytest.warns(runs.NonFiniteResultWarning, match=r"run lr1e\+30_seed2's step 2 gives non-finite test_loss"):
-      results = p.train(str(tmp_path), progress_bar=False, save_checkpoints=True)
+      results = population_loop.train(p, str(tmp_path), progress_bar=False, save_checkpoints=True)
   finally:
     p.config.train.target_accuracy, p.config.train.plot = 0.0, False
   assert [(x["step"], x["stopped_by"], x["test_step"]) for x in results] == [

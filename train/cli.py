@@ -15,9 +15,7 @@ cluster jax detects by itself with BMOJO_DISTRIBUTED=1, `jax.distributed.initial
 """
 
 import contextlib
-import difflib
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -29,6 +27,8 @@ from absl import app
 from absl import logging
 from absl import flags
 from ml_collections import config_flags
+
+from bmojo_jax.train import config_args
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM / SIGINT after saving; rerun to resume
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, results.")
@@ -203,99 +203,10 @@ USAGE = {
 }
 
 
-def _config_arg(argv: list[str]) -> str | None:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def resolve_config_spec(spec: str) -> str:
-  """FILE[:PRESET] as given where FILE is a file here; else, for a name of the project's own configs (`mqar`,
-  `mqar.py` or `configs/mqar.py`; likewise `lm`), the `bmojo_jax.configs` package's file, so `--config mqar:bmojo`
-  works from any directory. Anything else is returned unchanged (and refused by `load_config`)."""
-  path, sep, preset = spec.partition(":")
-  if os.path.isfile(path) or os.path.dirname(path) not in ("", "configs"):
-    return spec
-  from bmojo_jax import configs  # pylint: disable=g-import-not-at-top
-  name = os.path.basename(path) if path.endswith(".py") else os.path.basename(path) + ".py"
-  installed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), name)
-  return installed + sep + preset if os.path.isfile(installed) else spec
-
-
-def _resolve_config_args(argv: list[str]) -> list[str]:
-  """argv with the value of `--config X` / `--config=X` passed through `resolve_config_spec` (overrides
-  `--config.<field>=...` untouched)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg.startswith("--config="):
-      out[i] = "--config=" + resolve_config_spec(arg.split("=", 1)[1])
-    elif arg == "--config" and i + 1 < len(out):
-      out[i + 1] = resolve_config_spec(out[i + 1])
-  return out
-
-
-def load_config(spec: str):
-  """The ConfigDict of `spec` = FILE[:PRESET], as `--config` loads it (FileNotFoundError if there is no FILE;
-  a bad preset raises whatever the file's get_config raises, a ValueError for ours)."""
-  path, _, preset = resolve_config_spec(spec).partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such config file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("_bmojo_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
-
-
-def _leaves(d: dict, prefix: str = ""):
-  """(dotted path, value) of every leaf field of a nested dict."""
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
-def config_fields(spec: str) -> list[str]:
-  """`--config.<path>=<value>` for every field of the config file `spec` (FILE[:PRESET])."""
-  return [f"  --config.{path}={value!r}" for path, value in _leaves(load_config(spec).to_dict())]
-
-
-def check_config_args(argv: list[str], command: str) -> None:
-  """Exits with one line if --config names no loadable file or preset, or a `--config.<field>` override names
-  no field of it (with the closest field names, by difflib; a compute field named flat under model, as before
-  `ModelConfig.compute`, with its new key). Values are left to ml_collections' parser."""
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  spec = _config_arg(argv)
-  if spec is None:
-    if overrides:
-      sys.exit(f"{command}: --config.{overrides[0]} overrides a config field, but no --config FILE is given")
-    return
-  try:
-    config = load_config(spec)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"{command}: --config {spec}: {e}")
-  from bmojo_jax.config import COMPUTE_FIELDS  # pylint: disable=g-import-not-at-top
-  fields = [path for path, _ in _leaves(config.to_dict())]
-  for name in overrides:
-    section, _, field = name.partition(".")
-    if section == "model" and field in COMPUTE_FIELDS and f"model.compute.{field}" in fields:
-      sys.exit(f"{command}: --config.{name} is now --config.model.compute.{field} (how the model computes: "
-               "model.compute, a ComputeConfig)")
-    if name not in fields:
-      section, _, leaf = name.rpartition(".")          # e.g. data.seed: every *seed* field of data first
-      named = [f for f in fields if f.rpartition(".")[0] == section and leaf and leaf in f.rpartition(".")[2]]
-      close = (named + [f for f in difflib.get_close_matches(name, fields, n=3, cutoff=0.6) if f not in named])[:4]
-      hint = (f"closest: {', '.join(close)}" if close else f"`{command} --help --config {spec}` lists them")
-      sys.exit(f"{command}: --config.{name}: {spec} has no field {name!r}; {hint}")
-
-
 def _parse_flags(argv, command: str):
-  """absl's flag parsing, after `check_config_args`; an override ml_collections still refuses (a value the
+  """absl's flag parsing, after `config_args.check_config_args`; an override ml_collections still refuses (a value the
   field cannot take) is reported in one line instead of a traceback."""
-  check_config_args(argv[1:], command)
+  config_args.check_config_args(argv[1:], command)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -306,7 +217,7 @@ def _parse_flags(argv, command: str):
 
 def _run(main, command: str, with_config: bool) -> None:
   """app.run(main), except that -h / --help prints this command's usage and flags and exits 0."""
-  sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+  sys.argv[1:] = config_args.resolve_config_args(sys.argv[1:])
   argv = sys.argv[1:]
   if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):
     app.run(main, flags_parser=functools.partial(_parse_flags, command=command))
@@ -319,10 +230,10 @@ def _run(main, command: str, with_config: bool) -> None:
       default = "" if flag.default in (None, "") else f" (default {flag.default})"
       print(textwrap.fill(f"  --{flag.name}: {flag.help}{default}", width=110, subsequent_indent="    ",
                           break_on_hyphens=False))
-  spec = _config_arg(argv)
+  spec = config_args.config_arg(argv)
   if with_config and spec:
     try:
-      fields = config_fields(spec)
+      fields = config_args.config_fields(spec)
     except (FileNotFoundError, ValueError) as e:
       sys.exit(f"{command}: --config {spec}: {e}")
     print(f"\nfields of {spec}:")

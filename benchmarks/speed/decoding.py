@@ -1,5 +1,5 @@
-"""What the decode benchmarks (decode_bench.py, inference_bench.py) share: a cache placed at a context without
-filling it, and greedy sampling compiled once."""
+"""What inference_bench.py's decode timings use: a cache placed at a context without filling it, and greedy
+sampling compiled once."""
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Inference per family against the bandwidth floor (issue 36), written to inference_<device>.json and a figure.
 
     python -m benchmarks.speed.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
-        [--contexts 1024,8192,32768] [--batches 1,8,64] [--steps 32] [--prefill_chunks 0,4096]
+        [--contexts 1024,8192,32768] [--batches 1,8,64] [--step_batches 1,64] [--steps 32] [--prefill_chunks 0,4096]
         [--compiler_options '{"xla_gpu_enable_command_buffer": "FUSION,WHILE"}'] [--budget_s 450] [--resume] [--tiny]
 
 Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
@@ -17,7 +17,8 @@ kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
   {"op": "decode", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s",
    "floor_tokens_per_s", "compile_s", "device"}
       --steps greedy tokens after `context` tokens: loop true through `Decoder.decode` (a lax.scan on device,
-      sampling included), loop false one compiled `Decoder.step` per token called from Python (batch 1 only).
+      sampling included), loop false one compiled `Decoder.step` per token called from Python (the batches of
+      --step_batches, default 1).
       A step's cost does not depend on what the cache holds, so the cache starts from `init_cache` with its
       position set to the context. Constant-cache families reuse one compiled function for every context.
       floor = batch / ((weight bytes + cache bytes) / copy bandwidth): every step reads the weights and the
@@ -215,8 +216,14 @@ def planned_rows(family: Family, size: str, args, compiler_options: str | None) 
   """The key fields of every row of one family and size, in the order they are measured."""
   base = dict(family=family.value, size=size, compiler_options=compiler_options)
   rows = [dict(op="prefill", **base, batch=1, T=t, chunk=c) for t, c in prefill_rows(args)]
-  return rows + [dict(op="decode", **base, batch=b, context=ctx, loop=loop) for b in args.batches
-                 for loop in ((True, False) if b == 1 else (True,)) for ctx in args.contexts]
+  return rows + [dict(op="decode", **base, batch=b, context=ctx, loop=loop) for b, loop, ctx in decode_rows(args)]
+
+
+def decode_rows(args) -> list[tuple[int, bool, int]]:
+  """(batch, loop, context) of every decode row in measuring order: the on-device loop at every batch, one step
+  per token called from Python too at the batches of --step_batches."""
+  return [(batch, loop, context) for batch in args.batches
+          for loop in ((True, False) if batch in args.step_batches else (True,)) for context in args.contexts]
 
 
 def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit,
@@ -251,27 +258,25 @@ def bench_family(family: Family, size: str, args, bandwidth: float, limit: float
     emit(rec)
 
   compile_s = {}          # (loop, batch, cache bytes): one compiled function per cache shape
-  for batch in args.batches:
-    for loop in ((True, False) if batch == 1 else (True,)):
-      for context in args.contexts:
-        room = context + 8 * args.steps
-        c_bytes = cache_bytes(model, batch, room)
-        rec = dict(op="decode", **base, batch=batch, context=context, loop=loop, tokens_per_s=None,
-                   floor_tokens_per_s=batch * bandwidth / (weights + c_bytes), compile_s=None,
-                   cache_bytes=c_bytes, weight_bytes=weights)
-        if not schedule.runs(rec):
-          continue
-        if cap is not None and c_bytes > cap:
-          rec["skipped"] = f"cache {c_bytes / 2**30:.1f} GiB > {args.cache_fraction} of device memory"
-        else:
-          try:
-            rec["tokens_per_s"], first = decode_tokens_per_s(decoder, model, batch, context, args.steps, loop)
-            rec["compile_s"] = compile_s.setdefault((loop, batch, c_bytes), first)   # a reused one's own
-          except Exception as e:  # pylint: disable=broad-except
-            if not is_oom(e):
-              raise
-            rec["skipped"] = f"out of memory: {str(e)[:200]}"
-        emit(rec)
+  for batch, loop, context in decode_rows(args):
+    room = context + 8 * args.steps
+    c_bytes = cache_bytes(model, batch, room)
+    rec = dict(op="decode", **base, batch=batch, context=context, loop=loop, tokens_per_s=None,
+               floor_tokens_per_s=batch * bandwidth / (weights + c_bytes), compile_s=None,
+               cache_bytes=c_bytes, weight_bytes=weights)
+    if not schedule.runs(rec):
+      continue
+    if cap is not None and c_bytes > cap:
+      rec["skipped"] = f"cache {c_bytes / 2**30:.1f} GiB > {args.cache_fraction} of device memory"
+    else:
+      try:
+        rec["tokens_per_s"], first = decode_tokens_per_s(decoder, model, batch, context, args.steps, loop)
+        rec["compile_s"] = compile_s.setdefault((loop, batch, c_bytes), first)   # a reused one's own
+      except Exception as e:  # pylint: disable=broad-except
+        if not is_oom(e):
+          raise
+        rec["skipped"] = f"out of memory: {str(e)[:200]}"
+    emit(rec)
 
 
 def main():
@@ -281,6 +286,8 @@ def main():
   parser.add_argument("--prefill_T", type=ints, help="default 1024,2048,4096,16384,32768 (--tiny: 16,32)")
   parser.add_argument("--contexts", type=ints, help="default 1024,8192,32768 (--tiny: 16,64)")
   parser.add_argument("--batches", type=ints, help="default 1,8,64 (--tiny: 1,2)")
+  parser.add_argument("--step_batches", type=ints, default=[1],
+                      help="batches whose decode is also timed one Decoder.step per token from Python; default 1")
   parser.add_argument("--steps", type=int, help="tokens per decode timing; default 32 (--tiny: 4)")
   parser.add_argument("--iters", type=int, help="prefill calls per median; default 10 (--tiny: 2)")
   parser.add_argument("--prefill_chunks", "--prefill-chunks", "--prefill-chunk", dest="prefill_chunks", type=ints,

@@ -21,14 +21,13 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import median_ms, rel_err
+from benchmarks.common import device_tag, median_ms, rel_err
 from benchmarks.speed.selective_scan_inputs import fwd_fn, fwdbwd_fn, make_inputs, packed_reset, pallas
 from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -44,14 +43,6 @@ def log(*a):
 
 def over_budget():
   return time.perf_counter() - START > BUDGET_S[0]
-
-
-def device_name():
-  kind = jax.devices()[0].device_kind
-  for short in ("H100", "H200", "A100"):
-    if short in kind:
-      return short.lower()
-  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
 # Median of 20 samples, each the mean of >= 5 back-to-back calls lasting >= 20 ms together.
@@ -194,8 +185,7 @@ def main():
   args = p.parse_args()
   BUDGET_S[0] = args.budget
   os.makedirs(args.out, exist_ok=True)
-  dev = device_name()
-  path = os.path.join(args.out, f"selective_scan_{dev}.json")
+  path = os.path.join(args.out, f"selective_scan_{device_tag()}.json")
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   try:  # a recompile of the same kernels (the same HLO) then comes from disk
     jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")

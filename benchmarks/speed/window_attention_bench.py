@@ -44,14 +44,6 @@ def elapsed() -> float:
   return time.time() - T0
 
 
-def device_slug() -> str:
-  kind = jax.devices()[0].device_kind.lower()
-  for name in ("h200", "h100", "a100", "l4", "cpu"):
-    if name in kind:
-      return name
-  return kind.replace(" ", "_")
-
-
 # Median of 25 samples, each the mean of >= 4 back-to-back calls lasting >= 20 ms together.
 median_ms = functools.partial(common.median_ms, warmup=2, iters=25, inner=4, min_sample_ms=20.0)
 
@@ -189,7 +181,7 @@ def main():
   SMOKE = args.smoke
   print("jax", jax.__version__, jax.devices(), flush=True)
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"window_attention_{device_slug()}.json")
+  path = os.path.join(args.out, f"window_attention_{common.device_tag()}.json")
   records: list[dict] = []
 
   def save():

@@ -15,6 +15,7 @@ from benchmarks.studies.mqar_zoology import zoology_config
 from bmojo_jax import Sublayer, count_params
 from bmojo_jax.kernels import resolve_attn_impl, resolve_scan_impl
 from bmojo_jax.train import population as pop_lib
+from bmojo_jax.train import population_loop
 from bmojo_jax.train import setup as setup_lib
 from bmojo_jax.train.data import mqar
 
@@ -89,7 +90,8 @@ def train_population(args, config, cfg, base: dict, runs: list, checked: dict) -
     if checked[n]:
       print(f"WARNING: N={n}: {checked[n]} of 64 test examples differ between the device and the host")
   workdir = os.path.join(args.workdir, population_folder(base))
-  results = pop.train(workdir, progress_bar=not args.no_progress, save_checkpoints=args.save_checkpoints)
+  results = population_loop.train(pop, workdir, progress_bar=not args.no_progress,
+                                  save_checkpoints=args.save_checkpoints)
   wall = time.time() - t0
   records = [{**base, "learning_rate": run.learning_rate, "seed": run.seed,
               "steps": res["step"], "stopped_by": res["stopped_by"],
