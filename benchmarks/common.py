@@ -126,3 +126,42 @@ def parse_mesh(spec: str) -> dict[str, int]:
       raise ValueError(f"--meshes entry {spec!r}: expected 1 or axis=size[:axis=size] with axes {MESH_AXES}")
     mesh[axis] = int(size)
   return mesh
+
+
+class RowSchedule:
+  """Which rows a resumable benchmark run measures, rows being records told apart by `key_fields`: with
+  `resume`, not those the file at `path` already holds measured (without "skipped"); none once `budget_s`
+  seconds have passed since `t0` (those are kept in `left_out`, by their key fields)."""
+
+  def __init__(self, key_fields: tuple[str, ...], path: str, resume: bool, budget_s: float | None, t0: float):
+    self.key_fields, self.path, self.budget_s, self.t0, self.left_out = key_fields, path, budget_s, t0, []
+    self.done = {self.key(r) for r in self.previous() if "skipped" not in r} if resume else set()
+
+  def key(self, rec: dict) -> tuple:
+    return tuple(rec.get(f) for f in self.key_fields)
+
+  def previous(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return json.load(f)
+
+  def merge_previous(self, records: list[dict]) -> list[dict]:
+    """This run's records, then those of the file that this run did not measure."""
+    seen = {self.key(r) for r in records}
+    return records + [r for r in self.previous() if self.key(r) not in seen]
+
+  def wanted(self, rec: dict) -> bool:
+    return self.key(rec) not in self.done
+
+  def over(self) -> bool:
+    return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
+
+  def runs(self, rec: dict) -> bool:
+    """Whether to measure rec now (False: done before, or left out for the budget, and recorded as such)."""
+    if not self.wanted(rec):
+      return False
+    if self.over():
+      self.left_out.append({f: rec.get(f) for f in self.key_fields if rec.get(f) is not None})
+      return False
+    return True

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import device_tag, ints, median_ms, save_figure, write_results
+from benchmarks.common import RowSchedule, device_tag, ints, median_ms, save_figure, write_results
 from benchmarks.speed.decoding import at_position, greedy
 from bmojo_jax import ComputeConfig, Family, LanguageModel, ModelConfig, preset
 from bmojo_jax import inference
@@ -145,20 +145,6 @@ def decode_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, cont
   return batch * steps / timed, max(0.0, times[0] - timed)
 
 
-def key(r: dict) -> tuple:
-  return tuple(r.get(f) for f in KEY_FIELDS)
-
-
-def merge_previous(records: list[dict], path: str) -> list[dict]:
-  """This run's records, then those of the file at `path` that this run did not measure."""
-  if not os.path.exists(path):
-    return records
-  with open(path) as f:
-    previous = json.load(f)
-  seen = {key(r) for r in records}
-  return records + [r for r in previous if key(r) not in seen]
-
-
 def figure(records: list[dict], path: str) -> str:
   """tokens/s against context per family (on-device loop), a panel per size and batch (1 and 64)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -190,28 +176,6 @@ def prefill_rows(args) -> list[tuple[int, int | None]]:
   return [(t, c or None) for t in args.prefill_T for c in args.prefill_chunks if not c or c < t]
 
 
-class Schedule:
-  """Which rows this run measures: not those --resume finds done, none once --budget_s has passed."""
-
-  def __init__(self, done: set, budget_s: float | None, t0: float):
-    self.done, self.budget_s, self.t0, self.left_out = done, budget_s, t0, []
-
-  def wanted(self, rec: dict) -> bool:
-    return key(rec) not in self.done
-
-  def over(self) -> bool:
-    return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
-
-  def runs(self, rec: dict) -> bool:
-    """Whether to measure rec now (False: done before, or left out for the budget, and recorded as such)."""
-    if not self.wanted(rec):
-      return False
-    if self.over():
-      self.left_out.append({f: rec.get(f) for f in KEY_FIELDS if rec.get(f) is not None})
-      return False
-    return True
-
-
 def planned_rows(family: Family, size: str, args, compiler_options: str | None) -> list[dict]:
   """The key fields of every row of one family and size, in the order they are measured."""
   base = dict(family=family.value, size=size, compiler_options=compiler_options)
@@ -227,7 +191,7 @@ def decode_rows(args) -> list[tuple[int, bool, int]]:
 
 
 def bench_family(family: Family, size: str, args, bandwidth: float, limit: float | None, emit,
-                 schedule: Schedule) -> None:
+                 schedule: RowSchedule) -> None:
   options = json.loads(args.compiler_options) if args.compiler_options else None
   named = json.dumps(dict(inference.check_compiler_options(options))) if options else None
   planned = planned_rows(family, size, args, named)
@@ -331,13 +295,9 @@ def main():
       what += f" (temp {rec['temp_bytes'] / 2**20:.1f} MiB)"
     print(f"{rec['size']:5s} {rec['family']:12s} {rec['op']:8s} {what} compile {rec['compile_s']} s"
           f"{'  SKIPPED ' + rec['skipped'] if 'skipped' in rec else ''}", flush=True)
-    write_results(merge_previous(list(records), path), "inference", out_dir)   # a cut run keeps its rows
+    write_results(schedule.merge_previous(list(records)), "inference", out_dir)   # a cut run keeps its rows
 
-  done = set()
-  if args.resume and os.path.exists(path):
-    with open(path) as f:
-      done = {key(r) for r in json.load(f) if "skipped" not in r}
-  schedule = Schedule(done, args.budget_s, t0)
+  schedule = RowSchedule(KEY_FIELDS, path, args.resume, args.budget_s, t0)
   for size in sizes:
     for family in map(Family, args.families.split(",")):
       bench_family(family, size, args, bandwidth, limit, emit, schedule)
