@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bmojo_jax.config import ComputeConfig, ConfigError, Family, ModelConfig
+from bmojo_jax.config import COMPUTE_FIELDS, ComputeConfig, ConfigError, Family, ModelConfig
 
 # Paper sizes follow the Mamba paper (layers counted as sublayers); vocab 50280 is GPT-NeoX's padded.
 PAPER_SIZES = {
@@ -45,6 +45,10 @@ def paper_config(family: str | Family, size: str, **overrides: Any) -> ModelConf
   kw.update(FAMILY_DEFAULTS[family])
   compute = overrides.pop("compute", None)
   if not isinstance(compute, ComputeConfig):
+    unknown = sorted(set(compute or {}) - set(COMPUTE_FIELDS))
+    if unknown:
+      raise ConfigError(f"compute={compute}: {unknown} are not ComputeConfig fields; choose from "
+                        f"{list(COMPUTE_FIELDS)}")
     compute = ComputeConfig(**{**PAPER_LAYOUT[family], **(compute or {})})
   kw.update(overrides, compute=compute)
   return ModelConfig(**kw)

@@ -111,9 +111,12 @@ def test_paper_presets_train_in_their_family_layout():
   for name in ("transformer-130m", "hybrid-1.4b", "bmojo-370m", "mamba-790m"):
     compute = preset(name).compute
     assert (compute.scan_layers, compute.remat.value) == (not name.startswith("transformer"), "dots_attention")
-  assert set(PAPER_LAYOUT) == {preset(f"{f}-130m").family for f in ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")}
+  families = ("transformer", "mamba", "hybrid", "bmojo_f", "bmojo")
+  assert set(PAPER_LAYOUT) == {preset(f"{f}-130m").family for f in families}
   merged = preset("bmojo-130m", compute=dict(dtype="bfloat16", remat="full")).compute
   assert (merged.scan_layers, merged.remat.value, merged.dtype) == (True, "full", "bfloat16")
   whole = preset("bmojo-130m", compute=ComputeConfig(dtype="bfloat16")).compute
   assert whole == ComputeConfig(dtype="bfloat16")
   assert preset("bmojo-mqar").compute == ComputeConfig()        # MQAR-sized models keep the plain defaults
+  with pytest.raises(ConfigError, match=r"\['remt'\] are not ComputeConfig fields"):
+    preset("bmojo-130m", compute=dict(remt="full"))
