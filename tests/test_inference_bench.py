@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from benchmarks.speed import inference_bench
 
 PREFILL = {"op", "family", "attn_impl", "size", "batch", "T", "ms", "compile_s", "device"}
@@ -74,3 +76,11 @@ def test_prefill_rows_leave_out_chunks_that_hold_the_whole_prompt():
   import argparse
   args = argparse.Namespace(prefill_T=[1024, 16384], prefill_chunks=[0, 4096])
   assert inference_bench.prefill_rows(args) == [(1024, None), (16384, None), (16384, 4096)]
+
+
+@pytest.mark.parametrize("flag, value", [("--budget_s", "-1"), ("--budget_s", "nan"), ("--prefill_chunks", "0,-8")])
+def test_bad_budget_or_chunk_is_refused_in_one_line(flag, value, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["inference_bench", "--tiny", flag, value])
+  with pytest.raises(SystemExit):
+    inference_bench.main()
+  assert flag in capsys.readouterr().err

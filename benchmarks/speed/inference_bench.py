@@ -268,6 +268,10 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="a tiny config on CPU (tests)")
   parser.add_argument("--out_dir", default=None)
   args = parser.parse_args()
+  if args.budget_s is not None and not 0 <= args.budget_s < float("inf"):
+    parser.error(f"--budget_s {args.budget_s}: must be a finite number of seconds >= 0")
+  if any(c < 0 for c in args.prefill_chunks):
+    parser.error(f"--prefill_chunks {args.prefill_chunks}: chunk sizes are >= 0 (0: the whole prompt)")
   t0 = time.perf_counter()
   sizes = ["tiny"] if args.tiny else args.sizes.split(",")
   defaults = (dict(prefill_T=[16, 32], contexts=[16, 64], batches=[1, 2], steps=4, iters=2) if args.tiny else

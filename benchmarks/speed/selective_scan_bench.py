@@ -2,7 +2,7 @@
 the sequential reference, a T sweep (1k..64k) for linearity, and a block-size sweep.
 
     PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.selective_scan_bench [--out DIR] [--sweep] [--tscan] [--mixer]
-        [--segments]
+        [--segments] [--shape B,T,E,N] [--variants "num_warps_bwd=2;chunk=8,chunk_bwd=8"]
 
 Writes DIR/selective_scan_<device>.json (a list of records {"op", "impl", "shape", "dtype", "fwd_ms",
 "fwdbwd_ms", "segments", "device", "jax", ...}) and prints a table. Times are medians over >= 20 timed samples
@@ -27,7 +27,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import device_tag, median_ms, rel_err
+from benchmarks.common import device_tag, ints, median_ms, rel_err
 from benchmarks.speed.selective_scan_inputs import fwd_fn, fwdbwd_fn, make_inputs, packed_reset, pallas
 from bmojo_jax.pallas_kernels.selective_scan.block_sizes import BlockSizes
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -180,6 +180,8 @@ def main():
   p.add_argument("--variants", default="", help="more block sizes to time, ';'-separated; the best is used after")
   p.add_argument("--check-dtypes", default="float32,bfloat16")
   p.add_argument("--bs", default="", help="block sizes for the main runs, e.g. block_e=8,chunk=16")
+  p.add_argument("--shape", type=ints, default=[2, 4096, 2048, 16],
+                 help="B,T,E,N of the main runs and --variants (the 1.4B training shape: 8,2048,4096,16)")
   p.add_argument("--segments", action="store_true",
                  help="also time and check the Pallas kernel on packed documents (reset, mean length T/8)")
   args = p.parse_args()
@@ -208,7 +210,9 @@ def main():
       traceback.print_exc()
   log("main timings")
 
-  B, T, E, N, dtype = 2, 4096, 2048, 16, jnp.bfloat16
+  if len(args.shape) != 4 or min(args.shape) < 1:
+    p.error(f"--shape {args.shape}: give B,T,E,N, four positive integers")
+  (B, T, E, N), dtype = args.shape, jnp.bfloat16
   shape = dict(B=B, T=T, E=E, N=N, D=True, z=True, delta_bias=True)
   a = make_inputs(B, T, E, N, dtype)
   fw, fbw, mem = time_pair(fwd_fn(pallas(bs)), fwdbwd_fn(pallas(bs)), *a)
