@@ -24,8 +24,8 @@ FAMILY_DEFAULTS = {
 }
 
 # The block layout a paper-size model trains in: per family the fastest layout measured whose step compiles in
-# <= 20 s (one H100, 16k tokens a step; docs/train_speed.md, "Layout"). The Transformer runs its blocks as a
-# Python loop (1.4B, 2k: 281 ms against 300 scanned; compile 14-23 s). Every family with a selective scan runs
+# about 20 s or less (one H100, 16k tokens a step; docs/train_speed.md, "Layout"). The Transformer runs its blocks as a
+# Python loop (1.4B, 2k: 281 ms against 300 scanned; compile 13-23 s). Every family with a selective scan runs
 # them as one lax.scan: unrolled, each Pallas call site compiles again (~85 s at 130M, ~200 s at 1.4B) for 3% at
 # 130M. Both keep matmul and attention-kernel outputs and rerun the selective scan's forward in the backward
 # ("dots_attention"), so every family trains 16k tokens a step at 1.4B, 2k on one 80 GB card.

@@ -103,16 +103,18 @@ def test_chunked_continuation_and_last_only(models):
   assert_same_cache(cache, want_cache)
 
 
-def test_one_continuation_compile_whatever_the_prompt_length(models):
+@pytest.mark.parametrize("family", ["hybrid", "bmojo"])
+def test_one_continuation_compile_whatever_the_prompt_length(models, family):
   """Pieces after the first have one shape: prompts of several lengths compile the continuation once (the
-  first piece, the remainder, is a parallel prefill compiled per remainder length, as a whole prompt is)."""
-  decoder = Decoder(models["hybrid"], prefill_chunk=8)
+  first piece, the remainder, is a parallel prefill compiled per remainder length, as a whole prompt is). For
+  B'MOJO the pieces then start at several phases of its memory chunks (`_continue_memory`'s frame)."""
+  decoder = Decoder(models[family], prefill_chunk=8)
   decoder.prefill(jnp.zeros((1, 24), jnp.int32))
   before = (inference._continue._cache_size(), inference._prefill._cache_size())
-  for length in (17, 25, 40):                                 # remainders 1, 1, 8 (8 compiled above)
+  for length in (17, 25, 40, 27):                             # remainders 1, 1, 8 (compiled above), 3
     decoder.prefill(jnp.ones((1, length), jnp.int32))
   assert inference._continue._cache_size() == before[0]
-  assert inference._prefill._cache_size() == before[1] + 1
+  assert inference._prefill._cache_size() == before[1] + 2
 
 
 def test_generate_with_prefill_chunk(models):

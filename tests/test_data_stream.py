@@ -93,6 +93,11 @@ def test_stream_errors(tmp_path):
   json.dump(meta, open(meta_path, "w"))
   with pytest.raises(ValueError, match="another tokenizer.*pad_id 3 there vs 256 here"):
     stream.PackedStreamSource(out, T, tokenizers.ByteTokenizer())
+  json.dump(json.loads(good), open(meta_path, "w"))
+  np.save(os.path.join(out, "doc_offsets.npy"), np.zeros((0,), np.int64))     # a stream of no documents
+  for reader in (lambda: stream.PackedStreamSource(out, T), lambda: stream.StreamDocuments(out)):
+    with pytest.raises(ValueError, match="doc_offsets.npy holds no documents"):
+      reader()
   with pytest.raises(ValueError, match="outside the vocabulary"):
     stream.StreamWriter(str(tmp_path / "bad"), tokenizers.ByteTokenizer().vocab_size).add(np.array([1, 300, 2]),
                                                                                           np.int64([3]))

@@ -135,12 +135,11 @@ def _eval(argv):
     if f[name].present and not (f.lm_lengths or f.niah):
       sys.exit(f"bmojo-eval: --{name} names the documents of --lm_lengths / --niah only; add one of them (the "
                "test-set evaluation reads the run's own test set).")
-  if f.lm_text and f.lm_stream:
-    sys.exit("bmojo-eval: --lm_text and --lm_stream both name the documents to evaluate on; give one.")
-  for name in ("lm_text", "lm_stream"):
     if f[name].present and not f[name].value.strip():
       sys.exit(f"bmojo-eval: --{name} is empty; name a text file or folder (--lm_text) or a token stream folder "
                "(--lm_stream).")
+  if f.lm_text and f.lm_stream:
+    sys.exit("bmojo-eval: --lm_text and --lm_stream both name the documents to evaluate on; give one.")
   if f.lm_lengths or f.niah:   # perplexity against context / NIAH (docs/lm.md) instead of the test-set pass
     from bmojo_jax.train import lm_eval  # pylint: disable=g-import-not-at-top
     with _one_line_errors("bmojo-eval"):

@@ -66,8 +66,8 @@ def document_windows(documents: Sequence[str | np.ndarray], tokenizer, length: i
     source = "concatenated"
   spans = [(i, j) for i, d in enumerate(docs) for j in range(len(d) // length)]   # BOS + n ids: n // length
   if not spans:
-    raise ValueError(f"The held-out text is shorter than one window of {length} + 1 tokens: lower the context "
-                     "lengths or hold out more text.")
+    raise ValueError(f"The evaluation documents (held-out text, --lm_text or --lm_stream) are shorter than one "
+                     f"window of {length} + 1 tokens: lower the context lengths or give more text.")
   if max_windows is not None and len(spans) > max_windows:
     spans = [spans[i] for i in np.unique(np.linspace(0, len(spans) - 1, max_windows).round().astype(int))]
 

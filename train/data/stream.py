@@ -146,6 +146,28 @@ def check_offsets(starts: np.ndarray, num_tokens: int, path: str, chunk: int = 1
                      "of the stream; prepare the stream again.")
 
 
+def open_stream(directory: str, meta: dict, check: bool = True) -> tuple[np.memmap, np.ndarray]:
+  """(tokens.bin as a little-endian memory map, the document starts memory-mapped) of a stream directory whose
+  meta.json says `meta`. Missing or corrupt starts, starts that are not meta's documents or a stream of no
+  documents are refused in one line naming the file; with `check`, also starts past the tokens or out of order."""
+  num_tokens = int(meta["num_tokens"])
+  tokens = np.memmap(os.path.join(directory, TOKENS), mode="r", shape=(num_tokens,),
+                     dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
+  path = os.path.join(directory, OFFSETS)
+  try:
+    starts = np.load(path, mmap_mode="r")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"Corrupt or missing {OFFSETS} in {directory}: {e}; prepare the stream again.") from None
+  if not starts.size:
+    raise ValueError(f"{path} holds no documents; prepare the stream again from a corpus that has some.")
+  if starts.shape != (int(meta["num_documents"]),) or starts[0] != 0:
+    raise ValueError(f"{path} has shape {starts.shape} (first {starts[:1]}) but {META} says "
+                     f"{meta['num_documents']} documents starting at 0; prepare the stream again.")
+  if check:
+    check_offsets(starts, num_tokens, path)
+  return tokens, starts
+
+
 class PackedStreamSource:
   """Grain random-access source of packed sequences over a stream directory (memory-mapped).
 
@@ -180,22 +202,11 @@ class PackedStreamSource:
     self._open()
 
   def _open(self) -> None:
-    path = os.path.join(self.directory, TOKENS)
-    self.tokens = np.memmap(path, mode="r", shape=(int(self.meta["num_tokens"]),),
-                            dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"))
+    self.tokens, self.doc_starts = open_stream(self.directory, self.meta,
+                                               check=not getattr(self, "_offsets_checked", False))
+    self._offsets_checked = True                         # once, not in every grain worker that reopens it
     self._dtype = self.tokens.dtype
-    self._fd = os.open(path, os.O_RDONLY)
-    try:
-      self.doc_starts = np.load(os.path.join(self.directory, OFFSETS), mmap_mode="r")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"Corrupt or missing {OFFSETS} in {self.directory}: {e}; prepare the stream again.") from None
-    if self.doc_starts.shape != (int(self.meta["num_documents"]),) or self.doc_starts[0] != 0:
-      raise ValueError(f"{os.path.join(self.directory, OFFSETS)} has shape {self.doc_starts.shape} (first "
-                       f"{self.doc_starts[:1]}) but {META} says {self.meta['num_documents']} documents "
-                       "starting at 0; prepare the stream again.")
-    if not getattr(self, "_offsets_checked", False):    # once, not in every grain worker that reopens it
-      check_offsets(self.doc_starts, int(self.meta["num_tokens"]), os.path.join(self.directory, OFFSETS))
-      self._offsets_checked = True
+    self._fd = os.open(os.path.join(self.directory, TOKENS), os.O_RDONLY)
 
   def __del__(self, _close=os.close):   # os.close bound now: at interpreter exit `os` may be gone
     if getattr(self, "_fd", None) is not None:
@@ -244,20 +255,9 @@ class StreamDocuments:
   def __init__(self, directory: str):
     self.directory = directory
     self.meta = read_meta(directory)
-    num_tokens = int(self.meta["num_tokens"])
-    self.tokens = np.memmap(os.path.join(directory, TOKENS), mode="r", shape=(num_tokens,),
-                            dtype=np.dtype(self.meta["dtype"]).newbyteorder("<"))
-    offsets = os.path.join(directory, OFFSETS)
-    try:
-      starts = np.load(offsets, mmap_mode="r")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"Corrupt or missing {OFFSETS} in {directory}: {e}; prepare the stream again.") from None
-    if starts.shape != (int(self.meta["num_documents"]),) or starts[0] != 0:
-      raise ValueError(f"{offsets} has shape {starts.shape} but {META} says {self.meta['num_documents']} "
-                       "documents starting at 0; prepare the stream again.")
-    check_offsets(starts, num_tokens, offsets)
+    self.tokens, starts = open_stream(directory, self.meta)
     self.starts = np.asarray(starts, np.int64)
-    self.sizes = np.maximum(np.diff(self.starts, append=num_tokens) - 2, 0)   # each document: BOS + ids + EOS
+    self.sizes = np.maximum(np.diff(self.starts, append=self.tokens.size) - 2, 0)   # each: BOS + ids + EOS
 
   def __len__(self) -> int:
     return int(self.starts.size)
