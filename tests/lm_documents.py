@@ -96,6 +96,13 @@ def write_bible(root) -> None:
   data.write_bytes(b"\0")
 
 
+
+def write_package_tree(root) -> None:
+  """Two Austen novels and the King James Bible's three books under `root`, as their packages install them."""
+  write_austen(root, {"emma": EMMA, "northangerabbey": NORTHANGER})
+  write_bible(root)
+
+
 def write_perl_doc(root, pages: dict[str, str], version: str = "5.36.0") -> None:
   """perl-doc's pod folder, with the <major.minor> link Debian adds beside it."""
   folder = root / "usr/share/perl" / version / "pod"

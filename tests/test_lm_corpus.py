@@ -10,14 +10,13 @@ from bmojo_jax.train import lm_eval
 from bmojo_jax.train import tasks
 from bmojo_jax.train.data import corpus
 from bmojo_jax.train.data import debian_texts
-from tests.lm_documents import EMMA, NORTHANGER, lm_config, write_austen, write_bible, write_perl_doc
+from tests.lm_documents import EMMA, lm_config, write_austen, write_package_tree, write_perl_doc
 
 
 @pytest.fixture
 def package_tree(tmp_path):
   root = tmp_path / "root"
-  write_austen(root, {"emma": EMMA, "northangerabbey": NORTHANGER})
-  write_bible(root)
+  write_package_tree(root)
   return root
 
 

@@ -11,8 +11,7 @@ from bmojo_jax.train import lm_eval
 from bmojo_jax.train import niah
 from bmojo_jax.train import runs
 from bmojo_jax.train.data import corpus
-from tests.lm_documents import DOCS, EMMA, NORTHANGER, lm_config, stream_of, write_austen, write_bible, \
-    write_sentencepiece_stream
+from tests.lm_documents import DOCS, lm_config, stream_of, write_package_tree, write_sentencepiece_stream
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +19,7 @@ def trained_run(tmp_path_factory):
   """(workdir, corpus folder) of a smoke B'MOJO trained 2 steps (T = 16) on the fake package tree's corpus."""
   from bmojo_jax.train import trainer  # pylint: disable=g-import-not-at-top
   tmp = tmp_path_factory.mktemp("lm_run")
-  write_austen(tmp / "root", {"emma": EMMA, "northangerabbey": NORTHANGER})
-  write_bible(tmp / "root")
+  write_package_tree(tmp / "root")
   out = tmp / "corpus"
   corpus.prepare(str(out), ("austen", "kjv"), root=str(tmp / "root"), eval_fraction=0.3)   # the fake tree's sources
   config = lm_config(str(out))
