@@ -7,29 +7,29 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
      `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
 and calls the attention function `cfg.compute.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
-ring buffer of the last w keys plus the same memory, and carries an `AttnState`.
+ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`), and carries an `AttnState`; a
+continuation from a state runs in parallel (`bmojo_jax.continuation`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from bmojo_jax import typing as tp
 from bmojo_jax.config import ModelConfig, Selection
+from bmojo_jax.continuation import continue_memory, continue_parallel
+from bmojo_jax.decode_cache import decode_attention, ring_cache
 from bmojo_jax.kernels import get_attention_fn
 from bmojo_jax.layers import einsum_layer, param, rope
-from bmojo_jax.memory import LastChunk, chunk_memory, continued_memory, fading_rows
+from bmojo_jax.memory import chunk_memory
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
 from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store, empty_store, merge
 from bmojo_jax.segments import Packing
-from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 
 class AttnState(NamedTuple):
@@ -47,7 +47,6 @@ class AttnState(NamedTuple):
 
 
 CHUNK_FIELDS = ("fading_k", "fading_v", "store", "cand")   # what `Attention.start_chunk` changes
-CONTINUE_BLOCK = 256   # queries per block of a parallel continuation (`Attention._continue_parallel`)
 
 
 class Attention(nnx.Module):
@@ -106,20 +105,21 @@ class Attention(nnx.Module):
 
     a [B, T, D] attention input; fading [B, T, D] fading source (the normed mixer output; B'MOJO-F /
     B'MOJO); with fading_norm, fading is the read-out before its norm and fading_norm(rows [..., D]) is applied
-    to the rows cut from it only (`fading_parts`). With cache_size (ring slots; the window, or the maximum length for full attention) also
-    returns the decode state after the last token. With `packing` (several documents per row) no key or
-    memory token of one document is visible to another, and chunks count from each document's first token.
-    A continuation (a prompt fed in pieces, a second turn) attends in parallel too: without memory tokens
-    over the ring cache and the piece (`_continue_parallel`), with them through the attention function over the
-    piece in memory chunks (`_continue_memory`); `_continue`, `step` over its tokens in a `lax.scan`, is the
-    reference of both (tests/test_chunked_prefill.py).
+    to the rows cut from it only (`fading_parts`). With cache_size (ring slots; the window, or the maximum length
+    for full attention) also returns the decode state after the last token. With `packing` (several documents per
+    row) no key or memory token of one document is visible to another, and chunks count from each document's
+    first token. A continuation (a prompt fed in pieces, a second turn) attends in parallel too
+    (`bmojo_jax.continuation`): without memory tokens over the ring cache and the piece (`continue_parallel`),
+    with them through the attention function over the piece in memory chunks (`continue_memory`);
+    `continue_stepwise`, `step` over its tokens in a `lax.scan`, is the reference of both
+    (tests/test_chunked_prefill.py).
     """
     if state is not None:
       if packing is not None:
         raise NotImplementedError("a continuation from a decode state takes one document per row")
       if not (self.cfg.fading or self.cfg.eidetic):
-        return self._continue_parallel(a, state)
-      return self._continue_memory(a, state, fading, fading_norm)
+        return continue_parallel(self, a, state)
+      return continue_memory(self, a, state, fading, fading_norm)
     cfg = self.cfg
     if packing is not None and cache_size is not None:
       raise NotImplementedError("a packed row has no single decode state; prefill one document per row")
@@ -149,120 +149,6 @@ class Attention(nnx.Module):
       state = state._replace(history=last_inputs(a))
     return y, state
 
-  def _continue(self, a: jax.Array, state: AttnState, fading: jax.Array | None):
-    """`step` over the T tokens of a [B, T, D] (and fading, normed) from `state` -> (y [B, T, D], state): the
-    reference of the parallel continuations (`_continue_parallel`, `_continue_memory`)."""
-    def body(state, xs):
-      y, state = self.step(xs[0][:, None], state, fading=None if xs[1] is None else xs[1][:, None])
-      return state, y[:, 0]
-    to_time = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-    state, y = jax.lax.scan(body, state, (to_time(a), to_time(fading)))
-    return jnp.moveaxis(y, 0, 1), state
-
-  def _continue_parallel(self, a: jax.Array, state: AttnState, block: int = CONTINUE_BLOCK
-                         ) -> tuple[jax.Array, AttnState]:
-    """`_continue` without memory tokens, all T queries at once: a [B, T, D] at positions p0 + [0, T) (p0 =
-    state.pos) -> (y [B, T, D], state), what `step` gives token by token (tests/test_chunked_prefill.py).
-
-    The keys are the ring's S slots in position order (positions p0 - S .. p0 - 1, negative ones invalid)
-    followed by the piece's T: ext [B, S + T, K, P]. Queries go in blocks of `block`, each attending to the
-    S + block keys before its end (its window and all the ring can hold) through `decode_attention`, so the
-    logits held are [block, S + block] a head, whatever T (S: the window, or max_len for full attention).
-    """
-    cfg = self.cfg
-    b, t, _ = a.shape
-    p0, size = state.pos, state.k.shape[1]
-    positions = p0 + jnp.arange(t)
-    k_raw, v = self.wk(a), self.wv(a)
-    q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
-    block = min(block, t)
-    n_blocks = -(-t // block)
-    pad = n_blocks * block - t                      # padded keys lie after every real query: never seen
-    ring_slots = jnp.mod(p0 - size + jnp.arange(size), size)                        # [S] in position order
-    ext_pos = p0 - size + jnp.arange(size + t + pad)                                # [S + T + pad]
-    ext = lambda ring, new: jnp.concatenate(
-        [jnp.take(ring, ring_slots, axis=1), jnp.pad(new.astype(ring.dtype), [(0, 0), (0, pad), (0, 0), (0, 0)])],
-        axis=1)
-    ext_k, ext_v = ext(state.k, k), ext(state.v, v)
-    q = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)])
-
-    def attend(i):                                  # queries [i·block, (i + 1)·block) of the piece
-      lo = i * block
-      keys, values, key_pos = (jax.lax.dynamic_slice_in_dim(x, lo, size + block, axis=ax)
-                               for x, ax in ((ext_k, 1), (ext_v, 1), (ext_pos, 0)))
-      query_pos = p0 + lo + jnp.arange(block)
-      valid = (key_pos[None] >= 0) & (key_pos[None] <= query_pos[:, None])          # [block, S + block]
-      if cfg.window is not None:
-        valid &= key_pos[None] > query_pos[:, None] - cfg.window
-      one = lambda qi, vi: decode_attention(qi, [(keys, values, vi[None])])
-      return jax.vmap(one, in_axes=(1, 0), out_axes=1)(jax.lax.dynamic_slice_in_dim(q, lo, block, 1), valid)
-
-    o = jax.lax.map(attend, jnp.arange(n_blocks))                                   # [n, B, block, H, P]
-    o = jnp.moveaxis(o, 0, 1).reshape(b, n_blocks * block, *o.shape[3:])[:, :t]
-    ring = lambda x: ring_cache(x, p0 - size, p0 + t, size)
-    return self.wo(o), state._replace(k=ring(ext_k), v=ring(ext_v), pos=p0 + t)
-
-  def _continue_memory(self, a: jax.Array, state: AttnState, fading: jax.Array, fading_norm=None
-                       ) -> tuple[jax.Array, AttnState]:
-    """`_continue` with memory tokens in one parallel pass: a, fading [B, T, D] (as `__call__`) at positions
-    p0 + [0, T) (p0 = state.pos, any phase of the chunks) -> (y [B, T, D], state), what `step` gives token by
-    token (tests/test_chunked_prefill.py).
-
-    The memory of the chunks the piece meets comes from `continued_memory` (the state's fading tokens, store
-    and candidates for the chunk it starts in, then each chunk's built as the one-pass prefill builds it). The
-    attention function (`cfg.compute.attn_impl`, as in the parallel pass) runs over a frame of N = R + n·L
-    positions from F = max(c0·L - R, 0) (c0 = p0 // L; R the ring's S slots rounded up to L, >= the window;
-    n = ceil((T + L - 1) / L)), so the frame's chunks are the sequence's: its keys are the ring's (positions
-    >= p0 - S) and the piece's, zeros elsewhere (out of every real query's window); the queries before and after
-    the piece are padding, sliced off. N does not depend on p0: one compile for any phase.
-    """
-    cfg = self.cfg
-    b, t, _ = a.shape
-    chunk, m_f = cfg.chunk, cfg.fading
-    state = self.enter_chunk(state)
-    p0, size = state.pos, state.k.shape[1]
-    positions = p0 + jnp.arange(t)
-    k_raw, v = self.wk(a), self.wv(a)
-    q, k = rope(self.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
-    source, project, fk, fv = self.fading_parts(fading, fading_norm)
-    before = (state.next_fading_k, state.next_fading_v) if m_f else None
-    scored = self.score_inputs(a, k_raw, v, fk, fv, history=state.history if self.history_len else None,
-                               prev_fk=state.next_fading_k[:, -1:] if m_f else None,
-                               prev_fv=state.next_fading_v[:, -1:] if m_f else None)
-    first = LastChunk(*(getattr(state, f) if getattr(cfg, need) else None for f, need in (
-        ("fading_k", "fading"), ("fading_v", "fading"), ("store", "eidetic"), ("cand", "eidetic"))))
-    mem = continued_memory(cfg, source, project, scored, p0, first, before)
-
-    n = mem.k.shape[1]
-    reach = -(-size // chunk) * chunk                                               # R
-    frame = reach + n * chunk                                                       # N
-    c0_start = p0 - p0 % chunk
-    f0 = jnp.maximum(c0_start - reach, 0)                                           # F, a multiple of L
-    frame_pos = f0 + jnp.arange(frame)
-    in_ring = (frame_pos < p0) & (frame_pos >= p0 - size)
-    in_piece = (frame_pos >= p0) & (frame_pos < p0 + t)
-    src = jnp.where(in_ring, frame_pos % size, jnp.where(in_piece, size + frame_pos - p0, size + t))
-    keys = lambda ring, new: jnp.take(jnp.concatenate(
-        [ring, new.astype(ring.dtype), jnp.zeros_like(ring[:, :1])], axis=1), src, axis=1)   # [B, N, K, P]
-    frame_k, frame_v = keys(state.k, k), keys(state.v, v)
-    at = lambda x, i, length: jax.lax.dynamic_update_slice_in_dim(
-        jnp.zeros((b, length, *x.shape[2:]), x.dtype), x, i, axis=1)
-    frame_q = at(q, p0 - f0, frame)
-    c0 = (c0_start - f0) // chunk                                                   # chunk c0 in the frame
-    mem_k, mem_v, mem_valid = (at(x, c0, frame // chunk) for x in (mem.k, mem.v, mem.valid))
-    attend = get_attention_fn(cfg.compute.attn_impl)
-    o = attend(frame_q, frame_k, frame_v, mem_k, mem_v, mem_valid, window=cfg.window, chunk=chunk)
-    o = jax.lax.dynamic_slice_in_dim(o, p0 - f0, t, axis=1)
-
-    ring = lambda x: ring_cache(x, f0, p0 + t, size)
-    state = state._replace(k=ring(frame_k), v=ring(frame_v), pos=p0 + t,
-                           **{f: x for f, x in mem.last._asdict().items() if x is not None})
-    if m_f:                                         # the read-outs of the piece's last M_f tokens
-      next_k, next_v = fading_rows(source, project, before, t - m_f + jnp.arange(m_f))
-      state = state._replace(next_fading_k=next_k, next_fading_v=next_v)
-    if self.history_len:
-      state = state._replace(history=last_inputs(a, state.history))
-    return self.wo(o), state
 
   def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
            ) -> tuple[jax.Array, AttnState]:
@@ -376,32 +262,3 @@ class Attention(nnx.Module):
                      cand=empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
                      history=jnp.zeros((batch, self.history_len, cfg.d_model), jnp.float32),
                      pos=jnp.zeros((), jnp.int32))
-
-
-def ring_cache(x: jax.Array, first: jax.Array | int, end: jax.Array | int, size: int) -> jax.Array:
-  """The ring of `size` slots after the tokens before `end`, from x [B, N, K, P] holding positions
-  first + [0, N): slot s holds the latest position < end congruent to s mod size (as `step` writes them), zeros
-  for positions below 0. The positions end - size .. end - 1 that are >= 0 must lie in x."""
-  slot_pos = (end - 1) - jnp.mod(end - 1 - jnp.arange(size), size)
-  rows = jnp.take(x, jnp.clip(slot_pos - first, 0, x.shape[1] - 1), axis=1)
-  return jnp.where((slot_pos >= 0)[None, :, None, None], rows, 0).astype(x.dtype)
-
-
-def decode_attention(q: jax.Array, parts) -> jax.Array:
-  """One query per row over several key sets, one softmax: q [B, H, P]; parts [(k, v [B, S_i, K, P], valid
-  [B or 1, S_i])] -> o [B, H, P] (fp32 logits and softmax; the probabilities meet v in v's dtype).
-
-  The parts (ring cache, fading tokens, store) are attended where they lie: only their logits [B, K, G, S_i]
-  are concatenated, never their keys and values, so a token reads the cache once and copies none of it.
-  """
-  b, h, p = q.shape
-  kh = parts[0][0].shape[2]
-  qg = q.reshape(b, kh, h // kh, p)
-  logits = [jnp.where(valid[:, None, None, :],
-                      jnp.einsum("BKGP,BSKP->BKGS", qg, k, preferred_element_type=jnp.float32) / math.sqrt(p),
-                      NEG_INF) for k, _, valid in parts]
-  probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-  bounds = np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]
-  o = sum(jnp.einsum("BKGS,BSKP->BKGP", pr.astype(v.dtype), v, preferred_element_type=jnp.float32)
-          for pr, (_, v, _) in zip(jnp.split(probs, bounds, axis=-1), parts))
-  return o.reshape(b, h, p).astype(q.dtype)

@@ -182,8 +182,8 @@ class Decoder:
   a piece's activations are O(C), not O(T); the cache then goes to `step` / `decode` as it is. The logits and
   cache are those of one prefill of the whole prompt. Every sublayer continues a piece in parallel (the Mamba
   scan from its states; attention over the ring cache and the piece, with the memory attention's chunks built
-  from the cache's fading tokens, store and candidates: `Attention._continue_memory`), at any phase of the
-  memory chunks. None (the default) prefills the prompt in one parallel pass; a chunk bounds the activations
+  from the cache's fading tokens, store and candidates: `bmojo_jax.continuation.continue_memory`), at any phase
+  of the memory chunks. None (the default) prefills the prompt in one parallel pass; a chunk bounds the activations
   held when a whole prompt's do not fit (or a latency measure says pieces are faster).
 
   scan_prefill: the first prefill runs the blocks in one `lax.scan` (`cfg.compute.scan_layers`: one block traced and

@@ -13,9 +13,10 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+from flax import nnx  # noqa: E402
 import pytest  # noqa: E402
 
-from bmojo_jax import ComputeConfig, Family, ModelConfig  # noqa: E402
+from bmojo_jax import ComputeConfig, Family, LanguageModel, ModelConfig  # noqa: E402
 
 FAMILIES = [f.value for f in Family]
 # The families an invariant compiled once per family checks in the inner loop (-m "not slow"): B'MOJO holds every
@@ -91,6 +92,12 @@ def tiny_train_config(num_steps: int = 8, **train):
   c.optim.warmup_steps = 2
   c.train.update(train)
   return c
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+  """A tiny B'MOJO over the byte tokenizer's 259 ids (tests/test_lm_eval.py, tests/test_lm_niah.py)."""
+  return LanguageModel(tiny_config("bmojo", vocab_size=259), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmojo_jax import LanguageModel, inference
+from bmojo_jax import LanguageModel, continuation, inference
 from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, generate, prefill_pieces
 from bmojo_jax.memory.store import Store, by_position
@@ -107,7 +107,7 @@ def test_chunked_continuation_and_last_only(models):
 def test_one_continuation_compile_whatever_the_prompt_length(models, family):
   """Pieces after the first have one shape: prompts of several lengths compile the continuation once (the
   first piece, the remainder, is a parallel prefill compiled per remainder length, as a whole prompt is). For
-  B'MOJO the pieces then start at several phases of its memory chunks (`_continue_memory`'s frame)."""
+  B'MOJO the pieces then start at several phases of its memory chunks (`continuation.continue_memory`'s frame)."""
   decoder = Decoder(models[family], prefill_chunk=8)
   decoder.prefill(jnp.zeros((1, 24), jnp.int32))
   before = (inference._continue._cache_size(), inference._prefill._cache_size())
@@ -146,15 +146,15 @@ def test_full_attention_needs_max_len_for_the_whole_prompt(models):
 def test_parallel_continuation_equals_the_step_scan(family, start, length, block):
   """Attention without memory tokens continues a state with all queries at once (in blocks of `block`, which
   does or does not divide the piece; window 8 or full attention over a 40-slot cache): the output and state of
-  `step` over the piece's tokens (`_continue`), the reference."""
+  `step` over the piece's tokens (`continue_stepwise`), the reference."""
   from bmojo_jax.attention import Attention
   cfg = tiny_config(family, init_std=0.1)
   attn = Attention(cfg, rngs=nnx.Rngs(4))
   slots = cfg.window or 40
   x = jax.random.normal(jax.random.key(start), (2, start + length, cfg.d_model))
   state = attn.init_state(2, slots) if start == 0 else attn(x[:, :start], cache_size=slots)[1]
-  want_y, want = nnx.jit(lambda m, a, s: m._continue(a, s, None))(attn, x[:, start:], state)
-  got_y, got = nnx.jit(lambda m, a, s: m._continue_parallel(a, s, block))(attn, x[:, start:], state)
+  want_y, want = nnx.jit(lambda m, a, s: continuation.continue_stepwise(m, a, s, None))(attn, x[:, start:], state)
+  got_y, got = nnx.jit(lambda m, a, s: continuation.continue_parallel(m, a, s, block))(attn, x[:, start:], state)
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
   assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
@@ -170,14 +170,14 @@ MEMORY_CASES = [(0, 11), (5, 7), (13, 20), (3, 2), (8, 1), (7, 1), (12, 8), (1, 
     pytest.param("bmojo", dict(selection="linear"), marks=pytest.mark.slow),
     pytest.param("bmojo", dict(selection="learned", store_policy="score"), marks=pytest.mark.slow)])
 def test_parallel_memory_continuation_equals_the_step_scan(family, overrides):
-  """The memory attention continues a state in one parallel pass (`_continue_memory`): the output and state
-  (ring, fading buffers, store, candidates, history) of `step` over the piece's tokens (`_continue`), from the
+  """The memory attention continues a state in one parallel pass (`continue_memory`): the output and state
+  (ring, fading buffers, store, candidates, history) of `step` over the piece's tokens (`continue_stepwise`), from the
   sequence start or a state mid-chunk or on a boundary, for pieces of one token up to several chunks, each
   store policy and the selections that read the history or the fading projections (L 4, window 8)."""
   from bmojo_jax.attention import Attention
   cfg = tiny_config(family, init_std=0.1, **overrides)
   attn = Attention(cfg, rngs=nnx.Rngs(4))
-  reference = nnx.jit(lambda m, a, s, f: m._continue(a, s, f))
+  reference = nnx.jit(lambda m, a, s, f: continuation.continue_stepwise(m, a, s, f))
   parallel = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))
   for start, length in MEMORY_CASES:
     x, f = (jax.random.normal(jax.random.key(start + i), (2, start + length, cfg.d_model)) for i in (0, 100))
