@@ -172,7 +172,7 @@ def _selected_positions(model, tokens):
   return np.asarray(_chunk_selections(*attention_inputs(model, tokens)[0]))
 
 
-@pytest.mark.slow   # the benchmark's layer-by-layer pass, op by op, for four models
+@pytest.mark.slow   # the benchmark's layer-by-layer pass and the selections compiled for the five models
 def test_variants_select_differently(models):
   tokens = jax.random.randint(jax.random.key(4), (2, T), 0, 64)
   picks = {s: _selected_positions(m, tokens) for s, m in models.items()}
