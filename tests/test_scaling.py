@@ -71,14 +71,12 @@ def test_optimizer_bytes_fall_as_one_over_n():
 
 TRAIN_SCRIPT = """
 import json
-import re
 import jax
 import numpy as np
-import optax
 from bmojo_jax.train.hlo import collectives
 from bmojo_jax.configs import mqar
 from bmojo_jax.train import setup as setup_lib
-from bmojo_jax.train import sharding, steps
+from tests.sharded_steps import run_steps
 
 MESHES = {"single": (1, 1, 1, False), "data": (8, 1, 1, False), "zero": (8, 1, 1, True),
           "zero_fsdp": (2, 4, 1, True)}
@@ -101,17 +99,7 @@ for name, (data, fsdp, tensor, zero) in MESHES.items():
   task = setup.task
   if host_state is None:
     host_state = jax.device_get(setup.init_state())
-  state = jax.device_put(host_state, setup.state_shardings)
-  rows = [[task.train_source[8 * i + j] for j in range(8)] for i in range(3)]
-  batches = [sharding.shard_batch({k: np.stack([x[k] for x in r]) for k in ("inputs", "targets")}, setup.mesh)
-             for r in rows]
-  compiled = steps.make_train_step(setup, 1).lower(state, batches[0]).compile()
-  losses, mu = [], None
-  for b in batches:
-    state, m = compiled(state, b)
-    losses.append(float(m["loss"]))
-    if mu is None:
-      mu = jax.device_get(optax.tree_utils.tree_get(state["opt_state"], "mu"))
+  compiled, state, losses, mu = run_steps(setup, host_state, 3)
   params = setup.abstract_state["params"]
   block_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["blocks"]))
   other_bytes = sum(x.size * 4 for x in jax.tree.leaves(params)) - block_bytes

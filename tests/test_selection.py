@@ -156,17 +156,23 @@ def decoders(models):
 forward = nnx.jit(lambda m, x: m(x))   # one compile per model for the module
 
 
+@nnx.jit
+def _chunk_selections(attn, a, fading):
+  """One attention sublayer's selections of its input a [B, T, D]: positions [B, C, k_e] (compiled once per
+  selection, not run op by op)."""
+  cfg = attn.cfg
+  k, v = attn.wk(a), attn.wv(a)
+  scores, _ = selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
+  return select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos
+
+
 def _selected_positions(model, tokens):
   """Chunk selections of the first attention sublayer: positions [B, C, k_e] (the parallel pass's)."""
   from bmojo_jax.probe import attention_inputs  # pylint: disable=g-import-not-at-top
-  cfg = model.cfg
-  attn, a, fading = attention_inputs(model, tokens)[0]
-  k, v = attn.wk(a), attn.wv(a)
-  scores, _ = selection_scores(cfg.selection, attn.score_inputs(a, k, v, attn.wk(fading), attn.wv(fading)))
-  return np.asarray(select_per_chunk(scores, k, v, cfg.chunk, cfg.eidetic_per_chunk).pos)
+  return np.asarray(_chunk_selections(*attention_inputs(model, tokens)[0]))
 
 
-@pytest.mark.slow   # the benchmark's layer-by-layer pass, op by op, for four models
+@pytest.mark.slow   # the benchmark's layer-by-layer pass and the selections compiled for the five models
 def test_variants_select_differently(models):
   tokens = jax.random.randint(jax.random.key(4), (2, T), 0, 64)
   picks = {s: _selected_positions(m, tokens) for s, m in models.items()}
@@ -198,13 +204,14 @@ def test_decode_matches_parallel(models, decoders, selection, prefill_len):
 @pytest.mark.parametrize("selection", ["ssm_error", "learned", "linear"])
 def test_prefill_in_pieces_matches_parallel(models, decoders, selection):
   """A continuation steps through its piece: ssm_error's previous read-out and linear's history cross the pieces'
-  boundaries."""
+  boundaries. The prompt's 6 tokens are test_decode_matches_parallel's prefill; then four pieces of one length
+  (one continuation compile), longer than the window, starting at chunk phases 2, 3, 0, 1."""
   model, decoder = models[selection], decoders[selection]
   tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
   full = forward(model, tokens)
-  logits, cache = decoder.prefill(tokens[:, :5], T)
+  logits, cache = decoder.prefill(tokens[:, :6], T)
   got = [logits]
-  for lo, hi in ((5, 13), (13, 30), (30, T)):
+  for lo, hi in ((6, 15), (15, 24), (24, 33), (33, T)):
     logits, cache = decoder.prefill(tokens[:, lo:hi], cache=cache)
     got.append(logits)
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
@@ -226,9 +233,11 @@ def test_packed_row_equals_documents_alone(selection):
   """Scores restart per document (ssm_error's previous read-out, innovation's and linear's history) like the
   paper's. The linear predictor's auxiliary loss counts every position of a row, the zeros after a document run
   alone too, so its gradient is left out here (weight 0); `test_linear_definition` checks the restart of its
-  taps, `test_linear_predictor_trains_on_its_auxiliary_loss_only` its gradient."""
+  taps, `test_linear_predictor_trains_on_its_auxiliary_loss_only` its gradient. One block: the scores restart in
+  each attention sublayer, and a score that leaks across documents shows in that block's logits already
+  (tests/test_packing.py runs two blocks of every family)."""
   extra = {"predictor_loss_weight": 0.0} if selection == "linear" else {}
-  _check_packed_equals_alone(tiny_config("bmojo", n_layers=4, init_std=0.1, selection=selection,
+  _check_packed_equals_alone(tiny_config("bmojo", init_std=0.1, selection=selection,
                                          compute=dict(scan_impl="sequential"), **extra))
 
 
@@ -274,8 +283,9 @@ def test_scanned_layers(models):
 def test_every_token_competes():
   """k_e = chunk with the score store: every token of a chunk is a candidate and the store keeps the M_e best
   seen (M_e = 6 need not be a multiple of k_e = 4 under the score policy): decoding = the parallel pass, and a
-  packed row = its documents alone."""
-  cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, eidetic_per_chunk=4, n_eidetic=6, store_policy="score",
+  packed row = its documents alone. One block (each compile half of two blocks'): the store is per attention
+  sublayer, and T = 42 still fills and evicts it many times."""
+  cfg = tiny_config("bmojo", init_std=0.1, eidetic_per_chunk=4, n_eidetic=6, store_policy="score",
                     compute=dict(scan_impl="sequential"))
   assert cfg.eidetic_per_chunk == cfg.chunk
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))

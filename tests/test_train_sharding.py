@@ -99,10 +99,9 @@ PALLAS_SCRIPT = textwrap.dedent("""
     import time
     import jax
     import numpy as np
-    import optax
     from bmojo_jax.configs import mqar
     from bmojo_jax.train import setup as setup_lib
-    from bmojo_jax.train import sharding, steps
+    from tests.sharded_steps import run_steps
 
     assert jax.device_count() == 8, jax.devices()
     MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8), "mix": (2, 2, 2)}
@@ -141,20 +140,10 @@ PALLAS_SCRIPT = textwrap.dedent("""
         task = setup.task
         if name == "single":
           host_state[family] = jax.device_get(setup.init_state())
-        state = jax.device_put(host_state[family], setup.state_shardings)
-        rows = [[task.train_source[8 * i + j] for j in range(8)] for i in range(2)]
-        batches = [sharding.shard_batch({k: np.stack([x[k] for x in r]) for k in ("inputs", "targets")},
-                                        setup.mesh) for r in rows]
-        compiled = steps.make_train_step(setup, 1).lower(state, batches[0]).compile()
+        compiled, state, losses, mu = run_steps(setup, host_state[family], 2)
         hlo = compiled.as_text()
         gathers = [tuple(int(n) for n in dims.split(",") if n)
                    for dims in re.findall(r"= \\w+\\[([\\d,]*)\\]\\S* all-gather\\(", hlo)]
-        losses, mu = [], None
-        for b in batches:
-          state, m = compiled(state, b)
-          losses.append(float(m["loss"]))
-          if mu is None:
-            mu = jax.device_get(optax.tree_utils.tree_get(state["opt_state"], "mu"))
         specs = sorted({str(s.spec) for s in jax.tree.leaves(setup.state_shardings["params"])})
         out[family, name] = {"losses": losses, "mu": mu, "gathers": gathers, "specs": specs,
                              "all_gathers": len(re.findall(r" all-gather(?:-start)?\\(", hlo)),
