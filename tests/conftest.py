@@ -115,3 +115,11 @@ def copied_run(full_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(full_run[0], workdir)
   return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted tiny_train_config run the fault tests compare against: (workdir, results)
+  (tests/train_runs.py)."""
+  from tests import train_runs  # pylint: disable=g-import-not-at-top
+  return train_runs.reference_run(tmp_path_factory)

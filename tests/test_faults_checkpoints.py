@@ -14,7 +14,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests import train_runs
 from tests.train_runs import assert_same_run, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import runs
@@ -22,17 +21,8 @@ from bmojo_jax.train import setup as setup_lib
 from bmojo_jax.train import trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(train_compilation_cache):
-  """Every train() of this module reuses the programs compiled before, here or in another module of
-  tiny_train_config runs (conftest)."""
-  return train_compilation_cache
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
-  return train_runs.reference_run(tmp_path_factory)
+# Every train() here reuses the programs compiled before, here or in another module of tiny_train_config runs.
+pytestmark = pytest.mark.usefixtures("train_compilation_cache")
 
 
 # ------------------------------------------------------------------------------------------------ failed saves

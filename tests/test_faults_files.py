@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests import train_runs
 from tests.train_runs import NUM_STEPS, REPO, assert_same_run, strict_load, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import cli
@@ -29,17 +28,8 @@ from bmojo_jax.train import trainer
 from bmojo_jax.train.data import tokenizers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(train_compilation_cache):
-  """Every train() of this module reuses the programs compiled before, here or in another module of
-  tiny_train_config runs (conftest)."""
-  return train_compilation_cache
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
-  return train_runs.reference_run(tmp_path_factory)
+# Every train() here reuses the programs compiled before, here or in another module of tiny_train_config runs.
+pytestmark = pytest.mark.usefixtures("train_compilation_cache")
 
 
 # ----------------------------------------------------------------------------------------------- workdir files
@@ -118,7 +108,7 @@ def test_run_files_refuse_a_planted_link_and_leave_its_target(reference, tmp_pat
 
 # ------------------------------------------------------------------------------------------------- strict JSON
 @pytest.mark.slow
-def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, compilation_cache):
+def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, train_compilation_cache):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   setup, _, step = runs.load_run(workdir)
@@ -132,7 +122,7 @@ def test_eval_writes_strict_json_warns_and_exits_non_zero(reference, tmp_path, c
     result = runs.evaluate_run(workdir)
   assert result["test_loss"] is None and result["nonfinite"] == ["test_loss", "test_perplexity"]
   assert strict_load(os.path.join(workdir, "eval.json")) == result
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=train_compilation_cache)
   r = subprocess.run([sys.executable, "-m", "bmojo_jax.train.cli", "eval", "--workdir", workdir], cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]

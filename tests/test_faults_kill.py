@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 
-from tests import train_runs
 from tests.train_runs import NUM_STEPS, REPO, assert_same_run, losses, steps_of, strict_load, tiny_config
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import metrics as metrics_lib
@@ -21,17 +20,8 @@ from bmojo_jax.train import runs
 from bmojo_jax.train import trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(train_compilation_cache):
-  """Every train() of this module reuses the programs compiled before, here or in another module of
-  tiny_train_config runs (conftest)."""
-  return train_compilation_cache
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run: (workdir, results) (tests/train_runs.py)."""
-  return train_runs.reference_run(tmp_path_factory)
+# Every train() here reuses the programs compiled before, here or in another module of tiny_train_config runs.
+pytestmark = pytest.mark.usefixtures("train_compilation_cache")
 
 
 # ----------------------------------------------------------------------------------------------------- SIGKILL
@@ -83,14 +73,14 @@ def last_logged(workdir):
 
 
 @pytest.mark.slow
-def test_a_run_killed_eleven_times_ends_as_if_never_interrupted(reference, tmp_path, compilation_cache):
+def test_a_run_killed_eleven_times_ends_as_if_never_interrupted(reference, tmp_path, train_compilation_cache):
   """Each restart resumes (the children read the programs the reference run compiled, so compile nothing); the
   run ends bit-identical to the uninterrupted one, having touched nothing outside its workdir."""
   outside = tmp_path / "outside"               # the children's folder: the config file, their TMPDIR
   (outside / "tmp").mkdir(parents=True)
   (outside / "tiny.py").write_text(CONFIG_FILE)
   workdir = str(outside / "run")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CACHE=compilation_cache,
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, CACHE=train_compilation_cache,
              TMPDIR=str(outside / "tmp"), PYTHONDONTWRITEBYTECODE="1")
   before, rng = snapshot(outside, workdir), random.Random(31)
   for fault, status, says in KILLS:

@@ -27,14 +27,8 @@ from bmojo_jax.train import steps
 from bmojo_jax.train import trainer
 from bmojo_jax.train.workdir_lock import WorkdirBusyError
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(train_compilation_cache):
-  """Every train() of this module reuses the programs compiled before, here or in another module of
-  tiny_train_config runs (conftest)."""
-  return train_compilation_cache
+# Every train() here reuses the programs compiled before, here or in another module of tiny_train_config runs.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_compilation_cache")]
 
 
 tiny_config = tiny_train_config

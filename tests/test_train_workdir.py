@@ -22,14 +22,8 @@ from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import runs
 from bmojo_jax.train import trainer
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(train_compilation_cache):
-  """Every train() of this module reuses the programs compiled before, here or in another module of
-  tiny_train_config runs (conftest)."""
-  return train_compilation_cache
+# Every train() here reuses the programs compiled before, here or in another module of tiny_train_config runs.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_compilation_cache")]
 
 
 tiny_config = tiny_train_config
@@ -126,14 +120,14 @@ def _cli(*args, env_extra=None):
                         text=True, timeout=600)
 
 
-def test_cli_train_eval(tmp_path, compilation_cache):
+def test_cli_train_eval(tmp_path, train_compilation_cache):
   workdir = str(tmp_path / "cli")
   overrides = ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.d_state=4",
                "--config.data.seq_len=32", "--config.data.num_kv_pairs=4", "--config.data.num_train=64",
                "--config.data.num_test=8", "--config.train.num_steps=3", "--config.train.batch_size=4",
                "--config.train.eval_batch_size=8", "--config.train.progress_bar=false",
                "--config.train.plot=false"]
-  env = {"JAX_COMPILATION_CACHE_DIR": compilation_cache}
+  env = {"JAX_COMPILATION_CACHE_DIR": train_compilation_cache}
   r = _cli("train", "--config", "configs/mqar.py:mamba", "--workdir", workdir, *overrides, env_extra=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "test accuracy" in r.stdout
@@ -148,7 +142,7 @@ def test_cli_train_eval(tmp_path, compilation_cache):
   assert r.returncode != 0 and "No config.json" in r.stderr
 
 
-def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compilation_cache):
+def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, train_compilation_cache):
   """A real SIGTERM to bmojo-train: the step in flight finishes, a checkpoint is saved, the process exits with
   75 (EX_TEMPFAIL) so schedulers can requeue, and results.json gives the step of its test figures."""
   import time  # pylint: disable=g-import-not-at-top
@@ -158,7 +152,7 @@ def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, compi
                "--config.data.num_test=8", "--config.train.num_steps=100000", "--config.train.batch_size=4",
                "--config.train.eval_batch_size=8", "--config.train.eval_every=5", "--config.train.log_every=5",
                "--config.train.progress_bar=false", "--config.train.plot=false"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=train_compilation_cache)
   proc = subprocess.Popen([sys.executable, "-m", "bmojo_jax.train.cli", "train", "--config", "configs/mqar.py:mamba",
                            "--workdir", str(workdir), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
