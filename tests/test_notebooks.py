@@ -1,14 +1,21 @@
-"""The notebooks are stored executed, and run top to bottom in a fresh kernel (nbclient) with the same kinds of
-outputs in each cell (text, figures); each notebook checks its own claims with asserts, and CHECKS adds a few
-that the test keeps even if a notebook changes."""
+"""The notebooks are stored executed, and run top to bottom in a fresh kernel with the same kinds of outputs in
+each cell (text, figures); each notebook checks its own claims with asserts, and CHECKS adds a few that the test
+keeps even if a notebook changes.
 
-import copy
-import os
+They run once in the suite, by the README's own line (`jupyter execute --inplace notebooks/*.ipynb`, which
+tests/test_readme.py checks and leaves to this module): in an installed copy of the repository (test_readme's
+installed_copy: the packages as `pip install -e .` makes them, nothing else importable), each copied notebook with
+its CHECKS cell appended; the executed copies are then compared with the stored notebooks."""
+
+import glob
 import pathlib
+import shlex
+import subprocess
 
-import nbclient   # the notebooks extra (in dev): pip install -e .[notebooks]
-import nbformat
+import nbformat   # the notebooks extra (in dev): pip install -e .[notebooks]
 import pytest
+
+from tests.test_readme import installed_copy, shell_commands
 
 REPO = pathlib.Path(__file__).parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -41,21 +48,41 @@ def test_every_notebook_has_checks():
   assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CHECKS)
 
 
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[str, nbformat.NotebookNode]:
+  """The README's jupyter line run once in an installed copy whose notebooks end with their CHECKS cell (each in a
+  fresh kernel; a failing cell or check fails the command, naming the cell): {name: the executed
+  copy}."""
+  command, = [c for c in shell_commands() if c[0] == "jupyter"]
+  assert command == ["jupyter", "execute", "--inplace", "notebooks/*.ipynb"], command
+  where = installed_copy(tmp_path_factory.mktemp("notebooks"))
+  copies = where["cwd"] / "notebooks"
+  for path in NOTEBOOKS:
+    fresh = nbformat.read(copies / path.name, as_version=4)
+    fresh.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
+    nbformat.write(fresh, copies / path.name)
+  argv = [*command[:-1], *sorted(glob.glob(command[-1], root_dir=where["cwd"]))]   # the glob as bash expands it
+  assert argv[3:] == [f"notebooks/{path.name}" for path in NOTEBOOKS], argv
+  env = dict(where["env"], MPLBACKEND="module://matplotlib_inline.backend_inline")   # figures inline, as in Jupyter
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, cwd=where["cwd"], env=env)
+  assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}"
+  return {path.name: nbformat.read(copies / path.name, as_version=4) for path in NOTEBOOKS}
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_is_stored_executed_and_runs(path):
+def test_notebook_is_stored_executed_and_runs(path, executed):
   stored = nbformat.read(path, as_version=4)
   nbformat.validate(stored)
   code = [c for c in stored.cells if c.cell_type == "code"]
   assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "store the notebook executed"
   assert any("image/png" in output_kinds(c) for c in code), "the notebook shows no figure"
 
-  fresh = copy.deepcopy(stored)
-  fresh.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             MPLBACKEND="module://matplotlib_inline.backend_inline")   # figures inline, as in Jupyter
-  client = nbclient.NotebookClient(fresh, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": str(path.parent)}})
-  client.execute(env=env)      # raises CellExecutionError, naming the cell, if any cell (or check) fails
-  for before, after in zip(code, [c for c in fresh.cells if c.cell_type == "code"]):
+  fresh = executed[path.name]
+  ran = [c for c in fresh.cells if c.cell_type == "code"]
+  assert len(ran) == len(code) + 1 and ran[-1].source == CHECKS[path.name], "the copy ran with its CHECKS cell"
+  assert [c.execution_count for c in ran] == list(range(1, len(ran) + 1)), "every cell of the copy ran"
+  for before, after in zip(code, ran):
+    assert before.source == after.source
     assert output_kinds(before) == output_kinds(after), (before.source[:200], output_kinds(after))

@@ -10,10 +10,10 @@
   every other command alone; the corpus `prepare` before the chains that train on it), so that xdist spreads
   them over its workers (one test of all of them took ~750 s of a loaded 2-worker CI run by itself). Training
   commands get overrides appended that make them a few steps of a tiny model (the default run itself is
-  measured in benchmarks/results/default_run_cpu.json); `jupyter execute` runs the one notebook that imports
-  from the repository (tests/test_notebooks.py runs all four); the `pip install`, `apt-get` and
-  `bash scripts/test.sh` lines are not run (they would change this machine, and the last is the suite this
-  test belongs to).
+  measured in benchmarks/results/default_run_cpu.json); the `jupyter execute` line runs in
+  tests/test_notebooks.py, once, as written, in the same kind of installed copy (so each notebook runs once in
+  the suite); the `pip install`, `apt-get` and `bash scripts/test.sh` lines are not run (they would change this
+  machine, and the last is the suite this test belongs to).
 - The text block (the layout) names directories and files that exist.
 """
 
@@ -202,10 +202,8 @@ def installed_copy(root: pathlib.Path) -> dict:
 def runnable(command: list[str]) -> list[str] | None:
   """The argv this test runs for a README command (None: checked above, not run)."""
   program, args = command[0], command[1:]
-  if program in ("bash", "apt-get") or command[:4] == ["python3", "-m", "pip", "install"]:
-    return None
-  if program == "jupyter":      # the notebook that imports from the repository (benchmarks/); all four run in
-    return [*command[:-1], "notebooks/explore_memory.ipynb"]          # tests/test_notebooks.py
+  if program in ("bash", "apt-get", "jupyter") or command[:4] == ["python3", "-m", "pip", "install"]:
+    return None                   # jupyter: tests/test_notebooks.py runs it (every notebook, once in the suite)
   if program == "bmojo-train" and "--help" not in args:
     spec = args[args.index("--config") + 1].split(":")[0]
     given = {a.split("=")[0] for a in args}
