@@ -18,6 +18,10 @@ from bmojo_jax.train import setup as setup_lib
 from bmojo_jax.train import steps
 from bmojo_jax.train import trainer
 
+# Each trainer.train and Population builds fresh jitted closures of the same tiny B'MOJO: the module's persistent
+# compilation cache gives the later ones the programs an earlier one compiled (the same executables, read back).
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+
 
 def observe_all(rule, accuracies):
   """Feeds validation accuracies at steps 1, 2, ... (test accuracy = 10 x the step); returns the step the rule
