@@ -266,8 +266,11 @@ def run_command(command: list[str], where: dict) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
   """One installed copy per module (per xdist worker): the chains write different run directories, and they
-  share its JAX compilation cache."""
-  return installed_copy(tmp_path_factory.mktemp("readme"))
+  share its JAX compilation cache, which keeps every program (not only those compiling for a second or more): a
+  command reads back what an earlier one compiled (eval and generate the programs their run's train built)."""
+  where = installed_copy(tmp_path_factory.mktemp("readme"))
+  where["env"].update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return where
 
 
 @pytest.fixture(scope="module")
