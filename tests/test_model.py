@@ -14,9 +14,10 @@ from flax import nnx
 from bmojo_jax import LanguageModel, Sublayer
 from bmojo_jax.layers import logits_einsum
 from bmojo_jax.model import MIXERS, stack_blocks, unstack_blocks
-from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, INNER_FAMILIES, tiny_config
 
 
+@pytest.mark.parametrize("family", FAMILY_TIERS)
 def test_causality(family):
   model = LanguageModel(tiny_config(family, init_std=0.1), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 26), 0, 64)
@@ -27,8 +28,8 @@ def test_causality(family):
   assert not np.allclose(a[:, 13:], b[:, 13:])
 
 
-@pytest.mark.parametrize("family, dtype", [   # bf16 in the inner loop: B'MOJO's (Mamba, attention, memory)
-    *((f, "float32") for f in FAMILIES),
+@pytest.mark.parametrize("family, dtype", [   # the inner loop: fp32 of FAMILY_TIERS' families, B'MOJO's bf16
+    *(pytest.param(f, "float32", marks=() if f in INNER_FAMILIES else pytest.mark.slow) for f in FAMILIES),
     *(pytest.param(f, "bfloat16", marks=() if f == "bmojo" else pytest.mark.slow) for f in FAMILIES)])
 def test_forward_backward_under_jit(family, dtype):
   cfg = tiny_config(family, compute=dict(dtype=dtype))
