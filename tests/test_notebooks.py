@@ -48,14 +48,13 @@ def test_every_notebook_has_checks():
   assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CHECKS)
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory) -> dict[str, nbformat.NotebookNode]:
-  """The README's jupyter line run once in an installed copy whose notebooks end with their CHECKS cell (each in a
-  fresh kernel; a failing cell or check fails the command, naming the cell): {name: the executed
+def run_readme_line(root: pathlib.Path) -> dict[str, nbformat.NotebookNode]:
+  """The README's jupyter line run in an installed copy under `root` whose notebooks end with their CHECKS cell
+  (each in a fresh kernel; a failing cell or check fails the command, naming the cell): {name: the executed
   copy}."""
   command, = [c for c in shell_commands() if c[0] == "jupyter"]
   assert command == ["jupyter", "execute", "--inplace", "notebooks/*.ipynb"], command
-  where = installed_copy(tmp_path_factory.mktemp("notebooks"))
+  where = installed_copy(root)
   copies = where["cwd"] / "notebooks"
   for path in NOTEBOOKS:
     fresh = nbformat.read(copies / path.name, as_version=4)
@@ -69,20 +68,26 @@ def executed(tmp_path_factory) -> dict[str, nbformat.NotebookNode]:
   return {path.name: nbformat.read(copies / path.name, as_version=4) for path in NOTEBOOKS}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_is_stored_executed_and_runs(path, executed):
+def test_notebook_is_stored_executed(path):
   stored = nbformat.read(path, as_version=4)
   nbformat.validate(stored)
   code = [c for c in stored.cells if c.cell_type == "code"]
   assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "store the notebook executed"
   assert any("image/png" in output_kinds(c) for c in code), "the notebook shows no figure"
 
-  fresh = executed[path.name]
-  ran = [c for c in fresh.cells if c.cell_type == "code"]
-  assert len(ran) == len(code) + 1 and ran[-1].source == CHECKS[path.name], "the copy ran with its CHECKS cell"
-  assert [c.execution_count for c in ran] == list(range(1, len(ran) + 1)), "every cell of the copy ran"
-  for before, after in zip(code, ran):
-    assert before.source == after.source
-    assert output_kinds(before) == output_kinds(after), (before.source[:200], output_kinds(after))
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_every_notebook_runs_as_stored(tmp_path):
+  """One test item for all four (one run of the README's line, not one per xdist worker): every cell and check of
+  each copy ran, and showed the same kinds of outputs as the stored notebook."""
+  executed = run_readme_line(tmp_path)
+  for path in NOTEBOOKS:
+    code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    ran = [c for c in executed[path.name].cells if c.cell_type == "code"]
+    assert len(ran) == len(code) + 1 and ran[-1].source == CHECKS[path.name], (path.name, "ran without CHECKS")
+    assert [c.execution_count for c in ran] == list(range(1, len(ran) + 1)), (path.name, "a cell did not run")
+    for before, after in zip(code, ran):
+      assert before.source == after.source, path.name
+      assert output_kinds(before) == output_kinds(after), (path.name, before.source[:200], output_kinds(after))
