@@ -12,7 +12,7 @@ from bmojo_jax import LanguageModel, continuation, inference
 from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, generate, prefill_pieces
 from bmojo_jax.memory.store import Store, by_position
-from tests.conftest import FAMILIES, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
 
 PROMPT, T = 40, 44         # prompt tokens, then decode to T; tiny_config: memory chunk 4, window 8
 # The pieces start at multiples of the memory chunk (4) or not, and the chunk divides the prompt or not:
@@ -54,7 +54,7 @@ def test_prefill_pieces():
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # a compile per chunk and family: CI runs every family
 def test_chunked_prefill_matches_whole_prefill_and_forward(models, family, chunk):
   """Every position's logits, the cache (every leaf: rings, conv and SSM states, fading buffers, the store and
   the candidates) as one prefill of the whole prompt gives; then steps from it give the forward's logits."""
