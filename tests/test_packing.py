@@ -136,7 +136,7 @@ def test_trainer_loss_keeps_packed_text_documents_apart():
   ids = np.asarray(batch["segment_ids"][0])
   bounds = [(where[0], where[-1] + 1) for where in (np.flatnonzero(ids == seg) for seg in np.unique(ids[ids > 0]))]
   width = max(hi - lo for lo, hi in bounds)
-  alone = {k: np.full((len(bounds), width), fill) for k, fill in (("inputs", 0), ("targets", IGNORE_INDEX))}
+  alone = {k: np.full((len(bounds), width), fill, np.int32) for k, fill in (("inputs", 0), ("targets", IGNORE_INDEX))}
   for row, (lo, hi) in enumerate(bounds):
     for k in alone:
       alone[k][row, :hi - lo] = np.asarray(batch[k][0, lo:hi])
