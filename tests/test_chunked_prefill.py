@@ -12,7 +12,7 @@ from bmojo_jax import LanguageModel, continuation, inference
 from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, generate, prefill_pieces
 from bmojo_jax.memory.store import Store, by_position
-from tests.conftest import FAMILIES, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
 
 PROMPT, T = 40, 44         # prompt tokens, then decode to T; tiny_config: memory chunk 4, window 8
 # The pieces start at multiples of the memory chunk (4) or not, and the chunk divides the prompt or not:
@@ -54,7 +54,7 @@ def test_prefill_pieces():
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_TIERS)   # a compile per chunk and family: CI runs every family
 def test_chunked_prefill_matches_whole_prefill_and_forward(models, family, chunk):
   """Every position's logits, the cache (every leaf: rings, conv and SSM states, fading buffers, the store and
   the candidates) as one prefill of the whole prompt gives; then steps from it give the forward's logits."""
@@ -152,12 +152,19 @@ def test_parallel_continuation_equals_the_step_scan(family, start, length, block
   attn = Attention(cfg, rngs=nnx.Rngs(4))
   slots = cfg.window or 40
   x = jax.random.normal(jax.random.key(start), (2, start + length, cfg.d_model))
-  state = attn.init_state(2, slots) if start == 0 else attn(x[:, :start], cache_size=slots)[1]
+  state = attn.init_state(2, slots) if start == 0 else _prefix_state(attn, x[:, :start], None, slots)
   want_y, want = nnx.jit(lambda m, a, s: continuation.continue_stepwise(m, a, s, None))(attn, x[:, start:], state)
   got_y, got = nnx.jit(lambda m, a, s: continuation.continue_parallel(m, a, s, block))(attn, x[:, start:], state)
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
   assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+
+
+@nnx.jit(static_argnums=3)
+def _prefix_state(attn, x, fading, slots):
+  """The decode state after the parallel pass over x [B, S, D] (and fading): one compile per S, not the memory
+  attention op by op (a compile per op and shape, 20 s of a memory case's 25)."""
+  return attn(x, fading=fading, cache_size=slots)[1]
 
 
 MEMORY_CASES = [(0, 11), (5, 7), (13, 20), (3, 2), (8, 1), (7, 1), (12, 8), (1, 30)]   # (start, length)
@@ -181,8 +188,8 @@ def test_parallel_memory_continuation_equals_the_step_scan(family, overrides):
   parallel = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))
   for start, length in MEMORY_CASES:
     x, f = (jax.random.normal(jax.random.key(start + i), (2, start + length, cfg.d_model)) for i in (0, 100))
-    state = (attn.init_state(2, cfg.window) if start == 0 else
-             attn(x[:, :start], fading=f[:, :start], cache_size=cfg.window)[1])
+    state = attn.init_state(2, cfg.window) if start == 0 else _prefix_state(attn, x[:, :start], f[:, :start],
+                                                                               cfg.window)
     want_y, want = reference(attn, x[:, start:], state, f[:, start:])
     got_y, got = parallel(attn, x[:, start:], state, f[:, start:])
     np.testing.assert_allclose(got_y, want_y, atol=ATOL, err_msg=f"start {start}, length {length}")

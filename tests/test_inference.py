@@ -26,10 +26,11 @@ def decoders():
 
 
 # Each prefill length is a compile per family: the inner loop takes one token and one past the window (8) in
-# the middle of a chunk; a partial first chunk (5) and a prompt of exactly the window (8) run in CI.
+# the middle of a chunk, for B'MOJO and the Transformer (conftest.FAMILY_TIERS); a partial first chunk (5), a
+# prompt of exactly the window (8) and every family run in CI.
 @pytest.mark.parametrize("prefill_len", [1, pytest.param(5, marks=pytest.mark.slow),
                                          pytest.param(8, marks=pytest.mark.slow), 13])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_TIERS)
 def test_decode_matches_parallel(decoders, family, prefill_len):
   model, decoder = decoders[family]
   tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)

@@ -7,6 +7,11 @@ import pytest
 
 from benchmarks.speed import inference_bench
 
+# main() clears jax's caches after each family (one model's compiled code at a time): the persistent cache gives
+# its later calls here (the same tiny bmojo rows in three tests, the budget test's reruns) what an earlier one
+# compiled.
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+
 PREFILL = {"op", "family", "attn_impl", "size", "batch", "T", "ms", "compile_s", "device"}
 DECODE = {"op", "family", "attn_impl", "size", "batch", "context", "loop", "tokens_per_s", "floor_tokens_per_s",
           "compile_s", "device"}

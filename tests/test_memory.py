@@ -11,6 +11,11 @@ from bmojo_jax.memory.scoring import ScoreInputs, innovation_scores, last_inputs
 from bmojo_jax.memory.selection import insert_candidate, select_per_chunk
 from bmojo_jax.memory.store import NO_POS, by_position, empty_store
 
+# Compiled once per shape (the cases draw random lengths), not run op by op: a compile per op and shape.
+select = jax.jit(select_per_chunk, static_argnums=(3, 4))
+parallel_stores = jax.jit(stores_before_chunks, static_argnums=(1, 2))
+sequential_stores = jax.jit(stores_before_chunks_reference, static_argnums=(1, 2))
+
 
 def test_innovation_picks_planted_tokens():
   b, t, d, chunk = 2, 32, 8, 8
@@ -63,12 +68,12 @@ def test_parallel_stores_equal_the_sequential_merge(policy, with_starts):
     e = rng.integers(0, 5, (b, t)).astype(np.float32) if trial != 1 else rng.normal(size=(b, t)).astype(np.float32)
     e[:, rng.integers(0, t, 6)] = -np.inf
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
-    sel = select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
+    sel = select(jnp.asarray(e), k, v, chunk, k_e)
     starts = None
     if with_starts:
       starts = jnp.asarray(rng.random(sel.valid.shape[:2]) < 0.3).at[:, 0].set(True)   # [B, C]
-    want = jax.jit(stores_before_chunks_reference, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
-    got = jax.jit(stores_before_chunks, static_argnums=(1, 2))(sel, size, StorePolicy(policy), starts)
+    want = sequential_stores(sel, size, StorePolicy(policy), starts)
+    got = parallel_stores(sel, size, StorePolicy(policy), starts)
     for name, x, y in zip(want._fields, want, got):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{policy} trial {trial}: {name}")
 
@@ -84,13 +89,13 @@ def test_parallel_stores_from_an_initial_store(policy):
     e = rng.integers(0, 5, (b, t)).astype(np.float32)
     e[:, rng.integers(0, t, 6)] = -np.inf
     k, v = (jnp.asarray(rng.normal(size=(b, t, 2, 3)), jnp.float32) for _ in range(2))
-    sel = select_per_chunk(jnp.asarray(e), k, v, chunk, k_e)
-    whole = stores_before_chunks_reference(sel, size, StorePolicy(policy))
+    sel = select(jnp.asarray(e), k, v, chunk, k_e)
+    whole = sequential_stores(sel, size, StorePolicy(policy))
     c = int(rng.integers(1, sel.score.shape[1]))                                  # continue from chunk c
     initial, later = (jax.tree.map(f, whole) for f in (lambda x: x[:, c], lambda x: x[:, c:]))
     rest = jax.tree.map(lambda x: x[:, c:], sel)
-    for fn in (stores_before_chunks_reference, stores_before_chunks):
-      got = jax.jit(fn, static_argnums=(1, 2))(rest, size, StorePolicy(policy), None, initial)
+    for fn in (sequential_stores, parallel_stores):
+      got = fn(rest, size, StorePolicy(policy), None, initial)
       for name, x, y in zip(later._fields, later, got):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{fn.__name__} trial {trial}: {name}")
     assert int(jnp.sum(initial.valid)) > 0
@@ -104,8 +109,9 @@ def test_store_policies_match_python_model(policy, k_e, capacity):
   t = chunk * n_chunks - 3                                    # a partial last chunk
   scores = rng.integers(0, 40, size=(b, t)).astype(np.float32)  # integer scores: many exact ties
   k = jnp.asarray(rng.normal(size=(b, t, 1, 2)), jnp.float32)
-  sel = select_per_chunk(jnp.asarray(scores), k, k, chunk, k_e)
-  stores = jax.jit(stores_before_chunks, static_argnums=(1, 2))(sel, capacity, StorePolicy(policy))
+  sel = select(jnp.asarray(scores), k, k, chunk, k_e)
+  stores = jax.tree.map(np.asarray, parallel_stores(sel, capacity, StorePolicy(policy)))   # read entry by entry
+  k = np.asarray(k)
   for row in range(b):
     chunks = []
     for c in range(n_chunks):

@@ -100,18 +100,23 @@ def test_cudnn_path_masks_segments(window):
   q = jax.random.normal(keys[0], (1, T, 4, 16))
   k, v = (jax.random.normal(key, (1, T, 2, 16)) for key in keys[1:])
   ids = packing(_row()[0], None, (1, T)).ids
-  got = dot_product_attention(q, k, v, window=window, chunk=4, segment_ids=ids, implementation="xla")
-  want = memory_attention_reference(q, k, v, window=window, chunk=4, segment_ids=ids)
+  # both sides compiled (op by op, the reference's blockwise loop cost seconds)
+  got = jax.jit(lambda q, k, v, ids: dot_product_attention(q, k, v, window=window, chunk=4, segment_ids=ids,
+                                                           implementation="xla"))(q, k, v, ids)
+  want = jax.jit(lambda q, k, v, ids: memory_attention_reference(q, k, v, window=window, chunk=4,
+                                                                 segment_ids=ids))(q, k, v, ids)
   np.testing.assert_allclose(got, want, atol=1e-5)
   with pytest.raises(ValueError, match="no memory tokens"):
     dot_product_attention(q, k, v, window=window, chunk=4, mem_span=jnp.zeros((1, 10, 2, 4), jnp.int32),
                           implementation="xla")
 
 
-@pytest.mark.slow   # the trainer's loss on packing.py's packed rows, each document then run alone (a compile each)
+@pytest.mark.slow   # the trainer's loss on packing.py's packed rows, then every document alone (two compiles)
 def test_trainer_loss_keeps_packed_text_documents_apart():
   """train/data/packing.py's packed rows through the trainer's loss: the sum of each document's loss alone.
-  Both sides jitted (op by op this took minutes); a document alone is a compile per length."""
+  Both sides jitted (op by op this took minutes); the documents alone in one batch, as `_check_packed_equals_alone`
+  runs them (one compile, not one per length): row i holds document i from position 0, then zeros that a
+  causal model cannot look back at and that the loss does not count."""
   from bmojo_jax.train import steps
   from bmojo_jax.train.data.packing import IGNORE_INDEX, pack_documents
   from bmojo_jax.train.data.tokenizers import ByteTokenizer
@@ -122,19 +127,20 @@ def test_trainer_loss_keeps_packed_text_documents_apart():
   loss, (n, _, _) = jax.jit(steps.loss_sums, static_argnums=0)(graphdef, params, batch)
 
   @jax.jit
-  def document_loss(params, inputs, targets):   # one document alone: (ce sum, supervised tokens)
+  def document_losses(params, inputs, targets):   # a document a row: (ce sum [N], supervised tokens [N])
     valid = targets != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, params)(inputs),
                                                          jnp.where(valid, targets, 0))
-    return jnp.sum(jnp.where(valid, ce, 0)), valid.sum()
+    return jnp.sum(jnp.where(valid, ce, 0), -1), valid.sum(-1)
 
   ids = np.asarray(batch["segment_ids"][0])
-  want, count = 0.0, 0
-  for seg in np.unique(ids[ids > 0]):
-    where = np.flatnonzero(ids == seg)
-    lo, hi = where[0], where[-1] + 1
-    ce, valid = document_loss(params, batch["inputs"][:, lo:hi], batch["targets"][:, lo:hi])
-    want += float(ce)
-    count += int(valid)
-  assert int(n.sum()) == count and len(np.unique(ids[ids > 0])) >= 3
+  bounds = [(where[0], where[-1] + 1) for where in (np.flatnonzero(ids == seg) for seg in np.unique(ids[ids > 0]))]
+  width = max(hi - lo for lo, hi in bounds)
+  alone = {k: np.full((len(bounds), width), fill, np.int32) for k, fill in (("inputs", 0), ("targets", IGNORE_INDEX))}
+  for row, (lo, hi) in enumerate(bounds):
+    for k in alone:
+      alone[k][row, :hi - lo] = np.asarray(batch[k][0, lo:hi])
+  ce, valid = document_losses(params, jnp.asarray(alone["inputs"]), jnp.asarray(alone["targets"]))
+  want, count = float(jnp.sum(ce)), int(jnp.sum(valid))
+  assert int(n.sum()) == count and len(bounds) >= 3
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
