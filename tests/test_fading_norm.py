@@ -29,6 +29,7 @@ def _norm_all_first(self, x, cache=None, *, cache_size=None, decode=False, packi
 
 
 def _outputs(cfg, tokens, targets, segment_ids):
+  """(logits, gradients, prefill cache or None when packed): one compiled program."""
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
 
@@ -36,10 +37,13 @@ def _outputs(cfg, tokens, targets, segment_ids):
     logits = nnx.merge(graphdef, p)(tokens, segment_ids)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
 
-  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  prefill = None
-  if segment_ids is None:
-    prefill = nnx.jit(lambda m, t: m.prefill(t))(model, tokens)
+  @jax.jit
+  def run(params):
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    prefill = None if segment_ids is not None else nnx.merge(graphdef, params).prefill(tokens)
+    return logits, grads, prefill
+
+  logits, grads, prefill = run(params)
   return logits, nnx.to_pure_dict(grads), prefill
 
 

@@ -47,7 +47,11 @@ def test_evaluate_lm_run_end_to_end(trained_run, tmp_path):
   assert all(os.path.getsize(p) > 0 for p in written) and len(written) == 2
 
 
+# The three bmojo-eval runs and context_perplexity build fresh jitted closures of the same programs: with the
+# persistent compilation cache, the later ones read back what the first compiled (not the trained_run fixture's
+# training, which nothing reads back and whose cache writes cost more than they save).
 @pytest.mark.slow
+@pytest.mark.usefixtures("module_compilation_cache")
 def test_bmojo_eval_on_a_text_folder_and_on_a_prepared_stream(trained_run, tmp_path, monkeypatch):
   """`bmojo-eval --lm_lengths --niah` with --lm_text (a folder of text files) and --lm_stream (the same files
   prepared by bmojo-prepare): both score those documents, not the run's corpus, and agree; bad paths are refused

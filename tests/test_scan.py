@@ -12,6 +12,12 @@ from bmojo_jax.scan import selective_scan_associative
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 
 
+# Jitted once for the module: a case is one compile of each path, not op-by-op dispatch of every jnp call around
+# the scans (the same functions; test_reset_shape_is_checked and test_no_full_length_state_tensor call them bare).
+reference = jax.jit(selective_scan_reference)
+associative = jax.jit(selective_scan_associative, static_argnames="chunk")
+
+
 def rel_err(a, b):
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
@@ -30,8 +36,8 @@ def inputs(key, b, t, e, n, groups=None, dt_scale=1.0):
 @pytest.mark.parametrize("groups", [None, 2])
 def test_associative_matches_sequential(t, chunk, groups):
   x = inputs(jax.random.key(t), 2, t, 8, 4, groups)
-  y_ref, h_ref = selective_scan_reference(**x)
-  y, h = selective_scan_associative(**x, chunk=chunk)
+  y_ref, h_ref = reference(**x)
+  y, h = associative(**x, chunk=chunk)
   assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
 
 
@@ -40,8 +46,8 @@ def test_associative_gradients_match():
   def loss(fn, args):
     y, h = fn(**args)
     return jnp.sum(jnp.sin(y)) + jnp.sum(h * h)
-  g_ref = jax.grad(lambda a: loss(selective_scan_reference, a))(x)
-  g = jax.grad(lambda a: loss(lambda **k: selective_scan_associative(**k, chunk=8), a))(x)
+  g_ref = jax.jit(jax.grad(lambda a: loss(selective_scan_reference, a)))(x)
+  g = jax.jit(jax.grad(lambda a: loss(lambda **k: selective_scan_associative(**k, chunk=8), a)))(x)
   for name in x:
     assert rel_err(g[name], g_ref[name]) <= 1e-5, name
 
@@ -79,7 +85,7 @@ def test_reset_all_false_is_no_reset():
   held on some x86-64 hosts and not on others (AMD EPYC: 1.9e-6 max abs). Hence fp32 rounding tolerance."""
   x = inputs(jax.random.key(7), 2, 37, 8, 4)
   never = jnp.zeros((2, 37), jnp.int32)
-  for fn in (selective_scan_reference, functools.partial(selective_scan_associative, chunk=8)):
+  for fn in (reference, functools.partial(associative, chunk=8)):
     for a, b in zip(fn(**x, reset=never), fn(**x)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -90,10 +96,10 @@ def test_reset_starts_a_fresh_sequence():
   reset = jnp.zeros((1, 40), jnp.int32).at[0, jnp.array([0, 17, 23])].set(2)
   seq = {k: (v if k in ("A", "D", "delta_bias") else None) for k, v in x.items()}
   for impl in ("sequential", "associative"):
-    y, h = get_scan_fn(impl, chunk=8)(**x, reset=reset)
+    y, h = jax.jit(get_scan_fn(impl, chunk=8))(**x, reset=reset)
     for start, end in ((0, 17), (17, 23), (23, 40)):
       doc = {k: (x[k][:, start:end] if k in ("u", "delta", "Bm", "Cm", "z") else v) for k, v in seq.items()}
-      y_doc, h_doc = selective_scan_reference(**doc)
+      y_doc, h_doc = reference(**doc)
       np.testing.assert_allclose(y[:, start:end], y_doc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h, h_doc, rtol=1e-5, atol=1e-6)
 
@@ -108,11 +114,11 @@ def test_reset_shape_is_checked():
 def test_initial_state_continues_a_split_sequence():
   x = inputs(jax.random.key(4), 1, 40, 8, 4)
   x["h0"] = None
-  y_full, h_full = selective_scan_associative(**x, chunk=8)
+  y_full, h_full = associative(**x, chunk=8)
   first = {k: (v[:, :17] if k in ("u", "delta", "Bm", "Cm", "z") else v) for k, v in x.items()}
   rest = {k: (v[:, 17:] if k in ("u", "delta", "Bm", "Cm", "z") else v) for k, v in x.items()}
-  y1, h1 = selective_scan_associative(**first, chunk=8)
-  y2, h2 = selective_scan_associative(**{**rest, "h0": h1}, chunk=8)
+  y1, h1 = associative(**first, chunk=8)
+  y2, h2 = associative(**{**rest, "h0": h1}, chunk=8)
   np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(h2, h_full, rtol=1e-5, atol=1e-6)
 

@@ -211,7 +211,8 @@ class TestSelectiveScan:
     case = dict(dtype=jnp.float32, B=1, T=RESET_T, E=16, N=8, G=0, D=True, z=True, bias=True, h0=True)
     u, delta, A, Bm, Cm, D, z, bias, h0 = make_inputs(case, seed=3)
     reset = jnp.zeros((1, RESET_T), jnp.int32).at[0, jnp.array([0, 16, 21])].set(3)   # docs of 16, 5, 16
-    scan = functools.partial(self.scan, block_sizes=RESET_CASES[1]["blocks"])
+    # jitted: each call one compile (the two documents of 16 share one), not the interpreter run op by op
+    scan = jax.jit(functools.partial(self.scan, block_sizes=RESET_CASES[1]["blocks"]))
     y, h_last = scan(u, delta, A, Bm, Cm, D, z, bias, h0=h0, reset=reset)
     for start, end in doc_bounds(reset[0]):
       cut = lambda x: x[:, start:end]
