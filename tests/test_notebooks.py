@@ -8,9 +8,11 @@ installed_copy: the packages as `pip install -e .` makes them, nothing else impo
 its CHECKS cell appended; the executed copies are then compared with the stored notebooks."""
 
 import glob
+import os
 import pathlib
 import shlex
 import subprocess
+import sys
 
 import nbformat   # the notebooks extra (in dev): pip install -e .[notebooks]
 import pytest
@@ -63,6 +65,9 @@ def run_readme_line(root: pathlib.Path) -> dict[str, nbformat.NotebookNode]:
   argv = [*command[:-1], *sorted(glob.glob(command[-1], root_dir=where["cwd"]))]   # the glob as bash expands it
   assert argv[3:] == [f"notebooks/{path.name}" for path in NOTEBOOKS], argv
   env = dict(where["env"], MPLBACKEND="module://matplotlib_inline.backend_inline")   # figures inline, as in Jupyter
+  # The `jupyter` of this Python's environment (a venv run without activation, or one whose scripts are not on
+  # PATH, would otherwise find another or none), so the kernel it starts imports what this suite installed.
+  env["PATH"] = os.pathsep.join([str(root / "bin"), os.path.dirname(sys.executable), os.environ["PATH"]])
   out = subprocess.run(argv, capture_output=True, text=True, timeout=1500, cwd=where["cwd"], env=env)
   assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-6000:]}"
   return {path.name: nbformat.read(copies / path.name, as_version=4) for path in NOTEBOOKS}
