@@ -4,8 +4,8 @@
 # `scripts/test.sh -m "not slow"`, every module and invariant at its smallest case: `slow` marks end-to-end runs
 # (training, subprocesses, populations), the kernels' further interpret-mode cases and the further cases of an
 # invariant (more prefill lengths, selections, dtypes, the families past B'MOJO and the Transformer:
-# tests/conftest.py's FAMILY_TIERS), each a compile. Tests compile at XLA's backend optimization level 0
-# (tests/conftest.py).
+# tests/conftest.py's FAMILY_TIERS), each a compile. Tests compile at XLA's backend optimization level 0 with
+# XLA:CPU's elemental fusion emitter (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[dev]"

@@ -4,12 +4,17 @@ import os
 import shutil
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles hundreds of tiny programs and runs each a few times, so its time is XLA's compile time, most
-# of it LLVM's optimization passes: at backend optimization level 0 the CPU compiles take about half as long
-# (kernel and model tests measured 34 -> 19 CPU-seconds) and the programs, the same HLO, run slower by what a
-# tiny shape costs. Set before jax starts; subprocesses inherit it. An XLA_FLAGS that names a level keeps it.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# The suite compiles hundreds of tiny programs and runs each a few times, so its time is XLA's compile time:
+# - backend optimization level 0: LLVM's optimization passes off, the CPU compiles take about half as long (kernel
+#   and model tests measured 34 -> 19 CPU-seconds);
+# - XLA:CPU's legacy elemental fusion emitter instead of its MLIR fusion emitters (`xla_cpu_use_fusion_emitters`):
+#   the MLIR pipeline costs more per fusion than the tiny programs save (test_chunked_prefill and test_inference's
+#   inner loop 162 -> 82 s, one process).
+# The programs are the same HLO; they run slower by what a tiny shape costs. Set before jax starts; subprocesses
+# inherit them. An XLA_FLAGS that names either option keeps its value.
+for _option, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false")):
+  if f"--{_option}" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_option}={_value}".strip()
 
 import jax  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
