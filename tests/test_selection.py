@@ -101,7 +101,7 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
   off = LanguageModel(cfg.replace(predictor_loss_weight=0.0), rngs=nnx.Rngs(0))
   loss, grads = _loss_and_grads(model, tokens)
   loss_off, grads_off = _loss_and_grads(off, tokens)
-  assert float(loss) == float(loss_off)
+  np.testing.assert_allclose(float(loss), float(loss_off), rtol=1e-6)   # two programs: see the gradients below
   grads, grads_off = nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_off)
   from bmojo_jax.probe import attention_inputs  # pylint: disable=g-import-not-at-top
   for i, (attn, a, _) in enumerate(attention_inputs(model, tokens)):
@@ -111,7 +111,13 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
     assert np.abs(want).max() > 1e-3
     np.testing.assert_array_equal(grads_off["blocks"][i]["mixer2"]["predictor"], 0)
     grads["blocks"][i]["mixer2"].pop("predictor"), grads_off["blocks"][i]["mixer2"].pop("predictor")
-  chex.assert_trees_all_equal(grads, grads_off)
+  # The two programs differ (the auxiliary loss's graph changes how XLA fuses the shared parts), so the other
+  # gradients agree to fp32 rounding, each leaf within 1e-6 of its largest entry (measured: 3.4e-7), not bit for
+  # bit; a leak of the auxiliary loss would be of the order of the gradients themselves.
+  for (path, g), g_off in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_off)):
+    assert float(jnp.max(jnp.abs(g_off))) > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(g, g_off, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(g_off))),
+                               err_msg=jax.tree_util.keystr(path))
   assert count_params(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert count_params(cfg) == count_params(cfg.replace(selection="innovation")) + 2 * 4 * 32 * 32
 
