@@ -19,6 +19,7 @@ for _option, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_f
 import jax  # noqa: E402
 from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 from flax import nnx  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bmojo_jax import ComputeConfig, Family, LanguageModel, ModelConfig  # noqa: E402
@@ -39,6 +40,17 @@ def tiny_config(family: str, compute: dict | None = None, **overrides) -> ModelC
     kw.update(window=None)
   kw.update(overrides)
   return ModelConfig(**kw, compute=ComputeConfig(**{"scan_chunk": 8, **(compute or {})}))
+
+
+def host_tokens(seed: int, shape: tuple[int, ...], vocab: int = 64) -> np.ndarray:
+  """int32 token ids in [0, vocab), built on the host (numpy): test inputs without an eager XLA op (a compile) per
+  shape. Jitted functions take them as they are; slice them with numpy."""
+  return np.random.default_rng(seed).integers(0, vocab, shape, dtype=np.int32)
+
+
+def host_normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard normal fp32 inputs built on the host (numpy), as host_tokens."""
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -3,7 +3,6 @@ the cache of the one before, gives the cache and logits of one whole-prompt pref
 it as from that prefill."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,7 +11,7 @@ from bmojo_jax import LanguageModel, continuation, inference
 from bmojo_jax.attention import AttnState
 from bmojo_jax.inference import Decoder, generate, prefill_pieces
 from bmojo_jax.memory.store import Store, by_position
-from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, host_normal, host_tokens, tiny_config
 
 PROMPT, T = 40, 44         # prompt tokens, then decode to T; tiny_config: memory chunk 4, window 8
 # The pieces start at multiples of the memory chunk (4) or not, and the chunk divides the prompt or not:
@@ -28,19 +27,23 @@ def models():
   return {f: LanguageModel(tiny_config(f, init_std=0.1, n_layers=4), rngs=nnx.Rngs(0)) for f in FAMILIES}
 
 
+@jax.jit
 def canonical(cache):
   """The cache with every eidetic candidate set in position order: the parallel pass and `insert_candidate`
-  hold the same entries in different slots (the store itself is ordered canonically)."""
+  hold the same entries in different slots (the store itself is ordered canonically). Jitted: one compile per
+  cache structure, not the sort's ops one by one."""
   fix = lambda s: s._replace(cand=by_position(s.cand)) if isinstance(s, AttnState) else s
   return jax.tree.map(fix, cache, is_leaf=lambda s: isinstance(s, AttnState))
 
 
 def assert_same_cache(got, want):
-  got, want = canonical(got), canonical(want)
+  """Every leaf of the two caches (host copies, compared with numpy) equal, floats to ATOL."""
+  got, want = jax.device_get(canonical(got)), jax.device_get(canonical(want))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.dtype == b.dtype, jax.tree_util.keystr(path)
-    if jnp.issubdtype(a.dtype, jnp.floating):
+    if np.issubdtype(a.dtype, np.floating):
       np.testing.assert_allclose(a, b, rtol=ATOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
     else:
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
@@ -73,33 +76,33 @@ def test_bmojo_chunked_prefill_cases(models, chunk, prompt):
 
 def check_chunked_prefill(model, family, chunk, prompt):
   decoder = Decoder(model, prefill_chunk=chunk)
-  tokens = jax.random.randint(jax.random.key(chunk), (2, T), 0, 64)
-  full = forward(model, tokens)
+  tokens = host_tokens(chunk, (2, T))
+  full = np.asarray(forward(model, tokens))
   want_logits, want_cache = Decoder(model).prefill(tokens[:, :prompt], T)
   logits, cache = decoder.prefill(tokens[:, :prompt], T)
   assert logits.shape == want_logits.shape
   np.testing.assert_allclose(logits, want_logits, atol=ATOL)
   np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-4)
   assert_same_cache(cache, want_cache)
-  n_stores = sum(int(jnp.sum(s.valid)) for s in jax.tree.leaves(cache, is_leaf=lambda s: isinstance(s, Store))
+  n_stores = sum(int(np.sum(s.valid)) for s in jax.tree.leaves(cache, is_leaf=lambda s: isinstance(s, Store))
                  if isinstance(s, Store))
   assert family != "bmojo" or n_stores > 0                  # the stores and candidates hold entries
   for t in range(prompt, T):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     np.testing.assert_allclose(step_logits, full[:, t], atol=1e-4)
-  assert float(jnp.abs(full).max()) > 0.5                   # the logits are not near-constant
+  assert float(np.abs(full).max()) > 0.5                    # the logits are not near-constant
 
 
 def test_chunked_continuation_and_last_only(models):
   """A sequence continued by a chunked prefill (a second turn) and last_only give what one prefill does."""
   model = models["bmojo"]
-  tokens = jax.random.randint(jax.random.key(5), (2, T), 0, 64)
+  tokens = host_tokens(5, (2, T))
   want, want_cache = Decoder(model).prefill(tokens, T)
   decoder = Decoder(model, prefill_chunk=6)
   _, cache = decoder.prefill(tokens[:, :9], T, chunk=4)              # the call's chunk overrides the decoder's
   last, cache = decoder.prefill(tokens[:, 9:], cache=cache, last_only=True)
   assert last.shape == (2, 1, 64)
-  np.testing.assert_allclose(last[:, 0], want[:, -1], atol=ATOL)
+  np.testing.assert_allclose(np.asarray(last)[:, 0], np.asarray(want)[:, -1], atol=ATOL)
   assert_same_cache(cache, want_cache)
 
 
@@ -109,10 +112,10 @@ def test_one_continuation_compile_whatever_the_prompt_length(models, family):
   first piece, the remainder, is a parallel prefill compiled per remainder length, as a whole prompt is). For
   B'MOJO the pieces then start at several phases of its memory chunks (`continuation.continue_memory`'s frame)."""
   decoder = Decoder(models[family], prefill_chunk=8)
-  decoder.prefill(jnp.zeros((1, 24), jnp.int32))
+  decoder.prefill(np.zeros((1, 24), np.int32))
   before = (inference._continue._cache_size(), inference._prefill._cache_size())
   for length in (17, 25, 40, 27):                             # remainders 1, 1, 8 (compiled above), 3
-    decoder.prefill(jnp.ones((1, length), jnp.int32))
+    decoder.prefill(np.ones((1, length), np.int32))
   assert inference._continue._cache_size() == before[0]
   assert inference._prefill._cache_size() == before[1] + 2
 
@@ -130,14 +133,14 @@ def test_bad_prefill_chunk(models, chunk):
   with pytest.raises(ValueError, match="prefill_chunk=.* must be a positive int or None"):
     Decoder(models["mamba"], prefill_chunk=chunk)
   with pytest.raises(ValueError, match="prefill_chunk"):
-    Decoder(models["mamba"]).prefill(jnp.zeros((1, 4), jnp.int32), chunk=chunk)
+    Decoder(models["mamba"]).prefill(np.zeros((1, 4), np.int32), chunk=chunk)
 
 
 def test_full_attention_needs_max_len_for_the_whole_prompt(models):
   """The Transformer's KV cache is sized by the first piece's prefill: max_len is checked against the whole
   prompt before any piece runs."""
   with pytest.raises(ValueError, match=r"max_len >= the prompt length \(20\)"):
-    Decoder(models["transformer"], prefill_chunk=8).prefill(jnp.zeros((1, 20), jnp.int32), 16)
+    Decoder(models["transformer"], prefill_chunk=8).prefill(np.zeros((1, 20), np.int32), 16)
 
 
 @pytest.mark.parametrize("family, start, length, block", [
@@ -151,13 +154,19 @@ def test_parallel_continuation_equals_the_step_scan(family, start, length, block
   cfg = tiny_config(family, init_std=0.1)
   attn = Attention(cfg, rngs=nnx.Rngs(4))
   slots = cfg.window or 40
-  x = jax.random.normal(jax.random.key(start), (2, start + length, cfg.d_model))
+  x = host_normal(start, (2, start + length, cfg.d_model))
   state = attn.init_state(2, slots) if start == 0 else _prefix_state(attn, x[:, :start], None, slots)
-  want_y, want = nnx.jit(lambda m, a, s: continuation.continue_stepwise(m, a, s, None))(attn, x[:, start:], state)
-  got_y, got = nnx.jit(lambda m, a, s: continuation.continue_parallel(m, a, s, block))(attn, x[:, start:], state)
+  want_y, want = _stepwise(attn, x[:, start:], state, None)
+  got_y, got = _parallel(attn, x[:, start:], state, block)
+  want_y = np.asarray(want_y)
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
-  assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
+  assert int(got.pos) == start + length and float(np.abs(want_y).max()) > 0.05
+
+
+_stepwise = nnx.jit(continuation.continue_stepwise)                            # the reference
+_parallel = nnx.jit(continuation.continue_parallel, static_argnums=3)          # (attn, a, state, block)
+_memory = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))                          # Attention.__call__ with a state
 
 
 @nnx.jit(static_argnums=3)
@@ -167,7 +176,18 @@ def _prefix_state(attn, x, fading, slots):
   return attn(x, fading=fading, cache_size=slots)[1]
 
 
-MEMORY_CASES = [(0, 11), (5, 7), (13, 20), (3, 2), (8, 1), (7, 1), (12, 8), (1, 30)]   # (start, length)
+# (start, length): each length and each start past 0 is a compile (of both sides; of `_prefix_state`), so the
+# phases of the memory chunks (L 4) come from three lengths and four starts:
+MEMORY_CASES = [
+    (0, 7),     # from the sequence start, across a boundary, ending mid-chunk
+    (0, 20),    # from the start, five chunks ending on a boundary: the store fills and evicts
+    (5, 7),     # from mid-chunk, across a boundary, ending on one (12)
+    (5, 1),     # one token mid-chunk
+    (7, 1),     # one token completing a chunk
+    (8, 1),     # one token from a boundary
+    (8, 20),    # several chunks from a boundary, ending on one (28)
+    (13, 20),   # several chunks from mid-chunk with a full store, ending mid-chunk (33)
+]
 
 
 @pytest.mark.parametrize("family, overrides", [
@@ -184,18 +204,17 @@ def test_parallel_memory_continuation_equals_the_step_scan(family, overrides):
   from bmojo_jax.attention import Attention
   cfg = tiny_config(family, init_std=0.1, **overrides)
   attn = Attention(cfg, rngs=nnx.Rngs(4))
-  reference = nnx.jit(lambda m, a, s, f: continuation.continue_stepwise(m, a, s, f))
-  parallel = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))
   for start, length in MEMORY_CASES:
-    x, f = (jax.random.normal(jax.random.key(start + i), (2, start + length, cfg.d_model)) for i in (0, 100))
+    x, f = (host_normal(start + i, (2, start + length, cfg.d_model)) for i in (0, 100))
     state = attn.init_state(2, cfg.window) if start == 0 else _prefix_state(attn, x[:, :start], f[:, :start],
                                                                                cfg.window)
-    want_y, want = reference(attn, x[:, start:], state, f[:, start:])
-    got_y, got = parallel(attn, x[:, start:], state, f[:, start:])
+    want_y, want = _stepwise(attn, x[:, start:], state, f[:, start:])
+    got_y, got = _memory(attn, x[:, start:], state, f[:, start:])
+    want_y = np.asarray(want_y)
     np.testing.assert_allclose(got_y, want_y, atol=ATOL, err_msg=f"start {start}, length {length}")
     assert_same_cache(got, want)
-    assert int(got.pos) == start + length and float(jnp.abs(want_y).max()) > 0.05
-    assert not cfg.eidetic or start + length < 8 or int(jnp.sum(got.store.valid)) > 0
+    assert int(got.pos) == start + length and float(np.abs(want_y).max()) > 0.05
+    assert not cfg.eidetic or start + length < 8 or int(np.sum(got.store.valid)) > 0
 
 
 @pytest.mark.parametrize("family", ["bmojo", pytest.param("mamba", marks=pytest.mark.slow)])
