@@ -10,7 +10,7 @@ from bmojo_jax import LanguageModel
 from bmojo_jax.config import Selection
 from bmojo_jax import inference
 from bmojo_jax.inference import Decoder, cache_bytes, generate, generate_stream, sample
-from tests.conftest import FAMILIES, FAMILY_TIERS, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, host_normal, host_tokens, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
 forward = nnx.jit(lambda m, x: m(x))   # the parallel pass, compiled once per model for the module
@@ -33,16 +33,16 @@ def decoders():
 @pytest.mark.parametrize("family", FAMILY_TIERS)
 def test_decode_matches_parallel(decoders, family, prefill_len):
   model, decoder = decoders[family]
-  tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)
-  full = forward(model, tokens)
+  tokens = host_tokens(prefill_len, (2, T))
+  full = np.asarray(forward(model, tokens))            # host copies: the checks are numpy, not eager XLA ops
   logits, cache = decoder.prefill(tokens[:, :prefill_len], T)
-  assert np.abs(logits - full[:, :prefill_len]).max() <= 1e-4
+  assert np.abs(np.asarray(logits) - full[:, :prefill_len]).max() <= 1e-4
   worst = 0.0
   for t in range(prefill_len, T):
     step_logits, cache = decoder.step(tokens[:, t], cache)
-    worst = max(worst, float(np.abs(step_logits - full[:, t]).max()))
+    worst = max(worst, float(np.abs(np.asarray(step_logits) - full[:, t]).max()))
   assert worst <= 1e-4, worst
-  assert float(jnp.abs(full).max()) > 0.5  # logits are not near-constant: the comparison has teeth
+  assert float(np.abs(full).max()) > 0.5  # logits are not near-constant: the comparison has teeth
 
 
 @pytest.mark.parametrize("selection", [s.value if s == Selection.INNOVATION else
@@ -51,8 +51,8 @@ def test_score_policy_decode_matches_parallel(selection):
   """The score store under every selection score (tests/test_selection.py: the FIFO store)."""
   model = LanguageModel(tiny_config("bmojo", init_std=0.1, store_policy="score", selection=selection),
                         rngs=nnx.Rngs(3))
-  tokens = jax.random.randint(jax.random.key(9), (2, T), 0, 64)
-  full = forward(model, tokens)
+  tokens = host_tokens(9, (2, T))
+  full = np.asarray(forward(model, tokens))
   decoder = Decoder(model)
   logits, cache = decoder.prefill(tokens[:, :6], T)
   for t in range(6, T):
@@ -62,7 +62,7 @@ def test_score_policy_decode_matches_parallel(selection):
 
 def test_step_compiles_once(decoders):
   _, decoder = decoders["bmojo"]
-  tokens = jnp.zeros((2, 20), jnp.int32)
+  tokens = np.zeros((2, 20), np.int32)
   _, cache = decoder.prefill(tokens[:, :3], 20)
   _, cache = decoder.step(tokens[:, 3], cache)
   before = inference._step._cache_size()
@@ -78,8 +78,8 @@ def test_generate_batches_prompts_of_different_lengths(decoders):
   # Greedy: each new token is the argmax of the parallel pass over everything before it. One pass (one compile)
   # for the three rows, zero-padded on the right, which a causal model cannot look back at.
   rows = [prompt + new for prompt, new in zip(prompts, out)]
-  padded = jnp.array([row + [0] * (max(map(len, rows)) - len(row)) for row in rows])
-  logits = forward(model, padded)
+  padded = np.array([row + [0] * (max(map(len, rows)) - len(row)) for row in rows], np.int32)
+  logits = np.asarray(forward(model, padded))
   for i, (prompt, new) in enumerate(zip(prompts, out)):
     assert len(new) == 5 and np.argmax(logits[i, len(prompt) - 1:len(prompt) + 4], -1).tolist() == new
 
@@ -117,16 +117,16 @@ def test_cache_is_constant_except_full_attention():
 
 def test_scanned_decode_equals_step_loop(decoders):
   _, decoder = decoders["bmojo"]
-  prompt = jax.random.randint(jax.random.key(5), (2, 6), 0, 64)
+  prompt = host_tokens(5, (2, 6))
   logits, cache = decoder.prefill(prompt, 30)
   tokens, last_logits, _ = decoder.decode(logits[:, -1], cache, 12)
   logits, cache = decoder.prefill(prompt, 30)
   logits, want = logits[:, -1], []
   for _ in range(12):
-    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    token = np.argmax(np.asarray(logits), -1).astype(np.int32)       # greedy, on the host
     want.append(token)
     logits, cache = decoder.step(token, cache)
-  np.testing.assert_array_equal(tokens, jnp.stack(want, 1))
+  np.testing.assert_array_equal(tokens, np.stack(want, 1))
   np.testing.assert_allclose(last_logits, logits, atol=1e-5)
 
 
@@ -134,7 +134,7 @@ def test_scanned_decode_equals_step_loop(decoders):
 def test_prefill_in_pieces_matches_parallel(decoders, family):
   """A prompt fed in pieces of random lengths (chunk phases anywhere), then decoding, equals one parallel pass."""
   model, decoder = decoders[family]
-  tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
+  tokens = host_tokens(11, (2, T))
   full = forward(model, tokens)
   # Pieces of 3, 1, 7, 7, 1, 11 tokens, then decode: shorter than a chunk, across chunks, longer than the window
   # (8), starting at chunk phases 0, 2 and 3; three continuation lengths, a compile each.
@@ -147,21 +147,21 @@ def test_prefill_in_pieces_matches_parallel(decoders, family):
   for t in range(cuts[-1], T):
     logits, cache = decoder.step(tokens[:, t], cache)
     got.append(logits[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=1e-4)
+  np.testing.assert_allclose(np.concatenate([np.asarray(g) for g in got], axis=1), full, atol=1e-4)
 
 
 def test_prefill_continuation_past_the_kv_cache_is_refused(decoders):
   _, decoder = decoders["transformer"]
-  _, cache = decoder.prefill(jnp.zeros((2, 10), jnp.int32), 12)
+  _, cache = decoder.prefill(np.zeros((2, 10), np.int32), 12)
   with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
-    decoder.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)
+    decoder.prefill(np.zeros((2, 3), np.int32), cache=cache)
 
 
 def test_model_prefill_continuation_past_the_kv_cache_is_refused(decoders):
   model, _ = decoders["transformer"]
-  _, cache = model.prefill(jnp.zeros((2, 10), jnp.int32), 12)
+  _, cache = model.prefill(np.zeros((2, 10), np.int32), 12)
   with pytest.raises(ValueError, match="KV cache holds 12 tokens"):
-    model.prefill(jnp.zeros((2, 3), jnp.int32), cache=cache)
+    model.prefill(np.zeros((2, 3), np.int32), cache=cache)
 
 
 def test_stream_equals_generate_for_prompts_of_different_lengths(decoders):
@@ -199,7 +199,7 @@ def test_scanned_prefill_matches_the_block_loop(decoders, family):
   """Decoder(scan_prefill=True) prefills with the blocks in one lax.scan and decodes as the loop does."""
   model, decoder = decoders[family]
   scanned = Decoder(model, scan_prefill=True)
-  tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, 64)
+  tokens = host_tokens(2, (2, 20))
   (want, cache_a), (got, cache_b) = (d.prefill(tokens[:, :13], 20) for d in (decoder, scanned))
   np.testing.assert_allclose(got, want, atol=1e-5)
   for t in range(13, 20):
@@ -224,12 +224,12 @@ def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
   """The store merge (a sort over M_e + k_e entries per layer) sits in a `lax.cond` on the chunk boundary: a
   token inside a chunk does only its own work, in the step and in the on-device loop. Tracing only."""
   _, decoder = decoders["bmojo"]
-  cache = decoder.prefill(jnp.zeros((1, 5), jnp.int32), 20)[1]
-  token, logits = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 64), jnp.float32)
+  cache = decoder.prefill(np.zeros((1, 5), np.int32), 20)[1]
+  token, logits = np.zeros((1,), np.int32), np.zeros((1, 64), np.float32)
   step = jax.make_jaxpr(inference._step, static_argnums=(0,))(decoder.graphdef, decoder.state, token, cache)
   loop = jax.make_jaxpr(inference._decode_loop, static_argnums=(0, 8, 9, 10))(
-      decoder.graphdef, decoder.state, logits, cache, jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), bool),
-      jax.random.key(0), jnp.int32(0), 0.0, None, None)
+      decoder.graphdef, decoder.state, logits, cache, np.zeros((1, 3), np.int32), np.zeros((1, 3), bool),
+      jax.random.key(0), np.int32(0), 0.0, None, None)
   n_blocks = decoder.cfg.n_blocks
   for jaxpr in (step, loop):
     assert _sorts(jaxpr.jaxpr) == {False: 0, True: n_blocks}
@@ -242,7 +242,7 @@ def test_step_equals_its_branch_free_reference(policy):
   from bmojo_jax.attention import Attention
   cfg = tiny_config("bmojo", init_std=0.1, store_policy=policy)
   attn = Attention(cfg, rngs=nnx.Rngs(1))
-  a, fading = jax.random.normal(jax.random.key(2), (2, 2, 26, cfg.d_model))
+  a, fading = host_normal(2, (2, 2, 26, cfg.d_model))
   run = nnx.jit(lambda m, a, f, s, select: (m.step_select if select else m.step)(a, s, fading=f),
                 static_argnums=(4,))
   states = [attn.init_state(2, cfg.window)] * 2
@@ -251,7 +251,7 @@ def test_step_equals_its_branch_free_reference(policy):
                                         for s, sel in zip(states, (False, True)))
     np.testing.assert_array_equal(y0, y1)
     jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
-  assert int(jnp.sum(states[0].store.valid)) == 2 * cfg.eidetic   # the stores filled: the merges ran
+  assert int(np.sum(states[0].store.valid)) == 2 * cfg.eidetic   # the stores filled: the merges ran
 
 
 @pytest.mark.parametrize("family", FAMILY_TIERS)   # four compiles a family
@@ -265,7 +265,7 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
   assert {d for p, d in dtypes.items() if "kernel" in p or "embed" in p} == {jnp.dtype("bfloat16")}
   assert {d for p, d in dtypes.items() if "scale" in p} == {jnp.dtype("float32")}
   graphdef, state = nnx.split(model)
-  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+  tokens = host_tokens(1, (2, 9))
   got, cache = decoder.prefill(tokens[:, :5], 9)
   want, want_cache = inference._prefill(graphdef, state, tokens[:, :5], 9, False, 0)
   np.testing.assert_array_equal(got, want)
@@ -273,7 +273,7 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
     got, cache = decoder.step(tokens[:, t], cache)
     want, want_cache = inference._step(graphdef, state, tokens[:, t], want_cache)
     np.testing.assert_array_equal(got, want)
-  assert float(jnp.abs(want).max()) > 0.1
+  assert float(np.abs(np.asarray(want)).max()) > 0.1
 
 
 def test_decoder_compiler_options(decoders, tmp_path):
@@ -286,11 +286,11 @@ def test_decoder_compiler_options(decoders, tmp_path):
   dump = tmp_path / "xla"
   dumped = Decoder(model, compiler_options={"xla_dump_to": str(dump)})
   assert "_step" not in " ".join(p.name for p in dump.iterdir())   # the check compiled a one-op function only
-  prompt = jnp.array([[3, 1, 4, 1, 5]], jnp.int32)
+  prompt = np.array([[3, 1, 4, 1, 5]], np.int32)
   want = generate(default, prompt, max_new_tokens=6)
   assert generate(dumped, prompt, max_new_tokens=6) == want
   logits, cache = dumped.prefill(prompt, 12, last_only=True)
-  dumped.step(jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache)
+  dumped.step(np.argmax(np.asarray(logits)[:, -1], -1).astype(np.int32), cache)
   names = " ".join(p.name for p in dump.iterdir())
   assert "_decode_loop" in names and "jit__step" in names, names
 
