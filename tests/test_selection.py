@@ -17,7 +17,7 @@ from bmojo_jax.memory.scoring import (SELECTION_SCORES, ScoreInputs, innovation_
                                       ssm_error_scores, straight_through_values)
 from bmojo_jax.memory.selection import select_per_chunk
 from bmojo_jax.model import stack_blocks
-from tests.conftest import tiny_config
+from tests.conftest import host_normal, host_tokens, tiny_config
 from tests.test_packing import _check_packed_equals_alone
 
 SELECTIONS = [s.value for s in Selection]
@@ -33,16 +33,15 @@ def _loss_and_grads(model, tokens):
 
 # ------------------------------------------------------------------------------------------- definitions
 def test_input_norm_definition():
-  a = jax.random.normal(jax.random.key(0), (2, 7, 5))
+  a = host_normal(0, (2, 7, 5))
   np.testing.assert_allclose(input_norm_scores(a), np.sum(np.asarray(a) ** 2, -1), rtol=1e-6)
 
 
 def test_ssm_error_definition():
   """e_t = ‖k_t − fk_{t-1}‖² + ‖v_t − fv_{t-1}‖²; fk_{-1} from `prev` (else zeros), zeros where reach is 0."""
-  keys = jax.random.split(jax.random.key(1), 6)
-  k, v, fk, fv = (jax.random.normal(key, (2, 9, 2, 3)) for key in keys[:4])
-  prev_k, prev_v = (jax.random.normal(key, (2, 1, 2, 3)) for key in keys[4:])
-  reach = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2)
+  k, v, fk, fv = (host_normal(10 + i, (2, 9, 2, 3)) for i in range(4))
+  prev_k, prev_v = (host_normal(20 + i, (2, 1, 2, 3)) for i in range(2))
+  reach = np.asarray([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 2, np.int32)
   n = lambda x: np.asarray(x, np.float64)
   for prev, r in (((None, None), None), ((prev_k, prev_v), None), ((prev_k, prev_v), reach)):
     got = ssm_error_scores(k, v, fk, fv, *prev, reach=r)
@@ -60,24 +59,22 @@ def test_ssm_error_definition():
 
 def test_learned_definition_and_straight_through():
   """s_t = a_t · w_s; the gate leaves the values bit-identical and passes σ'(s) ⟨g, v⟩ to the score."""
-  keys = jax.random.split(jax.random.key(2), 4)
-  a, w = jax.random.normal(keys[0], (2, 6, 5)), jax.random.normal(keys[1], (5,))
-  v, g = jax.random.normal(keys[2], (2, 6, 2, 3)), jax.random.normal(keys[3], (2, 6, 2, 3))
+  a, w = host_normal(30, (2, 6, 5)), host_normal(31, (5,))
+  v, g = host_normal(32, (2, 6, 2, 3)), host_normal(33, (2, 6, 2, 3))
   s = learned_scores(a, w)
   np.testing.assert_allclose(s, np.asarray(a) @ np.asarray(w), rtol=1e-5)
   np.testing.assert_array_equal(straight_through_values(v, s), v)
   ds = jax.grad(lambda s: jnp.sum(straight_through_values(v, s) * g))(s)
   sig = jax.nn.sigmoid(s)
-  np.testing.assert_allclose(ds, sig * (1 - sig) * jnp.sum(v * g, axis=(-2, -1)), rtol=1e-5)
+  np.testing.assert_allclose(ds, sig * (1 - sig) * np.sum(v * g, axis=(-2, -1)), rtol=1e-5)
 
 
 def test_linear_definition():
   """e_t = ‖a_t − Σ_j a_{t-j} W_j‖² with the history before the sequence (else zeros) and zeros where reach < j;
   at W = I/4 it is the innovation test."""
-  keys = jax.random.split(jax.random.key(8), 3)
-  a, history = jax.random.normal(keys[0], (2, 9, 5)), jax.random.normal(keys[1], (2, 4, 5))
-  w = jax.random.normal(keys[2], (4, 5, 5))
-  reach = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3]] * 2)
+  a, history = host_normal(40, (2, 9, 5)), host_normal(41, (2, 4, 5))
+  w = host_normal(42, (4, 5, 5))
+  reach = np.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3]] * 2, np.int32)
   n = lambda x: np.asarray(x, np.float64)
   for h, r in ((None, None), (history, None), (history, reach)):
     full = np.concatenate([np.zeros((2, 4, 5)) if h is None else n(h), n(a)], axis=1)
@@ -86,9 +83,15 @@ def test_linear_definition():
       pred = sum(full[:, 4 + t - j] @ n(w)[j - 1] * (1 if r is None or r[0, t] >= j else 0) for j in range(1, 5))
       want[:, t] = ((n(a)[:, t] - pred) ** 2).sum(-1)
     np.testing.assert_allclose(linear_scores(a, w, h, r), want, rtol=1e-5)
-  moving_average = jnp.broadcast_to(jnp.eye(5) / 4, (4, 5, 5))
+  moving_average = np.broadcast_to(np.eye(5, dtype=np.float32) / 4, (4, 5, 5))
   np.testing.assert_allclose(linear_scores(a, moving_average, history, reach), innovation_scores(a, history, reach),
                              rtol=1e-5, atol=1e-6)
+
+
+@jax.jit
+def _predictor_grad(w, a):
+  """λ ∂/∂W of the auxiliary loss (λ = 0.5) of one layer's inputs a [B, T, D], compiled once (not op by op)."""
+  return jax.grad(lambda w: 0.5 * predictor_loss(a, predictor_taps(a), w))(w)
 
 
 def test_linear_predictor_trains_on_its_auxiliary_loss_only():
@@ -96,17 +99,16 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
   selection has no gradient); every other parameter's gradient and the loss are those of λ = 0: the auxiliary
   loss does not reach the model."""
   cfg = tiny_config("bmojo", init_std=0.1, n_layers=4, selection="linear", predictor_loss_weight=0.5)
-  tokens = jax.random.randint(jax.random.key(9), (2, 21), 0, 64)
+  tokens = host_tokens(9, (2, 21))
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   off = LanguageModel(cfg.replace(predictor_loss_weight=0.0), rngs=nnx.Rngs(0))
   loss, grads = _loss_and_grads(model, tokens)
   loss_off, grads_off = _loss_and_grads(off, tokens)
   np.testing.assert_allclose(float(loss), float(loss_off), rtol=1e-6)   # two programs: see the gradients below
-  grads, grads_off = nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_off)
+  grads, grads_off = jax.device_get((nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_off)))   # host copies
   from bmojo_jax.probe import attention_inputs  # pylint: disable=g-import-not-at-top
   for i, (attn, a, _) in enumerate(attention_inputs(model, tokens)):
-    a = jnp.asarray(a, jnp.float32)
-    want = jax.grad(lambda w: 0.5 * predictor_loss(a, predictor_taps(a), w))(attn.predictor[...])
+    want = _predictor_grad(attn.predictor[...], np.asarray(a, np.float32))
     np.testing.assert_allclose(grads["blocks"][i]["mixer2"]["predictor"], want, rtol=1e-4, atol=1e-7)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_array_equal(grads_off["blocks"][i]["mixer2"]["predictor"], 0)
@@ -115,8 +117,8 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
   # gradients agree to fp32 rounding, each leaf within 1e-6 of its largest entry (measured: 3.4e-7), not bit for
   # bit; a leak of the auxiliary loss would be of the order of the gradients themselves.
   for (path, g), g_off in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_off)):
-    assert float(jnp.max(jnp.abs(g_off))) > 0, jax.tree_util.keystr(path)
-    np.testing.assert_allclose(g, g_off, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(g_off))),
+    assert float(np.max(np.abs(g_off))) > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(g, g_off, rtol=0, atol=1e-6 * float(np.max(np.abs(g_off))),
                                err_msg=jax.tree_util.keystr(path))
   assert count_params(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert count_params(cfg) == count_params(cfg.replace(selection="innovation")) + 2 * 4 * 32 * 32
@@ -124,10 +126,9 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
 
 def test_selection_scores_dispatch():
   """One enum picks the function; the default is the paper's innovation, bit for bit, without gradient."""
-  keys = jax.random.split(jax.random.key(3), 4)
-  a = jax.random.normal(keys[0], (2, 9, 4))
-  k, v, fk = (jax.random.normal(key, (2, 9, 1, 2)) for key in keys[1:])
-  x = ScoreInputs(a, k, v, fk, fk, w_s=jnp.ones(4))
+  a = host_normal(50, (2, 9, 4))
+  k, v, fk = (host_normal(51 + i, (2, 9, 1, 2)) for i in range(3))
+  x = ScoreInputs(a, k, v, fk, fk, w_s=np.ones(4, np.float32))
   assert set(SELECTION_SCORES) == set(Selection)
   assert tiny_config("bmojo").selection == Selection.INNOVATION
   scores, values = selection_scores(Selection.INNOVATION, x)
@@ -180,7 +181,7 @@ def _selected_positions(model, tokens):
 
 @pytest.mark.slow   # the benchmark's layer-by-layer pass and the selections compiled for the five models
 def test_variants_select_differently(models):
-  tokens = jax.random.randint(jax.random.key(4), (2, T), 0, 64)
+  tokens = host_tokens(4, (2, T))
   picks = {s: _selected_positions(m, tokens) for s, m in models.items()}
   for i, s in enumerate(SELECTIONS):
     for other in SELECTIONS[i + 1:]:
@@ -196,15 +197,15 @@ def test_variants_select_differently(models):
 ])
 def test_decode_matches_parallel(models, decoders, selection, prefill_len):
   model, decoder = models[selection], decoders[selection]
-  tokens = jax.random.randint(jax.random.key(prefill_len), (2, T), 0, 64)
-  full = forward(model, tokens)
+  tokens = host_tokens(prefill_len, (2, T))
+  full = np.asarray(forward(model, tokens))
   logits, cache = decoder.prefill(tokens[:, :prefill_len], T)
   got = [logits]
   for t in range(prefill_len, T):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
-  assert float(jnp.abs(full).max()) > 0.5
+  np.testing.assert_allclose(np.concatenate(jax.device_get(got), 1), full, atol=1e-5)
+  assert float(np.abs(full).max()) > 0.5
 
 
 @pytest.mark.parametrize("selection", ["ssm_error", "learned", "linear"])
@@ -213,19 +214,19 @@ def test_prefill_in_pieces_matches_parallel(models, decoders, selection):
   boundaries. The prompt's 6 tokens are test_decode_matches_parallel's prefill; then four pieces of one length
   (one continuation compile), longer than the window, starting at chunk phases 2, 3, 0, 1."""
   model, decoder = models[selection], decoders[selection]
-  tokens = jax.random.randint(jax.random.key(11), (2, T), 0, 64)
+  tokens = host_tokens(11, (2, T))
   full = forward(model, tokens)
   logits, cache = decoder.prefill(tokens[:, :6], T)
   got = [logits]
   for lo, hi in ((6, 15), (15, 24), (24, 33), (33, T)):
     logits, cache = decoder.prefill(tokens[:, lo:hi], cache=cache)
     got.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(jax.device_get(got), 1), full, atol=1e-5)
 
 
 def test_learned_scorer_gets_gradients_from_the_loss(models):
   model = models["learned"]
-  tokens = jax.random.randint(jax.random.key(5), (4, T), 0, 64)
+  tokens = host_tokens(5, (4, T))
   _, grads = _loss_and_grads(model, tokens)
   for i in range(model.cfg.n_blocks):
     g = np.asarray(grads.blocks[i].mixer2.scorer[...])
@@ -253,7 +254,7 @@ def test_packed_row_equals_documents_alone(selection):
 def test_pallas_kernel_consumes_the_same_memory():
   """The kernel (interpret mode) takes the selected memory as input: logits and gradients as the reference."""
   cfg = tiny_config("bmojo", init_std=0.1, selection="learned", compute=dict(scan_impl="sequential"))
-  tokens = jax.random.randint(jax.random.key(6), (2, 24), 0, 64)
+  tokens = host_tokens(6, (2, 24))
   ref = LanguageModel(cfg.with_compute(attn_impl="reference"), rngs=nnx.Rngs(0))
   pal = LanguageModel(cfg.with_compute(attn_impl="pallas"), rngs=nnx.Rngs(0))
   loss_a, grads_a = _loss_and_grads(ref, tokens)
@@ -272,7 +273,7 @@ def test_scanned_layers(models):
   graphdef, params = nnx.split(scanned, nnx.Param)
   nnx.replace_by_pure_dict(params, stack_blocks(nnx.to_pure_dict(nnx.state(loop, nnx.Param))))
   scanned = nnx.merge(graphdef, params)
-  tokens = jax.random.randint(jax.random.key(7), (2, 21), 0, 64)
+  tokens = host_tokens(7, (2, 21))
   with jax.default_matmul_precision("highest"):
     loss_a, grads_a = _loss_and_grads(loop, tokens)
     loss_b, grads_b = _loss_and_grads(scanned, tokens)
@@ -286,7 +287,7 @@ def test_scanned_layers(models):
   for t in range(3, 21):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(jax.device_get(got), 1), full, atol=1e-5)
 
 
 def test_every_token_competes():
@@ -298,7 +299,7 @@ def test_every_token_competes():
                     compute=dict(scan_impl="sequential"))
   assert cfg.eidetic_per_chunk == cfg.chunk
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(12), (2, T), 0, 64)
+  tokens = host_tokens(12, (2, T))
   full = forward(model, tokens)
   decoder = Decoder(model)
   logits, cache = decoder.prefill(tokens[:, :5], T)
@@ -306,5 +307,5 @@ def test_every_token_competes():
   for t in range(5, T):
     step_logits, cache = decoder.step(tokens[:, t], cache)
     got.append(step_logits[:, None])
-  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(jax.device_get(got), 1), full, atol=1e-5)
   _check_packed_equals_alone(cfg)
