@@ -21,6 +21,7 @@ from bmojo_jax.pallas_kernels.selective_scan.ops import _plan
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 from bmojo_jax.pallas_kernels.selective_scan.segments import (carry_adjoints, carry_reference, carry_states,
                                                    segment_resets)
+from tests.conftest import host_normal
 
 # Small chunks keep the unrolled kernels cheap to trace in the interpreter and still give several chunks,
 # a partial last chunk (odd T), several channel blocks and several time segments (T=37: 3 segments of 16).
@@ -110,18 +111,20 @@ def rel_err(a, b):
 
 
 def make_inputs(case, seed=0):
-  ks = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
+  """The scan's arguments (u, delta, A, Bm, Cm, D, z, bias, h0) of a case, built on the host (numpy): no eager XLA
+  op (a compile) per shape and dtype."""
+  rng = np.random.default_rng(seed)
   B, T, E, N, G, dtype = (case[k] for k in ("B", "T", "E", "N", "G", "dtype"))
-  normal = lambda shape, scale=1.0: scale * jax.random.normal(next(ks), shape, jnp.float32)
+  normal = lambda shape, scale=1.0: scale * rng.standard_normal(shape, np.float32)
   u = normal((B, T, E)).astype(dtype)
   if case.get("dt") == "extreme":
-    delta = jnp.where(jax.random.bernoulli(next(ks), 0.5, (B, T, E)), -12.0, 6.0)
+    delta = np.where(rng.random((B, T, E)) < 0.5, -12.0, 6.0)
   elif case.get("softplus", True):
     delta = normal((B, T, E)) - 1.0
   else:
-    delta = jax.random.uniform(next(ks), (B, T, E), minval=0.01, maxval=0.5)
+    delta = rng.uniform(0.01, 0.5, (B, T, E))
   delta = delta.astype(dtype)
-  A = -jnp.exp(normal((E, N), 0.5))
+  A = -np.exp(normal((E, N), 0.5))
   bc_shape = (B, T, G, N) if G else (B, T, N)
   Bm, Cm = normal(bc_shape).astype(dtype), normal(bc_shape).astype(dtype)
   D = normal((E,)) if case["D"] else None
@@ -164,8 +167,7 @@ class TestSelectiveScan:
     """Forward (y, h_last) and the gradient of every array in args, Pallas vs the reference."""
     present = [i for i, a in enumerate(args) if a is not None]
     u, h_shape = args[0], (args[0].shape[0], args[0].shape[2], args[2].shape[1])
-    ks = jax.random.split(jax.random.PRNGKey(1), 2)
-    ct = (jax.random.normal(ks[0], u.shape).astype(u.dtype), jax.random.normal(ks[1], h_shape))
+    ct = (host_normal(1, u.shape).astype(u.dtype), host_normal(2, h_shape))
     out, grads = self.outputs_and_grads(args, ct, blocks, softplus, reset)
     out_ref, grads_ref = self.outputs_and_grads(args, ct, blocks, softplus, reset, fn=selective_scan_reference)
     assert out[0].dtype == out_ref[0].dtype and out[1].dtype == jnp.float32
@@ -198,10 +200,9 @@ class TestSelectiveScan:
     """reset given but never set computes what reset=None does (the kernels without the reset input)."""
     args = make_inputs(dict(dtype=jnp.float32, B=2, T=RESET_T, E=16, N=8, G=0, D=True, z=True, bias=True,
                             h0=True), seed=2)
-    cts = (jax.random.normal(jax.random.PRNGKey(1), args[0].shape),
-           jax.random.normal(jax.random.PRNGKey(2), args[-1].shape))
+    cts = (host_normal(1, args[0].shape), host_normal(2, args[-1].shape))
     results = [jax.tree.leaves(self.outputs_and_grads(args, cts, RESET_CASES[1]["blocks"], reset=reset))
-               for reset in (None, jnp.zeros((2, RESET_T), jnp.int32))]
+               for reset in (None, np.zeros((2, RESET_T), np.int32))]
     for name, a, b in zip(("y", "h_last", *NAMES), *results):   # equal up to fp32 rounding (sums reassociate)
       assert rel_err(a, b) <= 1e-6, (name, rel_err(a, b))
 
@@ -223,12 +224,13 @@ class TestSelectiveScan:
   @pytest.mark.parametrize("segments", [pytest.param(5, marks=pytest.mark.slow), 16])   # no unrolling / two
                                                                                          # unrolled groups of 8
   def test_carry_over_segments(self, segments):
-    ks = jax.random.split(jax.random.PRNGKey(segments), 4)
-    loc = jax.random.normal(ks[0], (2, segments, 24, 8))
-    dtsum = jax.random.uniform(ks[1], (2, segments, 24), maxval=3.0)
-    a2 = -jnp.exp(jax.random.normal(ks[2], (24, 8)))
-    init = jax.random.normal(ks[3], (2, 24, 8))
-    seg_reset = jnp.zeros((2, segments)).at[0, 1].set(1.0).at[1, segments - 2].set(1.0)
+    rng = np.random.default_rng(segments)                  # inputs built on the host: no eager op per shape
+    loc = rng.standard_normal((2, segments, 24, 8), np.float32)
+    dtsum = rng.uniform(0.0, 3.0, (2, segments, 24)).astype(np.float32)
+    a2 = -np.exp(rng.standard_normal((24, 8), np.float32))
+    init = rng.standard_normal((2, 24, 8), np.float32)
+    seg_reset = np.zeros((2, segments), np.float32)
+    seg_reset[0, 1] = seg_reset[1, segments - 2] = 1.0
     for carry, reverse in ((carry_states, False), (carry_adjoints, True)):
       out = carry(loc, dtsum, a2, init, fast_math=True, interpret=self.INTERPRET)
       ref = carry_reference(loc, dtsum, a2, init, reverse=reverse)
@@ -298,8 +300,7 @@ def test_reference_packed_equals_documents_alone():
               h0=True)
   args = make_inputs(case, seed=4)
   reset = np.asarray(make_reset(RESET_LAYOUTS.values(), RESET_T, seed=4))
-  ks = jax.random.split(jax.random.PRNGKey(5), 2)
-  gy, gh = jax.random.normal(ks[0], args[0].shape), jax.random.normal(ks[1], args[-1].shape)
+  gy, gh = host_normal(5, args[0].shape), host_normal(6, args[-1].shape)
 
   @jax.jit
   def outputs_and_grads(args, cts, reset):
