@@ -24,7 +24,7 @@ from bmojo_jax.pallas_kernels.selective_scan import ops as scan_gpu, selective_s
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 from bmojo_jax.pallas_kernels.window_attention import memory_attention, ops as attn_gpu, tpu as attn_tpu
 from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
-from tests.conftest import tiny_config
+from tests.conftest import host_tokens, tiny_config
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
@@ -114,13 +114,16 @@ def test_cudnn_stays_gpu_only_in_dot_product_attention(monkeypatch):
 
 
 def scan_inputs(dtype, b=1, t=21, e=6, n=4, groups=2, seed=0):
-  ks = iter(jax.random.split(jax.random.key(seed), 10))
-  nrm = lambda shape, s=1.0: (s * jax.random.normal(next(ks), shape)).astype(dtype)
+  """The scan's arrays and a reset [b, t], built on the host (numpy): no eager XLA op per shape and dtype."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda shape: rng.standard_normal(shape, np.float32)
+  nrm = lambda shape, s=1.0: (s * f32(shape)).astype(dtype)
   bc = (b, t, groups, n) if groups else (b, t, n)
-  arrays = dict(u=nrm((b, t, e)), delta=nrm((b, t, e), 0.5), A=-jnp.exp(jax.random.normal(next(ks), (e, n))),
-                Bm=nrm(bc), Cm=nrm(bc), D=jax.random.normal(next(ks), (e,)), z=nrm((b, t, e)),
-                delta_bias=0.1 * jax.random.normal(next(ks), (e,)), h0=jax.random.normal(next(ks), (b, e, n)))
-  reset = (jax.random.uniform(next(ks), (b, t)) < 0.15).at[:, 9].set(True)   # one reset inside chunk 1
+  arrays = dict(u=nrm((b, t, e)), delta=nrm((b, t, e), 0.5), A=-np.exp(f32((e, n))),
+                Bm=nrm(bc), Cm=nrm(bc), D=f32((e,)), z=nrm((b, t, e)),
+                delta_bias=0.1 * f32((e,)), h0=f32((b, e, n)))
+  reset = rng.random((b, t)) < 0.15
+  reset[:, 9] = True                                                          # one reset inside chunk 1
   return arrays, reset
 
 
@@ -151,18 +154,21 @@ def test_scan_bf16_ungrouped_no_softplus():
 
 
 def attn_inputs(dtype, b, t, h, kh, p, chunk, m, seed=0):
-  ks = iter(jax.random.split(jax.random.key(seed), 8))
+  """The attention's arrays, memory validity, segment ids and memory spans, built on the host (numpy) as
+  scan_inputs."""
+  rng = np.random.default_rng(seed)
   n_chunks = -(-t // chunk)
-  nrm = lambda shape: jax.random.normal(next(ks), shape).astype(dtype)
+  nrm = lambda shape: rng.standard_normal(shape, np.float32).astype(dtype)
   arrays = dict(q=nrm((b, t, h, p)), k=nrm((b, t, kh, p)), v=nrm((b, t, kh, p)))
   if m:
     arrays.update(mem_k=nrm((b, n_chunks, m, kh, p)), mem_v=nrm((b, n_chunks, m, kh, p)))
-    valid = (jax.random.uniform(next(ks), (b, n_chunks, m)) < 0.7).at[:, 0].set(False)   # chunk 0: no memory
+    valid = rng.random((b, n_chunks, m)) < 0.7
+    valid[:, 0] = False                                                       # chunk 0: no memory
   else:
     valid = None
-  segment_ids = jnp.cumsum(jax.random.uniform(next(ks), (b, t)) < 0.08, axis=1).astype(jnp.int32)
-  lo = jax.random.randint(next(ks), (b, n_chunks, m), 0, chunk // 2)
-  mem_span = jnp.stack([lo, lo + chunk // 2 + 1], axis=2).astype(jnp.int32) if m else None
+  segment_ids = np.cumsum(rng.random((b, t)) < 0.08, axis=1).astype(np.int32)
+  lo = rng.integers(0, chunk // 2, (b, n_chunks, m))
+  mem_span = np.stack([lo, lo + chunk // 2 + 1], axis=2).astype(np.int32) if m else None
   return arrays, valid, segment_ids, mem_span
 
 
@@ -229,7 +235,7 @@ def test_model_train_step_on_tpu_kernels_equals_reference(monkeypatch):
   """B'MOJO (Mamba + window attention + fading and eidetic memory) with scan_impl = attn_impl = "auto" on a
   backend reported as TPU, the kernels in the TPU interpreter: the loss and every parameter gradient equal
   the reference model's (sequential scan, reference attention)."""
-  tokens = jax.random.randint(jax.random.key(0), (1, 17), 0, 64)     # 16 inputs: 2 chunks of 8
+  tokens = host_tokens(0, (1, 17))                                  # 16 inputs: 2 chunks of 8
 
   def loss_and_grads(cfg):
     def loss_fn(model):
