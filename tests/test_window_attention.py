@@ -32,6 +32,7 @@ from bmojo_jax.pallas_kernels.window_attention.cases import (CASES, MOSAIC_BLOCK
                                                    value_and_vjp)
 from bmojo_jax.pallas_kernels.window_attention.ops import resolve_impls
 from bmojo_jax.pallas_kernels.window_attention.reference import memory_attention_reference
+from tests.conftest import host_normal
 
 # The Mosaic cases run compiled only (on a Hopper GPU). Under pytest the jax 0.10 Mosaic GPU interpreter
 # deadlocked on every one of these cases at least once (threads waiting on barriers), while standalone runs
@@ -178,9 +179,8 @@ def test_kernels_lower_for_gpu(impl):
 def test_reference_segments_are_separate_documents(window):
   """No memory: a packed row equals each of its documents run alone."""
   b, t, h, kh, p, chunk = 2, 29, 2, 1, 8, 4
-  ks = jax.random.split(jax.random.PRNGKey(3), 3)
-  q = jax.random.normal(ks[0], (b, t, h, p))
-  k, v = (jax.random.normal(key, (b, t, kh, p)) for key in ks[1:])
+  q = host_normal(3, (b, t, h, p))                  # host arrays: built and sliced per document with numpy
+  k, v = (host_normal(seed, (b, t, kh, p)) for seed in (4, 5))
   seg = random_segment_ids(np.random.default_rng(3), b, t, chunk)
   reference = jax.jit(functools.partial(memory_attention_reference, window=window, chunk=chunk))
   packed = np.asarray(reference(q, k, v, segment_ids=seg))
@@ -196,11 +196,10 @@ def test_reference_matches_dense_masking(window):
   """Memory with spans and validity, with and without segments, against `dense_reference`."""
   b, t, h, kh, p, chunk, m = 2, 30, 2, 1, 8, 4, 3
   c = -(-t // chunk)
-  ks = jax.random.split(jax.random.PRNGKey(4), 6)
-  q = jax.random.normal(ks[0], (b, t, h, p))
-  k, v = (jax.random.normal(key, (b, t, kh, p)) for key in ks[1:3])
-  mem_k, mem_v = (jax.random.normal(key, (b, c, m, kh, p)) for key in ks[3:5])
-  valid = np.asarray(jax.random.bernoulli(ks[5], 0.7, (b, c, m)))
+  q = host_normal(10, (b, t, h, p))                 # inputs built on the host: no eager op per shape
+  k, v = (host_normal(seed, (b, t, kh, p)) for seed in (11, 12))
+  mem_k, mem_v = (host_normal(seed, (b, c, m, kh, p)) for seed in (13, 14))
+  valid = np.random.default_rng(15).random((b, c, m)) < 0.7
   rng = np.random.default_rng(4)
   span = random_spans(rng, b, c, m, chunk)
   reference = jax.jit(functools.partial(memory_attention_reference, window=window, chunk=chunk))
@@ -211,21 +210,21 @@ def test_reference_matches_dense_masking(window):
 
 
 def test_shape_errors_print_shapes():
-  q = jnp.zeros((1, 32, 2, 16))
-  k = jnp.zeros((1, 32, 3, 16))
+  q = np.zeros((1, 32, 2, 16), np.float32)
+  k = np.zeros((1, 32, 3, 16), np.float32)
   with pytest.raises(ValueError, match=r"\(1, 32, 2, 16\)|multiple of kv heads"):
     memory_attention(q, k, k, window=16, chunk=16, interpret=True)
   with pytest.raises(ValueError, match="must be given together"):
     memory_attention(q, q, q, q, window=16, chunk=16, interpret=True)
   with pytest.raises(ValueError, match=r"segment_ids must be integer \[B, T\] = \(1, 32\).*\(1, 31\)"):
-    memory_attention(q, q, q, window=16, chunk=16, segment_ids=jnp.zeros((1, 31), jnp.int32), interpret=True)
+    memory_attention(q, q, q, window=16, chunk=16, segment_ids=np.zeros((1, 31), np.int32), interpret=True)
   with pytest.raises(ValueError, match="segment_ids must be integer.*float32"):
-    memory_attention(q, q, q, window=16, chunk=16, segment_ids=jnp.zeros((1, 32)), interpret=True)
+    memory_attention(q, q, q, window=16, chunk=16, segment_ids=np.zeros((1, 32), np.float32), interpret=True)
   with pytest.raises(ValueError, match=r"mem_span \(1, 2, 2, 4\) needs memory"):
-    memory_attention(q, q, q, window=16, chunk=16, mem_span=jnp.zeros((1, 2, 2, 4), jnp.int32), interpret=True)
-  mem, valid = jnp.zeros((1, 2, 4, 2, 16)), jnp.ones((1, 2, 4), bool)
+    memory_attention(q, q, q, window=16, chunk=16, mem_span=np.zeros((1, 2, 2, 4), np.int32), interpret=True)
+  mem, valid = np.zeros((1, 2, 4, 2, 16), np.float32), np.ones((1, 2, 4), bool)
   with pytest.raises(ValueError, match=r"mem_span must be integer \[B, C, 2, M\] = \(1, 2, 2, 4\).*\(1, 2, 4, 2\)"):
-    memory_attention(q, q, q, mem, mem, valid, window=16, chunk=16, mem_span=jnp.zeros((1, 2, 4, 2), jnp.int32),
+    memory_attention(q, q, q, mem, mem, valid, window=16, chunk=16, mem_span=np.zeros((1, 2, 4, 2), np.int32),
                      interpret=True)
 
 
