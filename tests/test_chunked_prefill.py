@@ -143,6 +143,12 @@ def test_full_attention_needs_max_len_for_the_whole_prompt(models):
     Decoder(models["transformer"], prefill_chunk=8).prefill(np.zeros((1, 20), np.int32), 16)
 
 
+# The continuations compared, each jitted once for the module (a compile per Attention config and shape):
+_stepwise = nnx.jit(continuation.continue_stepwise)                            # the reference
+_parallel = nnx.jit(continuation.continue_parallel, static_argnums=3)          # (attn, a, state, block)
+_memory = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))                          # Attention.__call__ with a state
+
+
 @pytest.mark.parametrize("family, start, length, block", [
     ("hybrid", 0, 11, 4), ("hybrid", 5, 7, 7), ("hybrid", 13, 20, 6), ("hybrid", 3, 2, 256),
     ("transformer", 0, 9, 4), ("transformer", 6, 13, 5), ("transformer", 17, 3, 256)])
@@ -162,11 +168,6 @@ def test_parallel_continuation_equals_the_step_scan(family, start, length, block
   np.testing.assert_allclose(got_y, want_y, atol=ATOL)
   assert_same_cache(got, want)
   assert int(got.pos) == start + length and float(np.abs(want_y).max()) > 0.05
-
-
-_stepwise = nnx.jit(continuation.continue_stepwise)                            # the reference
-_parallel = nnx.jit(continuation.continue_parallel, static_argnums=3)          # (attn, a, state, block)
-_memory = nnx.jit(lambda m, a, s, f: m(a, s, fading=f))                          # Attention.__call__ with a state
 
 
 @nnx.jit(static_argnums=3)
