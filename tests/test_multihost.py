@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from tests.conftest import cache_env
 from bmojo_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,7 @@ def launch(workdir: str, cache: str) -> list[str]:
   first compiled."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             **cache_env(cache))
   port = str(free_port())
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port, workdir], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
