@@ -55,8 +55,8 @@ def free_port() -> int:
 
 def launch(workdir: str, cache: str) -> list[str]:
   """Runs SCRIPT as processes 0 and 1 of one job; returns their outputs (fails the test if either fails). Both
-  launches share the persistent compilation cache `cache` (every program), so the second reads the programs the
-  first compiled."""
+  launches share the persistent compilation cache `cache` (every program): the second launch's process 0 reads
+  the programs the first compiled (jax writes the cache from process 0 only, so process 1 compiles again)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
              **cache_env(cache))
