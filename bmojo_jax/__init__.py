@@ -1,5 +1,6 @@
 """bmojo_jax: B'MOJO and its baselines (Transformer, Mamba, Hybrid, B'MOJO-F) on one Flax NNX skeleton."""
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
@@ -34,13 +35,26 @@ if (os.path.isfile(os.path.join(_ROOT, "pyproject.toml"))
   sys.meta_path.insert(0, _SiblingFinder())
 
 
-from bmojo_jax.config import (AttnImpl, ComputeConfig, ConfigError, Family, ModelConfig, RematPolicy, ScanImpl,
-                              StorePolicy, Sublayer)
-from bmojo_jax.presets import PRESET_NAMES, mqar_config, paper_config, preset
-from bmojo_jax.model import LanguageModel
-from bmojo_jax.param_count import count_params
+# The public names, each imported from its module at first use (PEP 562), so that what needs none of them (a
+# console script's --help or refusal, `python -m bmojo_jax.train.plots`, the corpus `prepare`) starts without
+# importing jax and flax: {name: its module}.
+_EXPORTS = {
+    **dict.fromkeys(("AttnImpl", "ComputeConfig", "ConfigError", "Family", "ModelConfig", "RematPolicy", "ScanImpl",
+                     "StorePolicy", "Sublayer"), "config"),
+    **dict.fromkeys(("PRESET_NAMES", "mqar_config", "paper_config", "preset"), "presets"),
+    "LanguageModel": "model",
+    "count_params": "param_count",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "AttnImpl", "ComputeConfig", "ConfigError", "Family", "LanguageModel", "ModelConfig", "PRESET_NAMES",
-    "RematPolicy", "ScanImpl", "StorePolicy", "Sublayer", "count_params", "mqar_config", "paper_config", "preset",
-]
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted({*globals(), *_EXPORTS})

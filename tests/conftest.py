@@ -75,6 +75,13 @@ def _persistent_cache(cache: str):
   compilation_cache.reset_cache()
 
 
+def cache_env(cache: str) -> dict[str, str]:
+  """The environment variables that give a child process jax's persistent compilation cache in `cache` with every
+  program written (as _persistent_cache does here): later children, and this process, read what it compiled."""
+  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 @pytest.fixture(scope="module")
 def module_compilation_cache(tmp_path_factory):
   """A persistent compilation cache for one module (its path): each train() builds fresh jitted closures, and

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from tests.conftest import cache_env
 from bmojo_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +53,13 @@ def free_port() -> int:
       return s.getsockname()[1]
 
 
-def launch(workdir: str) -> list[str]:
-  """Runs SCRIPT as processes 0 and 1 of one job; returns their outputs (fails the test if either fails)."""
+def launch(workdir: str, cache: str) -> list[str]:
+  """Runs SCRIPT as processes 0 and 1 of one job; returns their outputs (fails the test if either fails). Both
+  launches share the persistent compilation cache `cache` (every program): the second launch's process 0 reads
+  the programs the first compiled (jax writes the cache from process 0 only, so process 1 compiles again)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+             **cache_env(cache))
   port = str(free_port())
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port, workdir], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -86,8 +90,8 @@ def losses(workdir: str, skip: int = 0) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_processes_train_save_and_resume(tmp_path):
-  workdir = str(tmp_path / "run")
-  first = launch(workdir)
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
+  first = launch(workdir, cache)
   results = [result(out) for out in first]
   assert [r["step"] for r in results] == [4, 4] and results[0]["device"].startswith("4 x ")
   assert results[0]["test_loss"] == results[1]["test_loss"]       # one evaluation over both processes' rows
@@ -102,7 +106,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
   # As if the run had died before its last save: the second launch resumes from step 2 on both processes.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   os.remove(os.path.join(workdir, "results.json"))
-  second = launch(workdir)
+  second = launch(workdir, cache)
   assert "resuming from step 2" in second[0], second[0][-2000:]
   assert [result(out)["step"] for out in second] == [4, 4]
   got = losses(workdir, skip=first_lines)                          # the second launch's records

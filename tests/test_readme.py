@@ -153,7 +153,8 @@ def test_readme_layout_names_what_exists():
 
 # ------------------------------------------------------------------------------------------- running them
 TINY = {   # appended to training commands, unless the command sets the field itself
-    "configs/mqar.py": ["--config.model.d_model=16", "--config.model.d_state=4", "--config.data.seq_len=32",
+    "configs/mqar.py": ["--config.model.d_model=16", "--config.model.n_layers=2", "--config.model.d_state=4",
+                        "--config.data.seq_len=32",
                         "--config.data.num_kv_pairs=4", "--config.data.num_train=64", "--config.data.num_test=8",
                         "--config.train.num_steps=2", "--config.train.batch_size=4",
                         "--config.train.eval_batch_size=8"],

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_train_config
+from tests.conftest import cache_env, tiny_train_config
 from tests.train_runs import REPO, snapshot
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import runs
@@ -127,7 +127,7 @@ def test_cli_train_eval(tmp_path, train_compilation_cache):
                "--config.data.num_test=8", "--config.train.num_steps=3", "--config.train.batch_size=4",
                "--config.train.eval_batch_size=8", "--config.train.progress_bar=false",
                "--config.train.plot=false"]
-  env = {"JAX_COMPILATION_CACHE_DIR": train_compilation_cache}
+  env = cache_env(train_compilation_cache)   # eval reads the programs train compiled
   r = _cli("train", "--config", "configs/mqar.py:mamba", "--workdir", workdir, *overrides, env_extra=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "test accuracy" in r.stdout
@@ -152,7 +152,7 @@ def test_cli_sigterm_exits_75_and_labels_figures_with_their_step(tmp_path, train
                "--config.data.num_test=8", "--config.train.num_steps=100000", "--config.train.batch_size=4",
                "--config.train.eval_batch_size=8", "--config.train.eval_every=5", "--config.train.log_every=5",
                "--config.train.progress_bar=false", "--config.train.plot=false"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=train_compilation_cache)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **cache_env(train_compilation_cache))
   proc = subprocess.Popen([sys.executable, "-m", "bmojo_jax.train.cli", "train", "--config", "configs/mqar.py:mamba",
                            "--workdir", str(workdir), *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
