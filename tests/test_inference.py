@@ -237,8 +237,11 @@ def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
 
 @pytest.mark.parametrize("policy", ["fifo", "score"])
 def test_step_equals_its_branch_free_reference(policy):
-  """`Attention.step` (the chunk-boundary work in a lax.cond) gives `step_select`'s outputs and state bit for
-  bit, over several chunks (stores filling and evicting), with fading and eidetic tokens."""
+  """`Attention.step` (the chunk-boundary work in a lax.cond) gives `step_select`'s outputs and state over
+  several chunks (stores filling and evicting), with fading and eidetic tokens: the integer and boolean leaves
+  (positions, valid flags) exactly; the floats to fp32 rounding (the boundary work only moves data, but the token's
+  work is compiled in two programs, which may fuse it differently), each within 1e-6 of its largest entry, where
+  a merge at the wrong token moves whole entries."""
   from bmojo_jax.attention import Attention
   cfg = tiny_config("bmojo", init_std=0.1, store_policy=policy)
   attn = Attention(cfg, rngs=nnx.Rngs(1))
@@ -249,8 +252,13 @@ def test_step_equals_its_branch_free_reference(policy):
   for t in range(26):
     (y0, states[0]), (y1, states[1]) = (run(attn, a[:, t:t + 1], fading[:, t:t + 1], s, sel)
                                         for s, sel in zip(states, (False, True)))
-    np.testing.assert_array_equal(y0, y1)
-    jax.tree.map(np.testing.assert_array_equal, states[0], states[1])
+    for x0, x1 in zip([y0, *jax.tree.leaves(states[0])], [y1, *jax.tree.leaves(states[1])]):
+      x0, x1 = np.asarray(x0), np.asarray(x1)
+      if np.issubdtype(x0.dtype, np.floating):
+        scale = np.abs(x1[np.isfinite(x1)]).max(initial=0)      # empty store slots score -inf: matched exactly
+        np.testing.assert_allclose(x0, x1, rtol=0, atol=1e-6 * max(float(scale), 1e-30))
+      else:
+        np.testing.assert_array_equal(x0, x1)
   assert int(np.sum(states[0].store.valid)) == 2 * cfg.eidetic   # the stores filled: the merges ran
 
 
@@ -265,6 +273,10 @@ def test_decoder_reads_matmul_weights_in_the_compute_dtype(family):
   assert {d for p, d in dtypes.items() if "kernel" in p or "embed" in p} == {jnp.dtype("bfloat16")}
   assert {d for p, d in dtypes.items() if "scale" in p} == {jnp.dtype("float32")}
   graphdef, state = nnx.split(model)
+  for (path, held), own in zip(jax.tree_util.tree_leaves_with_path(decoder.state), jax.tree.leaves(state)):
+    name = jax.tree_util.keystr(path)
+    cast = jnp.bfloat16 if "kernel" in name or "embed" in name else own.dtype
+    np.testing.assert_array_equal(np.asarray(held), np.asarray(own).astype(cast), err_msg=name)
   tokens = host_tokens(1, (2, 9))
   got, cache = decoder.prefill(tokens[:, :5], 9)
   want, want_cache = inference._prefill(graphdef, state, tokens[:, :5], 9, False, 0)

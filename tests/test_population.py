@@ -80,7 +80,9 @@ def test_run_matches_single_run_trainer(pop, r):
   setup = setup_lib.build(pop_lib.run_config(p.config, RUNS[r]))
   state = setup.init_state()
   for x, y in zip(jax.tree.leaves(host(state["params"])), jax.tree.leaves(row(out["init"], r))):
-    np.testing.assert_array_equal(x, y)                       # the same init, bit for bit
+    # The same init: the same random bits; their floats (normal draws, scaling) come from two programs (one run's
+    # jit, the population's vmap), so to fp32 rounding; another seed would differ by the init scale everywhere.
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   step = steps.make_train_step(setup, 1)
   for s in range(STEPS):
     batch = mqar.generate_examples(p.mq, p.task.train_source.seed, batch_indices(p, s))

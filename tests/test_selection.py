@@ -128,14 +128,14 @@ def test_selection_scores_dispatch():
   """One enum picks the function; the default is the paper's innovation, bit for bit, without gradient."""
   a = host_normal(50, (2, 9, 4))
   k, v, fk = (host_normal(51 + i, (2, 9, 1, 2)) for i in range(3))
-  x = ScoreInputs(a, k, v, fk, fk, w_s=np.ones(4, np.float32))
+  x = ScoreInputs(a, k, v, fk, fk, w_s=np.eye(4, dtype=np.float32)[2])   # one-hot: the dot adds exact zeros
   assert set(SELECTION_SCORES) == set(Selection)
   assert tiny_config("bmojo").selection == Selection.INNOVATION
   scores, values = selection_scores(Selection.INNOVATION, x)
   np.testing.assert_array_equal(scores, innovation_scores(a))
   assert values is v
   np.testing.assert_array_equal(selection_scores(Selection.INPUT_NORM, x)[0], input_norm_scores(a))
-  np.testing.assert_array_equal(selection_scores(Selection.LEARNED, x)[0], a.sum(-1))
+  np.testing.assert_array_equal(selection_scores(Selection.LEARNED, x)[0], a[..., 2])
   np.testing.assert_array_equal(selection_scores(Selection.SSM_ERROR, x)[0], ssm_error_scores(k, v, fk, fk))
   np.testing.assert_array_equal(last_inputs(a), np.asarray(a, np.float32)[:, -4:])          # T = 9 >= 4
   np.testing.assert_array_equal(last_inputs(a[:, :2]),                                    # fewer: zeros first
