@@ -49,11 +49,13 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-  if name not in _EXPORTS:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-  globals()[name] = value
-  return value
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+  if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    return importlib.import_module(f"{__name__}.{name}")     # a submodule (bmojo_jax.config), imported on first use
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():

@@ -173,7 +173,8 @@ class Attention(nnx.Module):
   def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
                   ) -> tuple[jax.Array, AttnState]:
     """`step` without a conditional: the chunk-boundary work is computed at every token and selected by the
-    boundary flag (the reference of `step`'s `lax.cond`; the same state and output bit for bit)."""
+    boundary flag (the reference of `step`'s `lax.cond`: the same computation; compiled as another program, its
+    floats may differ from `step`'s in the last bits)."""
     t = state.pos
     if self.cfg.eidetic or self.cfg.fading:
       boundary = (t % self.cfg.chunk == 0) & (t > 0)

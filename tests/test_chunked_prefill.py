@@ -178,15 +178,15 @@ def _prefix_state(attn, x, fading, slots):
 
 
 # (start, length): each length and each start past 0 is a compile (of both sides; of `_prefix_state`), so the
-# phases of the memory chunks (L 4) come from three lengths and four starts:
+# phases of the memory chunks (L 4) come from three lengths and six starts:
 MEMORY_CASES = [
-    (0, 7),     # from the sequence start, across a boundary, ending mid-chunk
+    (3, 7),     # from mid-chunk 0 (a history of zeros and inputs, a partial ring), across two boundaries
     (0, 20),    # from the start, five chunks ending on a boundary: the store fills and evicts
     (5, 7),     # from mid-chunk, across a boundary, ending on one (12)
     (5, 1),     # one token mid-chunk
     (7, 1),     # one token completing a chunk
     (8, 1),     # one token from a boundary
-    (8, 20),    # several chunks from a boundary, ending on one (28)
+    (12, 20),   # several chunks from a boundary past the first frame (its start past 0), ending on one (32)
     (13, 20),   # several chunks from mid-chunk with a full store, ending mid-chunk (33)
 ]
 

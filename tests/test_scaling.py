@@ -133,8 +133,12 @@ def test_zero1_matches_one_device_and_reduces_per_block():
     for a, b in zip(r["losses"], r["ref_losses"]):
       assert abs(a - b) <= 1e-5 * abs(b), (name, r["losses"], r["ref_losses"])
     assert r["grad_err"] <= 1e-5, (name, r["grad_err"])
-  # ZeRO-1 is the data-parallel update computed in shards: the same parameters after 3 steps.
-  assert out["zero"]["param_err_vs_data"] <= 1e-6, out["zero"]["param_err_vs_data"]
+  # ZeRO-1 is the data-parallel update computed in shards: the same parameters after 3 steps, to the rounding of
+  # two different programs (the gradients reduced and the update computed in another order; Adam's m / sqrt(v)
+  # magnifies the relative rounding of near-zero gradients): measured 7e-8 to 2e-6 of each leaf's largest entry
+  # as unrelated code changes move the programs' fusion. A shard updated wrongly or not at all is off by the
+  # learning rate's order (1e-3 a step), so 1e-5, the bound of the gradients above.
+  assert out["zero"]["param_err_vs_data"] <= 1e-5, out["zero"]["param_err_vs_data"]
   assert any("data" in s for s in out["zero"]["opt_specs"]), out["zero"]["opt_specs"]
   assert not any("data" in s for s in out["data"]["opt_specs"]), out["data"]["opt_specs"]
   # Overlap: every block's gradient is reduced over "data" inside the scanned backward, once per block; after

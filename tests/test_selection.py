@@ -117,6 +117,7 @@ def test_linear_predictor_trains_on_its_auxiliary_loss_only():
   # gradients agree to fp32 rounding, each leaf within 1e-6 of its largest entry (measured: 3.4e-7), not bit for
   # bit; a leak of the auxiliary loss would be of the order of the gradients themselves.
   for (path, g), g_off in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_off)):
+    assert np.isfinite(g).all() and np.isfinite(g_off).all(), jax.tree_util.keystr(path)
     assert float(np.max(np.abs(g_off))) > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(g, g_off, rtol=0, atol=1e-6 * float(np.max(np.abs(g_off))),
                                err_msg=jax.tree_util.keystr(path))
