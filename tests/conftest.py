@@ -62,17 +62,22 @@ def family(request):
   return request.param
 
 
+def _cache_settings(cache: str) -> dict:
+  """jax's settings of a persistent compilation cache in `cache` that keeps every program (no minimum compile
+  time or size)."""
+  return {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0.0,
+          "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
 def _persistent_cache(cache: str):
   """jax's persistent compilation cache in `cache` for every compile, then the old settings back. jax opens its
   cache once per process, at the first compile that finds a folder set, and keeps it: reset_cache() on the way in
   and out makes this folder the one used here (not an earlier module's) and no later module's."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
+  settings = _cache_settings(cache)
+  old = {n: getattr(jax.config, n) for n in settings}
   compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  for n, v in settings.items():
+    jax.config.update(n, v)
   yield cache
   for n, v in old.items():
     jax.config.update(n, v)
@@ -80,10 +85,9 @@ def _persistent_cache(cache: str):
 
 
 def cache_env(cache: str) -> dict[str, str]:
-  """The environment variables that give a child process jax's persistent compilation cache in `cache` with every
-  program written (as _persistent_cache does here): later children, and this process, read what it compiled."""
-  return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  """The environment variables that give a child process the same cache settings (jax reads each option from its
+  upper-case name): later children, and this process, read what it compiled."""
+  return {n.upper(): str(v) for n, v in _cache_settings(cache).items()}
 
 
 @pytest.fixture(scope="module")
