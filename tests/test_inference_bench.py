@@ -89,3 +89,14 @@ def test_bad_budget_or_chunk_is_refused_in_one_line(flag, value, monkeypatch, ca
   with pytest.raises(SystemExit):
     inference_bench.main()
   assert flag in capsys.readouterr().err
+
+
+def test_gemv_bench_tiny_times_both_layouts(tmp_path):
+  """benchmarks/speed/gemv_bench.py: each shape and row count timed in both kernel layouts, each product right."""
+  from benchmarks.speed import gemv_bench
+  gemv_bench.main(["--tiny", "--rows", "1,2", "--out_dir", str(tmp_path)])
+  records = json.loads((tmp_path / "gemv_tiny_cpu.json").read_text())
+  assert sorted((r["D"], r["N"], r["M"]) for r in records) == [(32, 64, 1), (32, 64, 2), (64, 32, 1), (64, 32, 2)]
+  for r in records:
+    for layout in ("in_out", "out_in"):
+      assert r[f"{layout}_max_err"] < 1e-5 and r[f"{layout}_us"] > 0 and r[f"{layout}_TBps"] > 0
