@@ -100,3 +100,16 @@ def test_gemv_bench_tiny_times_both_layouts(tmp_path):
   for r in records:
     for layout in ("in_out", "out_in"):
       assert r[f"{layout}_max_err"] < 1e-5 and r[f"{layout}_us"] > 0 and r[f"{layout}_TBps"] > 0
+
+
+def test_decode_profile_tiny_attributes_the_loop_to_source_lines(tmp_path):
+  """benchmarks/speed/decode_profile.py traces the on-device loop and sums its ops per token and source line."""
+  from benchmarks.speed import decode_profile
+  decode_profile.main(["--tiny", "--families", "bmojo", "--top", "1000", "--out_dir", str(tmp_path)])
+  (rec,) = json.loads((tmp_path / "decode_loop_profile_tiny_cpu.json").read_text())
+  assert rec["family"] == "bmojo" and rec["tokens"] == 4 and rec["gpu_ms_per_token"] > 0
+  assert rec["launches_per_token"] > 0 and rec["wall_ms_per_token"] > 0
+  sources = [row["source"] for row in rec["by_source"]]
+  assert any(s.startswith("bmojo_jax/attention.py") for s in sources), sources
+  assert sum(row["ms"] for row in rec["by_source"]) == pytest.approx(rec["gpu_ms_per_token"], rel=1e-9)
+  assert sum(row["launches"] for row in rec["by_source"]) == rec["launches_per_token"]

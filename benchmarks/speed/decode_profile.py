@@ -1,0 +1,100 @@
+"""Where a decode token's GPU time goes: the on-device loop (`Decoder.decode`) of --tokens tokens traced, its
+kernels summed per XLA op and per source line of our code (`benchmarks.profiling`), per token.
+
+The loop is compiled with command buffers off (`xla_gpu_enable_command_buffer` empty) so each kernel shows in
+the trace under its own op (inside a command buffer the whole step is one event; the timing rows of
+inference_bench.py keep XLA's default). The cache starts at --context + 1, off a memory-chunk boundary, so the
+profile is that of the tokens inside a chunk (the boundary's extra work comes once per chunk).
+
+    python3 -m benchmarks.speed.decode_profile --size 1.4b --families bmojo,transformer
+        # -> benchmarks/results/decode_loop_profile_<device>.json
+    python3 -m benchmarks.speed.decode_profile --tiny          # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import device_name, write_results
+from benchmarks.profiling import hlo_sources, op_times
+from benchmarks.speed.decoding import at_position
+from benchmarks.speed.inference_bench import model_config
+from bmojo_jax import LanguageModel
+from bmojo_jax.config import Family
+from bmojo_jax.inference import Decoder
+
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def profile_family(family: Family, size: str, batch: int, context: int, tokens: int, top: int, **decoder_kw) -> dict:
+  cfg = model_config(family, size)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  gpu = jax.default_backend() == "gpu"
+  decoder = Decoder(model, compiler_options=NO_COMMAND_BUFFERS if gpu else None, **decoder_kw)
+  cache0 = at_position(model.init_cache(batch, context + tokens + 2), context + 1)
+  logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+
+  def run():
+    return decoder.decode(logits, jax.tree.map(jnp.copy, cache0), tokens)[0]
+
+  jax.block_until_ready(run())
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  wall_ms = (time.perf_counter() - t0) * 1e3
+  args = (decoder.graphdef, decoder.state, logits, cache0, jnp.zeros((batch, tokens), jnp.int32),
+          jnp.zeros((batch, tokens), bool), jax.random.key(0), jnp.asarray(0, jnp.int32), 0.0, None, None)
+  labels = hlo_sources(decoder._loop_fn.lower(*args).compile().as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      jax.block_until_ready(run())
+    ops = op_times(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0], tokens)
+  by_source = collections.defaultdict(lambda: [0.0, 0])
+  for op, (ms, calls) in ops.items():
+    key = labels.get(op, "").split(" [")[0] or op.split(".")[0]
+    by_source[key][0] += ms
+    by_source[key][1] += calls
+  rows = sorted(by_source.items(), key=lambda kv: -kv[1][0])
+  return dict(op="decode_profile", family=family.value, size=size, batch=batch, context=context, tokens=tokens,
+              attn_impl=cfg.compute.attn_impl.value, **{k: str(v) for k, v in decoder_kw.items()},
+              wall_ms_per_token=wall_ms / tokens, gpu_ms_per_token=sum(ms for ms, _ in ops.values()),
+              launches_per_token=sum(n for _, n in ops.values()),
+              by_source=[dict(source=k, ms=ms, launches=n) for k, (ms, n) in rows[:top]],
+              device=device_name())
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="1.4b")
+  ap.add_argument("--families", default="bmojo,transformer")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--context", type=int, default=1024)
+  ap.add_argument("--tokens", type=int, default=32, help="decode steps traced (one on-device loop)")
+  ap.add_argument("--top", type=int, default=40, help="source lines kept per family")
+  ap.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny models of inference_bench")
+  ap.add_argument("--out_dir", default=None, help="results folder (default $OUT or benchmarks/results)")
+  args = ap.parse_args(argv)
+  size = "tiny" if args.tiny else args.size
+  context = 16 if args.tiny else args.context
+  records = []
+  for name in args.families.split(","):
+    rec = profile_family(Family(name), size, args.batch, context, 4 if args.tiny else args.tokens, args.top)
+    records.append(rec)
+    print(f"{name:12s} {rec['gpu_ms_per_token']:.3f} GPU ms/token ({rec['launches_per_token']} launches), "
+          f"wall {rec['wall_ms_per_token']:.3f} ms/token", flush=True)
+    for row in rec["by_source"][:12]:
+      print(f"    {row['ms']:.4f} ms {row['launches']:4d}x  {row['source']}")
+  print("->", write_results(records, "decode_loop_profile_tiny" if args.tiny else "decode_loop_profile",
+                            args.out_dir))
+
+
+if __name__ == "__main__":
+  main()
