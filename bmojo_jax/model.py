@@ -17,7 +17,8 @@ With `cfg.compute.scan_layers` the n_blocks identical blocks are one `Block` who
 `cfg.compute.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.compute.remat`; `stack_blocks` / `unstack_blocks`
-convert parameter trees between the two layouts.
+convert parameter trees between the two layouts. `to_kernel_layout` converts a model between the layouts of its
+projection kernels (`KernelLayout`: the training one, and the one a GEMV at one token reads fastest on GPU).
 
 A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
 gets the row's `Packing` and keeps the documents apart, so the row computes what its documents would alone.
@@ -37,8 +38,8 @@ from flax import nnx
 from bmojo_jax import segments
 from bmojo_jax import typing as tp
 from bmojo_jax.attention import Attention, AttnState
-from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
-from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
+from bmojo_jax.config import KernelLayout, ModelConfig, RematPolicy, Sublayer
+from bmojo_jax.layers import Projection, RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
@@ -168,6 +169,29 @@ def unstack_blocks(tree, n_blocks: int):
       return {**x, "blocks": {i: jax.tree.map(lambda a: a[i], x["blocks"]) for i in range(n_blocks)}}
     return x
   return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
+
+
+def to_kernel_layout(model: "LanguageModel", layout: KernelLayout | str) -> "LanguageModel":
+  """`model` with every projection kernel stored in `layout` (`KernelLayout`): a new model of config
+  `cfg.with_compute(kernel_layout=layout)` holding the same parameters, each `Projection`'s kernel transposed
+  (how many of its dims are contracted is the module's, not guessed from names; a scanned model's layers axis
+  stays first). The map is the same, so the logits agree to rounding (the einsums sum in another order);
+  converting back gives the parameters bit for bit. `model` itself when already in `layout`. A bad layout is a
+  ConfigError naming compute.kernel_layout."""
+  cfg = model.cfg.with_compute(kernel_layout=layout)
+  layout = cfg.compute.kernel_layout
+  if layout == model.cfg.compute.kernel_layout:
+    return model
+  params = nnx.to_pure_dict(nnx.state(model))
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, Projection):
+      node = params
+      for key in path:
+        node = node[key]
+      node["kernel"] = module.kernel_in(layout)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
 
 
 def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
@@ -308,4 +332,4 @@ class LanguageModel(nnx.Module):
 
 
 __all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "stack_blocks",
-           "unstack_blocks"]
+           "to_kernel_layout", "unstack_blocks"]
