@@ -68,13 +68,13 @@ class Projection(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
-  def kernel_in(self, layout: KernelLayout) -> jax.Array:
-    """The kernel stored in `layout` (this one's, or transposed; a leading layers axis stays first)."""
-    kernel = self.kernel[...]
+  def move_to(self, layout: KernelLayout) -> tuple[int, int] | None:
+    """(n_first, n_dims) of `transpose_kernel` that takes this kernel (or an array shaped like it, a leading
+    layers axis included) to `layout`; None when it is stored so already."""
     if KernelLayout(layout) == self.layout:
-      return kernel
-    moved = self.n_in if self.layout == KernelLayout.IN_OUT else len(self.out_shape)
-    return transpose_kernel(kernel, moved, self.n_in + len(self.out_shape))
+      return None
+    n_dims = self.n_in + len(self.out_shape)
+    return (self.n_in if self.layout == KernelLayout.IN_OUT else len(self.out_shape)), n_dims
 
 
 def transpose_kernel(kernel: jax.Array, n_first: int, n_dims: int | None = None) -> jax.Array:
