@@ -78,6 +78,7 @@ def test_generate_from_run(full_run, tmp_path):
   ids = [int(x) for x in out.split()]
   assert len(ids) == 4 and all(0 <= i < 256 for i in ids)
   assert generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4, prefill_chunk=2) == out
+  assert generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4, kernel_layout="out_in") == out
   with pytest.raises(ValueError, match="vocab_size is 256"):
     generate.generate_from_run(full_run[0], "3 999", max_new_tokens=2)
   with pytest.raises(ValueError, match="token ids separated by spaces"):
