@@ -117,8 +117,8 @@ class ComputeConfig:
   """How a model is computed, not what its parameters are: implementations, compute dtype, remat, block layout,
   loss blocking. A checkpoint written under one ComputeConfig restores under any other (`scan_layers` by
   converting the parameter layout, `bmojo_jax.model.stack_blocks`; `kernel_layout` by transposing the projection
-  kernels, `bmojo_jax.model.to_kernel_layout`), so checkpoint compatibility compares
-  model configs without their `compute` (`train/checkpoint.py`)."""
+  kernels, `bmojo_jax.model.kernels_to_layout`: `train/setup.py`'s `restore_state`), so checkpoint compatibility
+  compares model configs without their `compute` (`train/checkpoint.py`)."""
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
   attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)

@@ -54,7 +54,7 @@ class Projection(nnx.Module):
                        f"entry per kernel letter ({w_letters})")
     self.layout = cfg.compute.kernel_layout
     self.n_in = n_in                                  # contracted dims of the kernel
-    self.in_shape, self.out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
+    self.out_shape = tuple(shape[n_in:])           # what x's contracted dims become (either layout)
     self.dtype = cfg.compute.jnp_dtype
     kernel = init(rngs.params(), tuple(shape), cfg.weight_dtype)
     axes = tuple(axes)
