@@ -39,10 +39,11 @@ if (os.path.isfile(os.path.join(_ROOT, "pyproject.toml"))
 # console script's --help or refusal, `python -m bmojo_jax.train.plots`, the corpus `prepare`) starts without
 # importing jax and flax: {name: its module}.
 _EXPORTS = {
-    **dict.fromkeys(("AttnImpl", "ComputeConfig", "ConfigError", "Family", "ModelConfig", "RematPolicy", "ScanImpl",
-                     "StorePolicy", "Sublayer"), "config"),
+    **dict.fromkeys(("AttnImpl", "ComputeConfig", "ConfigError", "Family", "KernelLayout", "ModelConfig",
+                     "RematPolicy", "ScanImpl", "StorePolicy", "Sublayer"), "config"),
     **dict.fromkeys(("PRESET_NAMES", "mqar_config", "paper_config", "preset"), "presets"),
     "LanguageModel": "model",
+    "to_kernel_layout": "model",
     "count_params": "param_count",
 }
 __all__ = sorted(_EXPORTS)

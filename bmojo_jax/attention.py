@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import ModelConfig, Selection
+from bmojo_jax.config import KernelLayout, ModelConfig, Selection
 from bmojo_jax.continuation import continue_memory, continue_parallel
 from bmojo_jax.decode_cache import decode_attention, ring_cache
 from bmojo_jax.kernels import get_attention_fn
@@ -73,7 +73,7 @@ class Attention(nnx.Module):
     parallel pass projects only the M_f read-outs per chunk that become tokens (M_f / chunk of the positions,
     1/32 in the paper presets), not all T of them."""
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
-    return tuple(w(flat).reshape(*x.shape[:-1], *w.kernel.shape[1:]) for w in (self.wk, self.wv))
+    return tuple(w(flat).reshape(*x.shape[:-1], *w.out_shape) for w in (self.wk, self.wv))
 
   def fading_parts(self, fading: jax.Array | None, fading_norm=None):
     """(source, project, fk, fv): what the fading tokens are cut from, and how the cut [B, ..., *] becomes their
@@ -228,10 +228,20 @@ class Attention(nnx.Module):
     without fading tokens). Both rows go through one projection, so w_k and w_v are read once a token, and the
     fading pair passes an optimization barrier: at batch 1 XLA:GPU turned that [1, D] x [D, K·P] product into a
     reduction fused into the concatenate that shifts the fading buffer, ~0.6 ms a layer (28 ms of a 33 ms
-    B'MOJO-F step at 1.4B on an H100)."""
+    B'MOJO-F step at 1.4B on an H100).
+
+    Except at batch 1 in the out_in layout: there the token and its read-out are two products of one row each.
+    Measured on one H100 (bf16, one GEMV per kernel, docs/inference.md "Kernel layout"), a 2048 x 2048 weight
+    (w_k, w_v at 1.4B) stored [N, D] takes 3.5 us at M = 1 but ~10 us at M = 2 (the one shape that stays slow
+    at M = 2 in both layouts), so two M = 1 reads (7 us) beat one M = 2 read; from M = 2 on (batch 2 and up:
+    M = 2B here) both layouts run near 2.5 TB/s and one read of each weight is the cheaper."""
     if fading is None or not self.cfg.fading:
       return self.wk(a), self.wv(a), None, None
-    rows = jnp.concatenate([a, fading.astype(a.dtype)], axis=1)                      # [B, 2, D]
+    fading = fading.astype(a.dtype)
+    if a.shape[0] == 1 and self.wk.layout == KernelLayout.OUT_IN:
+      fk, fv = jax.lax.optimization_barrier((self.wk(fading), self.wv(fading)))
+      return self.wk(a), self.wv(a), fk, fv
+    rows = jnp.concatenate([a, fading], axis=1)                                     # [B, 2, D]
     k2, v2 = self.wk(rows), self.wv(rows)                                            # [B, 2, K, P]
     fk, fv = jax.lax.optimization_barrier((k2[:, 1:], v2[:, 1:]))
     return k2[:, :1], v2[:, :1], fk, fv

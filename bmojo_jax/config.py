@@ -83,6 +83,15 @@ class AttnImpl(enum.StrEnum):
   CUDNN = "cudnn"              # jax.nn.dot_product_attention's cuDNN kernel (GPU; no memory tokens)
 
 
+class KernelLayout(enum.StrEnum):
+  """How each projection's kernel is stored (`bmojo_jax.layers.Projection`; `bmojo_jax.model.to_kernel_layout`
+  converts). At one token a row (M = 1) XLA:GPU reads an [N, D] weight (contracted dims minor) as a row
+  reduction near the copy bandwidth, and a [D, N] one as a column reduction, up to 5x slower (docs/inference.md,
+  "Kernel layout")."""
+  IN_OUT = "in_out"  # contracted dims first, then the output dims: wq [D, H, P], wo [H, P, D] (the training layout)
+  OUT_IN = "out_in"  # output dims first, contracted dims last: wq [H, P, D], wo [D, H, P] (as torch's Linear)
+
+
 class StorePolicy(enum.StrEnum):
   """What the eidetic store keeps (docs/spec.md, "Innovation selection")."""
   FIFO = "fifo"    # the selections of the last n_eidetic // eidetic_per_chunk chunks
@@ -107,8 +116,9 @@ class ConfigError(ValueError):
 class ComputeConfig:
   """How a model is computed, not what its parameters are: implementations, compute dtype, remat, block layout,
   loss blocking. A checkpoint written under one ComputeConfig restores under any other (`scan_layers` by
-  converting the parameter layout, `bmojo_jax.model.stack_blocks`), so checkpoint compatibility compares
-  model configs without their `compute` (`train/checkpoint.py`)."""
+  converting the parameter layout, `bmojo_jax.model.stack_blocks`; `kernel_layout` by transposing the projection
+  kernels, `bmojo_jax.model.kernels_to_layout`: `train/setup.py`'s `restore_state`), so checkpoint compatibility
+  compares model configs without their `compute` (`train/checkpoint.py`)."""
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
   attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
@@ -122,12 +132,14 @@ class ComputeConfig:
   loss_impl: LossImpl = LossImpl.CHUNKED  # the training loss's head + cross-entropy (`bmojo_jax.losses`)
   loss_block: int = 4096             # tokens per block of the chunked loss: transient ~ block·V·10 bytes (2 GB
                                      # at V 50280); fewer blocks, fewer fp32 [V, D] gradient accumulations
+  kernel_layout: KernelLayout = KernelLayout.IN_OUT  # how projection kernels are stored (`KernelLayout`); the
+                                     # decoder converts to its own (`bmojo_jax.inference.Decoder`)
 
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
       object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
     _coerce_enums(self, (("scan_impl", ScanImpl), ("attn_impl", AttnImpl), ("remat", RematPolicy),
-                         ("loss_impl", LossImpl)), "compute.")
+                         ("loss_impl", LossImpl), ("kernel_layout", KernelLayout)), "compute.")
     for name in ("scan_chunk", "loss_block", "scan_unroll"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"compute.{name}={getattr(self, name)} must be positive")

@@ -1,4 +1,5 @@
-"""Basic layers: parameters with logical axes, RMSNorm, RoPE, SwiGLU MLP, causal depthwise conv.
+"""Basic layers: parameters with logical axes, projections (`Projection`), RMSNorm, RoPE, SwiGLU MLP, causal
+depthwise conv.
 
 Shape letters are those of `bmojo_jax/typing.py`.
 """
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import ModelConfig
+from bmojo_jax.config import KernelLayout, ModelConfig
 
 Initializer = Callable[..., jax.Array]
 
@@ -25,12 +26,70 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
 
 
+class Projection(nnx.Module):
+  """A linear map without bias, x [..., *in] -> [..., *out]: the projections of every mixer.
+
+  `spec` is the einsum of the training layout (`KernelLayout.IN_OUT`), e.g. "BTD,DHP->BTHP": its kernel
+  letters are the contracted dims first, then the output dims ([D, H, P]); `shape` and `axes` (logical axis
+  names) are given in that order. With `cfg.compute.kernel_layout` OUT_IN the kernel is stored output dims
+  first, contracted dims last ([H, P, D], axes permuted alike) and the einsum is "BTD,HPD->BTHP": at one token
+  a row XLA:GPU reads it as a row reduction near the copy bandwidth (docs/inference.md, "Kernel layout").
+  Either way the parameter is `kernel` (the same state path), drawn by `init` in the IN_OUT shape and
+  transposed, so one seed gives the same map in both layouts; x and the kernel are cast to the compute dtype
+  before the einsum (as `nnx.Einsum`, which this replaces, did).
+  """
+
+  def __init__(self, spec: str, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
+               rngs: nnx.Rngs, init: Initializer):
+    lhs, out = spec.replace(" ", "").split("->")
+    x_letters, w_letters = lhs.split(",")
+    n_in = next((i for i, c in enumerate(w_letters) if c not in x_letters), len(w_letters))
+    contracted, produced = w_letters[:n_in], w_letters[n_in:]
+    if (not contracted or not produced or any(c in out for c in contracted)
+        or any(c not in out or c in x_letters for c in produced)):
+      raise ValueError(f"Projection spec {spec!r}: the kernel's letters must be the contracted dims, then the "
+                       "output dims (the in_out layout)")
+    if len(shape) != len(w_letters) or len(axes) != len(w_letters):
+      raise ValueError(f"Projection spec {spec!r}: shape {tuple(shape)} and axes {tuple(axes)} must have one "
+                       f"entry per kernel letter ({w_letters})")
+    self.layout = cfg.compute.kernel_layout
+    self.n_in = n_in                                  # contracted dims of the kernel
+    self.out_shape = tuple(shape[n_in:])           # what x's contracted dims become (either layout)
+    self.dtype = cfg.compute.jnp_dtype
+    kernel = init(rngs.params(), tuple(shape), cfg.weight_dtype)
+    axes = tuple(axes)
+    if self.layout == KernelLayout.OUT_IN:
+      self.spec = f"{x_letters},{produced}{contracted}->{out}"
+      kernel, axes = transpose_kernel(kernel, n_in), axes[n_in:] + axes[:n_in]
+    else:
+      self.spec = f"{x_letters},{w_letters}->{out}"
+    self.kernel = nnx.Param(kernel, sharding_names=axes, eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+  def move_to(self, layout: KernelLayout) -> tuple[int, int] | None:
+    """(n_first, n_dims) of `transpose_kernel` that takes this kernel (or an array shaped like it, a leading
+    layers axis included) to `layout`; None when it is stored so already."""
+    if KernelLayout(layout) == self.layout:
+      return None
+    n_dims = self.n_in + len(self.out_shape)
+    return (self.n_in if self.layout == KernelLayout.IN_OUT else len(self.out_shape)), n_dims
+
+
+def transpose_kernel(kernel: jax.Array, n_first: int, n_dims: int | None = None) -> jax.Array:
+  """kernel [..., *a, *b] -> [..., *b, *a], a being its first n_first dims of the trailing n_dims (default: all
+  of them; a leading layers axis of scanned blocks is not among them)."""
+  n_dims = kernel.ndim if n_dims is None else n_dims
+  lead = kernel.ndim - n_dims
+  perm = tuple(range(lead)) + tuple(range(lead + n_first, kernel.ndim)) + tuple(range(lead, lead + n_first))
+  return jnp.transpose(kernel, perm)
+
+
 def einsum_layer(spec: str, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
-                 rngs: nnx.Rngs, std: float) -> nnx.Einsum:
-  """An `nnx.Einsum` projection (no bias) whose kernel carries logical axes; spec documents the shapes."""
-  return nnx.Einsum(spec, tuple(shape), dtype=cfg.compute.jnp_dtype, param_dtype=cfg.weight_dtype,
-                    kernel_init=nnx.initializers.normal(std), rngs=rngs,
-                    kernel_metadata={"sharding_names": tuple(axes), "eager_sharding": False})
+                 rngs: nnx.Rngs, std: float) -> Projection:
+  """A `Projection` (no bias) whose kernel ~ N(0, std²) carries logical axes; spec documents the shapes."""
+  return Projection(spec, shape, axes, cfg, rngs, nnx.initializers.normal(std))
 
 
 class RMSNorm(nnx.Module):

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import ModelConfig, ScanImpl
+from bmojo_jax.config import KernelLayout, ModelConfig, ScanImpl
 from bmojo_jax.kernels import get_scan_fn
-from bmojo_jax.layers import causal_conv, einsum_layer, param
+from bmojo_jax.layers import Projection, causal_conv, einsum_layer, param
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
 
@@ -69,10 +69,7 @@ class Mamba(nnx.Module):
     self.conv_weight = param(rngs, conv_init, (w, e), (tp.CONV, tp.INNER), pdt)
     self.conv_bias = param(rngs, conv_init, (e,), (tp.INNER,), pdt)
     self.x_proj = einsum_layer("BTE,EX->BTX", (e, r + 2 * n), (tp.INNER, None), cfg, rngs, cfg.init_std)
-    self.dt_proj = nnx.Einsum(
-        "BTR,RE->BTE", (r, e), dtype=cfg.compute.jnp_dtype, param_dtype=pdt, rngs=rngs,
-        kernel_init=_symmetric_uniform(r ** -0.5),
-        kernel_metadata={"sharding_names": (tp.RANK, tp.INNER), "eager_sharding": False})
+    self.dt_proj = Projection("BTR,RE->BTE", (r, e), (tp.RANK, tp.INNER), cfg, rngs, _symmetric_uniform(r ** -0.5))
     self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (e,), (tp.INNER,),
                          pdt)
     self.A_log = param(rngs, _a_log_init, (e, n), (tp.INNER, tp.STATE), pdt)
@@ -107,21 +104,26 @@ class Mamba(nnx.Module):
     return self.out_proj(y.astype(cfg.compute.jnp_dtype)), MambaState(conv_state.astype(state.conv.dtype), ssm)
 
   def in_proj_parts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(u, z) [B, T, E] of x [B, T, D]: in_proj's kernel [D, 2, E] as two GEMMs, one per half, so each result is
-    its own contiguous array. `self.in_proj(x)` [B, T, 2, E] sliced would give the same values, but z, an
-    operand of the scan kernel, would then be copied out of it (2·B·T·E elements moved, 268 MB a layer at 1.4B,
-    16k tokens) and the backward would assemble the [B, T, 2, E] cotangent from du and dz."""
+    """(u, z) [B, T, E] of x [B, T, D]: in_proj's kernel ([D, 2, E], or [2, E, D] in the out_in layout) as two
+    GEMMs, one per half, so each result is its own contiguous array. `self.in_proj(x)` [B, T, 2, E] sliced would
+    give the same values, but z, an operand of the scan kernel, would then be copied out of it (2·B·T·E elements
+    moved, 268 MB a layer at 1.4B, 16k tokens) and the backward would assemble the [B, T, 2, E] cotangent from du
+    and dz."""
     dtype = self.cfg.compute.jnp_dtype
+    out_in = self.in_proj.layout == KernelLayout.OUT_IN
     # Under FSDP the kernel is gathered whole, like every weight, before it is cut in halves (cut first, XLA
     # gathered each half: an all-gather of a shape no parameter has).
-    w = constrain(self.in_proj.kernel[...], (None, None, tp.INNER)).astype(dtype)      # [D, 2, E]
+    axes = (None, tp.INNER, None) if out_in else (None, None, tp.INNER)
+    w = constrain(self.in_proj.kernel[...], axes).astype(dtype)                      # [D, 2, E] | [2, E, D]
     x = x.astype(dtype)
     if x.shape[1] == 1:
       # One token (a decode step): one GEMV over the whole contiguous kernel. Per half, w[:, j] is a strided
       # view that XLA:GPU emits as a reduction at half the speed (0.48 ms of a 4.6 ms 1.4B step on an H100);
       # the [B, 1, 2, E] result is tiny, so slicing it copies nothing worth counting.
-      uz = jnp.einsum("BTD,DJE->BTJE", x, w)
+      uz = jnp.einsum("BTD,JED->BTJE" if out_in else "BTD,DJE->BTJE", x, w)
       return uz[:, :, 0], uz[:, :, 1]
+    if out_in:
+      return tuple(jnp.einsum("BTD,ED->BTE", x, w[j]) for j in (0, 1))
     return tuple(jnp.einsum("BTD,DE->BTE", x, w[:, j]) for j in (0, 1))
 
   def step(self, x: jax.Array, state: MambaState, *, fading=None) -> tuple[jax.Array, MambaState]:

@@ -17,7 +17,8 @@ With `cfg.compute.scan_layers` the n_blocks identical blocks are one `Block` who
 `cfg.compute.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.compute.remat`; `stack_blocks` / `unstack_blocks`
-convert parameter trees between the two layouts.
+convert parameter trees between the two layouts. `to_kernel_layout` converts a model between the layouts of its
+projection kernels (`KernelLayout`: the training one, and the one a GEMV at one token reads fastest on GPU).
 
 A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
 gets the row's `Packing` and keeps the documents apart, so the row computes what its documents would alone.
@@ -37,8 +38,8 @@ from flax import nnx
 from bmojo_jax import segments
 from bmojo_jax import typing as tp
 from bmojo_jax.attention import Attention, AttnState
-from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
-from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
+from bmojo_jax.config import KernelLayout, ModelConfig, RematPolicy, Sublayer
+from bmojo_jax.layers import Projection, RMSNorm, SwiGLU, logits_einsum, param, transpose_kernel
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
@@ -168,6 +169,45 @@ def unstack_blocks(tree, n_blocks: int):
       return {**x, "blocks": {i: jax.tree.map(lambda a: a[i], x["blocks"]) for i in range(n_blocks)}}
     return x
   return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
+
+
+def to_kernel_layout(model: "LanguageModel", layout: KernelLayout | str) -> "LanguageModel":
+  """`model` with every projection kernel stored in `layout` (`KernelLayout`): a new model of config
+  `cfg.with_compute(kernel_layout=layout)` holding the same parameters, each `Projection`'s kernel transposed
+  (how many of its dims are contracted is the module's, not guessed from names; a scanned model's layers axis
+  stays first). The map is the same, so the logits agree to rounding (the einsums sum in another order);
+  converting back gives the parameters bit for bit. `model` itself when already in `layout`. A bad layout is a
+  ConfigError naming compute.kernel_layout."""
+  cfg = model.cfg.with_compute(kernel_layout=layout)
+  if cfg.compute.kernel_layout == model.cfg.compute.kernel_layout:
+    return model
+  params = kernels_to_layout(nnx.to_pure_dict(nnx.state(model)), kernel_moves(model, cfg.compute.kernel_layout))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def kernel_moves(model: nnx.Module, layout: KernelLayout | str) -> dict[tuple, tuple[int, int]]:
+  """{path of a `Projection`'s kernel in the model's pure-dict state: (n_first, n_dims) of the `transpose_kernel`
+  that takes it to `layout`}, read from the modules (an abstract model from `nnx.eval_shape` will do)."""
+  moves = {}
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, Projection) and (move := module.move_to(layout)) is not None:
+      moves[(*path, "kernel")] = move
+  return moves
+
+
+def kernels_to_layout(tree, moves: dict[tuple, tuple[int, int]]):
+  """A tree of pure dicts holding a model's parameters (as params, or as the param-shaped parts of an optimizer
+  state: each dict with a "blocks" key is such a root, as in `stack_blocks`) with the kernels at the paths of
+  `moves` (`kernel_moves`) transposed."""
+  def convert_root(root):
+    def leaf(path, x):
+      move = moves.get(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path))
+      return x if move is None or not hasattr(x, "ndim") else transpose_kernel(x, *move)
+    return jax.tree_util.tree_map_with_path(leaf, root)
+  is_root = lambda x: isinstance(x, dict) and "blocks" in x
+  return jax.tree.map(lambda x: convert_root(x) if is_root(x) else x, tree, is_leaf=is_root)
 
 
 def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
@@ -307,5 +347,5 @@ class LanguageModel(nnx.Module):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_blocks, *x.shape)), one)
 
 
-__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "stack_blocks",
-           "unstack_blocks"]
+__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "kernel_moves",
+           "kernels_to_layout", "stack_blocks", "to_kernel_layout", "unstack_blocks"]

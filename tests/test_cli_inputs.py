@@ -128,6 +128,7 @@ CASES = [   # (command line, a regex the one or two lines match, or ACCEPTED)
     ("generate --workdir {run} --prompt '1 2' --top_k=0", r"top_k=0 must be in 1..vocab_size"),
     ("generate --workdir {run} --prompt '1 2' --prefill_chunk=0", r"prefill_chunk=0 must be a positive int"),
     ("generate --workdir {run} --prompt '1 2' --stream --stream_block=0", r"--stream_block=0 must be >= 1"),
+    ("generate --workdir {run} --prompt '1 2' --kernel_layout=rows", r"--kernel_layout=rows: value should be one of"),
     # bmojo-prepare
     ("prepare --no-progress --out {w} --text {tmp}/nope --workers 1", r"Text path does not exist: .*/nope"),
     ("prepare --no-progress --out {w} --text {tmp}/empty_dir --workers 1", r"No files matching .* under directory"),

@@ -1,5 +1,6 @@
 """`Mamba.in_proj_parts` (two GEMMs, one per half of in_proj's kernel; one GEMM for a single token) equals in_proj(x) sliced, values and
-gradients (fp32); in bf16 the same up to the GEMM's rounding."""
+gradients (fp32); in bf16 the same up to the GEMM's rounding. In either kernel layout ([D, 2, E] or [2, E, D]); the
+out_in model built from the same seed gives the in_out one's parts."""
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,10 @@ from bmojo_jax.mamba import Mamba
 from tests.conftest import tiny_config
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("dtype,T", [("float32", 13), ("bfloat16", 13), ("float32", 1)])   # T 1: the decode GEMV
-def test_in_proj_parts_equal_the_sliced_projection(dtype, T):
-  mamba = Mamba(tiny_config("mamba", compute=dict(dtype=dtype)), rngs=nnx.Rngs(0))
+def test_in_proj_parts_equal_the_sliced_projection(dtype, T, layout):
+  mamba = Mamba(tiny_config("mamba", compute=dict(dtype=dtype, kernel_layout=layout)), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, T, 32), jnp.float32).astype(dtype)
   g = jax.random.normal(jax.random.key(1), (2, T, 2, 64), jnp.float32)
 
@@ -36,3 +38,7 @@ def test_in_proj_parts_equal_the_sliced_projection(dtype, T):
   np.testing.assert_allclose(f32(got), f32(want), **tol)
   np.testing.assert_allclose(f32(gx), f32(wx), **tol)
   np.testing.assert_allclose(f32(gm.in_proj.kernel[...]), f32(wm.in_proj.kernel[...]), **tol)
+  if layout == "out_in":
+    assert mamba.in_proj.kernel.shape == (2, 64, 32)
+    in_out = Mamba(tiny_config("mamba", compute=dict(dtype=dtype)), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(f32(got), f32(parts(in_out, x)), **tol)

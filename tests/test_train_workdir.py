@@ -78,6 +78,7 @@ def test_generate_from_run(full_run, tmp_path):
   ids = [int(x) for x in out.split()]
   assert len(ids) == 4 and all(0 <= i < 256 for i in ids)
   assert generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4, prefill_chunk=2) == out
+  assert generate.generate_from_run(full_run[0], "3 130 5", max_new_tokens=4, kernel_layout="out_in") == out
   with pytest.raises(ValueError, match="vocab_size is 256"):
     generate.generate_from_run(full_run[0], "3 999", max_new_tokens=2)
   with pytest.raises(ValueError, match="token ids separated by spaces"):
@@ -101,6 +102,37 @@ def test_load_model_is_the_latest_checkpoint(full_run):
     runs.load_model(full_run[0], {"d_state": 2})
   with pytest.raises(ValueError, match="is not a text run"):
     lm_eval.evaluate_lm_run(full_run[0])
+
+
+def test_a_checkpoint_restores_in_the_other_kernel_layout(full_run):
+  """A checkpoint written in_out restores under compute.kernel_layout=out_in (with the block layout changed too):
+  the same loss, every kernel a transposition of the written one (the same entries), the rest as written; the
+  optimizer state converted alike (restore_state puts it in the out_in setup's shapes and shardings)."""
+  from bmojo_jax.train import setup as setup_lib, steps  # pylint: disable=g-import-not-at-top
+  setup, params, _ = runs.load_run(full_run[0])
+  assert setup.cfg.compute.kernel_layout == "in_out"
+  loss = steps.evaluate(setup, params)["loss"]
+  for scan in (setup.cfg.compute.scan_layers, not setup.cfg.compute.scan_layers):
+    out_setup, out_params, step = runs.load_run(
+        full_run[0], overrides={"compute.kernel_layout": "out_in", "compute.scan_layers": scan})
+    assert out_setup.cfg.compute.kernel_layout == "out_in"
+    np.testing.assert_allclose(steps.evaluate(out_setup, out_params)["loss"], loss, rtol=1e-5)
+    if scan == setup.cfg.compute.scan_layers:
+      reshaped = 0
+      for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(out_params)):
+        x, y = np.asarray(x), np.asarray(y)
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+          reshaped += x.shape != y.shape
+          np.testing.assert_array_equal(np.sort(x, axis=None), np.sort(y, axis=None))
+        else:
+          np.testing.assert_array_equal(x, y)
+      assert reshaped > 0
+    ckpt = ckpt_lib.Checkpointer(os.path.join(full_run[0], "checkpoints"), max_to_keep=10, async_save=False)
+    try:
+      state = setup_lib.restore_state(ckpt, step, out_setup, None)
+    finally:
+      ckpt.close()
+    assert jax.tree.map(np.shape, state) == jax.tree.map(np.shape, out_setup.abstract_state)
 
 
 def test_curves_png_and_the_plot_command(copied_run):

@@ -3,7 +3,7 @@
     bmojo-train --config configs/mqar.py[:<preset>] --workdir DIR [--config.train.num_steps=...]
     bmojo-eval --workdir DIR                      # evaluates the latest checkpoint, writes DIR/eval.json
     bmojo-generate --workdir DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P --seed S
-                   --prefill_chunk C --stream --stream_block N]
+                   --prefill_chunk C --stream --stream_block N --kernel_layout in_out|out_in]
 
 Exit status: 0 when training ends (num_steps or the target accuracy), 75 (EX_TEMPFAIL) when SIGTERM or SIGINT
 stopped it after a checkpoint was saved (rerun the same command to resume), 1 on an error, and 1 when the run
@@ -179,7 +179,7 @@ def _generate(argv):
     text = gen_lib.generate_from_run(
         _WORKDIR.value, f.prompt, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
         top_k=f.top_k, top_p=f.top_p, seed=f.seed, prefill_chunk=f.prefill_chunk,
-        stream_to=sys.stdout if f.stream else None, stream_block=f.stream_block)
+        stream_to=sys.stdout if f.stream else None, stream_block=f.stream_block, kernel_layout=f.kernel_layout)
   print("" if f.stream else text)          # streamed: the text is out already; end its line
 
 
@@ -283,6 +283,8 @@ def generate_main():
   flags.DEFINE_bool("stream", False, "Print the continuation as it is produced (every --stream_block tokens) "
                     "instead of at the end; the same tokens.")
   flags.DEFINE_integer("stream_block", 16, "With --stream: decode steps on device between prints.")
+  flags.DEFINE_enum("kernel_layout", None, ["in_out", "out_in"], "How the decoder stores the projection kernels "
+                    "(default: the decoder's, out_in on a GPU, where a GEMV at one token reads it fastest).")
   flags.mark_flags_as_required(["workdir"])
   _run(_generate, "bmojo-generate", with_config=False)
 

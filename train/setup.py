@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from bmojo_jax import LanguageModel, ModelConfig
-from bmojo_jax.model import stack_blocks, unstack_blocks
+from bmojo_jax.model import kernel_moves, kernels_to_layout, stack_blocks, unstack_blocks
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import faults
 from bmojo_jax.train import optim as optim_lib
@@ -133,16 +133,26 @@ def build(config: ml_collections.ConfigDict, devices=None, task: tasks_lib.Task 
 def restore_state(ckpt: ckpt_lib.Checkpointer, step: int, setup: Setup, iterator) -> Any:
   """The train state of checkpoint `step` (checked with `check_compatible`) in `setup`'s shardings.
 
-  A checkpoint written with the other block layout (scan_layers) is restored as written and converted, so
-  runs from before scanned blocks resume and evaluate as they are."""
+  A checkpoint written with the other block layout (scan_layers) or the other kernel layout (kernel_layout; in_out
+  for checkpoints written before the field) is restored as written and converted, so runs from before scanned
+  blocks resume and evaluate as they are."""
   meta = ckpt.check_compatible(step, ckpt_lib.model_config_dict(setup.cfg))
   saved_scan = bool(meta["model"]["compute"]["scan_layers"])
-  if saved_scan == setup.cfg.compute.scan_layers:
+  saved_layout = str(meta["model"]["compute"].get("kernel_layout", "in_out"))
+  compute = setup.cfg.compute
+  if saved_scan == compute.scan_layers and saved_layout == compute.kernel_layout:
     return ckpt.restore(step, setup.abstract_state, iterator)
   config = ml_collections.ConfigDict(setup.config.to_dict())
   config.model.compute.scan_layers = saved_scan
+  config.model.compute.kernel_layout = saved_layout
   written = build(config, list(setup.mesh.devices.flat), setup.task)
   state = ckpt.restore(step, written.abstract_state, iterator)
-  convert = stack_blocks if setup.cfg.compute.scan_layers else (lambda t: unstack_blocks(t, setup.cfg.n_blocks))
-  state = {**state, "params": convert(state["params"]), "opt_state": convert(state["opt_state"])}
+  convert = []
+  if saved_layout != compute.kernel_layout:    # in the written block layout: its modules give the kernels' paths
+    moves = kernel_moves(nnx.eval_shape(lambda: LanguageModel(written.cfg, rngs=nnx.Rngs(0))), compute.kernel_layout)
+    convert.append(lambda t: kernels_to_layout(t, moves))
+  if saved_scan != compute.scan_layers:
+    convert.append(stack_blocks if compute.scan_layers else (lambda t: unstack_blocks(t, setup.cfg.n_blocks)))
+  for fn in convert:
+    state = {**state, "params": fn(state["params"]), "opt_state": fn(state["opt_state"])}
   return jax.device_put(state, setup.state_shardings)
