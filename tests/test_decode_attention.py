@@ -173,3 +173,18 @@ def test_pallas_decode_matches_parallel_forward(family):
     worst = max(worst, float(np.abs(np.asarray(logits) - full[:, t]).max()))
   assert worst <= 1e-4, worst
   assert float(np.abs(full).max()) > 0.5
+
+
+def test_bench_tiny_writes_records(tmp_path):
+  """benchmarks/speed/decode_attention_bench.py --tiny (interpret mode): a record per shape and implementation, the
+  kernel as close to the fp32 reference as the bf16 reference is."""
+  import json
+  from benchmarks.speed import decode_attention_bench
+  records = decode_attention_bench.main(["--tiny", "--out", str(tmp_path)])
+  assert json.load(open(next(tmp_path.glob("decode_attention_*.json")))) == records
+  assert {(r["shape"], r["impl"]) for r in records} == {(s.name, i) for s in decode_attention_bench.TINY
+                                                        for i in ("pallas", "reference")}
+  for shape in decode_attention_bench.TINY:
+    err = {r["impl"]: r["max_err_vs_fp32"] for r in records if r["shape"] == shape.name}
+    assert err["pallas"] <= 2 * err["reference"] + 1e-3, err
+    assert all(r["us_per_layer"] > 0 for r in records)
