@@ -123,6 +123,23 @@ def test_layout_spreads_a_long_ring_and_keeps_a_large_batch_whole():
   assert (odd.n_splits - 1) * odd.blocks_per_split * odd.block_k < 1000   # no split starts past the ring
 
 
+@pytest.mark.parametrize("b, s, m_f, m_e, window", [(1, 512, 16, 64, 512), (64, 512, 16, 64, 512),
+                                                    (1, 1000, 0, 0, None)])
+def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window):
+  """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
+  and a Transformer ring of a size that is no power of two: every in-kernel array a power of two, every primitive
+  one the Triton lowering knows. (Triton's own compile to PTX happens on the GPU: the bench checks it.)"""
+  sds = jax.ShapeDtypeStruct
+  rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
+  fading = (rows(m_f), rows(m_f)) if m_f else None
+  store = (rows(m_e), rows(m_e), sds((b, m_e), jnp.bool_)) if m_e else None
+  fn = lambda q, rk, rv, t, fading, store: decode_step_attention(q, rk, rv, t, window=window, chunk=512, fading=fading,
+                                                                 store=store, interpret=False)
+  text = jax.jit(fn).trace(sds((b, 32, 64), jnp.bfloat16), rows(s), rows(s), sds((), jnp.int32), fading,
+                           store).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("triton") >= 1 and "decode_attention" in text
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(q=(2, 3, 8)), "query heads 3 must be a multiple of kv heads 2"),
     (dict(ring=(2, 12, 2, 4)), r"must be \[B, S, K, P\] matching q"),
