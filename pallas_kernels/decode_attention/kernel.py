@@ -3,7 +3,9 @@
 Shapes as in `reference.py`. One program per (row b, kv head, split j) of the grid (B, K, n_splits): it holds the
 G query heads of its kv head (padded to a power of two), loops over its split's blocks of ring slots with a running
 max / sum / accumulator (fp32, base 2), and writes them unnormalized; the program of split 0 starts from the memory
-tokens (fading, then store). `combine` rescales the splits to their common max and normalizes, in jnp.
+tokens (fading, then store). `combine` rescales the splits to their common max and normalizes, in jnp; with one
+split (a large batch) the kernel normalizes and writes q's dtype itself. While t < S the slots past t are empty
+and a split reads only the blocks up to slot t (a Transformer's ring sized for prompt + new tokens).
 Ring validity comes from the scalar t inside: slot s holds position t - ((t - s) mod S), visible when >= 0 and
 > t - window. Nothing is concatenated or padded on the way in but q: the ring and the memory are read where they
 lie, blocks past S (or past M) masked on load, so S and M may be any size.
@@ -100,11 +102,12 @@ def load_rows(ref, start, rows: int, n: int):
 def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, chunk: int | None, size: int,
                   n_fading: int, n_store: int, layout: Layout, qk_scale: float, fm: FastMath):
   """Refs: t [], q [G, P], ring k, v [S, P], (fading k, v [M_f, P]), (store k, v [M_e, P], valid [M_e] int32),
-  o [G, P] fp32, m [G], l [G] (this split's unnormalized accumulator, max and sum, base 2)."""
+  then o [G, P] fp32, m [G], l [G] (this split's unnormalized accumulator, max and sum, base 2), or with one split
+  o [G, P] normalized in q's dtype alone."""
   t_ref, q_ref, k_ref, v_ref, *refs = refs
   fk_ref, fv_ref = (refs.pop(0), refs.pop(0)) if has_fading else (None, None)
   sk_ref, sv_ref, sval_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_store else (None, None, None)
-  o_ref, m_ref, l_ref = refs
+  o_ref, *stat_refs = refs
   t = t_ref[()]
   q = q_ref[...].astype(jnp.float32) * qk_scale
   g = q.shape[0]
@@ -140,15 +143,22 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
       valid &= slot_pos > t - window
     return attend(carry, q, k, v, valid, fm)
 
-  o, m, l = lax.fori_loop(0, layout.blocks_per_split, ring_block, carry)
+  # Slots past t are still empty while t < S: a split stops at the last block holding slot min(t, S - 1).
+  first = split * layout.blocks_per_split * bk
+  steps = jnp.clip(lax.div(jnp.minimum(t + 1, size) - first + bk - 1, bk), 0, layout.blocks_per_split)
+  o, m, l = lax.fori_loop(0, steps, ring_block, carry)
+  if not stat_refs:                    # one split: the softmax is complete here
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+    return
   o_ref[...] = o
-  m_ref[...] = m
-  l_ref[...] = l
+  stat_refs[0][...] = m
+  stat_refs[1][...] = l
 
 
 def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, chunk: int | None, scale: float,
                   blocks: BlockSizes, interpret: bool):
-  """(o [B, K, n_splits, G', P] fp32, m, l [B, K, n_splits, G']) of every split; G' = next_pow2(G) (q padded)."""
+  """(o [B, K, n_splits, G', P] fp32, m, l [B, K, n_splits, G']) of every split, or with one split (o [B, K, 1, G', P]
+  normalized, in q.dtype); G' = next_pow2(G) (q padded)."""
   b, h, p = q.shape
   size, kh = ring_k.shape[1], ring_k.shape[2]
   g = h // kh
@@ -174,14 +184,17 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
       layout=layout, qk_scale=scale * LOG2E, fm=FastMath.for_launch(blocks.fast_math, interpret))
   n = layout.n_splits
   stat = pl.BlockSpec((None, None, None, gp), lambda bi, hi, j: (bi, hi, j, 0))
+  o_spec = pl.BlockSpec((None, None, None, gp, p), lambda bi, hi, j: (bi, hi, j, 0, 0))
+  out_specs, out_shape = [o_spec], [jax.ShapeDtypeStruct((b, kh, n, gp, p), q.dtype if n == 1 else jnp.float32)]
+  if n > 1:
+    out_specs += [stat, stat]
+    out_shape += [jax.ShapeDtypeStruct((b, kh, n, gp), jnp.float32)] * 2
   return pl.pallas_call(
       kernel,
       grid=(b, kh, n),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, None, gp, p), lambda bi, hi, j: (bi, hi, j, 0, 0)), stat, stat],
-      out_shape=[jax.ShapeDtypeStruct((b, kh, n, gp, p), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, n, gp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, n, gp), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="decode_attention",
@@ -208,6 +221,9 @@ def decode_step_attention_gpu(q, ring_k, ring_v, t, fading, store, *, window: in
   if not interpret and p & (p - 1):
     raise ValueError(f"the decode kernel needs a power-of-two head size on the GPU (Triton), got P = {p}; use "
                      "attn_impl='reference'")
-  o, m, l = decode_splits(q, ring_k, ring_v, t, fading, store, window=window, chunk=chunk, scale=scale,
-                          blocks=block_sizes or BlockSizes(), interpret=interpret)
-  return combine(o, m, l, q.shape[1], q.dtype)
+  b, h, _ = q.shape
+  out = decode_splits(q, ring_k, ring_v, t, fading, store, window=window, chunk=chunk, scale=scale,
+                      blocks=block_sizes or BlockSizes(), interpret=interpret)
+  if len(out) == 1:                                          # one split, normalized in the kernel
+    return out[0][:, :, 0, :h // ring_k.shape[2]].reshape(b, h, -1)
+  return combine(*out, h, q.dtype)
