@@ -201,6 +201,7 @@ def test_bench_tiny_writes_records(tmp_path):
   assert json.load(open(next(tmp_path.glob("decode_attention_*.json")))) == records
   assert {(r["shape"], r["impl"]) for r in records} == {(s.name, i) for s in decode_attention_bench.TINY
                                                         for i in ("pallas", "reference")}
+  assert not [r for r in records if "error" in r]
   for shape in decode_attention_bench.TINY:
     err = {r["impl"]: r["max_err_vs_fp32"] for r in records if r["shape"] == shape.name}
     assert err["pallas"] <= 2 * err["reference"] + 1e-3, err
