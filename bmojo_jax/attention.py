@@ -7,7 +7,8 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
      `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
 and calls the attention function `cfg.compute.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
-ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`), and carries an `AttnState`; a
+ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`) through the decode attention
+`cfg.compute.attn_impl` names (`bmojo_jax.kernels.get_decode_attention_fn`), and carries an `AttnState`; a
 continuation from a state runs in parallel (`bmojo_jax.continuation`).
 """
 
@@ -22,8 +23,8 @@ from flax import nnx
 from bmojo_jax import typing as tp
 from bmojo_jax.config import KernelLayout, ModelConfig, Selection
 from bmojo_jax.continuation import continue_memory, continue_parallel
-from bmojo_jax.decode_cache import decode_attention, ring_cache
-from bmojo_jax.kernels import get_attention_fn
+from bmojo_jax.decode_cache import ring_cache
+from bmojo_jax.kernels import get_attention_fn, get_decode_attention_fn
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import chunk_memory
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
@@ -201,26 +202,23 @@ class Attention(nnx.Module):
     ring_k = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), slot, axis=1)
     ring_v = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), slot, axis=1)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
-    slot_pos = t - jnp.mod(t - jnp.arange(size), size)                              # [S] position per slot
-    ring_valid = slot_pos >= 0
-    if cfg.window is not None:
-      ring_valid &= slot_pos > t - cfg.window
 
-    parts = [(ring_k, ring_v, ring_valid[None])]                                    # (k, v, valid [B|1, S])
+    fading, store = None, None                      # the memory parts the query sees besides the ring
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
       score, _ = selection_scores(cfg.selection, self.score_inputs(
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
     if m_f:
-      parts.append((state.fading_k, state.fading_v, jnp.broadcast_to(t >= chunk, (1, m_f))))
+      fading = (state.fading_k, state.fading_v)
       state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:
-      parts.append((state.store.k, state.store.v, state.store.valid))
+      store = (state.store.k, state.store.v, state.store.valid)
       state = state._replace(cand=insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
       if self.history_len:
         state = state._replace(history=last_inputs(a, state.history))
-    o = decode_attention(q[:, 0], parts)
+    attend = get_decode_attention_fn(cfg.compute.attn_impl)
+    o = attend(q[:, 0], ring_k, ring_v, t, window=cfg.window, chunk=chunk, fading=fading, store=store)
     return self.wo(o[:, None]), state
 
   def step_kv(self, a: jax.Array, fading: jax.Array | None):

@@ -16,11 +16,26 @@ import numpy as np
 from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
 
+def ring_positions(t: jax.Array | int, size: int) -> jax.Array:
+  """[size] int: the position slot s of a ring of `size` slots holds once position t is written, the latest
+  position <= t congruent to s mod size: t - ((t - s) mod size) (negative: the slot is still empty)."""
+  return t - jnp.mod(t - jnp.arange(size), size)
+
+
+def ring_valid(t: jax.Array | int, size: int, window: int | None) -> jax.Array:
+  """[size] bool: the slots the query at position t attends to (after its own key is written): filled, and inside
+  the window t - window < position <= t (all of them when window is None). The decode kernel derives the same
+  inside (`pallas_kernels.decode_attention`)."""
+  slot_pos = ring_positions(t, size)
+  valid = slot_pos >= 0
+  return valid if window is None else valid & (slot_pos > t - window)
+
+
 def ring_cache(x: jax.Array, first: jax.Array | int, end: jax.Array | int, size: int) -> jax.Array:
   """The ring of `size` slots after the tokens before `end`, from x [B, N, K, P] holding positions
   first + [0, N): slot s holds the latest position < end congruent to s mod size (as `Attention.step` writes
   them), zeros for positions below 0. The positions end - size .. end - 1 that are >= 0 must lie in x."""
-  slot_pos = (end - 1) - jnp.mod(end - 1 - jnp.arange(size), size)
+  slot_pos = ring_positions(end - 1, size)
   rows = jnp.take(x, jnp.clip(slot_pos - first, 0, x.shape[1] - 1), axis=1)
   return jnp.where((slot_pos >= 0)[None, :, None, None], rows, 0).astype(x.dtype)
 

@@ -1,6 +1,6 @@
 """Which implementation runs each kernel of the model: the tables by backend, the resolvers of `auto`, and the
-one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`; the only place a choice is
-made).
+one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`, `get_decode_attention_fn`; the
+only place a choice is made).
 
     scan_impl  sequential   `selective_scan_reference`, a `lax.scan` over tokens
                associative  `bmojo_jax.scan.selective_scan_associative`
@@ -8,6 +8,11 @@ made).
     attn_impl  reference    `memory_attention_reference`, blockwise jnp
                pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
+  decode attention (a decode step's query over the ring cache + memory tokens), by the same attn_impl:
+               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp
+               pallas       `pallas_kernels.decode_attention.decode_step_attention`, one Triton kernel (GPU; CPU:
+                            interpret mode); on a TPU the reference (no TPU decode kernel)
+               cudnn        the same Pallas kernel: cuDNN has no decode (one query) kernel
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax
 
 from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
+from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 from bmojo_jax.pallas_kernels.window_attention import memory_attention
@@ -101,3 +107,13 @@ def get_attention_fn(impl: AttnImpl | str):
   `impl` resolves to on this backend (`resolve_attn_impl`)."""
   return {AttnImpl.REFERENCE: memory_attention_reference, AttnImpl.PALLAS: memory_attention,
           AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
+
+
+def get_decode_attention_fn(impl: AttnImpl | str):
+  """fn(q, ring_k, ring_v, t, *, window, chunk, fading=None, store=None) -> o [B, H, P], a decode step's attention
+  (`pallas_kernels.decode_attention`) for the attention `impl` resolves to on this backend: the jnp reference for
+  "reference" (and on a TPU), else the Pallas kernel (cuDNN has none for one query)."""
+  impl = resolve_attn_impl(impl)
+  if impl == AttnImpl.REFERENCE or jax.default_backend() == "tpu":
+    return decode_step_attention_reference
+  return decode_step_attention

@@ -1,0 +1,128 @@
+"""A decode step's attention on a GPU: the Pallas kernel (pallas_kernels/decode_attention) against the jnp reference.
+
+  PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.decode_attention_bench --out $OUT     [--tiny: CPU smoke]
+
+Shapes (bf16, H = K = 32, P = 64): the 1.4B B'MOJO's sublayer (ring 512, window 512, M_f 16, M_e 64, 90% of the
+store valid) at batch 1 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for S = 1024
+and 32768. Each timing is one jitted `lax.scan` over 24 layers' distinct caches (so L2 holds none between layers
+and one dispatch covers 24 calls), median of 20 samples (`common.median_ms`), reported per layer in us beside the
+bytes a layer reads (K and V of the ring and memory) and what that is per second. Correctness: the largest
+difference of each implementation's output (layer 0) from the fp32 reference of the same bf16 inputs.
+Writes decode_attention_<device>.json (one record per shape and implementation; a failed compile or run is a record
+with "error") to --out, rewritten after each shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
+from bmojo_jax.pallas_kernels.decode_attention.kernel import BlockSizes, Layout, next_pow2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  b: int
+  s: int
+  window: int | None
+  m_f: int = 0
+  m_e: int = 0
+  h: int = 32
+  k: int = 32
+  p: int = 64
+  chunk: int = 512
+
+  def position(self) -> int:
+    """The query's position: the ring full (the Transformer's last context token), or wrapped a few times."""
+    return self.s - 1 if self.window is None else 4 * self.s + 7
+
+  def bytes_read(self, itemsize: int = 2) -> int:
+    """K and V of the ring and the memory tokens, and q, per layer."""
+    return itemsize * self.b * self.k * self.p * 2 * (self.s + self.m_f + self.m_e) + itemsize * self.b * self.h * self.p
+
+
+SHAPES = [Shape("bmojo_1.4b_b1", 1, 512, 512, 16, 64), Shape("bmojo_1.4b_b64", 64, 512, 512, 16, 64),
+          Shape("transformer_1.4b_s1024", 1, 1024, None), Shape("transformer_1.4b_s32768", 1, 32768, None)]
+TINY = [Shape("tiny_bmojo", 2, 12, 8, 3, 5, h=4, k=2, p=8, chunk=4), Shape("tiny_transformer", 1, 20, None, h=2, k=2,
+                                                                          p=8)]
+
+
+def make_inputs(shape: Shape, layers: int, seed: int = 0):
+  """Per-layer inputs on the device: q [L, B, H, P], ring k, v [L, B, S, K, P], fading (k, v) [L, B, M_f, K, P],
+  store (k, v [L, B, M_e, K, P], valid [L, B, M_e]) in bf16 (None where absent)."""
+  keys = iter(jax.random.split(jax.random.key(seed), 8))
+  rows = lambda n: jax.random.normal(next(keys), (layers, shape.b, n, shape.k, shape.p), jnp.bfloat16)
+  q = jax.random.normal(next(keys), (layers, shape.b, shape.h, shape.p), jnp.bfloat16)
+  fading = (rows(shape.m_f), rows(shape.m_f)) if shape.m_f else None
+  store = None
+  if shape.m_e:
+    store = (rows(shape.m_e), rows(shape.m_e), jax.random.uniform(next(keys), (layers, shape.b, shape.m_e)) < 0.9)
+  return q, rows(shape.s), rows(shape.s), fading, store
+
+
+def layer_scan(attend, shape: Shape):
+  """jit(fn(q, ring_k, ring_v, fading, store) -> o [L, B, H, P]): attend over each layer's inputs in a lax.scan."""
+  t = jnp.int32(shape.position())
+
+  def run(q, rk, rv, fading, store):
+    def layer(_, xs):
+      q, rk, rv, fading, store = xs
+      return None, attend(q, rk, rv, t, window=shape.window, chunk=shape.chunk, fading=fading, store=store)
+    return jax.lax.scan(layer, None, (q, rk, rv, fading, store))[1]
+  return jax.jit(run)
+
+
+def run_shape(shape: Shape, layers: int, interpret: bool, iters: int) -> list[dict]:
+  inputs = make_inputs(shape, layers)
+  blocks = BlockSizes()
+  impls = {"pallas": functools.partial(decode_step_attention, block_sizes=blocks, interpret=interpret),
+           "reference": decode_step_attention_reference}
+  q, rk, rv, fading, store = jax.tree.map(lambda x: x[:1], inputs)
+  up = lambda x: jax.tree.map(lambda y: y.astype(jnp.float32) if y.dtype == jnp.bfloat16 else y, x)
+  exact = np.asarray(layer_scan(decode_step_attention_reference, shape)(*up((q, rk, rv, fading, store))))
+  layout = Layout.of(blocks, shape.b, shape.k, shape.s, next_pow2(shape.h // shape.k))
+  records = []
+  for name, attend in impls.items():
+    rec = {"op": "decode_attention", "shape": shape.name, "impl": name, "batch": shape.b, "S": shape.s,
+           "window": shape.window, "M_f": shape.m_f, "M_e": shape.m_e, "H": shape.h, "K": shape.k, "P": shape.p,
+           "t": shape.position(), "layers": layers, "bytes_per_layer": shape.bytes_read()}
+    if name == "pallas":
+      rec["layout"] = dataclasses.asdict(layout)
+    try:
+      fn = layer_scan(attend, shape)
+      rec["max_err_vs_fp32"] = float(np.abs(np.asarray(fn(q, rk, rv, fading, store), np.float32) - exact).max())
+      ms = common.median_ms(fn, *inputs, warmup=2, iters=iters, inner=2, min_sample_ms=0.0 if interpret else 10.0)
+      us = ms * 1e3 / layers
+      rec.update(us_per_layer=round(us, 3), GBps=round(shape.bytes_read() / (us * 1e3), 1))
+    except Exception as e:  # noqa: BLE001 -- record and go on: one failing compile must not lose the other rows
+      rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    print(rec, flush=True)
+    records.append(rec)
+  return records
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default=None, help="folder of the json (default $OUT, else benchmarks/results)")
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes in interpret mode: a CPU smoke run")
+  parser.add_argument("--layers", type=int, default=None, help="distinct caches per timed call (default 24; tiny 2)")
+  args = parser.parse_args(argv)
+  layers = args.layers or (2 if args.tiny else 24)
+  records = []
+  for shape in TINY if args.tiny else SHAPES:
+    records += run_shape(shape, layers, interpret=args.tiny, iters=3 if args.tiny else 20)
+    path = common.write_results(records, "decode_attention", args.out)     # after each shape: a cut run keeps its rows
+  print("wrote", path)
+  return records
+
+
+if __name__ == "__main__":
+  main()
