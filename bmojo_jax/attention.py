@@ -8,7 +8,7 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
 and calls the attention function `cfg.compute.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
 ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`) through the decode attention
-`cfg.compute.attn_impl` names (`bmojo_jax.kernels.get_decode_attention_fn`), and carries an `AttnState`; a
+`cfg.compute.decode_attn_impl` names (`bmojo_jax.kernels.get_decode_attention_fn`), and carries an `AttnState`; a
 continuation from a state runs in parallel (`bmojo_jax.continuation`).
 """
 
@@ -217,7 +217,7 @@ class Attention(nnx.Module):
       state = state._replace(cand=insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
       if self.history_len:
         state = state._replace(history=last_inputs(a, state.history))
-    attend = get_decode_attention_fn(cfg.compute.attn_impl)
+    attend = get_decode_attention_fn(cfg.compute.decode_attn_impl)
     o = attend(q[:, 0], ring_k, ring_v, t, window=cfg.window, chunk=chunk, fading=fading, store=store)
     return self.wo(o[:, None]), state
 

@@ -83,6 +83,14 @@ class AttnImpl(enum.StrEnum):
   CUDNN = "cudnn"              # jax.nn.dot_product_attention's cuDNN kernel (GPU; no memory tokens)
 
 
+class DecodeAttnImpl(enum.StrEnum):
+  """A decode step's attention (one query per row over the ring cache and the memory tokens; resolved in
+  `bmojo_jax.kernels.get_decode_attention_fn` through `resolve_decode_attn_impl`)."""
+  AUTO = "auto"                # the reference on every backend until the kernel is timed on a GPU (docs/inference.md)
+  REFERENCE = "reference"      # jnp over the parts (`bmojo_jax.decode_cache.decode_attention`)
+  PALLAS = "pallas"            # one Triton flash-decoding kernel (GPU; CPU: interpret mode; no TPU kernel)
+
+
 class KernelLayout(enum.StrEnum):
   """How each projection's kernel is stored (`bmojo_jax.layers.Projection`; `bmojo_jax.model.to_kernel_layout`
   converts). At one token a row (M = 1) XLA:GPU reads an [N, D] weight (contracted dims minor) as a row
@@ -122,6 +130,7 @@ class ComputeConfig:
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
   attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
+  decode_attn_impl: DecodeAttnImpl = DecodeAttnImpl.AUTO  # a decode step's attention (`resolve_decode_attn_impl`)
   dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
   remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
   scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:
@@ -138,7 +147,8 @@ class ComputeConfig:
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
       object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
-    _coerce_enums(self, (("scan_impl", ScanImpl), ("attn_impl", AttnImpl), ("remat", RematPolicy),
+    _coerce_enums(self, (("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
+                         ("decode_attn_impl", DecodeAttnImpl), ("remat", RematPolicy),
                          ("loss_impl", LossImpl), ("kernel_layout", KernelLayout)), "compute.")
     for name in ("scan_chunk", "loss_block", "scan_unroll"):
       if getattr(self, name) <= 0:

@@ -8,11 +8,11 @@ only place a choice is made).
     attn_impl  reference    `memory_attention_reference`, blockwise jnp
                pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
-  decode attention (a decode step's query over the ring cache + memory tokens), by the same attn_impl:
-               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp
+    decode_attn_impl  (a decode step's query over the ring cache + memory tokens; cuDNN has no one-query kernel)
+               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp; `auto`
+                            on every backend until the kernel below is timed on a GPU
                pallas       `pallas_kernels.decode_attention.decode_step_attention`, one Triton kernel (GPU; CPU:
-                            interpret mode); on a TPU the reference (no TPU decode kernel)
-               cudnn        the same Pallas kernel: cuDNN has no decode (one query) kernel
+                            interpret mode; no TPU kernel)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 
 import jax
 
-from bmojo_jax.config import AttnImpl, ConfigError, ScanImpl
+from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
@@ -42,6 +42,15 @@ ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
     "gpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS, AttnImpl.CUDNN)),
     "tpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
     "cpu": (AttnImpl.REFERENCE, (AttnImpl.REFERENCE, AttnImpl.PALLAS)),
+}
+
+
+# The decode kernel is tested in interpret mode and lowers to Triton, but has not yet run on a GPU: `auto` keeps
+# the reference everywhere, and "pallas" asks for the kernel (docs/inference.md, "Decode attention").
+DECODE_ATTN_IMPLS: dict[str, tuple[DecodeAttnImpl, tuple[DecodeAttnImpl, ...]]] = {
+    "gpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
+    "tpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE,)),
+    "cpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
 }
 
 
@@ -67,6 +76,11 @@ def resolve_scan_impl(impl: ScanImpl | str, backend: str | None = None) -> ScanI
 def resolve_attn_impl(impl: AttnImpl | str, backend: str | None = None) -> AttnImpl:
   """The concrete attention implementation for `impl` on `backend`, as `resolve_scan_impl`."""
   return _resolve("attn_impl", impl, AttnImpl, ATTN_IMPLS, backend)
+
+
+def resolve_decode_attn_impl(impl: DecodeAttnImpl | str, backend: str | None = None) -> DecodeAttnImpl:
+  """The concrete decode-attention implementation for `impl` on `backend`, as `resolve_scan_impl`."""
+  return _resolve("decode_attn_impl", impl, DecodeAttnImpl, DECODE_ATTN_IMPLS, backend)
 
 
 def dot_product_attention(q, k, v, mem_k=None, mem_v=None, mem_valid=None, *, window: int | None, chunk: int,
@@ -109,11 +123,9 @@ def get_attention_fn(impl: AttnImpl | str):
           AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
 
 
-def get_decode_attention_fn(impl: AttnImpl | str):
+def get_decode_attention_fn(impl: DecodeAttnImpl | str):
   """fn(q, ring_k, ring_v, t, *, window, chunk, fading=None, store=None) -> o [B, H, P], a decode step's attention
-  (`pallas_kernels.decode_attention`) for the attention `impl` resolves to on this backend: the jnp reference for
-  "reference" (and on a TPU), else the Pallas kernel (cuDNN has none for one query)."""
-  impl = resolve_attn_impl(impl)
-  if impl == AttnImpl.REFERENCE or jax.default_backend() == "tpu":
-    return decode_step_attention_reference
-  return decode_step_attention
+  (`pallas_kernels.decode_attention`) that `impl` (`compute.decode_attn_impl`) resolves to on this backend
+  (`resolve_decode_attn_impl`)."""
+  return {DecodeAttnImpl.REFERENCE: decode_step_attention_reference,
+          DecodeAttnImpl.PALLAS: decode_step_attention}[resolve_decode_attn_impl(impl)]

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from bmojo_jax import LanguageModel
-from bmojo_jax.config import ConfigError
+from bmojo_jax.config import ComputeConfig, ConfigError, DecodeAttnImpl
 from bmojo_jax.inference import Decoder
-from bmojo_jax.kernels import get_decode_attention_fn
+from bmojo_jax.kernels import get_decode_attention_fn, resolve_decode_attn_impl
 from bmojo_jax.pallas_kernels.decode_attention import (BlockSizes, decode_step_attention,
                                                        decode_step_attention_reference)
 from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout, next_pow2
@@ -160,13 +160,19 @@ def test_bad_inputs_are_refused(bad, match):
     decode_step_attention(q, ring, ring, t, window=None, interpret=True, **kw)
 
 
-def test_decode_attention_fn_follows_attn_impl():
-  """reference -> the jnp form; pallas -> the kernel (interpret mode on the CPU); cudnn has no CPU backend."""
+def test_decode_attention_fn_follows_decode_attn_impl():
+  """reference -> the jnp form; pallas -> the kernel (interpret mode on the CPU); auto -> the reference on every
+  backend until the kernel is timed on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
   assert get_decode_attention_fn("reference") is decode_step_attention_reference
   assert get_decode_attention_fn("pallas") is decode_step_attention
   assert get_decode_attention_fn("auto") is decode_step_attention_reference     # CPU
-  with pytest.raises(ConfigError, match="attn_impl='cudnn' needs a GPU"):
-    get_decode_attention_fn("cudnn")
+  for backend in ("gpu", "tpu", "cpu"):
+    assert resolve_decode_attn_impl("auto", backend) == DecodeAttnImpl.REFERENCE
+  assert resolve_decode_attn_impl("pallas", "gpu") == DecodeAttnImpl.PALLAS
+  with pytest.raises(ConfigError, match="decode_attn_impl='pallas' needs a GPU or CPU"):
+    resolve_decode_attn_impl("pallas", "tpu")
+  with pytest.raises(ConfigError, match="compute.decode_attn_impl='cudnn'"):
+    ComputeConfig(decode_attn_impl="cudnn")
 
 
 T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading tokens and the store fill
@@ -175,10 +181,10 @@ T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading t
 @pytest.mark.parametrize("family", ["bmojo", "transformer", pytest.param("hybrid", marks=pytest.mark.slow),
                                     pytest.param("bmojo_f", marks=pytest.mark.slow)])
 def test_pallas_decode_matches_parallel_forward(family):
-  """A model decoding through the kernel (attn_impl='pallas', interpret mode) gives the logits of the parallel pass
-  of the same weights (attn_impl='reference'), from a prompt ending mid-chunk."""
-  make = lambda impl: LanguageModel(tiny_config(family, init_std=0.1, compute=dict(attn_impl=impl)),
-                                    rngs=nnx.Rngs(0))
+  """A model decoding through the kernel (decode_attn_impl='pallas', interpret mode) gives the logits of the
+  parallel pass of the same weights, from a prompt ending mid-chunk."""
+  make = lambda impl: LanguageModel(tiny_config(family, init_std=0.1, compute=dict(
+      attn_impl="reference", decode_attn_impl=impl)), rngs=nnx.Rngs(0))
   reference, model = make("reference"), make("pallas")
   tokens = host_tokens(1, (2, T))
   full = np.asarray(nnx.jit(lambda m, x: m(x))(reference, tokens))

@@ -20,11 +20,13 @@ DECODE = {"op", "family", "attn_impl", "size", "batch", "context", "loop", "toke
 def test_tiny_run_writes_the_record_schema(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["inference_bench", "--tiny", "--families", "bmojo", "--prefill_T", "16",
                                     "--contexts", "16,64", "--batches", "1", "--kernel_layout", "out_in",
+                                    "--decode_attn_impl", "pallas",
                                     "--out_dir", str(tmp_path)])
   inference_bench.main()
   records = json.loads((tmp_path / "inference_cpu.json").read_text())
   assert (tmp_path / "inference_cpu.png").exists()
   assert {r["kernel_layout"] for r in records} == {"out_in"}     # the flag, not the CPU's default (in_out)
+  assert {r["decode_attn_impl"] for r in records} == {"pallas"}  # the kernel (interpret mode), not auto's reference
   prefill = [r for r in records if r["op"] == "prefill"]
   decode = [r for r in records if r["op"] == "decode"]
   assert [r["T"] for r in prefill] == [16] and PREFILL <= set(prefill[0])

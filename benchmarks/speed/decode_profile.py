@@ -35,8 +35,9 @@ from bmojo_jax.inference import Decoder
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
-def profile_family(family: Family, size: str, batch: int, context: int, tokens: int, top: int, **decoder_kw) -> dict:
-  cfg = model_config(family, size)
+def profile_family(family: Family, size: str, batch: int, context: int, tokens: int, top: int,
+                   decode_attn_impl: str = "auto", **decoder_kw) -> dict:
+  cfg = model_config(family, size, decode_attn_impl)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   gpu = jax.default_backend() == "gpu"
   decoder = Decoder(model, compiler_options=NO_COMMAND_BUFFERS if gpu else None, **decoder_kw)
@@ -64,7 +65,8 @@ def profile_family(family: Family, size: str, batch: int, context: int, tokens: 
     by_source[key][1] += calls
   rows = sorted(by_source.items(), key=lambda kv: -kv[1][0])
   return dict(op="decode_profile", family=family.value, size=size, batch=batch, context=context, tokens=tokens,
-              attn_impl=cfg.compute.attn_impl.value, **{k: str(v) for k, v in decoder_kw.items()},
+              attn_impl=cfg.compute.attn_impl.value, decode_attn_impl=cfg.compute.decode_attn_impl.value,
+              kernel_layout=str(decoder.kernel_layout),
               wall_ms_per_token=wall_ms / tokens, gpu_ms_per_token=sum(ms for ms, _ in ops.values()),
               launches_per_token=sum(n for _, n in ops.values()),
               by_source=[dict(source=k, ms=ms, launches=n) for k, (ms, n) in rows[:top]],
@@ -79,6 +81,8 @@ def main(argv=None) -> None:
   ap.add_argument("--context", type=int, default=1024)
   ap.add_argument("--tokens", type=int, default=32, help="decode steps traced (one on-device loop)")
   ap.add_argument("--top", type=int, default=40, help="source lines kept per family")
+  ap.add_argument("--decode_attn_impl", default="auto", help="compute.decode_attn_impl: auto | reference | pallas")
+  ap.add_argument("--kernel_layout", default=None, help="the Decoder's kernel_layout (default: its own)")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny models of inference_bench")
   ap.add_argument("--out_dir", default=None, help="results folder (default $OUT or benchmarks/results)")
   args = ap.parse_args(argv)
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
   context = 16 if args.tiny else args.context
   records = []
   for name in args.families.split(","):
-    rec = profile_family(Family(name), size, args.batch, context, 4 if args.tiny else args.tokens, args.top)
+    rec = profile_family(Family(name), size, args.batch, context, 4 if args.tiny else args.tokens, args.top,
+                         args.decode_attn_impl, kernel_layout=args.kernel_layout)
     records.append(rec)
     print(f"{name:12s} {rec['gpu_ms_per_token']:.3f} GPU ms/token ({rec['launches_per_token']} launches), "
           f"wall {rec['wall_ms_per_token']:.3f} ms/token", flush=True)

@@ -3,7 +3,7 @@
     python -m benchmarks.speed.inference_bench [--sizes 130m,1.4b] [--families bmojo,transformer] [--prefill_T 1024,...]
         [--contexts 1024,8192,32768] [--batches 1,8,64] [--step_batches 1,64] [--steps 32] [--prefill_chunks 0,4096]
         [--compiler_options '{"xla_gpu_enable_command_buffer": "FUSION,WHILE"}'] [--kernel_layout out_in]
-        [--budget_s 450] [--resume] [--tiny]
+        [--decode_attn_impl pallas] [--budget_s 450] [--resume] [--tiny]
 
 Records (bf16 weights and compute; the Transformer with cuDNN attention on GPU, the others with the Pallas
 kernels; `--tiny` runs a tiny config on CPU with the reference implementations):
@@ -31,7 +31,9 @@ memory) is written with "skipped": the reason and null measurements. --compiler_
 options) compiles the decode step and loop with them (`Decoder`'s compiler_options); every record names them
 ("compiler_options": the JSON, null for none). --kernel_layout (in_out | out_in; default the decoder's,
 `default_kernel_layout`: out_in on a GPU) is how the decoder stores the projection kernels; every record names
-it ("kernel_layout"; records written before the field were in_out), and the figure plots this run's. Records
+it ("kernel_layout"; records written before the field were in_out), and the figure plots this run's.
+--decode_attn_impl (auto | reference | pallas) picks a decode step's attention (`compute.decode_attn_impl`; auto
+is the reference), named in every record ("decode_attn_impl"; earlier records: reference). Records
 of an earlier run of the same file that this run does not measure are kept (run sizes or families in separate
 calls).
 
@@ -56,25 +58,29 @@ from flax import nnx
 
 from benchmarks.common import RowSchedule, device_tag, ints, median_ms, save_figure, write_results
 from benchmarks.speed.decoding import at_position, greedy
-from bmojo_jax import ComputeConfig, Family, KernelLayout, LanguageModel, ModelConfig, preset
+from bmojo_jax import ComputeConfig, DecodeAttnImpl, Family, KernelLayout, LanguageModel, ModelConfig, preset
 from bmojo_jax import inference
 from bmojo_jax.inference import Decoder, cache_bytes, prefill_pieces
+from bmojo_jax.kernels import resolve_decode_attn_impl
 
-KEY_FIELDS = ("op", "family", "size", "batch", "T", "chunk", "context", "loop", "compiler_options", "kernel_layout")
+KEY_FIELDS = ("op", "family", "size", "batch", "T", "chunk", "context", "loop", "compiler_options", "kernel_layout",
+              "decode_attn_impl")
 
 
-def model_config(family: Family, size: str) -> ModelConfig:
-  """bf16 `<family>-<size>` preset on GPU; `tiny`: a CPU-sized model with the reference implementations."""
+def model_config(family: Family, size: str, decode_attn_impl: str = "auto") -> ModelConfig:
+  """bf16 `<family>-<size>` preset on GPU; `tiny`: a CPU-sized model with the reference implementations (the
+  decode attention as asked: "pallas" runs the kernel in interpret mode there)."""
   if size == "tiny":
     kw = dict(family=family, vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, window=16,
               chunk_size=8, n_fading=2, n_eidetic=8, eidetic_per_chunk=4, d_state=4, param_dtype="bfloat16",
-              compute=ComputeConfig(scan_chunk=16, attn_impl="reference", scan_impl="sequential", dtype="bfloat16"))
+              compute=ComputeConfig(scan_chunk=16, attn_impl="reference", scan_impl="sequential", dtype="bfloat16",
+                                    decode_attn_impl=decode_attn_impl))
     if family == Family.TRANSFORMER:
       kw.update(window=None)
     return ModelConfig(**kw)
   attn = "cudnn" if family == Family.TRANSFORMER else "pallas"
   return preset(f"{family.value}-{size}", param_dtype="bfloat16",
-                compute=ComputeConfig(dtype="bfloat16", attn_impl=attn))
+                compute=ComputeConfig(dtype="bfloat16", attn_impl=attn, decode_attn_impl=decode_attn_impl))
 
 
 def copy_bandwidth() -> float:
@@ -149,14 +155,15 @@ def decode_tokens_per_s(decoder: Decoder, model: LanguageModel, batch: int, cont
   return batch * steps / timed, max(0.0, times[0] - timed)
 
 
-def figure(records: list[dict], path: str, kernel_layout: str) -> str:
+def figure(records: list[dict], path: str, kernel_layout: str, decode_attn_impl: str = "reference") -> str:
   """tokens/s against context per family (on-device loop), a panel per size and batch (1 and 64), of the rows
-  decoded with kernel_layout (rows without the field were in_out)."""
+  decoded with kernel_layout and decode_attn_impl (rows without the fields were in_out and reference)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = [r for r in records if r["op"] == "decode" and r.get("loop") and r.get("tokens_per_s")
-          and r.get("kernel_layout", "in_out") == kernel_layout]
+          and r.get("kernel_layout", "in_out") == kernel_layout
+          and r.get("decode_attn_impl", "reference") == decode_attn_impl]
   sizes = sorted({r["size"] for r in rows})
   batches = sorted({r["batch"] for r in rows} & {1, 64}) or sorted({r["batch"] for r in rows})[:2]
   fig, axes = plt.subplots(len(sizes), len(batches), figsize=(5 * len(batches), 3.6 * len(sizes)),
@@ -184,7 +191,8 @@ def prefill_rows(args) -> list[tuple[int, int | None]]:
 
 def planned_rows(family: Family, size: str, args, compiler_options: str | None) -> list[dict]:
   """The key fields of every row of one family and size, in the order they are measured."""
-  base = dict(family=family.value, size=size, compiler_options=compiler_options, kernel_layout=args.kernel_layout)
+  base = dict(family=family.value, size=size, compiler_options=compiler_options, kernel_layout=args.kernel_layout,
+              decode_attn_impl=args.decode_attn_impl)
   rows = [dict(op="prefill", **base, batch=1, T=t, chunk=c) for t, c in prefill_rows(args)]
   return rows + [dict(op="decode", **base, batch=b, context=ctx, loop=loop) for b, loop, ctx in decode_rows(args)]
 
@@ -205,12 +213,12 @@ def bench_family(family: Family, size: str, args, bandwidth: float, limit: float
     for rec in planned:
       schedule.runs(rec)                               # lists the rows the budget leaves out
     return
-  cfg = model_config(family, size)
+  cfg = model_config(family, size, args.decode_attn_impl)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   decoder = Decoder(model, scan_prefill=True, compiler_options=options, kernel_layout=args.kernel_layout)
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.state))
   base = dict(family=family.value, attn_impl=str(cfg.compute.attn_impl), size=size, compiler_options=named,
-              kernel_layout=str(decoder.kernel_layout))
+              kernel_layout=str(decoder.kernel_layout), decode_attn_impl=args.decode_attn_impl)
   cap = None if limit is None else args.cache_fraction * limit
 
   memory = any(args.prefill_chunks)
@@ -268,6 +276,9 @@ def main():
                       help="a JSON object of XLA options for the decode step and loop")
   parser.add_argument("--kernel_layout", choices=[k.value for k in KernelLayout], default=None,
                       help="how the decoder stores the projection kernels; default the decoder's (out_in on GPU)")
+  parser.add_argument("--decode_attn_impl", choices=[k.value for k in DecodeAttnImpl], default="auto",
+                      help="a decode step's attention: the jnp reference or the Pallas kernel (default auto: the "
+                           "reference)")
   parser.add_argument("--cache_fraction", type=float, default=0.75,
                       help="skip decode rows whose cache exceeds this fraction of device memory")
   parser.add_argument("--budget_s", "--budget-s", dest="budget_s", type=float, default=None,
@@ -282,6 +293,7 @@ def main():
   if any(c < 0 for c in args.prefill_chunks):
     parser.error(f"--prefill_chunks {args.prefill_chunks}: chunk sizes are >= 0 (0: the whole prompt)")
   args.kernel_layout = args.kernel_layout or str(inference.default_kernel_layout())
+  args.decode_attn_impl = str(resolve_decode_attn_impl(args.decode_attn_impl))
   t0 = time.perf_counter()
   sizes = ["tiny"] if args.tiny else args.sizes.split(",")
   defaults = (dict(prefill_T=[16, 32], contexts=[16, 64], batches=[1, 2], steps=4, iters=2) if args.tiny else
@@ -322,7 +334,7 @@ def main():
     print(f"{path}: no rows measured")
     return
   with open(path) as f:
-    print(figure(json.load(f), path.replace(".json", ".png"), args.kernel_layout))
+    print(figure(json.load(f), path.replace(".json", ".png"), args.kernel_layout, args.decode_attn_impl))
   print(f"{path}: {len(records)} records in {time.perf_counter() - schedule.t0:.0f} s"
         + (f"; {len(schedule.left_out)} rows left out for the budget: rerun with --resume" if schedule.left_out
            else ""))
