@@ -206,7 +206,9 @@ class Decoder:
   here (`to_kernel_layout`, after the cast) when the model's differ; the step, the loop and the prefill (and
   scan_prefill's stacked copy) all read that one copy. None: `default_kernel_layout()`, out_in on a GPU (a GEMV
   at one token reads it up to 5x faster, measured on one H100), in_out elsewhere (not measured there). The
-  logits are the model's to rounding (the same products, summed in another order).
+  logits are the model's to rounding (the same products, summed in another order). A converted copy is the
+  decoder's own: while the model is alive too, the projection weights are held twice (pass kernel_layout="in_out"
+  to share the model's arrays where memory is tight).
 
   compiler_options: XLA options (jax.jit's `compiler_options`, e.g. {"xla_gpu_enable_command_buffer":
   "FUSION,WHILE"}) that `step` and `decode` are compiled with; None or {} compiles them as jax does by default.
