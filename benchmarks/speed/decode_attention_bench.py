@@ -1,6 +1,7 @@
 """A decode step's attention on a GPU: the Pallas kernel (pallas_kernels/decode_attention) against the jnp reference.
 
-  PYTHONUNBUFFERED=1 python3 -m benchmarks.speed.decode_attention_bench     # -> benchmarks/results/decode_attention_<device>.json  [--tiny: CPU smoke]
+  python3 -m benchmarks.speed.decode_attention_bench   # -> benchmarks/results/decode_attention_<device>.json
+  python3 -m benchmarks.speed.decode_attention_bench --tiny   # CPU smoke
 
 Shapes (bf16, H = K = 32, P = 64): the 1.4B B'MOJO's sublayer (ring 512, window 512, M_f 16, M_e 64, 90% of the
 store valid) at batch 1 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for S = 1024
