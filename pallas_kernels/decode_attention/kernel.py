@@ -220,7 +220,7 @@ def decode_step_attention_gpu(q, ring_k, ring_v, t, fading, store, *, window: in
   p = q.shape[2]
   if not interpret and p & (p - 1):
     raise ValueError(f"the decode kernel needs a power-of-two head size on the GPU (Triton), got P = {p}; use "
-                     "attn_impl='reference'")
+                     "decode_attn_impl='reference'")
   b, h, _ = q.shape
   out = decode_splits(q, ring_k, ring_v, t, fading, store, window=window, chunk=chunk, scale=scale,
                       blocks=block_sizes or BlockSizes(), interpret=interpret)
