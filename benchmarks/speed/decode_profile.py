@@ -64,12 +64,14 @@ def profile_family(family: Family, size: str, batch: int, context: int, tokens: 
     by_source[key][0] += ms
     by_source[key][1] += calls
   rows = sorted(by_source.items(), key=lambda kv: -kv[1][0])
+  top_ops = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
   return dict(op="decode_profile", family=family.value, size=size, batch=batch, context=context, tokens=tokens,
               attn_impl=cfg.compute.attn_impl.value, decode_attn_impl=cfg.compute.decode_attn_impl.value,
               kernel_layout=str(decoder.kernel_layout),
               wall_ms_per_token=wall_ms / tokens, gpu_ms_per_token=sum(ms for ms, _ in ops.values()),
               launches_per_token=sum(n for _, n in ops.values()),
               by_source=[dict(source=k, ms=ms, launches=n) for k, (ms, n) in rows[:top]],
+              by_op=[dict(op=op, source=labels.get(op, ""), ms=ms, launches=n) for op, (ms, n) in top_ops],
               device=device_name())
 
 
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--context", type=int, default=1024)
   ap.add_argument("--tokens", type=int, default=32, help="decode steps traced (one on-device loop)")
-  ap.add_argument("--top", type=int, default=40, help="source lines kept per family")
+  ap.add_argument("--top", type=int, default=40, help="source lines and ops kept per family")
   ap.add_argument("--decode_attn_impl", default="auto", help="compute.decode_attn_impl: auto | reference | pallas")
   ap.add_argument("--kernel_layout", default=None, help="the Decoder's kernel_layout (default: its own)")
   ap.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny models of inference_bench")
