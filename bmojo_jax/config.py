@@ -86,7 +86,7 @@ class AttnImpl(enum.StrEnum):
 class DecodeAttnImpl(enum.StrEnum):
   """A decode step's attention (one query per row over the ring cache and the memory tokens; resolved in
   `bmojo_jax.kernels.get_decode_attention_fn` through `resolve_decode_attn_impl`)."""
-  AUTO = "auto"                # the reference on every backend until the kernel is timed on a GPU (docs/inference.md)
+  AUTO = "auto"                # GPU: the kernel for a small ring cache, else the reference; CPU, TPU: the reference
   REFERENCE = "reference"      # jnp over the parts (`bmojo_jax.decode_cache.decode_attention`)
   PALLAS = "pallas"            # one Triton flash-decoding kernel (GPU; CPU: interpret mode; no TPU kernel)
 

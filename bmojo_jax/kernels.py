@@ -9,10 +9,12 @@ only place a choice is made).
                pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
     decode_attn_impl  (a decode step's query over the ring cache + memory tokens; cuDNN has no one-query kernel)
-               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp; `auto`
-                            on every backend until the kernel below is timed on a GPU
+               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp;
+                            `auto` on CPU and TPU
                pallas       `pallas_kernels.decode_attention.decode_step_attention`, one Triton kernel (GPU; CPU:
                             interpret mode; no TPU kernel)
+               auto (GPU)   per call by the ring cache's size (`decode_step_attention_by_size`): the kernel for a
+                            small ring (batch 1 at short contexts), the reference for a large one
 """
 
 from __future__ import annotations
@@ -45,10 +47,9 @@ ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
 }
 
 
-# The decode kernel is tested in interpret mode and lowers to Triton, but has not yet run on a GPU: `auto` keeps
-# the reference everywhere, and "pallas" asks for the kernel (docs/inference.md, "Decode attention").
+# On a GPU `auto` stays AUTO here and `get_decode_attention_fn` decides per call by the ring's size (below).
 DECODE_ATTN_IMPLS: dict[str, tuple[DecodeAttnImpl, tuple[DecodeAttnImpl, ...]]] = {
-    "gpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
+    "gpu": (DecodeAttnImpl.AUTO, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
     "tpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE,)),
     "cpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
 }
@@ -123,9 +124,25 @@ def get_attention_fn(impl: AttnImpl | str):
           AttnImpl.CUDNN: dot_product_attention}[resolve_attn_impl(impl)]
 
 
+# Where the Triton decode kernel beats the jnp reference, measured on one H100 (bf16, 24 layers' caches per program,
+# benchmarks/results/decode_attention_h100.json): a small ring, whose XLA fusions are launch-bound (batch 1: 14 vs
+# 21 us a layer at S 512 with B'MOJO's memory tokens, 11 vs 23 at S 1024); not a large one, which XLA's fusions of
+# the reference stream near bandwidth (batch 64 x S 512: 199 vs 170 us; batch 1 x S 32768: 157 vs 121). The limit
+# is on the ring's K and V bytes (the whole array, all rows and kv heads).
+DECODE_KERNEL_MAX_RING_BYTES = 16 << 20
+
+
+def decode_step_attention_by_size(q, ring_k, ring_v, t, **kw):
+  """`auto` on a GPU: `decode_step_attention` (the kernel) where the ring's K and V take at most
+  DECODE_KERNEL_MAX_RING_BYTES, else `decode_step_attention_reference` (a static choice: shapes are known when
+  the step is traced)."""
+  small = ring_k.size * ring_k.dtype.itemsize + ring_v.size * ring_v.dtype.itemsize <= DECODE_KERNEL_MAX_RING_BYTES
+  return (decode_step_attention if small else decode_step_attention_reference)(q, ring_k, ring_v, t, **kw)
+
+
 def get_decode_attention_fn(impl: DecodeAttnImpl | str):
   """fn(q, ring_k, ring_v, t, *, window, chunk, fading=None, store=None) -> o [B, H, P], a decode step's attention
   (`pallas_kernels.decode_attention`) that `impl` (`compute.decode_attn_impl`) resolves to on this backend
-  (`resolve_decode_attn_impl`)."""
-  return {DecodeAttnImpl.REFERENCE: decode_step_attention_reference,
-          DecodeAttnImpl.PALLAS: decode_step_attention}[resolve_decode_attn_impl(impl)]
+  (`resolve_decode_attn_impl`; `auto` on a GPU: `decode_step_attention_by_size`)."""
+  return {DecodeAttnImpl.REFERENCE: decode_step_attention_reference, DecodeAttnImpl.PALLAS: decode_step_attention,
+          DecodeAttnImpl.AUTO: decode_step_attention_by_size}[resolve_decode_attn_impl(impl)]

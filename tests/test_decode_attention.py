@@ -12,6 +12,7 @@ from flax import nnx
 from bmojo_jax import LanguageModel
 from bmojo_jax.config import ComputeConfig, ConfigError, DecodeAttnImpl
 from bmojo_jax.inference import Decoder
+from bmojo_jax import kernels
 from bmojo_jax.kernels import get_decode_attention_fn, resolve_decode_attn_impl
 from bmojo_jax.pallas_kernels.decode_attention import (BlockSizes, decode_step_attention,
                                                        decode_step_attention_reference)
@@ -161,18 +162,33 @@ def test_bad_inputs_are_refused(bad, match):
 
 
 def test_decode_attention_fn_follows_decode_attn_impl():
-  """reference -> the jnp form; pallas -> the kernel (interpret mode on the CPU); auto -> the reference on every
-  backend until the kernel is timed on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
+  """reference -> the jnp form; pallas -> the kernel (interpret mode on the CPU); auto -> the reference on CPU and
+  TPU, the choice by the ring's size on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
   assert get_decode_attention_fn("reference") is decode_step_attention_reference
   assert get_decode_attention_fn("pallas") is decode_step_attention
   assert get_decode_attention_fn("auto") is decode_step_attention_reference     # CPU
-  for backend in ("gpu", "tpu", "cpu"):
+  for backend in ("tpu", "cpu"):
     assert resolve_decode_attn_impl("auto", backend) == DecodeAttnImpl.REFERENCE
+  assert resolve_decode_attn_impl("auto", "gpu") == DecodeAttnImpl.AUTO
   assert resolve_decode_attn_impl("pallas", "gpu") == DecodeAttnImpl.PALLAS
   with pytest.raises(ConfigError, match="decode_attn_impl='pallas' needs a GPU or CPU"):
     resolve_decode_attn_impl("pallas", "tpu")
   with pytest.raises(ConfigError, match="compute.decode_attn_impl='cudnn'"):
     ComputeConfig(decode_attn_impl="cudnn")
+
+
+def test_auto_on_gpu_takes_the_kernel_for_a_small_ring_only(monkeypatch):
+  """`decode_step_attention_by_size` (auto on a GPU) calls the kernel while the ring's K and V fit
+  DECODE_KERNEL_MAX_RING_BYTES and the reference past it, with the same arguments."""
+  calls = []
+  monkeypatch.setattr(kernels, "decode_step_attention", lambda *a, **kw: calls.append(("pallas", a, kw)))
+  monkeypatch.setattr(kernels, "decode_step_attention_reference", lambda *a, **kw: calls.append(("reference", a, kw)))
+  limit = kernels.DECODE_KERNEL_MAX_RING_BYTES
+  q, t = jnp.zeros((1, 2, 8), jnp.bfloat16), jnp.int32(3)
+  for rows, want in ((limit // (2 * 2 * 2 * 8), "pallas"), (limit // (2 * 2 * 2 * 8) + 1, "reference")):
+    ring = jax.ShapeDtypeStruct((1, rows, 2, 8), jnp.bfloat16)                  # K and V: 2 · rows · 2 · 8 · 2 bytes
+    kernels.decode_step_attention_by_size(q, ring, ring, t, window=None)
+    assert calls[-1] == (want, (q, ring, ring, t), {"window": None})
 
 
 T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading tokens and the store fill

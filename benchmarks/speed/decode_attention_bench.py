@@ -4,11 +4,13 @@
   python3 -m benchmarks.speed.decode_attention_bench --tiny   # CPU smoke
 
 Shapes (bf16, H = K = 32, P = 64): the 1.4B B'MOJO's sublayer (ring 512, window 512, M_f 16, M_e 64, 90% of the
-store valid) at batch 1 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for S = 1024
-and 32768. Each timing is one jitted program over 24 layers' distinct caches, unrolled as a decode step
-runs its layers (L2 holds none between layers, and one dispatch covers 24 calls), median of 20 samples (`common.median_ms`), reported per layer in us beside the
-bytes a layer reads (K and V of the ring and memory) and what that is per second. Correctness: the largest
-difference of each implementation's output (layer 0) from the fp32 reference of the same bf16 inputs.
+store valid) at batch 1, 8 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for
+S = 1024, 4096, 8192 and 32768: where the kernel stops paying (`bmojo_jax.kernels.DECODE_KERNEL_MAX_RING_BYTES`).
+Each timing is one jitted program over 24 layers' distinct caches, unrolled as a decode step runs its layers (L2
+holds none between layers, and one dispatch covers 24 calls), median of 20 samples (`common.median_ms`), reported
+per layer in us beside the bytes a layer reads (K and V of the ring and memory) and what that is per second.
+Correctness: the largest difference of each implementation's output (layer 0) from the fp32 reference of the same
+bf16 inputs.
 Writes decode_attention_<device>.json (one record per shape and implementation; a failed compile or run is a record
 with "error") to --out, rewritten after each shape.
 """
@@ -47,11 +49,14 @@ class Shape:
 
   def bytes_read(self, itemsize: int = 2) -> int:
     """K and V of the ring and the memory tokens, and q, per layer."""
-    return itemsize * self.b * self.k * self.p * 2 * (self.s + self.m_f + self.m_e) + itemsize * self.b * self.h * self.p
+    kv = 2 * self.b * self.k * self.p * (self.s + self.m_f + self.m_e)
+    return itemsize * (kv + self.b * self.h * self.p)
 
 
-SHAPES = [Shape("bmojo_1.4b_b1", 1, 512, 512, 16, 64), Shape("bmojo_1.4b_b64", 64, 512, 512, 16, 64),
-          Shape("transformer_1.4b_s1024", 1, 1024, None), Shape("transformer_1.4b_s32768", 1, 32768, None)]
+SHAPES = [Shape("bmojo_1.4b_b1", 1, 512, 512, 16, 64), Shape("bmojo_1.4b_b8", 8, 512, 512, 16, 64),
+          Shape("bmojo_1.4b_b64", 64, 512, 512, 16, 64), Shape("transformer_1.4b_s1024", 1, 1024, None),
+          Shape("transformer_1.4b_s4096", 1, 4096, None), Shape("transformer_1.4b_s8192", 1, 8192, None),
+          Shape("transformer_1.4b_s32768", 1, 32768, None)]
 TINY = [Shape("tiny_bmojo", 2, 12, 8, 3, 5, h=4, k=2, p=8, chunk=4), Shape("tiny_transformer", 1, 20, None, h=2, k=2,
                                                                           p=8)]
 
@@ -104,7 +109,8 @@ def run_shape(shape: Shape, layers: int, interpret: bool, iters: int) -> list[di
     try:
       rec["max_err_vs_fp32"] = float(np.abs(np.asarray(layer_loop(attend, shape)(layers_in[:1]), np.float32)
                                             - exact).max())
-      ms = common.median_ms(layer_loop(attend, shape), layers_in, warmup=2, iters=iters, inner=2, min_sample_ms=0.0 if interpret else 10.0)
+      ms = common.median_ms(layer_loop(attend, shape), layers_in, warmup=2, iters=iters, inner=2,
+                            min_sample_ms=0.0 if interpret else 10.0)
       us = ms * 1e3 / layers
       rec.update(us_per_layer=round(us, 3), GBps=round(shape.bytes_read() / (us * 1e3), 1))
     except Exception as e:  # noqa: BLE001 -- record and go on: one failing compile must not lose the other rows
