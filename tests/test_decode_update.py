@@ -4,6 +4,7 @@ reference, and the compiled kernel lowers to Triton in place."""
 
 import dataclasses
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from bmojo_jax.memory.store import NO_POS, Store, empty_store
 from bmojo_jax.pallas_kernels.decode_update import (BlockSizes, decode_token_update,
                                                     decode_token_update_reference)
 from tests.conftest import host_normal, tiny_config
+from tests.test_train_sharding import run_on_8_devices
 
 # What each row's candidates look like (row r gets KINDS[r % 5]) and whether the new token replaces one:
 #   empty:   every slot empty (-inf, NO_POS): the first slot goes;
@@ -142,6 +144,34 @@ def test_ring_only_update():
   got, want = both(rk, rv, None, k, v, None, None, t)
   assert got[2] is None and want[2] is None
   assert_same(got[:2], want[:2])
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import jax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
+    from bmojo_jax.pallas_kernels.sharding import use_mesh
+    from tests.test_decode_update import Case, assert_same, inputs
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    args, _ = inputs(Case("mesh", b=4, s=5, k=2, p=4, k_e=3, t=7))
+    args = jax.device_put(args, NamedSharding(mesh, P()))
+
+    def kernel(*a):
+      with use_mesh(mesh):
+        return decode_token_update(*a, interpret=True)
+
+    text = jax.jit(kernel).lower(*args).as_text()
+    assert "manual_computation" in text or "shard_map" in text, "not run per shard"
+    assert_same(jax.jit(kernel)(*args), jax.jit(decode_token_update_reference)(*args))
+    print("RESULT{}")
+""")
+
+
+def test_kernel_per_shard_under_a_mesh():
+  """Under a 2x2x2 mesh (8 fake CPU devices, one subprocess) the kernel runs per shard, rows over data x fsdp and
+  kv heads over tensor, each shard deciding its rows' candidates alone: the reference's result, bit for bit."""
+  assert run_on_8_devices(MESH_SCRIPT) == {}
 
 
 @pytest.mark.parametrize("b", [1, 64])

@@ -39,12 +39,14 @@ def decode_token_update(ring_k: jax.Array, ring_v: jax.Array, cand: Store | None
 
   def update(ring_k, ring_v, ck, cv, cs, cp, cval, k, v, k_raw, score, t):
     cand = None if ck is None else Store(ck, cv, cs, cp, cval)
-    return decode_token_update_gpu(ring_k, ring_v, cand, k, v, k_raw, score, t, block_sizes=block_sizes,
-                                   interpret=interpret)
+    ring_k, ring_v, cand = decode_token_update_gpu(ring_k, ring_v, cand, k, v, k_raw, score, t,
+                                                   block_sizes=block_sizes, interpret=interpret)
+    return (ring_k, ring_v) + (() if cand is None else tuple(cand))
 
   rows, heads, entries = ("batch", None, "heads", None), ("batch", "heads", None), ("batch", None)
   cand_logical = (rows, rows, entries, entries, entries)
   in_logical = (rows, rows, *cand_logical, heads, heads, heads, ("batch",), None)
-  out_logical = (rows, rows, None if cand is None else Store(*cand_logical))
-  return per_shard(update, {"batch": ring_k.shape[0], "heads": ring_k.shape[2]}, in_logical, out_logical)(
+  out_logical = (rows, rows) + (() if cand is None else cand_logical)
+  out = per_shard(update, {"batch": ring_k.shape[0], "heads": ring_k.shape[2]}, in_logical, out_logical)(
       ring_k, ring_v, *(cand or (None,) * 5), k, v, k_raw, score, t)
+  return out[0], out[1], None if cand is None else Store(*out[2:])
