@@ -49,7 +49,7 @@ ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
 }
 
 
-# The decode kernels are tested in interpret mode and lower to Triton, but have not yet run on a GPU: `auto` keeps
+# The decode kernel is tested in interpret mode and lowers to Triton, but has not yet run on a GPU: `auto` keeps
 # the reference everywhere, and "pallas" asks for the kernel (docs/inference.md, "Decode attention").
 DECODE_ATTN_IMPLS: dict[str, tuple[DecodeAttnImpl, tuple[DecodeAttnImpl, ...]]] = {
     "gpu": (DecodeAttnImpl.REFERENCE, (DecodeAttnImpl.REFERENCE, DecodeAttnImpl.PALLAS)),
@@ -137,8 +137,9 @@ def get_decode_attention_fn(impl: DecodeAttnImpl | str):
 
 def get_decode_update_fn(impl: DecodeAttnImpl | str):
   """fn(ring_k, ring_v, cand, k, v, k_raw, score, t) -> (ring_k, ring_v, cand), a decode token's cache update
-  (`pallas_kernels.decode_update`) that `impl` (`compute.decode_attn_impl`, which names the decode attention
-  sublayer's implementation: its attention and this update together) resolves to on this backend
-  (`resolve_decode_attn_impl`)."""
-  return {DecodeAttnImpl.REFERENCE: decode_token_update_reference,
-          DecodeAttnImpl.PALLAS: decode_token_update}[resolve_decode_attn_impl(impl)]
+  (`pallas_kernels.decode_update`) that `impl` (`compute.decode_attn_impl`, which names the decode step's attention
+  sublayer: its attention and this update together) resolves to on this backend (`resolve_decode_attn_impl`):
+  the kernel for "pallas", the reference otherwise; `auto` takes the reference on every backend until the kernel
+  is timed on a GPU."""
+  return decode_token_update if resolve_decode_attn_impl(impl) == DecodeAttnImpl.PALLAS \
+      else decode_token_update_reference

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bmojo_jax import kernels
 from bmojo_jax.attention import Attention
+from bmojo_jax.config import DecodeAttnImpl
 from bmojo_jax.kernels import get_decode_update_fn
 from bmojo_jax.memory.store import NO_POS, Store, empty_store
 from bmojo_jax.pallas_kernels.decode_update import (BlockSizes, decode_token_update,
@@ -219,11 +221,14 @@ def test_bad_inputs_are_refused(change, match):
       fn(*args)
 
 
-def test_update_fn_follows_decode_attn_impl():
+def test_update_fn_follows_decode_attn_impl(monkeypatch):
   """decode_attn_impl names both kernels of a decode step's attention sublayer: reference -> the jnp form,
-  pallas -> the kernel, auto -> the reference on the CPU."""
+  pallas -> the kernel, auto -> the reference, also where the resolver leaves `auto` to a per-call choice of the
+  attention (the update kernel is not yet timed on a GPU)."""
   assert get_decode_update_fn("reference") is decode_token_update_reference
   assert get_decode_update_fn("pallas") is decode_token_update
+  assert get_decode_update_fn("auto") is decode_token_update_reference
+  monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl.AUTO)
   assert get_decode_update_fn("auto") is decode_token_update_reference
   with pytest.raises(ValueError, match="num_warps must be positive"):
     BlockSizes(num_warps=0)
