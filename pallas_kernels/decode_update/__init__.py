@@ -3,7 +3,7 @@
 `decode_token_update` is the public entry: it checks the inputs, runs per shard under a context mesh and launches
 the Triton kernel (GPU; Pallas' interpreter on CPU); `decode_token_update_reference` in `reference.py` is the
 plain-jnp form (two dynamic_update_slices and `bmojo_jax.memory.selection.insert_candidate`). Files:
-  `kernel.py`     the kernel (grid over rows and blocks of features, arrays updated in place), its `BlockSizes`.
+  `kernel.py`     the kernel (one program per row, the arrays updated in place), its `BlockSizes`.
   `reference.py`  the reference and the shape checks.
 There is no TPU kernel: `bmojo_jax.kernels.get_decode_update_fn` takes the reference there.
 """
