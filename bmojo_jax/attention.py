@@ -7,8 +7,9 @@ Query t in chunk c = t // L attends to (docs/spec.md, "Memory attention")
      `cfg.selection`'s score ranks highest in each chunk (`bmojo_jax.memory`).
 Chunk 0 has no memory. The parallel pass projects, asks `chunk_memory` for the memory tokens of every chunk
 and calls the attention function `cfg.compute.attn_impl` names (`bmojo_jax.kernels`); the decode step attends over a
-ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`) through the decode attention
-`cfg.compute.decode_attn_impl` names (`bmojo_jax.kernels.get_decode_attention_fn`), and carries an `AttnState`; a
+ring buffer of the last w keys plus the same memory (`bmojo_jax.decode_cache`) through the decode attention and
+cache update `cfg.compute.decode_attn_impl` names (`bmojo_jax.kernels.get_decode_attention_fn`,
+`get_decode_update_fn`), and carries an `AttnState`; a
 continuation from a state runs in parallel (`bmojo_jax.continuation`).
 """
 
@@ -24,11 +25,10 @@ from bmojo_jax import typing as tp
 from bmojo_jax.config import KernelLayout, ModelConfig, Selection
 from bmojo_jax.continuation import continue_memory, continue_parallel
 from bmojo_jax.decode_cache import ring_cache
-from bmojo_jax.kernels import get_attention_fn, get_decode_attention_fn
+from bmojo_jax.kernels import get_attention_fn, get_decode_attention_fn, get_decode_update_fn
 from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import chunk_memory
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
-from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store, empty_store, merge
 from bmojo_jax.segments import Packing
 
@@ -197,24 +197,24 @@ class Attention(nnx.Module):
 
     k_raw, v, fk, fv = self.step_kv(a, fading)                                       # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
-    size = state.k.shape[1]
-    slot = t % size
-    ring_k = jax.lax.dynamic_update_slice_in_dim(state.k, k.astype(state.k.dtype), slot, axis=1)
-    ring_v = jax.lax.dynamic_update_slice_in_dim(state.v, v.astype(state.v.dtype), slot, axis=1)
-    state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
-
     fading, store = None, None                      # the memory parts the query sees besides the ring
+    cand, score = None, None                        # the chunk's candidates and the token's score (eidetic)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
       score, _ = selection_scores(cfg.selection, self.score_inputs(
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
+      cand, score = state.cand, score[:, 0]
+    # k, v into ring slot t mod S and the token offered to the chunk's candidates, in one kernel with "pallas"
+    update = get_decode_update_fn(cfg.compute.decode_attn_impl)
+    ring_k, ring_v, cand = update(state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t)
+    state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
     if m_f:
       fading = (state.fading_k, state.fading_v)
       state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
                              next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
     if m_e:
       store = (state.store.k, state.store.v, state.store.valid)
-      state = state._replace(cand=insert_candidate(state.cand, score[:, 0], k_raw[:, 0], v[:, 0], t))
+      state = state._replace(cand=cand)
       if self.history_len:
         state = state._replace(history=last_inputs(a, state.history))
     attend = get_decode_attention_fn(cfg.compute.decode_attn_impl)

@@ -130,7 +130,7 @@ class ComputeConfig:
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
   attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
-  decode_attn_impl: DecodeAttnImpl = DecodeAttnImpl.AUTO  # a decode step's attention (`resolve_decode_attn_impl`)
+  decode_attn_impl: DecodeAttnImpl = DecodeAttnImpl.AUTO  # a decode step's attention and cache update (DecodeAttnImpl)
   dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
   remat: RematPolicy = RematPolicy.NONE  # what each block recomputes in the backward pass
   scan_layers: bool = False          # True: the identical blocks run as one lax.scan over stacked parameters:

@@ -1,6 +1,6 @@
 """Which implementation runs each kernel of the model: the tables by backend, the resolvers of `auto`, and the
-one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`, `get_decode_attention_fn`; the
-only place a choice is made).
+one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`, `get_decode_attention_fn`,
+`get_decode_update_fn`; the only place a choice is made).
 
     scan_impl  sequential   `selective_scan_reference`, a `lax.scan` over tokens
                associative  `bmojo_jax.scan.selective_scan_associative`
@@ -8,13 +8,17 @@ only place a choice is made).
     attn_impl  reference    `memory_attention_reference`, blockwise jnp
                pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
-    decode_attn_impl  (a decode step's query over the ring cache + memory tokens; cuDNN has no one-query kernel)
-               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`), jnp;
+    decode_attn_impl  (a decode step's attention sublayer: its query over the ring cache + memory tokens, cuDNN
+                      having no one-query kernel, and its cache update: k, v into the ring, the candidate insertion)
+               reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`) and
+                            `decode_token_update_reference` (two dynamic_update_slices + `insert_candidate`), jnp;
                             `auto` on CPU and TPU
-               pallas       `pallas_kernels.decode_attention.decode_step_attention`, one Triton kernel (GPU; CPU:
-                            interpret mode; no TPU kernel)
-               auto (GPU)   per call by the ring cache's size (`decode_step_attention_by_size`): the kernel for a
-                            small ring (batch 1 at short contexts), the reference for a large one
+               pallas       `pallas_kernels.decode_attention.decode_step_attention` and
+                            `pallas_kernels.decode_update.decode_token_update`, one Triton kernel each (GPU; CPU:
+                            interpret mode; no TPU kernels)
+               auto (GPU)   the attention per call by the ring cache's size (`decode_step_attention_by_size`): the
+                            kernel for a small ring (batch 1 at short contexts), the reference for a large one; the
+                            update's reference
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
+from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
 from bmojo_jax.pallas_kernels.window_attention import memory_attention
@@ -146,3 +151,12 @@ def get_decode_attention_fn(impl: DecodeAttnImpl | str):
   (`resolve_decode_attn_impl`; `auto` on a GPU: `decode_step_attention_by_size`)."""
   return {DecodeAttnImpl.REFERENCE: decode_step_attention_reference, DecodeAttnImpl.PALLAS: decode_step_attention,
           DecodeAttnImpl.AUTO: decode_step_attention_by_size}[resolve_decode_attn_impl(impl)]
+
+
+def get_decode_update_fn(impl: DecodeAttnImpl | str):
+  """fn(ring_k, ring_v, cand, k, v, k_raw, score, t) -> (ring_k, ring_v, cand), a decode token's cache update
+  (`pallas_kernels.decode_update`) that `impl` (`compute.decode_attn_impl`, which names the decode step's attention
+  sublayer: its attention and this update together) resolves to on this backend (`resolve_decode_attn_impl`):
+  the kernel for "pallas", the reference otherwise (`auto` included)."""
+  return decode_token_update if resolve_decode_attn_impl(impl) == DecodeAttnImpl.PALLAS \
+      else decode_token_update_reference

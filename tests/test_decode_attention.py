@@ -197,8 +197,8 @@ T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading t
 @pytest.mark.parametrize("family", ["bmojo", "transformer", pytest.param("hybrid", marks=pytest.mark.slow),
                                     pytest.param("bmojo_f", marks=pytest.mark.slow)])
 def test_pallas_decode_matches_parallel_forward(family):
-  """A model decoding through the kernel (decode_attn_impl='pallas', interpret mode) gives the logits of the
-  parallel pass of the same weights, from a prompt ending mid-chunk."""
+  """A model decoding through the kernels (decode_attn_impl='pallas': the attention and the cache update,
+  interpret mode) gives the logits of the parallel pass of the same weights, from a prompt ending mid-chunk."""
   make = lambda impl: LanguageModel(tiny_config(family, init_std=0.1, compute=dict(
       attn_impl="reference", decode_attn_impl=impl)), rngs=nnx.Rngs(0))
   reference, model = make("reference"), make("pallas")

@@ -1,0 +1,256 @@
+"""A decode token's cache update kernel (pallas_kernels/decode_update, interpret mode) = its jnp reference bit for bit
+(it only moves data and compares scores), the attention sublayer's decode state through it = through the
+reference, and the compiled kernel lowers to Triton in place."""
+
+import dataclasses
+import re
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmojo_jax import kernels
+from bmojo_jax.attention import Attention
+from bmojo_jax.config import DecodeAttnImpl
+from bmojo_jax.kernels import get_decode_update_fn
+from bmojo_jax.memory.store import NO_POS, Store, empty_store
+from bmojo_jax.pallas_kernels.decode_update import (BlockSizes, decode_token_update,
+                                                    decode_token_update_reference)
+from tests.conftest import host_normal, tiny_config
+from tests.test_train_sharding import run_on_8_devices
+
+# What each row's candidates look like (row r gets KINDS[r % 5]) and whether the new token replaces one:
+#   empty:   every slot empty (-inf, NO_POS): the first slot goes;
+#   partly:  half the slots filled, in shuffled places: the first empty slot goes;
+#   ties:    full, two slots tied at the worst score: the later position goes;
+#   equal:   full, the new score equal to the worst: nothing (strictly larger only);
+#   below:   full, the new score below every one: nothing.
+KINDS = ("empty", "partly", "ties", "equal", "below")
+REPLACES = {"empty": True, "partly": True, "ties": True, "equal": False, "below": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  b: int
+  s: int            # ring slots
+  k: int            # kv heads
+  p: int            # head size (K·P need not be a power of two)
+  k_e: int          # candidate slots
+  t: int            # the token's position
+  ring_dtype: str = "float32"
+
+
+CASES = [
+    Case("ke3_features6_t_lt_s", b=5, s=5, k=2, p=3, k_e=3, t=2),
+    Case("ke5_bf16_ring_wrapped", b=5, s=6, k=1, p=4, k_e=5, t=23, ring_dtype="bfloat16"),
+    Case("ke4_t_eq_s", b=4, s=8, k=2, p=8, k_e=4, t=8),
+    Case("ke1_batch1", b=1, s=3, k=1, p=2, k_e=1, t=4),
+]
+
+
+def candidates(case: Case, seed: int = 0):
+  """(cand Store of host arrays, new scores [B], kinds of the rows) as KINDS describes."""
+  rng = np.random.default_rng(seed)
+  b, k_e = case.b, case.k_e
+  score = np.full((b, k_e), -np.inf, np.float32)
+  pos = np.full((b, k_e), NO_POS, np.int32)
+  new = np.empty(b, np.float32)
+  kinds = [KINDS[r % len(KINDS)] for r in range(b)]
+  for r, kind in enumerate(kinds):
+    filled = {"empty": 0, "partly": k_e // 2}.get(kind, k_e)
+    score[r, :filled] = rng.integers(1, 4, filled)                 # small integers: ties among them too
+    pos[r, :filled] = rng.permutation(np.delete(np.arange(case.t + k_e + 1), case.t))[:filled]   # never t
+    if kind == "ties" and filled >= 2:
+      score[r, rng.choice(filled, 2, replace=False)] = 0.5
+    worst = score[r].min()
+    new[r] = {"equal": worst, "below": worst - 1.0, "ties": worst + 1.0}.get(kind, rng.normal())
+    order = rng.permutation(k_e)                                   # empty slots anywhere
+    score[r], pos[r] = score[r, order], pos[r, order]
+  kv = host_normal(seed + 1, (2, b, k_e, case.k, case.p))
+  cand = Store(k=kv[0], v=kv[1], score=score, pos=pos, valid=score > -np.inf)
+  return cand, new, kinds
+
+
+def inputs(case: Case):
+  dt = jnp.dtype(case.ring_dtype)
+  ring = host_normal(2, (2, case.b, case.s, case.k, case.p))
+  cand, score, kinds = candidates(case)
+  cand = cand._replace(k=jnp.asarray(cand.k, dt), v=jnp.asarray(cand.v, dt))
+  k, v, k_raw = host_normal(3, (3, case.b, case.k, case.p))         # fp32: the kernel casts to the ring's dtype
+  args = (jnp.asarray(ring[0], dt), jnp.asarray(ring[1], dt), cand, k, v, k_raw, score, np.int32(case.t))
+  return args, kinds
+
+
+def assert_same(got, want):
+  """Every leaf of two pytrees equal in dtype, shape and every bit."""
+  leaves = jax.tree_util.tree_leaves_with_path(got)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), b in zip(leaves, jax.tree.leaves(want)):
+    name = jax.tree_util.keystr(path)
+    assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a),
+                                  np.asarray(b.astype(jnp.float32) if b.dtype == jnp.bfloat16 else b), name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference_bit_exact(case):
+  """Ring slot t mod S and the candidates as the reference leaves them, every bit, in one compile; the rows that
+  should replace a candidate did, the others did not."""
+  args, kinds = inputs(case)
+  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=True), decode_token_update_reference(*a)))
+  got, want = both(*args)
+  assert_same(got, want)
+  cand, new_cand = args[2], got[2]
+  for r, kind in enumerate(kinds):
+    taken = int(np.sum(np.asarray(new_cand.pos[r]) == case.t))
+    assert taken == REPLACES[kind], (r, kind)
+    assert int(np.sum(np.asarray(new_cand.pos[r]) != cand.pos[r])) == taken
+  slot = case.t % case.s
+  np.testing.assert_array_equal(np.asarray(got[0][:, slot], np.float32),
+                                np.asarray(jnp.asarray(args[3], got[0].dtype), np.float32))
+  untouched = np.arange(case.s) != slot
+  np.testing.assert_array_equal(np.asarray(got[1][:, untouched]), np.asarray(args[1][:, untouched]))
+
+
+def test_kernel_matches_reference_over_a_sequence():
+  """Tokens 0..12 one by one from an empty store (integer scores: many ties), ring of 5 slots wrapping twice, in a
+  lax.scan: every state of the kernel's = the reference's."""
+  b, s, kh, p, k_e, n = 3, 5, 2, 4, 3, 13
+  scores = np.random.default_rng(4).integers(0, 4, (n, b)).astype(np.float32)
+  scores[5, 1] = -np.inf                                          # a -inf score never enters
+  kv = host_normal(5, (3, n, b, kh, p))
+  start = (jnp.zeros((b, s, kh, p)), jnp.zeros((b, s, kh, p)), empty_store(b, k_e, kh, p, jnp.float32))
+
+  def run(update):
+    def body(carry, xs):
+      k, v, k_raw, score, t = xs
+      carry = update(carry[0], carry[1], carry[2], k, v, k_raw, score, t)
+      return carry, carry
+    return jax.lax.scan(body, start, (*kv, scores, jnp.arange(n, dtype=jnp.int32)))[1]
+
+  kernel = lambda *a: decode_token_update(*a, interpret=True)
+  got, want = jax.jit(lambda: (run(kernel), run(decode_token_update_reference)))()
+  assert_same(got, want)
+  assert bool(np.all(np.asarray(want[2].valid[-1])))               # the candidates filled up
+
+
+def test_ring_only_update():
+  """cand None (no eidetic store): the ring writes alone."""
+  case = CASES[2]
+  (rk, rv, _, k, v, _, _, t), _ = inputs(case)
+  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=True), decode_token_update_reference(*a)))
+  got, want = both(rk, rv, None, k, v, None, None, t)
+  assert got[2] is None and want[2] is None
+  assert_same(got[:2], want[:2])
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import jax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
+    from bmojo_jax.pallas_kernels.sharding import use_mesh
+    from tests.test_decode_update import Case, assert_same, inputs
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    args, _ = inputs(Case("mesh", b=4, s=5, k=2, p=4, k_e=3, t=7))
+    args = jax.device_put(args, NamedSharding(mesh, P()))
+
+    def kernel(*a):
+      with use_mesh(mesh):
+        return decode_token_update(*a, interpret=True)
+
+    text = jax.jit(kernel).lower(*args).as_text()
+    assert "manual_computation" in text or "shard_map" in text, "not run per shard"
+    assert_same(jax.jit(kernel)(*args), jax.jit(decode_token_update_reference)(*args))
+    print("RESULT{}")
+""")
+
+
+def test_kernel_per_shard_under_a_mesh():
+  """Under a 2x2x2 mesh (8 fake CPU devices, one subprocess) the kernel runs per shard, rows over data x fsdp and
+  kv heads over tensor, each shard deciding its rows' candidates alone: the reference's result, bit for bit."""
+  assert run_on_8_devices(MESH_SCRIPT) == {}
+
+
+@pytest.mark.parametrize("b", [1, 64])
+def test_kernel_lowers_for_gpu_in_place(b):
+  """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
+  (S 512, K 32, P 64, k_e 16, bf16): one custom call whose six cache arrays alias its outputs (updated in place),
+  each passed once."""
+  sds = jax.ShapeDtypeStruct
+  rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
+  cand = Store(rows(16), rows(16), sds((b, 16), jnp.float32), sds((b, 16), jnp.int32), sds((b, 16), jnp.bool_))
+  kv = sds((b, 32, 64), jnp.bfloat16)
+  fn = lambda rk, rv, cand, k, v, k_raw, score, t: decode_token_update(rk, rv, cand, k, v, k_raw, score, t,
+                                                                       interpret=False)
+  text = jax.jit(fn).trace(rows(512), rows(512), cand, kv, kv, kv, sds((b,), jnp.float32),
+                           sds((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "custom_call" in line and "triton" in line]
+  assert len(calls) == 1 and "decode_token_update" in text
+  assert calls[0].count("#stablehlo.output_operand_alias<") == 6
+  operands = re.search(r"triton\(([^)]*)\)", calls[0]).group(1).split(", ")
+  assert len(set(operands)) == len(operands) == 11, operands      # none passed twice (XLA would copy it)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ring_v=(2, 6, 2, 4)), r"ring_k \(2, 5, 2, 4\) and ring_v \(2, 6, 2, 4\) must be \[B, S, K, P\]"),
+    (dict(k=(2, 2, 3)), r"k \(2, 2, 3\) must be \[B, K, P\]"),
+    (dict(v=(1, 2, 4)), r"v \(1, 2, 4\) must be \[B, K, P\]"),
+    (dict(k_raw=(2, 4)), r"k_raw \(2, 4\) must be \[B, K, P\]"),
+    (dict(score=(2, 1)), r"score \(2, 1\) must be \[B\]"),
+    (dict(t=(1,)), "t must be a scalar position"),
+    (dict(cand_k=(2, 3, 2, 8)), r"cand.k \(2, 3, 2, 8\) and cand.v \(2, 3, 2, 4\) must be \[B, k_e, K, P\]"),
+    (dict(cand_pos=(2, 4)), r"cand.pos \(2, 4\) must be \[B, k_e\]"),
+    (dict(cand_k=(2, 0, 2, 4), cand_v=(2, 0, 2, 4)), "cand holds no slots"),
+])
+def test_bad_inputs_are_refused(change, match):
+  shape = lambda name, default: change.get(name, default)
+  ring_k = jnp.zeros(shape("ring_k", (2, 5, 2, 4)))
+  ring_v = jnp.zeros(shape("ring_v", (2, 5, 2, 4)))
+  cand = Store(jnp.zeros(shape("cand_k", (2, 3, 2, 4))), jnp.zeros(shape("cand_v", (2, 3, 2, 4))),
+               jnp.zeros(shape("cand_score", (2, 3))), jnp.zeros(shape("cand_pos", (2, 3)), jnp.int32),
+               jnp.zeros(shape("cand_valid", (2, 3)), bool))
+  args = (ring_k, ring_v, cand, jnp.zeros(shape("k", (2, 2, 4))), jnp.zeros(shape("v", (2, 2, 4))),
+          jnp.zeros(shape("k_raw", (2, 2, 4))), jnp.zeros(shape("score", (2,))), jnp.zeros(shape("t", ()), jnp.int32))
+  for fn in (decode_token_update, decode_token_update_reference):
+    with pytest.raises(ValueError, match=match):
+      fn(*args)
+
+
+def test_update_fn_follows_decode_attn_impl(monkeypatch):
+  """decode_attn_impl names both kernels of a decode step's attention sublayer: reference -> the jnp form,
+  pallas -> the kernel, auto -> the reference, also where the resolver leaves `auto` to a per-call choice of the
+  attention (the update kernel is not yet timed on a GPU)."""
+  assert get_decode_update_fn("reference") is decode_token_update_reference
+  assert get_decode_update_fn("pallas") is decode_token_update
+  assert get_decode_update_fn("auto") is decode_token_update_reference
+  monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl.AUTO)
+  assert get_decode_update_fn("auto") is decode_token_update_reference
+  with pytest.raises(ValueError, match="num_warps must be positive"):
+    BlockSizes(num_warps=0)
+
+
+def test_attention_step_pallas_state_equals_reference():
+  """`Attention.step` of a B'MOJO sublayer (k_e 3, ring of 8) over 19 tokens, through the chunk boundaries and
+  ring wraps, with decode_attn_impl pallas and reference: the decode states are equal bit for bit (the update
+  moves the same data; the state does not depend on the attention output) and the outputs agree."""
+  make = lambda impl: Attention(tiny_config("bmojo", init_std=0.1, n_eidetic=6, eidetic_per_chunk=3,
+                                            compute=dict(decode_attn_impl=impl)), rngs=nnx.Rngs(0))
+  a, fading = host_normal(8, (2, 19, 2, 1, 32))
+
+  @nnx.jit
+  def decode(module):
+    def body(state, x):
+      y, state = module.step(x[0], state, fading=x[1])
+      return state, (y, state.cand.pos)
+    return jax.lax.scan(body, module.init_state(2, 8), (a, fading))
+
+  (state_p, (y_p, pos_p)), (state_r, (y_r, pos_r)) = decode(make("pallas")), decode(make("reference"))
+  assert_same(state_p, state_r)
+  np.testing.assert_array_equal(np.asarray(pos_p), np.asarray(pos_r))
+  assert int(np.sum(np.asarray(pos_r) != NO_POS)) > 10                    # candidates were taken at every chunk
+  np.testing.assert_allclose(np.asarray(y_p), np.asarray(y_r), atol=1e-5, rtol=1e-5)
