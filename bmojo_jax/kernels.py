@@ -18,7 +18,7 @@ one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`,
                             interpret mode; no TPU kernels)
                auto (GPU)   the attention per call by the ring cache's size (`decode_step_attention_by_size`): the
                             kernel for a small ring (batch 1 at short contexts), the reference for a large one; the
-                            update's reference
+                            update's kernel
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def get_decode_update_fn(impl: DecodeAttnImpl | str):
   """fn(ring_k, ring_v, cand, k, v, k_raw, score, t) -> (ring_k, ring_v, cand), a decode token's cache update
   (`pallas_kernels.decode_update`) that `impl` (`compute.decode_attn_impl`, which names the decode step's attention
   sublayer: its attention and this update together) resolves to on this backend (`resolve_decode_attn_impl`):
-  the kernel for "pallas", the reference otherwise (`auto` included)."""
-  return decode_token_update if resolve_decode_attn_impl(impl) == DecodeAttnImpl.PALLAS \
-      else decode_token_update_reference
+  the kernel for "pallas" and for `auto` on a GPU (one launch in place of ~9 small XLA kernels a layer, at any
+  batch), the reference otherwise."""
+  impl = resolve_decode_attn_impl(impl)
+  return decode_token_update if impl in (DecodeAttnImpl.PALLAS, DecodeAttnImpl.AUTO) else decode_token_update_reference

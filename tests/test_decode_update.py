@@ -223,13 +223,15 @@ def test_bad_inputs_are_refused(change, match):
 
 def test_update_fn_follows_decode_attn_impl(monkeypatch):
   """decode_attn_impl names both kernels of a decode step's attention sublayer: reference -> the jnp form,
-  pallas -> the kernel, auto -> the reference, also where the resolver leaves `auto` to a per-call choice of the
-  attention (the update kernel is not yet timed on a GPU)."""
+  pallas -> the kernel, auto -> the reference on CPU and the kernel on a GPU (where the resolver leaves `auto`
+  to the per-call choice of the attention)."""
   assert get_decode_update_fn("reference") is decode_token_update_reference
   assert get_decode_update_fn("pallas") is decode_token_update
   assert get_decode_update_fn("auto") is decode_token_update_reference
-  monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl.AUTO)
-  assert get_decode_update_fn("auto") is decode_token_update_reference
+  monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl(impl)
+                      if impl != "auto" else DecodeAttnImpl.AUTO)                    # the GPU's resolution
+  assert get_decode_update_fn("auto") is decode_token_update
+  assert get_decode_update_fn("reference") is decode_token_update_reference
   with pytest.raises(ValueError, match="num_warps must be positive"):
     BlockSizes(num_warps=0)
 
