@@ -130,11 +130,12 @@ def get_attention_fn(impl: AttnImpl | str):
 
 
 # Where the Triton decode kernel beats the jnp reference, measured on one H100 (bf16, 24 layers' caches per program,
-# benchmarks/results/decode_attention_h100.json): a small ring, whose XLA fusions are launch-bound (batch 1: 14 vs
-# 21 us a layer at S 512 with B'MOJO's memory tokens, 11 vs 23 at S 1024); not a large one, which XLA's fusions of
-# the reference stream near bandwidth (batch 64 x S 512: 199 vs 170 us; batch 1 x S 32768: 157 vs 121). The limit
-# is on the ring's K and V bytes (the whole array, all rows and kv heads).
-DECODE_KERNEL_MAX_RING_BYTES = 16 << 20
+# us a layer, kernel vs reference; benchmarks/results/decode_attention_h100.json): a ring of up to 32 MiB of K and V
+# (B'MOJO's S 512 with its memory tokens at batch 1: 27 vs 39, batch 8: 31 vs 52; the Transformer's at batch 1,
+# S 1024: 11 vs 23, S 4096: 25 vs 65), not a larger one, which XLA's fusions of the reference stream near
+# bandwidth (S 8192: 44 vs 41, 64 MiB; S 32768: 161 vs 124; batch 64 x S 512: 203 vs 180). The limit is on the
+# ring's K and V bytes (the whole arrays: all rows and kv heads).
+DECODE_KERNEL_MAX_RING_BYTES = 32 << 20
 
 
 def decode_step_attention_by_size(q, ring_k, ring_v, t, **kw):

@@ -166,7 +166,9 @@ def test_decode_attention_fn_follows_decode_attn_impl():
   TPU, the choice by the ring's size on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
   assert get_decode_attention_fn("reference") is decode_step_attention_reference
   assert get_decode_attention_fn("pallas") is decode_step_attention
-  assert get_decode_attention_fn("auto") is decode_step_attention_reference     # CPU
+  on_gpu = jax.default_backend() == "gpu"
+  assert get_decode_attention_fn("auto") is (kernels.decode_step_attention_by_size if on_gpu else
+                                             decode_step_attention_reference)
   for backend in ("tpu", "cpu"):
     assert resolve_decode_attn_impl("auto", backend) == DecodeAttnImpl.REFERENCE
   assert resolve_decode_attn_impl("auto", "gpu") == DecodeAttnImpl.AUTO

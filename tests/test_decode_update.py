@@ -227,7 +227,8 @@ def test_update_fn_follows_decode_attn_impl(monkeypatch):
   to the per-call choice of the attention)."""
   assert get_decode_update_fn("reference") is decode_token_update_reference
   assert get_decode_update_fn("pallas") is decode_token_update
-  assert get_decode_update_fn("auto") is decode_token_update_reference
+  assert get_decode_update_fn("auto") is (decode_token_update if jax.default_backend() == "gpu" else
+                                          decode_token_update_reference)
   monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl(impl)
                       if impl != "auto" else DecodeAttnImpl.AUTO)                    # the GPU's resolution
   assert get_decode_update_fn("auto") is decode_token_update
