@@ -43,7 +43,7 @@ _EXPORTS = {
                      "RematPolicy", "ScanImpl", "StorePolicy", "Sublayer"), "config"),
     **dict.fromkeys(("PRESET_NAMES", "mqar_config", "paper_config", "preset"), "presets"),
     "LanguageModel": "model",
-    "to_kernel_layout": "model",
+    "to_kernel_layout": "kernel_layout",
     "count_params": "param_count",
 }
 __all__ = sorted(_EXPORTS)

@@ -151,15 +151,17 @@ class Attention(nnx.Module):
     return y, state
 
 
-  def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
+  def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None, entered: bool = False
            ) -> tuple[jax.Array, AttnState]:
     """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state).
 
     The chunk-boundary work (`start_chunk`: the store merge, a sort over M_e + k_e entries) runs only at the
-    first token of a chunk, in a `lax.cond` on the device scalar state.pos: every other token does only its own
-    work (`step_select` is the branch-free form, which computes the merge at every token and selects it).
+    first token of a chunk, in a `lax.cond` on the device scalar state.pos (`enter_chunk`): every other token
+    does only its own work (`step_select` is the branch-free form, which computes the merge at every token and
+    selects it). entered: the caller ran it already (`LanguageModel.enter_chunk`: one conditional for all
+    layers), so the step skips it.
     """
-    return self._token_step(a, self.enter_chunk(state), fading)
+    return self._token_step(a, state if entered else self.enter_chunk(state), fading)
 
   def enter_chunk(self, state: AttnState) -> AttnState:
     """The state with the memory of the chunk holding position state.pos current: at a chunk's first token

@@ -92,7 +92,7 @@ class DecodeAttnImpl(enum.StrEnum):
 
 
 class KernelLayout(enum.StrEnum):
-  """How each projection's kernel is stored (`bmojo_jax.layers.Projection`; `bmojo_jax.model.to_kernel_layout`
+  """How each projection's kernel is stored (`bmojo_jax.layers.Projection`; `bmojo_jax.kernel_layout.to_kernel_layout`
   converts). At one token a row (M = 1) XLA:GPU reads an [N, D] weight (contracted dims minor) as a row
   reduction near the copy bandwidth, and a [D, N] one as a column reduction, up to 5x slower (docs/inference.md,
   "Kernel layout")."""
@@ -125,7 +125,7 @@ class ComputeConfig:
   """How a model is computed, not what its parameters are: implementations, compute dtype, remat, block layout,
   loss blocking. A checkpoint written under one ComputeConfig restores under any other (`scan_layers` by
   converting the parameter layout, `bmojo_jax.model.stack_blocks`; `kernel_layout` by transposing the projection
-  kernels, `bmojo_jax.model.kernels_to_layout`: `train/setup.py`'s `restore_state`), so checkpoint compatibility
+  kernels, `bmojo_jax.kernel_layout.kernels_to_layout`: `train/setup.py`'s `restore_state`), so checkpoint compatibility
   compares model configs without their `compute` (`train/checkpoint.py`)."""
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk

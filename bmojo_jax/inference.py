@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from bmojo_jax.config import KernelLayout
-from bmojo_jax.model import LanguageModel, cache_slots, check_cache_room, stack_blocks, to_kernel_layout
+from bmojo_jax.kernel_layout import to_kernel_layout
+from bmojo_jax.model import LanguageModel, cache_slots, check_cache_room, stack_blocks
 
 
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int | None = None,

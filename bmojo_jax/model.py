@@ -17,8 +17,8 @@ With `cfg.compute.scan_layers` the n_blocks identical blocks are one `Block` who
 `cfg.compute.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.compute.remat`; `stack_blocks` / `unstack_blocks`
-convert parameter trees between the two layouts. `to_kernel_layout` converts a model between the layouts of its
-projection kernels (`KernelLayout`: the training one, and the one a GEMV at one token reads fastest on GPU).
+convert parameter trees between the two layouts (`bmojo_jax.kernel_layout` converts a model between the layouts of
+its projection kernels).
 
 A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
 gets the row's `Packing` and keeps the documents apart, so the row computes what its documents would alone.
@@ -38,8 +38,8 @@ from flax import nnx
 from bmojo_jax import segments
 from bmojo_jax import typing as tp
 from bmojo_jax.attention import Attention, AttnState
-from bmojo_jax.config import KernelLayout, ModelConfig, RematPolicy, Sublayer
-from bmojo_jax.layers import Projection, RMSNorm, SwiGLU, logits_einsum, param, transpose_kernel
+from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
+from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
@@ -62,8 +62,15 @@ class Mixer(Protocol):
     read-out before its norm, and fading_norm(rows [..., D]) normalizes the rows that are read of it."""
     ...
 
-  def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None) -> tuple[jax.Array, Any]:
-    """One token per row: x [B, 1, D] -> (y [B, 1, D], state)."""
+  def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None,
+           entered: bool = False) -> tuple[jax.Array, Any]:
+    """One token per row: x [B, 1, D] -> (y [B, 1, D], state). entered: the token's memory-chunk boundary work
+    (`start_chunk`) already ran (`LanguageModel.enter_chunk`); a mixer without memory ignores it."""
+    ...
+
+  def start_chunk(self, state: Any) -> Any:
+    """The decode state at a memory-chunk boundary: the memory attention's candidates enter its store and its
+    next fading tokens become current; the state as it is for a sublayer without memory."""
     ...
 
   def init_state(self, batch: int, cache_size: int | None) -> Any:
@@ -113,14 +120,16 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, cache: BlockCache | None = None, *, cache_size: int | None = None,
                decode: bool = False, packing: Packing | None = None) -> tuple[jax.Array, BlockCache]:
-    """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`; else the parallel pass."""
+    """x [B, T, D] -> (out [B, T, D], cache). decode: one token from `cache`, whose memory chunk the model has
+    entered (`LanguageModel.enter_chunk`); else the parallel pass."""
     state1, state2 = cache if cache is not None else (None, None)
 
-    s, state1 = (self.mixer1.step(self.norm1(x), state1) if decode else
+    s, state1 = (self.mixer1.step(self.norm1(x), state1, entered=True) if decode else
                  self.mixer1(self.norm1(x), state1, cache_size=cache_size, packing=packing))
     h = x + s
     if decode:
-      y, state2 = self.mixer2.step(self.norm2(h), state2, fading=self.norm2(s) if self.fading_source else None)
+      y, state2 = self.mixer2.step(self.norm2(h), state2, fading=self.norm2(s) if self.fading_source else None,
+                                   entered=True)
     else:   # the fading source norm2(s): the mixer normalizes only the rows it reads (M_f per chunk)
       fading = dict(fading=s, fading_norm=self.norm2) if self.fading_source else {}
       y, state2 = self.mixer2(self.norm2(h), state2, cache_size=cache_size, packing=packing, **fading)
@@ -128,6 +137,10 @@ class Block(nnx.Module):
 
   def init_state(self, batch: int, cache_size: int | None) -> BlockCache:
     return self.mixer1.init_state(batch, cache_size), self.mixer2.init_state(batch, cache_size)
+
+  def start_chunk(self, cache: BlockCache) -> BlockCache:
+    """Both sublayers' states at a memory-chunk boundary (`Mixer.start_chunk`)."""
+    return self.mixer1.start_chunk(cache[0]), self.mixer2.start_chunk(cache[1])
 
 
 def _block_fn(graphdef, cache_size: int | None, decode: bool, keep_cache: bool, remat: RematPolicy,
@@ -171,43 +184,10 @@ def unstack_blocks(tree, n_blocks: int):
   return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
 
 
-def to_kernel_layout(model: "LanguageModel", layout: KernelLayout | str) -> "LanguageModel":
-  """`model` with every projection kernel stored in `layout` (`KernelLayout`): a new model of config
-  `cfg.with_compute(kernel_layout=layout)` holding the same parameters, each `Projection`'s kernel transposed
-  (how many of its dims are contracted is the module's, not guessed from names; a scanned model's layers axis
-  stays first). The map is the same, so the logits agree to rounding (the einsums sum in another order);
-  converting back gives the parameters bit for bit. `model` itself when already in `layout`. A bad layout is a
-  ConfigError naming compute.kernel_layout."""
-  cfg = model.cfg.with_compute(kernel_layout=layout)
-  if cfg.compute.kernel_layout == model.cfg.compute.kernel_layout:
-    return model
-  params = kernels_to_layout(nnx.to_pure_dict(nnx.state(model)), kernel_moves(model, cfg.compute.kernel_layout))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
-
-
-def kernel_moves(model: nnx.Module, layout: KernelLayout | str) -> dict[tuple, tuple[int, int]]:
-  """{path of a `Projection`'s kernel in the model's pure-dict state: (n_first, n_dims) of the `transpose_kernel`
-  that takes it to `layout`}, read from the modules (an abstract model from `nnx.eval_shape` will do)."""
-  moves = {}
-  for path, module in nnx.iter_graph(model):
-    if isinstance(module, Projection) and (move := module.move_to(layout)) is not None:
-      moves[(*path, "kernel")] = move
-  return moves
-
-
-def kernels_to_layout(tree, moves: dict[tuple, tuple[int, int]]):
-  """A tree of pure dicts holding a model's parameters (as params, or as the param-shaped parts of an optimizer
-  state: each dict with a "blocks" key is such a root, as in `stack_blocks`) with the kernels at the paths of
-  `moves` (`kernel_moves`) transposed."""
-  def convert_root(root):
-    def leaf(path, x):
-      move = moves.get(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path))
-      return x if move is None or not hasattr(x, "ndim") else transpose_kernel(x, *move)
-    return jax.tree_util.tree_map_with_path(leaf, root)
-  is_root = lambda x: isinstance(x, dict) and "blocks" in x
-  return jax.tree.map(lambda x: convert_root(x) if is_root(x) else x, tree, is_leaf=is_root)
+def attention_state(cache) -> AttnState:
+  """The first attention sublayer's state in a cache (list or scan_layers layout)."""
+  return next(x for x in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, AttnState))
+              if isinstance(x, AttnState))
 
 
 def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
@@ -215,8 +195,7 @@ def check_cache_room(cfg: ModelConfig, cache, n_tokens: int) -> None:
   cache is concrete (outside jit; `Decoder.prefill` checks before its jitted call)."""
   if not cfg.has_attention or cfg.window is not None:
     return
-  attn = next(x for x in jax.tree.leaves(cache, is_leaf=lambda x: isinstance(x, AttnState))
-              if isinstance(x, AttnState))
+  attn = attention_state(cache)
   if isinstance(attn.pos, jax.core.Tracer):
     return
   pos, slots = int(jnp.max(attn.pos)), attn.k.shape[-3]
@@ -330,8 +309,24 @@ class LanguageModel(nnx.Module):
 
   def step(self, token: jax.Array, cache):
     """Decode one token per row. token [B] -> (logits [B, V], cache)."""
-    x, cache = self._run(token[:, None], cache, None, True, True)
+    x, cache = self._run(token[:, None], self.enter_chunk(cache), None, True, True)
     return self.logits(x)[:, 0], cache
+
+  def enter_chunk(self, cache):
+    """The cache with every sublayer's memory chunk current for the next token: at a memory-chunk boundary
+    (after chunk 0) each block's `start_chunk`, all layers in one `lax.cond` on the device position; else the
+    cache as it is. One conditional a token, not one a layer: XLA:GPU reads a conditional's predicate on the host
+    (a copy to it and a wait for the stream), so every conditional stalls the GPU between its kernels."""
+    cfg = self.cfg
+    if not (cfg.eidetic or cfg.fading):
+      return cache
+    pos = attention_state(cache).pos.reshape(-1)[0]                                 # scan_layers: [n_blocks]
+    boundary = (pos % cfg.chunk == 0) & (pos > 0)
+    if cfg.compute.scan_layers:
+      start = jax.vmap(self.blocks.start_chunk)
+    else:
+      start = lambda caches: [block.start_chunk(c) for block, c in zip(self.blocks, caches)]
+    return jax.lax.cond(boundary, start, lambda caches: caches, cache)
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
     """Ring slots of the attention cache: the window, or max_len for full attention (`cache_slots`)."""
@@ -347,5 +342,4 @@ class LanguageModel(nnx.Module):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_blocks, *x.shape)), one)
 
 
-__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "kernel_moves",
-           "kernels_to_layout", "stack_blocks", "to_kernel_layout", "unstack_blocks"]
+__all__ = ["AttnState", "Block", "LanguageModel", "MIXERS", "MambaState", "Mixer", "stack_blocks", "unstack_blocks"]

@@ -316,3 +316,15 @@ def test_decoder_rejects_bad_compiler_options(decoders, options, match):
   model, _ = decoders["hybrid"]
   with pytest.raises(ValueError, match=match):
     Decoder(model, compiler_options=options)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_step_has_one_conditional_for_all_layers(scan_layers):
+  """A B'MOJO decode step enters the memory chunk of every layer in one `lax.cond` (`LanguageModel.enter_chunk`):
+  one conditional in the compiled step whatever the depth (XLA:GPU waits on the host for each), and the sublayers'
+  steps add none. The Transformer's step has none."""
+  for family, want in (("bmojo", 1), ("transformer", 0)):
+    model = LanguageModel(tiny_config(family, n_layers=6, compute=dict(scan_layers=scan_layers)), rngs=nnx.Rngs(0))
+    cache = model.init_cache(1, 16)
+    hlo = nnx.jit(lambda m, t, c: m.step(t, c)).lower(model, jnp.zeros((1,), jnp.int32), cache).as_text()
+    assert hlo.count("stablehlo.case") == want, (family, scan_layers)

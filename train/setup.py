@@ -18,7 +18,8 @@ import ml_collections
 import optax
 
 from bmojo_jax import LanguageModel, ModelConfig
-from bmojo_jax.model import kernel_moves, kernels_to_layout, stack_blocks, unstack_blocks
+from bmojo_jax.kernel_layout import kernel_moves, kernels_to_layout
+from bmojo_jax.model import stack_blocks, unstack_blocks
 from bmojo_jax.train import checkpoint as ckpt_lib
 from bmojo_jax.train import faults
 from bmojo_jax.train import optim as optim_lib
