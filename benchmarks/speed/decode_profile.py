@@ -60,7 +60,9 @@ def profile_family(family: Family, size: str, batch: int, context: int, tokens: 
     ops = op_times(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0], tokens)
   by_source = collections.defaultdict(lambda: [0.0, 0])
   for op, (ms, calls) in ops.items():
-    key = labels.get(op, "").split(" [")[0] or op.split(".")[0]
+    label = labels.get(op, "")
+    # an op without a source line of ours ("[]": a copy or layout change XLA inserted) goes by its kind
+    key = ("" if label.startswith("[") else label.split(" [")[0]) or f"({op.split('.')[0]})"
     by_source[key][0] += ms
     by_source[key][1] += calls
   rows = sorted(by_source.items(), key=lambda kv: -kv[1][0])
