@@ -5,7 +5,7 @@ Shapes (legend in `bmojo_jax/typing.py`): ring_k, ring_v [B, S, K, P], slot s ho
 cand a `Store` [B, k_e, …] (k, v [B, k_e, K, P], score [B, k_e] fp32, pos [B, k_e] int32, valid [B, k_e] bool);
 k (RoPE applied), v, k_raw (without RoPE) [B, K, P]; score [B] fp32; t a scalar int32, the token's position.
 
-The semantics are today's decode step (`bmojo_jax.attention.Attention._token_step`): two dynamic_update_slices
+The semantics are those of the jnp decode step (`bmojo_jax.attention.Attention._token_step`): two dynamic_update_slices
 into slot t mod S and `bmojo_jax.memory.selection.insert_candidate`; this file only names them together.
 """
 
