@@ -50,6 +50,12 @@ class AttnState(NamedTuple):
 CHUNK_FIELDS = ("fading_k", "fading_v", "store", "cand")   # what `Attention.start_chunk` changes
 
 
+def chunk_boundary(pos: jax.Array, chunk: int) -> jax.Array:
+  """Whether the token at position pos (a device scalar) is the first of a memory chunk after chunk 0, where the
+  chunk-boundary work (`Attention.start_chunk`) runs before it."""
+  return (pos % chunk == 0) & (pos > 0)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query attention with optional window and memory tokens."""
 
@@ -169,7 +175,7 @@ class Attention(nnx.Module):
     if not (self.cfg.eidetic or self.cfg.fading):
       return state
     t = state.pos
-    boundary = (t % self.cfg.chunk == 0) & (t > 0)
+    boundary = chunk_boundary(t, self.cfg.chunk)
     return state._replace(**jax.lax.cond(boundary, lambda s: self._chunk_fields(self.start_chunk(s)),
                                          self._chunk_fields, state))
 
@@ -180,7 +186,7 @@ class Attention(nnx.Module):
     floats may differ from `step`'s in the last bits)."""
     t = state.pos
     if self.cfg.eidetic or self.cfg.fading:
-      boundary = (t % self.cfg.chunk == 0) & (t > 0)
+      boundary = chunk_boundary(t, self.cfg.chunk)
       new = self._chunk_fields(self.start_chunk(state))
       state = state._replace(**jax.tree.map(lambda x, y: jnp.where(boundary, x, y), new,
                                             self._chunk_fields(state)))

@@ -37,7 +37,7 @@ from flax import nnx
 
 from bmojo_jax import segments
 from bmojo_jax import typing as tp
-from bmojo_jax.attention import Attention, AttnState
+from bmojo_jax.attention import Attention, AttnState, chunk_boundary
 from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
 from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
@@ -321,12 +321,11 @@ class LanguageModel(nnx.Module):
     if not (cfg.eidetic or cfg.fading):
       return cache
     pos = attention_state(cache).pos.reshape(-1)[0]                                 # scan_layers: [n_blocks]
-    boundary = (pos % cfg.chunk == 0) & (pos > 0)
     if cfg.compute.scan_layers:
       start = jax.vmap(self.blocks.start_chunk)
     else:
       start = lambda caches: [block.start_chunk(c) for block, c in zip(self.blocks, caches)]
-    return jax.lax.cond(boundary, start, lambda caches: caches, cache)
+    return jax.lax.cond(chunk_boundary(pos, cfg.chunk), start, lambda caches: caches, cache)
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
     """Ring slots of the attention cache: the window, or max_len for full attention (`cache_slots`)."""
