@@ -84,11 +84,11 @@ class AttnImpl(enum.StrEnum):
 
 
 class DecodeAttnImpl(enum.StrEnum):
-  """A decode step's attention (one query per row over the ring cache and the memory tokens; resolved in
-  `bmojo_jax.kernels.get_decode_attention_fn` through `resolve_decode_attn_impl`)."""
-  AUTO = "auto"                # GPU: the kernel for a small ring cache, else the reference; CPU, TPU: the reference
-  REFERENCE = "reference"      # jnp over the parts (`bmojo_jax.decode_cache.decode_attention`)
-  PALLAS = "pallas"            # one Triton flash-decoding kernel (GPU; CPU: interpret mode; no TPU kernel)
+  """A decode step's attention sublayer: its query over the ring cache and the memory tokens, and its cache update
+  (resolved in `bmojo_jax.kernels.get_decode_attention_fn` and `get_decode_update_fn`)."""
+  AUTO = "auto"                # GPU: the update kernel; the attention kernel for a ring <= 32 MiB, else the jnp one
+  REFERENCE = "reference"      # jnp (`bmojo_jax.decode_cache.decode_attention`, `insert_candidate`); CPU, TPU auto
+  PALLAS = "pallas"            # two Triton kernels (GPU; CPU: interpret mode; no TPU kernels)
 
 
 class KernelLayout(enum.StrEnum):
