@@ -88,7 +88,7 @@ def copy_bandwidth() -> float:
   """Bytes read + written per second by a large device-to-device copy (1 GiB on GPU, 64 MiB on CPU).
 
   Each sample is >= 50 ms of back-to-back copies: a sample of one ~0.8 ms copy also timed its synchronization
-  and the clocks still rising from idle, and read 1.8-2.6 TB/s on H100s where the copy runs at ~2.9."""
+  and the clocks still rising from idle, and read 1.8-2.6 TB/s on H100s where the copy runs at 3.0."""
   n = (2**28 if jax.default_backend() == "gpu" else 2**24)
   x = jnp.ones((n,), jnp.float32)
   copy = jax.jit(lambda x: x + 1)      # one read and one write of every element
