@@ -37,7 +37,7 @@ from flax import nnx
 
 from bmojo_jax import segments
 from bmojo_jax import typing as tp
-from bmojo_jax.attention import Attention, AttnState, chunk_boundary
+from bmojo_jax.attention import Attention, AttnState, chunk_boundary, run_if
 from bmojo_jax.config import ModelConfig, RematPolicy, Sublayer
 from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
@@ -314,9 +314,10 @@ class LanguageModel(nnx.Module):
 
   def enter_chunk(self, cache):
     """The cache with every sublayer's memory chunk current for the next token: at a memory-chunk boundary
-    (after chunk 0) each block's `start_chunk`, all layers in one `lax.cond` on the device position; else the
-    cache as it is. One conditional a token, not one a layer: XLA:GPU reads a conditional's predicate on the host
-    (a copy to it and a wait for the stream), so every conditional stalls the GPU between its kernels."""
+    (after chunk 0) each block's `start_chunk`, all layers under one condition on the device position (`run_if`);
+    else the cache as it is. One condition a token, not one a layer: XLA:GPU reads a loop's or a conditional's
+    predicate on the host (a copy to it and a wait for the stream), so every one stalls the GPU between its
+    kernels."""
     cfg = self.cfg
     if not (cfg.eidetic or cfg.fading):
       return cache
@@ -325,7 +326,7 @@ class LanguageModel(nnx.Module):
       start = jax.vmap(self.blocks.start_chunk)
     else:
       start = lambda caches: [block.start_chunk(c) for block, c in zip(self.blocks, caches)]
-    return jax.lax.cond(chunk_boundary(pos, cfg.chunk), start, lambda caches: caches, cache)
+    return run_if(chunk_boundary(pos, cfg.chunk), start, cache)
 
   def cache_size(self, prompt_len: int, max_len: int | None) -> int | None:
     """Ring slots of the attention cache: the window, or max_len for full attention (`cache_slots`)."""

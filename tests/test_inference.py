@@ -207,21 +207,25 @@ def test_scanned_prefill_matches_the_block_loop(decoders, family):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def _sorts(jaxpr, in_cond: bool = False, found=None) -> dict[bool, int]:
-  """{False: sorts outside any conditional, True: sorts inside one} of a jaxpr and the jaxprs it calls."""
+GUARDS = ("cond", "while")   # primitives that run their body on a device predicate (`lax.scan` is "scan")
+
+
+def _count(jaxpr, name: str, guarded: bool = False, found=None) -> dict[bool, int]:
+  """{False: `name` equations outside any conditional or while loop, True: inside one} of a jaxpr and the jaxprs
+  it calls."""
   found = {False: 0, True: 0} if found is None else found
   for eqn in jaxpr.eqns:
-    found[in_cond] += eqn.primitive.name == "sort"
+    found[guarded] += eqn.primitive.name == name
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         sub = getattr(sub, "jaxpr", sub)
         if hasattr(sub, "eqns"):
-          _sorts(sub, in_cond or eqn.primitive.name == "cond", found)
+          _count(sub, name, guarded or eqn.primitive.name in GUARDS, found)
   return found
 
 
 def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
-  """The store merge (a sort over M_e + k_e entries per layer) sits in a `lax.cond` on the chunk boundary: a
+  """The store merge (a sort over M_e + k_e entries per layer) runs under a condition on the chunk boundary: a
   token inside a chunk does only its own work, in the step and in the on-device loop. Tracing only."""
   _, decoder = decoders["bmojo"]
   cache = decoder.prefill(np.zeros((1, 5), np.int32), 20)[1]
@@ -232,7 +236,7 @@ def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
       jax.random.key(0), np.int32(0), 0.0, None, None)
   n_blocks = decoder.cfg.n_blocks
   for jaxpr in (step, loop):
-    assert _sorts(jaxpr.jaxpr) == {False: 0, True: n_blocks}
+    assert _count(jaxpr.jaxpr, "sort") == {False: 0, True: n_blocks}
 
 
 @pytest.mark.parametrize("policy", ["fifo", "score"])
@@ -319,12 +323,14 @@ def test_decoder_rejects_bad_compiler_options(decoders, options, match):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_step_has_one_conditional_for_all_layers(scan_layers):
-  """A B'MOJO decode step enters the memory chunk of every layer in one `lax.cond` (`LanguageModel.enter_chunk`):
-  one conditional in the compiled step whatever the depth (XLA:GPU waits on the host for each), and the sublayers'
-  steps add none. The Transformer's step has none."""
+def test_step_has_one_condition_for_all_layers(scan_layers):
+  """A B'MOJO decode step enters the memory chunk of every layer under one condition (`LanguageModel.enter_chunk`):
+  one while loop of zero or one trips (`attention.run_if`) whatever the depth (XLA:GPU waits on the host for each
+  loop or conditional) and no conditional (XLA:GPU copies every array a conditional returns unchanged); the
+  sublayers' steps add none. The Transformer's step has neither."""
   for family, want in (("bmojo", 1), ("transformer", 0)):
     model = LanguageModel(tiny_config(family, n_layers=6, compute=dict(scan_layers=scan_layers)), rngs=nnx.Rngs(0))
     cache = model.init_cache(1, 16)
-    hlo = nnx.jit(lambda m, t, c: m.step(t, c)).lower(model, jnp.zeros((1,), jnp.int32), cache).as_text()
-    assert hlo.count("stablehlo.case") == want, (family, scan_layers)
+    jaxpr = jax.make_jaxpr(lambda t, c: model.step(t, c))(jnp.zeros((1,), jnp.int32), cache).jaxpr
+    whiles, conds = (sum(_count(jaxpr, name).values()) for name in ("while", "cond"))
+    assert (whiles, conds) == (want, 0), (family, scan_layers)
