@@ -35,12 +35,13 @@ class Case:
   chunk: int = 4
   block_k: int = 4
   min_programs: int = 64
+  dot: bool = False  # BlockSizes.dot: the products as tensor-core dots (here G = 1 only)
 
   def blocks(self) -> BlockSizes:
-    return BlockSizes(block_k=self.block_k, min_programs=self.min_programs)
+    return BlockSizes(block_k=self.block_k, min_programs=self.min_programs, dot=self.dot)
 
   def layout(self) -> Layout:
-    return Layout.of(self.blocks(), self.b, self.k, self.s, next_pow2(self.h // self.k))
+    return Layout.of(self.blocks(), self.b, self.k, self.s, next_pow2(self.h // self.k), self.p)
 
 
 CASES = [
@@ -60,6 +61,8 @@ CASES = [
     # G = 3 (query heads padded to 4 in the kernel), ring + store without fading
     Case("ring_store_gqa3", b=1, h=6, k=2, p=8, s=9, t=20, window=None, m_e=3),
 ]
+# The dot form of the products for every case with one query head per kv head (G = 1)
+DOT_CASES = [dataclasses.replace(c, name=c.name + "_dot", dot=True) for c in CASES if c.h == c.k]
 
 
 def inputs(case: Case, dtype):
@@ -90,14 +93,14 @@ def run(case: Case, dtype):
   return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES + DOT_CASES, ids=lambda c: c.name)
 def test_kernel_matches_reference_fp32(case):
   kernel, ref, _ = run(case, jnp.float32)
   assert np.abs(ref).max() > 0.1                                  # not a zero output
   np.testing.assert_allclose(kernel, ref, atol=2e-6, rtol=2e-6)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], DOT_CASES[-1]], ids=lambda c: c.name)
 def test_kernel_matches_reference_bf16(case):
   """bf16 inputs: the kernel is as close to the fp32 softmax of the same inputs as the bf16 reference is (both round
   the output to bf16; the reference also its probabilities)."""
@@ -107,8 +110,11 @@ def test_kernel_matches_reference_bf16(case):
 
 
 def test_cases_cover_several_splits_and_one():
-  """The ring is split over several programs (and loops over several blocks in one) where the cases say so."""
-  layouts = {c.name: c.layout() for c in CASES}
+  """The ring is split over several programs (and loops over several blocks in one) where the cases say so; the
+  dot cases run the dot form (16 rows) in several splits and in one, and the others do not."""
+  layouts = {c.name: c.layout() for c in CASES + DOT_CASES}
+  assert all(layouts[c.name].dot_rows == 16 for c in DOT_CASES) and not any(layouts[c.name].dot_rows for c in CASES)
+  assert layouts["ring_partly_empty_dot"].n_splits > 1 and layouts["ring_fading_store_one_split_dot"].n_splits == 1
   assert layouts["ring_partly_empty"].n_splits > 1 and layouts["ring_window_gqa2"].n_splits > 1
   assert layouts["ring_fading_store_one_split"].n_splits == 1
   assert Layout.of(BlockSizes(block_k=4, min_programs=8), 1, 2, 40, 1).blocks_per_split > 1
@@ -124,18 +130,21 @@ def test_layout_spreads_a_long_ring_and_keeps_a_large_batch_whole():
   assert (odd.n_splits - 1) * odd.blocks_per_split * odd.block_k < 1000   # no split starts past the ring
 
 
-@pytest.mark.parametrize("b, s, m_f, m_e, window", [(1, 512, 16, 64, 512), (64, 512, 16, 64, 512),
-                                                    (1, 1000, 0, 0, None)])
-def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window):
+@pytest.mark.parametrize("b, s, m_f, m_e, window, dot", [(1, 512, 16, 64, 512, False), (64, 512, 16, 64, 512, False),
+                                                         (1, 1000, 0, 0, None, False), (64, 512, 16, 64, 512, True),
+                                                         (1, 1000, 0, 0, None, True)])
+def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
   and a Transformer ring of a size that is no power of two: every in-kernel array a power of two, every primitive
-  one the Triton lowering knows. (Triton's own compile to PTX happens on the GPU: the bench checks it.)"""
+  one the Triton lowering knows, in both forms of the products. (Triton's own compile to PTX happens on the GPU:
+  the bench checks it.)"""
   sds = jax.ShapeDtypeStruct
   rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
   fading = (rows(m_f), rows(m_f)) if m_f else None
   store = (rows(m_e), rows(m_e), sds((b, m_e), jnp.bool_)) if m_e else None
   fn = lambda q, rk, rv, t, fading, store: decode_step_attention(q, rk, rv, t, window=window, chunk=512, fading=fading,
-                                                                 store=store, interpret=False)
+                                                                 store=store, interpret=False,
+                                                                 block_sizes=BlockSizes(dot=dot))
   text = jax.jit(fn).trace(sds((b, 32, 64), jnp.bfloat16), rows(s), rows(s), sds((), jnp.int32), fading,
                            store).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("triton") >= 1 and "decode_attention" in text
@@ -224,9 +233,9 @@ def test_bench_tiny_writes_records(tmp_path):
   records = decode_attention_bench.main(["--tiny", "--out", str(tmp_path)])
   assert json.load(open(next(tmp_path.glob("decode_attention_*.json")))) == records
   assert {(r["shape"], r["impl"]) for r in records} == {(s.name, i) for s in decode_attention_bench.TINY
-                                                        for i in ("pallas", "reference")}
+                                                        for i in ("pallas", "pallas_dot", "reference")}
   assert not [r for r in records if "error" in r]
   for shape in decode_attention_bench.TINY:
     err = {r["impl"]: r["max_err_vs_fp32"] for r in records if r["shape"] == shape.name}
-    assert err["pallas"] <= 2 * err["reference"] + 1e-3, err
+    assert max(err["pallas"], err["pallas_dot"]) <= 2 * err["reference"] + 1e-3, err
     assert all(r["us_per_layer"] > 0 for r in records)

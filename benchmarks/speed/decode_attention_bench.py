@@ -1,4 +1,5 @@
-"""A decode step's attention on a GPU: the Pallas kernel (pallas_kernels/decode_attention) against the jnp reference.
+"""A decode step's attention on a GPU: the Pallas kernel (pallas_kernels/decode_attention), its products as
+multiplies and sums ("pallas") and as tensor-core dots ("pallas_dot", `BlockSizes.dot`), against the jnp reference.
 
   python3 -m benchmarks.speed.decode_attention_bench   # -> benchmarks/results/decode_attention_<device>.json
   python3 -m benchmarks.speed.decode_attention_bench --tiny   # CPU smoke
@@ -93,19 +94,20 @@ def layer_loop(attend, shape: Shape):
 
 def run_shape(shape: Shape, layers: int, interpret: bool, iters: int) -> list[dict]:
   layers_in = per_layer(make_inputs(shape, layers), layers)     # the stacked arrays are freed on return
-  blocks = BlockSizes()
-  impls = {"pallas": functools.partial(decode_step_attention, block_sizes=blocks, interpret=interpret),
-           "reference": decode_step_attention_reference}
+  blocks = {"pallas": BlockSizes(), "pallas_dot": BlockSizes(dot=True)}
+  impls = {name: functools.partial(decode_step_attention, block_sizes=b, interpret=interpret)
+           for name, b in blocks.items()}
+  impls["reference"] = decode_step_attention_reference
   up = lambda x: jax.tree.map(lambda y: y.astype(jnp.float32) if y.dtype == jnp.bfloat16 else y, x)
   exact = np.asarray(layer_loop(decode_step_attention_reference, shape)(up(layers_in[:1])))
-  layout = Layout.of(blocks, shape.b, shape.k, shape.s, next_pow2(shape.h // shape.k))
   records = []
   for name, attend in impls.items():
     rec = {"op": "decode_attention", "shape": shape.name, "impl": name, "batch": shape.b, "S": shape.s,
            "window": shape.window, "M_f": shape.m_f, "M_e": shape.m_e, "H": shape.h, "K": shape.k, "P": shape.p,
            "t": shape.position(), "layers": layers, "bytes_per_layer": shape.bytes_read()}
-    if name == "pallas":
-      rec["layout"] = dataclasses.asdict(layout)
+    if name in blocks:
+      rec["layout"] = dataclasses.asdict(Layout.of(blocks[name], shape.b, shape.k, shape.s,
+                                                   next_pow2(shape.h // shape.k), shape.p, interpret))
     try:
       rec["max_err_vs_fp32"] = float(np.abs(np.asarray(layer_loop(attend, shape)(layers_in[:1]), np.float32)
                                             - exact).max())

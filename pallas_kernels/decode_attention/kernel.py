@@ -10,8 +10,10 @@ Ring validity comes from the scalar t inside: slot s holds position t - ((t - s)
 > t - window. Nothing is concatenated or padded on the way in but q: the ring and the memory are read where they
 lie, blocks past S (or past M) masked on load, so S and M may be any size.
 
-q·k is a multiply and a sum over P, and p·v one over the block's keys: with G = 1 (the common case, H = K) a dot
-would have one row, and Triton's dot needs 16. Every in-kernel array is a power of two on each side.
+Two forms of the products (`BlockSizes.dot`): q·k as a multiply and a sum over P and p·v as one over the block's
+keys, in fp32 on the CUDA cores; or both as dots on the tensor cores (fp32 accumulation, p in v's dtype as the
+reference has it), a single query head (G = 1, the common case H = K) repeated over the 16 rows Triton's dot needs,
+the repeats folded back at the end. Every in-kernel array is a power of two on each side.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ class BlockSizes:
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
   fast_math:    the softmax's exp2 as PTX `ex2.approx.ftz` (`pallas_kernels/fast_math.py`); ignored in interpret
                 mode.
+  dot:          q·k and p·v as tensor-core dots where the shapes allow (G = 1 or G >= 16, P and the block's
+                keys >= 16 on a GPU; any shape in interpret mode); else multiplies and sums.
   """
   block_k: int = 64
   min_programs: int = 512
   num_warps: int = 4
   num_stages: int = 2
   fast_math: bool = True
+  dot: bool = False
 
   def __post_init__(self):
     for name in ("block_k", "min_programs", "num_warps", "num_stages"):
@@ -68,14 +73,18 @@ class Layout:
   block_k: int
   blocks_per_split: int
   n_splits: int
+  dot_rows: int = 0     # rows of the tensor-core products (`BlockSizes.dot`); 0: multiplies and sums
 
   @classmethod
-  def of(cls, blocks: BlockSizes, batch: int, kv_heads: int, size: int, group: int) -> "Layout":
+  def of(cls, blocks: BlockSizes, batch: int, kv_heads: int, size: int, group: int, head_size: int = 16,
+         interpret: bool = True) -> "Layout":
+    """group: query heads per kv head, padded to a power of two."""
     block_k = max(1, min(blocks.block_k // group, next_pow2(size)))
     n_blocks = -(-size // block_k)
     want = min(n_blocks, max(1, -(-blocks.min_programs // (batch * kv_heads))))
     per_split = -(-n_blocks // want)
-    return cls(block_k, per_split, -(-n_blocks // per_split))
+    dot = blocks.dot and (group == 1 or group >= 16) and (interpret or min(head_size, block_k) >= 16)
+    return cls(block_k, per_split, -(-n_blocks // per_split), max(16, group) if dot else 0)
 
 
 def attend(carry, q, k, v, valid, fm: FastMath):
@@ -90,6 +99,23 @@ def attend(carry, q, k, v, valid, fm: FastMath):
   l = fm.fma(l, alpha, jnp.sum(p, axis=1))
   o = o * alpha[:, None] + jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
   return o, m_new, l
+
+
+def attend_dot(carry, q, k, v, valid, fm: FastMath, qk_scale: float):
+  """`attend` on the tensor cores: q [R, P] in k's dtype, unscaled (R >= 16); q·kᵀ and p·v as dots with fp32
+  accumulation, p cast to v's dtype (as the reference does); fp32 inputs multiply in full fp32, not TF32."""
+  o, m, l = carry
+  precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                      preferred_element_type=jnp.float32) * qk_scale                     # [R, N]
+  s = jnp.where(valid[None, :], s, NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = fm.exp2(m - m_new)
+  p = jnp.where(valid[None, :], fm.exp2(s - m_new[:, None]), 0.0)
+  l = fm.fma(l, alpha, jnp.sum(p, axis=1))
+  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                       preferred_element_type=jnp.float32)                                 # [R, P]
+  return o * alpha[:, None] + pv, m_new, l
 
 
 def load_rows(ref, start, rows: int, n: int):
@@ -109,9 +135,16 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
   sk_ref, sv_ref, sval_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_store else (None, None, None)
   o_ref, *stat_refs = refs
   t = t_ref[()]
-  q = q_ref[...].astype(jnp.float32) * qk_scale
+  q = q_ref[...]
   g = q.shape[0]
-  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((g,), NEG_INF, jnp.float32), jnp.zeros((g,), jnp.float32))
+  if layout.dot_rows:                  # one query head repeated over the dot's rows, or G >= 16 rows as they are
+    q = jnp.broadcast_to(q, (layout.dot_rows, q.shape[1])).astype(k_ref.dtype)
+    attend_fn = functools.partial(attend_dot, qk_scale=qk_scale)
+  else:
+    q = q.astype(jnp.float32) * qk_scale
+    attend_fn = attend
+  rows = q.shape[0]
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
   split = pl.program_id(2)             # read here: the interpreter has no program id inside a cond or a loop
   zero = split * 0                     # a traced 0: the memory loads start at a dynamic index like the ring's
 
@@ -119,12 +152,12 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
     if has_fading:
       k, inside = load_rows(fk_ref, zero, next_pow2(n_fading), n_fading)
       v, _ = load_rows(fv_ref, zero, next_pow2(n_fading), n_fading)
-      carry = attend(carry, q, k, v, inside & (t >= chunk), fm)
+      carry = attend_fn(carry, q, k, v, inside & (t >= chunk), fm)
     if has_store:
       k, inside = load_rows(sk_ref, zero, next_pow2(n_store), n_store)
       v, _ = load_rows(sv_ref, zero, next_pow2(n_store), n_store)
       valid = plgpu.load(sval_ref.at[pl.ds(zero, next_pow2(n_store))], mask=inside, other=0)
-      carry = attend(carry, q, k, v, inside & (valid != 0), fm)
+      carry = attend_fn(carry, q, k, v, inside & (valid != 0), fm)
     return carry
 
   if has_fading or has_store:
@@ -141,12 +174,14 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
     valid = inside & (slot_pos >= 0)
     if window is not None:
       valid &= slot_pos > t - window
-    return attend(carry, q, k, v, valid, fm)
+    return attend_fn(carry, q, k, v, valid, fm)
 
   # Slots past t are still empty while t < S: a split stops at the last block holding slot min(t, S - 1).
   first = split * layout.blocks_per_split * bk
   steps = jnp.clip(lax.div(jnp.minimum(t + 1, size) - first + bk - 1, bk), 0, layout.blocks_per_split)
   o, m, l = lax.fori_loop(0, steps, ring_block, carry)
+  if rows != g:                        # the repeats of one query head hold the same values: keep one
+    o, m, l = (jnp.max(x, axis=0, keepdims=True) for x in (o, m, l))
   if not stat_refs:                    # one split: the softmax is complete here
     o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
     return
@@ -166,7 +201,7 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
   q4 = q.reshape(b, kh, g, p)
   if gp != g:
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-  layout = Layout.of(blocks, b, kh, size, gp)
+  layout = Layout.of(blocks, b, kh, size, gp, p, interpret)
   rows = lambda n: pl.BlockSpec((None, n, None, p), lambda bi, hi, j: (bi, 0, hi, 0))
   in_specs = [pl.BlockSpec((), lambda bi, hi, j: ()), pl.BlockSpec((None, None, gp, p), lambda bi, hi, j: (bi, hi, 0, 0)),
               rows(size), rows(size)]
