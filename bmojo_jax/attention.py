@@ -220,14 +220,16 @@ class Attention(nnx.Module):
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
       cand, score = state.cand, score[:, 0]
-    # k, v into ring slot t mod S and the token offered to the chunk's candidates, in one kernel with "pallas"
+    # k, v into ring slot t mod S, the token offered to the chunk's candidates and the fading buffers shifted by
+    # its read-out, in one kernel in place with "pallas"
     update = get_decode_update_fn(cfg.compute.decode_attn_impl)
-    ring_k, ring_v, cand = update(state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t)
+    ring_k, ring_v, cand, next_fading = update(
+        state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t,
+        (state.next_fading_k, state.next_fading_v, fk[:, 0], fv[:, 0]) if m_f else None)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
     if m_f:
       fading = (state.fading_k, state.fading_v)
-      state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
-                             next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
+      state = state._replace(next_fading_k=next_fading[0], next_fading_v=next_fading[1])
     if m_e:
       store = (state.store.k, state.store.v, state.store.valid)
       state = state._replace(cand=cand)
