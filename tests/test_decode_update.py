@@ -333,3 +333,35 @@ def test_attention_step_pallas_state_equals_reference():
   np.testing.assert_array_equal(np.asarray(pos_p), np.asarray(pos_r))
   assert int(np.sum(np.asarray(pos_r) != NO_POS)) > 10                    # candidates were taken at every chunk
   np.testing.assert_allclose(np.asarray(y_p), np.asarray(y_r), atol=1e-5, rtol=1e-5)
+
+
+def concatenates(jaxpr) -> list[tuple[int, ...]]:
+  """Output shapes of every concatenate in a jaxpr and the jaxprs inside its equations (loops, conditionals)."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "concatenate":
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          shapes += concatenates(getattr(sub, "jaxpr", sub))
+  return shapes
+
+
+@pytest.mark.parametrize("family", ["bmojo", "bmojo_f"])
+def test_attention_step_shifts_in_the_kernel(family):
+  """With decode_attn_impl pallas, `Attention.step` shifts the fading buffers and the history in the update kernel:
+  its program has no concatenate of a fading buffer's shape [B, M_f, K, P] (the reference's step has two), and of
+  the [B, 5, D] ones (history and input) only the score's own (the reference's step has a second, `last_inputs`)."""
+  cfg = lambda impl: tiny_config(family, compute=dict(decode_attn_impl=impl))
+  b, d = 2, cfg("pallas").d_model
+  a, fading = host_normal(11, (2, b, 1, d))
+  counts = {}
+  for impl in ("pallas", "reference"):
+    module = Attention(cfg(impl), rngs=nnx.Rngs(0))
+    state = module.init_state(b, 8)
+    jaxpr = jax.make_jaxpr(lambda a, f, s: module.step(a, s, fading=f))(a, fading, state).jaxpr
+    shapes = concatenates(jaxpr)
+    counts[impl] = (shapes.count(state.next_fading_k.shape), shapes.count((b, 5, d)))
+  history = family == "bmojo"                                        # B'MOJO-F has no eidetic score
+  assert counts == {"pallas": (0, int(history)), "reference": (2, 2 * history)}, counts
