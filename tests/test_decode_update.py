@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from bmojo_jax import kernels
 from bmojo_jax.attention import Attention
@@ -343,7 +344,7 @@ def concatenates(jaxpr) -> list[tuple[int, ...]]:
       shapes.append(tuple(eqn.outvars[0].aval.shape))
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+        if isinstance(sub, (ClosedJaxpr, Jaxpr)):
           shapes += concatenates(getattr(sub, "jaxpr", sub))
   return shapes
 

@@ -74,6 +74,12 @@ def choose_candidate(score_ref, pos_ref, new_score, n_cand: int):
   return new_score > worst, index
 
 
+def row_features(n_feat: int):
+  """(slice, mask [next_pow2(n_feat)]) of a row's features: the power-of-two block Triton loads, masked."""
+  block = next_pow2(n_feat)
+  return pl.ds(pl.program_id(0) * 0, block), jnp.arange(block, dtype=jnp.int32) < n_feat   # a traced 0: dynamic
+
+
 def shift_rows_up(bufs, news, n_rows: int, n_feat: int, group: int):
   """The buffers bufs (refs [n_rows, n_feat]) one row up, in place, the new rows news (refs [n_feat], cast to the
   buffers' dtype) into the last: rows 1..n_rows-1 loaded `group` at a time, then stored one row up (row i is
@@ -93,12 +99,6 @@ def shift_rows_up(bufs, news, n_rows: int, n_feat: int, group: int):
   for buf, new in zip(bufs, news):
     x = plgpu.load(new.at[feat], mask=in_row, other=0)
     plgpu.store(buf.at[at(n_rows - 1), feat], x.astype(buf.dtype)[None], mask=mask)
-
-
-def row_features(n_feat: int):
-  """(slice, mask [next_pow2(n_feat)]) of a row's features: the power-of-two block Triton loads, masked."""
-  block = next_pow2(n_feat)
-  return pl.ds(pl.program_id(0) * 0, block), jnp.arange(block, dtype=jnp.int32) < n_feat   # a traced 0: dynamic
 
 
 def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], shift_rows: int):
