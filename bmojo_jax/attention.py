@@ -220,19 +220,22 @@ class Attention(nnx.Module):
           a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
           prev_fv=state.next_fading_v[:, -1:]))
       cand, score = state.cand, score[:, 0]
-    # k, v into ring slot t mod S and the token offered to the chunk's candidates, in one kernel with "pallas"
+    # k, v into ring slot t mod S, the token offered to the chunk's candidates, the fading buffers shifted by its
+    # read-out and the innovation history by its input, in one kernel in place with "pallas"
     update = get_decode_update_fn(cfg.compute.decode_attn_impl)
-    ring_k, ring_v, cand = update(state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t)
+    ring_k, ring_v, cand, next_fading, history = update(
+        state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t,
+        (state.next_fading_k, state.next_fading_v, fk[:, 0], fv[:, 0]) if m_f else None,
+        (state.history, a[:, 0]) if self.history_len else None)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
     if m_f:
       fading = (state.fading_k, state.fading_v)
-      state = state._replace(next_fading_k=jnp.concatenate([state.next_fading_k[:, 1:], fk], axis=1),
-                             next_fading_v=jnp.concatenate([state.next_fading_v[:, 1:], fv], axis=1))
+      state = state._replace(next_fading_k=next_fading[0], next_fading_v=next_fading[1])
     if m_e:
       store = (state.store.k, state.store.v, state.store.valid)
       state = state._replace(cand=cand)
-      if self.history_len:
-        state = state._replace(history=last_inputs(a, state.history))
+    if self.history_len:
+      state = state._replace(history=history)
     attend = get_decode_attention_fn(cfg.compute.decode_attn_impl)
     o = attend(q[:, 0], ring_k, ring_v, t, window=cfg.window, chunk=chunk, fading=fading, store=store)
     return self.wo(o[:, None]), state

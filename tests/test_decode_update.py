@@ -1,6 +1,7 @@
 """A decode token's cache update kernel (pallas_kernels/decode_update, interpret mode) = its jnp reference bit for bit
-(it only moves data and compares scores), the attention sublayer's decode state through it = through the
-reference, and the compiled kernel lowers to Triton in place."""
+(it only moves data and compares scores), with and without candidates, fading buffers and innovation history, the
+attention sublayer's decode state through it = through the reference, and the compiled kernel lowers to Triton in
+place."""
 
 import dataclasses
 import re
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from bmojo_jax import kernels
 from bmojo_jax.attention import Attention
@@ -42,6 +44,8 @@ class Case:
   k_e: int          # candidate slots
   t: int            # the token's position
   ring_dtype: str = "float32"
+  m_f: int = 0      # fading buffer rows (0: no fading update)
+  d: int = 0        # the history's width D (0: no history update)
 
 
 CASES = [
@@ -76,12 +80,22 @@ def candidates(case: Case, seed: int = 0):
 
 
 def inputs(case: Case):
+  """(ring_k, ring_v, cand, k, v, k_raw, score, t, fading, history) with fading None where case.m_f is 0 and
+  history None where case.d is 0, and the kinds of the rows' candidates."""
   dt = jnp.dtype(case.ring_dtype)
   ring = host_normal(2, (2, case.b, case.s, case.k, case.p))
   cand, score, kinds = candidates(case)
   cand = cand._replace(k=jnp.asarray(cand.k, dt), v=jnp.asarray(cand.v, dt))
   k, v, k_raw = host_normal(3, (3, case.b, case.k, case.p))         # fp32: the kernel casts to the ring's dtype
-  args = (jnp.asarray(ring[0], dt), jnp.asarray(ring[1], dt), cand, k, v, k_raw, score, np.int32(case.t))
+  fading = None
+  if case.m_f:                                                      # buffers in the ring's dtype, fk, fv fp32
+    buf, new = host_normal(6, (2, case.b, case.m_f, case.k, case.p)), host_normal(7, (2, case.b, case.k, case.p))
+    fading = (jnp.asarray(buf[0], dt), jnp.asarray(buf[1], dt), new[0], new[1])
+  history = None
+  if case.d:                                                        # fp32 history, the input a in the ring's dtype
+    history = (host_normal(8, (case.b, 4, case.d)), jnp.asarray(host_normal(9, (case.b, case.d)), dt))
+  args = (jnp.asarray(ring[0], dt), jnp.asarray(ring[1], dt), cand, k, v, k_raw, score, np.int32(case.t), fading,
+          history)
   return args, kinds
 
 
@@ -117,35 +131,74 @@ def test_kernel_matches_reference_bit_exact(case):
 
 
 def test_kernel_matches_reference_over_a_sequence():
-  """Tokens 0..12 one by one from an empty store (integer scores: many ties), ring of 5 slots wrapping twice, in a
-  lax.scan: every state of the kernel's = the reference's."""
-  b, s, kh, p, k_e, n = 3, 5, 2, 4, 3, 13
+  """Tokens 0..12 one by one from an empty store (integer scores: many ties), ring of 5 slots wrapping twice,
+  fading buffers of 3 rows, a history of 4 inputs of width 6, in a lax.scan: every state of the kernel's = the
+  reference's."""
+  b, s, kh, p, k_e, m_f, d, n = 3, 5, 2, 4, 3, 3, 6, 13
   scores = np.random.default_rng(4).integers(0, 4, (n, b)).astype(np.float32)
   scores[5, 1] = -np.inf                                          # a -inf score never enters
-  kv = host_normal(5, (3, n, b, kh, p))
-  start = (jnp.zeros((b, s, kh, p)), jnp.zeros((b, s, kh, p)), empty_store(b, k_e, kh, p, jnp.float32))
+  kv = host_normal(5, (5, n, b, kh, p))
+  a = host_normal(10, (n, b, d))
+  zeros = lambda rows: jnp.zeros((b, rows, kh, p))
+  start = (zeros(s), zeros(s), empty_store(b, k_e, kh, p, jnp.float32), (zeros(m_f), zeros(m_f)),
+           jnp.zeros((b, 4, d)))
 
   def run(update):
     def body(carry, xs):
-      k, v, k_raw, score, t = xs
-      carry = update(carry[0], carry[1], carry[2], k, v, k_raw, score, t)
+      k, v, k_raw, fk, fv, a, score, t = xs
+      carry = update(carry[0], carry[1], carry[2], k, v, k_raw, score, t, (*carry[3], fk, fv), (carry[4], a))
       return carry, carry
-    return jax.lax.scan(body, start, (*kv, scores, jnp.arange(n, dtype=jnp.int32)))[1]
+    return jax.lax.scan(body, start, (*kv, a, scores, jnp.arange(n, dtype=jnp.int32)))[1]
 
   kernel = lambda *a: decode_token_update(*a, interpret=True)
   got, want = jax.jit(lambda: (run(kernel), run(decode_token_update_reference)))()
   assert_same(got, want)
   assert bool(np.all(np.asarray(want[2].valid[-1])))               # the candidates filled up
+  np.testing.assert_array_equal(np.asarray(want[3][0][-1]), kv[3][-m_f:].transpose(1, 0, 2, 3))  # the last 3 fk
+  np.testing.assert_array_equal(np.asarray(want[4][-1]), a[-4:].transpose(1, 0, 2))             # the last 4 a
 
 
 def test_ring_only_update():
-  """cand None (no eidetic store): the ring writes alone."""
+  """cand, fading and history None (no memory tokens: the Transformer's and the Hybrid's): the ring writes alone."""
   case = CASES[2]
-  (rk, rv, _, k, v, _, _, t), _ = inputs(case)
+  (rk, rv, _, k, v, _, _, t, _, _), _ = inputs(case)
   both = jax.jit(lambda *a: (decode_token_update(*a, interpret=True), decode_token_update_reference(*a)))
   got, want = both(rk, rv, None, k, v, None, None, t)
-  assert got[2] is None and want[2] is None
+  assert got[2:] == (None,) * 3 and want[2:] == (None,) * 3
   assert_same(got[:2], want[:2])
+
+
+SHIFT_CASES = [
+    Case("mf1_ke3_d5", b=5, s=5, k=2, p=3, k_e=3, t=2, m_f=1, d=5),
+    Case("mf3_ke5_bf16", b=5, s=6, k=1, p=4, k_e=5, t=23, ring_dtype="bfloat16", m_f=3),
+    Case("mf4_ke4_d8", b=4, s=8, k=2, p=8, k_e=4, t=8, m_f=4, d=8),
+    Case("history_only_bf16", b=3, s=4, k=1, p=4, k_e=2, t=5, ring_dtype="bfloat16", d=7),
+]
+
+
+@pytest.mark.parametrize("with_cand", [True, False], ids=["cand", "no_cand"])
+@pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: c.name)
+def test_shifts_match_reference_bit_exact(case, with_cand):
+  """With fading buffers and/or the innovation history (with candidates: B'MOJO; without: B'MOJO-F) every array
+  as the reference leaves it, every bit: each buffer one row up with the new row (cast to its dtype) last, in
+  place. M_f = 4 with shift_rows 3 and 1: groups of rows that do not divide M_f - 1, and one row at a time."""
+  args, _ = inputs(case)
+  if not with_cand:
+    args = args[:2] + (None,) + args[3:5] + (None, None) + args[7:]
+  blocks = [BlockSizes()] + ([BlockSizes(shift_rows=3), BlockSizes(shift_rows=1)] if case.m_f == 4 else [])
+  fns = [lambda *a, bs=bs: decode_token_update(*a, block_sizes=bs, interpret=True) for bs in blocks]
+  got, want = jax.jit(lambda *a: ([fn(*a) for fn in fns], decode_token_update_reference(*a)))(*args)
+  if case.m_f:                                                      # the reference is the shift
+    buf_k, buf_v, fk, fv = args[8]
+    np.testing.assert_array_equal(np.asarray(want[3][0][:, :-1]), np.asarray(buf_k[:, 1:]))
+    np.testing.assert_array_equal(np.asarray(want[3][1][:, -1]), np.asarray(jnp.asarray(fv, buf_v.dtype)))
+  if case.d:
+    history, a = args[9]
+    np.testing.assert_array_equal(np.asarray(want[4]), np.concatenate([history[:, 1:], np.asarray(
+        a.astype(jnp.float32))[:, None]], axis=1))
+  for g in got:
+    assert (g[2] is None) == (not with_cand) and (g[3] is None) == (not case.m_f) and (g[4] is None) == (not case.d)
+    assert_same(g, want)
 
 
 MESH_SCRIPT = textwrap.dedent("""
@@ -156,7 +209,7 @@ MESH_SCRIPT = textwrap.dedent("""
     from tests.test_decode_update import Case, assert_same, inputs
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-    args, _ = inputs(Case("mesh", b=4, s=5, k=2, p=4, k_e=3, t=7))
+    args, _ = inputs(Case("mesh", b=4, s=5, k=2, p=4, k_e=3, t=7, m_f=3, d=6))
     args = jax.device_put(args, NamedSharding(mesh, P()))
 
     def kernel(*a):
@@ -172,28 +225,35 @@ MESH_SCRIPT = textwrap.dedent("""
 
 def test_kernel_per_shard_under_a_mesh():
   """Under a 2x2x2 mesh (8 fake CPU devices, one subprocess) the kernel runs per shard, rows over data x fsdp and
-  kv heads over tensor, each shard deciding its rows' candidates alone: the reference's result, bit for bit."""
+  kv heads over tensor, each shard deciding its rows' candidates and shifting its fading rows and history alone:
+  the reference's result, bit for bit."""
   assert run_on_8_devices(MESH_SCRIPT) == {}
 
 
+@pytest.mark.parametrize("family, aliased, operands", [("bmojo", 9, 17), ("bmojo_no_shifts", 6, 11),
+                                                       ("bmojo_f", 4, 9)])
 @pytest.mark.parametrize("b", [1, 64])
-def test_kernel_lowers_for_gpu_in_place(b):
+def test_kernel_lowers_for_gpu_in_place(b, family, aliased, operands):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
-  (S 512, K 32, P 64, k_e 16, bf16): one custom call whose six cache arrays alias its outputs (updated in place),
-  each passed once."""
+  (S 512, K 32, P 64, M_f 16, k_e 16, D 2048, bf16; B'MOJO-F: fading without candidates or history): one custom
+  call whose cache arrays (ring k, v, fading k, v, history, candidates k, v, score, pos) alias its outputs
+  (updated in place), each passed once: t, k, v, (fk, fv), (a), (k_raw, score) and the aliased arrays."""
   sds = jax.ShapeDtypeStruct
   rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
-  cand = Store(rows(16), rows(16), sds((b, 16), jnp.float32), sds((b, 16), jnp.int32), sds((b, 16), jnp.bool_))
   kv = sds((b, 32, 64), jnp.bfloat16)
-  fn = lambda rk, rv, cand, k, v, k_raw, score, t: decode_token_update(rk, rv, cand, k, v, k_raw, score, t,
-                                                                       interpret=False)
-  text = jax.jit(fn).trace(rows(512), rows(512), cand, kv, kv, kv, sds((b,), jnp.float32),
-                           sds((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  cand = Store(rows(16), rows(16), sds((b, 16), jnp.float32), sds((b, 16), jnp.int32), sds((b, 16), jnp.bool_))
+  cand_args = (cand, kv, sds((b,), jnp.float32)) if family != "bmojo_f" else (None, None, None)
+  fading = (rows(16), rows(16), kv, kv) if family != "bmojo_no_shifts" else None
+  history = (sds((b, 4, 2048), jnp.float32), sds((b, 2048), jnp.bfloat16)) if family == "bmojo" else None
+  fn = lambda rk, rv, cand, k, v, k_raw, score, t, fading, history: decode_token_update(
+      rk, rv, cand, k, v, k_raw, score, t, fading, history, interpret=False)
+  text = jax.jit(fn).trace(rows(512), rows(512), cand_args[0], kv, kv, *cand_args[1:], sds((), jnp.int32),
+                           fading, history).lower(lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "custom_call" in line and "triton" in line]
   assert len(calls) == 1 and "decode_token_update" in text
-  assert calls[0].count("#stablehlo.output_operand_alias<") == 6
-  operands = re.search(r"triton\(([^)]*)\)", calls[0]).group(1).split(", ")
-  assert len(set(operands)) == len(operands) == 11, operands      # none passed twice (XLA would copy it)
+  assert calls[0].count("#stablehlo.output_operand_alias<") == aliased
+  names = re.search(r"triton\(([^)]*)\)", calls[0]).group(1).split(", ")
+  assert len(set(names)) == len(names) == operands, names          # none passed twice (XLA would copy it)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -206,6 +266,17 @@ def test_kernel_lowers_for_gpu_in_place(b):
     (dict(cand_k=(2, 3, 2, 8)), r"cand.k \(2, 3, 2, 8\) and cand.v \(2, 3, 2, 4\) must be \[B, k_e, K, P\]"),
     (dict(cand_pos=(2, 4)), r"cand.pos \(2, 4\) must be \[B, k_e\]"),
     (dict(cand_k=(2, 0, 2, 4), cand_v=(2, 0, 2, 4)), "cand holds no slots"),
+    (dict(next_v=(2, 4, 2, 4)),
+     r"fading.next_k \(2, 3, 2, 4\) and fading.next_v \(2, 4, 2, 4\) must be \[B, M_f, K, P\]"),
+    (dict(next_k=(2, 3, 4, 2), next_v=(2, 3, 4, 2)), r"fading.next_k \(2, 3, 4, 2\) .* = \[2, M_f >= 1, 2, 4\]"),
+    (dict(next_k=(2, 0, 2, 4), next_v=(2, 0, 2, 4)), r"fading.next_k \(2, 0, 2, 4\) .* M_f >= 1"),
+    (dict(fk=(2, 2, 3)), r"fading.fk \(2, 2, 3\) must be \[B, K, P\] = \(2, 2, 4\)"),
+    (dict(fv=(2, 1, 2, 4)), r"fading.fv \(2, 1, 2, 4\) must be \[B, K, P\]"),
+    (dict(fading_len=3), r"fading must be \(next_k, next_v, fk, fv\) or None, got a tuple of 3"),
+    (dict(history=(2, 3, 5)), r"history \(2, 3, 5\) float32 must be \[B, 4, D\] = \[2, 4, D\] float32"),
+    (dict(history_dtype=jnp.bfloat16), r"history \(2, 4, 5\) bfloat16 must be \[B, 4, D\]"),
+    (dict(a=(2, 6)), r"history's a \(2, 6\) must be \[B, D\] = \(2, 5\)"),
+    (dict(history_len=1), r"history must be \(history, a\) or None, got a tuple of 1"),
 ])
 def test_bad_inputs_are_refused(change, match):
   shape = lambda name, default: change.get(name, default)
@@ -214,8 +285,12 @@ def test_bad_inputs_are_refused(change, match):
   cand = Store(jnp.zeros(shape("cand_k", (2, 3, 2, 4))), jnp.zeros(shape("cand_v", (2, 3, 2, 4))),
                jnp.zeros(shape("cand_score", (2, 3))), jnp.zeros(shape("cand_pos", (2, 3)), jnp.int32),
                jnp.zeros(shape("cand_valid", (2, 3)), bool))
+  fading = (jnp.zeros(shape("next_k", (2, 3, 2, 4))), jnp.zeros(shape("next_v", (2, 3, 2, 4))),
+            jnp.zeros(shape("fk", (2, 2, 4))), jnp.zeros(shape("fv", (2, 2, 4))))[:change.get("fading_len", 4)]
   args = (ring_k, ring_v, cand, jnp.zeros(shape("k", (2, 2, 4))), jnp.zeros(shape("v", (2, 2, 4))),
-          jnp.zeros(shape("k_raw", (2, 2, 4))), jnp.zeros(shape("score", (2,))), jnp.zeros(shape("t", ()), jnp.int32))
+          jnp.zeros(shape("k_raw", (2, 2, 4))), jnp.zeros(shape("score", (2,))), jnp.zeros(shape("t", ()), jnp.int32),
+          fading, (jnp.zeros(shape("history", (2, 4, 5)), change.get("history_dtype", jnp.float32)),
+                   jnp.zeros(shape("a", (2, 5))))[:change.get("history_len", 2)])
   for fn in (decode_token_update, decode_token_update_reference):
     with pytest.raises(ValueError, match=match):
       fn(*args)
@@ -235,6 +310,8 @@ def test_update_fn_follows_decode_attn_impl(monkeypatch):
   assert get_decode_update_fn("reference") is decode_token_update_reference
   with pytest.raises(ValueError, match="num_warps must be positive"):
     BlockSizes(num_warps=0)
+  with pytest.raises(ValueError, match="shift_rows must be positive"):
+    BlockSizes(shift_rows=0)
 
 
 def test_attention_step_pallas_state_equals_reference():
@@ -257,3 +334,35 @@ def test_attention_step_pallas_state_equals_reference():
   np.testing.assert_array_equal(np.asarray(pos_p), np.asarray(pos_r))
   assert int(np.sum(np.asarray(pos_r) != NO_POS)) > 10                    # candidates were taken at every chunk
   np.testing.assert_allclose(np.asarray(y_p), np.asarray(y_r), atol=1e-5, rtol=1e-5)
+
+
+def concatenates(jaxpr) -> list[tuple[int, ...]]:
+  """Output shapes of every concatenate in a jaxpr and the jaxprs inside its equations (loops, conditionals)."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "concatenate":
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+          shapes += concatenates(getattr(sub, "jaxpr", sub))
+  return shapes
+
+
+@pytest.mark.parametrize("family", ["bmojo", "bmojo_f"])
+def test_attention_step_shifts_in_the_kernel(family):
+  """With decode_attn_impl pallas, `Attention.step` shifts the fading buffers and the history in the update kernel:
+  its program has no concatenate of a fading buffer's shape [B, M_f, K, P] (the reference's step has two), and of
+  the [B, 5, D] ones (history and input) only the score's own (the reference's step has a second, `last_inputs`)."""
+  cfg = lambda impl: tiny_config(family, compute=dict(decode_attn_impl=impl))
+  b, d = 2, cfg("pallas").d_model
+  a, fading = host_normal(11, (2, b, 1, d))
+  counts = {}
+  for impl in ("pallas", "reference"):
+    module = Attention(cfg(impl), rngs=nnx.Rngs(0))
+    state = module.init_state(b, 8)
+    jaxpr = jax.make_jaxpr(lambda a, f, s: module.step(a, s, fading=f))(a, fading, state).jaxpr
+    shapes = concatenates(jaxpr)
+    counts[impl] = (shapes.count(state.next_fading_k.shape), shapes.count((b, 5, d)))
+  history = family == "bmojo"                                        # B'MOJO-F has no eidetic score
+  assert counts == {"pallas": (0, int(history)), "reference": (2, 2 * history)}, counts

@@ -1,13 +1,18 @@
-"""Triton kernel of a decode token's cache update: the ring writes and the candidate insertion in one launch.
+"""Triton kernel of a decode token's cache update: the ring writes, the shifts of the fading buffers and of the
+innovation history, and the candidate insertion in one launch.
 
-Shapes as in `reference.py`, with the features of a row flattened (F = K·P, padded to a power of two in the
-kernel and masked). One program per row b of the grid (B,): it writes k and v into ring slot t mod S, takes the
-row's candidate decision (k_e scores and positions, padded to a power of two and masked on load) and, when the
-token replaces a candidate, writes k_raw, v, the score and the position t into that candidate's slot. Every array
-is updated in place (`input_output_aliases`): a token writes only its own rows, nothing else is read or copied.
-The features are not split over programs: a program reading the candidates' scores could then see another's
-write of the new score (no order between programs) and choose another slot; a row is a few KB (K·P = 2048 at
-1.4B), and the batch-1 launch is one program either way.
+Shapes as in `reference.py`, with the features of a row flattened (F = K·P, padded to a power of two in the kernel
+and masked). One program per row b of the grid (B,): it writes k and v into ring slot t mod S; with fading tokens
+it moves rows 1..M_f-1 of next_fading_k, next_fading_v one row up and writes the read-out fk, fv into row M_f-1,
+and with a history rows 1..3 of history [4, D] one row up and the input a (fp32) into row 3 (`shift_rows_up`: a row
+is loaded before it is overwritten, by the same threads, in program order, so the shift is safe in place); with
+candidates it takes the row's candidate decision (k_e scores and positions, padded to a power of two and masked on
+load) and, when the token replaces a candidate, writes k_raw, v, the score and the position t into that candidate's
+slot. Every array is updated in place (`input_output_aliases`): a token writes only its own rows, nothing else is
+read or copied (a jnp shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back
+into the carry, per buffer and layer). The features are not split over programs: a program reading the candidates'
+scores could then see another's write of the new score (no order between programs) and choose another slot; a row
+is a few KB (K·P = 2048 at 1.4B), and the batch-1 launch is one program either way.
 
 The decision is `insert_candidate`'s with reductions Triton has (no argmax): worst = min score; among the slots at
 the worst score, the latest position; among those (empty slots all hold NO_POS) the first index, as argmax picks;
@@ -28,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bmojo_jax.memory.store import Store
+from bmojo_jax.pallas_kernels.decode_update.reference import Fading
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,12 +41,17 @@ class BlockSizes:
   """Launch parameters of the update kernel.
 
   num_warps: Triton's warps per program (one program per row, next_pow2(K·P) features).
+  shift_rows: rows of a shifted buffer a program loads before it stores them one row up (`shift_rows_up`): the
+    loads in flight, each a padded row of each buffer (4: 64 registers a thread for the two fading buffers at
+    K·P = 2048 bf16 with 4 warps; the history's 3 rows of D = 2048 fp32: 48).
   """
   num_warps: int = 4
+  shift_rows: int = 4
 
   def __post_init__(self):
-    if self.num_warps <= 0:
-      raise ValueError(f"BlockSizes.num_warps must be positive, got {self.num_warps}")
+    for name in ("num_warps", "shift_rows"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"BlockSizes.{name} must be positive, got {getattr(self, name)}")
 
 
 def next_pow2(n: int) -> int:
@@ -63,76 +74,120 @@ def choose_candidate(score_ref, pos_ref, new_score, n_cand: int):
   return new_score > worst, index
 
 
-def update_kernel(*refs, has_cand: bool, size: int, n_feat: int, n_cand: int, block_f: int):
-  """Refs: t [], k, v [F], (k_raw [F], score [1]), the aliased inputs ring k, v [S, F], (cand k, v [k_e, F],
-  cand score, pos [k_e]), then the outputs they alias, in the same order, (and the replaced index [1] int32).
-  Of the aliased inputs only the candidates' scores and positions are read, before anything is written."""
-  n_in, n_alias = (5, 6) if has_cand else (3, 2)
-  ins, aliased, outs = refs[:n_in], refs[n_in:n_in + n_alias], refs[n_in + n_alias:]
-  t = ins[0][()]
+def row_features(n_feat: int):
+  """(slice, mask [next_pow2(n_feat)]) of a row's features: the power-of-two block Triton loads, masked."""
+  block = next_pow2(n_feat)
+  return pl.ds(pl.program_id(0) * 0, block), jnp.arange(block, dtype=jnp.int32) < n_feat   # a traced 0: dynamic
+
+
+def shift_rows_up(bufs, news, n_rows: int, n_feat: int, group: int):
+  """The buffers bufs (refs [n_rows, n_feat]) one row up, in place, the new rows news (refs [n_feat], cast to the
+  buffers' dtype) into the last: rows 1..n_rows-1 loaded `group` at a time, then stored one row up (row i is
+  overwritten by the group after the one that loaded it). A row is loaded and stored as [1, next_pow2(n_feat)]
+  (masked) through the same ref (the same memory, one shape, so one layout: the thread that loads a feature of
+  a row is the one that later overwrites it, in program order; a layout conversion between them would pass a
+  barrier), so the shift needs no second buffer and no program touches another's rows."""
+  feat, in_row = row_features(n_feat)
+  mask = in_row[None]
+  at = lambda i: pl.ds(pl.program_id(0) * 0 + i, 1)
+  for first in range(1, n_rows, group):
+    rows = range(first, min(first + group, n_rows))
+    loaded = [[plgpu.load(buf.at[at(i), feat], mask=mask, other=0) for buf in bufs] for i in rows]
+    for i, xs in zip(rows, loaded):
+      for buf, x in zip(bufs, xs):
+        plgpu.store(buf.at[at(i - 1), feat], x, mask=mask)
+  for buf, new in zip(bufs, news):
+    x = plgpu.load(new.at[feat], mask=in_row, other=0)
+    plgpu.store(buf.at[at(n_rows - 1), feat], x.astype(buf.dtype)[None], mask=mask)
+
+
+def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], shift_rows: int):
+  """Refs: the inputs named in_names (t [], k, v [F]; with fading tokens fk, fv [F]; with a history a [D]; with
+  candidates k_raw [F], score [1]), the aliased inputs named alias_names (ring_k, ring_v [S, F]; next_k, next_v
+  [M_f, F]; history [4, D]; cand_k, cand_v [k_e, F], cand_score, cand_pos [k_e]), then the outputs they alias,
+  in the same order (and with candidates the replaced index [1] int32). Of the aliased inputs only the
+  candidates' scores and positions are read, before anything is written; the buffers are shifted through their
+  outputs (`shift_rows_up`)."""
+  n_in, n_alias = len(in_names), len(alias_names)
+  ins, old = dict(zip(in_names, refs[:n_in])), dict(zip(alias_names, refs[n_in:n_in + n_alias]))
+  outs = dict(zip(alias_names + ("index",), refs[n_in + n_alias:]))
+  size, n_feat = outs["ring_k"].shape
+  t = ins["t"][()]
   zero = pl.program_id(0) * 0                                     # a traced 0: loads at a dynamic index
-  feat = pl.ds(zero, block_f)
-  in_row = jnp.arange(block_f, dtype=jnp.int32) < n_feat                         # [block_f]
+  feat, in_row = row_features(n_feat)                                            # in_row [block_f]
   slot = lax.rem(t, size)                                                        # t >= 0
-  for src, dst in ((ins[1], outs[0]), (ins[2], outs[1])):
+  for src, dst in ((ins["k"], outs["ring_k"]), (ins["v"], outs["ring_v"])):
     x = plgpu.load(src.at[feat], mask=in_row, other=0)
     plgpu.store(dst.at[pl.ds(slot, 1), feat], x.astype(dst.dtype)[None], mask=in_row[None])
-  if not has_cand:
+  if "next_k" in outs:
+    bufs = (outs["next_k"], outs["next_v"])
+    shift_rows_up(bufs, (ins["fk"], ins["fv"]), bufs[0].shape[0], n_feat, shift_rows)
+  if "history" in outs:
+    shift_rows_up((outs["history"],), (ins["a"],), *outs["history"].shape, shift_rows)
+  if "cand_k" not in outs:
     return
-  v_ref, k_raw_ref, new_ref = ins[2:]
-  ck_ref, cv_ref, cs_ref, cp_ref, index_ref = outs[2:]
-  new = plgpu.load(new_ref.at[pl.ds(zero, 1)])                                  # [1] fp32
-  replace, index = choose_candidate(aliased[4], aliased[5], new[0], n_cand)
+  n_cand = outs["cand_k"].shape[0]
+  new = plgpu.load(ins["score"].at[pl.ds(zero, 1)])                             # [1] fp32
+  replace, index = choose_candidate(old["cand_score"], old["cand_pos"], new[0], n_cand)
   write = in_row & replace
-  for src, dst in ((k_raw_ref, ck_ref), (v_ref, cv_ref)):
+  for src, dst in ((ins["k_raw"], outs["cand_k"]), (ins["v"], outs["cand_v"])):
     x = plgpu.load(src.at[feat], mask=write, other=0)
     plgpu.store(dst.at[pl.ds(index, 1), feat], x.astype(dst.dtype)[None], mask=write[None])
   one = jnp.full((1,), replace)
-  plgpu.store(cs_ref.at[pl.ds(index, 1)], new.astype(cs_ref.dtype), mask=one)
-  plgpu.store(cp_ref.at[pl.ds(index, 1)], jnp.full((1,), t, jnp.int32), mask=one)
-  index_ref[...] = jnp.full((1,), jnp.where(replace, index, -1), jnp.int32)
+  plgpu.store(outs["cand_score"].at[pl.ds(index, 1)], new.astype(outs["cand_score"].dtype), mask=one)
+  plgpu.store(outs["cand_pos"].at[pl.ds(index, 1)], jnp.full((1,), t, jnp.int32), mask=one)
+  outs["index"][...] = jnp.full((1,), jnp.where(replace, index, -1), jnp.int32)
 
 
-def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, score, t, *,
-                            block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """The kernel and the valid flags: (ring_k, ring_v, cand) as the reference gives them (shapes checked by the
-  caller)."""
+def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, score, t, fading: Fading | None = None,
+                            history: tuple | None = None, *, block_sizes: BlockSizes | None = None,
+                            interpret: bool = False):
+  """The kernel and the valid flags: (ring_k, ring_v, cand, (next_k, next_v) or None, history or None) as the
+  reference gives them (shapes checked by the caller; history (history [B, 4, D], a [B, D]) or None)."""
   blocks = block_sizes or BlockSizes()
-  b, size, kh, p = ring_k.shape
-  n_feat = kh * p
-  block_f = next_pow2(n_feat)
-  flat = lambda x: x.reshape(*x.shape[:-2], n_feat)
-  has_cand = cand is not None
-  n_cand = cand.k.shape[1] if has_cand else 0
-  row = lambda *shape: pl.BlockSpec((None, *shape), lambda bi: (bi,) + (0,) * len(shape))
-  scalar = pl.BlockSpec((), lambda bi: ())
-  ins, in_specs = [jnp.asarray(t, jnp.int32), flat(k), flat(v)], [scalar, row(n_feat), row(n_feat)]
-  aliased, alias_specs = [flat(ring_k), flat(ring_v)], [row(size, n_feat)] * 2
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in aliased]
-  if has_cand:
-    ins += [flat(k_raw), score.astype(jnp.float32)[:, None]]
-    in_specs += [row(n_feat), row(1)]
-    aliased += [flat(cand.k), flat(cand.v), cand.score, cand.pos]
-    alias_specs += [row(n_cand, n_feat)] * 2 + [row(n_cand)] * 2
-    out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in aliased[2:]] + [
-        jax.ShapeDtypeStruct((b, 1), jnp.int32)]
-  out_specs = alias_specs + ([row(1)] if has_cand else [])
-  kernel = functools.partial(update_kernel, has_cand=has_cand, size=size, n_feat=n_feat, n_cand=n_cand,
-                             block_f=block_f)
+  b, _, kh, p = ring_k.shape
+  flat = lambda x: x.reshape(*x.shape[:-2], kh * p)
+  ins = {"t": jnp.asarray(t, jnp.int32), "k": flat(k), "v": flat(v)}
+  aliased = {"ring_k": flat(ring_k), "ring_v": flat(ring_v)}
+  if fading is not None:
+    ins.update(fk=flat(fading.fk), fv=flat(fading.fv))
+    aliased.update(next_k=flat(fading.next_k), next_v=flat(fading.next_v))
+  if history is not None:
+    aliased["history"], ins["a"] = history
+  if cand is not None:
+    ins.update(k_raw=flat(k_raw), score=score.astype(jnp.float32)[:, None])
+    aliased.update(cand_k=flat(cand.k), cand_v=flat(cand.v), cand_score=cand.score, cand_pos=cand.pos)
+
+  def spec(x):                  # one program per row b: every array but t is [B, ...], a program sees its row
+    if not x.ndim:
+      return pl.BlockSpec((), lambda bi: ())
+    return pl.BlockSpec((None, *x.shape[1:]), lambda bi: (bi,) + (0,) * (x.ndim - 1))
+
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in aliased.values()]
+  if cand is not None:
+    out_shape.append(jax.ShapeDtypeStruct((b, 1), jnp.int32))                  # the replaced index
+  kernel = functools.partial(update_kernel, in_names=tuple(ins), alias_names=tuple(aliased),
+                             shift_rows=blocks.shift_rows)
+  args = [*ins.values(), *aliased.values()]
   outs = pl.pallas_call(
       kernel,
       grid=(b,),
-      in_specs=in_specs + alias_specs,
-      out_specs=out_specs,
+      in_specs=[spec(x) for x in args],
+      out_specs=[spec(x) for x in out_shape],
       out_shape=out_shape,
       input_output_aliases={len(ins) + i: i for i in range(len(aliased))},
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
       interpret=interpret,
       name="decode_token_update",
-  )(*ins, *aliased)
-  ring_k, ring_v = (o.reshape(x.shape) for o, x in zip(outs[:2], (ring_k, ring_v)))
-  if not has_cand:
-    return ring_k, ring_v, None
-  ck, cv, cs, cp, index = outs[2:]
-  valid = cand.valid | (jnp.arange(n_cand, dtype=jnp.int32) == index)                # index [B, 1]
-  return ring_k, ring_v, Store(ck.reshape(cand.k.shape), cv.reshape(cand.v.shape), cs, cp, valid)
+  )(*args)
+  out = dict(zip(tuple(aliased) + ("index",), outs))
+  ring_k, ring_v = out["ring_k"].reshape(ring_k.shape), out["ring_v"].reshape(ring_v.shape)
+  next_fading = None if fading is None else (out["next_k"].reshape(fading.next_k.shape),
+                                             out["next_v"].reshape(fading.next_v.shape))
+  new_history = None if history is None else out["history"]
+  if cand is None:
+    return ring_k, ring_v, None, next_fading, new_history
+  valid = cand.valid | (jnp.arange(cand.k.shape[1], dtype=jnp.int32) == out["index"])    # index [B, 1]
+  new_cand = Store(out["cand_k"].reshape(cand.k.shape), out["cand_v"].reshape(cand.v.shape), out["cand_score"],
+                   out["cand_pos"], valid)
+  return ring_k, ring_v, new_cand, next_fading, new_history

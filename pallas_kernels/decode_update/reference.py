@@ -1,24 +1,80 @@
 """Plain-jnp reference of a decode token's cache update: its key and value into the ring, its selection candidate
-into the chunk's candidate store.
+into the chunk's candidate store, its fading read-out into the buffer of the next fading tokens, its attention input
+into the innovation test's history.
 
 Shapes (legend in `bmojo_jax/typing.py`): ring_k, ring_v [B, S, K, P], slot s holding position t - ((t - s) mod S);
 cand a `Store` [B, k_e, …] (k, v [B, k_e, K, P], score [B, k_e] fp32, pos [B, k_e] int32, valid [B, k_e] bool);
-k (RoPE applied), v, k_raw (without RoPE) [B, K, P]; score [B] fp32; t a scalar int32, the token's position.
+k (RoPE applied), v, k_raw (without RoPE) [B, K, P]; score [B] fp32; t a scalar int32, the token's position;
+fading a `Fading` (next_k, next_v [B, M_f, K, P], the projections of the last M_f read-outs, oldest first; fk,
+fv [B, K, P], the token's read-out); history a pair (history [B, 4, D] fp32, the last 4 attention inputs, oldest
+first; a [B, D], the token's).
 
 The semantics are those of the jnp decode step (`bmojo_jax.attention.Attention._token_step`): two dynamic_update_slices
-into slot t mod S and `bmojo_jax.memory.selection.insert_candidate`; this file only names them together.
+into slot t mod S, `bmojo_jax.memory.selection.insert_candidate`, the fading buffers shifted by one row, the
+read-out appended (`shift_in`), and `bmojo_jax.memory.scoring.last_inputs`, the same shift of the history; this
+file only names them together.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from bmojo_jax.memory.scoring import PREDICTOR_TAPS, last_inputs
 from bmojo_jax.memory.selection import insert_candidate
 from bmojo_jax.memory.store import Store
 
 
-def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t):
+class Fading(NamedTuple):
+  """The fading part of a decode token's update: the buffers of the next fading tokens and the new read-out."""
+  next_k: jax.Array             # [B, M_f, K, P] projections of the last M_f read-outs, oldest first
+  next_v: jax.Array
+  fk: jax.Array                 # [B, K, P] the token's read-out, projected
+  fv: jax.Array
+
+
+def shift_in(buf: jax.Array, new: jax.Array) -> jax.Array:
+  """buf [B, M_f, K, P] without its first row, new [B, K, P] (cast to buf's dtype) as its last."""
+  return jnp.concatenate([buf[:, 1:], new[:, None].astype(buf.dtype)], axis=1)
+
+
+def as_fading(fading) -> Fading | None:
+  """fading as a `Fading` (any 4-tuple next_k, next_v, fk, fv), or None."""
+  if fading is None or isinstance(fading, Fading):
+    return fading
+  n = len(fading) if isinstance(fading, (tuple, list)) else None
+  if n != 4:
+    raise ValueError(f"fading must be (next_k, next_v, fk, fv) or None, got a {type(fading).__name__}"
+                     + ("" if n is None else f" of {n}"))
+  return Fading(*fading)
+
+
+def check_fading(fading: Fading, b: int, kh: int, p: int):
+  nk, nv = fading.next_k, fading.next_v
+  if nk.ndim != 4 or nk.shape[0] != b or nk.shape[1] < 1 or nk.shape[2:] != (kh, p) or nv.shape != nk.shape:
+    raise ValueError(f"fading.next_k {nk.shape} and fading.next_v {nv.shape} must be [B, M_f, K, P] = "
+                     f"[{b}, M_f >= 1, {kh}, {p}], the same shape")
+  for name in ("fk", "fv"):
+    if getattr(fading, name).shape != (b, kh, p):
+      raise ValueError(f"fading.{name} {getattr(fading, name).shape} must be [B, K, P] = {(b, kh, p)}")
+
+
+def check_history(history, b: int):
+  n = len(history) if isinstance(history, (tuple, list)) else None
+  if n != 2:
+    raise ValueError(f"history must be (history, a) or None, got a {type(history).__name__}"
+                     + ("" if n is None else f" of {n}"))
+  buf, a = history
+  if buf.ndim != 3 or buf.shape[:2] != (b, PREDICTOR_TAPS) or buf.dtype != jnp.float32:
+    raise ValueError(f"history {buf.shape} {buf.dtype} must be [B, {PREDICTOR_TAPS}, D] = [{b}, {PREDICTOR_TAPS}, D] "
+                     "float32")
+  if a.shape != (b, buf.shape[2]):
+    raise ValueError(f"history's a {a.shape} must be [B, D] = {(b, buf.shape[2])}")
+
+
+def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading=None, history=None):
   """Raise a ValueError naming the offending argument and its shape."""
   if ring_k.ndim != 4 or ring_v.shape != ring_k.shape:
     raise ValueError(f"ring_k {ring_k.shape} and ring_v {ring_v.shape} must be [B, S, K, P], the same shape")
@@ -28,6 +84,10 @@ def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t):
       raise ValueError(f"{name} {x.shape} must be [B, K, P] = {(b, kh, p)} (ring_k {ring_k.shape})")
   if jnp.shape(t) != ():
     raise ValueError(f"t must be a scalar position, got shape {jnp.shape(t)}")
+  if fading is not None:
+    check_fading(as_fading(fading), b, kh, p)
+  if history is not None:
+    check_history(history, b)
   if cand is None:
     if k_raw is not None or score is not None:
       raise ValueError("k_raw and score come with a candidate store: cand is None")
@@ -49,15 +109,24 @@ def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t):
 
 
 def decode_token_update_reference(ring_k: jax.Array, ring_v: jax.Array, cand: Store | None, k: jax.Array,
-                                  v: jax.Array, k_raw: jax.Array | None, score: jax.Array | None, t: jax.Array
-                                  ) -> tuple[jax.Array, jax.Array, Store | None]:
-  """(ring_k, ring_v, cand) after the token at position t: k, v in ring slot t mod S (cast to the ring's dtype);
-  (score, k_raw, v, pos t) offered to the candidates by `insert_candidate` (cand None: no candidates, k_raw and
-  score None too)."""
-  check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t)
+                                  v: jax.Array, k_raw: jax.Array | None, score: jax.Array | None, t: jax.Array,
+                                  fading: Fading | tuple | None = None, history: tuple | None = None
+                                  ) -> tuple[jax.Array, jax.Array, Store | None, tuple[jax.Array, jax.Array] | None,
+                                             jax.Array | None]:
+  """(ring_k, ring_v, cand, (next_k, next_v), history) after the token at position t: k, v in ring slot t mod S
+  (cast to the ring's dtype); (score, k_raw, v, pos t) offered to the candidates by `insert_candidate` (cand
+  None: no candidates, k_raw and score None too); the fading buffers shifted by one row with fk, fv last
+  (`shift_in`; fading None: no fading tokens, None returned in their place); the history shifted by one row with
+  a (fp32) last (`last_inputs`; history None: None returned)."""
+  check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading, history)
   slot = t % ring_k.shape[1]
   ring_k = jax.lax.dynamic_update_slice_in_dim(ring_k, k[:, None].astype(ring_k.dtype), slot, axis=1)
   ring_v = jax.lax.dynamic_update_slice_in_dim(ring_v, v[:, None].astype(ring_v.dtype), slot, axis=1)
   if cand is not None:
     cand = insert_candidate(cand, score, k_raw, v, t)
-  return ring_k, ring_v, cand
+  fading = as_fading(fading)
+  if fading is not None:
+    fading = (shift_in(fading.next_k, fading.fk), shift_in(fading.next_v, fading.fv))
+  if history is not None:
+    history = last_inputs(history[1][:, None], history[0])
+  return ring_k, ring_v, cand, fading, history
