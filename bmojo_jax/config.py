@@ -86,7 +86,7 @@ class AttnImpl(enum.StrEnum):
 class DecodeAttnImpl(enum.StrEnum):
   """A decode step's attention sublayer: its query over the ring cache and the memory tokens, and its cache update
   (resolved in `bmojo_jax.kernels.get_decode_attention_fn` and `get_decode_update_fn`)."""
-  AUTO = "auto"                # GPU: the update kernel; the attention kernel for a ring <= 32 MiB, else the jnp one
+  AUTO = "auto"                # GPU: the update kernel; the attention kernel for a ring <= 32 MiB or a large batch
   REFERENCE = "reference"      # jnp (`bmojo_jax.decode_cache.decode_attention`, `insert_candidate`); CPU, TPU auto
   PALLAS = "pallas"            # two Triton kernels (GPU; CPU: interpret mode; no TPU kernels)
 

@@ -18,9 +18,10 @@ one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`,
                pallas       `pallas_kernels.decode_attention.decode_step_attention` and
                             `pallas_kernels.decode_update.decode_token_update`, one Triton kernel each (GPU; CPU:
                             interpret mode; no TPU kernels)
-               auto (GPU)   the attention per call by the ring cache's size (`decode_step_attention_by_size`): the
-                            kernel for a small ring (batch 1 at short contexts), the reference for a large one; the
-                            update's kernel
+               auto (GPU)   the attention per call by the ring cache's shape (`decode_step_attention_by_size`): the
+                            kernel for a small ring (batch 1 at short contexts) or a launch of one program per row
+                            and kv head (a large batch), the reference for a large ring split over programs (long
+                            contexts at a small batch); the update's kernel
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 
 from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
+from bmojo_jax.pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
@@ -136,16 +138,23 @@ def get_attention_fn(impl: AttnImpl | str):
 # (B'MOJO's S 512 with its memory tokens at batch 1: 27 vs 39, batch 8: 31 vs 52; the Transformer's at batch 1,
 # S 1024: 11 vs 23, S 4096: 25 vs 65), not a larger one, which XLA's fusions of the reference stream near
 # bandwidth (S 8192: 44 vs 41, 64 MiB; S 32768: 161 vs 124; batch 64 x S 512: 203 vs 180). The limit is on the
-# ring's K and V bytes (the whole arrays: all rows and kv heads).
+# ring's K and V bytes (the whole arrays: all rows and kv heads). Those kernel figures are of its products as
+# multiplies and sums. With them as tensor-core dots (`BlockSizes.dot`, the default since) the kernel also wins where
+# each (row, kv head) is one program and the ring is not split (batch · kv heads >= BlockSizes().min_programs):
+# B'MOJO's 1.4B decode loop at batch 64 (S 512, 256 MiB of ring a layer) ran 10,587 tok/s through it against 8,726
+# through the reference (one H100, one call, benchmarks/results/decode_attention_dot_h100.json). A large ring split
+# over programs (the Transformer's 8k-32k at batch 1) keeps the reference: the dot form was not timed there.
 DECODE_KERNEL_MAX_RING_BYTES = 32 << 20
 
 
 def decode_step_attention_by_size(q, ring_k, ring_v, t, **kw):
   """`auto` on a GPU: `decode_step_attention` (the kernel) where the ring's K and V take at most
-  DECODE_KERNEL_MAX_RING_BYTES, else `decode_step_attention_reference` (a static choice: shapes are known when
+  DECODE_KERNEL_MAX_RING_BYTES or where the launch gives each (row, kv head) one program (batch · kv heads >=
+  `BlockSizes().min_programs`), else `decode_step_attention_reference` (a static choice: shapes are known when
   the step is traced)."""
   small = ring_k.size * ring_k.dtype.itemsize + ring_v.size * ring_v.dtype.itemsize <= DECODE_KERNEL_MAX_RING_BYTES
-  return (decode_step_attention if small else decode_step_attention_reference)(q, ring_k, ring_v, t, **kw)
+  unsplit = ring_k.shape[0] * ring_k.shape[2] >= DecodeBlockSizes().min_programs
+  return (decode_step_attention if small or unsplit else decode_step_attention_reference)(q, ring_k, ring_v, t, **kw)
 
 
 def get_decode_attention_fn(impl: DecodeAttnImpl | str):

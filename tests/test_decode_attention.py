@@ -188,18 +188,24 @@ def test_decode_attention_fn_follows_decode_attn_impl():
     ComputeConfig(decode_attn_impl="cudnn")
 
 
-def test_auto_on_gpu_takes_the_kernel_for_a_small_ring_only(monkeypatch):
+def test_auto_on_gpu_takes_the_kernel_for_a_small_ring_or_an_unsplit_launch(monkeypatch):
   """`decode_step_attention_by_size` (auto on a GPU) calls the kernel while the ring's K and V fit
-  DECODE_KERNEL_MAX_RING_BYTES and the reference past it, with the same arguments."""
+  DECODE_KERNEL_MAX_RING_BYTES, and past it the reference, unless batch · kv heads gives the kernel one program per
+  (row, kv head) (BlockSizes().min_programs), with the same arguments."""
   calls = []
   monkeypatch.setattr(kernels, "decode_step_attention", lambda *a, **kw: calls.append(("pallas", a, kw)))
   monkeypatch.setattr(kernels, "decode_step_attention_reference", lambda *a, **kw: calls.append(("reference", a, kw)))
   limit = kernels.DECODE_KERNEL_MAX_RING_BYTES
-  q, t = jnp.zeros((1, 2, 8), jnp.bfloat16), jnp.int32(3)
-  for rows, want in ((limit // (2 * 2 * 2 * 8), "pallas"), (limit // (2 * 2 * 2 * 8) + 1, "reference")):
-    ring = jax.ShapeDtypeStruct((1, rows, 2, 8), jnp.bfloat16)                  # K and V: 2 · rows · 2 · 8 · 2 bytes
+  t = jnp.int32(3)
+  wide = BlockSizes().min_programs // 2                                  # batch 2 x this many kv heads: unsplit
+  for batch, heads, rows, want in ((1, 2, limit // (2 * 2 * 2 * 8), "pallas"),
+                                   (1, 2, limit // (2 * 2 * 2 * 8) + 1, "reference"),
+                                   (2, wide - 1, limit // (2 * 2 * 2 * 8), "reference"),
+                                   (2, wide, limit // (2 * 2 * 2 * 8), "pallas")):
+    q = jnp.zeros((batch, heads, 8), jnp.bfloat16)
+    ring = jax.ShapeDtypeStruct((batch, rows, heads, 8), jnp.bfloat16)   # K and V: 2 · batch · rows · heads · 8 · 2 B
     kernels.decode_step_attention_by_size(q, ring, ring, t, window=None)
-    assert calls[-1] == (want, (q, ring, ring, t), {"window": None})
+    assert calls[-1] == (want, (q, ring, ring, t), {"window": None}), (batch, heads, rows)
 
 
 T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading tokens and the store fill
@@ -233,9 +239,9 @@ def test_bench_tiny_writes_records(tmp_path):
   records = decode_attention_bench.main(["--tiny", "--out", str(tmp_path)])
   assert json.load(open(next(tmp_path.glob("decode_attention_*.json")))) == records
   assert {(r["shape"], r["impl"]) for r in records} == {(s.name, i) for s in decode_attention_bench.TINY
-                                                        for i in ("pallas", "pallas_dot", "reference")}
+                                                        for i in ("pallas", "pallas_sum", "reference")}
   assert not [r for r in records if "error" in r]
   for shape in decode_attention_bench.TINY:
     err = {r["impl"]: r["max_err_vs_fp32"] for r in records if r["shape"] == shape.name}
-    assert max(err["pallas"], err["pallas_dot"]) <= 2 * err["reference"] + 1e-3, err
+    assert max(err["pallas"], err["pallas_sum"]) <= 2 * err["reference"] + 1e-3, err
     assert all(r["us_per_layer"] > 0 for r in records)

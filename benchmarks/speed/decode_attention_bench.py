@@ -1,5 +1,6 @@
 """A decode step's attention on a GPU: the Pallas kernel (pallas_kernels/decode_attention), its products as
-multiplies and sums ("pallas") and as tensor-core dots ("pallas_dot", `BlockSizes.dot`), against the jnp reference.
+tensor-core dots ("pallas", the default `BlockSizes`) and as multiplies and sums ("pallas_sum", `BlockSizes.dot`
+False), against the jnp reference.
 
   python3 -m benchmarks.speed.decode_attention_bench   # -> benchmarks/results/decode_attention_<device>.json
   python3 -m benchmarks.speed.decode_attention_bench --tiny   # CPU smoke
@@ -94,7 +95,7 @@ def layer_loop(attend, shape: Shape):
 
 def run_shape(shape: Shape, layers: int, interpret: bool, iters: int) -> list[dict]:
   layers_in = per_layer(make_inputs(shape, layers), layers)     # the stacked arrays are freed on return
-  blocks = {"pallas": BlockSizes(), "pallas_dot": BlockSizes(dot=True)}
+  blocks = {"pallas": BlockSizes(), "pallas_sum": BlockSizes(dot=False)}
   impls = {name: functools.partial(decode_step_attention, block_sizes=b, interpret=interpret)
            for name, b in blocks.items()}
   impls["reference"] = decode_step_attention_reference
