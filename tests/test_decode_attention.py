@@ -1,5 +1,5 @@
-"""The decode-step attention kernel (pallas_kernels/decode_attention, interpret mode) = its jnp reference, and a
-model decoding through it = the parallel forward."""
+"""The decode-step attention kernel (pallas_kernels/decode_attention; Pallas' interpreter on a CPU, compiled on a
+GPU) = its jnp reference, and a model decoding through it = the parallel forward."""
 
 import dataclasses
 
@@ -83,7 +83,7 @@ def inputs(case: Case, dtype):
 def run(case: Case, dtype):
   """(kernel, reference in dtype, reference in fp32 of the same rounded inputs), each one compile."""
   q, rk, rv, t, kw = inputs(case, dtype)
-  kernel = jax.jit(lambda *a: decode_step_attention(*a, block_sizes=case.blocks(), interpret=True, **kw))
+  kernel = jax.jit(lambda *a: decode_step_attention(*a, block_sizes=case.blocks(), interpret=None, **kw))
   ref = jax.jit(lambda *a: decode_step_attention_reference(*a, **kw))
   up = lambda x: jax.tree.map(lambda y: y.astype(jnp.float32) if getattr(y, "dtype", None) == dtype else y, x)
   kw32 = up(kw)

@@ -1,7 +1,7 @@
-"""A decode token's cache update kernel (pallas_kernels/decode_update, interpret mode) = its jnp reference bit for bit
-(it only moves data and compares scores), with and without candidates, fading buffers and innovation history, the
-attention sublayer's decode state through it = through the reference, and the compiled kernel lowers to Triton in
-place."""
+"""A decode token's cache update kernel (pallas_kernels/decode_update; Pallas' interpreter on a CPU, compiled on a
+GPU) = its jnp reference bit for bit (it only moves data and compares scores), with and without candidates,
+fading buffers and innovation history, the attention sublayer's decode state through it = through the reference,
+and the compiled kernel lowers to Triton in place."""
 
 import dataclasses
 import re
@@ -115,7 +115,7 @@ def test_kernel_matches_reference_bit_exact(case):
   """Ring slot t mod S and the candidates as the reference leaves them, every bit, in one compile; the rows that
   should replace a candidate did, the others did not."""
   args, kinds = inputs(case)
-  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=True), decode_token_update_reference(*a)))
+  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=None), decode_token_update_reference(*a)))
   got, want = both(*args)
   assert_same(got, want)
   cand, new_cand = args[2], got[2]
@@ -150,7 +150,7 @@ def test_kernel_matches_reference_over_a_sequence():
       return carry, carry
     return jax.lax.scan(body, start, (*kv, a, scores, jnp.arange(n, dtype=jnp.int32)))[1]
 
-  kernel = lambda *a: decode_token_update(*a, interpret=True)
+  kernel = lambda *a: decode_token_update(*a, interpret=None)
   got, want = jax.jit(lambda: (run(kernel), run(decode_token_update_reference)))()
   assert_same(got, want)
   assert bool(np.all(np.asarray(want[2].valid[-1])))               # the candidates filled up
@@ -162,7 +162,7 @@ def test_ring_only_update():
   """cand, fading and history None (no memory tokens: the Transformer's and the Hybrid's): the ring writes alone."""
   case = CASES[2]
   (rk, rv, _, k, v, _, _, t, _, _), _ = inputs(case)
-  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=True), decode_token_update_reference(*a)))
+  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=None), decode_token_update_reference(*a)))
   got, want = both(rk, rv, None, k, v, None, None, t)
   assert got[2:] == (None,) * 3 and want[2:] == (None,) * 3
   assert_same(got[:2], want[:2])
@@ -186,7 +186,7 @@ def test_shifts_match_reference_bit_exact(case, with_cand):
   if not with_cand:
     args = args[:2] + (None,) + args[3:5] + (None, None) + args[7:]
   blocks = [BlockSizes()] + ([BlockSizes(shift_rows=3), BlockSizes(shift_rows=1)] if case.m_f == 4 else [])
-  fns = [lambda *a, bs=bs: decode_token_update(*a, block_sizes=bs, interpret=True) for bs in blocks]
+  fns = [lambda *a, bs=bs: decode_token_update(*a, block_sizes=bs, interpret=None) for bs in blocks]
   got, want = jax.jit(lambda *a: ([fn(*a) for fn in fns], decode_token_update_reference(*a)))(*args)
   if case.m_f:                                                      # the reference is the shift
     buf_k, buf_v, fk, fv = args[8]
@@ -214,7 +214,7 @@ MESH_SCRIPT = textwrap.dedent("""
 
     def kernel(*a):
       with use_mesh(mesh):
-        return decode_token_update(*a, interpret=True)
+        return decode_token_update(*a, interpret=None)
 
     text = jax.jit(kernel).lower(*args).as_text()
     assert "manual_computation" in text or "shard_map" in text, "not run per shard"
