@@ -205,8 +205,8 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
   layout = Layout.of(blocks, b, kh, size, gp, p, interpret)
   rows = lambda n: pl.BlockSpec((None, n, None, p), lambda bi, hi, j: (bi, 0, hi, 0))
-  in_specs = [pl.BlockSpec((), lambda bi, hi, j: ()), pl.BlockSpec((None, None, gp, p), lambda bi, hi, j: (bi, hi, 0, 0)),
-              rows(size), rows(size)]
+  in_specs = [pl.BlockSpec((), lambda bi, hi, j: ()),
+              pl.BlockSpec((None, None, gp, p), lambda bi, hi, j: (bi, hi, 0, 0)), rows(size), rows(size)]
   args = [jnp.asarray(t, jnp.int32), q4, ring_k, ring_v]
   if fading is not None:
     in_specs += [rows(fading[0].shape[1])] * 2
@@ -217,7 +217,8 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
     args += [store[0], store[1], store[2].astype(jnp.int32)]
   kernel = functools.partial(
       decode_kernel, has_fading=fading is not None, has_store=store is not None, window=window, chunk=chunk,
-      size=size, n_fading=0 if fading is None else fading[0].shape[1], n_store=0 if store is None else store[0].shape[1],
+      size=size, n_fading=0 if fading is None else fading[0].shape[1],
+      n_store=0 if store is None else store[0].shape[1],
       layout=layout, qk_scale=scale * LOG2E, fm=FastMath.for_launch(blocks.fast_math, interpret))
   n = layout.n_splits
   stat = pl.BlockSpec((None, None, None, gp), lambda bi, hi, j: (bi, hi, j, 0))
