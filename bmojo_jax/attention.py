@@ -30,6 +30,7 @@ from bmojo_jax.layers import einsum_layer, param, rope
 from bmojo_jax.memory import chunk_memory
 from bmojo_jax.memory.scoring import PREDICTOR_TAPS, ScoreInputs, last_inputs, selection_scores
 from bmojo_jax.memory.store import Store, empty_store, merge
+from bmojo_jax.pallas_kernels.decode_update import Fading
 from bmojo_jax.segments import Packing
 
 
@@ -225,7 +226,7 @@ class Attention(nnx.Module):
     update = get_decode_update_fn(cfg.compute.decode_attn_impl)
     ring_k, ring_v, cand, next_fading, history = update(
         state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t,
-        (state.next_fading_k, state.next_fading_v, fk[:, 0], fv[:, 0]) if m_f else None,
+        Fading(state.next_fading_k, state.next_fading_v, fk[:, 0], fv[:, 0]) if m_f else None,
         (state.history, a[:, 0]) if self.history_len else None)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
     if m_f:

@@ -18,7 +18,7 @@ one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`,
                pallas       `pallas_kernels.decode_attention.decode_step_attention` and
                             `pallas_kernels.decode_update.decode_token_update`, one Triton kernel each (GPU; CPU:
                             interpret mode; no TPU kernels)
-               auto (GPU)   the attention per call by the ring cache's shape (`decode_step_attention_by_size`): the
+               auto (GPU)   the attention per call by the ring cache's shape (`decode_step_attention_by_shape`): the
                             kernel for a small ring (batch 1 at short contexts) or a launch of one program per row
                             and kv head (a large batch), the reference for a large ring split over programs (long
                             contexts at a small batch); the update's kernel
@@ -33,6 +33,7 @@ import jax
 from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
 from bmojo_jax.pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
+from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout as DecodeLayout, next_pow2
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
@@ -142,27 +143,32 @@ def get_attention_fn(impl: AttnImpl | str):
 # multiplies and sums. With them as tensor-core dots (`BlockSizes.dot`, the default since) the kernel also wins where
 # each (row, kv head) is one program and the ring is not split (batch · kv heads >= BlockSizes().min_programs):
 # B'MOJO's 1.4B decode loop at batch 64 (S 512, 256 MiB of ring a layer) ran 10,587 tok/s through it against 8,726
-# through the reference (one H100, one call, benchmarks/results/decode_attention_dot_h100.json). A large ring split
-# over programs (the Transformer's 8k-32k at batch 1) keeps the reference: the dot form was not timed there.
+# through the reference (one H100, one call, benchmarks/results/decode_attention_dot_h100.json). Untimed, so left
+# to the reference: a large ring split over programs (the Transformer's 8k-32k at batch 1), and an unsplit launch
+# in the multiply-and-sum form (G > 1, P < 16), which lost at batch 64 (203 vs 180 us). Under a mesh the choice is
+# made on the global shapes.
 DECODE_KERNEL_MAX_RING_BYTES = 32 << 20
 
 
-def decode_step_attention_by_size(q, ring_k, ring_v, t, **kw):
+def decode_step_attention_by_shape(q, ring_k, ring_v, t, **kw):
   """`auto` on a GPU: `decode_step_attention` (the kernel) where the ring's K and V take at most
-  DECODE_KERNEL_MAX_RING_BYTES or where the launch gives each (row, kv head) one program (batch · kv heads >=
-  `BlockSizes().min_programs`), else `decode_step_attention_reference` (a static choice: shapes are known when
-  the step is traced)."""
+  DECODE_KERNEL_MAX_RING_BYTES, or where the launch gives each (row, kv head) one program (no split of the ring)
+  and takes the dot form (`pallas_kernels.decode_attention.kernel.Layout`); else `decode_step_attention_reference`
+  (a static choice: shapes are known when the step is traced)."""
+  b, size, kh, p = ring_k.shape
   small = ring_k.size * ring_k.dtype.itemsize + ring_v.size * ring_v.dtype.itemsize <= DECODE_KERNEL_MAX_RING_BYTES
-  unsplit = ring_k.shape[0] * ring_k.shape[2] >= DecodeBlockSizes().min_programs
-  return (decode_step_attention if small or unsplit else decode_step_attention_reference)(q, ring_k, ring_v, t, **kw)
+  layout = DecodeLayout.of(DecodeBlockSizes(), b, kh, size, next_pow2(q.shape[1] // kh), p, interpret=False)
+  unsplit_dot = layout.n_splits == 1 and layout.dot_rows > 0 and p & (p - 1) == 0
+  return (decode_step_attention if small or unsplit_dot else decode_step_attention_reference)(q, ring_k, ring_v, t,
+                                                                                                **kw)
 
 
 def get_decode_attention_fn(impl: DecodeAttnImpl | str):
   """fn(q, ring_k, ring_v, t, *, window, chunk, fading=None, store=None) -> o [B, H, P], a decode step's attention
   (`pallas_kernels.decode_attention`) that `impl` (`compute.decode_attn_impl`) resolves to on this backend
-  (`resolve_decode_attn_impl`; `auto` on a GPU: `decode_step_attention_by_size`)."""
+  (`resolve_decode_attn_impl`; `auto` on a GPU: `decode_step_attention_by_shape`)."""
   return {DecodeAttnImpl.REFERENCE: decode_step_attention_reference, DecodeAttnImpl.PALLAS: decode_step_attention,
-          DecodeAttnImpl.AUTO: decode_step_attention_by_size}[resolve_decode_attn_impl(impl)]
+          DecodeAttnImpl.AUTO: decode_step_attention_by_shape}[resolve_decode_attn_impl(impl)]
 
 
 def get_decode_update_fn(impl: DecodeAttnImpl | str):

@@ -52,6 +52,20 @@ def host_tokens(seed: int, shape: tuple[int, ...], vocab: int = 64) -> np.ndarra
   return np.random.default_rng(seed).integers(0, vocab, shape, dtype=np.int32)
 
 
+def jaxpr_eqns(jaxpr, guards: tuple[str, ...] = (), guarded: bool = False):
+  """(equation, guarded) for every equation of a jaxpr and of the jaxprs its equations call (scans, loops,
+  conditionals, pjit, custom VJPs, checkpoints), in order; guarded: inside an equation whose primitive is in
+  `guards` (e.g. ("cond", "while"): run on a device predicate)."""
+  for eqn in jaxpr.eqns:
+    yield eqn, guarded
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        while not hasattr(sub, "eqns") and hasattr(sub, "jaxpr"):               # ClosedJaxpr, or one wrapping it
+          sub = sub.jaxpr
+        if hasattr(sub, "eqns"):
+          yield from jaxpr_eqns(sub, guards, guarded or eqn.primitive.name in guards)
+
+
 def host_normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
   """Standard normal fp32 inputs built on the host (numpy), as host_tokens."""
   return np.random.default_rng(seed).standard_normal(shape, np.float32)

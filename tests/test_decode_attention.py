@@ -41,7 +41,8 @@ class Case:
     return BlockSizes(block_k=self.block_k, min_programs=self.min_programs, dot=self.dot)
 
   def layout(self) -> Layout:
-    return Layout.of(self.blocks(), self.b, self.k, self.s, next_pow2(self.h // self.k), self.p)
+    return Layout.of(self.blocks(), self.b, self.k, self.s, next_pow2(self.h // self.k), self.p,
+                     interpret=jax.default_backend() != "gpu")            # as `run` launches it
 
 
 CASES = [
@@ -61,8 +62,15 @@ CASES = [
     # G = 3 (query heads padded to 4 in the kernel), ring + store without fading
     Case("ring_store_gqa3", b=1, h=6, k=2, p=8, s=9, t=20, window=None, m_e=3),
 ]
-# The dot form of the products for every case with one query head per kv head (G = 1)
-DOT_CASES = [dataclasses.replace(c, name=c.name + "_dot", dot=True) for c in CASES if c.h == c.k]
+# The dot form of the products (G = 1; P and block_k 16, so a GPU launch takes it too): split and partly empty,
+# wrapped with fading and store parts of fewer than 16 rows (padded to 16 for the dot, masked), one split
+DOT_CASES = [
+    Case("dot_ring_partly_empty", b=2, h=2, k=2, p=16, s=53, t=20, window=None, block_k=16, dot=True),
+    Case("dot_ring_fading_store", b=2, h=2, k=2, p=16, s=40, t=97, window=32, m_f=3, m_e=5, chunk=16, block_k=16,
+         dot=True),
+    Case("dot_one_split", b=2, h=2, k=2, p=16, s=12, t=9, window=12, m_f=4, m_e=4, block_k=16, min_programs=1,
+         dot=True),
+]
 
 
 def inputs(case: Case, dtype):
@@ -114,25 +122,26 @@ def test_cases_cover_several_splits_and_one():
   dot cases run the dot form (16 rows) in several splits and in one, and the others do not."""
   layouts = {c.name: c.layout() for c in CASES + DOT_CASES}
   assert all(layouts[c.name].dot_rows == 16 for c in DOT_CASES) and not any(layouts[c.name].dot_rows for c in CASES)
-  assert layouts["ring_partly_empty_dot"].n_splits > 1 and layouts["ring_fading_store_one_split_dot"].n_splits == 1
+  assert layouts["dot_ring_partly_empty"].n_splits > 1 and layouts["dot_ring_fading_store"].n_splits > 1
+  assert layouts["dot_one_split"].n_splits == 1
   assert layouts["ring_partly_empty"].n_splits > 1 and layouts["ring_window_gqa2"].n_splits > 1
   assert layouts["ring_fading_store_one_split"].n_splits == 1
-  assert Layout.of(BlockSizes(block_k=4, min_programs=8), 1, 2, 40, 1).blocks_per_split > 1
+  assert Layout.of(BlockSizes(block_k=4, min_programs=8), 1, 2, 40, 1, 8, interpret=True).blocks_per_split > 1
 
 
 def test_layout_spreads_a_long_ring_and_keeps_a_large_batch_whole():
   """Batch 1, 32k ring, 32 kv heads: >= min_programs programs; batch 64 at S 512: one split per (row, kv head)."""
-  long = Layout.of(BlockSizes(), 1, 32, 32768, 1)
+  long = Layout.of(BlockSizes(), 1, 32, 32768, 1, 64, interpret=False)
   assert 32 * long.n_splits >= 512 and long.n_splits * long.blocks_per_split * long.block_k >= 32768
-  assert Layout.of(BlockSizes(), 64, 32, 512, 1).n_splits == 1
-  odd = Layout.of(BlockSizes(), 1, 4, 1000, 1)                  # S not a multiple of block_k: the last block masks
+  assert Layout.of(BlockSizes(), 64, 32, 512, 1, 64, interpret=False).n_splits == 1
+  odd = Layout.of(BlockSizes(), 1, 4, 1000, 1, 64, interpret=False)   # S not a multiple of block_k: masked
   assert odd.n_splits * odd.blocks_per_split * odd.block_k >= 1000
   assert (odd.n_splits - 1) * odd.blocks_per_split * odd.block_k < 1000   # no split starts past the ring
 
 
 @pytest.mark.parametrize("b, s, m_f, m_e, window, dot", [(1, 512, 16, 64, 512, False), (64, 512, 16, 64, 512, False),
                                                          (1, 1000, 0, 0, None, False), (64, 512, 16, 64, 512, True),
-                                                         (1, 1000, 0, 0, None, True)])
+                                                         (1, 1000, 0, 0, None, True), (8, 256, 4, 8, 128, True)])
 def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
   and a Transformer ring of a size that is no power of two: every in-kernel array a power of two, every primitive
@@ -148,6 +157,7 @@ def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
   text = jax.jit(fn).trace(sds((b, 32, 64), jnp.bfloat16), rows(s), rows(s), sds((), jnp.int32), fading,
                            store).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("triton") >= 1 and "decode_attention" in text
+  assert Layout.of(BlockSizes(dot=dot), b, 32, s, 1, 64, interpret=False).dot_rows == (16 if dot else 0)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -172,11 +182,11 @@ def test_bad_inputs_are_refused(bad, match):
 
 def test_decode_attention_fn_follows_decode_attn_impl():
   """reference -> the jnp form; pallas -> the kernel (interpret mode on the CPU); auto -> the reference on CPU and
-  TPU, the choice by the ring's size on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
+  TPU, the choice by the ring's shape on a GPU; no TPU kernel; an unknown name is a ConfigError naming the field."""
   assert get_decode_attention_fn("reference") is decode_step_attention_reference
   assert get_decode_attention_fn("pallas") is decode_step_attention
   on_gpu = jax.default_backend() == "gpu"
-  assert get_decode_attention_fn("auto") is (kernels.decode_step_attention_by_size if on_gpu else
+  assert get_decode_attention_fn("auto") is (kernels.decode_step_attention_by_shape if on_gpu else
                                              decode_step_attention_reference)
   for backend in ("tpu", "cpu"):
     assert resolve_decode_attn_impl("auto", backend) == DecodeAttnImpl.REFERENCE
@@ -188,24 +198,26 @@ def test_decode_attention_fn_follows_decode_attn_impl():
     ComputeConfig(decode_attn_impl="cudnn")
 
 
-def test_auto_on_gpu_takes_the_kernel_for_a_small_ring_or_an_unsplit_launch(monkeypatch):
-  """`decode_step_attention_by_size` (auto on a GPU) calls the kernel while the ring's K and V fit
-  DECODE_KERNEL_MAX_RING_BYTES, and past it the reference, unless batch · kv heads gives the kernel one program per
-  (row, kv head) (BlockSizes().min_programs), with the same arguments."""
+def test_auto_on_gpu_takes_the_kernel_for_a_small_ring_or_an_unsplit_dot_launch(monkeypatch):
+  """`decode_step_attention_by_shape` (auto on a GPU) calls the kernel while the ring's K and V fit
+  DECODE_KERNEL_MAX_RING_BYTES; past it the reference, unless batch · kv heads gives each (row, kv head) one program
+  (BlockSizes().min_programs) and the launch takes the dot form (one query head per kv head, P >= 16); the
+  arguments passed on as they came."""
   calls = []
   monkeypatch.setattr(kernels, "decode_step_attention", lambda *a, **kw: calls.append(("pallas", a, kw)))
   monkeypatch.setattr(kernels, "decode_step_attention_reference", lambda *a, **kw: calls.append(("reference", a, kw)))
-  limit = kernels.DECODE_KERNEL_MAX_RING_BYTES
-  t = jnp.int32(3)
+  t, p = jnp.int32(3), 16
+  fits = lambda batch, heads: kernels.DECODE_KERNEL_MAX_RING_BYTES // (2 * batch * heads * p * 2)  # rows at the limit
   wide = BlockSizes().min_programs // 2                                  # batch 2 x this many kv heads: unsplit
-  for batch, heads, rows, want in ((1, 2, limit // (2 * 2 * 2 * 8), "pallas"),
-                                   (1, 2, limit // (2 * 2 * 2 * 8) + 1, "reference"),
-                                   (2, wide - 1, limit // (2 * 2 * 2 * 8), "reference"),
-                                   (2, wide, limit // (2 * 2 * 2 * 8), "pallas")):
-    q = jnp.zeros((batch, heads, 8), jnp.bfloat16)
-    ring = jax.ShapeDtypeStruct((batch, rows, heads, 8), jnp.bfloat16)   # K and V: 2 · batch · rows · heads · 8 · 2 B
-    kernels.decode_step_attention_by_size(q, ring, ring, t, window=None)
-    assert calls[-1] == (want, (q, ring, ring, t), {"window": None}), (batch, heads, rows)
+  for batch, heads, group, rows, want in ((1, 2, 1, fits(1, 2), "pallas"),
+                                          (1, 2, 1, fits(1, 2) + 1, "reference"),
+                                          (2, wide - 1, 1, 2 * fits(2, wide - 1), "reference"),     # split
+                                          (2, wide, 1, 2 * fits(2, wide), "pallas"),               # unsplit, dot
+                                          (2, wide, 2, 2 * fits(2, wide), "reference")):           # unsplit, G 2: sums
+    q = jnp.zeros((batch, heads * group, p), jnp.bfloat16)
+    ring = jax.ShapeDtypeStruct((batch, rows, heads, p), jnp.bfloat16)
+    kernels.decode_step_attention_by_shape(q, ring, ring, t, window=None)
+    assert calls[-1] == (want, (q, ring, ring, t), {"window": None}), (batch, heads, group, rows)
 
 
 T = 19   # > 4 chunks of 4 and past the window (8): the ring wraps, the fading tokens and the store fill

@@ -1,7 +1,7 @@
 """A decode token's cache update kernel (pallas_kernels/decode_update; Pallas' interpreter on a CPU, compiled on a
 GPU) = its jnp reference bit for bit (it only moves data and compares scores), with and without candidates,
-fading buffers and innovation history, the attention sublayer's decode state through it = through the reference,
-and the compiled kernel lowers to Triton in place."""
+fading buffers and innovation history; the compiled kernel lowers to Triton in place; bad inputs are refused.
+The model's use of it: tests/test_decode_update_step.py."""
 
 import dataclasses
 import re
@@ -11,17 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from bmojo_jax import kernels
-from bmojo_jax.attention import Attention
-from bmojo_jax.config import DecodeAttnImpl
-from bmojo_jax.kernels import get_decode_update_fn
 from bmojo_jax.memory.store import NO_POS, Store, empty_store
 from bmojo_jax.pallas_kernels.decode_update import (BlockSizes, decode_token_update,
                                                     decode_token_update_reference)
-from tests.conftest import host_normal, tiny_config
+from tests.conftest import host_normal
 from tests.test_train_sharding import run_on_8_devices
 
 # What each row's candidates look like (row r gets KINDS[r % 5]) and whether the new token replaces one:
@@ -294,75 +288,3 @@ def test_bad_inputs_are_refused(change, match):
   for fn in (decode_token_update, decode_token_update_reference):
     with pytest.raises(ValueError, match=match):
       fn(*args)
-
-
-def test_update_fn_follows_decode_attn_impl(monkeypatch):
-  """decode_attn_impl names both kernels of a decode step's attention sublayer: reference -> the jnp form,
-  pallas -> the kernel, auto -> the reference on CPU and the kernel on a GPU (where the resolver leaves `auto`
-  to the per-call choice of the attention)."""
-  assert get_decode_update_fn("reference") is decode_token_update_reference
-  assert get_decode_update_fn("pallas") is decode_token_update
-  assert get_decode_update_fn("auto") is (decode_token_update if jax.default_backend() == "gpu" else
-                                          decode_token_update_reference)
-  monkeypatch.setattr(kernels, "resolve_decode_attn_impl", lambda impl, backend=None: DecodeAttnImpl(impl)
-                      if impl != "auto" else DecodeAttnImpl.AUTO)                    # the GPU's resolution
-  assert get_decode_update_fn("auto") is decode_token_update
-  assert get_decode_update_fn("reference") is decode_token_update_reference
-  with pytest.raises(ValueError, match="num_warps must be positive"):
-    BlockSizes(num_warps=0)
-  with pytest.raises(ValueError, match="shift_rows must be positive"):
-    BlockSizes(shift_rows=0)
-
-
-def test_attention_step_pallas_state_equals_reference():
-  """`Attention.step` of a B'MOJO sublayer (k_e 3, ring of 8) over 19 tokens, through the chunk boundaries and
-  ring wraps, with decode_attn_impl pallas and reference: the decode states are equal bit for bit (the update
-  moves the same data; the state does not depend on the attention output) and the outputs agree."""
-  make = lambda impl: Attention(tiny_config("bmojo", init_std=0.1, n_eidetic=6, eidetic_per_chunk=3,
-                                            compute=dict(decode_attn_impl=impl)), rngs=nnx.Rngs(0))
-  a, fading = host_normal(8, (2, 19, 2, 1, 32))
-
-  @nnx.jit
-  def decode(module):
-    def body(state, x):
-      y, state = module.step(x[0], state, fading=x[1])
-      return state, (y, state.cand.pos)
-    return jax.lax.scan(body, module.init_state(2, 8), (a, fading))
-
-  (state_p, (y_p, pos_p)), (state_r, (y_r, pos_r)) = decode(make("pallas")), decode(make("reference"))
-  assert_same(state_p, state_r)
-  np.testing.assert_array_equal(np.asarray(pos_p), np.asarray(pos_r))
-  assert int(np.sum(np.asarray(pos_r) != NO_POS)) > 10                    # candidates were taken at every chunk
-  np.testing.assert_allclose(np.asarray(y_p), np.asarray(y_r), atol=1e-5, rtol=1e-5)
-
-
-def concatenates(jaxpr) -> list[tuple[int, ...]]:
-  """Output shapes of every concatenate in a jaxpr and the jaxprs inside its equations (loops, conditionals)."""
-  shapes = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "concatenate":
-      shapes.append(tuple(eqn.outvars[0].aval.shape))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-          shapes += concatenates(getattr(sub, "jaxpr", sub))
-  return shapes
-
-
-@pytest.mark.parametrize("family", ["bmojo", "bmojo_f"])
-def test_attention_step_shifts_in_the_kernel(family):
-  """With decode_attn_impl pallas, `Attention.step` shifts the fading buffers and the history in the update kernel:
-  its program has no concatenate of a fading buffer's shape [B, M_f, K, P] (the reference's step has two), and of
-  the [B, 5, D] ones (history and input) only the score's own (the reference's step has a second, `last_inputs`)."""
-  cfg = lambda impl: tiny_config(family, compute=dict(decode_attn_impl=impl))
-  b, d = 2, cfg("pallas").d_model
-  a, fading = host_normal(11, (2, b, 1, d))
-  counts = {}
-  for impl in ("pallas", "reference"):
-    module = Attention(cfg(impl), rngs=nnx.Rngs(0))
-    state = module.init_state(b, 8)
-    jaxpr = jax.make_jaxpr(lambda a, f, s: module.step(a, s, fading=f))(a, fading, state).jaxpr
-    shapes = concatenates(jaxpr)
-    counts[impl] = (shapes.count(state.next_fading_k.shape), shapes.count((b, 5, d)))
-  history = family == "bmojo"                                        # B'MOJO-F has no eidetic score
-  assert counts == {"pallas": (0, int(history)), "reference": (2, 2 * history)}, counts

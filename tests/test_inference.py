@@ -10,7 +10,7 @@ from bmojo_jax import LanguageModel
 from bmojo_jax.config import Selection
 from bmojo_jax import inference
 from bmojo_jax.inference import Decoder, cache_bytes, generate, generate_stream, sample
-from tests.conftest import FAMILIES, FAMILY_TIERS, host_normal, host_tokens, tiny_config
+from tests.conftest import FAMILIES, FAMILY_TIERS, host_normal, host_tokens, jaxpr_eqns, tiny_config
 
 T = 42  # > 10 chunks of 4: the FIFO store (2 chunks) fills and evicts many times
 forward = nnx.jit(lambda m, x: m(x))   # the parallel pass, compiled once per model for the module
@@ -210,17 +210,12 @@ def test_scanned_prefill_matches_the_block_loop(decoders, family):
 GUARDS = ("cond", "while")   # primitives that run their body on a device predicate (`lax.scan` is "scan")
 
 
-def _count(jaxpr, name: str, guarded: bool = False, found=None) -> dict[bool, int]:
+def _count(jaxpr, name: str) -> dict[bool, int]:
   """{False: `name` equations outside any conditional or while loop, True: inside one} of a jaxpr and the jaxprs
   it calls."""
-  found = {False: 0, True: 0} if found is None else found
-  for eqn in jaxpr.eqns:
+  found = {False: 0, True: 0}
+  for eqn, guarded in jaxpr_eqns(jaxpr, GUARDS):
     found[guarded] += eqn.primitive.name == name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          _count(sub, name, guarded or eqn.primitive.name in GUARDS, found)
   return found
 
 
@@ -241,7 +236,7 @@ def test_step_merges_the_store_only_at_a_chunk_boundary(decoders):
 
 @pytest.mark.parametrize("policy", ["fifo", "score"])
 def test_step_equals_its_branch_free_reference(policy):
-  """`Attention.step` (the chunk-boundary work in a lax.cond) gives `step_select`'s outputs and state over
+  """`Attention.step` (the chunk-boundary work under `run_if`) gives `step_select`'s outputs and state over
   several chunks (stores filling and evicting), with fading and eidetic tokens: the integer and boolean leaves
   (positions, valid flags) exactly; the floats to fp32 rounding (the boundary work only moves data, but the token's
   work is compiled in two programs, which may fuse it differently), each within 1e-6 of its largest entry, where

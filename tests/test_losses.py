@@ -9,7 +9,7 @@ from flax import nnx
 from bmojo_jax import LanguageModel
 from bmojo_jax import losses
 from bmojo_jax.layers import logits_einsum
-from tests.conftest import tiny_config
+from tests.conftest import jaxpr_eqns, tiny_config
 from bmojo_jax.train import steps
 from bmojo_jax.train.data.packing import IGNORE_INDEX
 
@@ -82,15 +82,9 @@ def test_chunked_never_holds_full_logits():
   jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)
   full = 2 * 64 * 50
 
-  def sizes(jpr):
-    for eqn in jpr.eqns:
-      for v in eqn.outvars:
-        yield int(np.prod(v.aval.shape)) if hasattr(v.aval, "shape") else 0
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (list, tuple)) else [p]):
-          if hasattr(sub, "jaxpr"):
-            yield from sizes(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-  assert max(sizes(jaxpr.jaxpr)) < full
+  sizes = [int(np.prod(v.aval.shape)) if hasattr(v.aval, "shape") else 0
+           for eqn, _ in jaxpr_eqns(jaxpr.jaxpr) for v in eqn.outvars]
+  assert max(sizes) < full
 
 
 @pytest.mark.parametrize("tied,packed", [(True, True), (False, False)])

@@ -10,21 +10,13 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from bmojo_jax import LanguageModel
-from tests.conftest import tiny_config
+from tests.conftest import jaxpr_eqns, tiny_config
 
 
 def _pallas_calls(jaxpr, prefix: str) -> int:
   """pallas_call equations whose kernel name starts with prefix, in jaxpr and every jaxpr inside it."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "pallas_call" and str(eqn.params["name"]).startswith(prefix)
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
-        if hasattr(sub, "eqns"):
-          n += _pallas_calls(sub, prefix)
-        elif hasattr(sub, "jaxpr"):
-          n += _pallas_calls(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr, prefix)
-  return n
+  return sum(eqn.primitive.name == "pallas_call" and str(eqn.params["name"]).startswith(prefix)
+             for eqn, _ in jaxpr_eqns(jaxpr))
 
 
 def test_dots_attention_recomputes_only_the_scan():

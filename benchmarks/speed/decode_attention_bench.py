@@ -108,7 +108,7 @@ def run_shape(shape: Shape, layers: int, interpret: bool, iters: int) -> list[di
            "t": shape.position(), "layers": layers, "bytes_per_layer": shape.bytes_read()}
     if name in blocks:
       rec["layout"] = dataclasses.asdict(Layout.of(blocks[name], shape.b, shape.k, shape.s,
-                                                   next_pow2(shape.h // shape.k), shape.p, interpret))
+                                                   next_pow2(shape.h // shape.k), shape.p, interpret=interpret))
     try:
       rec["max_err_vs_fp32"] = float(np.abs(np.asarray(layer_loop(attend, shape)(layers_in[:1]), np.float32)
                                             - exact).max())

@@ -33,7 +33,8 @@ options) compiles the decode step and loop with them (`Decoder`'s compiler_optio
 `default_kernel_layout`: out_in on a GPU) is how the decoder stores the projection kernels; every record names
 it ("kernel_layout"; records written before the field were in_out), and the figure plots this run's.
 --decode_attn_impl (auto | reference | pallas) picks a decode step's attention (`compute.decode_attn_impl`; auto
-on a GPU: the kernel for a small ring cache, else the reference, `bmojo_jax.kernels.decode_step_attention_by_size`),
+on a GPU: the kernel for a small ring cache or a large batch, else the reference,
+`bmojo_jax.kernels.decode_step_attention_by_shape`),
 named in every record ("decode_attn_impl"; earlier records: reference). Records
 of an earlier run of the same file that this run does not measure are kept (run sizes or families in separate
 calls).

@@ -44,8 +44,9 @@ class BlockSizes:
   num_warps, num_stages: Triton's warps per program and software-pipelining depth.
   fast_math:    the softmax's exp2 as PTX `ex2.approx.ftz` (`pallas_kernels/fast_math.py`); ignored in interpret
                 mode.
-  dot:          q·k and p·v as tensor-core dots where the shapes allow (G = 1 or G >= 16, P and the block's
-                keys >= 16 on a GPU; any shape in interpret mode); else multiplies and sums. On by default: a
+  dot:          q·k and p·v as tensor-core dots where the shapes allow (on a GPU: G = 1, or G >= 16 with
+                block_k >= 16·G; P >= 16; memory parts padded to 16 rows, masked; any shape in interpret mode);
+                else multiplies and sums. On by default: a
                 1.4B B'MOJO decode loop at batch 1 ran 451 tok/s with it against 405 without (one H100, one call,
                 benchmarks/results/decode_attention_dot_h100.json).
   """
@@ -78,9 +79,10 @@ class Layout:
   dot_rows: int = 0     # rows of the tensor-core products (`BlockSizes.dot`); 0: multiplies and sums
 
   @classmethod
-  def of(cls, blocks: BlockSizes, batch: int, kv_heads: int, size: int, group: int, head_size: int = 16,
-         interpret: bool = True) -> "Layout":
-    """group: query heads per kv head, padded to a power of two."""
+  def of(cls, blocks: BlockSizes, batch: int, kv_heads: int, size: int, group: int, head_size: int, *,
+         interpret: bool) -> "Layout":
+    """group: query heads per kv head, padded to a power of two; interpret: Pallas' interpreter (any shape takes
+    the dot form) or a compiled launch (the dot form needs P and the ring's block >= 16)."""
     block_k = max(1, min(blocks.block_k // group, next_pow2(size)))
     n_blocks = -(-size // block_k)
     want = min(n_blocks, max(1, -(-blocks.min_programs // (batch * kv_heads))))
@@ -150,15 +152,18 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
   split = pl.program_id(2)             # read here: the interpreter has no program id inside a cond or a loop
   zero = split * 0                     # a traced 0: the memory loads start at a dynamic index like the ring's
 
+  # rows loaded per memory part: a power of two, and >= 16 for the dot form (Triton's dot needs 16 keys), masked
+  mem_rows = lambda n: max(next_pow2(n), 16 if layout.dot_rows else 1)
+
   def memory(carry):
     if has_fading:
-      k, inside = load_rows(fk_ref, zero, next_pow2(n_fading), n_fading)
-      v, _ = load_rows(fv_ref, zero, next_pow2(n_fading), n_fading)
+      k, inside = load_rows(fk_ref, zero, mem_rows(n_fading), n_fading)
+      v, _ = load_rows(fv_ref, zero, mem_rows(n_fading), n_fading)
       carry = attend_fn(carry, q, k, v, inside & (t >= chunk), fm)
     if has_store:
-      k, inside = load_rows(sk_ref, zero, next_pow2(n_store), n_store)
-      v, _ = load_rows(sv_ref, zero, next_pow2(n_store), n_store)
-      valid = plgpu.load(sval_ref.at[pl.ds(zero, next_pow2(n_store))], mask=inside, other=0)
+      k, inside = load_rows(sk_ref, zero, mem_rows(n_store), n_store)
+      v, _ = load_rows(sv_ref, zero, mem_rows(n_store), n_store)
+      valid = plgpu.load(sval_ref.at[pl.ds(zero, mem_rows(n_store))], mask=inside, other=0)
       carry = attend_fn(carry, q, k, v, inside & (valid != 0), fm)
     return carry
 
@@ -203,7 +208,7 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
   q4 = q.reshape(b, kh, g, p)
   if gp != g:
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-  layout = Layout.of(blocks, b, kh, size, gp, p, interpret)
+  layout = Layout.of(blocks, b, kh, size, gp, p, interpret=interpret)
   rows = lambda n: pl.BlockSpec((None, n, None, p), lambda bi, hi, j: (bi, 0, hi, 0))
   in_specs = [pl.BlockSpec((), lambda bi, hi, j: ()),
               pl.BlockSpec((None, None, gp, p), lambda bi, hi, j: (bi, hi, 0, 0)), rows(size), rows(size)]
