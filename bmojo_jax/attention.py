@@ -61,7 +61,8 @@ def run_if(pred: jax.Array, fn, x):
   """fn(x) where the device bool pred holds, else x: a `lax.while_loop` of zero or one trips, not a `lax.cond`.
   A loop updates its carry in place, so a trip not taken costs one read of pred; a conditional writes all of its
   outputs on either branch, and XLA:GPU copies every array of x in the branch that returns it unchanged (567
-  copies, 0.71 of 2.78 ms, in a B'MOJO 1.4B batch-1 decode token on an H100). Either way the host reads pred."""
+  copies, 0.71 of 2.78 ms, in a B'MOJO 1.4B batch-1 decode token on an H100). Either way the host reads pred.
+  Forward only, as decoding is: a while loop has no reverse-mode derivative."""
   return jax.lax.while_loop(lambda carry: carry[0], lambda carry: (jnp.zeros_like(pred), fn(carry[1])),
                             (pred, x))[1]
 
