@@ -33,8 +33,8 @@ import jax
 from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
 from bmojo_jax.pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
-from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout as DecodeLayout, next_pow2
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
+from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout as DecodeLayout, next_pow2
 from bmojo_jax.pallas_kernels.decode_update import decode_token_update, decode_token_update_reference
 from bmojo_jax.pallas_kernels.selective_scan import selective_scan
 from bmojo_jax.pallas_kernels.selective_scan.reference import selective_scan_reference
@@ -141,7 +141,8 @@ def get_attention_fn(impl: AttnImpl | str):
 # bandwidth (S 8192: 44 vs 41, 64 MiB; S 32768: 161 vs 124; batch 64 x S 512: 203 vs 180). The limit is on the
 # ring's K and V bytes (the whole arrays: all rows and kv heads). Those kernel figures are of its products as
 # multiplies and sums. With them as tensor-core dots (`BlockSizes.dot`, the default since) the kernel also wins where
-# each (row, kv head) is one program and the ring is not split (batch · kv heads >= BlockSizes().min_programs):
+# each (row, kv head) is one program and the ring is not split (batch · kv heads >= BlockSizes().min_programs), in
+# the dot form:
 # B'MOJO's 1.4B decode loop at batch 64 (S 512, 256 MiB of ring a layer) ran 10,587 tok/s through it against 8,726
 # through the reference (one H100, one call, benchmarks/results/decode_attention_dot_h100.json). Untimed, so left
 # to the reference: a large ring split over programs (the Transformer's 8k-32k at batch 1), and an unsplit launch

@@ -46,9 +46,8 @@ class BlockSizes:
                 mode.
   dot:          q·k and p·v as tensor-core dots where the shapes allow (on a GPU: G = 1, or G >= 16 with
                 block_k >= 16·G; P >= 16; memory parts padded to 16 rows, masked; any shape in interpret mode);
-                else multiplies and sums. On by default: a
-                1.4B B'MOJO decode loop at batch 1 ran 451 tok/s with it against 405 without (one H100, one call,
-                benchmarks/results/decode_attention_dot_h100.json).
+                else multiplies and sums. On by default: a 1.4B B'MOJO decode loop at batch 1 ran 451 tok/s
+                with it against 405 without (one H100, one call, benchmarks/results/decode_attention_dot_h100.json).
   """
   block_k: int = 64
   min_programs: int = 512
