@@ -1,6 +1,6 @@
 """The dots_attention remat policy: keeps the attention kernels' outputs, reruns only the selective scan's
-forward in the backward (not its fp32 state checkpoints hc), and changes no gradient (dots_kernels' own
-equality to no remat is tests/test_model.py's)."""
+forward in the backward (not its fp32 state checkpoints hc, which its forward pass does not write), and changes
+no gradient (dots_kernels' own equality to no remat is tests/test_model.py's)."""
 
 import chex
 import jax
@@ -13,10 +13,11 @@ from bmojo_jax import LanguageModel
 from tests.conftest import jaxpr_eqns, tiny_config
 
 
-def _pallas_calls(jaxpr, prefix: str) -> int:
-  """pallas_call equations whose kernel name starts with prefix, in jaxpr and every jaxpr inside it."""
+def _pallas_calls(jaxpr, prefix: str, n_out: int | None = None) -> int:
+  """pallas_call equations whose kernel name starts with prefix (and with n_out outputs, if given), in jaxpr
+  and every jaxpr inside it."""
   return sum(eqn.primitive.name == "pallas_call" and str(eqn.params["name"]).startswith(prefix)
-             for eqn, _ in jaxpr_eqns(jaxpr))
+             and n_out in (None, len(eqn.outvars)) for eqn, _ in jaxpr_eqns(jaxpr))
 
 
 def test_dots_attention_recomputes_only_the_scan():
@@ -33,9 +34,13 @@ def test_dots_attention_recomputes_only_the_scan():
     saved = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in saved_residuals(loss, params))
     out[remat] = (jax.jit(jax.value_and_grad(loss))(params), saved,
                   {k: _pallas_calls(jaxpr, k) for k in ("selective_scan_fwd", "selective_scan_bwd",
-                                                        "memory_attention")})
+                                                        "memory_attention")},
+                  _pallas_calls(jaxpr, "selective_scan_fwd", n_out=3))   # y, h_last and hc
   blocks = 1
   calls_k, calls_a = out["dots_kernels"][2], out["dots_attention"][2]
+  # The scan forward that writes hc runs once a block under either: dots_kernels in the forward pass (hc kept),
+  # dots_attention in the backward, its forward pass running the kernel without hc.
+  assert out["dots_kernels"][3] == out["dots_attention"][3] == blocks
   assert calls_k == {"selective_scan_fwd": blocks, "selective_scan_bwd": blocks,
                      "memory_attention": calls_k["memory_attention"]}
   assert calls_a == {**calls_k, "selective_scan_fwd": 2 * blocks}     # the scan forward again, nothing else

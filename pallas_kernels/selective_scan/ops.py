@@ -166,7 +166,10 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
           None)                                                         # reset: not differentiable
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+# optimize_remat: under jax.checkpoint the VJP forward (the kernel that also writes hc) becomes its own equation
+# (`remat_opt`), so a policy that does not save it runs the primal kernel (no hc) in the forward pass and the VJP
+# forward once in the backward, instead of writing hc in both (bmojo_jax/model.py, the remat policies).
+_scan.defvjp(_scan_fwd, _scan_bwd, optimize_remat=True)
 
 
 def selective_scan_gpu(u, delta, A, Bm, Cm, D, z, delta_bias, h0, reset, *, delta_softplus: bool,
