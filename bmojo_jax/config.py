@@ -58,7 +58,8 @@ class RematPolicy(enum.StrEnum):
   DOTS_KERNELS = "dots_kernels"  # keep the matmul and attention / scan kernel outputs, recompute the rest
   DOTS_ATTENTION = "dots_attention"  # as dots_kernels but keep nothing of the selective scan: its backward
                                      # reruns the scan forward instead of keeping its fp32 state checkpoints
-                                     # (hc [B, T/4, E, N], 1.07 GB a Mamba sublayer at 1.4B, 16k tokens)
+                                     # (hc [B, T/4, E, N], 1.07 GB a Mamba sublayer at 1.4B, 16k tokens),
+                                     # which the forward pass then does not write
 
 
 class LossImpl(enum.StrEnum):
