@@ -82,27 +82,25 @@ MIXERS: dict[Sublayer, Callable[..., Mixer]] = {
     Sublayer.MAMBA: Mamba, Sublayer.ATTENTION: Attention, Sublayer.MLP: SwiGLU}
 
 
-REMAT_OPT = "remat_opt"  # the primitive of a custom_vjp forward with its residuals under remat (optimize_remat)
+SCAN_KERNELS = "selective_scan"  # the name prefix of every selective-scan pallas_call (pallas_kernels/selective_scan)
+REMAT_OPT = "remat_opt"  # under remat, the scan's VJP forward (the kernel writing hc) as its own equation
+                         # (`optimize_remat`, pallas_kernels/selective_scan/ops.py)
 
 
 def _save_dots_and_kernels(prim, *avals, **params) -> bool:
   """Saves what is costly to recompute: matmul outputs and the outputs of the Pallas kernels and of cuDNN
-  attention (the scan's state checkpoints and the attention's logsumexp included). The scan's checkpoints come
-  from its VJP forward, which runs under remat as its own `remat_opt` equation (`optimize_remat`,
-  pallas_kernels/selective_scan/ops.py): saved here, so the backward does not rerun the scan."""
+  attention (the scan's state checkpoints, from its `remat_opt` equation, and the attention's logsumexp
+  included), so the backward does not rerun the scan."""
   return (prim.name in ("pallas_call", REMAT_OPT) or "dot_product_attention" in prim.name
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
-SCAN_KERNELS = "selective_scan"  # the name prefix of every selective-scan pallas_call (pallas_kernels/selective_scan)
-
-
 def _save_dots_and_attention(prim, *avals, **params) -> bool:
   """`_save_dots_and_kernels` less the selective scan's kernels: its outputs (y, the last state and the fp32
-  state checkpoints hc that its backward reads) are recomputed by rerunning the scan forward in the backward.
-  Keeping y alone would save nothing: y and hc leave the same pallas_call, so recomputing hc recomputes y. The
-  forward pass then runs the scan without writing hc (its `remat_opt` equation is not saved, so only the primal
-  kernel runs there): 1.07 GB of fp32 writes a Mamba sublayer at 1.4B, 16k tokens, that nothing would read."""
+  state checkpoints hc that its backward reads) are recomputed by rerunning the scan forward in the backward
+  (y and hc leave the same pallas_call, so keeping y alone would save nothing). Its `remat_opt` equation is not
+  saved either, so the forward pass runs the kernel without hc: 1.07 GB of unread fp32 writes a Mamba sublayer
+  at 1.4B, 16k tokens."""
   if prim.name == REMAT_OPT or (prim.name == "pallas_call" and str(params.get("name", "")).startswith(SCAN_KERNELS)):
     return False
   return _save_dots_and_kernels(prim, *avals, **params)
