@@ -16,17 +16,18 @@ the adjoint state gh = dL/dh_t:
     gu_t  = dt_t Σ_n gh B_t + gout_t D        gB_t = Σ_e gh (dt_t u_t),  gC_t = Σ_e gout_t h_t
     gh    = gh ⊙ exp(dt_t A)
 
+The walk keeps few tiles live (the kernel is bound by its registers): it recomputes exp(dt_t A) instead of keeping
+the sub-chunk's decays, and takes h_{t-1} ⊙ exp(dt_t A) as h_t - (dt_t u_t) ⊗ B_t (the forward's product, rounded
+alike), so neither h_{t-1} nor A's tile stays live (Σ_n gx A = ln 2 · Σ_n gx A·log2(e)): chunk + 3 state tiles
+instead of 2·chunk + 5. One H100, 8 x 2048 x 4096 x 16 bf16: fwd+bwd 4.33 -> 3.83 ms against keeping them
+(benchmarks/results/selective_scan_lean_bwd_h100.json).
+
 With packed documents every exp(dt_t A) above is da_t = exp(dt_t A) (1 - reset_t), the factor the forward used:
 h_t = da_t ⊙ h_{t-1} + (dt_t u_t) ⊗ B_t, so dL/dh_{t-1} = da_t ⊙ gh and dL/d(dt_t A) = gh ⊙ h_{t-1} ⊙ da_t
 (d da_t / d(dt_t A) = da_t). At a reset da_t = 0: no adjoint crosses it, and the decay term gives gA and gdt
-nothing (gx = 0); the input term (dt_t u_t) ⊗ B_t is untouched.
+nothing (gx = 0, h_t - (dt_t u_t) ⊗ B_t being exactly 0 there); the input term (dt_t u_t) ⊗ B_t is untouched.
 
 No [B, T, E, N] tensor is formed: states live in registers one sub-chunk at a time.
-
-`lean` (`BlockSizes.lean_bwd`, off by default: not yet timed on a GPU) keeps fewer tiles live through the
-reverse walk: it recomputes da_t there instead of keeping the sub-chunk's decays, and takes h_{t-1} ⊙ da_t as
-h_t - (dt_t u_t) ⊗ B_t (the forward's product, rounded alike: exactly 0 at a reset), so neither h_{t-1} nor A's
-tile (Σ_n gx A = ln 2 · Σ_n gx A·log2(e)) stays live: chunk + 3 state tiles instead of 2·chunk + 5.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from bmojo_jax.pallas_kernels.selective_scan.kernel import (Tile, compiler_param
 
 def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, softplus_on: bool,
                 has_d: bool, has_z: bool, has_bias: bool, has_reset: bool, prefetch: bool, tile: Tile,
-                fm: FastMath, lean: bool):
+                fm: FastMath):
   """Kernel body. In-refs u, delta [T, E_blk]; a2 [E_blk, N]; bm, cm [T, N]; d [E_blk]; z [T, E_blk];
   bias [E_blk]; hc [K, E_blk, N]; gy [T, E_blk]; gh_last [E_blk, N]; reset [T]. Out-refs gu, gdelta, gz
   [T, E_blk]; gb, gc [T, N]; ga [E_blk, N]; gd, gbias [E_blk]; gh0 [E_blk, N]."""
@@ -55,7 +56,6 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
        True, True, has_z, True, True, True, has_d, has_bias, True)
 
   a2 = tile.orient(a_ref[...].astype(jnp.float32))                     # tile of A·log2(e)
-  a = None if lean else a2 * math.log(2.0)                             # A
   d = d_ref[...].astype(jnp.float32) if has_d else None
   bias = bias_ref[...].astype(jnp.float32) if has_bias else None
   num_chunks = t_pad // chunk
@@ -75,7 +75,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
     t0 = k * chunk
 
     # Recompute this sub-chunk's states from the saved one.
-    hs, dts, xs, das = [h_start], [], [], []
+    hs, dts, xs = [h_start], [], []
     h = h_start
     for i in range(chunk):
       u, delta, bt, _, _, _, r = cur[i]
@@ -86,7 +86,6 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
       hs.append(h)
       dts.append(dt)
       xs.append(x)
-      das.append(None if lean else da)
 
     # Walk it backwards.
     for i in reversed(range(chunk)):
@@ -94,7 +93,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
       t = t0 + i
       uf, btf, ctf, gyf = (v.astype(jnp.float32) for v in (u, bt, ct, gy))
       dt = dts[i]
-      da = decay_tile(fm, tile, dt, a2, r) if lean else das[i]
+      da = decay_tile(fm, tile, dt, a2, r)                             # recomputed: fewer live tiles
       if has_z:
         zf = z.astype(jnp.float32)
         sz = fm.sigmoid(zf)
@@ -107,13 +106,10 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
         gout = gyf
       gh = fm.fma(tile.e(gout), tile.n(ctf), gh)
       gc_ref[t] = tile.sum_e(tile.e(gout) * hs[i + 1])
-      if lean:   # h_{t-1} da_t = h_t - (dt_t u_t) B_t, the product rounded as the forward rounded it
-        gx = gh * (hs[i + 1] - tile.e(dt * uf) * tile.n(btf))
-      else:
-        gx = gh * hs[i] * da
+      gx = gh * (hs[i + 1] - tile.e(dt * uf) * tile.n(btf))           # gh h_{t-1} da_t, the forward's rounding
       ga = fm.fma(gx, tile.e(dt), ga)
       ghb = tile.sum_n(gh * tile.n(btf))                               # [E_blk]
-      gdt = (tile.sum_n(gx * a2) * math.log(2.0) if lean else tile.sum_n(gx * a)) + uf * ghb
+      gdt = tile.sum_n(gx * a2) * math.log(2.0) + uf * ghb
       gu = dt * ghb
       if has_d:
         gu = gu + gout * d
@@ -144,7 +140,7 @@ def _bwd_kernel(*refs, seq_len: int, t_pad: int, segments: int, chunk: int, soft
 
 def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, reset=None, *, seq_len: int,
              softplus_on: bool, segments: int = 1, block_e: int, chunk: int, num_warps: int, num_stages: int,
-             prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False, lean: bool = False,
+             prefetch: bool = True, lanes_e: bool = False, fast_math: bool = False,
              interpret: bool = False):
   """Runs the backward kernel. Returns (gu, gdelta, gz|None, gb_part, gc_part, ga_part, gd_part|None,
   gbias_part|None, gh0); shapes in the module docstring."""
@@ -198,7 +194,7 @@ def scan_bwd(u, delta, a2, bm, cm, d, z, bias, hc, gy, gh_last, reset=None, *, s
   kernel = functools.partial(_bwd_kernel, seq_len=seq_len, t_pad=t_pad, segments=segments, chunk=chunk,
                              softplus_on=softplus_on, has_d=d is not None, has_z=z is not None,
                              has_bias=bias is not None, has_reset=reset is not None, prefetch=prefetch,
-                             tile=Tile(lanes_e), fm=FastMath.for_launch(fast_math, interpret), lean=lean)
+                             tile=Tile(lanes_e), fm=FastMath.for_launch(fast_math, interpret))
   outs = list(pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,

@@ -28,8 +28,6 @@ class BlockSizes:
   channels_on_lanes: bool = True  # forward and segment passes: [N, block_e] tiles with the channels on lanes
                                   # (kernel.Tile), block_e = 32 x num_warps; else [block_e, N], N on lanes
   channels_on_lanes_bwd: bool = True  # the same for the backward kernel
-  lean_bwd: bool = False    # backward: recompute exp(dt A) in the reverse walk and take h_{t-1} exp(dt A) as
-                            # h_t - (dt u) B, so only the sub-chunk's states stay live (fewer registers)
   fast_math: bool = True    # compiled kernels: PTX ex2.approx.ftz and fma.rn for the per-state math
                             # (pallas_kernels/fast_math.py); interpret mode always uses plain jnp
   segment_len: int = 256    # tokens per time segment walked by one program (segments.py), rounded up to a

@@ -150,7 +150,7 @@ def _scan_bwd(softplus_on, bs, interpret, res, cts):
       u_p, delta_p, a2, bm, cm, d, z_p, bias, _split(hc, S), gy, gh_last.reshape(batch * S, d_inner, -1),
       _split(reset_p, S), seq_len=t, softplus_on=softplus_on, segments=S, block_e=p.block_e_bwd,
       chunk=bs.chunk_bwd, num_warps=bs.num_warps_bwd, num_stages=bs.num_stages, prefetch=bs.prefetch_bwd,
-      lanes_e=bs.channels_on_lanes_bwd, fast_math=bs.fast_math, lean=bs.lean_bwd, interpret=interpret)
+      lanes_e=bs.channels_on_lanes_bwd, fast_math=bs.fast_math, interpret=interpret)
   groups = bm.shape[2]
 
   def fold(g, like):  # [B·S, L, E/be, N_pad] partials -> like's shape: sum each group's blocks
