@@ -106,12 +106,15 @@ def assert_same(got, want):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_matches_reference_bit_exact(case):
-  """Ring slot t mod S and the candidates as the reference leaves them, every bit, in one compile; the rows that
-  should replace a candidate did, the others did not."""
+  """Ring slot t mod S and the candidates as the reference leaves them, every bit, in one compile, with a row's
+  features in one program and split over several (block_f 2: up to 8 programs a row, each deciding the same
+  slot); the rows that should replace a candidate did, the others did not."""
   args, kinds = inputs(case)
-  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=None), decode_token_update_reference(*a)))
-  got, want = both(*args)
+  split = lambda *a: decode_token_update(*a, block_sizes=BlockSizes(block_f=2), interpret=None)
+  both = jax.jit(lambda *a: (decode_token_update(*a, interpret=None), split(*a), decode_token_update_reference(*a)))
+  got, got_split, want = both(*args)
   assert_same(got, want)
+  assert_same(got_split, want)
   cand, new_cand = args[2], got[2]
   for r, kind in enumerate(kinds):
     taken = int(np.sum(np.asarray(new_cand.pos[r]) == case.t))
@@ -126,8 +129,8 @@ def test_kernel_matches_reference_bit_exact(case):
 
 def test_kernel_matches_reference_over_a_sequence():
   """Tokens 0..12 one by one from an empty store (integer scores: many ties), ring of 5 slots wrapping twice,
-  fading buffers of 3 rows, a history of 4 inputs of width 6, in a lax.scan: every state of the kernel's = the
-  reference's."""
+  fading buffers of 3 rows, a history of 4 inputs of width 6, in a lax.scan, each row's features split over 4
+  programs (the history's 6 over 4 blocks of 2, the last empty): every state of the kernel's = the reference's."""
   b, s, kh, p, k_e, m_f, d, n = 3, 5, 2, 4, 3, 3, 6, 13
   scores = np.random.default_rng(4).integers(0, 4, (n, b)).astype(np.float32)
   scores[5, 1] = -np.inf                                          # a -inf score never enters
@@ -144,7 +147,7 @@ def test_kernel_matches_reference_over_a_sequence():
       return carry, carry
     return jax.lax.scan(body, start, (*kv, a, scores, jnp.arange(n, dtype=jnp.int32)))[1]
 
-  kernel = lambda *a: decode_token_update(*a, interpret=None)
+  kernel = lambda *a: decode_token_update(*a, block_sizes=BlockSizes(block_f=2), interpret=None)
   got, want = jax.jit(lambda: (run(kernel), run(decode_token_update_reference)))()
   assert_same(got, want)
   assert bool(np.all(np.asarray(want[2].valid[-1])))               # the candidates filled up
@@ -175,11 +178,13 @@ SHIFT_CASES = [
 def test_shifts_match_reference_bit_exact(case, with_cand):
   """With fading buffers and/or the innovation history (with candidates: B'MOJO; without: B'MOJO-F) every array
   as the reference leaves it, every bit: each buffer one row up with the new row (cast to its dtype) last, in
-  place. M_f = 4 with shift_rows 3 and 1: groups of rows that do not divide M_f - 1, and one row at a time."""
+  place; a row in one program (block_f 0, groups of 4 rows) and split over programs (block_f 2). M_f = 4 with
+  shift_rows 3 (features split) and 1: groups of rows that do not divide M_f - 1, and one row at a time."""
   args, _ = inputs(case)
   if not with_cand:
     args = args[:2] + (None,) + args[3:5] + (None, None) + args[7:]
-  blocks = [BlockSizes()] + ([BlockSizes(shift_rows=3), BlockSizes(shift_rows=1)] if case.m_f == 4 else [])
+  blocks = [BlockSizes(), BlockSizes(block_f=0, shift_rows=4), BlockSizes(block_f=2)] + (
+      [BlockSizes(block_f=2, shift_rows=3), BlockSizes(shift_rows=1)] if case.m_f == 4 else [])
   fns = [lambda *a, bs=bs: decode_token_update(*a, block_sizes=bs, interpret=None) for bs in blocks]
   got, want = jax.jit(lambda *a: ([fn(*a) for fn in fns], decode_token_update_reference(*a)))(*args)
   if case.m_f:                                                      # the reference is the shift
@@ -224,14 +229,15 @@ def test_kernel_per_shard_under_a_mesh():
   assert run_on_8_devices(MESH_SCRIPT) == {}
 
 
-@pytest.mark.parametrize("family, aliased, operands", [("bmojo", 9, 17), ("bmojo_no_shifts", 6, 11),
+@pytest.mark.parametrize("family, aliased, operands", [("bmojo", 7, 17), ("bmojo_no_shifts", 4, 11),
                                                        ("bmojo_f", 4, 9)])
 @pytest.mark.parametrize("b", [1, 64])
 def test_kernel_lowers_for_gpu_in_place(b, family, aliased, operands):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
   (S 512, K 32, P 64, M_f 16, k_e 16, D 2048, bf16; B'MOJO-F: fading without candidates or history): one custom
-  call whose cache arrays (ring k, v, fading k, v, history, candidates k, v, score, pos) alias its outputs
-  (updated in place), each passed once: t, k, v, (fk, fv), (a), (k_raw, score) and the aliased arrays."""
+  call whose cache arrays (ring k, v, fading k, v, history, candidates k, v) alias its outputs (updated in place),
+  each passed once: t, k, v, (fk, fv), (a), (k_raw, score, the candidates' scores and positions, read only) and
+  the aliased arrays."""
   sds = jax.ShapeDtypeStruct
   rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
   kv = sds((b, 32, 64), jnp.bfloat16)

@@ -6,7 +6,7 @@ history (each buffer shifted one row, the new row last).
 the Triton kernel (GPU; Pallas' interpreter on CPU); `decode_token_update_reference` in `reference.py` is the
 plain-jnp form (two dynamic_update_slices, `bmojo_jax.memory.selection.insert_candidate`, a concatenate per
 fading buffer and `bmojo_jax.memory.scoring.last_inputs`). Files:
-  `kernel.py`     the kernel (one program per row, the arrays updated in place), its `BlockSizes`.
+  `kernel.py`     the kernel (a row's features split over programs, the arrays updated in place), its `BlockSizes`.
   `reference.py`  the reference and the shape checks.
 There is no TPU kernel: `bmojo_jax.kernels.get_decode_update_fn` takes the reference there.
 """

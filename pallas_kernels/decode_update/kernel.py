@@ -2,23 +2,27 @@
 innovation history, and the candidate insertion in one launch.
 
 Shapes as in `reference.py`, with the features of a row flattened (F = K·P, padded to a power of two in the kernel
-and masked). One program per row b of the grid (B,): it writes k and v into ring slot t mod S; with fading tokens
-it moves rows 1..M_f-1 of next_fading_k, next_fading_v one row up and writes the read-out fk, fv into row M_f-1,
-and with a history rows 1..3 of history [4, D] one row up and the input a (fp32) into row 3 (`shift_rows_up`: a row
-is loaded before it is overwritten, by the same threads, in program order, so the shift is safe in place); with
-candidates it takes the row's candidate decision (k_e scores and positions, padded to a power of two and masked on
-load) and, when the token replaces a candidate, writes k_raw, v, the score and the position t into that candidate's
-slot. Every array is updated in place (`input_output_aliases`): a token writes only its own rows, nothing else is
-read or copied (a jnp shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back
-into the carry, per buffer and layer). The features are not split over programs: a program reading the candidates'
-scores could then see another's write of the new score (no order between programs) and choose another slot; a row
-is a few KB (K·P = 2048 at 1.4B), and the batch-1 launch is one program either way.
+and masked). Grid (B, n_split): program (b, j) handles row b's features [j·block_f, (j+1)·block_f) (`BlockSizes.
+block_f`; the history's D split into as many blocks). It writes its part of k and v into ring slot t mod S; with
+fading tokens it moves rows 1..M_f-1 of next_fading_k, next_fading_v one row up and writes the read-out fk, fv into
+row M_f-1, and with a history rows 1..3 of history [4, D] one row up and the input a (fp32) into row 3
+(`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program order, so the shift is
+safe in place); with candidates it takes the row's candidate decision (k_e scores and positions, padded to a power
+of two and masked on load; every program of the row takes the same one) and, when the token replaces a candidate,
+writes its part of k_raw and v into that candidate's slot. The ring, the fading buffers, the history and the
+candidates' keys and values are updated in place (`input_output_aliases`): a token writes only its own rows (a jnp
+shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into the carry, per
+buffer and layer). The candidates' scores and positions are only read here, so no program can see another's write
+before it decides; the kernel returns the replaced slot, and the new score, position and valid flag go in by one
+elementwise XLA op (`decode_token_update_gpu`).
+
+Split rows cut the chain of dependent memory accesses a program walks: at the 1.4B shapes (K·P = D = 2048, M_f 16)
+one program per row shifted 2 x 15 fading rows and 3 history rows in five load-then-store groups, 7.9 us a layer
+on an H100 (docs/inference.md, "The current profile"); 8 programs of 256 features move them in one group each.
 
 The decision is `insert_candidate`'s with reductions Triton has (no argmax): worst = min score; among the slots at
 the worst score, the latest position; among those (empty slots all hold NO_POS) the first index, as argmax picks;
-replaced when the new score is strictly larger. valid stays out of the kernel (Triton has no bool refs): the kernel
-returns the replaced index (-1: none) and `valid | (slot == index)` is one elementwise XLA op, where converting
-valid to int8 and back around the kernel would be two.
+replaced when the new score is strictly larger.
 """
 
 from __future__ import annotations
@@ -40,18 +44,27 @@ from bmojo_jax.pallas_kernels.decode_update.reference import Fading
 class BlockSizes:
   """Launch parameters of the update kernel.
 
-  num_warps: Triton's warps per program (one program per row, next_pow2(K·P) features).
+  num_warps: Triton's warps per program.
+  block_f: features of a row per program, a power of two: a row's K·P features go to cdiv(K·P, block_f)
+    programs (the history's D to as many); 0: one program per row, next_pow2(K·P) features.
   shift_rows: rows of a shifted buffer a program loads before it stores them one row up (`shift_rows_up`): the
-    loads in flight, each a padded row of each buffer (4: 64 registers a thread for the two fading buffers at
-    K·P = 2048 bf16 with 4 warps; the history's 3 rows of D = 2048 fp32: 48).
+    loads in flight, each the program's part of a row of each buffer; its registers a thread are about
+    shift_rows x buffers x block_f / (32 num_warps) (16 rows of the two fading buffers at block_f 256, 4 warps: 64).
   """
   num_warps: int = 4
-  shift_rows: int = 4
+  block_f: int = 256
+  shift_rows: int = 16
 
   def __post_init__(self):
     for name in ("num_warps", "shift_rows"):
       if getattr(self, name) <= 0:
         raise ValueError(f"BlockSizes.{name} must be positive, got {getattr(self, name)}")
+    if self.block_f < 0 or self.block_f & (self.block_f - 1):
+      raise ValueError(f"BlockSizes.block_f must be 0 or a power of two, got {self.block_f}")
+
+  def split(self, n_feat: int) -> int:
+    """Programs a row's n_feat features go to."""
+    return 1 if not self.block_f else -(-n_feat // self.block_f)
 
 
 def next_pow2(n: int) -> int:
@@ -74,20 +87,23 @@ def choose_candidate(score_ref, pos_ref, new_score, n_cand: int):
   return new_score > worst, index
 
 
-def row_features(n_feat: int):
-  """(slice, mask [next_pow2(n_feat)]) of a row's features: the power-of-two block Triton loads, masked."""
-  block = next_pow2(n_feat)
-  return pl.ds(pl.program_id(0) * 0, block), jnp.arange(block, dtype=jnp.int32) < n_feat   # a traced 0: dynamic
+def row_features(n_feat: int, n_split: int):
+  """(slice, mask [block]) of this program's part of a row of n_feat features split over n_split programs (grid
+  axis 1): the power-of-two block Triton loads, next_pow2(cdiv(n_feat, n_split)) features, masked."""
+  block = next_pow2(-(-n_feat // n_split))
+  start = pl.program_id(1) * block
+  return pl.ds(start, block), start + jnp.arange(block, dtype=jnp.int32) < n_feat
 
 
-def shift_rows_up(bufs, news, n_rows: int, n_feat: int, group: int):
+def shift_rows_up(bufs, news, n_rows: int, n_feat: int, n_split: int, group: int):
   """The buffers bufs (refs [n_rows, n_feat]) one row up, in place, the new rows news (refs [n_feat], cast to the
-  buffers' dtype) into the last: rows 1..n_rows-1 loaded `group` at a time, then stored one row up (row i is
-  overwritten by the group after the one that loaded it). A row is loaded and stored as [1, next_pow2(n_feat)]
-  (masked) through the same ref (the same memory, one shape, so one layout: the thread that loads a feature of
-  a row is the one that later overwrites it, in program order; a layout conversion between them would pass a
-  barrier), so the shift needs no second buffer and no program touches another's rows."""
-  feat, in_row = row_features(n_feat)
+  buffers' dtype) into the last, this program's features of each (`row_features`): rows 1..n_rows-1 loaded
+  `group` at a time, then stored one row up (row i is overwritten by the group after the one that loaded it). A
+  row's part is loaded and stored as [1, block] (masked) through the same ref (the same memory, one shape, so one
+  layout: the thread that loads a feature of a row is the one that later overwrites it, in program order; a
+  layout conversion between them would pass a barrier), so the shift needs no second buffer and no program
+  touches another's features."""
+  feat, in_row = row_features(n_feat, n_split)
   mask = in_row[None]
   at = lambda i: pl.ds(pl.program_id(0) * 0 + i, 1)
   for first in range(1, n_rows, group):
@@ -101,42 +117,40 @@ def shift_rows_up(bufs, news, n_rows: int, n_feat: int, group: int):
     plgpu.store(buf.at[at(n_rows - 1), feat], x.astype(buf.dtype)[None], mask=mask)
 
 
-def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], shift_rows: int):
+def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], n_split: int, shift_rows: int):
   """Refs: the inputs named in_names (t [], k, v [F]; with fading tokens fk, fv [F]; with a history a [D]; with
-  candidates k_raw [F], score [1]), the aliased inputs named alias_names (ring_k, ring_v [S, F]; next_k, next_v
-  [M_f, F]; history [4, D]; cand_k, cand_v [k_e, F], cand_score, cand_pos [k_e]), then the outputs they alias,
-  in the same order (and with candidates the replaced index [1] int32). Of the aliased inputs only the
-  candidates' scores and positions are read, before anything is written; the buffers are shifted through their
-  outputs (`shift_rows_up`)."""
+  candidates k_raw [F], score [1], cand_score, cand_pos [k_e]), the aliased inputs named alias_names (ring_k,
+  ring_v [S, F]; next_k, next_v [M_f, F]; history [4, D]; cand_k, cand_v [k_e, F]), then the outputs they alias,
+  in the same order (and with candidates the replaced index [1] int32). The aliased inputs are not read; the
+  buffers are shifted through their outputs (`shift_rows_up`)."""
   n_in, n_alias = len(in_names), len(alias_names)
-  ins, old = dict(zip(in_names, refs[:n_in])), dict(zip(alias_names, refs[n_in:n_in + n_alias]))
+  ins = dict(zip(in_names, refs[:n_in]))
   outs = dict(zip(alias_names + ("index",), refs[n_in + n_alias:]))
   size, n_feat = outs["ring_k"].shape
   t = ins["t"][()]
   zero = pl.program_id(0) * 0                                     # a traced 0: loads at a dynamic index
-  feat, in_row = row_features(n_feat)                                            # in_row [block_f]
+  feat, in_row = row_features(n_feat, n_split)                                   # in_row [block]
   slot = lax.rem(t, size)                                                        # t >= 0
   for src, dst in ((ins["k"], outs["ring_k"]), (ins["v"], outs["ring_v"])):
     x = plgpu.load(src.at[feat], mask=in_row, other=0)
     plgpu.store(dst.at[pl.ds(slot, 1), feat], x.astype(dst.dtype)[None], mask=in_row[None])
   if "next_k" in outs:
     bufs = (outs["next_k"], outs["next_v"])
-    shift_rows_up(bufs, (ins["fk"], ins["fv"]), bufs[0].shape[0], n_feat, shift_rows)
+    shift_rows_up(bufs, (ins["fk"], ins["fv"]), bufs[0].shape[0], n_feat, n_split, shift_rows)
   if "history" in outs:
-    shift_rows_up((outs["history"],), (ins["a"],), *outs["history"].shape, shift_rows)
+    shift_rows_up((outs["history"],), (ins["a"],), *outs["history"].shape, n_split, shift_rows)
   if "cand_k" not in outs:
     return
   n_cand = outs["cand_k"].shape[0]
   new = plgpu.load(ins["score"].at[pl.ds(zero, 1)])                             # [1] fp32
-  replace, index = choose_candidate(old["cand_score"], old["cand_pos"], new[0], n_cand)
+  replace, index = choose_candidate(ins["cand_score"], ins["cand_pos"], new[0], n_cand)
   write = in_row & replace
   for src, dst in ((ins["k_raw"], outs["cand_k"]), (ins["v"], outs["cand_v"])):
     x = plgpu.load(src.at[feat], mask=write, other=0)
     plgpu.store(dst.at[pl.ds(index, 1), feat], x.astype(dst.dtype)[None], mask=write[None])
-  one = jnp.full((1,), replace)
-  plgpu.store(outs["cand_score"].at[pl.ds(index, 1)], new.astype(outs["cand_score"].dtype), mask=one)
-  plgpu.store(outs["cand_pos"].at[pl.ds(index, 1)], jnp.full((1,), t, jnp.int32), mask=one)
-  outs["index"][...] = jnp.full((1,), jnp.where(replace, index, -1), jnp.int32)
+  first = jnp.full((1,), pl.program_id(1) == 0)                                  # one program writes the index
+  plgpu.store(outs["index"].at[pl.ds(zero, 1)], jnp.full((1,), jnp.where(replace, index, -1), jnp.int32),
+              mask=first)
 
 
 def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, score, t, fading: Fading | None = None,
@@ -155,23 +169,25 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
   if history is not None:
     aliased["history"], ins["a"] = history
   if cand is not None:
-    ins.update(k_raw=flat(k_raw), score=score.astype(jnp.float32)[:, None])
-    aliased.update(cand_k=flat(cand.k), cand_v=flat(cand.v), cand_score=cand.score, cand_pos=cand.pos)
+    ins.update(k_raw=flat(k_raw), score=score.astype(jnp.float32)[:, None], cand_score=cand.score,
+               cand_pos=cand.pos)
+    aliased.update(cand_k=flat(cand.k), cand_v=flat(cand.v))
+  n_split = blocks.split(kh * p)
 
-  def spec(x):                  # one program per row b: every array but t is [B, ...], a program sees its row
+  def spec(x):                  # programs (b, j): every array but t is [B, ...], a program sees row b whole
     if not x.ndim:
-      return pl.BlockSpec((), lambda bi: ())
-    return pl.BlockSpec((None, *x.shape[1:]), lambda bi: (bi,) + (0,) * (x.ndim - 1))
+      return pl.BlockSpec((), lambda bi, j: ())
+    return pl.BlockSpec((None, *x.shape[1:]), lambda bi, j: (bi,) + (0,) * (x.ndim - 1))
 
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in aliased.values()]
   if cand is not None:
     out_shape.append(jax.ShapeDtypeStruct((b, 1), jnp.int32))                  # the replaced index
-  kernel = functools.partial(update_kernel, in_names=tuple(ins), alias_names=tuple(aliased),
+  kernel = functools.partial(update_kernel, in_names=tuple(ins), alias_names=tuple(aliased), n_split=n_split,
                              shift_rows=blocks.shift_rows)
   args = [*ins.values(), *aliased.values()]
   outs = pl.pallas_call(
       kernel,
-      grid=(b,),
+      grid=(b, n_split),
       in_specs=[spec(x) for x in args],
       out_specs=[spec(x) for x in out_shape],
       out_shape=out_shape,
@@ -187,7 +203,9 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
   new_history = None if history is None else out["history"]
   if cand is None:
     return ring_k, ring_v, None, next_fading, new_history
-  valid = cand.valid | (jnp.arange(cand.k.shape[1], dtype=jnp.int32) == out["index"])    # index [B, 1]
-  new_cand = Store(out["cand_k"].reshape(cand.k.shape), out["cand_v"].reshape(cand.v.shape), out["cand_score"],
-                   out["cand_pos"], valid)
+  # the replaced slot's score, position and valid flag: one elementwise op over [B, k_e] (Triton has no bool refs)
+  hit = jnp.arange(cand.k.shape[1], dtype=jnp.int32) == out["index"]                    # index [B, 1], -1: none
+  new_cand = Store(out["cand_k"].reshape(cand.k.shape), out["cand_v"].reshape(cand.v.shape),
+                   jnp.where(hit, score.astype(cand.score.dtype)[:, None], cand.score),
+                   jnp.where(hit, jnp.asarray(t, cand.pos.dtype), cand.pos), cand.valid | hit)
   return ring_k, ring_v, new_cand, next_fading, new_history
