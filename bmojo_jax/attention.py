@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import KernelLayout, ModelConfig, Selection
+from bmojo_jax.config import ModelConfig, Selection
 from bmojo_jax.continuation import continue_memory, continue_parallel
 from bmojo_jax.decode_cache import ring_cache
 from bmojo_jax.kernels import get_attention_fn, get_decode_attention_fn, get_decode_update_fn
@@ -40,8 +40,7 @@ class AttnState(NamedTuple):
   v: jax.Array                  # [B, S, K, P]
   fading_k: jax.Array           # [B, M_f, K, P] the current chunk's fading tokens
   fading_v: jax.Array
-  next_fading_k: jax.Array      # [B, M_f, K, P] projections of the last M_f mixer outputs
-  next_fading_v: jax.Array
+  next_fading: jax.Array        # [B, M_f, D] the last M_f read-outs of the mixer, before their norm and projection
   store: Store                  # [B, M_e, …] the eidetic store at the end of the previous chunk
   cand: Store                   # [B, k_e, …] the current chunk's selections so far
   history: jax.Array            # [B, 4, D] fp32, the innovation test's last inputs ([B, 0, D] where unread)
@@ -93,6 +92,13 @@ class Attention(nnx.Module):
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
     return tuple(w(flat).reshape(*x.shape[:-1], *w.out_shape) for w in (self.wk, self.wv))
 
+  def fading_project(self, fading_norm=None):
+    """rows [B, ..., D] of read-outs (before their norm, when fading_norm) -> their keys and values [B, ..., K, P]:
+    how a fading token is made of its read-out."""
+    if fading_norm is None:
+      return self.fading_kv
+    return lambda rows: self.fading_kv(fading_norm(rows))
+
   def fading_parts(self, fading: jax.Array | None, fading_norm=None):
     """(source, project, fk, fv): what the fading tokens are cut from, and how the cut [B, ..., *] becomes their
     keys and values [B, ..., K, P]. Usually the source is the read-outs fading [B, T, D] and only the cut is
@@ -100,9 +106,7 @@ class Attention(nnx.Module):
     selection that scores with the projections at every position (`cfg.scores_read_fading`) gets them as fk,
     fv [B, T, K, P], and the tokens are cut from those, projected once. fk, fv are None otherwise."""
     if not self.cfg.scores_read_fading:
-      if fading_norm is None:
-        return fading, self.fading_kv, None, None
-      return fading, lambda rows: self.fading_kv(fading_norm(rows)), None, None
+      return fading, self.fading_project(fading_norm), None, None
     if fading_norm is not None:
       fading = fading_norm(fading)
     fk, fv = self.fading_kv(fading)
@@ -160,36 +164,36 @@ class Attention(nnx.Module):
                            **{f: x for f, x in mem.last._asdict().items() if x is not None})
     m_f = cfg.fading
     if m_f:                                         # the read-outs of the last M_f tokens, zeros before t = 0
-      pad = [(0, 0), (max(0, m_f - t), 0)] + [(0, 0)] * (source.ndim - 2)
-      next_k, next_v = project(jnp.pad(source, pad)[:, -m_f:])
-      state = state._replace(next_fading_k=next_k, next_fading_v=next_v)
+      pad = [(0, 0), (max(0, m_f - t), 0), (0, 0)]
+      state = state._replace(next_fading=jnp.pad(fading, pad)[:, -m_f:].astype(state.next_fading.dtype))
     if self.history_len:                            # the only score that reads earlier inputs
       state = state._replace(history=last_inputs(a))
     return y, state
 
 
-  def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None, entered: bool = False
-           ) -> tuple[jax.Array, AttnState]:
-    """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state).
+  def step(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None, fading_norm=None,
+           entered: bool = False) -> tuple[jax.Array, AttnState]:
+    """One token at position state.pos. a, fading [B, 1, D] -> (y [B, 1, D], new state); fading_norm as in
+    `__call__` (the same for every call on a state: the read-outs are kept as given and normed when projected).
 
-    The chunk-boundary work (`start_chunk`: the store merge, a sort over M_e + k_e entries) runs only at the
-    first token of a chunk, conditioned on the device scalar state.pos (`enter_chunk`): every other token
-    does only its own work (`step_select` is the branch-free form, which computes the merge at every token and
-    selects it). entered: the caller ran it already (`LanguageModel.enter_chunk`: one condition for all
-    layers), so the step skips it.
+    The chunk-boundary work (`start_chunk`: the store merge, a sort over M_e + k_e entries, the projection of the
+    M_f read-outs that become the fading tokens) runs only at the first token of a chunk, conditioned on the
+    device scalar state.pos (`enter_chunk`): every other token does only its own work (`step_select` is the
+    branch-free form, which computes the boundary work at every token and selects it). entered: the caller ran
+    it already (`LanguageModel.enter_chunk`: one condition for all layers), so the step skips it.
     """
-    return self._token_step(a, state if entered else self.enter_chunk(state), fading)
+    return self._token_step(a, state if entered else self.enter_chunk(state, fading_norm), fading, fading_norm)
 
-  def enter_chunk(self, state: AttnState) -> AttnState:
+  def enter_chunk(self, state: AttnState, fading_norm=None) -> AttnState:
     """The state with the memory of the chunk holding position state.pos current: at a chunk's first token
     (after chunk 0) `start_chunk`, run on the device scalar state.pos (`run_if`); else the state as it is."""
     if not (self.cfg.eidetic or self.cfg.fading):
       return state
     boundary = chunk_boundary(state.pos, self.cfg.chunk)
-    return state._replace(**run_if(boundary, lambda f: self._chunk_fields(self.start_chunk(state._replace(**f))),
-                                   self._chunk_fields(state)))
+    start = lambda f: self._chunk_fields(self.start_chunk(state._replace(**f), fading_norm))
+    return state._replace(**run_if(boundary, start, self._chunk_fields(state)))
 
-  def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None
+  def step_select(self, a: jax.Array, state: AttnState, *, fading: jax.Array | None = None, fading_norm=None
                   ) -> tuple[jax.Array, AttnState]:
     """`step` without a conditional: the chunk-boundary work is computed at every token and selected by the
     boundary flag (the reference of `step`'s `run_if`: the same computation; compiled as another program, its
@@ -197,82 +201,69 @@ class Attention(nnx.Module):
     t = state.pos
     if self.cfg.eidetic or self.cfg.fading:
       boundary = chunk_boundary(t, self.cfg.chunk)
-      new = self._chunk_fields(self.start_chunk(state))
+      new = self._chunk_fields(self.start_chunk(state, fading_norm))
       state = state._replace(**jax.tree.map(lambda x, y: jnp.where(boundary, x, y), new,
                                             self._chunk_fields(state)))
-    return self._token_step(a, state, fading)
+    return self._token_step(a, state, fading, fading_norm)
 
   @staticmethod
   def _chunk_fields(state: AttnState) -> dict:
     return {f: getattr(state, f) for f in CHUNK_FIELDS}
 
-  def _token_step(self, a: jax.Array, state: AttnState, fading: jax.Array | None
+  def _token_step(self, a: jax.Array, state: AttnState, fading: jax.Array | None, fading_norm
                   ) -> tuple[jax.Array, AttnState]:
-    """The work of the token at state.pos alone, the chunk's memory already current (`step`)."""
+    """The work of the token at state.pos alone, the chunk's memory already current (`step`). Its read-out
+    (fading) only joins the buffer of the last M_f: it is projected at the chunk boundary if it is among them
+    (`start_chunk`), here only for a selection that scores with the projections (`cfg.scores_read_fading`)."""
     cfg = self.cfg
     t = state.pos
     chunk, m_f, m_e = cfg.chunk, cfg.fading, cfg.eidetic
+    if m_f and fading is None:
+      raise ValueError("this attention has fading tokens: step takes its read-out (fading [B, 1, D])")
 
-    k_raw, v, fk, fv = self.step_kv(a, fading)                                       # [B, 1, K, P]
+    k_raw, v = self.wk(a), self.wv(a)                                                 # [B, 1, K, P]
     q, k = rope(self.wq(a), t[None], cfg.rope_theta), rope(k_raw, t[None], cfg.rope_theta)
-    fading, store = None, None                      # the memory parts the query sees besides the ring
+    memory_fading, store = None, None               # the memory parts the query sees besides the ring
     cand, score = None, None                        # the chunk's candidates and the token's score (eidetic)
     if m_e:   # scored before the fading buffer moves on: its last entry is the read-out at t-1
+      fk = fv = prev_fk = prev_fv = None
+      if cfg.scores_read_fading:                    # the projections of the read-outs at t-1 and t
+        pair = jnp.concatenate([state.next_fading[:, -1:], fading.astype(state.next_fading.dtype)], axis=1)
+        pk, pv = self.fading_project(fading_norm)(pair)                              # [B, 2, K, P]
+        prev_fk, fk, prev_fv, fv = pk[:, :1], pk[:, 1:], pv[:, :1], pv[:, 1:]
       score, _ = selection_scores(cfg.selection, self.score_inputs(
-          a, k_raw, v, fk, fv, history=state.history, prev_fk=state.next_fading_k[:, -1:],
-          prev_fv=state.next_fading_v[:, -1:]))
+          a, k_raw, v, fk, fv, history=state.history, prev_fk=prev_fk, prev_fv=prev_fv))
       cand, score = state.cand, score[:, 0]
-    # k, v into ring slot t mod S, the token offered to the chunk's candidates, the fading buffers shifted by its
+    # k, v into ring slot t mod S, the token offered to the chunk's candidates, the fading buffer shifted by its
     # read-out and the innovation history by its input, in one kernel in place with "pallas"
     update = get_decode_update_fn(cfg.compute.decode_attn_impl)
     ring_k, ring_v, cand, next_fading, history = update(
         state.k, state.v, cand, k[:, 0], v[:, 0], k_raw[:, 0] if m_e else None, score, t,
-        Fading(state.next_fading_k, state.next_fading_v, fk[:, 0], fv[:, 0]) if m_f else None,
+        Fading(state.next_fading, fading[:, 0]) if m_f else None,
         (state.history, a[:, 0]) if self.history_len else None)
     state = state._replace(k=ring_k, v=ring_v, pos=t + 1)
     if m_f:
-      fading = (state.fading_k, state.fading_v)
-      state = state._replace(next_fading_k=next_fading[0], next_fading_v=next_fading[1])
+      memory_fading = (state.fading_k, state.fading_v)
+      state = state._replace(next_fading=next_fading)
     if m_e:
       store = (state.store.k, state.store.v, state.store.valid)
       state = state._replace(cand=cand)
     if self.history_len:
       state = state._replace(history=history)
     attend = get_decode_attention_fn(cfg.compute.decode_attn_impl)
-    o = attend(q[:, 0], ring_k, ring_v, t, window=cfg.window, chunk=chunk, fading=fading, store=store)
+    o = attend(q[:, 0], ring_k, ring_v, t, window=cfg.window, chunk=chunk, fading=memory_fading, store=store)
     return self.wo(o[:, None]), state
 
-  def step_kv(self, a: jax.Array, fading: jax.Array | None):
-    """(k, v, fk, fv) [B, 1, K, P] of one token: its key and value, and those of its fading read-out (None
-    without fading tokens). Both rows go through one projection, so w_k and w_v are read once a token, and the
-    fading pair passes an optimization barrier: at batch 1 XLA:GPU turned that [1, D] x [D, K·P] product into a
-    reduction fused into the concatenate that shifts the fading buffer, ~0.6 ms a layer (28 ms of a 33 ms
-    B'MOJO-F step at 1.4B on an H100).
-
-    Except at batch 1 in the out_in layout: there the token and its read-out are two products of one row each.
-    Measured on one H100 (bf16, one GEMV per kernel, docs/inference.md "Kernel layout"), a 2048 x 2048 weight
-    (w_k, w_v at 1.4B) stored [N, D] takes 3.5 us at M = 1 but ~10 us at M = 2 (the one shape that stays slow
-    at M = 2 in both layouts), so two M = 1 reads (7 us) beat one M = 2 read; from M = 2 on (batch 2 and up:
-    M = 2B here) both layouts run near 2.5 TB/s and one read of each weight is the cheaper."""
-    if fading is None or not self.cfg.fading:
-      return self.wk(a), self.wv(a), None, None
-    fading = fading.astype(a.dtype)
-    if a.shape[0] == 1 and self.wk.layout == KernelLayout.OUT_IN:
-      fk, fv = jax.lax.optimization_barrier((self.wk(fading), self.wv(fading)))
-      return self.wk(a), self.wv(a), fk, fv
-    rows = jnp.concatenate([a, fading], axis=1)                                     # [B, 2, D]
-    k2, v2 = self.wk(rows), self.wv(rows)                                            # [B, 2, K, P]
-    fk, fv = jax.lax.optimization_barrier((k2[:, 1:], v2[:, 1:]))
-    return k2[:, :1], v2[:, :1], fk, fv
-
-  def start_chunk(self, state: AttnState) -> AttnState:
-    """The state at a chunk boundary: the candidates enter the store, the next fading tokens become current."""
+  def start_chunk(self, state: AttnState, fading_norm=None) -> AttnState:
+    """The state at a chunk boundary: the candidates enter the store, the read-outs of the last M_f tokens become
+    the fading tokens (normed with fading_norm, as the steps got them, and projected)."""
     cfg = self.cfg
     if cfg.eidetic:
       state = state._replace(store=merge(state.store, state.cand, cfg.store_policy),
                              cand=empty_store(*state.cand.k.shape, state.cand.k.dtype))
     if cfg.fading:
-      state = state._replace(fading_k=state.next_fading_k, fading_v=state.next_fading_v)
+      fk, fv = self.fading_project(fading_norm)(state.next_fading)
+      state = state._replace(fading_k=fk.astype(state.fading_k.dtype), fading_v=fv.astype(state.fading_v.dtype))
     return state
 
   @property
@@ -287,7 +278,7 @@ class Attention(nnx.Module):
     zeros = lambda n: jnp.zeros((batch, n, kh, p), dt)
     return AttnState(k=zeros(cache_size), v=zeros(cache_size),
                      fading_k=zeros(cfg.fading), fading_v=zeros(cfg.fading),
-                     next_fading_k=zeros(cfg.fading), next_fading_v=zeros(cfg.fading),
+                     next_fading=jnp.zeros((batch, cfg.fading, cfg.d_model), dt),
                      store=empty_store(batch, cfg.eidetic, kh, p, dt),
                      cand=empty_store(batch, cfg.eidetic_per_chunk if cfg.eidetic else 0, kh, p, dt),
                      history=jnp.zeros((batch, self.history_len, cfg.d_model), jnp.float32),

@@ -24,12 +24,14 @@ if TYPE_CHECKING:   # annotations only: bmojo_jax.attention imports this module
 CONTINUE_BLOCK = 256   # queries per block of a parallel continuation (`continue_parallel`)
 
 
-def continue_stepwise(attn: Attention, a: jax.Array, state: AttnState, fading: jax.Array | None
+def continue_stepwise(attn: Attention, a: jax.Array, state: AttnState, fading: jax.Array | None, fading_norm=None
                       ) -> tuple[jax.Array, AttnState]:
-  """`Attention.step` over the T tokens of a [B, T, D] (and fading, normed) from `state` -> (y [B, T, D], state): the
-  reference of the parallel continuations (`continue_parallel`, `continue_memory`)."""
+  """`Attention.step` over the T tokens of a [B, T, D] (and fading, with fading_norm as `Attention.__call__`) from
+  `state` -> (y [B, T, D], state): the reference of the parallel continuations (`continue_parallel`,
+  `continue_memory`)."""
   def body(state, xs):
-    y, state = attn.step(xs[0][:, None], state, fading=None if xs[1] is None else xs[1][:, None])
+    y, state = attn.step(xs[0][:, None], state, fading=None if xs[1] is None else xs[1][:, None],
+                         fading_norm=fading_norm)
     return state, y[:, 0]
   to_time = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
   state, y = jax.lax.scan(body, state, (to_time(a), to_time(fading)))
@@ -97,19 +99,22 @@ def continue_memory(attn: Attention, a: jax.Array, state: AttnState, fading: jax
   cfg = attn.cfg
   b, t, _ = a.shape
   chunk, m_f = cfg.chunk, cfg.fading
-  state = attn.enter_chunk(state)
+  state = attn.enter_chunk(state, fading_norm)
   p0, size = state.pos, state.k.shape[1]
   positions = p0 + jnp.arange(t)
   k_raw, v = attn.wk(a), attn.wv(a)
   q, k = rope(attn.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
-  source, project, fk, fv = attn.fading_parts(fading, fading_norm)
-  before = (state.next_fading_k, state.next_fading_v) if m_f else None
-  scored = attn.score_inputs(a, k_raw, v, fk, fv, history=state.history if attn.history_len else None,
-                             prev_fk=state.next_fading_k[:, -1:] if m_f else None,
-                             prev_fv=state.next_fading_v[:, -1:] if m_f else None)
+  _, _, fk, fv = attn.fading_parts(fading, fading_norm)
+  project = attn.fading_project(fading_norm)
+  before = state.next_fading if m_f else None                                    # [B, M_f, D]
+  prev = {}
+  if cfg.scores_read_fading:                      # the projections of the read-out before the piece
+    prev_fk, prev_fv = project(before[:, -1:])
+    prev = dict(prev_fk=prev_fk, prev_fv=prev_fv)
+  scored = attn.score_inputs(a, k_raw, v, fk, fv, history=state.history if attn.history_len else None, **prev)
   first = LastChunk(*(getattr(state, f) if getattr(cfg, need) else None for f, need in (
       ("fading_k", "fading"), ("fading_v", "fading"), ("store", "eidetic"), ("cand", "eidetic"))))
-  mem = continued_memory(cfg, source, project, scored, p0, first, before)
+  mem = continued_memory(cfg, fading, project, scored, p0, first, before)
 
   n = mem.k.shape[1]
   reach = -(-size // chunk) * chunk                                               # R
@@ -136,8 +141,7 @@ def continue_memory(attn: Attention, a: jax.Array, state: AttnState, fading: jax
   state = state._replace(k=ring(frame_k), v=ring(frame_v), pos=p0 + t,
                          **{f: x for f, x in mem.last._asdict().items() if x is not None})
   if m_f:                                         # the read-outs of the piece's last M_f tokens
-    next_k, next_v = fading_rows(source, project, before, t - m_f + jnp.arange(m_f))
-    state = state._replace(next_fading_k=next_k, next_fading_v=next_v)
+    state = state._replace(next_fading=fading_rows(fading, before, t - m_f + jnp.arange(m_f)))
   if attn.history_len:
     state = state._replace(history=last_inputs(a, state.history))
   return attn.wo(o), state

@@ -10,7 +10,7 @@ one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`,
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
     decode_attn_impl  (a decode step's attention sublayer: its query over the ring cache + memory tokens, cuDNN
                       having no one-query kernel, and its cache update: k, v into the ring, the candidate insertion,
-                      the shifts of the fading buffers and of the innovation history)
+                      the shifts of the fading buffer and of the innovation history)
                reference    `decode_step_attention_reference` (`bmojo_jax.decode_cache.decode_attention`) and
                             `decode_token_update_reference` (two dynamic_update_slices + `insert_candidate` +
                             the shifts), jnp;
@@ -174,7 +174,7 @@ def get_decode_attention_fn(impl: DecodeAttnImpl | str):
 
 def get_decode_update_fn(impl: DecodeAttnImpl | str):
   """fn(ring_k, ring_v, cand, k, v, k_raw, score, t, fading=None, history=None) -> (ring_k, ring_v, cand,
-  (next_fading_k, next_fading_v) or None, history or None), a decode token's cache update
+  next_fading or None, history or None), a decode token's cache update
   (`pallas_kernels.decode_update`) that `impl` (`compute.decode_attn_impl`, which names the decode step's attention
   sublayer: its attention and this update together) resolves to on this backend (`resolve_decode_attn_impl`): the
   kernel for "pallas" and for `auto` on a GPU (one launch in place of ~9 small XLA kernels a layer, at any batch,

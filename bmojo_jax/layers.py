@@ -153,11 +153,11 @@ class SwiGLU(nnx.Module):
     del state, fading, fading_norm, cache_size, packing
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
 
-  def start_chunk(self, state=None):
+  def start_chunk(self, state=None, fading_norm=None):
     """No memory chunks (`Mixer.start_chunk`)."""
     return state
 
-  def step(self, x: jax.Array, state=None, *, fading=None, entered: bool = False):
+  def step(self, x: jax.Array, state=None, *, fading=None, fading_norm=None, entered: bool = False):
     return self(x)
 
   def init_state(self, batch: int, cache_size: int | None = None):

@@ -126,11 +126,11 @@ class Mamba(nnx.Module):
       return tuple(jnp.einsum("BTD,ED->BTE", x, w[j]) for j in (0, 1))
     return tuple(jnp.einsum("BTD,DE->BTE", x, w[:, j]) for j in (0, 1))
 
-  def start_chunk(self, state: MambaState) -> MambaState:
+  def start_chunk(self, state: MambaState, fading_norm=None) -> MambaState:
     """No memory chunks: the state as it is (`Mixer.start_chunk`)."""
     return state
 
-  def step(self, x: jax.Array, state: MambaState, *, fading=None, entered: bool = False
+  def step(self, x: jax.Array, state: MambaState, *, fading=None, fading_norm=None, entered: bool = False
            ) -> tuple[jax.Array, MambaState]:
     """One token per row: x [B, 1, D] -> (out [B, 1, D], state)."""
     return self(x, state, fading=fading)

@@ -9,16 +9,15 @@ parallel pass, `step` for one token, `init_state` for the decode state before an
 two sublayers without knowing their kinds; `bmojo_jax.param_count.SUBLAYER_PARAMS` counts each kind's
 parameters. With `cfg.fading_source` (B'MOJO-F, B'MOJO; validated in `ModelConfig`) the first sublayer's
 output s, a read-out of the SSM state, is handed to the second (the memory attention) as the source of its
-fading tokens; the parallel pass hands s with norm_2, which the attention applies to the M_f rows per chunk
-it reads only (`Attention.fading_parts`), not to all T.
+fading tokens, with norm_2, which the attention applies only to the M_f rows per chunk it reads: of all T in
+the parallel pass (`Attention.fading_parts`), of the last M_f read-outs once a chunk in decoding (`start_chunk`).
 
 With `cfg.compute.scan_layers` the n_blocks identical blocks are one `Block` whose parameters carry a leading
 "layers" axis, run by one `lax.scan`: the step is traced and compiled once whatever the depth (or, with
 `cfg.compute.scan_unroll` k, k blocks per iteration: XLA schedules and fuses across them). Otherwise (the
 default: its steps ran faster, docs/train_speed.md) they are a list of blocks run by a Python loop. Both run
 the same block function (`_block_fn`), rematerialized by `cfg.compute.remat`; `stack_blocks` / `unstack_blocks`
-convert parameter trees between the two layouts (`bmojo_jax.kernel_layout` converts a model between the layouts of
-its projection kernels).
+convert parameter trees between the two layouts (`bmojo_jax.kernel_layout`: between kernel layouts).
 
 A training row may pack several documents (`segment_ids`, `positions`; `bmojo_jax.segments`): every mixer
 gets the row's `Packing` and keeps the documents apart, so the row computes what its documents would alone.
@@ -45,6 +44,7 @@ from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
+Norm = Callable[[jax.Array], jax.Array]   # a norm of rows [..., D]: the fading source's (`Block`'s norm2)
 RESIDUAL = (tp.BATCH, tp.SEQ, tp.EMBED)  # logical axes of the residual stream x [B, T, D]
 
 
@@ -55,22 +55,22 @@ class Mixer(Protocol):
   (`cfg.fading_source`), which only the memory attention reads; `packing` marks the documents of a packed row."""
 
   def __call__(self, x: jax.Array, state: Any = None, *, fading: jax.Array | None = None,
-               fading_norm: Callable[[jax.Array], jax.Array] | None = None, cache_size: int | None = None,
+               fading_norm: Norm | None = None, cache_size: int | None = None,
                packing: Packing | None = None) -> tuple[jax.Array, Any]:
     """Parallel pass x [B, T, D] -> (y [B, T, D], state after the last token). `state` continues the sequence
     it holds; cache_size (attention ring slots) asks for the decode state. With fading_norm, fading is the
     read-out before its norm, and fading_norm(rows [..., D]) normalizes the rows that are read of it."""
     ...
 
-  def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None,
+  def step(self, x: jax.Array, state: Any, *, fading: jax.Array | None = None, fading_norm: Norm | None = None,
            entered: bool = False) -> tuple[jax.Array, Any]:
-    """One token per row: x [B, 1, D] -> (y [B, 1, D], state). entered: the token's memory-chunk boundary work
-    (`start_chunk`) already ran (`LanguageModel.enter_chunk`); a mixer without memory ignores it."""
+    """One token per row: x [B, 1, D] -> (y [B, 1, D], state); fading, fading_norm as in `__call__`; entered:
+    `start_chunk` already ran (`LanguageModel.enter_chunk`), which a mixer without memory ignores."""
     ...
 
-  def start_chunk(self, state: Any) -> Any:
-    """The decode state at a memory-chunk boundary: the memory attention's candidates enter its store and its
-    next fading tokens become current; the state as it is for a sublayer without memory."""
+  def start_chunk(self, state: Any, fading_norm: Norm | None = None) -> Any:
+    """The decode state at a memory-chunk boundary: the memory attention's candidates enter its store, its last
+    M_f read-outs (normed by fading_norm, as the steps got them) become its fading tokens; as it is without memory."""
     ...
 
   def init_state(self, batch: int, cache_size: int | None) -> Any:
@@ -132,12 +132,10 @@ class Block(nnx.Module):
     s, state1 = (self.mixer1.step(self.norm1(x), state1, entered=True) if decode else
                  self.mixer1(self.norm1(x), state1, cache_size=cache_size, packing=packing))
     h = x + s
-    if decode:
-      y, state2 = self.mixer2.step(self.norm2(h), state2, fading=self.norm2(s) if self.fading_source else None,
-                                   entered=True)
-    else:   # the fading source norm2(s): the mixer normalizes only the rows it reads (M_f per chunk)
-      fading = dict(fading=s, fading_norm=self.norm2) if self.fading_source else {}
-      y, state2 = self.mixer2(self.norm2(h), state2, cache_size=cache_size, packing=packing, **fading)
+    # the fading source norm2(s): the mixer normalizes only the rows it reads (M_f per chunk)
+    fading = dict(fading=s, fading_norm=self.norm2) if self.fading_source else {}
+    y, state2 = (self.mixer2.step(self.norm2(h), state2, entered=True, **fading) if decode else
+                 self.mixer2(self.norm2(h), state2, cache_size=cache_size, packing=packing, **fading))
     return h + y, (state1, state2)
 
   def init_state(self, batch: int, cache_size: int | None) -> BlockCache:
@@ -145,7 +143,8 @@ class Block(nnx.Module):
 
   def start_chunk(self, cache: BlockCache) -> BlockCache:
     """Both sublayers' states at a memory-chunk boundary (`Mixer.start_chunk`)."""
-    return self.mixer1.start_chunk(cache[0]), self.mixer2.start_chunk(cache[1])
+    norm = self.norm2 if self.fading_source else None
+    return self.mixer1.start_chunk(cache[0]), self.mixer2.start_chunk(cache[1], norm)
 
 
 def _block_fn(graphdef, cache_size: int | None, decode: bool, keep_cache: bool, remat: RematPolicy,
@@ -327,8 +326,9 @@ class LanguageModel(nnx.Module):
     if not (cfg.eidetic or cfg.fading):
       return cache
     pos = attention_state(cache).pos.reshape(-1)[0]                                 # scan_layers: [n_blocks]
-    if cfg.compute.scan_layers:
-      start = jax.vmap(self.blocks.start_chunk)
+    if cfg.compute.scan_layers:                    # each block's own weights: its fading tokens are projected
+      graphdef, params = nnx.split(self.blocks)
+      start = lambda caches: jax.vmap(lambda p, c: nnx.merge(graphdef, p).start_chunk(c))(params, caches)
     else:
       start = lambda caches: [block.start_chunk(c) for block, c in zip(self.blocks, caches)]
     return run_if(chunk_boundary(pos, cfg.chunk), start, cache)

@@ -1,6 +1,6 @@
 """A decode token's cache update kernel (pallas_kernels/decode_update; Pallas' interpreter on a CPU, compiled on a
 GPU) = its jnp reference bit for bit (it only moves data and compares scores), with and without candidates,
-fading buffers and innovation history; the compiled kernel lowers to Triton in place; bad inputs are refused.
+fading buffer and innovation history; the compiled kernel lowers to Triton in place; bad inputs are refused.
 The model's use of it: tests/test_decode_update_step.py."""
 
 import dataclasses
@@ -38,7 +38,7 @@ class Case:
   k_e: int          # candidate slots
   t: int            # the token's position
   ring_dtype: str = "float32"
-  m_f: int = 0      # fading buffer rows (0: no fading update)
+  m_f: int = 0      # fading buffer rows (0: no fading update), each a read-out of width d, or K·P without history
   d: int = 0        # the history's width D (0: no history update)
 
 
@@ -82,9 +82,9 @@ def inputs(case: Case):
   cand = cand._replace(k=jnp.asarray(cand.k, dt), v=jnp.asarray(cand.v, dt))
   k, v, k_raw = host_normal(3, (3, case.b, case.k, case.p))         # fp32: the kernel casts to the ring's dtype
   fading = None
-  if case.m_f:                                                      # buffers in the ring's dtype, fk, fv fp32
-    buf, new = host_normal(6, (2, case.b, case.m_f, case.k, case.p)), host_normal(7, (2, case.b, case.k, case.p))
-    fading = (jnp.asarray(buf[0], dt), jnp.asarray(buf[1], dt), new[0], new[1])
+  if case.m_f:                                                      # the buffer in the ring's dtype, the read-out fp32
+    width = case.d or case.k * case.p
+    fading = (jnp.asarray(host_normal(6, (case.b, case.m_f, width)), dt), host_normal(7, (case.b, width)))
   history = None
   if case.d:                                                        # fp32 history, the input a in the ring's dtype
     history = (host_normal(8, (case.b, 4, case.d)), jnp.asarray(host_normal(9, (case.b, case.d)), dt))
@@ -129,29 +129,29 @@ def test_kernel_matches_reference_bit_exact(case):
 
 def test_kernel_matches_reference_over_a_sequence():
   """Tokens 0..12 one by one from an empty store (integer scores: many ties), ring of 5 slots wrapping twice,
-  fading buffers of 3 rows, a history of 4 inputs of width 6, in a lax.scan, each row's features split over 4
-  programs (the history's 6 over 4 blocks of 2, the last empty): every state of the kernel's = the reference's."""
+  a fading buffer of 3 read-outs and a history of 4 inputs, both of width 6, in a lax.scan, each row's features
+  split over 4 programs (the width 6 over 4 blocks of 2, the last empty): every state of the kernel's = the
+  reference's."""
   b, s, kh, p, k_e, m_f, d, n = 3, 5, 2, 4, 3, 3, 6, 13
   scores = np.random.default_rng(4).integers(0, 4, (n, b)).astype(np.float32)
   scores[5, 1] = -np.inf                                          # a -inf score never enters
-  kv = host_normal(5, (5, n, b, kh, p))
-  a = host_normal(10, (n, b, d))
+  kv = host_normal(5, (3, n, b, kh, p))
+  read_out, a = host_normal(10, (2, n, b, d))
   zeros = lambda rows: jnp.zeros((b, rows, kh, p))
-  start = (zeros(s), zeros(s), empty_store(b, k_e, kh, p, jnp.float32), (zeros(m_f), zeros(m_f)),
-           jnp.zeros((b, 4, d)))
+  start = (zeros(s), zeros(s), empty_store(b, k_e, kh, p, jnp.float32), jnp.zeros((b, m_f, d)), jnp.zeros((b, 4, d)))
 
   def run(update):
     def body(carry, xs):
-      k, v, k_raw, fk, fv, a, score, t = xs
-      carry = update(carry[0], carry[1], carry[2], k, v, k_raw, score, t, (*carry[3], fk, fv), (carry[4], a))
+      k, v, k_raw, r, a, score, t = xs
+      carry = update(carry[0], carry[1], carry[2], k, v, k_raw, score, t, (carry[3], r), (carry[4], a))
       return carry, carry
-    return jax.lax.scan(body, start, (*kv, a, scores, jnp.arange(n, dtype=jnp.int32)))[1]
+    return jax.lax.scan(body, start, (*kv, read_out, a, scores, jnp.arange(n, dtype=jnp.int32)))[1]
 
   kernel = lambda *a: decode_token_update(*a, block_sizes=BlockSizes(block_f=2), interpret=None)
   got, want = jax.jit(lambda: (run(kernel), run(decode_token_update_reference)))()
   assert_same(got, want)
   assert bool(np.all(np.asarray(want[2].valid[-1])))               # the candidates filled up
-  np.testing.assert_array_equal(np.asarray(want[3][0][-1]), kv[3][-m_f:].transpose(1, 0, 2, 3))  # the last 3 fk
+  np.testing.assert_array_equal(np.asarray(want[3][-1]), read_out[-m_f:].transpose(1, 0, 2))  # the last 3 read-outs
   np.testing.assert_array_equal(np.asarray(want[4][-1]), a[-4:].transpose(1, 0, 2))             # the last 4 a
 
 
@@ -176,7 +176,7 @@ SHIFT_CASES = [
 @pytest.mark.parametrize("with_cand", [True, False], ids=["cand", "no_cand"])
 @pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: c.name)
 def test_shifts_match_reference_bit_exact(case, with_cand):
-  """With fading buffers and/or the innovation history (with candidates: B'MOJO; without: B'MOJO-F) every array
+  """With the fading buffer and/or the innovation history (with candidates: B'MOJO; without: B'MOJO-F) every array
   as the reference leaves it, every bit: each buffer one row up with the new row (cast to its dtype) last, in
   place; a row in one program (block_f 0, groups of 4 rows) and split over programs (block_f 2). M_f = 4 with
   shift_rows 3 (features split) and 1: groups of rows that do not divide M_f - 1, and one row at a time."""
@@ -188,9 +188,9 @@ def test_shifts_match_reference_bit_exact(case, with_cand):
   fns = [lambda *a, bs=bs: decode_token_update(*a, block_sizes=bs, interpret=None) for bs in blocks]
   got, want = jax.jit(lambda *a: ([fn(*a) for fn in fns], decode_token_update_reference(*a)))(*args)
   if case.m_f:                                                      # the reference is the shift
-    buf_k, buf_v, fk, fv = args[8]
-    np.testing.assert_array_equal(np.asarray(want[3][0][:, :-1]), np.asarray(buf_k[:, 1:]))
-    np.testing.assert_array_equal(np.asarray(want[3][1][:, -1]), np.asarray(jnp.asarray(fv, buf_v.dtype)))
+    buf, new = args[8]
+    np.testing.assert_array_equal(np.asarray(want[3][:, :-1]), np.asarray(buf[:, 1:]))
+    np.testing.assert_array_equal(np.asarray(want[3][:, -1]), np.asarray(jnp.asarray(new, buf.dtype)))
   if case.d:
     history, a = args[9]
     np.testing.assert_array_equal(np.asarray(want[4]), np.concatenate([history[:, 1:], np.asarray(
@@ -229,21 +229,21 @@ def test_kernel_per_shard_under_a_mesh():
   assert run_on_8_devices(MESH_SCRIPT) == {}
 
 
-@pytest.mark.parametrize("family, aliased, operands", [("bmojo", 7, 17), ("bmojo_no_shifts", 4, 11),
-                                                       ("bmojo_f", 4, 9)])
+@pytest.mark.parametrize("family, aliased, operands", [("bmojo", 6, 15), ("bmojo_no_shifts", 4, 11),
+                                                       ("bmojo_f", 3, 7)])
 @pytest.mark.parametrize("b", [1, 64])
 def test_kernel_lowers_for_gpu_in_place(b, family, aliased, operands):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
   (S 512, K 32, P 64, M_f 16, k_e 16, D 2048, bf16; B'MOJO-F: fading without candidates or history): one custom
-  call whose cache arrays (ring k, v, fading k, v, history, candidates k, v) alias its outputs (updated in place),
-  each passed once: t, k, v, (fk, fv), (a), (k_raw, score, the candidates' scores and positions, read only) and
-  the aliased arrays."""
+  call whose cache arrays (ring k, v, fading read-outs, history, candidates k, v) alias its outputs (updated in
+  place), each passed once: t, k, v, (the read-out), (a), (k_raw, score, the candidates' scores and positions,
+  read only) and the aliased arrays."""
   sds = jax.ShapeDtypeStruct
   rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
   kv = sds((b, 32, 64), jnp.bfloat16)
   cand = Store(rows(16), rows(16), sds((b, 16), jnp.float32), sds((b, 16), jnp.int32), sds((b, 16), jnp.bool_))
   cand_args = (cand, kv, sds((b,), jnp.float32)) if family != "bmojo_f" else (None, None, None)
-  fading = (rows(16), rows(16), kv, kv) if family != "bmojo_no_shifts" else None
+  fading = (sds((b, 16, 2048), jnp.bfloat16), sds((b, 2048), jnp.bfloat16)) if family != "bmojo_no_shifts" else None
   history = (sds((b, 4, 2048), jnp.float32), sds((b, 2048), jnp.bfloat16)) if family == "bmojo" else None
   fn = lambda rk, rv, cand, k, v, k_raw, score, t, fading, history: decode_token_update(
       rk, rv, cand, k, v, k_raw, score, t, fading, history, interpret=False)
@@ -266,13 +266,12 @@ def test_kernel_lowers_for_gpu_in_place(b, family, aliased, operands):
     (dict(cand_k=(2, 3, 2, 8)), r"cand.k \(2, 3, 2, 8\) and cand.v \(2, 3, 2, 4\) must be \[B, k_e, K, P\]"),
     (dict(cand_pos=(2, 4)), r"cand.pos \(2, 4\) must be \[B, k_e\]"),
     (dict(cand_k=(2, 0, 2, 4), cand_v=(2, 0, 2, 4)), "cand holds no slots"),
-    (dict(next_v=(2, 4, 2, 4)),
-     r"fading.next_k \(2, 3, 2, 4\) and fading.next_v \(2, 4, 2, 4\) must be \[B, M_f, K, P\]"),
-    (dict(next_k=(2, 3, 4, 2), next_v=(2, 3, 4, 2)), r"fading.next_k \(2, 3, 4, 2\) .* = \[2, M_f >= 1, 2, 4\]"),
-    (dict(next_k=(2, 0, 2, 4), next_v=(2, 0, 2, 4)), r"fading.next_k \(2, 0, 2, 4\) .* M_f >= 1"),
-    (dict(fk=(2, 2, 3)), r"fading.fk \(2, 2, 3\) must be \[B, K, P\] = \(2, 2, 4\)"),
-    (dict(fv=(2, 1, 2, 4)), r"fading.fv \(2, 1, 2, 4\) must be \[B, K, P\]"),
-    (dict(fading_len=3), r"fading must be \(next_k, next_v, fk, fv\) or None, got a tuple of 3"),
+    (dict(next=(3, 3, 5)), r"fading.next \(3, 3, 5\) must be \[B, M_f, D\] = \[2, M_f >= 1, D\]"),
+    (dict(next=(2, 0, 5)), r"fading.next \(2, 0, 5\) must be \[B, M_f, D\]"),
+    (dict(next=(2, 3, 2, 4)), r"fading.next \(2, 3, 2, 4\) must be \[B, M_f, D\]"),
+    (dict(read_out=(2, 6)), r"fading.read_out \(2, 6\) must be \[B, D\] = \(2, 5\)"),
+    (dict(read_out=(2, 1, 5)), r"fading.read_out \(2, 1, 5\) must be \[B, D\]"),
+    (dict(fading_len=3), r"fading must be \(next, read_out\) or None, got a tuple of 3"),
     (dict(history=(2, 3, 5)), r"history \(2, 3, 5\) float32 must be \[B, 4, D\] = \[2, 4, D\] float32"),
     (dict(history_dtype=jnp.bfloat16), r"history \(2, 4, 5\) bfloat16 must be \[B, 4, D\]"),
     (dict(a=(2, 6)), r"history's a \(2, 6\) must be \[B, D\] = \(2, 5\)"),
@@ -285,8 +284,8 @@ def test_bad_inputs_are_refused(change, match):
   cand = Store(jnp.zeros(shape("cand_k", (2, 3, 2, 4))), jnp.zeros(shape("cand_v", (2, 3, 2, 4))),
                jnp.zeros(shape("cand_score", (2, 3))), jnp.zeros(shape("cand_pos", (2, 3)), jnp.int32),
                jnp.zeros(shape("cand_valid", (2, 3)), bool))
-  fading = (jnp.zeros(shape("next_k", (2, 3, 2, 4))), jnp.zeros(shape("next_v", (2, 3, 2, 4))),
-            jnp.zeros(shape("fk", (2, 2, 4))), jnp.zeros(shape("fv", (2, 2, 4))))[:change.get("fading_len", 4)]
+  fading = (jnp.zeros(shape("next", (2, 3, 5))), jnp.zeros(shape("read_out", (2, 5))),
+            jnp.zeros((2, 5)))[:change.get("fading_len", 2)]
   args = (ring_k, ring_v, cand, jnp.zeros(shape("k", (2, 2, 4))), jnp.zeros(shape("v", (2, 2, 4))),
           jnp.zeros(shape("k_raw", (2, 2, 4))), jnp.zeros(shape("score", (2,))), jnp.zeros(shape("t", ()), jnp.int32),
           fading, (jnp.zeros(shape("history", (2, 4, 5)), change.get("history_dtype", jnp.float32)),

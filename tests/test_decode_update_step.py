@@ -1,6 +1,6 @@
 """A decode step's cache update as the model uses it: `decode_attn_impl` picks the kernel or the reference, an
 attention sublayer's decode state through the kernel = through the reference, and the step shifts the fading
-buffers and the innovation history in the kernel (pallas_kernels/decode_update; the kernel itself against its
+buffer and the innovation history in the kernel (pallas_kernels/decode_update; the kernel itself against its
 reference: tests/test_decode_update.py)."""
 
 import jax
@@ -65,8 +65,8 @@ def concatenates(jaxpr) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("family", ["bmojo", "bmojo_f"])
 def test_attention_step_shifts_in_the_kernel(family):
-  """With decode_attn_impl pallas, `Attention.step` shifts the fading buffers and the history in the update kernel:
-  its program has no concatenate of a fading buffer's shape [B, M_f, K, P] (the reference's step has two), and of
+  """With decode_attn_impl pallas, `Attention.step` shifts the fading buffer and the history in the update kernel:
+  its program has no concatenate of the fading buffer's shape [B, M_f, D] (the reference's step has one), and of
   the [B, 5, D] ones (history and input) only the score's own (the reference's step has a second, `last_inputs`)."""
   cfg = lambda impl: tiny_config(family, compute=dict(decode_attn_impl=impl))
   b, d = 2, cfg("pallas").d_model
@@ -77,6 +77,6 @@ def test_attention_step_shifts_in_the_kernel(family):
     state = module.init_state(b, 8)
     jaxpr = jax.make_jaxpr(lambda a, f, s: module.step(a, s, fading=f))(a, fading, state).jaxpr
     shapes = concatenates(jaxpr)
-    counts[impl] = (shapes.count(state.next_fading_k.shape), shapes.count((b, 5, d)))
+    counts[impl] = (shapes.count(state.next_fading.shape), shapes.count((b, 5, d)))
   history = family == "bmojo"                                        # B'MOJO-F has no eidetic score
-  assert counts == {"pallas": (0, int(history)), "reference": (2, 2 * history)}, counts
+  assert counts == {"pallas": (0, int(history)), "reference": (1, 2 * history)}, counts

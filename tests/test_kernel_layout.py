@@ -27,7 +27,7 @@ def assert_trees_equal(a, b):
     assert x.shape == y.shape and x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
 
 
-# batch 1 takes step_kv's per-row products (out_in at one token a row), batch 2 its one product of both rows.
+# batch 1 and, for the memory attention, batch 2: a decode step of one row and of several.
 CASES = [(f, 1) if f in INNER_FAMILIES else pytest.param(f, 1, marks=pytest.mark.slow) for f in FAMILIES] + [
     ("bmojo", 2), pytest.param("bmojo_f", 2, marks=pytest.mark.slow)]
 

@@ -101,31 +101,30 @@ def chunk_memory(cfg: ModelConfig, fading: jax.Array | None, project, x: ScoreIn
   return Memory(k, v, valid, None, last)
 
 
-def fading_rows(source: jax.Array, project, before: tuple[jax.Array, jax.Array], idx: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-  """Keys and values [B, *idx.shape, K, P] of the read-outs at indices idx (int array) of a piece of T tokens:
-  project(source rows) where idx >= 0 (clipped to T - 1), else the rows -M_f..-1 of before (k, v) [B, M_f, K, P],
-  the projections of the M_f read-outs before the piece (the decode state's next fading tokens)."""
-  b, t, m_f = source.shape[0], source.shape[1], before[0].shape[1]
-  rows = lambda x, i: jnp.take(x, i.reshape(-1), axis=1).reshape(b, *idx.shape, *x.shape[2:])
-  got = project(rows(source, jnp.clip(idx, 0, t - 1)))
-  inside = (idx >= 0).reshape(1, *idx.shape, 1, 1)
-  return tuple(jnp.where(inside, g.astype(p.dtype), rows(p, jnp.clip(idx + m_f, 0, m_f - 1)))
-               for g, p in zip(got, before))
+def fading_rows(source: jax.Array, before: jax.Array, idx: jax.Array) -> jax.Array:
+  """The read-outs [B, *idx.shape, D] at indices idx (int array) of a piece of T tokens: rows of source [B, T, D]
+  where idx >= 0 (clipped to T - 1), else the rows -M_f..-1 of before [B, M_f, D], the M_f read-outs before the
+  piece (the decode state's next_fading), in before's dtype."""
+  b, t, m_f = source.shape[0], source.shape[1], before.shape[1]
+  rows = lambda x, i: jnp.take(x, i.reshape(-1), axis=1).reshape(b, *idx.shape, x.shape[-1])
+  inside = (idx >= 0).reshape(1, *idx.shape, 1)
+  return jnp.where(inside, rows(source, jnp.clip(idx, 0, t - 1)).astype(before.dtype),
+                   rows(before, jnp.clip(idx + m_f, 0, m_f - 1)))
 
 
 def continued_memory(cfg: ModelConfig, fading: jax.Array | None, project, x: ScoreInputs, start: jax.Array,
-                     first: LastChunk, before: tuple[jax.Array, jax.Array] | None) -> Memory:
+                     first: LastChunk, before: jax.Array | None) -> Memory:
   """`chunk_memory` of T tokens at positions start + [0, T) (start an int32 scalar, traced) that continue a
   sequence from its decode state, built as the one-pass prefill builds them.
 
   Chunks count from c0 = start // L, the chunk holding the first token, and are n = ceil((T + L - 1) / L) (static:
   the piece begins at offset start % L of chunk c0; chunks after the one of its last token are padding).
   first: the memory of chunk c0 as it stands before the piece (`LastChunk`: its fading tokens, the store before
-  it, its selections so far); before (k, v) [B, M_f, K, P]: the projected read-outs of the M_f tokens before the
-  piece (None without fading tokens); fading, project, x as `chunk_memory` (x with the history and previous
-  fading projections of the state). Chunk c0 + j (j >= 1) takes the fading tokens of its M_f read-outs
-  (`fading_rows`) and the store after c0 + j - 1; chunk c0's selections are the k_e best of first.cand and the
+  it, its selections so far); before [B, M_f, D]: the read-outs of the M_f tokens before the piece (None without
+  fading tokens); fading [B, T, D] the piece's read-outs and project(rows [..., D]) -> their keys and values
+  (`Attention.fading_project`); x as `chunk_memory` (with the history and previous fading projections of the
+  state). Chunk c0 + j (j >= 1) takes the fading tokens of its M_f read-outs (`fading_rows`, projected) and the
+  store after c0 + j - 1; chunk c0's selections are the k_e best of first.cand and the
   piece's tokens in it (`best_entries`), so every chunk's selections, stores and fading tokens are those of the
   whole sequence. Returns Memory with k, v [B, n, M, K, P], valid [B, n, M] and last, the memory of the chunk
   holding the last token.
@@ -140,7 +139,7 @@ def continued_memory(cfg: ModelConfig, fading: jax.Array | None, project, x: Sco
   if cfg.fading:
     idx = (jnp.arange(1, n) * chunk - phase - cfg.fading)[:, None] + jnp.arange(cfg.fading)   # [n-1, M_f]
     fk, fv = (jnp.concatenate([f[:, None], r], 1)
-              for f, r in zip((first.fading_k, first.fading_v), fading_rows(fading, project, before, idx)))
+              for f, r in zip((first.fading_k, first.fading_v), project(fading_rows(fading, before, idx))))
     valid = jnp.broadcast_to((start // chunk + jnp.arange(n) > 0)[None, :, None], (b, n, cfg.fading))
     parts.append((fk, fv, valid))
     last = last._replace(fading_k=at_last(fk), fading_v=at_last(fv))

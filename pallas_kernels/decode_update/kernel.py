@@ -1,15 +1,16 @@
-"""Triton kernel of a decode token's cache update: the ring writes, the shifts of the fading buffers and of the
+"""Triton kernel of a decode token's cache update: the ring writes, the shifts of the fading buffer and of the
 innovation history, and the candidate insertion in one launch.
 
 Shapes as in `reference.py`, with the features of a row flattened (F = K·P, padded to a power of two in the kernel
 and masked). Grid (B, n_split): program (b, j) handles row b's features [j·block_f, (j+1)·block_f) (`BlockSizes.
-block_f`; the history's D split into as many blocks). It writes its part of k and v into ring slot t mod S; with
-fading tokens it moves rows 1..M_f-1 of next_fading_k, next_fading_v one row up and writes the read-out fk, fv into
-row M_f-1, and with a history rows 1..3 of history [4, D] one row up and the input a (fp32) into row 3
+block_f`; the D of the fading buffer and of the history split into as many blocks). It writes its part of k and v
+into ring slot t mod S; with fading tokens it moves rows 1..M_f-1 of the read-out buffer [M_f, D] one row up and
+writes the token's read-out into row M_f-1, and with a history rows 1..3 of history [4, D] one row up and the input
+a (fp32) into row 3
 (`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program order, so the shift is
 safe in place); with candidates it takes the row's candidate decision (k_e scores and positions, padded to a power
 of two and masked on load; every program of the row takes the same one) and, when the token replaces a candidate,
-writes its part of k_raw and v into that candidate's slot. The ring, the fading buffers, the history and the
+writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer, the history and the
 candidates' keys and values are updated in place (`input_output_aliases`): a token writes only its own rows (a jnp
 shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into the carry, per
 buffer and layer). The candidates' scores and positions are only read here, so no program can see another's write
@@ -17,8 +18,9 @@ before it decides; the kernel returns the replaced slot, and the new score, posi
 elementwise XLA op (`decode_token_update_gpu`).
 
 Split rows cut the chain of dependent memory accesses a program walks: at the 1.4B shapes (K·P = D = 2048, M_f 16)
-one program per row shifted 2 x 15 fading rows and 3 history rows in five load-then-store groups, 7.9 us a layer
-on an H100 (docs/inference.md, "The current profile"); 8 programs of 256 features move them in one group each.
+one program per row shifted 2 x 15 rows of projected fading buffers and 3 history rows in five load-then-store
+groups, 7.9 us a layer on an H100 (docs/inference.md, "The current profile"); 8 programs of 256 features move
+their parts in one group each.
 
 The decision is `insert_candidate`'s with reductions Triton has (no argmax): worst = min score; among the slots at
 the worst score, the latest position; among those (empty slots all hold NO_POS) the first index, as argmax picks;
@@ -46,10 +48,10 @@ class BlockSizes:
 
   num_warps: Triton's warps per program.
   block_f: features of a row per program, a power of two: a row's K·P features go to cdiv(K·P, block_f)
-    programs (the history's D to as many); 0: one program per row, next_pow2(K·P) features.
+    programs (the fading buffer's and the history's D to as many); 0: one program per row, next_pow2(K·P) features.
   shift_rows: rows of a shifted buffer a program loads before it stores them one row up (`shift_rows_up`): the
     loads in flight, each the program's part of a row of each buffer; its registers a thread are about
-    shift_rows x buffers x block_f / (32 num_warps) (16 rows of the two fading buffers at block_f 256, 4 warps: 64).
+    shift_rows x buffers x block_f / (32 num_warps) (16 rows of the fading buffer at block_f 256, 4 warps: 32).
   """
   num_warps: int = 4
   block_f: int = 256
@@ -118,9 +120,9 @@ def shift_rows_up(bufs, news, n_rows: int, n_feat: int, n_split: int, group: int
 
 
 def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], n_split: int, shift_rows: int):
-  """Refs: the inputs named in_names (t [], k, v [F]; with fading tokens fk, fv [F]; with a history a [D]; with
+  """Refs: the inputs named in_names (t [], k, v [F]; with fading tokens read_out [D]; with a history a [D]; with
   candidates k_raw [F], score [1], cand_score, cand_pos [k_e]), the aliased inputs named alias_names (ring_k,
-  ring_v [S, F]; next_k, next_v [M_f, F]; history [4, D]; cand_k, cand_v [k_e, F]), then the outputs they alias,
+  ring_v [S, F]; next_fading [M_f, D]; history [4, D]; cand_k, cand_v [k_e, F]), then the outputs they alias,
   in the same order (and with candidates the replaced index [1] int32). The aliased inputs are not read; the
   buffers are shifted through their outputs (`shift_rows_up`)."""
   n_in, n_alias = len(in_names), len(alias_names)
@@ -134,9 +136,8 @@ def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...]
   for src, dst in ((ins["k"], outs["ring_k"]), (ins["v"], outs["ring_v"])):
     x = plgpu.load(src.at[feat], mask=in_row, other=0)
     plgpu.store(dst.at[pl.ds(slot, 1), feat], x.astype(dst.dtype)[None], mask=in_row[None])
-  if "next_k" in outs:
-    bufs = (outs["next_k"], outs["next_v"])
-    shift_rows_up(bufs, (ins["fk"], ins["fv"]), bufs[0].shape[0], n_feat, n_split, shift_rows)
+  if "next_fading" in outs:
+    shift_rows_up((outs["next_fading"],), (ins["read_out"],), *outs["next_fading"].shape, n_split, shift_rows)
   if "history" in outs:
     shift_rows_up((outs["history"],), (ins["a"],), *outs["history"].shape, n_split, shift_rows)
   if "cand_k" not in outs:
@@ -156,7 +157,7 @@ def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...]
 def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, score, t, fading: Fading | None = None,
                             history: tuple | None = None, *, block_sizes: BlockSizes | None = None,
                             interpret: bool = False):
-  """The kernel and the valid flags: (ring_k, ring_v, cand, (next_k, next_v) or None, history or None) as the
+  """The kernel and the valid flags: (ring_k, ring_v, cand, next_fading or None, history or None) as the
   reference gives them (shapes checked by the caller; history (history [B, 4, D], a [B, D]) or None)."""
   blocks = block_sizes or BlockSizes()
   b, _, kh, p = ring_k.shape
@@ -164,8 +165,7 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
   ins = {"t": jnp.asarray(t, jnp.int32), "k": flat(k), "v": flat(v)}
   aliased = {"ring_k": flat(ring_k), "ring_v": flat(ring_v)}
   if fading is not None:
-    ins.update(fk=flat(fading.fk), fv=flat(fading.fv))
-    aliased.update(next_k=flat(fading.next_k), next_v=flat(fading.next_v))
+    aliased["next_fading"], ins["read_out"] = fading
   if history is not None:
     aliased["history"], ins["a"] = history
   if cand is not None:
@@ -198,8 +198,7 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
   )(*args)
   out = dict(zip(tuple(aliased) + ("index",), outs))
   ring_k, ring_v = out["ring_k"].reshape(ring_k.shape), out["ring_v"].reshape(ring_v.shape)
-  next_fading = None if fading is None else (out["next_k"].reshape(fading.next_k.shape),
-                                             out["next_v"].reshape(fading.next_v.shape))
+  next_fading = None if fading is None else out["next_fading"]
   new_history = None if history is None else out["history"]
   if cand is None:
     return ring_k, ring_v, None, next_fading, new_history

@@ -5,12 +5,12 @@ into the innovation test's history.
 Shapes (legend in `bmojo_jax/typing.py`): ring_k, ring_v [B, S, K, P], slot s holding position t - ((t - s) mod S);
 cand a `Store` [B, k_e, …] (k, v [B, k_e, K, P], score [B, k_e] fp32, pos [B, k_e] int32, valid [B, k_e] bool);
 k (RoPE applied), v, k_raw (without RoPE) [B, K, P]; score [B] fp32; t a scalar int32, the token's position;
-fading a `Fading` (next_k, next_v [B, M_f, K, P], the projections of the last M_f read-outs, oldest first; fk,
-fv [B, K, P], the token's read-out); history a pair (history [B, 4, D] fp32, the last 4 attention inputs, oldest
-first; a [B, D], the token's).
+fading a `Fading` (next [B, M_f, D], the last M_f read-outs of the mixer, oldest first, projected into fading
+tokens only at a chunk boundary; read_out [B, D], the token's); history a pair (history [B, 4, D] fp32, the last
+4 attention inputs, oldest first; a [B, D], the token's).
 
 The semantics are those of the jnp decode step (`bmojo_jax.attention.Attention._token_step`): two dynamic_update_slices
-into slot t mod S, `bmojo_jax.memory.selection.insert_candidate`, the fading buffers shifted by one row, the
+into slot t mod S, `bmojo_jax.memory.selection.insert_candidate`, the fading buffer shifted by one row, the
 read-out appended (`shift_in`), and `bmojo_jax.memory.scoring.last_inputs`, the same shift of the history; this
 file only names them together.
 """
@@ -28,37 +28,33 @@ from bmojo_jax.memory.store import Store
 
 
 class Fading(NamedTuple):
-  """The fading part of a decode token's update: the buffers of the next fading tokens and the new read-out."""
-  next_k: jax.Array             # [B, M_f, K, P] projections of the last M_f read-outs, oldest first
-  next_v: jax.Array
-  fk: jax.Array                 # [B, K, P] the token's read-out, projected
-  fv: jax.Array
+  """The fading part of a decode token's update: the buffer of the next fading tokens' read-outs and the new one."""
+  next: jax.Array               # [B, M_f, D] the last M_f read-outs (before their norm and projection), oldest first
+  read_out: jax.Array           # [B, D] the token's
 
 
 def shift_in(buf: jax.Array, new: jax.Array) -> jax.Array:
-  """buf [B, M_f, K, P] without its first row, new [B, K, P] (cast to buf's dtype) as its last."""
+  """buf [B, M, ...] without its first row, new [B, ...] (cast to buf's dtype) as its last."""
   return jnp.concatenate([buf[:, 1:], new[:, None].astype(buf.dtype)], axis=1)
 
 
 def as_fading(fading) -> Fading | None:
-  """fading as a `Fading` (any 4-tuple next_k, next_v, fk, fv), or None."""
+  """fading as a `Fading` (any pair next, read_out), or None."""
   if fading is None or isinstance(fading, Fading):
     return fading
   n = len(fading) if isinstance(fading, (tuple, list)) else None
-  if n != 4:
-    raise ValueError(f"fading must be (next_k, next_v, fk, fv) or None, got a {type(fading).__name__}"
+  if n != 2:
+    raise ValueError(f"fading must be (next, read_out) or None, got a {type(fading).__name__}"
                      + ("" if n is None else f" of {n}"))
   return Fading(*fading)
 
 
-def check_fading(fading: Fading, b: int, kh: int, p: int):
-  nk, nv = fading.next_k, fading.next_v
-  if nk.ndim != 4 or nk.shape[0] != b or nk.shape[1] < 1 or nk.shape[2:] != (kh, p) or nv.shape != nk.shape:
-    raise ValueError(f"fading.next_k {nk.shape} and fading.next_v {nv.shape} must be [B, M_f, K, P] = "
-                     f"[{b}, M_f >= 1, {kh}, {p}], the same shape")
-  for name in ("fk", "fv"):
-    if getattr(fading, name).shape != (b, kh, p):
-      raise ValueError(f"fading.{name} {getattr(fading, name).shape} must be [B, K, P] = {(b, kh, p)}")
+def check_fading(fading: Fading, b: int):
+  buf, new = fading
+  if buf.ndim != 3 or buf.shape[0] != b or buf.shape[1] < 1:
+    raise ValueError(f"fading.next {buf.shape} must be [B, M_f, D] = [{b}, M_f >= 1, D]")
+  if new.shape != (b, buf.shape[2]):
+    raise ValueError(f"fading.read_out {new.shape} must be [B, D] = {(b, buf.shape[2])}")
 
 
 def check_history(history, b: int):
@@ -85,7 +81,7 @@ def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading=None, histo
   if jnp.shape(t) != ():
     raise ValueError(f"t must be a scalar position, got shape {jnp.shape(t)}")
   if fading is not None:
-    check_fading(as_fading(fading), b, kh, p)
+    check_fading(as_fading(fading), b)
   if history is not None:
     check_history(history, b)
   if cand is None:
@@ -111,11 +107,10 @@ def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading=None, histo
 def decode_token_update_reference(ring_k: jax.Array, ring_v: jax.Array, cand: Store | None, k: jax.Array,
                                   v: jax.Array, k_raw: jax.Array | None, score: jax.Array | None, t: jax.Array,
                                   fading: Fading | tuple | None = None, history: tuple | None = None
-                                  ) -> tuple[jax.Array, jax.Array, Store | None, tuple[jax.Array, jax.Array] | None,
-                                             jax.Array | None]:
-  """(ring_k, ring_v, cand, (next_k, next_v), history) after the token at position t: k, v in ring slot t mod S
+                                  ) -> tuple[jax.Array, jax.Array, Store | None, jax.Array | None, jax.Array | None]:
+  """(ring_k, ring_v, cand, next_fading, history) after the token at position t: k, v in ring slot t mod S
   (cast to the ring's dtype); (score, k_raw, v, pos t) offered to the candidates by `insert_candidate` (cand
-  None: no candidates, k_raw and score None too); the fading buffers shifted by one row with fk, fv last
+  None: no candidates, k_raw and score None too); the fading buffer shifted by one row with the read-out last
   (`shift_in`; fading None: no fading tokens, None returned in their place); the history shifted by one row with
   a (fp32) last (`last_inputs`; history None: None returned)."""
   check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading, history)
@@ -126,7 +121,7 @@ def decode_token_update_reference(ring_k: jax.Array, ring_v: jax.Array, cand: St
     cand = insert_candidate(cand, score, k_raw, v, t)
   fading = as_fading(fading)
   if fading is not None:
-    fading = (shift_in(fading.next_k, fading.fk), shift_in(fading.next_v, fading.fv))
+    fading = shift_in(fading.next, fading.read_out)
   if history is not None:
     history = last_inputs(history[1][:, None], history[0])
   return ring_k, ring_v, cand, fading, history
