@@ -66,8 +66,9 @@ def concatenates(jaxpr) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("family", ["bmojo", "bmojo_f"])
 def test_attention_step_shifts_in_the_kernel(family):
   """With decode_attn_impl pallas, `Attention.step` shifts the fading buffer and the history in the update kernel:
-  its program has no concatenate of the fading buffer's shape [B, M_f, D] (the reference's step has one), and of
-  the [B, 5, D] ones (history and input) only the score's own (the reference's step has a second, `last_inputs`)."""
+  its program has no concatenate of the fading buffer's shape [B, M_f, D] (the reference's step has one) nor of
+  the history and the input [B, 5, D] (the reference's step has one, `last_inputs`; the score reads the history as
+  it is, `predictor_taps`)."""
   cfg = lambda impl: tiny_config(family, compute=dict(decode_attn_impl=impl))
   b, d = 2, cfg("pallas").d_model
   a, fading = host_normal(11, (2, b, 1, d))
@@ -79,4 +80,4 @@ def test_attention_step_shifts_in_the_kernel(family):
     shapes = concatenates(jaxpr)
     counts[impl] = (shapes.count(state.next_fading.shape), shapes.count((b, 5, d)))
   history = family == "bmojo"                                        # B'MOJO-F has no eidetic score
-  assert counts == {"pallas": (0, int(history)), "reference": (1, 2 * history)}, counts
+  assert counts == {"pallas": (0, 0), "reference": (1, int(history))}, counts

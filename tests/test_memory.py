@@ -39,6 +39,10 @@ def test_innovation_definition():
   want = [np.sum((padded[t + 4] - padded[t:t + 4].mean(0)) ** 2) for t in range(9)]
   np.testing.assert_allclose(scores[0], want, rtol=1e-5)
   np.testing.assert_array_equal(last_inputs(a)[0], a[0, -4:])
+  # one token from its history (a decode step's path, the taps read from the history as it is): the same bits
+  for t in (2, 6):
+    one = innovation_scores(a[:, t:t + 1], last_inputs(a[:, :t]))
+    np.testing.assert_array_equal(one[0], scores[0, t:t + 1])
 
 
 def python_policy(chunks, capacity, policy):

@@ -70,6 +70,8 @@ def predictor_taps(a: jax.Array, history: jax.Array | None = None, reach: jax.Ar
   """[B, T, 4, D] fp32 without gradient: tap j-1 of token t is a_{t-j}, j = 1..4 (history [B, 4, D] before
   the sequence, zeros without; zeros where reach [B, T] < j: a packed row's earlier document)."""
   t = a.shape[1]
+  if t == 1 and history is not None and reach is None:   # a decode step: the taps are the history, newest first
+    return jax.lax.stop_gradient(history).astype(jnp.float32)[:, ::-1][:, None]   # (no [B, 5, D] concatenate)
   full = _with_history(a, history)                                               # [B, 4+T, D]
 
   def tap(j):                                                                    # a_{t-j}
