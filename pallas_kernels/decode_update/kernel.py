@@ -6,11 +6,10 @@ and masked). Grid (B, n_split): program (b, j) handles row b's features [j·bloc
 block_f`; the D of the fading buffer and of the history split into as many blocks). It writes its part of k and v
 into ring slot t mod S; with fading tokens it moves rows 1..M_f-1 of the read-out buffer [M_f, D] one row up and
 writes the token's read-out into row M_f-1, and with a history rows 1..3 of history [4, D] one row up and the input
-a (fp32) into row 3
-(`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program order, so the shift is
-safe in place); with candidates it takes the row's candidate decision (k_e scores and positions, padded to a power
-of two and masked on load; every program of the row takes the same one) and, when the token replaces a candidate,
-writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer, the history and the
+a (fp32) into row 3 (`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program
+order, so the shift is safe in place); with candidates it takes the row's candidate decision (k_e scores and
+positions, padded to a power of two and masked on load; every program of the row takes the same one) and, when the
+token replaces a candidate, writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer, the history and the
 candidates' keys and values are updated in place (`input_output_aliases`): a token writes only its own rows (a jnp
 shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into the carry, per
 buffer and layer). The candidates' scores and positions are only read here, so no program can see another's write
