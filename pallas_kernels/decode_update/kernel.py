@@ -9,12 +9,12 @@ writes the token's read-out into row M_f-1, and with a history rows 1..3 of hist
 a (fp32) into row 3 (`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program
 order, so the shift is safe in place); with candidates it takes the row's candidate decision (k_e scores and
 positions, padded to a power of two and masked on load; every program of the row takes the same one) and, when the
-token replaces a candidate, writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer, the history and the
-candidates' keys and values are updated in place (`input_output_aliases`): a token writes only its own rows (a jnp
-shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into the carry, per
-buffer and layer). The candidates' scores and positions are only read here, so no program can see another's write
-before it decides; the kernel returns the replaced slot, and the new score, position and valid flag go in by one
-elementwise XLA op (`decode_token_update_gpu`).
+token replaces a candidate, writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer,
+the history and the candidates' keys and values are updated in place (`input_output_aliases`): a token writes only
+its own rows (a jnp shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into
+the carry, per buffer and layer). The candidates' scores and positions are only read here, so no program can see
+another's write before it decides; the kernel returns the replaced slot, and the new score, position and valid flag
+go in by one elementwise XLA op (`decode_token_update_gpu`).
 
 Split rows cut the chain of dependent memory accesses a program walks: at the 1.4B shapes (K·P = D = 2048, M_f 16)
 one program per row shifted 2 x 15 rows of projected fading buffers and 3 history rows in five load-then-store
