@@ -104,8 +104,8 @@ def continue_memory(attn: Attention, a: jax.Array, state: AttnState, fading: jax
   positions = p0 + jnp.arange(t)
   k_raw, v = attn.wk(a), attn.wv(a)
   q, k = rope(attn.wq(a), positions, cfg.rope_theta), rope(k_raw, positions, cfg.rope_theta)
-  _, _, fk, fv = attn.fading_parts(fading, fading_norm)
   project = attn.fading_project(fading_norm)
+  fk, fv = project(fading) if cfg.scores_read_fading else (None, None)  # every position's, for the scores alone
   before = state.next_fading if m_f else None                                    # [B, M_f, D]
   prev = {}
   if cfg.scores_read_fading:                      # the projections of the read-out before the piece
