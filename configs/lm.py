@@ -85,6 +85,8 @@ def get_config(preset: str = "bmojo") -> ml_collections.ConfigDict:
   d.max_eval_sequences = {"": 0, "cpu": 256, "smoke": 16}[size]  # evenly spaced test sequences kept (0: all)
   d.tokenizer = "byte"                     # byte | path to a SentencePiece .model file
   d.seq_len = seq_len                      # tokens per training sequence (documents packed, kept apart)
+  d.recall_fraction = 0.0                  # text / corpus: share of training sequences that are synthetic recall
+                                           # documents (RULER's NIAH tasks on training text; train/data/recall.py)
 
   t = c.train
   t.num_steps = steps

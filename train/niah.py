@@ -76,7 +76,12 @@ TASK_NAMES = tuple(t.name for t in TASKS)
 
 
 class NiahTooShort(ValueError):
-  """The length leaves no room for the haystack: the template, needles and generation budget fill it."""
+  """The length leaves no room for the haystack: the template, needles and generation budget fill it.
+  `needed`: the shortest length that holds them (with this sample's keys and values)."""
+
+  def __init__(self, message: str, needed: int):
+    super().__init__(message)
+    self.needed = needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +190,7 @@ def niah_example(task: NiahTask, tokenizer, *, length: int, gen_tokens: int, ess
 
   if count(prompt(0)) > budget:
     raise NiahTooShort(f"{task.name} at length {length}: the template and needles take {count(prompt(0))} "
-                       f"tokens and {gen_tokens} are generated, more than {length}.")
+                       f"tokens and {gen_tokens} are generated, more than {length}.", count(prompt(0)) + gen_tokens)
   n_chars = _largest(lambda n: count(prompt(n)) <= budget, len(haystack))
   pad = _largest(lambda p: count(prompt(n_chars, p)) <= budget, budget)  # spaces make up the rest
   text = prompt(n_chars, pad)

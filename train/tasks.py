@@ -17,6 +17,7 @@ from bmojo_jax.train.data import corpus
 from bmojo_jax.train.data import mqar
 from bmojo_jax.train.data import packing
 from bmojo_jax.train.data import pipeline
+from bmojo_jax.train.data import recall
 from bmojo_jax.train.data import sources
 from bmojo_jax.train.data import stream
 from bmojo_jax.train.data import text
@@ -54,6 +55,22 @@ class _Slice:
     return self._source[self._start + int(i)]
 
 
+class _Concat:
+  """Random-access view of `first` followed by `second` (the training iterator shuffles them together)."""
+
+  def __init__(self, first, second):
+    self._first, self._second = first, second
+
+  def __len__(self) -> int:
+    return len(self._first) + len(self._second)
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"index {i} out of range [0, {len(self)}).")
+    return self._first[i] if i < len(self._first) else self._second[i - len(self._first)]
+
+
 class _Spread:
   """Random-access view of `count` evenly spaced items of source (a smaller test set drawn from all of it)."""
 
@@ -86,6 +103,13 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     raise ValueError(f"data.kind={d.kind!r} is unknown; choose one of {', '.join(KINDS)}.")
   if d.kind == "mqar":
     return _mqar_task(config)
+  fraction = float(d.get("recall_fraction") or 0.0)
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.recall_fraction={fraction} must be in [0, 1): the share of training sequences that are "
+                     "synthetic recall documents (train/data/recall.py).")
+  if fraction and d.kind not in ("text", "corpus"):
+    raise ValueError(f"data.recall_fraction mixes recall documents into text read in memory: data.kind=text or "
+                     f"corpus, not {d.kind!r}.")
   tokenizer = tokenizers.from_spec(d.tokenizer)
   if d.kind == "stream":
     return _stream_task(config, tokenizer)
@@ -133,7 +157,8 @@ def _text_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
     raise ValueError("data.paths is empty: name the text files or directories to train on (or train on the "
                      "prepared corpus: --config.data.kind=corpus, docs/lm.md).")
   decoding = text_decoding(config)
-  source = text.make_text_source(paths, int(d.seq_len), tokenizer, patterns, **decoding)
+  documents = text.read_text_files(paths, patterns, **decoding)
+  source = packing.pack_documents(documents, tokenizer, int(d.seq_len))
   if eval_paths:
     train, test = source, text.make_text_source(eval_paths, int(d.seq_len), tokenizer, patterns, **decoding)
   else:
@@ -143,6 +168,17 @@ def _text_task(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
           "eval_sequences": len(test), "tokenizer": str(d.tokenizer)}
   if d.kind == "corpus":
     info["corpus_dir"] = str(d.corpus_dir)
+  fraction = float(d.get("recall_fraction") or 0.0)
+  if fraction:
+    # the haystack: the documents wholly before the held-out sequences (all of them with an eval set)
+    end = len(train) * int(d.seq_len) if not eval_paths else source.num_tokens
+    ends = np.append(source.doc_starts[1:], source.num_tokens)
+    haystack = " ".join(doc for doc, stop in zip(documents, ends) if stop <= end)
+    count = int(round(len(train) * fraction / (1.0 - fraction)))
+    recall_docs = recall.RecallSource(haystack, tokenizer, int(d.seq_len), max(1, count), int(config.seed))
+    info.update(recall_fraction=fraction, recall_sequences=len(recall_docs), text_sequences=len(train))
+    train = _Concat(train, recall_docs)
+    info["train_sequences"] = len(train)
   return Task("text", train, test, int(d.seq_len), int(tokenizer.vocab_size), tokenizer, info)
 
 
