@@ -63,6 +63,13 @@ def test_recall_values_are_not_the_evaluation_samples():
   assert len(trained) > 200 and not trained & evaluated
 
 
+def test_recall_documents_near_the_shortest_sequence_redraw_what_does_not_fit():
+  tok = ByteTokenizer()
+  source = recall.RecallSource(HAYSTACK, tok, 700, num_examples=400)    # MQ-NIAH needs ~650-690 tokens
+  tasks_seen = collections.Counter(source.document(i)[0].name for i in range(len(source)))
+  assert len(tasks_seen) == len(niah.TASKS) and all(source.document(i)[1].size <= 701 for i in range(0, 400, 7))
+
+
 def test_recall_source_errors_name_the_setting():
   tok = ByteTokenizer()
   with pytest.raises(ValueError, match="needs about .* tokens, more than a sequence of data.seq_len=256"):

@@ -29,6 +29,7 @@ from bmojo_jax.train.data.tokenizers import Tokenizer
 
 _SEED_BASE = 1 << 40                 # niah_example seeds of training documents start here (evaluation: < 2**32)
 _STREAM = 0x7EC411                   # names this generator's draws in its rng key
+_TRIES = 32                          # lengths tried for a document whose template does not fit the one drawn
 
 
 def answer_text(answers) -> str:
@@ -84,11 +85,14 @@ class RecallSource:
       raise IndexError(f"RecallSource index {i} out of range [0, {self.num_examples}).")
     rng = np.random.default_rng([_STREAM, self.seed, int(i), 1])
     task = niah.TASKS[int(rng.integers(len(niah.TASKS)))]
-    lowest = self.seq_len // 2 + 1
-    try:
-      return task, self._tokens(task, int(rng.integers(lowest, self.seq_len + 2)), int(i))
-    except niah.NiahTooShort as e:   # a task whose template needs more than half a sequence: from there to all
-      return task, self._tokens(task, int(rng.integers(max(lowest, e.needed), self.seq_len + 2)), int(i))
+    length = int(rng.integers(self.seq_len // 2 + 1, self.seq_len + 2))
+    for _ in range(_TRIES):
+      try:
+        return task, self._tokens(task, length, int(i))
+      except niah.NiahTooShort as e:   # the template with these keys needs more: a length from there up (new keys)
+        length = int(rng.integers(min(e.needed, self.seq_len + 1), self.seq_len + 2))
+    raise ValueError(f"recall document {i} ({task.name}): no draw of keys fit data.seq_len={self.seq_len} in "
+                     f"{_TRIES} tries; raise data.seq_len.")
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     _, ids = self.document(i)
