@@ -5,16 +5,19 @@ perplexity against context length and the RULER NIAH tasks (`train/lm_eval.py`, 
     python3 -m benchmarks.studies.lm_study --budget-s 540                      # GPU: -> $OUT/lm_<device>.json + plots
     python3 -m benchmarks.studies.lm_study --families bmojo,hybrid --tokens 20e6
     python3 -m benchmarks.studies.lm_study --smoke                             # tiny models, CPU, a few minutes
+    python3 -m benchmarks.studies.lm_study --name lm_recall --set data.recall_fraction=0.5   # trained on a recall mix
 
 Per family: `configs/lm.py:<family>` (`,cpu` off the GPU, `,smoke` with --smoke) trained by
 `train.trainer.train` in `<runs>/<family>` on data.kind=corpus, then `lm_eval.evaluate_lm_run` (perplexity at
 1, 2, 4, 8, 16 x T; NIAH at 1, 2, 4 x T); B'MOJO is evaluated a second time with its store grown at inference
 (n_eidetic x --grow-store, variant "n_eidetic=<M_e>"). Records (`lm_eval`'s, plus the training figures under
-"train") go to `<out>/lm_<device>.json` (out: --out, else $OUT, else benchmarks/results) after each family,
-with the figures `lm_ppl_<device>.png` and `lm_niah_<device>.png`.
+"train" and the --set overrides under "overrides") go to `<out>/<name>_<device>.json` (name: --name, default
+lm; out: --out, else $OUT, else benchmarks/results) after each family, with the figures `<name>_ppl_<device>.png`
+and `<name>_niah_<device>.png`.
 
-Resumable: a family with a record in that file (or in benchmarks/results/lm_<device>.json) is skipped; a
-workdir that holds a finished run is evaluated without training; one that holds checkpoints resumes.
+Resumable: a family with a record of the same --set overrides in that file (or in
+benchmarks/results/<name>_<device>.json) is skipped; a workdir that holds a finished run is evaluated without
+training; one that holds checkpoints resumes. A study with other settings takes its own --name (and --runs).
 `--budget-s` bounds the whole call: training is stopped (checkpoint saved, as on SIGTERM) early enough to leave
 `--eval-reserve-s` for its evaluation, and no family starts once less than that is left; rerun to continue.
 """
@@ -93,8 +96,8 @@ def study(args) -> str:
   ensure_corpus(args)
   out_dir = args.out or os.environ.get("OUT") or RESULTS
   tag = device_tag()
-  path = os.path.join(out_dir, f"lm_{tag}.json")
-  records = previous_records([path, os.path.join(RESULTS, f"lm_{tag}.json")]
+  path = os.path.join(out_dir, f"{args.name}_{tag}.json")
+  records = previous_records([path, os.path.join(RESULTS, f"{args.name}_{tag}.json")]
                              if not args.smoke else [path])
   manifest = corpus_lib.load_manifest(args.corpus)
   print(f"corpus {args.corpus}: {corpus_lib.summary(manifest)}")
@@ -108,7 +111,7 @@ def study(args) -> str:
     if family == "bmojo" and args.grow_store > 1:
       variants.append({"n_eidetic": int(config.model.n_eidetic) * args.grow_store})
     todo = [v for v in variants if not any(r["family"] == family and r.get("variant", "") == _variant(v)
-                                           for r in records)]
+                                           and r.get("overrides", []) == args.set for r in records)]
     if not todo:
       print(f"{family}: recorded, skipped")
       continue
@@ -135,14 +138,15 @@ def study(args) -> str:
           overrides=overrides, out=os.path.join(workdir, f"lm_eval{_variant(overrides, '_')}.json"))
       record["train"] = train_figures
       record["corpus"] = {"dir": args.corpus, "sources": manifest["sources"], **manifest["totals"]}
+      record["overrides"] = list(args.set)
       records.append(record)
       print(f"{family}{' ' + _variant(overrides) if overrides else ''}: ppl "
             + ", ".join(f"{c}: {p:.3f}" for c, p in record.get("eval", {}).items())
             + (f"; NIAH mean {_niah_mean(record):.1f}" if record.get("niah") else ""))
-    write_results(records, "lm", out_dir)
+    write_results(records, args.name, out_dir)
     try:
-      lm_eval.plot_records(records, os.path.join(out_dir, f"lm_ppl_{tag}.png"),
-                           os.path.join(out_dir, f"lm_niah_{tag}.png"))
+      lm_eval.plot_records(records, os.path.join(out_dir, f"{args.name}_ppl_{tag}.png"),
+                           os.path.join(out_dir, f"{args.name}_niah_{tag}.png"))
     except ImportError as e:
       print(f"no figures: {e}")
   print(f"{len(records)} records in {path} ({time.time() - start:.0f} s)")
@@ -164,6 +168,7 @@ def parse_args(argv=None):
   p.add_argument("--size", help="configs/lm.py size: '' (GPU), cpu or smoke; default '' on a GPU, else cpu")
   p.add_argument("--tokens", help="training tokens per family (default: the preset's, 39.3M on the GPU)")
   p.add_argument("--set", action="append", default=[], help="config override section.field=value")
+  p.add_argument("--name", default="lm", help="records <name>_<device>.json and its figures (default lm)")
   p.add_argument("--corpus", default="data/corpus", help="prepared corpus folder (default data/corpus)")
   p.add_argument("--lengths", default="1,2,4,8,16", help="perplexity contexts, multiples of T")
   p.add_argument("--niah-lengths", default="1,2,4", help="NIAH lengths, multiples of T")
