@@ -246,7 +246,7 @@ class Attention(nnx.Module):
       memory_fading = (state.fading_k, state.fading_v)
       state = state._replace(next_fading=next_fading)
     if m_e:
-      store = (state.store.k, state.store.v, state.store.valid)
+      store = (state.store.k, state.store.v, state.store.pos)
       state = state._replace(cand=cand)
     if self.history_len:
       state = state._replace(history=history)

@@ -14,6 +14,7 @@ from bmojo_jax.config import ComputeConfig, ConfigError, DecodeAttnImpl
 from bmojo_jax.inference import Decoder
 from bmojo_jax import kernels
 from bmojo_jax.kernels import get_decode_attention_fn, resolve_decode_attn_impl
+from bmojo_jax.memory.store import NO_POS
 from bmojo_jax.pallas_kernels.decode_attention import (BlockSizes, decode_step_attention,
                                                        decode_step_attention_reference)
 from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout, next_pow2
@@ -74,8 +75,8 @@ DOT_CASES = [
 
 
 def inputs(case: Case, dtype):
-  """(q, ring_k, ring_v, t, kwargs) from host numpy; the store's valid flags leave row 0 partly empty and the last
-  row all empty."""
+  """(q, ring_k, ring_v, t, kwargs) from host numpy; the store's positions (NO_POS: empty) leave row 0 partly empty
+  and the last row all empty."""
   kv = lambda seed, n: jnp.asarray(host_normal(seed, (case.b, n, case.k, case.p)), dtype)
   q = jnp.asarray(host_normal(0, (case.b, case.h, case.p)) * 2, dtype)
   kw = dict(window=case.window, chunk=case.chunk)
@@ -84,7 +85,8 @@ def inputs(case: Case, dtype):
   if case.m_e:
     valid = np.random.default_rng(5).random((case.b, case.m_e)) < 0.6
     valid[0, 0], valid[0, -1], valid[-1] = True, False, False
-    kw["store"] = (kv(6, case.m_e), kv(7, case.m_e), jnp.asarray(valid))
+    pos = np.where(valid, np.arange(case.m_e), NO_POS)
+    kw["store"] = (kv(6, case.m_e), kv(7, case.m_e), jnp.asarray(pos, jnp.int32))
   return q, kv(1, case.s), kv(2, case.s), jnp.asarray(case.t, jnp.int32), kw
 
 
@@ -145,12 +147,12 @@ def test_layout_spreads_a_long_ring_and_keeps_a_large_batch_whole():
 def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
   """The compiled kernel (not the interpreter) lowers to Triton for a GPU, on a CPU too, at the 1.4B B'MOJO shapes
   and a Transformer ring of a size that is no power of two: every in-kernel array a power of two, every primitive
-  one the Triton lowering knows, in both forms of the products. (Triton's own compile to PTX happens on the GPU:
-  the bench checks it.)"""
+  one the Triton lowering knows, in both forms of the products; the store's positions passed straight to it.
+  (Triton's own compile to PTX happens on the GPU: the bench checks it.)"""
   sds = jax.ShapeDtypeStruct
   rows = lambda n: sds((b, n, 32, 64), jnp.bfloat16)
   fading = (rows(m_f), rows(m_f)) if m_f else None
-  store = (rows(m_e), rows(m_e), sds((b, m_e), jnp.bool_)) if m_e else None
+  store = (rows(m_e), rows(m_e), sds((b, m_e), jnp.int32)) if m_e else None
   fn = lambda q, rk, rv, t, fading, store: decode_step_attention(q, rk, rv, t, window=window, chunk=512, fading=fading,
                                                                  store=store, interpret=False,
                                                                  block_sizes=BlockSizes(dot=dot))
@@ -158,6 +160,9 @@ def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
                            store).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("triton") >= 1 and "decode_attention" in text
   assert Layout.of(BlockSizes(dot=dot), b, 32, s, 1, 64, interpret=False).dot_rows == (16 if dot else 0)
+  if m_e:       # the store's positions reach the kernel as the cache holds them: no XLA op a token converts them
+    call = next(line for line in text.splitlines() if "custom_call" in line and "triton" in line)
+    assert f"%arg{8 if m_f else 6})" in call, call[:200]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -165,7 +170,8 @@ def test_kernel_lowers_for_gpu(b, s, m_f, m_e, window, dot):
     (dict(ring=(2, 12, 2, 4)), r"must be \[B, S, K, P\] matching q"),
     (dict(t=(1,)), "t must be a scalar position"),
     (dict(fading_without_chunk=True), "fading tokens need a positive chunk"),
-    (dict(store_valid=(2, 3)), r"store valid \(2, 3\) must be \[B, M_e\]"),
+    (dict(store_pos=(2, 3)), r"store pos \(2, 3\) int32 must be \[B, M_e\]"),
+    (dict(store_pos=(2, 4), dtype=bool), r"store pos \(2, 4\) bool must be \[B, M_e\] = \(2, 4\) int32"),
 ])
 def test_bad_inputs_are_refused(bad, match):
   q = jnp.zeros(bad.get("q", (2, 4, 8)))
@@ -174,8 +180,9 @@ def test_bad_inputs_are_refused(bad, match):
   kw = {}
   if "fading_without_chunk" in bad:
     kw["fading"] = (jnp.zeros((2, 2, 2, 8)),) * 2
-  if "store_valid" in bad:
-    kw["store"] = (jnp.zeros((2, 4, 2, 8)), jnp.zeros((2, 4, 2, 8)), jnp.zeros(bad["store_valid"], bool))
+  if "store_pos" in bad:
+    pos = jnp.zeros(bad["store_pos"], bad.get("dtype", jnp.int32))
+    kw["store"] = (jnp.zeros((2, 4, 2, 8)), jnp.zeros((2, 4, 2, 8)), pos)
   with pytest.raises(ValueError, match=match):
     decode_step_attention(q, ring, ring, t, window=None, interpret=True, **kw)
 

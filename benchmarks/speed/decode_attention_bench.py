@@ -6,7 +6,7 @@ False), against the jnp reference.
   python3 -m benchmarks.speed.decode_attention_bench --tiny   # CPU smoke
 
 Shapes (bf16, H = K = 32, P = 64): the 1.4B B'MOJO's sublayer (ring 512, window 512, M_f 16, M_e 64, 90% of the
-store valid) at batch 1, 8 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for
+store filled) at batch 1, 8 and 64, and the Transformer's ring alone (no window, the ring full) at batch 1 for
 S = 1024, 4096, 8192 and 32768: where the kernel stops paying (`bmojo_jax.kernels.DECODE_KERNEL_MAX_RING_BYTES`).
 Each timing is one jitted program over 24 layers' distinct caches, unrolled as a decode step runs its layers (L2
 holds none between layers, and one dispatch covers 24 calls), median of 20 samples (`common.median_ms`), reported
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from bmojo_jax.memory.store import NO_POS
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.decode_attention.kernel import BlockSizes, Layout, next_pow2
 
@@ -65,14 +66,15 @@ TINY = [Shape("tiny_bmojo", 2, 12, 8, 3, 5, h=4, k=2, p=8, chunk=4), Shape("tiny
 
 def make_inputs(shape: Shape, layers: int, seed: int = 0):
   """Per-layer inputs on the device: q [L, B, H, P], ring k, v [L, B, S, K, P], fading (k, v) [L, B, M_f, K, P],
-  store (k, v [L, B, M_e, K, P], valid [L, B, M_e]) in bf16 (None where absent)."""
+  store (k, v [L, B, M_e, K, P] bf16, pos [L, B, M_e] int32: NO_POS where empty) (None where absent)."""
   keys = iter(jax.random.split(jax.random.key(seed), 8))
   rows = lambda n: jax.random.normal(next(keys), (layers, shape.b, n, shape.k, shape.p), jnp.bfloat16)
   q = jax.random.normal(next(keys), (layers, shape.b, shape.h, shape.p), jnp.bfloat16)
   fading = (rows(shape.m_f), rows(shape.m_f)) if shape.m_f else None
   store = None
   if shape.m_e:
-    store = (rows(shape.m_e), rows(shape.m_e), jax.random.uniform(next(keys), (layers, shape.b, shape.m_e)) < 0.9)
+    filled = jax.random.uniform(next(keys), (layers, shape.b, shape.m_e)) < 0.9
+    store = (rows(shape.m_e), rows(shape.m_e), jnp.where(filled, jnp.arange(shape.m_e, dtype=jnp.int32), NO_POS))
   return q, rows(shape.s), rows(shape.s), fading, store
 
 

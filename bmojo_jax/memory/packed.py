@@ -70,7 +70,7 @@ def packed_memory(fading, project, scores, k, v, packing: Packing, *, chunk: int
     valid = top > -jnp.inf
     zero_invalid = lambda x: jnp.where(valid[..., None, None], x, 0)
     selected = Store(k=zero_invalid(gather(k, pos)), v=zero_invalid(gather(v, pos)), score=top,
-                     pos=jnp.where(valid, pos, NO_POS), valid=valid)
+                     pos=jnp.where(valid, pos, NO_POS))
 
     old = stores_before_chunks(selected, size, policy, starts=~has_prev)       # D's store at chunk j
     union = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=2), old, selected)  # [B, C, M_e + k_e, …]

@@ -37,13 +37,14 @@ class _Slots(NamedTuple):
   """A store's entries without their keys and values: src [..., n] indexes the selections [B, C·k_e]."""
   score: jax.Array
   pos: jax.Array
-  valid: jax.Array
   src: jax.Array
+
+  valid = Store.valid                   # pos != NO_POS
 
 
 def _empty_slots(shape: tuple[int, ...]) -> _Slots:
   return _Slots(jnp.full(shape, -jnp.inf, jnp.float32), jnp.full(shape, NO_POS, jnp.int32),
-                jnp.zeros(shape, bool), jnp.zeros(shape, jnp.int32))
+                jnp.zeros(shape, jnp.int32))
 
 
 def _take_slots(slots: _Slots, order: jax.Array) -> _Slots:
@@ -62,15 +63,15 @@ def stores_before_chunks(selected: Store, size: int, policy: StorePolicy, starts
   The store before chunk c depends only on the selections of the chunks before it (back to the last start):
   FIFO keeps those of the last M_e / k_e chunks, a gather; the score policy keeps the M_e best of all of
   them, and "the M_e best of a union" is associative, so an `associative_scan` over the chunks (a segmented
-  one: a start discards what came before) takes log2(C) steps. Both run on slots (score, position, validity
-  and the index of the selection), and the keys and values [B, C, M_e, K, P] are gathered once at the end.
+  one: a start discards what came before) takes log2(C) steps. Both run on slots (score, position and the
+  index of the selection), and the keys and values [B, C, M_e, K, P] are gathered once at the end.
   selected [B, C, k_e, …] (`select_per_chunk`); starts [B, C] bool or None (chunk 0 only); initial [B, M_e, …]
   the store before chunk 0 or None (empty): it enters as chunks of its own before chunk 0 (FIFO: M_e / k_e of
   k_e entries in its order, as `merge` appended them; score: one of M_e), left out of the result.
   """
   b, n_chunks, k_e = selected.score.shape
   src = jnp.broadcast_to(jnp.arange(n_chunks * k_e, dtype=jnp.int32).reshape(1, n_chunks, k_e), selected.pos.shape)
-  slots = _Slots(selected.score, selected.pos, selected.valid, src)
+  slots = _Slots(selected.score, selected.pos, src)
   keys, values = (x.reshape(b, n_chunks * k_e, *x.shape[3:]) for x in (selected.k, selected.v))
   fifo = policy == StorePolicy.FIFO
   if fifo:
@@ -84,7 +85,7 @@ def stores_before_chunks(selected: Store, size: int, policy: StorePolicy, starts
     group = k_e if fifo else size
     n_pre = size // group
     pre_src = jnp.broadcast_to(n_chunks * k_e + jnp.arange(size, dtype=jnp.int32), initial.pos.shape)
-    pre = _Slots(initial.score, initial.pos, initial.valid, pre_src)
+    pre = _Slots(initial.score, initial.pos, pre_src)
     slots = _Slots(*(jnp.concatenate([x.reshape(b, n_pre, group), y], 1) for x, y in zip(pre, slots)))
     keys, values = (jnp.concatenate([x, y.astype(x.dtype)], 1) for x, y in ((keys, initial.k), (values, initial.v)))
     starts = jnp.concatenate([jnp.zeros((b, n_pre), bool), starts], 1)
@@ -111,4 +112,4 @@ def stores_before_chunks(selected: Store, size: int, policy: StorePolicy, starts
   idx = before.src.reshape(b, n_chunks * size, 1, 1)
   take = lambda x: jnp.where(before.valid[..., None, None], jnp.take_along_axis(x, idx, axis=1).reshape(
       b, n_chunks, size, *x.shape[2:]), 0)
-  return Store(k=take(keys), v=take(values), score=before.score, pos=before.pos, valid=before.valid)
+  return Store(k=take(keys), v=take(values), score=before.score, pos=before.pos)

@@ -36,7 +36,7 @@ def select_per_chunk(e: jax.Array, k: jax.Array, v: jax.Array, chunk: int, k_e: 
   gather = lambda x: jnp.where(valid[..., None, None],
                                jnp.take_along_axis(x, flat[:, :, None, None], axis=1).reshape(
                                    b, n_chunks, k_e, *x.shape[2:]), 0)
-  return Store(k=gather(k), v=gather(v), score=top, pos=jnp.where(valid, pos, NO_POS), valid=valid)
+  return Store(k=gather(k), v=gather(v), score=top, pos=jnp.where(valid, pos, NO_POS))
 
 
 def insert_candidate(cand: Store, score: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array) -> Store:
@@ -52,5 +52,4 @@ def insert_candidate(cand: Store, score: jax.Array, k: jax.Array, v: jax.Array, 
   put = lambda old, new: jnp.where(replace.reshape(replace.shape + (1,) * (old.ndim - 2)),
                                    new[:, None].astype(old.dtype), old)
   pos_b = jnp.broadcast_to(pos, score.shape).astype(jnp.int32)
-  return Store(k=put(cand.k, k), v=put(cand.v, v), score=put(cand.score, score),
-               pos=put(cand.pos, pos_b), valid=put(cand.valid, jnp.ones_like(score, bool)))
+  return Store(k=put(cand.k, k), v=put(cand.v, v), score=put(cand.score, score), pos=put(cand.pos, pos_b))

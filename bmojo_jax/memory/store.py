@@ -18,20 +18,24 @@ NO_POS = jnp.iinfo(jnp.int32).max  # position of an empty slot: sorts after ever
 
 
 class Store(NamedTuple):
-  """M entries of memory. k, v [B, M, K, P]; score [B, M] fp32 (-inf empty); pos, valid [B, M]."""
+  """M entries of memory. k, v [B, M, K, P]; score [B, M] fp32 (-inf empty); pos [B, M] int32 (NO_POS empty)."""
   k: jax.Array
   v: jax.Array
   score: jax.Array
   pos: jax.Array
-  valid: jax.Array
+
+  @property
+  def valid(self) -> jax.Array:
+    """[B, M] bool: the entries that hold a token. Derived, not stored: an empty entry's position is NO_POS, so a
+    decode step that fills one writes its position only (the kernels read pos and compare it)."""
+    return self.pos != NO_POS
 
 
 def empty_store(batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> Store:
   return Store(k=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
                v=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
                score=jnp.full((batch, size), -jnp.inf, jnp.float32),
-               pos=jnp.full((batch, size), NO_POS, jnp.int32),
-               valid=jnp.zeros((batch, size), bool))
+               pos=jnp.full((batch, size), NO_POS, jnp.int32))
 
 
 def sort_order(keys: tuple[jax.Array, ...]) -> jax.Array:

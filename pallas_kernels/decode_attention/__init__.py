@@ -27,18 +27,19 @@ def decode_step_attention(q: jax.Array, ring_k: jax.Array, ring_v: jax.Array, t:
   """What `decode_step_attention_reference` computes, in one kernel: o [B, H, P] in q.dtype.
 
   q [B, H, P]; ring_k, ring_v [B, S, K, P] after position t (a scalar) is written, validity derived from t and the
-  window inside; fading (k, v [B, M_f, K, P]) visible iff t >= chunk; store (k, v [B, M_e, K, P], valid [B, M_e]);
-  either may be None. interpret None: Pallas' interpreter on a CPU backend. Under a context mesh
-  (`pallas_kernels.sharding`) each device attends for its own rows and kv heads. Forward only (decoding).
+  window inside; fading (k, v [B, M_f, K, P]) visible iff t >= chunk; store (k, v [B, M_e, K, P], pos [B, M_e]
+  int32, NO_POS where empty); either may be None. interpret None: Pallas' interpreter on a CPU backend. Under a
+  context mesh (`pallas_kernels.sharding`) each device attends for its own rows and kv heads. Forward only
+  (decoding).
   """
   check_shapes(q, ring_k, ring_v, t, window, chunk, fading, store)
   backend, interpret = resolve_backend(None, interpret)
   if backend != "gpu":
     raise ValueError(f"decode_step_attention has a GPU (Triton) kernel only, the backend is {backend!r}; use "
                      "decode_step_attention_reference")
-  def attend(q, ring_k, ring_v, t, fk, fv, sk, sv, s_valid):
+  def attend(q, ring_k, ring_v, t, fk, fv, sk, sv, s_pos):
     return decode_step_attention_gpu(q, ring_k, ring_v, t, None if fk is None else (fk, fv),
-                                     None if sk is None else (sk, sv, s_valid), window=window, chunk=chunk,
+                                     None if sk is None else (sk, sv, s_pos), window=window, chunk=chunk,
                                      scale=scale, block_sizes=block_sizes, interpret=interpret)
 
   rows = ("batch", None, "heads", None)

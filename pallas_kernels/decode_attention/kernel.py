@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from bmojo_jax.memory.store import NO_POS
 from bmojo_jax.pallas_kernels.fast_math import LOG2E, FastMath
 from bmojo_jax.pallas_kernels.window_attention.reference import NEG_INF
 
@@ -130,12 +131,12 @@ def load_rows(ref, start, rows: int, n: int):
 
 def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, chunk: int | None, size: int,
                   n_fading: int, n_store: int, layout: Layout, qk_scale: float, fm: FastMath):
-  """Refs: t [], q [G, P], ring k, v [S, P], (fading k, v [M_f, P]), (store k, v [M_e, P], valid [M_e] int32),
+  """Refs: t [], q [G, P], ring k, v [S, P], (fading k, v [M_f, P]), (store k, v [M_e, P], pos [M_e] int32),
   then o [G, P] fp32, m [G], l [G] (this split's unnormalized accumulator, max and sum, base 2), or with one split
   o [G, P] normalized in q's dtype alone."""
   t_ref, q_ref, k_ref, v_ref, *refs = refs
   fk_ref, fv_ref = (refs.pop(0), refs.pop(0)) if has_fading else (None, None)
-  sk_ref, sv_ref, sval_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_store else (None, None, None)
+  sk_ref, sv_ref, spos_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_store else (None, None, None)
   o_ref, *stat_refs = refs
   t = t_ref[()]
   q = q_ref[...]
@@ -162,8 +163,8 @@ def decode_kernel(*refs, has_fading: bool, has_store: bool, window: int | None, 
     if has_store:
       k, inside = load_rows(sk_ref, zero, mem_rows(n_store), n_store)
       v, _ = load_rows(sv_ref, zero, mem_rows(n_store), n_store)
-      valid = plgpu.load(sval_ref.at[pl.ds(zero, mem_rows(n_store))], mask=inside, other=0)
-      carry = attend_fn(carry, q, k, v, inside & (valid != 0), fm)
+      pos = plgpu.load(spos_ref.at[pl.ds(zero, mem_rows(n_store))], mask=inside, other=NO_POS)
+      carry = attend_fn(carry, q, k, v, inside & (pos != NO_POS), fm)
     return carry
 
   if has_fading or has_store:
@@ -218,7 +219,7 @@ def decode_splits(q, ring_k, ring_v, t, fading, store, *, window: int | None, ch
   if store is not None:
     n_store = store[0].shape[1]
     in_specs += [rows(n_store)] * 2 + [pl.BlockSpec((None, n_store), lambda bi, hi, j: (bi, 0))]
-    args += [store[0], store[1], store[2].astype(jnp.int32)]
+    args += list(store)
   kernel = functools.partial(
       decode_kernel, has_fading=fading is not None, has_store=store is not None, window=window, chunk=chunk,
       size=size, n_fading=0 if fading is None else fading[0].shape[1],

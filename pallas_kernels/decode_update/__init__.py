@@ -46,8 +46,8 @@ def decode_token_update(ring_k: jax.Array, ring_v: jax.Array, cand: Store | None
     raise ValueError(f"decode_token_update has a GPU (Triton) kernel only, the backend is {backend!r}; use "
                      "decode_token_update_reference")
 
-  def update(ring_k, ring_v, ck, cv, cs, cp, cval, k, v, k_raw, score, t, next_fading, read_out, history, a):
-    cand = None if ck is None else Store(ck, cv, cs, cp, cval)
+  def update(ring_k, ring_v, ck, cv, cs, cp, k, v, k_raw, score, t, next_fading, read_out, history, a):
+    cand = None if ck is None else Store(ck, cv, cs, cp)
     ring_k, ring_v, cand, next_fading, history = decode_token_update_gpu(
         ring_k, ring_v, cand, k, v, k_raw, score, t, None if next_fading is None else Fading(next_fading, read_out),
         None if history is None else (history, a), block_sizes=block_sizes, interpret=interpret)
@@ -55,18 +55,18 @@ def decode_token_update(ring_k: jax.Array, ring_v: jax.Array, cand: Store | None
             + (() if history is None else (history,)))
 
   rows, heads, entries = ("batch", None, "heads", None), ("batch", "heads", None), ("batch", None)
-  cand_logical = (rows, rows, entries, entries, entries)
+  cand_logical = (rows, rows, entries, entries)
   whole, whole_row = ("batch", None, None), ("batch", None)                       # [B, M, D], [B, D]: every shard
   in_logical = (rows, rows, *cand_logical, heads, heads, heads, ("batch",), None, whole, whole_row, whole, whole_row)
   out_logical = ((rows, rows) + (() if cand is None else cand_logical) + (() if fading is None else (whole,))
                  + (() if history is None else (whole,)))
   out = per_shard(update, {"batch": ring_k.shape[0], "heads": ring_k.shape[2]}, in_logical, out_logical)(
-      ring_k, ring_v, *(cand or (None,) * 5), k, v, k_raw, score, t, *(fading or (None,) * 2),
+      ring_k, ring_v, *(cand or (None,) * 4), k, v, k_raw, score, t, *(fading or (None,) * 2),
       *(history or (None, None)))
   out = iter(out)
   take = lambda n: tuple(next(out) for _ in range(n))
   ring_k, ring_v = take(2)
-  cand = None if cand is None else Store(*take(5))
+  cand = None if cand is None else Store(*take(4))
   fading = None if fading is None else take(1)[0]
   history = None if history is None else take(1)[0]
   return ring_k, ring_v, cand, fading, history

@@ -7,14 +7,14 @@ block_f`; the D of the fading buffer and of the history split into as many block
 into ring slot t mod S; with fading tokens it moves rows 1..M_f-1 of the read-out buffer [M_f, D] one row up and
 writes the token's read-out into row M_f-1, and with a history rows 1..3 of history [4, D] one row up and the input
 a (fp32) into row 3 (`shift_rows_up`: a row is loaded before it is overwritten, by the same threads, in program
-order, so the shift is safe in place); with candidates it takes the row's candidate decision (k_e scores and
-positions, padded to a power of two and masked on load; every program of the row takes the same one) and, when the
-token replaces a candidate, writes its part of k_raw and v into that candidate's slot. The ring, the fading buffer,
-the history and the candidates' keys and values are updated in place (`input_output_aliases`): a token writes only
-its own rows (a jnp shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into
-the carry, per buffer and layer). The candidates' scores and positions are only read here, so no program can see
-another's write before it decides; the kernel returns the replaced slot, and the new score, position and valid flag
-go in by one elementwise XLA op (`decode_token_update_gpu`).
+order, so the shift is safe in place). With candidates, program (b, 0) alone owns row b's candidates: it takes the
+decision (k_e scores and positions, padded to a power of two and masked on load) and, when the token replaces a
+candidate, writes the whole of k_raw and v into that candidate's slot and the token's score and position into its
+entries; no other program reads them, so none can see the write before deciding. The ring, the fading buffer, the
+history and the candidates are updated in place (`input_output_aliases`): a token writes only its own rows (a jnp
+shift of a buffer the decode loop carries is a fusion writing a new buffer and a copy back into the carry, per
+buffer and layer), and nothing is left for XLA: a candidate's validity is its position (`Store.valid`: pos !=
+NO_POS), so there is no flag to set.
 
 Split rows cut the chain of dependent memory accesses a program walks: at the 1.4B shapes (K·P = D = 2048, M_f 16)
 one program per row shifted 2 x 15 rows of projected fading buffers and 3 history rows in five load-then-store
@@ -72,13 +72,13 @@ def next_pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
-def choose_candidate(score_ref, pos_ref, new_score, n_cand: int):
+def choose_candidate(score_ref, pos_ref, new_score, n_cand: int, zero):
   """(replace, index): whether the new score beats the worst of the n_cand candidates, and the worst's index
-  (lowest score, latest position among ties, first index among equal positions), as `insert_candidate`."""
+  (lowest score, latest position among ties, first index among equal positions), as `insert_candidate`. zero: a
+  traced 0 (loads at a dynamic index)."""
   n = next_pow2(n_cand)
   idx = jnp.arange(n, dtype=jnp.int32)
   inside = idx < n_cand
-  zero = pl.program_id(0) * 0                                         # a traced 0: loads at a dynamic index
   scores = plgpu.load(score_ref.at[pl.ds(zero, n)], mask=inside, other=jnp.inf)
   pos = plgpu.load(pos_ref.at[pl.ds(zero, n)], mask=inside, other=-1)
   worst = jnp.min(scores)
@@ -118,18 +118,33 @@ def shift_rows_up(bufs, news, n_rows: int, n_feat: int, n_split: int, group: int
     plgpu.store(buf.at[at(n_rows - 1), feat], x.astype(buf.dtype)[None], mask=mask)
 
 
+def update_candidates(ins, outs, t, zero):
+  """Program (b, 0)'s part: offer the token (score, k_raw, v, position t) to row b's candidates (`insert_candidate`
+  with `choose_candidate`'s decision), in place through the outputs. zero: a traced 0, taken outside the branch
+  this runs in (the interpreter has no program ids inside one)."""
+  n_cand, n_feat = outs["cand_k"].shape
+  new = plgpu.load(ins["score"].at[pl.ds(zero, 1)])                             # [1] fp32
+  replace, index = choose_candidate(outs["cand_score"], outs["cand_pos"], new[0], n_cand, zero)
+  block = next_pow2(n_feat)
+  write = (jnp.arange(block, dtype=jnp.int32) < n_feat) & replace
+  for src, dst in ((ins["k_raw"], outs["cand_k"]), (ins["v"], outs["cand_v"])):
+    x = plgpu.load(src.at[pl.ds(zero, block)], mask=write, other=0)
+    plgpu.store(dst.at[pl.ds(index, 1), pl.ds(zero, block)], x.astype(dst.dtype)[None], mask=write[None])
+  at_index, one = pl.ds(index, 1), jnp.full((1,), replace)
+  plgpu.store(outs["cand_score"].at[at_index], new.astype(outs["cand_score"].dtype), mask=one)
+  plgpu.store(outs["cand_pos"].at[at_index], jnp.full((1,), t, outs["cand_pos"].dtype), mask=one)
+
+
 def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...], n_split: int, shift_rows: int):
   """Refs: the inputs named in_names (t [], k, v [F]; with fading tokens read_out [D]; with a history a [D]; with
-  candidates k_raw [F], score [1], cand_score, cand_pos [k_e]), the aliased inputs named alias_names (ring_k,
-  ring_v [S, F]; next_fading [M_f, D]; history [4, D]; cand_k, cand_v [k_e, F]), then the outputs they alias,
-  in the same order (and with candidates the replaced index [1] int32). The aliased inputs are not read; the
-  buffers are shifted through their outputs (`shift_rows_up`)."""
+  candidates k_raw [F], score [1]), the aliased inputs named alias_names (ring_k, ring_v [S, F]; next_fading
+  [M_f, D]; history [4, D]; cand_k, cand_v [k_e, F], cand_score, cand_pos [k_e]), then the outputs they alias, in
+  the same order. The aliased inputs are not read; the buffers are read and written through their outputs."""
   n_in, n_alias = len(in_names), len(alias_names)
   ins = dict(zip(in_names, refs[:n_in]))
-  outs = dict(zip(alias_names + ("index",), refs[n_in + n_alias:]))
+  outs = dict(zip(alias_names, refs[n_in + n_alias:]))
   size, n_feat = outs["ring_k"].shape
   t = ins["t"][()]
-  zero = pl.program_id(0) * 0                                     # a traced 0: loads at a dynamic index
   feat, in_row = row_features(n_feat, n_split)                                   # in_row [block]
   slot = lax.rem(t, size)                                                        # t >= 0
   for src, dst in ((ins["k"], outs["ring_k"]), (ins["v"], outs["ring_v"])):
@@ -139,25 +154,16 @@ def update_kernel(*refs, in_names: tuple[str, ...], alias_names: tuple[str, ...]
     shift_rows_up((outs["next_fading"],), (ins["read_out"],), *outs["next_fading"].shape, n_split, shift_rows)
   if "history" in outs:
     shift_rows_up((outs["history"],), (ins["a"],), *outs["history"].shape, n_split, shift_rows)
-  if "cand_k" not in outs:
-    return
-  n_cand = outs["cand_k"].shape[0]
-  new = plgpu.load(ins["score"].at[pl.ds(zero, 1)])                             # [1] fp32
-  replace, index = choose_candidate(ins["cand_score"], ins["cand_pos"], new[0], n_cand)
-  write = in_row & replace
-  for src, dst in ((ins["k_raw"], outs["cand_k"]), (ins["v"], outs["cand_v"])):
-    x = plgpu.load(src.at[feat], mask=write, other=0)
-    plgpu.store(dst.at[pl.ds(index, 1), feat], x.astype(dst.dtype)[None], mask=write[None])
-  first = jnp.full((1,), pl.program_id(1) == 0)                                  # one program writes the index
-  plgpu.store(outs["index"].at[pl.ds(zero, 1)], jnp.full((1,), jnp.where(replace, index, -1), jnp.int32),
-              mask=first)
+  if "cand_k" in outs:
+    zero = pl.program_id(0) * 0
+    pl.when(pl.program_id(1) == 0)(lambda: update_candidates(ins, outs, t, zero))
 
 
 def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, score, t, fading: Fading | None = None,
                             history: tuple | None = None, *, block_sizes: BlockSizes | None = None,
                             interpret: bool = False):
-  """The kernel and the valid flags: (ring_k, ring_v, cand, next_fading or None, history or None) as the
-  reference gives them (shapes checked by the caller; history (history [B, 4, D], a [B, D]) or None)."""
+  """The kernel: (ring_k, ring_v, cand, next_fading or None, history or None) as the reference gives them (shapes
+  checked by the caller; history (history [B, 4, D], a [B, D]) or None)."""
   blocks = block_sizes or BlockSizes()
   b, _, kh, p = ring_k.shape
   flat = lambda x: x.reshape(*x.shape[:-2], kh * p)
@@ -168,9 +174,8 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
   if history is not None:
     aliased["history"], ins["a"] = history
   if cand is not None:
-    ins.update(k_raw=flat(k_raw), score=score.astype(jnp.float32)[:, None], cand_score=cand.score,
-               cand_pos=cand.pos)
-    aliased.update(cand_k=flat(cand.k), cand_v=flat(cand.v))
+    ins.update(k_raw=flat(k_raw), score=score.astype(jnp.float32)[:, None])
+    aliased.update(cand_k=flat(cand.k), cand_v=flat(cand.v), cand_score=cand.score, cand_pos=cand.pos)
   n_split = blocks.split(kh * p)
 
   def spec(x):                  # programs (b, j): every array but t is [B, ...], a program sees row b whole
@@ -179,8 +184,6 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
     return pl.BlockSpec((None, *x.shape[1:]), lambda bi, j: (bi,) + (0,) * (x.ndim - 1))
 
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in aliased.values()]
-  if cand is not None:
-    out_shape.append(jax.ShapeDtypeStruct((b, 1), jnp.int32))                  # the replaced index
   kernel = functools.partial(update_kernel, in_names=tuple(ins), alias_names=tuple(aliased), n_split=n_split,
                              shift_rows=blocks.shift_rows)
   args = [*ins.values(), *aliased.values()]
@@ -195,15 +198,10 @@ def decode_token_update_gpu(ring_k, ring_v, cand: Store | None, k, v, k_raw, sco
       interpret=interpret,
       name="decode_token_update",
   )(*args)
-  out = dict(zip(tuple(aliased) + ("index",), outs))
+  out = dict(zip(aliased, outs))
   ring_k, ring_v = out["ring_k"].reshape(ring_k.shape), out["ring_v"].reshape(ring_v.shape)
   next_fading = None if fading is None else out["next_fading"]
   new_history = None if history is None else out["history"]
-  if cand is None:
-    return ring_k, ring_v, None, next_fading, new_history
-  # the replaced slot's score, position and valid flag: one elementwise op over [B, k_e] (Triton has no bool refs)
-  hit = jnp.arange(cand.k.shape[1], dtype=jnp.int32) == out["index"]                    # index [B, 1], -1: none
-  new_cand = Store(out["cand_k"].reshape(cand.k.shape), out["cand_v"].reshape(cand.v.shape),
-                   jnp.where(hit, score.astype(cand.score.dtype)[:, None], cand.score),
-                   jnp.where(hit, jnp.asarray(t, cand.pos.dtype), cand.pos), cand.valid | hit)
+  new_cand = None if cand is None else Store(out["cand_k"].reshape(cand.k.shape), out["cand_v"].reshape(cand.v.shape),
+                                             out["cand_score"], out["cand_pos"])
   return ring_k, ring_v, new_cand, next_fading, new_history

@@ -3,7 +3,7 @@ into the chunk's candidate store, its fading read-out into the buffer of the nex
 into the innovation test's history.
 
 Shapes (legend in `bmojo_jax/typing.py`): ring_k, ring_v [B, S, K, P], slot s holding position t - ((t - s) mod S);
-cand a `Store` [B, k_e, …] (k, v [B, k_e, K, P], score [B, k_e] fp32, pos [B, k_e] int32, valid [B, k_e] bool);
+cand a `Store` [B, k_e, …] (k, v [B, k_e, K, P], score [B, k_e] fp32, pos [B, k_e] int32, NO_POS where empty);
 k (RoPE applied), v, k_raw (without RoPE) [B, K, P]; score [B] fp32; t a scalar int32, the token's position;
 fading a `Fading` (next [B, M_f, D], the last M_f read-outs of the mixer, oldest first, projected into fading
 tokens only at a chunk boundary; read_out [B, D], the token's); history a pair (history [B, 4, D] fp32, the last
@@ -89,13 +89,13 @@ def check_shapes(ring_k, ring_v, cand, k, v, k_raw, score, t, fading=None, histo
       raise ValueError("k_raw and score come with a candidate store: cand is None")
     return
   if not isinstance(cand, Store):
-    raise ValueError(f"cand must be a Store (k, v, score, pos, valid), got {type(cand).__name__}")
+    raise ValueError(f"cand must be a Store (k, v, score, pos), got {type(cand).__name__}")
   if cand.k.ndim != 4 or cand.k.shape[0] != b or cand.k.shape[2:] != (kh, p) or cand.v.shape != cand.k.shape:
     raise ValueError(f"cand.k {cand.k.shape} and cand.v {cand.v.shape} must be [B, k_e, K, P] = [{b}, k_e, {kh}, {p}]")
   k_e = cand.k.shape[1]
   if k_e == 0:
     raise ValueError("cand holds no slots (k_e = 0): pass cand=None for a ring-only update")
-  for name in ("score", "pos", "valid"):
+  for name in ("score", "pos"):
     if getattr(cand, name).shape != (b, k_e):
       raise ValueError(f"cand.{name} {getattr(cand, name).shape} must be [B, k_e] = {(b, k_e)}")
   if k_raw is None or k_raw.shape != (b, kh, p):
