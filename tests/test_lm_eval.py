@@ -82,3 +82,15 @@ def test_documents_from_text_or_stream_and_its_refusals(tmp_path):
       lm_eval.documents_from(config, ByteTokenizer(), **kwargs)
     assert "\n" not in str(err.value)
 
+
+
+def test_lm_study_skips_only_records_of_the_same_settings():
+  """A study resumes per family, variant and --set overrides: a record of the plain study (no "overrides" field)
+  never stands for a study trained with other settings, nor one of another variant."""
+  from benchmarks.studies.lm_study import recorded
+  records = [{"family": "bmojo", "variant": ""}, {"family": "bmojo", "variant": "", "overrides": ["a=1"]}]
+  assert recorded(records, "bmojo", "", [])
+  assert recorded(records, "bmojo", "", ["a=1"])
+  assert not recorded(records, "bmojo", "", ["data.recall_fraction=0.5"])
+  assert not recorded(records, "bmojo", "n_eidetic=256", [])
+  assert not recorded(records, "hybrid", "", [])

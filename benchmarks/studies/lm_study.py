@@ -110,8 +110,7 @@ def study(args) -> str:
     config = family_config(args, family)
     if family == "bmojo" and args.grow_store > 1:
       variants.append({"n_eidetic": int(config.model.n_eidetic) * args.grow_store})
-    todo = [v for v in variants if not any(r["family"] == family and r.get("variant", "") == _variant(v)
-                                           and r.get("overrides", []) == args.set for r in records)]
+    todo = [v for v in variants if not recorded(records, family, _variant(v), args.set)]
     if not todo:
       print(f"{family}: recorded, skipped")
       continue
@@ -151,6 +150,13 @@ def study(args) -> str:
       print(f"no figures: {e}")
   print(f"{len(records)} records in {path} ({time.time() - start:.0f} s)")
   return path
+
+
+def recorded(records: list[dict], family: str, variant: str, overrides: list[str]) -> bool:
+  """Whether `records` hold this family and variant trained with these --set overrides (a record without
+  "overrides" was made without any)."""
+  return any(r["family"] == family and r.get("variant", "") == variant and r.get("overrides", []) == list(overrides)
+             for r in records)
 
 
 def _variant(overrides: dict, prefix: str = "") -> str:
