@@ -39,8 +39,8 @@ if (os.path.isfile(os.path.join(_ROOT, "pyproject.toml"))
 # console script's --help or refusal, `python -m bmojo_jax.train.plots`, the corpus `prepare`) starts without
 # importing jax and flax: {name: its module}.
 _EXPORTS = {
-    **dict.fromkeys(("AttnImpl", "ComputeConfig", "ConfigError", "DecodeAttnImpl", "Family", "KernelLayout", "ModelConfig",
-                     "RematPolicy", "ScanImpl", "StorePolicy", "Sublayer"), "config"),
+    **dict.fromkeys(("AttnImpl", "ComputeConfig", "ConfigError", "ConvImpl", "DecodeAttnImpl", "Family",
+                     "KernelLayout", "ModelConfig", "RematPolicy", "ScanImpl", "StorePolicy", "Sublayer"), "config"),
     **dict.fromkeys(("PRESET_NAMES", "mqar_config", "paper_config", "preset"), "presets"),
     "LanguageModel": "model",
     "to_kernel_layout": "kernel_layout",

@@ -76,6 +76,13 @@ class ScanImpl(enum.StrEnum):
   PALLAS = "pallas"            # fused chunked Pallas kernel (GPU: Triton; TPU: Mosaic; CPU: interpret mode)
 
 
+class ConvImpl(enum.StrEnum):
+  """The Mamba mixer's causal conv + SiLU (resolved in `bmojo_jax.kernels.get_conv_fn` through `resolve_conv_impl`)."""
+  AUTO = "auto"                # by backend: gpu -> pallas, cpu and tpu -> reference (`resolve_conv_impl`)
+  REFERENCE = "reference"      # jnp (`bmojo_jax.layers.causal_conv`, then SiLU), in the compute dtype
+  PALLAS = "pallas"            # one Triton kernel each way, fp32 inside (GPU; CPU: interpret mode; no TPU kernel)
+
+
 class AttnImpl(enum.StrEnum):
   """Attention implementation (resolved in `bmojo_jax.kernels.get_attention_fn` through `resolve_attn_impl`)."""
   AUTO = "auto"                # by backend: gpu/tpu -> pallas, cpu -> reference (`resolve_attn_impl`)
@@ -130,6 +137,7 @@ class ComputeConfig:
   compares model configs without their `compute` (`train/checkpoint.py`)."""
   scan_impl: ScanImpl = ScanImpl.AUTO         # by backend (`resolve_scan_impl`)
   scan_chunk: int = 128              # tokens per associative-scan chunk
+  conv_impl: ConvImpl = ConvImpl.AUTO         # the Mamba conv + SiLU, by backend (`resolve_conv_impl`)
   attn_impl: AttnImpl = AttnImpl.AUTO         # by backend (`resolve_attn_impl`)
   decode_attn_impl: DecodeAttnImpl = DecodeAttnImpl.AUTO  # a decode step's attention and cache update (DecodeAttnImpl)
   dtype: str = "float32"             # compute dtype; the scan state, softmax and scores stay fp32
@@ -148,7 +156,7 @@ class ComputeConfig:
   def __post_init__(self):
     if isinstance(self.remat, bool):  # remat=True / False, as before the policies
       object.__setattr__(self, "remat", RematPolicy.FULL if self.remat else RematPolicy.NONE)
-    _coerce_enums(self, (("scan_impl", ScanImpl), ("attn_impl", AttnImpl),
+    _coerce_enums(self, (("scan_impl", ScanImpl), ("conv_impl", ConvImpl), ("attn_impl", AttnImpl),
                          ("decode_attn_impl", DecodeAttnImpl), ("remat", RematPolicy),
                          ("loss_impl", LossImpl), ("kernel_layout", KernelLayout)), "compute.")
     for name in ("scan_chunk", "loss_block", "scan_unroll"):

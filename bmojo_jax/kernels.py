@@ -1,10 +1,12 @@
 """Which implementation runs each kernel of the model: the tables by backend, the resolvers of `auto`, and the
-one function per kernel that the model calls (`get_scan_fn`, `get_attention_fn`, `get_decode_attention_fn`,
-`get_decode_update_fn`; the only place a choice is made).
+one function per kernel that the model calls (`get_scan_fn`, `get_conv_fn`, `get_attention_fn`,
+`get_decode_attention_fn`, `get_decode_update_fn`; the only place a choice is made).
 
     scan_impl  sequential   `selective_scan_reference`, a `lax.scan` over tokens
                associative  `bmojo_jax.scan.selective_scan_associative`
                pallas       `pallas_kernels.selective_scan.selective_scan` (it picks the GPU or TPU kernels)
+    conv_impl  reference    `causal_conv_silu_reference` (`bmojo_jax.layers.causal_conv`, then SiLU), jnp
+               pallas       `pallas_kernels.causal_conv.causal_conv_silu`, Triton (GPU; CPU: interpret mode)
     attn_impl  reference    `memory_attention_reference`, blockwise jnp
                pallas       `pallas_kernels.window_attention.memory_attention` (it picks the GPU or TPU kernels)
                cudnn        `dot_product_attention`, jax.nn's fused cuDNN kernel (GPU; no memory tokens)
@@ -30,8 +32,9 @@ import functools
 
 import jax
 
-from bmojo_jax.config import AttnImpl, ConfigError, DecodeAttnImpl, ScanImpl
+from bmojo_jax.config import AttnImpl, ConfigError, ConvImpl, DecodeAttnImpl, ScanImpl
 from bmojo_jax.scan import selective_scan_associative
+from bmojo_jax.pallas_kernels.causal_conv import causal_conv_silu, causal_conv_silu_reference
 from bmojo_jax.pallas_kernels.decode_attention import BlockSizes as DecodeBlockSizes
 from bmojo_jax.pallas_kernels.decode_attention import decode_step_attention, decode_step_attention_reference
 from bmojo_jax.pallas_kernels.decode_attention.kernel import Layout as DecodeLayout, next_pow2
@@ -49,6 +52,11 @@ SCAN_IMPLS: dict[str, tuple[ScanImpl, tuple[ScanImpl, ...]]] = {
     "gpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
     "tpu": (ScanImpl.PALLAS, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
     "cpu": (ScanImpl.SEQUENTIAL, (ScanImpl.SEQUENTIAL, ScanImpl.ASSOCIATIVE, ScanImpl.PALLAS)),
+}
+CONV_IMPLS: dict[str, tuple[ConvImpl, tuple[ConvImpl, ...]]] = {
+    "gpu": (ConvImpl.PALLAS, (ConvImpl.REFERENCE, ConvImpl.PALLAS)),
+    "tpu": (ConvImpl.REFERENCE, (ConvImpl.REFERENCE,)),
+    "cpu": (ConvImpl.REFERENCE, (ConvImpl.REFERENCE, ConvImpl.PALLAS)),
 }
 ATTN_IMPLS: dict[str, tuple[AttnImpl, tuple[AttnImpl, ...]]] = {
     "gpu": (AttnImpl.PALLAS, (AttnImpl.REFERENCE, AttnImpl.PALLAS, AttnImpl.CUDNN)),
@@ -82,6 +90,11 @@ def resolve_scan_impl(impl: ScanImpl | str, backend: str | None = None) -> ScanI
   """The concrete scan implementation for `impl` on `backend` (default `jax.default_backend()`): `auto` by
   `SCAN_IMPLS`; an explicit choice the backend cannot run raises ConfigError naming the ones that work."""
   return _resolve("scan_impl", impl, ScanImpl, SCAN_IMPLS, backend)
+
+
+def resolve_conv_impl(impl: ConvImpl | str, backend: str | None = None) -> ConvImpl:
+  """The concrete conv + SiLU implementation for `impl` on `backend`, as `resolve_scan_impl`."""
+  return _resolve("conv_impl", impl, ConvImpl, CONV_IMPLS, backend)
 
 
 def resolve_attn_impl(impl: AttnImpl | str, backend: str | None = None) -> AttnImpl:
@@ -125,6 +138,12 @@ def get_scan_fn(impl: ScanImpl | str, *, chunk: int = 128):
   if impl == ScanImpl.ASSOCIATIVE:
     return functools.partial(selective_scan_associative, chunk=chunk)
   return selective_scan
+
+
+def get_conv_fn(impl: ConvImpl | str):
+  """fn(x, weight, bias, state, reach=None) -> (SiLU(causal conv) [B, T, E], the last W-1 inputs [B, W-1, E]), the
+  Mamba mixer's conv + SiLU that `impl` resolves to on this backend (`resolve_conv_impl`)."""
+  return causal_conv_silu if resolve_conv_impl(impl) == ConvImpl.PALLAS else causal_conv_silu_reference
 
 
 def get_attention_fn(impl: AttnImpl | str):

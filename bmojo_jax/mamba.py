@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmojo_jax import typing as tp
-from bmojo_jax.config import KernelLayout, ModelConfig, ScanImpl
-from bmojo_jax.kernels import get_scan_fn
-from bmojo_jax.layers import Projection, causal_conv, einsum_layer, param
+from bmojo_jax.config import ConvImpl, KernelLayout, ModelConfig, ScanImpl
+from bmojo_jax.kernels import get_conv_fn, get_scan_fn
+from bmojo_jax.layers import Projection, einsum_layer, param
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
 
@@ -92,8 +92,9 @@ class Mamba(nnx.Module):
       reach = jnp.where(packing.ids == 0, cfg.d_conv, packing.offset)  # the first document continues `state`
       reset = packing.starts
     u, z = self.in_proj_parts(x)
-    u, conv_state = causal_conv(u, self.conv_weight[...], self.conv_bias[...], state.conv, reach)
-    u = jax.nn.silu(u)
+    # One decode token's conv is a few [B, E] products: the jnp form, whatever the config.
+    conv = get_conv_fn(ConvImpl.REFERENCE if x.shape[1] == 1 else cfg.compute.conv_impl)
+    u, conv_state = conv(u, self.conv_weight[...], self.conv_bias[...], state.conv, reach)
     dt_low, b, c = jnp.split(self.x_proj(u), [cfg.rank, cfg.rank + cfg.d_state], axis=-1)
     delta = self.dt_proj(dt_low)
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))

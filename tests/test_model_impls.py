@@ -1,8 +1,8 @@
 """The whole model computes one function whatever its implementations: for every family, the logits and the
-parameter gradients under each fast path available on a CPU (the associative scan; the Pallas scan and the
-Pallas attention in interpret mode) equal those of the reference (sequential scan, blockwise jnp attention),
-in fp32. Not the full scan × attention product (23 compiled models, about twice the time): each fast path
-once per family that has it, the Pallas kernels together as on a GPU."""
+parameter gradients under each fast path available on a CPU (the associative scan; the Pallas scan with the
+Pallas conv, and the Pallas attention, in interpret mode) equal those of the reference (sequential scan, jnp
+conv, blockwise jnp attention), in fp32. Not the full scan × attention product (23 compiled models, about twice
+the time): each fast path once per family that has it, the Pallas kernels together as on a GPU."""
 
 import jax
 import numpy as np
@@ -46,7 +46,9 @@ def logits_and_grads(cfg, tokens):
 
 def test_every_implementation_gives_the_reference_logits_and_gradients(family, tokens):
   def run(scan_impl, attn_impl):
-    cfg = tiny_config(family, init_std=0.1, compute=dict(scan_impl=scan_impl, attn_impl=attn_impl))
+    conv_impl = "pallas" if scan_impl == "pallas" else "reference"   # the Mamba kernels together, as on a GPU
+    cfg = tiny_config(family, init_std=0.1, compute=dict(scan_impl=scan_impl, attn_impl=attn_impl,
+                                                         conv_impl=conv_impl))
     return logits_and_grads(cfg, tokens)
 
   ref_logits, ref_grads = run(*REFERENCE)

@@ -88,7 +88,8 @@ def test_packed_row_equals_documents_alone(family):
 def test_packed_row_equals_documents_alone_per_impl(family, scan_impl, attn_impl, policy):
   """The fast paths (kernels in interpret mode): B'MOJO holds every part the other families have."""
   cfg = tiny_config(family, init_std=0.1, store_policy=policy,
-                    compute=dict(scan_impl=scan_impl, attn_impl=attn_impl))
+                    compute=dict(scan_impl=scan_impl, attn_impl=attn_impl,
+                                 conv_impl="pallas" if scan_impl == "pallas" else "reference"))
   _check_packed_equals_alone(cfg)
 
 

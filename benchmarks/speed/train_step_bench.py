@@ -12,7 +12,7 @@
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
 outputs not aliased to donated inputs), device, jax, and what chose the layout and the loss: scan_layers,
-remat, attn_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own).
+remat, attn_impl, conv_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own).
 Equal tokens per step: batch = max(1, tokens // T).
 `--layouts` times each configuration in several layouts (LAYOUTS: scanned or loop blocks x a remat policy,
 e.g. `scan/dots_attention`; `all` = every one; `scan2/...`, `scan4/...`, `scan8/...` run k blocks per scan
@@ -49,6 +49,7 @@ import numpy as np
 from benchmarks.common import device_name, parse_mesh, write_results
 from benchmarks.profiling import profile
 from benchmarks.step_configs import TINY, model_config, step_config, synthetic_task
+from bmojo_jax.kernels import resolve_conv_impl
 from bmojo_jax.param_count import count_params, train_flops_per_token
 from bmojo_jax.train import sharding as shard_lib
 from bmojo_jax.train import setup as setup_lib
@@ -103,12 +104,13 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
             remat: str | None = None, profile_dir: str | None = None, scan_impl: str = "pallas",
             scan_layers: bool | None = None, doc_len: int | None = None,
             mesh: dict[str, int] | None = None, loss_impl: str | None = None,
-            loss_block: int | None = None, scan_unroll: int | None = None) -> dict:
+            loss_block: int | None = None, scan_unroll: int | None = None, conv_impl: str | None = None) -> dict:
   batch = max(1, tokens // seq_len)
   overrides = {} if layers is None else {"n_layers": layers}
   compute = {name: value for name, value in (("remat", remat), ("scan_layers", scan_layers),
                                              ("loss_impl", loss_impl), ("loss_block", loss_block),
-                                             ("scan_unroll", scan_unroll)) if value is not None}
+                                             ("scan_unroll", scan_unroll), ("conv_impl", conv_impl))
+             if value is not None}
   config = step_config(family, size, seq_len, batch, attn_impl, scan_impl, mesh, compute, **overrides)
   devices = None if mesh is None else jax.devices()[:int(np.prod(list(mesh.values()) or [1]))]
   setup = setup_lib.build(config, devices, task=synthetic_task(seq_len, config.model.vocab_size))
@@ -134,6 +136,7 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
   tokens_per_s = batch * seq_len / (step_ms / 1e3)
   compute = cfg.compute
   rec = dict(op="train_step", family=family, attn_impl=compute.attn_impl.value, scan_impl=compute.scan_impl.value,
+             conv_impl=resolve_conv_impl(compute.conv_impl).value,
              size=size, n_layers=cfg.n_layers, params=count_params(cfg), T=seq_len, batch=batch,
              dtype=compute.dtype, remat=compute.remat.value, scan_layers=compute.scan_layers,
              scan_unroll=compute.scan_unroll, default_layout=is_default_layout(family, size, cfg),
@@ -163,7 +166,7 @@ def layout_name(rec: dict) -> str:
   return f"{'loop' if not rec['scan_layers'] else 'scan' if unroll == 1 else f'scan{unroll}'}/{rec['remat']}"
 
 
-SHAPE_KEYS = ("family", "attn_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag")
+SHAPE_KEYS = ("family", "attn_impl", "conv_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag")
 
 
 def best_layouts(records: list[dict]) -> list[dict]:
@@ -212,6 +215,8 @@ def main():
   ap.add_argument("--remat", default=None, help="remat policies to run, e.g. none,dots (default: the config's)")
   ap.add_argument("--scan-layers", default=None, help="true, false or true,false (default: the config's)")
   ap.add_argument("--scan-impl", default="pallas", help="scan_impl of every model (CPU smoke: associative)")
+  ap.add_argument("--conv-impl", default=None,
+                  help="the Mamba conv + SiLU: reference, pallas or reference,pallas (default: the config's, auto)")
   ap.add_argument("--profile", default=None, help="directory for traces and per-op tables")
   ap.add_argument("--name", default="train_step", help="result file stem (<name>_<device>.json)")
   ap.add_argument("--tag", default="", help="free text stored in every record (which code version)")
@@ -247,6 +252,7 @@ def main():
         [None] if args.scan_layers is None else [v == "true" for v in args.scan_layers.split(",")],
         [None] if args.remat is None else args.remat.split(","), [None]))
   loss_impls = [None] if args.loss_impl is None else args.loss_impl.split(",")
+  conv_impls = [None] if args.conv_impl is None else args.conv_impl.split(",")
   packs = [v == "true" for v in args.packed.split(",")]
   meshes = [None] if args.meshes is None else [parse_mesh(m) for m in args.meshes.split(",")]
   if args.profile:
@@ -257,8 +263,8 @@ def main():
   records, start = [], time.perf_counter()
   for size in args.sizes.split(","):
     for seq_len in map(int, args.seqs.split(",")):
-      for spec, (scan_layers, remat, unroll), loss_impl, packed, mesh in itertools.product(
-          args.families.split(","), layouts, loss_impls, packs, meshes):
+      for spec, (scan_layers, remat, unroll), loss_impl, conv_impl, packed, mesh in itertools.product(
+          args.families.split(","), layouts, loss_impls, conv_impls, packs, meshes):
         family, _, attn = spec.partition(":")
         if args.budget_s and time.perf_counter() - start > args.budget_s:
           print(f"budget of {args.budget_s} s spent: skipping {spec} {size} T={seq_len} mesh {mesh}", flush=True)
@@ -266,11 +272,12 @@ def main():
         try:
           doc_len = (args.doc_len or seq_len // 4) if packed else None
           rec = run_one(family, attn or "pallas", size, seq_len, args.tokens, args.layers, remat, args.profile,
-                        args.scan_impl, scan_layers, doc_len, mesh, loss_impl, args.loss_block, unroll)
+                        args.scan_impl, scan_layers, doc_len, mesh, loss_impl, args.loss_block, unroll,
+                        conv_impl)
         except Exception as e:  # keep the grid going; the record says what failed
           rec = dict(op="train_step", family=family, attn_impl=attn or "pallas", size=size, T=seq_len, mesh=mesh,
                      scan_layers=scan_layers, scan_unroll=unroll, remat=remat, loss_impl=loss_impl,
-                     error=f"{type(e).__name__}: {str(e)[:400]}")
+                     conv_impl=conv_impl, error=f"{type(e).__name__}: {str(e)[:400]}")
         rec["tag"] = args.tag
         records.append(rec)
         add_scaling(records)
@@ -283,7 +290,8 @@ def main():
       print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {r['error'][:60]}")
       continue
     layout = (layout_name(r) + ("*" if r["default_layout"] else "") + ("/packed" if r.get("segments") else "")
-              + ("/ref-loss" if r["loss_impl"] == "reference" else ""))
+              + ("/ref-loss" if r["loss_impl"] == "reference" else "")
+              + (f"/conv-{r['conv_impl']}" if r["conv_impl"] != resolve_conv_impl("auto").value else ""))
     mesh = ":".join(f"{a[0]}{n}" for a, n in r["mesh"].items() if n > 1) or "1"
     print(f"{r['family']:12s} {r['attn_impl']:8s} {r['size']:5s} {r['T']:6d} {layout:20s} {mesh:8s} "
           f"{r['step_ms']:8.2f} {r['tokens_per_s']:10.0f} {r['mfu']:5.1%} {r['compile_s']:7.1f} "

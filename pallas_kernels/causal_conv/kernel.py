@@ -1,0 +1,183 @@
+"""Triton kernels (Pallas) of the causal depthwise conv + SiLU, forward and backward.
+
+Grid (B, ⌈T / block_t⌉, E / block_e). A program owns `block_t` tokens of one row and `block_e` channels. It loads
+its rows one token at a time ([block_e] each, unrolled, so all loads are in flight together), the W-1 tokens
+before its first from x or, at the row's start, from the carried state, and computes in fp32; one rounding to
+the output dtype. Everything is elementwise over channels: no cross-lane work.
+
+Forward:   p_t = bias + Σ_j w_j x_{t-(W-1-j)} · [reach_t >= W-1-j],   y_t = p_t σ(p_t)
+Backward:  g_t = gy_t σ(p_t)(1 + p_t (1 - σ(p_t)))                   (p recomputed, never stored)
+           gx_s = Σ_k w_{W-1-k} g_{s+k} · [reach_{s+k} >= k]          (needs g of the W-1 tokens after the block)
+           gw_j = Σ_t g_t x_{t-(W-1-j)} · [...],  gbias = Σ_t g_t      (per program; the wrapper sums them)
+The gradient of the state (the W-1 inputs before x_0) is the wrapper's: only the first W-1 outputs read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from bmojo_jax.pallas_kernels.fast_math import FastMath
+from bmojo_jax.pallas_kernels.selective_scan.kernel import compiler_params
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_t: int = 32     # tokens per program (unrolled)
+  block_e: int = 256    # channels per program (power of 2)
+  num_warps: int = 4
+  fast_math: bool = True  # compiled kernels: PTX ex2 / rcp for the sigmoid (pallas_kernels/fast_math.py)
+
+  def __post_init__(self):
+    if self.block_t < 1 or self.block_e < 1 or self.num_warps < 1:
+      raise ValueError(f"causal_conv BlockSizes: every size must be >= 1, got {self}")
+
+
+def _rows(x_ref, s_ref, t0, lo: int, hi: int, seq_len: int):
+  """{i: x at token t0 + i} for lo <= i < hi, fp32 [block_e]: tokens before 0 from the state [W-1, E_blk],
+  tokens past the sequence clamped to its last (their results are masked by the caller)."""
+  width_1 = s_ref.shape[0]
+  out = {}
+  for i in range(lo, hi):
+    t = t0 + i
+    x = x_ref[jnp.clip(t, 0, seq_len - 1)].astype(jnp.float32)
+    if i < 0:                                             # only the row's first block reads the state
+      s = s_ref[jnp.clip(width_1 + t, 0, width_1 - 1)].astype(jnp.float32)
+      x = jnp.where(t >= 0, x, s)
+    out[i] = x
+  return out
+
+
+def _taps(xs, w, r_ref, t0, i: int, seq_len: int):
+  """The conv's inputs for token t0 + i: x_{t-(W-1-j)} for j = 0..W-1, zero where reach_t < W-1-j."""
+  width = len(w)
+  reach = None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)]
+  taps = []
+  for j in range(width):
+    d = width - 1 - j
+    x = xs[i - d]
+    if reach is not None and d:
+      x = jnp.where(reach >= d, x, 0.0)
+    taps.append(x)
+  return taps
+
+
+def _pre(taps, w, bias):
+  p = bias
+  for x, wj in zip(taps, w):
+    p = p + x * wj
+  return p
+
+
+def _fwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, ragged: bool, fm: FastMath):
+  """In-refs x [T, E_blk], w [W, E_blk], bias [E_blk], state [W-1, E_blk], (reach [T]); out-ref y [T, E_blk]."""
+  if has_reach:
+    x_ref, w_ref, b_ref, s_ref, r_ref, y_ref = refs
+  else:
+    (x_ref, w_ref, b_ref, s_ref, y_ref), r_ref = refs, None
+  t0 = pl.program_id(1) * block_t
+  w = [w_ref[j].astype(jnp.float32) for j in range(width)]
+  bias = b_ref[...].astype(jnp.float32)
+  xs = _rows(x_ref, s_ref, t0, 1 - width, block_t, seq_len)
+  for i in range(block_t):
+    p = _pre(_taps(xs, w, r_ref, t0, i, seq_len), w, bias)
+    y = (p * fm.sigmoid(p)).astype(y_ref.dtype)
+    if ragged:
+      @pl.when(t0 + i < seq_len)
+      def _():
+        y_ref[t0 + i] = y
+    else:
+      y_ref[t0 + i] = y
+
+
+def _bwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, ragged: bool, fm: FastMath):
+  """In-refs x, gy [T, E_blk], w [W, E_blk], bias [E_blk], state [W-1, E_blk], (reach [T]); out-refs
+  gx [T, E_blk], gw [W, E_blk] and gbias [E_blk] (this program's fp32 sums)."""
+  if has_reach:
+    x_ref, gy_ref, w_ref, b_ref, s_ref, r_ref, gx_ref, gw_ref, gb_ref = refs
+  else:
+    (x_ref, gy_ref, w_ref, b_ref, s_ref, gx_ref, gw_ref, gb_ref), r_ref = refs, None
+  t0 = pl.program_id(1) * block_t
+  w = [w_ref[j].astype(jnp.float32) for j in range(width)]
+  bias = b_ref[...].astype(jnp.float32)
+  n = block_t + width - 1                                # g of the block's tokens and the W-1 after it
+  xs = _rows(x_ref, s_ref, t0, 1 - width, n, seq_len)
+  g, gw, gb = [], [jnp.zeros_like(bias) for _ in range(width)], jnp.zeros_like(bias)
+  for i in range(n):
+    t = t0 + i
+    taps = _taps(xs, w, r_ref, t0, i, seq_len)
+    p = _pre(taps, w, bias)
+    sig = fm.sigmoid(p)
+    gy = gy_ref[jnp.clip(t, 0, seq_len - 1)].astype(jnp.float32)
+    gi = jnp.where(t < seq_len, gy * sig * (1.0 + p * (1.0 - sig)), 0.0)
+    g.append(gi)
+    if i < block_t:                                       # gw, gbias: the program's own tokens only
+      gb = gb + gi
+      gw = [acc + gi * x for acc, x in zip(gw, taps)]
+  reach = [None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)] for i in range(n)]
+  for i in range(block_t):
+    gx = g[i] * w[width - 1]
+    for k in range(1, width):                             # token t0+i+k read x_{t0+i} through tap W-1-k
+      gk = g[i + k] * w[width - 1 - k]
+      if reach[i + k] is not None:
+        gk = jnp.where(reach[i + k] >= k, gk, 0.0)
+      gx = gx + gk
+    gx = gx.astype(gx_ref.dtype)
+    if ragged:
+      @pl.when(t0 + i < seq_len)
+      def _():
+        gx_ref[t0 + i] = gx
+    else:
+      gx_ref[t0 + i] = gx
+  for j in range(width):
+    gw_ref[j] = gw[j]
+  gb_ref[...] = gb
+
+
+def _specs(batch: int, seq_len: int, d_inner: int, width: int, bs: BlockSizes, has_reach: bool):
+  row = pl.BlockSpec((None, seq_len, bs.block_e), lambda b, i, e: (b, 0, e))
+  taps = pl.BlockSpec((width, bs.block_e), lambda b, i, e: (0, e))
+  vec = pl.BlockSpec((bs.block_e,), lambda b, i, e: (e,))
+  state = pl.BlockSpec((None, width - 1, bs.block_e), lambda b, i, e: (b, 0, e))
+  reach = [pl.BlockSpec((None, seq_len), lambda b, i, e: (b, 0))] if has_reach else []
+  grid = (batch, pl.cdiv(seq_len, bs.block_t), d_inner // bs.block_e)
+  return grid, row, taps, vec, state, reach
+
+
+def conv_silu_fwd(x, weight, bias, state, reach, *, bs: BlockSizes, interpret: bool):
+  """y [B, T, E] in x.dtype (module docstring). reach None or int32 [B, T]."""
+  batch, seq_len, d_inner = x.shape
+  width = weight.shape[0]
+  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None)
+  kernel = functools.partial(_fwd_kernel, seq_len=seq_len, block_t=bs.block_t, width=width,
+                             has_reach=reach is not None, ragged=seq_len % bs.block_t != 0,
+                             fm=FastMath.for_launch(bs.fast_math, interpret))
+  args = [x, weight, bias, state] + ([reach] if reach is not None else [])
+  return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=grid,
+                        in_specs=[row, taps, vec, st] + rs, out_specs=row,
+                        compiler_params=compiler_params(bs.num_warps, 1), interpret=interpret,
+                        name="causal_conv_silu_fwd")(*args)
+
+
+def conv_silu_bwd(x, weight, bias, state, reach, gy, *, bs: BlockSizes, interpret: bool):
+  """(gx [B, T, E] in x.dtype, gw partials [B, ⌈T/block_t⌉, W, E] fp32, gbias partials [B, ⌈T/block_t⌉, E] fp32)."""
+  batch, seq_len, d_inner = x.shape
+  width = weight.shape[0]
+  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None)
+  n_t = grid[1]
+  kernel = functools.partial(_bwd_kernel, seq_len=seq_len, block_t=bs.block_t, width=width,
+                             has_reach=reach is not None, ragged=seq_len % bs.block_t != 0,
+                             fm=FastMath.for_launch(bs.fast_math, interpret))
+  f32 = jnp.float32
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, n_t, width, d_inner), f32),
+               jax.ShapeDtypeStruct((batch, n_t, d_inner), f32)]
+  out_specs = [row, pl.BlockSpec((None, None, width, bs.block_e), lambda b, i, e: (b, i, 0, e)),
+               pl.BlockSpec((None, None, bs.block_e), lambda b, i, e: (b, i, e))]
+  args = [x, gy, weight, bias, state] + ([reach] if reach is not None else [])
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=[row, row, taps, vec, st] + rs,
+                        out_specs=out_specs, compiler_params=compiler_params(bs.num_warps, 1),
+                        interpret=interpret, name="causal_conv_silu_bwd")(*args)
