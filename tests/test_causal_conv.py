@@ -33,15 +33,16 @@ def loss_and_grads(fn, x, weight, bias, state, reach, gy):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, weight, bias, state)
 
 
-@pytest.mark.parametrize("t, e, block_t, block_e, packed", [
-    (37, 64, 8, 32, False),    # a ragged last block, two channel blocks, the state read by the first block
-    (37, 64, 8, 32, True),     # packed rows: taps cut at each document's start
-    (16, 32, 4, 32, True),     # 4-token blocks: each backward also needs the 3 tokens after its block
-    (5, 16, 32, 16, False),    # one block longer than the row
+@pytest.mark.parametrize("t, e, block_t, block_e, bwd_blocks, packed", [
+    (37, 64, 8, 32, 8, False),   # a ragged last block, two channel blocks, the state read by the first block
+    (37, 64, 8, 32, 8, True),    # packed rows: taps cut at each document's start
+    (37, 32, 4, 32, 3, True),    # backward programs of 3 blocks, the last program's third past the row
+    (16, 32, 4, 32, 1, True),    # 4-token blocks: each backward also needs the 3 tokens after its block
+    (5, 16, 32, 16, 8, False),   # one block longer than the row
 ])
-def test_kernel_equals_reference_fp32(t, e, block_t, block_e, packed):
+def test_kernel_equals_reference_fp32(t, e, block_t, block_e, bwd_blocks, packed):
   args, gy = inputs(t, e, packed=packed)
-  bs = BlockSizes(block_t=block_t, block_e=block_e)
+  bs = BlockSizes(block_t=block_t, block_e=block_e, bwd_blocks=bwd_blocks)
   with jax.default_matmul_precision("highest"):
     (_, (y, st)), grads = loss_and_grads(lambda *a: causal_conv_silu(*a, block_sizes=bs), *args, gy)
     (_, (y_ref, st_ref)), grads_ref = loss_and_grads(causal_conv_silu_reference, *args, gy)

@@ -10,6 +10,7 @@ TPU kernel: `bmojo_jax.kernels.get_conv_fn` takes the reference there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -50,7 +51,7 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, bias: jax.Array, state: ja
 
 def _fit(bs: BlockSizes, d_inner: int) -> BlockSizes:
   """block_e cut to a power of two that divides E."""
-  return BlockSizes(bs.block_t, largest_pow2_divisor(d_inner, bs.block_e), bs.num_warps, bs.fast_math)
+  return dataclasses.replace(bs, block_e=largest_pow2_divisor(d_inner, bs.block_e))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

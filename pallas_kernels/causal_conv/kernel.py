@@ -1,6 +1,7 @@
 """Triton kernels (Pallas) of the causal depthwise conv + SiLU, forward and backward.
 
-Grid (B, ⌈T / block_t⌉, E / block_e). A program owns `block_t` tokens of one row and `block_e` channels. It loads
+Grid (B, ⌈T / block_t⌉, E / block_e). A program owns `block_t` tokens of one row and `block_e` channels (the
+backward's walks `bwd_blocks` such blocks in a loop, summing the weight and bias gradients over them). It loads
 its rows one token at a time ([block_e] each, unrolled, so all loads are in flight together), the W-1 tokens
 before its first from x or, at the row's start, from the carried state, and computes in fp32; one rounding to
 the output dtype. Everything is elementwise over channels: no cross-lane work.
@@ -30,10 +31,13 @@ class BlockSizes:
   block_t: int = 32     # tokens per program (unrolled)
   block_e: int = 256    # channels per program (power of 2)
   num_warps: int = 4
+  bwd_blocks: int = 8   # time blocks a backward program walks (a loop): its weight and bias sums cover
+                        # block_t x bwd_blocks tokens, so XLA adds up that many times fewer partials (an H200 took
+                        # 0.24 ms a layer to sum one per 32 tokens at the 1.4B shape)
   fast_math: bool = True  # compiled kernels: PTX ex2 / rcp for the sigmoid (pallas_kernels/fast_math.py)
 
   def __post_init__(self):
-    if self.block_t < 1 or self.block_e < 1 or self.num_warps < 1:
+    if min(self.block_t, self.block_e, self.num_warps, self.bwd_blocks) < 1:
       raise ValueError(f"causal_conv BlockSizes: every size must be >= 1, got {self}")
 
 
@@ -94,16 +98,34 @@ def _fwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, 
       y_ref[t0 + i] = y
 
 
-def _bwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, ragged: bool, fm: FastMath):
+def _bwd_kernel(*refs, seq_len: int, block_t: int, blocks: int, width: int, has_reach: bool, ragged: bool,
+                fm: FastMath):
   """In-refs x, gy [T, E_blk], w [W, E_blk], bias [E_blk], state [W-1, E_blk], (reach [T]); out-refs
-  gx [T, E_blk], gw [W, E_blk] and gbias [E_blk] (this program's fp32 sums)."""
+  gx [T, E_blk], gw [W, E_blk] and gbias [E_blk] (this program's fp32 sums over its `blocks` time blocks)."""
   if has_reach:
     x_ref, gy_ref, w_ref, b_ref, s_ref, r_ref, gx_ref, gw_ref, gb_ref = refs
   else:
     (x_ref, gy_ref, w_ref, b_ref, s_ref, gx_ref, gw_ref, gb_ref), r_ref = refs, None
-  t0 = pl.program_id(1) * block_t
   w = [w_ref[j].astype(jnp.float32) for j in range(width)]
   bias = b_ref[...].astype(jnp.float32)
+  first = pl.program_id(1) * blocks * block_t
+
+  def block(k, sums):
+    gw, gb = _bwd_block(x_ref, gy_ref, s_ref, r_ref, gx_ref, w, bias, first + k * block_t, seq_len=seq_len,
+                        block_t=block_t, ragged=ragged, fm=fm)
+    return [a + b for a, b in zip(sums[0], gw)], sums[1] + gb
+
+  zeros = jnp.zeros_like(bias)
+  gw, gb = jax.lax.fori_loop(0, blocks, block, ([zeros] * width, zeros))
+  for j in range(width):
+    gw_ref[j] = gw[j]
+  gb_ref[...] = gb
+
+
+def _bwd_block(x_ref, gy_ref, s_ref, r_ref, gx_ref, w, bias, t0, *, seq_len: int, block_t: int, ragged: bool,
+               fm: FastMath):
+  """gx of tokens t0 .. t0+block_t-1 (stored) and their (gw [W x [E_blk]], gbias [E_blk]) fp32 sums."""
+  width = len(w)
   n = block_t + width - 1                                # g of the block's tokens and the W-1 after it
   xs = _rows(x_ref, s_ref, t0, 1 - width, n, seq_len)
   g, gw, gb = [], [jnp.zeros_like(bias) for _ in range(width)], jnp.zeros_like(bias)
@@ -115,7 +137,7 @@ def _bwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, 
     gy = gy_ref[jnp.clip(t, 0, seq_len - 1)].astype(jnp.float32)
     gi = jnp.where(t < seq_len, gy * sig * (1.0 + p * (1.0 - sig)), 0.0)
     g.append(gi)
-    if i < block_t:                                       # gw, gbias: the program's own tokens only
+    if i < block_t:                                       # gw, gbias: the block's own tokens only
       gb = gb + gi
       gw = [acc + gi * x for acc, x in zip(gw, taps)]
   reach = [None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)] for i in range(n)]
@@ -133,18 +155,17 @@ def _bwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, 
         gx_ref[t0 + i] = gx
     else:
       gx_ref[t0 + i] = gx
-  for j in range(width):
-    gw_ref[j] = gw[j]
-  gb_ref[...] = gb
+  return gw, gb
 
 
-def _specs(batch: int, seq_len: int, d_inner: int, width: int, bs: BlockSizes, has_reach: bool):
+def _specs(batch: int, seq_len: int, d_inner: int, width: int, bs: BlockSizes, has_reach: bool, tokens: int):
+  """Grid (B, ⌈T / tokens⌉, E / block_e) and the block specs, `tokens` per program."""
   row = pl.BlockSpec((None, seq_len, bs.block_e), lambda b, i, e: (b, 0, e))
   taps = pl.BlockSpec((width, bs.block_e), lambda b, i, e: (0, e))
   vec = pl.BlockSpec((bs.block_e,), lambda b, i, e: (e,))
   state = pl.BlockSpec((None, width - 1, bs.block_e), lambda b, i, e: (b, 0, e))
   reach = [pl.BlockSpec((None, seq_len), lambda b, i, e: (b, 0))] if has_reach else []
-  grid = (batch, pl.cdiv(seq_len, bs.block_t), d_inner // bs.block_e)
+  grid = (batch, pl.cdiv(seq_len, tokens), d_inner // bs.block_e)
   return grid, row, taps, vec, state, reach
 
 
@@ -152,7 +173,7 @@ def conv_silu_fwd(x, weight, bias, state, reach, *, bs: BlockSizes, interpret: b
   """y [B, T, E] in x.dtype (module docstring). reach None or int32 [B, T]."""
   batch, seq_len, d_inner = x.shape
   width = weight.shape[0]
-  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None)
+  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None, bs.block_t)
   kernel = functools.partial(_fwd_kernel, seq_len=seq_len, block_t=bs.block_t, width=width,
                              has_reach=reach is not None, ragged=seq_len % bs.block_t != 0,
                              fm=FastMath.for_launch(bs.fast_math, interpret))
@@ -164,13 +185,16 @@ def conv_silu_fwd(x, weight, bias, state, reach, *, bs: BlockSizes, interpret: b
 
 
 def conv_silu_bwd(x, weight, bias, state, reach, gy, *, bs: BlockSizes, interpret: bool):
-  """(gx [B, T, E] in x.dtype, gw partials [B, ⌈T/block_t⌉, W, E] fp32, gbias partials [B, ⌈T/block_t⌉, E] fp32)."""
+  """(gx [B, T, E] in x.dtype, gw partials [B, n, W, E] fp32, gbias partials [B, n, E] fp32), n = ⌈T / (block_t
+  bwd_blocks)⌉ (the blocks cut to the row's)."""
   batch, seq_len, d_inner = x.shape
   width = weight.shape[0]
-  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None)
+  blocks = min(bs.bwd_blocks, pl.cdiv(seq_len, bs.block_t))
+  tokens = blocks * bs.block_t
+  grid, row, taps, vec, st, rs = _specs(batch, seq_len, d_inner, width, bs, reach is not None, tokens)
   n_t = grid[1]
-  kernel = functools.partial(_bwd_kernel, seq_len=seq_len, block_t=bs.block_t, width=width,
-                             has_reach=reach is not None, ragged=seq_len % bs.block_t != 0,
+  kernel = functools.partial(_bwd_kernel, seq_len=seq_len, block_t=bs.block_t, blocks=blocks, width=width,
+                             has_reach=reach is not None, ragged=seq_len % tokens != 0,
                              fm=FastMath.for_launch(bs.fast_math, interpret))
   f32 = jnp.float32
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, n_t, width, d_inner), f32),
