@@ -3,6 +3,8 @@ state and every gradient, with a carried state, packed rows (reach) and a ragged
 interpreter on a CPU (on a GPU backend the compiled kernels); their lowering to Triton at the 1.4B training
 shape; the choice of `compute.conv_impl` by backend."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from bmojo_jax.config import ConfigError, ConvImpl
 from bmojo_jax.kernels import get_conv_fn, resolve_conv_impl
 from bmojo_jax.pallas_kernels.causal_conv import BlockSizes, causal_conv_silu, causal_conv_silu_reference
+from tests.test_train_sharding import run_on_8_devices
 
 B, W = 2, 4
 
@@ -52,6 +55,41 @@ def test_kernel_equals_reference_fp32(t, e, block_t, block_e, bwd_blocks, packed
     scale = float(jnp.max(jnp.abs(g_ref)))
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6 * max(scale, 1.0), err_msg=f"gradient of {name}")
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in grads_ref)     # row 0 reads the state in every case
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from bmojo_jax.pallas_kernels.causal_conv import BlockSizes, causal_conv_silu, causal_conv_silu_reference
+    from bmojo_jax.pallas_kernels.sharding import use_mesh
+    from tests.test_causal_conv import inputs, loss_and_grads
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    (x, w, bias, state, reach), gy = inputs(21, 64, packed=True)
+    x, state, reach, gy = (np.concatenate([a, a[::-1]]) for a in (x, state, reach, gy))    # 4 rows
+    args = jax.device_put((x, w, bias, state, reach, gy), NamedSharding(mesh, P()))
+
+    def kernel(*a):
+      with use_mesh(mesh):
+        return causal_conv_silu(*a, block_sizes=BlockSizes(block_t=8, block_e=16))
+    text = jax.jit(lambda *a: kernel(*a)[0]).lower(*args[:5]).as_text()
+    assert "manual_computation" in text or "shard_map" in text, "not run per shard"
+    with jax.default_matmul_precision("highest"):
+      (_, (y, _)), grads = loss_and_grads(kernel, *args)
+      (_, (y_ref, _)), grads_ref = loss_and_grads(causal_conv_silu_reference, *args)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    print("RESULT{}")
+""")
+
+
+def test_kernel_per_shard_under_a_mesh():
+  """Under a 2x2x2 mesh (8 fake CPU devices, one subprocess) the kernels run per shard, rows over data x fsdp and
+  channels over tensor; values and gradients (the weight's and bias's summed over the shards' rows) are the
+  reference's."""
+  assert run_on_8_devices(MESH_SCRIPT) == {}
 
 
 def test_kernel_rounds_once_in_bf16():
