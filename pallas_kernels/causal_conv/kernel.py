@@ -70,6 +70,17 @@ def _taps(xs, w, r_ref, t0, i: int, seq_len: int):
   return taps
 
 
+def _store_row(ref, t, value, seq_len: int, ragged: bool):
+  """ref[t] = value, skipped for a token past the sequence (possible only when the last block is ragged)."""
+  if not ragged:
+    ref[t] = value
+    return
+
+  @pl.when(t < seq_len)
+  def _():
+    ref[t] = value
+
+
 def _pre(taps, w, bias):
   p = bias
   for x, wj in zip(taps, w):
@@ -89,13 +100,7 @@ def _fwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, 
   xs = _rows(x_ref, s_ref, t0, 1 - width, block_t, seq_len)
   for i in range(block_t):
     p = _pre(_taps(xs, w, r_ref, t0, i, seq_len), w, bias)
-    y = (p * fm.sigmoid(p)).astype(y_ref.dtype)
-    if ragged:
-      @pl.when(t0 + i < seq_len)
-      def _():
-        y_ref[t0 + i] = y
-    else:
-      y_ref[t0 + i] = y
+    _store_row(y_ref, t0 + i, (p * fm.sigmoid(p)).astype(y_ref.dtype), seq_len, ragged)
 
 
 def _bwd_kernel(*refs, seq_len: int, block_t: int, blocks: int, width: int, has_reach: bool, ragged: bool,
@@ -148,13 +153,7 @@ def _bwd_block(x_ref, gy_ref, s_ref, r_ref, gx_ref, w, bias, t0, *, seq_len: int
       if reach[i + k] is not None:
         gk = jnp.where(reach[i + k] >= k, gk, 0.0)
       gx = gx + gk
-    gx = gx.astype(gx_ref.dtype)
-    if ragged:
-      @pl.when(t0 + i < seq_len)
-      def _():
-        gx_ref[t0 + i] = gx
-    else:
-      gx_ref[t0 + i] = gx
+    _store_row(gx_ref, t0 + i, gx.astype(gx_ref.dtype), seq_len, ragged)
   return gw, gb
 
 
