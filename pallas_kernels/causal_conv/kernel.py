@@ -56,10 +56,14 @@ def _rows(x_ref, s_ref, t0, lo: int, hi: int, seq_len: int):
   return out
 
 
-def _taps(xs, w, r_ref, t0, i: int, seq_len: int):
-  """The conv's inputs for token t0 + i: x_{t-(W-1-j)} for j = 0..W-1, zero where reach_t < W-1-j."""
-  width = len(w)
-  reach = None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)]
+def _reach(r_ref, t0, i: int, seq_len: int):
+  """reach at token t0 + i (clamped into the sequence), or None without packed rows."""
+  return None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)]
+
+
+def _taps(xs, width: int, reach, i: int):
+  """The conv's inputs for token t0 + i (xs from `_rows`, reach from `_reach`): x_{t-(W-1-j)} for j = 0..W-1, zero
+  where reach < W-1-j."""
   taps = []
   for j in range(width):
     d = width - 1 - j
@@ -99,7 +103,7 @@ def _fwd_kernel(*refs, seq_len: int, block_t: int, width: int, has_reach: bool, 
   bias = b_ref[...].astype(jnp.float32)
   xs = _rows(x_ref, s_ref, t0, 1 - width, block_t, seq_len)
   for i in range(block_t):
-    p = _pre(_taps(xs, w, r_ref, t0, i, seq_len), w, bias)
+    p = _pre(_taps(xs, width, _reach(r_ref, t0, i, seq_len), i), w, bias)
     _store_row(y_ref, t0 + i, (p * fm.sigmoid(p)).astype(y_ref.dtype), seq_len, ragged)
 
 
@@ -133,10 +137,11 @@ def _bwd_block(x_ref, gy_ref, s_ref, r_ref, gx_ref, w, bias, t0, *, seq_len: int
   width = len(w)
   n = block_t + width - 1                                # g of the block's tokens and the W-1 after it
   xs = _rows(x_ref, s_ref, t0, 1 - width, n, seq_len)
+  reach = [_reach(r_ref, t0, i, seq_len) for i in range(n)]
   g, gw, gb = [], [jnp.zeros_like(bias) for _ in range(width)], jnp.zeros_like(bias)
   for i in range(n):
     t = t0 + i
-    taps = _taps(xs, w, r_ref, t0, i, seq_len)
+    taps = _taps(xs, width, reach[i], i)
     p = _pre(taps, w, bias)
     sig = fm.sigmoid(p)
     gy = gy_ref[jnp.clip(t, 0, seq_len - 1)].astype(jnp.float32)
@@ -145,7 +150,6 @@ def _bwd_block(x_ref, gy_ref, s_ref, r_ref, gx_ref, w, bias, t0, *, seq_len: int
     if i < block_t:                                       # gw, gbias: the block's own tokens only
       gb = gb + gi
       gw = [acc + gi * x for acc, x in zip(gw, taps)]
-  reach = [None if r_ref is None else r_ref[jnp.clip(t0 + i, 0, seq_len - 1)] for i in range(n)]
   for i in range(block_t):
     gx = g[i] * w[width - 1]
     for k in range(1, width):                             # token t0+i+k read x_{t0+i} through tap W-1-k
