@@ -42,6 +42,7 @@ from bmojo_jax.layers import RMSNorm, SwiGLU, logits_einsum, param
 from bmojo_jax.mamba import Mamba, MambaState
 from bmojo_jax.segments import Packing
 from bmojo_jax.pallas_kernels.sharding import constrain
+from bmojo_jax.pallas_kernels.window_attention.ops import KERNEL_OUTPUTS as ATTENTION_OUTPUTS
 
 BlockCache = tuple[Any, Any]  # (state of sublayer 1, state of sublayer 2); None for an MLP
 Norm = Callable[[jax.Array], jax.Array]   # a norm of rows [..., D]: the fading source's (`Block`'s norm2)
@@ -90,8 +91,10 @@ REMAT_OPT = "remat_opt"  # under remat, the scan's VJP forward (the kernel writi
 def _save_dots_and_kernels(prim, *avals, **params) -> bool:
   """Saves what is costly to recompute: matmul outputs and the outputs of the Pallas kernels and of cuDNN
   attention (the scan's state checkpoints, from its `remat_opt` equation, and the attention's logsumexp
-  included), so the backward does not rerun the scan."""
+  included), so the backward does not rerun the scan. The memory attention's outputs are saved by their name
+  (`KERNEL_OUTPUTS`): its Mosaic forward is a custom_vmap_call, not a pallas_call."""
   return (prim.name in ("pallas_call", REMAT_OPT) or "dot_product_attention" in prim.name
+          or (prim.name == "name" and params.get("name") == ATTENTION_OUTPUTS)
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 

@@ -4,14 +4,22 @@ no gradient (dots_kernels' own equality to no remat is tests/test_model.py's). U
 SiLU kernel's output ([B, T, E], a custom VJP's, which neither policy names) is recomputed, not kept: 3.2 GB less
 over the 24 Mamba sublayers at 1.4B, 16k tokens, for one cheap kernel rerun."""
 
+import dataclasses
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from bmojo_jax import LanguageModel
+from bmojo_jax.config import RematPolicy
+from bmojo_jax.model import REMAT_POLICIES
+from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes
+from bmojo_jax.pallas_kernels.window_attention.ops import memory_attention_gpu
 from tests.conftest import jaxpr_eqns, tiny_config
 
 
@@ -54,3 +62,26 @@ def test_dots_attention_recomputes_only_the_scan():
   (loss_k, grads_k), (loss_a, grads_a) = out["dots_kernels"][0], out["dots_attention"][0]
   np.testing.assert_allclose(loss_a, loss_k, rtol=1e-6)
   chex.assert_trees_all_close(grads_a, grads_k, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("remat", ["dots_kernels", "dots_attention", "full"])
+def test_mosaic_attention_forward_is_kept(remat):
+  """The memory attention's Mosaic forward (Hopper; `plgpu.kernel` makes it a custom_vmap_call, not a
+  pallas_call) runs once a step under both policies that keep the attention kernels' outputs: they are saved by
+  name (`ops.KERNEL_OUTPUTS`). Under "full" it reruns in the backward. Lowered for a GPU on any host, dq and
+  dk/dv on Triton, so every Mosaic custom call is a forward."""
+  b, t, h, p, chunk, m = 1, 256, 2, 64, 128, 16
+  q = jnp.ones((b, t, h, p), jnp.bfloat16)
+  mem = jnp.ones((b, t // chunk, m, h, p), jnp.bfloat16)
+  mem_valid = jnp.ones((b, t // chunk, m), jnp.int32)
+  blocks = dataclasses.replace(BlockSizes.get_default(p, has_memory=True), forward_impl="mosaic",
+                               dq_impl="triton", dkdv_impl="triton")
+
+  def loss(q, k, v, mem_k, mem_v):
+    o = memory_attention_gpu(q, k, v, mem_k, mem_v, mem_valid, None, None, window=chunk, chunk=chunk, scale=0.125,
+                             block_sizes=blocks, interpret=False)
+    return jnp.sum(jnp.square(o.astype(jnp.float32)))
+  step = jax.value_and_grad(jax.checkpoint(loss, policy=REMAT_POLICIES[RematPolicy(remat)]), argnums=range(5))
+  text = jax.jit(step).trace(q, q, q, mem, mem).lower(lowering_platforms=("cuda",)).as_text()
+  forwards = sum("custom_call" in line and "mosaic_gpu" in line for line in text.splitlines())
+  assert forwards == (2 if remat == "full" else 1)

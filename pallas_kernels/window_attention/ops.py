@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from bmojo_jax.pallas_kernels.fast_math import LOG2E
 from bmojo_jax.pallas_kernels.window_attention.backward import dkdv_triton, dmem_triton, dq_triton
@@ -38,6 +39,12 @@ from bmojo_jax.pallas_kernels.window_attention.dkdv_mosaic import dkdv_mosaic, m
 from bmojo_jax.pallas_kernels.window_attention.dq_mosaic import dq_mosaic, mosaic_dq_unsupported
 from bmojo_jax.pallas_kernels.window_attention.forward import forward
 from bmojo_jax.pallas_kernels.window_attention.forward_mosaic import forward_mosaic, mosaic_forward_unsupported
+
+
+# The name of the custom VJP forward's outputs (o and lse): the remat policies that keep the attention kernels'
+# outputs save them by it (`bmojo_jax.model`). The Mosaic forward's equation is no pallas_call (`plgpu.kernel`
+# wraps its mpmd_map in a custom_vmap_call), so a policy that named the kernels' primitive alone recomputed it.
+KERNEL_OUTPUTS = "memory_attention_outputs"
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -107,6 +114,7 @@ def _attention_fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, s
   fwd = forward_mosaic if blocks.forward_impl == KernelImpl.MOSAIC else forward
   o, lse = fwd(q, k, v, mem_k, mem_v, mem_valid, seg_lo, mem_span, qk_scale=scale * LOG2E, window=window,
                chunk=chunk, blocks=blocks, interpret=interpret)
+  o, lse = checkpoint_name((o, lse), KERNEL_OUTPUTS)
   return o, (q, k, v, mem_k, mem_v, mem_valid, seg_lo, seg_hi, mem_span, o, lse)
 
 
