@@ -56,6 +56,7 @@ class RematPolicy(enum.StrEnum):
   FULL = "full"    # keep only the block's input; recompute the block
   DOTS = "dots"    # keep the matmul outputs, recompute the rest (norms, activations, the memory path)
   DOTS_KERNELS = "dots_kernels"  # keep the matmul and attention / scan kernel outputs, recompute the rest
+                                 # (thin matmuls too: K <= model.RECOMPUTE_DOTS_UP_TO, Mamba's dt_proj)
   DOTS_ATTENTION = "dots_attention"  # as dots_kernels but keep nothing of the selective scan: its backward
                                      # reruns the scan forward instead of keeping its fp32 state checkpoints
                                      # (hc [B, T/4, E, N], 1.07 GB a Mamba sublayer at 1.4B, 16k tokens),

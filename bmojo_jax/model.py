@@ -28,6 +28,7 @@ cache; `step` decodes one token from the cache. See `bmojo_jax.inference` for sa
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
@@ -88,14 +89,29 @@ REMAT_OPT = "remat_opt"  # under remat, the scan's VJP forward (the kernel writi
                          # (`optimize_remat`, pallas_kernels/selective_scan/ops.py)
 
 
+# Matmuls that contract over at most this many elements are recomputed rather than kept (Mamba's dt_proj,
+# K = dt_rank: 128 at 1.4B). Rerunning one costs 2K flops an output element; keeping it costs its bytes written
+# and read again, twice over in the scanned layout, where each kept array is copied into and out of the stacked
+# [n_blocks, ...] buffer: at ~700 TFLOP/s against ~3 TB/s the rerun is the cheaper below K of about 900.
+RECOMPUTE_DOTS_UP_TO = 256
+
+
+def _dot_worth_keeping(prim, *avals, **params) -> bool:
+  """A matmul without batch dimensions whose contraction is longer than `RECOMPUTE_DOTS_UP_TO`."""
+  if not jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params):
+    return False
+  (lhs_contract, _), _ = params["dimension_numbers"]
+  return math.prod(avals[0].shape[d] for d in lhs_contract) > RECOMPUTE_DOTS_UP_TO
+
+
 def _save_dots_and_kernels(prim, *avals, **params) -> bool:
-  """Saves what is costly to recompute: matmul outputs and the outputs of the Pallas kernels and of cuDNN
-  attention (the scan's state checkpoints, from its `remat_opt` equation, and the attention's logsumexp
-  included), so the backward does not rerun the scan. The memory attention's outputs are saved by their name
-  (`KERNEL_OUTPUTS`): its Mosaic forward is a custom_vmap_call, not a pallas_call."""
+  """Saves what is costly to recompute: matmul outputs (`_dot_worth_keeping`) and the outputs of the Pallas
+  kernels and of cuDNN attention (the scan's state checkpoints, from its `remat_opt` equation, and the
+  attention's logsumexp included), so the backward does not rerun the scan. The memory attention's outputs are
+  saved by their name (`KERNEL_OUTPUTS`): its Mosaic forward is a custom_vmap_call, not a pallas_call."""
   return (prim.name in ("pallas_call", REMAT_OPT) or "dot_product_attention" in prim.name
           or (prim.name == "name" and params.get("name") == ATTENTION_OUTPUTS)
-          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+          or _dot_worth_keeping(prim, *avals, **params))
 
 
 def _save_dots_and_attention(prim, *avals, **params) -> bool:

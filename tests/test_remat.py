@@ -17,7 +17,7 @@ from jax._src.ad_checkpoint import saved_residuals
 
 from bmojo_jax import LanguageModel
 from bmojo_jax.config import RematPolicy
-from bmojo_jax.model import REMAT_POLICIES
+from bmojo_jax.model import RECOMPUTE_DOTS_UP_TO, REMAT_POLICIES
 from bmojo_jax.pallas_kernels.window_attention.blocks import BlockSizes
 from bmojo_jax.pallas_kernels.window_attention.ops import memory_attention_gpu
 from tests.conftest import jaxpr_eqns, tiny_config
@@ -85,3 +85,19 @@ def test_mosaic_attention_forward_is_kept(remat):
   text = jax.jit(step).trace(q, q, q, mem, mem).lower(lowering_platforms=("cuda",)).as_text()
   forwards = sum("custom_call" in line and "mosaic_gpu" in line for line in text.splitlines())
   assert forwards == (2 if remat == "full" else 1)
+
+
+@pytest.mark.parametrize("remat", ["dots_kernels", "dots_attention"])
+def test_thin_matmuls_are_recomputed(remat):
+  """Matmuls contracting over <= RECOMPUTE_DOTS_UP_TO elements are rerun, not kept: at d_model 512 that is
+  Mamba's dt_proj alone (K = dt_rank 32), whose [B, T, E] output is as large as each half of in_proj's. Traced
+  abstractly, nothing computed."""
+  cfg = tiny_config("mamba", compute=dict(remat=remat, dtype="bfloat16", scan_layers=False), d_model=512)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
+  tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+  loss = lambda p, t: nnx.merge(graphdef, p)(t).sum()
+  kept = [aval.shape for aval, why in saved_residuals(loss, params, tokens) if "dot_general" in why]
+  assert cfg.rank <= RECOMPUTE_DOTS_UP_TO < cfg.d_model
+  # per Mamba sublayer (two): in_proj's u and z, not dt_proj's delta; x_proj's (K = d_inner) stays
+  assert kept.count((2, 16, cfg.d_inner)) == 2 * cfg.n_layers, kept
+  assert kept.count((2, 16, cfg.rank + 2 * cfg.d_state)) == cfg.n_layers, kept
