@@ -12,7 +12,8 @@
 Each record: step ms (median of samples of back-to-back steps), tokens/s, MFU, compile s (lower + compile of
 the jitted step), peak device bytes (XLA's memory analysis of the compiled step: arguments + temporaries +
 outputs not aliased to donated inputs), device, jax, and what chose the layout and the loss: scan_layers,
-remat, attn_impl, conv_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own).
+remat, attn_impl, conv_impl, loss_impl, loss_block, default_layout (whether scan_layers / remat are the preset's own),
+and xla_flags (the process's XLA_FLAGS, null when unset).
 Equal tokens per step: batch = max(1, tokens // T).
 `--layouts` times each configuration in several layouts (LAYOUTS: scanned or loop blocks x a remat policy,
 e.g. `scan/dots_attention`; `all` = every one; `scan2/...`, `scan4/...`, `scan8/...` run k blocks per scan
@@ -145,7 +146,8 @@ def run_one(family: str, attn_impl: str, size: str, seq_len: int, tokens: int, l
              mfu=train_flops_per_token(cfg, seq_len) * tokens_per_s / (PEAK_FLOPS * setup.mesh.size),
              compile_s=compile_s,
              peak_bytes=peak, loss=float(metrics["loss"]), devices=setup.mesh.size,
-             mesh=dict(setup.mesh.shape), segments=bool(doc_len), mean_doc_len=doc_len)
+             mesh=dict(setup.mesh.shape), segments=bool(doc_len), mean_doc_len=doc_len,
+             xla_flags=os.environ.get("XLA_FLAGS", "").strip() or None)
   if profile_dir:
     layout = dict(scan_layers=compute.scan_layers, scan_unroll=compute.scan_unroll, remat=compute.remat.value)
     name = (f"{family}_{compute.attn_impl.value}_{size}_L{cfg.n_layers}_T{seq_len}_{layout_name(layout)}"
@@ -166,7 +168,8 @@ def layout_name(rec: dict) -> str:
   return f"{'loop' if not rec['scan_layers'] else 'scan' if unroll == 1 else f'scan{unroll}'}/{rec['remat']}"
 
 
-SHAPE_KEYS = ("family", "attn_impl", "conv_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag")
+SHAPE_KEYS = ("family", "attn_impl", "conv_impl", "size", "T", "batch", "loss_impl", "segments", "devices", "tag",
+              "xla_flags")
 
 
 def best_layouts(records: list[dict]) -> list[dict]:
