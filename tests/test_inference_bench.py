@@ -122,3 +122,18 @@ def test_decode_profile_tiny_attributes_the_loop_to_source_lines(tmp_path):
   assert rec["by_op"] and any(row["source"].startswith("bmojo_jax/") for row in rec["by_op"])
   assert sum(row["ms"] for row in rec["by_source"]) == pytest.approx(rec["gpu_ms_per_token"], rel=1e-9)
   assert sum(row["launches"] for row in rec["by_source"]) == rec["launches_per_token"]
+
+
+def test_prefill_profile_tiny_attributes_the_prompt_to_source_lines(tmp_path):
+  """decode_profile --prefill T traces one batch-1 prefill instead: its ops sum per source line to the call's GPU
+  time, and the Mamba sublayer's and the memory selection's lines appear."""
+  from benchmarks.speed import decode_profile
+  decode_profile.main(["--tiny", "--families", "bmojo", "--prefill", "32", "--top", "1000", "--out_dir",
+                       str(tmp_path)])
+  (rec,) = json.loads((tmp_path / "prefill_profile_tiny_cpu.json").read_text())
+  assert rec["op"] == "prefill_profile" and rec["T"] == 32 and rec["gpu_ms"] > 0 and rec["launches"] > 0
+  sources = [row["source"] for row in rec["by_source"]]
+  for part in ("bmojo_jax/mamba.py", "bmojo_jax/memory/selection.py"):
+    assert any(s.startswith(part) for s in sources), (part, sources)
+  assert sum(row["ms"] for row in rec["by_source"]) == pytest.approx(rec["gpu_ms"], rel=1e-9)
+  assert sum(row["launches"] for row in rec["by_source"]) == rec["launches"]
