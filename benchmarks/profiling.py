@@ -29,9 +29,11 @@ def profile(compiled, state, batch, out_dir: str, name: str, steps: int = 3) -> 
   traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
   if not traces:
     return {"error": f"no perfetto trace under {trace_dir}"}
-  ops = op_times(traces[0], steps)
+  kernels = {}
+  ops = op_times(traces[0], steps, kernels)
   labels = hlo_sources(hlo)
-  rows = [dict(op=op, ms=ms, calls=calls, source=labels.get(op, "")) for op, (ms, calls) in ops.items()]
+  rows = [dict(op=op, ms=ms, calls=calls, source=labels.get(op, ""), kernel=kernels.get(op, ""))
+          for op, (ms, calls) in ops.items()]
   rows.sort(key=lambda r: -r["ms"])
   by_source = collections.defaultdict(float)
   for r in rows:
@@ -44,11 +46,13 @@ def profile(compiled, state, batch, out_dir: str, name: str, steps: int = 3) -> 
           "top_sources": dict(list(summary["by_source"].items())[:25])}
 
 
-def op_times(trace_path: str, steps: int) -> dict[str, tuple[float, int]]:
+def op_times(trace_path: str, steps: int, kernels: dict[str, str] | None = None) -> dict[str, tuple[float, int]]:
   """{HLO op: (ms per step, kernel launches per step)} from a perfetto trace.
 
   On a GPU the kernels of the device's "Stream" lines are summed per `hlo_op`; on the CPU (to test this
-  script) the host threads' events that name an `hlo_op`."""
+  script) the host threads' events that name an `hlo_op`. `kernels`, if given, is filled with {HLO op: the name
+  of its longest kernel}: a Pallas kernel's own name (its pallas_call's), which says which of a custom VJP's
+  kernels ran where the op's source line cannot (a VJP's forward and backward kernels share the call's line)."""
   with gzip.open(trace_path, "rt") as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -68,9 +72,15 @@ def op_times(trace_path: str, steps: int) -> dict[str, tuple[float, int]]:
     return True
 
   out = collections.defaultdict(lambda: [0.0, 0])
+  longest = {}
   for e in filter(counted, events):
-    out[e["args"]["hlo_op"]][0] += float(e.get("dur", 0)) / 1e3 / steps
-    out[e["args"]["hlo_op"]][1] += 1
+    op, dur = e["args"]["hlo_op"], float(e.get("dur", 0))
+    out[op][0] += dur / 1e3 / steps
+    out[op][1] += 1
+    if dur >= longest.get(op, ("", -1.0))[1]:
+      longest[op] = (e.get("name", ""), dur)
+  if kernels is not None:
+    kernels.update({op: name for op, (name, _) in longest.items()})
   return {k: (v[0], v[1] // steps) for k, v in out.items()}
 
 

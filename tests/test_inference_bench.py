@@ -137,3 +137,4 @@ def test_prefill_profile_tiny_attributes_the_prompt_to_source_lines(tmp_path):
     assert any(s.startswith(part) for s in sources), (part, sources)
   assert sum(row["ms"] for row in rec["by_source"]) == pytest.approx(rec["gpu_ms"], rel=1e-9)
   assert sum(row["launches"] for row in rec["by_source"]) == rec["launches"]
+  assert all(row["kernel"] for row in rec["by_op"])        # each op's longest kernel, named

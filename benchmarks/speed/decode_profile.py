@@ -60,8 +60,9 @@ def profile_family(family: Family, size: str, batch: int, context: int, tokens: 
   args = (decoder.graphdef, decoder.state, logits, cache0, jnp.zeros((batch, tokens), jnp.int32),
           jnp.zeros((batch, tokens), bool), jax.random.key(0), jnp.asarray(0, jnp.int32), 0.0, None, None)
   labels = hlo_sources(decoder._loop_fn.lower(*args).compile().as_text())
-  ops = traced_ops(run, tokens)
-  tables = op_tables(ops, labels, top)
+  kernels = {}
+  ops = traced_ops(run, tokens, kernels)
+  tables = op_tables(ops, labels, kernels, top)
   return dict(op="decode_profile", family=family.value, size=size, batch=batch, context=context, tokens=tokens,
               attn_impl=cfg.compute.attn_impl.value, decode_attn_impl=cfg.compute.decode_attn_impl.value,
               kernel_layout=str(decoder.kernel_layout),
@@ -84,24 +85,28 @@ def profile_prefill(family: Family, size: str, t: int, top: int, **decoder_kw) -
   wall_ms = (time.perf_counter() - t0) * 1e3
   args = (decoder.prefill_graphdef, decoder.prefill_state, tokens, t + 1, True, decoder.n_unstack)
   labels = hlo_sources(inference._prefill.lower(*args).compile().as_text())
-  ops = traced_ops(run, 1)
+  kernels = {}
+  ops = traced_ops(run, 1, kernels)
   return dict(op="prefill_profile", family=family.value, size=size, batch=1, T=t,
               attn_impl=cfg.compute.attn_impl.value, kernel_layout=str(decoder.kernel_layout), wall_ms=wall_ms,
               gpu_ms=sum(ms for ms, _ in ops.values()), launches=sum(n for _, n in ops.values()),
-              **op_tables(ops, labels, top), device=device_name())
+              **op_tables(ops, labels, kernels, top), device=device_name())
 
 
-def traced_ops(run, per: int) -> dict[str, tuple[float, int]]:
-  """`op_times` of one traced call of run(), divided by `per` (the tokens it decodes, or 1)."""
+def traced_ops(run, per: int, kernels: dict[str, str]) -> dict[str, tuple[float, int]]:
+  """`op_times` of one traced call of run(), divided by `per` (the tokens it decodes, or 1); fills `kernels`."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       jax.block_until_ready(run())
-    return op_times(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0], per)
+    return op_times(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0], per,
+                    kernels)
 
 
-def op_tables(ops: dict[str, tuple[float, int]], labels: dict[str, str], top: int) -> dict[str, list[dict]]:
-  """{"by_source": ms and launches summed per source line of ours, "by_op": the top ops with their lines}; an op
-  without a source line of ours ("[]": a copy or layout change XLA inserted) goes by its kind, "(copy)"."""
+def op_tables(ops: dict[str, tuple[float, int]], labels: dict[str, str], kernels: dict[str, str],
+              top: int) -> dict[str, list[dict]]:
+  """{"by_source": ms and launches summed per source line of ours, "by_op": the top ops with their lines and
+  longest kernel's name}; an op without a source line of ours ("[]": a copy or layout change XLA inserted) goes
+  by its kind, "(copy)"."""
   by_source = collections.defaultdict(lambda: [0.0, 0])
   for op, (ms, calls) in ops.items():
     label = labels.get(op, "")
@@ -111,7 +116,8 @@ def op_tables(ops: dict[str, tuple[float, int]], labels: dict[str, str], top: in
   rows = sorted(by_source.items(), key=lambda kv: -kv[1][0])
   top_ops = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
   return dict(by_source=[dict(source=k, ms=ms, launches=n) for k, (ms, n) in rows[:top]],
-              by_op=[dict(op=op, source=labels.get(op, ""), ms=ms, launches=n) for op, (ms, n) in top_ops])
+              by_op=[dict(op=op, source=labels.get(op, ""), kernel=kernels.get(op, ""), ms=ms, launches=n)
+                     for op, (ms, n) in top_ops])
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,9 @@ device (data parallel).
 The model is a paper preset in bf16 compute with fp32 parameters, AdamW, the Pallas scan and Pallas memory
 attention (the Transformer and Hybrid also with cuDNN attention). `--profile DIR` adds a jax.profiler trace of
 3 steps per configuration and the compiled HLO, and writes DIR/<name>_ops.json: GPU time per XLA op per step,
-each op labelled with the source line of its HLO metadata, so the step's time can be read by model part.
+each op labelled with the source line of its HLO metadata and the name of its longest kernel (a Pallas kernel's
+own name: a custom VJP's forward and backward kernels share one source line), so the step's time can be read by
+model part.
 """
 
 from __future__ import annotations
