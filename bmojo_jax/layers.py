@@ -212,4 +212,10 @@ def causal_conv(u: jax.Array, weight: jax.Array, bias: jax.Array, state: jax.Arr
     return x * weight[j].astype(u.dtype)
 
   y = bias.astype(u.dtype) + sum(tap(j) for j in range(width))
-  return y, xpad[:, t:]
+  return y, conv_state_after(state, u)
+
+
+def conv_state_after(state: jax.Array, u: jax.Array) -> jax.Array:
+  """The conv's carried state after u: the last W-1 of the inputs [state, u] ([B, W-1, E] in u's dtype; state
+  [B, W-1, E], u [B, T, E], any T >= 1)."""
+  return jnp.concatenate([state.astype(u.dtype), u], axis=1)[:, u.shape[1]:]

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bmojo_jax.layers import conv_state_after
 from bmojo_jax.pallas_kernels.backend import resolve_backend
 from bmojo_jax.pallas_kernels.causal_conv.kernel import BlockSizes, conv_silu_bwd, conv_silu_fwd
 from bmojo_jax.pallas_kernels.causal_conv.reference import causal_conv_silu_reference, check_shapes
@@ -43,10 +44,7 @@ def causal_conv_silu(x: jax.Array, weight: jax.Array, bias: jax.Array, state: ja
   bte = ("batch", None, "inner")
   fn = per_shard(functools.partial(_conv, bs=bs, interpret=interpret), {"batch": x.shape[0], "inner": x.shape[2]},
                  (bte, (None, "inner"), ("inner",), bte, ("batch", None)), bte)
-  y = fn(x, weight, bias, state, reach)
-  width = weight.shape[0]
-  new_state = jnp.concatenate([state, x], axis=1)[:, -(width - 1):]
-  return y, new_state
+  return fn(x, weight, bias, state, reach), conv_state_after(state, x)
 
 
 def _fit(bs: BlockSizes, d_inner: int) -> BlockSizes:

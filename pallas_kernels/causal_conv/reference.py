@@ -35,4 +35,3 @@ def causal_conv_silu_reference(x: jax.Array, weight: jax.Array, bias: jax.Array,
   (computed in x's dtype) followed by `jax.nn.silu`."""
   y, new_state = causal_conv(x, weight, bias, state, reach)
   return jax.nn.silu(y), new_state
-
